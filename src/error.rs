@@ -1,0 +1,40 @@
+//! The library's error type. Every user-facing failure (a wrong file, shape, dtype, layer or
+//! config) is an `Error::Input` whose message names what was expected and what was found; the
+//! binary prints it on one line and exits with code 2.
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad input from the user: files, shapes, dtypes, flags, token ids.
+    #[error("{0}")]
+    Input(String),
+    /// An I/O failure on a named file.
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The CUDA driver, NVRTC or a kernel launch failed.
+    #[error("cuda: {0}")]
+    Cuda(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// `bail!("...")` returns `Err(Error::Input(format!(...)))`.
+#[macro_export]
+macro_rules! bail {
+    ($($arg:tt)*) => {
+        return Err($crate::error::Error::Input(format!($($arg)*)))
+    };
+}
