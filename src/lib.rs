@@ -7,3 +7,6 @@
 pub mod error;
 
 pub use error::{Error, Result};
+pub mod config;
+pub mod cpu_ops;
+pub mod weights;

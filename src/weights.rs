@@ -1,0 +1,139 @@
+//! Checkpoint tensors: `model.safetensors` or a sharded `model.safetensors.index.json`,
+//! memory-mapped, in bf16, f16 or f32, converted on request to f32 (CPU) or bf16 (GPU upload).
+//! Every error names the file and the tensor.
+
+use crate::{bail, Error, Result};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+pub struct WeightFiles {
+    files: Vec<(PathBuf, Mmap)>,
+    /// tensor name → index into `files`
+    index: HashMap<String, usize>,
+}
+
+/// A borrowed view of one tensor in its stored dtype.
+pub struct RawTensor<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: &'a [u8],
+}
+
+impl WeightFiles {
+    /// Opens `dir/model.safetensors`, or every shard listed by `dir/model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<WeightFiles> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if single.exists() {
+            vec!["model.safetensors".into()]
+        } else if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Input(format!("{}: malformed JSON: {e}", index_path.display())))?;
+            let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+                bail!("{}: expected an object \"weight_map\", found none", index_path.display())
+            };
+            let mut names: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            names.sort();
+            names.dedup();
+            names
+        } else {
+            bail!(
+                "{}: expected model.safetensors or model.safetensors.index.json, found neither",
+                dir.display()
+            )
+        };
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for name in shard_names {
+            let path = dir.join(&name);
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the file is opened read-only and the map lives as long as `WeightFiles`;
+            // a checkpoint modified while loaded is outside what we support.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let st = SafeTensors::deserialize(&mmap)
+                .map_err(|e| Error::Input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+            for n in st.names() {
+                index.insert(n.to_string(), files.len());
+            }
+            drop(st);
+            files.push((path, mmap));
+        }
+        Ok(WeightFiles { files, index })
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The stored tensor, checked against the expected shape.
+    pub fn raw(&self, name: &str, shape: &[usize]) -> Result<RawTensor<'_>> {
+        let Some(&fi) = self.index.get(name) else {
+            bail!("{}: missing tensor {name:?}", self.describe())
+        };
+        let (path, mmap) = &self.files[fi];
+        let st = SafeTensors::deserialize(mmap)
+            .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| Error::Input(format!("{}: tensor {name:?}: {e}", path.display())))?;
+        if view.shape() != shape {
+            bail!(
+                "{}: tensor {name:?} has shape {:?}, expected {:?}",
+                path.display(),
+                view.shape(),
+                shape
+            );
+        }
+        let dtype = view.dtype();
+        if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            bail!("{}: tensor {name:?} has dtype {dtype:?}, expected BF16, F16 or F32", path.display());
+        }
+        // Re-borrow the bytes from the mmap (not from `st`) so they outlive this call.
+        let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+        let data = &mmap[start..start + view.data().len()];
+        Ok(RawTensor { dtype, shape: shape.to_vec(), data })
+    }
+
+    /// The tensor as f32 (exact for bf16/f16 sources).
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let t = self.raw(name, shape)?;
+        Ok(to_f32(t.dtype, t.data))
+    }
+
+    /// The tensor as bf16 (rounded to nearest even from f32/f16 sources).
+    pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
+        let t = self.raw(name, shape)?;
+        Ok(match t.dtype {
+            Dtype::BF16 => t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
+            _ => to_f32(t.dtype, t.data).into_iter().map(bf16::from_f32).collect(),
+        })
+    }
+
+    /// The stored dtype of one tensor, if present.
+    pub fn dtype_of(&self, name: &str) -> Option<Dtype> {
+        let (_, mmap) = &self.files[*self.index.get(name)?];
+        let st = SafeTensors::deserialize(mmap).ok()?;
+        st.tensor(name).ok().map(|v| v.dtype())
+    }
+
+    fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [(p, _)] => p.display().to_string(),
+            fs => format!("{} (and {} more shards)", fs[0].0.display(), fs.len() - 1),
+        }
+    }
+}
+
+fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => unreachable!("dtype checked in raw()"),
+    }
+}
