@@ -115,18 +115,28 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
-/// Causal attention of one query head over `len` cached positions.
+/// Attention of one query head over `len` cached positions followed by the token's own
+/// key/value `me` (so a token that does not write the cache still sees itself).
 /// q: [Dh], keys/values: rows of Dh at `stride` apart (S positions), out: [Dh].
-pub fn attend(out: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], stride: usize, len: usize, scores: &mut Vec<f32>) {
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    out: &mut [f32],
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    len: usize,
+    me: (&[f32], &[f32]),
+    scores: &mut Vec<f32>,
+) {
     let dh = q.len();
     let scale = 1.0 / (dh as f32).sqrt();
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
     for s in 0..len {
-        let v = dot(q, &keys[s * stride..s * stride + dh]) * scale;
-        max = max.max(v);
-        scores.push(v);
+        scores.push(dot(q, &keys[s * stride..s * stride + dh]) * scale);
     }
+    scores.push(dot(q, me.0) * scale);
+    let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in scores.iter_mut() {
         *v = (*v - max).exp();
@@ -134,8 +144,8 @@ pub fn attend(out: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], stride: 
     }
     out.fill(0.0);
     for (s, &p) in scores.iter().enumerate() {
+        let vr = if s < len { &values[s * stride..s * stride + dh] } else { me.1 };
         let w = p / sum;
-        let vr = &values[s * stride..s * stride + dh];
         for i in 0..dh {
             out[i] += w * vr[i];
         }

@@ -1,0 +1,73 @@
+//! `Decoder`: a model bound to its KV cache and activation buffers on one backend. The
+//! generation loop, the hybrid loop and the CLI talk to this trait only; the CPU engine is
+//! here, the CUDA engine in `cuda::model`.
+
+use crate::config::Config;
+use crate::model::{Hooks, KvCache, Model, Step, Workspace};
+use crate::Result;
+use std::sync::Arc;
+
+pub trait Decoder {
+    fn config(&self) -> &Config;
+    /// Positions per slot (the context the cache was sized for).
+    fn max_len(&self) -> usize;
+    fn slots(&self) -> usize;
+    /// Runs `ids` (one per entry of `step`) through every block, with hooks on the residual,
+    /// and returns the logits [R, V] of the token indices in `logit_rows`.
+    fn forward(&mut self, ids: &[u32], step: &Step, logit_rows: &[usize], hooks: &mut Hooks) -> Result<&[f32]>;
+}
+
+pub struct CpuEngine {
+    pub model: Arc<Model>,
+    pub cache: KvCache,
+    pub ws: Workspace,
+    h: Vec<f32>, // [T, D] residual stream
+}
+
+impl CpuEngine {
+    pub fn new(model: Arc<Model>, slots: usize, max_len: usize) -> CpuEngine {
+        let cache = KvCache::new(&model.config, slots, max_len);
+        CpuEngine { model, cache, ws: Workspace::default(), h: Vec::new() }
+    }
+}
+
+impl Decoder for CpuEngine {
+    fn config(&self) -> &Config {
+        &self.model.config
+    }
+    fn max_len(&self) -> usize {
+        self.cache.max_len
+    }
+    fn slots(&self) -> usize {
+        self.cache.slots
+    }
+    fn forward(&mut self, ids: &[u32], step: &Step, logit_rows: &[usize], hooks: &mut Hooks) -> Result<&[f32]> {
+        check_step(self.config(), ids, step, self.cache.slots, self.cache.max_len)?;
+        let n = self.model.config.num_hidden_layers;
+        self.model.embed(ids, &mut self.h);
+        self.model.layers(&mut self.ws, &mut self.cache, &mut self.h, 0..n, step, hooks);
+        Ok(self.model.head(&mut self.ws, &self.h, logit_rows))
+    }
+}
+
+/// Validates a step against the vocabulary and the cache before any work is done.
+pub fn check_step(c: &Config, ids: &[u32], step: &Step, slots: usize, max_len: usize) -> Result<()> {
+    let t = ids.len();
+    if step.slots.len() != t || step.positions.len() != t || step.n_write > t {
+        crate::bail!(
+            "step: expected {t} slots and positions and n_write ≤ {t}, found {} slots, {} positions, n_write {}",
+            step.slots.len(),
+            step.positions.len(),
+            step.n_write
+        );
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+        crate::bail!("token id {bad} is outside the vocabulary: expected ids below vocab_size {}", c.vocab_size);
+    }
+    for (&s, &p) in step.slots.iter().zip(step.positions) {
+        if s >= slots || p >= max_len {
+            crate::bail!("position {p} in slot {s} is outside the cache: expected slot < {slots} and position < {max_len} (the context)");
+        }
+    }
+    Ok(())
+}
