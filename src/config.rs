@@ -67,6 +67,9 @@ struct RawConfig {
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config> {
+        if !path.exists() {
+            bail!("{}: missing: expected a checkpoint folder holding config.json", path.display());
+        }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Config::from_json(&text).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
     }

@@ -10,11 +10,8 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
     /// An I/O failure on a named file.
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
     /// The CUDA driver, NVRTC or a kernel launch failed.
     #[error("cuda: {0}")]
     Cuda(String),
@@ -26,7 +23,7 @@ impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.display().to_string(),
-            source,
+            err: source,
         }
     }
 }

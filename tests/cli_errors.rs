@@ -1,0 +1,179 @@
+//! Bad input through the CLI: each case must exit with code 2 and print one line naming what
+//! was expected and what was found — never a panic.
+
+mod common;
+
+use common::fixture;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_thinksteer"))
+}
+
+/// A copy of a fixture checkpoint in a fresh temporary folder.
+fn copy_of(name: &str, case: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("thinksteer-cli-{}-{case}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(fixture(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+/// Rewrites model.safetensors with `edit` applied to its (name, dtype, shape, bytes) list.
+fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut ts: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    edit(&mut ts);
+    let views: Vec<(String, TensorView)> =
+        ts.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
+/// Runs the CLI and checks exit code 2, a single stderr line containing every `needle`, no panic.
+fn expect_error(args: &[&str], needles: &[&str]) {
+    let out = bin().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "args {args:?}: expected exit 2, stderr: {err}");
+    assert!(!err.contains("panicked"), "args {args:?}: panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "args {args:?}: expected one line, found: {err}");
+    for n in needles {
+        assert!(err.contains(n), "args {args:?}: expected {n:?} in: {err}");
+    }
+}
+
+fn gen(dir: &Path, ids: &str) -> Vec<String> {
+    ["generate", "--device", "cpu", "--model", dir.to_str().unwrap(), "--prompt-ids", ids, "--max-new-tokens", "2"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn run_gen(dir: &Path, ids: &str, needles: &[&str]) {
+    let args = gen(dir, ids);
+    expect_error(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), needles);
+}
+
+#[test]
+fn missing_config() {
+    let d = copy_of("qwen2-f32", "noconfig");
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    run_gen(&d, "1,2", &["config.json", "missing"]);
+}
+
+#[test]
+fn malformed_config() {
+    let d = copy_of("qwen2-f32", "badjson");
+    std::fs::write(d.join("config.json"), "{\"model_type\": \"qwen2\", ").unwrap();
+    run_gen(&d, "1,2", &["config.json", "malformed"]);
+}
+
+#[test]
+fn unknown_model_type() {
+    let d = copy_of("qwen2-f32", "gpt2");
+    let text = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"qwen2\"", "\"gpt2\"");
+    std::fs::write(d.join("config.json"), text).unwrap();
+    run_gen(&d, "1,2", &["config.json", "model_type", "gpt2"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let d = copy_of("qwen2-f32", "truncated");
+    let p = d.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    run_gen(&d, "1,2", &["model.safetensors", "not a valid safetensors"]);
+}
+
+#[test]
+fn header_offsets_past_the_end_of_the_file() {
+    let d = copy_of("qwen2-f32", "offsets");
+    let header = r#"{"model.norm.weight":{"dtype":"F32","shape":[64],"data_offsets":[0,1000000]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&[0u8; 256]);
+    std::fs::write(d.join("model.safetensors"), bytes).unwrap();
+    run_gen(&d, "1,2", &["model.safetensors", "not a valid safetensors"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let d = copy_of("qwen2-f32", "missing");
+    rewrite_weights(&d, |ts| ts.retain(|t| t.0 != "model.norm.weight"));
+    run_gen(&d, "1,2", &["model.safetensors", "missing tensor", "model.norm.weight"]);
+}
+
+#[test]
+fn tensor_of_the_wrong_shape() {
+    let d = copy_of("qwen2-f32", "shape");
+    rewrite_weights(&d, |ts| {
+        let t = ts.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+        t.2 = vec![63];
+        t.3.truncate(63 * 4);
+    });
+    run_gen(&d, "1,2", &["model.norm.weight", "[63]", "expected [64]"]);
+}
+
+#[test]
+fn tensor_of_the_wrong_dtype() {
+    let d = copy_of("qwen2-f32", "dtype");
+    rewrite_weights(&d, |ts| {
+        let t = ts.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+        t.1 = Dtype::I32;
+    });
+    run_gen(&d, "1,2", &["model.norm.weight", "I32", "expected BF16, F16 or F32"]);
+}
+
+#[test]
+fn token_id_outside_the_vocabulary() {
+    run_gen(&fixture("qwen2-f32"), "1,2,320", &["320", "vocab_size 320"]);
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let d = copy_of("qwen2-f32", "context");
+    let text = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"max_position_embeddings\": 512", "\"max_position_embeddings\": 4");
+    assert!(text.contains("\"max_position_embeddings\": 4"), "fixture config changed format");
+    std::fs::write(d.join("config.json"), text).unwrap();
+    run_gen(&d, "1,2,3,4,5", &["5 tokens", "context of 4"]);
+}
+
+#[test]
+fn capture_layer_out_of_range() {
+    let m = fixture("qwen2-f32");
+    let out = std::env::temp_dir().join(format!("thinksteer-cli-{}-cap.safetensors", std::process::id()));
+    expect_error(
+        &["logits", "--device", "cpu", "--model", m.to_str().unwrap(), "--prompt-ids", "1,2", "--out", out.to_str().unwrap(), "--capture-layer", "3"],
+        &["--capture-layer 3", "below num_hidden_layers 3"],
+    );
+}
+
+#[test]
+fn text_prompt_without_a_tokenizer() {
+    let m = fixture("llama-f32");
+    assert!(!m.join("tokenizer.json").exists(), "fixture must have no tokenizer");
+    expect_error(
+        &["generate", "--device", "cpu", "--model", m.to_str().unwrap(), "--prompt", "hi"],
+        &["no tokenizer.json", "--prompt-ids"],
+    );
+}
+
+#[test]
+fn prompt_ids_work_without_a_tokenizer() {
+    let m = fixture("llama-f32");
+    let out = bin()
+        .args(["generate", "--device", "cpu", "--model", m.to_str().unwrap(), "--prompt-ids", "5,6,7", "--max-new-tokens", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["prompt_ids"], serde_json::json!([5, 6, 7]));
+    assert!(!j["ids"].as_array().unwrap().is_empty() && j["ids"].as_array().unwrap().len() <= 3);
+}
