@@ -16,3 +16,7 @@ pub mod chat;
 pub mod generate;
 pub mod sampling;
 pub mod tokenizer;
+pub mod rng;
+pub mod sae;
+pub mod steering;
+pub mod hybrid;

@@ -288,6 +288,15 @@ impl Model {
         &ws.logits[..r * v]
     }
 
+    /// Checks token ids against the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let v = self.config.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            crate::bail!("token id {bad} is outside the vocabulary: expected ids below vocab_size {v}");
+        }
+        Ok(())
+    }
+
     /// Greedy token of each row of logits [R, V].
     pub fn greedy(&self, logits: &[f32]) -> Vec<u32> {
         logits.chunks(self.config.vocab_size).map(|r| argmax(r) as u32).collect()
