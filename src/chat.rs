@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use minijinja::value::{Kwargs, Value, ValueKind};
+use std::sync::Arc;
+
+use minijinja::value::{Enumerator, Kwargs, Object, Value, ValueKind};
 use minijinja::{AutoEscape, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +50,26 @@ impl Message {
 
     pub fn assistant(content: &str) -> Self {
         Self::new("assistant", content)
+    }
+}
+
+/// A message as the template sees it: a map whose keys iterate in Python's insertion order
+/// (role, content), so `message | tojson` and `message.items()` match HF. (Serialising the
+/// struct would give minijinja's sorted map instead.)
+#[derive(Debug)]
+struct MessageObject(Message);
+
+impl Object for MessageObject {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        match key.as_str()? {
+            "role" => Some(Value::from(self.0.role.as_str())),
+            "content" => Some(Value::from(self.0.content.as_str())),
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(&["role", "content"])
     }
 }
 
@@ -185,7 +207,11 @@ impl ChatTemplate {
     /// `raise_exception`) are `Error::Input`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let mut ctx: BTreeMap<&str, Value> = BTreeMap::new();
-        ctx.insert("messages", Value::from_serialize(messages));
+        let messages: Vec<Value> = messages
+            .iter()
+            .map(|m| Value::from_object(MessageObject(m.clone())))
+            .collect();
+        ctx.insert("messages", Value::from(messages));
         ctx.insert("add_generation_prompt", Value::from(add_generation_prompt));
         // HF passes these explicitly as None, so `tools is defined` is true but falsy.
         ctx.insert("tools", Value::from(()));
