@@ -108,8 +108,8 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
         let config_path = dir.join("tokenizer_config.json");
         let config: Option<serde_json::Value> = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path)
-                .map_err(|e| Error::io(&config_path, e))?;
+            let text =
+                std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
             Some(serde_json::from_str(&text).map_err(|e| {
                 Error::Input(format!(
                     "{}: expected a JSON object, found invalid JSON: {e}",
@@ -180,12 +180,11 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source)
-            .map_err(|e| {
-                Error::Input(format!(
-                    "{origin}: expected a valid Jinja chat template, found a syntax error: {e}"
-                ))
-            })?;
+        env.add_template_owned(TEMPLATE_NAME, source).map_err(|e| {
+            Error::Input(format!(
+                "{origin}: expected a valid Jinja chat template, found a syntax error: {e}"
+            ))
+        })?;
         Ok(ChatTemplate {
             env,
             origin,
@@ -275,7 +274,9 @@ fn template_from_config(v: &serde_json::Value, origin: &str) -> Result<String> {
                 "{origin}: expected a template named \"default\" in the list, found only {names:?}"
             )
         }
-        other => crate::bail!("{origin}: expected a string or a list of named templates, found {other}"),
+        other => {
+            crate::bail!("{origin}: expected a string or a list of named templates, found {other}")
+        }
     }
 }
 

@@ -127,10 +127,11 @@ impl Sampler {
         }
         let inv_t = 1.0 / p.temperature;
         self.scratch.clear();
-        self.scratch.extend(logits.iter().enumerate().map(|(i, &l)| {
-            let l = if l.is_nan() { f32::NEG_INFINITY } else { l };
-            (l * inv_t, i as u32)
-        }));
+        self.scratch
+            .extend(logits.iter().enumerate().map(|(i, &l)| {
+                let l = if l.is_nan() { f32::NEG_INFINITY } else { l };
+                (l * inv_t, i as u32)
+            }));
         // Descending by value, ties to the lower id, so the candidate order is deterministic.
         let desc = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
 
@@ -215,7 +216,10 @@ impl StopChecker {
 
     /// Byte offset of the earliest occurrence of any stop string in `text`.
     pub fn find(&self, text: &str) -> Option<usize> {
-        self.stops.iter().filter_map(|s| text.find(s.as_str())).min()
+        self.stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
     }
 
     /// `text` cut just before the earliest stop string, or None when no stop string occurs.

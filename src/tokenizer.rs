@@ -244,7 +244,9 @@ pub(crate) mod tests {
     fn tiny() -> Tokenizer {
         let d = temp_dir("tok-tiny");
         std::fs::write(d.join("tokenizer.json"), tiny_tokenizer_json()).unwrap();
-        Tokenizer::from_dir(&d).unwrap().expect("tokenizer.json was written")
+        Tokenizer::from_dir(&d)
+            .unwrap()
+            .expect("tokenizer.json was written")
     }
 
     #[test]

@@ -50,7 +50,10 @@ fn qwen25_single_turn_uses_default_system_prompt_and_no_tools() {
         s,
         "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
     );
-    assert!(!s.contains("<tools>"), "tools section must be absent: {s:?}");
+    assert!(
+        !s.contains("<tools>"),
+        "tools section must be absent: {s:?}"
+    );
     let no_prompt = t.render(&[Message::user("Q")], false).unwrap();
     assert_eq!(
         no_prompt,
