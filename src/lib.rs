@@ -4,7 +4,10 @@
 //! B batch rows, T tokens (all rows of one step, flattened), S positions in a KV cache,
 //! D model dim, H / Hkv query / key-value heads, Dh head dim, F ffn dim, V vocab, K SAE latents.
 
+pub mod chat;
 pub mod error;
+pub mod sampling;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub mod config;
