@@ -5,21 +5,18 @@
 //! D model dim, H / Hkv query / key-value heads, Dh head dim, F ffn dim, V vocab, K SAE latents.
 
 pub mod chat;
-pub mod error;
-pub mod sampling;
-pub mod tokenizer;
-
-pub use error::{Error, Result};
 pub mod config;
 pub mod cpu_ops;
-pub mod weights;
 pub mod engine;
-pub mod model;
-pub mod chat;
+pub mod error;
 pub mod generate;
-pub mod sampling;
-pub mod tokenizer;
+pub mod hybrid;
+pub mod model;
 pub mod rng;
 pub mod sae;
+pub mod sampling;
 pub mod steering;
-pub mod hybrid;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
