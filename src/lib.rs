@@ -5,5 +5,6 @@
 //! D model dim, H / Hkv query / key-value heads, Dh head dim, F ffn dim, V vocab, K SAE latents.
 
 pub mod error;
+pub mod eval;
 
 pub use error::{Error, Result};
