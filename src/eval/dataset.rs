@@ -86,7 +86,10 @@ pub fn load_dataset(
             ))
         })?;
         let serde_json::Value::Object(mut row) = value else {
-            bail!("{name}:{lineno}: expected a JSON object, found {}", json_type(&value));
+            bail!(
+                "{name}:{lineno}: expected a JSON object, found {}",
+                json_type(&value)
+            );
         };
         let present: Vec<String> = row.keys().cloned().collect();
         for field in [qf, af] {
@@ -200,7 +203,15 @@ mod tests {
             "c.jsonl",
             "{\"prompt\":\"2+2?\",\"gold\":4,\"level\":\"Level 1\"}\n",
         );
-        let rows = load_dataset(&p, DatasetKind::Custom, Some("prompt"), Some("gold"), 0, None).unwrap();
+        let rows = load_dataset(
+            &p,
+            DatasetKind::Custom,
+            Some("prompt"),
+            Some("gold"),
+            0,
+            None,
+        )
+        .unwrap();
         assert_eq!(rows[0].answer, "4");
         assert_eq!(rows[0].meta["level"], "Level 1");
         assert!(!rows[0].meta.contains_key("gold"));
@@ -208,18 +219,40 @@ mod tests {
 
     #[test]
     fn errors_name_line_and_field() {
-        let p = write("bad.jsonl", "{\"question\":\"q\",\"answer\":\"#### 1\"}\n{\"question\": oops}\n");
-        let e = load_dataset(&p, DatasetKind::Gsm8k, None, None, 0, Some(1)).unwrap_err().to_string();
-        assert!(e.contains("bad.jsonl:2") && e.contains("malformed JSON"), "{e}");
+        let p = write(
+            "bad.jsonl",
+            "{\"question\":\"q\",\"answer\":\"#### 1\"}\n{\"question\": oops}\n",
+        );
+        let e = load_dataset(&p, DatasetKind::Gsm8k, None, None, 0, Some(1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bad.jsonl:2") && e.contains("malformed JSON"),
+            "{e}"
+        );
         assert!(!e.contains('\n'));
-        let p = write("miss.jsonl", "{\"problem\":\"q\",\"subject\":\"Algebra\"}\n");
-        let e = load_dataset(&p, DatasetKind::Math500, None, None, 0, None).unwrap_err().to_string();
-        assert!(e.contains("miss.jsonl:1") && e.contains("\"answer\"") && e.contains("problem, subject"), "{e}");
+        let p = write(
+            "miss.jsonl",
+            "{\"problem\":\"q\",\"subject\":\"Algebra\"}\n",
+        );
+        let e = load_dataset(&p, DatasetKind::Math500, None, None, 0, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("miss.jsonl:1")
+                && e.contains("\"answer\"")
+                && e.contains("problem, subject"),
+            "{e}"
+        );
         let p = write("empty.jsonl", "\n\n");
-        let e = load_dataset(&p, DatasetKind::Math500, None, None, 0, None).unwrap_err().to_string();
+        let e = load_dataset(&p, DatasetKind::Math500, None, None, 0, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("empty dataset"), "{e}");
         let p = write("nohash.jsonl", "{\"question\":\"q\",\"answer\":\"12\"}\n");
-        let e = load_dataset(&p, DatasetKind::Gsm8k, None, None, 0, None).unwrap_err().to_string();
+        let e = load_dataset(&p, DatasetKind::Gsm8k, None, None, 0, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("####"), "{e}");
     }
 }

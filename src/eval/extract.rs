@@ -2,19 +2,32 @@
 //! "the answer is …" phrases, inline math spans, and numbers (for GSM8K) with thousands commas,
 //! `$` and signs.
 
+use super::math_eval::{evaluate, has_variables};
 use super::math_norm::matching_brace;
 
-/// The content of the last `\boxed{...}` or `\fbox{...}` (or `\boxed 5`), if any.
+/// The content of the last non-empty `\boxed{...}` or `\fbox{...}` (or `\boxed 5`), if any.
 pub fn last_boxed(s: &str) -> Option<String> {
-    let at = ["\\boxed", "\\fbox"]
-        .iter()
-        .filter_map(|k| s.rfind(k).map(|i| (i, k.len())))
-        .max_by_key(|(i, _)| *i)?;
-    let rest = &s[at.0 + at.1..];
+    let mut end = s.len();
+    loop {
+        let head = &s[..end];
+        let (at, len) = ["\\boxed", "\\fbox"]
+            .iter()
+            .filter_map(|k| head.rfind(k).map(|i| (i, k.len())))
+            .max_by_key(|(i, _)| *i)?;
+        match box_content(s, at + len) {
+            Some(c) if !c.is_empty() => return Some(c),
+            // An empty box says nothing; an unclosed one (cut off by the token limit) neither.
+            _ => end = at,
+        }
+    }
+}
+
+/// The argument of a box command whose name ends at `after`: `{...}` or a space and one word.
+fn box_content(s: &str, after: usize) -> Option<String> {
+    let rest = &s[after..];
     let trimmed = rest.trim_start();
-    let open = at.0 + at.1 + (rest.len() - trimmed.len());
+    let open = after + (rest.len() - trimmed.len());
     if trimmed.starts_with('{') {
-        // An unclosed box (a response cut off by the token limit) has no answer.
         let close = matching_brace(s, open)?;
         return Some(s[open + 1..close - 1].trim().to_string());
     }
@@ -23,9 +36,7 @@ pub fn last_boxed(s: &str) -> Option<String> {
             .chars()
             .take_while(|c| !c.is_whitespace() && *c != '$')
             .collect();
-        if !word.is_empty() {
-            return Some(word);
-        }
+        return Some(word);
     }
     None
 }
@@ -61,11 +72,18 @@ fn clean_phrase_answer(line: &str) -> String {
     let end = line
         .char_indices()
         .find(|&(i, c)| {
-            (c == '.' || c == ',' || c == ';')
-                && line[i + 1..].starts_with(char::is_whitespace)
+            (c == '.' || c == ',' || c == ';') && line[i + 1..].starts_with(char::is_whitespace)
         })
         .map_or(line.len(), |(i, _)| i);
-    line[..end].trim().trim_end_matches('.').trim().to_string()
+    let text = line[..end].trim().trim_end_matches('.').trim();
+    // `2 because x=2` → `2`: a leading constant followed by words is the answer.
+    if let Some((first, _)) = text.split_once(char::is_whitespace) {
+        let first = first.trim_end_matches([',', '.', ';', ':']);
+        if evaluate(first).is_some() && !has_variables(first) {
+            return first.to_string();
+        }
+    }
+    text.to_string()
 }
 
 /// The spans delimited by `$...$`, `$$...$$`, `\(...\)` and `\[...\]`, in order.
@@ -139,7 +157,8 @@ pub fn numbers(s: &str) -> Vec<FoundNumber> {
     let mut i = 0;
     while i < b.len() {
         let starts_digit = b[i].is_ascii_digit()
-            || (b[i] == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)
+            || (b[i] == b'.'
+                && b.get(i + 1).is_some_and(u8::is_ascii_digit)
                 && (i == 0 || !b[i - 1].is_ascii_digit()));
         if !starts_digit {
             i += 1;
@@ -165,7 +184,8 @@ pub fn numbers(s: &str) -> Vec<FoundNumber> {
         }
         // Thousands groups: `,ddd` not followed by another digit.
         while b.get(i) == Some(&b',')
-            && b.get(i + 1..i + 4).is_some_and(|g| g.iter().all(u8::is_ascii_digit))
+            && b.get(i + 1..i + 4)
+                .is_some_and(|g| g.iter().all(u8::is_ascii_digit))
             && !b.get(i + 4).is_some_and(u8::is_ascii_digit)
         {
             text.push_str(&s[i + 1..i + 4]);
@@ -227,11 +247,25 @@ mod tests {
 
     #[test]
     fn boxes_and_phrases() {
-        assert_eq!(last_boxed("\\boxed{1} then \\boxed{\\frac{a}{b}}").unwrap(), "\\frac{a}{b}");
+        assert_eq!(
+            last_boxed("\\boxed{1} then \\boxed{\\frac{a}{b}}").unwrap(),
+            "\\frac{a}{b}"
+        );
         assert_eq!(last_boxed("\\fbox{7}").unwrap(), "7");
         assert_eq!(last_boxed("so \\boxed 5$.").unwrap(), "5");
         assert!(last_boxed("\\boxed{\\frac{1}{2}").is_none());
-        assert_eq!(answer_phrase("The answer is $\\frac12$. Done").unwrap().1, "\\frac12");
+        assert_eq!(
+            last_boxed("\\boxed{1} and \\boxed{} \\boxed{2").unwrap(),
+            "1"
+        );
+        assert_eq!(
+            answer_phrase("The answer is 2 because x=2.").unwrap().1,
+            "2"
+        );
+        assert_eq!(
+            answer_phrase("The answer is $\\frac12$. Done").unwrap().1,
+            "\\frac12"
+        );
         assert_eq!(answer_phrase("Final answer: 42. Yes").unwrap().1, "42");
         assert_eq!(last_math_span("a $x$ and $\\$5$").unwrap(), "\\$5");
     }

@@ -5,10 +5,10 @@
 use std::str::FromStr;
 
 use super::extract::{answer_phrase, canonical_number, last_boxed, last_math_span, numbers};
+pub use super::judge::run_judge;
 use super::math_equiv::equivalent;
 use super::math_eval::evaluate;
 use super::math_norm::normalize;
-pub use super::judge::run_judge;
 use crate::error::Error;
 
 /// Which grading rules apply.
@@ -138,7 +138,8 @@ pub fn extract_math(response: &str) -> Option<String> {
     }
     let t = response.trim();
     // A bare answer such as `3` or `\frac12` (the `grade` command, terse models).
-    if !t.is_empty() && t.len() <= 64 && !t.contains('\n') {
+    // An unclosed `\boxed{` (cut off by the token limit) is no answer.
+    if !t.is_empty() && t.len() <= 64 && !t.contains('\n') && !t.contains("\\boxed") {
         return Some(t.trim_end_matches('.').trim().to_string());
     }
     None

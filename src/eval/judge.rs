@@ -92,7 +92,9 @@ mod tests {
     fn failures_name_the_command() {
         let e = run_judge("exit 3", "q", "1", "1").unwrap_err().to_string();
         assert!(e.contains("exit 3") && e.contains("failed"), "{e}");
-        let e = run_judge("echo maybe", "q", "1", "1").unwrap_err().to_string();
+        let e = run_judge("echo maybe", "q", "1", "1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("echo maybe") && e.contains("maybe"), "{e}");
     }
 }

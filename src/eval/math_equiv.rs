@@ -6,6 +6,9 @@
 use super::math_eval::{close, evaluate};
 use super::math_norm::normalize;
 
+/// Longest normalised answer compared structurally (MATH-500's longest is under 100 characters).
+const MAX_ANSWER_LEN: usize = 1000;
+
 /// Splits at top-level occurrences of `sep`; `(`/`[`/`{` open and `)`/`]`/`}` close regardless of
 /// kind, because an interval such as `(1,2]` pairs different brackets.
 fn split_top(s: &str, sep: &str) -> Vec<String> {
@@ -20,7 +23,7 @@ fn split_top(s: &str, sep: &str) -> Vec<String> {
             b')' | b']' | b'}' => depth -= 1,
             _ => {}
         }
-        if depth == 0 && s[i..].starts_with(sep) {
+        if depth == 0 && bytes[i..].starts_with(sep.as_bytes()) {
             parts.push(s[start..i].to_string());
             i += sep.len();
             start = i;
@@ -161,7 +164,8 @@ fn multiset_equal(a: &[String], b: &[String]) -> bool {
 /// Whether the normalised strings hold words only (compared case-insensitively).
 fn is_text(s: &str) -> bool {
     s.chars().filter(|c| c.is_ascii_alphabetic()).count() >= 2
-        && s.chars().all(|c| c.is_ascii_alphabetic() || "()-' ".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphabetic() || "()-' ".contains(c))
 }
 
 /// Two equations `l1=r1`, `l2=r2` are the same when `l1-r1 = c·(l2-r2)` at every trial point.
@@ -192,7 +196,8 @@ pub fn equivalent_norm(a: &str, b: &str) -> bool {
     if a == b {
         return true;
     }
-    if a.is_empty() || b.is_empty() {
+    // Answers are short; a long box is runaway text, not worth parsing (and bounds recursion).
+    if a.is_empty() || b.is_empty() || a.len() > MAX_ANSWER_LEN || b.len() > MAX_ANSWER_LEN {
         return false;
     }
     if is_text(a) && is_text(b) {
@@ -207,8 +212,7 @@ pub fn equivalent_norm(a: &str, b: &str) -> bool {
         (Some(ma), Some(mb)) => {
             return ma.len() == mb.len()
                 && ma.iter().zip(&mb).all(|(ra, rb)| {
-                    ra.len() == rb.len()
-                        && ra.iter().zip(rb).all(|(x, y)| equivalent(x, y))
+                    ra.len() == rb.len() && ra.iter().zip(rb).all(|(x, y)| equivalent(x, y))
                 });
         }
         (None, None) => {}
@@ -261,7 +265,10 @@ mod tests {
     fn structures() {
         assert!(equivalent("(1,2]", "\\left(1, 2\\right]"));
         assert!(!equivalent("(1,2]", "[1,2]"));
-        assert!(equivalent("\\{1\\pm\\sqrt{5},-2\\}", "-2, 1-\\sqrt5, 1+\\sqrt5"));
+        assert!(equivalent(
+            "\\{1\\pm\\sqrt{5},-2\\}",
+            "-2, 1-\\sqrt5, 1+\\sqrt5"
+        ));
         assert!(equivalent("1 \\pm \\sqrt{19}", "1+\\sqrt{19},1-\\sqrt{19}"));
         assert!(equivalent("10,\\!080", "10080"));
         assert!(equivalent("5x - 7y + 11z + 4 = 0", "-10x+14y-22z-8=0"));

@@ -5,8 +5,9 @@
 //! Why complex: MATH answers such as `6-5i` must compare equal to `-5i+6`. Why variables: answers
 //! such as `(a+5)(b+2)` or `x^3+3x-6` are compared by evaluating both sides at a few fixed points
 //! (a polynomial identity test), so reordered or expanded forms of the same expression match.
-//! Anything the grammar does not cover (subscripts, words, `=`) fails to evaluate, and the caller
-//! falls back to comparing normalised strings.
+//! Letter runs are products of variables (`ab`); words are told apart from expressions before
+//! this point (`math_equiv` compares two words as text). Anything the grammar does not cover
+//! (subscripts, unknown commands, `=`) fails to evaluate, and the caller falls back to strings.
 
 /// A complex number; answers are almost always real, so real-only paths avoid `inf * 0 = NaN`.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -175,15 +176,31 @@ const COMMANDS: &[&str] = &[
     "csc", "ln", "log", "exp", "binom",
 ];
 
+/// Deepest bracket nesting evaluated; the parser recurses per level, so runaway input is refused.
+const MAX_DEPTH: usize = 64;
+
 fn tokenize(s: &str) -> Option<Vec<Tok>> {
     let chars: Vec<char> = s.chars().collect();
+    let mut depth = 0usize;
+    for c in &chars {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if depth > MAX_DEPTH {
+            return None;
+        }
+    }
     let mut out = Vec::new();
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
         if c.is_whitespace() {
             i += 1;
-        } else if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit())) {
+        } else if c.is_ascii_digit()
+            || (c == '.' && chars.get(i + 1).is_some_and(|d| d.is_ascii_digit()))
+        {
             let start = i;
             let mut seen_dot = false;
             while i < chars.len() && (chars[i].is_ascii_digit() || (chars[i] == '.' && !seen_dot)) {
@@ -203,16 +220,9 @@ fn tokenize(s: &str) -> Option<Vec<Tok>> {
                 .filter(|k| word.starts_with(*k))
                 .max_by_key(|k| k.len())?;
             out.push(Tok::Cmd(cmd));
-            // Letters after the command name were a separate token before spaces were removed.
+            // Letters after the command name were separate variables before spaces were removed.
             i = start + cmd.len();
-            if i < end && end - i >= 2 {
-                return None;
-            }
         } else if c.is_ascii_alphabetic() {
-            // A run of letters is a word, not a product of variables: leave it to string comparison.
-            if chars.get(i + 1).is_some_and(|d| d.is_ascii_alphabetic()) {
-                return None;
-            }
             out.push(Tok::Var(c));
             i += 1;
         } else if "+-*/^()[]{}!".contains(c) {
@@ -284,7 +294,8 @@ impl Parser {
                     self.pos += 1;
                     acc = acc.div(self.factor()?);
                 }
-                Some(Tok::Num(_)) | Some(Tok::Var(_)) | Some(Tok::Sym('(')) | Some(Tok::Sym('{')) => {
+                Some(Tok::Num(_)) | Some(Tok::Var(_)) | Some(Tok::Sym('('))
+                | Some(Tok::Sym('{')) => {
                     acc = acc.mul(self.factor()?);
                 }
                 Some(Tok::Cmd(c)) if !matches!(*c, "cdot" | "times" | "div") => {
@@ -418,7 +429,12 @@ impl Parser {
                     }
                     let x = self.arg()?;
                     // An odd root of a negative real is the real root, as in school algebra.
-                    if x.is_real() && x.re < 0.0 && n.is_real() && n.re.fract() == 0.0 && n.re as i64 % 2 != 0 {
+                    if x.is_real()
+                        && x.re < 0.0
+                        && n.is_real()
+                        && n.re.fract() == 0.0
+                        && n.re as i64 % 2 != 0
+                    {
                         return Some(Complex::real(-(-x.re).powf(1.0 / n.re)));
                     }
                     return Some(x.pow(Complex::real(1.0).div(n)));
@@ -533,7 +549,6 @@ mod tests {
     fn complex_and_words() {
         let v = evaluate("6-5i").unwrap();
         assert_eq!((v[0].re, v[0].im), (6.0, -5.0));
-        assert!(evaluate("east").is_none());
         assert!(evaluate("52_8").is_none());
         assert!(evaluate("\\foo").is_none());
         assert!(evaluate("(1+2").is_none());

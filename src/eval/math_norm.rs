@@ -4,9 +4,9 @@
 
 /// Words dropped after a number (`5.4 cents`, `15 cm^2`): units never change which answer is meant.
 const UNIT_WORDS: &[&str] = &[
-    "degree", "degrees", "deg", "radians", "radian", "cm", "mm", "km", "meter", "meters",
-    "metre", "metres", "inch", "inches", "ft", "foot", "feet", "yard", "yards", "mile", "miles",
-    "unit", "units", "sq", "square", "cubic", "dollar", "dollars", "cent", "cents", "hour", "hours",
+    "degree", "degrees", "deg", "radians", "radian", "cm", "mm", "km", "meter", "meters", "metre",
+    "metres", "inch", "inches", "ft", "foot", "feet", "yard", "yards", "mile", "miles", "unit",
+    "units", "sq", "square", "cubic", "dollar", "dollars", "cent", "cents", "hour", "hours",
     "minute", "minutes", "second", "seconds", "day", "days", "week", "weeks", "year", "years",
     "pound", "pounds", "lb", "lbs", "ounce", "ounces", "kg", "gram", "grams", "mph", "percent",
     "students", "people", "ways", "times",
@@ -63,7 +63,14 @@ pub fn matching_brace(s: &str, open: usize) -> Option<usize> {
 fn unwrap_text(s: &str) -> String {
     let mut s = s.to_string();
     for cmd in [
-        "\\text", "\\textbf", "\\textit", "\\textrm", "\\mathrm", "\\mathbf", "\\mbox", "\\mathit",
+        "\\text",
+        "\\textbf",
+        "\\textit",
+        "\\textrm",
+        "\\mathrm",
+        "\\mathbf",
+        "\\mbox",
+        "\\mathit",
         "\\operatorname",
     ] {
         let mut from = 0;
@@ -91,7 +98,8 @@ fn unwrap_text(s: &str) -> String {
             let at_end = s[tail_end..].trim().trim_end_matches('.').is_empty();
             let wordy = !inner.trim().is_empty()
                 && inner.chars().all(|c| c.is_ascii_alphabetic() || c == ' ');
-            let after_value = before.ends_with(|c: char| c.is_ascii_digit() || c == '}' || c == ')')
+            let after_value = before
+                .ends_with(|c: char| c.is_ascii_digit() || c == '}' || c == ')')
                 || before.ends_with("\\pi");
             if wordy && at_end && after_value {
                 s = format!("{}{}", &s[..at], &s[tail_end..]);
@@ -109,13 +117,11 @@ fn unwrap_text(s: &str) -> String {
 fn drop_unit_words(s: &str) -> String {
     let mut s = s.trim_end().trim_end_matches('.').trim_end().to_string();
     loop {
-        let body = s
-            .trim_end_matches("^2")
-            .trim_end_matches("^3")
-            .trim_end();
+        let body = s.trim_end_matches("^2").trim_end_matches("^3").trim_end();
         let word_start = body
-            .rfind(|c: char| !c.is_ascii_alphabetic())
-            .map_or(0, |i| i + 1);
+            .char_indices()
+            .rfind(|(_, c)| !c.is_ascii_alphabetic())
+            .map_or(0, |(i, c)| i + c.len_utf8());
         let word = &body[word_start..];
         let before = body[..word_start].trim_end();
         let is_unit = UNIT_WORDS.contains(&word.to_ascii_lowercase().as_str());
@@ -213,7 +219,11 @@ pub fn normalize(raw: &str) -> String {
     s = brace_single_scripts(&s);
     let t = strip_outer_braces(&s).to_string();
     // `(C)` as a multiple-choice label is just `C`.
-    if t.len() == 3 && t.starts_with('(') && t.ends_with(')') && t.as_bytes()[1].is_ascii_alphabetic() {
+    if t.len() == 3
+        && t.starts_with('(')
+        && t.ends_with(')')
+        && t.as_bytes()[1].is_ascii_alphabetic()
+    {
         return t[1..2].to_string();
     }
     t.replace(ROW_BREAK, "\\\\")
@@ -222,8 +232,10 @@ pub fn normalize(raw: &str) -> String {
 /// Strips `x=` / `\theta=` / `x\in` in front of a value (the value is the answer), but not the
 /// left side of an equation whose right side also has an `=`.
 fn strip_prefix(s: &str) -> String {
-    let ident_len = if s.starts_with('\\') {
-        1 + s[1..].find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(s.len() - 1)
+    let ident_len = if let Some(name) = s.strip_prefix('\\') {
+        1 + name
+            .find(|c: char| !c.is_ascii_alphabetic())
+            .unwrap_or(name.len())
     } else if s.starts_with(|c: char| c.is_ascii_alphabetic()) {
         1
     } else {
@@ -268,7 +280,10 @@ mod tests {
 
     #[test]
     fn normalises_common_forms() {
-        assert_eq!(normalize("\\left( 3, \\dfrac{\\pi}{2} \\right)"), "(3,\\frac{\\pi}{2})");
+        assert_eq!(
+            normalize("\\left( 3, \\dfrac{\\pi}{2} \\right)"),
+            "(3,\\frac{\\pi}{2})"
+        );
         assert_eq!(normalize("90^\\circ"), "90");
         assert_eq!(normalize("\\frac{270}7\\text{ degrees}"), "\\frac{270}7");
         assert_eq!(normalize("864 \\mbox{ inches}^2"), "864");
