@@ -50,7 +50,7 @@ impl FromStr for DatasetKind {
 }
 
 /// One evaluation problem.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Problem {
     /// 0-based row index in the file (blank lines not counted), stable across offset/limit.
     pub index: usize,

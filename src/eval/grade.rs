@@ -34,7 +34,8 @@ impl FromStr for GradeKind {
 }
 
 /// The outcome of grading one response.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Serialises as `{"extracted": "..." | null, "correct": bool}` (the `grade --json` output).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Graded {
     /// The answer found in the response (GSM8K: canonical number, MATH: the raw LaTeX), if any.
     pub extracted: Option<String>,
@@ -160,5 +161,8 @@ mod tests {
     fn kind_parses() {
         assert_eq!("GSM8K".parse::<GradeKind>().unwrap(), GradeKind::Gsm8k);
         assert!("maths".parse::<GradeKind>().is_err());
+        let g = grade(GradeKind::Math, "\\frac12", "\\boxed{0.5}");
+        let json = serde_json::to_string(&g).unwrap();
+        assert_eq!(json, r#"{"extracted":"0.5","correct":true}"#);
     }
 }
