@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu_ops;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod hybrid;
 pub mod model;
