@@ -97,6 +97,31 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Checks that `other` maps the same ids to the same tokens over the range both base
+    /// vocabularies cover. Added (special) tokens are left out: checkpoints of one family
+    /// redefine them (R1-Distill-Qwen vs Qwen2.5-Math) while sharing every ordinary token.
+    pub fn check_same_ids(&self, other: &Tokenizer) -> Result<()> {
+        let by_id = |t: &Tokenizer| {
+            let mut v: Vec<(u32, String)> = t.inner.get_vocab(false).into_iter().map(|(s, i)| (i, s)).collect();
+            v.sort();
+            v
+        };
+        let (a, b) = (by_id(self), by_id(other));
+        for (x, y) in a.iter().zip(&b) {
+            if x != y {
+                let (id, _) = x.min(y);
+                crate::bail!(
+                    "{} and {} do not share token ids: expected the same token at id {id}, found {:?} and {:?}",
+                    self.path.display(),
+                    other.path.display(),
+                    a.iter().find(|p| p.0 == *id).map(|p| &p.1),
+                    b.iter().find(|p| p.0 == *id).map(|p| &p.1)
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// A fresh streaming decoder over this tokenizer.
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder::new(self)

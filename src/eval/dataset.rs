@@ -70,27 +70,12 @@ pub fn load_dataset(
     offset: usize,
     limit: Option<usize>,
 ) -> Result<Vec<Problem>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let (dq, da) = kind.default_fields();
     let qf = question_field.unwrap_or(dq);
     let af = answer_field.unwrap_or(da);
     let name = path.display();
     let mut all = Vec::new();
-    for (lineno, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l)) {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            Error::Input(format!(
-                "{name}:{lineno}: expected one JSON object per line, found malformed JSON ({e})"
-            ))
-        })?;
-        let serde_json::Value::Object(mut row) = value else {
-            bail!(
-                "{name}:{lineno}: expected a JSON object, found {}",
-                json_type(&value)
-            );
-        };
+    for (lineno, mut row) in read_rows(path)? {
         let present: Vec<String> = row.keys().cloned().collect();
         for field in [qf, af] {
             if !row.contains_key(field) {
@@ -133,6 +118,54 @@ pub fn load_dataset(
         );
     }
     Ok(picked)
+}
+
+/// Reads every non-blank line of a JSONL file as a JSON object, with its 1-based line number.
+fn read_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, serde_json::Value>)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let name = path.display();
+    let mut rows = Vec::new();
+    for (lineno, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l)) {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            Error::Input(format!(
+                "{name}:{lineno}: expected one JSON object per line, found malformed JSON ({e})"
+            ))
+        })?;
+        let serde_json::Value::Object(row) = value else {
+            bail!(
+                "{name}:{lineno}: expected a JSON object, found {}",
+                json_type(&value)
+            );
+        };
+        rows.push((lineno, row));
+    }
+    Ok(rows)
+}
+
+/// The questions of a JSONL file (no answers needed), from `field`, or from `question` or
+/// `problem` when no field is named.
+pub fn load_questions(path: &Path, field: Option<&str>) -> Result<Vec<String>> {
+    let name = path.display();
+    let mut out = Vec::new();
+    for (lineno, mut row) in read_rows(path)? {
+        let f = match field {
+            Some(f) => f,
+            None if row.contains_key("question") => "question",
+            None => "problem",
+        };
+        if !row.contains_key(f) {
+            let present: Vec<String> = row.keys().cloned().collect();
+            bail!("{name}:{lineno}: expected field {f:?}, found only fields [{}]", present.join(", "));
+        }
+        out.push(take_text(&mut row, f, &name, lineno)?);
+    }
+    if out.is_empty() {
+        bail!("{name}: expected at least one JSONL row, found an empty file");
+    }
+    Ok(out)
 }
 
 /// The GSM8K reference: the text after the final `#### `, without thousands commas.
