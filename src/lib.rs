@@ -10,3 +10,4 @@ pub use error::{Error, Result};
 pub mod config;
 pub mod cpu_ops;
 pub mod weights;
+pub mod cuda;
