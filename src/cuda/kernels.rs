@@ -332,8 +332,9 @@ pub fn attention_decode(
 
     const C: &str = "attention_combine_bf16";
     let f = gpu.func(C)?;
+    let (po, pml) = (part_o.as_view(), part_ml.as_view());
     let mut b = gpu.stream.launch_builder(f);
-    b.arg(&*part_o).arg(&*part_ml).arg(pos).arg(out).arg(&h).arg(&dh).arg(&chunk).arg(&ns);
+    b.arg(&po).arg(&pml).arg(pos).arg(out).arg(&h).arg(&dh).arg(&chunk).arg(&ns);
     // SAFETY: argument order and types match attention_combine_bf16; it reads the partials the
     // launch above wrote (same stream, so ordered after it) for at most `splits` splits.
     gpu.launched(C, unsafe { b.launch(cfg((sh.h as u32, t as u32, 1), 128, 0)) })
