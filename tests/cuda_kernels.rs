@@ -37,7 +37,9 @@ impl Rng {
     }
     /// n values in [−scale, scale), already bf16-exact.
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| bf16::from_f32(self.next() * scale).to_f32()).collect()
+        (0..n)
+            .map(|_| bf16::from_f32(self.next() * scale).to_f32())
+            .collect()
     }
 }
 
@@ -56,17 +58,19 @@ fn compare(what: &str, got: &[f32], want: &[f32], atol: &dyn Fn(usize) -> f32, r
     for i in 0..got.len() {
         let lim = atol(i) + rtol * want[i].abs();
         let err = (got[i] - want[i]).abs();
-        if !(err <= lim) {
+        if err.is_nan() || err > lim {
             bad += 1;
         }
         let ratio = if lim > 0.0 { err / lim } else { err };
-        if !(ratio <= worst.1) {
-            worst = (i, ratio);
+        if ratio.is_nan() || ratio > worst.1 {
+            worst = (i, if ratio.is_nan() { f32::INFINITY } else { ratio });
         }
     }
     if bad > 0 {
         let i = worst.0;
-        let pairs: Vec<String> = (0..got.len().min(6)).map(|j| format!("{}:{}", got[j], want[j])).collect();
+        let pairs: Vec<String> = (0..got.len().min(6))
+            .map(|j| format!("{}:{}", got[j], want[j]))
+            .collect();
         panic!(
             "{what}: {bad} of {} elements out of tolerance; worst [{i}] gpu {} ref {} (error {:.3}× the limit); first pairs gpu:ref {}",
             got.len(),
@@ -88,9 +92,21 @@ fn embed_matches_table_rows() {
         let tb = g.stream.clone_htod(&to_bf(&table)).unwrap();
         let ib = g.stream.clone_htod(&ids).unwrap();
         let mut r = g.stream.alloc_zeros::<f32>(t * d).unwrap();
-        k::embed(&g, &mut r.as_view_mut(), &tb.as_view(), &ib.as_view(), t, d, v).unwrap();
+        k::embed(
+            &g,
+            &mut r.as_view_mut(),
+            &tb.as_view(),
+            &ib.as_view(),
+            t,
+            d,
+            v,
+        )
+        .unwrap();
         let got = g.stream.clone_dtoh(&r).unwrap();
-        let want: Vec<f32> = ids.iter().flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec())
+            .collect();
         compare("embed (exact)", &got, &want, &|_| 0.0, 0.0);
     }
 }
@@ -105,8 +121,18 @@ fn residual_norm_with_steering_and_sae_matches_reference() {
         let x = rng.vec(t * d, 3.0);
         let w = rng.vec(d, 1.5);
         let table = rng.vec(nv * d, 1.0);
-        let coef: Vec<f32> = (0..t).map(|i| if i % 3 == 1 { 0.0 } else { 2.5 - i as f32 * 0.25 }).collect();
-        let idx: Vec<i32> = (0..t).map(|i| if i % 4 == 3 { -1 } else { (i % nv) as i32 }).collect();
+        let coef: Vec<f32> = (0..t)
+            .map(|i| {
+                if i % 3 == 1 {
+                    0.0
+                } else {
+                    2.5 - i as f32 * 0.25
+                }
+            })
+            .collect();
+        let idx: Vec<i32> = (0..t)
+            .map(|i| if i % 4 == 3 { -1 } else { (i % nv) as i32 })
+            .collect();
         let w_enc = rng.vec(d * kk, 0.2);
         let b_enc = rng.vec(kk, 0.1);
         let b_dec = rng.vec(d, 0.1);
@@ -135,26 +161,48 @@ fn residual_norm_with_steering_and_sae_matches_reference() {
             for j in 0..kk {
                 let col: Vec<f32> = (0..d).map(|i| w_enc[i * kk + j]).collect();
                 z[ti * kk + j] = cpu_ops::dot(&h, &col) + b_enc[j];
-                zabs[ti * kk + j] = h.iter().zip(&col).map(|(a, b)| (a * b).abs()).sum::<f32>() + b_enc[j].abs();
+                zabs[ti * kk + j] =
+                    h.iter().zip(&col).map(|(a, b)| (a * b).abs()).sum::<f32>() + b_enc[j].abs();
             }
             cat[ti] = cpu_ops::argmax(&z[ti * kk..(ti + 1) * kk]) as i32;
         }
 
         let s = &g.stream;
         let mut rb = s.clone_htod(&r0).unwrap();
-        let (xb, wb, tab) = (s.clone_htod(&x).unwrap(), s.clone_htod(&to_bf(&w)).unwrap(), s.clone_htod(&table).unwrap());
+        let (xb, wb, tab) = (
+            s.clone_htod(&x).unwrap(),
+            s.clone_htod(&to_bf(&w)).unwrap(),
+            s.clone_htod(&table).unwrap(),
+        );
         let (cb, ib) = (s.clone_htod(&coef).unwrap(), s.clone_htod(&idx).unwrap());
-        let (web, beb, bdb, mb) =
-            (s.clone_htod(&w_enc).unwrap(), s.clone_htod(&b_enc).unwrap(), s.clone_htod(&b_dec).unwrap(), s.clone_htod(&mean).unwrap());
+        let (web, beb, bdb, mb) = (
+            s.clone_htod(&w_enc).unwrap(),
+            s.clone_htod(&b_enc).unwrap(),
+            s.clone_htod(&b_dec).unwrap(),
+            s.clone_htod(&mean).unwrap(),
+        );
         let mut yb = s.alloc_zeros::<bf16>(t * d).unwrap();
         let mut zb = s.alloc_zeros::<f32>(t * kk).unwrap();
         let mut catb = s.alloc_zeros::<i32>(t).unwrap();
         let (tabv, cbv, ibv) = (tab.as_view(), cb.as_view(), ib.as_view());
-        let steer = k::Steer { table: &tabv, coef: &cbv, idx: &ibv, nv };
+        let steer = k::Steer {
+            table: &tabv,
+            coef: &cbv,
+            idx: &ibv,
+            nv,
+        };
         let (wev, bev, bdv, mv) = (web.as_view(), beb.as_view(), bdb.as_view(), mb.as_view());
         let mut zv = zb.as_view_mut();
         let mut cv = catb.as_view_mut();
-        let mut sae = k::SaeEncode { w_enc: &wev, b_enc: &bev, b_dec: &bdv, mean: Some(&mv), z: &mut zv, category: &mut cv, k: kk };
+        let mut sae = k::SaeEncode {
+            w_enc: &wev,
+            b_enc: &bev,
+            b_dec: &bdv,
+            mean: Some(&mv),
+            z: &mut zv,
+            category: &mut cv,
+            k: kk,
+        };
         k::residual_norm(
             &g,
             &mut rb.as_view_mut(),
@@ -172,29 +220,54 @@ fn residual_norm_with_steering_and_sae_matches_reference() {
         // r: at most three f32 adds, identical order: exact up to fma contraction (1 ulp per add).
         compare("residual_norm r", &gr, &r, &|_| 0.0, 4.0 * EPS32);
         // y: bf16 output; rmsnorm's f32 sum over D differs in order (≈ sqrt(D)·eps relative).
-        compare("residual_norm y", &from_bf(&s.clone_dtoh(&yb).unwrap()), &y, &|_| 1e-6, RTOL_BF16);
+        compare(
+            "residual_norm y",
+            &from_bf(&s.clone_dtoh(&yb).unwrap()),
+            &y,
+            &|_| 1e-6,
+            RTOL_BF16,
+        );
         let sd = (d as f32).sqrt();
-        compare("residual_norm z", &s.clone_dtoh(&zb).unwrap(), &z, &|i| 4.0 * sd * EPS32 * zabs[i] * 4.0, 0.0);
+        compare(
+            "residual_norm z",
+            &s.clone_dtoh(&zb).unwrap(),
+            &z,
+            &|i| 4.0 * sd * EPS32 * zabs[i] * 4.0,
+            0.0,
+        );
         let gc = s.clone_dtoh(&catb).unwrap();
         for ti in 0..t {
             if gc[ti] != cat[ti] {
                 // Only acceptable when the two latents are tied within the z tolerance.
                 let (a, b) = (z[ti * kk + gc[ti] as usize], z[ti * kk + cat[ti] as usize]);
-                assert!((a - b).abs() <= 16.0 * sd * EPS32 * zabs[ti * kk + cat[ti] as usize], "category row {ti}: gpu {} ref {}", gc[ti], cat[ti]);
+                assert!(
+                    (a - b).abs() <= 16.0 * sd * EPS32 * zabs[ti * kk + cat[ti] as usize],
+                    "category row {ti}: gpu {} ref {}",
+                    gc[ti],
+                    cat[ti]
+                );
             }
         }
     }
 }
 
 fn inv_freq(dh: usize) -> Vec<f32> {
-    (0..dh / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / dh as f32)).collect()
+    (0..dh / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / dh as f32))
+        .collect()
 }
 
 #[test]
 fn qkv_rope_matches_cpu_rope_and_appends_cache() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(3);
-    let sh = AttnShape { h: 4, hkv: 2, dh: 64, slots: 2, s: 1100 };
+    let sh = AttnShape {
+        h: 4,
+        hkv: 2,
+        dh: 64,
+        slots: 2,
+        s: 1100,
+    };
     let (t, n_write) = (3usize, 2usize);
     let width = (sh.h + 2 * sh.hkv) * sh.dh;
     let qkv = rng.vec(t * width, 2.0);
@@ -205,7 +278,11 @@ fn qkv_rope_matches_cpu_rope_and_appends_cache() {
     // Reference: bias, then cpu_ops::rope on the q and k parts, then bf16.
     let u: Vec<f32> = (0..t * width).map(|i| qkv[i] + bias[i % width]).collect();
     let positions: Vec<usize> = pos.iter().map(|&p| p as usize).collect();
-    let split = |lo: usize, n: usize| -> Vec<f32> { (0..t).flat_map(|ti| u[ti * width + lo..ti * width + lo + n].to_vec()).collect() };
+    let split = |lo: usize, n: usize| -> Vec<f32> {
+        (0..t)
+            .flat_map(|ti| u[ti * width + lo..ti * width + lo + n].to_vec())
+            .collect()
+    };
     let mut q_ref = split(0, sh.h * sh.dh);
     let mut k_ref = split(sh.h * sh.dh, sh.hkv * sh.dh);
     let v_ref = split((sh.h + sh.hkv) * sh.dh, sh.hkv * sh.dh);
@@ -213,7 +290,11 @@ fn qkv_rope_matches_cpu_rope_and_appends_cache() {
     cpu_ops::rope(&mut k_ref, &positions, &inv, sh.hkv);
 
     let s = &g.stream;
-    let (qkvb, bb, ib) = (s.clone_htod(&qkv).unwrap(), s.clone_htod(&bias).unwrap(), s.clone_htod(&inv).unwrap());
+    let (qkvb, bb, ib) = (
+        s.clone_htod(&qkv).unwrap(),
+        s.clone_htod(&bias).unwrap(),
+        s.clone_htod(&inv).unwrap(),
+    );
     let (pb, sb) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&slot).unwrap());
     let mut q = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
     let mut ks = s.alloc_zeros::<bf16>(t * sh.hkv * sh.dh).unwrap();
@@ -222,19 +303,40 @@ fn qkv_rope_matches_cpu_rope_and_appends_cache() {
     let mut kc = s.alloc_zeros::<bf16>(cl).unwrap();
     let mut vc = s.alloc_zeros::<bf16>(cl).unwrap();
     k::qkv_rope(
-        &g, &qkvb.as_view(), Some(&bb.as_view()), &ib.as_view(), &pb.as_view(), &sb.as_view(), n_write,
-        &mut q.as_view_mut(), &mut ks.as_view_mut(), &mut vs.as_view_mut(), &mut kc.as_view_mut(), &mut vc.as_view_mut(), t, sh,
+        &g,
+        &qkvb.as_view(),
+        Some(&bb.as_view()),
+        &ib.as_view(),
+        &pb.as_view(),
+        &sb.as_view(),
+        n_write,
+        &mut q.as_view_mut(),
+        &mut ks.as_view_mut(),
+        &mut vs.as_view_mut(),
+        &mut kc.as_view_mut(),
+        &mut vc.as_view_mut(),
+        t,
+        sh,
     )
     .unwrap();
     // sin/cos of angles up to ~1000 rad: f32 argument reduction differs between libraries by a
     // few ulp of the angle (≈ 1e-4 absolute at 1000), times |u| ≤ 2.5.
     let atol = 2.5 * 1000.0 * 4.0 * EPS32;
-    compare("qkv_rope q", &from_bf(&s.clone_dtoh(&q).unwrap()), &q_ref, &|_| atol, RTOL_BF16);
+    compare(
+        "qkv_rope q",
+        &from_bf(&s.clone_dtoh(&q).unwrap()),
+        &q_ref,
+        &|_| atol,
+        RTOL_BF16,
+    );
     let gk = from_bf(&s.clone_dtoh(&ks).unwrap());
     compare("qkv_rope k_self", &gk, &k_ref, &|_| atol, RTOL_BF16);
     let gv = from_bf(&s.clone_dtoh(&vs).unwrap());
     compare("qkv_rope v_self", &gv, &v_ref, &|_| 0.0, RTOL_BF16);
-    let (kcache, vcache) = (from_bf(&s.clone_dtoh(&kc).unwrap()), from_bf(&s.clone_dtoh(&vc).unwrap()));
+    let (kcache, vcache) = (
+        from_bf(&s.clone_dtoh(&kc).unwrap()),
+        from_bf(&s.clone_dtoh(&vc).unwrap()),
+    );
     let row = sh.hkv * sh.dh;
     let mut nonzero_rows = 0;
     for sl in 0..sh.slots {
@@ -243,11 +345,25 @@ fn qkv_rope_matches_cpu_rope_and_appends_cache() {
             let written = (0..n_write).find(|&ti| slot[ti] as usize == sl && pos[ti] as usize == p);
             match written {
                 Some(ti) => {
-                    assert_eq!(&kcache[off..off + row], &gk[ti * row..(ti + 1) * row], "k cache row of token {ti}");
-                    assert_eq!(&vcache[off..off + row], &gv[ti * row..(ti + 1) * row], "v cache row of token {ti}");
+                    assert_eq!(
+                        &kcache[off..off + row],
+                        &gk[ti * row..(ti + 1) * row],
+                        "k cache row of token {ti}"
+                    );
+                    assert_eq!(
+                        &vcache[off..off + row],
+                        &gv[ti * row..(ti + 1) * row],
+                        "v cache row of token {ti}"
+                    );
                     nonzero_rows += 1;
                 }
-                None => assert!(kcache[off..off + row].iter().chain(&vcache[off..off + row]).all(|&v| v == 0.0), "cache (slot {sl}, pos {p}) written but no token writes it"),
+                None => assert!(
+                    kcache[off..off + row]
+                        .iter()
+                        .chain(&vcache[off..off + row])
+                        .all(|&v| v == 0.0),
+                    "cache (slot {sl}, pos {p}) written but no token writes it"
+                ),
             }
         }
     }
@@ -266,7 +382,13 @@ fn attend_ref(q: &[f32], keys: &[f32], vals: &[f32], dh: usize) -> Vec<f32> {
 fn attention_decode_matches_cpu_attend_across_splits() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(4);
-    let sh = AttnShape { h: 4, hkv: 2, dh: 128, slots: 2, s: 700 };
+    let sh = AttnShape {
+        h: 4,
+        hkv: 2,
+        dh: 128,
+        slots: 2,
+        s: 700,
+    };
     let t = 3usize;
     let pos = vec![0i32, 300, 699]; // 1, 2 and 3 splits of 256
     let slot = vec![0i32, 1, 0];
@@ -302,13 +424,31 @@ fn attention_decode_matches_cpu_attend_across_splits() {
     let mut pml = s.alloc_zeros::<f32>(t * sh.h * splits * 2).unwrap();
     let mut out = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
     k::attention_decode(
-        &g, &qb.as_view(), &kcb.as_view(), &vcb.as_view(), &ksb.as_view(), &vsb.as_view(), &pb.as_view(), &sb.as_view(),
-        &mut po.as_view_mut(), &mut pml.as_view_mut(), &mut out.as_view_mut(), t, sh, splits,
+        &g,
+        &qb.as_view(),
+        &kcb.as_view(),
+        &vcb.as_view(),
+        &ksb.as_view(),
+        &vsb.as_view(),
+        &pb.as_view(),
+        &sb.as_view(),
+        &mut po.as_view_mut(),
+        &mut pml.as_view_mut(),
+        &mut out.as_view_mut(),
+        t,
+        sh,
+        splits,
     )
     .unwrap();
     // Output is a convex combination of values ≤ 2: f32 softmax differences are ~1e-6 relative;
     // atol 2^-8·max|v| covers bf16 rounding of outputs near zero.
-    compare("attention_decode", &from_bf(&s.clone_dtoh(&out).unwrap()), &want, &|_| 2.0 / 256.0, RTOL_BF16);
+    compare(
+        "attention_decode",
+        &from_bf(&s.clone_dtoh(&out).unwrap()),
+        &want,
+        &|_| 2.0 / 256.0,
+        RTOL_BF16,
+    );
 }
 
 #[test]
@@ -316,7 +456,13 @@ fn attention_prefill_matches_cpu_attend() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(5);
     for &(dh, n, p0) in &[(64usize, 37usize, 5usize), (128, 70, 0)] {
-        let sh = AttnShape { h: 6, hkv: 2, dh, slots: 2, s: 128 };
+        let sh = AttnShape {
+            h: 6,
+            hkv: 2,
+            dh,
+            slots: 2,
+            s: 128,
+        };
         let slot = 1usize;
         let cl = sh.slots * sh.s * sh.hkv * sh.dh;
         let kc = rng.vec(cl, 2.0);
@@ -340,8 +486,25 @@ fn attention_prefill_matches_cpu_attend() {
         let up = |v: &[f32]| s.clone_htod(&to_bf(v)).unwrap();
         let (qb, kcb, vcb) = (up(&q), up(&kc), up(&vc));
         let mut out = s.alloc_zeros::<bf16>(n * sh.h * dh).unwrap();
-        k::attention_prefill(&g, &qb.as_view(), &kcb.as_view(), &vcb.as_view(), &mut out.as_view_mut(), n, p0, slot, sh).unwrap();
-        compare(&format!("attention_prefill Dh={dh}"), &from_bf(&s.clone_dtoh(&out).unwrap()), &want, &|_| 2.0 / 256.0, RTOL_BF16);
+        k::attention_prefill(
+            &g,
+            &qb.as_view(),
+            &kcb.as_view(),
+            &vcb.as_view(),
+            &mut out.as_view_mut(),
+            n,
+            p0,
+            slot,
+            sh,
+        )
+        .unwrap();
+        compare(
+            &format!("attention_prefill Dh={dh}"),
+            &from_bf(&s.clone_dtoh(&out).unwrap()),
+            &want,
+            &|_| 2.0 / 256.0,
+            RTOL_BF16,
+        );
     }
 }
 
@@ -360,17 +523,35 @@ fn check_matmul(g: &Gpu, which: &str, n: usize, m: usize, kd: usize, seed: u64) 
         })
         .collect();
     let s = &g.stream;
-    let (xb, wb) = (s.clone_htod(&to_bf(&x)).unwrap(), s.clone_htod(&to_bf(&w)).unwrap());
+    let (xb, wb) = (
+        s.clone_htod(&to_bf(&x)).unwrap(),
+        s.clone_htod(&to_bf(&w)).unwrap(),
+    );
     let mut out = s.alloc_zeros::<f32>(n * m).unwrap();
     let f = match which {
         "gemv" => k::gemv,
         "gemm" => k::gemm,
         _ => k::matmul,
     };
-    f(g, &mut out.as_view_mut(), &xb.as_view(), &wb.as_view(), n, m, kd).unwrap();
+    f(
+        g,
+        &mut out.as_view_mut(),
+        &xb.as_view(),
+        &wb.as_view(),
+        n,
+        m,
+        kd,
+    )
+    .unwrap();
     let got = s.clone_dtoh(&out).unwrap();
     let sk = (kd as f32).sqrt();
-    compare(&format!("{which} N={n} M={m} K={kd}"), &got, &want, &|e| 2.0 * 4.0 * sk * EPS32 * abs[e], 0.0);
+    compare(
+        &format!("{which} N={n} M={m} K={kd}"),
+        &got,
+        &want,
+        &|e| 2.0 * 4.0 * sk * EPS32 * abs[e],
+        0.0,
+    );
 }
 
 #[test]
@@ -385,7 +566,15 @@ fn gemv_matches_cpu_matmul() {
 #[test]
 fn gemm_matches_cpu_matmul() {
     let Some(g) = gpu() else { return };
-    for (i, &(n, m, kd)) in [(17usize, 131usize, 8 * 37usize), (70, 256, 64), (1, 5, 8), (130, 200, 1536)].iter().enumerate() {
+    for (i, &(n, m, kd)) in [
+        (17usize, 131usize, 8 * 37usize),
+        (70, 256, 64),
+        (1, 5, 8),
+        (130, 200, 1536),
+    ]
+    .iter()
+    .enumerate()
+    {
         check_matmul(&g, "gemm", n, m, kd, 30 + i as u64);
     }
     check_matmul(&g, "matmul", 16, 33, 24, 40);
@@ -399,7 +588,16 @@ fn matmul_rejects_k_not_multiple_of_8() {
     let x = s.alloc_zeros::<bf16>(2 * 12).unwrap();
     let w = s.alloc_zeros::<bf16>(3 * 12).unwrap();
     let mut out = s.alloc_zeros::<f32>(2 * 3).unwrap();
-    let e = k::matmul(&g, &mut out.as_view_mut(), &x.as_view(), &w.as_view(), 2, 3, 12).unwrap_err();
+    let e = k::matmul(
+        &g,
+        &mut out.as_view_mut(),
+        &x.as_view(),
+        &w.as_view(),
+        2,
+        3,
+        12,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("multiple of 8"), "{e}");
 }
 
@@ -421,7 +619,13 @@ fn silu_mul_matches_cpu() {
         let mut out = s.alloc_zeros::<bf16>(t * f).unwrap();
         k::silu_mul(&g, &mut out.as_view_mut(), &gb.as_view(), t, f).unwrap();
         // expf differs by ≤ 2 ulp between libraries: far below the bf16 output rounding.
-        compare("silu_mul", &from_bf(&s.clone_dtoh(&out).unwrap()), &want, &|_| 1e-30, RTOL_BF16);
+        compare(
+            "silu_mul",
+            &from_bf(&s.clone_dtoh(&out).unwrap()),
+            &want,
+            &|_| 1e-30,
+            RTOL_BF16,
+        );
     }
 }
 
@@ -437,7 +641,9 @@ fn argmax_picks_first_maximum_and_logits_at_gathers() {
     for x in &mut logits[2 * v..3 * v] {
         *x = -1.0;
     }
-    let want: Vec<i32> = (0..b).map(|r| cpu_ops::argmax(&logits[r * v..(r + 1) * v]) as i32).collect();
+    let want: Vec<i32> = (0..b)
+        .map(|r| cpu_ops::argmax(&logits[r * v..(r + 1) * v]) as i32)
+        .collect();
     assert_eq!(want[1], 100);
     let s = &g.stream;
     let lb = s.clone_htod(&logits).unwrap();
@@ -448,11 +654,24 @@ fn argmax_picks_first_maximum_and_logits_at_gathers() {
     let cand: Vec<i32> = vec![0, 5002, 17, -1, 3, 3, 4999, 100000, 1, 2, 3, 4];
     let cb = s.clone_htod(&cand).unwrap();
     let mut out = s.alloc_zeros::<f32>(b * c).unwrap();
-    k::logits_at(&g, &mut out.as_view_mut(), &lb.as_view(), &cb.as_view(), b, c, v).unwrap();
+    k::logits_at(
+        &g,
+        &mut out.as_view_mut(),
+        &lb.as_view(),
+        &cb.as_view(),
+        b,
+        c,
+        v,
+    )
+    .unwrap();
     let want: Vec<f32> = (0..b * c)
         .map(|e| {
             let id = cand[e];
-            if id >= 0 && (id as usize) < v { logits[(e / c) * v + id as usize] } else { f32::NEG_INFINITY }
+            if id >= 0 && (id as usize) < v {
+                logits[(e / c) * v + id as usize]
+            } else {
+                f32::NEG_INFINITY
+            }
         })
         .collect();
     assert_eq!(s.clone_dtoh(&out).unwrap(), want);

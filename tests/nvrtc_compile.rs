@@ -19,12 +19,18 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
     let mut embedded = stems.clone();
     listed.sort();
     embedded.sort();
-    assert_eq!(listed, embedded, "sources::MODULES and kernels/*.cu disagree");
+    assert_eq!(
+        listed, embedded,
+        "sources::MODULES and kernels/*.cu disagree"
+    );
 
     let mut failures = Vec::new();
     for (stem, funcs) in sources::MODULES {
         let src = sources::source(stem).unwrap();
-        assert!(!src.contains("#include \"common.cuh\""), "{stem}: header not inlined");
+        assert!(
+            !src.contains("#include \"common.cuh\""),
+            "{stem}: header not inlined"
+        );
         for arch in ["sm_80", "sm_90"] {
             // A real architecture runs ptxas, whose -v output lists spills per function.
             match sources::compile(&format!("{stem}.cu"), &src, arch, &["--ptxas-options=-v"]) {
@@ -32,13 +38,18 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
                 Ok(c) => {
                     for f in funcs.iter() {
                         if !c.ptx.contains(&format!(".entry {f}(")) {
-                            failures.push(format!("{stem}.cu ({arch}): no entry point {f} in the PTX"));
+                            failures
+                                .push(format!("{stem}.cu ({arch}): no entry point {f} in the PTX"));
                         }
                     }
                     for line in c.log.lines().filter(|l| l.contains("spill")) {
-                        let spilled = line.contains("spill stores") && !line.contains(" 0 bytes spill stores");
+                        let spilled = line.contains("spill stores")
+                            && !line.contains(" 0 bytes spill stores");
                         if spilled {
-                            failures.push(format!("{stem}.cu ({arch}): register spill: {}", line.trim()));
+                            failures.push(format!(
+                                "{stem}.cu ({arch}): register spill: {}",
+                                line.trim()
+                            ));
                         }
                     }
                     println!("{stem}.cu {arch}: ok ({} bytes of PTX)", c.ptx.len());
@@ -51,7 +62,12 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} kernel compile problem(s):\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} kernel compile problem(s):\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -60,9 +76,17 @@ fn a_broken_kernel_is_reported_with_its_log() {
         println!("skipped: no NVRTC");
         return;
     }
-    let err = match sources::compile("broken.cu", "extern \"C\" __global__ void k() { undeclared(); }", "sm_90", &[]) {
+    let err = match sources::compile(
+        "broken.cu",
+        "extern \"C\" __global__ void k() { undeclared(); }",
+        "sm_90",
+        &[],
+    ) {
         Ok(_) => panic!("a kernel calling an undeclared function compiled"),
         Err(e) => e,
     };
-    assert!(err.contains("broken.cu") && err.contains("undeclared"), "unhelpful error: {err}");
+    assert!(
+        err.contains("broken.cu") && err.contains("undeclared"),
+        "unhelpful error: {err}"
+    );
 }

@@ -29,17 +29,24 @@ fn check(kernel: &str, tensor: &str, len: usize, want: usize, shape: &str) -> Re
 }
 
 fn int(kernel: &str, what: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::Input(format!("{kernel}: {what} = {v} does not fit in int32")))
+    i32::try_from(v)
+        .map_err(|_| Error::Input(format!("{kernel}: {what} = {v} does not fit in int32")))
 }
 
 fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
-    LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
 }
 
 fn aligned16<T>(gpu: &Gpu, kernel: &str, tensor: &str, v: &CudaView<'_, T>) -> Result<()> {
     let (ptr, _sync) = v.device_ptr(&gpu.stream);
-    if ptr % 16 != 0 {
-        return Err(Error::Input(format!("{kernel}: {tensor} must start 16-byte aligned (address {ptr:#x})")));
+    if !ptr.is_multiple_of(16) {
+        return Err(Error::Input(format!(
+            "{kernel}: {tensor} must start 16-byte aligned (address {ptr:#x})"
+        )));
     }
     Ok(())
 }
@@ -128,7 +135,10 @@ pub fn residual_norm(
     let mut smem = 0u32;
     let kk = if let Some(s) = sae.as_ref() {
         if s.k == 0 || s.k > SAE_MAX_K {
-            return Err(Error::Input(format!("{K}: SAE width K must be 1..={SAE_MAX_K}, found {}", s.k)));
+            return Err(Error::Input(format!(
+                "{K}: SAE width K must be 1..={SAE_MAX_K}, found {}",
+                s.k
+            )));
         }
         check(K, "W_enc", s.w_enc.len(), d * s.k, "[D, K]")?;
         check(K, "b_enc", s.b_enc.len(), s.k, "[K]")?;
@@ -140,7 +150,9 @@ pub fn residual_norm(
         check(K, "category", s.category.len(), t, "[T]")?;
         smem = (d * 4) as u32;
         if smem > 48 * 1024 {
-            return Err(Error::Input(format!("{K}: SAE encode supports D ≤ 12288, found {d}")));
+            return Err(Error::Input(format!(
+                "{K}: SAE encode supports D ≤ 12288, found {d}"
+            )));
         }
         s.k
     } else {
@@ -149,7 +161,11 @@ pub fn residual_norm(
     if t == 0 {
         return Ok(());
     }
-    let (nv, di, ki) = (int(K, "NV", steer.map_or(0, |s| s.nv))?, int(K, "D", d)?, int(K, "K", kk)?);
+    let (nv, di, ki) = (
+        int(K, "NV", steer.map_or(0, |s| s.nv))?,
+        int(K, "D", d)?,
+        int(K, "K", kk)?,
+    );
     let f = gpu.func(K)?;
     let mut b = gpu.stream.launch_builder(f);
     b.arg(r);
@@ -176,7 +192,13 @@ pub fn residual_norm(
             };
             b.arg(&mut *s.z).arg(&mut *s.category)
         }
-        None => b.arg(&NULL).arg(&NULL).arg(&NULL).arg(&NULL).arg(&NULL).arg(&NULL),
+        None => b
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL),
     };
     b.arg(&ki);
     // SAFETY: argument order and types match residual_norm_f32 (absent pointers are null, which
@@ -198,9 +220,12 @@ pub struct AttnShape {
 impl AttnShape {
     fn check(&self, kernel: &str) -> Result<()> {
         if !(self.dh == 64 || self.dh == 128) {
-            return Err(Error::Input(format!("{kernel}: head dim must be 64 or 128, found {}", self.dh)));
+            return Err(Error::Input(format!(
+                "{kernel}: head dim must be 64 or 128, found {}",
+                self.dh
+            )));
         }
-        if self.hkv == 0 || self.h % self.hkv != 0 {
+        if self.hkv == 0 || !self.h.is_multiple_of(self.hkv) {
             return Err(Error::Input(format!(
                 "{kernel}: query heads ({}) must be a multiple of key/value heads ({})",
                 self.h, self.hkv
@@ -245,18 +270,48 @@ pub fn qkv_rope(
     check(K, "pos", pos.len(), t, "[T]")?;
     check(K, "slot", slot.len(), t, "[T]")?;
     check(K, "q", q.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
-    check(K, "k_self", k_self.len(), t * sh.hkv * sh.dh, "[T, Hkv, Dh]")?;
-    check(K, "v_self", v_self.len(), t * sh.hkv * sh.dh, "[T, Hkv, Dh]")?;
-    check(K, "k_cache", k_cache.len(), sh.cache_len(), "[slots, S, Hkv, Dh]")?;
-    check(K, "v_cache", v_cache.len(), sh.cache_len(), "[slots, S, Hkv, Dh]")?;
+    check(
+        K,
+        "k_self",
+        k_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_self",
+        v_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "k_cache",
+        k_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_cache",
+        v_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
     if n_write > t {
-        return Err(Error::Input(format!("{K}: n_write ({n_write}) exceeds the token count ({t})")));
+        return Err(Error::Input(format!(
+            "{K}: n_write ({n_write}) exceeds the token count ({t})"
+        )));
     }
     if t == 0 {
         return Ok(());
     }
     let nw = int(K, "n_write", n_write)?;
-    let (h, hkv, dh) = (int(K, "H", sh.h)?, int(K, "Hkv", sh.hkv)?, int(K, "Dh", sh.dh)?);
+    let (h, hkv, dh) = (
+        int(K, "H", sh.h)?,
+        int(K, "Hkv", sh.hkv)?,
+        int(K, "Dh", sh.dh)?,
+    );
     let (slots, s) = (int(K, "slots", sh.slots)?, int(K, "S", sh.s)?);
     let f = gpu.func(K)?;
     let mut b = gpu.stream.launch_builder(f);
@@ -265,7 +320,15 @@ pub fn qkv_rope(
         Some(x) => b.arg(x),
         None => b.arg(&NULL),
     };
-    b.arg(inv_freq).arg(pos).arg(slot).arg(&nw).arg(q).arg(k_self).arg(v_self).arg(k_cache).arg(v_cache);
+    b.arg(inv_freq)
+        .arg(pos)
+        .arg(slot)
+        .arg(&nw)
+        .arg(q)
+        .arg(k_self)
+        .arg(v_self)
+        .arg(k_cache)
+        .arg(v_cache);
     b.arg(&h).arg(&hkv).arg(&dh).arg(&slots).arg(&s);
     // SAFETY: argument order and types match qkv_rope_bf16; lengths checked above; cache writes
     // are skipped in the kernel for slot/pos outside [0, slots) × [0, S).
@@ -303,41 +366,106 @@ pub fn attention_decode(
     const K: &str = "attention_decode_bf16";
     sh.check(K)?;
     check(K, "q", q.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
-    check(K, "k_cache", k_cache.len(), sh.cache_len(), "[slots, S, Hkv, Dh]")?;
-    check(K, "v_cache", v_cache.len(), sh.cache_len(), "[slots, S, Hkv, Dh]")?;
-    check(K, "k_self", k_self.len(), t * sh.hkv * sh.dh, "[T, Hkv, Dh]")?;
-    check(K, "v_self", v_self.len(), t * sh.hkv * sh.dh, "[T, Hkv, Dh]")?;
+    check(
+        K,
+        "k_cache",
+        k_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_cache",
+        v_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "k_self",
+        k_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_self",
+        v_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
     check(K, "pos", pos.len(), t, "[T]")?;
     check(K, "slot", slot.len(), t, "[T]")?;
-    check(K, "part_o", part_o.len(), t * sh.h * splits * sh.dh, "[T, H, splits, Dh]")?;
-    check(K, "part_ml", part_ml.len(), t * sh.h * splits * 2, "[T, H, splits, 2]")?;
+    check(
+        K,
+        "part_o",
+        part_o.len(),
+        t * sh.h * splits * sh.dh,
+        "[T, H, splits, Dh]",
+    )?;
+    check(
+        K,
+        "part_ml",
+        part_ml.len(),
+        t * sh.h * splits * 2,
+        "[T, H, splits, 2]",
+    )?;
     check(K, "out", out.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
     if splits == 0 || splits > 65535 {
-        return Err(Error::Input(format!("{K}: splits must be 1..=65535, found {splits}")));
+        return Err(Error::Input(format!(
+            "{K}: splits must be 1..=65535, found {splits}"
+        )));
     }
     if t == 0 {
         return Ok(());
     }
-    let (h, hkv, dh) = (int(K, "H", sh.h)?, int(K, "Hkv", sh.hkv)?, int(K, "Dh", sh.dh)?);
+    let (h, hkv, dh) = (
+        int(K, "H", sh.h)?,
+        int(K, "Hkv", sh.hkv)?,
+        int(K, "Dh", sh.dh)?,
+    );
     let (s, slots) = (int(K, "S", sh.s)?, int(K, "slots", sh.slots)?);
     let (chunk, ns) = (DECODE_CHUNK as i32, splits as i32);
     let f = gpu.func(K)?;
     let mut b = gpu.stream.launch_builder(f);
-    b.arg(q).arg(k_cache).arg(v_cache).arg(k_self).arg(v_self).arg(pos).arg(slot);
+    b.arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(k_self)
+        .arg(v_self)
+        .arg(pos)
+        .arg(slot);
     b.arg(&mut *part_o).arg(&mut *part_ml);
-    b.arg(&h).arg(&hkv).arg(&dh).arg(&s).arg(&slots).arg(&chunk).arg(&ns);
+    b.arg(&h)
+        .arg(&hkv)
+        .arg(&dh)
+        .arg(&s)
+        .arg(&slots)
+        .arg(&chunk)
+        .arg(&ns);
     // SAFETY: argument order and types match attention_decode_bf16; lengths checked above; the
     // kernel reads cache rows only for slot in [0, slots) and positions < min(pos, S).
-    gpu.launched(K, unsafe { b.launch(cfg((splits as u32, sh.h as u32, t as u32), 128, 0)) })?;
+    gpu.launched(K, unsafe {
+        b.launch(cfg((splits as u32, sh.h as u32, t as u32), 128, 0))
+    })?;
 
     const C: &str = "attention_combine_bf16";
     let f = gpu.func(C)?;
     let (po, pml) = (part_o.as_view(), part_ml.as_view());
     let mut b = gpu.stream.launch_builder(f);
-    b.arg(&po).arg(&pml).arg(pos).arg(out).arg(&h).arg(&dh).arg(&chunk).arg(&ns);
+    b.arg(&po)
+        .arg(&pml)
+        .arg(pos)
+        .arg(out)
+        .arg(&h)
+        .arg(&dh)
+        .arg(&chunk)
+        .arg(&ns);
     // SAFETY: argument order and types match attention_combine_bf16; it reads the partials the
     // launch above wrote (same stream, so ordered after it) for at most `splits` splits.
-    gpu.launched(C, unsafe { b.launch(cfg((sh.h as u32, t as u32, 1), 128, 0)) })
+    gpu.launched(C, unsafe {
+        b.launch(cfg((sh.h as u32, t as u32, 1), 128, 0))
+    })
 }
 
 /// Causal prefill attention for n queries of one slot at positions p0 .. p0+n−1, whose K/V are
@@ -357,8 +485,20 @@ pub fn attention_prefill(
     const K: &str = "attention_prefill_bf16";
     sh.check(K)?;
     check(K, "q", q.len(), n * sh.h * sh.dh, "[n, H, Dh]")?;
-    check(K, "k_cache", k_cache.len(), sh.cache_len(), "[slots, S, Hkv, Dh]")?;
-    check(K, "v_cache", v_cache.len(), sh.cache_len(), "[slots, S, Hkv, Dh]")?;
+    check(
+        K,
+        "k_cache",
+        k_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_cache",
+        v_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
     check(K, "out", out.len(), n * sh.h * sh.dh, "[n, H, Dh]")?;
     if slot >= sh.slots || p0 + n > sh.s {
         return Err(Error::Input(format!(
@@ -372,13 +512,30 @@ pub fn attention_prefill(
         return Ok(());
     }
     let (ni, p0i, sl) = (int(K, "n", n)?, int(K, "p0", p0)?, int(K, "slot", slot)?);
-    let (h, hkv, dh, s) = (int(K, "H", sh.h)?, int(K, "Hkv", sh.hkv)?, int(K, "Dh", sh.dh)?, int(K, "S", sh.s)?);
+    let (h, hkv, dh, s) = (
+        int(K, "H", sh.h)?,
+        int(K, "Hkv", sh.hkv)?,
+        int(K, "Dh", sh.dh)?,
+        int(K, "S", sh.s)?,
+    );
     let f = gpu.func(K)?;
     let mut b = gpu.stream.launch_builder(f);
-    b.arg(q).arg(k_cache).arg(v_cache).arg(out).arg(&ni).arg(&p0i).arg(&sl).arg(&h).arg(&hkv).arg(&dh).arg(&s);
+    b.arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(out)
+        .arg(&ni)
+        .arg(&p0i)
+        .arg(&sl)
+        .arg(&h)
+        .arg(&hkv)
+        .arg(&dh)
+        .arg(&s);
     // SAFETY: argument order and types match attention_prefill_bf16; lengths and the slot /
     // position range checked above.
-    gpu.launched(K, unsafe { b.launch(cfg((n.div_ceil(32) as u32, sh.h as u32, 1), 256, 0)) })
+    gpu.launched(K, unsafe {
+        b.launch(cfg((n.div_ceil(32) as u32, sh.h as u32, 1), 256, 0))
+    })
 }
 
 fn matmul_checks(
@@ -389,7 +546,7 @@ fn matmul_checks(
     w: &CudaView<'_, bf16>,
     (n, m, k): (usize, usize, usize),
 ) -> Result<()> {
-    if k % 8 != 0 || k == 0 {
+    if !k.is_multiple_of(8) || k == 0 {
         return Err(Error::Input(format!(
             "{kernel}: the reduction dim K must be a positive multiple of 8 (16-byte loads), found {k}"
         )));
@@ -417,7 +574,11 @@ pub fn gemv(
         3..=4 => "gemv_bf16_b4",
         5..=8 => "gemv_bf16_b8",
         9..=16 => "gemv_bf16_b16",
-        _ => return Err(Error::Input(format!("gemv: rows must be 1..=16, found {b} (use gemm)"))),
+        _ => {
+            return Err(Error::Input(format!(
+                "gemv: rows must be 1..=16, found {b} (use gemm)"
+            )))
+        }
     };
     matmul_checks(gpu, name, out, x, w, (b, m, k))?;
     if m == 0 {
@@ -429,7 +590,9 @@ pub fn gemv(
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
     // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
     // (the kernel's vector loads) checked above; B ≤ the kernel's bucket.
-    gpu.launched(name, unsafe { l.launch(cfg((m.div_ceil(8) as u32, 1, 1), 256, 0)) })
+    gpu.launched(name, unsafe {
+        l.launch(cfg((m.div_ceil(8) as u32, 1, 1), 256, 0))
+    })
 }
 
 /// Tensor-core product: out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ. Any N, M; K % 8 == 0.
@@ -448,7 +611,10 @@ pub fn gemm(
         return Ok(());
     }
     if n.div_ceil(64) > 65535 {
-        return Err(Error::Input(format!("{K}: at most {} rows, found {n}", 65535 * 64)));
+        return Err(Error::Input(format!(
+            "{K}: at most {} rows, found {n}",
+            65535 * 64
+        )));
     }
     let (ni, mi, ki) = (int(K, "N", n)?, int(K, "M", m)?, int(K, "K", k)?);
     let f = gpu.func(K)?;
@@ -456,7 +622,13 @@ pub fn gemm(
     l.arg(out).arg(x).arg(w).arg(&ni).arg(&mi).arg(&ki);
     // SAFETY: argument order and types match gemm_bf16; lengths, K % 8 and alignment checked
     // above; edge tiles are zero-filled and masked in the kernel.
-    gpu.launched(K, unsafe { l.launch(cfg((m.div_ceil(128) as u32, n.div_ceil(64) as u32, 1), 128, 0)) })
+    gpu.launched(K, unsafe {
+        l.launch(cfg(
+            (m.div_ceil(128) as u32, n.div_ceil(64) as u32, 1),
+            128,
+            0,
+        ))
+    })
 }
 
 /// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS, else `gemm`.
@@ -477,7 +649,13 @@ pub fn matmul(
 }
 
 /// out bf16 [T, F] = silu(gate) · up, gate_up f32 [T, 2F] (gate first).
-pub fn silu_mul(gpu: &Gpu, out: &mut CudaViewMut<'_, bf16>, gate_up: &CudaView<'_, f32>, t: usize, f: usize) -> Result<()> {
+pub fn silu_mul(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, bf16>,
+    gate_up: &CudaView<'_, f32>,
+    t: usize,
+    f: usize,
+) -> Result<()> {
     const K: &str = "silu_mul_bf16";
     check(K, "out", out.len(), t * f, "[T, F]")?;
     check(K, "gate_up", gate_up.len(), t * 2 * f, "[T, 2F]")?;
@@ -494,7 +672,13 @@ pub fn silu_mul(gpu: &Gpu, out: &mut CudaViewMut<'_, bf16>, gate_up: &CudaView<'
 }
 
 /// ids i32 [B] = first index of the row maximum of logits f32 [B, V].
-pub fn argmax(gpu: &Gpu, ids: &mut CudaViewMut<'_, i32>, logits: &CudaView<'_, f32>, b: usize, v: usize) -> Result<()> {
+pub fn argmax(
+    gpu: &Gpu,
+    ids: &mut CudaViewMut<'_, i32>,
+    logits: &CudaView<'_, f32>,
+    b: usize,
+    v: usize,
+) -> Result<()> {
     const K: &str = "argmax_f32";
     check(K, "ids", ids.len(), b, "[B]")?;
     check(K, "logits", logits.len(), b * v, "[B, V]")?;
@@ -535,5 +719,7 @@ pub fn logits_at(
     l.arg(out).arg(logits).arg(ids).arg(&bi).arg(&ci).arg(&vi);
     // SAFETY: argument order and types match logits_at_f32; lengths checked above; ids are
     // range-checked in the kernel.
-    gpu.launched(K, unsafe { l.launch(cfg(((b * c).div_ceil(256) as u32, 1, 1), 256, 0)) })
+    gpu.launched(K, unsafe {
+        l.launch(cfg(((b * c).div_ceil(256) as u32, 1, 1), 256, 0))
+    })
 }

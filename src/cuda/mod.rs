@@ -18,9 +18,11 @@ use std::sync::Arc;
 pub fn available() -> std::result::Result<(), String> {
     // SAFETY: only tries to dlopen the driver library names and closes them again.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("no CUDA driver found (libcuda.so.1): this machine has no NVIDIA driver, or it is not \
+        return Err(
+            "no CUDA driver found (libcuda.so.1): this machine has no NVIDIA driver, or it is not \
                     on the library path"
-            .into());
+                .into(),
+        );
     }
     match CudaContext::device_count() {
         Ok(0) => return Err("the CUDA driver reports no devices".into()),
@@ -58,7 +60,9 @@ impl Gpu {
         // SAFETY: no CudaSlice exists yet, and this crate issues all work on `stream`.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
-        let cc = ctx.compute_capability().map_err(cuda_err("reading the compute capability"))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(cuda_err("reading the compute capability"))?;
         let cc10 = (cc.0 * 10 + cc.1) as u32;
         if cc10 < 80 {
             return Err(Error::Cuda(format!(
@@ -71,14 +75,22 @@ impl Gpu {
             let ptx = match sources::embedded_ptx(stem, cc10) {
                 Some(p) => cudarc::nvrtc::Ptx::from_src(p),
                 None => {
-                    let src = sources::source(stem)
-                        .ok_or_else(|| Error::Cuda(format!("kernel file kernels/{stem}.cu was not embedded")))?;
-                    let c = sources::compile(&format!("{stem}.cu"), &src, &format!("compute_{cc10}"), &[])
-                        .map_err(Error::Cuda)?;
+                    let src = sources::source(stem).ok_or_else(|| {
+                        Error::Cuda(format!("kernel file kernels/{stem}.cu was not embedded"))
+                    })?;
+                    let c = sources::compile(
+                        &format!("{stem}.cu"),
+                        &src,
+                        &format!("compute_{cc10}"),
+                        &[],
+                    )
+                    .map_err(Error::Cuda)?;
                     cudarc::nvrtc::Ptx::from_src(c.ptx)
                 }
             };
-            let module = ctx.load_module(ptx).map_err(|e| Error::Cuda(format!("loading kernels/{stem}.cu: {e}")))?;
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| Error::Cuda(format!("loading kernels/{stem}.cu: {e}")))?;
             for name in names.iter() {
                 let f = module
                     .load_function(name)
@@ -87,26 +99,42 @@ impl Gpu {
             }
         }
         let sync_each = std::env::var("THINKSTEER_CUDA_SYNC").is_ok_and(|v| v == "1");
-        Ok(Gpu { ctx, stream, compute_capability: cc, funcs, sync_each })
+        Ok(Gpu {
+            ctx,
+            stream,
+            compute_capability: cc,
+            funcs,
+            sync_each,
+        })
     }
 
     /// A loaded kernel by its exported name.
     pub(crate) fn func(&self, name: &str) -> Result<&CudaFunction> {
-        self.funcs.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not loaded")))
+        self.funcs
+            .get(name)
+            .ok_or_else(|| Error::Cuda(format!("kernel {name} is not loaded")))
     }
 
     /// Maps a launch result to ours, naming the kernel; with THINKSTEER_CUDA_SYNC=1 also waits
     /// for the kernel so an asynchronous fault is reported against it.
-    pub(crate) fn launched<T>(&self, name: &str, r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<()> {
+    pub(crate) fn launched<T>(
+        &self,
+        name: &str,
+        r: std::result::Result<T, cudarc::driver::DriverError>,
+    ) -> Result<()> {
         r.map_err(|e| Error::Cuda(format!("launching {name}: {e}")))?;
         if self.sync_each {
-            self.stream.synchronize().map_err(|e| Error::Cuda(format!("{name} failed: {e}")))?;
+            self.stream
+                .synchronize()
+                .map_err(|e| Error::Cuda(format!("{name} failed: {e}")))?;
         }
         Ok(())
     }
 
     /// Waits for all queued work.
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(cuda_err("synchronising the stream"))
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("synchronising the stream"))
     }
 }

@@ -14,11 +14,27 @@ mod gen {
 
 /// Every kernel module (a `kernels/<stem>.cu` file) and the `extern "C"` functions it exports.
 pub const MODULES: &[(&str, &[&str])] = &[
-    ("attention", &["attention_decode_bf16", "attention_combine_bf16", "attention_prefill_bf16"]),
+    (
+        "attention",
+        &[
+            "attention_decode_bf16",
+            "attention_combine_bf16",
+            "attention_prefill_bf16",
+        ],
+    ),
     ("elementwise", &["silu_mul_bf16"]),
     ("embed", &["embed_bf16"]),
     ("gemm", &["gemm_bf16"]),
-    ("gemv", &["gemv_bf16_b1", "gemv_bf16_b2", "gemv_bf16_b4", "gemv_bf16_b8", "gemv_bf16_b16"]),
+    (
+        "gemv",
+        &[
+            "gemv_bf16_b1",
+            "gemv_bf16_b2",
+            "gemv_bf16_b4",
+            "gemv_bf16_b8",
+            "gemv_bf16_b16",
+        ],
+    ),
     ("residual_norm", &["residual_norm_f32"]),
     ("rope", &["qkv_rope_bf16"]),
     ("sampling", &["argmax_f32", "logits_at_f32"]),
@@ -35,7 +51,10 @@ pub fn source(stem: &str) -> Option<String> {
     let (_, src) = gen::SOURCES.iter().find(|(s, _)| *s == stem)?;
     let mut out = String::with_capacity(src.len() + 4096);
     for line in src.lines() {
-        let inc = line.trim().strip_prefix("#include \"").and_then(|r| r.strip_suffix('"'));
+        let inc = line
+            .trim()
+            .strip_prefix("#include \"")
+            .and_then(|r| r.strip_suffix('"'));
         match inc.and_then(|name| gen::HEADERS.iter().find(|(h, _)| *h == name)) {
             Some((_, text)) => out.push_str(text),
             None => out.push_str(line),
@@ -47,7 +66,11 @@ pub fn source(stem: &str) -> Option<String> {
 
 /// PTX that nvcc built at build time for the largest architecture ≤ `cc` (e.g. 90), if any.
 pub fn embedded_ptx(stem: &str, cc: u32) -> Option<&'static str> {
-    gen::PTX.iter().filter(|(s, a, _)| *s == stem && *a <= cc).max_by_key(|(_, a, _)| *a).map(|(_, _, p)| *p)
+    gen::PTX
+        .iter()
+        .filter(|(s, a, _)| *s == stem && *a <= cc)
+        .max_by_key(|(_, a, _)| *a)
+        .map(|(_, _, p)| *p)
 }
 
 /// Whether build.rs embedded nvcc-built PTX (then NVRTC is not needed at run time).
@@ -101,7 +124,9 @@ pub fn include_dir() -> Option<PathBuf> {
         }
     }
     for prefix in prefixes {
-        let Ok(rd) = std::fs::read_dir(prefix.join("lib")) else { continue };
+        let Ok(rd) = std::fs::read_dir(prefix.join("lib")) else {
+            continue;
+        };
         for e in rd.flatten() {
             if !e.file_name().to_string_lossy().starts_with("python3") {
                 continue;
@@ -131,22 +156,31 @@ pub struct Compiled {
 pub fn compile(name: &str, src: &str, arch: &str, extra: &[&str]) -> Result<Compiled, String> {
     nvrtc_available()?;
     use cudarc::nvrtc::result as nv;
-    let mut opts = vec![format!("--gpu-architecture={arch}"), "-std=c++17".to_string()];
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+    ];
     if let Some(inc) = include_dir() {
         opts.push(format!("--include-path={}", inc.display()));
     }
     opts.extend(extra.iter().map(|s| s.to_string()));
     let csrc = CString::new(src).map_err(|_| format!("{name}: source holds a NUL byte"))?;
     let cname = CString::new(name).map_err(|_| format!("{name}: name holds a NUL byte"))?;
-    let prog = nv::create_program(&csrc, Some(&cname)).map_err(|e| format!("{name}: nvrtcCreateProgram: {e:?}"))?;
+    let prog = nv::create_program(&csrc, Some(&cname))
+        .map_err(|e| format!("{name}: nvrtcCreateProgram: {e:?}"))?;
     // SAFETY: `prog` was just created and is destroyed exactly once, below, after its last use.
     let compiled = unsafe { nv::compile_program(prog, &opts) };
     // SAFETY: as above; the log exists after a successful or failed compilation.
-    let log = unsafe { nv::get_program_log(prog) }.map(|l| c_chars_to_string(&l)).unwrap_or_default();
+    let log = unsafe { nv::get_program_log(prog) }
+        .map(|l| c_chars_to_string(&l))
+        .unwrap_or_default();
     let result = match compiled {
         // SAFETY: as above; PTX exists after a successful compilation.
         Ok(()) => unsafe { nv::get_ptx(prog) }
-            .map(|p| Compiled { ptx: c_chars_to_string(&p), log: log.clone() })
+            .map(|p| Compiled {
+                ptx: c_chars_to_string(&p),
+                log: log.clone(),
+            })
             .map_err(|e| format!("{name} ({arch}): nvrtcGetPTX: {e:?}")),
         Err(e) => Err(format!("{name} ({arch}) failed to compile: {e:?}\n{log}")),
     };
@@ -156,6 +190,10 @@ pub fn compile(name: &str, src: &str, arch: &str, extra: &[&str]) -> Result<Comp
 }
 
 fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
-    let bytes: Vec<u8> = v.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    let bytes: Vec<u8> = v
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
