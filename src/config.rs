@@ -88,11 +88,11 @@ impl Config {
         };
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             bail!("num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})");
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             bail!("head_dim must be even and positive, found {head_dim}");
         }
         // Newer transformers nest rope settings under `rope_parameters`.

@@ -7,6 +7,7 @@
 pub mod chat;
 pub mod config;
 pub mod cpu_ops;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -1,0 +1,242 @@
+// attention.cu: attention over the bf16 KV cache, decode (flash-decoding) and prefill (tiled).
+//
+// Common: GQA, kv head = h / (H / Hkv); scale 1/sqrt(Dh); scores, softmax and accumulation in f32
+// (exp is the precise expf); the output is rounded to bf16 once. Dh ∈ {64, 128}.
+// Caches bf16 [slots, S, Hkv, Dh].
+//
+// attention_decode_bf16 — token t (query heads q[t] bf16 [T, H, Dh]) attends positions
+//   0 .. pos[t]−1 of k_cache/v_cache[slot[t]] plus its own k_self/v_self[t] (bf16 [T, Hkv, Dh]) at
+//   position pos[t]: L = pos[t] + 1 keys. Rows that did not write the cache still see themselves.
+//   The keys are cut into splits of `chunk` positions; split sp writes its unnormalised partial
+//     part_o[t, h, sp] = Σ_j exp(s_j − m_sp) · v_j    f32 [T, H, NS, Dh]
+//     part_ml[t, h, sp] = (m_sp, Σ_j exp(s_j − m_sp)) f32 [T, H, NS, 2]
+//   Launch: grid (NS, H, T), block 128 (4 warps, keys strided over warps, one key per warp step,
+//   Dh/32 dims per lane). NS is fixed by the caller (ceil(max context / chunk)); splits with
+//   sp·chunk ≥ L return at once, so the launch does not depend on lengths (CUDA graphs).
+// attention_combine_bf16 — out[t, h] = bf16(Σ_sp e^{m_sp−M} part_o / Σ_sp e^{m_sp−M} l_sp) over the
+//   ceil(L/chunk) used splits, M = max m_sp. Launch: grid (H, T), block 128.
+// attention_prefill_bf16 — a chunk of n queries of ONE slot at positions p0 .. p0+n−1 (q bf16
+//   [n, H, Dh]); query i attends cache positions 0 .. p0+i (its own k/v was already written by
+//   qkv_rope). Tiled, CUDA cores (no tensor cores yet): a block holds 32 queries of one head,
+//   streams 32-key tiles of K and V through shared memory, 8 warps × 4 queries each, online
+//   softmax per query. Launch: grid (ceil(n/32), H), block 256.
+#include "common.cuh"
+
+#define MAX_DH 128
+
+// Loads NPL consecutive bf16 (this lane's share of a Dh-row) as f32.
+template <int NPL>
+__device__ __forceinline__ void load_row_part(const bf16_t* row, int lane, float* out) {
+    const bf16_t* p = row + lane * NPL;
+    if (NPL == 4) {
+        uint2 w = *reinterpret_cast<const uint2*>(p);
+        out[0] = bf_lo(w.x); out[1] = bf_hi(w.x); out[2] = bf_lo(w.y); out[3] = bf_hi(w.y);
+    } else if (NPL == 2) {
+        unsigned int w = *reinterpret_cast<const unsigned int*>(p);
+        out[0] = bf_lo(w); out[1] = bf_hi(w);
+    } else {
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) out[i] = bf2f(p[i]);
+    }
+}
+
+template <int NPL>
+__device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
+                             const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
+                             const bf16_t* __restrict__ v_self, const int* __restrict__ pos,
+                             const int* __restrict__ slot, float* __restrict__ part_o,
+                             float* __restrict__ part_ml, int H, int Hkv, int S, int slots, int chunk, int NS) {
+    constexpr int DH = NPL * 32;
+    __shared__ float sm_m[4], sm_l[4];
+    __shared__ float sm_acc[4][DH];  // both instantiations together: 3 KB
+    const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int p = pos[t];
+    const int L = p + 1;
+    const int j0 = sp * chunk;
+    if (j0 >= L) return;
+    const int j1 = min(j0 + chunk, L);
+    const int kvh = h / (H / Hkv);
+    const int s = slot[t];
+    // Cache positions actually readable: an out-of-range slot or pos reads only the token itself.
+    const int cache_len = (s >= 0 && s < slots) ? min(p, S) : 0;
+
+    float qv[NPL];
+    load_row_part<NPL>(q + ((size_t)t * H + h) * DH, lane, qv);
+    const float scale = rsqrtf((float)DH);
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) qv[i] *= scale;
+
+    float m = -INFINITY, l = 0.0f, acc[NPL];
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) acc[i] = 0.0f;
+    const bf16_t* kself = k_self + ((size_t)t * Hkv + kvh) * DH;
+    const bf16_t* vself = v_self + ((size_t)t * Hkv + kvh) * DH;
+    for (int j = j0 + warp; j < j1; j += 4) {
+        const bf16_t *kr, *vr;
+        if (j < p) {
+            if (j >= cache_len) continue;
+            const size_t off = (((size_t)s * S + j) * Hkv + kvh) * DH;
+            kr = k_cache + off;
+            vr = v_cache + off;
+        } else {
+            kr = kself;
+            vr = vself;
+        }
+        float kv[NPL], vv[NPL];
+        load_row_part<NPL>(kr, lane, kv);
+        load_row_part<NPL>(vr, lane, vv);
+        float d = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) d += qv[i] * kv[i];
+        const float sc = warp_sum(d);
+        const float m_new = fmaxf(m, sc);
+        const float corr = expf(m - m_new);
+        const float e = expf(sc - m_new);
+        l = l * corr + e;
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) acc[i] = acc[i] * corr + e * vv[i];
+        m = m_new;
+    }
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < NPL; ++i) sm_acc[warp][lane * NPL + i] = acc[i];
+    __syncthreads();
+    float M = fmaxf(fmaxf(sm_m[0], sm_m[1]), fmaxf(sm_m[2], sm_m[3]));
+    float f[4];
+#pragma unroll
+    for (int w = 0; w < 4; ++w) f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
+    const size_t base = ((size_t)t * H + h) * NS + sp;
+    for (int d = threadIdx.x; d < DH; d += blockDim.x)
+        part_o[base * DH + d] = f[0] * sm_acc[0][d] + f[1] * sm_acc[1][d] + f[2] * sm_acc[2][d] + f[3] * sm_acc[3][d];
+    if (threadIdx.x == 0) {
+        part_ml[base * 2] = M;
+        part_ml[base * 2 + 1] = f[0] * sm_l[0] + f[1] * sm_l[1] + f[2] * sm_l[2] + f[3] * sm_l[3];
+    }
+}
+
+extern "C" __global__ void attention_decode_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
+                                                 const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
+                                                 const bf16_t* __restrict__ v_self, const int* __restrict__ pos,
+                                                 const int* __restrict__ slot, float* __restrict__ part_o,
+                                                 float* __restrict__ part_ml, int H, int Hkv, int Dh, int S, int slots,
+                                                 int chunk, int NS) {
+    if (Dh == 128)
+        decode_split<4>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, H, Hkv, S, slots, chunk, NS);
+    else if (Dh == 64)
+        decode_split<2>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, H, Hkv, S, slots, chunk, NS);
+}
+
+extern "C" __global__ void attention_combine_bf16(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                                                  const int* __restrict__ pos, bf16_t* __restrict__ out, int H, int Dh,
+                                                  int chunk, int NS) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int used = min((pos[t] + 1 + chunk - 1) / chunk, NS);
+    const size_t base = ((size_t)t * H + h) * NS;
+    float M = -INFINITY;
+    for (int sp = 0; sp < used; ++sp) M = fmaxf(M, part_ml[(base + sp) * 2]);
+    float L = 0.0f;
+    for (int sp = 0; sp < used; ++sp) L += expf(part_ml[(base + sp) * 2] - M) * part_ml[(base + sp) * 2 + 1];
+    const float inv = 1.0f / L;
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+        float o = 0.0f;
+        for (int sp = 0; sp < used; ++sp) o += expf(part_ml[(base + sp) * 2] - M) * part_o[(base + sp) * Dh + d];
+        out[((size_t)t * H + h) * Dh + d] = f2bf(o * inv);
+    }
+}
+
+#define PF_Q 32   // queries per block
+#define PF_K 32   // keys per tile
+#define PF_QPW 4  // queries per warp (8 warps)
+
+template <int NPL>
+__device__ void prefill_tile(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
+                             const bf16_t* __restrict__ v_cache, bf16_t* __restrict__ out, int n, int p0, int s,
+                             int H, int Hkv, int S, float (*sq)[MAX_DH], bf16_t (*sk)[MAX_DH + 2],
+                             bf16_t (*sv)[MAX_DH]) {
+    constexpr int DH = NPL * 32;
+    const int h = blockIdx.y, q0 = blockIdx.x * PF_Q;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int kvh = h / (H / Hkv);
+    const float scale = rsqrtf((float)DH);
+
+    for (int e = threadIdx.x; e < PF_Q * DH; e += blockDim.x) {
+        const int i = e / DH, d = e % DH;
+        sq[i][d] = q0 + i < n ? bf2f(q[((size_t)(q0 + i) * H + h) * DH + d]) * scale : 0.0f;
+    }
+    float m[PF_QPW], l[PF_QPW], acc[PF_QPW][NPL];
+#pragma unroll
+    for (int a = 0; a < PF_QPW; ++a) {
+        m[a] = -INFINITY;
+        l[a] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) acc[a][i] = 0.0f;
+    }
+    const int last_q = min(q0 + PF_Q, n) - 1;
+    const int n_keys = min(p0 + last_q + 1, S);  // keys 0 .. p0 + last_q
+    for (int k0 = 0; k0 < n_keys; k0 += PF_K) {
+        __syncthreads();  // previous tile fully consumed (and sq written, first time)
+        for (int e = threadIdx.x; e < PF_K * DH; e += blockDim.x) {
+            const int j = e / DH, d = e % DH;
+            const int kp = k0 + j;
+            bf16_t kk = 0, vv = 0;
+            if (kp < n_keys) {
+                const size_t off = (((size_t)s * S + kp) * Hkv + kvh) * DH + d;
+                kk = k_cache[off];
+                vv = v_cache[off];
+            }
+            sk[j][d] = kk;
+            sv[j][d] = vv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int a = 0; a < PF_QPW; ++a) {
+            const int qi = warp * PF_QPW + a;
+            const int qpos = p0 + q0 + qi;  // causal limit of this query
+            if (q0 + qi >= n) break;
+            if (k0 > qpos) continue;  // whole tile is in this query's future
+            // lane j scores key k0 + j
+            float sc = 0.0f;
+#pragma unroll 8
+            for (int d = 0; d < DH; ++d) sc += sq[qi][d] * bf2f(sk[lane][d]);
+            if (k0 + lane > qpos || k0 + lane >= n_keys) sc = -INFINITY;
+            const float m_new = fmaxf(m[a], warp_max(sc));
+            const float corr = expf(m[a] - m_new);
+            const float e = expf(sc - m_new);
+            l[a] = l[a] * corr + warp_sum(e);
+#pragma unroll
+            for (int i = 0; i < NPL; ++i) acc[a][i] *= corr;
+            for (int j = 0; j < PF_K; ++j) {
+                const float pj = __shfl_sync(0xffffffffu, e, j);
+#pragma unroll
+                for (int i = 0; i < NPL; ++i) acc[a][i] += pj * bf2f(sv[j][lane + 32 * i]);
+            }
+            m[a] = m_new;
+        }
+    }
+#pragma unroll
+    for (int a = 0; a < PF_QPW; ++a) {
+        const int qi = q0 + warp * PF_QPW + a;
+        if (qi >= n) break;
+        const float inv = 1.0f / l[a];
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) out[((size_t)qi * H + h) * DH + lane + 32 * i] = f2bf(acc[a][i] * inv);
+    }
+}
+
+extern "C" __global__ void attention_prefill_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
+                                                  const bf16_t* __restrict__ v_cache, bf16_t* __restrict__ out, int n,
+                                                  int p0, int slot, int H, int Hkv, int Dh, int S) {
+    // Declared here, not in the template, so both instantiations share one allocation.
+    __shared__ float sq[PF_Q][MAX_DH];
+    __shared__ bf16_t sk[PF_K][MAX_DH + 2];  // +2: row stride of 65 words, so lanes reading
+                                             // different keys at the same d hit different banks
+    __shared__ bf16_t sv[PF_K][MAX_DH];
+    if (Dh == 128)
+        prefill_tile<4>(q, k_cache, v_cache, out, n, p0, slot, H, Hkv, S, sq, sk, sv);
+    else if (Dh == 64)
+        prefill_tile<2>(q, k_cache, v_cache, out, n, p0, slot, H, Hkv, S, sq, sk, sv);
+}

@@ -1,0 +1,103 @@
+// gemm.cu: tensor-core matrix product for prefill and large batches.
+//
+//   out[n, m] = Σ_k f32(x[n, k]) · f32(W[m, k])     x bf16 [N, K], W bf16 [M, K], out f32 [N, M]
+//
+// mma.sync m16n8k16 (bf16 in, f32 accumulate); the order of the K sum is the tensor core's.
+// No rounding on output (f32). Any N and M (edge tiles are zero-filled by cp.async and the
+// epilogue masks stores); K % 8 == 0 and 16-byte-aligned x and W (checked on the host).
+// Tiles: block 64 (n) × 128 (m) × 32 (k), double-buffered through shared memory with cp.async;
+// 4 warps in a 2 × 2 grid, each 32 × 64 = 2 × 8 mma tiles.
+// Launch: grid (ceil(M / 128), ceil(N / 64)), block 128, 30 KB static shared memory.
+#include "common.cuh"
+
+#define GM_BN 64   // x rows per block
+#define GM_BM 128  // W rows per block
+#define GM_BK 32
+#define GM_LD 40  // padded row (80 bytes): fragment loads of 8 rows hit 8 different bank groups
+
+extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ out, const bf16_t* __restrict__ x,
+                                                           const bf16_t* __restrict__ W, int N, int M, int K) {
+    __shared__ __align__(16) bf16_t As[2][GM_BN][GM_LD];
+    __shared__ __align__(16) bf16_t Bs[2][GM_BM][GM_LD];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wn = warp >> 1, wm = warp & 1;  // warp's 32-row slice of x, 64-row slice of W
+    const int g = lane >> 2, c = lane & 3;
+    const int m0 = blockIdx.x * GM_BM, n0 = blockIdx.y * GM_BN;
+    const int nk = (K + GM_BK - 1) / GM_BK;
+
+    auto load_tile = [&](int kt, int buf) {
+        const int k0 = kt * GM_BK;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {  // A: 64 rows × 4 chunks of 8
+            const int ch = tid + i * 128, row = ch >> 2, kc = (ch & 3) * 8;
+            const bool ok = n0 + row < N && k0 + kc < K;
+            const bf16_t* src = ok ? x + (size_t)(n0 + row) * K + k0 + kc : x;
+            cp_async16(&As[buf][row][kc], src, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {  // B: 128 rows × 4 chunks of 8
+            const int ch = tid + i * 128, row = ch >> 2, kc = (ch & 3) * 8;
+            const bool ok = m0 + row < M && k0 + kc < K;
+            const bf16_t* src = ok ? W + (size_t)(m0 + row) * K + k0 + kc : W;
+            cp_async16(&Bs[buf][row][kc], src, ok ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+
+    float acc[2][8][4];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+    load_tile(0, 0);
+    for (int kt = 0; kt < nk; ++kt) {
+        const int buf = kt & 1;
+        if (kt + 1 < nk) {
+            load_tile(kt + 1, buf ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < GM_BK; kk += 16) {
+            unsigned int a[2][4], b[8][2];
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int r = wn * 32 + i * 16 + g;
+                a[i][0] = *reinterpret_cast<const unsigned int*>(&As[buf][r][kk + 2 * c]);
+                a[i][1] = *reinterpret_cast<const unsigned int*>(&As[buf][r + 8][kk + 2 * c]);
+                a[i][2] = *reinterpret_cast<const unsigned int*>(&As[buf][r][kk + 2 * c + 8]);
+                a[i][3] = *reinterpret_cast<const unsigned int*>(&As[buf][r + 8][kk + 2 * c + 8]);
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int r = wm * 64 + j * 8 + g;
+                b[j][0] = *reinterpret_cast<const unsigned int*>(&Bs[buf][r][kk + 2 * c]);
+                b[j][1] = *reinterpret_cast<const unsigned int*>(&Bs[buf][r][kk + 2 * c + 8]);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j) mma_bf16_16816(acc[i][j], a[i], b[j]);
+        }
+        __syncthreads();  // this buffer is refilled by the next iteration's load
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int r = n0 + wn * 32 + i * 16 + g;
+            const int col = m0 + wm * 64 + j * 8 + 2 * c;
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int rr = r + (e >> 1) * 8, cc = col + (e & 1);
+                if (rr < N && cc < M) out[(size_t)rr * M + cc] = acc[i][j][e];
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+// rope.cu: q/k/v bias + rotary embedding + KV-cache append, one pass over the fused qkv product.
+//
+//   u = qkv[t] + bias                         qkv f32 [T, (H + 2·Hkv)·Dh] (q heads, then k, then v),
+//                                             bias f32 [(H + 2·Hkv)·Dh] or null
+//   for q and k heads, pairs (i, i + Dh/2), angle = f32(pos[t]) · inv_freq[i]:
+//     u'[i]        = u[i]·cos − u[i+Dh/2]·sin
+//     u'[i + Dh/2] = u[i+Dh/2]·cos + u[i]·sin
+//   q[t, h]      = bf16(u'_q)                  q bf16 [T, H, Dh]
+//   k_self[t, j] = bf16(u'_k),  v_self[t, j] = bf16(u_v)          bf16 [T, Hkv, Dh]
+//   if t < n_write: k_cache[slot[t], pos[t], j] = k_self[t, j], same for v
+//                                             caches bf16 [slots, S, Hkv, Dh]; slot, pos int32 [T]
+// inv_freq f32 [Dh/2] is computed on the host (llama3 scaling included). sin/cos are the precise
+// sinf/cosf of the f32 angle (no fast math: positions reach 10^5, where the fast versions drift).
+// Rounding: bias add and rotation in f32, one RNE rounding to bf16 per output.
+// Rows with slot/pos outside [0, slots) x [0, S) skip the cache write.
+// Launch: grid (T), block 128; threads loop over (head, i < Dh/2).
+#include "common.cuh"
+
+extern "C" __global__ void qkv_rope_bf16(
+    const float* __restrict__ qkv, const float* __restrict__ bias, const float* __restrict__ inv_freq,
+    const int* __restrict__ pos, const int* __restrict__ slot, int n_write, bf16_t* __restrict__ q,
+    bf16_t* __restrict__ k_self, bf16_t* __restrict__ v_self, bf16_t* __restrict__ k_cache,
+    bf16_t* __restrict__ v_cache, int H, int Hkv, int Dh, int slots, int S) {
+    const int t = blockIdx.x;
+    const int half = Dh / 2;
+    const int width = (H + 2 * Hkv) * Dh;
+    const float* u = qkv + (size_t)t * width;
+    const int p = pos[t];
+    const int s = slot[t];
+    const bool write = t < n_write && s >= 0 && s < slots && p >= 0 && p < S;
+    const size_t cache_row = ((size_t)s * S + p) * Hkv * Dh;  // start of [Hkv, Dh] at (s, p)
+
+    // q and k heads: rotate pairs.
+    for (int e = threadIdx.x; e < (H + Hkv) * half; e += blockDim.x) {
+        const int h = e / half, i = e % half;
+        const int c0 = h * Dh + i, c1 = c0 + half;
+        float a = u[c0], b = u[c1];
+        if (bias) {
+            a += bias[c0];
+            b += bias[c1];
+        }
+        float sn, cs;
+        sincosf((float)p * inv_freq[i], &sn, &cs);
+        const bf16_t o0 = f2bf(a * cs - b * sn), o1 = f2bf(b * cs + a * sn);
+        if (h < H) {
+            bf16_t* qo = q + ((size_t)t * H + h) * Dh;
+            qo[i] = o0;
+            qo[i + half] = o1;
+        } else {
+            const int j = h - H;
+            bf16_t* ko = k_self + ((size_t)t * Hkv + j) * Dh;
+            ko[i] = o0;
+            ko[i + half] = o1;
+            if (write) {
+                k_cache[cache_row + j * Dh + i] = o0;
+                k_cache[cache_row + j * Dh + i + half] = o1;
+            }
+        }
+    }
+    // v heads: bias only.
+    for (int e = threadIdx.x; e < Hkv * Dh; e += blockDim.x) {
+        const int c = (H + Hkv) * Dh + e;
+        float v = u[c];
+        if (bias) v += bias[c];
+        const bf16_t o = f2bf(v);
+        v_self[(size_t)t * Hkv * Dh + e] = o;
+        if (write) v_cache[cache_row + e] = o;
+    }
+}

@@ -1,0 +1,725 @@
+//! One safe wrapper per CUDA kernel (kernels/*.cu). Each checks the buffer lengths against the
+//! shapes it is given (errors name the kernel and the tensor), launches on `gpu.stream`, and
+//! returns a `Result`. All `unsafe` of the CUDA backend's launches lives here.
+//!
+//! Shapes: T tokens, D model dim, H/Hkv heads, Dh head dim, S cache positions per slot, F ffn dim,
+//! V vocab, K SAE latents / reduction dim, M output features, N/B rows, NV steering vectors.
+//! bf16 is `half::bf16`; int32 ids/positions are `i32`.
+
+use super::Gpu;
+use crate::{Error, Result};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+/// What an absent optional pointer is passed as.
+static NULL: u64 = 0;
+
+/// Rows up to which `matmul` uses the skinny `gemv` kernels rather than the tensor-core `gemm`.
+pub const GEMV_MAX_ROWS: usize = 16;
+/// Query heads per key/value split in decode attention is not fixed; the split length is.
+pub const DECODE_CHUNK: usize = 256;
+
+fn check(kernel: &str, tensor: &str, len: usize, want: usize, shape: &str) -> Result<()> {
+    if len != want {
+        return Err(Error::Input(format!(
+            "{kernel}: {tensor} should be {shape} = {want} elements, found {len}"
+        )));
+    }
+    Ok(())
+}
+
+fn int(kernel: &str, what: &str, v: usize) -> Result<i32> {
+    i32::try_from(v)
+        .map_err(|_| Error::Input(format!("{kernel}: {what} = {v} does not fit in int32")))
+}
+
+fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+fn aligned16<T>(gpu: &Gpu, kernel: &str, tensor: &str, v: &CudaView<'_, T>) -> Result<()> {
+    let (ptr, _sync) = v.device_ptr(&gpu.stream);
+    if !ptr.is_multiple_of(16) {
+        return Err(Error::Input(format!(
+            "{kernel}: {tensor} must start 16-byte aligned (address {ptr:#x})"
+        )));
+    }
+    Ok(())
+}
+
+/// r[t] = f32(table[ids[t]]).  r f32 [T, D], table bf16 [V, D], ids i32 [T].
+pub fn embed(
+    gpu: &Gpu,
+    r: &mut CudaViewMut<'_, f32>,
+    table: &CudaView<'_, bf16>,
+    ids: &CudaView<'_, i32>,
+    t: usize,
+    d: usize,
+    v: usize,
+) -> Result<()> {
+    const K: &str = "embed_bf16";
+    check(K, "r", r.len(), t * d, "[T, D]")?;
+    check(K, "table", table.len(), v * d, "[V, D]")?;
+    check(K, "ids", ids.len(), t, "[T]")?;
+    if t == 0 {
+        return Ok(());
+    }
+    let (vi, di) = (int(K, "V", v)?, int(K, "D", d)?);
+    let f = gpu.func(K)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(r).arg(table).arg(ids).arg(&vi).arg(&di);
+    // SAFETY: argument order and types match embed_bf16; lengths checked above; the kernel reads
+    // table rows only for ids in [0, V).
+    gpu.launched(K, unsafe { b.launch(cfg((t as u32, 1, 1), 256, 0)) })
+}
+
+/// Steering input of `residual_norm`: r[t] += coef[t] · table[idx[t]] where coef[t] ≠ 0 and
+/// 0 ≤ idx[t] < NV.  table f32 [NV, D], coef f32 [T], idx i32 [T] (device memory: no host trip).
+pub struct Steer<'a> {
+    pub table: &'a CudaView<'a, f32>,
+    pub coef: &'a CudaView<'a, f32>,
+    pub idx: &'a CudaView<'a, i32>,
+    pub nv: usize,
+}
+
+/// SAE encode fused into `residual_norm`, on the updated residual r:
+/// h = mean ? (r − mean)/‖r − mean‖ : r;  z = W_encᵀ(h − b_dec) + b_enc;  category = argmax z.
+/// w_enc f32 [D, K], b_enc f32 [K], b_dec f32 [D], mean f32 [D], z f32 [T, K], category i32 [T].
+pub struct SaeEncode<'a, 'b> {
+    pub w_enc: &'a CudaView<'a, f32>,
+    pub b_enc: &'a CudaView<'a, f32>,
+    pub b_dec: &'a CudaView<'a, f32>,
+    pub mean: Option<&'a CudaView<'a, f32>>,
+    pub z: &'b mut CudaViewMut<'a, f32>,
+    pub category: &'b mut CudaViewMut<'a, i32>,
+    pub k: usize,
+}
+
+/// Largest SAE width the fused encode supports.
+pub const SAE_MAX_K: usize = 64;
+
+/// The fused residual step, per row t:
+/// r[t] += x[t] (if x); r[t] += steering (if steer); y[t] = bf16(rmsnorm(r[t]) · w) (if y);
+/// then the SAE encode (if sae).  r f32 [T, D], x f32 [T, D], w bf16 [D], y bf16 [T, D].
+#[allow(clippy::too_many_arguments)]
+pub fn residual_norm(
+    gpu: &Gpu,
+    r: &mut CudaViewMut<'_, f32>,
+    x: Option<&CudaView<'_, f32>>,
+    steer: Option<&Steer<'_>>,
+    w: &CudaView<'_, bf16>,
+    y: Option<&mut CudaViewMut<'_, bf16>>,
+    sae: Option<&mut SaeEncode<'_, '_>>,
+    t: usize,
+    d: usize,
+    eps: f32,
+) -> Result<()> {
+    const K: &str = "residual_norm_f32";
+    check(K, "r", r.len(), t * d, "[T, D]")?;
+    if let Some(x) = x {
+        check(K, "x", x.len(), t * d, "[T, D]")?;
+    }
+    check(K, "w", w.len(), d, "[D]")?;
+    if let Some(y) = y.as_ref() {
+        check(K, "y", y.len(), t * d, "[T, D]")?;
+    }
+    if let Some(s) = steer {
+        check(K, "steering table", s.table.len(), s.nv * d, "[NV, D]")?;
+        check(K, "steering coef", s.coef.len(), t, "[T]")?;
+        check(K, "steering idx", s.idx.len(), t, "[T]")?;
+    }
+    let mut smem = 0u32;
+    let kk = if let Some(s) = sae.as_ref() {
+        if s.k == 0 || s.k > SAE_MAX_K {
+            return Err(Error::Input(format!(
+                "{K}: SAE width K must be 1..={SAE_MAX_K}, found {}",
+                s.k
+            )));
+        }
+        check(K, "W_enc", s.w_enc.len(), d * s.k, "[D, K]")?;
+        check(K, "b_enc", s.b_enc.len(), s.k, "[K]")?;
+        check(K, "b_dec", s.b_dec.len(), d, "[D]")?;
+        if let Some(m) = s.mean {
+            check(K, "SAE mean", m.len(), d, "[D]")?;
+        }
+        check(K, "z", s.z.len(), t * s.k, "[T, K]")?;
+        check(K, "category", s.category.len(), t, "[T]")?;
+        smem = (d * 4) as u32;
+        if smem > 48 * 1024 {
+            return Err(Error::Input(format!(
+                "{K}: SAE encode supports D ≤ 12288, found {d}"
+            )));
+        }
+        s.k
+    } else {
+        0
+    };
+    if t == 0 {
+        return Ok(());
+    }
+    let (nv, di, ki) = (
+        int(K, "NV", steer.map_or(0, |s| s.nv))?,
+        int(K, "D", d)?,
+        int(K, "K", kk)?,
+    );
+    let f = gpu.func(K)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(r);
+    match x {
+        Some(x) => b.arg(x),
+        None => b.arg(&NULL),
+    };
+    match steer {
+        Some(s) => b.arg(s.table).arg(s.coef).arg(s.idx),
+        None => b.arg(&NULL).arg(&NULL).arg(&NULL),
+    };
+    b.arg(&nv).arg(w);
+    match y {
+        Some(y) => b.arg(y),
+        None => b.arg(&NULL),
+    };
+    b.arg(&di).arg(&eps);
+    match sae {
+        Some(s) => {
+            b.arg(s.w_enc).arg(s.b_enc).arg(s.b_dec);
+            match s.mean {
+                Some(m) => b.arg(m),
+                None => b.arg(&NULL),
+            };
+            b.arg(&mut *s.z).arg(&mut *s.category)
+        }
+        None => b
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL),
+    };
+    b.arg(&ki);
+    // SAFETY: argument order and types match residual_norm_f32 (absent pointers are null, which
+    // the kernel tests); every buffer's length was checked against T, D, K, NV above.
+    gpu.launched(K, unsafe { b.launch(cfg((t as u32, 1, 1), 256, smem)) })
+}
+
+/// Shapes of the attention block.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub h: usize,
+    pub hkv: usize,
+    pub dh: usize,
+    /// Cache slots (sequences) and positions per slot.
+    pub slots: usize,
+    pub s: usize,
+}
+
+impl AttnShape {
+    fn check(&self, kernel: &str) -> Result<()> {
+        if !(self.dh == 64 || self.dh == 128) {
+            return Err(Error::Input(format!(
+                "{kernel}: head dim must be 64 or 128, found {}",
+                self.dh
+            )));
+        }
+        if self.hkv == 0 || !self.h.is_multiple_of(self.hkv) {
+            return Err(Error::Input(format!(
+                "{kernel}: query heads ({}) must be a multiple of key/value heads ({})",
+                self.h, self.hkv
+            )));
+        }
+        Ok(())
+    }
+    fn cache_len(&self) -> usize {
+        self.slots * self.s * self.hkv * self.dh
+    }
+}
+
+/// Bias + RoPE + KV-cache append over the fused q|k|v product.
+/// qkv f32 [T, (H+2Hkv)·Dh], bias f32 [(H+2Hkv)·Dh], inv_freq f32 [Dh/2], pos/slot i32 [T];
+/// writes q bf16 [T, H, Dh], k_self/v_self bf16 [T, Hkv, Dh], and for t < n_write the caches
+/// bf16 [slots, S, Hkv, Dh] at (slot[t], pos[t]).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope(
+    gpu: &Gpu,
+    qkv: &CudaView<'_, f32>,
+    bias: Option<&CudaView<'_, f32>>,
+    inv_freq: &CudaView<'_, f32>,
+    pos: &CudaView<'_, i32>,
+    slot: &CudaView<'_, i32>,
+    n_write: usize,
+    q: &mut CudaViewMut<'_, bf16>,
+    k_self: &mut CudaViewMut<'_, bf16>,
+    v_self: &mut CudaViewMut<'_, bf16>,
+    k_cache: &mut CudaViewMut<'_, bf16>,
+    v_cache: &mut CudaViewMut<'_, bf16>,
+    t: usize,
+    sh: AttnShape,
+) -> Result<()> {
+    const K: &str = "qkv_rope_bf16";
+    sh.check(K)?;
+    let width = (sh.h + 2 * sh.hkv) * sh.dh;
+    check(K, "qkv", qkv.len(), t * width, "[T, (H+2Hkv)·Dh]")?;
+    if let Some(bias) = bias {
+        check(K, "bias", bias.len(), width, "[(H+2Hkv)·Dh]")?;
+    }
+    check(K, "inv_freq", inv_freq.len(), sh.dh / 2, "[Dh/2]")?;
+    check(K, "pos", pos.len(), t, "[T]")?;
+    check(K, "slot", slot.len(), t, "[T]")?;
+    check(K, "q", q.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
+    check(
+        K,
+        "k_self",
+        k_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_self",
+        v_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "k_cache",
+        k_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_cache",
+        v_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    if n_write > t {
+        return Err(Error::Input(format!(
+            "{K}: n_write ({n_write}) exceeds the token count ({t})"
+        )));
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let nw = int(K, "n_write", n_write)?;
+    let (h, hkv, dh) = (
+        int(K, "H", sh.h)?,
+        int(K, "Hkv", sh.hkv)?,
+        int(K, "Dh", sh.dh)?,
+    );
+    let (slots, s) = (int(K, "slots", sh.slots)?, int(K, "S", sh.s)?);
+    let f = gpu.func(K)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(qkv);
+    match bias {
+        Some(x) => b.arg(x),
+        None => b.arg(&NULL),
+    };
+    b.arg(inv_freq)
+        .arg(pos)
+        .arg(slot)
+        .arg(&nw)
+        .arg(q)
+        .arg(k_self)
+        .arg(v_self)
+        .arg(k_cache)
+        .arg(v_cache);
+    b.arg(&h).arg(&hkv).arg(&dh).arg(&slots).arg(&s);
+    // SAFETY: argument order and types match qkv_rope_bf16; lengths checked above; cache writes
+    // are skipped in the kernel for slot/pos outside [0, slots) × [0, S).
+    gpu.launched(K, unsafe { b.launch(cfg((t as u32, 1, 1), 128, 0)) })
+}
+
+/// Number of sequence splits decode attention launches for contexts up to `max_len` positions
+/// (the token itself included): fixed per launch so CUDA graphs can replay it.
+pub fn decode_splits(max_len: usize) -> usize {
+    max_len.div_ceil(DECODE_CHUNK).max(1)
+}
+
+/// Decode attention (flash-decoding): token t attends cache positions [0, pos[t]) of slot[t] and
+/// its own k_self/v_self at pos[t]. `splits` = decode_splits(longest possible pos + 1).
+/// q bf16 [T, H, Dh], caches bf16 [slots, S, Hkv, Dh], k_self/v_self bf16 [T, Hkv, Dh],
+/// pos/slot i32 [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2];
+/// out bf16 [T, H, Dh]. Positions beyond splits·DECODE_CHUNK are not attended.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode(
+    gpu: &Gpu,
+    q: &CudaView<'_, bf16>,
+    k_cache: &CudaView<'_, bf16>,
+    v_cache: &CudaView<'_, bf16>,
+    k_self: &CudaView<'_, bf16>,
+    v_self: &CudaView<'_, bf16>,
+    pos: &CudaView<'_, i32>,
+    slot: &CudaView<'_, i32>,
+    part_o: &mut CudaViewMut<'_, f32>,
+    part_ml: &mut CudaViewMut<'_, f32>,
+    out: &mut CudaViewMut<'_, bf16>,
+    t: usize,
+    sh: AttnShape,
+    splits: usize,
+) -> Result<()> {
+    const K: &str = "attention_decode_bf16";
+    sh.check(K)?;
+    check(K, "q", q.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
+    check(
+        K,
+        "k_cache",
+        k_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_cache",
+        v_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "k_self",
+        k_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_self",
+        v_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(K, "pos", pos.len(), t, "[T]")?;
+    check(K, "slot", slot.len(), t, "[T]")?;
+    check(
+        K,
+        "part_o",
+        part_o.len(),
+        t * sh.h * splits * sh.dh,
+        "[T, H, splits, Dh]",
+    )?;
+    check(
+        K,
+        "part_ml",
+        part_ml.len(),
+        t * sh.h * splits * 2,
+        "[T, H, splits, 2]",
+    )?;
+    check(K, "out", out.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
+    if splits == 0 || splits > 65535 {
+        return Err(Error::Input(format!(
+            "{K}: splits must be 1..=65535, found {splits}"
+        )));
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let (h, hkv, dh) = (
+        int(K, "H", sh.h)?,
+        int(K, "Hkv", sh.hkv)?,
+        int(K, "Dh", sh.dh)?,
+    );
+    let (s, slots) = (int(K, "S", sh.s)?, int(K, "slots", sh.slots)?);
+    let (chunk, ns) = (DECODE_CHUNK as i32, splits as i32);
+    let f = gpu.func(K)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(k_self)
+        .arg(v_self)
+        .arg(pos)
+        .arg(slot);
+    b.arg(&mut *part_o).arg(&mut *part_ml);
+    b.arg(&h)
+        .arg(&hkv)
+        .arg(&dh)
+        .arg(&s)
+        .arg(&slots)
+        .arg(&chunk)
+        .arg(&ns);
+    // SAFETY: argument order and types match attention_decode_bf16; lengths checked above; the
+    // kernel reads cache rows only for slot in [0, slots) and positions < min(pos, S).
+    gpu.launched(K, unsafe {
+        b.launch(cfg((splits as u32, sh.h as u32, t as u32), 128, 0))
+    })?;
+
+    const C: &str = "attention_combine_bf16";
+    let f = gpu.func(C)?;
+    let (po, pml) = (part_o.as_view(), part_ml.as_view());
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(&po)
+        .arg(&pml)
+        .arg(pos)
+        .arg(out)
+        .arg(&h)
+        .arg(&dh)
+        .arg(&chunk)
+        .arg(&ns);
+    // SAFETY: argument order and types match attention_combine_bf16; it reads the partials the
+    // launch above wrote (same stream, so ordered after it) for at most `splits` splits.
+    gpu.launched(C, unsafe {
+        b.launch(cfg((sh.h as u32, t as u32, 1), 128, 0))
+    })
+}
+
+/// Causal prefill attention for n queries of one slot at positions p0 .. p0+n−1, whose K/V are
+/// already in the cache. q bf16 [n, H, Dh], caches bf16 [slots, S, Hkv, Dh], out bf16 [n, H, Dh].
+#[allow(clippy::too_many_arguments)]
+pub fn attention_prefill(
+    gpu: &Gpu,
+    q: &CudaView<'_, bf16>,
+    k_cache: &CudaView<'_, bf16>,
+    v_cache: &CudaView<'_, bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
+    n: usize,
+    p0: usize,
+    slot: usize,
+    sh: AttnShape,
+) -> Result<()> {
+    const K: &str = "attention_prefill_bf16";
+    sh.check(K)?;
+    check(K, "q", q.len(), n * sh.h * sh.dh, "[n, H, Dh]")?;
+    check(
+        K,
+        "k_cache",
+        k_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_cache",
+        v_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(K, "out", out.len(), n * sh.h * sh.dh, "[n, H, Dh]")?;
+    if slot >= sh.slots || p0 + n > sh.s {
+        return Err(Error::Input(format!(
+            "{K}: slot {slot} positions {p0}..{} do not fit a cache of {} slots × {} positions",
+            p0 + n,
+            sh.slots,
+            sh.s
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (ni, p0i, sl) = (int(K, "n", n)?, int(K, "p0", p0)?, int(K, "slot", slot)?);
+    let (h, hkv, dh, s) = (
+        int(K, "H", sh.h)?,
+        int(K, "Hkv", sh.hkv)?,
+        int(K, "Dh", sh.dh)?,
+        int(K, "S", sh.s)?,
+    );
+    let f = gpu.func(K)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(out)
+        .arg(&ni)
+        .arg(&p0i)
+        .arg(&sl)
+        .arg(&h)
+        .arg(&hkv)
+        .arg(&dh)
+        .arg(&s);
+    // SAFETY: argument order and types match attention_prefill_bf16; lengths and the slot /
+    // position range checked above.
+    gpu.launched(K, unsafe {
+        b.launch(cfg((n.div_ceil(32) as u32, sh.h as u32, 1), 256, 0))
+    })
+}
+
+fn matmul_checks(
+    gpu: &Gpu,
+    kernel: &str,
+    out: &CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (n, m, k): (usize, usize, usize),
+) -> Result<()> {
+    if !k.is_multiple_of(8) || k == 0 {
+        return Err(Error::Input(format!(
+            "{kernel}: the reduction dim K must be a positive multiple of 8 (16-byte loads), found {k}"
+        )));
+    }
+    check(kernel, "out", out.len(), n * m, "[N, M]")?;
+    check(kernel, "x", x.len(), n * k, "[N, K]")?;
+    check(kernel, "W", w.len(), m * k, "[M, K]")?;
+    aligned16(gpu, kernel, "x", x)?;
+    aligned16(gpu, kernel, "W", w)
+}
+
+/// Skinny product for 1..=16 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
+pub fn gemv(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    b: usize,
+    m: usize,
+    k: usize,
+) -> Result<()> {
+    let name = match b {
+        1 => "gemv_bf16_b1",
+        2 => "gemv_bf16_b2",
+        3..=4 => "gemv_bf16_b4",
+        5..=8 => "gemv_bf16_b8",
+        9..=16 => "gemv_bf16_b16",
+        _ => {
+            return Err(Error::Input(format!(
+                "gemv: rows must be 1..=16, found {b} (use gemm)"
+            )))
+        }
+    };
+    matmul_checks(gpu, name, out, x, w, (b, m, k))?;
+    if m == 0 {
+        return Ok(());
+    }
+    let (bi, mi, ki) = (int(name, "B", b)?, int(name, "M", m)?, int(name, "K", k)?);
+    let f = gpu.func(name)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
+    // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
+    // (the kernel's vector loads) checked above; B ≤ the kernel's bucket.
+    gpu.launched(name, unsafe {
+        l.launch(cfg((m.div_ceil(8) as u32, 1, 1), 256, 0))
+    })
+}
+
+/// Tensor-core product: out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ. Any N, M; K % 8 == 0.
+pub fn gemm(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    n: usize,
+    m: usize,
+    k: usize,
+) -> Result<()> {
+    const K: &str = "gemm_bf16";
+    matmul_checks(gpu, K, out, x, w, (n, m, k))?;
+    if n == 0 || m == 0 {
+        return Ok(());
+    }
+    if n.div_ceil(64) > 65535 {
+        return Err(Error::Input(format!(
+            "{K}: at most {} rows, found {n}",
+            65535 * 64
+        )));
+    }
+    let (ni, mi, ki) = (int(K, "N", n)?, int(K, "M", m)?, int(K, "K", k)?);
+    let f = gpu.func(K)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(out).arg(x).arg(w).arg(&ni).arg(&mi).arg(&ki);
+    // SAFETY: argument order and types match gemm_bf16; lengths, K % 8 and alignment checked
+    // above; edge tiles are zero-filled and masked in the kernel.
+    gpu.launched(K, unsafe {
+        l.launch(cfg(
+            (m.div_ceil(128) as u32, n.div_ceil(64) as u32, 1),
+            128,
+            0,
+        ))
+    })
+}
+
+/// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS, else `gemm`.
+pub fn matmul(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    n: usize,
+    m: usize,
+    k: usize,
+) -> Result<()> {
+    if (1..=GEMV_MAX_ROWS).contains(&n) {
+        gemv(gpu, out, x, w, n, m, k)
+    } else {
+        gemm(gpu, out, x, w, n, m, k)
+    }
+}
+
+/// out bf16 [T, F] = silu(gate) · up, gate_up f32 [T, 2F] (gate first).
+pub fn silu_mul(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, bf16>,
+    gate_up: &CudaView<'_, f32>,
+    t: usize,
+    f: usize,
+) -> Result<()> {
+    const K: &str = "silu_mul_bf16";
+    check(K, "out", out.len(), t * f, "[T, F]")?;
+    check(K, "gate_up", gate_up.len(), t * 2 * f, "[T, 2F]")?;
+    if t * f == 0 {
+        return Ok(());
+    }
+    let (ti, fi) = (int(K, "T", t)?, int(K, "F", f)?);
+    let blocks = (t * f).div_ceil(256).min(1 << 16) as u32;
+    let func = gpu.func(K)?;
+    let mut b = gpu.stream.launch_builder(func);
+    b.arg(out).arg(gate_up).arg(&ti).arg(&fi);
+    // SAFETY: argument order and types match silu_mul_bf16; lengths checked above (grid-stride loop).
+    gpu.launched(K, unsafe { b.launch(cfg((blocks, 1, 1), 256, 0)) })
+}
+
+/// ids i32 [B] = first index of the row maximum of logits f32 [B, V].
+pub fn argmax(
+    gpu: &Gpu,
+    ids: &mut CudaViewMut<'_, i32>,
+    logits: &CudaView<'_, f32>,
+    b: usize,
+    v: usize,
+) -> Result<()> {
+    const K: &str = "argmax_f32";
+    check(K, "ids", ids.len(), b, "[B]")?;
+    check(K, "logits", logits.len(), b * v, "[B, V]")?;
+    if b == 0 {
+        return Ok(());
+    }
+    if v == 0 {
+        return Err(Error::Input(format!("{K}: vocabulary of 0 entries")));
+    }
+    let vi = int(K, "V", v)?;
+    let f = gpu.func(K)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(ids).arg(logits).arg(&vi);
+    // SAFETY: argument order and types match argmax_f32; lengths checked above.
+    gpu.launched(K, unsafe { l.launch(cfg((b as u32, 1, 1), 1024, 0)) })
+}
+
+/// out f32 [B, C] = logits[b, ids[b, c]] (−inf for ids outside [0, V)).  logits f32 [B, V], ids i32 [B, C].
+pub fn logits_at(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    logits: &CudaView<'_, f32>,
+    ids: &CudaView<'_, i32>,
+    b: usize,
+    c: usize,
+    v: usize,
+) -> Result<()> {
+    const K: &str = "logits_at_f32";
+    check(K, "out", out.len(), b * c, "[B, C]")?;
+    check(K, "logits", logits.len(), b * v, "[B, V]")?;
+    check(K, "ids", ids.len(), b * c, "[B, C]")?;
+    if b * c == 0 {
+        return Ok(());
+    }
+    let (bi, ci, vi) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "V", v)?);
+    let f = gpu.func(K)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(out).arg(logits).arg(ids).arg(&bi).arg(&ci).arg(&vi);
+    // SAFETY: argument order and types match logits_at_f32; lengths checked above; ids are
+    // range-checked in the kernel.
+    gpu.launched(K, unsafe {
+        l.launch(cfg(((b * c).div_ceil(256) as u32, 1, 1), 256, 0))
+    })
+}

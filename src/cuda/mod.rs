@@ -1,0 +1,140 @@
+//! The CUDA backend's device handle: `Gpu` (context, the one stream every kernel runs on, and the
+//! loaded kernel functions) and `available()`, which says why CUDA cannot be used before anything
+//! touches cudarc (cudarc panics when a dynamic library is missing; we return `Error::Cuda`).
+//!
+//! Kernels come from `sources`: nvcc-built PTX embedded by build.rs when it had nvcc, else the
+//! embedded `.cu` sources compiled once with NVRTC for the device's compute capability.
+//! `THINKSTEER_CUDA_SYNC=1` synchronises after every launch so an error names its kernel.
+
+pub mod kernels;
+pub mod sources;
+
+use crate::{Error, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Why CUDA cannot be used here, or Ok.
+pub fn available() -> std::result::Result<(), String> {
+    // SAFETY: only tries to dlopen the driver library names and closes them again.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(
+            "no CUDA driver found (libcuda.so.1): this machine has no NVIDIA driver, or it is not \
+                    on the library path"
+                .into(),
+        );
+    }
+    match CudaContext::device_count() {
+        Ok(0) => return Err("the CUDA driver reports no devices".into()),
+        Ok(_) => {}
+        Err(e) => return Err(format!("the CUDA driver failed to initialise: {e}")),
+    }
+    if !sources::has_embedded_ptx() {
+        sources::nvrtc_available()?;
+    }
+    Ok(())
+}
+
+fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    /// Every kernel and copy runs on this one stream (so CUDA-graph capture sees all of it).
+    pub stream: Arc<CudaStream>,
+    /// (major, minor), e.g. (9, 0) on an H100.
+    pub compute_capability: (i32, i32),
+    funcs: HashMap<&'static str, CudaFunction>,
+    sync_each: bool,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads every kernel (compiling them with NVRTC when build.rs
+    /// embedded no PTX: ~1–3 s once).
+    pub fn new(ordinal: usize) -> Result<Gpu> {
+        available().map_err(Error::Cuda)?;
+        let ctx = CudaContext::new(ordinal).map_err(cuda_err("opening the CUDA device"))?;
+        // One stream for everything: cudarc's per-buffer event tracking only serves multi-stream
+        // use, and its event waits get in the way of CUDA-graph capture.
+        // SAFETY: no CudaSlice exists yet, and this crate issues all work on `stream`.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda_err("creating a stream"))?;
+        let cc = ctx
+            .compute_capability()
+            .map_err(cuda_err("reading the compute capability"))?;
+        let cc10 = (cc.0 * 10 + cc.1) as u32;
+        if cc10 < 80 {
+            return Err(Error::Cuda(format!(
+                "device {ordinal} has compute capability {}.{}; the kernels need 8.0 or newer (bf16 tensor cores)",
+                cc.0, cc.1
+            )));
+        }
+        let mut funcs = HashMap::new();
+        for (stem, names) in sources::MODULES {
+            let ptx = match sources::embedded_ptx(stem, cc10) {
+                Some(p) => cudarc::nvrtc::Ptx::from_src(p),
+                None => {
+                    let src = sources::source(stem).ok_or_else(|| {
+                        Error::Cuda(format!("kernel file kernels/{stem}.cu was not embedded"))
+                    })?;
+                    let c = sources::compile(
+                        &format!("{stem}.cu"),
+                        &src,
+                        &format!("compute_{cc10}"),
+                        &[],
+                    )
+                    .map_err(Error::Cuda)?;
+                    cudarc::nvrtc::Ptx::from_src(c.ptx)
+                }
+            };
+            let module = ctx
+                .load_module(ptx)
+                .map_err(|e| Error::Cuda(format!("loading kernels/{stem}.cu: {e}")))?;
+            for name in names.iter() {
+                let f = module
+                    .load_function(name)
+                    .map_err(|e| Error::Cuda(format!("kernel {name} in kernels/{stem}.cu: {e}")))?;
+                funcs.insert(*name, f);
+            }
+        }
+        let sync_each = std::env::var("THINKSTEER_CUDA_SYNC").is_ok_and(|v| v == "1");
+        Ok(Gpu {
+            ctx,
+            stream,
+            compute_capability: cc,
+            funcs,
+            sync_each,
+        })
+    }
+
+    /// A loaded kernel by its exported name.
+    pub(crate) fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| Error::Cuda(format!("kernel {name} is not loaded")))
+    }
+
+    /// Maps a launch result to ours, naming the kernel; with THINKSTEER_CUDA_SYNC=1 also waits
+    /// for the kernel so an asynchronous fault is reported against it.
+    pub(crate) fn launched<T>(
+        &self,
+        name: &str,
+        r: std::result::Result<T, cudarc::driver::DriverError>,
+    ) -> Result<()> {
+        r.map_err(|e| Error::Cuda(format!("launching {name}: {e}")))?;
+        if self.sync_each {
+            self.stream
+                .synchronize()
+                .map_err(|e| Error::Cuda(format!("{name} failed: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for all queued work.
+    pub fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("synchronising the stream"))
+    }
+}

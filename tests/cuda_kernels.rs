@@ -1,0 +1,678 @@
+//! Every CUDA kernel against a CPU reference (`thinksteer::cpu_ops` where it has the operator, a
+//! plain loop here where it does not), on seeded random inputs with odd and tail sizes. Inputs
+//! are rounded to bf16 before the reference sees them, so only accumulation order and the output
+//! rounding differ. Without a GPU every test prints "skipped: <reason>" and passes.
+//!
+//! Tolerances: |gpu − ref| ≤ atol + rtol·|ref|.
+//! - bf16 outputs: rtol = 2^-8 (one RNE rounding is ≤ 2^-9 relative; twice that covers the
+//!   reference's f32 value sitting near a rounding boundary that the GPU's f32 crosses).
+//! - f32 sums of K products: atol = 4·sqrt(K)·eps_f32·Σ_k|x_k·w_k| (the probabilistic bound on
+//!   recursive-summation error, for the GPU and the f32 reference each).
+
+use half::bf16;
+use thinksteer::cpu_ops;
+use thinksteer::cuda::kernels::{self as k, AttnShape};
+use thinksteer::cuda::Gpu;
+
+const EPS32: f32 = f32::EPSILON;
+const RTOL_BF16: f32 = 1.0 / 256.0;
+
+fn gpu() -> Option<Gpu> {
+    match thinksteer::cuda::available() {
+        Err(why) => {
+            println!("skipped: {why}");
+            None
+        }
+        Ok(()) => Some(Gpu::new(0).expect("CUDA is available but Gpu::new failed")),
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    /// n values in [−scale, scale), already bf16-exact.
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| bf16::from_f32(self.next() * scale).to_f32())
+            .collect()
+    }
+}
+
+fn to_bf(v: &[f32]) -> Vec<bf16> {
+    v.iter().map(|&x| bf16::from_f32(x)).collect()
+}
+fn from_bf(v: &[bf16]) -> Vec<f32> {
+    v.iter().map(|x| x.to_f32()).collect()
+}
+
+/// Fails with the worst element and a few pairs when any |got − want| > atol[i] + rtol·|want|.
+fn compare(what: &str, got: &[f32], want: &[f32], atol: &dyn Fn(usize) -> f32, rtol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0usize, 0f32);
+    let mut bad = 0;
+    for i in 0..got.len() {
+        let lim = atol(i) + rtol * want[i].abs();
+        let err = (got[i] - want[i]).abs();
+        if err.is_nan() || err > lim {
+            bad += 1;
+        }
+        let ratio = if lim > 0.0 { err / lim } else { err };
+        if ratio.is_nan() || ratio > worst.1 {
+            worst = (i, if ratio.is_nan() { f32::INFINITY } else { ratio });
+        }
+    }
+    if bad > 0 {
+        let i = worst.0;
+        let pairs: Vec<String> = (0..got.len().min(6))
+            .map(|j| format!("{}:{}", got[j], want[j]))
+            .collect();
+        panic!(
+            "{what}: {bad} of {} elements out of tolerance; worst [{i}] gpu {} ref {} (error {:.3}× the limit); first pairs gpu:ref {}",
+            got.len(),
+            got[i],
+            want[i],
+            worst.1,
+            pairs.join(" ")
+        );
+    }
+}
+
+#[test]
+fn embed_matches_table_rows() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(1);
+    for &(t, d, v) in &[(3usize, 72usize, 11usize), (17, 37, 5)] {
+        let table = rng.vec(v * d, 4.0);
+        let ids: Vec<i32> = (0..t).map(|i| ((i * 7 + 3) % v) as i32).collect();
+        let tb = g.stream.clone_htod(&to_bf(&table)).unwrap();
+        let ib = g.stream.clone_htod(&ids).unwrap();
+        let mut r = g.stream.alloc_zeros::<f32>(t * d).unwrap();
+        k::embed(
+            &g,
+            &mut r.as_view_mut(),
+            &tb.as_view(),
+            &ib.as_view(),
+            t,
+            d,
+            v,
+        )
+        .unwrap();
+        let got = g.stream.clone_dtoh(&r).unwrap();
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&i| table[i as usize * d..(i as usize + 1) * d].to_vec())
+            .collect();
+        compare("embed (exact)", &got, &want, &|_| 0.0, 0.0);
+    }
+}
+
+#[test]
+fn residual_norm_with_steering_and_sae_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(2);
+    let (d, nv, kk, eps) = (264usize, 5usize, 37usize, 1e-6f32);
+    for &t in &[1usize, 3, 17] {
+        let r0 = rng.vec(t * d, 3.0);
+        let x = rng.vec(t * d, 3.0);
+        let w = rng.vec(d, 1.5);
+        let table = rng.vec(nv * d, 1.0);
+        let coef: Vec<f32> = (0..t)
+            .map(|i| {
+                if i % 3 == 1 {
+                    0.0
+                } else {
+                    2.5 - i as f32 * 0.25
+                }
+            })
+            .collect();
+        let idx: Vec<i32> = (0..t)
+            .map(|i| if i % 4 == 3 { -1 } else { (i % nv) as i32 })
+            .collect();
+        let w_enc = rng.vec(d * kk, 0.2);
+        let b_enc = rng.vec(kk, 0.1);
+        let b_dec = rng.vec(d, 0.1);
+        let mean = rng.vec(d, 0.5);
+
+        // Reference: r = (r + x) + c·v; y = bf16(rmsnorm(r)·w); SAE on the updated r.
+        let mut r = r0.clone();
+        for ti in 0..t {
+            for i in 0..d {
+                let mut v = r[ti * d + i] + x[ti * d + i];
+                if coef[ti] != 0.0 && idx[ti] >= 0 {
+                    v += coef[ti] * table[idx[ti] as usize * d + i];
+                }
+                r[ti * d + i] = v;
+            }
+        }
+        let mut y = vec![0f32; t * d];
+        cpu_ops::rmsnorm(&mut y, &r, &w, eps);
+        let mut z = vec![0f32; t * kk];
+        let mut zabs = vec![0f32; t * kk];
+        let mut cat = vec![0i32; t];
+        for ti in 0..t {
+            let c: Vec<f32> = (0..d).map(|i| r[ti * d + i] - mean[i]).collect();
+            let nrm = c.iter().map(|v| v * v).sum::<f32>().sqrt();
+            let h: Vec<f32> = (0..d).map(|i| c[i] / nrm - b_dec[i]).collect();
+            for j in 0..kk {
+                let col: Vec<f32> = (0..d).map(|i| w_enc[i * kk + j]).collect();
+                z[ti * kk + j] = cpu_ops::dot(&h, &col) + b_enc[j];
+                zabs[ti * kk + j] =
+                    h.iter().zip(&col).map(|(a, b)| (a * b).abs()).sum::<f32>() + b_enc[j].abs();
+            }
+            cat[ti] = cpu_ops::argmax(&z[ti * kk..(ti + 1) * kk]) as i32;
+        }
+
+        let s = &g.stream;
+        let mut rb = s.clone_htod(&r0).unwrap();
+        let (xb, wb, tab) = (
+            s.clone_htod(&x).unwrap(),
+            s.clone_htod(&to_bf(&w)).unwrap(),
+            s.clone_htod(&table).unwrap(),
+        );
+        let (cb, ib) = (s.clone_htod(&coef).unwrap(), s.clone_htod(&idx).unwrap());
+        let (web, beb, bdb, mb) = (
+            s.clone_htod(&w_enc).unwrap(),
+            s.clone_htod(&b_enc).unwrap(),
+            s.clone_htod(&b_dec).unwrap(),
+            s.clone_htod(&mean).unwrap(),
+        );
+        let mut yb = s.alloc_zeros::<bf16>(t * d).unwrap();
+        let mut zb = s.alloc_zeros::<f32>(t * kk).unwrap();
+        let mut catb = s.alloc_zeros::<i32>(t).unwrap();
+        let (tabv, cbv, ibv) = (tab.as_view(), cb.as_view(), ib.as_view());
+        let steer = k::Steer {
+            table: &tabv,
+            coef: &cbv,
+            idx: &ibv,
+            nv,
+        };
+        let (wev, bev, bdv, mv) = (web.as_view(), beb.as_view(), bdb.as_view(), mb.as_view());
+        let mut zv = zb.as_view_mut();
+        let mut cv = catb.as_view_mut();
+        let mut sae = k::SaeEncode {
+            w_enc: &wev,
+            b_enc: &bev,
+            b_dec: &bdv,
+            mean: Some(&mv),
+            z: &mut zv,
+            category: &mut cv,
+            k: kk,
+        };
+        k::residual_norm(
+            &g,
+            &mut rb.as_view_mut(),
+            Some(&xb.as_view()),
+            Some(&steer),
+            &wb.as_view(),
+            Some(&mut yb.as_view_mut()),
+            Some(&mut sae),
+            t,
+            d,
+            eps,
+        )
+        .unwrap();
+        let gr = s.clone_dtoh(&rb).unwrap();
+        // r: at most three f32 adds, identical order: exact up to fma contraction (1 ulp per add).
+        compare("residual_norm r", &gr, &r, &|_| 0.0, 4.0 * EPS32);
+        // y: bf16 output; rmsnorm's f32 sum over D differs in order (≈ sqrt(D)·eps relative).
+        compare(
+            "residual_norm y",
+            &from_bf(&s.clone_dtoh(&yb).unwrap()),
+            &y,
+            &|_| 1e-6,
+            RTOL_BF16,
+        );
+        let sd = (d as f32).sqrt();
+        compare(
+            "residual_norm z",
+            &s.clone_dtoh(&zb).unwrap(),
+            &z,
+            &|i| 4.0 * sd * EPS32 * zabs[i] * 4.0,
+            0.0,
+        );
+        let gc = s.clone_dtoh(&catb).unwrap();
+        for ti in 0..t {
+            if gc[ti] != cat[ti] {
+                // Only acceptable when the two latents are tied within the z tolerance.
+                let (a, b) = (z[ti * kk + gc[ti] as usize], z[ti * kk + cat[ti] as usize]);
+                assert!(
+                    (a - b).abs() <= 16.0 * sd * EPS32 * zabs[ti * kk + cat[ti] as usize],
+                    "category row {ti}: gpu {} ref {}",
+                    gc[ti],
+                    cat[ti]
+                );
+            }
+        }
+    }
+}
+
+fn inv_freq(dh: usize) -> Vec<f32> {
+    (0..dh / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / dh as f32))
+        .collect()
+}
+
+#[test]
+fn qkv_rope_matches_cpu_rope_and_appends_cache() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(3);
+    let sh = AttnShape {
+        h: 4,
+        hkv: 2,
+        dh: 64,
+        slots: 2,
+        s: 1100,
+    };
+    let (t, n_write) = (3usize, 2usize);
+    let width = (sh.h + 2 * sh.hkv) * sh.dh;
+    let qkv = rng.vec(t * width, 2.0);
+    let bias = rng.vec(width, 0.5);
+    let pos = vec![0i32, 7, 1033];
+    let slot = vec![1i32, 0, 1];
+    let inv = inv_freq(sh.dh);
+    // Reference: bias, then cpu_ops::rope on the q and k parts, then bf16.
+    let u: Vec<f32> = (0..t * width).map(|i| qkv[i] + bias[i % width]).collect();
+    let positions: Vec<usize> = pos.iter().map(|&p| p as usize).collect();
+    let split = |lo: usize, n: usize| -> Vec<f32> {
+        (0..t)
+            .flat_map(|ti| u[ti * width + lo..ti * width + lo + n].to_vec())
+            .collect()
+    };
+    let mut q_ref = split(0, sh.h * sh.dh);
+    let mut k_ref = split(sh.h * sh.dh, sh.hkv * sh.dh);
+    let v_ref = split((sh.h + sh.hkv) * sh.dh, sh.hkv * sh.dh);
+    cpu_ops::rope(&mut q_ref, &positions, &inv, sh.h);
+    cpu_ops::rope(&mut k_ref, &positions, &inv, sh.hkv);
+
+    let s = &g.stream;
+    let (qkvb, bb, ib) = (
+        s.clone_htod(&qkv).unwrap(),
+        s.clone_htod(&bias).unwrap(),
+        s.clone_htod(&inv).unwrap(),
+    );
+    let (pb, sb) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&slot).unwrap());
+    let mut q = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
+    let mut ks = s.alloc_zeros::<bf16>(t * sh.hkv * sh.dh).unwrap();
+    let mut vs = s.alloc_zeros::<bf16>(t * sh.hkv * sh.dh).unwrap();
+    let cl = sh.slots * sh.s * sh.hkv * sh.dh;
+    let mut kc = s.alloc_zeros::<bf16>(cl).unwrap();
+    let mut vc = s.alloc_zeros::<bf16>(cl).unwrap();
+    k::qkv_rope(
+        &g,
+        &qkvb.as_view(),
+        Some(&bb.as_view()),
+        &ib.as_view(),
+        &pb.as_view(),
+        &sb.as_view(),
+        n_write,
+        &mut q.as_view_mut(),
+        &mut ks.as_view_mut(),
+        &mut vs.as_view_mut(),
+        &mut kc.as_view_mut(),
+        &mut vc.as_view_mut(),
+        t,
+        sh,
+    )
+    .unwrap();
+    // sin/cos of angles up to ~1000 rad: f32 argument reduction differs between libraries by a
+    // few ulp of the angle (≈ 1e-4 absolute at 1000), times |u| ≤ 2.5.
+    let atol = 2.5 * 1000.0 * 4.0 * EPS32;
+    compare(
+        "qkv_rope q",
+        &from_bf(&s.clone_dtoh(&q).unwrap()),
+        &q_ref,
+        &|_| atol,
+        RTOL_BF16,
+    );
+    let gk = from_bf(&s.clone_dtoh(&ks).unwrap());
+    compare("qkv_rope k_self", &gk, &k_ref, &|_| atol, RTOL_BF16);
+    let gv = from_bf(&s.clone_dtoh(&vs).unwrap());
+    compare("qkv_rope v_self", &gv, &v_ref, &|_| 0.0, RTOL_BF16);
+    let (kcache, vcache) = (
+        from_bf(&s.clone_dtoh(&kc).unwrap()),
+        from_bf(&s.clone_dtoh(&vc).unwrap()),
+    );
+    let row = sh.hkv * sh.dh;
+    let mut nonzero_rows = 0;
+    for sl in 0..sh.slots {
+        for p in 0..sh.s {
+            let off = (sl * sh.s + p) * row;
+            let written = (0..n_write).find(|&ti| slot[ti] as usize == sl && pos[ti] as usize == p);
+            match written {
+                Some(ti) => {
+                    assert_eq!(
+                        &kcache[off..off + row],
+                        &gk[ti * row..(ti + 1) * row],
+                        "k cache row of token {ti}"
+                    );
+                    assert_eq!(
+                        &vcache[off..off + row],
+                        &gv[ti * row..(ti + 1) * row],
+                        "v cache row of token {ti}"
+                    );
+                    nonzero_rows += 1;
+                }
+                None => assert!(
+                    kcache[off..off + row]
+                        .iter()
+                        .chain(&vcache[off..off + row])
+                        .all(|&v| v == 0.0),
+                    "cache (slot {sl}, pos {p}) written but no token writes it"
+                ),
+            }
+        }
+    }
+    assert_eq!(nonzero_rows, n_write);
+}
+
+/// cpu_ops::attend over explicit key/value rows [L, Dh].
+fn attend_ref(q: &[f32], keys: &[f32], vals: &[f32], dh: usize) -> Vec<f32> {
+    let mut out = vec![0f32; dh];
+    let mut scores = Vec::new();
+    cpu_ops::attend(&mut out, q, keys, vals, dh, keys.len() / dh, &mut scores);
+    out
+}
+
+#[test]
+fn attention_decode_matches_cpu_attend_across_splits() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(4);
+    let sh = AttnShape {
+        h: 4,
+        hkv: 2,
+        dh: 128,
+        slots: 2,
+        s: 700,
+    };
+    let t = 3usize;
+    let pos = vec![0i32, 300, 699]; // 1, 2 and 3 splits of 256
+    let slot = vec![0i32, 1, 0];
+    let cl = sh.slots * sh.s * sh.hkv * sh.dh;
+    let kc = rng.vec(cl, 2.0);
+    let vc = rng.vec(cl, 2.0);
+    let q = rng.vec(t * sh.h * sh.dh, 2.0);
+    let kself = rng.vec(t * sh.hkv * sh.dh, 2.0);
+    let vself = rng.vec(t * sh.hkv * sh.dh, 2.0);
+    let splits = k::decode_splits(sh.s + 1);
+    let mut want = Vec::new();
+    for ti in 0..t {
+        for h in 0..sh.h {
+            let kvh = h / (sh.h / sh.hkv);
+            let (mut keys, mut vals) = (Vec::new(), Vec::new());
+            for p in 0..pos[ti] as usize {
+                let off = ((slot[ti] as usize * sh.s + p) * sh.hkv + kvh) * sh.dh;
+                keys.extend_from_slice(&kc[off..off + sh.dh]);
+                vals.extend_from_slice(&vc[off..off + sh.dh]);
+            }
+            let so = (ti * sh.hkv + kvh) * sh.dh;
+            keys.extend_from_slice(&kself[so..so + sh.dh]);
+            vals.extend_from_slice(&vself[so..so + sh.dh]);
+            let qo = (ti * sh.h + h) * sh.dh;
+            want.extend(attend_ref(&q[qo..qo + sh.dh], &keys, &vals, sh.dh));
+        }
+    }
+    let s = &g.stream;
+    let up = |v: &[f32]| s.clone_htod(&to_bf(v)).unwrap();
+    let (qb, kcb, vcb, ksb, vsb) = (up(&q), up(&kc), up(&vc), up(&kself), up(&vself));
+    let (pb, sb) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&slot).unwrap());
+    let mut po = s.alloc_zeros::<f32>(t * sh.h * splits * sh.dh).unwrap();
+    let mut pml = s.alloc_zeros::<f32>(t * sh.h * splits * 2).unwrap();
+    let mut out = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
+    k::attention_decode(
+        &g,
+        &qb.as_view(),
+        &kcb.as_view(),
+        &vcb.as_view(),
+        &ksb.as_view(),
+        &vsb.as_view(),
+        &pb.as_view(),
+        &sb.as_view(),
+        &mut po.as_view_mut(),
+        &mut pml.as_view_mut(),
+        &mut out.as_view_mut(),
+        t,
+        sh,
+        splits,
+    )
+    .unwrap();
+    // Output is a convex combination of values ≤ 2: f32 softmax differences are ~1e-6 relative;
+    // atol 2^-8·max|v| covers bf16 rounding of outputs near zero.
+    compare(
+        "attention_decode",
+        &from_bf(&s.clone_dtoh(&out).unwrap()),
+        &want,
+        &|_| 2.0 / 256.0,
+        RTOL_BF16,
+    );
+}
+
+#[test]
+fn attention_prefill_matches_cpu_attend() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(5);
+    for &(dh, n, p0) in &[(64usize, 37usize, 5usize), (128, 70, 0)] {
+        let sh = AttnShape {
+            h: 6,
+            hkv: 2,
+            dh,
+            slots: 2,
+            s: 128,
+        };
+        let slot = 1usize;
+        let cl = sh.slots * sh.s * sh.hkv * sh.dh;
+        let kc = rng.vec(cl, 2.0);
+        let vc = rng.vec(cl, 2.0);
+        let q = rng.vec(n * sh.h * dh, 2.0);
+        let mut want = Vec::new();
+        for i in 0..n {
+            for h in 0..sh.h {
+                let kvh = h / (sh.h / sh.hkv);
+                let (mut keys, mut vals) = (Vec::new(), Vec::new());
+                for p in 0..=p0 + i {
+                    let off = ((slot * sh.s + p) * sh.hkv + kvh) * dh;
+                    keys.extend_from_slice(&kc[off..off + dh]);
+                    vals.extend_from_slice(&vc[off..off + dh]);
+                }
+                let qo = (i * sh.h + h) * dh;
+                want.extend(attend_ref(&q[qo..qo + dh], &keys, &vals, dh));
+            }
+        }
+        let s = &g.stream;
+        let up = |v: &[f32]| s.clone_htod(&to_bf(v)).unwrap();
+        let (qb, kcb, vcb) = (up(&q), up(&kc), up(&vc));
+        let mut out = s.alloc_zeros::<bf16>(n * sh.h * dh).unwrap();
+        k::attention_prefill(
+            &g,
+            &qb.as_view(),
+            &kcb.as_view(),
+            &vcb.as_view(),
+            &mut out.as_view_mut(),
+            n,
+            p0,
+            slot,
+            sh,
+        )
+        .unwrap();
+        compare(
+            &format!("attention_prefill Dh={dh}"),
+            &from_bf(&s.clone_dtoh(&out).unwrap()),
+            &want,
+            &|_| 2.0 / 256.0,
+            RTOL_BF16,
+        );
+    }
+}
+
+/// Runs gemv / gemm / matmul on (n, m, k) and compares with cpu_ops::matmul.
+fn check_matmul(g: &Gpu, which: &str, n: usize, m: usize, kd: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    // Large values: the tolerance scales with Σ|x·w|, so magnitudes must not hide errors.
+    let x = rng.vec(n * kd, 8.0);
+    let w = rng.vec(m * kd, 4.0);
+    let mut want = vec![0f32; n * m];
+    cpu_ops::matmul(&mut want, &x, &w, None, n, kd, m, &mut Vec::new());
+    let abs: Vec<f32> = (0..n * m)
+        .map(|e| {
+            let (r, c) = (e / m, e % m);
+            (0..kd).map(|i| (x[r * kd + i] * w[c * kd + i]).abs()).sum()
+        })
+        .collect();
+    let s = &g.stream;
+    let (xb, wb) = (
+        s.clone_htod(&to_bf(&x)).unwrap(),
+        s.clone_htod(&to_bf(&w)).unwrap(),
+    );
+    let mut out = s.alloc_zeros::<f32>(n * m).unwrap();
+    let f = match which {
+        "gemv" => k::gemv,
+        "gemm" => k::gemm,
+        _ => k::matmul,
+    };
+    f(
+        g,
+        &mut out.as_view_mut(),
+        &xb.as_view(),
+        &wb.as_view(),
+        n,
+        m,
+        kd,
+    )
+    .unwrap();
+    let got = s.clone_dtoh(&out).unwrap();
+    let sk = (kd as f32).sqrt();
+    compare(
+        &format!("{which} N={n} M={m} K={kd}"),
+        &got,
+        &want,
+        &|e| 2.0 * 4.0 * sk * EPS32 * abs[e],
+        0.0,
+    );
+}
+
+#[test]
+fn gemv_matches_cpu_matmul() {
+    let Some(g) = gpu() else { return };
+    for (i, &b) in [1usize, 2, 3, 8, 13, 16].iter().enumerate() {
+        check_matmul(&g, "gemv", b, 77, 8 * 37, 10 + i as u64);
+    }
+    check_matmul(&g, "gemv", 1, 1536, 8960, 20);
+}
+
+#[test]
+fn gemm_matches_cpu_matmul() {
+    let Some(g) = gpu() else { return };
+    for (i, &(n, m, kd)) in [
+        (17usize, 131usize, 8 * 37usize),
+        (70, 256, 64),
+        (1, 5, 8),
+        (130, 200, 1536),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_matmul(&g, "gemm", n, m, kd, 30 + i as u64);
+    }
+    check_matmul(&g, "matmul", 16, 33, 24, 40);
+    check_matmul(&g, "matmul", 17, 33, 24, 41);
+}
+
+#[test]
+fn matmul_rejects_k_not_multiple_of_8() {
+    let Some(g) = gpu() else { return };
+    let s = &g.stream;
+    let x = s.alloc_zeros::<bf16>(2 * 12).unwrap();
+    let w = s.alloc_zeros::<bf16>(3 * 12).unwrap();
+    let mut out = s.alloc_zeros::<f32>(2 * 3).unwrap();
+    let e = k::matmul(
+        &g,
+        &mut out.as_view_mut(),
+        &x.as_view(),
+        &w.as_view(),
+        2,
+        3,
+        12,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("multiple of 8"), "{e}");
+}
+
+#[test]
+fn silu_mul_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(6);
+    for &(t, f) in &[(1usize, 333usize), (3, 1000)] {
+        let gu = rng.vec(t * 2 * f, 6.0);
+        let (mut gate, mut up) = (Vec::new(), Vec::new());
+        for ti in 0..t {
+            gate.extend_from_slice(&gu[ti * 2 * f..ti * 2 * f + f]);
+            up.extend_from_slice(&gu[ti * 2 * f + f..(ti + 1) * 2 * f]);
+        }
+        let mut want = vec![0f32; t * f];
+        cpu_ops::silu_mul(&mut want, &gate, &up);
+        let s = &g.stream;
+        let gb = s.clone_htod(&gu).unwrap();
+        let mut out = s.alloc_zeros::<bf16>(t * f).unwrap();
+        k::silu_mul(&g, &mut out.as_view_mut(), &gb.as_view(), t, f).unwrap();
+        // expf differs by ≤ 2 ulp between libraries: far below the bf16 output rounding.
+        compare(
+            "silu_mul",
+            &from_bf(&s.clone_dtoh(&out).unwrap()),
+            &want,
+            &|_| 1e-30,
+            RTOL_BF16,
+        );
+    }
+}
+
+#[test]
+fn argmax_picks_first_maximum_and_logits_at_gathers() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng(7);
+    let (b, v, c) = (3usize, 5003usize, 4usize);
+    let mut logits = rng.vec(b * v, 10.0);
+    // Ties: row 1's maximum appears twice (the first must win), row 2 is constant.
+    logits[v + 100] = 50.0;
+    logits[v + 4000] = 50.0;
+    for x in &mut logits[2 * v..3 * v] {
+        *x = -1.0;
+    }
+    let want: Vec<i32> = (0..b)
+        .map(|r| cpu_ops::argmax(&logits[r * v..(r + 1) * v]) as i32)
+        .collect();
+    assert_eq!(want[1], 100);
+    let s = &g.stream;
+    let lb = s.clone_htod(&logits).unwrap();
+    let mut ids = s.alloc_zeros::<i32>(b).unwrap();
+    k::argmax(&g, &mut ids.as_view_mut(), &lb.as_view(), b, v).unwrap();
+    assert_eq!(s.clone_dtoh(&ids).unwrap(), want);
+
+    let cand: Vec<i32> = vec![0, 5002, 17, -1, 3, 3, 4999, 100000, 1, 2, 3, 4];
+    let cb = s.clone_htod(&cand).unwrap();
+    let mut out = s.alloc_zeros::<f32>(b * c).unwrap();
+    k::logits_at(
+        &g,
+        &mut out.as_view_mut(),
+        &lb.as_view(),
+        &cb.as_view(),
+        b,
+        c,
+        v,
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..b * c)
+        .map(|e| {
+            let id = cand[e];
+            if id >= 0 && (id as usize) < v {
+                logits[(e / c) * v + id as usize]
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    assert_eq!(s.clone_dtoh(&out).unwrap(), want);
+}
