@@ -723,3 +723,18 @@ pub fn logits_at(
         l.launch(cfg(((b * c).div_ceil(256) as u32, 1, 1), 256, 0))
     })
 }
+
+/// out bf16 [n] = offset + scale·u, u uniform in [−1, 1) from a hash of (seed, index).
+pub fn fill_random(gpu: &Gpu, out: &mut CudaViewMut<'_, bf16>, seed: u64, offset: f32, scale: f32) -> Result<()> {
+    const K: &str = "fill_random_bf16";
+    let n = out.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = n.div_ceil(256).min(1 << 16) as u32;
+    let f = gpu.func(K)?;
+    let mut b = gpu.stream.launch_builder(f);
+    b.arg(out).arg(&n).arg(&seed).arg(&offset).arg(&scale);
+    // SAFETY: argument order and types match fill_random_bf16; it writes exactly n elements.
+    gpu.launched(K, unsafe { b.launch(cfg((blocks, 1, 1), 256, 0)) })
+}

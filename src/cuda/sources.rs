@@ -35,6 +35,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
             "gemv_bf16_b16",
         ],
     ),
+    ("random", &["fill_random_bf16"]),
     ("residual_norm", &["residual_norm_f32"]),
     ("rope", &["qkv_rope_bf16"]),
     ("sampling", &["argmax_f32", "logits_at_f32"]),
