@@ -7,3 +7,8 @@
 pub mod error;
 
 pub use error::{Error, Result};
+pub mod rng;
+pub mod sae;
+pub mod sentences;
+pub mod steering;
+pub mod train_sae;
