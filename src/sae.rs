@@ -31,7 +31,8 @@ pub struct Sae {
 }
 
 impl Sae {
-    pub fn load(path: &Path) -> Result<Sae> {
+    pub fn load(path: impl AsRef<Path>) -> Result<Sae> {
+        let path = path.as_ref();
         let file = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let st = parse_safetensors(&bytes, &file)?;
@@ -40,12 +41,20 @@ impl Sae {
         let (w_enc_shape, w_enc) = tensor_f32(&st, &file, "W_enc", 2, "[D, K]")?;
         let (d, latents) = (w_enc_shape[0], w_enc_shape[1]);
         if d == 0 || latents == 0 {
-            bail!("{file}: tensor `W_enc` has shape {w_enc_shape:?}, expected [D, K] with D, K >= 1");
+            bail!(
+                "{file}: tensor `W_enc` has shape {w_enc_shape:?}, expected [D, K] with D, K >= 1"
+            );
         }
         let (s, b_enc) = tensor_f32(&st, &file, "b_enc", 1, "[K]")?;
         expect_shape(&file, "b_enc", &s, &[latents], "[K] with K from W_enc")?;
         let (s, w_dec) = tensor_f32(&st, &file, "W_dec", 2, "[K, D]")?;
-        expect_shape(&file, "W_dec", &s, &[latents, d], "[K, D] with D, K from W_enc")?;
+        expect_shape(
+            &file,
+            "W_dec",
+            &s,
+            &[latents, d],
+            "[K, D] with D, K from W_enc",
+        )?;
         let (s, b_dec) = tensor_f32(&st, &file, "b_dec", 1, "[D]")?;
         expect_shape(&file, "b_dec", &s, &[d], "[D] with D from W_enc")?;
         let activation_mean = if st.names().contains(&"activation_mean") {
@@ -96,7 +105,7 @@ impl Sae {
 
     /// Writes f32 tensors; the bytes depend only on the contents (sorted header keys), so a
     /// fixed training seed gives a byte-identical file.
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let (d, kk) = (self.d, self.latents);
         let mut tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
             ("W_enc", vec![d, kk], &self.w_enc),
@@ -117,7 +126,7 @@ impl Sae {
                 serde_json::to_string(t).expect("a list of strings always serialises"),
             );
         }
-        write_f32_safetensors(path, &tensors, &meta)
+        write_f32_safetensors(path.as_ref(), &tensors, &meta)
     }
 
     /// Checks the SAE against the thinking model it will read.
@@ -266,9 +275,11 @@ pub(crate) fn tensor_f32(
     rank: usize,
     expected: &str,
 ) -> Result<(Vec<usize>, Vec<f32>)> {
-    let view = st
-        .tensor(name)
-        .map_err(|_| Error::Input(format!("{file}: missing tensor `{name}` (expected {expected})")))?;
+    let view = st.tensor(name).map_err(|_| {
+        Error::Input(format!(
+            "{file}: missing tensor `{name}` (expected {expected})"
+        ))
+    })?;
     let shape = view.shape().to_vec();
     if shape.len() != rank {
         bail!("{file}: tensor `{name}` has shape {shape:?}, expected rank {rank} {expected}");
@@ -328,7 +339,12 @@ pub(crate) fn write_f32_safetensors(
     let mut offset = 0usize;
     for (name, shape, data) in tensors {
         let n: usize = shape.iter().product();
-        assert_eq!(n, data.len(), "tensor `{name}`: shape {shape:?} vs {} values", data.len());
+        assert_eq!(
+            n,
+            data.len(),
+            "tensor `{name}`: shape {shape:?} vs {} values",
+            data.len()
+        );
         let bytes = 4 * n;
         header.insert(
             name.to_string(),
@@ -338,8 +354,9 @@ pub(crate) fn write_f32_safetensors(
     }
     header.insert("__metadata__".to_string(), serde_json::json!(meta));
     let mut hjson = serde_json::to_string(&header).expect("a header always serialises");
-    // Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
-    while (8 + hjson.len()) % 8 != 0 {
+    // Pad with spaces so the data starts 8-byte aligned (the 8-byte length prefix is
+    // already aligned), as the reference writer does.
+    while !hjson.len().is_multiple_of(8) {
         hjson.push(' ');
     }
     let mut out = Vec::with_capacity(8 + hjson.len() + offset);
@@ -382,11 +399,17 @@ mod tests {
         // z0 = 0.1 + 0.6·1 + (−0.1)·0 + (−0.8)·0.5 = 0.3; z1 = −0.1 + 0 + (−0.1)·1 + (−0.8)(−0.5) = 0.2.
         let mut z = [0.0f32; 2];
         s.encode(&h, &mut z);
-        assert!((z[0] - 0.3).abs() < 1e-6 && (z[1] - 0.2).abs() < 1e-6, "{z:?}");
+        assert!(
+            (z[0] - 0.3).abs() < 1e-6 && (z[1] - 0.2).abs() < 1e-6,
+            "{z:?}"
+        );
         assert_eq!(s.category(&h), 0);
         // Raw: h − b_dec = [4, 0.9, −3]; z0 = 0.1 + 4 − 1.5 = 2.6; z1 = −0.1 + 0.9 + 1.5 = 2.3.
         s.encode_raw(&h, &mut z);
-        assert!((z[0] - 2.6).abs() < 1e-5 && (z[1] - 2.3).abs() < 1e-5, "{z:?}");
+        assert!(
+            (z[0] - 2.6).abs() < 1e-5 && (z[1] - 2.3).abs() < 1e-5,
+            "{z:?}"
+        );
         // h == mean gives x = 0, not NaN.
         s.encode(&[1.0, 1.0, 1.0], &mut z);
         assert!(z.iter().all(|v| v.is_finite()), "{z:?}");
@@ -409,23 +432,43 @@ mod tests {
 
         // A bf16 file written by the safetensors crate loads as f32.
         let bf = |v: &[f32]| -> Vec<u8> {
-            v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect()
+            v.iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect()
         };
         let (we, be, wd, bd) = (bf(&s.w_enc), bf(&s.b_enc), bf(&s.w_dec), bf(&s.b_dec));
         let views = vec![
-            ("W_enc", safetensors::tensor::TensorView::new(Dtype::BF16, vec![3, 2], &we).unwrap()),
-            ("b_enc", safetensors::tensor::TensorView::new(Dtype::BF16, vec![2], &be).unwrap()),
-            ("W_dec", safetensors::tensor::TensorView::new(Dtype::BF16, vec![2, 3], &wd).unwrap()),
-            ("b_dec", safetensors::tensor::TensorView::new(Dtype::BF16, vec![3], &bd).unwrap()),
+            (
+                "W_enc",
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![3, 2], &we).unwrap(),
+            ),
+            (
+                "b_enc",
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![2], &be).unwrap(),
+            ),
+            (
+                "W_dec",
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![2, 3], &wd).unwrap(),
+            ),
+            (
+                "b_dec",
+                safetensors::tensor::TensorView::new(Dtype::BF16, vec![3], &bd).unwrap(),
+            ),
         ];
-        let meta: std::collections::HashMap<String, String> =
-            [("layer".to_string(), "1".to_string()), ("k".to_string(), "2".to_string())].into();
+        let meta: std::collections::HashMap<String, String> = [
+            ("layer".to_string(), "1".to_string()),
+            ("k".to_string(), "2".to_string()),
+        ]
+        .into();
         let p2 = dir.join("bf.safetensors");
         safetensors::serialize_to_file(views, Some(meta), &p2).unwrap();
         let l = Sae::load(&p2).unwrap();
         // These values are exact in bf16 (short binary fractions).
         assert_eq!(l.w_enc, s.w_enc);
-        assert_eq!((l.layer, l.k, l.model.as_str(), l.activation_mean), (1, 2, "", None));
+        assert_eq!(
+            (l.layer, l.k, l.model.as_str(), l.activation_mean),
+            (1, 2, "", None)
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -12,8 +12,8 @@
 /// Abbreviations (lower case, with their final dot) after which a sentence does not end.
 /// "etc." is left out on purpose: it ends sentences at least as often as not.
 const ABBREVIATIONS: &[&str] = &[
-    "e.g.", "i.e.", "mr.", "mrs.", "ms.", "dr.", "prof.", "vs.", "cf.", "approx.", "fig.",
-    "eq.", "eqs.", "no.", "st.", "jr.", "sr.", "resp.", "viz.", "al.", "ca.",
+    "e.g.", "i.e.", "mr.", "mrs.", "ms.", "dr.", "prof.", "vs.", "cf.", "approx.", "fig.", "eq.",
+    "eqs.", "no.", "st.", "jr.", "sr.", "resp.", "viz.", "al.", "ca.",
 ];
 
 /// Closing characters that may sit between the terminator and the following whitespace.
@@ -74,9 +74,9 @@ pub fn split_sentences(text: &str) -> Vec<(usize, usize)> {
 /// The whitespace-delimited token ending at the dot at `dot`, as written (from the token start
 /// through the dot), without leading opening brackets or quotes.
 fn token_before(text: &str, dot: usize) -> &str {
-    let s = text[..dot]
-        .rfind(char::is_whitespace)
-        .map_or(0, |p| p + text[p..].chars().next().map_or(1, char::len_utf8));
+    let s = text[..dot].rfind(char::is_whitespace).map_or(0, |p| {
+        p + text[p..].chars().next().map_or(1, char::len_utf8)
+    });
     text[s..=dot].trim_start_matches(['(', '[', '"', '\'', '\u{201c}', '\u{2018}'])
 }
 
@@ -222,7 +222,10 @@ mod tests {
     use super::*;
 
     fn sents(t: &str) -> Vec<&str> {
-        split_sentences(t).into_iter().map(|(s, e)| &t[s..e]).collect()
+        split_sentences(t)
+            .into_iter()
+            .map(|(s, e)| &t[s..e])
+            .collect()
     }
 
     #[test]
@@ -230,7 +233,12 @@ mod tests {
         let t = "  First we add the numbers. Is that right? Yes it is!  Done now ok";
         assert_eq!(
             sents(t),
-            vec!["First we add the numbers.", "Is that right?", "Yes it is!", "Done now ok"]
+            vec![
+                "First we add the numbers.",
+                "Is that right?",
+                "Yes it is!",
+                "Done now ok"
+            ]
         );
         let r = split_sentences(t);
         assert_eq!(r[0], (2, 27));
@@ -238,14 +246,20 @@ mod tests {
 
     #[test]
     fn short_sentences_are_dropped() {
-        assert_eq!(sents("Okay. Wait, let me check this. Hmm!"), vec!["Wait, let me check this."]);
+        assert_eq!(
+            sents("Okay. Wait, let me check this. Hmm!"),
+            vec!["Wait, let me check this."]
+        );
     }
 
     #[test]
     fn decimals_do_not_split() {
         assert_eq!(
             sents("So pi is about 3.14 in value. Then 2.5 plus 1 is 3.5 here."),
-            vec!["So pi is about 3.14 in value.", "Then 2.5 plus 1 is 3.5 here."]
+            vec![
+                "So pi is about 3.14 in value.",
+                "Then 2.5 plus 1 is 3.5 here."
+            ]
         );
     }
 
@@ -267,7 +281,11 @@ mod tests {
     fn newlines_split() {
         assert_eq!(
             sents("First line has no period\nsecond line also none\n\nthird one here"),
-            vec!["First line has no period", "second line also none", "third one here"]
+            vec![
+                "First line has no period",
+                "second line also none",
+                "third one here"
+            ]
         );
     }
 
@@ -287,8 +305,14 @@ mod tests {
     #[test]
     fn latex_does_not_split() {
         assert_eq!(
-            sents("We get $x = 3. y$ from it. Then \\(a. b\\) holds true. And \\[p. q\\] is shown."),
-            vec!["We get $x = 3. y$ from it.", "Then \\(a. b\\) holds true.", "And \\[p. q\\] is shown."]
+            sents(
+                "We get $x = 3. y$ from it. Then \\(a. b\\) holds true. And \\[p. q\\] is shown."
+            ),
+            vec![
+                "We get $x = 3. y$ from it.",
+                "Then \\(a. b\\) holds true.",
+                "And \\[p. q\\] is shown."
+            ]
         );
         // Display math across lines is one piece.
         assert_eq!(
@@ -306,7 +330,11 @@ mod tests {
     fn closers_and_runs() {
         assert_eq!(
             sents("He said \"that is it.\" Then we left the room... Really?! Yes we did."),
-            vec!["He said \"that is it.\"", "Then we left the room...", "Yes we did."]
+            vec![
+                "He said \"that is it.\"",
+                "Then we left the room...",
+                "Yes we did."
+            ]
         );
     }
 
@@ -321,6 +349,9 @@ mod tests {
         assert_eq!(thinking_span("no tags"), None);
         assert_eq!(thinking_span_with("no tags", true), Some((0, 7)));
         let ss = thinking_sentences(t, false).unwrap();
-        assert_eq!(ss.iter().map(|&(a, b)| &t[a..b]).collect::<Vec<_>>(), vec!["A b c.", "D e f."]);
+        assert_eq!(
+            ss.iter().map(|&(a, b)| &t[a..b]).collect::<Vec<_>>(),
+            vec!["A b c.", "D e f."]
+        );
     }
 }

@@ -26,7 +26,8 @@ pub struct SteeringSet {
 }
 
 impl SteeringSet {
-    pub fn load(path: &Path) -> Result<SteeringSet> {
+    pub fn load(path: impl AsRef<Path>) -> Result<SteeringSet> {
+        let path = path.as_ref();
         let file = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let st = parse_safetensors(&bytes, &file)?;
@@ -50,7 +51,7 @@ impl SteeringSet {
         })
     }
 
-    pub fn save(&self, path: &Path) -> Result<()> {
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let tensors: Vec<(&str, Vec<usize>, &[f32])> = vec![
             ("bias", vec![self.d], &self.bias),
             ("vectors", vec![self.count, self.d], &self.vectors),
@@ -58,7 +59,7 @@ impl SteeringSet {
         let mut meta = BTreeMap::new();
         meta.insert("layer".to_string(), self.layer.to_string());
         meta.insert("model".to_string(), self.model.clone());
-        write_f32_safetensors(path, &tensors, &meta)
+        write_f32_safetensors(path.as_ref(), &tensors, &meta)
     }
 
     /// Checks the set against the base model it steers.
@@ -213,8 +214,16 @@ mod tests {
         s.add_scaled(1, 2.0, true, &mut out);
         assert_eq!(out, [2.0, 4.0]);
         assert!(s.validate_for(2, 6).is_ok());
-        assert!(s.validate_for(2, 5).unwrap_err().to_string().contains("block 5"));
-        assert!(s.validate_for(3, 6).unwrap_err().to_string().contains("D = 2"));
+        assert!(s
+            .validate_for(2, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("block 5"));
+        assert!(s
+            .validate_for(3, 6)
+            .unwrap_err()
+            .to_string()
+            .contains("D = 2"));
     }
 
     #[test]

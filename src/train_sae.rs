@@ -149,7 +149,10 @@ fn top_k(pre: &[f32], k: usize, top: &mut Vec<usize>) {
     top.clear();
     for j in 0..pre.len() {
         // Insert j if it beats the current k-th; strict > keeps earlier indices on ties.
-        let pos = top.iter().position(|&t| pre[j] > pre[t]).unwrap_or(top.len());
+        let pos = top
+            .iter()
+            .position(|&t| pre[j] > pre[t])
+            .unwrap_or(top.len());
         if pos < k {
             top.insert(pos, j);
             top.truncate(k);
@@ -158,7 +161,14 @@ fn top_k(pre: &[f32], k: usize, top: &mut Vec<usize>) {
 }
 
 /// Forward of one row x [D]: fills s.xc, s.pre, s.top and the residual s.r = x̂ − x; returns Σr².
-fn forward_row(theta: &[f32], lay: Layout, k: usize, relu: bool, x: &[f32], s: &mut Scratch) -> f64 {
+fn forward_row(
+    theta: &[f32],
+    lay: Layout,
+    k: usize,
+    relu: bool,
+    x: &[f32],
+    s: &mut Scratch,
+) -> f64 {
     let d = lay.d;
     let enc = &theta[lay.enc()];
     let dec = &theta[lay.dec()];
@@ -316,7 +326,11 @@ impl<'a> Trainer<'a> {
             );
         }
         let n_val = ((n as f64) * cfg.val_fraction as f64).round() as usize;
-        let n_val = if cfg.val_fraction > 0.0 { n_val.max(1) } else { 0 };
+        let n_val = if cfg.val_fraction > 0.0 {
+            n_val.max(1)
+        } else {
+            0
+        };
         if n < n_val + 2 {
             bail!(
                 "SAE training: {n} activation rows, expected at least {} (2 to train on plus {n_val} held out)",
@@ -490,7 +504,11 @@ impl<'a> Trainer<'a> {
             }
         }
         self.train_idx = order;
-        let train = if cnt > 0 { (sum / cnt as f64) as f32 } else { f32::NAN };
+        let train = if cnt > 0 {
+            (sum / cnt as f64) as f32
+        } else {
+            f32::NAN
+        };
         let val = if self.val_idx.is_empty() {
             let dn = variance_sum(self.train_idx.iter().map(|&r| self.row(r)), self.lay.d);
             self.fvu_of(&self.theta, &self.train_idx, dn)
@@ -592,7 +610,15 @@ mod tests {
             .collect();
         let mut grad = vec![0.0f32; lay.len()];
         let mut s = Scratch::new(lay);
-        grad_rows(&theta, lay, k, false, xs.iter().map(|x| x.as_slice()), &mut grad, &mut s);
+        grad_rows(
+            &theta,
+            lay,
+            k,
+            false,
+            xs.iter().map(|x| x.as_slice()),
+            &mut grad,
+            &mut s,
+        );
         // The kept sets at θ; finite differences keep them fixed (the loss is piecewise smooth
         // and the gradient is that of the current piece).
         let tops: Vec<Vec<usize>> = xs
@@ -620,7 +646,13 @@ mod tests {
                 worst = (err / tol, p, grad[p] as f64, fd);
             }
         }
-        assert!(worst.0 <= 1.0, "worst param {} analytic {} fd {}", worst.1, worst.2, worst.3);
+        assert!(
+            worst.0 <= 1.0,
+            "worst param {} analytic {} fd {}",
+            worst.1,
+            worst.2,
+            worst.3
+        );
         // The check has teeth: the b_dec gradient's encoder path is non-negligible here.
         assert!(grad[lay.b_dec()].iter().any(|g| g.abs() > 0.01));
     }

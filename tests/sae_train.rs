@@ -55,7 +55,7 @@ fn planted(seed: u64) -> (Vec<f32>, Vec<usize>) {
 /// FVU of the oracle that reconstructs every row by its planted cluster's centroid.
 fn oracle_fvu(acts: &[f32], labels: &[usize]) -> f64 {
     let mut cent = vec![0.0f64; CLUSTERS * D];
-    let mut cnt = vec![0usize; CLUSTERS];
+    let mut cnt = [0usize; CLUSTERS];
     let mut mean = vec![0.0f64; D];
     for (row, &c) in acts.chunks_exact(D).zip(labels) {
         cnt[c] += 1;
@@ -100,10 +100,7 @@ fn cfg(seed: u64, max_epochs: usize) -> TrainConfig {
 fn recovers_planted_clusters() {
     let (acts, labels) = planted(11);
     let mut last = (0, 0.0, 0.0);
-    let (sae, report) = train(&acts, N, D, &cfg(5, 300), |e, t, v| {
-        last = (e, t, v)
-    })
-    .unwrap();
+    let (sae, report) = train(&acts, N, D, &cfg(5, 300), |e, t, v| last = (e, t, v)).unwrap();
     // The category of each row (argmax of the encoder over all K) against its planted cluster.
     let mut table: HashMap<(usize, usize), usize> = HashMap::new();
     for (row, &c) in acts.chunks_exact(D).zip(&labels) {
@@ -131,7 +128,11 @@ fn recovers_planted_clusters() {
         report.final_val_fvu
     );
     assert!(purity >= 0.95, "purity {purity}");
-    assert_eq!(distinct.len(), CLUSTERS, "clusters share a latent: {majority:?}");
+    assert_eq!(
+        distinct.len(),
+        CLUSTERS,
+        "clusters share a latent: {majority:?}"
+    );
 
     // FVU bound: FVU ≤ the centroid oracle's. The oracle is (nearly) inside the SAE's model
     // family: a latent per cluster whose decoder row is the centroid's direction and whose
@@ -206,11 +207,17 @@ fn bad_files_give_clear_input_errors() {
     bad.w_dec[5] = f32::NAN;
     let p = dir.join("nan.safetensors");
     bad.save(&p).unwrap();
-    expect_input(Sae::load(&p), &["nan.safetensors", "`W_dec`", "non-finite", "index 5"]);
+    expect_input(
+        Sae::load(&p),
+        &["nan.safetensors", "`W_dec`", "non-finite", "index 5"],
+    );
 
     // K mismatch between the SAE and a steering set.
     let set = SteeringSet::random(D, CLUSTERS - 1, 10, 4.0, 1, "m");
-    expect_input(set.check_matches_sae(&sae), &["7 category vectors", "K = 8"]);
+    expect_input(
+        set.check_matches_sae(&sae),
+        &["7 category vectors", "K = 8"],
+    );
     assert!(SteeringSet::random(D, CLUSTERS, 10, 4.0, 1, "m")
         .check_matches_sae(&sae)
         .is_ok());
@@ -226,8 +233,11 @@ fn bad_files_give_clear_input_errors() {
     let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
     let (we, wd, bd) = (bytes(&sae.w_enc), bytes(&sae.w_dec), bytes(&sae.b_dec));
     let be_short = bytes(&sae.b_enc[..CLUSTERS - 1]);
-    let meta: HashMap<String, String> =
-        [("layer".to_string(), "4".to_string()), ("k".to_string(), "3".to_string())].into();
+    let meta: HashMap<String, String> = [
+        ("layer".to_string(), "4".to_string()),
+        ("k".to_string(), "3".to_string()),
+    ]
+    .into();
     let p = dir.join("missing.safetensors");
     safetensors::serialize_to_file(
         vec![
@@ -239,7 +249,10 @@ fn bad_files_give_clear_input_errors() {
         &p,
     )
     .unwrap();
-    expect_input(Sae::load(&p), &["missing.safetensors", "missing tensor `b_enc`"]);
+    expect_input(
+        Sae::load(&p),
+        &["missing.safetensors", "missing tensor `b_enc`"],
+    );
     let p = dir.join("k.safetensors");
     safetensors::serialize_to_file(
         vec![
