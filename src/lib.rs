@@ -22,3 +22,8 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub mod rng;
+pub mod sae;
+pub mod sentences;
+pub mod steering;
+pub mod train_sae;
