@@ -17,13 +17,10 @@ pub mod model;
 pub mod rng;
 pub mod sae;
 pub mod sampling;
+pub mod sentences;
 pub mod steering;
 pub mod tokenizer;
+pub mod train_sae;
 pub mod weights;
 
 pub use error::{Error, Result};
-pub mod rng;
-pub mod sae;
-pub mod sentences;
-pub mod steering;
-pub mod train_sae;

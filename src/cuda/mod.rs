@@ -7,6 +7,7 @@
 //! `THINKSTEER_CUDA_SYNC=1` synchronises after every launch so an error names its kernel.
 
 pub mod kernels;
+pub mod model;
 pub mod sources;
 
 use crate::{Error, Result};

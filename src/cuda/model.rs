@@ -1,0 +1,510 @@
+//! The decoder (Qwen2 / Llama) on the GPU: bf16 weights uploaded once (q|k|v and gate|up fused
+//! into one matrix each), every activation and the KV cache preallocated for `max_t` tokens per
+//! call, and the forward pass as a flat list of kernel launches. Decode steps without hooks are
+//! captured once per row count as a CUDA graph and replayed; only ids, positions and slots
+//! travel to the device, and only logits (or greedy ids) come back.
+//!
+//! Residual points as in `model.rs`: point p is the residual after p blocks. The fused
+//! `residual_norm` kernel at the start of block p (or the final norm, p = N) adds the previous
+//! block's MLP output, so that kernel is where point p is steered and captured.
+
+use super::kernels::{self as k, AttnShape, Steer};
+use super::Gpu;
+use crate::config::{Arch, Config};
+use crate::engine::{check_step, Decoder};
+use crate::model::{Hooks, Step};
+use crate::weights::WeightFiles;
+use crate::{Error, Result};
+use cudarc::driver::{CudaGraph, CudaSlice};
+use half::bf16;
+use std::collections::HashMap;
+use std::path::Path;
+
+pub struct CudaLayer {
+    pub input_layernorm: CudaSlice<bf16>,          // [D]
+    pub qkv_proj: CudaSlice<bf16>,                 // [(H+2Hkv)·Dh, D]  q | k | v
+    pub qkv_bias: Option<CudaSlice<f32>>,          // [(H+2Hkv)·Dh]
+    pub o_proj: CudaSlice<bf16>,                   // [D, H·Dh]
+    pub post_attention_layernorm: CudaSlice<bf16>, // [D]
+    pub gate_up_proj: CudaSlice<bf16>,             // [2F, D]  gate | up
+    pub down_proj: CudaSlice<bf16>,                // [D, F]
+}
+
+pub struct CudaWeights {
+    pub embed_tokens: CudaSlice<bf16>,    // [V, D]
+    pub layers: Vec<CudaLayer>,
+    pub norm: CudaSlice<bf16>,            // [D]
+    pub lm_head: Option<CudaSlice<bf16>>, // [V, D]; None when tied
+}
+
+fn cu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+impl CudaWeights {
+    /// Uploads a checkpoint's tensors as bf16, fusing q|k|v and gate|up on the host.
+    pub fn load(gpu: &Gpu, files: &WeightFiles, c: &Config) -> Result<CudaWeights> {
+        let up = |v: Vec<bf16>| gpu.stream.clone_htod(&v).map_err(cu("uploading weights"));
+        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let mut qkv = files.bf16(&format!("{a}.q_proj.weight"), &[q, d])?;
+            qkv.extend(files.bf16(&format!("{a}.k_proj.weight"), &[kv, d])?);
+            qkv.extend(files.bf16(&format!("{a}.v_proj.weight"), &[kv, d])?);
+            let has_bias = c.arch == Arch::Qwen2 || files.has(&format!("{a}.q_proj.bias"));
+            let qkv_bias = if has_bias {
+                let mut b = files.f32(&format!("{a}.q_proj.bias"), &[q])?;
+                b.extend(files.f32(&format!("{a}.k_proj.bias"), &[kv])?);
+                b.extend(files.f32(&format!("{a}.v_proj.bias"), &[kv])?);
+                Some(gpu.stream.clone_htod(&b).map_err(cu("uploading biases"))?)
+            } else {
+                None
+            };
+            let mut gate_up = files.bf16(&format!("{p}.mlp.gate_proj.weight"), &[f, d])?;
+            gate_up.extend(files.bf16(&format!("{p}.mlp.up_proj.weight"), &[f, d])?);
+            layers.push(CudaLayer {
+                input_layernorm: up(files.bf16(&format!("{p}.input_layernorm.weight"), &[d])?)?,
+                qkv_proj: up(qkv)?,
+                qkv_bias,
+                o_proj: up(files.bf16(&format!("{a}.o_proj.weight"), &[d, q])?)?,
+                post_attention_layernorm: up(files.bf16(&format!("{p}.post_attention_layernorm.weight"), &[d])?)?,
+                gate_up_proj: up(gate_up)?,
+                down_proj: up(files.bf16(&format!("{p}.mlp.down_proj.weight"), &[d, f])?)?,
+            });
+        }
+        Ok(CudaWeights {
+            embed_tokens: up(files.bf16("model.embed_tokens.weight", &[v, d])?)?,
+            layers,
+            norm: up(files.bf16("model.norm.weight", &[d])?)?,
+            lm_head: if c.tie_word_embeddings { None } else { Some(up(files.bf16("lm_head.weight", &[v, d])?)?) },
+        })
+    }
+
+    /// Random weights of a real shape generated on the device, for benchmarks. Matrices are
+    /// uniform in ±sqrt(3/fan_in) (unit-variance outputs), norms near 1, so activations stay
+    /// finite and timings are of real arithmetic.
+    pub fn random(gpu: &Gpu, c: &Config, seed: u64) -> Result<CudaWeights> {
+        let mut n = 0u64;
+        let mut rand = |len: usize, offset: f32, scale: f32| -> Result<CudaSlice<bf16>> {
+            let mut s = gpu.stream.alloc_zeros::<bf16>(len).map_err(cu("allocating weights"))?;
+            n += 1;
+            k::fill_random(gpu, &mut s.as_view_mut(), seed.wrapping_mul(1000).wrapping_add(n), offset, scale)?;
+            Ok(s)
+        };
+        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let fan = |k: usize| (3.0 / k as f32).sqrt();
+        let mut layers = Vec::new();
+        for _ in 0..c.num_hidden_layers {
+            let qkv_bias = if c.arch == Arch::Qwen2 {
+                Some(gpu.stream.alloc_zeros::<f32>(q + 2 * kv).map_err(cu("allocating biases"))?)
+            } else {
+                None
+            };
+            layers.push(CudaLayer {
+                input_layernorm: rand(d, 1.0, 0.1)?,
+                qkv_proj: rand((q + 2 * kv) * d, 0.0, fan(d))?,
+                qkv_bias,
+                o_proj: rand(d * q, 0.0, fan(q))?,
+                post_attention_layernorm: rand(d, 1.0, 0.1)?,
+                gate_up_proj: rand(2 * f * d, 0.0, fan(d))?,
+                down_proj: rand(d * f, 0.0, fan(f))?,
+            });
+        }
+        Ok(CudaWeights {
+            embed_tokens: rand(v * d, 0.0, 1.0)?,
+            layers,
+            norm: rand(d, 1.0, 0.1)?,
+            lm_head: if c.tie_word_embeddings { None } else { Some(rand(v * d, 0.0, fan(d))?) },
+        })
+    }
+}
+
+/// Every device buffer of a forward call, sized for `max_t` tokens.
+struct Acts {
+    ids: CudaSlice<i32>,        // [max_t]
+    pos: CudaSlice<i32>,        // [max_t]
+    slot: CudaSlice<i32>,       // [max_t]
+    r: CudaSlice<f32>,          // [max_t, D] residual stream
+    y: CudaSlice<bf16>,         // [max_t, D] normalised sublayer input
+    qkv: CudaSlice<f32>,        // [max_t, (H+2Hkv)·Dh]
+    q: CudaSlice<bf16>,         // [max_t, H, Dh]
+    k_self: CudaSlice<bf16>,    // [max_t, Hkv, Dh]
+    v_self: CudaSlice<bf16>,    // [max_t, Hkv, Dh]
+    part_o: CudaSlice<f32>,     // [max_t, H, splits, Dh]
+    part_ml: CudaSlice<f32>,    // [max_t, H, splits, 2]
+    attn: CudaSlice<bf16>,      // [max_t, H·Dh]
+    o: CudaSlice<f32>,          // [max_t, D] sublayer output
+    gate_up: CudaSlice<f32>,    // [max_t, 2F]
+    act: CudaSlice<bf16>,       // [max_t, F]
+    y_sel: CudaSlice<bf16>,     // [max_t, D] rows picked for the LM head
+    logits: CudaSlice<f32>,     // [max_t, V]
+    next: CudaSlice<i32>,       // [max_t] greedy ids
+    steer_tab: CudaSlice<f32>,  // [max_t, D] dense steering rows (hooks)
+    steer_idx: CudaSlice<i32>,  // [max_t] = 0, 1, 2, …
+    steer_coef: CudaSlice<f32>, // [max_t] = 1
+}
+
+pub struct CudaEngine {
+    pub gpu: Gpu,
+    pub config: Config,
+    pub w: CudaWeights,
+    inv_freq: CudaSlice<f32>,    // [Dh/2]
+    k_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
+    v_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
+    slots: usize,
+    max_len: usize, // S
+    max_t: usize,
+    splits: usize,
+    a: Acts,
+    logits_host: Vec<f32>,
+    /// Replayable decode steps, keyed by token count (all tokens write the cache).
+    graphs: HashMap<usize, CudaGraph>,
+    pub use_graphs: bool,
+}
+
+/// Bytes the engine will allocate on the device beyond the weights.
+pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_t: usize) -> usize {
+    let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let splits = k::decode_splits(max_len);
+    let cache = 2 * c.num_hidden_layers * slots * max_len * hkv * dh * 2;
+    let per_t = d * 4 + d * 2 + (h + 2 * hkv) * dh * 4 + (h + 2 * hkv) * dh * 2 + h * splits * (dh + 2) * 4
+        + h * dh * 2 + d * 4 + 2 * f * 4 + f * 2 + d * 2 + v * 4 + d * 4 + 5 * 4;
+    cache + per_t * max_t
+}
+
+impl CudaEngine {
+    /// Loads a checkpoint folder onto the GPU.
+    pub fn load(gpu: Gpu, dir: &Path, slots: usize, max_len: usize, max_t: usize) -> Result<CudaEngine> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let files = WeightFiles::open(dir)?;
+        Self::check_fits(&gpu, &config, slots, max_len, max_t, config.param_count() * 2)?;
+        let w = CudaWeights::load(&gpu, &files, &config)?;
+        Self::new(gpu, config, w, slots, max_len, max_t)
+    }
+
+    /// Refuses, before allocating anything, a cache and activations that will not fit the card.
+    pub fn check_fits(gpu: &Gpu, c: &Config, slots: usize, max_len: usize, max_t: usize, weight_bytes: usize) -> Result<()> {
+        let need = cache_and_activation_bytes(c, slots, max_len, max_t) + weight_bytes;
+        let (free, total) = cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
+        let _ = &gpu.ctx;
+        if need > free {
+            crate::bail!(
+                "{slots} sequences × {max_len} positions need {:.2} GiB on the GPU (weights, KV cache, activations); the card has {:.2} GiB free of {:.2} GiB: lower the batch or the context",
+                need as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            );
+        }
+        Ok(())
+    }
+
+    pub fn new(gpu: Gpu, config: Config, w: CudaWeights, slots: usize, max_len: usize, max_t: usize) -> Result<CudaEngine> {
+        let c = &config;
+        if !(c.head_dim == 64 || c.head_dim == 128) {
+            crate::bail!("the CUDA attention kernels need head_dim 64 or 128, found {}", c.head_dim);
+        }
+        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let splits = k::decode_splits(max_len);
+        let s = &gpu.stream;
+        let z32 = |n: usize| s.alloc_zeros::<f32>(n).map_err(cu("allocating activations"));
+        let z16 = |n: usize| s.alloc_zeros::<bf16>(n).map_err(cu("allocating activations"));
+        let zi = |n: usize| s.alloc_zeros::<i32>(n).map_err(cu("allocating activations"));
+        let n_cache = slots * max_len * hkv * dh;
+        let mut k_cache = Vec::new();
+        let mut v_cache = Vec::new();
+        for _ in 0..c.num_hidden_layers {
+            k_cache.push(z16(n_cache)?);
+            v_cache.push(z16(n_cache)?);
+        }
+        let idx: Vec<i32> = (0..max_t as i32).collect();
+        let a = Acts {
+            ids: zi(max_t)?,
+            pos: zi(max_t)?,
+            slot: zi(max_t)?,
+            r: z32(max_t * d)?,
+            y: z16(max_t * d)?,
+            qkv: z32(max_t * (h + 2 * hkv) * dh)?,
+            q: z16(max_t * h * dh)?,
+            k_self: z16(max_t * hkv * dh)?,
+            v_self: z16(max_t * hkv * dh)?,
+            part_o: z32(max_t * h * splits * dh)?,
+            part_ml: z32(max_t * h * splits * 2)?,
+            attn: z16(max_t * h * dh)?,
+            o: z32(max_t * d)?,
+            gate_up: z32(max_t * 2 * f)?,
+            act: z16(max_t * f)?,
+            y_sel: z16(max_t * d)?,
+            logits: z32(max_t * v)?,
+            next: zi(max_t)?,
+            steer_tab: z32(max_t * d)?,
+            steer_idx: s.clone_htod(&idx).map_err(cu("allocating activations"))?,
+            steer_coef: s.clone_htod(&vec![1f32; max_t]).map_err(cu("allocating activations"))?,
+        };
+        let inv_freq = s.clone_htod(&c.rope_inv_freq()).map_err(cu("uploading RoPE frequencies"))?;
+        Ok(CudaEngine {
+            config,
+            w,
+            inv_freq,
+            k_cache,
+            v_cache,
+            slots,
+            max_len,
+            max_t,
+            splits,
+            a,
+            logits_host: vec![],
+            graphs: HashMap::new(),
+            use_graphs: true,
+            gpu,
+        })
+    }
+
+    fn shape(&self) -> AttnShape {
+        let c = &self.config;
+        AttnShape { h: c.num_attention_heads, hkv: c.num_key_value_heads, dh: c.head_dim, slots: self.slots, s: self.max_len }
+    }
+
+    /// Uploads ids, positions and slots of one call (≤ max_t tokens).
+    fn upload_step(&mut self, ids: &[u32], step: &Step) -> Result<()> {
+        let t = ids.len();
+        let s = &self.gpu.stream;
+        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+        let pos: Vec<i32> = step.positions.iter().map(|&p| p as i32).collect();
+        let slot: Vec<i32> = step.slots.iter().map(|&p| p as i32).collect();
+        s.memcpy_htod(&ids, &mut self.a.ids.slice_mut(..t)).map_err(cu("uploading ids"))?;
+        s.memcpy_htod(&pos, &mut self.a.pos.slice_mut(..t)).map_err(cu("uploading positions"))?;
+        s.memcpy_htod(&slot, &mut self.a.slot.slice_mut(..t)).map_err(cu("uploading slots"))?;
+        Ok(())
+    }
+
+    /// The residual_norm kernel that closes point `p` (adds the previous MLP output when p > 0),
+    /// steers it when `steer` is set, and normalises it with `w` into y.
+    fn close_point(&mut self, t: usize, p: usize, steer: bool, hooks_capture: Option<&mut Vec<f32>>) -> Result<()> {
+        let c = &self.config;
+        let (d, n) = (c.hidden_size, c.num_hidden_layers);
+        let a = &mut self.a;
+        let w = if p < n { &self.w.layers[p].input_layernorm } else { &self.w.norm };
+        let (tab, idx, coef) = (a.steer_tab.slice(..t * d), a.steer_idx.slice(..t), a.steer_coef.slice(..t));
+        let st = Steer { table: &tab, coef: &coef, idx: &idx, nv: t };
+        let x = a.o.slice(..t * d);
+        k::residual_norm(
+            &self.gpu,
+            &mut a.r.slice_mut(..t * d),
+            if p > 0 { Some(&x) } else { None },
+            if steer { Some(&st) } else { None },
+            &w.as_view(),
+            Some(&mut a.y.slice_mut(..t * d)),
+            None,
+            t,
+            d,
+            c.rms_norm_eps,
+        )?;
+        if let Some(buf) = hooks_capture {
+            buf.resize(t * d, 0.0);
+            self.gpu.stream.memcpy_dtoh(&a.r.slice(..t * d), buf.as_mut_slice()).map_err(cu("capturing the residual"))?;
+            self.gpu.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Every launch of one forward call over the uploaded step (t tokens, the first n_write
+    /// appending to the cache), ending with the final norm in y. `hooks` may steer and capture.
+    fn layers(&mut self, t: usize, n_write: usize, hooks: &mut Hooks) -> Result<()> {
+        let c = self.config.clone();
+        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (wq, sh, splits) = ((h + 2 * hkv) * dh, self.shape(), self.splits);
+        let steer_at = hooks.steer.map(|(p, add)| (p, add.to_vec()));
+        if let Some((_, add)) = &steer_at {
+            if add.len() != t * d {
+                crate::bail!("steering rows: expected [T={t}, D={d}] = {} values, found {}", t * d, add.len());
+            }
+            self.gpu.stream.memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d)).map_err(cu("uploading steering"))?;
+        }
+        let g = &self.gpu;
+        k::embed(g, &mut self.a.r.slice_mut(..t * d), &self.w.embed_tokens.as_view(), &self.a.ids.slice(..t), t, d, v)?;
+        for l in 0..=c.num_hidden_layers {
+            let steer = steer_at.as_ref().is_some_and(|(p, _)| *p == l);
+            let cap = hooks.capture.iter_mut().find(|(p, _)| *p == l).map(|(_, b)| b);
+            self.close_point(t, l, steer, cap)?;
+            if l == c.num_hidden_layers {
+                break;
+            }
+            let g = &self.gpu;
+            let (a, w) = (&mut self.a, &self.w.layers[l]);
+            // Attention: fused q|k|v product, bias + RoPE + cache append, attention, o_proj.
+            k::matmul(g, &mut a.qkv.slice_mut(..t * wq), &a.y.slice(..t * d), &w.qkv_proj.as_view(), t, wq, d)?;
+            let bias = w.qkv_bias.as_ref().map(|b| b.as_view());
+            k::qkv_rope(
+                g,
+                &a.qkv.slice(..t * wq),
+                bias.as_ref(),
+                &self.inv_freq.as_view(),
+                &a.pos.slice(..t),
+                &a.slot.slice(..t),
+                n_write,
+                &mut a.q.slice_mut(..t * h * dh),
+                &mut a.k_self.slice_mut(..t * hkv * dh),
+                &mut a.v_self.slice_mut(..t * hkv * dh),
+                &mut self.k_cache[l].as_view_mut(),
+                &mut self.v_cache[l].as_view_mut(),
+                t,
+                sh,
+            )?;
+            k::attention_decode(
+                g,
+                &a.q.slice(..t * h * dh),
+                &self.k_cache[l].as_view(),
+                &self.v_cache[l].as_view(),
+                &a.k_self.slice(..t * hkv * dh),
+                &a.v_self.slice(..t * hkv * dh),
+                &a.pos.slice(..t),
+                &a.slot.slice(..t),
+                &mut a.part_o.slice_mut(..t * h * splits * dh),
+                &mut a.part_ml.slice_mut(..t * h * splits * 2),
+                &mut a.attn.slice_mut(..t * h * dh),
+                t,
+                sh,
+                splits,
+            )?;
+            k::matmul(g, &mut a.o.slice_mut(..t * d), &a.attn.slice(..t * h * dh), &w.o_proj.as_view(), t, d, h * dh)?;
+            // MLP: r += o; y = norm(r); down(silu(gate) · up).
+            let o = a.o.slice(..t * d);
+            k::residual_norm(
+                g,
+                &mut a.r.slice_mut(..t * d),
+                Some(&o),
+                None,
+                &w.post_attention_layernorm.as_view(),
+                Some(&mut a.y.slice_mut(..t * d)),
+                None,
+                t,
+                d,
+                c.rms_norm_eps,
+            )?;
+            k::matmul(g, &mut a.gate_up.slice_mut(..t * 2 * f), &a.y.slice(..t * d), &w.gate_up_proj.as_view(), t, 2 * f, d)?;
+            k::silu_mul(g, &mut a.act.slice_mut(..t * f), &a.gate_up.slice(..t * 2 * f), t, f)?;
+            k::matmul(g, &mut a.o.slice_mut(..t * d), &a.act.slice(..t * f), &w.down_proj.as_view(), t, d, f)?;
+        }
+        Ok(())
+    }
+
+    /// LM head over the rows `rows` of y → logits [R, V] on the device.
+    fn head(&mut self, rows: &[usize]) -> Result<()> {
+        let c = &self.config;
+        let (d, v, r) = (c.hidden_size, c.vocab_size, rows.len());
+        let identity = rows.iter().enumerate().all(|(i, &x)| i == x);
+        let g = &self.gpu;
+        if !identity {
+            for (i, &row) in rows.iter().enumerate() {
+                g.stream
+                    .memcpy_dtod(&self.a.y.slice(row * d..(row + 1) * d), &mut self.a.y_sel.slice_mut(i * d..(i + 1) * d))
+                    .map_err(cu("gathering rows"))?;
+            }
+        }
+        let x = if identity { self.a.y.slice(..r * d) } else { self.a.y_sel.slice(..r * d) };
+        let lm = self.w.lm_head.as_ref().unwrap_or(&self.w.embed_tokens);
+        k::matmul(g, &mut self.a.logits.slice_mut(..r * v), &x, &lm.as_view(), r, v, d)
+    }
+
+    /// One greedy decode step for `ids.len()` rows (each writes its K/V), replayed from a CUDA
+    /// graph after the first call with that row count. Returns the greedy ids.
+    pub fn decode_greedy(&mut self, ids: &[u32], step: &Step) -> Result<Vec<u32>> {
+        let t = ids.len();
+        check_step(&self.config, ids, step, self.slots, self.max_len)?;
+        if t > self.max_t || step.n_write != t {
+            crate::bail!("decode_greedy: expected 1..={} rows that all write the cache, found {t} rows, n_write {}", self.max_t, step.n_write);
+        }
+        self.upload_step(ids, step)?;
+        let v = self.config.vocab_size;
+        if self.use_graphs {
+            if !self.graphs.contains_key(&t) {
+                // Warm-up run outside capture (first-use work such as module loading), then capture.
+                self.greedy_launches(t)?;
+                self.gpu.sync()?;
+                let s = self.gpu.stream.clone();
+                s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(cu("starting graph capture"))?;
+                let launched = self.greedy_launches(t);
+                let graph = s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags_enum(0)).map_err(cu("ending graph capture"))?;
+                launched?;
+                let graph = graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
+                self.graphs.insert(t, graph);
+            }
+            self.graphs[&t].launch().map_err(cu("replaying the decode graph"))?;
+        } else {
+            self.greedy_launches(t)?;
+        }
+        let mut out = vec![0i32; t];
+        self.gpu.stream.memcpy_dtoh(&self.a.next.slice(..t), out.as_mut_slice()).map_err(cu("reading ids"))?;
+        self.gpu.sync()?;
+        let _ = v;
+        Ok(out.into_iter().map(|x| x as u32).collect())
+    }
+
+    fn greedy_launches(&mut self, t: usize) -> Result<()> {
+        self.layers(t, t, &mut Hooks::default())?;
+        let rows: Vec<usize> = (0..t).collect();
+        self.head(&rows)?;
+        let v = self.config.vocab_size;
+        k::argmax(&self.gpu, &mut self.a.next.slice_mut(..t), &self.a.logits.slice(..t * v), t, v)
+    }
+
+    /// Forward of up to max_t tokens without returning logits (prefill chunks).
+    fn forward_chunk(&mut self, ids: &[u32], step: &Step, hooks: &mut Hooks) -> Result<()> {
+        self.upload_step(ids, step)?;
+        self.layers(ids.len(), step.n_write, hooks)
+    }
+
+    /// Bytes of weights a decode step streams (for GB/s).
+    pub fn weight_bytes(&self) -> usize {
+        self.config.param_count() * 2
+    }
+}
+
+impl Decoder for CudaEngine {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn max_len(&self) -> usize {
+        self.max_len
+    }
+    fn slots(&self) -> usize {
+        self.slots
+    }
+    fn forward(&mut self, ids: &[u32], step: &Step, logit_rows: &[usize], hooks: &mut Hooks) -> Result<&[f32]> {
+        check_step(&self.config, ids, step, self.slots, self.max_len)?;
+        let t = ids.len();
+        let hooked = hooks.steer.is_some() || !hooks.capture.is_empty();
+        if t > self.max_t {
+            // Long prefills run in chunks of max_t tokens; every chunk writes before the next reads.
+            if hooked || step.n_write != t || logit_rows.iter().any(|&r| r + self.max_t < t) {
+                crate::bail!("a call of {t} tokens exceeds the engine's {} tokens per call with hooks, read-only rows or early logit rows", self.max_t);
+            }
+            let mut start = 0;
+            while t - start > self.max_t {
+                let end = start + self.max_t;
+                let sub = Step { slots: &step.slots[start..end], positions: &step.positions[start..end], n_write: self.max_t };
+                self.forward_chunk(&ids[start..end], &sub, &mut Hooks::default())?;
+                start = end;
+            }
+            let sub = Step { slots: &step.slots[start..], positions: &step.positions[start..], n_write: t - start };
+            let rows: Vec<usize> = logit_rows.iter().map(|&r| r - start).collect();
+            return self.forward(&ids[start..], &sub, &rows, hooks);
+        }
+        self.forward_chunk(ids, step, hooks)?;
+        self.head(logit_rows)?;
+        let v = self.config.vocab_size;
+        let r = logit_rows.len();
+        self.logits_host.resize(r * v, 0.0);
+        self.gpu.stream.memcpy_dtoh(&self.a.logits.slice(..r * v), self.logits_host.as_mut_slice()).map_err(cu("reading logits"))?;
+        self.gpu.sync()?;
+        Ok(&self.logits_host)
+    }
+}
