@@ -4,6 +4,7 @@
 //! B batch rows, T tokens (all rows of one step, flattened), S positions in a KV cache,
 //! D model dim, H / Hkv query / key-value heads, Dh head dim, F ffn dim, V vocab, K SAE latents.
 
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod cpu_ops;

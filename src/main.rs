@@ -26,6 +26,16 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Write the logits of every prompt position (and captured residuals) to a safetensors file.
     Logits(LogitsArgs),
+    /// The hybrid loop: the base model generates, the thinking model steers it through an SAE.
+    Hybrid(HybridArgs),
+    /// Write a random SAE for a model layer (to try the hybrid loop without trained artifacts).
+    RandomSae(RandomSaeArgs),
+    /// Write a random steering set for a model layer.
+    RandomVectors(RandomVectorsArgs),
+    /// Grade one response against a reference answer.
+    Grade(GradeArgs),
+    /// Prefill and decode throughput, achieved bandwidth and % of the memory-bandwidth floor.
+    Bench(BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -94,11 +104,165 @@ struct LogitsArgs {
     capture_layer: Vec<usize>,
 }
 
+#[derive(Args)]
+struct HybridArgs {
+    /// The base model's checkpoint folder (it generates; steering is added to it).
+    #[arg(long)]
+    base: PathBuf,
+    /// The thinking model's checkpoint folder (it picks when and which vector).
+    #[arg(long)]
+    thinking: PathBuf,
+    /// SAE on the thinking model's residual (safetensors: W_enc, b_enc, W_dec, b_dec).
+    #[arg(long)]
+    sae: PathBuf,
+    /// Steering set for the base model (safetensors: bias, vectors).
+    #[arg(long)]
+    vectors: PathBuf,
+    /// One question.
+    #[arg(long, conflicts_with = "questions", required_unless_present = "questions")]
+    question: Option<String>,
+    /// A JSONL file of questions (field `question`, or `problem`, or --question-field).
+    #[arg(long)]
+    questions: Option<PathBuf>,
+    /// The JSONL field holding the question.
+    #[arg(long)]
+    question_field: Option<String>,
+    /// exact (recompute, any windows: the oracle), cached (default), persistent (our extension).
+    #[arg(long, value_enum, default_value = "cached")]
+    mode: thinksteer::hybrid::Mode,
+    /// Steering coefficients C (outer loop of candidates).
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", allow_hyphen_values = true)]
+    coefficients: Vec<f32>,
+    /// Windows W (inner loop): 0 = every position, -N = the last N positions.
+    #[arg(long, value_delimiter = ',', default_value = "-1", allow_hyphen_values = true)]
+    windows: Vec<i64>,
+    /// Maximum new tokens per question.
+    #[arg(long, default_value_t = 2000)]
+    max_new_tokens: usize,
+    /// Questions decoded together (cached and persistent modes).
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// The base model's prompt; {question} is replaced (default: the paper's plain prompt).
+    #[arg(long)]
+    base_prompt: Option<String>,
+    /// Give the thinking model the plain prompt too instead of its chat template.
+    #[arg(long)]
+    thinking_plain: bool,
+    /// Ablation: add only the bias vector.
+    #[arg(long)]
+    only_bias: bool,
+    /// Ablation: pick the category at random (seeded by --seed) instead of by the SAE.
+    #[arg(long)]
+    random_firing: bool,
+    /// Ablation: random directions scaled to the norms of the loaded vectors (seeded by --seed).
+    #[arg(long)]
+    random_vectors: bool,
+    /// Ablation: steer every step, whether or not the models agree.
+    #[arg(long)]
+    no_gating: bool,
+    /// The reference code's off-by-one: add at the input of block L_b instead of its output.
+    #[arg(long)]
+    steer_at_block_input: bool,
+    /// The reference code's quirk: feed the SAE raw activations (no centring, no unit norm).
+    #[arg(long)]
+    sae_raw_activations: bool,
+    /// Seed of the random ablations.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+    /// One JSON line per question: ids, text, steps, stats.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RandomSaeArgs {
+    /// The (thinking) model the SAE reads.
+    #[arg(long)]
+    model: PathBuf,
+    /// Block whose output it encodes (0-based).
+    #[arg(long)]
+    layer: usize,
+    /// Number of latents K.
+    #[arg(long, default_value_t = 15)]
+    latents: usize,
+    /// Top-k of the SAE.
+    #[arg(long, default_value_t = 3)]
+    k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct RandomVectorsArgs {
+    /// The (base) model the vectors steer.
+    #[arg(long)]
+    model: PathBuf,
+    /// Block at whose output they are added (0-based).
+    #[arg(long)]
+    layer: usize,
+    /// Number of category vectors K.
+    #[arg(long, default_value_t = 15)]
+    count: usize,
+    /// L2 norm of each vector.
+    #[arg(long, default_value_t = 8.0)]
+    norm: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct GradeArgs {
+    /// gsm8k (final number) or math (last \boxed{}).
+    #[arg(long)]
+    kind: String,
+    #[arg(long)]
+    reference: String,
+    #[arg(long)]
+    response: String,
+    /// Print {"extracted", "correct"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// qwen2.5-1.5b, llama-3.1-8b (random weights of the real shape) or a checkpoint folder.
+    #[arg(long)]
+    shape: String,
+    /// Where to run (named shapes need the GPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    device: Device,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batch: Vec<usize>,
+    /// Prompt length (prefill benchmark and decode context).
+    #[arg(long, default_value_t = 64)]
+    prompt_len: usize,
+    /// Decode steps timed per batch size.
+    #[arg(long, default_value_t = 256)]
+    new_tokens: usize,
+    /// Print JSON rows instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Logits(a) => cmd_logits(a),
+        Cmd::Hybrid(a) => cmd_hybrid(a),
+        Cmd::RandomSae(a) => cmd_random_sae(a),
+        Cmd::RandomVectors(a) => cmd_random_vectors(a),
+        Cmd::Grade(a) => cmd_grade(a),
+        Cmd::Bench(a) => cmd_bench(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -118,7 +282,7 @@ struct Loaded {
 }
 
 fn load(a: &PromptArgs) -> Result<Loaded> {
-    check_device(a.device)?;
+    use_cuda(a.device)?;
     let model = Arc::new(Model::load(&a.model)?);
     let tok = Tokenizer::from_dir(&a.model)?;
     let prompt_ids = match (&a.prompt, &a.prompt_ids) {
@@ -156,17 +320,33 @@ fn render_chat(dir: &Path, text: &str) -> Result<String> {
     Ok(tpl.render(&[Message::user(text)], true)?)
 }
 
-fn check_device(d: Device) -> Result<()> {
+/// Whether to run on the GPU: `cuda` insists (with the reason when it cannot), `auto` falls back.
+fn use_cuda(d: Device) -> Result<bool> {
     match d {
-        Device::Cpu | Device::Auto => Ok(()),
-        Device::Cuda => Err(anyhow!("--device cuda: the CUDA engine is not wired into this command yet; use --device cpu")),
+        Device::Cpu => Ok(false),
+        Device::Auto => Ok(thinksteer::cuda::available().is_ok()),
+        Device::Cuda => match thinksteer::cuda::available() {
+            Ok(()) => Ok(true),
+            Err(why) => Err(anyhow!("--device cuda: {why}")),
+        },
+    }
+}
+
+/// The model on the chosen device, with `slots` sequences of `ctx` positions.
+fn engine(a: &PromptArgs, model: &Arc<Model>, slots: usize, ctx: usize) -> Result<Box<dyn Decoder>> {
+    if use_cuda(a.device)? {
+        let gpu = thinksteer::cuda::Gpu::new(0)?;
+        let max_t = ctx.clamp(16, 512);
+        Ok(Box::new(thinksteer::cuda::model::CudaEngine::load(gpu, &a.model, slots, ctx, max_t)?))
+    } else {
+        Ok(Box::new(CpuEngine::new(model.clone(), slots, ctx)))
     }
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let l = load(&a.prompt)?;
     let ctx = l.model.config.max_position_embeddings.min(l.prompt_ids.len() + a.max_new_tokens);
-    let mut engine = CpuEngine::new(l.model.clone(), 1, ctx);
+    let mut engine = engine(&a.prompt, &l.model, 1, ctx)?;
     let params = GenParams {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
@@ -175,7 +355,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     };
     let stream = !a.json && l.tok.is_some();
     let mut stdout = std::io::stdout();
-    let out = generate(&mut engine, l.tok.as_ref(), std::slice::from_ref(&l.prompt_ids), &params, |_, piece| {
+    let out = generate(engine.as_mut(), l.tok.as_ref(), std::slice::from_ref(&l.prompt_ids), &params, |_, piece| {
         if stream {
             let _ = write!(stdout, "{piece}");
             let _ = stdout.flush();
@@ -206,7 +386,7 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
         }
     }
     let t = l.prompt_ids.len();
-    let mut engine = CpuEngine::new(l.model.clone(), 1, t);
+    let mut engine = engine(&a.prompt, &l.model, 1, t)?;
     let slots = vec![0; t];
     let positions: Vec<usize> = (0..t).collect();
     let rows: Vec<usize> = (0..t).collect();
@@ -223,5 +403,142 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
         .map(|(n, b, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
         .collect::<Result<_>>()?;
     safetensors::serialize_to_file(views, None, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(())
+}
+
+fn cmd_hybrid(a: HybridArgs) -> Result<()> {
+    use thinksteer::hybrid::{run, Pair, Prompts, Settings};
+    use thinksteer::sae::Sae;
+    use thinksteer::steering::SteeringSet;
+    if a.device == Device::Cuda {
+        use_cuda(a.device)?;
+        return Err(anyhow!("--device cuda: the hybrid loop runs on the CPU in this version (the fused GPU step is not built yet); use --device cpu"));
+    }
+    let base = Model::load(&a.base)?;
+    let thinking = Model::load(&a.thinking)?;
+    let sae = Sae::load(&a.sae)?;
+    let mut steering = SteeringSet::load(&a.vectors)?;
+    if a.random_vectors {
+        steering = steering.randomized_like(a.seed);
+    }
+    let base_tok = Tokenizer::from_dir(&a.base)?
+        .ok_or_else(|| anyhow!("{}: the hybrid loop needs tokenizer.json in the base model folder", a.base.display()))?;
+    let think_tok = Tokenizer::from_dir(&a.thinking)?
+        .ok_or_else(|| anyhow!("{}: the hybrid loop needs tokenizer.json in the thinking model folder", a.thinking.display()))?;
+    base_tok.check_same_ids(&think_tok)?;
+    let questions = match (&a.question, &a.questions) {
+        (Some(q), _) => vec![q.clone()],
+        (None, Some(p)) => thinksteer::eval::dataset::load_questions(p, a.question_field.as_deref())?,
+        (None, None) => return Err(anyhow!("expected --question or --questions")),
+    };
+    let template = if a.thinking_plain { None } else { ChatTemplate::from_dir(&a.thinking)? };
+    if !a.thinking_plain && template.is_none() {
+        return Err(anyhow!("{}: no chat template for the thinking model; pass --thinking-plain to give it the plain prompt", a.thinking.display()));
+    }
+    let mut problems = Vec::with_capacity(questions.len());
+    for q in &questions {
+        let base_text = match &a.base_prompt {
+            Some(t) => t.replace("{question}", q),
+            None => thinksteer::chat::plain_base_prompt(q),
+        };
+        let think_text = match &template {
+            Some(t) => t.render(&[Message::user(q)], true)?,
+            None => base_text.clone(),
+        };
+        problems.push(Prompts { base: base_tok.encode(&base_text)?, thinking: think_tok.encode(&think_text)? });
+    }
+    let settings = Settings {
+        mode: a.mode,
+        coefficients: a.coefficients.clone(),
+        windows: a.windows.clone(),
+        max_new_tokens: a.max_new_tokens,
+        only_bias: a.only_bias,
+        random_firing: a.random_firing.then_some(a.seed),
+        no_gating: a.no_gating,
+        steer_at_block_input: a.steer_at_block_input,
+        sae_raw_activations: a.sae_raw_activations,
+    };
+    let pair = Pair { base: &base, thinking: &thinking, sae: &sae, steering: &steering };
+    let eos = &base.config.eos_token_ids;
+    let batch = if a.mode == thinksteer::hybrid::Mode::Exact { 1 } else { a.batch.max(1) };
+    for (ci, chunk) in problems.chunks(batch).enumerate() {
+        let outs = run(&pair, chunk, &settings, |_, _, _| {})?;
+        for (j, out) in outs.iter().enumerate() {
+            let body: Vec<u32> = out.ids.iter().copied().filter(|i| !eos.contains(i)).collect();
+            let text = base_tok.decode(&body)?;
+            if a.json {
+                let j = serde_json::json!({
+                    "ids": out.ids,
+                    "text": text,
+                    "steps": out.steps,
+                    "stats": {
+                        "steered_fraction": out.steered_fraction(),
+                        "category_counts": out.category_counts(sae.latents),
+                    }
+                });
+                println!("{j}");
+            } else {
+                println!("=== question {} (steered {:.1}% of {} tokens)", ci * batch + j, 100.0 * out.steered_fraction(), out.ids.len());
+                println!("{text}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_random_sae(a: RandomSaeArgs) -> Result<()> {
+    let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
+    let sae = thinksteer::sae::Sae::random(c.hidden_size, a.latents, a.layer, a.k, a.seed, &a.model.display().to_string());
+    sae.validate_for(c.hidden_size, c.num_hidden_layers)?;
+    sae.save(&a.out)?;
+    Ok(())
+}
+
+fn cmd_random_vectors(a: RandomVectorsArgs) -> Result<()> {
+    let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
+    let set = thinksteer::steering::SteeringSet::random(c.hidden_size, a.count, a.layer, a.norm, a.seed, &a.model.display().to_string());
+    set.validate_for(c.hidden_size, c.num_hidden_layers)?;
+    set.save(&a.out)?;
+    Ok(())
+}
+
+fn cmd_grade(a: GradeArgs) -> Result<()> {
+    let kind: thinksteer::eval::grade::GradeKind = a.kind.parse()?;
+    let g = thinksteer::eval::grade::grade(kind, &a.reference, &a.response);
+    if a.json {
+        println!("{}", serde_json::to_string(&g)?);
+    } else {
+        println!("{} (extracted {:?})", if g.correct { "correct" } else { "incorrect" }, g.extracted);
+    }
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let s = thinksteer::bench::Settings { batches: a.batch.clone(), prompt_len: a.prompt_len, new_tokens: a.new_tokens, seed: 0 };
+    if a.prompt_len == 0 || a.batch.contains(&0) {
+        return Err(anyhow!("--prompt-len and every --batch must be at least 1"));
+    }
+    let rows = if use_cuda(a.device)? { thinksteer::bench::run_cuda(&a.shape, &s)? } else { thinksteer::bench::run_cpu(&a.shape, &s)? };
+    if a.json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        println!("{:<14} {:<6} {:<8} {:>6} {:>12} {:>10} {:>10} {:>9}", "shape", "device", "phase", "batch", "ms/token", "tok/s", "GB/s", "% floor");
+        for r in &rows {
+            let pct = if r.phase == "prefill" { format!("{:.1}%TC", r.pct_of_floor) } else { format!("{:.1}%", r.pct_of_floor) };
+            println!(
+                "{:<14} {:<6} {:<8} {:>6} {:>12.3} {:>10.1} {:>10.0} {:>9}",
+                r.shape.chars().rev().take(14).collect::<Vec<_>>().into_iter().rev().collect::<String>(),
+                r.device,
+                r.phase,
+                r.batch,
+                r.ms_per_token,
+                r.tok_per_s,
+                r.gb_per_s,
+                pct
+            );
+        }
+    }
     Ok(())
 }

@@ -1,0 +1,204 @@
+//! `thinksteer bench`: prefill and decode throughput of a model shape, with achieved bandwidth
+//! next to the floor (weight bytes / HBM bandwidth). Named shapes get random weights of the real
+//! shape generated on the device; a checkpoint folder is loaded as is. Every timed decode step
+//! is checked for valid ids before its time counts.
+
+use crate::config::Config;
+use crate::cuda::model::{CudaEngine, CudaWeights};
+use crate::cuda::Gpu;
+use crate::engine::{CpuEngine, Decoder};
+use crate::model::{Hooks, Model, Step};
+use crate::rng::Rng;
+use crate::{bail, Result};
+use serde::Serialize;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// HBM bandwidth the floor is computed against: a device-to-device copy on the lent H100
+/// measured 2.85–3.0 TB/s (spec/performance.md).
+pub const HBM_BYTES_PER_S: f64 = 3.0e12;
+/// H100 SXM dense bf16 tensor-core peak, from NVIDIA's datasheet.
+pub const H100_BF16_FLOPS: f64 = 989e12;
+
+/// The real configurations of the named benchmark shapes.
+pub fn named_shape(name: &str) -> Option<Config> {
+    let json = match name {
+        "qwen2.5-1.5b" => serde_json::json!({
+            "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+            "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0, "max_position_embeddings": 32768, "tie_word_embeddings": true,
+            "eos_token_id": 151643
+        }),
+        "llama-3.1-8b" => serde_json::json!({
+            "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5,
+            "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": false,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "eos_token_id": [128001, 128008, 128009]
+        }),
+        _ => return None,
+    };
+    Some(Config::from_json(&json.to_string()).expect("named shapes are valid configs"))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub shape: String,
+    pub device: String,
+    pub phase: &'static str,
+    pub batch: usize,
+    pub tokens: usize,
+    /// Milliseconds per decode step (all rows) or per prefill token.
+    pub ms_per_token: f64,
+    pub tok_per_s: f64,
+    /// Weight bytes streamed per step / step time (decode).
+    pub gb_per_s: f64,
+    /// Floor time / measured time (decode), or achieved / peak FLOP rate (prefill).
+    pub pct_of_floor: f64,
+}
+
+pub struct Settings {
+    pub batches: Vec<usize>,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    pub seed: u64,
+}
+
+fn random_ids(n: usize, v: usize, seed: u64) -> Vec<u32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.below(v) as u32).collect()
+}
+
+/// Prefills `b` random prompts, then times `new_tokens` greedy steps of all rows.
+fn decode_rows<E: Decoder>(
+    e: &mut E,
+    mut greedy: impl FnMut(&mut E, &[u32], &Step) -> Result<Vec<u32>>,
+    b: usize,
+    s: &Settings,
+) -> Result<f64> {
+    let v = e.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..b).map(|i| random_ids(s.prompt_len, v, s.seed + i as u64)).collect();
+    let mut next = vec![0u32; b];
+    for (i, p) in prompts.iter().enumerate() {
+        let slots = vec![i; p.len()];
+        let pos: Vec<usize> = (0..p.len()).collect();
+        let l = e.forward(p, &Step { slots: &slots, positions: &pos, n_write: p.len() }, &[p.len() - 1], &mut Hooks::default())?;
+        next[i] = crate::cpu_ops::argmax(l) as u32;
+    }
+    let slots: Vec<usize> = (0..b).collect();
+    let mut pos = vec![s.prompt_len; b];
+    let warm = 2.min(s.new_tokens);
+    let mut t0 = Instant::now();
+    for i in 0..s.new_tokens {
+        if i == warm {
+            t0 = Instant::now();
+        }
+        let ids = greedy(e, &next, &Step { slots: &slots, positions: &pos, n_write: b })?;
+        if let Some(bad) = ids.iter().find(|&&x| x as usize >= v) {
+            bail!("decode produced id {bad} outside the vocabulary {v}: the timing is not of a valid run");
+        }
+        next = ids;
+        pos.iter_mut().for_each(|p| *p += 1);
+    }
+    Ok(t0.elapsed().as_secs_f64() / (s.new_tokens - warm).max(1) as f64)
+}
+
+fn prefill_time(e: &mut impl Decoder, s: &Settings) -> Result<f64> {
+    let v = e.config().vocab_size;
+    let ids = random_ids(s.prompt_len, v, s.seed);
+    let slots = vec![0; ids.len()];
+    let pos: Vec<usize> = (0..ids.len()).collect();
+    let step = Step { slots: &slots, positions: &pos, n_write: ids.len() };
+    e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?; // warm-up
+    let reps = 3;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?;
+    }
+    Ok(t0.elapsed().as_secs_f64() / reps as f64)
+}
+
+fn rows_for(shape: &str, device: &str, c: &Config, s: &Settings, prefill: f64, decode: &[(usize, f64)]) -> Vec<Row> {
+    let bytes = (c.param_count() * 2) as f64;
+    let floor = bytes / HBM_BYTES_PER_S;
+    let flops = 2.0 * c.param_count() as f64 * s.prompt_len as f64;
+    let mut rows = vec![Row {
+        shape: shape.into(),
+        device: device.into(),
+        phase: "prefill",
+        batch: 1,
+        tokens: s.prompt_len,
+        ms_per_token: prefill * 1e3 / s.prompt_len as f64,
+        tok_per_s: s.prompt_len as f64 / prefill,
+        gb_per_s: 0.0,
+        pct_of_floor: 100.0 * flops / prefill / H100_BF16_FLOPS,
+    }];
+    for &(b, t) in decode {
+        rows.push(Row {
+            shape: shape.into(),
+            device: device.into(),
+            phase: "decode",
+            batch: b,
+            tokens: s.new_tokens,
+            ms_per_token: t * 1e3,
+            tok_per_s: b as f64 / t,
+            gb_per_s: bytes / t / 1e9,
+            pct_of_floor: 100.0 * floor / t,
+        });
+    }
+    rows
+}
+
+/// Runs the benchmark on the GPU.
+pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
+    let gpu = Gpu::new(0)?;
+    let max_b = s.batches.iter().copied().max().unwrap_or(1);
+    let max_len = s.prompt_len + s.new_tokens + 1;
+    let max_t = max_b.max(512);
+    let (config, weights) = match named_shape(shape) {
+        Some(c) => {
+            CudaEngine::check_fits(&gpu, &c, max_b, max_len, max_t, c.param_count() * 2)?;
+            let w = CudaWeights::random(&gpu, &c, s.seed)?;
+            (c, w)
+        }
+        None => {
+            let dir = Path::new(shape);
+            let c = Config::from_file(&dir.join("config.json"))?;
+            CudaEngine::check_fits(&gpu, &c, max_b, max_len, max_t, c.param_count() * 2)?;
+            let w = CudaWeights::load(&gpu, &crate::weights::WeightFiles::open(dir)?, &c)?;
+            (c, w)
+        }
+    };
+    let mut e = CudaEngine::new(gpu, config.clone(), weights, max_b, max_len, max_t)?;
+    let prefill = prefill_time(&mut e, s)?;
+    let mut decode = vec![];
+    for &b in &s.batches {
+        decode.push((b, decode_rows(&mut e, |e, ids, st| e.decode_greedy(ids, st), b, s)?));
+    }
+    Ok(rows_for(shape, "cuda", &config, s, prefill, &decode))
+}
+
+/// Runs the benchmark on the CPU (a checkpoint folder; named shapes are far too large for it).
+pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
+    if named_shape(shape).is_some() {
+        bail!("--shape {shape} on the CPU: the named shapes need gigabytes of f32 weights; pass a checkpoint folder");
+    }
+    let model = Arc::new(Model::load(Path::new(shape))?);
+    let max_b = s.batches.iter().copied().max().unwrap_or(1);
+    let config = model.config.clone();
+    let mut e = CpuEngine::new(model, max_b, s.prompt_len + s.new_tokens + 1);
+    let prefill = prefill_time(&mut e, s)?;
+    let mut decode = vec![];
+    for &b in &s.batches {
+        let greedy = |e: &mut CpuEngine, ids: &[u32], st: &Step| -> Result<Vec<u32>> {
+            let rows: Vec<usize> = (0..ids.len()).collect();
+            let v = e.config().vocab_size;
+            let l = e.forward(ids, st, &rows, &mut Hooks::default())?;
+            Ok(l.chunks(v).map(|r| crate::cpu_ops::argmax(r) as u32).collect())
+        };
+        decode.push((b, decode_rows(&mut e, greedy, b, s)?));
+    }
+    Ok(rows_for(shape, "cpu", &config, s, prefill, &decode))
+}
