@@ -370,11 +370,13 @@ fn qkv_rope_matches_cpu_rope_and_appends_cache() {
     assert_eq!(nonzero_rows, n_write);
 }
 
-/// cpu_ops::attend over explicit key/value rows [L, Dh].
+/// cpu_ops::attend over explicit key/value rows [L, Dh], the last row being the token itself.
 fn attend_ref(q: &[f32], keys: &[f32], vals: &[f32], dh: usize) -> Vec<f32> {
     let mut out = vec![0f32; dh];
     let mut scores = Vec::new();
-    cpu_ops::attend(&mut out, q, keys, vals, dh, keys.len() / dh, &mut scores);
+    let n = keys.len() / dh - 1;
+    let me = (&keys[n * dh..], &vals[n * dh..]);
+    cpu_ops::attend(&mut out, q, keys, vals, dh, n, me, &mut scores);
     out
 }
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds the release binaries the GPU check needs and copies them into .gpu/ (git-ignored), with
+# a copy of ../shared/bench/hf_anchor.py. Then: device run with carry [".gpu"] and the command
+# `bash scripts/gpu-check.sh`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bin thinksteer
+cargo test --release --no-run --test cuda_kernels --test cuda_model 2>&1 | tee /tmp/gpu-bundle.log
+rm -rf .gpu && mkdir -p .gpu/tests
+cp target/release/thinksteer .gpu/
+for t in cuda_kernels cuda_model; do
+    exe=$(grep -o "target/release/deps/$t-[0-9a-f]*" /tmp/gpu-bundle.log | tail -1)
+    cp "$exe" ".gpu/tests/$t"
+done
+if [ -f ../shared/bench/hf_anchor.py ]; then cp ../shared/bench/hf_anchor.py .gpu/; fi
+strip .gpu/thinksteer .gpu/tests/* 2>/dev/null || true
+du -sh .gpu

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU check: run on the lent GPU machine (no cargo there) from the repository root, with the
+# binaries built here and carried in .gpu/ (see scripts/build-gpu-bundle.sh). Runs the GPU tests,
+# then `thinksteer bench` for the Qwen2.5-1.5B and Llama-3.1-8B shapes, then the HF anchor
+# (a copy of ../shared/bench/hf_anchor.py) in the same call, and prints a summary table last.
+# Full logs go to $OUT (or .gpu/out). Budget: well under 8 minutes on an H100.
+set -u
+B=.gpu
+OUT=${OUT:-$B/out}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+export THINKSTEER_CUDA_INCLUDE=/usr/local/cuda/include
+NEW=${NEW:-256}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+
+status=0
+for t in "$B"/tests/*; do
+    name=$(basename "$t")
+    echo "== test $name"
+    if timeout 180 "$t" --test-threads=1 > "$OUT/test-$name.log" 2>&1; then
+        grep -E "^test result" "$OUT/test-$name.log"
+    else
+        status=1
+        echo "FAILED: $name"; tail -40 "$OUT/test-$name.log"
+    fi
+done
+
+echo "== bench"
+timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
+timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
+
+if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ]; then
+    echo "== HF anchor (NEW=$NEW)"
+    NEW=$NEW PYTHONUNBUFFERED=1 timeout 240 python3 "$B/hf_anchor.py" > "$OUT/hf.log" 2>&1 || echo "hf_anchor failed: $(tail -3 "$OUT/hf.log")"
+fi
+
+echo "== summary ($(head -1 "$OUT/gpu.txt"))"
+python3 - "$OUT" <<'PY'
+import json, sys, os, re
+out = sys.argv[1]
+rows = []
+for f in ("bench-qwen.jsonl", "bench-llama.jsonl"):
+    p = os.path.join(out, f)
+    if os.path.exists(p):
+        rows += [json.loads(l) for l in open(p) if l.strip()]
+hf = {}
+p = os.path.join(out, "hf.log")
+if os.path.exists(p):
+    for l in open(p):
+        if l.startswith("RESULTS "):
+            hf = json.loads(l[8:])
+print(f"{'shape':<14} {'phase':<8} {'batch':>5} {'ms/token':>9} {'tok/s':>9} {'GB/s':>7} {'% floor':>8}")
+for r in rows:
+    pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
+    print(f"{r['shape']:<14} {r['phase']:<8} {r['batch']:>5} {r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8}")
+if hf:
+    print("HF anchor (same call):", json.dumps(hf))
+PY
+exit $status
