@@ -19,7 +19,17 @@ fn decode(c: &mut Criterion) {
         for s in 0..b {
             let ids: Vec<u32> = (0..64).map(|i| (i * 7 + s as u32) % 300).collect();
             let pos: Vec<usize> = (0..64).collect();
-            e.forward(&ids, &Step { slots: &vec![s; 64], positions: &pos, n_write: 64 }, &[63], &mut Hooks::default()).unwrap();
+            e.forward(
+                &ids,
+                &Step {
+                    slots: &vec![s; 64],
+                    positions: &pos,
+                    n_write: 64,
+                },
+                &[63],
+                &mut Hooks::default(),
+            )
+            .unwrap();
         }
         let ids = vec![5u32; b];
         let pos = vec![64usize; b];
@@ -27,8 +37,19 @@ fn decode(c: &mut Criterion) {
         g.bench_function(format!("batch{b}"), |bench| {
             bench.iter(|| {
                 // Rewrites position 64 each time: the same step, repeatable.
-                let l = e.forward(&ids, &Step { slots: &slots, positions: &pos, n_write: b }, &slots, &mut Hooks::default()).unwrap();
-                criterion::black_box(l[0])
+                let l = e
+                    .forward(
+                        &ids,
+                        &Step {
+                            slots: &slots,
+                            positions: &pos,
+                            n_write: b,
+                        },
+                        &slots,
+                        &mut Hooks::default(),
+                    )
+                    .unwrap();
+                std::hint::black_box(l[0])
             })
         });
     }

@@ -79,12 +79,23 @@ fn decode_rows<E: Decoder>(
     s: &Settings,
 ) -> Result<f64> {
     let v = e.config().vocab_size;
-    let prompts: Vec<Vec<u32>> = (0..b).map(|i| random_ids(s.prompt_len, v, s.seed + i as u64)).collect();
+    let prompts: Vec<Vec<u32>> = (0..b)
+        .map(|i| random_ids(s.prompt_len, v, s.seed + i as u64))
+        .collect();
     let mut next = vec![0u32; b];
     for (i, p) in prompts.iter().enumerate() {
         let slots = vec![i; p.len()];
         let pos: Vec<usize> = (0..p.len()).collect();
-        let l = e.forward(p, &Step { slots: &slots, positions: &pos, n_write: p.len() }, &[p.len() - 1], &mut Hooks::default())?;
+        let l = e.forward(
+            p,
+            &Step {
+                slots: &slots,
+                positions: &pos,
+                n_write: p.len(),
+            },
+            &[p.len() - 1],
+            &mut Hooks::default(),
+        )?;
         next[i] = crate::cpu_ops::argmax(l) as u32;
     }
     let slots: Vec<usize> = (0..b).collect();
@@ -95,7 +106,15 @@ fn decode_rows<E: Decoder>(
         if i == warm {
             t0 = Instant::now();
         }
-        let ids = greedy(e, &next, &Step { slots: &slots, positions: &pos, n_write: b })?;
+        let ids = greedy(
+            e,
+            &next,
+            &Step {
+                slots: &slots,
+                positions: &pos,
+                n_write: b,
+            },
+        )?;
         if let Some(bad) = ids.iter().find(|&&x| x as usize >= v) {
             bail!("decode produced id {bad} outside the vocabulary {v}: the timing is not of a valid run");
         }
@@ -110,7 +129,11 @@ fn prefill_time(e: &mut impl Decoder, s: &Settings) -> Result<f64> {
     let ids = random_ids(s.prompt_len, v, s.seed);
     let slots = vec![0; ids.len()];
     let pos: Vec<usize> = (0..ids.len()).collect();
-    let step = Step { slots: &slots, positions: &pos, n_write: ids.len() };
+    let step = Step {
+        slots: &slots,
+        positions: &pos,
+        n_write: ids.len(),
+    };
     e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?; // warm-up
     let reps = 3;
     let t0 = Instant::now();
@@ -120,7 +143,14 @@ fn prefill_time(e: &mut impl Decoder, s: &Settings) -> Result<f64> {
     Ok(t0.elapsed().as_secs_f64() / reps as f64)
 }
 
-fn rows_for(shape: &str, device: &str, c: &Config, s: &Settings, prefill: f64, decode: &[(usize, f64)]) -> Vec<Row> {
+fn rows_for(
+    shape: &str,
+    device: &str,
+    c: &Config,
+    s: &Settings,
+    prefill: f64,
+    decode: &[(usize, f64)],
+) -> Vec<Row> {
     let bytes = (c.param_count() * 2) as f64;
     let floor = bytes / HBM_BYTES_PER_S;
     let flops = 2.0 * c.param_count() as f64 * s.prompt_len as f64;
@@ -175,7 +205,10 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let prefill = prefill_time(&mut e, s)?;
     let mut decode = vec![];
     for &b in &s.batches {
-        decode.push((b, decode_rows(&mut e, |e, ids, st| e.decode_greedy(ids, st), b, s)?));
+        decode.push((
+            b,
+            decode_rows(&mut e, |e, ids, st| e.decode_greedy(ids, st), b, s)?,
+        ));
     }
     Ok(rows_for(shape, "cuda", &config, s, prefill, &decode))
 }
@@ -196,7 +229,9 @@ pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             let rows: Vec<usize> = (0..ids.len()).collect();
             let v = e.config().vocab_size;
             let l = e.forward(ids, st, &rows, &mut Hooks::default())?;
-            Ok(l.chunks(v).map(|r| crate::cpu_ops::argmax(r) as u32).collect())
+            Ok(l.chunks(v)
+                .map(|r| crate::cpu_ops::argmax(r) as u32)
+                .collect())
         };
         decode.push((b, decode_rows(&mut e, greedy, b, s)?));
     }

@@ -68,7 +68,10 @@ struct RawConfig {
 impl Config {
     pub fn from_file(path: &Path) -> Result<Config> {
         if !path.exists() {
-            bail!("{}: missing: expected a checkpoint folder holding config.json", path.display());
+            bail!(
+                "{}: missing: expected a checkpoint folder holding config.json",
+                path.display()
+            );
         }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Config::from_json(&text).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
@@ -99,7 +102,11 @@ impl Config {
         let rope = raw.rope_scaling.clone().or(raw.rope_parameters.clone());
         let rope_theta = raw
             .rope_theta
-            .or_else(|| rope.as_ref().and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                rope.as_ref()
+                    .and_then(|r| r.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .unwrap_or(10000.0);
         let rope_scaling = match &rope {
             None | Some(serde_json::Value::Null) => None,
@@ -129,7 +136,11 @@ impl Config {
         let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let bias = if self.arch == Arch::Qwen2 { q + 2 * kv } else { 0 };
+        let bias = if self.arch == Arch::Qwen2 {
+            q + 2 * kv
+        } else {
+            0
+        };
         let layer = d * (q + 2 * kv) + bias + q * d + 3 * d * f + 2 * d;
         let head = if self.tie_word_embeddings { 0 } else { v * d };
         v * d + self.num_hidden_layers * layer + d + head
@@ -187,14 +198,22 @@ fn parse_rope_scaling(r: &serde_json::Value) -> Result<Option<Llama3Scaling>> {
                 original_max_position_embeddings: num("original_max_position_embeddings")?,
             }))
         }
-        other => bail!("unsupported rope_scaling type: expected \"default\" or \"llama3\", found {other:?}"),
+        other => bail!(
+            "unsupported rope_scaling type: expected \"default\" or \"llama3\", found {other:?}"
+        ),
     }
 }
 
 fn id_list(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }

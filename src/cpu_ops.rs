@@ -47,16 +47,19 @@ pub fn matmul(
         scratch.resize(t * m, 0.0);
         &mut scratch[..t * m]
     };
-    out_mt.par_chunks_mut(BLOCK * t).enumerate().for_each(|(bi, chunk)| {
-        let m0 = bi * BLOCK;
-        for (j, row) in chunk.chunks_mut(t).enumerate() {
-            let wr = &w[(m0 + j) * k..(m0 + j + 1) * k];
-            let b = bias.map_or(0.0, |b| b[m0 + j]);
-            for (ti, o) in row.iter_mut().enumerate() {
-                *o = dot(&x[ti * k..(ti + 1) * k], wr) + b;
+    out_mt
+        .par_chunks_mut(BLOCK * t)
+        .enumerate()
+        .for_each(|(bi, chunk)| {
+            let m0 = bi * BLOCK;
+            for (j, row) in chunk.chunks_mut(t).enumerate() {
+                let wr = &w[(m0 + j) * k..(m0 + j + 1) * k];
+                let b = bias.map_or(0.0, |b| b[m0 + j]);
+                for (ti, o) in row.iter_mut().enumerate() {
+                    *o = dot(&x[ti * k..(ti + 1) * k], wr) + b;
+                }
             }
-        }
-    });
+        });
     if t > 1 {
         for (ti, orow) in out.chunks_mut(m).enumerate() {
             for (mi, o) in orow.iter_mut().enumerate() {
@@ -69,13 +72,15 @@ pub fn matmul(
 /// y[t] = x[t] / sqrt(mean(x[t]²) + eps) · weight, per row of D.  y, x: [T, D], weight: [D].
 pub fn rmsnorm(y: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
     let d = weight.len();
-    y.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(yr, xr)| {
-        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-        let inv = 1.0 / (ms + eps).sqrt();
-        for i in 0..d {
-            yr[i] = xr[i] * inv * weight[i];
-        }
-    });
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(yr, xr)| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for i in 0..d {
+                yr[i] = xr[i] * inv * weight[i];
+            }
+        });
 }
 
 /// Rotary embedding in place, HF "rotate half" layout: pairs (i, i + Dh/2).
@@ -83,25 +88,29 @@ pub fn rmsnorm(y: &mut [f32], x: &[f32], weight: &[f32], eps: f32) {
 pub fn rope(x: &mut [f32], positions: &[usize], inv_freq: &[f32], heads: usize) {
     let dh = inv_freq.len() * 2;
     let half = dh / 2;
-    x.par_chunks_mut(heads * dh).zip(positions.par_iter()).for_each(|(xt, &pos)| {
-        for i in 0..half {
-            let angle = pos as f32 * inv_freq[i];
-            let (sin, cos) = angle.sin_cos();
-            for h in 0..heads {
-                let base = h * dh;
-                let (a, b) = (xt[base + i], xt[base + i + half]);
-                xt[base + i] = a * cos - b * sin;
-                xt[base + i + half] = b * cos + a * sin;
+    x.par_chunks_mut(heads * dh)
+        .zip(positions.par_iter())
+        .for_each(|(xt, &pos)| {
+            for i in 0..half {
+                let angle = pos as f32 * inv_freq[i];
+                let (sin, cos) = angle.sin_cos();
+                for h in 0..heads {
+                    let base = h * dh;
+                    let (a, b) = (xt[base + i], xt[base + i + half]);
+                    xt[base + i] = a * cos - b * sin;
+                    xt[base + i + half] = b * cos + a * sin;
+                }
             }
-        }
-    });
+        });
 }
 
 /// out[t, i] = silu(gate[t, i]) · up[t, i].  All [T, F].
 pub fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
-    out.par_iter_mut().zip(gate.par_iter().zip(up.par_iter())).for_each(|(o, (&g, &u))| {
-        *o = g / (1.0 + (-g).exp()) * u;
-    });
+    out.par_iter_mut()
+        .zip(gate.par_iter().zip(up.par_iter()))
+        .for_each(|(o, (&g, &u))| {
+            *o = g / (1.0 + (-g).exp()) * u;
+        });
 }
 
 /// Index of the first maximum.
@@ -144,7 +153,11 @@ pub fn attend(
     }
     out.fill(0.0);
     for (s, &p) in scores.iter().enumerate() {
-        let vr = if s < len { &values[s * stride..s * stride + dh] } else { me.1 };
+        let vr = if s < len {
+            &values[s * stride..s * stride + dh]
+        } else {
+            me.1
+        };
         let w = p / sum;
         for i in 0..dh {
             out[i] += w * vr[i];

@@ -14,7 +14,13 @@ pub trait Decoder {
     fn slots(&self) -> usize;
     /// Runs `ids` (one per entry of `step`) through every block, with hooks on the residual,
     /// and returns the logits [R, V] of the token indices in `logit_rows`.
-    fn forward(&mut self, ids: &[u32], step: &Step, logit_rows: &[usize], hooks: &mut Hooks) -> Result<&[f32]>;
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        step: &Step,
+        logit_rows: &[usize],
+        hooks: &mut Hooks,
+    ) -> Result<&[f32]>;
 }
 
 pub struct CpuEngine {
@@ -27,7 +33,12 @@ pub struct CpuEngine {
 impl CpuEngine {
     pub fn new(model: Arc<Model>, slots: usize, max_len: usize) -> CpuEngine {
         let cache = KvCache::new(&model.config, slots, max_len);
-        CpuEngine { model, cache, ws: Workspace::default(), h: Vec::new() }
+        CpuEngine {
+            model,
+            cache,
+            ws: Workspace::default(),
+            h: Vec::new(),
+        }
     }
 }
 
@@ -41,17 +52,42 @@ impl Decoder for CpuEngine {
     fn slots(&self) -> usize {
         self.cache.slots
     }
-    fn forward(&mut self, ids: &[u32], step: &Step, logit_rows: &[usize], hooks: &mut Hooks) -> Result<&[f32]> {
-        check_step(self.config(), ids, step, self.cache.slots, self.cache.max_len)?;
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        step: &Step,
+        logit_rows: &[usize],
+        hooks: &mut Hooks,
+    ) -> Result<&[f32]> {
+        check_step(
+            self.config(),
+            ids,
+            step,
+            self.cache.slots,
+            self.cache.max_len,
+        )?;
         let n = self.model.config.num_hidden_layers;
         self.model.embed(ids, &mut self.h);
-        self.model.layers(&mut self.ws, &mut self.cache, &mut self.h, 0..n, step, hooks);
+        self.model.layers(
+            &mut self.ws,
+            &mut self.cache,
+            &mut self.h,
+            0..n,
+            step,
+            hooks,
+        );
         Ok(self.model.head(&mut self.ws, &self.h, logit_rows))
     }
 }
 
 /// Validates a step against the vocabulary and the cache before any work is done.
-pub fn check_step(c: &Config, ids: &[u32], step: &Step, slots: usize, max_len: usize) -> Result<()> {
+pub fn check_step(
+    c: &Config,
+    ids: &[u32],
+    step: &Step,
+    slots: usize,
+    max_len: usize,
+) -> Result<()> {
     let t = ids.len();
     if step.slots.len() != t || step.positions.len() != t || step.n_write > t {
         crate::bail!(
@@ -62,7 +98,10 @@ pub fn check_step(c: &Config, ids: &[u32], step: &Step, slots: usize, max_len: u
         );
     }
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-        crate::bail!("token id {bad} is outside the vocabulary: expected ids below vocab_size {}", c.vocab_size);
+        crate::bail!(
+            "token id {bad} is outside the vocabulary: expected ids below vocab_size {}",
+            c.vocab_size
+        );
     }
     for (&s, &p) in step.slots.iter().zip(step.positions) {
         if s >= slots || p >= max_len {

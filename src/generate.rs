@@ -54,7 +54,11 @@ pub fn generate(
     mut on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generated>> {
     if prompts.len() > dec.slots() {
-        bail!("{} prompts but the engine has {} cache slots", prompts.len(), dec.slots());
+        bail!(
+            "{} prompts but the engine has {} cache slots",
+            prompts.len(),
+            dec.slots()
+        );
     }
     let ctx = dec.max_len();
     for (i, pr) in prompts.iter().enumerate() {
@@ -62,7 +66,10 @@ pub fn generate(
             bail!("prompt {i} is empty: expected at least one token");
         }
         if pr.len() >= ctx {
-            bail!("prompt {i} has {} tokens: expected fewer than the context of {ctx}", pr.len());
+            bail!(
+                "prompt {i} has {} tokens: expected fewer than the context of {ctx}",
+                pr.len()
+            );
         }
     }
     let stops = StopChecker::new(&p.stop_strings);
@@ -71,26 +78,45 @@ pub fn generate(
         .enumerate()
         .map(|(i, pr)| Row {
             pos: pr.len(),
-            sampler: Sampler::new(SamplingParams { seed: p.sampling.seed.wrapping_add(i as u64), ..p.sampling }),
+            sampler: Sampler::new(SamplingParams {
+                seed: p.sampling.seed.wrapping_add(i as u64),
+                ..p.sampling
+            }),
             stream: tok.map(|t| t.stream_decoder()),
             text: String::new(),
             emitted: 0,
-            out: Generated { prompt_ids: pr.clone(), ids: vec![], text: String::new(), finish: Finish::MaxNewTokens },
+            out: Generated {
+                prompt_ids: pr.clone(),
+                ids: vec![],
+                text: String::new(),
+                finish: Finish::MaxNewTokens,
+            },
             done: p.max_new_tokens == 0,
         })
         .collect();
 
     // Prefill: every prompt in one call, logits at each prompt's last token.
     let mut ids: Vec<u32> = prompts.concat();
-    let mut slots: Vec<usize> = prompts.iter().enumerate().flat_map(|(i, pr)| vec![i; pr.len()]).collect();
+    let mut slots: Vec<usize> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, pr)| vec![i; pr.len()])
+        .collect();
     let mut positions: Vec<usize> = prompts.iter().flat_map(|pr| 0..pr.len()).collect();
-    let mut last: Vec<usize> = prompts.iter().scan(0, |acc, pr| {
-        *acc += pr.len();
-        Some(*acc - 1)
-    }).collect();
+    let mut last: Vec<usize> = prompts
+        .iter()
+        .scan(0, |acc, pr| {
+            *acc += pr.len();
+            Some(*acc - 1)
+        })
+        .collect();
     let mut active: Vec<usize> = (0..rows.len()).filter(|&i| !rows[i].done).collect();
     while !active.is_empty() {
-        let step = Step { slots: &slots, positions: &positions, n_write: ids.len() };
+        let step = Step {
+            slots: &slots,
+            positions: &positions,
+            n_write: ids.len(),
+        };
         let v = dec.config().vocab_size;
         let logits = dec.forward(&ids, &step, &last, &mut Hooks::default())?;
         for (k, &r) in active.iter().enumerate() {

@@ -102,7 +102,8 @@ impl Pair<'_> {
     pub fn validate(&self) -> Result<()> {
         let (b, t) = (&self.base.config, &self.thinking.config);
         self.sae.validate_for(t.hidden_size, t.num_hidden_layers)?;
-        self.steering.validate_for(b.hidden_size, b.num_hidden_layers)?;
+        self.steering
+            .validate_for(b.hidden_size, b.num_hidden_layers)?;
         self.steering.check_matches_sae(self.sae)?;
         Ok(())
     }
@@ -145,7 +146,11 @@ pub fn run(
 ) -> Result<Vec<Output>> {
     pair.validate()?;
     if s.coefficients.is_empty() || s.windows.is_empty() {
-        bail!("expected at least one coefficient and one window, found {} and {}", s.coefficients.len(), s.windows.len());
+        bail!(
+            "expected at least one coefficient and one window, found {} and {}",
+            s.coefficients.len(),
+            s.windows.len()
+        );
     }
     if s.mode != Mode::Exact && s.windows != [-1] {
         bail!(
@@ -155,8 +160,12 @@ pub fn run(
         );
     }
     for (i, p) in problems.iter().enumerate() {
-        pair.base.check_ids(&p.base).map_err(|e| crate::Error::Input(format!("problem {i}, base prompt: {e}")))?;
-        pair.thinking.check_ids(&p.thinking).map_err(|e| crate::Error::Input(format!("problem {i}, thinking prompt: {e}")))?;
+        pair.base
+            .check_ids(&p.base)
+            .map_err(|e| crate::Error::Input(format!("problem {i}, base prompt: {e}")))?;
+        pair.thinking
+            .check_ids(&p.thinking)
+            .map_err(|e| crate::Error::Input(format!("problem {i}, thinking prompt: {e}")))?;
         if p.base.is_empty() || p.thinking.is_empty() {
             bail!("problem {i}: empty prompt");
         }
@@ -192,26 +201,65 @@ struct Full {
 
 impl Full {
     fn new(m: &Model, len: usize) -> Full {
-        Full { ws: Workspace::default(), cache: KvCache::new(&m.config, 1, len), h: vec![] }
+        Full {
+            ws: Workspace::default(),
+            cache: KvCache::new(&m.config, 1, len),
+            h: vec![],
+        }
     }
-    fn run(&mut self, m: &Model, ids: &[u32], steer: Option<(usize, &[f32])>, capture: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+    fn run(
+        &mut self,
+        m: &Model,
+        ids: &[u32],
+        steer: Option<(usize, &[f32])>,
+        capture: Option<usize>,
+    ) -> (Vec<f32>, Vec<f32>) {
         let t = ids.len();
         let (slots, pos) = (vec![0; t], (0..t).collect::<Vec<_>>());
-        let step = Step { slots: &slots, positions: &pos, n_write: t };
-        let mut hooks = Hooks { capture: capture.map(|p| (p, vec![])).into_iter().collect(), steer };
+        let step = Step {
+            slots: &slots,
+            positions: &pos,
+            n_write: t,
+        };
+        let mut hooks = Hooks {
+            capture: capture.map(|p| (p, vec![])).into_iter().collect(),
+            steer,
+        };
         m.embed(ids, &mut self.h);
-        m.layers(&mut self.ws, &mut self.cache, &mut self.h, 0..m.config.num_hidden_layers, &step, &mut hooks);
+        m.layers(
+            &mut self.ws,
+            &mut self.cache,
+            &mut self.h,
+            0..m.config.num_hidden_layers,
+            &step,
+            &mut hooks,
+        );
         let logits = m.head(&mut self.ws, &self.h, &[t - 1]).to_vec();
         let d = m.config.hidden_size;
-        let last = hooks.capture.first().map(|(_, c)| c[(t - 1) * d..].to_vec()).unwrap_or_default();
+        let last = hooks
+            .capture
+            .first()
+            .map(|(_, c)| c[(t - 1) * d..].to_vec())
+            .unwrap_or_default();
         (logits, last)
     }
 }
 
-fn exact_one(pair: &Pair, p: &Prompts, s: &Settings, mut on_step: impl FnMut(u32, &StepRecord)) -> Result<Output> {
+fn exact_one(
+    pair: &Pair,
+    p: &Prompts,
+    s: &Settings,
+    mut on_step: impl FnMut(u32, &StepRecord),
+) -> Result<Output> {
     let (b, t) = (pair.base, pair.thinking);
-    let ctx_b = b.config.max_position_embeddings.min(p.base.len() + s.max_new_tokens);
-    let ctx_t = t.config.max_position_embeddings.min(p.thinking.len() + s.max_new_tokens);
+    let ctx_b = b
+        .config
+        .max_position_embeddings
+        .min(p.base.len() + s.max_new_tokens);
+    let ctx_t = t
+        .config
+        .max_position_embeddings
+        .min(p.thinking.len() + s.max_new_tokens);
     let (mut fb, mut ft) = (Full::new(b, ctx_b), Full::new(t, ctx_t));
     let (mut seq_b, mut seq_t) = (p.base.clone(), p.thinking.clone());
     let d = b.config.hidden_size;
@@ -219,7 +267,10 @@ fn exact_one(pair: &Pair, p: &Prompts, s: &Settings, mut on_step: impl FnMut(u32
     let mut z = vec![0f32; pair.sae.latents];
     let mut vec_d = vec![0f32; d];
     let mut rng = s.random_firing.map(Rng::new);
-    let mut out = Output { ids: vec![], steps: vec![] };
+    let mut out = Output {
+        ids: vec![],
+        steps: vec![],
+    };
     while out.ids.len() < s.max_new_tokens && seq_b.len() < ctx_b && seq_t.len() < ctx_t {
         // 1. The thinking model on its whole sequence: category and logits at the last position.
         let (think_logits, h) = ft.run(t, &seq_t, None, Some(pair.sae.layer + 1));
@@ -228,19 +279,29 @@ fn exact_one(pair: &Pair, p: &Prompts, s: &Settings, mut on_step: impl FnMut(u32
         // 2. The base model unsteered.
         let (base_logits, _) = fb.run(b, &seq_b, None, None);
         let base_tok = argmax(&base_logits) as u32;
-        let mut rec = StepRecord { category, steered: false, coef: None, window: None };
+        let mut rec = StepRecord {
+            category,
+            steered: false,
+            coef: None,
+            window: None,
+        };
         let tok = if think_tok == base_tok && !s.no_gating {
             base_tok
         } else {
             // 4. One steered base run per (c, w); the thinking model's logits pick the winner.
             vec_d.fill(0.0);
-            pair.steering.add_scaled(category, 1.0, s.only_bias, &mut vec_d);
+            pair.steering
+                .add_scaled(category, 1.0, s.only_bias, &mut vec_d);
             let n = seq_b.len();
             let mut add = vec![0f32; n * d];
             let (mut cands, mut which) = (vec![], vec![]);
             for &c in &s.coefficients {
                 for &w in &s.windows {
-                    let first = if w == 0 { 0 } else { n.saturating_sub(w.unsigned_abs() as usize) };
+                    let first = if w == 0 {
+                        0
+                    } else {
+                        n.saturating_sub(w.unsigned_abs() as usize)
+                    };
                     add.fill(0.0);
                     for row in add[first * d..].chunks_mut(d) {
                         for (a, v) in row.iter_mut().zip(&vec_d) {
@@ -253,7 +314,12 @@ fn exact_one(pair: &Pair, p: &Prompts, s: &Settings, mut on_step: impl FnMut(u32
                 }
             }
             let k = pick(&think_logits, &cands);
-            rec = StepRecord { category, steered: true, coef: Some(which[k].0), window: Some(which[k].1) };
+            rec = StepRecord {
+                category,
+                steered: true,
+                coef: Some(which[k].0),
+                window: Some(which[k].1),
+            };
             cands[k]
         };
         on_step(tok, &rec);
@@ -272,14 +338,20 @@ fn exact_one(pair: &Pair, p: &Prompts, s: &Settings, mut on_step: impl FnMut(u32
 struct Side {
     cache: KvCache,
     ws: Workspace,
-    h: Vec<f32>,          // [T, D]
-    len: Vec<usize>,      // tokens in the cache, per problem slot
+    h: Vec<f32>,            // [T, D]
+    len: Vec<usize>,        // tokens in the cache, per problem slot
     pending: Vec<Vec<u32>>, // tokens to feed next, per problem
 }
 
 impl Side {
     fn new(m: &Model, prompts: Vec<Vec<u32>>, ctx: usize) -> Side {
-        Side { cache: KvCache::new(&m.config, prompts.len(), ctx), ws: Workspace::default(), h: vec![], len: vec![0; prompts.len()], pending: prompts }
+        Side {
+            cache: KvCache::new(&m.config, prompts.len(), ctx),
+            ws: Workspace::default(),
+            h: vec![],
+            len: vec![0; prompts.len()],
+            pending: prompts,
+        }
     }
 
     /// Flattens the pending tokens of `rows` into one step; returns (ids, slots, positions, last index per row).
@@ -305,29 +377,61 @@ fn cached_batch(
 ) -> Result<Vec<Output>> {
     let (b, t) = (pair.base, pair.thinking);
     let max_prompt = |f: fn(&Prompts) -> usize| problems.iter().map(f).max().unwrap_or(0);
-    let ctx_b = b.config.max_position_embeddings.min(max_prompt(|p| p.base.len()) + s.max_new_tokens);
-    let ctx_t = t.config.max_position_embeddings.min(max_prompt(|p| p.thinking.len()) + s.max_new_tokens);
+    let ctx_b = b
+        .config
+        .max_position_embeddings
+        .min(max_prompt(|p| p.base.len()) + s.max_new_tokens);
+    let ctx_t = t
+        .config
+        .max_position_embeddings
+        .min(max_prompt(|p| p.thinking.len()) + s.max_new_tokens);
     let mut sb = Side::new(b, problems.iter().map(|p| p.base.clone()).collect(), ctx_b);
-    let mut st = Side::new(t, problems.iter().map(|p| p.thinking.clone()).collect(), ctx_t);
+    let mut st = Side::new(
+        t,
+        problems.iter().map(|p| p.thinking.clone()).collect(),
+        ctx_t,
+    );
     let (d, v) = (b.config.hidden_size, b.config.vocab_size);
     let point = pair.steer_point(s);
     let (nb, nt) = (b.config.num_hidden_layers, t.config.num_hidden_layers);
     let mut z = vec![0f32; pair.sae.latents];
     let mut vec_d = vec![0f32; d];
     let mut rng = s.random_firing.map(Rng::new);
-    let mut outs: Vec<Output> = problems.iter().map(|_| Output { ids: vec![], steps: vec![] }).collect();
+    let mut outs: Vec<Output> = problems
+        .iter()
+        .map(|_| Output {
+            ids: vec![],
+            steps: vec![],
+        })
+        .collect();
     let fits = |r: usize, sb: &Side, st: &Side| {
         sb.len[r] + sb.pending[r].len() <= ctx_b && st.len[r] + st.pending[r].len() <= ctx_t
     };
-    let mut active: Vec<usize> = (0..problems.len()).filter(|&r| s.max_new_tokens > 0 && fits(r, &sb, &st)).collect();
+    let mut active: Vec<usize> = (0..problems.len())
+        .filter(|&r| s.max_new_tokens > 0 && fits(r, &sb, &st))
+        .collect();
     let mut h_point: Vec<f32> = vec![];
     while !active.is_empty() {
         // 1. Thinking model: feed pending tokens, capture block L_t's output, logits at the last token.
         let (ids, slots, pos, last_t) = st.gather(&active);
-        let step = Step { slots: &slots, positions: &pos, n_write: ids.len() };
-        let mut hooks = Hooks { capture: vec![(pair.sae.layer + 1, vec![])], steer: None };
+        let step = Step {
+            slots: &slots,
+            positions: &pos,
+            n_write: ids.len(),
+        };
+        let mut hooks = Hooks {
+            capture: vec![(pair.sae.layer + 1, vec![])],
+            steer: None,
+        };
         t.embed(&ids, &mut st.h);
-        t.layers(&mut st.ws, &mut st.cache, &mut st.h, 0..nt, &step, &mut hooks);
+        t.layers(
+            &mut st.ws,
+            &mut st.cache,
+            &mut st.h,
+            0..nt,
+            &step,
+            &mut hooks,
+        );
         let think_logits = t.head(&mut st.ws, &st.h, &last_t).to_vec(); // [R, V]
         let captured = &hooks.capture[0].1;
         let categories: Vec<usize> = last_t
@@ -337,49 +441,123 @@ fn cached_batch(
 
         // 2. Base model unsteered, keeping the residual at the steering point of each last token.
         let (ids, slots, pos, last_b) = sb.gather(&active);
-        let step = Step { slots: &slots, positions: &pos, n_write: ids.len() };
+        let step = Step {
+            slots: &slots,
+            positions: &pos,
+            n_write: ids.len(),
+        };
         b.embed(&ids, &mut sb.h);
-        b.layers(&mut sb.ws, &mut sb.cache, &mut sb.h, 0..point, &step, &mut Hooks::default());
+        b.layers(
+            &mut sb.ws,
+            &mut sb.cache,
+            &mut sb.h,
+            0..point,
+            &step,
+            &mut Hooks::default(),
+        );
         h_point.clear();
         for &i in &last_b {
             h_point.extend_from_slice(&sb.h[i * d..(i + 1) * d]);
         }
-        b.layers(&mut sb.ws, &mut sb.cache, &mut sb.h, point..nb, &step, &mut Hooks::default());
-        let base_toks: Vec<u32> = b.head(&mut sb.ws, &sb.h, &last_b).chunks(v).map(|l| argmax(l) as u32).collect();
+        b.layers(
+            &mut sb.ws,
+            &mut sb.cache,
+            &mut sb.h,
+            point..nb,
+            &step,
+            &mut Hooks::default(),
+        );
+        let base_toks: Vec<u32> = b
+            .head(&mut sb.ws, &sb.h, &last_b)
+            .chunks(v)
+            .map(|l| argmax(l) as u32)
+            .collect();
 
         // 3–4. Candidates for every row that needs steering, as read-only rows in one pass.
         let steer_rows: Vec<usize> = (0..active.len())
-            .filter(|&k| s.no_gating || argmax(&think_logits[k * v..(k + 1) * v]) as u32 != base_toks[k])
+            .filter(|&k| {
+                s.no_gating || argmax(&think_logits[k * v..(k + 1) * v]) as u32 != base_toks[k]
+            })
             .collect();
         let nc = s.coefficients.len();
         let mut chosen: Vec<(u32, StepRecord)> = (0..active.len())
-            .map(|k| (base_toks[k], StepRecord { category: categories[k], steered: false, coef: None, window: None }))
+            .map(|k| {
+                (
+                    base_toks[k],
+                    StepRecord {
+                        category: categories[k],
+                        steered: false,
+                        coef: None,
+                        window: None,
+                    },
+                )
+            })
             .collect();
         if !steer_rows.is_empty() {
             let mut h = Vec::with_capacity(steer_rows.len() * nc * d);
             let (mut cslots, mut cpos) = (vec![], vec![]);
             for &k in &steer_rows {
                 vec_d.fill(0.0);
-                pair.steering.add_scaled(categories[k], 1.0, s.only_bias, &mut vec_d);
+                pair.steering
+                    .add_scaled(categories[k], 1.0, s.only_bias, &mut vec_d);
                 for &c in &s.coefficients {
-                    h.extend(h_point[k * d..(k + 1) * d].iter().zip(&vec_d).map(|(x, sv)| x + c * sv));
+                    h.extend(
+                        h_point[k * d..(k + 1) * d]
+                            .iter()
+                            .zip(&vec_d)
+                            .map(|(x, sv)| x + c * sv),
+                    );
                     cslots.push(slots[last_b[k]]);
                     cpos.push(pos[last_b[k]]);
                 }
             }
-            let cstep = Step { slots: &cslots, positions: &cpos, n_write: 0 };
-            b.layers(&mut sb.ws, &mut sb.cache, &mut h, point..nb, &cstep, &mut Hooks::default());
+            let cstep = Step {
+                slots: &cslots,
+                positions: &cpos,
+                n_write: 0,
+            };
+            b.layers(
+                &mut sb.ws,
+                &mut sb.cache,
+                &mut h,
+                point..nb,
+                &cstep,
+                &mut Hooks::default(),
+            );
             let rows: Vec<usize> = (0..cslots.len()).collect();
-            let cand: Vec<u32> = b.head(&mut sb.ws, &h, &rows).chunks(v).map(|l| argmax(l) as u32).collect();
+            let cand: Vec<u32> = b
+                .head(&mut sb.ws, &h, &rows)
+                .chunks(v)
+                .map(|l| argmax(l) as u32)
+                .collect();
             for (j, &k) in steer_rows.iter().enumerate() {
                 let cands = &cand[j * nc..(j + 1) * nc];
                 let w = pick(&think_logits[k * v..(k + 1) * v], cands);
-                chosen[k] = (cands[w], StepRecord { category: categories[k], steered: true, coef: Some(s.coefficients[w]), window: Some(-1) });
+                chosen[k] = (
+                    cands[w],
+                    StepRecord {
+                        category: categories[k],
+                        steered: true,
+                        coef: Some(s.coefficients[w]),
+                        window: Some(-1),
+                    },
+                );
                 if s.mode == Mode::Persistent {
                     // Commit the winner's steered K/V for this position in blocks after the point.
                     let row = &mut h[(j * nc + w) * d..(j * nc + w + 1) * d].to_vec();
-                    let one = Step { slots: &cslots[j * nc..j * nc + 1], positions: &cpos[j * nc..j * nc + 1], n_write: 1 };
-                    b.layers(&mut sb.ws, &mut sb.cache, row, point..nb, &one, &mut Hooks::default());
+                    let one = Step {
+                        slots: &cslots[j * nc..j * nc + 1],
+                        positions: &cpos[j * nc..j * nc + 1],
+                        n_write: 1,
+                    };
+                    b.layers(
+                        &mut sb.ws,
+                        &mut sb.cache,
+                        row,
+                        point..nb,
+                        &one,
+                        &mut Hooks::default(),
+                    );
                 }
             }
         }

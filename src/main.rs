@@ -14,7 +14,11 @@ use thinksteer::sampling::SamplingParams;
 use thinksteer::tokenizer::Tokenizer;
 
 #[derive(Parser)]
-#[command(name = "thinksteer", version, about = "A transformer runtime for SAE-gated hybrid reasoning")]
+#[command(
+    name = "thinksteer",
+    version,
+    about = "A transformer runtime for SAE-gated hybrid reasoning"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -52,7 +56,11 @@ struct PromptArgs {
     #[arg(long)]
     model: PathBuf,
     /// Prompt text (needs tokenizer.json in the model folder).
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
     prompt: Option<String>,
     /// Prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
@@ -119,7 +127,11 @@ struct HybridArgs {
     #[arg(long)]
     vectors: PathBuf,
     /// One question.
-    #[arg(long, conflicts_with = "questions", required_unless_present = "questions")]
+    #[arg(
+        long,
+        conflicts_with = "questions",
+        required_unless_present = "questions"
+    )]
     question: Option<String>,
     /// A JSONL file of questions (field `question`, or `problem`, or --question-field).
     #[arg(long)]
@@ -131,10 +143,20 @@ struct HybridArgs {
     #[arg(long, value_enum, default_value = "cached")]
     mode: thinksteer::hybrid::Mode,
     /// Steering coefficients C (outer loop of candidates).
-    #[arg(long, value_delimiter = ',', default_value = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0",
+        allow_hyphen_values = true
+    )]
     coefficients: Vec<f32>,
     /// Windows W (inner loop): 0 = every position, -N = the last N positions.
-    #[arg(long, value_delimiter = ',', default_value = "-1", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "-1",
+        allow_hyphen_values = true
+    )]
     windows: Vec<i64>,
     /// Maximum new tokens per question.
     #[arg(long, default_value_t = 2000)]
@@ -286,13 +308,24 @@ fn load(a: &PromptArgs) -> Result<Loaded> {
     let model = Arc::new(Model::load(&a.model)?);
     let tok = Tokenizer::from_dir(&a.model)?;
     let prompt_ids = match (&a.prompt, &a.prompt_ids) {
-        (_, Some(ids)) if a.chat => return Err(anyhow!("--chat needs --prompt TEXT, found --prompt-ids {ids:?}")),
+        (_, Some(ids)) if a.chat => {
+            return Err(anyhow!(
+                "--chat needs --prompt TEXT, found --prompt-ids {ids:?}"
+            ))
+        }
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) => {
             let tok = tok.as_ref().ok_or_else(|| {
-                anyhow!("{}: no tokenizer.json, so --prompt TEXT cannot be encoded; pass --prompt-ids", a.model.display())
+                anyhow!(
+                    "{}: no tokenizer.json, so --prompt TEXT cannot be encoded; pass --prompt-ids",
+                    a.model.display()
+                )
             })?;
-            let text = if a.chat { render_chat(&a.model, text)? } else { text.clone() };
+            let text = if a.chat {
+                render_chat(&a.model, text)?
+            } else {
+                text.clone()
+            };
             tok.encode(&text)?
         }
         (None, None) => return Err(anyhow!("expected --prompt or --prompt-ids")),
@@ -302,7 +335,9 @@ fn load(a: &PromptArgs) -> Result<Loaded> {
     }
     let v = model.config.vocab_size;
     if let Some(bad) = prompt_ids.iter().find(|&&i| i as usize >= v) {
-        return Err(anyhow!("prompt token id {bad} is outside the vocabulary: expected ids below vocab_size {v}"));
+        return Err(anyhow!(
+            "prompt token id {bad} is outside the vocabulary: expected ids below vocab_size {v}"
+        ));
     }
     let ctx = model.config.max_position_embeddings;
     if prompt_ids.len() >= ctx {
@@ -311,7 +346,11 @@ fn load(a: &PromptArgs) -> Result<Loaded> {
             prompt_ids.len()
         ));
     }
-    Ok(Loaded { model, tok, prompt_ids })
+    Ok(Loaded {
+        model,
+        tok,
+        prompt_ids,
+    })
 }
 
 fn render_chat(dir: &Path, text: &str) -> Result<String> {
@@ -333,11 +372,18 @@ fn use_cuda(d: Device) -> Result<bool> {
 }
 
 /// The model on the chosen device, with `slots` sequences of `ctx` positions.
-fn engine(a: &PromptArgs, model: &Arc<Model>, slots: usize, ctx: usize) -> Result<Box<dyn Decoder>> {
+fn engine(
+    a: &PromptArgs,
+    model: &Arc<Model>,
+    slots: usize,
+    ctx: usize,
+) -> Result<Box<dyn Decoder>> {
     if use_cuda(a.device)? {
         let gpu = thinksteer::cuda::Gpu::new(0)?;
         let max_t = ctx.clamp(16, 512);
-        Ok(Box::new(thinksteer::cuda::model::CudaEngine::load(gpu, &a.model, slots, ctx, max_t)?))
+        Ok(Box::new(thinksteer::cuda::model::CudaEngine::load(
+            gpu, &a.model, slots, ctx, max_t,
+        )?))
     } else {
         Ok(Box::new(CpuEngine::new(model.clone(), slots, ctx)))
     }
@@ -345,22 +391,37 @@ fn engine(a: &PromptArgs, model: &Arc<Model>, slots: usize, ctx: usize) -> Resul
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let l = load(&a.prompt)?;
-    let ctx = l.model.config.max_position_embeddings.min(l.prompt_ids.len() + a.max_new_tokens);
+    let ctx = l
+        .model
+        .config
+        .max_position_embeddings
+        .min(l.prompt_ids.len() + a.max_new_tokens);
     let mut engine = engine(&a.prompt, &l.model, 1, ctx)?;
     let params = GenParams {
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
         stop_strings: a.stop.clone(),
         eos_ids: l.model.config.eos_token_ids.clone(),
     };
     let stream = !a.json && l.tok.is_some();
     let mut stdout = std::io::stdout();
-    let out = generate(engine.as_mut(), l.tok.as_ref(), std::slice::from_ref(&l.prompt_ids), &params, |_, piece| {
-        if stream {
-            let _ = write!(stdout, "{piece}");
-            let _ = stdout.flush();
-        }
-    })?;
+    let out = generate(
+        engine.as_mut(),
+        l.tok.as_ref(),
+        std::slice::from_ref(&l.prompt_ids),
+        &params,
+        |_, piece| {
+            if stream {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+        },
+    )?;
     let g = &out[0];
     if a.json {
         let j = serde_json::json!({ "prompt_ids": g.prompt_ids, "ids": g.ids, "text": g.text });
@@ -390,19 +451,46 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let slots = vec![0; t];
     let positions: Vec<usize> = (0..t).collect();
     let rows: Vec<usize> = (0..t).collect();
-    let mut hooks = Hooks { capture: a.capture_layer.iter().map(|&l| (l + 1, Vec::new())).collect(), steer: None };
-    let step = Step { slots: &slots, positions: &positions, n_write: t };
-    let logits = engine.forward(&l.prompt_ids, &step, &rows, &mut hooks)?.to_vec();
+    let mut hooks = Hooks {
+        capture: a
+            .capture_layer
+            .iter()
+            .map(|&l| (l + 1, Vec::new()))
+            .collect(),
+        steer: None,
+    };
+    let step = Step {
+        slots: &slots,
+        positions: &positions,
+        n_write: t,
+    };
+    let logits = engine
+        .forward(&l.prompt_ids, &step, &rows, &mut hooks)?
+        .to_vec();
     let (d, v) = (c.hidden_size, c.vocab_size);
-    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = vec![("logits".into(), bytemuck::cast_slice(&logits).to_vec(), vec![t, v])];
+    let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = vec![(
+        "logits".into(),
+        bytemuck::cast_slice(&logits).to_vec(),
+        vec![t, v],
+    )];
     for (point, buf) in &hooks.capture {
-        tensors.push((format!("resid.{}", point - 1), bytemuck::cast_slice(buf).to_vec(), vec![t, d]));
+        tensors.push((
+            format!("resid.{}", point - 1),
+            bytemuck::cast_slice(buf).to_vec(),
+            vec![t, d],
+        ));
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, b, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .map(|(n, b, s)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, None, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    safetensors::serialize_to_file(views, None, &a.out)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     Ok(())
 }
 
@@ -421,17 +509,31 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
     if a.random_vectors {
         steering = steering.randomized_like(a.seed);
     }
-    let base_tok = Tokenizer::from_dir(&a.base)?
-        .ok_or_else(|| anyhow!("{}: the hybrid loop needs tokenizer.json in the base model folder", a.base.display()))?;
-    let think_tok = Tokenizer::from_dir(&a.thinking)?
-        .ok_or_else(|| anyhow!("{}: the hybrid loop needs tokenizer.json in the thinking model folder", a.thinking.display()))?;
+    let base_tok = Tokenizer::from_dir(&a.base)?.ok_or_else(|| {
+        anyhow!(
+            "{}: the hybrid loop needs tokenizer.json in the base model folder",
+            a.base.display()
+        )
+    })?;
+    let think_tok = Tokenizer::from_dir(&a.thinking)?.ok_or_else(|| {
+        anyhow!(
+            "{}: the hybrid loop needs tokenizer.json in the thinking model folder",
+            a.thinking.display()
+        )
+    })?;
     base_tok.check_same_ids(&think_tok)?;
     let questions = match (&a.question, &a.questions) {
         (Some(q), _) => vec![q.clone()],
-        (None, Some(p)) => thinksteer::eval::dataset::load_questions(p, a.question_field.as_deref())?,
+        (None, Some(p)) => {
+            thinksteer::eval::dataset::load_questions(p, a.question_field.as_deref())?
+        }
         (None, None) => return Err(anyhow!("expected --question or --questions")),
     };
-    let template = if a.thinking_plain { None } else { ChatTemplate::from_dir(&a.thinking)? };
+    let template = if a.thinking_plain {
+        None
+    } else {
+        ChatTemplate::from_dir(&a.thinking)?
+    };
     if !a.thinking_plain && template.is_none() {
         return Err(anyhow!("{}: no chat template for the thinking model; pass --thinking-plain to give it the plain prompt", a.thinking.display()));
     }
@@ -445,7 +547,10 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
             Some(t) => t.render(&[Message::user(q)], true)?,
             None => base_text.clone(),
         };
-        problems.push(Prompts { base: base_tok.encode(&base_text)?, thinking: think_tok.encode(&think_text)? });
+        problems.push(Prompts {
+            base: base_tok.encode(&base_text)?,
+            thinking: think_tok.encode(&think_text)?,
+        });
     }
     let settings = Settings {
         mode: a.mode,
@@ -458,13 +563,27 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
         steer_at_block_input: a.steer_at_block_input,
         sae_raw_activations: a.sae_raw_activations,
     };
-    let pair = Pair { base: &base, thinking: &thinking, sae: &sae, steering: &steering };
+    let pair = Pair {
+        base: &base,
+        thinking: &thinking,
+        sae: &sae,
+        steering: &steering,
+    };
     let eos = &base.config.eos_token_ids;
-    let batch = if a.mode == thinksteer::hybrid::Mode::Exact { 1 } else { a.batch.max(1) };
+    let batch = if a.mode == thinksteer::hybrid::Mode::Exact {
+        1
+    } else {
+        a.batch.max(1)
+    };
     for (ci, chunk) in problems.chunks(batch).enumerate() {
         let outs = run(&pair, chunk, &settings, |_, _, _| {})?;
         for (j, out) in outs.iter().enumerate() {
-            let body: Vec<u32> = out.ids.iter().copied().filter(|i| !eos.contains(i)).collect();
+            let body: Vec<u32> = out
+                .ids
+                .iter()
+                .copied()
+                .filter(|i| !eos.contains(i))
+                .collect();
             let text = base_tok.decode(&body)?;
             if a.json {
                 let j = serde_json::json!({
@@ -478,7 +597,12 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
                 });
                 println!("{j}");
             } else {
-                println!("=== question {} (steered {:.1}% of {} tokens)", ci * batch + j, 100.0 * out.steered_fraction(), out.ids.len());
+                println!(
+                    "=== question {} (steered {:.1}% of {} tokens)",
+                    ci * batch + j,
+                    100.0 * out.steered_fraction(),
+                    out.ids.len()
+                );
                 println!("{text}");
             }
         }
@@ -488,7 +612,14 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
 
 fn cmd_random_sae(a: RandomSaeArgs) -> Result<()> {
     let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
-    let sae = thinksteer::sae::Sae::random(c.hidden_size, a.latents, a.layer, a.k, a.seed, &a.model.display().to_string());
+    let sae = thinksteer::sae::Sae::random(
+        c.hidden_size,
+        a.latents,
+        a.layer,
+        a.k,
+        a.seed,
+        &a.model.display().to_string(),
+    );
     sae.validate_for(c.hidden_size, c.num_hidden_layers)?;
     sae.save(&a.out)?;
     Ok(())
@@ -496,7 +627,14 @@ fn cmd_random_sae(a: RandomSaeArgs) -> Result<()> {
 
 fn cmd_random_vectors(a: RandomVectorsArgs) -> Result<()> {
     let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
-    let set = thinksteer::steering::SteeringSet::random(c.hidden_size, a.count, a.layer, a.norm, a.seed, &a.model.display().to_string());
+    let set = thinksteer::steering::SteeringSet::random(
+        c.hidden_size,
+        a.count,
+        a.layer,
+        a.norm,
+        a.seed,
+        &a.model.display().to_string(),
+    );
     set.validate_for(c.hidden_size, c.num_hidden_layers)?;
     set.save(&a.out)?;
     Ok(())
@@ -508,28 +646,55 @@ fn cmd_grade(a: GradeArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&g)?);
     } else {
-        println!("{} (extracted {:?})", if g.correct { "correct" } else { "incorrect" }, g.extracted);
+        println!(
+            "{} (extracted {:?})",
+            if g.correct { "correct" } else { "incorrect" },
+            g.extracted
+        );
     }
     Ok(())
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let s = thinksteer::bench::Settings { batches: a.batch.clone(), prompt_len: a.prompt_len, new_tokens: a.new_tokens, seed: 0 };
+    let s = thinksteer::bench::Settings {
+        batches: a.batch.clone(),
+        prompt_len: a.prompt_len,
+        new_tokens: a.new_tokens,
+        seed: 0,
+    };
     if a.prompt_len == 0 || a.batch.contains(&0) {
         return Err(anyhow!("--prompt-len and every --batch must be at least 1"));
     }
-    let rows = if use_cuda(a.device)? { thinksteer::bench::run_cuda(&a.shape, &s)? } else { thinksteer::bench::run_cpu(&a.shape, &s)? };
+    let rows = if use_cuda(a.device)? {
+        thinksteer::bench::run_cuda(&a.shape, &s)?
+    } else {
+        thinksteer::bench::run_cpu(&a.shape, &s)?
+    };
     if a.json {
         for r in &rows {
             println!("{}", serde_json::to_string(r)?);
         }
     } else {
-        println!("{:<14} {:<6} {:<8} {:>6} {:>12} {:>10} {:>10} {:>9}", "shape", "device", "phase", "batch", "ms/token", "tok/s", "GB/s", "% floor");
+        println!(
+            "{:<14} {:<6} {:<8} {:>6} {:>12} {:>10} {:>10} {:>9}",
+            "shape", "device", "phase", "batch", "ms/token", "tok/s", "GB/s", "% floor"
+        );
         for r in &rows {
-            let pct = if r.phase == "prefill" { format!("{:.1}%TC", r.pct_of_floor) } else { format!("{:.1}%", r.pct_of_floor) };
+            let pct = if r.phase == "prefill" {
+                format!("{:.1}%TC", r.pct_of_floor)
+            } else {
+                format!("{:.1}%", r.pct_of_floor)
+            };
             println!(
                 "{:<14} {:<6} {:<8} {:>6} {:>12.3} {:>10.1} {:>10.0} {:>9}",
-                r.shape.chars().rev().take(14).collect::<Vec<_>>().into_iter().rev().collect::<String>(),
+                r.shape
+                    .chars()
+                    .rev()
+                    .take(14)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<String>(),
                 r.device,
                 r.phase,
                 r.batch,

@@ -46,7 +46,10 @@ pub struct Model {
 impl Weights {
     pub fn load(files: &WeightFiles, c: &Config) -> Result<Weights> {
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
             match c.arch {
                 Arch::Qwen2 => files.f32(name, &[n]).map(Some),
@@ -66,7 +69,8 @@ impl Weights {
                 v_proj: files.f32(&format!("{p}.self_attn.v_proj.weight"), &[kv, d])?,
                 v_bias: bias(&format!("{p}.self_attn.v_proj.bias"), kv)?,
                 o_proj: files.f32(&format!("{p}.self_attn.o_proj.weight"), &[d, q])?,
-                post_attention_layernorm: files.f32(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+                post_attention_layernorm: files
+                    .f32(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
                 gate_proj: files.f32(&format!("{p}.mlp.gate_proj.weight"), &[f, d])?,
                 up_proj: files.f32(&format!("{p}.mlp.up_proj.weight"), &[f, d])?,
                 down_proj: files.f32(&format!("{p}.mlp.down_proj.weight"), &[d, f])?,
@@ -89,9 +93,9 @@ impl Weights {
 /// K/V of every layer for a fixed number of slots (one per concurrent sequence).
 pub struct KvCache {
     pub slots: usize,
-    pub max_len: usize,        // S
-    pub k: Vec<Vec<f32>>,      // per layer [slots, S, Hkv, Dh]
-    pub v: Vec<Vec<f32>>,      // per layer [slots, S, Hkv, Dh]
+    pub max_len: usize,   // S
+    pub k: Vec<Vec<f32>>, // per layer [slots, S, Hkv, Dh]
+    pub v: Vec<Vec<f32>>, // per layer [slots, S, Hkv, Dh]
 }
 
 impl KvCache {
@@ -144,7 +148,10 @@ pub struct Workspace {
 impl Workspace {
     fn ensure(&mut self, c: &Config, t: usize) {
         let (d, f) = (c.hidden_size, c.intermediate_size);
-        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         for (buf, n) in [
             (&mut self.xn, t * d),
             (&mut self.q, t * q),
@@ -175,7 +182,11 @@ impl Model {
 
     pub fn from_parts(config: Config, weights: Weights) -> Model {
         let inv_freq = config.rope_inv_freq();
-        Model { config, weights, inv_freq }
+        Model {
+            config,
+            weights,
+            inv_freq,
+        }
     }
 
     /// h[t] = embed_tokens[ids[t]].  h: [T, D]. Ids must have been validated against V.
@@ -220,9 +231,36 @@ impl Model {
 
         // Attention: q/k/v projections (+ bias), RoPE, cache append, attend, output projection.
         rmsnorm(xn, h, &w.input_layernorm, c.rms_norm_eps); //              [T, D]
-        matmul(&mut ws.q[..t * q], xn, &w.q_proj, w.q_bias.as_deref(), t, d, q, &mut ws.scratch); // [T, H·Dh]
-        matmul(&mut ws.k[..t * kv], xn, &w.k_proj, w.k_bias.as_deref(), t, d, kv, &mut ws.scratch); // [T, Hkv·Dh]
-        matmul(&mut ws.v[..t * kv], xn, &w.v_proj, w.v_bias.as_deref(), t, d, kv, &mut ws.scratch); // [T, Hkv·Dh]
+        matmul(
+            &mut ws.q[..t * q],
+            xn,
+            &w.q_proj,
+            w.q_bias.as_deref(),
+            t,
+            d,
+            q,
+            &mut ws.scratch,
+        ); // [T, H·Dh]
+        matmul(
+            &mut ws.k[..t * kv],
+            xn,
+            &w.k_proj,
+            w.k_bias.as_deref(),
+            t,
+            d,
+            kv,
+            &mut ws.scratch,
+        ); // [T, Hkv·Dh]
+        matmul(
+            &mut ws.v[..t * kv],
+            xn,
+            &w.v_proj,
+            w.v_bias.as_deref(),
+            t,
+            d,
+            kv,
+            &mut ws.scratch,
+        ); // [T, Hkv·Dh]
         rope(&mut ws.q[..t * q], step.positions, &self.inv_freq, nh);
         rope(&mut ws.k[..t * kv], step.positions, &self.inv_freq, nkv);
         let s = cache.max_len;
@@ -232,16 +270,52 @@ impl Model {
             cache.v[l][at..at + kv].copy_from_slice(&ws.v[i * kv..(i + 1) * kv]);
         }
         self.attention(ws, cache, l, step); //                                 [T, H·Dh]
-        matmul(&mut ws.o[..t * d], &ws.attn[..t * q], &w.o_proj, None, t, q, d, &mut ws.scratch);
+        matmul(
+            &mut ws.o[..t * d],
+            &ws.attn[..t * q],
+            &w.o_proj,
+            None,
+            t,
+            q,
+            d,
+            &mut ws.scratch,
+        );
         add(h, &ws.o[..t * d]);
 
         // MLP: down(silu(gate(x)) · up(x)).
         let xn = &mut ws.xn[..t * d];
         rmsnorm(xn, h, &w.post_attention_layernorm, c.rms_norm_eps);
-        matmul(&mut ws.gate[..t * f], xn, &w.gate_proj, None, t, d, f, &mut ws.scratch); // [T, F]
-        matmul(&mut ws.up[..t * f], xn, &w.up_proj, None, t, d, f, &mut ws.scratch); //     [T, F]
+        matmul(
+            &mut ws.gate[..t * f],
+            xn,
+            &w.gate_proj,
+            None,
+            t,
+            d,
+            f,
+            &mut ws.scratch,
+        ); // [T, F]
+        matmul(
+            &mut ws.up[..t * f],
+            xn,
+            &w.up_proj,
+            None,
+            t,
+            d,
+            f,
+            &mut ws.scratch,
+        ); //     [T, F]
         silu_mul(&mut ws.act[..t * f], &ws.gate[..t * f], &ws.up[..t * f]);
-        matmul(&mut ws.o[..t * d], &ws.act[..t * f], &w.down_proj, None, t, f, d, &mut ws.scratch);
+        matmul(
+            &mut ws.o[..t * d],
+            &ws.act[..t * f],
+            &w.down_proj,
+            None,
+            t,
+            f,
+            d,
+            &mut ws.scratch,
+        );
         add(h, &ws.o[..t * d]);
     }
 
@@ -252,21 +326,24 @@ impl Model {
         let (q_all, k_self, v_self) = (&ws.q, &ws.k, &ws.v);
         let (kc, vc, s) = (&cache.k[l], &cache.v[l], cache.max_len);
         let t = step.positions.len();
-        ws.attn[..t * nh * dh].par_chunks_mut(dh).enumerate().for_each(|(i, out)| {
-            let (tok, head) = (i / nh, i % nh);
-            let g = head / (nh / nkv);
-            let (slot, pos) = (step.slots[tok], step.positions[tok]);
-            let q = &q_all[i * dh..(i + 1) * dh];
-            // Keys/values of this kv head for positions 0..pos, then the token itself.
-            let base = (slot * s * nkv + g) * dh;
-            let stride = nkv * dh;
-            SCORES.with(|sc| {
-                let mut sc = sc.borrow_mut();
-                let own = (tok * nkv + g) * dh..(tok * nkv + g + 1) * dh;
-                let me = (&k_self[own.clone()], &v_self[own]);
-                attend(out, q, &kc[base..], &vc[base..], stride, pos, me, &mut sc);
+        ws.attn[..t * nh * dh]
+            .par_chunks_mut(dh)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let (tok, head) = (i / nh, i % nh);
+                let g = head / (nh / nkv);
+                let (slot, pos) = (step.slots[tok], step.positions[tok]);
+                let q = &q_all[i * dh..(i + 1) * dh];
+                // Keys/values of this kv head for positions 0..pos, then the token itself.
+                let base = (slot * s * nkv + g) * dh;
+                let stride = nkv * dh;
+                SCORES.with(|sc| {
+                    let mut sc = sc.borrow_mut();
+                    let own = (tok * nkv + g) * dh..(tok * nkv + g + 1) * dh;
+                    let me = (&k_self[own.clone()], &v_self[own]);
+                    attend(out, q, &kc[base..], &vc[base..], stride, pos, me, &mut sc);
+                });
             });
-        });
     }
 
     /// Final norm and LM head for the selected rows of h: [T, D] → logits [R, V].
@@ -280,10 +357,28 @@ impl Model {
         }
         let mut normed = std::mem::take(&mut ws.o);
         normed.resize(r * d, 0.0);
-        rmsnorm(&mut normed, &ws.xn[..r * d], &self.weights.norm, c.rms_norm_eps);
+        rmsnorm(
+            &mut normed,
+            &ws.xn[..r * d],
+            &self.weights.norm,
+            c.rms_norm_eps,
+        );
         ws.logits.resize(r * v, 0.0);
-        let lm = self.weights.lm_head.as_deref().unwrap_or(&self.weights.embed_tokens);
-        matmul(&mut ws.logits[..r * v], &normed, lm, None, r, d, v, &mut ws.scratch);
+        let lm = self
+            .weights
+            .lm_head
+            .as_deref()
+            .unwrap_or(&self.weights.embed_tokens);
+        matmul(
+            &mut ws.logits[..r * v],
+            &normed,
+            lm,
+            None,
+            r,
+            d,
+            v,
+            &mut ws.scratch,
+        );
         ws.o = normed;
         &ws.logits[..r * v]
     }
@@ -292,19 +387,26 @@ impl Model {
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let v = self.config.vocab_size;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
-            crate::bail!("token id {bad} is outside the vocabulary: expected ids below vocab_size {v}");
+            crate::bail!(
+                "token id {bad} is outside the vocabulary: expected ids below vocab_size {v}"
+            );
         }
         Ok(())
     }
 
     /// Greedy token of each row of logits [R, V].
     pub fn greedy(&self, logits: &[f32]) -> Vec<u32> {
-        logits.chunks(self.config.vocab_size).map(|r| argmax(r) as u32).collect()
+        logits
+            .chunks(self.config.vocab_size)
+            .map(|r| argmax(r) as u32)
+            .collect()
     }
 }
 
 fn add(h: &mut [f32], x: &[f32]) {
-    h.par_iter_mut().zip(x.par_iter()).for_each(|(a, b)| *a += b);
+    h.par_iter_mut()
+        .zip(x.par_iter())
+        .for_each(|(a, b)| *a += b);
 }
 
 fn apply_hooks(hooks: &mut Hooks, point: usize, h: &mut [f32]) {

@@ -102,7 +102,12 @@ impl Tokenizer {
     /// redefine them (R1-Distill-Qwen vs Qwen2.5-Math) while sharing every ordinary token.
     pub fn check_same_ids(&self, other: &Tokenizer) -> Result<()> {
         let by_id = |t: &Tokenizer| {
-            let mut v: Vec<(u32, String)> = t.inner.get_vocab(false).into_iter().map(|(s, i)| (i, s)).collect();
+            let mut v: Vec<(u32, String)> = t
+                .inner
+                .get_vocab(false)
+                .into_iter()
+                .map(|(s, i)| (i, s))
+                .collect();
             v.sort();
             v
         };

@@ -31,13 +31,21 @@ impl WeightFiles {
         let shard_names: Vec<String> = if single.exists() {
             vec!["model.safetensors".into()]
         } else if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Input(format!("{}: malformed JSON: {e}", index_path.display())))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                Error::Input(format!("{}: malformed JSON: {e}", index_path.display()))
+            })?;
             let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
-                bail!("{}: expected an object \"weight_map\", found none", index_path.display())
+                bail!(
+                    "{}: expected an object \"weight_map\", found none",
+                    index_path.display()
+                )
             };
-            let mut names: Vec<String> = map.values().filter_map(|s| s.as_str().map(String::from)).collect();
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect();
             names.sort();
             names.dedup();
             names
@@ -55,8 +63,12 @@ impl WeightFiles {
             // SAFETY: the file is opened read-only and the map lives as long as `WeightFiles`;
             // a checkpoint modified while loaded is outside what we support.
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::Input(format!("{}: not a valid safetensors file: {e}", path.display())))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                Error::Input(format!(
+                    "{}: not a valid safetensors file: {e}",
+                    path.display()
+                ))
+            })?;
             for n in st.names() {
                 index.insert(n.to_string(), files.len());
             }
@@ -91,12 +103,19 @@ impl WeightFiles {
         }
         let dtype = view.dtype();
         if !matches!(dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
-            bail!("{}: tensor {name:?} has dtype {dtype:?}, expected BF16, F16 or F32", path.display());
+            bail!(
+                "{}: tensor {name:?} has dtype {dtype:?}, expected BF16, F16 or F32",
+                path.display()
+            );
         }
         // Re-borrow the bytes from the mmap (not from `st`) so they outlive this call.
         let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
         let data = &mmap[start..start + view.data().len()];
-        Ok(RawTensor { dtype, shape: shape.to_vec(), data })
+        Ok(RawTensor {
+            dtype,
+            shape: shape.to_vec(),
+            data,
+        })
     }
 
     /// The tensor as f32 (exact for bf16/f16 sources).
@@ -109,8 +128,15 @@ impl WeightFiles {
     pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
         let t = self.raw(name, shape)?;
         Ok(match t.dtype {
-            Dtype::BF16 => t.data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]])).collect(),
-            _ => to_f32(t.dtype, t.data).into_iter().map(bf16::from_f32).collect(),
+            Dtype::BF16 => t
+                .data
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                .collect(),
+            _ => to_f32(t.dtype, t.data)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect(),
         })
     }
 
@@ -131,9 +157,18 @@ impl WeightFiles {
 
 fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
     match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         _ => unreachable!("dtype checked in raw()"),
     }
 }

@@ -725,7 +725,13 @@ pub fn logits_at(
 }
 
 /// out bf16 [n] = offset + scale·u, u uniform in [−1, 1) from a hash of (seed, index).
-pub fn fill_random(gpu: &Gpu, out: &mut CudaViewMut<'_, bf16>, seed: u64, offset: f32, scale: f32) -> Result<()> {
+pub fn fill_random(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, bf16>,
+    seed: u64,
+    offset: f32,
+    scale: f32,
+) -> Result<()> {
     const K: &str = "fill_random_bf16";
     let n = out.len() as u64;
     if n == 0 {

@@ -31,7 +31,7 @@ pub struct CudaLayer {
 }
 
 pub struct CudaWeights {
-    pub embed_tokens: CudaSlice<bf16>,    // [V, D]
+    pub embed_tokens: CudaSlice<bf16>, // [V, D]
     pub layers: Vec<CudaLayer>,
     pub norm: CudaSlice<bf16>,            // [D]
     pub lm_head: Option<CudaSlice<bf16>>, // [V, D]; None when tied
@@ -46,7 +46,10 @@ impl CudaWeights {
     pub fn load(gpu: &Gpu, files: &WeightFiles, c: &Config) -> Result<CudaWeights> {
         let up = |v: Vec<bf16>| gpu.stream.clone_htod(&v).map_err(cu("uploading weights"));
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -70,7 +73,9 @@ impl CudaWeights {
                 qkv_proj: up(qkv)?,
                 qkv_bias,
                 o_proj: up(files.bf16(&format!("{a}.o_proj.weight"), &[d, q])?)?,
-                post_attention_layernorm: up(files.bf16(&format!("{p}.post_attention_layernorm.weight"), &[d])?)?,
+                post_attention_layernorm: up(
+                    files.bf16(&format!("{p}.post_attention_layernorm.weight"), &[d])?
+                )?,
                 gate_up_proj: up(gate_up)?,
                 down_proj: up(files.bf16(&format!("{p}.mlp.down_proj.weight"), &[d, f])?)?,
             });
@@ -79,7 +84,11 @@ impl CudaWeights {
             embed_tokens: up(files.bf16("model.embed_tokens.weight", &[v, d])?)?,
             layers,
             norm: up(files.bf16("model.norm.weight", &[d])?)?,
-            lm_head: if c.tie_word_embeddings { None } else { Some(up(files.bf16("lm_head.weight", &[v, d])?)?) },
+            lm_head: if c.tie_word_embeddings {
+                None
+            } else {
+                Some(up(files.bf16("lm_head.weight", &[v, d])?)?)
+            },
         })
     }
 
@@ -89,18 +98,34 @@ impl CudaWeights {
     pub fn random(gpu: &Gpu, c: &Config, seed: u64) -> Result<CudaWeights> {
         let mut n = 0u64;
         let mut rand = |len: usize, offset: f32, scale: f32| -> Result<CudaSlice<bf16>> {
-            let mut s = gpu.stream.alloc_zeros::<bf16>(len).map_err(cu("allocating weights"))?;
+            let mut s = gpu
+                .stream
+                .alloc_zeros::<bf16>(len)
+                .map_err(cu("allocating weights"))?;
             n += 1;
-            k::fill_random(gpu, &mut s.as_view_mut(), seed.wrapping_mul(1000).wrapping_add(n), offset, scale)?;
+            k::fill_random(
+                gpu,
+                &mut s.as_view_mut(),
+                seed.wrapping_mul(1000).wrapping_add(n),
+                offset,
+                scale,
+            )?;
             Ok(s)
         };
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let (q, kv) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let (q, kv) = (
+            c.num_attention_heads * c.head_dim,
+            c.num_key_value_heads * c.head_dim,
+        );
         let fan = |k: usize| (3.0 / k as f32).sqrt();
         let mut layers = Vec::new();
         for _ in 0..c.num_hidden_layers {
             let qkv_bias = if c.arch == Arch::Qwen2 {
-                Some(gpu.stream.alloc_zeros::<f32>(q + 2 * kv).map_err(cu("allocating biases"))?)
+                Some(
+                    gpu.stream
+                        .alloc_zeros::<f32>(q + 2 * kv)
+                        .map_err(cu("allocating biases"))?,
+                )
             } else {
                 None
             };
@@ -118,7 +143,11 @@ impl CudaWeights {
             embed_tokens: rand(v * d, 0.0, 1.0)?,
             layers,
             norm: rand(d, 1.0, 0.1)?,
-            lm_head: if c.tie_word_embeddings { None } else { Some(rand(v * d, 0.0, fan(d))?) },
+            lm_head: if c.tie_word_embeddings {
+                None
+            } else {
+                Some(rand(v * d, 0.0, fan(d))?)
+            },
         })
     }
 }
@@ -152,7 +181,7 @@ pub struct CudaEngine {
     pub gpu: Gpu,
     pub config: Config,
     pub w: CudaWeights,
-    inv_freq: CudaSlice<f32>,    // [Dh/2]
+    inv_freq: CudaSlice<f32>,      // [Dh/2]
     k_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
     v_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
     slots: usize,
@@ -161,6 +190,7 @@ pub struct CudaEngine {
     splits: usize,
     a: Acts,
     logits_host: Vec<f32>,
+    chunk_host: Vec<f32>, // logits of one chunk's rows, reused between calls
     /// Replayable decode steps, keyed by token count (all tokens write the cache).
     graphs: HashMap<usize, CudaGraph>,
     pub use_graphs: bool,
@@ -172,25 +202,57 @@ pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_
     let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let splits = k::decode_splits(max_len);
     let cache = 2 * c.num_hidden_layers * slots * max_len * hkv * dh * 2;
-    let per_t = d * 4 + d * 2 + (h + 2 * hkv) * dh * 4 + (h + 2 * hkv) * dh * 2 + h * splits * (dh + 2) * 4
-        + h * dh * 2 + d * 4 + 2 * f * 4 + f * 2 + d * 2 + v * 4 + d * 4 + 5 * 4;
+    let per_t = d * 4
+        + d * 2
+        + (h + 2 * hkv) * dh * 4
+        + (h + 2 * hkv) * dh * 2
+        + h * splits * (dh + 2) * 4
+        + h * dh * 2
+        + d * 4
+        + 2 * f * 4
+        + f * 2
+        + d * 2
+        + v * 4
+        + d * 4
+        + 5 * 4;
     cache + per_t * max_t
 }
 
 impl CudaEngine {
     /// Loads a checkpoint folder onto the GPU.
-    pub fn load(gpu: Gpu, dir: &Path, slots: usize, max_len: usize, max_t: usize) -> Result<CudaEngine> {
+    pub fn load(
+        gpu: Gpu,
+        dir: &Path,
+        slots: usize,
+        max_len: usize,
+        max_t: usize,
+    ) -> Result<CudaEngine> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let files = WeightFiles::open(dir)?;
-        Self::check_fits(&gpu, &config, slots, max_len, max_t, config.param_count() * 2)?;
+        Self::check_fits(
+            &gpu,
+            &config,
+            slots,
+            max_len,
+            max_t,
+            config.param_count() * 2,
+        )?;
         let w = CudaWeights::load(&gpu, &files, &config)?;
         Self::new(gpu, config, w, slots, max_len, max_t)
     }
 
     /// Refuses, before allocating anything, a cache and activations that will not fit the card.
-    pub fn check_fits(gpu: &Gpu, c: &Config, slots: usize, max_len: usize, max_t: usize, weight_bytes: usize) -> Result<()> {
+    pub fn check_fits(
+        gpu: &Gpu,
+        c: &Config,
+        slots: usize,
+        max_len: usize,
+        max_t: usize,
+        weight_bytes: usize,
+    ) -> Result<()> {
         let need = cache_and_activation_bytes(c, slots, max_len, max_t) + weight_bytes;
-        let (free, total) = cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
+        let (free, total) =
+            cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
         let _ = &gpu.ctx;
         if need > free {
             crate::bail!(
@@ -203,18 +265,37 @@ impl CudaEngine {
         Ok(())
     }
 
-    pub fn new(gpu: Gpu, config: Config, w: CudaWeights, slots: usize, max_len: usize, max_t: usize) -> Result<CudaEngine> {
+    pub fn new(
+        gpu: Gpu,
+        config: Config,
+        w: CudaWeights,
+        slots: usize,
+        max_len: usize,
+        max_t: usize,
+    ) -> Result<CudaEngine> {
         let c = &config;
         if !(c.head_dim == 64 || c.head_dim == 128) {
-            crate::bail!("the CUDA attention kernels need head_dim 64 or 128, found {}", c.head_dim);
+            crate::bail!(
+                "the CUDA attention kernels need head_dim 64 or 128, found {}",
+                c.head_dim
+            );
         }
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let splits = k::decode_splits(max_len);
         let s = &gpu.stream;
-        let z32 = |n: usize| s.alloc_zeros::<f32>(n).map_err(cu("allocating activations"));
-        let z16 = |n: usize| s.alloc_zeros::<bf16>(n).map_err(cu("allocating activations"));
-        let zi = |n: usize| s.alloc_zeros::<i32>(n).map_err(cu("allocating activations"));
+        let z32 = |n: usize| {
+            s.alloc_zeros::<f32>(n)
+                .map_err(cu("allocating activations"))
+        };
+        let z16 = |n: usize| {
+            s.alloc_zeros::<bf16>(n)
+                .map_err(cu("allocating activations"))
+        };
+        let zi = |n: usize| {
+            s.alloc_zeros::<i32>(n)
+                .map_err(cu("allocating activations"))
+        };
         let n_cache = slots * max_len * hkv * dh;
         let mut k_cache = Vec::new();
         let mut v_cache = Vec::new();
@@ -244,9 +325,13 @@ impl CudaEngine {
             next: zi(max_t)?,
             steer_tab: z32(max_t * d)?,
             steer_idx: s.clone_htod(&idx).map_err(cu("allocating activations"))?,
-            steer_coef: s.clone_htod(&vec![1f32; max_t]).map_err(cu("allocating activations"))?,
+            steer_coef: s
+                .clone_htod(&vec![1f32; max_t])
+                .map_err(cu("allocating activations"))?,
         };
-        let inv_freq = s.clone_htod(&c.rope_inv_freq()).map_err(cu("uploading RoPE frequencies"))?;
+        let inv_freq = s
+            .clone_htod(&c.rope_inv_freq())
+            .map_err(cu("uploading RoPE frequencies"))?;
         Ok(CudaEngine {
             config,
             w,
@@ -259,6 +344,7 @@ impl CudaEngine {
             splits,
             a,
             logits_host: vec![],
+            chunk_host: vec![],
             graphs: HashMap::new(),
             use_graphs: true,
             gpu,
@@ -267,7 +353,13 @@ impl CudaEngine {
 
     fn shape(&self) -> AttnShape {
         let c = &self.config;
-        AttnShape { h: c.num_attention_heads, hkv: c.num_key_value_heads, dh: c.head_dim, slots: self.slots, s: self.max_len }
+        AttnShape {
+            h: c.num_attention_heads,
+            hkv: c.num_key_value_heads,
+            dh: c.head_dim,
+            slots: self.slots,
+            s: self.max_len,
+        }
     }
 
     /// Uploads ids, positions and slots of one call (≤ max_t tokens).
@@ -277,21 +369,43 @@ impl CudaEngine {
         let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
         let pos: Vec<i32> = step.positions.iter().map(|&p| p as i32).collect();
         let slot: Vec<i32> = step.slots.iter().map(|&p| p as i32).collect();
-        s.memcpy_htod(&ids, &mut self.a.ids.slice_mut(..t)).map_err(cu("uploading ids"))?;
-        s.memcpy_htod(&pos, &mut self.a.pos.slice_mut(..t)).map_err(cu("uploading positions"))?;
-        s.memcpy_htod(&slot, &mut self.a.slot.slice_mut(..t)).map_err(cu("uploading slots"))?;
+        s.memcpy_htod(&ids, &mut self.a.ids.slice_mut(..t))
+            .map_err(cu("uploading ids"))?;
+        s.memcpy_htod(&pos, &mut self.a.pos.slice_mut(..t))
+            .map_err(cu("uploading positions"))?;
+        s.memcpy_htod(&slot, &mut self.a.slot.slice_mut(..t))
+            .map_err(cu("uploading slots"))?;
         Ok(())
     }
 
     /// The residual_norm kernel that closes point `p` (adds the previous MLP output when p > 0),
     /// steers it when `steer` is set, and normalises it with `w` into y.
-    fn close_point(&mut self, t: usize, p: usize, steer: bool, hooks_capture: Option<&mut Vec<f32>>) -> Result<()> {
+    fn close_point(
+        &mut self,
+        t: usize,
+        p: usize,
+        steer: bool,
+        hooks_capture: Option<&mut Vec<f32>>,
+    ) -> Result<()> {
         let c = &self.config;
         let (d, n) = (c.hidden_size, c.num_hidden_layers);
         let a = &mut self.a;
-        let w = if p < n { &self.w.layers[p].input_layernorm } else { &self.w.norm };
-        let (tab, idx, coef) = (a.steer_tab.slice(..t * d), a.steer_idx.slice(..t), a.steer_coef.slice(..t));
-        let st = Steer { table: &tab, coef: &coef, idx: &idx, nv: t };
+        let w = if p < n {
+            &self.w.layers[p].input_layernorm
+        } else {
+            &self.w.norm
+        };
+        let (tab, idx, coef) = (
+            a.steer_tab.slice(..t * d),
+            a.steer_idx.slice(..t),
+            a.steer_coef.slice(..t),
+        );
+        let st = Steer {
+            table: &tab,
+            coef: &coef,
+            idx: &idx,
+            nv: t,
+        };
         let x = a.o.slice(..t * d);
         k::residual_norm(
             &self.gpu,
@@ -307,7 +421,10 @@ impl CudaEngine {
         )?;
         if let Some(buf) = hooks_capture {
             buf.resize(t * d, 0.0);
-            self.gpu.stream.memcpy_dtoh(&a.r.slice(..t * d), buf.as_mut_slice()).map_err(cu("capturing the residual"))?;
+            self.gpu
+                .stream
+                .memcpy_dtoh(&a.r.slice(..t * d), buf.as_mut_slice())
+                .map_err(cu("capturing the residual"))?;
             self.gpu.sync()?;
         }
         Ok(())
@@ -323,15 +440,34 @@ impl CudaEngine {
         let steer_at = hooks.steer.map(|(p, add)| (p, add.to_vec()));
         if let Some((_, add)) = &steer_at {
             if add.len() != t * d {
-                crate::bail!("steering rows: expected [T={t}, D={d}] = {} values, found {}", t * d, add.len());
+                crate::bail!(
+                    "steering rows: expected [T={t}, D={d}] = {} values, found {}",
+                    t * d,
+                    add.len()
+                );
             }
-            self.gpu.stream.memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d)).map_err(cu("uploading steering"))?;
+            self.gpu
+                .stream
+                .memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d))
+                .map_err(cu("uploading steering"))?;
         }
         let g = &self.gpu;
-        k::embed(g, &mut self.a.r.slice_mut(..t * d), &self.w.embed_tokens.as_view(), &self.a.ids.slice(..t), t, d, v)?;
+        k::embed(
+            g,
+            &mut self.a.r.slice_mut(..t * d),
+            &self.w.embed_tokens.as_view(),
+            &self.a.ids.slice(..t),
+            t,
+            d,
+            v,
+        )?;
         for l in 0..=c.num_hidden_layers {
             let steer = steer_at.as_ref().is_some_and(|(p, _)| *p == l);
-            let cap = hooks.capture.iter_mut().find(|(p, _)| *p == l).map(|(_, b)| b);
+            let cap = hooks
+                .capture
+                .iter_mut()
+                .find(|(p, _)| *p == l)
+                .map(|(_, b)| b);
             self.close_point(t, l, steer, cap)?;
             if l == c.num_hidden_layers {
                 break;
@@ -339,7 +475,15 @@ impl CudaEngine {
             let g = &self.gpu;
             let (a, w) = (&mut self.a, &self.w.layers[l]);
             // Attention: fused q|k|v product, bias + RoPE + cache append, attention, o_proj.
-            k::matmul(g, &mut a.qkv.slice_mut(..t * wq), &a.y.slice(..t * d), &w.qkv_proj.as_view(), t, wq, d)?;
+            k::matmul(
+                g,
+                &mut a.qkv.slice_mut(..t * wq),
+                &a.y.slice(..t * d),
+                &w.qkv_proj.as_view(),
+                t,
+                wq,
+                d,
+            )?;
             let bias = w.qkv_bias.as_ref().map(|b| b.as_view());
             k::qkv_rope(
                 g,
@@ -373,7 +517,15 @@ impl CudaEngine {
                 sh,
                 splits,
             )?;
-            k::matmul(g, &mut a.o.slice_mut(..t * d), &a.attn.slice(..t * h * dh), &w.o_proj.as_view(), t, d, h * dh)?;
+            k::matmul(
+                g,
+                &mut a.o.slice_mut(..t * d),
+                &a.attn.slice(..t * h * dh),
+                &w.o_proj.as_view(),
+                t,
+                d,
+                h * dh,
+            )?;
             // MLP: r += o; y = norm(r); down(silu(gate) · up).
             let o = a.o.slice(..t * d);
             k::residual_norm(
@@ -388,9 +540,31 @@ impl CudaEngine {
                 d,
                 c.rms_norm_eps,
             )?;
-            k::matmul(g, &mut a.gate_up.slice_mut(..t * 2 * f), &a.y.slice(..t * d), &w.gate_up_proj.as_view(), t, 2 * f, d)?;
-            k::silu_mul(g, &mut a.act.slice_mut(..t * f), &a.gate_up.slice(..t * 2 * f), t, f)?;
-            k::matmul(g, &mut a.o.slice_mut(..t * d), &a.act.slice(..t * f), &w.down_proj.as_view(), t, d, f)?;
+            k::matmul(
+                g,
+                &mut a.gate_up.slice_mut(..t * 2 * f),
+                &a.y.slice(..t * d),
+                &w.gate_up_proj.as_view(),
+                t,
+                2 * f,
+                d,
+            )?;
+            k::silu_mul(
+                g,
+                &mut a.act.slice_mut(..t * f),
+                &a.gate_up.slice(..t * 2 * f),
+                t,
+                f,
+            )?;
+            k::matmul(
+                g,
+                &mut a.o.slice_mut(..t * d),
+                &a.act.slice(..t * f),
+                &w.down_proj.as_view(),
+                t,
+                d,
+                f,
+            )?;
         }
         Ok(())
     }
@@ -404,13 +578,28 @@ impl CudaEngine {
         if !identity {
             for (i, &row) in rows.iter().enumerate() {
                 g.stream
-                    .memcpy_dtod(&self.a.y.slice(row * d..(row + 1) * d), &mut self.a.y_sel.slice_mut(i * d..(i + 1) * d))
+                    .memcpy_dtod(
+                        &self.a.y.slice(row * d..(row + 1) * d),
+                        &mut self.a.y_sel.slice_mut(i * d..(i + 1) * d),
+                    )
                     .map_err(cu("gathering rows"))?;
             }
         }
-        let x = if identity { self.a.y.slice(..r * d) } else { self.a.y_sel.slice(..r * d) };
+        let x = if identity {
+            self.a.y.slice(..r * d)
+        } else {
+            self.a.y_sel.slice(..r * d)
+        };
         let lm = self.w.lm_head.as_ref().unwrap_or(&self.w.embed_tokens);
-        k::matmul(g, &mut self.a.logits.slice_mut(..r * v), &x, &lm.as_view(), r, v, d)
+        k::matmul(
+            g,
+            &mut self.a.logits.slice_mut(..r * v),
+            &x,
+            &lm.as_view(),
+            r,
+            v,
+            d,
+        )
     }
 
     /// One greedy decode step for `ids.len()` rows (each writes its K/V), replayed from a CUDA
@@ -429,20 +618,30 @@ impl CudaEngine {
                 self.greedy_launches(t)?;
                 self.gpu.sync()?;
                 let s = self.gpu.stream.clone();
-                s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                    .map_err(cu("starting graph capture"))?;
+                s.begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .map_err(cu("starting graph capture"))?;
                 let launched = self.greedy_launches(t);
-                let graph = s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags_enum(0)).map_err(cu("ending graph capture"))?;
+                let graph = s
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags_enum(0))
+                    .map_err(cu("ending graph capture"))?;
                 launched?;
-                let graph = graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
+                let graph =
+                    graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
                 self.graphs.insert(t, graph);
             }
-            self.graphs[&t].launch().map_err(cu("replaying the decode graph"))?;
+            self.graphs[&t]
+                .launch()
+                .map_err(cu("replaying the decode graph"))?;
         } else {
             self.greedy_launches(t)?;
         }
         let mut out = vec![0i32; t];
-        self.gpu.stream.memcpy_dtoh(&self.a.next.slice(..t), out.as_mut_slice()).map_err(cu("reading ids"))?;
+        self.gpu
+            .stream
+            .memcpy_dtoh(&self.a.next.slice(..t), out.as_mut_slice())
+            .map_err(cu("reading ids"))?;
         self.gpu.sync()?;
         let _ = v;
         Ok(out.into_iter().map(|x| x as u32).collect())
@@ -453,7 +652,13 @@ impl CudaEngine {
         let rows: Vec<usize> = (0..t).collect();
         self.head(&rows)?;
         let v = self.config.vocab_size;
-        k::argmax(&self.gpu, &mut self.a.next.slice_mut(..t), &self.a.logits.slice(..t * v), t, v)
+        k::argmax(
+            &self.gpu,
+            &mut self.a.next.slice_mut(..t),
+            &self.a.logits.slice(..t * v),
+            t,
+            v,
+        )
     }
 
     /// Forward of up to max_t tokens without returning logits (prefill chunks).
@@ -478,33 +683,60 @@ impl Decoder for CudaEngine {
     fn slots(&self) -> usize {
         self.slots
     }
-    fn forward(&mut self, ids: &[u32], step: &Step, logit_rows: &[usize], hooks: &mut Hooks) -> Result<&[f32]> {
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        step: &Step,
+        logit_rows: &[usize],
+        hooks: &mut Hooks,
+    ) -> Result<&[f32]> {
         check_step(&self.config, ids, step, self.slots, self.max_len)?;
-        let t = ids.len();
+        let (t, v, r) = (ids.len(), self.config.vocab_size, logit_rows.len());
         let hooked = hooks.steer.is_some() || !hooks.capture.is_empty();
-        if t > self.max_t {
-            // Long prefills run in chunks of max_t tokens; every chunk writes before the next reads.
-            if hooked || step.n_write != t || logit_rows.iter().any(|&r| r + self.max_t < t) {
-                crate::bail!("a call of {t} tokens exceeds the engine's {} tokens per call with hooks, read-only rows or early logit rows", self.max_t);
-            }
-            let mut start = 0;
-            while t - start > self.max_t {
-                let end = start + self.max_t;
-                let sub = Step { slots: &step.slots[start..end], positions: &step.positions[start..end], n_write: self.max_t };
-                self.forward_chunk(&ids[start..end], &sub, &mut Hooks::default())?;
-                start = end;
-            }
-            let sub = Step { slots: &step.slots[start..], positions: &step.positions[start..], n_write: t - start };
-            let rows: Vec<usize> = logit_rows.iter().map(|&r| r - start).collect();
-            return self.forward(&ids[start..], &sub, &rows, hooks);
+        if t > self.max_t && hooked {
+            crate::bail!(
+                "a hooked call of {t} tokens exceeds the engine's {} tokens per call",
+                self.max_t
+            );
         }
-        self.forward_chunk(ids, step, hooks)?;
-        self.head(logit_rows)?;
-        let v = self.config.vocab_size;
-        let r = logit_rows.len();
+        if let Some(&bad) = logit_rows.iter().find(|&&x| x >= t) {
+            crate::bail!("logit row {bad} is outside the {t} tokens of the call");
+        }
         self.logits_host.resize(r * v, 0.0);
-        self.gpu.stream.memcpy_dtoh(&self.a.logits.slice(..r * v), self.logits_host.as_mut_slice()).map_err(cu("reading logits"))?;
-        self.gpu.sync()?;
+        // Calls longer than max_t run in chunks; each chunk's K/V is written before the next
+        // reads it, and each chunk's LM head covers the logit rows that fall inside it.
+        let mut start = 0;
+        while start < t {
+            let end = (start + self.max_t).min(t);
+            let n_write = step.n_write.saturating_sub(start).min(end - start);
+            let sub = Step {
+                slots: &step.slots[start..end],
+                positions: &step.positions[start..end],
+                n_write,
+            };
+            self.forward_chunk(&ids[start..end], &sub, hooks)?;
+            let here: Vec<(usize, usize)> = logit_rows
+                .iter()
+                .enumerate()
+                .filter(|(_, &x)| x >= start && x < end)
+                .map(|(i, &x)| (i, x - start))
+                .collect();
+            if !here.is_empty() {
+                let local: Vec<usize> = here.iter().map(|&(_, x)| x).collect();
+                self.head(&local)?;
+                let buf = &mut self.chunk_host;
+                buf.resize(local.len() * v, 0.0);
+                self.gpu
+                    .stream
+                    .memcpy_dtoh(&self.a.logits.slice(..local.len() * v), buf.as_mut_slice())
+                    .map_err(cu("reading logits"))?;
+                self.gpu.sync()?;
+                for (j, &(i, _)) in here.iter().enumerate() {
+                    self.logits_host[i * v..(i + 1) * v].copy_from_slice(&buf[j * v..(j + 1) * v]);
+                }
+            }
+            start = end;
+        }
         Ok(&self.logits_host)
     }
 }

@@ -158,7 +158,10 @@ pub fn load_questions(path: &Path, field: Option<&str>) -> Result<Vec<String>> {
         };
         if !row.contains_key(f) {
             let present: Vec<String> = row.keys().cloned().collect();
-            bail!("{name}:{lineno}: expected field {f:?}, found only fields [{}]", present.join(", "));
+            bail!(
+                "{name}:{lineno}: expected field {f:?}, found only fields [{}]",
+                present.join(", ")
+            );
         }
         out.push(take_text(&mut row, f, &name, lineno)?);
     }
