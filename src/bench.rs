@@ -183,7 +183,7 @@ fn rows_for(
 
 /// Runs the benchmark on the GPU.
 pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
-    let gpu = Gpu::new(0)?;
+    let gpu = Arc::new(Gpu::new(0)?);
     let max_b = s.batches.iter().copied().max().unwrap_or(1);
     let max_len = s.prompt_len + s.new_tokens + 1;
     let max_t = max_b.max(512);

@@ -379,7 +379,7 @@ fn engine(
     ctx: usize,
 ) -> Result<Box<dyn Decoder>> {
     if use_cuda(a.device)? {
-        let gpu = thinksteer::cuda::Gpu::new(0)?;
+        let gpu = Arc::new(thinksteer::cuda::Gpu::new(0)?);
         let max_t = ctx.clamp(16, 512);
         Ok(Box::new(thinksteer::cuda::model::CudaEngine::load(
             gpu, &a.model, slots, ctx, max_t,

@@ -39,7 +39,9 @@ fn gpu() -> Option<Gpu> {
 fn checkpoint(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("thinksteer-cuda-{}-{tag}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (d, h, hkv, dh, f, v, n) = (256usize, 4usize, 2usize, 64usize, 512usize, 512usize, 3usize);
+    let (d, h, hkv, dh, f, v, n) = (
+        256usize, 4usize, 2usize, 64usize, 512usize, 512usize, 3usize,
+    );
     let config = serde_json::json!({
         "model_type": "qwen2", "hidden_size": d, "intermediate_size": f, "num_hidden_layers": n,
         "num_attention_heads": h, "num_key_value_heads": hkv, "vocab_size": v, "rms_norm_eps": 1e-6,
@@ -51,7 +53,9 @@ fn checkpoint(tag: &str) -> PathBuf {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
     let mut add = |name: String, shape: Vec<usize>, mean: f32, std: f32| {
         let n: usize = shape.iter().product();
-        let vals: Vec<bf16> = (0..n).map(|_| bf16::from_f32(mean + std * rng.normal() as f32)).collect();
+        let vals: Vec<bf16> = (0..n)
+            .map(|_| bf16::from_f32(mean + std * rng.normal() as f32))
+            .collect();
         tensors.push((name, shape, bytemuck::cast_slice(&vals).to_vec()));
     };
     let s = |k: usize| 1.5 / (k as f32).sqrt();
@@ -61,21 +65,61 @@ fn checkpoint(tag: &str) -> PathBuf {
     for l in 0..n {
         let p = format!("model.layers.{l}");
         add(format!("{p}.input_layernorm.weight"), vec![d], 1.0, 0.2);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![d], 1.0, 0.2);
-        add(format!("{p}.self_attn.q_proj.weight"), vec![h * dh, d], 0.0, s(d));
-        add(format!("{p}.self_attn.k_proj.weight"), vec![hkv * dh, d], 0.0, s(d));
-        add(format!("{p}.self_attn.v_proj.weight"), vec![hkv * dh, d], 0.0, s(d));
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            1.0,
+            0.2,
+        );
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![h * dh, d],
+            0.0,
+            s(d),
+        );
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![hkv * dh, d],
+            0.0,
+            s(d),
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![hkv * dh, d],
+            0.0,
+            s(d),
+        );
         add(format!("{p}.self_attn.q_proj.bias"), vec![h * dh], 0.0, 0.1);
-        add(format!("{p}.self_attn.k_proj.bias"), vec![hkv * dh], 0.0, 0.1);
-        add(format!("{p}.self_attn.v_proj.bias"), vec![hkv * dh], 0.0, 0.1);
-        add(format!("{p}.self_attn.o_proj.weight"), vec![d, h * dh], 0.0, s(h * dh));
+        add(
+            format!("{p}.self_attn.k_proj.bias"),
+            vec![hkv * dh],
+            0.0,
+            0.1,
+        );
+        add(
+            format!("{p}.self_attn.v_proj.bias"),
+            vec![hkv * dh],
+            0.0,
+            0.1,
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![d, h * dh],
+            0.0,
+            s(h * dh),
+        );
         add(format!("{p}.mlp.gate_proj.weight"), vec![f, d], 0.0, s(d));
         add(format!("{p}.mlp.up_proj.weight"), vec![f, d], 0.0, s(d));
         add(format!("{p}.mlp.down_proj.weight"), vec![d, f], 0.0, s(f));
     }
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(n, s, b)| (n.clone(), TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap()))
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     dir
@@ -96,11 +140,21 @@ fn prefill_logits_match_the_cpu() {
     let t = ids.len();
     let (slots, pos): (Vec<usize>, Vec<usize>) = (vec![0; t], (0..t).collect());
     let rows = [t - 3, t - 2, t - 1];
-    let step = Step { slots: &slots, positions: &pos, n_write: t };
+    let step = Step {
+        slots: &slots,
+        positions: &pos,
+        n_write: t,
+    };
     let mut cpu = CpuEngine::new(cpu_model, 1, 512);
-    let want = cpu.forward(&ids, &step, &rows, &mut Hooks::default()).unwrap().to_vec();
-    let mut gpu = CudaEngine::load(g, &dir, 1, 512, 128).unwrap();
-    let got = gpu.forward(&ids, &step, &rows, &mut Hooks::default()).unwrap().to_vec();
+    let want = cpu
+        .forward(&ids, &step, &rows, &mut Hooks::default())
+        .unwrap()
+        .to_vec();
+    let mut gpu = CudaEngine::load(Arc::new(g), &dir, 1, 512, 128).unwrap();
+    let got = gpu
+        .forward(&ids, &step, &rows, &mut Hooks::default())
+        .unwrap()
+        .to_vec();
     let e = rel_err(&got, &want);
     assert!(e <= TOL, "prefill logits relative error {e} > {TOL}");
 }
@@ -114,42 +168,80 @@ fn greedy_decode_matches_the_cpu_with_and_without_graphs() {
     let prompts = [prompt(21, 2), prompt(9, 3), prompt(40, 4)];
     let b = prompts.len();
     let steps = 24;
-    let mut gpu = CudaEngine::load(g, &dir, b, 128, 64).unwrap();
+    let mut gpu = CudaEngine::load(Arc::new(g), &dir, b, 128, 64).unwrap();
     for use_graphs in [true, false] {
         gpu.use_graphs = use_graphs;
         let mut cpu = CpuEngine::new(m.clone(), b, 128);
         // Prefill every row on both backends (rows in one call).
         let ids: Vec<u32> = prompts.concat();
-        let slots: Vec<usize> = prompts.iter().enumerate().flat_map(|(i, p)| vec![i; p.len()]).collect();
+        let slots: Vec<usize> = prompts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| vec![i; p.len()])
+            .collect();
         let pos: Vec<usize> = prompts.iter().flat_map(|p| 0..p.len()).collect();
-        let last: Vec<usize> = prompts.iter().scan(0, |a, p| { *a += p.len(); Some(*a - 1) }).collect();
-        let step = Step { slots: &slots, positions: &pos, n_write: ids.len() };
-        let lc = cpu.forward(&ids, &step, &last, &mut Hooks::default()).unwrap().to_vec();
-        let lg = gpu.forward(&ids, &step, &last, &mut Hooks::default()).unwrap().to_vec();
+        let last: Vec<usize> = prompts
+            .iter()
+            .scan(0, |a, p| {
+                *a += p.len();
+                Some(*a - 1)
+            })
+            .collect();
+        let step = Step {
+            slots: &slots,
+            positions: &pos,
+            n_write: ids.len(),
+        };
+        let lc = cpu
+            .forward(&ids, &step, &last, &mut Hooks::default())
+            .unwrap()
+            .to_vec();
+        let lg = gpu
+            .forward(&ids, &step, &last, &mut Hooks::default())
+            .unwrap()
+            .to_vec();
         assert!(rel_err(&lg, &lc) <= TOL);
         let mut next: Vec<u32> = lc.chunks(v).map(|l| argmax(l) as u32).collect();
         let mut len: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         let mut compared = 0;
         'steps: for _ in 0..steps {
             let s: Vec<usize> = (0..b).collect();
-            let step = Step { slots: &s, positions: &len, n_write: b };
-            let lc = cpu.forward(&next, &step, &s, &mut Hooks::default()).unwrap().to_vec();
+            let step = Step {
+                slots: &s,
+                positions: &len,
+                n_write: b,
+            };
+            let lc = cpu
+                .forward(&next, &step, &s, &mut Hooks::default())
+                .unwrap()
+                .to_vec();
             let got = gpu.decode_greedy(&next, &step).unwrap();
             for (row, l) in lc.chunks(v).enumerate() {
                 let top = argmax(l);
                 let scale = l.iter().fold(1f32, |m, x| m.max(x.abs()));
-                let second = l.iter().enumerate().filter(|(i, _)| *i != top).map(|(_, x)| *x).fold(f32::MIN, f32::max);
+                let second = l
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != top)
+                    .map(|(_, x)| *x)
+                    .fold(f32::MIN, f32::max);
                 if l[top] - second <= 2.0 * TOL * scale {
                     println!("graphs {use_graphs}: stopping at a near tie (row {row})");
                     break 'steps;
                 }
-                assert_eq!(got[row], top as u32, "graphs {use_graphs}: row {row} after {compared} steps");
+                assert_eq!(
+                    got[row], top as u32,
+                    "graphs {use_graphs}: row {row} after {compared} steps"
+                );
             }
             compared += 1;
             next = got;
             len.iter_mut().for_each(|p| *p += 1);
         }
-        assert!(compared >= 4, "only {compared} steps compared: the checkpoint has too many near ties");
+        assert!(
+            compared >= 4,
+            "only {compared} steps compared: the checkpoint has too many near ties"
+        );
     }
 }
 
@@ -160,5 +252,8 @@ fn no_gpu_gives_a_clear_error_not_a_panic() {
         return;
     }
     let err = Gpu::new(0).err().expect("Gpu::new must fail without CUDA");
-    assert!(err.to_string().contains("CUDA") || err.to_string().contains("cuda"), "{err}");
+    assert!(
+        err.to_string().contains("CUDA") || err.to_string().contains("cuda"),
+        "{err}"
+    );
 }

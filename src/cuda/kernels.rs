@@ -744,3 +744,102 @@ pub fn fill_random(
     // SAFETY: argument order and types match fill_random_bf16; it writes exactly n elements.
     gpu.launched(K, unsafe { b.launch(cfg((blocks, 1, 1), 256, 0)) })
 }
+
+/// Candidate rows of the hybrid step (kernels/hybrid.cu): r f32 [B + B·C, D] (rows ≥ B written),
+/// idx i32 / coef f32 [B + B·C], category i32 [B], coefs f32 [C].
+#[allow(clippy::too_many_arguments)]
+pub fn hybrid_expand(
+    gpu: &Gpu,
+    r: &mut CudaViewMut<'_, f32>,
+    idx: &mut CudaViewMut<'_, i32>,
+    coef: &mut CudaViewMut<'_, f32>,
+    category: &CudaView<'_, i32>,
+    coefs: &CudaView<'_, f32>,
+    b: usize,
+    c: usize,
+    d: usize,
+) -> Result<()> {
+    const K: &str = "hybrid_expand_f32";
+    let rows = b + b * c;
+    check(K, "r", r.len(), rows * d, "[B + B·C, D]")?;
+    check(K, "idx", idx.len(), rows, "[B + B·C]")?;
+    check(K, "coef", coef.len(), rows, "[B + B·C]")?;
+    check(K, "category", category.len(), b, "[B]")?;
+    check(K, "coefs", coefs.len(), c, "[C]")?;
+    if b * c == 0 {
+        return Ok(());
+    }
+    let (bi, ci, di) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "D", d)?);
+    let f = gpu.func(K)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(r).arg(idx).arg(coef).arg(category).arg(coefs).arg(&bi).arg(&ci).arg(&di);
+    // SAFETY: argument order and types match hybrid_expand_f32; lengths checked above.
+    gpu.launched(K, unsafe { l.launch(cfg(((b * c) as u32, 1, 1), 256, 0)) })
+}
+
+/// The hybrid decision per problem: emit/steered/win i32 [B] from tok i32 [B + B·C] (greedy ids of
+/// every base row), think_tok i32 [B] and think_logits f32 [B, V].
+#[allow(clippy::too_many_arguments)]
+pub fn hybrid_select(
+    gpu: &Gpu,
+    emit: &mut CudaViewMut<'_, i32>,
+    steered: &mut CudaViewMut<'_, i32>,
+    win: &mut CudaViewMut<'_, i32>,
+    tok: &CudaView<'_, i32>,
+    think_tok: &CudaView<'_, i32>,
+    think_logits: &CudaView<'_, f32>,
+    b: usize,
+    c: usize,
+    v: usize,
+    gating: bool,
+) -> Result<()> {
+    const K: &str = "hybrid_select_i32";
+    for (name, len) in [("emit", emit.len()), ("steered", steered.len()), ("win", win.len()), ("think_tok", think_tok.len())] {
+        check(K, name, len, b, "[B]")?;
+    }
+    check(K, "tok", tok.len(), b + b * c, "[B + B·C]")?;
+    check(K, "think_logits", think_logits.len(), b * v, "[B, V]")?;
+    if b == 0 {
+        return Ok(());
+    }
+    if c == 0 {
+        return Err(Error::Input(format!("{K}: at least one coefficient is needed")));
+    }
+    let (bi, ci, vi, gi) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "V", v)?, gating as i32);
+    let f = gpu.func(K)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(emit).arg(steered).arg(win).arg(tok).arg(think_tok).arg(think_logits);
+    l.arg(&bi).arg(&ci).arg(&vi).arg(&gi);
+    // SAFETY: argument order and types match hybrid_select_i32; lengths checked above; candidate
+    // ids are range-checked in the kernel.
+    gpu.launched(K, unsafe { l.launch(cfg((b.div_ceil(128) as u32, 1, 1), 128, 0)) })
+}
+
+/// Persistent mode: r[b] = saved[steered[b] ? B + b·C + win[b] : b].  r f32 [≥B, D], saved f32 [B + B·C, D].
+#[allow(clippy::too_many_arguments)]
+pub fn hybrid_gather(
+    gpu: &Gpu,
+    r: &mut CudaViewMut<'_, f32>,
+    saved: &CudaView<'_, f32>,
+    steered: &CudaView<'_, i32>,
+    win: &CudaView<'_, i32>,
+    b: usize,
+    c: usize,
+    d: usize,
+) -> Result<()> {
+    const K: &str = "hybrid_gather_f32";
+    check(K, "r", r.len(), b * d, "[B, D]")?;
+    check(K, "saved", saved.len(), (b + b * c) * d, "[B + B·C, D]")?;
+    check(K, "steered", steered.len(), b, "[B]")?;
+    check(K, "win", win.len(), b, "[B]")?;
+    if b == 0 {
+        return Ok(());
+    }
+    let (bi, ci, di) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "D", d)?);
+    let f = gpu.func(K)?;
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(r).arg(saved).arg(steered).arg(win).arg(&bi).arg(&ci).arg(&di);
+    // SAFETY: argument order and types match hybrid_gather_f32; lengths checked above; win[b] < C
+    // whenever steered[b] (written by hybrid_select).
+    gpu.launched(K, unsafe { l.launch(cfg((b as u32, 1, 1), 256, 0)) })
+}

@@ -8,7 +8,7 @@
 //! `residual_norm` kernel at the start of block p (or the final norm, p = N) adds the previous
 //! block's MLP output, so that kernel is where point p is steered and captured.
 
-use super::kernels::{self as k, AttnShape, Steer};
+use super::kernels::{self as k, AttnShape, SaeEncode, Steer};
 use super::Gpu;
 use crate::config::{Arch, Config};
 use crate::engine::{check_step, Decoder};
@@ -18,7 +18,9 @@ use crate::{Error, Result};
 use cudarc::driver::{CudaGraph, CudaSlice};
 use half::bf16;
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 pub struct CudaLayer {
     pub input_layernorm: CudaSlice<bf16>,          // [D]
@@ -153,32 +155,61 @@ impl CudaWeights {
 }
 
 /// Every device buffer of a forward call, sized for `max_t` tokens.
-struct Acts {
-    ids: CudaSlice<i32>,        // [max_t]
-    pos: CudaSlice<i32>,        // [max_t]
-    slot: CudaSlice<i32>,       // [max_t]
-    r: CudaSlice<f32>,          // [max_t, D] residual stream
-    y: CudaSlice<bf16>,         // [max_t, D] normalised sublayer input
-    qkv: CudaSlice<f32>,        // [max_t, (H+2Hkv)·Dh]
-    q: CudaSlice<bf16>,         // [max_t, H, Dh]
-    k_self: CudaSlice<bf16>,    // [max_t, Hkv, Dh]
-    v_self: CudaSlice<bf16>,    // [max_t, Hkv, Dh]
-    part_o: CudaSlice<f32>,     // [max_t, H, splits, Dh]
-    part_ml: CudaSlice<f32>,    // [max_t, H, splits, 2]
-    attn: CudaSlice<bf16>,      // [max_t, H·Dh]
-    o: CudaSlice<f32>,          // [max_t, D] sublayer output
-    gate_up: CudaSlice<f32>,    // [max_t, 2F]
-    act: CudaSlice<bf16>,       // [max_t, F]
-    y_sel: CudaSlice<bf16>,     // [max_t, D] rows picked for the LM head
-    logits: CudaSlice<f32>,     // [max_t, V]
-    next: CudaSlice<i32>,       // [max_t] greedy ids
-    steer_tab: CudaSlice<f32>,  // [max_t, D] dense steering rows (hooks)
-    steer_idx: CudaSlice<i32>,  // [max_t] = 0, 1, 2, …
-    steer_coef: CudaSlice<f32>, // [max_t] = 1
+pub(crate) struct Acts {
+    pub(crate) ids: CudaSlice<i32>,        // [max_t]
+    pub(crate) pos: CudaSlice<i32>,        // [max_t]
+    pub(crate) slot: CudaSlice<i32>,       // [max_t]
+    pub(crate) r: CudaSlice<f32>,          // [max_t, D] residual stream
+    pub(crate) y: CudaSlice<bf16>,         // [max_t, D] normalised sublayer input
+    pub(crate) qkv: CudaSlice<f32>,        // [max_t, (H+2Hkv)·Dh]
+    pub(crate) q: CudaSlice<bf16>,         // [max_t, H, Dh]
+    pub(crate) k_self: CudaSlice<bf16>,    // [max_t, Hkv, Dh]
+    pub(crate) v_self: CudaSlice<bf16>,    // [max_t, Hkv, Dh]
+    pub(crate) part_o: CudaSlice<f32>,     // [max_t, H, splits, Dh]
+    pub(crate) part_ml: CudaSlice<f32>,    // [max_t, H, splits, 2]
+    pub(crate) attn: CudaSlice<bf16>,      // [max_t, H·Dh]
+    pub(crate) o: CudaSlice<f32>,          // [max_t, D] sublayer output
+    pub(crate) gate_up: CudaSlice<f32>,    // [max_t, 2F]
+    pub(crate) act: CudaSlice<bf16>,       // [max_t, F]
+    pub(crate) y_sel: CudaSlice<bf16>,     // [max_t, D] rows picked for the LM head
+    pub(crate) logits: CudaSlice<f32>,     // [max_t, V]
+    pub(crate) next: CudaSlice<i32>,       // [max_t] greedy ids
+    pub(crate) steer_tab: CudaSlice<f32>,  // [max_t, D] dense steering rows (hooks)
+    pub(crate) steer_iota: CudaSlice<i32>, // [max_t] = 0, 1, 2, …
+    pub(crate) steer_ones: CudaSlice<f32>, // [max_t] = 1
+    pub(crate) hy_idx: CudaSlice<i32>,     // [max_t] steering vector per row (hybrid)
+    pub(crate) hy_coef: CudaSlice<f32>,    // [max_t] steering coefficient per row (hybrid)
+    pub(crate) r_saved: CudaSlice<f32>,    // [max_t, D] residuals at the steering point (persistent mode)
+}
+
+/// Which steering the residual kernel applies: none, the dense per-row rows of `Hooks`, or the
+/// loaded steering table indexed per row from device memory (the hybrid step).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SteerSel {
+    None,
+    Dense,
+    Table,
+}
+
+/// The SAE of a thinking model on the device (encode fused into the residual kernel).
+pub struct SaeDev {
+    w_enc: CudaSlice<f32>,         // [D, K]
+    b_enc: CudaSlice<f32>,         // [K]
+    b_dec: CudaSlice<f32>,         // [D]
+    mean: Option<CudaSlice<f32>>,  // [D]
+    pub z: CudaSlice<f32>,         // [max_t, K]
+    pub category: CudaSlice<i32>,  // [max_t]
+    k: usize,
+}
+
+/// The steering set of a base model on the device: rows c·(bias + V[k]) are formed per row.
+pub struct SteerDev {
+    pub table: CudaSlice<f32>, // [K, D]: bias + V[k] (or bias alone with --only-bias)
+    nv: usize,
 }
 
 pub struct CudaEngine {
-    pub gpu: Gpu,
+    pub gpu: Arc<Gpu>,
     pub config: Config,
     pub w: CudaWeights,
     inv_freq: CudaSlice<f32>,      // [Dh/2]
@@ -188,12 +219,16 @@ pub struct CudaEngine {
     max_len: usize, // S
     max_t: usize,
     splits: usize,
-    a: Acts,
+    pub(crate) a: Acts,
     logits_host: Vec<f32>,
     chunk_host: Vec<f32>, // logits of one chunk's rows, reused between calls
     /// Replayable decode steps, keyed by token count (all tokens write the cache).
     graphs: HashMap<usize, CudaGraph>,
     pub use_graphs: bool,
+    /// Set on a thinking model taking part in the hybrid loop.
+    pub sae: Option<SaeDev>,
+    /// Set on a base model taking part in the hybrid loop.
+    pub hy: Option<SteerDev>,
 }
 
 /// Bytes the engine will allocate on the device beyond the weights.
@@ -221,7 +256,7 @@ pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_
 impl CudaEngine {
     /// Loads a checkpoint folder onto the GPU.
     pub fn load(
-        gpu: Gpu,
+        gpu: Arc<Gpu>,
         dir: &Path,
         slots: usize,
         max_len: usize,
@@ -266,7 +301,7 @@ impl CudaEngine {
     }
 
     pub fn new(
-        gpu: Gpu,
+        gpu: Arc<Gpu>,
         config: Config,
         w: CudaWeights,
         slots: usize,
@@ -324,10 +359,13 @@ impl CudaEngine {
             logits: z32(max_t * v)?,
             next: zi(max_t)?,
             steer_tab: z32(max_t * d)?,
-            steer_idx: s.clone_htod(&idx).map_err(cu("allocating activations"))?,
-            steer_coef: s
+            steer_iota: s.clone_htod(&idx).map_err(cu("allocating activations"))?,
+            steer_ones: s
                 .clone_htod(&vec![1f32; max_t])
                 .map_err(cu("allocating activations"))?,
+            hy_idx: zi(max_t)?,
+            hy_coef: z32(max_t)?,
+            r_saved: z32(max_t * d)?,
         };
         let inv_freq = s
             .clone_htod(&c.rope_inv_freq())
@@ -347,6 +385,8 @@ impl CudaEngine {
             chunk_host: vec![],
             graphs: HashMap::new(),
             use_graphs: true,
+            sae: None,
+            hy: None,
             gpu,
         })
     }
@@ -363,7 +403,7 @@ impl CudaEngine {
     }
 
     /// Uploads ids, positions and slots of one call (≤ max_t tokens).
-    fn upload_step(&mut self, ids: &[u32], step: &Step) -> Result<()> {
+    pub(crate) fn upload_step(&mut self, ids: &[u32], step: &Step) -> Result<()> {
         let t = ids.len();
         let s = &self.gpu.stream;
         let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
@@ -378,199 +418,168 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// The residual_norm kernel that closes point `p` (adds the previous MLP output when p > 0),
-    /// steers it when `steer` is set, and normalises it with `w` into y.
-    fn close_point(
+    /// The residual_norm kernel that closes point `p` for rows `rows`: adds the previous block's
+    /// MLP output (when `add_mlp`), steers (`steer`), runs the SAE encode when `sae` is set and
+    /// this engine holds an SAE, and normalises into y with the next block's input norm (the
+    /// final norm at p = N). `capture` copies the rows' residual to the host.
+    pub(crate) fn close_point(
         &mut self,
-        t: usize,
+        rows: Range<usize>,
         p: usize,
-        steer: bool,
-        hooks_capture: Option<&mut Vec<f32>>,
+        add_mlp: bool,
+        steer: SteerSel,
+        sae: bool,
+        capture: Option<&mut Vec<f32>>,
     ) -> Result<()> {
         let c = &self.config;
-        let (d, n) = (c.hidden_size, c.num_hidden_layers);
+        let (d, n, t) = (c.hidden_size, c.num_hidden_layers, rows.len());
+        let (r0, r1) = (rows.start, rows.end);
         let a = &mut self.a;
-        let w = if p < n {
-            &self.w.layers[p].input_layernorm
-        } else {
-            &self.w.norm
+        let w = if p < n { &self.w.layers[p].input_layernorm } else { &self.w.norm };
+        let dense = (a.steer_tab.slice(r0 * d..r1 * d), a.steer_iota.slice(..t), a.steer_ones.slice(..t));
+        let hy = (a.hy_idx.slice(r0..r1), a.hy_coef.slice(r0..r1));
+        let table = self.hy.as_ref().map(|h| (h.table.as_view(), h.nv));
+        let st = match (steer, table.as_ref()) {
+            (SteerSel::None, _) => None,
+            (SteerSel::Dense, _) => Some(Steer { table: &dense.0, coef: &dense.2, idx: &dense.1, nv: t }),
+            (SteerSel::Table, Some((tv, nv))) => Some(Steer { table: tv, coef: &hy.1, idx: &hy.0, nv: *nv }),
+            (SteerSel::Table, None) => crate::bail!("this engine holds no steering set"),
         };
-        let (tab, idx, coef) = (
-            a.steer_tab.slice(..t * d),
-            a.steer_idx.slice(..t),
-            a.steer_coef.slice(..t),
-        );
-        let st = Steer {
-            table: &tab,
-            coef: &coef,
-            idx: &idx,
-            nv: t,
-        };
-        let x = a.o.slice(..t * d);
+        let x = a.o.slice(r0 * d..r1 * d);
+        // SAE encode of the closed residual (the thinking model at its SAE layer).
+        let sae_dev = if sae { self.sae.as_mut() } else { None };
+        let mut views = sae_dev.map(|s| {
+            let k = s.k;
+            let v = (s.w_enc.as_view(), s.b_enc.as_view(), s.b_dec.as_view(), s.mean.as_ref().map(|m| m.as_view()));
+            (v, s.z.slice_mut(r0 * k..r1 * k), s.category.slice_mut(r0..r1), k)
+        });
+        let mut enc = views.as_mut().map(|((we, be, bd, mean), z, cat, k)| SaeEncode {
+            w_enc: we,
+            b_enc: be,
+            b_dec: bd,
+            mean: mean.as_ref(),
+            z,
+            category: cat,
+            k: *k,
+        });
         k::residual_norm(
             &self.gpu,
-            &mut a.r.slice_mut(..t * d),
-            if p > 0 { Some(&x) } else { None },
-            if steer { Some(&st) } else { None },
+            &mut a.r.slice_mut(r0 * d..r1 * d),
+            if add_mlp { Some(&x) } else { None },
+            st.as_ref(),
             &w.as_view(),
-            Some(&mut a.y.slice_mut(..t * d)),
-            None,
+            Some(&mut a.y.slice_mut(r0 * d..r1 * d)),
+            enc.as_mut(),
             t,
             d,
             c.rms_norm_eps,
         )?;
-        if let Some(buf) = hooks_capture {
+        if let Some(buf) = capture {
             buf.resize(t * d, 0.0);
             self.gpu
                 .stream
-                .memcpy_dtoh(&a.r.slice(..t * d), buf.as_mut_slice())
+                .memcpy_dtoh(&a.r.slice(r0 * d..r1 * d), buf.as_mut_slice())
                 .map_err(cu("capturing the residual"))?;
             self.gpu.sync()?;
         }
         Ok(())
     }
 
+    /// Decoder block l over rows 0..t (attention then MLP), from y = norm(r) to o = the MLP
+    /// output, which the next `close_point` adds to r. Rows 0..n_write append their K/V.
+    pub(crate) fn block(&mut self, t: usize, l: usize, n_write: usize) -> Result<()> {
+        let c = &self.config;
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let (wq, sh, splits) = ((h + 2 * hkv) * dh, self.shape(), self.splits);
+        let g = &self.gpu;
+        let (a, w) = (&mut self.a, &self.w.layers[l]);
+        // Attention: fused q|k|v product, bias + RoPE + cache append, attention, o_proj.
+        k::matmul(g, &mut a.qkv.slice_mut(..t * wq), &a.y.slice(..t * d), &w.qkv_proj.as_view(), t, wq, d)?;
+        let bias = w.qkv_bias.as_ref().map(|b| b.as_view());
+        k::qkv_rope(
+            g,
+            &a.qkv.slice(..t * wq),
+            bias.as_ref(),
+            &self.inv_freq.as_view(),
+            &a.pos.slice(..t),
+            &a.slot.slice(..t),
+            n_write,
+            &mut a.q.slice_mut(..t * h * dh),
+            &mut a.k_self.slice_mut(..t * hkv * dh),
+            &mut a.v_self.slice_mut(..t * hkv * dh),
+            &mut self.k_cache[l].as_view_mut(),
+            &mut self.v_cache[l].as_view_mut(),
+            t,
+            sh,
+        )?;
+        k::attention_decode(
+            g,
+            &a.q.slice(..t * h * dh),
+            &self.k_cache[l].as_view(),
+            &self.v_cache[l].as_view(),
+            &a.k_self.slice(..t * hkv * dh),
+            &a.v_self.slice(..t * hkv * dh),
+            &a.pos.slice(..t),
+            &a.slot.slice(..t),
+            &mut a.part_o.slice_mut(..t * h * splits * dh),
+            &mut a.part_ml.slice_mut(..t * h * splits * 2),
+            &mut a.attn.slice_mut(..t * h * dh),
+            t,
+            sh,
+            splits,
+        )?;
+        k::matmul(g, &mut a.o.slice_mut(..t * d), &a.attn.slice(..t * h * dh), &w.o_proj.as_view(), t, d, h * dh)?;
+        // MLP: r += o; y = norm(r); o = down(silu(gate) · up).
+        let o = a.o.slice(..t * d);
+        k::residual_norm(
+            g,
+            &mut a.r.slice_mut(..t * d),
+            Some(&o),
+            None,
+            &w.post_attention_layernorm.as_view(),
+            Some(&mut a.y.slice_mut(..t * d)),
+            None,
+            t,
+            d,
+            c.rms_norm_eps,
+        )?;
+        k::matmul(g, &mut a.gate_up.slice_mut(..t * 2 * f), &a.y.slice(..t * d), &w.gate_up_proj.as_view(), t, 2 * f, d)?;
+        k::silu_mul(g, &mut a.act.slice_mut(..t * f), &a.gate_up.slice(..t * 2 * f), t, f)?;
+        k::matmul(g, &mut a.o.slice_mut(..t * d), &a.act.slice(..t * f), &w.down_proj.as_view(), t, d, f)
+    }
+
+    /// r = embed(ids) for the uploaded rows 0..t.
+    pub(crate) fn embed(&mut self, t: usize) -> Result<()> {
+        let (d, v) = (self.config.hidden_size, self.config.vocab_size);
+        k::embed(&self.gpu, &mut self.a.r.slice_mut(..t * d), &self.w.embed_tokens.as_view(), &self.a.ids.slice(..t), t, d, v)
+    }
+
     /// Every launch of one forward call over the uploaded step (t tokens, the first n_write
     /// appending to the cache), ending with the final norm in y. `hooks` may steer and capture.
     fn layers(&mut self, t: usize, n_write: usize, hooks: &mut Hooks) -> Result<()> {
-        let c = self.config.clone();
-        let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
-        let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (wq, sh, splits) = ((h + 2 * hkv) * dh, self.shape(), self.splits);
-        let steer_at = hooks.steer.map(|(p, add)| (p, add.to_vec()));
-        if let Some((_, add)) = &steer_at {
+        let (d, n) = (self.config.hidden_size, self.config.num_hidden_layers);
+        let steer_at = hooks.steer.map(|(p, _)| p);
+        if let Some((_, add)) = hooks.steer {
             if add.len() != t * d {
-                crate::bail!(
-                    "steering rows: expected [T={t}, D={d}] = {} values, found {}",
-                    t * d,
-                    add.len()
-                );
+                crate::bail!("steering rows: expected [T={t}, D={d}] = {} values, found {}", t * d, add.len());
             }
-            self.gpu
-                .stream
-                .memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d))
-                .map_err(cu("uploading steering"))?;
+            self.gpu.stream.memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d)).map_err(cu("uploading steering"))?;
         }
-        let g = &self.gpu;
-        k::embed(
-            g,
-            &mut self.a.r.slice_mut(..t * d),
-            &self.w.embed_tokens.as_view(),
-            &self.a.ids.slice(..t),
-            t,
-            d,
-            v,
-        )?;
-        for l in 0..=c.num_hidden_layers {
-            let steer = steer_at.as_ref().is_some_and(|(p, _)| *p == l);
-            let cap = hooks
-                .capture
-                .iter_mut()
-                .find(|(p, _)| *p == l)
-                .map(|(_, b)| b);
-            self.close_point(t, l, steer, cap)?;
-            if l == c.num_hidden_layers {
-                break;
+        self.embed(t)?;
+        for l in 0..=n {
+            let steer = if steer_at == Some(l) { SteerSel::Dense } else { SteerSel::None };
+            let cap = hooks.capture.iter_mut().find(|(p, _)| *p == l).map(|(_, b)| b);
+            self.close_point(0..t, l, l > 0, steer, false, cap)?;
+            if l < n {
+                self.block(t, l, n_write)?;
             }
-            let g = &self.gpu;
-            let (a, w) = (&mut self.a, &self.w.layers[l]);
-            // Attention: fused q|k|v product, bias + RoPE + cache append, attention, o_proj.
-            k::matmul(
-                g,
-                &mut a.qkv.slice_mut(..t * wq),
-                &a.y.slice(..t * d),
-                &w.qkv_proj.as_view(),
-                t,
-                wq,
-                d,
-            )?;
-            let bias = w.qkv_bias.as_ref().map(|b| b.as_view());
-            k::qkv_rope(
-                g,
-                &a.qkv.slice(..t * wq),
-                bias.as_ref(),
-                &self.inv_freq.as_view(),
-                &a.pos.slice(..t),
-                &a.slot.slice(..t),
-                n_write,
-                &mut a.q.slice_mut(..t * h * dh),
-                &mut a.k_self.slice_mut(..t * hkv * dh),
-                &mut a.v_self.slice_mut(..t * hkv * dh),
-                &mut self.k_cache[l].as_view_mut(),
-                &mut self.v_cache[l].as_view_mut(),
-                t,
-                sh,
-            )?;
-            k::attention_decode(
-                g,
-                &a.q.slice(..t * h * dh),
-                &self.k_cache[l].as_view(),
-                &self.v_cache[l].as_view(),
-                &a.k_self.slice(..t * hkv * dh),
-                &a.v_self.slice(..t * hkv * dh),
-                &a.pos.slice(..t),
-                &a.slot.slice(..t),
-                &mut a.part_o.slice_mut(..t * h * splits * dh),
-                &mut a.part_ml.slice_mut(..t * h * splits * 2),
-                &mut a.attn.slice_mut(..t * h * dh),
-                t,
-                sh,
-                splits,
-            )?;
-            k::matmul(
-                g,
-                &mut a.o.slice_mut(..t * d),
-                &a.attn.slice(..t * h * dh),
-                &w.o_proj.as_view(),
-                t,
-                d,
-                h * dh,
-            )?;
-            // MLP: r += o; y = norm(r); down(silu(gate) · up).
-            let o = a.o.slice(..t * d);
-            k::residual_norm(
-                g,
-                &mut a.r.slice_mut(..t * d),
-                Some(&o),
-                None,
-                &w.post_attention_layernorm.as_view(),
-                Some(&mut a.y.slice_mut(..t * d)),
-                None,
-                t,
-                d,
-                c.rms_norm_eps,
-            )?;
-            k::matmul(
-                g,
-                &mut a.gate_up.slice_mut(..t * 2 * f),
-                &a.y.slice(..t * d),
-                &w.gate_up_proj.as_view(),
-                t,
-                2 * f,
-                d,
-            )?;
-            k::silu_mul(
-                g,
-                &mut a.act.slice_mut(..t * f),
-                &a.gate_up.slice(..t * 2 * f),
-                t,
-                f,
-            )?;
-            k::matmul(
-                g,
-                &mut a.o.slice_mut(..t * d),
-                &a.act.slice(..t * f),
-                &w.down_proj.as_view(),
-                t,
-                d,
-                f,
-            )?;
         }
         Ok(())
     }
 
     /// LM head over the rows `rows` of y → logits [R, V] on the device.
-    fn head(&mut self, rows: &[usize]) -> Result<()> {
+    pub(crate) fn head(&mut self, rows: &[usize]) -> Result<()> {
         let c = &self.config;
         let (d, v, r) = (c.hidden_size, c.vocab_size, rows.len());
         let identity = rows.iter().enumerate().all(|(i, &x)| i == x);

@@ -26,6 +26,10 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("embed", &["embed_bf16"]),
     ("gemm", &["gemm_bf16"]),
     (
+        "hybrid",
+        &["hybrid_expand_f32", "hybrid_select_i32", "hybrid_gather_f32"],
+    ),
+    (
         "gemv",
         &[
             "gemv_bf16_b1",
