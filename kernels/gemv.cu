@@ -17,7 +17,7 @@
 // 2c,2c+1 and words (2,3) k-slots 2c+8,2c+9 of one mma, words (4..7) of a second. Chunks past K
 // (K % 8 == 0 but K % 32 may not be 0) and rows past M load zeros. The 16 warps' partial tiles are
 // summed in shared memory (fixed order, deterministic) and written without atomics.
-// x (B·K·2 bytes, ≤ 460 KB) is read through L1/L2 with __ldg: one 16-byte load per lane per
+// x (B·K·2 bytes: 460 KB at B=16, K=14336) is read through L1/L2 with __ldg: one 16-byte load per lane per
 // weight-row pair (not one per batch row, as before), shared by every block on the SM.
 // K % 8 == 0 (checked on the host); pointers 16-byte aligned.
 // Exported per batch bucket: gemv_bf16_b{1,2,4,8} (one 8-column tile) and gemv_bf16_b16 (two);
