@@ -2,17 +2,32 @@
 //
 //   out[b, m] = Σ_k f32(x[b, k]) · f32(W[m, k])      x bf16 [B, K], W bf16 [M, K], out f32 [B, M]
 //
-// Every weight element is read once (one 16-byte streaming load = 8 elements) and used for all B
-// rows; x is small and stays in L1/L2. Accumulation in f32: each lane sums its 8-element chunks
-// (k ≡ 8·lane mod 256), then a butterfly warp reduction. No rounding on output (f32).
+// Every weight element is read once from DRAM (16-byte streaming loads that skip L1) and used for
+// all B rows. The products run on tensor cores (mma m16n8k16, bf16 inputs, f32 accumulate): a
+// bf16·bf16 product is exact in f32, so only the summation order differs from a scalar loop — and
+// tensor cores do not pay per batch row the way scalar FMAs plus bf16→f32 conversions of x did, so
+// batch 8 or 16 costs about what batch 1 costs. No rounding on output (f32).
+//
+// Tile: one block owns 16 weight rows (the mma's 16 "M" rows) and all B ≤ 8·NT batch rows (the
+// mma's 8 "N" columns, twice for the 16 bucket; columns ≥ B are fed zeros and never stored).
+// Split-K inside the block: warp w takes k-steps of 32 elements s = 64·i + 4·w + u (u < 4), so
+// each lane has 8 weight loads of 16 bytes in flight (4 steps × rows g and g+8). Lane (g = lane/4,
+// c = lane%4) loads the 16-byte chunk q = 4·s + c of weight rows m0+g and m0+g+8 and of x row g;
+// the k order inside an mma is free as long as A and B agree, so chunk words (0,1) feed k-slots
+// 2c,2c+1 and words (2,3) k-slots 2c+8,2c+9 of one mma, words (4..7) of a second. Chunks past K
+// (K % 8 == 0 but K % 32 may not be 0) and rows past M load zeros. The 16 warps' partial tiles are
+// summed in shared memory (fixed order, deterministic) and written without atomics.
+// x (B·K·2 bytes: 460 KB at B=16, K=14336) is read through L1/L2 with __ldg: one 16-byte load per lane per
+// weight-row pair (not one per batch row, as before), shared by every block on the SM.
 // K % 8 == 0 (checked on the host); pointers 16-byte aligned.
-// Exported per batch bucket: gemv_bf16_b{1,2,4,8,16} handle B ≤ the bucket (the host picks the
-// smallest bucket ≥ B, so registers are sized for the real batch).
-// Launch: grid (ceil(M / 8)), block 256: one warp per output feature m, 4 loads in flight per lane.
-// (No __launch_bounds__: with it ptxas spilled gemv_bf16_b8 on sm_80.)
+// Exported per batch bucket: gemv_bf16_b{1,2,4,8} (one 8-column tile) and gemv_bf16_b16 (two);
+// each handles B ≤ its bucket.
+// Launch: grid (ceil(M / 16)), block 512 (16 warps), static shared memory 8 or 16 KB.
 #include "common.cuh"
 
-#define GEMV_WARPS 8
+#define GEMV_WARPS 16
+#define GEMV_THREADS (GEMV_WARPS * 32)
+#define GEMV_ROWS 16
 #define GEMV_UNROLL 4
 
 // Weights are touched once: bypass L1 so x keeps it.
@@ -24,64 +39,88 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     return r;
 }
 
-__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
-    float s = bf_lo(w.x) * bf_lo(x.x);
-    s += bf_hi(w.x) * bf_hi(x.x);
-    s += bf_lo(w.y) * bf_lo(x.y);
-    s += bf_hi(w.y) * bf_hi(x.y);
-    s += bf_lo(w.z) * bf_lo(x.z);
-    s += bf_hi(w.z) * bf_hi(x.z);
-    s += bf_lo(w.w) * bf_lo(x.w);
-    s += bf_hi(w.w) * bf_hi(x.w);
-    return s;
-}
-
-template <int BMAX>
+// NT: 8-column batch tiles (1 for B ≤ 8, 2 for B ≤ 16).
+template <int NT>
 __device__ __forceinline__ void gemv_body(float* __restrict__ out, const bf16_t* __restrict__ x,
                                           const bf16_t* __restrict__ W, int B, int M, int K) {
-    const int lane = threadIdx.x & 31;
-    const int m = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
-    if (m >= M) return;
-    const int nchunk = K / 8;
-    const uint4* wrow = reinterpret_cast<const uint4*>(W + (size_t)m * K);
-    const uint4* x8 = reinterpret_cast<const uint4*>(x);
-    float acc[BMAX];
+    // Partial D tiles per warp: [warp][tile·4 + fragment register][lane].
+    __shared__ float red[GEMV_WARPS][NT * 4][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, c = lane & 3;
+    const int m0 = blockIdx.x * GEMV_ROWS;
+    const int nchunk = K >> 3;            // 16-byte chunks per row
+    const int nstep = (nchunk + 3) >> 2;  // 32-element k-steps (last one may be partial)
+
+    const bool lo_ok = m0 + g < M, hi_ok = m0 + g + 8 < M;
+    const uint4* w_lo = reinterpret_cast<const uint4*>(W + (size_t)(lo_ok ? m0 + g : 0) * K);
+    const uint4* w_hi = reinterpret_cast<const uint4*>(W + (size_t)(hi_ok ? m0 + g + 8 : 0) * K);
+    const uint4* xr[NT];
+    bool x_ok[NT];
 #pragma unroll
-    for (int b = 0; b < BMAX; ++b) acc[b] = 0.0f;
-    for (int c0 = lane; c0 < nchunk; c0 += 32 * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL];
+    for (int t = 0; t < NT; ++t) {
+        x_ok[t] = t * 8 + g < B;
+        xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(x_ok[t] ? t * 8 + g : 0) * K);
+    }
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+
+    float d[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) d[t][r] = 0.0f;
+
+    for (int s0 = warp * GEMV_UNROLL; s0 < nstep; s0 += GEMV_WARPS * GEMV_UNROLL) {
+        uint4 wl[GEMV_UNROLL], wh[GEMV_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
-            const int c = c0 + 32 * u;
-            wv[u] = c < nchunk ? ld_stream(wrow + c) : make_uint4(0, 0, 0, 0);
+            const int q = 4 * (s0 + u) + c;
+            const bool ok = q < nchunk;
+            wl[u] = ok && lo_ok ? ld_stream(w_lo + q) : zero;
+            wh[u] = ok && hi_ok ? ld_stream(w_hi + q) : zero;
         }
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
-            const int c = c0 + 32 * u;
-            if (c < nchunk) {
+            const int q = 4 * (s0 + u) + c;
+            const bool ok = q < nchunk;
+            const unsigned int a0[4] = {wl[u].x, wh[u].x, wl[u].y, wh[u].y};
+            const unsigned int a1[4] = {wl[u].z, wh[u].z, wl[u].w, wh[u].w};
 #pragma unroll
-                for (int b = 0; b < BMAX; ++b)
-                    if (b < B) acc[b] += dot8(wv[u], __ldg(x8 + (size_t)b * nchunk + c));
+            for (int t = 0; t < NT; ++t) {
+                const uint4 xv = ok && x_ok[t] ? __ldg(xr[t] + q) : zero;
+                const unsigned int b0[2] = {xv.x, xv.y};
+                const unsigned int b1[2] = {xv.z, xv.w};
+                mma_bf16_16816(d[t], a0, b0);
+                mma_bf16_16816(d[t], a1, b1);
             }
         }
     }
+
 #pragma unroll
-    for (int b = 0; b < BMAX; ++b) {
-        if (b < B) {
-            const float v = warp_sum(acc[b]);
-            if (lane == 0) out[(size_t)b * M + m] = v;
-        }
+    for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) red[warp][t * 4 + r][lane] = d[t][r];
+    __syncthreads();
+    // D fragment: register r of lane (g, c) is row g + 8·(r/2), column 2c + r%2.
+    for (int i = threadIdx.x; i < NT * 4 * 32; i += GEMV_THREADS) {
+        const int j = i >> 5, l = i & 31;
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < GEMV_WARPS; ++w) v += red[w][j][l];
+        const int t = j >> 2, r = j & 3;
+        const int b = t * 8 + 2 * (l & 3) + (r & 1);
+        const int m = m0 + (l >> 2) + 8 * (r >> 1);
+        if (b < B && m < M) out[(size_t)b * M + m] = v;
     }
 }
 
-#define GEMV_KERNEL(BM)                                                                                   \
-    extern "C" __global__ void gemv_bf16_b##BM(                                    \
+#define GEMV_KERNEL(BM, NT)                                                                               \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_bf16_b##BM(                           \
         float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
         int K) {                                                                                          \
-        gemv_body<BM>(out, x, W, B, M, K);                                                                \
+        gemv_body<NT>(out, x, W, B, M, K);                                                                \
     }
-GEMV_KERNEL(1)
-GEMV_KERNEL(2)
-GEMV_KERNEL(4)
-GEMV_KERNEL(8)
-GEMV_KERNEL(16)
+GEMV_KERNEL(1, 1)
+GEMV_KERNEL(2, 1)
+GEMV_KERNEL(4, 1)
+GEMV_KERNEL(8, 1)
+GEMV_KERNEL(16, 2)

@@ -591,7 +591,7 @@ pub fn gemv(
     // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
     // (the kernel's vector loads) checked above; B ≤ the kernel's bucket.
     gpu.launched(name, unsafe {
-        l.launch(cfg((m.div_ceil(8) as u32, 1, 1), 256, 0))
+        l.launch(cfg((m.div_ceil(16) as u32, 1, 1), 512, 0))
     })
 }
 
