@@ -193,19 +193,19 @@ pub(crate) enum SteerSel {
 
 /// The SAE of a thinking model on the device (encode fused into the residual kernel).
 pub struct SaeDev {
-    w_enc: CudaSlice<f32>,         // [D, K]
-    b_enc: CudaSlice<f32>,         // [K]
-    b_dec: CudaSlice<f32>,         // [D]
-    mean: Option<CudaSlice<f32>>,  // [D]
-    pub z: CudaSlice<f32>,         // [max_t, K]
-    pub category: CudaSlice<i32>,  // [max_t]
-    k: usize,
+    pub(crate) w_enc: CudaSlice<f32>,         // [D, K]
+    pub(crate) b_enc: CudaSlice<f32>,         // [K]
+    pub(crate) b_dec: CudaSlice<f32>,         // [D]
+    pub(crate) mean: Option<CudaSlice<f32>>,  // [D]
+    pub(crate) z: CudaSlice<f32>,         // [max_t, K]
+    pub(crate) category: CudaSlice<i32>,  // [max_t]
+    pub(crate) k: usize,
 }
 
 /// The steering set of a base model on the device: rows c·(bias + V[k]) are formed per row.
 pub struct SteerDev {
-    pub table: CudaSlice<f32>, // [K, D]: bias + V[k] (or bias alone with --only-bias)
-    nv: usize,
+    pub(crate) table: CudaSlice<f32>, // [K, D]: bias + V[k] (or bias alone with --only-bias)
+    pub(crate) nv: usize,
 }
 
 pub struct CudaEngine {
@@ -217,7 +217,7 @@ pub struct CudaEngine {
     v_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
     slots: usize,
     max_len: usize, // S
-    max_t: usize,
+    pub(crate) max_t: usize,
     splits: usize,
     pub(crate) a: Acts,
     logits_host: Vec<f32>,
