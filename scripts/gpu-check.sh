@@ -28,6 +28,8 @@ done
 echo "== bench"
 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
 timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
+timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
+timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || { status=1; cat "$OUT/bench-hybrid.err"; }
 
 if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ]; then
     echo "== HF anchor (NEW=$NEW)"
@@ -39,7 +41,7 @@ python3 - "$OUT" <<'PY'
 import json, sys, os, re
 out = sys.argv[1]
 rows = []
-for f in ("bench-qwen.jsonl", "bench-llama.jsonl"):
+for f in ("bench-qwen.jsonl", "bench-llama.jsonl", "bench-qwen-2k.jsonl", "bench-hybrid.jsonl"):
     p = os.path.join(out, f)
     if os.path.exists(p):
         rows += [json.loads(l) for l in open(p) if l.strip()]
@@ -49,10 +51,11 @@ if os.path.exists(p):
     for l in open(p):
         if l.startswith("RESULTS "):
             hf = json.loads(l[8:])
-print(f"{'shape':<14} {'phase':<8} {'batch':>5} {'ms/token':>9} {'tok/s':>9} {'GB/s':>7} {'% floor':>8}")
+print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} {'GB/s':>7} {'% floor':>8} {'vs plain':>8}")
 for r in rows:
     pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
-    print(f"{r['shape']:<14} {r['phase']:<8} {r['batch']:>5} {r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8}")
+    ratio = f"x{r['ratio_to_plain']:.3f}" if r.get("ratio_to_plain") else ""
+    print(f"{r['shape']:<19} {r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} {r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8} {ratio:>8}")
 if hf:
     print("HF anchor (same call):", json.dumps(hf))
 PY

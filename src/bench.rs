@@ -57,6 +57,9 @@ pub struct Row {
     pub gb_per_s: f64,
     /// Floor time / measured time (decode), or achieved / peak FLOP rate (prefill).
     pub pct_of_floor: f64,
+    /// Hybrid rows: step time / (thinking decode step + base decode step), same batch, same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_to_plain: Option<f64>,
 }
 
 pub struct Settings {
@@ -164,6 +167,7 @@ fn rows_for(
         tok_per_s: s.prompt_len as f64 / prefill,
         gb_per_s: 0.0,
         pct_of_floor: 100.0 * flops / prefill / H100_BF16_FLOPS,
+        ratio_to_plain: None,
     }];
     for &(b, t) in decode {
         rows.push(Row {
@@ -176,6 +180,7 @@ fn rows_for(
             tok_per_s: b as f64 / t,
             gb_per_s: bytes / t / 1e9,
             pct_of_floor: 100.0 * floor / t,
+            ratio_to_plain: None,
         });
     }
     rows
@@ -236,4 +241,100 @@ pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         decode.push((b, decode_rows(&mut e, greedy, b, s)?));
     }
     Ok(rows_for(shape, "cpu", &config, s, prefill, &decode))
+}
+
+/// The hybrid step for a pair of the named shape (thinking and base both of that shape, random
+/// weights; a random SAE at block 4 with 15 latents, random steering at block 10, C = 10
+/// coefficients), against plain greedy decode of each model at the same batch, in one run.
+pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
+    use crate::cuda::hybrid::CudaHybrid;
+    use crate::hybrid::{Mode, Prompts, Settings as HySettings};
+    let Some(mut c) = named_shape(shape) else {
+        bail!("--hybrid needs a named shape (qwen2.5-1.5b or llama-3.1-8b), found {shape:?}");
+    };
+    c.eos_token_ids.clear(); // random weights: never stop early
+    let gpu = Arc::new(Gpu::new(0)?);
+    let hy = HySettings {
+        mode: Mode::Cached,
+        max_new_tokens: s.new_tokens,
+        ..HySettings::default()
+    };
+    let nc = hy.coefficients.len();
+    let max_b = s.batches.iter().copied().max().unwrap_or(1);
+    let max_len = s.new_tokens + 8;
+    let rows = (max_b * (1 + nc)).max(64);
+    CudaEngine::check_fits(&gpu, &c, max_b, max_len, rows, 2 * c.param_count() * 2)?;
+    let tw = CudaWeights::random(&gpu, &c, s.seed + 1)?;
+    let bw = CudaWeights::random(&gpu, &c, s.seed + 2)?;
+    let think = CudaEngine::new(gpu.clone(), c.clone(), tw, max_b, max_len, max_b.max(64))?;
+    let base = CudaEngine::new(gpu.clone(), c.clone(), bw, max_b, max_len, rows)?;
+    let (lt, lb) = (
+        4.min(c.num_hidden_layers - 1),
+        10.min(c.num_hidden_layers - 1),
+    );
+    let sae = crate::sae::Sae::random(c.hidden_size, 15, lt, 3, s.seed, shape);
+    let steering = crate::steering::SteeringSet::random(c.hidden_size, 15, lb, 8.0, s.seed, shape);
+    let mut h = CudaHybrid::new(think, base, &sae, &steering, &hy, max_b)?;
+    let v = c.vocab_size as u64;
+    let bytes = (2 * c.param_count() * 2) as f64;
+    let mut out = vec![];
+    for &b in &s.batches {
+        let problems: Vec<Prompts> = (0..b as u64)
+            .map(|i| Prompts {
+                base: vec![((i * 7919 + 11) % v) as u32],
+                thinking: vec![((i * 104729 + 5) % v) as u32],
+            })
+            .collect();
+        // Warm-up run: captures the step graph for this batch size.
+        h.set_max_new_tokens(3);
+        h.run(&problems, |_, _, _| {})?;
+        h.set_max_new_tokens(s.new_tokens);
+        let t0 = Instant::now();
+        let outs = h.run(&problems, |_, _, _| {})?;
+        let steps = outs[0].ids.len().max(1);
+        let step = t0.elapsed().as_secs_f64() / steps as f64;
+        if outs.iter().any(|o| o.ids.iter().any(|&x| x as u64 >= v)) {
+            bail!("the hybrid step produced ids outside the vocabulary: the timing is not of a valid run");
+        }
+        // Plain greedy decode of each model alone, same batch, same number of steps.
+        let mut plain = 0.0;
+        for e in [&mut h.think, &mut h.base] {
+            let ids: Vec<u32> = (0..b as u32).collect();
+            let slots: Vec<usize> = (0..b).collect();
+            let mut next = ids;
+            e.decode_greedy(
+                &next,
+                &Step {
+                    slots: &slots,
+                    positions: &vec![0; b],
+                    n_write: b,
+                },
+            )?;
+            let t0 = Instant::now();
+            for i in 0..steps {
+                next = e.decode_greedy(
+                    &next,
+                    &Step {
+                        slots: &slots,
+                        positions: &vec![i + 1; b],
+                        n_write: b,
+                    },
+                )?;
+            }
+            plain += t0.elapsed().as_secs_f64() / steps as f64;
+        }
+        out.push(Row {
+            shape: format!("{shape} pair"),
+            device: "cuda".into(),
+            phase: "hybrid",
+            batch: b,
+            tokens: steps,
+            ms_per_token: step * 1e3,
+            tok_per_s: b as f64 / step,
+            gb_per_s: bytes / step / 1e9,
+            pct_of_floor: 100.0 * bytes / HBM_BYTES_PER_S / step,
+            ratio_to_plain: Some(step / plain),
+        });
+    }
+    Ok(out)
 }

@@ -273,6 +273,9 @@ struct BenchArgs {
     /// Print JSON rows instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time the hybrid step of a pair of this shape against plain decode of both (GPU).
+    #[arg(long)]
+    hybrid: bool,
 }
 
 fn main() -> ExitCode {
@@ -498,10 +501,15 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
     use thinksteer::hybrid::{run, Pair, Prompts, Settings};
     use thinksteer::sae::Sae;
     use thinksteer::steering::SteeringSet;
-    if a.device == Device::Cuda {
-        use_cuda(a.device)?;
-        return Err(anyhow!("--device cuda: the hybrid loop runs on the CPU in this version (the fused GPU step is not built yet); use --device cpu"));
-    }
+    // The GPU step covers cached/persistent mode without host-drawn categories.
+    let gpu_ok = a.mode != thinksteer::hybrid::Mode::Exact && !a.random_firing;
+    let on_gpu =
+        match a.device {
+            Device::Cuda if !gpu_ok => return Err(anyhow!(
+                "--device cuda: --mode exact and --random-firing run on the CPU; use --device cpu"
+            )),
+            d => use_cuda(d)? && gpu_ok,
+        };
     let base = Model::load(&a.base)?;
     let thinking = Model::load(&a.thinking)?;
     let sae = Sae::load(&a.sae)?;
@@ -569,14 +577,39 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
         sae: &sae,
         steering: &steering,
     };
+    pair.validate()?;
     let eos = &base.config.eos_token_ids;
     let batch = if a.mode == thinksteer::hybrid::Mode::Exact {
         1
     } else {
         a.batch.max(1)
     };
+    let mut gpu_hybrid = if on_gpu {
+        use thinksteer::cuda::model::CudaEngine;
+        let gpu = Arc::new(thinksteer::cuda::Gpu::new(0)?);
+        let longest = |f: fn(&Prompts) -> usize| problems.iter().map(f).max().unwrap_or(1);
+        let ctx_b = base
+            .config
+            .max_position_embeddings
+            .min(longest(|p| p.base.len()) + a.max_new_tokens + 1);
+        let ctx_t = thinking
+            .config
+            .max_position_embeddings
+            .min(longest(|p| p.thinking.len()) + a.max_new_tokens + 1);
+        let rows = batch * (1 + settings.coefficients.len());
+        let te = CudaEngine::load(gpu.clone(), &a.thinking, batch, ctx_t, batch.max(512))?;
+        let be = CudaEngine::load(gpu, &a.base, batch, ctx_b, rows.max(512))?;
+        Some(thinksteer::cuda::hybrid::CudaHybrid::new(
+            te, be, &sae, &steering, &settings, batch,
+        )?)
+    } else {
+        None
+    };
     for (ci, chunk) in problems.chunks(batch).enumerate() {
-        let outs = run(&pair, chunk, &settings, |_, _, _| {})?;
+        let outs = match gpu_hybrid.as_mut() {
+            Some(h) => h.run(chunk, |_, _, _| {})?,
+            None => run(&pair, chunk, &settings, |_, _, _| {})?,
+        };
         for (j, out) in outs.iter().enumerate() {
             let body: Vec<u32> = out
                 .ids
@@ -665,7 +698,14 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if a.prompt_len == 0 || a.batch.contains(&0) {
         return Err(anyhow!("--prompt-len and every --batch must be at least 1"));
     }
-    let rows = if use_cuda(a.device)? {
+    let rows = if a.hybrid {
+        if !use_cuda(a.device)? {
+            return Err(anyhow!(
+                "--hybrid benchmarks the GPU step: it needs --device cuda and a GPU"
+            ));
+        }
+        thinksteer::bench::run_cuda_hybrid(&a.shape, &s)?
+    } else if use_cuda(a.device)? {
         thinksteer::bench::run_cuda(&a.shape, &s)?
     } else {
         thinksteer::bench::run_cpu(&a.shape, &s)?

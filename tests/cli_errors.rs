@@ -30,11 +30,16 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<us
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut ts: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> =
-        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut ts: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
     edit(&mut ts);
-    let views: Vec<(String, TensorView)> =
-        ts.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = ts
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
 }
 
@@ -42,23 +47,44 @@ fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<us
 fn expect_error(args: &[&str], needles: &[&str]) {
     let out = bin().args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "args {args:?}: expected exit 2, stderr: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "args {args:?}: expected exit 2, stderr: {err}"
+    );
     assert!(!err.contains("panicked"), "args {args:?}: panicked: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "args {args:?}: expected one line, found: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "args {args:?}: expected one line, found: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "args {args:?}: expected {n:?} in: {err}");
     }
 }
 
 fn gen(dir: &Path, ids: &str) -> Vec<String> {
-    ["generate", "--device", "cpu", "--model", dir.to_str().unwrap(), "--prompt-ids", ids, "--max-new-tokens", "2"]
-        .map(String::from)
-        .to_vec()
+    [
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        ids,
+        "--max-new-tokens",
+        "2",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn run_gen(dir: &Path, ids: &str, needles: &[&str]) {
     let args = gen(dir, ids);
-    expect_error(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>(), needles);
+    expect_error(
+        &args.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        needles,
+    );
 }
 
 #[test]
@@ -78,7 +104,9 @@ fn malformed_config() {
 #[test]
 fn unknown_model_type() {
     let d = copy_of("qwen2-f32", "gpt2");
-    let text = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"qwen2\"", "\"gpt2\"");
+    let text = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace("\"qwen2\"", "\"gpt2\"");
     std::fs::write(d.join("config.json"), text).unwrap();
     run_gen(&d, "1,2", &["config.json", "model_type", "gpt2"]);
 }
@@ -107,7 +135,11 @@ fn header_offsets_past_the_end_of_the_file() {
 fn missing_tensor() {
     let d = copy_of("qwen2-f32", "missing");
     rewrite_weights(&d, |ts| ts.retain(|t| t.0 != "model.norm.weight"));
-    run_gen(&d, "1,2", &["model.safetensors", "missing tensor", "model.norm.weight"]);
+    run_gen(
+        &d,
+        "1,2",
+        &["model.safetensors", "missing tensor", "model.norm.weight"],
+    );
 }
 
 #[test]
@@ -128,7 +160,11 @@ fn tensor_of_the_wrong_dtype() {
         let t = ts.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
         t.1 = Dtype::I32;
     });
-    run_gen(&d, "1,2", &["model.norm.weight", "I32", "expected BF16, F16 or F32"]);
+    run_gen(
+        &d,
+        "1,2",
+        &["model.norm.weight", "I32", "expected BF16, F16 or F32"],
+    );
 }
 
 #[test]
@@ -139,8 +175,16 @@ fn token_id_outside_the_vocabulary() {
 #[test]
 fn prompt_longer_than_the_context() {
     let d = copy_of("qwen2-f32", "context");
-    let text = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"max_position_embeddings\": 512", "\"max_position_embeddings\": 4");
-    assert!(text.contains("\"max_position_embeddings\": 4"), "fixture config changed format");
+    let text = std::fs::read_to_string(d.join("config.json"))
+        .unwrap()
+        .replace(
+            "\"max_position_embeddings\": 512",
+            "\"max_position_embeddings\": 4",
+        );
+    assert!(
+        text.contains("\"max_position_embeddings\": 4"),
+        "fixture config changed format"
+    );
     std::fs::write(d.join("config.json"), text).unwrap();
     run_gen(&d, "1,2,3,4,5", &["5 tokens", "context of 4"]);
 }
@@ -148,9 +192,24 @@ fn prompt_longer_than_the_context() {
 #[test]
 fn capture_layer_out_of_range() {
     let m = fixture("qwen2-f32");
-    let out = std::env::temp_dir().join(format!("thinksteer-cli-{}-cap.safetensors", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "thinksteer-cli-{}-cap.safetensors",
+        std::process::id()
+    ));
     expect_error(
-        &["logits", "--device", "cpu", "--model", m.to_str().unwrap(), "--prompt-ids", "1,2", "--out", out.to_str().unwrap(), "--capture-layer", "3"],
+        &[
+            "logits",
+            "--device",
+            "cpu",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt-ids",
+            "1,2",
+            "--out",
+            out.to_str().unwrap(),
+            "--capture-layer",
+            "3",
+        ],
         &["--capture-layer 3", "below num_hidden_layers 3"],
     );
 }
@@ -158,9 +217,20 @@ fn capture_layer_out_of_range() {
 #[test]
 fn text_prompt_without_a_tokenizer() {
     let m = fixture("llama-f32");
-    assert!(!m.join("tokenizer.json").exists(), "fixture must have no tokenizer");
+    assert!(
+        !m.join("tokenizer.json").exists(),
+        "fixture must have no tokenizer"
+    );
     expect_error(
-        &["generate", "--device", "cpu", "--model", m.to_str().unwrap(), "--prompt", "hi"],
+        &[
+            "generate",
+            "--device",
+            "cpu",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
         &["no tokenizer.json", "--prompt-ids"],
     );
 }
@@ -169,10 +239,25 @@ fn text_prompt_without_a_tokenizer() {
 fn prompt_ids_work_without_a_tokenizer() {
     let m = fixture("llama-f32");
     let out = bin()
-        .args(["generate", "--device", "cpu", "--model", m.to_str().unwrap(), "--prompt-ids", "5,6,7", "--max-new-tokens", "3", "--json"])
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt-ids",
+            "5,6,7",
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["prompt_ids"], serde_json::json!([5, 6, 7]));
     assert!(!j["ids"].as_array().unwrap().is_empty() && j["ids"].as_array().unwrap().len() <= 3);

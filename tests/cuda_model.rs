@@ -12,8 +12,6 @@
 mod common;
 
 use common::rel_err;
-use half::bf16;
-use safetensors::tensor::TensorView;
 use std::path::PathBuf;
 use std::sync::Arc;
 use thinksteer::cpu_ops::argmax;
@@ -35,94 +33,8 @@ fn gpu() -> Option<Gpu> {
     }
 }
 
-/// A random Qwen2 checkpoint (D 256, 4 heads of 64, 2 kv heads, F 512, 3 layers, V 512) in bf16.
 fn checkpoint(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("thinksteer-cuda-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (d, h, hkv, dh, f, v, n) = (
-        256usize, 4usize, 2usize, 64usize, 512usize, 512usize, 3usize,
-    );
-    let config = serde_json::json!({
-        "model_type": "qwen2", "hidden_size": d, "intermediate_size": f, "num_hidden_layers": n,
-        "num_attention_heads": h, "num_key_value_heads": hkv, "vocab_size": v, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "max_position_embeddings": 1024, "tie_word_embeddings": false,
-        "eos_token_id": 0
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let mut rng = Rng::new(42);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
-    let mut add = |name: String, shape: Vec<usize>, mean: f32, std: f32| {
-        let n: usize = shape.iter().product();
-        let vals: Vec<bf16> = (0..n)
-            .map(|_| bf16::from_f32(mean + std * rng.normal() as f32))
-            .collect();
-        tensors.push((name, shape, bytemuck::cast_slice(&vals).to_vec()));
-    };
-    let s = |k: usize| 1.5 / (k as f32).sqrt();
-    add("model.embed_tokens.weight".into(), vec![v, d], 0.0, 1.0);
-    add("lm_head.weight".into(), vec![v, d], 0.0, 3.0 * s(d));
-    add("model.norm.weight".into(), vec![d], 1.0, 0.2);
-    for l in 0..n {
-        let p = format!("model.layers.{l}");
-        add(format!("{p}.input_layernorm.weight"), vec![d], 1.0, 0.2);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![d],
-            1.0,
-            0.2,
-        );
-        add(
-            format!("{p}.self_attn.q_proj.weight"),
-            vec![h * dh, d],
-            0.0,
-            s(d),
-        );
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            vec![hkv * dh, d],
-            0.0,
-            s(d),
-        );
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            vec![hkv * dh, d],
-            0.0,
-            s(d),
-        );
-        add(format!("{p}.self_attn.q_proj.bias"), vec![h * dh], 0.0, 0.1);
-        add(
-            format!("{p}.self_attn.k_proj.bias"),
-            vec![hkv * dh],
-            0.0,
-            0.1,
-        );
-        add(
-            format!("{p}.self_attn.v_proj.bias"),
-            vec![hkv * dh],
-            0.0,
-            0.1,
-        );
-        add(
-            format!("{p}.self_attn.o_proj.weight"),
-            vec![d, h * dh],
-            0.0,
-            s(h * dh),
-        );
-        add(format!("{p}.mlp.gate_proj.weight"), vec![f, d], 0.0, s(d));
-        add(format!("{p}.mlp.up_proj.weight"), vec![f, d], 0.0, s(d));
-        add(format!("{p}.mlp.down_proj.weight"), vec![d, f], 0.0, s(f));
-    }
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                TensorView::new(safetensors::Dtype::BF16, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
-    dir
+    common::random_checkpoint(&format!("model-{tag}"), 42, 3)
 }
 
 fn prompt(len: usize, seed: u64) -> Vec<u32> {

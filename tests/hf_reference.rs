@@ -21,16 +21,40 @@ fn full_forward(m: &Arc<Model>, ids: &[u32], capture: &[usize]) -> (Vec<f32>, Ho
     let mut e = CpuEngine::new(m.clone(), 1, t);
     let (slots, pos): (Vec<usize>, Vec<usize>) = ((0..t).map(|_| 0).collect(), (0..t).collect());
     let rows: Vec<usize> = (0..t).collect();
-    let mut hooks = Hooks { capture: capture.iter().map(|&l| (l + 1, vec![])).collect(), steer: None };
-    let logits = e.forward(ids, &Step { slots: &slots, positions: &pos, n_write: t }, &rows, &mut hooks).unwrap().to_vec();
+    let mut hooks = Hooks {
+        capture: capture.iter().map(|&l| (l + 1, vec![])).collect(),
+        steer: None,
+    };
+    let logits = e
+        .forward(
+            ids,
+            &Step {
+                slots: &slots,
+                positions: &pos,
+                n_write: t,
+            },
+            &rows,
+            &mut hooks,
+        )
+        .unwrap()
+        .to_vec();
     (logits, hooks)
 }
 
 fn greedy(m: &Arc<Model>, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
     let ctx = prompts.iter().map(|p| p.len()).max().unwrap() + n;
     let mut e = CpuEngine::new(m.clone(), prompts.len(), ctx);
-    let p = GenParams { max_new_tokens: n, sampling: SamplingParams::default(), stop_strings: vec![], eos_ids: vec![] };
-    generate(&mut e, None, prompts, &p, |_, _| {}).unwrap().into_iter().map(|g| g.ids).collect()
+    let p = GenParams {
+        max_new_tokens: n,
+        sampling: SamplingParams::default(),
+        stop_strings: vec![],
+        eos_ids: vec![],
+    };
+    generate(&mut e, None, prompts, &p, |_, _| {})
+        .unwrap()
+        .into_iter()
+        .map(|g| g.ids)
+        .collect()
 }
 
 #[test]
@@ -42,13 +66,21 @@ fn logits_and_block_outputs_match_hf() {
         let layers: Vec<usize> = (0..m.config.num_hidden_layers).collect();
         let (logits, hooks) = full_forward(&m, &ids, &layers);
         let (want, shape) = r.f32("logits");
-        assert_eq!(shape, vec![ids.len(), m.config.vocab_size], "{name}: logits shape");
+        assert_eq!(
+            shape,
+            vec![ids.len(), m.config.vocab_size],
+            "{name}: logits shape"
+        );
         let e = rel_err(&logits, &want);
         assert!(e <= TOL, "{name}: logits relative error {e} > {TOL}");
         for (point, got) in &hooks.capture {
             let (want, _) = r.f32(&format!("resid.{}", point - 1));
             let e = rel_err(got, &want);
-            assert!(e <= TOL, "{name}: resid.{} relative error {e} > {TOL}", point - 1);
+            assert!(
+                e <= TOL,
+                "{name}: resid.{} relative error {e} > {TOL}",
+                point - 1
+            );
         }
     }
 }
@@ -91,7 +123,19 @@ fn cached_decode_equals_full_recompute() {
         let mut e = CpuEngine::new(m.clone(), 1, seq.len() + n);
         let t = seq.len();
         let (slots, pos): (Vec<usize>, Vec<usize>) = (vec![0; t], (0..t).collect());
-        let mut last = e.forward(&seq, &Step { slots: &slots, positions: &pos, n_write: t }, &[t - 1], &mut Hooks::default()).unwrap().to_vec();
+        let mut last = e
+            .forward(
+                &seq,
+                &Step {
+                    slots: &slots,
+                    positions: &pos,
+                    n_write: t,
+                },
+                &[t - 1],
+                &mut Hooks::default(),
+            )
+            .unwrap()
+            .to_vec();
         for _ in 0..n {
             let (full, _) = full_forward(&m, &seq, &[]);
             let v = m.config.vocab_size;
@@ -99,11 +143,27 @@ fn cached_decode_equals_full_recompute() {
             // Same arithmetic except attention over a cache vs over fresh K/V: bitwise equal
             // values are expected, 1e-6 allows for a different summation split.
             let err = rel_err(&last, full_last);
-            assert!(err <= 1e-6, "{name}: cached vs recompute at length {}: {err}", seq.len());
+            assert!(
+                err <= 1e-6,
+                "{name}: cached vs recompute at length {}: {err}",
+                seq.len()
+            );
             let next = thinksteer::cpu_ops::argmax(&last) as u32;
             let p = seq.len();
             seq.push(next);
-            last = e.forward(&[next], &Step { slots: &[0], positions: &[p], n_write: 1 }, &[0], &mut Hooks::default()).unwrap().to_vec();
+            last = e
+                .forward(
+                    &[next],
+                    &Step {
+                        slots: &[0],
+                        positions: &[p],
+                        n_write: 1,
+                    },
+                    &[0],
+                    &mut Hooks::default(),
+                )
+                .unwrap()
+                .to_vec();
         }
     }
 }
@@ -112,7 +172,10 @@ fn cached_decode_equals_full_recompute() {
 fn llama3_rope_scaling_beyond_the_original_context() {
     let name = "llama-f32";
     let m = Arc::new(Model::load(&fixture(name)).unwrap());
-    assert!(m.config.rope_scaling.is_some(), "fixture must exercise llama3 scaling");
+    assert!(
+        m.config.rope_scaling.is_some(),
+        "fixture must exercise llama3 scaling"
+    );
     let r = Reference::load(name);
     let ids = r.ids("prompt_long_ids");
     let (logits, _) = full_forward(&m, &ids, &[]);

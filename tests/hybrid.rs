@@ -28,27 +28,66 @@ fn fx(norm: f32) -> Fx {
     let thinking = Arc::new(Model::load(&fixture("thinking-qwen2-f32")).unwrap());
     let sae = Sae::random(64, 4, 2, 3, 7, "thinking-qwen2-f32");
     let mut steering = SteeringSet::random(64, 4, 1, norm, 11, "qwen2-f32");
-    steering.bias.iter_mut().enumerate().for_each(|(i, b)| *b = if i % 2 == 0 { 0.5 } else { -0.5 });
-    Fx { base, thinking, sae, steering }
+    steering
+        .bias
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = if i % 2 == 0 { 0.5 } else { -0.5 });
+    Fx {
+        base,
+        thinking,
+        sae,
+        steering,
+    }
 }
 
 fn problems() -> Vec<Prompts> {
     vec![
-        Prompts { base: vec![84, 104, 101, 32, 115, 117, 109], thinking: vec![307, 117, 115, 101, 114, 10, 51, 43, 52] },
-        Prompts { base: vec![83, 111, 32, 120, 32, 105, 115, 32, 53, 46, 10], thinking: vec![307, 88, 308, 10] },
+        Prompts {
+            base: vec![84, 104, 101, 32, 115, 117, 109],
+            thinking: vec![307, 117, 115, 101, 114, 10, 51, 43, 52],
+        },
+        Prompts {
+            base: vec![83, 111, 32, 120, 32, 105, 115, 32, 53, 46, 10],
+            thinking: vec![307, 88, 308, 10],
+        },
     ]
 }
 
 /// Full forward of one sequence through the public Decoder API, adding `add` [T, D] at the
 /// output of block `layer`; returns (last logits, block `capture` output at the last position).
-fn forward(m: &Arc<Model>, ids: &[u32], add: Option<(usize, &[f32])>, capture: Option<usize>) -> (Vec<f32>, Vec<f32>) {
+fn forward(
+    m: &Arc<Model>,
+    ids: &[u32],
+    add: Option<(usize, &[f32])>,
+    capture: Option<usize>,
+) -> (Vec<f32>, Vec<f32>) {
     let t = ids.len();
     let mut e = CpuEngine::new(m.clone(), 1, t);
-    let mut hooks = Hooks { capture: capture.map(|l| (l + 1, vec![])).into_iter().collect(), steer: add.map(|(l, a)| (l + 1, a)) };
+    let mut hooks = Hooks {
+        capture: capture.map(|l| (l + 1, vec![])).into_iter().collect(),
+        steer: add.map(|(l, a)| (l + 1, a)),
+    };
     let pos: Vec<usize> = (0..t).collect();
-    let logits = e.forward(ids, &Step { slots: &vec![0; t], positions: &pos, n_write: t }, &[t - 1], &mut hooks).unwrap().to_vec();
+    let logits = e
+        .forward(
+            ids,
+            &Step {
+                slots: &vec![0; t],
+                positions: &pos,
+                n_write: t,
+            },
+            &[t - 1],
+            &mut hooks,
+        )
+        .unwrap()
+        .to_vec();
     let d = m.config.hidden_size;
-    let h = hooks.capture.first().map(|(_, c)| c[(t - 1) * d..].to_vec()).unwrap_or_default();
+    let h = hooks
+        .capture
+        .first()
+        .map(|(_, c)| c[(t - 1) * d..].to_vec())
+        .unwrap_or_default();
     (logits, h)
 }
 
@@ -56,15 +95,32 @@ fn forward(m: &Arc<Model>, ids: &[u32], add: Option<(usize, &[f32])>, capture: O
 fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Output {
     let d = 64;
     let (mut sb, mut stt) = (p.base.clone(), p.thinking.clone());
-    let mut out = Output { ids: vec![], steps: vec![] };
+    let mut out = Output {
+        ids: vec![],
+        steps: vec![],
+    };
     for _ in 0..n {
         let (lt, h) = forward(&f.thinking, &stt, None, Some(f.sae.layer));
-        let z: Vec<f32> = (0..f.sae.latents).map(|j| (0..d).map(|i| f.sae.w_enc[i * f.sae.latents + j] * h[i]).sum()).collect();
+        let z: Vec<f32> = (0..f.sae.latents)
+            .map(|j| {
+                (0..d)
+                    .map(|i| f.sae.w_enc[i * f.sae.latents + j] * h[i])
+                    .sum()
+            })
+            .collect();
         let cat = argmax(&z);
         let (lb, _) = forward(&f.base, &sb, None, None);
         let (think_tok, base_tok) = (argmax(&lt) as u32, argmax(&lb) as u32);
         let (tok, rec) = if think_tok == base_tok {
-            (base_tok, StepRecord { category: cat, steered: false, coef: None, window: None })
+            (
+                base_tok,
+                StepRecord {
+                    category: cat,
+                    steered: false,
+                    coef: None,
+                    window: None,
+                },
+            )
         } else {
             let mut best: Option<(u32, f32, i64)> = None;
             for &c in coefs {
@@ -75,7 +131,8 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Outpu
                         let inside = w == 0 || pos + (-w) as usize >= len;
                         if inside {
                             for i in 0..d {
-                                add[pos * d + i] = c * (f.steering.bias[i] + f.steering.vectors[cat * d + i]);
+                                add[pos * d + i] =
+                                    c * (f.steering.bias[i] + f.steering.vectors[cat * d + i]);
                             }
                         }
                     }
@@ -87,7 +144,15 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Outpu
                 }
             }
             let (tok, c, w) = best.unwrap();
-            (tok, StepRecord { category: cat, steered: true, coef: Some(c), window: Some(w) })
+            (
+                tok,
+                StepRecord {
+                    category: cat,
+                    steered: true,
+                    coef: Some(c),
+                    window: Some(w),
+                },
+            )
         };
         out.ids.push(tok);
         out.steps.push(rec);
@@ -101,11 +166,22 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Outpu
 }
 
 fn settings(mode: Mode, coefs: &[f32], windows: &[i64], n: usize) -> Settings {
-    Settings { mode, coefficients: coefs.to_vec(), windows: windows.to_vec(), max_new_tokens: n, ..Settings::default() }
+    Settings {
+        mode,
+        coefficients: coefs.to_vec(),
+        windows: windows.to_vec(),
+        max_new_tokens: n,
+        ..Settings::default()
+    }
 }
 
 fn hybrid(f: &Fx, ps: &[Prompts], s: &Settings) -> Vec<Output> {
-    let pair = Pair { base: &f.base, thinking: &f.thinking, sae: &f.sae, steering: &f.steering };
+    let pair = Pair {
+        base: &f.base,
+        thinking: &f.thinking,
+        sae: &f.sae,
+        steering: &f.steering,
+    };
     run(&pair, ps, s, |_, _, _| {}).unwrap()
 }
 
@@ -119,13 +195,20 @@ fn exact_mode_equals_the_naive_recompute() {
     let mut steered = 0;
     for p in problems() {
         let want = naive(&f, &p, &coefs, &windows, 12);
-        let got = &hybrid(&f, std::slice::from_ref(&p), &settings(Mode::Exact, &coefs, &windows, 12))[0];
+        let got = &hybrid(
+            &f,
+            std::slice::from_ref(&p),
+            &settings(Mode::Exact, &coefs, &windows, 12),
+        )[0];
         assert_eq!(got.ids, want.ids);
         assert_eq!(got.steps, want.steps);
         steered += want.steps.iter().filter(|s| s.steered).count();
     }
     // The comparison only means something if some steps were steered and some were not.
-    assert!(steered > 0 && steered < 24, "steered {steered} of 24 steps: fixture not discriminating");
+    assert!(
+        steered > 0 && steered < 24,
+        "steered {steered} of 24 steps: fixture not discriminating"
+    );
 }
 
 #[test]
@@ -133,11 +216,22 @@ fn cached_equals_exact_for_the_newest_position_window() {
     let f = fx(12.0);
     let coefs: Vec<f32> = (1..=10).map(|i| i as f32 * 0.3).collect();
     for p in problems() {
-        let exact = &hybrid(&f, std::slice::from_ref(&p), &settings(Mode::Exact, &coefs, &[-1], 16))[0];
-        let cached = &hybrid(&f, std::slice::from_ref(&p), &settings(Mode::Cached, &coefs, &[-1], 16))[0];
+        let exact = &hybrid(
+            &f,
+            std::slice::from_ref(&p),
+            &settings(Mode::Exact, &coefs, &[-1], 16),
+        )[0];
+        let cached = &hybrid(
+            &f,
+            std::slice::from_ref(&p),
+            &settings(Mode::Cached, &coefs, &[-1], 16),
+        )[0];
         assert_eq!(cached.ids, exact.ids);
         assert_eq!(cached.steps, exact.steps);
-        assert!(exact.steps.iter().any(|s| s.steered), "no steered step: test would be vacuous");
+        assert!(
+            exact.steps.iter().any(|s| s.steered),
+            "no steered step: test would be vacuous"
+        );
     }
 }
 
@@ -160,14 +254,25 @@ fn persistent_mode_differs_from_cached_once_steering_is_committed() {
     let f = fx(12.0);
     let coefs = [1.0, 2.0];
     let cached = hybrid(&f, &problems(), &settings(Mode::Cached, &coefs, &[-1], 16));
-    let persistent = hybrid(&f, &problems(), &settings(Mode::Persistent, &coefs, &[-1], 16));
+    let persistent = hybrid(
+        &f,
+        &problems(),
+        &settings(Mode::Persistent, &coefs, &[-1], 16),
+    );
     // Identical up to and including the first steered step (nothing committed before it)...
     for (c, p) in cached.iter().zip(&persistent) {
-        let first = c.steps.iter().position(|s| s.steered).expect("a steered step");
+        let first = c
+            .steps
+            .iter()
+            .position(|s| s.steered)
+            .expect("a steered step");
         assert_eq!(c.ids[..=first], p.ids[..=first]);
     }
     // ...and the committed K/V change something afterwards in at least one problem.
-    assert!(cached.iter().zip(&persistent).any(|(c, p)| c.ids != p.ids || c.steps != p.steps));
+    assert!(cached
+        .iter()
+        .zip(&persistent)
+        .any(|(c, p)| c.ids != p.ids || c.steps != p.steps));
 }
 
 #[test]
@@ -178,13 +283,22 @@ fn a_huge_vector_forces_the_token_it_points_to() {
     // norms), so every candidate's token is the head's argmax on the vector direction itself.
     let dir = f.steering.vectors[..64].to_vec();
     for row in f.steering.vectors.chunks_mut(64) {
-        row.iter_mut().zip(&dir).for_each(|(r, d)| *r = d * 1e4 / 12.0);
+        row.iter_mut()
+            .zip(&dir)
+            .for_each(|(r, d)| *r = d * 1e4 / 12.0);
     }
     let mut ws = Default::default();
     let expected = argmax(f.base.head(&mut ws, &f.steering.vectors[..64], &[0])) as u32;
-    let s = Settings { no_gating: true, ..settings(Mode::Cached, &[0.1, 1.0], &[-1], 8) };
+    let s = Settings {
+        no_gating: true,
+        ..settings(Mode::Cached, &[0.1, 1.0], &[-1], 8)
+    };
     for out in hybrid(&f, &problems(), &s) {
-        assert!(out.ids.iter().all(|&t| t == expected), "ids {:?}, expected all {expected}", out.ids);
+        assert!(
+            out.ids.iter().all(|&t| t == expected),
+            "ids {:?}, expected all {expected}",
+            out.ids
+        );
         assert_eq!(out.steered_fraction(), 1.0, "--no-gating steers every step");
     }
 }
@@ -203,14 +317,28 @@ fn steered_steps_are_exactly_the_disagreements() {
             stt.push(*tok);
         }
         let disagreements = out.steps.iter().filter(|s| s.steered).count();
-        assert_eq!(out.steered_fraction(), disagreements as f64 / out.steps.len() as f64);
+        assert_eq!(
+            out.steered_fraction(),
+            disagreements as f64 / out.steps.len() as f64
+        );
     }
 }
 
 #[test]
 fn cached_modes_refuse_other_windows() {
     let f = fx(12.0);
-    let pair = Pair { base: &f.base, thinking: &f.thinking, sae: &f.sae, steering: &f.steering };
-    let err = run(&pair, &problems(), &settings(Mode::Cached, &[1.0], &[0, -1], 4), |_, _, _| {}).unwrap_err();
+    let pair = Pair {
+        base: &f.base,
+        thinking: &f.thinking,
+        sae: &f.sae,
+        steering: &f.steering,
+    };
+    let err = run(
+        &pair,
+        &problems(),
+        &settings(Mode::Cached, &[1.0], &[0, -1], 4),
+        |_, _, _| {},
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("--mode exact"), "{err}");
 }

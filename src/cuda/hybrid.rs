@@ -11,8 +11,8 @@
 use super::kernels as k;
 use super::model::{CudaEngine, SaeDev, SteerDev, SteerSel};
 use super::Gpu;
-use crate::hybrid::{Mode, Output, Prompts, Settings, StepRecord};
 use crate::engine::Decoder;
+use crate::hybrid::{Mode, Output, Prompts, Settings, StepRecord};
 use crate::model::{Hooks, Step};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
@@ -46,12 +46,23 @@ pub struct CudaHybrid {
 impl CudaHybrid {
     /// Puts the SAE on the thinking engine and the steering table on the base engine. The base
     /// engine must have been built with max_t ≥ max_b·(1 + C) rows.
-    pub fn new(mut think: CudaEngine, mut base: CudaEngine, sae: &Sae, steering: &SteeringSet, s: &Settings, max_b: usize) -> Result<CudaHybrid> {
+    pub fn new(
+        mut think: CudaEngine,
+        mut base: CudaEngine,
+        sae: &Sae,
+        steering: &SteeringSet,
+        s: &Settings,
+        max_b: usize,
+    ) -> Result<CudaHybrid> {
         if s.mode == Mode::Exact {
             bail!("--mode exact recomputes whole sequences and runs on the CPU; use --device cpu");
         }
         if s.windows != [-1] {
-            bail!("--mode {:?} steers the newest position only, so windows must be [-1]; found {:?}", s.mode, s.windows);
+            bail!(
+                "--mode {:?} steers the newest position only, so windows must be [-1]; found {:?}",
+                s.mode,
+                s.windows
+            );
         }
         if s.random_firing.is_some() {
             bail!("--random-firing draws categories on the host and runs on the CPU; use --device cpu");
@@ -61,7 +72,11 @@ impl CudaHybrid {
         steering.validate_for(bc.hidden_size, bc.num_hidden_layers)?;
         steering.check_matches_sae(sae)?;
         if sae.latents > k::SAE_MAX_K {
-            bail!("the GPU SAE encode supports at most {} latents, found {}", k::SAE_MAX_K, sae.latents);
+            bail!(
+                "the GPU SAE encode supports at most {} latents, found {}",
+                k::SAE_MAX_K,
+                sae.latents
+            );
         }
         let c = s.coefficients.len();
         if c == 0 {
@@ -75,15 +90,26 @@ impl CudaHybrid {
             bail!("the two engines of the hybrid step must share one Gpu (one stream)");
         }
         let st = &gpu.stream;
-        let up = |v: &[f32]| st.clone_htod(v).map_err(cu("uploading the SAE / steering set"));
-        let sae_mean = if s.sae_raw_activations { None } else { sae.activation_mean.as_deref() };
+        let up = |v: &[f32]| {
+            st.clone_htod(v)
+                .map_err(cu("uploading the SAE / steering set"))
+        };
+        let sae_mean = if s.sae_raw_activations {
+            None
+        } else {
+            sae.activation_mean.as_deref()
+        };
         think.sae = Some(SaeDev {
             w_enc: up(&sae.w_enc)?,
             b_enc: up(&sae.b_enc)?,
             b_dec: up(&sae.b_dec)?,
             mean: sae_mean.map(up).transpose()?,
-            z: st.alloc_zeros::<f32>(think.max_t * sae.latents).map_err(cu("allocating SAE outputs"))?,
-            category: st.alloc_zeros::<i32>(think.max_t).map_err(cu("allocating SAE outputs"))?,
+            z: st
+                .alloc_zeros::<f32>(think.max_t * sae.latents)
+                .map_err(cu("allocating SAE outputs"))?,
+            category: st
+                .alloc_zeros::<i32>(think.max_t)
+                .map_err(cu("allocating SAE outputs"))?,
             k: sae.latents,
         });
         // One table row per category: bias + V[k] (or the bias alone with --only-bias).
@@ -92,9 +118,19 @@ impl CudaHybrid {
         for (kk, row) in table.chunks_mut(d).enumerate() {
             steering.combined_into(kk, s.only_bias, row);
         }
-        base.hy = Some(SteerDev { table: up(&table)?, nv: steering.count });
-        let zi = |n: usize| st.alloc_zeros::<i32>(n).map_err(cu("allocating hybrid buffers"));
-        let steer_point = if s.steer_at_block_input { steering.layer } else { steering.layer + 1 };
+        base.hy = Some(SteerDev {
+            table: up(&table)?,
+            nv: steering.count,
+        });
+        let zi = |n: usize| {
+            st.alloc_zeros::<i32>(n)
+                .map_err(cu("allocating hybrid buffers"))
+        };
+        let steer_point = if s.steer_at_block_input {
+            steering.layer
+        } else {
+            steering.layer + 1
+        };
         Ok(CudaHybrid {
             coefs: up(&s.coefficients)?,
             emit: zi(max_b)?,
@@ -114,10 +150,19 @@ impl CudaHybrid {
         })
     }
 
+    /// Changes the number of new tokens of later `run` calls.
+    pub fn set_max_new_tokens(&mut self, n: usize) {
+        self.s.max_new_tokens = n;
+    }
+
     /// Every launch of one step for b problems (ids, positions and slots already uploaded).
     fn step_launches(&mut self, b: usize) -> Result<()> {
         let (c, r) = (self.c, b + b * self.c);
-        let (p, nt, nb) = (self.steer_point, self.think.config.num_hidden_layers, self.base.config.num_hidden_layers);
+        let (p, nt, nb) = (
+            self.steer_point,
+            self.think.config.num_hidden_layers,
+            self.base.config.num_hidden_layers,
+        );
         let (d, v) = (self.base.config.hidden_size, self.base.config.vocab_size);
         // 1. Thinking model: SAE encode fused into the residual kernel at its layer; logits; argmax.
         let t = &mut self.think;
@@ -129,7 +174,13 @@ impl CudaHybrid {
             }
         }
         t.head(&(0..b).collect::<Vec<_>>())?;
-        k::argmax(&self.gpu, &mut self.think_tok.slice_mut(..b), &t.a.logits.slice(..b * v), b, v)?;
+        k::argmax(
+            &self.gpu,
+            &mut self.think_tok.slice_mut(..b),
+            &t.a.logits.slice(..b * v),
+            b,
+            v,
+        )?;
         // 2. Base model up to the steering point (unsteered rows, writing the cache).
         let bm = &mut self.base;
         bm.embed(b)?;
@@ -140,10 +191,23 @@ impl CudaHybrid {
         bm.close_point(0..b, p, p > 0, SteerSel::None, false, None)?;
         // 3. Candidate rows: copies of each problem's residual, steered by c·(b + V[category]).
         let category = t.sae.as_ref().expect("set in new").category.slice(..b);
-        k::hybrid_expand(&self.gpu, &mut bm.a.r.slice_mut(..r * d), &mut bm.a.hy_idx.slice_mut(..r), &mut bm.a.hy_coef.slice_mut(..r), &category, &self.coefs.as_view(), b, c, d)?;
+        k::hybrid_expand(
+            &self.gpu,
+            &mut bm.a.r.slice_mut(..r * d),
+            &mut bm.a.hy_idx.slice_mut(..r),
+            &mut bm.a.hy_coef.slice_mut(..r),
+            &category,
+            &self.coefs.as_view(),
+            b,
+            c,
+            d,
+        )?;
         bm.close_point(b..r, p, false, SteerSel::Table, false, None)?;
         if self.s.mode == Mode::Persistent {
-            self.gpu.stream.memcpy_dtod(&bm.a.r.slice(..r * d), &mut bm.a.r_saved.slice_mut(..r * d)).map_err(cu("saving residuals"))?;
+            self.gpu
+                .stream
+                .memcpy_dtod(&bm.a.r.slice(..r * d), &mut bm.a.r_saved.slice_mut(..r * d))
+                .map_err(cu("saving residuals"))?;
         }
         // 4. Blocks after the point for every row; only the problem rows write the cache.
         for l in p..nb {
@@ -151,7 +215,13 @@ impl CudaHybrid {
             bm.close_point(0..r, l + 1, true, SteerSel::None, false, None)?;
         }
         bm.head(&(0..r).collect::<Vec<_>>())?;
-        k::argmax(&self.gpu, &mut bm.a.next.slice_mut(..r), &bm.a.logits.slice(..r * v), r, v)?;
+        k::argmax(
+            &self.gpu,
+            &mut bm.a.next.slice_mut(..r),
+            &bm.a.logits.slice(..r * v),
+            r,
+            v,
+        )?;
         // 5. Gate and candidate choice by the thinking model's logits.
         k::hybrid_select(
             &self.gpu,
@@ -168,7 +238,16 @@ impl CudaHybrid {
         )?;
         // 6. Persistent mode: rerun the winner (or the unsteered row) from the point, writing K/V.
         if self.s.mode == Mode::Persistent {
-            k::hybrid_gather(&self.gpu, &mut bm.a.r.slice_mut(..b * d), &bm.a.r_saved.slice(..r * d), &self.steered.slice(..b), &self.win.slice(..b), b, c, d)?;
+            k::hybrid_gather(
+                &self.gpu,
+                &mut bm.a.r.slice_mut(..b * d),
+                &bm.a.r_saved.slice(..r * d),
+                &self.steered.slice(..b),
+                &self.win.slice(..b),
+                b,
+                c,
+                d,
+            )?;
             bm.close_point(0..b, p, false, SteerSel::None, false, None)?;
             for l in p..nb {
                 bm.block(b, l, b)?;
@@ -182,7 +261,14 @@ impl CudaHybrid {
 
     /// Uploads the step inputs, runs (or replays) the step and reads back, per problem:
     /// (emitted id, steered, winning coefficient index, category).
-    fn step(&mut self, ids: &[u32], think_ids: &[u32], slots: &[usize], pos_b: &[usize], pos_t: &[usize]) -> Result<Vec<(u32, bool, i32, usize)>> {
+    fn step(
+        &mut self,
+        ids: &[u32],
+        think_ids: &[u32],
+        slots: &[usize],
+        pos_b: &[usize],
+        pos_t: &[usize],
+    ) -> Result<Vec<(u32, bool, i32, usize)>> {
         let b = ids.len();
         let c = self.c;
         // Base rows: problem rows then candidates, which share their problem's slot and position.
@@ -194,8 +280,22 @@ impl CudaHybrid {
         }
         let mut bids = ids.to_vec();
         bids.resize(b + b * c, 0);
-        self.base.upload_step(&bids, &Step { slots: &bslots, positions: &bpos, n_write: b })?;
-        self.think.upload_step(think_ids, &Step { slots, positions: pos_t, n_write: b })?;
+        self.base.upload_step(
+            &bids,
+            &Step {
+                slots: &bslots,
+                positions: &bpos,
+                n_write: b,
+            },
+        )?;
+        self.think.upload_step(
+            think_ids,
+            &Step {
+                slots,
+                positions: pos_t,
+                n_write: b,
+            },
+        )?;
         if self.use_graphs {
             if !self.graphs.contains_key(&b) {
                 // The step is idempotent (same inputs rewrite the same cache entries), so a
@@ -203,33 +303,55 @@ impl CudaHybrid {
                 self.step_launches(b)?;
                 self.gpu.sync()?;
                 let s = self.gpu.stream.clone();
-                s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                    .map_err(cu("starting graph capture"))?;
+                s.begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .map_err(cu("starting graph capture"))?;
                 let launched = self.step_launches(b);
-                let graph = s.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags_enum(0)).map_err(cu("ending graph capture"))?;
+                let graph = s
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags_enum(0))
+                    .map_err(cu("ending graph capture"))?;
                 launched?;
-                let graph = graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
+                let graph =
+                    graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
                 self.graphs.insert(b, graph);
             }
-            self.graphs[&b].launch().map_err(cu("replaying the hybrid step"))?;
+            self.graphs[&b]
+                .launch()
+                .map_err(cu("replaying the hybrid step"))?;
         } else {
             self.step_launches(b)?;
         }
         let st = &self.gpu.stream;
-        let (mut e, mut sd, mut w, mut cat) = (vec![0i32; b], vec![0i32; b], vec![0i32; b], vec![0i32; b]);
-        st.memcpy_dtoh(&self.emit.slice(..b), e.as_mut_slice()).map_err(cu("reading the step"))?;
-        st.memcpy_dtoh(&self.steered.slice(..b), sd.as_mut_slice()).map_err(cu("reading the step"))?;
-        st.memcpy_dtoh(&self.win.slice(..b), w.as_mut_slice()).map_err(cu("reading the step"))?;
+        let (mut e, mut sd, mut w, mut cat) =
+            (vec![0i32; b], vec![0i32; b], vec![0i32; b], vec![0i32; b]);
+        st.memcpy_dtoh(&self.emit.slice(..b), e.as_mut_slice())
+            .map_err(cu("reading the step"))?;
+        st.memcpy_dtoh(&self.steered.slice(..b), sd.as_mut_slice())
+            .map_err(cu("reading the step"))?;
+        st.memcpy_dtoh(&self.win.slice(..b), w.as_mut_slice())
+            .map_err(cu("reading the step"))?;
         let category = &self.think.sae.as_ref().expect("set in new").category;
-        st.memcpy_dtoh(&category.slice(..b), cat.as_mut_slice()).map_err(cu("reading the step"))?;
+        st.memcpy_dtoh(&category.slice(..b), cat.as_mut_slice())
+            .map_err(cu("reading the step"))?;
         self.gpu.sync()?;
-        Ok((0..b).map(|i| (e[i] as u32, sd[i] != 0, w[i], cat[i] as usize)).collect())
+        Ok((0..b)
+            .map(|i| (e[i] as u32, sd[i] != 0, w[i], cat[i] as usize))
+            .collect())
     }
 
     /// The hybrid loop over up to max_b problems decoded together (cached or persistent mode).
-    pub fn run(&mut self, problems: &[Prompts], mut on_step: impl FnMut(usize, u32, &StepRecord)) -> Result<Vec<Output>> {
+    pub fn run(
+        &mut self,
+        problems: &[Prompts],
+        mut on_step: impl FnMut(usize, u32, &StepRecord),
+    ) -> Result<Vec<Output>> {
         if problems.len() > self.max_b {
-            bail!("{} problems but the GPU hybrid was sized for {}", problems.len(), self.max_b);
+            bail!(
+                "{} problems but the GPU hybrid was sized for {}",
+                problems.len(),
+                self.max_b
+            );
         }
         let (ctx_b, ctx_t) = (self.base.max_len(), self.think.max_len());
         for (i, p) in problems.iter().enumerate() {
@@ -245,17 +367,38 @@ impl CudaHybrid {
                 if n > 0 {
                     let slots = vec![i; n];
                     let pos: Vec<usize> = (0..n).collect();
-                    Decoder::forward(e, &ids[..n], &Step { slots: &slots, positions: &pos, n_write: n }, &[n - 1], &mut Hooks::default())?;
+                    Decoder::forward(
+                        e,
+                        &ids[..n],
+                        &Step {
+                            slots: &slots,
+                            positions: &pos,
+                            n_write: n,
+                        },
+                        &[n - 1],
+                        &mut Hooks::default(),
+                    )?;
                 }
             }
         }
         let eos = self.base.config.eos_token_ids.clone();
-        let mut outs: Vec<Output> = problems.iter().map(|_| Output { ids: vec![], steps: vec![] }).collect();
+        let mut outs: Vec<Output> = problems
+            .iter()
+            .map(|_| Output {
+                ids: vec![],
+                steps: vec![],
+            })
+            .collect();
         let mut next: Vec<u32> = problems.iter().map(|p| *p.base.last().unwrap()).collect();
-        let mut think_next: Vec<u32> = problems.iter().map(|p| *p.thinking.last().unwrap()).collect();
+        let mut think_next: Vec<u32> = problems
+            .iter()
+            .map(|p| *p.thinking.last().unwrap())
+            .collect();
         let mut pos_b: Vec<usize> = problems.iter().map(|p| p.base.len() - 1).collect();
         let mut pos_t: Vec<usize> = problems.iter().map(|p| p.thinking.len() - 1).collect();
-        let mut active: Vec<usize> = (0..problems.len()).filter(|_| self.s.max_new_tokens > 0).collect();
+        let mut active: Vec<usize> = (0..problems.len())
+            .filter(|_| self.s.max_new_tokens > 0)
+            .collect();
         while !active.is_empty() {
             // Both models are fed the emitted token; on the first step each feeds the last token
             // of its own prompt.
@@ -267,9 +410,19 @@ impl CudaHybrid {
             for (j, &r) in active.iter().enumerate() {
                 let (tok, steered, win, category) = res[j];
                 let rec = if steered {
-                    StepRecord { category, steered: true, coef: Some(self.s.coefficients[win.max(0) as usize]), window: Some(-1) }
+                    StepRecord {
+                        category,
+                        steered: true,
+                        coef: Some(self.s.coefficients[win.max(0) as usize]),
+                        window: Some(-1),
+                    }
                 } else {
-                    StepRecord { category, steered: false, coef: None, window: None }
+                    StepRecord {
+                        category,
+                        steered: false,
+                        coef: None,
+                        window: None,
+                    }
                 };
                 on_step(r, tok, &rec);
                 outs[r].ids.push(tok);
@@ -280,7 +433,10 @@ impl CudaHybrid {
                 pos_t[r] += 1;
             }
             active.retain(|&r| {
-                !eos.contains(outs[r].ids.last().unwrap()) && outs[r].ids.len() < self.s.max_new_tokens && pos_b[r] < ctx_b && pos_t[r] < ctx_t
+                !eos.contains(outs[r].ids.last().unwrap())
+                    && outs[r].ids.len() < self.s.max_new_tokens
+                    && pos_b[r] < ctx_b
+                    && pos_t[r] < ctx_t
             });
         }
         Ok(outs)

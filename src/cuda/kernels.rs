@@ -772,7 +772,14 @@ pub fn hybrid_expand(
     let (bi, ci, di) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "D", d)?);
     let f = gpu.func(K)?;
     let mut l = gpu.stream.launch_builder(f);
-    l.arg(r).arg(idx).arg(coef).arg(category).arg(coefs).arg(&bi).arg(&ci).arg(&di);
+    l.arg(r)
+        .arg(idx)
+        .arg(coef)
+        .arg(category)
+        .arg(coefs)
+        .arg(&bi)
+        .arg(&ci)
+        .arg(&di);
     // SAFETY: argument order and types match hybrid_expand_f32; lengths checked above.
     gpu.launched(K, unsafe { l.launch(cfg(((b * c) as u32, 1, 1), 256, 0)) })
 }
@@ -794,7 +801,12 @@ pub fn hybrid_select(
     gating: bool,
 ) -> Result<()> {
     const K: &str = "hybrid_select_i32";
-    for (name, len) in [("emit", emit.len()), ("steered", steered.len()), ("win", win.len()), ("think_tok", think_tok.len())] {
+    for (name, len) in [
+        ("emit", emit.len()),
+        ("steered", steered.len()),
+        ("win", win.len()),
+        ("think_tok", think_tok.len()),
+    ] {
         check(K, name, len, b, "[B]")?;
     }
     check(K, "tok", tok.len(), b + b * c, "[B + B·C]")?;
@@ -803,16 +815,30 @@ pub fn hybrid_select(
         return Ok(());
     }
     if c == 0 {
-        return Err(Error::Input(format!("{K}: at least one coefficient is needed")));
+        return Err(Error::Input(format!(
+            "{K}: at least one coefficient is needed"
+        )));
     }
-    let (bi, ci, vi, gi) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "V", v)?, gating as i32);
+    let (bi, ci, vi, gi) = (
+        int(K, "B", b)?,
+        int(K, "C", c)?,
+        int(K, "V", v)?,
+        gating as i32,
+    );
     let f = gpu.func(K)?;
     let mut l = gpu.stream.launch_builder(f);
-    l.arg(emit).arg(steered).arg(win).arg(tok).arg(think_tok).arg(think_logits);
+    l.arg(emit)
+        .arg(steered)
+        .arg(win)
+        .arg(tok)
+        .arg(think_tok)
+        .arg(think_logits);
     l.arg(&bi).arg(&ci).arg(&vi).arg(&gi);
     // SAFETY: argument order and types match hybrid_select_i32; lengths checked above; candidate
     // ids are range-checked in the kernel.
-    gpu.launched(K, unsafe { l.launch(cfg((b.div_ceil(128) as u32, 1, 1), 128, 0)) })
+    gpu.launched(K, unsafe {
+        l.launch(cfg((b.div_ceil(128) as u32, 1, 1), 128, 0))
+    })
 }
 
 /// Persistent mode: r[b] = saved[steered[b] ? B + b·C + win[b] : b].  r f32 [≥B, D], saved f32 [B + B·C, D].
@@ -838,7 +864,13 @@ pub fn hybrid_gather(
     let (bi, ci, di) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "D", d)?);
     let f = gpu.func(K)?;
     let mut l = gpu.stream.launch_builder(f);
-    l.arg(r).arg(saved).arg(steered).arg(win).arg(&bi).arg(&ci).arg(&di);
+    l.arg(r)
+        .arg(saved)
+        .arg(steered)
+        .arg(win)
+        .arg(&bi)
+        .arg(&ci)
+        .arg(&di);
     // SAFETY: argument order and types match hybrid_gather_f32; lengths checked above; win[b] < C
     // whenever steered[b] (written by hybrid_select).
     gpu.launched(K, unsafe { l.launch(cfg((b as u32, 1, 1), 256, 0)) })

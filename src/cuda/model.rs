@@ -179,7 +179,7 @@ pub(crate) struct Acts {
     pub(crate) steer_ones: CudaSlice<f32>, // [max_t] = 1
     pub(crate) hy_idx: CudaSlice<i32>,     // [max_t] steering vector per row (hybrid)
     pub(crate) hy_coef: CudaSlice<f32>,    // [max_t] steering coefficient per row (hybrid)
-    pub(crate) r_saved: CudaSlice<f32>,    // [max_t, D] residuals at the steering point (persistent mode)
+    pub(crate) r_saved: CudaSlice<f32>, // [max_t, D] residuals at the steering point (persistent mode)
 }
 
 /// Which steering the residual kernel applies: none, the dense per-row rows of `Hooks`, or the
@@ -193,12 +193,12 @@ pub(crate) enum SteerSel {
 
 /// The SAE of a thinking model on the device (encode fused into the residual kernel).
 pub struct SaeDev {
-    pub(crate) w_enc: CudaSlice<f32>,         // [D, K]
-    pub(crate) b_enc: CudaSlice<f32>,         // [K]
-    pub(crate) b_dec: CudaSlice<f32>,         // [D]
-    pub(crate) mean: Option<CudaSlice<f32>>,  // [D]
-    pub(crate) z: CudaSlice<f32>,         // [max_t, K]
-    pub(crate) category: CudaSlice<i32>,  // [max_t]
+    pub(crate) w_enc: CudaSlice<f32>,        // [D, K]
+    pub(crate) b_enc: CudaSlice<f32>,        // [K]
+    pub(crate) b_dec: CudaSlice<f32>,        // [D]
+    pub(crate) mean: Option<CudaSlice<f32>>, // [D]
+    pub(crate) z: CudaSlice<f32>,            // [max_t, K]
+    pub(crate) category: CudaSlice<i32>,     // [max_t]
     pub(crate) k: usize,
 }
 
@@ -435,14 +435,32 @@ impl CudaEngine {
         let (d, n, t) = (c.hidden_size, c.num_hidden_layers, rows.len());
         let (r0, r1) = (rows.start, rows.end);
         let a = &mut self.a;
-        let w = if p < n { &self.w.layers[p].input_layernorm } else { &self.w.norm };
-        let dense = (a.steer_tab.slice(r0 * d..r1 * d), a.steer_iota.slice(..t), a.steer_ones.slice(..t));
+        let w = if p < n {
+            &self.w.layers[p].input_layernorm
+        } else {
+            &self.w.norm
+        };
+        let dense = (
+            a.steer_tab.slice(r0 * d..r1 * d),
+            a.steer_iota.slice(..t),
+            a.steer_ones.slice(..t),
+        );
         let hy = (a.hy_idx.slice(r0..r1), a.hy_coef.slice(r0..r1));
         let table = self.hy.as_ref().map(|h| (h.table.as_view(), h.nv));
         let st = match (steer, table.as_ref()) {
             (SteerSel::None, _) => None,
-            (SteerSel::Dense, _) => Some(Steer { table: &dense.0, coef: &dense.2, idx: &dense.1, nv: t }),
-            (SteerSel::Table, Some((tv, nv))) => Some(Steer { table: tv, coef: &hy.1, idx: &hy.0, nv: *nv }),
+            (SteerSel::Dense, _) => Some(Steer {
+                table: &dense.0,
+                coef: &dense.2,
+                idx: &dense.1,
+                nv: t,
+            }),
+            (SteerSel::Table, Some((tv, nv))) => Some(Steer {
+                table: tv,
+                coef: &hy.1,
+                idx: &hy.0,
+                nv: *nv,
+            }),
             (SteerSel::Table, None) => crate::bail!("this engine holds no steering set"),
         };
         let x = a.o.slice(r0 * d..r1 * d);
@@ -450,18 +468,30 @@ impl CudaEngine {
         let sae_dev = if sae { self.sae.as_mut() } else { None };
         let mut views = sae_dev.map(|s| {
             let k = s.k;
-            let v = (s.w_enc.as_view(), s.b_enc.as_view(), s.b_dec.as_view(), s.mean.as_ref().map(|m| m.as_view()));
-            (v, s.z.slice_mut(r0 * k..r1 * k), s.category.slice_mut(r0..r1), k)
+            let v = (
+                s.w_enc.as_view(),
+                s.b_enc.as_view(),
+                s.b_dec.as_view(),
+                s.mean.as_ref().map(|m| m.as_view()),
+            );
+            (
+                v,
+                s.z.slice_mut(r0 * k..r1 * k),
+                s.category.slice_mut(r0..r1),
+                k,
+            )
         });
-        let mut enc = views.as_mut().map(|((we, be, bd, mean), z, cat, k)| SaeEncode {
-            w_enc: we,
-            b_enc: be,
-            b_dec: bd,
-            mean: mean.as_ref(),
-            z,
-            category: cat,
-            k: *k,
-        });
+        let mut enc = views
+            .as_mut()
+            .map(|((we, be, bd, mean), z, cat, k)| SaeEncode {
+                w_enc: we,
+                b_enc: be,
+                b_dec: bd,
+                mean: mean.as_ref(),
+                z,
+                category: cat,
+                k: *k,
+            });
         k::residual_norm(
             &self.gpu,
             &mut a.r.slice_mut(r0 * d..r1 * d),
@@ -495,7 +525,15 @@ impl CudaEngine {
         let g = &self.gpu;
         let (a, w) = (&mut self.a, &self.w.layers[l]);
         // Attention: fused q|k|v product, bias + RoPE + cache append, attention, o_proj.
-        k::matmul(g, &mut a.qkv.slice_mut(..t * wq), &a.y.slice(..t * d), &w.qkv_proj.as_view(), t, wq, d)?;
+        k::matmul(
+            g,
+            &mut a.qkv.slice_mut(..t * wq),
+            &a.y.slice(..t * d),
+            &w.qkv_proj.as_view(),
+            t,
+            wq,
+            d,
+        )?;
         let bias = w.qkv_bias.as_ref().map(|b| b.as_view());
         k::qkv_rope(
             g,
@@ -529,7 +567,15 @@ impl CudaEngine {
             sh,
             splits,
         )?;
-        k::matmul(g, &mut a.o.slice_mut(..t * d), &a.attn.slice(..t * h * dh), &w.o_proj.as_view(), t, d, h * dh)?;
+        k::matmul(
+            g,
+            &mut a.o.slice_mut(..t * d),
+            &a.attn.slice(..t * h * dh),
+            &w.o_proj.as_view(),
+            t,
+            d,
+            h * dh,
+        )?;
         // MLP: r += o; y = norm(r); o = down(silu(gate) · up).
         let o = a.o.slice(..t * d);
         k::residual_norm(
@@ -544,15 +590,45 @@ impl CudaEngine {
             d,
             c.rms_norm_eps,
         )?;
-        k::matmul(g, &mut a.gate_up.slice_mut(..t * 2 * f), &a.y.slice(..t * d), &w.gate_up_proj.as_view(), t, 2 * f, d)?;
-        k::silu_mul(g, &mut a.act.slice_mut(..t * f), &a.gate_up.slice(..t * 2 * f), t, f)?;
-        k::matmul(g, &mut a.o.slice_mut(..t * d), &a.act.slice(..t * f), &w.down_proj.as_view(), t, d, f)
+        k::matmul(
+            g,
+            &mut a.gate_up.slice_mut(..t * 2 * f),
+            &a.y.slice(..t * d),
+            &w.gate_up_proj.as_view(),
+            t,
+            2 * f,
+            d,
+        )?;
+        k::silu_mul(
+            g,
+            &mut a.act.slice_mut(..t * f),
+            &a.gate_up.slice(..t * 2 * f),
+            t,
+            f,
+        )?;
+        k::matmul(
+            g,
+            &mut a.o.slice_mut(..t * d),
+            &a.act.slice(..t * f),
+            &w.down_proj.as_view(),
+            t,
+            d,
+            f,
+        )
     }
 
     /// r = embed(ids) for the uploaded rows 0..t.
     pub(crate) fn embed(&mut self, t: usize) -> Result<()> {
         let (d, v) = (self.config.hidden_size, self.config.vocab_size);
-        k::embed(&self.gpu, &mut self.a.r.slice_mut(..t * d), &self.w.embed_tokens.as_view(), &self.a.ids.slice(..t), t, d, v)
+        k::embed(
+            &self.gpu,
+            &mut self.a.r.slice_mut(..t * d),
+            &self.w.embed_tokens.as_view(),
+            &self.a.ids.slice(..t),
+            t,
+            d,
+            v,
+        )
     }
 
     /// Every launch of one forward call over the uploaded step (t tokens, the first n_write
@@ -562,14 +638,29 @@ impl CudaEngine {
         let steer_at = hooks.steer.map(|(p, _)| p);
         if let Some((_, add)) = hooks.steer {
             if add.len() != t * d {
-                crate::bail!("steering rows: expected [T={t}, D={d}] = {} values, found {}", t * d, add.len());
+                crate::bail!(
+                    "steering rows: expected [T={t}, D={d}] = {} values, found {}",
+                    t * d,
+                    add.len()
+                );
             }
-            self.gpu.stream.memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d)).map_err(cu("uploading steering"))?;
+            self.gpu
+                .stream
+                .memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d))
+                .map_err(cu("uploading steering"))?;
         }
         self.embed(t)?;
         for l in 0..=n {
-            let steer = if steer_at == Some(l) { SteerSel::Dense } else { SteerSel::None };
-            let cap = hooks.capture.iter_mut().find(|(p, _)| *p == l).map(|(_, b)| b);
+            let steer = if steer_at == Some(l) {
+                SteerSel::Dense
+            } else {
+                SteerSel::None
+            };
+            let cap = hooks
+                .capture
+                .iter_mut()
+                .find(|(p, _)| *p == l)
+                .map(|(_, b)| b);
             self.close_point(0..t, l, l > 0, steer, false, cap)?;
             if l < n {
                 self.block(t, l, n_write)?;

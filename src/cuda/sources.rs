@@ -27,7 +27,11 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("gemm", &["gemm_bf16"]),
     (
         "hybrid",
-        &["hybrid_expand_f32", "hybrid_select_i32", "hybrid_gather_f32"],
+        &[
+            "hybrid_expand_f32",
+            "hybrid_select_i32",
+            "hybrid_gather_f32",
+        ],
     ),
     (
         "gemv",

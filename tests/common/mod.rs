@@ -1,11 +1,14 @@
 //! Shared test helpers: fixture paths, reading reference tensors, tolerance checks.
 #![allow(dead_code)]
 
+use half::bf16;
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
 
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The HF reference tensors recorded by scripts/make_fixtures.py.
@@ -16,7 +19,9 @@ pub struct Reference {
 impl Reference {
     pub fn load(model: &str) -> Reference {
         let path = fixture(model).join("reference.safetensors");
-        Reference { bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) }
+        Reference {
+            bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
     }
     fn st(&self) -> SafeTensors<'_> {
         SafeTensors::deserialize(&self.bytes).expect("valid reference file")
@@ -26,16 +31,26 @@ impl Reference {
     }
     pub fn f32(&self, name: &str) -> (Vec<f32>, Vec<usize>) {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference has no {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("reference has no {name}"));
         assert_eq!(t.dtype(), Dtype::F32, "{name}");
         (bytemuck::pod_collect_to_vec(t.data()), t.shape().to_vec())
     }
     pub fn ids(&self, name: &str) -> Vec<u32> {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("reference has no {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("reference has no {name}"));
         match t.dtype() {
-            Dtype::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(t.data()).into_iter().map(|x| x as u32).collect(),
-            Dtype::I32 => bytemuck::pod_collect_to_vec::<u8, i32>(t.data()).into_iter().map(|x| x as u32).collect(),
+            Dtype::I64 => bytemuck::pod_collect_to_vec::<u8, i64>(t.data())
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            Dtype::I32 => bytemuck::pod_collect_to_vec::<u8, i32>(t.data())
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
             d => panic!("{name}: unexpected dtype {d:?}"),
         }
     }
@@ -54,10 +69,111 @@ pub fn rel_err(ours: &[f32], reference: &[f32]) -> f32 {
         }
     }
     if worst / scale > 0.0 {
-        eprintln!("worst element {at}: ours {} reference {}", ours[at], reference[at]);
+        eprintln!(
+            "worst element {at}: ours {} reference {}",
+            ours[at], reference[at]
+        );
     }
     worst / scale
 }
 
 /// The checkpoints the HF fixture script writes.
-pub const MODELS: [&str; 5] = ["qwen2-f32", "qwen2-bf16-tied", "llama-f32", "llama-bf16-tied", "thinking-qwen2-f32"];
+pub const MODELS: [&str; 5] = [
+    "qwen2-f32",
+    "qwen2-bf16-tied",
+    "llama-f32",
+    "llama-bf16-tied",
+    "thinking-qwen2-f32",
+];
+
+/// A random Qwen2 checkpoint in bf16 of a shape the CUDA kernels take (D 256, 4 heads of 64,
+/// 2 kv heads, F 512, V 512), written to a temporary folder; the CPU loads the same bf16 values.
+pub fn random_checkpoint(tag: &str, seed: u64, n_layers: usize) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("thinksteer-cuda-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (d, h, hkv, dh, f, v, n) = (
+        256usize, 4usize, 2usize, 64usize, 512usize, 512usize, n_layers,
+    );
+    let config = serde_json::json!({
+        "model_type": "qwen2", "hidden_size": d, "intermediate_size": f, "num_hidden_layers": n,
+        "num_attention_heads": h, "num_key_value_heads": hkv, "vocab_size": v, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "max_position_embeddings": 1024, "tie_word_embeddings": false,
+        "eos_token_id": 0
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let mut rng = thinksteer::rng::Rng::new(seed);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    let mut add = |name: String, shape: Vec<usize>, mean: f32, std: f32| {
+        let n: usize = shape.iter().product();
+        let vals: Vec<bf16> = (0..n)
+            .map(|_| bf16::from_f32(mean + std * rng.normal() as f32))
+            .collect();
+        tensors.push((name, shape, bytemuck::cast_slice(&vals).to_vec()));
+    };
+    let s = |k: usize| 1.5 / (k as f32).sqrt();
+    add("model.embed_tokens.weight".into(), vec![v, d], 0.0, 1.0);
+    add("lm_head.weight".into(), vec![v, d], 0.0, 3.0 * s(d));
+    add("model.norm.weight".into(), vec![d], 1.0, 0.2);
+    for l in 0..n {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.input_layernorm.weight"), vec![d], 1.0, 0.2);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![d],
+            1.0,
+            0.2,
+        );
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![h * dh, d],
+            0.0,
+            s(d),
+        );
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![hkv * dh, d],
+            0.0,
+            s(d),
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![hkv * dh, d],
+            0.0,
+            s(d),
+        );
+        add(format!("{p}.self_attn.q_proj.bias"), vec![h * dh], 0.0, 0.1);
+        add(
+            format!("{p}.self_attn.k_proj.bias"),
+            vec![hkv * dh],
+            0.0,
+            0.1,
+        );
+        add(
+            format!("{p}.self_attn.v_proj.bias"),
+            vec![hkv * dh],
+            0.0,
+            0.1,
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![d, h * dh],
+            0.0,
+            s(h * dh),
+        );
+        add(format!("{p}.mlp.gate_proj.weight"), vec![f, d], 0.0, s(d));
+        add(format!("{p}.mlp.up_proj.weight"), vec![f, d], 0.0, s(d));
+        add(format!("{p}.mlp.down_proj.weight"), vec![d, f], 0.0, s(f));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::BF16, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    dir
+}

@@ -1,0 +1,122 @@
+//! The hybrid step on the GPU against the CPU loop, on two random bf16 checkpoints of a shape
+//! the kernels take (base: 3 layers, thinking: 4 layers, one vocabulary), a random SAE and a
+//! random steering set. Without a GPU every test prints "skipped: <reason>" and passes.
+//!
+//! The GPU rounds activations to bf16 (see tests/cuda_model.rs), so a decision can flip where
+//! the CPU's choice is a near tie; the checkpoints' logits are well separated and the tests
+//! compare the first tokens, where no such tie occurs for these seeds (the CPU margins are
+//! printed so a failure can be told apart from a tie).
+
+mod common;
+
+use std::sync::Arc;
+use thinksteer::cuda::hybrid::CudaHybrid;
+use thinksteer::cuda::model::CudaEngine;
+use thinksteer::cuda::Gpu;
+use thinksteer::hybrid::{run, Mode, Pair, Prompts, Settings};
+use thinksteer::model::Model;
+use thinksteer::sae::Sae;
+use thinksteer::steering::SteeringSet;
+
+fn gpu() -> Option<Arc<Gpu>> {
+    match thinksteer::cuda::available() {
+        Err(why) => {
+            println!("skipped: {why}");
+            None
+        }
+        Ok(()) => Some(Arc::new(
+            Gpu::new(0).expect("CUDA is available but Gpu::new failed"),
+        )),
+    }
+}
+
+fn problems() -> Vec<Prompts> {
+    vec![
+        Prompts {
+            base: vec![5, 77, 301, 12, 9, 44],
+            thinking: vec![7, 8, 9, 100, 200],
+        },
+        Prompts {
+            base: vec![400, 3, 3, 17],
+            thinking: vec![11, 250, 480, 2, 90, 91, 92, 93],
+        },
+        Prompts {
+            base: vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
+            thinking: vec![42],
+        },
+    ]
+}
+
+fn compare(mode: Mode, no_gating: bool) {
+    let Some(g) = gpu() else { return };
+    let base_dir = common::random_checkpoint(&format!("hy-base-{mode:?}-{no_gating}"), 7, 3);
+    let think_dir = common::random_checkpoint(&format!("hy-think-{mode:?}-{no_gating}"), 8, 4);
+    let (base, think) = (
+        Model::load(&base_dir).unwrap(),
+        Model::load(&think_dir).unwrap(),
+    );
+    let sae = Sae::random(256, 6, 2, 3, 3, "think");
+    let steering = SteeringSet::random(256, 6, 1, 40.0, 4, "base");
+    let n = 12;
+    let s = Settings {
+        mode,
+        coefficients: vec![0.25, 0.5, 1.0, 2.0],
+        windows: vec![-1],
+        max_new_tokens: n,
+        no_gating,
+        ..Settings::default()
+    };
+    let pair = Pair {
+        base: &base,
+        thinking: &think,
+        sae: &sae,
+        steering: &steering,
+    };
+    let ps = problems();
+    let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
+    let b = ps.len();
+    let c = s.coefficients.len();
+    let te = CudaEngine::load(g.clone(), &think_dir, b, 64, 64).unwrap();
+    let be = CudaEngine::load(g.clone(), &base_dir, b, 64, 64.max(b * (1 + c))).unwrap();
+    let mut hy = CudaHybrid::new(te, be, &sae, &steering, &s, b).unwrap();
+    for use_graphs in [false, true] {
+        // The second run reuses the caches: every step writes its position before any later
+        // step reads it, so no reset is needed.
+        hy.use_graphs = use_graphs;
+        let got = hy.run(&ps, |_, _, _| {}).unwrap();
+        let mut steered = 0;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let k = 6.min(w.ids.len());
+            assert_eq!(
+                g.ids[..k],
+                w.ids[..k],
+                "{mode:?} graphs {use_graphs}: problem {i} ids"
+            );
+            assert_eq!(
+                g.steps[..k],
+                w.steps[..k],
+                "{mode:?} graphs {use_graphs}: problem {i} steps"
+            );
+            steered += w.steps[..k].iter().filter(|s| s.steered).count();
+        }
+        assert!(
+            steered > 0,
+            "no steered step compared: the test would not check the candidates"
+        );
+    }
+}
+
+#[test]
+fn cached_gpu_step_matches_the_cpu_loop() {
+    compare(Mode::Cached, false);
+}
+
+#[test]
+fn persistent_gpu_step_matches_the_cpu_loop() {
+    compare(Mode::Persistent, false);
+}
+
+#[test]
+fn ungated_gpu_step_matches_the_cpu_loop() {
+    compare(Mode::Cached, true);
+}
