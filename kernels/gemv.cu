@@ -20,9 +20,15 @@
 // x (B·K·2 bytes: 460 KB at B=16, K=14336) is read through L1/L2 with __ldg: one 16-byte load per lane per
 // weight-row pair (not one per batch row, as before), shared by every block on the SM.
 // K % 8 == 0 (checked on the host); pointers 16-byte aligned.
-// Exported per batch bucket: gemv_bf16_b{1,2,4,8} (one 8-column tile) and gemv_bf16_b16 (two);
-// each handles B ≤ its bucket.
-// Launch: grid (ceil(M / 16)), block 512 (16 warps), static shared memory 8 or 16 KB.
+// Exported per batch bucket: gemv_bf16_b{2,4,8} (one 8-column tile) and gemv_bf16_b16 (two);
+// each handles B ≤ its bucket. Launch: grid (ceil(M / 16)), block 512 (16 warps), static shared
+// memory 8 or 16 KB.
+//
+// gemv_bf16_b1 (a single row) stays a scalar kernel: one warp per output feature, each lane
+// summing 16-byte chunks k ≡ 8·lane (mod 256) with 4 loads in flight, then a warp reduction.
+// Measured on the H100 it streamed the 8B shape's large matrices faster than the tensor-core
+// tile at one row (7.03 vs 8.37 ms/token for the whole model, PERFORMANCE.md runs 1–2).
+// Launch: grid (ceil(M / 8)), block 256.
 #include "common.cuh"
 
 #define GEMV_WARPS 16
@@ -119,8 +125,40 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, const bf16_t*
         int K) {                                                                                          \
         gemv_body<NT>(out, x, W, B, M, K);                                                                \
     }
-GEMV_KERNEL(1, 1)
 GEMV_KERNEL(2, 1)
 GEMV_KERNEL(4, 1)
 GEMV_KERNEL(8, 1)
 GEMV_KERNEL(16, 2)
+
+// The single-row kernel described in the banner.
+extern "C" __global__ void gemv_bf16_b1(float* __restrict__ out, const bf16_t* __restrict__ x,
+                                        const bf16_t* __restrict__ W, int B, int M, int K) {
+    const int lane = threadIdx.x & 31;
+    const int m = blockIdx.x * 8 + (threadIdx.x >> 5);
+    if (m >= M || B < 1) return;
+    const int nchunk = K / 8;
+    const uint4* wrow = reinterpret_cast<const uint4*>(W + (size_t)m * K);
+    const uint4* x8 = reinterpret_cast<const uint4*>(x);
+    float acc = 0.0f;
+    for (int c0 = lane; c0 < nchunk; c0 += 32 * GEMV_UNROLL) {
+        uint4 wv[GEMV_UNROLL];
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int c = c0 + 32 * u;
+            wv[u] = c < nchunk ? ld_stream(wrow + c) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < GEMV_UNROLL; ++u) {
+            const int c = c0 + 32 * u;
+            if (c < nchunk) {
+                const uint4 xv = __ldg(x8 + c);
+                const uint4 w = wv[u];
+                acc += bf_lo(w.x) * bf_lo(xv.x) + bf_hi(w.x) * bf_hi(xv.x) + bf_lo(w.y) * bf_lo(xv.y) +
+                       bf_hi(w.y) * bf_hi(xv.y) + bf_lo(w.z) * bf_lo(xv.z) + bf_hi(w.z) * bf_hi(xv.z) +
+                       bf_lo(w.w) * bf_lo(xv.w) + bf_hi(w.w) * bf_hi(xv.w);
+            }
+        }
+    }
+    const float v = warp_sum(acc);
+    if (lane == 0) out[m] = v;
+}

@@ -503,13 +503,14 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
     use thinksteer::steering::SteeringSet;
     // The GPU step covers cached/persistent mode without host-drawn categories.
     let gpu_ok = a.mode != thinksteer::hybrid::Mode::Exact && !a.random_firing;
-    let on_gpu =
-        match a.device {
-            Device::Cuda if !gpu_ok => return Err(anyhow!(
+    let on_gpu = match a.device {
+        Device::Cuda if !gpu_ok => {
+            return Err(anyhow!(
                 "--device cuda: --mode exact and --random-firing run on the CPU; use --device cpu"
-            )),
-            d => use_cuda(d)? && gpu_ok,
-        };
+            ))
+        }
+        d => use_cuda(d)? && gpu_ok,
+    };
     let base = Model::load(&a.base)?;
     let thinking = Model::load(&a.thinking)?;
     let sae = Sae::load(&a.sae)?;

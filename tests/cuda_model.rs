@@ -113,6 +113,14 @@ fn greedy_decode_matches_the_cpu_with_and_without_graphs() {
             .unwrap()
             .to_vec();
         assert!(rel_err(&lg, &lc) <= TOL);
+        // A greedy choice must agree wherever the CPU's top-1 leads its top-2 by more than four
+        // times the largest discrepancy seen between the two backends on the same logits.
+        let e_abs = lg
+            .iter()
+            .zip(&lc)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        println!("graphs {use_graphs}: prefill max |gpu - cpu| = {e_abs}");
         let mut next: Vec<u32> = lc.chunks(v).map(|l| argmax(l) as u32).collect();
         let mut len: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
         let mut compared = 0;
@@ -130,14 +138,13 @@ fn greedy_decode_matches_the_cpu_with_and_without_graphs() {
             let got = gpu.decode_greedy(&next, &step).unwrap();
             for (row, l) in lc.chunks(v).enumerate() {
                 let top = argmax(l);
-                let scale = l.iter().fold(1f32, |m, x| m.max(x.abs()));
                 let second = l
                     .iter()
                     .enumerate()
                     .filter(|(i, _)| *i != top)
                     .map(|(_, x)| *x)
                     .fold(f32::MIN, f32::max);
-                if l[top] - second <= 2.0 * TOL * scale {
+                if l[top] - second <= 4.0 * e_abs {
                     println!("graphs {use_graphs}: stopping at a near tie (row {row})");
                     break 'steps;
                 }

@@ -588,11 +588,16 @@ pub fn gemv(
     let f = gpu.func(name)?;
     let mut l = gpu.stream.launch_builder(f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
+    // The single-row kernel is one warp per row (8 per block); the tensor-core buckets own 16
+    // rows per block of 16 warps.
+    let launch = if b == 1 {
+        cfg((m.div_ceil(8) as u32, 1, 1), 256, 0)
+    } else {
+        cfg((m.div_ceil(16) as u32, 1, 1), 512, 0)
+    };
     // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
     // (the kernel's vector loads) checked above; B ≤ the kernel's bucket.
-    gpu.launched(name, unsafe {
-        l.launch(cfg((m.div_ceil(16) as u32, 1, 1), 512, 0))
-    })
+    gpu.launched(name, unsafe { l.launch(launch) })
 }
 
 /// Tensor-core product: out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ. Any N, M; K % 8 == 0.

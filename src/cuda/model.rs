@@ -225,6 +225,8 @@ pub struct CudaEngine {
     /// Replayable decode steps, keyed by token count (all tokens write the cache).
     graphs: HashMap<usize, CudaGraph>,
     pub use_graphs: bool,
+    /// (slot, first position) while a call is one contiguous chunk of one sequence (prefill).
+    prefill: Option<(usize, usize)>,
     /// Set on a thinking model taking part in the hybrid loop.
     pub sae: Option<SaeDev>,
     /// Set on a base model taking part in the hybrid loop.
@@ -385,6 +387,7 @@ impl CudaEngine {
             chunk_host: vec![],
             graphs: HashMap::new(),
             use_graphs: true,
+            prefill: None,
             sae: None,
             hy: None,
             gpu,
@@ -551,22 +554,36 @@ impl CudaEngine {
             t,
             sh,
         )?;
-        k::attention_decode(
-            g,
-            &a.q.slice(..t * h * dh),
-            &self.k_cache[l].as_view(),
-            &self.v_cache[l].as_view(),
-            &a.k_self.slice(..t * hkv * dh),
-            &a.v_self.slice(..t * hkv * dh),
-            &a.pos.slice(..t),
-            &a.slot.slice(..t),
-            &mut a.part_o.slice_mut(..t * h * splits * dh),
-            &mut a.part_ml.slice_mut(..t * h * splits * 2),
-            &mut a.attn.slice_mut(..t * h * dh),
-            t,
-            sh,
-            splits,
-        )?;
+        match self.prefill {
+            // A contiguous chunk of one sequence: tiled causal attention over the cache.
+            Some((slot, p0)) => k::attention_prefill(
+                g,
+                &a.q.slice(..t * h * dh),
+                &self.k_cache[l].as_view(),
+                &self.v_cache[l].as_view(),
+                &mut a.attn.slice_mut(..t * h * dh),
+                t,
+                p0,
+                slot,
+                sh,
+            )?,
+            None => k::attention_decode(
+                g,
+                &a.q.slice(..t * h * dh),
+                &self.k_cache[l].as_view(),
+                &self.v_cache[l].as_view(),
+                &a.k_self.slice(..t * hkv * dh),
+                &a.v_self.slice(..t * hkv * dh),
+                &a.pos.slice(..t),
+                &a.slot.slice(..t),
+                &mut a.part_o.slice_mut(..t * h * splits * dh),
+                &mut a.part_ml.slice_mut(..t * h * splits * 2),
+                &mut a.attn.slice_mut(..t * h * dh),
+                t,
+                sh,
+                splits,
+            )?,
+        }
         k::matmul(
             g,
             &mut a.o.slice_mut(..t * d),
@@ -764,7 +781,15 @@ impl CudaEngine {
     /// Forward of up to max_t tokens without returning logits (prefill chunks).
     fn forward_chunk(&mut self, ids: &[u32], step: &Step, hooks: &mut Hooks) -> Result<()> {
         self.upload_step(ids, step)?;
-        self.layers(ids.len(), step.n_write, hooks)
+        let t = ids.len();
+        let contiguous = step.slots.iter().all(|&x| x == step.slots[0])
+            && step.positions.windows(2).all(|w| w[1] == w[0] + 1);
+        if t > k::GEMV_MAX_ROWS && step.n_write == t && contiguous {
+            self.prefill = Some((step.slots[0], step.positions[0]));
+        }
+        let res = self.layers(t, step.n_write, hooks);
+        self.prefill = None;
+        res
     }
 
     /// Bytes of weights a decode step streams (for GB/s).
