@@ -20,9 +20,9 @@
 // x (B·K·2 bytes: 460 KB at B=16, K=14336) is read through L1/L2 with __ldg: one 16-byte load per lane per
 // weight-row pair (not one per batch row, as before), shared by every block on the SM.
 // K % 8 == 0 (checked on the host); pointers 16-byte aligned.
-// Exported per batch bucket: gemv_bf16_b{2,4,8} (one 8-column tile) and gemv_bf16_b16 (two);
-// each handles B ≤ its bucket. Launch: grid (ceil(M / 16)), block 512 (16 warps), static shared
-// memory 8 or 16 KB.
+// Exported per batch bucket: gemv_bf16_b{2,4,8} (one 8-column tile), gemv_bf16_b16 (two) and
+// gemv_bf16_b32 (four); each handles B ≤ its bucket. Launch: grid (ceil(M / 16)), block 512
+// (16 warps), static shared memory 8, 16 or 32 KB.
 //
 // gemv_bf16_b1 (a single row) stays a scalar kernel: one warp per output feature, each lane
 // summing 16-byte chunks k ≡ 8·lane (mod 256) with 4 loads in flight, then a warp reduction.
@@ -129,6 +129,7 @@ GEMV_KERNEL(2, 1)
 GEMV_KERNEL(4, 1)
 GEMV_KERNEL(8, 1)
 GEMV_KERNEL(16, 2)
+GEMV_KERNEL(32, 4)
 
 // The single-row kernel described in the banner.
 extern "C" __global__ void gemv_bf16_b1(float* __restrict__ out, const bf16_t* __restrict__ x,

@@ -559,7 +559,7 @@ fn check_matmul(g: &Gpu, which: &str, n: usize, m: usize, kd: usize, seed: u64) 
 #[test]
 fn gemv_matches_cpu_matmul() {
     let Some(g) = gpu() else { return };
-    for (i, &b) in [1usize, 2, 3, 8, 13, 16].iter().enumerate() {
+    for (i, &b) in [1usize, 2, 3, 8, 13, 16, 17, 24, 32].iter().enumerate() {
         check_matmul(&g, "gemv", b, 77, 8 * 37, 10 + i as u64);
     }
     check_matmul(&g, "gemv", 1, 1536, 8960, 20);
@@ -581,6 +581,11 @@ fn gemm_matches_cpu_matmul() {
     }
     check_matmul(&g, "matmul", 16, 33, 24, 40);
     check_matmul(&g, "matmul", 17, 33, 24, 41);
+    // Row groups through gemv (33..=128 rows), and the switch to gemm above.
+    check_matmul(&g, "matmul", 33, 77, 8 * 37, 42);
+    check_matmul(&g, "matmul", 88, 130, 1536, 43);
+    check_matmul(&g, "matmul", 128, 33, 24, 44);
+    check_matmul(&g, "matmul", 129, 33, 24, 45);
 }
 
 #[test]

@@ -15,7 +15,9 @@ use half::bf16;
 static NULL: u64 = 0;
 
 /// Rows up to which `matmul` uses the skinny `gemv` kernels rather than the tensor-core `gemm`.
-pub const GEMV_MAX_ROWS: usize = 16;
+pub const GEMV_MAX_ROWS: usize = 32;
+/// Row groups `matmul` runs through `gemv` before switching to `gemm`.
+pub const GEMV_PASSES: usize = 4;
 /// Query heads per key/value split in decode attention is not fixed; the split length is.
 pub const DECODE_CHUNK: usize = 256;
 
@@ -574,9 +576,10 @@ pub fn gemv(
         3..=4 => "gemv_bf16_b4",
         5..=8 => "gemv_bf16_b8",
         9..=16 => "gemv_bf16_b16",
+        17..=32 => "gemv_bf16_b32",
         _ => {
             return Err(Error::Input(format!(
-                "gemv: rows must be 1..=16, found {b} (use gemm)"
+                "gemv: rows must be 1..=32, found {b} (use gemm)"
             )))
         }
     };
@@ -636,7 +639,10 @@ pub fn gemm(
     })
 }
 
-/// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS, else `gemm`.
+/// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS; for up to
+/// GEMV_PASSES·GEMV_MAX_ROWS rows, `gemv` over groups of 32 rows (the weights are streamed once
+/// per group, which still beats the 64×128-tile `gemm` whose grid is a few dozen blocks for
+/// these skinny products); `gemm` above.
 pub fn matmul(
     gpu: &Gpu,
     out: &mut CudaViewMut<'_, f32>,
@@ -647,10 +653,26 @@ pub fn matmul(
     k: usize,
 ) -> Result<()> {
     if (1..=GEMV_MAX_ROWS).contains(&n) {
-        gemv(gpu, out, x, w, n, m, k)
-    } else {
-        gemm(gpu, out, x, w, n, m, k)
+        return gemv(gpu, out, x, w, n, m, k);
     }
+    if n > GEMV_MAX_ROWS * GEMV_PASSES || out.len() != n * m || x.len() != n * k {
+        return gemm(gpu, out, x, w, n, m, k);
+    }
+    let mut r0 = 0;
+    while r0 < n {
+        let rows = GEMV_MAX_ROWS.min(n - r0);
+        gemv(
+            gpu,
+            &mut out.slice_mut(r0 * m..(r0 + rows) * m),
+            &x.slice(r0 * k..(r0 + rows) * k),
+            w,
+            rows,
+            m,
+            k,
+        )?;
+        r0 += rows;
+    }
+    Ok(())
 }
 
 /// out bf16 [T, F] = silu(gate) · up, gate_up f32 [T, 2F] (gate first).

@@ -41,6 +41,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
             "gemv_bf16_b4",
             "gemv_bf16_b8",
             "gemv_bf16_b16",
+            "gemv_bf16_b32",
         ],
     ),
     ("random", &["fill_random_bf16"]),
