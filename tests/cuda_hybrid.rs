@@ -92,11 +92,22 @@ fn compare(mode: Mode, no_gating: bool) {
                 w.ids[..k],
                 "{mode:?} graphs {use_graphs}: problem {i} ids"
             );
-            assert_eq!(
-                g.steps[..k],
-                w.steps[..k],
-                "{mode:?} graphs {use_graphs}: problem {i} steps"
-            );
+            for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
+                assert_eq!(
+                    (gs.category, gs.steered),
+                    (ws.category, ws.steered),
+                    "{mode:?} graphs {use_graphs}: problem {i} step {j}"
+                );
+                // Two coefficients can yield the same emitted token; which of them "wins" then
+                // hinges on a candidate's own greedy token, which bf16 rounding may flip at a
+                // near tie without changing the output. Reported, not asserted.
+                if gs.coef != ws.coef {
+                    println!(
+                        "{mode:?}: problem {i} step {j}: winning coefficient {:?} on the GPU, {:?} on the CPU (same token)",
+                        gs.coef, ws.coef
+                    );
+                }
+            }
             steered += w.steps[..k].iter().filter(|s| s.steered).count();
         }
         assert!(

@@ -123,8 +123,10 @@ fn greedy_decode_matches_the_cpu_with_and_without_graphs() {
         println!("graphs {use_graphs}: prefill max |gpu - cpu| = {e_abs}");
         let mut next: Vec<u32> = lc.chunks(v).map(|l| argmax(l) as u32).collect();
         let mut len: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-        let mut compared = 0;
-        'steps: for _ in 0..steps {
+        // Both backends consume the GPU's tokens, so a skipped near tie does not desynchronise
+        // the rows that follow.
+        let (mut compared, mut ties) = (0, 0);
+        for _ in 0..steps {
             let s: Vec<usize> = (0..b).collect();
             let step = Step {
                 slots: &s,
@@ -145,21 +147,25 @@ fn greedy_decode_matches_the_cpu_with_and_without_graphs() {
                     .map(|(_, x)| *x)
                     .fold(f32::MIN, f32::max);
                 if l[top] - second <= 4.0 * e_abs {
-                    println!("graphs {use_graphs}: stopping at a near tie (row {row})");
-                    break 'steps;
+                    ties += 1;
+                    continue;
                 }
                 assert_eq!(
                     got[row], top as u32,
-                    "graphs {use_graphs}: row {row} after {compared} steps"
+                    "graphs {use_graphs}: row {row} after {compared} decisions"
                 );
+                compared += 1;
             }
-            compared += 1;
             next = got;
             len.iter_mut().for_each(|p| *p += 1);
         }
+        println!(
+            "graphs {use_graphs}: {compared} greedy decisions compared, {ties} near ties skipped"
+        );
         assert!(
-            compared >= 4,
-            "only {compared} steps compared: the checkpoint has too many near ties"
+            compared >= steps * b / 2,
+            "only {compared} of {} decisions compared: the checkpoint has too many near ties",
+            steps * b
         );
     }
 }
