@@ -216,9 +216,9 @@ pub fn train_sae(a: TrainSaeArgs) -> Result<()> {
             r.path.display()
         );
     }
-    if let Some(k) = super::sizes::pick_size(&rs) {
+    if let Some((k, what)) = super::sizes::pick_size(&rs) {
         println!(
-            "picked K = {k} (smallest within {} of the best validation FVU); table in {}",
+            "picked K = {k} (smallest within {} of the best {what}); table in {}",
             super::sizes::PICK_WITHIN,
             a.out.join("fvu.md").display()
         );

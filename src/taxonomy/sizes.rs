@@ -22,17 +22,39 @@ pub struct SizeResult {
     pub report: TrainReport,
 }
 
-/// The smallest K whose validation FVU ≤ best FVU + PICK_WITHIN; None for no results.
-pub fn pick_size(results: &[SizeResult]) -> Option<usize> {
-    let best = results
-        .iter()
-        .map(|r| r.report.final_val_fvu)
-        .fold(f32::INFINITY, f32::min);
+/// The FVU a size is judged by: validation FVU, or the best epoch's train FVU when some size's
+/// validation FVU is not finite (a held-out split of one row has no variance of its own).
+fn judged_fvu(results: &[SizeResult]) -> (Vec<f32>, &'static str) {
+    if results.iter().all(|r| r.report.final_val_fvu.is_finite()) {
+        let v = results.iter().map(|r| r.report.final_val_fvu).collect();
+        (v, "validation FVU")
+    } else {
+        let v = results
+            .iter()
+            .map(|r| {
+                let rep = &r.report;
+                rep.train_fvu.get(rep.best_epoch).copied().unwrap_or(f32::INFINITY)
+            })
+            .collect();
+        (
+            v,
+            "train FVU (some validation FVU is not finite: the held-out split is too small)",
+        )
+    }
+}
+
+/// The smallest K whose FVU ≤ best FVU + PICK_WITHIN (see `judged_fvu`), and what was judged;
+/// None for no results.
+pub fn pick_size(results: &[SizeResult]) -> Option<(usize, &'static str)> {
+    let (fvu, what) = judged_fvu(results);
+    let best = fvu.iter().copied().fold(f32::INFINITY, f32::min);
     results
         .iter()
-        .filter(|r| r.report.final_val_fvu <= best + PICK_WITHIN)
-        .map(|r| r.latents)
+        .zip(&fvu)
+        .filter(|(_, &f)| f <= best + PICK_WITHIN)
+        .map(|(r, _)| r.latents)
         .min()
+        .map(|k| (k, what))
 }
 
 /// Trains one SAE per entry of `sizes` on `acts_path` into `out_dir/sae-K.safetensors` and
@@ -109,11 +131,11 @@ fn fvu_table(acts_path: &Path, acts: &Acts, base: &TrainConfig, rs: &[SizeResult
             r.path.file_name().unwrap_or_default().to_string_lossy()
         );
     }
-    let _ = writeln!(
-        s,
-        "\nRule: the smallest K whose validation FVU is within {PICK_WITHIN} of the best size's validation FVU."
-    );
-    if let Some(k) = pick_size(rs) {
+    if let Some((k, what)) = pick_size(rs) {
+        let _ = writeln!(
+            s,
+            "\nRule: the smallest K whose {what} is within {PICK_WITHIN} of the best size's."
+        );
         let _ = writeln!(s, "\nPicked: **K = {k}** (`sae-{k}.safetensors`).");
     }
     s
@@ -128,7 +150,7 @@ mod tests {
             latents,
             path: PathBuf::new(),
             report: TrainReport {
-                train_fvu: vec![],
+                train_fvu: vec![fvu + 0.5],
                 val_fvu: vec![],
                 best_epoch: 0,
                 final_val_fvu: fvu,
@@ -141,8 +163,14 @@ mod tests {
 
     #[test]
     fn picks_smallest_within_margin() {
-        assert_eq!(pick_size(&[r(5, 0.50), r(10, 0.305), r(15, 0.30)]), Some(10));
-        assert_eq!(pick_size(&[r(15, 0.30), r(5, 0.20)]), Some(5));
-        assert_eq!(pick_size(&[]), None);
+        let k = |rs: &[SizeResult]| pick_size(rs).map(|p| p.0);
+        assert_eq!(k(&[r(5, 0.50), r(10, 0.305), r(15, 0.30)]), Some(10));
+        assert_eq!(k(&[r(15, 0.30), r(5, 0.20)]), Some(5));
+        assert_eq!(k(&[]), None);
+        // A non-finite validation FVU switches every size to train FVU (val + 0.5 here).
+        let mut rs = vec![r(5, 0.40), r(10, 0.30)];
+        rs[0].report.final_val_fvu = f32::INFINITY;
+        assert_eq!(k(&rs), Some(10));
+        assert!(pick_size(&rs).unwrap().1.starts_with("train FVU"));
     }
 }

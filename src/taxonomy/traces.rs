@@ -37,6 +37,10 @@ pub struct Trace {
     /// Byte range of `text` between `<think>` (or the start, when the prompt opened the span)
     /// and `</think>` (or the end); None when the text has no thinking span.
     pub thinking: Option<Span>,
+    /// Generated ids the tokenizer does not know (the model's padded vocabulary rows), left
+    /// out of `text`.
+    #[serde(default)]
+    pub unknown_ids: usize,
 }
 
 /// Whether a prompt leaves a thinking span open (R1-style generation prompts end in
@@ -150,15 +154,31 @@ pub fn write_traces(
         }
         let ctx = ctx_max.min(longest + s.max_new_tokens);
         let mut engine = CpuEngine::new(model.clone(), chunk.len(), ctx);
-        let gens = generate(&mut engine, Some(&tok), &ids, &params, |_, _| {})?;
+        // Decoded here rather than by `generate`: a greedy pick among the padded vocabulary rows
+        // has no text, and is counted instead of failing the whole batch.
+        let gens = generate(&mut engine, None, &ids, &params, |_, _| {})?;
         for ((&i, prompt), g) in chunk.iter().zip(prompts).zip(gens) {
-            let thinking = thinking_of(&prompt, &g.text);
+            let eos = &params.eos_ids;
+            let known: Vec<u32> = g
+                .ids
+                .iter()
+                .copied()
+                .filter(|id| !eos.contains(id) && tok.id_to_token(*id).is_some())
+                .collect();
+            let unknown_ids = g
+                .ids
+                .iter()
+                .filter(|id| !eos.contains(id) && tok.id_to_token(**id).is_none())
+                .count();
+            let text = tok.decode(&known)?;
+            let thinking = thinking_of(&prompt, &text);
             let t = Trace {
                 index: i,
                 question: questions[i].clone(),
                 prompt,
-                text: g.text,
+                text,
                 thinking,
+                unknown_ids,
             };
             let line = serde_json::to_string(&t).expect("a trace always serialises");
             writeln!(file, "{line}")
