@@ -40,10 +40,18 @@ impl Acts {
         let (shape, activations) = tensor_f32(&st, &file, "activations", 2, "[N, D]")?;
         let (n, d) = (shape[0], shape[1]);
         if n == 0 || d == 0 {
-            bail!("{file}: tensor `activations` has shape {shape:?}, expected [N, D] with N, D >= 1");
+            bail!(
+                "{file}: tensor `activations` has shape {shape:?}, expected [N, D] with N, D >= 1"
+            );
         }
         let (ms, mean) = tensor_f32(&st, &file, "activation_mean", 1, "[D]")?;
-        expect_shape(&file, "activation_mean", &ms, &[d], "[D] with D from `activations`")?;
+        expect_shape(
+            &file,
+            "activation_mean",
+            &ms,
+            &[d],
+            "[D] with D from `activations`",
+        )?;
         let layer = meta_usize(&meta, &file, "layer")?;
         let model = meta.get("model").cloned().unwrap_or_default();
         Ok(Acts {
@@ -90,7 +98,10 @@ pub fn index_path(acts: &Path) -> PathBuf {
 }
 
 pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
-    read_jsonl(path, "an index row {\"trace\", \"sentence\", \"start\", \"end\", \"tokens\"}")
+    read_jsonl(
+        path,
+        "an index row {\"trace\", \"sentence\", \"start\", \"end\", \"tokens\"}",
+    )
 }
 
 /// Reads a JSONL file of `T` rows; `what` names the expected row in errors.

@@ -58,7 +58,11 @@ pub struct TrainSaeArgs {
     #[arg(long)]
     pub acts: PathBuf,
     /// Dictionary sizes K to train, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "5,10,15,20,25,30,35,40,45,50")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "5,10,15,20,25,30,35,40,45,50"
+    )]
     pub latents: Vec<usize>,
     /// Top-k of the SAE.
     #[arg(long, default_value_t = 3)]
@@ -231,8 +235,7 @@ pub fn annotate(a: AnnotateArgs) -> Result<()> {
         .index
         .clone()
         .unwrap_or_else(|| super::activations::index_path(&a.acts));
-    let counts =
-        super::annotate::annotate(&a.sae, &a.acts, &index, a.titles.as_deref(), &a.out)?;
+    let counts = super::annotate::annotate(&a.sae, &a.acts, &index, a.titles.as_deref(), &a.out)?;
     let n: usize = counts.iter().sum();
     println!(
         "{} sentences in {} categories (counts {:?}); report in {}",

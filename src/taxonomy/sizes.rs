@@ -33,7 +33,10 @@ fn judged_fvu(results: &[SizeResult]) -> (Vec<f32>, &'static str) {
             .iter()
             .map(|r| {
                 let rep = &r.report;
-                rep.train_fvu.get(rep.best_epoch).copied().unwrap_or(f32::INFINITY)
+                rep.train_fvu
+                    .get(rep.best_epoch)
+                    .copied()
+                    .unwrap_or(f32::INFINITY)
             })
             .collect();
         (
@@ -115,7 +118,10 @@ fn fvu_table(acts_path: &Path, acts: &Acts, base: &TrainConfig, rs: &[SizeResult
         base.seed,
         base.val_fraction
     );
-    let _ = writeln!(s, "| K | lr | epochs run | best epoch | train FVU | validation FVU | file |");
+    let _ = writeln!(
+        s,
+        "| K | lr | epochs run | best epoch | train FVU | validation FVU | file |"
+    );
     let _ = writeln!(s, "|---|---|---|---|---|---|---|");
     for r in rs {
         let rep = &r.report;
@@ -126,7 +132,10 @@ fn fvu_table(acts_path: &Path, acts: &Acts, base: &TrainConfig, rs: &[SizeResult
             rep.lr,
             rep.val_fvu.len(),
             rep.best_epoch + 1,
-            rep.train_fvu.get(rep.best_epoch).copied().unwrap_or(f32::NAN),
+            rep.train_fvu
+                .get(rep.best_epoch)
+                .copied()
+                .unwrap_or(f32::NAN),
             rep.final_val_fvu,
             r.path.file_name().unwrap_or_default().to_string_lossy()
         );

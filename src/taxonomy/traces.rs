@@ -210,7 +210,10 @@ mod tests {
         assert!(prompt_opens_thinking("<|im_start|>assistant\n<think>\n"));
         assert!(!prompt_opens_thinking("<think>a</think>\nuser"));
         assert!(!prompt_opens_thinking("plain"));
-        assert_eq!(thinking_of("x<think>\n", "abc"), Some(Span { start: 0, end: 3 }));
+        assert_eq!(
+            thinking_of("x<think>\n", "abc"),
+            Some(Span { start: 0, end: 3 })
+        );
         assert_eq!(thinking_of("plain", "abc"), None);
         assert_eq!(
             thinking_of("plain", "<think>ab</think>c"),

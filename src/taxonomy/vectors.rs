@@ -56,7 +56,10 @@ impl MeanAcc {
         }
     }
     fn add(&mut self, x: &[f32]) {
-        self.sum.iter_mut().zip(x).for_each(|(s, &v)| *s += v as f64);
+        self.sum
+            .iter_mut()
+            .zip(x)
+            .for_each(|(s, &v)| *s += v as f64);
         self.n += 1;
     }
     fn mean(&self) -> Vec<f64> {
@@ -89,13 +92,21 @@ pub fn mean_diff(
     }
     let traces = read_traces(traces_path)?;
     if traces.is_empty() {
-        bail!("{}: expected at least one trace, found an empty file", traces_path.display());
+        bail!(
+            "{}: expected at least one trace, found an empty file",
+            traces_path.display()
+        );
     }
     let annots = read_annotations(annotations_path)?;
     let kk = check_annotations(annotations_path, &annots)?;
     let mut by_trace: BTreeMap<usize, Vec<&Annotation>> = BTreeMap::new();
-    annots.iter().for_each(|a| by_trace.entry(a.trace).or_default().push(a));
-    if let Some(missing) = by_trace.keys().find(|&&i| !traces.iter().any(|t| t.index == i)) {
+    annots
+        .iter()
+        .for_each(|a| by_trace.entry(a.trace).or_default().push(a));
+    if let Some(missing) = by_trace
+        .keys()
+        .find(|&&i| !traces.iter().any(|t| t.index == i))
+    {
         bail!(
             "{}: annotations refer to trace {missing}, expected a trace with that index in {}",
             annotations_path.display(),
@@ -197,7 +208,10 @@ pub fn mean_diff(
 /// K from the annotations; every row must agree on it and have a category below it.
 fn check_annotations(path: &Path, annots: &[Annotation]) -> Result<usize> {
     let Some(first) = annots.first() else {
-        bail!("{}: expected at least one annotation, found an empty file", path.display());
+        bail!(
+            "{}: expected at least one annotation, found an empty file",
+            path.display()
+        );
     };
     let kk = first.latents;
     for (i, a) in annots.iter().enumerate() {
