@@ -235,6 +235,23 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
     let set = thinksteer::steering::SteeringSet::load(&vec_path).unwrap();
     assert_eq!((set.count, set.d, set.layer), (3, 64, 1));
     assert!(set.bias.iter().any(|&x| x != 0.0));
+    // Category means minus the mean of all sentences, weighted by the category sizes, sum to
+    // zero: Σ_c n_c·V[c] = Σ sentences − N·mean = 0. Each V[c] is an f32 rounding of an f64
+    // difference (2^-24 relative), so the sum's error is below 1e-6 of Σ n_c·|V[c]|; 1e-5 of it
+    // leaves room and still catches a wrong mean (an O(1) fraction of that sum).
+    let mut n_c = [0f64; 3];
+    rows.iter()
+        .for_each(|r| n_c[r["category"].as_u64().unwrap() as usize] += 1.0);
+    for i in 0..64 {
+        let (sum, mag) = (0..3).fold((0f64, 0f64), |(s, m), c| {
+            let v = set.vectors[c * 64 + i] as f64;
+            (s + n_c[c] * v, m + n_c[c] * v.abs())
+        });
+        assert!(
+            sum.abs() <= 1e-5 * mag + 1e-9,
+            "dim {i}: Σ n_c·V[c] = {sum} (scale {mag})"
+        );
+    }
 
     let out = ok(&[
         "hybrid",
