@@ -20,6 +20,7 @@ pub mod sae;
 pub mod sampling;
 pub mod sentences;
 pub mod steering;
+pub mod taxonomy;
 pub mod tokenizer;
 pub mod train_sae;
 pub mod weights;

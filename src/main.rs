@@ -40,6 +40,16 @@ enum Cmd {
     Grade(GradeArgs),
     /// Prefill and decode throughput, achieved bandwidth and % of the memory-bandwidth floor.
     Bench(BenchArgs),
+    /// Thinking-model traces: chat-template prompts, greedy generation, one JSON line each.
+    Traces(thinksteer::taxonomy::cli::TracesArgs),
+    /// Sentence activations of one block over the traces' thinking spans.
+    Activations(thinksteer::taxonomy::cli::ActivationsArgs),
+    /// Top-k SAEs of several sizes on sentence activations, and the FVU table.
+    TrainSae(thinksteer::taxonomy::cli::TrainSaeArgs),
+    /// The category of every sentence and a report per category.
+    Annotate(thinksteer::taxonomy::cli::AnnotateArgs),
+    /// A steering set for the base model from annotated traces.
+    TrainVectors(thinksteer::taxonomy::cli::TrainVectorsArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -288,6 +298,11 @@ fn main() -> ExitCode {
         Cmd::RandomVectors(a) => cmd_random_vectors(a),
         Cmd::Grade(a) => cmd_grade(a),
         Cmd::Bench(a) => cmd_bench(a),
+        Cmd::Traces(a) => thinksteer::taxonomy::cli::traces(a),
+        Cmd::Activations(a) => thinksteer::taxonomy::cli::activations(a),
+        Cmd::TrainSae(a) => thinksteer::taxonomy::cli::train_sae(a),
+        Cmd::Annotate(a) => thinksteer::taxonomy::cli::annotate(a),
+        Cmd::TrainVectors(a) => thinksteer::taxonomy::cli::train_vectors(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

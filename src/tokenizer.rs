@@ -65,6 +65,20 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Text -> (ids, byte range of `text` that each id covers), without automatic special
+    /// tokens. Ranges of byte-level tokens that cut a character in half cover the whole character.
+    // The (ids, offsets) pair is the tokenizers crate's own shape; a named type would hide it.
+    #[allow(clippy::type_complexity)]
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, false).map_err(|e| {
+            Error::Input(format!(
+                "{}: could not encode text: {e}",
+                self.path.display()
+            ))
+        })?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     /// Ids -> text, special tokens included. An id outside the vocabulary is an error (the
     /// underlying library would silently drop it).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -1,0 +1,280 @@
+//! The taxonomy subcommands of `thinksteer` (traces, activations, train-sae, annotate,
+//! train-vectors): their argument structs and the functions `main.rs` dispatches to.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Result};
+use clap::{Args, ValueEnum};
+
+use crate::train_sae::TrainConfig;
+
+use super::vectors::BasePrefix;
+
+#[derive(Args, Debug)]
+pub struct TracesArgs {
+    /// The thinking model's checkpoint folder (config.json, weights, tokenizer.json, chat template).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL file of questions (field `question`, or `problem`, or --question-field).
+    #[arg(long)]
+    pub questions: PathBuf,
+    /// The JSONL field holding the question.
+    #[arg(long)]
+    pub question_field: Option<String>,
+    /// Output JSONL, one trace per line; indices already in it are skipped (resume).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Maximum new tokens per trace.
+    #[arg(long, default_value_t = 2000)]
+    pub max_new_tokens: usize,
+    /// Questions generated together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Only the first N questions.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct ActivationsArgs {
+    /// The thinking model's checkpoint folder (the model that wrote the traces).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Traces JSONL written by `thinksteer traces`.
+    #[arg(long)]
+    pub traces: PathBuf,
+    /// Block whose output is averaged over each sentence (0-based).
+    #[arg(long)]
+    pub layer: usize,
+    /// Output safetensors (`activations` [N, D], `activation_mean` [D]); the index goes to
+    /// the same name with extension `.index.jsonl`.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainSaeArgs {
+    /// Sentence activations written by `thinksteer activations`.
+    #[arg(long)]
+    pub acts: PathBuf,
+    /// Dictionary sizes K to train, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "5,10,15,20,25,30,35,40,45,50"
+    )]
+    pub latents: Vec<usize>,
+    /// Top-k of the SAE.
+    #[arg(long, default_value_t = 3)]
+    pub k: usize,
+    /// Output folder: `sae-K.safetensors` per size and `fvu.md`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the split, the initialisation and the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Maximum epochs (early stopping with patience 10 may end sooner).
+    #[arg(long, default_value_t = 300)]
+    pub max_epochs: usize,
+    /// Rows per batch.
+    #[arg(long, default_value_t = 512)]
+    pub batch: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct AnnotateArgs {
+    /// The SAE (one `sae-K.safetensors` written by `thinksteer train-sae`).
+    #[arg(long)]
+    pub sae: PathBuf,
+    /// Sentence activations the SAE reads.
+    #[arg(long)]
+    pub acts: PathBuf,
+    /// The activations' index (default: the acts file with extension `.index.jsonl`).
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Output folder: `annotations.jsonl` and `report.md`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Category names, one per latent (JSON list or one per line).
+    #[arg(long)]
+    pub titles: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum VectorMethod {
+    /// Difference of means of the base model's activations.
+    MeanDiff,
+    /// Gradient-trained vectors (not implemented yet).
+    Optimise,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrefixArg {
+    /// The base model reads the trace's own chat prompt before the text (the same text).
+    Same,
+    /// The base model reads the paper's plain base prompt before the text.
+    Plain,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainVectorsArgs {
+    /// The base model's checkpoint folder (the model the vectors steer).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Traces JSONL the annotations were made from.
+    #[arg(long)]
+    pub traces: PathBuf,
+    /// `annotations.jsonl` written by `thinksteer annotate`.
+    #[arg(long)]
+    pub annotations: PathBuf,
+    /// Base block at whose output the vectors are added (0-based).
+    #[arg(long)]
+    pub layer: usize,
+    /// How the vectors are found.
+    #[arg(long, value_enum, default_value = "mean-diff")]
+    pub method: VectorMethod,
+    /// What the base model reads before each trace's text.
+    #[arg(long, value_enum, default_value = "same")]
+    pub prefix: PrefixArg,
+    /// Output steering set (safetensors: bias [D], vectors [K, D]).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn traces(a: TracesArgs) -> Result<()> {
+    let mut qs = crate::eval::dataset::load_questions(&a.questions, a.question_field.as_deref())?;
+    if let Some(n) = a.limit {
+        qs.truncate(n);
+    }
+    if a.batch == 0 || a.max_new_tokens == 0 {
+        return Err(anyhow!(
+            "--batch and --max-new-tokens must be at least 1, found {} and {}",
+            a.batch,
+            a.max_new_tokens
+        ));
+    }
+    let s = super::traces::TraceSettings {
+        max_new_tokens: a.max_new_tokens,
+        batch: a.batch,
+    };
+    let (written, skipped) = super::traces::write_traces(&a.model, &qs, &a.out, &s, |t| {
+        let span = t.thinking.map_or("no thinking span".to_string(), |s| {
+            format!("thinking {} bytes", s.end - s.start)
+        });
+        eprintln!("trace {}: {} bytes, {span}", t.index, t.text.len());
+    })?;
+    println!(
+        "{}: wrote {written} traces, skipped {skipped} already present",
+        a.out.display()
+    );
+    Ok(())
+}
+
+pub fn activations(a: ActivationsArgs) -> Result<()> {
+    let rep = super::activations::compute_activations(&a.model, &a.traces, a.layer, &a.out)?;
+    println!(
+        "{}: {} sentences from {} traces ({} traces without a thinking span{}, {} with no sentence of 3+ words{})",
+        a.out.display(),
+        rep.sentences,
+        rep.traces,
+        rep.no_thinking.len(),
+        list(&rep.no_thinking),
+        rep.no_sentences.len(),
+        list(&rep.no_sentences)
+    );
+    if rep.uncovered > 0 {
+        println!("{} sentences had no token and were left out", rep.uncovered);
+    }
+    println!(
+        "index: {}",
+        super::activations::index_path(&a.out).display()
+    );
+    Ok(())
+}
+
+fn list(ix: &[usize]) -> String {
+    if ix.is_empty() {
+        return String::new();
+    }
+    let shown: Vec<String> = ix.iter().take(20).map(|i| i.to_string()).collect();
+    let more = if ix.len() > 20 { ", …" } else { "" };
+    format!(": {}{more}", shown.join(", "))
+}
+
+pub fn train_sae(a: TrainSaeArgs) -> Result<()> {
+    let base = TrainConfig {
+        k: a.k,
+        seed: a.seed,
+        max_epochs: a.max_epochs,
+        batch: a.batch,
+        ..Default::default()
+    };
+    let rs = super::sizes::train_sizes(&a.acts, &a.latents, &base, &a.out, |_, _, _, _| {})?;
+    for r in &rs {
+        println!(
+            "K = {:>3}: validation FVU {:.4} (best epoch {} of {}) → {}",
+            r.latents,
+            r.report.final_val_fvu,
+            r.report.best_epoch + 1,
+            r.report.val_fvu.len(),
+            r.path.display()
+        );
+    }
+    if let Some((k, what)) = super::sizes::pick_size(&rs) {
+        println!(
+            "picked K = {k} (smallest within {} of the best {what}); table in {}",
+            super::sizes::PICK_WITHIN,
+            a.out.join("fvu.md").display()
+        );
+    }
+    Ok(())
+}
+
+pub fn annotate(a: AnnotateArgs) -> Result<()> {
+    let index = a
+        .index
+        .clone()
+        .unwrap_or_else(|| super::activations::index_path(&a.acts));
+    let counts = super::annotate::annotate(&a.sae, &a.acts, &index, a.titles.as_deref(), &a.out)?;
+    let n: usize = counts.iter().sum();
+    println!(
+        "{} sentences in {} categories (counts {:?}); report in {}",
+        n,
+        counts.len(),
+        counts,
+        a.out.join("report.md").display()
+    );
+    Ok(())
+}
+
+pub fn train_vectors(a: TrainVectorsArgs) -> Result<()> {
+    if a.method == VectorMethod::Optimise {
+        return Err(anyhow!(
+            "--method optimise: not implemented yet (issue 7); use --method mean-diff"
+        ));
+    }
+    let prefix = match a.prefix {
+        PrefixArg::Same => BasePrefix::SameAsTrace,
+        PrefixArg::Plain => BasePrefix::Plain,
+    };
+    let (set, rep) =
+        super::vectors::mean_diff(&a.base, &a.traces, &a.annotations, a.layer, prefix)?;
+    set.save(&a.out)?;
+    println!(
+        "{}: bias (norm {:.3}) and {} category vectors at block {} from {} sentences and {} non-thinking tokens; sentences per category {:?}",
+        a.out.display(),
+        set.bias.iter().map(|x| x * x).sum::<f32>().sqrt(),
+        set.count,
+        set.layer,
+        rep.sentences,
+        rep.non_thinking_tokens,
+        rep.per_category
+    );
+    if !rep.empty_categories.is_empty() {
+        println!(
+            "categories with no sentence (zero vectors): {:?}",
+            rep.empty_categories
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Thinking-model traces: one JSON line per question with the prompt, the generated text and
+//! the thinking span (byte offsets into `text`). Written as each batch finishes, so an
+//! interrupted run resumes by skipping the indices already in the file.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bail;
+use crate::chat::{ChatTemplate, Message};
+use crate::engine::CpuEngine;
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenParams};
+use crate::model::Model;
+use crate::sampling::SamplingParams;
+use crate::sentences::thinking_span_with;
+use crate::tokenizer::Tokenizer;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub start: usize,
+    pub end: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trace {
+    /// Row of the questions file (0-based).
+    pub index: usize,
+    pub question: String,
+    /// The rendered chat prompt the model continued.
+    pub prompt: String,
+    /// The generated text (without the eos token).
+    pub text: String,
+    /// Byte range of `text` between `<think>` (or the start, when the prompt opened the span)
+    /// and `</think>` (or the end); None when the text has no thinking span.
+    pub thinking: Option<Span>,
+    /// Generated ids the tokenizer does not know (the model's padded vocabulary rows), left
+    /// out of `text`.
+    #[serde(default)]
+    pub unknown_ids: usize,
+}
+
+/// Whether a prompt leaves a thinking span open (R1-style generation prompts end in
+/// `<think>\n`): its last `<think>` comes after its last `</think>`.
+pub fn prompt_opens_thinking(prompt: &str) -> bool {
+    match (prompt.rfind("<think>"), prompt.rfind("</think>")) {
+        (Some(o), Some(c)) => o > c,
+        (Some(_), None) => true,
+        _ => false,
+    }
+}
+
+/// The thinking span of `text` generated after `prompt`.
+pub fn thinking_of(prompt: &str, text: &str) -> Option<Span> {
+    thinking_span_with(text, prompt_opens_thinking(prompt)).map(|(start, end)| Span { start, end })
+}
+
+/// Reads a traces file. A final line without its newline (a run killed mid-write) is ignored
+/// when it does not parse; any other bad line is an error naming it.
+pub fn read_traces(path: &Path) -> Result<Vec<Trace>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let complete = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Trace>(line) {
+            Ok(t) => out.push(t),
+            Err(_) if i + 1 == lines.len() && !complete => {}
+            Err(e) => bail!(
+                "{}:{}: expected a trace {{\"index\", \"question\", \"prompt\", \"text\", \"thinking\"}}, found a line that does not parse: {e}",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug)]
+pub struct TraceSettings {
+    pub max_new_tokens: usize,
+    pub batch: usize,
+}
+
+/// Generates traces for `questions` (greedy, chat template) into `out`, skipping indices
+/// already there. Returns (written now, skipped as present).
+pub fn write_traces(
+    model_dir: &Path,
+    questions: &[String],
+    out: &Path,
+    s: &TraceSettings,
+    mut progress: impl FnMut(&Trace),
+) -> Result<(usize, usize)> {
+    let model = Arc::new(Model::load(model_dir)?);
+    let tok = Tokenizer::from_dir(model_dir)?.ok_or_else(|| {
+        Error::Input(format!(
+            "{}: traces need tokenizer.json in the model folder, found none",
+            model_dir.display()
+        ))
+    })?;
+    let tpl = ChatTemplate::from_dir(model_dir)?.ok_or_else(|| {
+        Error::Input(format!(
+            "{}: traces need a chat template (tokenizer_config.json or chat_template.jinja), found none",
+            model_dir.display()
+        ))
+    })?;
+    let done: BTreeSet<usize> = if out.exists() {
+        repair_tail(out)?;
+        read_traces(out)?.into_iter().map(|t| t.index).collect()
+    } else {
+        BTreeSet::new()
+    };
+    let todo: Vec<usize> = (0..questions.len()).filter(|i| !done.contains(i)).collect();
+    let skipped = questions.len() - todo.len();
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .map_err(|e| Error::io(out, e))?;
+    let ctx_max = model.config.max_position_embeddings;
+    let params = GenParams {
+        max_new_tokens: s.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        stop_strings: vec![],
+        eos_ids: model.config.eos_token_ids.clone(),
+    };
+    let mut written = 0;
+    for chunk in todo.chunks(s.batch.max(1)) {
+        let prompts: Vec<String> = chunk
+            .iter()
+            .map(|&i| tpl.render(&[Message::user(&questions[i])], true))
+            .collect::<Result<_>>()?;
+        let ids: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| tok.encode(p))
+            .collect::<Result<_>>()?;
+        let longest = ids.iter().map(|p| p.len()).max().unwrap_or(0);
+        if longest >= ctx_max {
+            bail!(
+                "question {} renders to a {longest}-token prompt: expected fewer than the model's context of {ctx_max}",
+                chunk[ids.iter().position(|p| p.len() == longest).unwrap_or(0)]
+            );
+        }
+        let ctx = ctx_max.min(longest + s.max_new_tokens);
+        let mut engine = CpuEngine::new(model.clone(), chunk.len(), ctx);
+        // Decoded here rather than by `generate`: a greedy pick among the padded vocabulary rows
+        // has no text, and is counted instead of failing the whole batch.
+        let gens = generate(&mut engine, None, &ids, &params, |_, _| {})?;
+        for ((&i, prompt), g) in chunk.iter().zip(prompts).zip(gens) {
+            let eos = &params.eos_ids;
+            let known: Vec<u32> = g
+                .ids
+                .iter()
+                .copied()
+                .filter(|id| !eos.contains(id) && tok.id_to_token(*id).is_some())
+                .collect();
+            let unknown_ids = g
+                .ids
+                .iter()
+                .filter(|id| !eos.contains(id) && tok.id_to_token(**id).is_none())
+                .count();
+            let text = tok.decode(&known)?;
+            let thinking = thinking_of(&prompt, &text);
+            let t = Trace {
+                index: i,
+                question: questions[i].clone(),
+                prompt,
+                text,
+                thinking,
+                unknown_ids,
+            };
+            let line = serde_json::to_string(&t).expect("a trace always serialises");
+            writeln!(file, "{line}")
+                .and_then(|_| file.flush())
+                .map_err(|e| Error::io(out, e))?;
+            progress(&t);
+            written += 1;
+        }
+    }
+    Ok((written, skipped))
+}
+
+/// Cuts a partial last line (a run killed mid-write) so that appended lines start clean.
+fn repair_tail(path: &Path) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    std::fs::write(path, &bytes[..keep]).map_err(|e| Error::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_opening() {
+        assert!(prompt_opens_thinking("<|im_start|>assistant\n<think>\n"));
+        assert!(!prompt_opens_thinking("<think>a</think>\nuser"));
+        assert!(!prompt_opens_thinking("plain"));
+        assert_eq!(
+            thinking_of("x<think>\n", "abc"),
+            Some(Span { start: 0, end: 3 })
+        );
+        assert_eq!(thinking_of("plain", "abc"), None);
+        assert_eq!(
+            thinking_of("plain", "<think>ab</think>c"),
+            Some(Span { start: 7, end: 9 })
+        );
+    }
+}

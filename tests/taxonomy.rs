@@ -1,0 +1,579 @@
+//! Taxonomy discovery end to end on the tiny fixtures through the CLI: traces → activations →
+//! train-sae → annotate → train-vectors → `hybrid` accepting the outputs; sentence means
+//! recomputed from `logits --capture-layer`; resume of traces; bad input.
+
+mod common;
+
+use common::fixture;
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use thinksteer::taxonomy::activations::{read_index, Acts};
+use thinksteer::taxonomy::traces::{read_traces, Span, Trace};
+use thinksteer::tokenizer::Tokenizer;
+
+const THINKING: &str = "thinking-qwen2-f32";
+const BASE: &str = "qwen2-f32";
+const LAYER: usize = 2;
+
+/// A fresh temporary folder for one test.
+fn tmp(case: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("thinksteer-taxo-{}-{case}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+/// Runs the CLI: (exit code, stdout, stderr).
+fn run(args: &[String]) -> (Option<i32>, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinksteer"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let (code, out, err) = run(&args);
+    assert_eq!(code, Some(0), "args {args:?}: stderr {err}");
+    out
+}
+
+/// Exit code 2, one line on stderr containing every needle, no panic.
+fn fails(args: &[&str], needles: &[&str]) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let (code, _, err) = run(&args);
+    assert_eq!(
+        code,
+        Some(2),
+        "args {args:?}: expected exit 2, stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line, found: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+}
+
+fn questions(dir: &Path) -> PathBuf {
+    let q = dir.join("questions.jsonl");
+    std::fs::write(
+        &q,
+        "{\"question\": \"What is 2+3?\"}\n{\"question\": \"Name three colours of the sky please.\"}\n{\"question\": \"How many legs do two cats have?\"}\n",
+    )
+    .unwrap();
+    q
+}
+
+fn traces(dir: &Path, out: &Path, extra: &[&str]) -> String {
+    let q = questions(dir);
+    let (model, q, out) = (s(&fixture(THINKING)), s(&q), s(out));
+    let mut args = vec!["traces", "--model", &model, "--questions", &q];
+    args.extend(["--out", &out, "--max-new-tokens", "60", "--batch", "2"]);
+    args.extend(extra);
+    ok(&args)
+}
+
+fn activations(traces: &Path, out: &Path) -> String {
+    ok(&[
+        "activations",
+        "--model",
+        &s(&fixture(THINKING)),
+        "--traces",
+        &s(traces),
+        "--layer",
+        &LAYER.to_string(),
+        "--out",
+        &s(out),
+    ])
+}
+
+#[test]
+fn pipeline_outputs_drive_the_hybrid_loop() {
+    let dir = tmp("pipeline");
+    let tr = dir.join("traces.jsonl");
+    traces(&dir, &tr, &[]);
+    let ts = read_traces(&tr).unwrap();
+    assert_eq!(
+        ts.iter().map(|t| t.index).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    for t in &ts {
+        assert!(t.prompt.ends_with("<think>\n"), "{:?}", t.prompt);
+        // The prompt opened the span: without `</think>` the whole text is thinking.
+        let want = match t.text.find("</think>") {
+            Some(e) => Span { start: 0, end: e },
+            None => Span {
+                start: 0,
+                end: t.text.len(),
+            },
+        };
+        assert_eq!(t.thinking, Some(want), "trace {}", t.index);
+    }
+
+    let acts = dir.join("acts.safetensors");
+    let out = activations(&tr, &acts);
+    assert!(out.contains("0 traces without a thinking span"), "{out}");
+    let a = Acts::load(&acts).unwrap();
+    let index = read_index(&dir.join("acts.index.jsonl")).unwrap();
+    assert_eq!((a.n, a.d, a.layer), (index.len(), 64, LAYER));
+    assert!(
+        a.n >= 3,
+        "expected a sentence per trace at least, found {}",
+        a.n
+    );
+
+    let sae_dir = dir.join("sae");
+    ok(&[
+        "train-sae",
+        "--acts",
+        &s(&acts),
+        "--latents",
+        "3,4",
+        "--k",
+        "2",
+        "--out",
+        &s(&sae_dir),
+        "--max-epochs",
+        "5",
+        "--seed",
+        "1",
+    ]);
+    let fvu = std::fs::read_to_string(sae_dir.join("fvu.md")).unwrap();
+    assert!(
+        fvu.contains("| 3 |") && fvu.contains("| 4 |") && fvu.contains("Rule: the smallest K"),
+        "{fvu}"
+    );
+    let sae_path = sae_dir.join("sae-3.safetensors");
+    let sae = thinksteer::sae::Sae::load(&sae_path).unwrap();
+    assert_eq!((sae.latents, sae.k, sae.layer), (3, 2, LAYER));
+    assert_eq!(sae.activation_mean.as_deref(), Some(a.mean.as_slice()));
+    // Deterministic for a seed: a second run writes the same bytes.
+    let again = dir.join("sae-again");
+    ok(&[
+        "train-sae",
+        "--acts",
+        &s(&acts),
+        "--latents",
+        "3",
+        "--k",
+        "2",
+        "--out",
+        &s(&again),
+        "--max-epochs",
+        "5",
+        "--seed",
+        "1",
+    ]);
+    assert_eq!(
+        std::fs::read(&sae_path).unwrap(),
+        std::fs::read(again.join("sae-3.safetensors")).unwrap()
+    );
+
+    let ann = dir.join("ann");
+    let titles = dir.join("titles.txt");
+    std::fs::write(&titles, "adding up\nchecking\nwondering\n").unwrap();
+    ok(&[
+        "annotate",
+        "--sae",
+        &s(&sae_path),
+        "--acts",
+        &s(&acts),
+        "--index",
+        &s(&dir.join("acts.index.jsonl")),
+        "--out",
+        &s(&ann),
+        "--titles",
+        &s(&titles),
+    ]);
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(ann.join("annotations.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), a.n);
+    for (i, r) in rows.iter().enumerate() {
+        let c = r["category"].as_u64().unwrap() as usize;
+        assert_eq!(c, sae.category_of_normalised(a.row(i)), "row {i}");
+        assert_eq!(r["sentence"], index[i].sentence.as_str());
+    }
+    let report = std::fs::read_to_string(ann.join("report.md")).unwrap();
+    assert!(
+        report.contains("## Transitions") && report.contains("1: checking"),
+        "{report}"
+    );
+
+    let vec_path = dir.join("vectors.safetensors");
+    ok(&[
+        "train-vectors",
+        "--base",
+        &s(&fixture(BASE)),
+        "--traces",
+        &s(&tr),
+        "--annotations",
+        &s(&ann.join("annotations.jsonl")),
+        "--layer",
+        "1",
+        "--method",
+        "mean-diff",
+        "--out",
+        &s(&vec_path),
+    ]);
+    let set = thinksteer::steering::SteeringSet::load(&vec_path).unwrap();
+    assert_eq!((set.count, set.d, set.layer), (3, 64, 1));
+    assert!(set.bias.iter().any(|&x| x != 0.0));
+    // Category means minus the mean of all sentences, weighted by the category sizes, sum to
+    // zero: Σ_c n_c·V[c] = Σ sentences − N·mean = 0. Each V[c] is an f32 rounding of an f64
+    // difference (2^-24 relative), so the sum's error is below 1e-6 of Σ n_c·|V[c]|; 1e-5 of it
+    // leaves room and still catches a wrong mean (an O(1) fraction of that sum).
+    let mut n_c = [0f64; 3];
+    rows.iter()
+        .for_each(|r| n_c[r["category"].as_u64().unwrap() as usize] += 1.0);
+    for i in 0..64 {
+        let (sum, mag) = (0..3).fold((0f64, 0f64), |(s, m), c| {
+            let v = set.vectors[c * 64 + i] as f64;
+            (s + n_c[c] * v, m + n_c[c] * v.abs())
+        });
+        assert!(
+            sum.abs() <= 1e-5 * mag + 1e-9,
+            "dim {i}: Σ n_c·V[c] = {sum} (scale {mag})"
+        );
+    }
+
+    let out = ok(&[
+        "hybrid",
+        "--base",
+        &s(&fixture(BASE)),
+        "--thinking",
+        &s(&fixture(THINKING)),
+        "--sae",
+        &s(&sae_path),
+        "--vectors",
+        &s(&vec_path),
+        "--question",
+        "What is 1+1?",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        j["steps"].as_array().unwrap().len(),
+        j["ids"].as_array().unwrap().len()
+    );
+
+    fails(
+        &[
+            "train-vectors",
+            "--base",
+            &s(&fixture(BASE)),
+            "--traces",
+            &s(&tr),
+            "--annotations",
+            &s(&ann.join("annotations.jsonl")),
+            "--layer",
+            "1",
+            "--method",
+            "optimise",
+            "--out",
+            &s(&dir.join("x")),
+        ],
+        &["not implemented yet (issue 7)"],
+    );
+}
+
+/// Small helper trait so the test reads as the spec: the category of an already centred,
+/// unit-norm row is the argmax of W_encᵀ(x − b_dec) + b_enc, computed here independently.
+trait Categorise {
+    fn category_of_normalised(&self, x: &[f32]) -> usize;
+}
+
+impl Categorise for thinksteer::sae::Sae {
+    fn category_of_normalised(&self, x: &[f32]) -> usize {
+        let z: Vec<f64> = (0..self.latents)
+            .map(|j| {
+                self.b_enc[j] as f64
+                    + (0..self.d)
+                        .map(|i| {
+                            self.w_enc[i * self.latents + j] as f64 * (x[i] - self.b_dec[i]) as f64
+                        })
+                        .sum::<f64>()
+            })
+            .collect();
+        (0..z.len()).fold(0, |b, j| if z[j] > z[b] { j } else { b })
+    }
+}
+
+#[test]
+fn sentence_means_match_logits_capture() {
+    let dir = tmp("means");
+    let tr = dir.join("traces.jsonl");
+    traces(&dir, &tr, &[]);
+    let acts = dir.join("acts.safetensors");
+    activations(&tr, &acts);
+    let a = Acts::load(&acts).unwrap();
+    let index = read_index(&dir.join("acts.index.jsonl")).unwrap();
+    let ts = read_traces(&tr).unwrap();
+    let tok = Tokenizer::from_dir(&fixture(THINKING)).unwrap().unwrap();
+    let d = a.d;
+    assert!(
+        a.n >= 2,
+        "need two sentences for a non-trivial mean, found {}",
+        a.n
+    );
+
+    // Raw sentence means from the logits command's capture of block LAYER, one run per trace.
+    let mut raw = vec![0f64; a.n * d];
+    for t in &ts {
+        let ids = tok.encode(&format!("{}{}", t.prompt, t.text)).unwrap();
+        let ids_arg: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        let out = dir.join(format!("logits-{}.safetensors", t.index));
+        ok(&[
+            "logits",
+            "--model",
+            &s(&fixture(THINKING)),
+            "--prompt-ids",
+            &ids_arg.join(","),
+            "--capture-layer",
+            &LAYER.to_string(),
+            "--out",
+            &s(&out),
+            "--device",
+            "cpu",
+        ]);
+        let bytes = std::fs::read(&out).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let h: Vec<f32> =
+            bytemuck::pod_collect_to_vec(st.tensor(&format!("resid.{LAYER}")).unwrap().data());
+        assert_eq!(h.len(), ids.len() * d);
+        for (r, row) in index.iter().enumerate().filter(|(_, r)| r.trace == t.index) {
+            let (s0, s1) = row.tokens;
+            assert!(
+                s0 < s1 && s1 <= ids.len(),
+                "span {s0}..{s1} of {} tokens",
+                ids.len()
+            );
+            // The span holds the sentence: its tokens decode to text containing it.
+            let text = tok.decode(&ids[s0..s1]).unwrap();
+            assert!(
+                text.contains(row.sentence.trim()),
+                "{text:?} vs {:?}",
+                row.sentence
+            );
+            for p in s0..s1 {
+                for i in 0..d {
+                    raw[r * d + i] += h[p * d + i] as f64 / (s1 - s0) as f64;
+                }
+            }
+        }
+    }
+    let mean: Vec<f64> = (0..d)
+        .map(|i| (0..a.n).map(|r| raw[r * d + i]).sum::<f64>() / a.n as f64)
+        .collect();
+    // Both sides sum the same f32 residuals in f64 and round once; the truncated forward and
+    // the full one run the same blocks, so only the final f32 roundings (2^-24 relative) and the
+    // normalisation's f32 sum of squares (≈ D·2^-24) can differ: 1e-5 absolute + relative is
+    // well above both and far below any real mismatch (values are O(1)).
+    let tol = |x: f64| 1e-5 + 1e-5 * x.abs();
+    let mut worst = (0.0f64, 0usize);
+    for (i, (&got, &want)) in a.mean.iter().zip(&mean).enumerate() {
+        let e = (got as f64 - want).abs() / tol(want);
+        if e > worst.0 {
+            worst = (e, i);
+        }
+    }
+    assert!(
+        worst.0 <= 1.0,
+        "activation_mean[{}] = {} vs recomputed {}",
+        worst.1,
+        a.mean[worst.1],
+        mean[worst.1]
+    );
+    for r in 0..a.n {
+        let c: Vec<f64> = (0..d).map(|i| raw[r * d + i] - mean[i]).collect();
+        let norm = c.iter().map(|x| x * x).sum::<f64>().sqrt();
+        for (i, &ci) in c.iter().enumerate() {
+            let want = if norm > 0.0 { ci / norm } else { 0.0 };
+            let got = a.activations[r * d + i] as f64;
+            assert!(
+                (got - want).abs() <= 1e-4,
+                "row {r} dim {i}: {got} vs {want}"
+            ); // unit vectors: 1e-4 covers f32 centring of O(1) values
+        }
+    }
+}
+
+#[test]
+fn traces_resume_without_duplicates() {
+    let dir = tmp("resume");
+    let tr = dir.join("traces.jsonl");
+    let out = traces(&dir, &tr, &["--limit", "2"]);
+    assert!(out.contains("wrote 2 traces, skipped 0"), "{out}");
+    let first = std::fs::read_to_string(&tr).unwrap();
+    // A run killed mid-write leaves a partial line: it is cut, not kept or duplicated.
+    std::fs::write(&tr, format!("{first}{{\"index\": 2, \"quest")).unwrap();
+    let out = traces(&dir, &tr, &[]);
+    assert!(out.contains("wrote 1 traces, skipped 2"), "{out}");
+    let out = traces(&dir, &tr, &[]);
+    assert!(out.contains("wrote 0 traces, skipped 3"), "{out}");
+    let all = std::fs::read_to_string(&tr).unwrap();
+    assert!(
+        all.starts_with(&first),
+        "earlier lines must stay as they were"
+    );
+    let idx: Vec<usize> = read_traces(&tr).unwrap().iter().map(|t| t.index).collect();
+    assert_eq!(idx, vec![0, 1, 2]);
+    assert_eq!(all.lines().count(), 3);
+}
+
+fn hand_trace(index: usize, prompt: &str, text: &str, thinking: Option<Span>) -> String {
+    let t = Trace {
+        index,
+        question: "q".into(),
+        prompt: prompt.into(),
+        text: text.into(),
+        thinking,
+        unknown_ids: 0,
+    };
+    serde_json::to_string(&t).unwrap()
+}
+
+#[test]
+fn traces_without_thinking_are_counted() {
+    let dir = tmp("nothink");
+    let tr = dir.join("traces.jsonl");
+    let text = "First we add the two numbers. Then we check the sum once more.\nSo it is five.";
+    let lines = [
+        hand_trace(
+            0,
+            "<|im_start|>assistant\n<think>\n",
+            text,
+            Some(Span {
+                start: 0,
+                end: text.len(),
+            }),
+        ),
+        hand_trace(1, "<|im_start|>assistant\n", "The answer is five.", None),
+        hand_trace(
+            2,
+            "<|im_start|>assistant\n<think>\n",
+            "ok",
+            Some(Span { start: 0, end: 2 }),
+        ),
+    ];
+    std::fs::write(&tr, lines.join("\n") + "\n").unwrap();
+    let acts = dir.join("acts.safetensors");
+    let out = activations(&tr, &acts);
+    assert!(out.contains("3 sentences from 3 traces"), "{out}");
+    assert!(out.contains("1 traces without a thinking span: 1"), "{out}");
+    assert!(out.contains("1 with no sentence of 3+ words: 2"), "{out}");
+    let index = read_index(&dir.join("acts.index.jsonl")).unwrap();
+    let sents: Vec<&str> = index.iter().map(|r| r.sentence.as_str()).collect();
+    assert_eq!(
+        sents,
+        vec![
+            "First we add the two numbers.",
+            "Then we check the sum once more.",
+            "So it is five."
+        ]
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let dir = tmp("bad");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let acts = dir.join("acts.safetensors");
+    fails(
+        &[
+            "activations",
+            "--model",
+            &s(&fixture(THINKING)),
+            "--traces",
+            &s(&empty),
+            "--layer",
+            "1",
+            "--out",
+            &s(&acts),
+        ],
+        &["expected at least one trace", "empty"],
+    );
+
+    // An SAE of width 64 against activations of width 32.
+    let sae = dir.join("sae.safetensors");
+    let mut sae_v = thinksteer::sae::Sae::random(64, 3, 1, 2, 0, "m");
+    sae_v.activation_mean = Some(vec![0.0; 64]);
+    sae_v.save(&sae).unwrap();
+    let narrow = Acts {
+        activations: vec![0.5; 4 * 32],
+        mean: vec![0.0; 32],
+        n: 4,
+        d: 32,
+        layer: 1,
+        model: "m".into(),
+    };
+    narrow.save(&acts).unwrap();
+    let index = dir.join("acts.index.jsonl");
+    let row = "{\"trace\":0,\"sentence\":\"a b c\",\"start\":0,\"end\":5,\"tokens\":[0,1]}\n";
+    std::fs::write(&index, row.repeat(4)).unwrap();
+    fails(
+        &[
+            "annotate",
+            "--sae",
+            &s(&sae),
+            "--acts",
+            &s(&acts),
+            "--index",
+            &s(&index),
+            "--out",
+            &s(&dir.join("ann")),
+        ],
+        &["width D = 32", "expected the SAE's width 64"],
+    );
+
+    // Not a safetensors file, and one without `activation_mean`.
+    let junk = dir.join("junk.safetensors");
+    std::fs::write(&junk, b"not a tensor file").unwrap();
+    fails(
+        &[
+            "train-sae",
+            "--acts",
+            &s(&junk),
+            "--latents",
+            "3",
+            "--out",
+            &s(&dir.join("o")),
+        ],
+        &["expected a safetensors file"],
+    );
+    let no_mean = dir.join("nomean.safetensors");
+    sae_v.save(&no_mean).unwrap();
+    fails(
+        &[
+            "train-sae",
+            "--acts",
+            &s(&no_mean),
+            "--latents",
+            "3",
+            "--out",
+            &s(&dir.join("o")),
+        ],
+        &["missing tensor `activations`"],
+    );
+}
