@@ -33,7 +33,12 @@ pub struct EvalArgs {
     #[arg(long)]
     pub kind: Option<String>,
     /// Which answers to collect, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "base,thinking,hybrid")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "base,thinking,hybrid"
+    )]
     pub modes: Vec<EvalMode>,
     /// A model pair of the paper (sets coefficients, windows, prompts; checks the SAE's and the
     /// vectors' layers): r1-distill-qwen-1.5b, r1-distill-llama-8b, r1-distill-qwen-14b,
@@ -130,7 +135,12 @@ macro_rules! preset_file {
     ($name:literal) => {
         (
             $name,
-            include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/models/presets/", $name, ".json")),
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/presets/",
+                $name,
+                ".json"
+            )),
         )
     };
 }
@@ -197,7 +207,10 @@ pub fn resolve_dataset(name: &str) -> Result<(PathBuf, DatasetKind)> {
 fn parse_shard(s: &str) -> Result<(usize, usize)> {
     let bad = || anyhow!("--shard {s:?}: expected i/n with 0 ≤ i < n, e.g. 0/4");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
-    let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
     if n == 0 || i >= n {
         return Err(bad());
     }
@@ -206,7 +219,10 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
 
 /// An absolute form of a path for the recorded configuration (as given when it cannot be resolved).
 fn abs(p: &Path) -> String {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// Builds the run from flags (and a preset) without loading any model.
@@ -222,7 +238,9 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         return Err(anyhow!("--batch 0: expected at least 1"));
     }
     if a.modes.is_empty() {
-        return Err(anyhow!("--modes: expected at least one of base, thinking, hybrid"));
+        return Err(anyhow!(
+            "--modes: expected at least one of base, thinking, hybrid"
+        ));
     }
     let hybrid = a.modes.contains(&EvalMode::Hybrid);
     if hybrid && (a.sae.is_none() || a.vectors.is_none()) {
@@ -246,7 +264,9 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
     if let Some((i, n)) = shard {
         problems.retain(|p| p.index % n == i);
         if problems.is_empty() {
-            return Err(anyhow!("--shard {i}/{n}: no problem of the selection has index % {n} == {i}"));
+            return Err(anyhow!(
+                "--shard {i}/{n}: no problem of the selection has index % {n} == {i}"
+            ));
         }
     }
     let (dq, da) = kind.default_fields();
@@ -254,7 +274,10 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         .base_prompt
         .clone()
         .or_else(|| preset.as_ref().map(|p| p.base_prompt.clone()));
-    let thinking_plain = a.thinking_plain || preset.as_ref().is_some_and(|p| p.thinking_prompt == "plain");
+    let thinking_plain = a.thinking_plain
+        || preset
+            .as_ref()
+            .is_some_and(|p| p.thinking_prompt == "plain");
     let prompts = PromptBuilder::load(&a.base, &a.thinking, thinking_plain, base_prompt.clone())?;
     let coefficients = a
         .coefficients
@@ -347,7 +370,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         "{} result lines written, {} already present; {}",
         s.written,
         s.skipped,
-        spec.out.join(super::run::results_name(spec.shard)).display()
+        spec.out
+            .join(super::run::results_name(spec.shard))
+            .display()
     );
     Ok(())
 }
@@ -374,7 +399,10 @@ mod tests {
         ];
         for (name, lt, k, lb, nc) in want {
             let p = load_preset(name).unwrap();
-            assert_eq!((p.name.as_str(), p.sae_layer, p.latents, p.steer_layer), (name, lt, k, lb));
+            assert_eq!(
+                (p.name.as_str(), p.sae_layer, p.latents, p.steer_layer),
+                (name, lt, k, lb)
+            );
             assert_eq!(p.coefficients.len(), nc, "{name}");
         }
         let e = load_preset("r1-7b").unwrap_err().to_string();

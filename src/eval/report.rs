@@ -67,11 +67,14 @@ pub struct Gap {
     pub recovered: Option<f64>,
 }
 
+/// (correct, answered) per mode.
+pub type ModeCells = BTreeMap<EvalMode, (usize, usize)>;
+
 /// Accuracy per value of one dataset field (MATH `subject`, `level`), per mode: (correct, n).
 #[derive(Clone, Debug, Serialize)]
 pub struct Breakdown {
     pub field: String,
-    pub rows: Vec<(String, BTreeMap<EvalMode, (usize, usize)>)>,
+    pub rows: Vec<(String, ModeCells)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -87,7 +90,10 @@ pub struct Report {
 /// Reads every results file in `out` and summarises it.
 pub fn load_report(out: &Path) -> Result<Report> {
     if !out.is_dir() {
-        bail!("--out {}: expected an evaluation folder, found none", out.display());
+        bail!(
+            "--out {}: expected an evaluation folder, found none",
+            out.display()
+        );
     }
     let lines = read_results(out)?;
     if lines.is_empty() {
@@ -102,7 +108,10 @@ pub fn load_report(out: &Path) -> Result<Report> {
 /// The report of a set of result lines (repeats of an (index, mode) pair count once).
 pub fn summarize(all: &[ResultLine]) -> Report {
     let mut seen = HashSet::new();
-    let lines: Vec<&ResultLine> = all.iter().filter(|r| seen.insert((r.index, r.mode))).collect();
+    let lines: Vec<&ResultLine> = all
+        .iter()
+        .filter(|r| seen.insert((r.index, r.mode)))
+        .collect();
     let mut by_mode: BTreeMap<EvalMode, Vec<&ResultLine>> = BTreeMap::new();
     for r in &lines {
         by_mode.entry(r.mode).or_default().push(r);
@@ -110,8 +119,10 @@ pub fn summarize(all: &[ResultLine]) -> Report {
     let modes: Vec<ModeStats> = by_mode.iter().map(|(m, rs)| mode_stats(*m, rs)).collect();
 
     // Gap recovered on the problems every mode answered, so the three rates are comparable.
-    let correct: HashMap<(usize, EvalMode), bool> =
-        lines.iter().map(|r| ((r.index, r.mode), r.correct)).collect();
+    let correct: HashMap<(usize, EvalMode), bool> = lines
+        .iter()
+        .map(|r| ((r.index, r.mode), r.correct))
+        .collect();
     let three = [EvalMode::Base, EvalMode::Thinking, EvalMode::Hybrid];
     let common: Vec<usize> = by_mode
         .get(&EvalMode::Base)
@@ -125,7 +136,11 @@ pub fn summarize(all: &[ResultLine]) -> Report {
         let acc = |m: EvalMode| {
             common.iter().filter(|i| correct[&(**i, m)]).count() as f64 / common.len() as f64
         };
-        let (b, t, h) = (acc(EvalMode::Base), acc(EvalMode::Thinking), acc(EvalMode::Hybrid));
+        let (b, t, h) = (
+            acc(EvalMode::Base),
+            acc(EvalMode::Thinking),
+            acc(EvalMode::Hybrid),
+        );
         Gap {
             problems: common.len(),
             base: b,
@@ -166,7 +181,10 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
         let toks: usize = hybrid.iter().map(|r| r.tokens).sum();
         tw = Some(steered as f64 / toks.max(1) as f64);
         mean = Some(
-            hybrid.iter().map(|r| r.steered_fraction.unwrap_or(0.0)).sum::<f64>()
+            hybrid
+                .iter()
+                .map(|r| r.steered_fraction.unwrap_or(0.0))
+                .sum::<f64>()
                 / hybrid.len() as f64,
         );
         let k = hybrid
@@ -206,7 +224,7 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
 }
 
 fn breakdown(field: &str, lines: &[&ResultLine]) -> Option<Breakdown> {
-    let mut rows: BTreeMap<String, BTreeMap<EvalMode, (usize, usize)>> = BTreeMap::new();
+    let mut rows: BTreeMap<String, ModeCells> = BTreeMap::new();
     for r in lines {
         let Some(v) = r.meta.get(field) else { continue };
         let key = match v {
@@ -320,7 +338,10 @@ mod tests {
     fn wilson_matches_known_values() {
         // 8 of 10: the textbook Wilson interval is [0.490, 0.943].
         let (lo, hi) = wilson(8, 10);
-        assert!((lo - 0.4902).abs() < 1e-3 && (hi - 0.9433).abs() < 1e-3, "{lo} {hi}");
+        assert!(
+            (lo - 0.4902).abs() < 1e-3 && (hi - 0.9433).abs() < 1e-3,
+            "{lo} {hi}"
+        );
         let (lo, hi) = wilson(0, 5);
         assert_eq!(lo, 0.0);
         assert!((hi - 0.4345).abs() < 1e-3, "{hi}");
@@ -328,7 +349,10 @@ mod tests {
 
     #[test]
     fn gap_formula() {
-        assert_eq!(gap_recovered(0.4, 0.8, 0.7), Some((0.7 - 0.4) / (0.8 - 0.4)));
+        assert_eq!(
+            gap_recovered(0.4, 0.8, 0.7),
+            Some((0.7 - 0.4) / (0.8 - 0.4))
+        );
         assert_eq!(gap_recovered(0.4, 0.8, 0.3), Some(0.0));
         assert_eq!(gap_recovered(0.5, 0.5, 0.6), None);
         // The thinking model worse than the base: the gap is measured from the lower one.

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dataset::Problem;
 use super::grade::{answer_part, grade, run_judge, GradeKind};
+use crate::bail;
 use crate::chat::{plain_base_prompt, ChatTemplate, Message};
 use crate::engine::{CpuEngine, Decoder};
 use crate::error::{Error, Result};
@@ -24,12 +25,22 @@ use crate::sae::Sae;
 use crate::sampling::SamplingParams;
 use crate::steering::SteeringSet;
 use crate::tokenizer::Tokenizer;
-use crate::bail;
 
 /// Which model answers: the base model on the plain prompt, the thinking model on its chat
 /// template, or the base model steered by the thinking model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[derive(clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EvalMode {
     Base,
@@ -145,7 +156,11 @@ fn first_difference(old: &serde_json::Value, new: &serde_json::Value, at: &str) 
             let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
             keys.into_iter().find_map(|k| {
                 let null = serde_json::Value::Null;
-                let path = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
                 first_difference(a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null), &path)
             })
         }
@@ -407,8 +422,21 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         match mode {
             EvalMode::Base => {
                 let m = load(&mut base_model, &spec.base)?;
-                let texts: Vec<String> = todo.iter().map(|p| prompts.base_text(&p.question)).collect();
-                run_plain(spec, &m, &spec.base, &prompts.base_tok, &todo, &texts, mode, run_id, &mut sink)?;
+                let texts: Vec<String> = todo
+                    .iter()
+                    .map(|p| prompts.base_text(&p.question))
+                    .collect();
+                run_plain(
+                    spec,
+                    &m,
+                    &spec.base,
+                    &prompts.base_tok,
+                    &todo,
+                    &texts,
+                    mode,
+                    run_id,
+                    &mut sink,
+                )?;
             }
             EvalMode::Thinking => {
                 let m = load(&mut think_model, &spec.thinking)?;
@@ -416,13 +444,32 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
                     .iter()
                     .map(|p| prompts.thinking_text(&p.question))
                     .collect::<Result<Vec<_>>>()?;
-                run_plain(spec, &m, &spec.thinking, &prompts.think_tok, &todo, &texts, mode, run_id, &mut sink)?;
+                run_plain(
+                    spec,
+                    &m,
+                    &spec.thinking,
+                    &prompts.think_tok,
+                    &todo,
+                    &texts,
+                    mode,
+                    run_id,
+                    &mut sink,
+                )?;
             }
             EvalMode::Hybrid => {
                 let b = load(&mut base_model, &spec.base)?;
                 let t = load(&mut think_model, &spec.thinking)?;
                 let (sae, steering) = steer.as_ref().expect("loaded when hybrid is a mode");
-                run_hybrid(spec, &b, &t, &prompts, (sae, steering), &todo, run_id, &mut sink)?;
+                run_hybrid(
+                    spec,
+                    &b,
+                    &t,
+                    &prompts,
+                    (sae, steering),
+                    &todo,
+                    run_id,
+                    &mut sink,
+                )?;
             }
         }
         summary.written += sink.written;
@@ -518,7 +565,9 @@ impl Sink<'_> {
 }
 
 /// The dataset fields worth keeping in every line (subject, level, ids), not long solutions.
-fn short_meta(meta: &serde_json::Map<String, serde_json::Value>) -> serde_json::Map<String, serde_json::Value> {
+fn short_meta(
+    meta: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
     meta.iter()
         .filter(|(_, v)| match v {
             serde_json::Value::String(s) => s.len() <= 200,
@@ -542,7 +591,10 @@ fn run_plain(
     run_id: u128,
     sink: &mut Sink,
 ) -> Result<()> {
-    let ids = texts.iter().map(|t| tok.encode(t)).collect::<Result<Vec<_>>>()?;
+    let ids = texts
+        .iter()
+        .map(|t| tok.encode(t))
+        .collect::<Result<Vec<_>>>()?;
     let max_prompt = ids.iter().map(Vec::len).max().unwrap_or(0);
     let ctx = model
         .config
@@ -551,7 +603,13 @@ fn run_plain(
     let slots = spec.batch.min(todo.len());
     let mut engine: Box<dyn Decoder> = if spec.use_cuda {
         let gpu = crate::cuda::Gpu::new(0)?;
-        Box::new(crate::cuda::model::CudaEngine::load(gpu, dir, slots, ctx, ctx.clamp(16, 512))?)
+        Box::new(crate::cuda::model::CudaEngine::load(
+            gpu,
+            dir,
+            slots,
+            ctx,
+            ctx.clamp(16, 512),
+        )?)
     } else {
         Box::new(CpuEngine::new(model.clone(), slots, ctx))
     };
@@ -592,6 +650,7 @@ fn decode_text(tok: &Tokenizer, ids: &[u32], eos: &[u32]) -> Result<String> {
 }
 
 /// Hybrid mode: `hybrid::run` per batch; a problem's line is written as soon as it stops.
+#[allow(clippy::too_many_arguments)]
 fn run_hybrid(
     spec: &EvalSpec,
     base: &Model,
@@ -625,7 +684,15 @@ fn run_hybrid(
         let emit = |i: usize, ids: &[u32], steps: &[StepRecord], sink: &mut Sink| -> Result<()> {
             let text = decode_text(&prompts.base_tok, ids, eos)?;
             let secs = start.elapsed().as_secs_f64();
-            sink.finish(chunk[i], EvalMode::Hybrid, text, ids.len(), Some((steps, sae.latents)), secs, batch.clone())
+            sink.finish(
+                chunk[i],
+                EvalMode::Hybrid,
+                text,
+                ids.len(),
+                Some((steps, sae.latents)),
+                secs,
+                batch.clone(),
+            )
         };
         let outs = hybrid::run(&pair, &ps, &spec.settings, |i, tok, rec| {
             ids[i].push(tok);
@@ -725,7 +792,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("results.jsonl"), "{\"a\":1}\n{\"ind").unwrap();
         let _w = ResultsWriter::open(&dir, None).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("results.jsonl")).unwrap(), "{\"a\":1}\n");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("results.jsonl")).unwrap(),
+            "{\"a\":1}\n"
+        );
         assert_eq!(clock(3725.0), "1:02:05");
     }
 }
