@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -748,8 +748,8 @@ impl Progress {
         let eta = secs / self.done as f64 * (self.total - self.done) as f64;
         let width = 24;
         let filled = width * self.done / self.total.max(1);
-        eprint!(
-            "\r[{}] [{}{}] {}/{} problems, {} tokens, {:.1} tok/s, ETA {}   ",
+        let line = format!(
+            "[{}] [{}{}] {}/{} problems, {} tokens, {:.1} tok/s, ETA {}",
             self.mode.name(),
             "#".repeat(filled),
             "-".repeat(width - filled),
@@ -759,10 +759,16 @@ impl Progress {
             self.tokens as f64 / secs,
             clock(eta)
         );
+        // A terminal gets one line redrawn in place; a log file (Slurm) one line per problem.
+        if std::io::stderr().is_terminal() {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
     }
 
     fn finish(&self) {
-        if self.on && self.done > 0 {
+        if self.on && self.done > 0 && std::io::stderr().is_terminal() {
             eprintln!();
         }
     }
