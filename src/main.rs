@@ -50,6 +50,10 @@ enum Cmd {
     Annotate(thinksteer::taxonomy::cli::AnnotateArgs),
     /// A steering set for the base model from annotated traces.
     TrainVectors(thinksteer::taxonomy::cli::TrainVectorsArgs),
+    /// Evaluate base, thinking and hybrid on GSM8K / MATH-500 (resumable, shardable).
+    Eval(thinksteer::eval::cli::EvalArgs),
+    /// Merge an evaluation folder's results into report.md.
+    Report(thinksteer::eval::cli::ReportArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -303,6 +307,8 @@ fn main() -> ExitCode {
         Cmd::TrainSae(a) => thinksteer::taxonomy::cli::train_sae(a),
         Cmd::Annotate(a) => thinksteer::taxonomy::cli::annotate(a),
         Cmd::TrainVectors(a) => thinksteer::taxonomy::cli::train_vectors(a),
+        Cmd::Eval(a) => thinksteer::eval::cli::eval(a),
+        Cmd::Report(a) => thinksteer::eval::cli::report(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -533,19 +539,14 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
     if a.random_vectors {
         steering = steering.randomized_like(a.seed);
     }
-    let base_tok = Tokenizer::from_dir(&a.base)?.ok_or_else(|| {
-        anyhow!(
-            "{}: the hybrid loop needs tokenizer.json in the base model folder",
-            a.base.display()
-        )
-    })?;
-    let think_tok = Tokenizer::from_dir(&a.thinking)?.ok_or_else(|| {
-        anyhow!(
-            "{}: the hybrid loop needs tokenizer.json in the thinking model folder",
-            a.thinking.display()
-        )
-    })?;
-    base_tok.check_same_ids(&think_tok)?;
+    let prompts = thinksteer::eval::run::PromptBuilder::load(
+        &a.base,
+        &a.thinking,
+        a.thinking_plain,
+        a.base_prompt.clone(),
+    )?;
+    let base_tok = &prompts.base_tok;
+    base_tok.check_same_ids(&prompts.think_tok)?;
     let questions = match (&a.question, &a.questions) {
         (Some(q), _) => vec![q.clone()],
         (None, Some(p)) => {
@@ -553,29 +554,10 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
         }
         (None, None) => return Err(anyhow!("expected --question or --questions")),
     };
-    let template = if a.thinking_plain {
-        None
-    } else {
-        ChatTemplate::from_dir(&a.thinking)?
-    };
-    if !a.thinking_plain && template.is_none() {
-        return Err(anyhow!("{}: no chat template for the thinking model; pass --thinking-plain to give it the plain prompt", a.thinking.display()));
-    }
-    let mut problems = Vec::with_capacity(questions.len());
-    for q in &questions {
-        let base_text = match &a.base_prompt {
-            Some(t) => t.replace("{question}", q),
-            None => thinksteer::chat::plain_base_prompt(q),
-        };
-        let think_text = match &template {
-            Some(t) => t.render(&[Message::user(q)], true)?,
-            None => base_text.clone(),
-        };
-        problems.push(Prompts {
-            base: base_tok.encode(&base_text)?,
-            thinking: think_tok.encode(&think_text)?,
-        });
-    }
+    let problems = questions
+        .iter()
+        .map(|q| prompts.hybrid(q))
+        .collect::<thinksteer::Result<Vec<Prompts>>>()?;
     let settings = Settings {
         mode: a.mode,
         coefficients: a.coefficients.clone(),

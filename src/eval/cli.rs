@@ -1,0 +1,418 @@
+//! The `eval` and `report` commands: their flags, the model-pair presets of hybrid.md §3
+//! (models/presets/*.json, compiled in), dataset-name resolution, and the step from flags to an
+//! `EvalSpec`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Result};
+use clap::{Args, ValueEnum};
+use serde::Deserialize;
+
+use super::dataset::{load_dataset, DatasetKind};
+use super::run::{
+    run_eval, DatasetConfig, EvalMode, EvalSpec, HybridConfig, PromptBuilder, RunConfig, SideConfig,
+};
+use crate::hybrid::{Mode, Settings};
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+pub enum EvalDevice {
+    Cpu,
+    /// Base and thinking modes on the GPU (the hybrid loop runs on the CPU in this version).
+    Cuda,
+    /// CUDA when a GPU is usable, else the CPU.
+    Auto,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// gsm8k, math500 (../shared/data/… or /work/shared/data/…) or a JSONL file.
+    #[arg(long)]
+    pub dataset: String,
+    /// How a JSONL file is read and graded: gsm8k (`#### N` answers), math500 or custom (graded
+    /// as MATH). Default: from --dataset's name, custom for a file.
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Which answers to collect, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "base,thinking,hybrid"
+    )]
+    pub modes: Vec<EvalMode>,
+    /// A model pair of the paper (sets coefficients, windows, prompts; checks the SAE's and the
+    /// vectors' layers): r1-distill-qwen-1.5b, r1-distill-llama-8b, r1-distill-qwen-14b,
+    /// r1-distill-qwen-32b, qwq-32b, or a preset JSON file.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// The base model's checkpoint folder.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The thinking model's checkpoint folder.
+    #[arg(long)]
+    pub thinking: PathBuf,
+    /// SAE on the thinking model's residual (needed for hybrid).
+    #[arg(long)]
+    pub sae: Option<PathBuf>,
+    /// Steering set for the base model (needed for hybrid).
+    #[arg(long)]
+    pub vectors: Option<PathBuf>,
+    /// Output folder: config.json, results*.jsonl; rerunning with it resumes.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Maximum new tokens per answer.
+    #[arg(long, default_value_t = 2000)]
+    pub max_new_tokens: usize,
+    /// Problems decoded together.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// i/n: only problems with index % n == i (results go to results.shard-i-of-n.jsonl).
+    #[arg(long)]
+    pub shard: Option<String>,
+    /// At most N problems (after --offset).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Skip the first N problems of the file.
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+    /// The JSONL field holding the question.
+    #[arg(long)]
+    pub question_field: Option<String>,
+    /// The JSONL field holding the reference answer.
+    #[arg(long)]
+    pub answer_field: Option<String>,
+    /// An external judge (sh -c): reads {"question","reference","response"} on stdin, prints
+    /// true/false; it decides `correct`.
+    #[arg(long)]
+    pub judge_cmd: Option<String>,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: EvalDevice,
+    /// Hybrid loop: exact (recompute, any windows), cached (default), persistent (our extension).
+    #[arg(long, value_enum, default_value = "cached")]
+    pub hybrid_mode: Mode,
+    /// Steering coefficients C (default: the preset's, else 0.1,…,1.0).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub coefficients: Option<Vec<f32>>,
+    /// Windows W: 0 = every position, -N = the last N (default: -1; the preset's in exact mode).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub windows: Option<Vec<i64>>,
+    /// The base model's prompt with {question} (default: the paper's plain prompt).
+    #[arg(long)]
+    pub base_prompt: Option<String>,
+    /// Give the thinking model the plain prompt instead of its chat template.
+    #[arg(long)]
+    pub thinking_plain: bool,
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// The evaluation folder (every results*.jsonl in it is merged).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// One model pair's paper settings.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Preset {
+    pub name: String,
+    pub thinking: String,
+    pub base: String,
+    pub sae_layer: usize,
+    pub latents: usize,
+    pub steer_layer: usize,
+    pub coefficients: Vec<f32>,
+    pub windows: Vec<i64>,
+    pub base_prompt: String,
+    /// "chat" (the thinking model's template) or "plain".
+    pub thinking_prompt: String,
+}
+
+macro_rules! preset_file {
+    ($name:literal) => {
+        (
+            $name,
+            include_str!(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/models/presets/",
+                $name,
+                ".json"
+            )),
+        )
+    };
+}
+
+/// The presets compiled into the binary, so `--preset NAME` works from any directory.
+pub const PRESETS: [(&str, &str); 5] = [
+    preset_file!("r1-distill-qwen-1.5b"),
+    preset_file!("r1-distill-llama-8b"),
+    preset_file!("r1-distill-qwen-14b"),
+    preset_file!("r1-distill-qwen-32b"),
+    preset_file!("qwq-32b"),
+];
+
+/// A preset by name, or read from a JSON file path.
+pub fn load_preset(name: &str) -> Result<Preset> {
+    let text = match PRESETS.iter().find(|(n, _)| *n == name) {
+        Some((_, t)) => t.to_string(),
+        None if Path::new(name).is_file() => std::fs::read_to_string(name)?,
+        None => {
+            let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
+            return Err(anyhow!(
+                "--preset {name:?}: expected one of {} or a preset JSON file, found neither",
+                known.join(", ")
+            ));
+        }
+    };
+    serde_json::from_str(&text).map_err(|e| anyhow!("--preset {name}: malformed preset JSON ({e})"))
+}
+
+/// gsm8k / math500 → the shared data file (../shared/data first, then /work/shared/data);
+/// anything else is a path.
+pub fn resolve_dataset(name: &str) -> Result<(PathBuf, DatasetKind)> {
+    let file = match name.to_ascii_lowercase().as_str() {
+        "gsm8k" => Some(("gsm8k_test.jsonl", DatasetKind::Gsm8k)),
+        "math500" | "math-500" => Some(("math500_test.jsonl", DatasetKind::Math500)),
+        _ => None,
+    };
+    let Some((file, kind)) = file else {
+        let p = PathBuf::from(name);
+        if !p.is_file() {
+            return Err(anyhow!(
+                "--dataset {name:?}: expected gsm8k, math500 or a JSONL file, found no such file"
+            ));
+        }
+        return Ok((p, DatasetKind::Custom));
+    };
+    let candidates = [
+        PathBuf::from("../shared/data").join(file),
+        PathBuf::from("/work/shared/data").join(file),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .map(|p| (p.clone(), kind))
+        .ok_or_else(|| {
+            anyhow!(
+                "--dataset {name}: expected {} or {}, found neither; pass the JSONL file's path",
+                candidates[0].display(),
+                candidates[1].display()
+            )
+        })
+}
+
+fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let bad = || anyhow!("--shard {s:?}: expected i/n with 0 ≤ i < n, e.g. 0/4");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (i, n): (usize, usize) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if n == 0 || i >= n {
+        return Err(bad());
+    }
+    Ok((i, n))
+}
+
+/// An absolute form of a path for the recorded configuration (as given when it cannot be resolved).
+fn abs(p: &Path) -> String {
+    std::fs::canonicalize(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Builds the run from flags (and a preset) without loading any model.
+pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
+    let preset = a.preset.as_deref().map(load_preset).transpose()?;
+    let (path, named_kind) = resolve_dataset(&a.dataset)?;
+    let kind = match &a.kind {
+        Some(k) => k.parse::<DatasetKind>()?,
+        None => named_kind,
+    };
+    let shard = a.shard.as_deref().map(parse_shard).transpose()?;
+    if a.batch == 0 {
+        return Err(anyhow!("--batch 0: expected at least 1"));
+    }
+    if a.modes.is_empty() {
+        return Err(anyhow!(
+            "--modes: expected at least one of base, thinking, hybrid"
+        ));
+    }
+    let hybrid = a.modes.contains(&EvalMode::Hybrid);
+    if hybrid && (a.sae.is_none() || a.vectors.is_none()) {
+        return Err(anyhow!(
+            "--modes hybrid: expected --sae FILE and --vectors FILE, found {}",
+            match (&a.sae, &a.vectors) {
+                (None, None) => "neither",
+                (None, _) => "no --sae",
+                _ => "no --vectors",
+            }
+        ));
+    }
+    let mut problems = load_dataset(
+        &path,
+        kind,
+        a.question_field.as_deref(),
+        a.answer_field.as_deref(),
+        a.offset,
+        a.limit,
+    )?;
+    if let Some((i, n)) = shard {
+        problems.retain(|p| p.index % n == i);
+        if problems.is_empty() {
+            return Err(anyhow!(
+                "--shard {i}/{n}: no problem of the selection has index % {n} == {i}"
+            ));
+        }
+    }
+    let (dq, da) = kind.default_fields();
+    let base_prompt = a
+        .base_prompt
+        .clone()
+        .or_else(|| preset.as_ref().map(|p| p.base_prompt.clone()));
+    let thinking_plain = a.thinking_plain
+        || preset
+            .as_ref()
+            .is_some_and(|p| p.thinking_prompt == "plain");
+    let prompts = PromptBuilder::load(&a.base, &a.thinking, thinking_plain, base_prompt.clone())?;
+    let coefficients = a
+        .coefficients
+        .clone()
+        .or_else(|| preset.as_ref().map(|p| p.coefficients.clone()))
+        .unwrap_or_else(|| Settings::default().coefficients);
+    let windows = match (&a.windows, &preset) {
+        (Some(w), _) => w.clone(),
+        (None, Some(p)) if a.hybrid_mode == Mode::Exact => p.windows.clone(),
+        _ => vec![-1],
+    };
+    let settings = Settings {
+        mode: a.hybrid_mode,
+        coefficients: coefficients.clone(),
+        windows: windows.clone(),
+        max_new_tokens: a.max_new_tokens,
+        ..Settings::default()
+    };
+    let mode_name = serde_json::to_value(a.hybrid_mode)?
+        .as_str()
+        .unwrap_or("cached")
+        .to_string();
+    let config = RunConfig {
+        dataset: DatasetConfig {
+            path: abs(&path),
+            kind: format!("{kind:?}").to_ascii_lowercase(),
+            question_field: a.question_field.clone().unwrap_or(dq.to_string()),
+            answer_field: a.answer_field.clone().unwrap_or(da.to_string()),
+            grading: format!("{:?}", kind.default_grade_kind()).to_ascii_lowercase(),
+        },
+        max_new_tokens: a.max_new_tokens,
+        judge_cmd: a.judge_cmd.clone(),
+        base: SideConfig {
+            model: abs(&a.base),
+            prompt: prompts.base_text("{question}"),
+        },
+        thinking: SideConfig {
+            model: abs(&a.thinking),
+            prompt: prompts.thinking_text("{question}")?,
+        },
+        hybrid: hybrid.then(|| HybridConfig {
+            sae: a.sae.as_deref().map(abs).unwrap_or_default(),
+            vectors: a.vectors.as_deref().map(abs).unwrap_or_default(),
+            preset: preset.as_ref().map(|p| p.name.clone()),
+            mode: mode_name,
+            coefficients,
+            windows,
+        }),
+    };
+    let use_cuda = match a.device {
+        EvalDevice::Cpu => false,
+        EvalDevice::Auto => crate::cuda::available().is_ok(),
+        EvalDevice::Cuda => {
+            crate::cuda::available().map_err(|why| anyhow!("--device cuda: {why}"))?;
+            true
+        }
+    };
+    let mut modes: Vec<EvalMode> = vec![];
+    for m in &a.modes {
+        if !modes.contains(m) {
+            modes.push(*m);
+        }
+    }
+    Ok(EvalSpec {
+        config,
+        base: a.base.clone(),
+        thinking: a.thinking.clone(),
+        sae: a.sae.clone(),
+        vectors: a.vectors.clone(),
+        thinking_plain,
+        base_prompt,
+        problems,
+        modes,
+        grade_kind: kind.default_grade_kind(),
+        settings,
+        expect: preset.map(|p| (p.name, p.sae_layer, p.latents, p.steer_layer)),
+        batch: a.batch,
+        shard,
+        out: a.out.clone(),
+        use_cuda,
+        progress: !a.quiet,
+    })
+}
+
+/// `thinksteer eval`.
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let spec = spec(&a)?;
+    let s = run_eval(&spec)?;
+    eprintln!(
+        "{} result lines written, {} already present; {}",
+        s.written,
+        s.skipped,
+        spec.out
+            .join(super::run::results_name(spec.shard))
+            .display()
+    );
+    Ok(())
+}
+
+/// `thinksteer report`.
+pub fn report(a: ReportArgs) -> Result<()> {
+    let md = super::report::write_report(&a.out)?;
+    print!("{md}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_parse_and_match_the_spec_table() {
+        let want = [
+            ("r1-distill-qwen-1.5b", 4, 15, 10, 10),
+            ("r1-distill-llama-8b", 6, 15, 12, 10),
+            ("r1-distill-qwen-14b", 38, 5, 18, 10),
+            ("r1-distill-qwen-32b", 27, 15, 24, 6),
+            ("qwq-32b", 27, 10, 24, 6),
+        ];
+        for (name, lt, k, lb, nc) in want {
+            let p = load_preset(name).unwrap();
+            assert_eq!(
+                (p.name.as_str(), p.sae_layer, p.latents, p.steer_layer),
+                (name, lt, k, lb)
+            );
+            assert_eq!(p.coefficients.len(), nc, "{name}");
+        }
+        let e = load_preset("r1-7b").unwrap_err().to_string();
+        assert!(e.contains("qwq-32b") && e.contains("r1-7b"), "{e}");
+    }
+
+    #[test]
+    fn shards_parse() {
+        assert_eq!(parse_shard("1/4").unwrap(), (1, 4));
+        assert!(parse_shard("4/4").is_err());
+        assert!(parse_shard("x").is_err());
+    }
+}

@@ -1,0 +1,361 @@
+//! The evaluation report: merges every results file of an output folder (shards included),
+//! then per mode accuracy with a 95% Wilson interval, the share of the base→thinking gap the
+//! hybrid recovers (hybrid.md §2.4), steered fractions, tokens and tok/s, category firing counts,
+//! and accuracy by MATH subject and level. Written as report.md (and report.json for scripts).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::run::{read_results, EvalMode, ResultLine};
+use crate::bail;
+use crate::error::{Error, Result};
+
+/// z of a two-sided 95% normal interval.
+const Z95: f64 = 1.959_963_984_540_054;
+
+/// The 95% Wilson score interval of k successes in n trials ((0, 1) when n = 0).
+pub fn wilson(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (k, n) = (k as f64, n as f64);
+    let p = k / n;
+    let z2 = Z95 * Z95;
+    let denom = 1.0 + z2 / n;
+    let centre = (p + z2 / (2.0 * n)) / denom;
+    let half = Z95 / denom * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt();
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// The paper's gap recovered: max(0, (hybrid − min(base, thinking)) / |thinking − base|);
+/// undefined when the two models score the same.
+pub fn gap_recovered(base: f64, thinking: f64, hybrid: f64) -> Option<f64> {
+    let gap = (thinking - base).abs();
+    (gap > 0.0).then(|| ((hybrid - base.min(thinking)) / gap).max(0.0))
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModeStats {
+    pub mode: EvalMode,
+    pub problems: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+    pub tokens: usize,
+    pub mean_tokens: f64,
+    /// Σ over decode batches of the batch's wall time (its slowest problem).
+    pub wall_seconds: f64,
+    pub tok_per_s: Option<f64>,
+    /// Steered tokens / all tokens (hybrid only).
+    pub steered_token_weighted: Option<f64>,
+    /// Mean of per-problem steered fractions (the paper's figure).
+    pub steered_mean: Option<f64>,
+    pub category_counts: Option<Vec<usize>>,
+    pub coef_wins: Option<BTreeMap<String, usize>>,
+}
+
+/// Base, thinking and hybrid accuracy on the problems all three answered.
+#[derive(Clone, Debug, Serialize)]
+pub struct Gap {
+    pub problems: usize,
+    pub base: f64,
+    pub thinking: f64,
+    pub hybrid: f64,
+    pub recovered: Option<f64>,
+}
+
+/// (correct, answered) per mode.
+pub type ModeCells = BTreeMap<EvalMode, (usize, usize)>;
+
+/// Accuracy per value of one dataset field (MATH `subject`, `level`), per mode: (correct, n).
+#[derive(Clone, Debug, Serialize)]
+pub struct Breakdown {
+    pub field: String,
+    pub rows: Vec<(String, ModeCells)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub lines: usize,
+    /// Repeated (index, mode) lines dropped (the first is kept).
+    pub duplicates: usize,
+    pub modes: Vec<ModeStats>,
+    pub gap: Option<Gap>,
+    pub breakdowns: Vec<Breakdown>,
+}
+
+/// Reads every results file in `out` and summarises it.
+pub fn load_report(out: &Path) -> Result<Report> {
+    if !out.is_dir() {
+        bail!(
+            "--out {}: expected an evaluation folder, found none",
+            out.display()
+        );
+    }
+    let lines = read_results(out)?;
+    if lines.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: expected results*.jsonl with at least one result line, found none",
+            out.display()
+        )));
+    }
+    Ok(summarize(&lines))
+}
+
+/// The report of a set of result lines (repeats of an (index, mode) pair count once).
+pub fn summarize(all: &[ResultLine]) -> Report {
+    let mut seen = HashSet::new();
+    let lines: Vec<&ResultLine> = all
+        .iter()
+        .filter(|r| seen.insert((r.index, r.mode)))
+        .collect();
+    let mut by_mode: BTreeMap<EvalMode, Vec<&ResultLine>> = BTreeMap::new();
+    for r in &lines {
+        by_mode.entry(r.mode).or_default().push(r);
+    }
+    let modes: Vec<ModeStats> = by_mode.iter().map(|(m, rs)| mode_stats(*m, rs)).collect();
+
+    // Gap recovered on the problems every mode answered, so the three rates are comparable.
+    let correct: HashMap<(usize, EvalMode), bool> = lines
+        .iter()
+        .map(|r| ((r.index, r.mode), r.correct))
+        .collect();
+    let three = [EvalMode::Base, EvalMode::Thinking, EvalMode::Hybrid];
+    let common: Vec<usize> = by_mode
+        .get(&EvalMode::Base)
+        .map(|rs| rs.iter().map(|r| r.index).collect())
+        .unwrap_or_default();
+    let common: Vec<usize> = common
+        .into_iter()
+        .filter(|i| three.iter().all(|m| correct.contains_key(&(*i, *m))))
+        .collect();
+    let gap = (!common.is_empty()).then(|| {
+        let acc = |m: EvalMode| {
+            common.iter().filter(|i| correct[&(**i, m)]).count() as f64 / common.len() as f64
+        };
+        let (b, t, h) = (
+            acc(EvalMode::Base),
+            acc(EvalMode::Thinking),
+            acc(EvalMode::Hybrid),
+        );
+        Gap {
+            problems: common.len(),
+            base: b,
+            thinking: t,
+            hybrid: h,
+            recovered: gap_recovered(b, t, h),
+        }
+    });
+
+    let breakdowns = ["subject", "level"]
+        .iter()
+        .filter_map(|field| breakdown(field, &lines))
+        .collect();
+    Report {
+        lines: lines.len(),
+        duplicates: all.len() - lines.len(),
+        modes,
+        gap,
+        breakdowns,
+    }
+}
+
+fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
+    let n = rs.len();
+    let k = rs.iter().filter(|r| r.correct).count();
+    let (lo, hi) = wilson(k, n);
+    let tokens: usize = rs.iter().map(|r| r.tokens).sum();
+    let mut batches: HashMap<&str, f64> = HashMap::new();
+    for r in rs {
+        let w = batches.entry(r.batch.as_str()).or_insert(0.0);
+        *w = w.max(r.seconds);
+    }
+    let wall: f64 = batches.values().sum();
+    let hybrid: Vec<&&ResultLine> = rs.iter().filter(|r| r.steered_fraction.is_some()).collect();
+    let (mut tw, mut mean, mut counts, mut wins) = (None, None, None, None);
+    if !hybrid.is_empty() {
+        let steered: usize = hybrid.iter().map(|r| r.steered_tokens.unwrap_or(0)).sum();
+        let toks: usize = hybrid.iter().map(|r| r.tokens).sum();
+        tw = Some(steered as f64 / toks.max(1) as f64);
+        mean = Some(
+            hybrid
+                .iter()
+                .map(|r| r.steered_fraction.unwrap_or(0.0))
+                .sum::<f64>()
+                / hybrid.len() as f64,
+        );
+        let k = hybrid
+            .iter()
+            .filter_map(|r| r.category_counts.as_ref().map(Vec::len))
+            .max()
+            .unwrap_or(0);
+        let mut c = vec![0; k];
+        let mut w = BTreeMap::new();
+        for r in &hybrid {
+            for (i, x) in r.category_counts.iter().flatten().enumerate() {
+                c[i] += x;
+            }
+            for (coef, x) in r.coef_wins.iter().flatten() {
+                *w.entry(coef.clone()).or_insert(0) += x;
+            }
+        }
+        counts = Some(c);
+        wins = Some(w);
+    }
+    ModeStats {
+        mode,
+        problems: n,
+        correct: k,
+        accuracy: k as f64 / n.max(1) as f64,
+        ci_low: lo,
+        ci_high: hi,
+        tokens,
+        mean_tokens: tokens as f64 / n.max(1) as f64,
+        wall_seconds: wall,
+        tok_per_s: (wall > 0.0).then(|| tokens as f64 / wall),
+        steered_token_weighted: tw,
+        steered_mean: mean,
+        category_counts: counts,
+        coef_wins: wins,
+    }
+}
+
+fn breakdown(field: &str, lines: &[&ResultLine]) -> Option<Breakdown> {
+    let mut rows: BTreeMap<String, ModeCells> = BTreeMap::new();
+    for r in lines {
+        let Some(v) = r.meta.get(field) else { continue };
+        let key = match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        let cell = rows.entry(key).or_default().entry(r.mode).or_insert((0, 0));
+        cell.0 += r.correct as usize;
+        cell.1 += 1;
+    }
+    (!rows.is_empty()).then(|| Breakdown {
+        field: field.to_string(),
+        rows: rows.into_iter().collect(),
+    })
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+/// The report as Markdown.
+pub fn render_markdown(r: &Report) -> String {
+    let mut s = String::from("# Evaluation report\n\n");
+    s += &format!("{} result lines", r.lines);
+    if r.duplicates > 0 {
+        s += &format!(" ({} repeated lines ignored)", r.duplicates);
+    }
+    s += ".\n\n## Accuracy\n\n| mode | problems | correct | accuracy | 95% CI | tokens | mean tokens | tok/s |\n|---|---|---|---|---|---|---|---|\n";
+    for m in &r.modes {
+        s += &format!(
+            "| {} | {} | {} | {} | [{}, {}] | {} | {:.1} | {} |\n",
+            m.mode.name(),
+            m.problems,
+            m.correct,
+            pct(m.accuracy),
+            pct(m.ci_low),
+            pct(m.ci_high),
+            m.tokens,
+            m.mean_tokens,
+            m.tok_per_s.map_or("n/a".to_string(), |t| format!("{t:.1}")),
+        );
+    }
+    if let Some(g) = &r.gap {
+        s += &format!(
+            "\n## Gap recovered\n\nOn the {} problems all three modes answered: base {}, thinking {}, hybrid {}; gap recovered = max(0, (hybrid − min(base, thinking)) / |thinking − base|) = {}.\n",
+            g.problems,
+            pct(g.base),
+            pct(g.thinking),
+            pct(g.hybrid),
+            g.recovered.map_or("n/a (base and thinking score the same)".to_string(), pct),
+        );
+    }
+    for m in r.modes.iter().filter(|m| m.steered_mean.is_some()) {
+        s += &format!(
+            "\n## Steering ({})\n\nSteered tokens: {} token-weighted, {} mean per problem.\n",
+            m.mode.name(),
+            pct(m.steered_token_weighted.unwrap_or(0.0)),
+            pct(m.steered_mean.unwrap_or(0.0)),
+        );
+        if let Some(c) = &m.category_counts {
+            s += "\n| category | steered steps |\n|---|---|\n";
+            for (i, x) in c.iter().enumerate() {
+                s += &format!("| {i} | {x} |\n");
+            }
+        }
+        if let Some(w) = m.coef_wins.as_ref().filter(|w| !w.is_empty()) {
+            s += "\n| winning coefficient | steps |\n|---|---|\n";
+            for (c, x) in w {
+                s += &format!("| {c} | {x} |\n");
+            }
+        }
+    }
+    for b in &r.breakdowns {
+        let modes: Vec<EvalMode> = r.modes.iter().map(|m| m.mode).collect();
+        s += &format!("\n## Accuracy by {}\n\n| {} |", b.field, b.field);
+        for m in &modes {
+            s += &format!(" {} |", m.name());
+        }
+        s += &format!("\n|---|{}\n", "---|".repeat(modes.len()));
+        for (value, cells) in &b.rows {
+            s += &format!("| {value} |");
+            for m in &modes {
+                s += &match cells.get(m) {
+                    Some((k, n)) => format!(" {} ({k}/{n}) |", pct(*k as f64 / *n as f64)),
+                    None => " – |".to_string(),
+                };
+            }
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// Writes OUT/report.md and OUT/report.json; returns the Markdown.
+pub fn write_report(out: &Path) -> Result<String> {
+    let r = load_report(out)?;
+    let md = render_markdown(&r);
+    let md_path = out.join("report.md");
+    std::fs::write(&md_path, &md).map_err(|e| Error::io(&md_path, e))?;
+    let json_path = out.join("report.json");
+    let json = serde_json::to_string_pretty(&r).expect("report serialises");
+    std::fs::write(&json_path, json + "\n").map_err(|e| Error::io(&json_path, e))?;
+    Ok(md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_matches_known_values() {
+        // 8 of 10: the textbook Wilson interval is [0.490, 0.943].
+        let (lo, hi) = wilson(8, 10);
+        assert!(
+            (lo - 0.4902).abs() < 1e-3 && (hi - 0.9433).abs() < 1e-3,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = wilson(0, 5);
+        assert_eq!(lo, 0.0);
+        assert!((hi - 0.4345).abs() < 1e-3, "{hi}");
+    }
+
+    #[test]
+    fn gap_formula() {
+        assert_eq!(
+            gap_recovered(0.4, 0.8, 0.7),
+            Some((0.7 - 0.4) / (0.8 - 0.4))
+        );
+        assert_eq!(gap_recovered(0.4, 0.8, 0.3), Some(0.0));
+        assert_eq!(gap_recovered(0.5, 0.5, 0.6), None);
+        // The thinking model worse than the base: the gap is measured from the lower one.
+        assert_eq!(gap_recovered(0.8, 0.4, 0.6), Some((0.6 - 0.4) / 0.4));
+    }
+}

@@ -1,0 +1,807 @@
+//! Running an evaluation: the recorded configuration (`RunConfig`, OUT/config.json), the
+//! append-only results file (one JSON line per (problem, mode), flushed as each finishes, a torn
+//! last line repaired on reopen), the prompts of each mode (`PromptBuilder`, shared with the
+//! `hybrid` command) and the loop that decodes the problems still missing, `--batch` at a time.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::dataset::Problem;
+use super::grade::{answer_part, grade, run_judge, GradeKind};
+use crate::bail;
+use crate::chat::{plain_base_prompt, ChatTemplate, Message};
+use crate::engine::{CpuEngine, Decoder};
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenParams};
+use crate::hybrid::{self, Pair, Prompts, Settings, StepRecord};
+use crate::model::Model;
+use crate::sae::Sae;
+use crate::sampling::SamplingParams;
+use crate::steering::SteeringSet;
+use crate::tokenizer::Tokenizer;
+
+/// Which model answers: the base model on the plain prompt, the thinking model on its chat
+/// template, or the base model steered by the thinking model.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalMode {
+    Base,
+    Thinking,
+    Hybrid,
+}
+
+impl EvalMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalMode::Base => "base",
+            EvalMode::Thinking => "thinking",
+            EvalMode::Hybrid => "hybrid",
+        }
+    }
+}
+
+/// Everything that decides what a result line says. Stored in OUT/config.json; a rerun must
+/// match it (sections absent on either side, e.g. `hybrid` of a base-only run, are merged).
+/// Not part of it: which modes, offset/limit/shard, batch size, device.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    pub dataset: DatasetConfig,
+    pub max_new_tokens: usize,
+    /// The external judge command, when one decides `correct`.
+    pub judge_cmd: Option<String>,
+    pub base: SideConfig,
+    pub thinking: SideConfig,
+    pub hybrid: Option<HybridConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DatasetConfig {
+    pub path: String,
+    /// gsm8k, math500 or custom.
+    pub kind: String,
+    pub question_field: String,
+    pub answer_field: String,
+    /// gsm8k or math.
+    pub grading: String,
+}
+
+/// One model and the prompt it is given, written out for the question `{question}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SideConfig {
+    pub model: String,
+    pub prompt: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HybridConfig {
+    pub sae: String,
+    pub vectors: String,
+    pub preset: Option<String>,
+    /// exact, cached or persistent.
+    pub mode: String,
+    pub coefficients: Vec<f32>,
+    pub windows: Vec<i64>,
+}
+
+impl RunConfig {
+    /// Reconciles with the configuration already in `out` (writing it when there is none).
+    /// A difference is an input error naming the first differing field.
+    pub fn reconcile(&self, out: &Path) -> Result<()> {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let path = out.join("config.json");
+        let mut merged = self.clone();
+        if path.exists() {
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let old: RunConfig = serde_json::from_str(&text).map_err(|e| {
+                Error::Input(format!(
+                    "{}: expected a thinksteer eval configuration, found unreadable JSON ({e})",
+                    path.display()
+                ))
+            })?;
+            let mut mine = self.clone();
+            match (&old.hybrid, &self.hybrid) {
+                (Some(h), None) => {
+                    mine.hybrid = Some(h.clone());
+                    merged.hybrid = Some(h.clone());
+                }
+                (None, Some(_)) => mine.hybrid = None,
+                _ => {}
+            }
+            let mut theirs = old.clone();
+            if old.hybrid.is_none() {
+                theirs.hybrid = None;
+            }
+            if let Some(field) = first_difference(&to_value(&theirs), &to_value(&mine), "") {
+                bail!(
+                    "{} holds results of a different configuration ({field}); expected the same configuration to resume, use another --out",
+                    path.display()
+                );
+            }
+            if merged == old {
+                return Ok(());
+            }
+        }
+        let text = serde_json::to_string_pretty(&merged).expect("config serialises");
+        std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
+    }
+}
+
+fn to_value(c: &RunConfig) -> serde_json::Value {
+    serde_json::to_value(c).expect("config serialises")
+}
+
+/// The first path where two JSON values differ, as `a.b: X there, Y now`.
+fn first_difference(old: &serde_json::Value, new: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value::Object;
+    match (old, new) {
+        (Object(a), Object(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let null = serde_json::Value::Null;
+                let path = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                first_difference(a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null), &path)
+            })
+        }
+        (a, b) if a == b => None,
+        (a, b) => Some(format!("{at}: {a} there, {b} now")),
+    }
+}
+
+/// One (problem, mode) outcome: one line of a results file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResultLine {
+    pub index: usize,
+    pub mode: EvalMode,
+    pub question: String,
+    pub reference: String,
+    /// The decoded new tokens, without the end-of-sequence token.
+    pub response: String,
+    pub extracted: Option<String>,
+    pub correct: bool,
+    /// Generated tokens, the end-of-sequence token included when one was emitted.
+    pub tokens: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered_fraction: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steered_tokens: Option<usize>,
+    /// Steered steps per category, [K].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category_counts: Option<Vec<usize>>,
+    /// Steered steps per winning coefficient ("0.5" → count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coef_wins: Option<BTreeMap<String, usize>>,
+    /// Seconds from the start of its batch until this problem finished.
+    pub seconds: f64,
+    /// Which decode batch it was part of (the batch's wall time is its largest `seconds`).
+    pub batch: String,
+    /// The dataset row's short fields (MATH: subject, level, unique_id).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub meta: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The results file of this process: `results.jsonl`, or `results.shard-i-of-n.jsonl`.
+pub fn results_name(shard: Option<(usize, usize)>) -> String {
+    match shard {
+        None => "results.jsonl".to_string(),
+        Some((i, n)) => format!("results.shard-{i}-of-{n}.jsonl"),
+    }
+}
+
+/// Every complete line of every `results*.jsonl` in `out`, in file-name then line order. A last
+/// line without its newline (a writer killed mid-line, or one still writing) is not a result.
+pub fn read_results(out: &Path) -> Result<Vec<ResultLine>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with("results") && name.ends_with(".jsonl")
+        })
+        .collect();
+    files.sort();
+    let mut lines = Vec::new();
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        for (i, line) in complete.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let r: ResultLine = serde_json::from_str(line).map_err(|e| {
+                Error::Input(format!(
+                    "{}:{}: expected a result line, found malformed JSON ({e})",
+                    path.display(),
+                    i + 1
+                ))
+            })?;
+            lines.push(r);
+        }
+    }
+    Ok(lines)
+}
+
+/// The append-only results file: opening it cuts a torn last line; every line is written with
+/// one `write_all` and flushed to disk before the next problem is reported done.
+pub struct ResultsWriter {
+    file: File,
+    path: PathBuf,
+}
+
+impl ResultsWriter {
+    pub fn open(out: &Path, shard: Option<(usize, usize)>) -> Result<ResultsWriter> {
+        let path = out.join(results_name(shard));
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        if text.last().is_some_and(|&b| b != b'\n') {
+            let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            file.set_len(keep as u64).map_err(|e| Error::io(&path, e))?;
+        }
+        file.flush().map_err(|e| Error::io(&path, e))?;
+        Ok(ResultsWriter { file, path })
+    }
+
+    pub fn append(&mut self, line: &ResultLine) -> Result<()> {
+        let mut text = serde_json::to_string(line).expect("result line serialises");
+        text.push('\n');
+        self.file
+            .write_all(text.as_bytes())
+            .and_then(|_| self.file.sync_data())
+            .map_err(|e| Error::io(&self.path, e))
+    }
+}
+
+/// The prompts of each mode: the base model's plain prompt (or a `{question}` template), the
+/// thinking model's chat template (or the plain prompt too).
+pub struct PromptBuilder {
+    pub base_tok: Tokenizer,
+    pub think_tok: Tokenizer,
+    template: Option<ChatTemplate>,
+    base_prompt: Option<String>,
+}
+
+impl PromptBuilder {
+    pub fn load(
+        base: &Path,
+        thinking: &Path,
+        thinking_plain: bool,
+        base_prompt: Option<String>,
+    ) -> Result<PromptBuilder> {
+        let tok = |dir: &Path| {
+            Tokenizer::from_dir(dir)?.ok_or_else(|| {
+                Error::Input(format!(
+                    "{}: expected tokenizer.json in the model folder, found none",
+                    dir.display()
+                ))
+            })
+        };
+        let template = if thinking_plain {
+            None
+        } else {
+            Some(ChatTemplate::from_dir(thinking)?.ok_or_else(|| {
+                Error::Input(format!(
+                    "{}: expected a chat template for the thinking model, found none; pass --thinking-plain to give it the plain prompt",
+                    thinking.display()
+                ))
+            })?)
+        };
+        Ok(PromptBuilder {
+            base_tok: tok(base)?,
+            think_tok: tok(thinking)?,
+            template,
+            base_prompt,
+        })
+    }
+
+    pub fn base_text(&self, question: &str) -> String {
+        match &self.base_prompt {
+            Some(t) => t.replace("{question}", question),
+            None => plain_base_prompt(question),
+        }
+    }
+
+    pub fn thinking_text(&self, question: &str) -> Result<String> {
+        match &self.template {
+            Some(t) => t.render(&[Message::user(question)], true),
+            None => Ok(self.base_text(question)),
+        }
+    }
+
+    /// Both prompts of one question as ids (the hybrid loop's input).
+    pub fn hybrid(&self, question: &str) -> Result<Prompts> {
+        Ok(Prompts {
+            base: self.base_tok.encode(&self.base_text(question))?,
+            thinking: self.think_tok.encode(&self.thinking_text(question)?)?,
+        })
+    }
+}
+
+/// What one `eval` invocation does; built by the CLI from flags and a preset.
+pub struct EvalSpec {
+    pub config: RunConfig,
+    pub base: PathBuf,
+    pub thinking: PathBuf,
+    pub sae: Option<PathBuf>,
+    pub vectors: Option<PathBuf>,
+    pub thinking_plain: bool,
+    pub base_prompt: Option<String>,
+    /// Problems after offset/limit/shard.
+    pub problems: Vec<Problem>,
+    pub modes: Vec<EvalMode>,
+    pub grade_kind: GradeKind,
+    pub settings: Settings,
+    /// (L_t, K, L_b) the preset expects of the SAE and steering set, with the preset's name.
+    pub expect: Option<(String, usize, usize, usize)>,
+    pub batch: usize,
+    pub shard: Option<(usize, usize)>,
+    pub out: PathBuf,
+    pub use_cuda: bool,
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Summary {
+    pub written: usize,
+    pub skipped: usize,
+}
+
+/// Decodes every (problem, mode) pair not yet in `out` and appends its result line.
+pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
+    let prompts = PromptBuilder::load(
+        &spec.base,
+        &spec.thinking,
+        spec.thinking_plain,
+        spec.base_prompt.clone(),
+    )?;
+    let steer = if spec.modes.contains(&EvalMode::Hybrid) {
+        Some(load_steering(spec, &prompts)?)
+    } else {
+        None
+    };
+    spec.config.reconcile(&spec.out)?;
+    let mut writer = ResultsWriter::open(&spec.out, spec.shard)?;
+    let done: HashSet<(usize, EvalMode)> = read_results(&spec.out)?
+        .into_iter()
+        .map(|r| (r.index, r.mode))
+        .collect();
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let mut summary = Summary::default();
+    let (mut base_model, mut think_model) = (None, None);
+    for &mode in &spec.modes {
+        let todo: Vec<&Problem> = spec
+            .problems
+            .iter()
+            .filter(|p| !done.contains(&(p.index, mode)))
+            .collect();
+        summary.skipped += spec.problems.len() - todo.len();
+        if todo.is_empty() {
+            continue;
+        }
+        let mut progress = Progress::new(mode, todo.len(), spec.progress);
+        let mut sink = Sink {
+            spec,
+            writer: &mut writer,
+            progress: &mut progress,
+            written: 0,
+        };
+        let load = |slot: &mut Option<Arc<Model>>, dir: &Path| -> Result<Arc<Model>> {
+            if slot.is_none() {
+                *slot = Some(Arc::new(Model::load(dir)?));
+            }
+            Ok(slot.clone().expect("just loaded"))
+        };
+        match mode {
+            EvalMode::Base => {
+                let m = load(&mut base_model, &spec.base)?;
+                let texts: Vec<String> = todo
+                    .iter()
+                    .map(|p| prompts.base_text(&p.question))
+                    .collect();
+                run_plain(
+                    spec,
+                    &m,
+                    &spec.base,
+                    &prompts.base_tok,
+                    &todo,
+                    &texts,
+                    mode,
+                    run_id,
+                    &mut sink,
+                )?;
+            }
+            EvalMode::Thinking => {
+                let m = load(&mut think_model, &spec.thinking)?;
+                let texts = todo
+                    .iter()
+                    .map(|p| prompts.thinking_text(&p.question))
+                    .collect::<Result<Vec<_>>>()?;
+                run_plain(
+                    spec,
+                    &m,
+                    &spec.thinking,
+                    &prompts.think_tok,
+                    &todo,
+                    &texts,
+                    mode,
+                    run_id,
+                    &mut sink,
+                )?;
+            }
+            EvalMode::Hybrid => {
+                let b = load(&mut base_model, &spec.base)?;
+                let t = load(&mut think_model, &spec.thinking)?;
+                let (sae, steering) = steer.as_ref().expect("loaded when hybrid is a mode");
+                run_hybrid(
+                    spec,
+                    &b,
+                    &t,
+                    &prompts,
+                    (sae, steering),
+                    &todo,
+                    run_id,
+                    &mut sink,
+                )?;
+            }
+        }
+        summary.written += sink.written;
+        progress.finish();
+    }
+    Ok(summary)
+}
+
+/// The SAE and steering set of the hybrid mode, checked against each other, the tokenizers
+/// and the preset before anything is decoded.
+fn load_steering(spec: &EvalSpec, prompts: &PromptBuilder) -> Result<(Sae, SteeringSet)> {
+    let (Some(sae_path), Some(vec_path)) = (&spec.sae, &spec.vectors) else {
+        bail!("--modes hybrid: expected --sae FILE and --vectors FILE, found them missing");
+    };
+    prompts.base_tok.check_same_ids(&prompts.think_tok)?;
+    let sae = Sae::load(sae_path)?;
+    let steering = SteeringSet::load(vec_path)?;
+    if let Some((name, lt, k, lb)) = &spec.expect {
+        let found = (sae.layer, sae.latents, steering.layer);
+        if found != (*lt, *k, *lb) {
+            bail!(
+                "--preset {name}: expected an SAE at thinking layer {lt} with {k} latents and vectors at base layer {lb}, found SAE layer {} with {} latents and vectors at layer {}",
+                found.0, found.1, found.2
+            );
+        }
+    }
+    Ok((sae, steering))
+}
+
+/// Grades and writes finished problems, and reports progress.
+struct Sink<'a> {
+    spec: &'a EvalSpec,
+    writer: &'a mut ResultsWriter,
+    progress: &'a mut Progress,
+    written: usize,
+}
+
+impl Sink<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &mut self,
+        p: &Problem,
+        mode: EvalMode,
+        response: String,
+        tokens: usize,
+        steps: Option<(&[StepRecord], usize)>,
+        seconds: f64,
+        batch: String,
+    ) -> Result<()> {
+        let g = grade(self.spec.grade_kind, &p.answer, &response);
+        let correct = match &self.spec.config.judge_cmd {
+            Some(cmd) => run_judge(cmd, &p.question, &p.answer, answer_part(&response))?,
+            None => g.correct,
+        };
+        let (mut sf, mut st, mut cc, mut wins) = (None, None, None, None);
+        if let Some((steps, k)) = steps {
+            let steered = steps.iter().filter(|s| s.steered).count();
+            sf = Some(steered as f64 / steps.len().max(1) as f64);
+            st = Some(steered);
+            let mut counts = vec![0; k];
+            let mut w = BTreeMap::new();
+            for s in steps.iter().filter(|s| s.steered) {
+                counts[s.category] += 1;
+                if let Some(c) = s.coef {
+                    *w.entry(format!("{c}")).or_insert(0) += 1;
+                }
+            }
+            cc = Some(counts);
+            wins = Some(w);
+        }
+        let line = ResultLine {
+            index: p.index,
+            mode,
+            question: p.question.clone(),
+            reference: p.answer.clone(),
+            response,
+            extracted: g.extracted,
+            correct,
+            tokens,
+            steered_fraction: sf,
+            steered_tokens: st,
+            category_counts: cc,
+            coef_wins: wins,
+            seconds,
+            batch,
+            meta: short_meta(&p.meta),
+        };
+        self.writer.append(&line)?;
+        self.written += 1;
+        self.progress.add(tokens);
+        Ok(())
+    }
+}
+
+/// The dataset fields worth keeping in every line (subject, level, ids), not long solutions.
+fn short_meta(
+    meta: &serde_json::Map<String, serde_json::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    meta.iter()
+        .filter(|(_, v)| match v {
+            serde_json::Value::String(s) => s.len() <= 200,
+            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => true,
+            _ => false,
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Base or thinking mode: batched greedy generation, one engine reused for every batch.
+#[allow(clippy::too_many_arguments)]
+fn run_plain(
+    spec: &EvalSpec,
+    model: &Arc<Model>,
+    dir: &Path,
+    tok: &Tokenizer,
+    todo: &[&Problem],
+    texts: &[String],
+    mode: EvalMode,
+    run_id: u128,
+    sink: &mut Sink,
+) -> Result<()> {
+    let ids = texts
+        .iter()
+        .map(|t| tok.encode(t))
+        .collect::<Result<Vec<_>>>()?;
+    let max_prompt = ids.iter().map(Vec::len).max().unwrap_or(0);
+    let ctx = model
+        .config
+        .max_position_embeddings
+        .min(max_prompt + spec.config.max_new_tokens);
+    let slots = spec.batch.min(todo.len());
+    let mut engine: Box<dyn Decoder> = if spec.use_cuda {
+        let gpu = std::sync::Arc::new(crate::cuda::Gpu::new(0)?);
+        Box::new(crate::cuda::model::CudaEngine::load(
+            gpu,
+            dir,
+            slots,
+            ctx,
+            ctx.clamp(16, 512),
+        )?)
+    } else {
+        Box::new(CpuEngine::new(model.clone(), slots, ctx))
+    };
+    let params = GenParams {
+        max_new_tokens: spec.config.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        stop_strings: vec![],
+        eos_ids: model.config.eos_token_ids.clone(),
+    };
+    for (chunk, prompts) in todo.chunks(slots).zip(ids.chunks(slots)) {
+        let start = Instant::now();
+        let outs = generate(engine.as_mut(), None, prompts, &params, |_, _| {})?;
+        let seconds = start.elapsed().as_secs_f64();
+        let batch = format!("{run_id}-{}-{}", mode.name(), chunk[0].index);
+        for (p, g) in chunk.iter().zip(outs) {
+            let text = decode_text(tok, &g.ids, &params.eos_ids)?;
+            sink.finish(p, mode, text, g.ids.len(), None, seconds, batch.clone())?;
+        }
+    }
+    Ok(())
+}
+
+/// The text of generated ids without the end-of-sequence ids. Ids of the model's padded
+/// vocabulary that the tokenizer does not know (V = 320 but 311 tokens in the fixtures; real
+/// checkpoints pad too) have no text and are left out rather than failing the whole run.
+fn decode_text(tok: &Tokenizer, ids: &[u32], eos: &[u32]) -> Result<String> {
+    let body: Vec<u32> = ids
+        .iter()
+        .copied()
+        .filter(|t| !eos.contains(t) && tok.id_to_token(*t).is_some())
+        .collect();
+    tok.decode(&body)
+}
+
+/// Hybrid mode: `hybrid::run` per batch; a problem's line is written as soon as it stops.
+#[allow(clippy::too_many_arguments)]
+fn run_hybrid(
+    spec: &EvalSpec,
+    base: &Model,
+    thinking: &Model,
+    prompts: &PromptBuilder,
+    steer: (&Sae, &SteeringSet),
+    todo: &[&Problem],
+    run_id: u128,
+    sink: &mut Sink,
+) -> Result<()> {
+    let (sae, steering) = steer;
+    let pair = Pair {
+        base,
+        thinking,
+        sae,
+        steering,
+    };
+    let eos = &base.config.eos_token_ids;
+    let max = spec.settings.max_new_tokens;
+    for chunk in todo.chunks(spec.batch.max(1)) {
+        let ps = chunk
+            .iter()
+            .map(|p| prompts.hybrid(&p.question))
+            .collect::<Result<Vec<_>>>()?;
+        let batch = format!("{run_id}-hybrid-{}", chunk[0].index);
+        let start = Instant::now();
+        let mut ids: Vec<Vec<u32>> = vec![vec![]; chunk.len()];
+        let mut steps: Vec<Vec<StepRecord>> = vec![vec![]; chunk.len()];
+        let mut written = vec![false; chunk.len()];
+        let mut failed: Option<Error> = None;
+        let emit = |i: usize, ids: &[u32], steps: &[StepRecord], sink: &mut Sink| -> Result<()> {
+            let text = decode_text(&prompts.base_tok, ids, eos)?;
+            let secs = start.elapsed().as_secs_f64();
+            sink.finish(
+                chunk[i],
+                EvalMode::Hybrid,
+                text,
+                ids.len(),
+                Some((steps, sae.latents)),
+                secs,
+                batch.clone(),
+            )
+        };
+        let outs = hybrid::run(&pair, &ps, &spec.settings, |i, tok, rec| {
+            ids[i].push(tok);
+            steps[i].push(*rec);
+            let stopped = eos.contains(&tok) || ids[i].len() >= max;
+            if stopped && failed.is_none() {
+                written[i] = true;
+                if let Err(e) = emit(i, &ids[i], &steps[i], sink) {
+                    failed = Some(e);
+                }
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // Rows that stopped for another reason (the context was full) are written now.
+        for (i, out) in outs.iter().enumerate().filter(|(i, _)| !written[*i]) {
+            emit(i, &out.ids, &out.steps, sink)?;
+        }
+    }
+    Ok(())
+}
+
+/// A one-line progress report on stderr: problems done, tokens, tok/s and ETA.
+struct Progress {
+    mode: EvalMode,
+    total: usize,
+    done: usize,
+    tokens: usize,
+    start: Instant,
+    on: bool,
+}
+
+impl Progress {
+    fn new(mode: EvalMode, total: usize, on: bool) -> Progress {
+        Progress {
+            mode,
+            total,
+            done: 0,
+            tokens: 0,
+            start: Instant::now(),
+            on,
+        }
+    }
+
+    fn add(&mut self, tokens: usize) {
+        self.done += 1;
+        self.tokens += tokens;
+        if !self.on {
+            return;
+        }
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        let eta = secs / self.done as f64 * (self.total - self.done) as f64;
+        let width = 24;
+        let filled = width * self.done / self.total.max(1);
+        let line = format!(
+            "[{}] [{}{}] {}/{} problems, {} tokens, {:.1} tok/s, ETA {}",
+            self.mode.name(),
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            self.done,
+            self.total,
+            self.tokens,
+            self.tokens as f64 / secs,
+            clock(eta)
+        );
+        // A terminal gets one line redrawn in place; a log file (Slurm) one line per problem.
+        if std::io::stderr().is_terminal() {
+            eprint!("\r{line}   ");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.on && self.done > 0 && std::io::stderr().is_terminal() {
+            eprintln!();
+        }
+    }
+}
+
+fn clock(secs: f64) -> String {
+    let s = secs.round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_name_the_field() {
+        let a = serde_json::json!({"x": {"y": 1, "z": 2}});
+        let b = serde_json::json!({"x": {"y": 1, "z": 3}});
+        assert_eq!(first_difference(&a, &b, "").unwrap(), "x.z: 2 there, 3 now");
+        assert!(first_difference(&a, &a, "").is_none());
+    }
+
+    #[test]
+    fn torn_line_is_cut_on_open() {
+        let dir = std::env::temp_dir().join(format!("thinksteer-run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("results.jsonl"), "{\"a\":1}\n{\"ind").unwrap();
+        let _w = ResultsWriter::open(&dir, None).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.join("results.jsonl")).unwrap(),
+            "{\"a\":1}\n"
+        );
+        assert_eq!(clock(3725.0), "1:02:05");
+    }
+}

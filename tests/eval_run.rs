@@ -1,0 +1,575 @@
+//! `thinksteer eval` / `report` end to end on the tiny fixtures (qwen2-f32 as the base model,
+//! thinking-qwen2-f32 as the thinking model, a random SAE and steering set): all three modes,
+//! the result-line schema, report numbers recomputed here from the JSONL, resuming after
+//! --limit and after a torn last line, shards, and bad input (exit code 2, one line).
+
+mod common;
+
+use common::fixture;
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_thinksteer"))
+}
+
+fn tmp(case: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("thinksteer-evalrun-{}-{case}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn ok(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A bad-input failure: exit code 2 and one line on stderr; returns that line.
+fn fails(out: Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// The SAE, the steering set and a 4-problem dataset, made once per test binary.
+struct Artifacts {
+    sae: PathBuf,
+    vectors: PathBuf,
+    data: PathBuf,
+}
+
+fn artifacts() -> &'static Artifacts {
+    static A: OnceLock<Artifacts> = OnceLock::new();
+    A.get_or_init(|| {
+        let dir = tmp("artifacts");
+        let (sae, vectors, data) = (
+            dir.join("sae.safetensors"),
+            dir.join("vec.safetensors"),
+            dir.join("four.jsonl"),
+        );
+        ok(bin()
+            .args(["random-sae", "--model"])
+            .arg(fixture("thinking-qwen2-f32"))
+            .args(["--layer", "2", "--latents", "4", "--out"])
+            .arg(&sae)
+            .output()
+            .unwrap());
+        ok(bin()
+            .args(["random-vectors", "--model"])
+            .arg(fixture("qwen2-f32"))
+            .args(["--layer", "1", "--count", "4", "--norm", "12", "--out"])
+            .arg(&vectors)
+            .output()
+            .unwrap());
+        let rows = [
+            ("What is 2+3?", "5", "Algebra", "Level 1"),
+            ("So x is 7. What is x?", "7", "Algebra", "Level 2"),
+            (
+                "Compute \\frac{1}{2}+\\frac{1}{2}.",
+                "1",
+                "Prealgebra",
+                "Level 1",
+            ),
+            ("The sum 4+4 equals what?", "8", "Number Theory", "Level 3"),
+        ];
+        let body: String = rows
+            .iter()
+            .map(|(q, a, s, l)| {
+                serde_json::json!({"question": q, "answer": a, "subject": s, "level": l})
+                    .to_string()
+                    + "\n"
+            })
+            .collect();
+        std::fs::write(&data, body).unwrap();
+        Artifacts { sae, vectors, data }
+    })
+}
+
+/// `thinksteer eval` on the fixtures with 6 new tokens, batches of 3 (so 4 problems make one
+/// full and one partial batch), plus `extra` flags.
+fn eval(out: &Path, extra: &[&str]) -> Output {
+    let a = artifacts();
+    bin()
+        .arg("eval")
+        .arg("--dataset")
+        .arg(&a.data)
+        .args(["--modes", "base,thinking,hybrid", "--base"])
+        .arg(fixture("qwen2-f32"))
+        .arg("--thinking")
+        .arg(fixture("thinking-qwen2-f32"))
+        .arg("--sae")
+        .arg(&a.sae)
+        .arg("--vectors")
+        .arg(&a.vectors)
+        .arg("--out")
+        .arg(out)
+        .args(["--max-new-tokens", "6", "--device", "cpu", "--quiet"])
+        .args(if extra.contains(&"--batch") {
+            &[][..]
+        } else {
+            &["--batch", "3"][..]
+        })
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn lines_of(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
+}
+
+/// The content of a result line that must not depend on batching or resuming.
+fn key(v: &Value) -> String {
+    let mut v = v.clone();
+    let m = v.as_object_mut().unwrap();
+    m.remove("seconds");
+    m.remove("batch");
+    serde_json::to_string(m).unwrap()
+}
+
+fn keys(vs: &[Value]) -> BTreeSet<String> {
+    vs.iter().map(key).collect()
+}
+
+/// The uninterrupted reference run, shared by the tests that compare against it.
+fn reference_run() -> &'static (PathBuf, Vec<Value>) {
+    static R: OnceLock<(PathBuf, Vec<Value>)> = OnceLock::new();
+    R.get_or_init(|| {
+        let out = tmp("reference");
+        ok(eval(&out, &[]));
+        let lines = lines_of(&out.join("results.jsonl"));
+        (out, lines)
+    })
+}
+
+#[test]
+fn all_modes_write_the_schema() {
+    let (out, lines) = reference_run();
+    assert_eq!(lines.len(), 12, "4 problems × 3 modes");
+    let pairs: BTreeSet<(u64, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["index"].as_u64().unwrap(),
+                l["mode"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(pairs.len(), 12, "no (index, mode) pair twice");
+    for l in lines {
+        let mode = l["mode"].as_str().unwrap();
+        for f in [
+            "index",
+            "mode",
+            "question",
+            "reference",
+            "response",
+            "extracted",
+            "correct",
+            "tokens",
+            "seconds",
+        ] {
+            assert!(l.get(f).is_some(), "{mode} line lacks {f}: {l}");
+        }
+        assert!(
+            l["correct"].is_boolean()
+                && l["response"].is_string()
+                && l["seconds"].as_f64().unwrap() >= 0.0
+        );
+        let tokens = l["tokens"].as_u64().unwrap();
+        assert!(
+            (1..=6).contains(&tokens),
+            "1..=6 new tokens, found {tokens}"
+        );
+        assert!(l["meta"]["subject"].is_string(), "meta kept: {l}");
+        if mode == "hybrid" {
+            let sf = l["steered_fraction"].as_f64().unwrap();
+            let counts: Vec<u64> = serde_json::from_value(l["category_counts"].clone()).unwrap();
+            assert_eq!(counts.len(), 4, "K = 4 categories");
+            let steered: u64 = counts.iter().sum();
+            assert_eq!(steered, l["steered_tokens"].as_u64().unwrap());
+            assert!((sf - steered as f64 / tokens as f64).abs() < 1e-12);
+        } else {
+            assert!(
+                l.get("steered_fraction").is_none() && l.get("category_counts").is_none(),
+                "{l}"
+            );
+        }
+    }
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["max_new_tokens"], 6);
+    assert_eq!(config["hybrid"]["mode"], "cached");
+    assert_eq!(config["hybrid"]["windows"], serde_json::json!([-1]));
+    assert!(
+        config["thinking"]["prompt"]
+            .as_str()
+            .unwrap()
+            .ends_with("<think>\n"),
+        "chat template recorded"
+    );
+    // A rerun finds everything done: nothing is appended.
+    ok(eval(out, &[]));
+    assert_eq!(lines_of(&out.join("results.jsonl")).len(), 12);
+}
+
+fn wilson(k: f64, n: f64) -> (f64, f64) {
+    let z = 1.959963984540054f64;
+    let p = k / n;
+    let c = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
+    let h = z / (1.0 + z * z / n) * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
+    ((c - h).max(0.0), (c + h).min(1.0))
+}
+
+/// Recomputes per-mode numbers from result lines and checks report.json and report.md agree.
+fn check_report(out: &Path, lines: &[Value]) -> Value {
+    let printed =
+        String::from_utf8(ok(bin().arg("report").arg("--out").arg(out).output().unwrap()).stdout)
+            .unwrap();
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert_eq!(printed, md);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    // Exact formulas on both sides; 1e-12 only absorbs summation order.
+    let close = |a: f64, b: f64, what: &str| {
+        assert!((a - b).abs() < 1e-12, "{what}: report {a}, recomputed {b}")
+    };
+    let mut by_mode: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for l in lines {
+        by_mode
+            .entry(l["mode"].as_str().unwrap().to_string())
+            .or_default()
+            .push(l);
+    }
+    let stats = r["modes"].as_array().unwrap();
+    assert_eq!(stats.len(), by_mode.len());
+    for s in stats {
+        let mode = s["mode"].as_str().unwrap();
+        let ls = &by_mode[mode];
+        let n = ls.len() as f64;
+        let k = ls.iter().filter(|l| l["correct"] == true).count() as f64;
+        assert_eq!(s["problems"].as_u64().unwrap() as f64, n);
+        close(s["accuracy"].as_f64().unwrap(), k / n, "accuracy");
+        let (lo, hi) = wilson(k, n);
+        close(s["ci_low"].as_f64().unwrap(), lo, "ci_low");
+        close(s["ci_high"].as_f64().unwrap(), hi, "ci_high");
+        let tokens: u64 = ls.iter().map(|l| l["tokens"].as_u64().unwrap()).sum();
+        assert_eq!(s["tokens"].as_u64().unwrap(), tokens);
+        let row = format!(
+            "| {mode} | {} | {} | {:.1}% | [{:.1}%, {:.1}%] | {tokens} |",
+            n,
+            k,
+            100.0 * k / n,
+            100.0 * lo,
+            100.0 * hi
+        );
+        assert!(md.contains(&row), "report.md lacks {row:?}:\n{md}");
+        if mode == "hybrid" {
+            let steered: f64 = ls
+                .iter()
+                .map(|l| l["steered_tokens"].as_f64().unwrap())
+                .sum();
+            close(
+                s["steered_token_weighted"].as_f64().unwrap(),
+                steered / tokens as f64,
+                "token-weighted",
+            );
+            let mean = ls
+                .iter()
+                .map(|l| l["steered_fraction"].as_f64().unwrap())
+                .sum::<f64>()
+                / n;
+            close(
+                s["steered_mean"].as_f64().unwrap(),
+                mean,
+                "mean per problem",
+            );
+            let k = ls
+                .iter()
+                .map(|l| l["category_counts"].as_array().unwrap().len())
+                .max()
+                .unwrap();
+            let mut counts = vec![0u64; k];
+            for l in ls {
+                for (i, c) in l["category_counts"].as_array().unwrap().iter().enumerate() {
+                    counts[i] += c.as_u64().unwrap();
+                }
+            }
+            assert_eq!(s["category_counts"], serde_json::json!(counts));
+        } else {
+            assert!(s["steered_mean"].is_null());
+        }
+    }
+    r
+}
+
+#[test]
+fn report_matches_the_jsonl() {
+    let (_, lines) = reference_run();
+    // A copy, so report files do not race with the other tests reading the reference folder.
+    let out = tmp("report-e2e");
+    std::fs::copy(
+        reference_run().0.join("results.jsonl"),
+        out.join("results.jsonl"),
+    )
+    .unwrap();
+    let r = check_report(&out, lines);
+    assert_eq!(r["breakdowns"][0]["field"], "subject");
+    assert_eq!(r["breakdowns"][1]["field"], "level");
+}
+
+/// Synthetic lines with a known answer: base 1/4, thinking 3/4, hybrid 2/4 → gap recovered
+/// (0.5 − 0.25) / (0.75 − 0.25) = 0.5; one line repeated (ignored), one torn at the end.
+#[test]
+fn report_known_numbers() {
+    let out = tmp("report-known");
+    let mut body = String::new();
+    let correct = [
+        ("base", [true, false, false, false]),
+        ("thinking", [true, true, true, false]),
+        ("hybrid", [true, false, true, false]),
+    ];
+    for (mode, cs) in correct {
+        for (i, c) in cs.iter().enumerate() {
+            let mut l = serde_json::json!({
+                "index": i, "mode": mode, "question": "q", "reference": "1", "response": "r",
+                "extracted": null, "correct": c, "tokens": 10 * (i + 1), "seconds": 1.0 + i as f64,
+                "batch": format!("{mode}-{}", i / 2),
+                "meta": {"subject": if i < 2 { "Algebra" } else { "Geometry" }, "level": "Level 1"}
+            });
+            if mode == "hybrid" {
+                l["steered_fraction"] = serde_json::json!(i as f64 / (10.0 * (i + 1) as f64));
+                l["steered_tokens"] = serde_json::json!(i);
+                l["category_counts"] = serde_json::json!([i, 0]);
+            }
+            body += &(l.to_string() + "\n");
+        }
+    }
+    let first = body.lines().next().unwrap().to_string();
+    std::fs::write(out.join("results.shard-0-of-2.jsonl"), &body).unwrap();
+    std::fs::write(
+        out.join("results.shard-1-of-2.jsonl"),
+        first + "\n{\"index\": 9, \"mo",
+    )
+    .unwrap();
+    let lines: Vec<Value> = body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let r = check_report(&out, &lines);
+    assert_eq!(r["duplicates"], 1);
+    let g = &r["gap"];
+    assert_eq!(g["problems"], 4);
+    assert!(
+        (g["recovered"].as_f64().unwrap() - 0.5).abs() < 1e-12,
+        "{g}"
+    );
+    // tok/s: 100 tokens over batch walls max(1,2) + max(3,4) = 6 s.
+    assert!((r["modes"][0]["tok_per_s"].as_f64().unwrap() - 100.0 / 6.0).abs() < 1e-9);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("= 50.0%"), "{md}");
+    assert!(
+        md.contains("| Geometry | 0.0% (0/2) | 50.0% (1/2) | 50.0% (1/2) |"),
+        "{md}"
+    );
+}
+
+#[test]
+fn resume_after_limit_equals_uninterrupted() {
+    let (_, reference) = reference_run();
+    let out = tmp("resume");
+    ok(eval(&out, &["--limit", "2"]));
+    let partial = lines_of(&out.join("results.jsonl"));
+    assert_eq!(partial.len(), 6, "2 problems × 3 modes");
+    ok(eval(&out, &[]));
+    let full = lines_of(&out.join("results.jsonl"));
+    assert_eq!(full.len(), 12);
+    assert_eq!(keys(&full), keys(reference));
+}
+
+#[test]
+fn torn_last_line_resumes_without_duplicates() {
+    let (ref_out, reference) = reference_run();
+    let out = tmp("torn");
+    let text = std::fs::read_to_string(ref_out.join("results.jsonl")).unwrap();
+    // Keep 7 whole lines and half of the 8th, as if killed inside a write.
+    let ends: Vec<usize> = text.match_indices('\n').map(|(i, _)| i + 1).collect();
+    let cut = ends[6] + (ends[7] - ends[6]) / 2;
+    std::fs::write(out.join("results.jsonl"), &text[..cut]).unwrap();
+    std::fs::copy(ref_out.join("config.json"), out.join("config.json")).unwrap();
+    ok(eval(&out, &[]));
+    let lines = lines_of(&out.join("results.jsonl"));
+    assert_eq!(lines.len(), 12, "no duplicates, nothing lost");
+    assert_eq!(keys(&lines), keys(reference));
+}
+
+#[test]
+fn shards_merge_to_the_full_set() {
+    let (_, reference) = reference_run();
+    let out = tmp("shards");
+    ok(eval(&out, &["--shard", "0/2"]));
+    ok(eval(&out, &["--shard", "1/2", "--batch", "1"]));
+    let a = lines_of(&out.join("results.shard-0-of-2.jsonl"));
+    let b = lines_of(&out.join("results.shard-1-of-2.jsonl"));
+    assert!(a.iter().all(|l| l["index"].as_u64().unwrap() % 2 == 0));
+    let merged: Vec<Value> = a.into_iter().chain(b).collect();
+    assert_eq!(merged.len(), 12);
+    assert_eq!(
+        keys(&merged),
+        keys(reference),
+        "sharded and batch-1 runs give the same greedy answers"
+    );
+    check_report(&out, &merged);
+}
+
+#[test]
+fn bad_input_is_refused() {
+    let dir = tmp("bad");
+    let data = dir.join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"question\":\"q\",\"answer\":\"1\"}\n{\"question\": oops\n",
+    )
+    .unwrap();
+    let mut c = bin();
+    let run = |c: &mut Command, data: &Path, out: &Path, tokens: &str, extra: &[&str]| {
+        c.arg("eval")
+            .arg("--dataset")
+            .arg(data)
+            .args(["--modes", "base", "--base"])
+            .arg(fixture("qwen2-f32"))
+            .arg("--thinking")
+            .arg(fixture("thinking-qwen2-f32"))
+            .arg("--out")
+            .arg(out)
+            .args(["--max-new-tokens", tokens, "--device", "cpu", "--quiet"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let e = fails(run(&mut c, &data, &dir.join("o1"), "2", &[]));
+    assert!(
+        e.contains("bad.jsonl:2") && e.contains("malformed JSON"),
+        "{e}"
+    );
+
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    let e = fails(run(&mut bin(), &empty, &dir.join("o2"), "2", &[]));
+    assert!(e.contains("empty dataset"), "{e}");
+
+    let e = fails(run(
+        &mut bin(),
+        &dir.join("missing.jsonl"),
+        &dir.join("o3"),
+        "2",
+        &[],
+    ));
+    assert!(
+        e.contains("missing.jsonl") && e.contains("gsm8k, math500"),
+        "{e}"
+    );
+
+    let e = fails(run(
+        &mut bin(),
+        &artifacts().data,
+        &dir.join("o4"),
+        "2",
+        &["--preset", "r1-distill-qwen-7b"],
+    ));
+    assert!(
+        e.contains("r1-distill-qwen-1.5b") && e.contains("qwq-32b"),
+        "{e}"
+    );
+
+    let e = fails(run(
+        &mut bin(),
+        &artifacts().data,
+        &dir.join("o5"),
+        "2",
+        &["--modes", "hybrid"],
+    ));
+    assert!(e.contains("--sae"), "{e}");
+
+    // A preset whose layers the random SAE (layer 2, K 4) does not have.
+    let e = fails(eval(
+        &dir.join("o6"),
+        &[
+            "--preset",
+            "r1-distill-qwen-1.5b",
+            "--modes",
+            "hybrid",
+            "--limit",
+            "1",
+        ],
+    ));
+    assert!(
+        e.contains("layer 4") && e.contains("found SAE layer 2"),
+        "{e}"
+    );
+
+    // --out holding results of another configuration: refused, and nothing appended.
+    let out = dir.join("o7");
+    ok(run(
+        &mut bin(),
+        &artifacts().data,
+        &out,
+        "2",
+        &["--limit", "1"],
+    ));
+    let before = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let e = fails(run(&mut bin(), &artifacts().data, &out, "3", &[]));
+    assert!(
+        e.contains("different configuration") && e.contains("max_new_tokens: 2 there, 3 now"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("results.jsonl")).unwrap(),
+        before
+    );
+}
+
+/// --judge-cmd decides `correct`: this judge (reading the JSON on stdin) accepts the two
+/// questions that start with "What is" / contain "What is", whatever the response.
+#[test]
+fn judge_cmd_decides_correct() {
+    let out = tmp("judge");
+    ok(eval(
+        &out,
+        &[
+            "--modes",
+            "base",
+            "--judge-cmd",
+            "grep -q 'What is' && echo true || echo false",
+        ],
+    ));
+    let lines = lines_of(&out.join("results.jsonl"));
+    // --modes is repeatable, so base,thinking,hybrid + base is still every mode once.
+    assert_eq!(lines.len(), 12);
+    for l in &lines {
+        let want = l["question"].as_str().unwrap().contains("What is");
+        assert_eq!(l["correct"].as_bool().unwrap(), want, "{l}");
+    }
+    let r = check_report(&out, &lines);
+    assert_eq!(r["modes"][0]["correct"], 2);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert!(config["judge_cmd"].as_str().unwrap().contains("grep"));
+}
