@@ -617,16 +617,30 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
                 .collect();
             let text = base_tok.decode(&body)?;
             if a.json {
-                let j = serde_json::json!({
-                    "ids": out.ids,
-                    "text": text,
-                    "steps": out.steps,
-                    "stats": {
-                        "steered_fraction": out.steered_fraction(),
-                        "category_counts": out.category_counts(sae.latents),
-                    }
-                });
-                println!("{j}");
+                // Serialised from typed values (not a `json!` tree) so f32 coefficients print
+                // in their shortest form (0.1, not 0.10000000149011612).
+                #[derive(serde::Serialize)]
+                struct Stats {
+                    steered_fraction: f64,
+                    category_counts: Vec<usize>,
+                }
+                #[derive(serde::Serialize)]
+                struct Line<'a> {
+                    ids: &'a [u32],
+                    text: &'a str,
+                    steps: &'a [thinksteer::hybrid::StepRecord],
+                    stats: Stats,
+                }
+                let line = Line {
+                    ids: &out.ids,
+                    text: &text,
+                    steps: &out.steps,
+                    stats: Stats {
+                        steered_fraction: out.steered_fraction(),
+                        category_counts: out.category_counts(sae.latents),
+                    },
+                };
+                println!("{}", serde_json::to_string(&line)?);
             } else {
                 println!(
                     "=== question {} (steered {:.1}% of {} tokens)",
