@@ -113,12 +113,17 @@ pub fn silu_mul(out: &mut [f32], gate: &[f32], up: &[f32]) {
         });
 }
 
-/// Index of the first maximum.
+/// Index of the first maximum; NaN entries never win (an all-NaN or empty slice gives 0).
 pub fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    let mut seen = false;
     for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
+        // Strict `>` keeps the first of equal maxima, so ties go to the lowest index.
+        if !v.is_nan() && (!seen || v > best_v) {
             best = i;
+            best_v = v;
+            seen = true;
         }
     }
     best

@@ -215,16 +215,7 @@ impl Sae {
     }
 }
 
-/// Index of the largest entry, the first one on ties (NaN entries never win).
-pub fn argmax(z: &[f32]) -> usize {
-    let mut best = 0;
-    for (j, &v) in z.iter().enumerate() {
-        if v > z[best] || z[best].is_nan() && !v.is_nan() {
-            best = j;
-        }
-    }
-    best
-}
+pub use crate::cpu_ops::argmax;
 
 /// a [rows, cols] → [cols, rows].
 pub(crate) fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {

@@ -38,21 +38,7 @@ impl SamplingParams {
     }
 }
 
-/// Index of the first maximum of `x`; NaNs are skipped, and an empty or all-NaN slice gives 0.
-pub fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
-    let mut best_v = f32::NEG_INFINITY;
-    let mut seen = false;
-    for (i, &v) in x.iter().enumerate() {
-        // Strict `>` keeps the first of equal maxima, so ties go to the lowest id.
-        if !v.is_nan() && (!seen || v > best_v) {
-            best = i;
-            best_v = v;
-            seen = true;
-        }
-    }
-    best
-}
+pub use crate::cpu_ops::argmax;
 
 /// xoshiro256**: 256 bits of state, fast, and good enough statistically for token sampling.
 #[derive(Debug, Clone)]

@@ -302,18 +302,8 @@ impl CudaHybrid {
                 // warm-up run before capture changes nothing.
                 self.step_launches(b)?;
                 self.gpu.sync()?;
-                let s = self.gpu.stream.clone();
-                s.begin_capture(
-                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                )
-                .map_err(cu("starting graph capture"))?;
-                let launched = self.step_launches(b);
-                let graph = s
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags_enum(0))
-                    .map_err(cu("ending graph capture"))?;
-                launched?;
-                let graph =
-                    graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
+                let gpu = self.gpu.clone();
+                let graph = gpu.capture(|| self.step_launches(b))?;
                 self.graphs.insert(b, graph);
             }
             self.graphs[&b]

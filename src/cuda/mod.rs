@@ -133,6 +133,22 @@ impl Gpu {
         Ok(())
     }
 
+    /// Records the launches `f` makes on the stream into a replayable CUDA graph (nothing runs
+    /// during capture; `f` must not synchronise or allocate).
+    pub fn capture(&self, f: impl FnOnce() -> Result<()>) -> Result<cudarc::driver::CudaGraph> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags_enum, CUstreamCaptureMode};
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda_err("starting graph capture"))?;
+        let launched = f();
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags_enum(0))
+            .map_err(cuda_err("ending graph capture"))?;
+        launched?;
+        graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))
+    }
+
     /// Waits for all queued work.
     pub fn sync(&self) -> Result<()> {
         self.stream

@@ -734,18 +734,8 @@ impl CudaEngine {
                 // Warm-up run outside capture (first-use work such as module loading), then capture.
                 self.greedy_launches(t)?;
                 self.gpu.sync()?;
-                let s = self.gpu.stream.clone();
-                s.begin_capture(
-                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                )
-                .map_err(cu("starting graph capture"))?;
-                let launched = self.greedy_launches(t);
-                let graph = s
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags_enum(0))
-                    .map_err(cu("ending graph capture"))?;
-                launched?;
-                let graph =
-                    graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))?;
+                let gpu = self.gpu.clone();
+                let graph = gpu.capture(|| self.greedy_launches(t))?;
                 self.graphs.insert(t, graph);
             }
             self.graphs[&t]
