@@ -583,8 +583,6 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
         a.batch.max(1)
     };
     let mut gpu_hybrid = if on_gpu {
-        use thinksteer::cuda::model::CudaEngine;
-        let gpu = Arc::new(thinksteer::cuda::Gpu::new(0)?);
         let longest = |f: fn(&Prompts) -> usize| problems.iter().map(f).max().unwrap_or(1);
         let ctx_b = base
             .config
@@ -594,11 +592,15 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
             .config
             .max_position_embeddings
             .min(longest(|p| p.thinking.len()) + a.max_new_tokens + 1);
-        let rows = batch * (1 + settings.coefficients.len());
-        let te = CudaEngine::load(gpu.clone(), &a.thinking, batch, ctx_t, batch.max(512))?;
-        let be = CudaEngine::load(gpu, &a.base, batch, ctx_b, rows.max(512))?;
-        Some(thinksteer::cuda::hybrid::CudaHybrid::new(
-            te, be, &sae, &steering, &settings, batch,
+        Some(thinksteer::cuda::hybrid::CudaHybrid::load(
+            &a.base,
+            &a.thinking,
+            &sae,
+            &steering,
+            &settings,
+            batch,
+            ctx_b,
+            ctx_t,
         )?)
     } else {
         None

@@ -150,6 +150,32 @@ impl CudaHybrid {
         })
     }
 
+    /// Loads both checkpoints onto the first GPU, sized for `max_b` problems whose prompts and
+    /// answers fit `ctx_base` / `ctx_think` positions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        base_dir: &std::path::Path,
+        think_dir: &std::path::Path,
+        sae: &Sae,
+        steering: &SteeringSet,
+        s: &Settings,
+        max_b: usize,
+        ctx_base: usize,
+        ctx_think: usize,
+    ) -> Result<CudaHybrid> {
+        let gpu = Arc::new(Gpu::new(0)?);
+        let rows = max_b * (1 + s.coefficients.len());
+        let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, max_b.max(512))?;
+        let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows.max(512))?;
+        CudaHybrid::new(think, base, sae, steering, s, max_b)
+    }
+
+    /// Whether these settings run on the GPU step (cached or persistent mode, categories from
+    /// the SAE); the others run on the CPU loop.
+    pub fn supports(s: &Settings) -> bool {
+        s.mode != Mode::Exact && s.random_firing.is_none() && s.windows == [-1]
+    }
+
     /// Changes the number of new tokens of later `run` calls.
     pub fn set_max_new_tokens(&mut self, n: usize) {
         self.s.max_new_tokens = n;

@@ -17,7 +17,8 @@ use crate::hybrid::{Mode, Settings};
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum EvalDevice {
     Cpu,
-    /// Base and thinking modes on the GPU (the hybrid loop runs on the CPU in this version).
+    /// On the GPU: base and thinking modes, and hybrid in cached/persistent mode (exact mode
+    /// and --random-firing run the hybrid loop on the CPU).
     Cuda,
     /// CUDA when a GPU is usable, else the CPU.
     Auto,

@@ -670,11 +670,37 @@ fn run_hybrid(
     };
     let eos = &base.config.eos_token_ids;
     let max = spec.settings.max_new_tokens;
-    for chunk in todo.chunks(spec.batch.max(1)) {
-        let ps = chunk
-            .iter()
-            .map(|p| prompts.hybrid(&p.question))
-            .collect::<Result<Vec<_>>>()?;
+    let all = todo
+        .iter()
+        .map(|p| prompts.hybrid(&p.question))
+        .collect::<Result<Vec<_>>>()?;
+    // The GPU step, when asked for and the settings allow it; sized once for every chunk.
+    let mut gpu = if spec.use_cuda && crate::cuda::hybrid::CudaHybrid::supports(&spec.settings) {
+        let longest = |f: fn(&hybrid::Prompts) -> usize| all.iter().map(f).max().unwrap_or(1);
+        let ctx_b = base
+            .config
+            .max_position_embeddings
+            .min(longest(|p| p.base.len()) + max + 1);
+        let ctx_t = thinking
+            .config
+            .max_position_embeddings
+            .min(longest(|p| p.thinking.len()) + max + 1);
+        let batch = spec.batch.max(1).min(todo.len().max(1));
+        Some(crate::cuda::hybrid::CudaHybrid::load(
+            &spec.base,
+            &spec.thinking,
+            sae,
+            steering,
+            &spec.settings,
+            batch,
+            ctx_b,
+            ctx_t,
+        )?)
+    } else {
+        None
+    };
+    for (ci, chunk) in todo.chunks(spec.batch.max(1)).enumerate() {
+        let ps = &all[ci * spec.batch.max(1)..ci * spec.batch.max(1) + chunk.len()];
         let batch = format!("{run_id}-hybrid-{}", chunk[0].index);
         let start = Instant::now();
         let mut ids: Vec<Vec<u32>> = vec![vec![]; chunk.len()];
@@ -694,7 +720,7 @@ fn run_hybrid(
                 batch.clone(),
             )
         };
-        let outs = hybrid::run(&pair, &ps, &spec.settings, |i, tok, rec| {
+        let on_step = |i: usize, tok: u32, rec: &StepRecord| {
             ids[i].push(tok);
             steps[i].push(*rec);
             let stopped = eos.contains(&tok) || ids[i].len() >= max;
@@ -704,7 +730,11 @@ fn run_hybrid(
                     failed = Some(e);
                 }
             }
-        })?;
+        };
+        let outs = match gpu.as_mut() {
+            Some(h) => h.run(ps, on_step)?,
+            None => hybrid::run(&pair, ps, &spec.settings, on_step)?,
+        };
         if let Some(e) = failed {
             return Err(e);
         }
