@@ -41,6 +41,8 @@ pub struct Settings {
     pub steer_at_block_input: bool,
     /// The reference code's quirk: encode the raw activation (no centring / unit norm).
     pub sae_raw_activations: bool,
+    /// Problems decoded together in the cached modes; a finished problem's slot takes the next.
+    pub batch: usize,
 }
 
 impl Default for Settings {
@@ -55,6 +57,7 @@ impl Default for Settings {
             no_gating: false,
             steer_at_block_input: false,
             sae_raw_activations: false,
+            batch: 8,
         }
     }
 }
@@ -385,12 +388,29 @@ fn cached_batch(
         .config
         .max_position_embeddings
         .min(max_prompt(|p| p.thinking.len()) + s.max_new_tokens);
-    let mut sb = Side::new(b, problems.iter().map(|p| p.base.clone()).collect(), ctx_b);
-    let mut st = Side::new(
-        t,
-        problems.iter().map(|p| p.thinking.clone()).collect(),
-        ctx_t,
-    );
+    // Cache slots, each holding one problem at a time; a finished problem's slot takes the
+    // next one (its positions restart at 0, overwriting the old K/V before they are read).
+    let nslots = s.batch.max(1).min(problems.len().max(1));
+    let mut sb = Side::new(b, vec![vec![]; nslots], ctx_b);
+    let mut st = Side::new(t, vec![vec![]; nslots], ctx_t);
+    let mut who: Vec<Option<usize>> = vec![None; nslots];
+    // Problems whose prompt leaves no room to generate get an empty output.
+    let mut queue = (0..problems.len()).filter(|&p| {
+        s.max_new_tokens > 0 && problems[p].base.len() < ctx_b && problems[p].thinking.len() < ctx_t
+    });
+    let load =
+        |slot: usize, p: usize, sb: &mut Side, st: &mut Side, who: &mut Vec<Option<usize>>| {
+            sb.len[slot] = 0;
+            st.len[slot] = 0;
+            sb.pending[slot] = problems[p].base.clone();
+            st.pending[slot] = problems[p].thinking.clone();
+            who[slot] = Some(p);
+        };
+    for slot in 0..nslots {
+        if let Some(p) = queue.next() {
+            load(slot, p, &mut sb, &mut st, &mut who);
+        }
+    }
     let (d, v) = (b.config.hidden_size, b.config.vocab_size);
     let point = pair.steer_point(s);
     let (nb, nt) = (b.config.num_hidden_layers, t.config.num_hidden_layers);
@@ -407,9 +427,7 @@ fn cached_batch(
     let fits = |r: usize, sb: &Side, st: &Side| {
         sb.len[r] + sb.pending[r].len() <= ctx_b && st.len[r] + st.pending[r].len() <= ctx_t
     };
-    let mut active: Vec<usize> = (0..problems.len())
-        .filter(|&r| s.max_new_tokens > 0 && fits(r, &sb, &st))
-        .collect();
+    let mut active: Vec<usize> = (0..nslots).filter(|&r| who[r].is_some()).collect();
     let mut h_point: Vec<f32> = vec![];
     while !active.is_empty() {
         // 1. Thinking model: feed pending tokens, capture block L_t's output, logits at the last token.
@@ -561,22 +579,28 @@ fn cached_batch(
                 }
             }
         }
-        // 5. Emit, and queue the token for both models.
+        // 5. Emit, and queue the token for both models; finished problems free their slot.
         for (k, &r) in active.iter().enumerate() {
             let (tok, rec) = chosen[k];
-            on_step(r, tok, &rec);
-            outs[r].ids.push(tok);
-            outs[r].steps.push(rec);
+            let p = who[r].expect("active slots hold a problem");
+            on_step(p, tok, &rec);
+            outs[p].ids.push(tok);
+            outs[p].steps.push(rec);
             sb.len[r] += sb.pending[r].len();
             st.len[r] += st.pending[r].len();
             sb.pending[r] = vec![tok];
             st.pending[r] = vec![tok];
+            let done = b.config.eos_token_ids.contains(&tok)
+                || outs[p].ids.len() >= s.max_new_tokens
+                || !fits(r, &sb, &st);
+            if done {
+                who[r] = None;
+                if let Some(q) = queue.next() {
+                    load(r, q, &mut sb, &mut st, &mut who);
+                }
+            }
         }
-        active.retain(|&r| {
-            !b.config.eos_token_ids.contains(outs[r].ids.last().unwrap())
-                && outs[r].ids.len() < s.max_new_tokens
-                && fits(r, &sb, &st)
-        });
+        active = (0..nslots).filter(|&r| who[r].is_some()).collect();
     }
     Ok(outs)
 }

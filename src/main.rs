@@ -568,6 +568,7 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
         no_gating: a.no_gating,
         steer_at_block_input: a.steer_at_block_input,
         sae_raw_activations: a.sae_raw_activations,
+        batch: a.batch.max(1),
     };
     let pair = Pair {
         base: &base,
@@ -605,10 +606,11 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
     } else {
         None
     };
-    for (ci, chunk) in problems.chunks(batch).enumerate() {
+    {
+        // All questions at once: `batch` decode together, a finished one's slot takes the next.
         let outs = match gpu_hybrid.as_mut() {
-            Some(h) => h.run(chunk, |_, _, _| {})?,
-            None => run(&pair, chunk, &settings, |_, _, _| {})?,
+            Some(h) => h.run(&problems, |_, _, _| {})?,
+            None => run(&pair, &problems, &settings, |_, _, _| {})?,
         };
         for (j, out) in outs.iter().enumerate() {
             let body: Vec<u32> = out
@@ -646,7 +648,7 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
             } else {
                 println!(
                     "=== question {} (steered {:.1}% of {} tokens)",
-                    ci * batch + j,
+                    j,
                     100.0 * out.steered_fraction(),
                     out.ids.len()
                 );

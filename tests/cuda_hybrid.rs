@@ -115,6 +115,19 @@ fn compare(mode: Mode, no_gating: bool) {
             "no steered step compared: the test would not check the candidates"
         );
     }
+    // Two slots for three problems: the third takes the first slot that frees up.
+    let te = CudaEngine::load(g.clone(), &think_dir, 2, 64, 64).unwrap();
+    let be = CudaEngine::load(g, &base_dir, 2, 64, 64.max(2 * (1 + c))).unwrap();
+    let mut hy2 = CudaHybrid::new(te, be, &sae, &steering, &s, 2).unwrap();
+    let got = hy2.run(&ps, |_, _, _| {}).unwrap();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let k = 6.min(w.ids.len());
+        assert_eq!(
+            g.ids[..k],
+            w.ids[..k],
+            "{mode:?} two slots: problem {i} ids"
+        );
+    }
 }
 
 #[test]

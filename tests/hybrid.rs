@@ -238,13 +238,41 @@ fn cached_equals_exact_for_the_newest_position_window() {
 #[test]
 fn batched_equals_one_at_a_time() {
     let f = fx(12.0);
+    // A third problem, so batch 2 exercises a slot taking the next problem (refill), with
+    // different lengths (max 16 tokens for some, eos possibly earlier for others).
+    let mut ps = problems();
+    ps.push(Prompts {
+        base: vec![50, 43, 50, 61],
+        thinking: vec![307, 50, 43, 50, 308, 10, 307],
+    });
     for mode in [Mode::Cached, Mode::Persistent] {
-        let s = settings(mode, &[0.5, 1.0, 2.0], &[-1], 16);
-        let together = hybrid(&f, &problems(), &s);
-        for (i, p) in problems().into_iter().enumerate() {
-            let alone = &hybrid(&f, std::slice::from_ref(&p), &s)[0];
-            assert_eq!(&together[i].ids, &alone.ids, "{mode:?} problem {i}");
-            assert_eq!(&together[i].steps, &alone.steps, "{mode:?} problem {i}");
+        let alone: Vec<_> = ps
+            .iter()
+            .map(|p| {
+                hybrid(
+                    &f,
+                    std::slice::from_ref(p),
+                    &settings(mode, &[0.5, 1.0, 2.0], &[-1], 16),
+                )[0]
+                .clone()
+            })
+            .collect();
+        for batch in [1, 2, 8] {
+            let s = Settings {
+                batch,
+                ..settings(mode, &[0.5, 1.0, 2.0], &[-1], 16)
+            };
+            let together = hybrid(&f, &ps, &s);
+            for (i, a) in alone.iter().enumerate() {
+                assert_eq!(
+                    &together[i].ids, &a.ids,
+                    "{mode:?} batch {batch} problem {i}"
+                );
+                assert_eq!(
+                    &together[i].steps, &a.steps,
+                    "{mode:?} batch {batch} problem {i}"
+                );
+            }
         }
     }
 }

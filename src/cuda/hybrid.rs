@@ -356,45 +356,25 @@ impl CudaHybrid {
             .collect())
     }
 
-    /// The hybrid loop over up to max_b problems decoded together (cached or persistent mode).
+    /// The hybrid loop over any number of problems, max_b decoded together (cached or
+    /// persistent mode): a finished problem's slot takes the next problem, so the step keeps
+    /// its batch size (and its CUDA graph) until the queue runs dry.
     pub fn run(
         &mut self,
         problems: &[Prompts],
         mut on_step: impl FnMut(usize, u32, &StepRecord),
     ) -> Result<Vec<Output>> {
-        if problems.len() > self.max_b {
-            bail!(
-                "{} problems but the GPU hybrid was sized for {}",
-                problems.len(),
-                self.max_b
-            );
-        }
         let (ctx_b, ctx_t) = (self.base.max_len(), self.think.max_len());
         for (i, p) in problems.iter().enumerate() {
             if p.base.is_empty() || p.thinking.is_empty() {
                 bail!("problem {i}: empty prompt");
             }
             if p.base.len() >= ctx_b || p.thinking.len() >= ctx_t {
-                bail!("problem {i}: prompts of {} / {} tokens do not fit contexts of {ctx_b} / {ctx_t}", p.base.len(), p.thinking.len());
-            }
-            // Prefill all but the last prompt token; the first step feeds the last one.
-            for (e, ids) in [(&mut self.base, &p.base), (&mut self.think, &p.thinking)] {
-                let n = ids.len() - 1;
-                if n > 0 {
-                    let slots = vec![i; n];
-                    let pos: Vec<usize> = (0..n).collect();
-                    Decoder::forward(
-                        e,
-                        &ids[..n],
-                        &Step {
-                            slots: &slots,
-                            positions: &pos,
-                            n_write: n,
-                        },
-                        &[n - 1],
-                        &mut Hooks::default(),
-                    )?;
-                }
+                bail!(
+                    "problem {i}: prompts of {} / {} tokens do not fit contexts of {ctx_b} / {ctx_t}",
+                    p.base.len(),
+                    p.thinking.len()
+                );
             }
         }
         let eos = self.base.config.eos_token_ids.clone();
@@ -405,19 +385,29 @@ impl CudaHybrid {
                 steps: vec![],
             })
             .collect();
-        let mut next: Vec<u32> = problems.iter().map(|p| *p.base.last().unwrap()).collect();
-        let mut think_next: Vec<u32> = problems
-            .iter()
-            .map(|p| *p.thinking.last().unwrap())
-            .collect();
-        let mut pos_b: Vec<usize> = problems.iter().map(|p| p.base.len() - 1).collect();
-        let mut pos_t: Vec<usize> = problems.iter().map(|p| p.thinking.len() - 1).collect();
-        let mut active: Vec<usize> = (0..problems.len())
-            .filter(|_| self.s.max_new_tokens > 0)
-            .collect();
+        let nslots = self.max_b.min(problems.len());
+        // Per slot: the problem it holds, the next token of each model and its position.
+        let mut who: Vec<Option<usize>> = vec![None; nslots];
+        let (mut next, mut think_next) = (vec![0u32; nslots], vec![0u32; nslots]);
+        let (mut pos_b, mut pos_t) = (vec![0usize; nslots], vec![0usize; nslots]);
+        let any = self.s.max_new_tokens > 0;
+        let mut queue = (0..problems.len()).filter(|_| any);
+        for slot in 0..nslots {
+            if let Some(p) = queue.next() {
+                self.prefill(slot, &problems[p])?;
+                who[slot] = Some(p);
+                (next[slot], think_next[slot]) = (
+                    *problems[p].base.last().unwrap(),
+                    *problems[p].thinking.last().unwrap(),
+                );
+                (pos_b[slot], pos_t[slot]) =
+                    (problems[p].base.len() - 1, problems[p].thinking.len() - 1);
+            }
+        }
+        let mut active: Vec<usize> = (0..nslots).filter(|&r| who[r].is_some()).collect();
         while !active.is_empty() {
-            // Both models are fed the emitted token; on the first step each feeds the last token
-            // of its own prompt.
+            // Both models are fed the emitted token; on a problem's first step each feeds the
+            // last token of its own prompt.
             let ids: Vec<u32> = active.iter().map(|&r| next[r]).collect();
             let tids: Vec<u32> = active.iter().map(|&r| think_next[r]).collect();
             let pb: Vec<usize> = active.iter().map(|&r| pos_b[r]).collect();
@@ -440,21 +430,52 @@ impl CudaHybrid {
                         window: None,
                     }
                 };
-                on_step(r, tok, &rec);
-                outs[r].ids.push(tok);
-                outs[r].steps.push(rec);
-                next[r] = tok;
-                think_next[r] = tok;
+                let p = who[r].expect("active slots hold a problem");
+                on_step(p, tok, &rec);
+                outs[p].ids.push(tok);
+                outs[p].steps.push(rec);
+                (next[r], think_next[r]) = (tok, tok);
                 pos_b[r] += 1;
                 pos_t[r] += 1;
+                let done = eos.contains(&tok)
+                    || outs[p].ids.len() >= self.s.max_new_tokens
+                    || pos_b[r] >= ctx_b
+                    || pos_t[r] >= ctx_t;
+                if done {
+                    who[r] = None;
+                    if let Some(q) = queue.next() {
+                        self.prefill(r, &problems[q])?;
+                        who[r] = Some(q);
+                        (next[r], think_next[r]) = (
+                            *problems[q].base.last().unwrap(),
+                            *problems[q].thinking.last().unwrap(),
+                        );
+                        (pos_b[r], pos_t[r]) =
+                            (problems[q].base.len() - 1, problems[q].thinking.len() - 1);
+                    }
+                }
             }
-            active.retain(|&r| {
-                !eos.contains(outs[r].ids.last().unwrap())
-                    && outs[r].ids.len() < self.s.max_new_tokens
-                    && pos_b[r] < ctx_b
-                    && pos_t[r] < ctx_t
-            });
+            active = (0..nslots).filter(|&r| who[r].is_some()).collect();
         }
         Ok(outs)
+    }
+
+    /// Prefills a problem into cache slot `slot`: all but the last prompt token of each model
+    /// (the first step feeds the last one).
+    fn prefill(&mut self, slot: usize, p: &Prompts) -> Result<()> {
+        for (e, ids) in [(&mut self.base, &p.base), (&mut self.think, &p.thinking)] {
+            let n = ids.len() - 1;
+            if n > 0 {
+                let slots = vec![slot; n];
+                let pos: Vec<usize> = (0..n).collect();
+                let step = Step {
+                    slots: &slots,
+                    positions: &pos,
+                    n_write: n,
+                };
+                Decoder::forward(e, &ids[..n], &step, &[n - 1], &mut Hooks::default())?;
+            }
+        }
+        Ok(())
     }
 }

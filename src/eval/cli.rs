@@ -295,6 +295,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         coefficients: coefficients.clone(),
         windows: windows.clone(),
         max_new_tokens: a.max_new_tokens,
+        batch: a.batch.max(1),
         ..Settings::default()
     };
     let mode_name = serde_json::to_value(a.hybrid_mode)?

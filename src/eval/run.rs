@@ -699,49 +699,48 @@ fn run_hybrid(
     } else {
         None
     };
-    for (ci, chunk) in todo.chunks(spec.batch.max(1)).enumerate() {
-        let ps = &all[ci * spec.batch.max(1)..ci * spec.batch.max(1) + chunk.len()];
-        let batch = format!("{run_id}-hybrid-{}", chunk[0].index);
-        let start = Instant::now();
-        let mut ids: Vec<Vec<u32>> = vec![vec![]; chunk.len()];
-        let mut steps: Vec<Vec<StepRecord>> = vec![vec![]; chunk.len()];
-        let mut written = vec![false; chunk.len()];
-        let mut failed: Option<Error> = None;
-        let emit = |i: usize, ids: &[u32], steps: &[StepRecord], sink: &mut Sink| -> Result<()> {
-            let text = decode_text(&prompts.base_tok, ids, eos)?;
-            let secs = start.elapsed().as_secs_f64();
-            sink.finish(
-                chunk[i],
-                EvalMode::Hybrid,
-                text,
-                ids.len(),
-                Some((steps, sae.latents)),
-                secs,
-                batch.clone(),
-            )
-        };
-        let on_step = |i: usize, tok: u32, rec: &StepRecord| {
-            ids[i].push(tok);
-            steps[i].push(*rec);
-            let stopped = eos.contains(&tok) || ids[i].len() >= max;
-            if stopped && failed.is_none() {
-                written[i] = true;
-                if let Err(e) = emit(i, &ids[i], &steps[i], sink) {
-                    failed = Some(e);
-                }
+    // Every problem in one call: `batch` decode together and a finished problem's slot takes
+    // the next one; a problem's line is written the moment it stops.
+    let batch = format!("{run_id}-hybrid-{}", todo.first().map_or(0, |p| p.index));
+    let start = Instant::now();
+    let mut ids: Vec<Vec<u32>> = vec![vec![]; todo.len()];
+    let mut steps: Vec<Vec<StepRecord>> = vec![vec![]; todo.len()];
+    let mut written = vec![false; todo.len()];
+    let mut failed: Option<Error> = None;
+    let emit = |i: usize, ids: &[u32], steps: &[StepRecord], sink: &mut Sink| -> Result<()> {
+        let text = decode_text(&prompts.base_tok, ids, eos)?;
+        let secs = start.elapsed().as_secs_f64();
+        sink.finish(
+            todo[i],
+            EvalMode::Hybrid,
+            text,
+            ids.len(),
+            Some((steps, sae.latents)),
+            secs,
+            batch.clone(),
+        )
+    };
+    let on_step = |i: usize, tok: u32, rec: &StepRecord| {
+        ids[i].push(tok);
+        steps[i].push(*rec);
+        let stopped = eos.contains(&tok) || ids[i].len() >= max;
+        if stopped && failed.is_none() {
+            written[i] = true;
+            if let Err(e) = emit(i, &ids[i], &steps[i], sink) {
+                failed = Some(e);
             }
-        };
-        let outs = match gpu.as_mut() {
-            Some(h) => h.run(ps, on_step)?,
-            None => hybrid::run(&pair, ps, &spec.settings, on_step)?,
-        };
-        if let Some(e) = failed {
-            return Err(e);
         }
-        // Rows that stopped for another reason (the context was full) are written now.
-        for (i, out) in outs.iter().enumerate().filter(|(i, _)| !written[*i]) {
-            emit(i, &out.ids, &out.steps, sink)?;
-        }
+    };
+    let outs = match gpu.as_mut() {
+        Some(h) => h.run(&all, on_step)?,
+        None => hybrid::run(&pair, &all, &spec.settings, on_step)?,
+    };
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    // Problems that stopped for another reason (the context was full) are written now.
+    for (i, out) in outs.iter().enumerate().filter(|(i, _)| !written[*i]) {
+        emit(i, &out.ids, &out.steps, sink)?;
     }
     Ok(())
 }
