@@ -25,7 +25,7 @@
 // (16 warps), static shared memory 8, 16 or 32 KB.
 //
 // gemv_bf16_b1 (a single row) stays a scalar kernel: one warp per output feature, each lane
-// summing 16-byte chunks k ≡ 8·lane (mod 256) with 4 loads in flight, then a warp reduction.
+// summing 16-byte chunks k ≡ 8·lane (mod 256) with 8 loads in flight, then a warp reduction.
 // Measured on the H100 it streamed the 8B shape's large matrices faster than the tensor-core
 // tile at one row (7.03 vs 8.37 ms/token for the whole model, PERFORMANCE.md runs 1–2).
 // Launch: grid (ceil(M / 8)), block 256.
@@ -35,6 +35,8 @@
 #define GEMV_THREADS (GEMV_WARPS * 32)
 #define GEMV_ROWS 16
 #define GEMV_UNROLL 4
+// Loads in flight per lane in the single-row kernel: all 6 of a K = 1536 row at once.
+#define GEMV1_UNROLL 8
 
 // Weights are touched once: bypass L1 so x keeps it.
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
@@ -141,15 +143,15 @@ extern "C" __global__ void gemv_bf16_b1(float* __restrict__ out, const bf16_t* _
     const uint4* wrow = reinterpret_cast<const uint4*>(W + (size_t)m * K);
     const uint4* x8 = reinterpret_cast<const uint4*>(x);
     float acc = 0.0f;
-    for (int c0 = lane; c0 < nchunk; c0 += 32 * GEMV_UNROLL) {
-        uint4 wv[GEMV_UNROLL];
+    for (int c0 = lane; c0 < nchunk; c0 += 32 * GEMV1_UNROLL) {
+        uint4 wv[GEMV1_UNROLL];
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) {
+        for (int u = 0; u < GEMV1_UNROLL; ++u) {
             const int c = c0 + 32 * u;
             wv[u] = c < nchunk ? ld_stream(wrow + c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < GEMV_UNROLL; ++u) {
+        for (int u = 0; u < GEMV1_UNROLL; ++u) {
             const int c = c0 + 32 * u;
             if (c < nchunk) {
                 const uint4 xv = __ldg(x8 + c);

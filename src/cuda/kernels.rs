@@ -19,7 +19,7 @@ pub const GEMV_MAX_ROWS: usize = 32;
 /// Row groups `matmul` runs through `gemv` before switching to `gemm`.
 pub const GEMV_PASSES: usize = 4;
 /// Query heads per key/value split in decode attention is not fixed; the split length is.
-pub const DECODE_CHUNK: usize = 256;
+pub const DECODE_CHUNK: usize = 64;
 
 fn check(kernel: &str, tensor: &str, len: usize, want: usize, shape: &str) -> Result<()> {
     if len != want {
