@@ -184,3 +184,40 @@ fn llama3_rope_scaling_beyond_the_original_context() {
     let e = rel_err(&logits[(ids.len() - 1) * v..], &want);
     assert!(e <= TOL, "long-prompt logits relative error {e}");
 }
+
+#[test]
+fn sharded_checkpoint_loads_like_the_single_file() {
+    use safetensors::tensor::TensorView;
+    use safetensors::SafeTensors;
+    // Split qwen2-f32 into two shards with an index, as HF writes large checkpoints.
+    let src = fixture("qwen2-f32");
+    let dir = std::env::temp_dir().join(format!("thinksteer-sharded-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, TensorView)> = part
+            .iter()
+            .map(|n| (n.clone(), st.tensor(n).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for n in part {
+            map.insert(n.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let single = Arc::new(Model::load(&src).unwrap());
+    let sharded = Arc::new(Model::load(&dir).unwrap());
+    let ids = Reference::load("qwen2-f32").ids("prompt_ids");
+    let (a, _) = full_forward(&single, &ids, &[]);
+    let (b, _) = full_forward(&sharded, &ids, &[]);
+    assert_eq!(a, b, "the same tensors must give bitwise the same logits");
+}
