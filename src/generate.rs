@@ -44,22 +44,29 @@ struct Row<'t> {
     done: bool,
 }
 
-/// Generates a continuation for each prompt (one cache slot per prompt). `on_text(row, piece)`
-/// receives text as it is produced.
+/// Generates a continuation for each prompt. `on_text(row, piece)` receives text as it is
+/// produced. The decoder's slots hold one prompt each; a finished row's slot takes the next
+/// prompt, so any number of prompts decode `dec.slots()` at a time.
 pub fn generate(
     dec: &mut dyn Decoder,
     tok: Option<&Tokenizer>,
     prompts: &[Vec<u32>],
     p: &GenParams,
-    mut on_text: impl FnMut(usize, &str),
+    on_text: impl FnMut(usize, &str),
 ) -> Result<Vec<Generated>> {
-    if prompts.len() > dec.slots() {
-        bail!(
-            "{} prompts but the engine has {} cache slots",
-            prompts.len(),
-            dec.slots()
-        );
-    }
+    generate_each(dec, tok, prompts, p, on_text, |_, _| Ok(()))
+}
+
+/// `generate`, calling `on_done(row, output)` the moment each row finishes (results can be
+/// written as they come).
+pub fn generate_each(
+    dec: &mut dyn Decoder,
+    tok: Option<&Tokenizer>,
+    prompts: &[Vec<u32>],
+    p: &GenParams,
+    mut on_text: impl FnMut(usize, &str),
+    mut on_done: impl FnMut(usize, &Generated) -> Result<()>,
+) -> Result<Vec<Generated>> {
     let ctx = dec.max_len();
     for (i, pr) in prompts.iter().enumerate() {
         if pr.is_empty() {
@@ -72,12 +79,16 @@ pub fn generate(
             );
         }
     }
+    let nslots = dec.slots().min(prompts.len());
+    if nslots == 0 && !prompts.is_empty() {
+        bail!("the engine has no cache slots");
+    }
     let stops = StopChecker::new(&p.stop_strings);
     let mut rows: Vec<Row> = prompts
         .iter()
         .enumerate()
         .map(|(i, pr)| Row {
-            pos: pr.len(),
+            pos: 0,
             sampler: Sampler::new(SamplingParams {
                 seed: p.sampling.seed.wrapping_add(i as u64),
                 ..p.sampling
@@ -94,63 +105,86 @@ pub fn generate(
             done: p.max_new_tokens == 0,
         })
         .collect();
-
-    // Prefill: every prompt in one call, logits at each prompt's last token.
-    let mut ids: Vec<u32> = prompts.concat();
-    let mut slots: Vec<usize> = prompts
-        .iter()
-        .enumerate()
-        .flat_map(|(i, pr)| vec![i; pr.len()])
-        .collect();
-    let mut positions: Vec<usize> = prompts.iter().flat_map(|pr| 0..pr.len()).collect();
-    let mut last: Vec<usize> = prompts
-        .iter()
-        .scan(0, |acc, pr| {
-            *acc += pr.len();
-            Some(*acc - 1)
-        })
-        .collect();
-    let mut active: Vec<usize> = (0..rows.len()).filter(|&i| !rows[i].done).collect();
-    while !active.is_empty() {
+    if p.max_new_tokens == 0 {
+        for (r, row) in rows.iter_mut().enumerate() {
+            finish_row(row, r, &stops, &mut on_text)?;
+            on_done(r, &row.out)?;
+        }
+        return Ok(rows.into_iter().map(|r| r.out).collect());
+    }
+    let mut queue = 0..rows.len();
+    let mut who: Vec<Option<usize>> = (0..nslots).map(|_| queue.next()).collect();
+    let (mut ids, mut slots, mut positions, mut last) = (vec![], vec![], vec![], vec![]);
+    let v = dec.config().vocab_size;
+    loop {
+        // One step: a newly seated row feeds its whole prompt, the others their last token.
+        ids.clear();
+        slots.clear();
+        positions.clear();
+        last.clear();
+        let active: Vec<(usize, usize)> = who
+            .iter()
+            .enumerate()
+            .filter_map(|(s, r)| r.map(|r| (s, r)))
+            .collect();
+        if active.is_empty() {
+            break;
+        }
+        for &(slot, r) in &active {
+            let row = &mut rows[r];
+            if row.out.ids.is_empty() {
+                ids.extend_from_slice(&row.out.prompt_ids);
+                slots.extend(std::iter::repeat_n(slot, row.out.prompt_ids.len()));
+                positions.extend(0..row.out.prompt_ids.len());
+                row.pos = row.out.prompt_ids.len();
+            } else {
+                ids.push(*row.out.ids.last().expect("a decoding row has a token"));
+                slots.push(slot);
+                positions.push(row.pos);
+                row.pos += 1;
+            }
+            last.push(ids.len() - 1);
+        }
         let step = Step {
             slots: &slots,
             positions: &positions,
             n_write: ids.len(),
         };
-        let v = dec.config().vocab_size;
         let logits = dec.forward(&ids, &step, &last, &mut Hooks::default())?;
-        for (k, &r) in active.iter().enumerate() {
+        for (k, &(slot, r)) in active.iter().enumerate() {
             let id = rows[r].sampler.sample(&logits[k * v..(k + 1) * v]);
             push_token(&mut rows[r], r, id, p, &stops, ctx, &mut on_text)?;
+            if rows[r].done {
+                finish_row(&mut rows[r], r, &stops, &mut on_text)?;
+                on_done(r, &rows[r].out)?;
+                who[slot] = queue.next();
+            }
         }
-        active.retain(|&r| !rows[r].done);
-        ids.clear();
-        slots.clear();
-        positions.clear();
-        last.clear();
-        for &r in &active {
-            ids.push(*rows[r].out.ids.last().expect("a decoding row has a token"));
-            slots.push(r);
-            positions.push(rows[r].pos);
-            last.push(last.len());
-            rows[r].pos += 1;
-        }
-    }
-    for (r, row) in rows.iter_mut().enumerate() {
-        if let Some(s) = row.stream.as_mut() {
-            let rest = s.finish()?;
-            row.text.push_str(&rest);
-        }
-        let text = match stops.truncate(&row.text) {
-            Some(t) if row.out.finish == Finish::StopString => t.to_string(),
-            _ => row.text.clone(),
-        };
-        if text.len() > row.emitted {
-            on_text(r, &text[row.emitted..]);
-        }
-        row.out.text = text;
     }
     Ok(rows.into_iter().map(|r| r.out).collect())
+}
+
+/// Flushes a finished row's text: the streamed remainder, cut before a stop string.
+fn finish_row(
+    row: &mut Row,
+    r: usize,
+    stops: &StopChecker,
+    on_text: &mut impl FnMut(usize, &str),
+) -> Result<()> {
+    if let Some(s) = row.stream.as_mut() {
+        let rest = s.finish()?;
+        row.text.push_str(&rest);
+    }
+    let text = match stops.truncate(&row.text) {
+        Some(t) if row.out.finish == Finish::StopString => t.to_string(),
+        _ => row.text.clone(),
+    };
+    if text.len() > row.emitted {
+        on_text(r, &text[row.emitted..]);
+        row.emitted = text.len();
+    }
+    row.out.text = text;
+    Ok(())
 }
 
 fn push_token(

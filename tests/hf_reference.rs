@@ -221,3 +221,38 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     let (b, _) = full_forward(&sharded, &ids, &[]);
     assert_eq!(a, b, "the same tensors must give bitwise the same logits");
 }
+
+#[test]
+fn more_prompts_than_slots_take_turns() {
+    for name in ["qwen2-f32", "llama-f32"] {
+        let m = Arc::new(Model::load(&fixture(name)).unwrap());
+        let r = Reference::load(name);
+        let (a, b) = (r.ids("prompt_ids"), r.ids("prompt2_ids"));
+        let (wa, wb) = (r.ids("greedy_ids"), r.ids("greedy2_ids"));
+        // One slot for three prompts: each takes the slot its predecessor left.
+        let mut e = CpuEngine::new(m.clone(), 1, a.len().max(b.len()) + wa.len());
+        let p = GenParams {
+            max_new_tokens: wa.len(),
+            sampling: SamplingParams::default(),
+            stop_strings: vec![],
+            eos_ids: vec![],
+        };
+        let mut done = vec![];
+        let outs = thinksteer::generate::generate_each(
+            &mut e,
+            None,
+            &[a.clone(), b, a],
+            &p,
+            |_, _| {},
+            |r, _| {
+                done.push(r);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(outs[0].ids, wa, "{name}: first prompt");
+        assert_eq!(outs[1].ids, wb, "{name}: second prompt, in the reused slot");
+        assert_eq!(outs[2].ids, wa, "{name}: third prompt, in the reused slot");
+        assert_eq!(done, vec![0, 1, 2], "{name}: rows reported as they finish");
+    }
+}

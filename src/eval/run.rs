@@ -18,7 +18,7 @@ use crate::bail;
 use crate::chat::{plain_base_prompt, ChatTemplate, Message};
 use crate::engine::{CpuEngine, Decoder};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenParams};
+use crate::generate::{generate_each, GenParams};
 use crate::hybrid::{self, Pair, Prompts, Settings, StepRecord};
 use crate::model::Model;
 use crate::sae::Sae;
@@ -624,16 +624,34 @@ fn run_plain(
         stop_strings: vec![],
         eos_ids: model.config.eos_token_ids.clone(),
     };
-    for (chunk, prompts) in todo.chunks(slots).zip(ids.chunks(slots)) {
-        let start = Instant::now();
-        let outs = generate(engine.as_mut(), None, prompts, &params, |_, _| {})?;
-        let seconds = start.elapsed().as_secs_f64();
-        let batch = format!("{run_id}-{}-{}", mode.name(), chunk[0].index);
-        for (p, g) in chunk.iter().zip(outs) {
+    // Every problem in one call: `slots` decode together, a finished problem's slot takes the
+    // next one, and its line is written the moment it stops.
+    let start = Instant::now();
+    let batch = format!(
+        "{run_id}-{}-{}",
+        mode.name(),
+        todo.first().map_or(0, |p| p.index)
+    );
+    generate_each(
+        engine.as_mut(),
+        None,
+        &ids,
+        &params,
+        |_, _| {},
+        |i, g| {
             let text = decode_text(tok, &g.ids, &params.eos_ids)?;
-            sink.finish(p, mode, text, g.ids.len(), None, seconds, batch.clone())?;
-        }
-    }
+            let seconds = start.elapsed().as_secs_f64();
+            sink.finish(
+                todo[i],
+                mode,
+                text,
+                g.ids.len(),
+                None,
+                seconds,
+                batch.clone(),
+            )
+        },
+    )?;
     Ok(())
 }
 
