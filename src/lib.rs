@@ -5,6 +5,7 @@
 //! D model dim, H / Hkv query / key-value heads, Dh head dim, F ffn dim, V vocab, K SAE latents.
 
 pub mod bench;
+pub mod chart;
 pub mod chat;
 pub mod config;
 pub mod cpu_ops;

@@ -244,6 +244,11 @@ fn check_report(out: &Path, lines: &[Value]) -> Value {
         String::from_utf8(ok(bin().arg("report").arg("--out").arg(out).output().unwrap()).stdout)
             .unwrap();
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let svg = std::fs::read_to_string(out.join("report.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && md.contains("report.svg"),
+        "report chart missing"
+    );
     assert_eq!(printed, md);
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();

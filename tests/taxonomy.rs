@@ -211,6 +211,11 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
         assert_eq!(r["sentence"], index[i].sentence.as_str());
     }
     let report = std::fs::read_to_string(ann.join("report.md")).unwrap();
+    let svg = std::fs::read_to_string(ann.join("categories.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && report.contains("categories.svg"),
+        "category chart missing"
+    );
     assert!(
         report.contains("## Transitions") && report.contains("1: checking"),
         "{report}"

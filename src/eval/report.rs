@@ -321,7 +321,25 @@ pub fn render_markdown(r: &Report) -> String {
 /// Writes OUT/report.md and OUT/report.json; returns the Markdown.
 pub fn write_report(out: &Path) -> Result<String> {
     let r = load_report(out)?;
-    let md = render_markdown(&r);
+    let bars: Vec<crate::chart::Bar> = r
+        .modes
+        .iter()
+        .map(|m| crate::chart::Bar {
+            label: m.mode.name().to_string(),
+            value: m.accuracy,
+            interval: Some((m.ci_low, m.ci_high)),
+        })
+        .collect();
+    let svg = crate::chart::bar_chart_svg(
+        "Accuracy per mode (95% Wilson interval)",
+        "accuracy",
+        &bars,
+        1.0,
+        true,
+    );
+    let svg_path = out.join("report.svg");
+    std::fs::write(&svg_path, svg).map_err(|e| Error::io(&svg_path, e))?;
+    let md = render_markdown(&r) + "\n![accuracy per mode](report.svg)\n";
     let md_path = out.join("report.md");
     std::fs::write(&md_path, &md).map_err(|e| Error::io(&md_path, e))?;
     let json_path = out.join("report.json");

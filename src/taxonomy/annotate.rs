@@ -137,11 +137,25 @@ pub fn annotate(
         .collect();
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     write_jsonl(&out_dir.join("annotations.jsonl"), &rows)?;
-    let md = report(sae_path, &rows, &zs, kk, titles.as_deref());
-    let p = out_dir.join("report.md");
-    std::fs::write(&p, md).map_err(|e| Error::io(&p, e))?;
     let mut counts = vec![0; kk];
     rows.iter().for_each(|r| counts[r.category] += 1);
+    let bars: Vec<crate::chart::Bar> = counts
+        .iter()
+        .enumerate()
+        .map(|(c, &n)| crate::chart::Bar {
+            label: titles.as_ref().map_or(format!("{c}"), |t| t[c].clone()),
+            value: n as f64 / rows.len().max(1) as f64,
+            interval: None,
+        })
+        .collect();
+    let svg =
+        crate::chart::bar_chart_svg("Share of sentences per category", "share", &bars, 1.0, true);
+    let svg_path = out_dir.join("categories.svg");
+    std::fs::write(&svg_path, svg).map_err(|e| Error::io(&svg_path, e))?;
+    let md = report(sae_path, &rows, &zs, kk, titles.as_deref())
+        + "\n![share per category](categories.svg)\n";
+    let p = out_dir.join("report.md");
+    std::fs::write(&p, md).map_err(|e| Error::io(&p, e))?;
     Ok(counts)
 }
 
