@@ -402,7 +402,9 @@ fn engine(
     slots: usize,
     ctx: usize,
 ) -> Result<Box<dyn Decoder>> {
-    if use_cuda(a.device)? {
+    // `auto` also falls back to the CPU for shapes the kernels do not take (tiny test models).
+    let auto_cpu = a.device == Device::Auto && !thinksteer::cuda::model::supports(&model.config);
+    if use_cuda(a.device)? && !auto_cpu {
         let gpu = Arc::new(thinksteer::cuda::Gpu::new(0)?);
         let max_t = ctx.clamp(16, 512);
         Ok(Box::new(thinksteer::cuda::model::CudaEngine::load(

@@ -233,6 +233,11 @@ pub struct CudaEngine {
     pub hy: Option<SteerDev>,
 }
 
+/// Whether the CUDA kernels take this model's shapes (the attention kernels: head_dim 64 or 128).
+pub fn supports(c: &Config) -> bool {
+    c.head_dim == 64 || c.head_dim == 128
+}
+
 /// Bytes the engine will allocate on the device beyond the weights.
 pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_t: usize) -> usize {
     let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
@@ -311,7 +316,7 @@ impl CudaEngine {
         max_t: usize,
     ) -> Result<CudaEngine> {
         let c = &config;
-        if !(c.head_dim == 64 || c.head_dim == 128) {
+        if !supports(c) {
             crate::bail!(
                 "the CUDA attention kernels need head_dim 64 or 128, found {}",
                 c.head_dim

@@ -14,11 +14,25 @@ use super::run::{
 };
 use crate::hybrid::{Mode, Settings};
 
+impl EvalDevice {
+    /// Whether to run on the GPU: `cuda` insists (saying why it cannot), `auto` falls back.
+    pub fn use_cuda(self) -> anyhow::Result<bool> {
+        Ok(match self {
+            EvalDevice::Cpu => false,
+            EvalDevice::Auto => crate::cuda::available().is_ok(),
+            EvalDevice::Cuda => {
+                crate::cuda::available().map_err(|why| anyhow!("--device cuda: {why}"))?;
+                true
+            }
+        })
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum EvalDevice {
     Cpu,
-    /// On the GPU: base and thinking modes, and hybrid in cached/persistent mode (exact mode
-    /// and --random-firing run the hybrid loop on the CPU).
+    /// The CUDA engine (for `eval`: every mode, except that the hybrid's exact mode and
+    /// --random-firing run on the CPU). The kernels take head_dim 64 or 128.
     Cuda,
     /// CUDA when a GPU is usable, else the CPU.
     Auto,
@@ -329,14 +343,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             windows,
         }),
     };
-    let use_cuda = match a.device {
-        EvalDevice::Cpu => false,
-        EvalDevice::Auto => crate::cuda::available().is_ok(),
-        EvalDevice::Cuda => {
-            crate::cuda::available().map_err(|why| anyhow!("--device cuda: {why}"))?;
-            true
-        }
-    };
+    let use_cuda = a.device.use_cuda()?;
     let mut modes: Vec<EvalMode> = vec![];
     for m in &a.modes {
         if !modes.contains(m) {

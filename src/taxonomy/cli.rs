@@ -33,6 +33,9 @@ pub struct TracesArgs {
     /// Only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Where to run the generation.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: crate::eval::cli::EvalDevice,
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +159,7 @@ pub fn traces(a: TracesArgs) -> Result<()> {
     let s = super::traces::TraceSettings {
         max_new_tokens: a.max_new_tokens,
         batch: a.batch,
+        cuda: a.device.use_cuda()?,
     };
     let (written, skipped) = super::traces::write_traces(&a.model, &qs, &a.out, &s, |t| {
         let span = t.thinking.map_or("no thinking span".to_string(), |s| {

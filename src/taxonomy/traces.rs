@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::chat::{ChatTemplate, Message};
-use crate::engine::CpuEngine;
+use crate::engine::{CpuEngine, Decoder};
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenParams};
+use crate::generate::{generate_each, GenParams};
 use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::sentences::thinking_span_with;
@@ -85,7 +85,10 @@ pub fn read_traces(path: &Path) -> Result<Vec<Trace>> {
 #[derive(Clone, Debug)]
 pub struct TraceSettings {
     pub max_new_tokens: usize,
+    /// Questions decoded together; a finished one's slot takes the next.
     pub batch: usize,
+    /// Run on the GPU (the CUDA engine) instead of the CPU.
+    pub cuda: bool,
 }
 
 /// Generates traces for `questions` (greedy, chat template) into `out`, skipping indices
@@ -135,42 +138,63 @@ pub fn write_traces(
         stop_strings: vec![],
         eos_ids: model.config.eos_token_ids.clone(),
     };
+    let prompts: Vec<String> = todo
+        .iter()
+        .map(|&i| tpl.render(&[Message::user(&questions[i])], true))
+        .collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| tok.encode(p))
+        .collect::<Result<_>>()?;
+    let longest = ids.iter().map(|p| p.len()).max().unwrap_or(0);
+    if longest >= ctx_max {
+        bail!(
+            "question {} renders to a {longest}-token prompt: expected fewer than the model's context of {ctx_max}",
+            todo[ids.iter().position(|p| p.len() == longest).unwrap_or(0)]
+        );
+    }
+    if todo.is_empty() {
+        return Ok((0, skipped));
+    }
+    let ctx = ctx_max.min(longest + s.max_new_tokens);
+    let slots = s.batch.max(1).min(todo.len());
+    let mut engine: Box<dyn Decoder> = if s.cuda {
+        let gpu = Arc::new(crate::cuda::Gpu::new(0)?);
+        Box::new(crate::cuda::model::CudaEngine::load(
+            gpu,
+            model_dir,
+            slots,
+            ctx,
+            ctx.clamp(16, 512),
+        )?)
+    } else {
+        Box::new(CpuEngine::new(model.clone(), slots, ctx))
+    };
     let mut written = 0;
-    for chunk in todo.chunks(s.batch.max(1)) {
-        let prompts: Vec<String> = chunk
-            .iter()
-            .map(|&i| tpl.render(&[Message::user(&questions[i])], true))
-            .collect::<Result<_>>()?;
-        let ids: Vec<Vec<u32>> = prompts
-            .iter()
-            .map(|p| tok.encode(p))
-            .collect::<Result<_>>()?;
-        let longest = ids.iter().map(|p| p.len()).max().unwrap_or(0);
-        if longest >= ctx_max {
-            bail!(
-                "question {} renders to a {longest}-token prompt: expected fewer than the model's context of {ctx_max}",
-                chunk[ids.iter().position(|p| p.len() == longest).unwrap_or(0)]
-            );
-        }
-        let ctx = ctx_max.min(longest + s.max_new_tokens);
-        let mut engine = CpuEngine::new(model.clone(), chunk.len(), ctx);
-        // Decoded here rather than by `generate`: a greedy pick among the padded vocabulary rows
-        // has no text, and is counted instead of failing the whole batch.
-        let gens = generate(&mut engine, None, &ids, &params, |_, _| {})?;
-        for ((&i, prompt), g) in chunk.iter().zip(prompts).zip(gens) {
+    // Every question in one call; each trace is written the moment its row finishes.
+    generate_each(
+        engine.as_mut(),
+        None,
+        &ids,
+        &params,
+        |_, _| {},
+        |k, g| {
+            let i = todo[k];
             let eos = &params.eos_ids;
-            let known: Vec<u32> = g
+            // Decoded here rather than by `generate`, so that greedy picks among the padded
+            // vocabulary rows (no text) are counted.
+            let body: Vec<u32> = g
                 .ids
                 .iter()
                 .copied()
-                .filter(|id| !eos.contains(id) && tok.id_to_token(*id).is_some())
+                .filter(|id| !eos.contains(id))
                 .collect();
-            let unknown_ids = g
-                .ids
+            let unknown_ids = body
                 .iter()
-                .filter(|id| !eos.contains(id) && tok.id_to_token(**id).is_none())
+                .filter(|id| tok.id_to_token(**id).is_none())
                 .count();
-            let text = tok.decode(&known)?;
+            let text = tok.decode(&body)?;
+            let prompt = prompts[k].clone();
             let thinking = thinking_of(&prompt, &text);
             let t = Trace {
                 index: i,
@@ -186,8 +210,9 @@ pub fn write_traces(
                 .map_err(|e| Error::io(out, e))?;
             progress(&t);
             written += 1;
-        }
-    }
+            Ok(())
+        },
+    )?;
     Ok((written, skipped))
 }
 
