@@ -536,6 +536,10 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
     };
     let base = Model::load(&a.base)?;
     let thinking = Model::load(&a.thinking)?;
+    // `auto` stays on the CPU for shapes the kernels do not take (the tiny test checkpoints).
+    let fits = |c| thinksteer::cuda::model::supports(c);
+    let on_gpu =
+        on_gpu && (a.device == Device::Cuda || (fits(&base.config) && fits(&thinking.config)));
     let sae = Sae::load(&a.sae)?;
     let mut steering = SteeringSet::load(&a.vectors)?;
     if a.random_vectors {

@@ -15,6 +15,22 @@ use super::run::{
 use crate::hybrid::{Mode, Settings};
 
 impl EvalDevice {
+    /// Whether to run the models in `dirs` on the GPU: `cuda` insists (saying why it cannot),
+    /// `auto` falls back to the CPU when no GPU is usable or the kernels do not take a model's
+    /// shapes (the tiny test checkpoints).
+    pub fn use_cuda_for(self, dirs: &[&std::path::Path]) -> anyhow::Result<bool> {
+        if self != EvalDevice::Auto {
+            return self.use_cuda();
+        }
+        for d in dirs {
+            let c = crate::config::Config::from_file(&d.join("config.json"))?;
+            if !crate::cuda::model::supports(&c) {
+                return Ok(false);
+            }
+        }
+        self.use_cuda()
+    }
+
     /// Whether to run on the GPU: `cuda` insists (saying why it cannot), `auto` falls back.
     pub fn use_cuda(self) -> anyhow::Result<bool> {
         Ok(match self {
@@ -343,7 +359,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             windows,
         }),
     };
-    let use_cuda = a.device.use_cuda()?;
+    let use_cuda = a.device.use_cuda_for(&[&a.base, &a.thinking])?;
     let mut modes: Vec<EvalMode> = vec![];
     for m in &a.modes {
         if !modes.contains(m) {

@@ -159,7 +159,7 @@ pub fn traces(a: TracesArgs) -> Result<()> {
     let s = super::traces::TraceSettings {
         max_new_tokens: a.max_new_tokens,
         batch: a.batch,
-        cuda: a.device.use_cuda()?,
+        cuda: a.device.use_cuda_for(&[&a.model])?,
     };
     let (written, skipped) = super::traces::write_traces(&a.model, &qs, &a.out, &s, |t| {
         let span = t.thinking.map_or("no thinking span".to_string(), |s| {
