@@ -10,20 +10,16 @@
 
 use super::kernels as k;
 use super::model::{CudaEngine, SaeDev, SteerDev, SteerSel};
-use super::Gpu;
+use super::{cuda_err as cu, Gpu};
 use crate::engine::Decoder;
 use crate::hybrid::{Mode, Output, Prompts, Settings, StepRecord};
 use crate::model::{Hooks, Step};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
-use crate::{bail, Error, Result};
+use crate::{bail, Result};
 use cudarc::driver::{CudaGraph, CudaSlice};
 use std::collections::HashMap;
 use std::sync::Arc;
-
-fn cu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Cuda(format!("{what}: {e}"))
-}
 
 pub struct CudaHybrid {
     pub gpu: Arc<Gpu>,

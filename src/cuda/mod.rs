@@ -37,7 +37,8 @@ pub fn available() -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
+/// Maps a driver error to ours, saying what was being done.
+pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
     move |e| Error::Cuda(format!("{what}: {e}"))
 }
 

@@ -9,12 +9,12 @@
 //! block's MLP output, so that kernel is where point p is steered and captured.
 
 use super::kernels::{self as k, AttnShape, SaeEncode, Steer};
-use super::Gpu;
+use super::{cuda_err as cu, Gpu};
 use crate::config::{Arch, Config};
 use crate::engine::{check_step, Decoder};
 use crate::model::{Hooks, Step};
 use crate::weights::WeightFiles;
-use crate::{Error, Result};
+use crate::Result;
 use cudarc::driver::{CudaGraph, CudaSlice};
 use half::bf16;
 use std::collections::HashMap;
@@ -37,10 +37,6 @@ pub struct CudaWeights {
     pub layers: Vec<CudaLayer>,
     pub norm: CudaSlice<bf16>,            // [D]
     pub lm_head: Option<CudaSlice<bf16>>, // [V, D]; None when tied
-}
-
-fn cu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Cuda(format!("{what}: {e}"))
 }
 
 impl CudaWeights {
