@@ -187,7 +187,8 @@ impl GgufFile {
 
     /// Like `get_str`, but a missing or mistyped key is an `Error::Input` naming it.
     pub fn require_str(&self, key: &str) -> Result<&str> {
-        self.get_str(key).ok_or_else(|| self.missing(key, "a string"))
+        self.get_str(key)
+            .ok_or_else(|| self.missing(key, "a string"))
     }
 
     fn missing(&self, key: &str, expected: &str) -> Error {

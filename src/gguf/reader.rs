@@ -200,9 +200,7 @@ pub(crate) fn parse(buf: &[u8], file: &str) -> Result<Parsed> {
         None => DEFAULT_ALIGNMENT,
         Some((_, v)) => match v.as_int() {
             Some(a) if a > 0 && (a as u64).is_power_of_two() && a <= 1 << 30 => a as usize,
-            _ => bail!(
-                "{file}: general.alignment: expected a power-of-two integer, found {v:?}"
-            ),
+            _ => bail!("{file}: general.alignment: expected a power-of-two integer, found {v:?}"),
         },
     };
 
