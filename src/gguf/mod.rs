@@ -257,7 +257,7 @@ impl GgufFile {
 /// section (`data_len` bytes). Types of unknown size only get the offset checks.
 fn check_placement(file: &str, t: &TensorInfo, alignment: usize, data_len: usize) -> Result<()> {
     let name = &t.name;
-    if t.offset % alignment as u64 != 0 {
+    if !t.offset.is_multiple_of(alignment as u64) {
         bail!(
             "{file}: tensor {name:?}: data offset {} is not a multiple of the alignment {alignment}",
             t.offset
@@ -274,7 +274,7 @@ fn check_placement(file: &str, t: &TensorInfo, alignment: usize, data_len: usize
     };
     // Blocks run along the fastest (last row-major) dim, so each row must be whole blocks.
     let row = t.shape.last().copied().unwrap_or(1);
-    if row % block != 0 {
+    if !row.is_multiple_of(block) {
         bail!(
             "{file}: tensor {name:?} of type {} has rows of {row} elements, expected a multiple of its block size {block}",
             t.ggml_type
