@@ -505,4 +505,17 @@ fn smollm2_q4_1_file_reads_when_present() {
         .filter(|t| t.name.ends_with(".attn_q.weight"))
         .count();
     assert_eq!(blocks, layers);
+    // Every tensor in this file is of a type the reader decodes, to finite values.
+    for t in g.tensors() {
+        let (_, v) = g.tensor_f32(&t.name).unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{}", t.name);
+    }
+    let mut types: Vec<&str> = g.tensors().iter().map(|t| t.ggml_type.name()).collect();
+    types.sort();
+    types.dedup();
+    println!(
+        "{}: {layers} blocks, D = {d}, V = {}, tensor types {types:?}",
+        path.display(),
+        tokens.len()
+    );
 }
