@@ -80,6 +80,29 @@ impl Decoder for CpuEngine {
     }
 }
 
+/// The model of checkpoint `dir` with `slots` sequences of `ctx` positions: on the GPU (weights
+/// uploaded from `dir`, up to 512 tokens per call) or on the CPU (the already loaded `model`).
+pub fn open_decoder(
+    model: &Arc<Model>,
+    dir: &std::path::Path,
+    slots: usize,
+    ctx: usize,
+    cuda: bool,
+) -> Result<Box<dyn Decoder>> {
+    if cuda {
+        let gpu = Arc::new(crate::cuda::Gpu::new(0)?);
+        Ok(Box::new(crate::cuda::model::CudaEngine::load(
+            gpu,
+            dir,
+            slots,
+            ctx,
+            ctx.clamp(16, 512),
+        )?))
+    } else {
+        Ok(Box::new(CpuEngine::new(model.clone(), slots, ctx)))
+    }
+}
+
 /// Validates a step against the vocabulary and the cache before any work is done.
 pub fn check_step(
     c: &Config,

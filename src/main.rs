@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use thinksteer::chat::{ChatTemplate, Message};
-use thinksteer::engine::{CpuEngine, Decoder};
+use thinksteer::engine::Decoder;
 use thinksteer::generate::{generate, GenParams};
 use thinksteer::model::{Hooks, Model, Step};
 use thinksteer::sampling::SamplingParams;
@@ -404,15 +404,10 @@ fn engine(
 ) -> Result<Box<dyn Decoder>> {
     // `auto` also falls back to the CPU for shapes the kernels do not take (tiny test models).
     let auto_cpu = a.device == Device::Auto && !thinksteer::cuda::model::supports(&model.config);
-    if use_cuda(a.device)? && !auto_cpu {
-        let gpu = Arc::new(thinksteer::cuda::Gpu::new(0)?);
-        let max_t = ctx.clamp(16, 512);
-        Ok(Box::new(thinksteer::cuda::model::CudaEngine::load(
-            gpu, &a.model, slots, ctx, max_t,
-        )?))
-    } else {
-        Ok(Box::new(CpuEngine::new(model.clone(), slots, ctx)))
-    }
+    let cuda = use_cuda(a.device)? && !auto_cpu;
+    Ok(thinksteer::engine::open_decoder(
+        model, &a.model, slots, ctx, cuda,
+    )?)
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {

@@ -16,7 +16,6 @@ use super::dataset::Problem;
 use super::grade::{answer_part, grade, run_judge, GradeKind};
 use crate::bail;
 use crate::chat::{plain_base_prompt, ChatTemplate, Message};
-use crate::engine::{CpuEngine, Decoder};
 use crate::error::{Error, Result};
 use crate::generate::{generate_each, GenParams};
 use crate::hybrid::{self, Pair, Prompts, Settings, StepRecord};
@@ -601,18 +600,7 @@ fn run_plain(
         .max_position_embeddings
         .min(max_prompt + spec.config.max_new_tokens);
     let slots = spec.batch.min(todo.len());
-    let mut engine: Box<dyn Decoder> = if spec.use_cuda {
-        let gpu = std::sync::Arc::new(crate::cuda::Gpu::new(0)?);
-        Box::new(crate::cuda::model::CudaEngine::load(
-            gpu,
-            dir,
-            slots,
-            ctx,
-            ctx.clamp(16, 512),
-        )?)
-    } else {
-        Box::new(CpuEngine::new(model.clone(), slots, ctx))
-    };
+    let mut engine = crate::engine::open_decoder(model, dir, slots, ctx, spec.use_cuda)?;
     let params = GenParams {
         max_new_tokens: spec.config.max_new_tokens,
         sampling: SamplingParams {

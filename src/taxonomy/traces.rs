@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::chat::{ChatTemplate, Message};
-use crate::engine::{CpuEngine, Decoder};
 use crate::error::{Error, Result};
 use crate::generate::{generate_each, GenParams};
 use crate::model::Model;
@@ -158,18 +157,7 @@ pub fn write_traces(
     }
     let ctx = ctx_max.min(longest + s.max_new_tokens);
     let slots = s.batch.max(1).min(todo.len());
-    let mut engine: Box<dyn Decoder> = if s.cuda {
-        let gpu = Arc::new(crate::cuda::Gpu::new(0)?);
-        Box::new(crate::cuda::model::CudaEngine::load(
-            gpu,
-            model_dir,
-            slots,
-            ctx,
-            ctx.clamp(16, 512),
-        )?)
-    } else {
-        Box::new(CpuEngine::new(model.clone(), slots, ctx))
-    };
+    let mut engine = crate::engine::open_decoder(&model, model_dir, slots, ctx, s.cuda)?;
     let mut written = 0;
     // Every question in one call; each trace is written the moment its row finishes.
     generate_each(
