@@ -15,6 +15,18 @@ pub struct GenParams {
     pub eos_ids: Vec<u32>,
 }
 
+impl GenParams {
+    /// Greedy decoding with no stop strings: what every experiment in the spec uses.
+    pub fn greedy(max_new_tokens: usize, eos_ids: Vec<u32>) -> GenParams {
+        GenParams {
+            max_new_tokens,
+            sampling: SamplingParams::default(),
+            stop_strings: vec![],
+            eos_ids,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Finish {

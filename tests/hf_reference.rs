@@ -9,7 +9,6 @@ use std::sync::Arc;
 use thinksteer::engine::{CpuEngine, Decoder};
 use thinksteer::generate::{generate, GenParams};
 use thinksteer::model::{Hooks, Model, Step};
-use thinksteer::sampling::SamplingParams;
 
 // The references are f32 forwards (bf16 checkpoints are upcast exactly first), so both sides
 // do f32 arithmetic over identical weights and differ only in summation order: errors of a
@@ -44,12 +43,7 @@ fn full_forward(m: &Arc<Model>, ids: &[u32], capture: &[usize]) -> (Vec<f32>, Ho
 fn greedy(m: &Arc<Model>, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
     let ctx = prompts.iter().map(|p| p.len()).max().unwrap() + n;
     let mut e = CpuEngine::new(m.clone(), prompts.len(), ctx);
-    let p = GenParams {
-        max_new_tokens: n,
-        sampling: SamplingParams::default(),
-        stop_strings: vec![],
-        eos_ids: vec![],
-    };
+    let p = GenParams::greedy(n, vec![]);
     generate(&mut e, None, prompts, &p, |_, _| {})
         .unwrap()
         .into_iter()
@@ -231,12 +225,7 @@ fn more_prompts_than_slots_take_turns() {
         let (wa, wb) = (r.ids("greedy_ids"), r.ids("greedy2_ids"));
         // One slot for three prompts: each takes the slot its predecessor left.
         let mut e = CpuEngine::new(m.clone(), 1, a.len().max(b.len()) + wa.len());
-        let p = GenParams {
-            max_new_tokens: wa.len(),
-            sampling: SamplingParams::default(),
-            stop_strings: vec![],
-            eos_ids: vec![],
-        };
+        let p = GenParams::greedy(wa.len(), vec![]);
         let mut done = vec![];
         let outs = thinksteer::generate::generate_each(
             &mut e,

@@ -218,6 +218,7 @@ pub struct CudaEngine {
     pub(crate) a: Acts,
     logits_host: Vec<f32>,
     chunk_host: Vec<f32>, // logits of one chunk's rows, reused between calls
+    host_i32: Vec<i32>,   // step inputs staged for upload, reused between calls
     /// Replayable decode steps, keyed by token count (all tokens write the cache).
     graphs: HashMap<usize, CudaGraph>,
     pub use_graphs: bool,
@@ -386,6 +387,7 @@ impl CudaEngine {
             a,
             logits_host: vec![],
             chunk_host: vec![],
+            host_i32: vec![],
             graphs: HashMap::new(),
             use_graphs: true,
             prefill: None,
@@ -409,15 +411,18 @@ impl CudaEngine {
     /// Uploads ids, positions and slots of one call (≤ max_t tokens).
     pub(crate) fn upload_step(&mut self, ids: &[u32], step: &Step) -> Result<()> {
         let t = ids.len();
+        // One reused host buffer [ids | positions | slots], so a step allocates nothing here.
+        let h = &mut self.host_i32;
+        h.clear();
+        h.extend(ids.iter().map(|&i| i as i32));
+        h.extend(step.positions.iter().map(|&p| p as i32));
+        h.extend(step.slots.iter().map(|&p| p as i32));
         let s = &self.gpu.stream;
-        let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
-        let pos: Vec<i32> = step.positions.iter().map(|&p| p as i32).collect();
-        let slot: Vec<i32> = step.slots.iter().map(|&p| p as i32).collect();
-        s.memcpy_htod(&ids, &mut self.a.ids.slice_mut(..t))
+        s.memcpy_htod(&h[..t], &mut self.a.ids.slice_mut(..t))
             .map_err(cu("uploading ids"))?;
-        s.memcpy_htod(&pos, &mut self.a.pos.slice_mut(..t))
+        s.memcpy_htod(&h[t..2 * t], &mut self.a.pos.slice_mut(..t))
             .map_err(cu("uploading positions"))?;
-        s.memcpy_htod(&slot, &mut self.a.slot.slice_mut(..t))
+        s.memcpy_htod(&h[2 * t..], &mut self.a.slot.slice_mut(..t))
             .map_err(cu("uploading slots"))?;
         Ok(())
     }

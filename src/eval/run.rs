@@ -21,7 +21,6 @@ use crate::generate::{generate_each, GenParams};
 use crate::hybrid::{self, Pair, Prompts, Settings, StepRecord};
 use crate::model::Model;
 use crate::sae::Sae;
-use crate::sampling::SamplingParams;
 use crate::steering::SteeringSet;
 use crate::tokenizer::Tokenizer;
 
@@ -601,17 +600,10 @@ fn run_plain(
         .min(max_prompt + spec.config.max_new_tokens);
     let slots = spec.batch.min(todo.len());
     let mut engine = crate::engine::open_decoder(model, dir, slots, ctx, spec.use_cuda)?;
-    let params = GenParams {
-        max_new_tokens: spec.config.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        },
-        stop_strings: vec![],
-        eos_ids: model.config.eos_token_ids.clone(),
-    };
+    let params = GenParams::greedy(
+        spec.config.max_new_tokens,
+        model.config.eos_token_ids.clone(),
+    );
     // Every problem in one call: `slots` decode together, a finished problem's slot takes the
     // next one, and its line is written the moment it stops.
     let start = Instant::now();

@@ -14,7 +14,6 @@ use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::generate::{generate_each, GenParams};
 use crate::model::Model;
-use crate::sampling::SamplingParams;
 use crate::sentences::thinking_span_with;
 use crate::tokenizer::Tokenizer;
 
@@ -126,17 +125,7 @@ pub fn write_traces(
         .open(out)
         .map_err(|e| Error::io(out, e))?;
     let ctx_max = model.config.max_position_embeddings;
-    let params = GenParams {
-        max_new_tokens: s.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-        },
-        stop_strings: vec![],
-        eos_ids: model.config.eos_token_ids.clone(),
-    };
+    let params = GenParams::greedy(s.max_new_tokens, model.config.eos_token_ids.clone());
     let prompts: Vec<String> = todo
         .iter()
         .map(|&i| tpl.render(&[Message::user(&questions[i])], true))
