@@ -10,11 +10,13 @@
 //   The keys are cut into splits of `chunk` positions; split sp writes its unnormalised partial
 //     part_o[t, h, sp] = Σ_j exp(s_j − m_sp) · v_j    f32 [T, H, NS, Dh]
 //     part_ml[t, h, sp] = (m_sp, Σ_j exp(s_j − m_sp)) f32 [T, H, NS, 2]
-//   Launch: grid (NS, H, T), block 128 (4 warps, keys strided over warps, one key per warp step,
+//   and the last used split of (t, h) to finish (counted with an atomic in counters[t, h], u32
+//   [T, H], zero before the launch and left zero after it) combines them:
+//     out[t, h] = bf16(Σ_sp e^{m_sp−M} part_o / Σ_sp e^{m_sp−M} l_sp) over the ceil(L/chunk) used
+//     splits, M = max m_sp.
+//   Launch: grid (NS, H, T), block 128 (4 warps, keys strided over warps, DEC_U keys per warp step,
 //   Dh/32 dims per lane). NS is fixed by the caller (ceil(max context / chunk)); splits with
 //   sp·chunk ≥ L return at once, so the launch does not depend on lengths (CUDA graphs).
-// attention_combine_bf16 — out[t, h] = bf16(Σ_sp e^{m_sp−M} part_o / Σ_sp e^{m_sp−M} l_sp) over the
-//   ceil(L/chunk) used splits, M = max m_sp. Launch: grid (H, T), block 128.
 // attention_prefill_bf16 — a chunk of n queries of ONE slot at positions p0 .. p0+n−1 (q bf16
 //   [n, H, Dh]); query i attends cache positions 0 .. p0+i (its own k/v was already written by
 //   qkv_rope). Tiled, CUDA cores (no tensor cores yet): a block holds 32 queries of one head,
@@ -23,6 +25,8 @@
 #include "common.cuh"
 
 #define MAX_DH 128
+// Keys per warp step in decode attention (loads in flight per lane: 2·DEC_U row parts).
+#define DEC_U 8
 
 // Loads NPL consecutive bf16 (this lane's share of a Dh-row) as f32.
 template <int NPL>
@@ -45,7 +49,9 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                              const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
                              const bf16_t* __restrict__ v_self, const int* __restrict__ pos,
                              const int* __restrict__ slot, float* __restrict__ part_o,
-                             float* __restrict__ part_ml, int H, int Hkv, int S, int slots, int chunk, int NS) {
+                             float* __restrict__ part_ml, bf16_t* __restrict__ out,
+                             unsigned int* __restrict__ counters, int H, int Hkv, int S, int slots, int chunk,
+                             int NS) {
     constexpr int DH = NPL * 32;
     __shared__ float sm_m[4], sm_l[4];
     __shared__ float sm_acc[4][DH];  // both instantiations together: 3 KB
@@ -72,30 +78,53 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     for (int i = 0; i < NPL; ++i) acc[i] = 0.0f;
     const bf16_t* kself = k_self + ((size_t)t * Hkv + kvh) * DH;
     const bf16_t* vself = v_self + ((size_t)t * Hkv + kvh) * DH;
-    for (int j = j0 + warp; j < j1; j += 4) {
-        const bf16_t *kr, *vr;
-        if (j < p) {
-            if (j >= cache_len) continue;
-            const size_t off = (((size_t)s * S + j) * Hkv + kvh) * DH;
-            kr = k_cache + off;
-            vr = v_cache + off;
-        } else {
-            kr = kself;
-            vr = vself;
+    // Warp w takes keys j0 + w + 4·i, DEC_U of them per step: all their K and V loads are issued
+    // before any score is used, so a split of 64 keys costs two memory round trips per warp.
+    for (int jb = j0 + warp; jb < j1; jb += 4 * DEC_U) {
+        float kv[DEC_U][NPL], vv[DEC_U][NPL];
+        bool ok[DEC_U];
+#pragma unroll
+        for (int u = 0; u < DEC_U; ++u) {
+            const int j = jb + 4 * u;
+            // Cache positions past cache_len (an out-of-range slot) are skipped; the token itself
+            // (j == p) reads k_self / v_self.
+            ok[u] = j < j1 && (j >= p || j < cache_len);
+            const bf16_t *kr = kself, *vr = vself;
+            if (j < p) {
+                const size_t off = (((size_t)s * S + j) * Hkv + kvh) * DH;
+                kr = k_cache + off;
+                vr = v_cache + off;
+            }
+            if (ok[u]) {
+                load_row_part<NPL>(kr, lane, kv[u]);
+                load_row_part<NPL>(vr, lane, vv[u]);
+            }
         }
-        float kv[NPL], vv[NPL];
-        load_row_part<NPL>(kr, lane, kv);
-        load_row_part<NPL>(vr, lane, vv);
-        float d = 0.0f;
+        float sc[DEC_U];
+        float m_new = m;
 #pragma unroll
-        for (int i = 0; i < NPL; ++i) d += qv[i] * kv[i];
-        const float sc = warp_sum(d);
-        const float m_new = fmaxf(m, sc);
-        const float corr = expf(m - m_new);
-        const float e = expf(sc - m_new);
-        l = l * corr + e;
+        for (int u = 0; u < DEC_U; ++u) {
+            float d = 0.0f;
+            if (ok[u]) {
 #pragma unroll
-        for (int i = 0; i < NPL; ++i) acc[i] = acc[i] * corr + e * vv[i];
+                for (int i = 0; i < NPL; ++i) d += qv[i] * kv[u][i];
+            }
+            sc[u] = ok[u] ? warp_sum(d) : -INFINITY;  // ok[u] is the same on every lane
+            m_new = fmaxf(m_new, sc[u]);
+        }
+        if (m_new == -INFINITY) continue;  // no key in this step
+        const float corr = expf(m - m_new);  // 0 on the first step (m = −inf)
+        l *= corr;
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) acc[i] *= corr;
+#pragma unroll
+        for (int u = 0; u < DEC_U; ++u) {
+            if (!ok[u]) continue;
+            const float e = expf(sc[u] - m_new);
+            l += e;
+#pragma unroll
+            for (int i = 0; i < NPL; ++i) acc[i] += e * vv[u][i];
+        }
         m = m_new;
     }
     if (lane == 0) {
@@ -116,36 +145,49 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
         part_ml[base * 2] = M;
         part_ml[base * 2 + 1] = f[0] * sm_l[0] + f[1] * sm_l[1] + f[2] * sm_l[2] + f[3] * sm_l[3];
     }
+
+    // The last split of (t, h) to finish combines all of them (no second launch). Its counter is
+    // left at 0 for the next launch.
+    const int used = min((L + chunk - 1) / chunk, NS);
+    __shared__ bool is_last;
+    __threadfence();  // publish this split's partials before counting it
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int* cnt = counters + (size_t)t * H + h;
+        is_last = atomicAdd(cnt, 1u) == (unsigned int)(used - 1);
+        if (is_last) *cnt = 0u;
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const size_t b0 = ((size_t)t * H + h) * NS;
+    float MM = -INFINITY;
+    for (int q2 = 0; q2 < used; ++q2) MM = fmaxf(MM, __ldcg(part_ml + (b0 + q2) * 2));
+    float LL = 0.0f;
+    for (int q2 = 0; q2 < used; ++q2)
+        LL += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_ml + (b0 + q2) * 2 + 1);
+    const float inv = 1.0f / LL;
+    for (int d = threadIdx.x; d < DH; d += blockDim.x) {
+        float o = 0.0f;
+        for (int q2 = 0; q2 < used; ++q2)
+            o += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_o + (b0 + q2) * DH + d);
+        out[((size_t)t * H + h) * DH + d] = f2bf(o * inv);
+    }
 }
 
 extern "C" __global__ void attention_decode_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
                                                  const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
                                                  const bf16_t* __restrict__ v_self, const int* __restrict__ pos,
                                                  const int* __restrict__ slot, float* __restrict__ part_o,
-                                                 float* __restrict__ part_ml, int H, int Hkv, int Dh, int S, int slots,
-                                                 int chunk, int NS) {
+                                                 float* __restrict__ part_ml, bf16_t* __restrict__ out,
+                                                 unsigned int* __restrict__ counters, int H, int Hkv, int Dh, int S,
+                                                 int slots, int chunk, int NS) {
     if (Dh == 128)
-        decode_split<4>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, H, Hkv, S, slots, chunk, NS);
+        decode_split<4>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, Hkv, S,
+                        slots, chunk, NS);
     else if (Dh == 64)
-        decode_split<2>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, H, Hkv, S, slots, chunk, NS);
-}
-
-extern "C" __global__ void attention_combine_bf16(const float* __restrict__ part_o, const float* __restrict__ part_ml,
-                                                  const int* __restrict__ pos, bf16_t* __restrict__ out, int H, int Dh,
-                                                  int chunk, int NS) {
-    const int h = blockIdx.x, t = blockIdx.y;
-    const int used = min((pos[t] + 1 + chunk - 1) / chunk, NS);
-    const size_t base = ((size_t)t * H + h) * NS;
-    float M = -INFINITY;
-    for (int sp = 0; sp < used; ++sp) M = fmaxf(M, part_ml[(base + sp) * 2]);
-    float L = 0.0f;
-    for (int sp = 0; sp < used; ++sp) L += expf(part_ml[(base + sp) * 2] - M) * part_ml[(base + sp) * 2 + 1];
-    const float inv = 1.0f / L;
-    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
-        float o = 0.0f;
-        for (int sp = 0; sp < used; ++sp) o += expf(part_ml[(base + sp) * 2] - M) * part_o[(base + sp) * Dh + d];
-        out[((size_t)t * H + h) * Dh + d] = f2bf(o * inv);
-    }
+        decode_split<2>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, Hkv, S,
+                        slots, chunk, NS);
 }
 
 #define PF_Q 32   // queries per block

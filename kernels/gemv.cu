@@ -24,11 +24,13 @@
 // gemv_bf16_b32 (four); each handles B ≤ its bucket. Launch: grid (ceil(M / 16)), block 512
 // (16 warps), static shared memory 8, 16 or 32 KB.
 //
-// gemv_bf16_b1 (a single row) stays a scalar kernel: one warp per output feature, each lane
-// summing 16-byte chunks k ≡ 8·lane (mod 256) with 8 loads in flight, then a warp reduction.
+// gemv_bf16_b1 (a single row) stays a scalar kernel: WPR warps per output feature (1, 2 or 4:
+// gemv_bf16_b1, _b1_k2, _b1_k4, chosen on the host from K), warp p of a row summing the 16-byte
+// chunks c ≡ lane + 32·p (mod 32·WPR) with 8 loads in flight, a warp reduction, and the WPR
+// partial sums added in a fixed order.
 // Measured on the H100 it streamed the 8B shape's large matrices faster than the tensor-core
 // tile at one row (7.03 vs 8.37 ms/token for the whole model, PERFORMANCE.md runs 1–2).
-// Launch: grid (ceil(M / 8)), block 256.
+// Launch: grid (ceil(M / (8 / WPR))), block 256.
 #include "common.cuh"
 
 #define GEMV_WARPS 16
@@ -133,26 +135,30 @@ GEMV_KERNEL(8, 1)
 GEMV_KERNEL(16, 2)
 GEMV_KERNEL(32, 4)
 
-// The single-row kernel described in the banner.
-extern "C" __global__ void gemv_bf16_b1(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                        const bf16_t* __restrict__ W, int B, int M, int K) {
-    const int lane = threadIdx.x & 31;
-    const int m = blockIdx.x * 8 + (threadIdx.x >> 5);
-    if (m >= M || B < 1) return;
+// The single-row kernels described in the banner: WPR warps share one output row (split-K), so
+// long rows (K = 8960, 14336) take fewer serial load rounds and more blocks fill the GPU.
+template <int WPR>
+__device__ __forceinline__ void gemv1_body(float* __restrict__ out, const bf16_t* __restrict__ x,
+                                           const bf16_t* __restrict__ W, int B, int M, int K) {
+    __shared__ float red[8];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int part = warp % WPR;
+    const int m = blockIdx.x * (8 / WPR) + warp / WPR;
+    const bool ok_row = m < M && B >= 1;
     const int nchunk = K / 8;
-    const uint4* wrow = reinterpret_cast<const uint4*>(W + (size_t)m * K);
+    const uint4* wrow = reinterpret_cast<const uint4*>(W + (size_t)(ok_row ? m : 0) * K);
     const uint4* x8 = reinterpret_cast<const uint4*>(x);
     float acc = 0.0f;
-    for (int c0 = lane; c0 < nchunk; c0 += 32 * GEMV1_UNROLL) {
+    for (int c0 = lane + 32 * part; ok_row && c0 < nchunk; c0 += 32 * WPR * GEMV1_UNROLL) {
         uint4 wv[GEMV1_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV1_UNROLL; ++u) {
-            const int c = c0 + 32 * u;
+            const int c = c0 + 32 * WPR * u;
             wv[u] = c < nchunk ? ld_stream(wrow + c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < GEMV1_UNROLL; ++u) {
-            const int c = c0 + 32 * u;
+            const int c = c0 + 32 * WPR * u;
             if (c < nchunk) {
                 const uint4 xv = __ldg(x8 + c);
                 const uint4 w = wv[u];
@@ -163,5 +169,29 @@ extern "C" __global__ void gemv_bf16_b1(float* __restrict__ out, const bf16_t* _
         }
     }
     const float v = warp_sum(acc);
-    if (lane == 0) out[m] = v;
+    if (WPR == 1) {
+        if (ok_row && lane == 0) out[m] = v;
+        return;
+    }
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (ok_row && part == 0 && lane == 0) {
+        float t = 0.0f;
+#pragma unroll
+        for (int p = 0; p < WPR; ++p) t += red[warp + p];  // fixed order: deterministic
+        out[m] = t;
+    }
+}
+
+extern "C" __global__ void gemv_bf16_b1(float* __restrict__ out, const bf16_t* __restrict__ x,
+                                        const bf16_t* __restrict__ W, int B, int M, int K) {
+    gemv1_body<1>(out, x, W, B, M, K);
+}
+extern "C" __global__ void gemv_bf16_b1_k2(float* __restrict__ out, const bf16_t* __restrict__ x,
+                                           const bf16_t* __restrict__ W, int B, int M, int K) {
+    gemv1_body<2>(out, x, W, B, M, K);
+}
+extern "C" __global__ void gemv_bf16_b1_k4(float* __restrict__ out, const bf16_t* __restrict__ x,
+                                           const bf16_t* __restrict__ W, int B, int M, int K) {
+    gemv1_body<4>(out, x, W, B, M, K);
 }

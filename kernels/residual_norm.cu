@@ -12,11 +12,13 @@
 //     category[t] = first k with z[t, k] = max_k z[t, k]                 int32 [T]
 // Rounding: everything in f32; y is the only bf16 output, rounded once (RNE) at the end.
 // The order x-add then steering-add matches the reference (r = (r + x) + c·v).
-// Launch: grid (T), block 256, dynamic shared memory D·4 bytes (the row of h − b_dec for the SAE;
-// 0 when there is no SAE). K ≤ 64.
+// Launch: grid (T), block RN_THREADS = 512, dynamic shared memory D·4 bytes (the row of h − b_dec
+// for the SAE; 0 when there is no SAE). K ≤ 64; D % 4 == 0 and D ≤ 4·RN_VPT·512 = 8192 (float4
+// loads held in registers).
 #include "common.cuh"
 
 #define SAE_MAX_K 64
+#define RN_VPT 4
 
 extern "C" __global__ void residual_norm_f32(
     float* __restrict__ r, const float* __restrict__ x, const float* __restrict__ steer_table,
@@ -35,21 +37,58 @@ extern "C" __global__ void residual_norm_f32(
     const float* sv = (c != 0.0f && vi >= 0 && vi < NV && steer_table) ? steer_table + (size_t)vi * D : nullptr;
     const float* xr = x ? x + (size_t)t * D : nullptr;
 
-    // Each thread owns the elements i ≡ threadIdx.x (mod blockDim.x) in every pass, so the
-    // read-after-write of rr below needs no barrier.
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float v = rr[i];
-        if (xr) v += xr[i];
-        if (sv) v += c * sv[i];
-        rr[i] = v;
-        ss += v * v;
+    // Thread i owns the float4 groups i, i + blockDim, … (at most RN_VPT of them): all loads are
+    // issued before any is used, so the row costs one memory round trip, and the normalised
+    // output is computed from registers.
+    const int D4 = D >> 2;
+    float4 v[RN_VPT];
+#pragma unroll
+    for (int j = 0; j < RN_VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        v[j] = i < D4 ? reinterpret_cast<const float4*>(rr)[i] : make_float4(0.f, 0.f, 0.f, 0.f);
     }
-    ss = block_sum(ss, scratch);
+    if (xr) {
+#pragma unroll
+        for (int j = 0; j < RN_VPT; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < D4) {
+                const float4 b = reinterpret_cast<const float4*>(xr)[i];
+                v[j].x += b.x; v[j].y += b.y; v[j].z += b.z; v[j].w += b.w;
+            }
+        }
+    }
+    if (sv) {
+#pragma unroll
+        for (int j = 0; j < RN_VPT; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < D4) {
+                const float4 s = reinterpret_cast<const float4*>(sv)[i];
+                v[j].x += c * s.x; v[j].y += c * s.y; v[j].z += c * s.z; v[j].w += c * s.w;
+            }
+        }
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int j = 0; j < RN_VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < D4) {
+            if (xr || sv) reinterpret_cast<float4*>(rr)[i] = v[j];
+            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        }
+    }
+    ss = block_sum(ss, scratch);  // its barriers also publish the r writes to the whole block
     const float inv = 1.0f / sqrtf(ss / (float)D + eps);
     if (y) {
-        bf16_t* yr = y + (size_t)t * D;
-        for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = f2bf(rr[i] * inv * bf2f(w[i]));
+        uint2* yr = reinterpret_cast<uint2*>(y + (size_t)t * D);
+#pragma unroll
+        for (int j = 0; j < RN_VPT; ++j) {
+            const int i = threadIdx.x + j * blockDim.x;
+            if (i < D4) {
+                const uint2 wv = reinterpret_cast<const uint2*>(w)[i];
+                yr[i] = make_uint2(pack_bf2(v[j].x * inv * bf_lo(wv.x), v[j].y * inv * bf_hi(wv.x)),
+                                   pack_bf2(v[j].z * inv * bf_lo(wv.y), v[j].w * inv * bf_hi(wv.y)));
+            }
+        }
     }
     if (!W_enc) return;
 
@@ -72,7 +111,7 @@ extern "C" __global__ void residual_norm_f32(
     }
     __syncthreads();
     const int k = threadIdx.x % SAE_MAX_K, g = threadIdx.x / SAE_MAX_K;
-    const int groups = blockDim.x / SAE_MAX_K;  // 4 for 256 threads, at most 8
+    const int groups = blockDim.x / SAE_MAX_K;  // 8 for 512 threads (zpart's first dimension)
     float acc = 0.0f;
     if (k < K)
         for (int d = g; d < D; d += groups) acc += W_enc[(size_t)d * K + k] * h_row[d];

@@ -13,7 +13,8 @@
 // sinf/cosf of the f32 angle (no fast math: positions reach 10^5, where the fast versions drift).
 // Rounding: bias add and rotation in f32, one RNE rounding to bf16 per output.
 // Rows with slot/pos outside [0, slots) x [0, S) skip the cache write.
-// Launch: grid (T), block 128; threads loop over (head, i < Dh/2).
+// Launch: grid (T, ceil(((H + Hkv)·Dh/2 + Hkv·Dh) / 256)), block 256: one thread per rotated pair
+// or v element, so a row costs one memory round trip whatever the head count.
 #include "common.cuh"
 
 extern "C" __global__ void qkv_rope_bf16(
@@ -24,14 +25,16 @@ extern "C" __global__ void qkv_rope_bf16(
     const int t = blockIdx.x;
     const int half = Dh / 2;
     const int width = (H + 2 * Hkv) * Dh;
+    const int n_rot = (H + Hkv) * half;  // rotated pairs of the q and k heads
+    const int e = blockIdx.y * blockDim.x + threadIdx.x;
+    if (e >= n_rot + Hkv * Dh) return;
     const float* u = qkv + (size_t)t * width;
     const int p = pos[t];
     const int s = slot[t];
     const bool write = t < n_write && s >= 0 && s < slots && p >= 0 && p < S;
     const size_t cache_row = ((size_t)s * S + p) * Hkv * Dh;  // start of [Hkv, Dh] at (s, p)
-
-    // q and k heads: rotate pairs.
-    for (int e = threadIdx.x; e < (H + Hkv) * half; e += blockDim.x) {
+    if (e < n_rot) {
+        // q and k heads: rotate the pair (i, i + Dh/2).
         const int h = e / half, i = e % half;
         const int c0 = h * Dh + i, c1 = c0 + half;
         float a = u[c0], b = u[c1];
@@ -56,14 +59,14 @@ extern "C" __global__ void qkv_rope_bf16(
                 k_cache[cache_row + j * Dh + i + half] = o1;
             }
         }
-    }
-    // v heads: bias only.
-    for (int e = threadIdx.x; e < Hkv * Dh; e += blockDim.x) {
-        const int c = (H + Hkv) * Dh + e;
+    } else {
+        // v heads: bias only.
+        const int ev = e - n_rot;
+        const int c = (H + Hkv) * Dh + ev;
         float v = u[c];
         if (bias) v += bias[c];
         const bf16_t o = f2bf(v);
-        v_self[(size_t)t * Hkv * Dh + e] = o;
-        if (write) v_cache[cache_row + e] = o;
+        v_self[(size_t)t * Hkv * Dh + ev] = o;
+        if (write) v_cache[cache_row + ev] = o;
     }
 }

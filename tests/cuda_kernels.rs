@@ -392,7 +392,7 @@ fn attention_decode_matches_cpu_attend_across_splits() {
         s: 700,
     };
     let t = 3usize;
-    let pos = vec![0i32, 300, 699]; // 1, 2 and 3 splits of 256
+    let pos = vec![0i32, 300, 699]; // 1, 5 and 11 splits of 64
     let slot = vec![0i32, 1, 0];
     let cl = sh.slots * sh.s * sh.hkv * sh.dh;
     let kc = rng.vec(cl, 2.0);
@@ -562,7 +562,11 @@ fn gemv_matches_cpu_matmul() {
     for (i, &b) in [1usize, 2, 3, 8, 13, 16, 17, 24, 32].iter().enumerate() {
         check_matmul(&g, "gemv", b, 77, 8 * 37, 10 + i as u64);
     }
-    check_matmul(&g, "gemv", 1, 1536, 8960, 20);
+    // Single-row split-K variants: 4 warps per row (K > 4096), 2 (K > 2048), with M not a
+    // multiple of the rows per block.
+    check_matmul(&g, "gemv", 1, 1535, 8960, 20);
+    check_matmul(&g, "gemv", 1, 77, 3000, 21);
+    check_matmul(&g, "gemv", 1, 3, 4104, 22);
 }
 
 #[test]
@@ -640,11 +644,14 @@ fn silu_mul_matches_cpu() {
 fn argmax_picks_first_maximum_and_logits_at_gathers() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(7);
-    let (b, v, c) = (3usize, 5003usize, 4usize);
+    // 70,001 columns: 35 blocks per row, so ties and maxima cross block boundaries.
+    let (b, v, c) = (3usize, 70001usize, 4usize);
     let mut logits = rng.vec(b * v, 10.0);
-    // Ties: row 1's maximum appears twice (the first must win), row 2 is constant.
+    // Ties: row 1's maximum appears twice in different blocks (the first must win), row 2 is
+    // constant; row 0's maximum sits in the last, partial block.
     logits[v + 100] = 50.0;
-    logits[v + 4000] = 50.0;
+    logits[v + 60000] = 50.0;
+    logits[v - 1] = 60.0;
     for x in &mut logits[2 * v..3 * v] {
         *x = -1.0;
     }
@@ -659,6 +666,7 @@ fn argmax_picks_first_maximum_and_logits_at_gathers() {
     assert_eq!(s.clone_dtoh(&ids).unwrap(), want);
 
     let cand: Vec<i32> = vec![0, 5002, 17, -1, 3, 3, 4999, 100000, 1, 2, 3, 4];
+    assert_eq!(want[0], v as i32 - 1);
     let cb = s.clone_htod(&cand).unwrap();
     let mut out = s.alloc_zeros::<f32>(b * c).unwrap();
     k::logits_at(

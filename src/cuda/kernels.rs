@@ -160,6 +160,11 @@ pub fn residual_norm(
     } else {
         0
     };
+    if d % 4 != 0 || d > 8192 {
+        return Err(Error::Input(format!(
+            "{K}: D must be a multiple of 4 and at most 8192 (float4 rows in registers), found {d}"
+        )));
+    }
     if t == 0 {
         return Ok(());
     }
@@ -205,7 +210,7 @@ pub fn residual_norm(
     b.arg(&ki);
     // SAFETY: argument order and types match residual_norm_f32 (absent pointers are null, which
     // the kernel tests); every buffer's length was checked against T, D, K, NV above.
-    gpu.launched(K, unsafe { b.launch(cfg((t as u32, 1, 1), 256, smem)) })
+    gpu.launched(K, unsafe { b.launch(cfg((t as u32, 1, 1), 512, smem)) })
 }
 
 /// Shapes of the attention block.
@@ -334,7 +339,10 @@ pub fn qkv_rope(
     b.arg(&h).arg(&hkv).arg(&dh).arg(&slots).arg(&s);
     // SAFETY: argument order and types match qkv_rope_bf16; lengths checked above; cache writes
     // are skipped in the kernel for slot/pos outside [0, slots) × [0, S).
-    gpu.launched(K, unsafe { b.launch(cfg((t as u32, 1, 1), 128, 0)) })
+    let per_row = (sh.h + sh.hkv) * sh.dh / 2 + sh.hkv * sh.dh;
+    gpu.launched(K, unsafe {
+        b.launch(cfg((t as u32, per_row.div_ceil(256) as u32, 1), 256, 0))
+    })
 }
 
 /// Number of sequence splits decode attention launches for contexts up to `max_len` positions
@@ -347,7 +355,7 @@ pub fn decode_splits(max_len: usize) -> usize {
 /// its own k_self/v_self at pos[t]. `splits` = decode_splits(longest possible pos + 1).
 /// q bf16 [T, H, Dh], caches bf16 [slots, S, Hkv, Dh], k_self/v_self bf16 [T, Hkv, Dh],
 /// pos/slot i32 [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2];
-/// out bf16 [T, H, Dh]. Positions beyond splits·DECODE_CHUNK are not attended.
+/// out bf16 [T, H, Dh] (the last split of each head combines the partials, one launch). Positions beyond splits·DECODE_CHUNK are not attended.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
@@ -418,6 +426,13 @@ pub fn attention_decode(
             "{K}: splits must be 1..=65535, found {splits}"
         )));
     }
+    if t * sh.h > super::SCRATCH_COUNTERS {
+        return Err(Error::Input(format!(
+            "{K}: T·H = {} exceeds the {} completion counters",
+            t * sh.h,
+            super::SCRATCH_COUNTERS
+        )));
+    }
     if t == 0 {
         return Ok(());
     }
@@ -437,7 +452,10 @@ pub fn attention_decode(
         .arg(v_self)
         .arg(pos)
         .arg(slot);
-    b.arg(&mut *part_o).arg(&mut *part_ml);
+    b.arg(&mut *part_o)
+        .arg(&mut *part_ml)
+        .arg(out)
+        .arg(&gpu.scratch.counters);
     b.arg(&h)
         .arg(&hkv)
         .arg(&dh)
@@ -445,28 +463,11 @@ pub fn attention_decode(
         .arg(&slots)
         .arg(&chunk)
         .arg(&ns);
-    // SAFETY: argument order and types match attention_decode_bf16; lengths checked above; the
-    // kernel reads cache rows only for slot in [0, slots) and positions < min(pos, S).
+    // SAFETY: argument order and types match attention_decode_bf16; lengths checked above (the
+    // counters hold T·H entries, checked); the kernel reads cache rows only for slot in
+    // [0, slots) and positions < min(pos, S).
     gpu.launched(K, unsafe {
         b.launch(cfg((splits as u32, sh.h as u32, t as u32), 128, 0))
-    })?;
-
-    const C: &str = "attention_combine_bf16";
-    let f = gpu.func(C)?;
-    let (po, pml) = (part_o.as_view(), part_ml.as_view());
-    let mut b = gpu.stream.launch_builder(f);
-    b.arg(&po)
-        .arg(&pml)
-        .arg(pos)
-        .arg(out)
-        .arg(&h)
-        .arg(&dh)
-        .arg(&chunk)
-        .arg(&ns);
-    // SAFETY: argument order and types match attention_combine_bf16; it reads the partials the
-    // launch above wrote (same stream, so ordered after it) for at most `splits` splits.
-    gpu.launched(C, unsafe {
-        b.launch(cfg((sh.h as u32, t as u32, 1), 128, 0))
     })
 }
 
@@ -570,7 +571,11 @@ pub fn gemv(
     m: usize,
     k: usize,
 ) -> Result<()> {
+    // One row: warps per output row from the row length (see gemv.cu), so that each lane has
+    // about one or two rounds of 8 loads in flight.
     let name = match b {
+        1 if k > 4096 => "gemv_bf16_b1_k4",
+        1 if k > 2048 => "gemv_bf16_b1_k2",
         1 => "gemv_bf16_b1",
         2 => "gemv_bf16_b2",
         3..=4 => "gemv_bf16_b4",
@@ -591,10 +596,15 @@ pub fn gemv(
     let f = gpu.func(name)?;
     let mut l = gpu.stream.launch_builder(f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
-    // The single-row kernel is one warp per row (8 per block); the tensor-core buckets own 16
-    // rows per block of 16 warps.
+    // The single-row kernels are 1, 2 or 4 warps per row (8 warps per block); the tensor-core
+    // buckets own 16 rows per block of 16 warps.
     let launch = if b == 1 {
-        cfg((m.div_ceil(8) as u32, 1, 1), 256, 0)
+        let rows_per_block = match name {
+            "gemv_bf16_b1_k4" => 2,
+            "gemv_bf16_b1_k2" => 4,
+            _ => 8,
+        };
+        cfg((m.div_ceil(rows_per_block) as u32, 1, 1), 256, 0)
     } else {
         cfg((m.div_ceil(16) as u32, 1, 1), 512, 0)
     };
@@ -715,12 +725,31 @@ pub fn argmax(
     if v == 0 {
         return Err(Error::Input(format!("{K}: vocabulary of 0 entries")));
     }
+    // About 8 columns per thread (two steps of ARGMAX_UNROLL loads): 75 blocks per row of a
+    // 151,936-entry vocabulary.
+    let nb = v.div_ceil(2048).clamp(1, 1024);
+    if b > super::SCRATCH_COUNTERS || b * nb > super::SCRATCH_PARTIALS || b > 65535 {
+        return Err(Error::Input(format!(
+            "{K}: {b} rows × {nb} blocks exceed the scratch space ({} rows, {} partials)",
+            super::SCRATCH_COUNTERS.min(65535),
+            super::SCRATCH_PARTIALS
+        )));
+    }
     let vi = int(K, "V", v)?;
     let f = gpu.func(K)?;
+    let sc = &gpu.scratch;
     let mut l = gpu.stream.launch_builder(f);
-    l.arg(ids).arg(logits).arg(&vi);
-    // SAFETY: argument order and types match argmax_f32; lengths checked above.
-    gpu.launched(K, unsafe { l.launch(cfg((b as u32, 1, 1), 1024, 0)) })
+    l.arg(ids)
+        .arg(logits)
+        .arg(&vi)
+        .arg(&sc.arg_v)
+        .arg(&sc.arg_i)
+        .arg(&sc.counters);
+    // SAFETY: argument order and types match argmax_f32; lengths checked above; the partials
+    // hold B·NB entries and the counters B (checked), zero between launches.
+    gpu.launched(K, unsafe {
+        l.launch(cfg((nb as u32, b as u32, 1), 256, 0))
+    })
 }
 
 /// out f32 [B, C] = logits[b, ids[b, c]] (−inf for ids outside [0, V)).  logits f32 [B, V], ids i32 [B, C].

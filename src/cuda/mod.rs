@@ -12,7 +12,7 @@ pub mod model;
 pub mod sources;
 
 use crate::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -50,6 +50,22 @@ pub struct Gpu {
     pub compute_capability: (i32, i32),
     funcs: HashMap<&'static str, CudaFunction>,
     sync_each: bool,
+    /// Device scratch shared by the kernels that finish a reduction in their last block.
+    pub(crate) scratch: Scratch,
+}
+
+/// Entries of `Scratch::counters`: one per (row, head) of decode attention, or per argmax row.
+pub(crate) const SCRATCH_COUNTERS: usize = 1 << 16;
+/// Entries of the argmax partial buffers: rows × blocks per row.
+pub(crate) const SCRATCH_PARTIALS: usize = 1 << 18;
+
+/// Completion counters (all zero between launches: the kernel that uses them leaves them zero)
+/// and per-block partial results. Every launch is on the one stream, so launches never share them
+/// at the same time.
+pub(crate) struct Scratch {
+    pub counters: CudaSlice<u32>,
+    pub arg_v: CudaSlice<f32>,
+    pub arg_i: CudaSlice<i32>,
 }
 
 impl Gpu {
@@ -102,12 +118,25 @@ impl Gpu {
             }
         }
         let sync_each = std::env::var("THINKSTEER_CUDA_SYNC").is_ok_and(|v| v == "1");
+        let scratch = Scratch {
+            counters: stream
+                .alloc_zeros(SCRATCH_COUNTERS)
+                .map_err(cuda_err("allocating scratch counters"))?,
+            arg_v: stream
+                .alloc_zeros(SCRATCH_PARTIALS)
+                .map_err(cuda_err("allocating argmax partials"))?,
+            arg_i: stream
+                .alloc_zeros(SCRATCH_PARTIALS)
+                .map_err(cuda_err("allocating argmax partials"))?,
+        };
+        stream.synchronize().map_err(cuda_err("zeroing scratch"))?;
         Ok(Gpu {
             ctx,
             stream,
             compute_capability: cc,
             funcs,
             sync_each,
+            scratch,
         })
     }
 

@@ -16,11 +16,7 @@ mod gen {
 pub const MODULES: &[(&str, &[&str])] = &[
     (
         "attention",
-        &[
-            "attention_decode_bf16",
-            "attention_combine_bf16",
-            "attention_prefill_bf16",
-        ],
+        &["attention_decode_bf16", "attention_prefill_bf16"],
     ),
     ("elementwise", &["silu_mul_bf16"]),
     ("embed", &["embed_bf16"]),
@@ -37,6 +33,8 @@ pub const MODULES: &[(&str, &[&str])] = &[
         "gemv",
         &[
             "gemv_bf16_b1",
+            "gemv_bf16_b1_k2",
+            "gemv_bf16_b1_k4",
             "gemv_bf16_b2",
             "gemv_bf16_b4",
             "gemv_bf16_b8",
