@@ -160,7 +160,7 @@ pub fn residual_norm(
     } else {
         0
     };
-    if d % 4 != 0 || d > 8192 {
+    if !d.is_multiple_of(4) || d > 8192 {
         return Err(Error::Input(format!(
             "{K}: D must be a multiple of 4 and at most 8192 (float4 rows in registers), found {d}"
         )));
