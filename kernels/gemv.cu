@@ -31,6 +31,12 @@
 // Measured on the H100 it streamed the 8B shape's large matrices faster than the tensor-core
 // tile at one row (7.03 vs 8.37 ms/token for the whole model, PERFORMANCE.md runs 1–2).
 // Launch: grid (ceil(M / (8 / WPR))), block 256.
+//
+// gemv_glu_bf16_* (the MLP's gate|up product with SiLU·mul fused): W bf16 [2F, K] holds the gate
+// rows then the up rows, and act[b, f] = bf16(silu(x_b·W[f]) · (x_b·W[F + f])) bf16 [B, F] is
+// written directly (M = F in the arguments); the same arithmetic as gemv then silu_mul_bf16, so
+// the output is identical to that pair (f32 sums rounded once). Single row: each warp reads both
+// rows of its feature; tensor-core buckets: a block owns 8 features (16 mma rows), grid ceil(F / 8).
 #include "common.cuh"
 
 #define GEMV_WARPS 16
@@ -39,6 +45,12 @@
 #define GEMV_UNROLL 4
 // Loads in flight per lane in the single-row kernel: all 6 of a K = 1536 row at once.
 #define GEMV1_UNROLL 8
+
+// Σ of the 8 products of two 16-byte bf16 chunks, in f32.
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    return bf_lo(w.x) * bf_lo(x.x) + bf_hi(w.x) * bf_hi(x.x) + bf_lo(w.y) * bf_lo(x.y) + bf_hi(w.y) * bf_hi(x.y) +
+           bf_lo(w.z) * bf_lo(x.z) + bf_hi(w.z) * bf_hi(x.z) + bf_lo(w.w) * bf_lo(x.w) + bf_hi(w.w) * bf_hi(x.w);
+}
 
 // Weights are touched once: bypass L1 so x keeps it.
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
@@ -49,21 +61,28 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     return r;
 }
 
-// NT: 8-column batch tiles (1 for B ≤ 8, 2 for B ≤ 16).
-template <int NT>
-__device__ __forceinline__ void gemv_body(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                          const bf16_t* __restrict__ W, int B, int M, int K) {
+// SiLU(g)·u exactly as silu_mul_bf16 computes it (elementwise.cu).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+// NT: 8-column batch tiles (1 for B ≤ 8, 2 for B ≤ 16, 4 for B ≤ 32). GLU: the block's 16 mma
+// rows are gate rows m0..m0+7 (W rows m0 + g) and the matching up rows (W rows M + m0 + g), and
+// the epilogue writes act = bf16(silu(gate)·up) [B, M] instead of out.
+template <int NT, bool GLU>
+__device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __restrict__ act,
+                                          const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B,
+                                          int M, int K) {
     // Partial D tiles per warp: [warp][tile·4 + fragment register][lane].
     __shared__ float red[GEMV_WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
-    const int m0 = blockIdx.x * GEMV_ROWS;
+    const int m0 = blockIdx.x * (GLU ? GEMV_ROWS / 2 : GEMV_ROWS);
     const int nchunk = K >> 3;            // 16-byte chunks per row
     const int nstep = (nchunk + 3) >> 2;  // 32-element k-steps (last one may be partial)
 
-    const bool lo_ok = m0 + g < M, hi_ok = m0 + g + 8 < M;
+    const bool lo_ok = m0 + g < M, hi_ok = GLU ? lo_ok : m0 + g + 8 < M;
+    const int hi_row = GLU ? M + m0 + g : m0 + g + 8;
     const uint4* w_lo = reinterpret_cast<const uint4*>(W + (size_t)(lo_ok ? m0 + g : 0) * K);
-    const uint4* w_hi = reinterpret_cast<const uint4*>(W + (size_t)(hi_ok ? m0 + g + 8 : 0) * K);
+    const uint4* w_hi = reinterpret_cast<const uint4*>(W + (size_t)(hi_ok ? hi_row : 0) * K);
     const uint4* xr[NT];
     bool x_ok[NT];
 #pragma unroll
@@ -110,6 +129,23 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, const bf16_t*
 #pragma unroll
         for (int r = 0; r < 4; ++r) red[warp][t * 4 + r][lane] = d[t][r];
     __syncthreads();
+    if (GLU) {
+        // Registers r and r + 2 of lane (g, c) are the gate and up rows of feature m0 + g.
+        for (int i = threadIdx.x; i < NT * 2 * 32; i += GEMV_THREADS) {
+            const int j = i >> 5, l = i & 31;
+            const int t = j >> 1, r = j & 1;
+            float gs = 0.0f, us = 0.0f;
+#pragma unroll
+            for (int w = 0; w < GEMV_WARPS; ++w) {
+                gs += red[w][t * 4 + r][l];
+                us += red[w][t * 4 + r + 2][l];
+            }
+            const int b = t * 8 + 2 * (l & 3) + r;
+            const int m = m0 + (l >> 2);
+            if (b < B && m < M) act[(size_t)b * M + m] = f2bf(silu_mul(gs, us));
+        }
+        return;
+    }
     // D fragment: register r of lane (g, c) is row g + 8·(r/2), column 2c + r%2.
     for (int i = threadIdx.x; i < NT * 4 * 32; i += GEMV_THREADS) {
         const int j = i >> 5, l = i & 31;
@@ -127,7 +163,12 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, const bf16_t*
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_bf16_b##BM(                           \
         float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
         int K) {                                                                                          \
-        gemv_body<NT>(out, x, W, B, M, K);                                                                \
+        gemv_body<NT, false>(out, nullptr, x, W, B, M, K);                                                \
+    }                                                                                                     \
+    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_glu_bf16_b##BM(                       \
+        bf16_t* __restrict__ act, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
+        int K) {                                                                                          \
+        gemv_body<NT, true>(nullptr, act, x, W, B, M, K);                                                 \
     }
 GEMV_KERNEL(2, 1)
 GEMV_KERNEL(4, 1)
@@ -137,61 +178,73 @@ GEMV_KERNEL(32, 4)
 
 // The single-row kernels described in the banner: WPR warps share one output row (split-K), so
 // long rows (K = 8960, 14336) take fewer serial load rounds and more blocks fill the GPU.
-template <int WPR>
-__device__ __forceinline__ void gemv1_body(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                           const bf16_t* __restrict__ W, int B, int M, int K) {
-    __shared__ float red[8];
+template <int WPR, bool GLU>
+__device__ __forceinline__ void gemv1_body(float* __restrict__ out, bf16_t* __restrict__ act,
+                                           const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B,
+                                           int M, int K) {
+    __shared__ float red[2][8];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int part = warp % WPR;
     const int m = blockIdx.x * (8 / WPR) + warp / WPR;
     const bool ok_row = m < M && B >= 1;
     const int nchunk = K / 8;
     const uint4* wrow = reinterpret_cast<const uint4*>(W + (size_t)(ok_row ? m : 0) * K);
+    // GLU: the matching up row M + m as well.
+    const uint4* urow = reinterpret_cast<const uint4*>(W + (size_t)(ok_row && GLU ? M + m : 0) * K);
     const uint4* x8 = reinterpret_cast<const uint4*>(x);
-    float acc = 0.0f;
+    float acc = 0.0f, acc_u = 0.0f;
     for (int c0 = lane + 32 * part; ok_row && c0 < nchunk; c0 += 32 * WPR * GEMV1_UNROLL) {
-        uint4 wv[GEMV1_UNROLL];
+        uint4 wv[GEMV1_UNROLL], uv[GEMV1_UNROLL];
 #pragma unroll
         for (int u = 0; u < GEMV1_UNROLL; ++u) {
             const int c = c0 + 32 * WPR * u;
             wv[u] = c < nchunk ? ld_stream(wrow + c) : make_uint4(0, 0, 0, 0);
+            if (GLU) uv[u] = c < nchunk ? ld_stream(urow + c) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < GEMV1_UNROLL; ++u) {
             const int c = c0 + 32 * WPR * u;
             if (c < nchunk) {
                 const uint4 xv = __ldg(x8 + c);
-                const uint4 w = wv[u];
-                acc += bf_lo(w.x) * bf_lo(xv.x) + bf_hi(w.x) * bf_hi(xv.x) + bf_lo(w.y) * bf_lo(xv.y) +
-                       bf_hi(w.y) * bf_hi(xv.y) + bf_lo(w.z) * bf_lo(xv.z) + bf_hi(w.z) * bf_hi(xv.z) +
-                       bf_lo(w.w) * bf_lo(xv.w) + bf_hi(w.w) * bf_hi(xv.w);
+                acc += dot8(wv[u], xv);
+                if (GLU) acc_u += dot8(uv[u], xv);
             }
         }
     }
     const float v = warp_sum(acc);
-    if (WPR == 1) {
-        if (ok_row && lane == 0) out[m] = v;
-        return;
-    }
-    if (lane == 0) red[warp] = v;
-    __syncthreads();
-    if (ok_row && part == 0 && lane == 0) {
-        float t = 0.0f;
+    const float vu = GLU ? warp_sum(acc_u) : 0.0f;
+    float tot = v, tot_u = vu;
+    if (WPR > 1) {
+        if (lane == 0) {
+            red[0][warp] = v;
+            red[1][warp] = vu;
+        }
+        __syncthreads();
+        tot = 0.0f;
+        tot_u = 0.0f;
 #pragma unroll
-        for (int p = 0; p < WPR; ++p) t += red[warp + p];  // fixed order: deterministic
-        out[m] = t;
+        for (int p = 0; p < WPR; ++p) {  // fixed order: deterministic
+            tot += red[0][warp - part + p];
+            tot_u += red[1][warp - part + p];
+        }
+    }
+    if (ok_row && part == 0 && lane == 0) {
+        if (GLU)
+            act[m] = f2bf(silu_mul(tot, tot_u));
+        else
+            out[m] = tot;
     }
 }
 
-extern "C" __global__ void gemv_bf16_b1(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                        const bf16_t* __restrict__ W, int B, int M, int K) {
-    gemv1_body<1>(out, x, W, B, M, K);
-}
-extern "C" __global__ void gemv_bf16_b1_k2(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                           const bf16_t* __restrict__ W, int B, int M, int K) {
-    gemv1_body<2>(out, x, W, B, M, K);
-}
-extern "C" __global__ void gemv_bf16_b1_k4(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                           const bf16_t* __restrict__ W, int B, int M, int K) {
-    gemv1_body<4>(out, x, W, B, M, K);
-}
+#define GEMV1_KERNELS(SUFFIX, WPR)                                                                          \
+    extern "C" __global__ void gemv_bf16_b1##SUFFIX(float* __restrict__ out, const bf16_t* __restrict__ x,   \
+                                                    const bf16_t* __restrict__ W, int B, int M, int K) {    \
+        gemv1_body<WPR, false>(out, nullptr, x, W, B, M, K);                                                \
+    }                                                                                                       \
+    extern "C" __global__ void gemv_glu_bf16_b1##SUFFIX(bf16_t* __restrict__ act, const bf16_t* __restrict__ x, \
+                                                        const bf16_t* __restrict__ W, int B, int M, int K) { \
+        gemv1_body<WPR, true>(nullptr, act, x, W, B, M, K);                                                 \
+    }
+GEMV1_KERNELS(, 1)
+GEMV1_KERNELS(_k2, 2)
+GEMV1_KERNELS(_k4, 4)

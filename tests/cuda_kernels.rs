@@ -612,6 +612,91 @@ fn matmul_rejects_k_not_multiple_of_8() {
     assert!(e.to_string().contains("multiple of 8"), "{e}");
 }
 
+/// matmul_glu (the fused gate|up product + SiLU·mul) against the CPU: gate and up as f32 products
+/// of the same bf16 inputs, then silu·mul, rounded to bf16.
+fn check_glu(g: &Gpu, n: usize, f: usize, kd: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let x = rng.vec(n * kd, 1.0);
+    let w = rng.vec(2 * f * kd, 0.5);
+    let mut gu = vec![0f32; n * 2 * f];
+    cpu_ops::matmul(&mut gu, &x, &w, None, n, kd, 2 * f, &mut Vec::new());
+    let (mut gate, mut up) = (Vec::new(), Vec::new());
+    for r in 0..n {
+        gate.extend_from_slice(&gu[r * 2 * f..r * 2 * f + f]);
+        up.extend_from_slice(&gu[r * 2 * f + f..(r + 1) * 2 * f]);
+    }
+    let mut want = vec![0f32; n * f];
+    cpu_ops::silu_mul(&mut want, &gate, &up);
+    // Σ|x·w| per product bounds its f32 summation-order error (as in check_matmul); it reaches the
+    // output through d(silu(g)·u) = silu'(g)·u·dg + silu(g)·du with |silu'| ≤ 1.1; then the bf16
+    // rounding of the output (RTOL_BF16).
+    let abs = |r: usize, row: usize| -> f32 {
+        (0..kd)
+            .map(|i| (x[r * kd + i] * w[row * kd + i]).abs())
+            .sum()
+    };
+    let sk = (kd as f32).sqrt();
+    let tol: Vec<f32> = (0..n * f)
+        .map(|e| {
+            let (r, c) = (e / f, e % f);
+            let (gv, uv) = (gate[e], up[e]);
+            let silu = gv / (1.0 + (-gv).exp());
+            let dg = 8.0 * sk * EPS32 * abs(r, c);
+            let du = 8.0 * sk * EPS32 * abs(r, f + c);
+            1.1 * uv.abs() * dg + silu.abs() * du + 1e-30
+        })
+        .collect();
+    let s = &g.stream;
+    let (xb, wb) = (
+        s.clone_htod(&to_bf(&x)).unwrap(),
+        s.clone_htod(&to_bf(&w)).unwrap(),
+    );
+    let mut act = s.alloc_zeros::<bf16>(n * f).unwrap();
+    let mut scratch = s.alloc_zeros::<f32>(n * 2 * f).unwrap();
+    k::matmul_glu(
+        g,
+        &mut act.as_view_mut(),
+        &mut scratch.as_view_mut(),
+        &xb.as_view(),
+        &wb.as_view(),
+        n,
+        f,
+        kd,
+    )
+    .unwrap();
+    compare(
+        &format!("matmul_glu N={n} F={f} K={kd}"),
+        &from_bf(&s.clone_dtoh(&act).unwrap()),
+        &want,
+        &|e| tol[e],
+        RTOL_BF16,
+    );
+}
+
+#[test]
+fn matmul_glu_matches_cpu_gate_up_silu_mul() {
+    let Some(g) = gpu() else { return };
+    // Every gemv_glu bucket (1, 2, 4, 8, 16, 32 rows), row groups (40), the gemm + silu_mul path
+    // (129), and the single-row split-K variants (K > 2048, K > 4096); F not a multiple of 8.
+    for (i, &(n, f, kd)) in [
+        (1usize, 77usize, 8 * 37usize),
+        (1, 77, 3000),
+        (1, 333, 8960),
+        (2, 77, 8 * 37),
+        (3, 100, 1536),
+        (8, 77, 8 * 37),
+        (13, 61, 264),
+        (32, 77, 8 * 37),
+        (40, 50, 264),
+        (129, 33, 64),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_glu(&g, n, f, kd, 60 + i as u64);
+    }
+}
+
 #[test]
 fn silu_mul_matches_cpu() {
     let Some(g) = gpu() else { return };

@@ -541,6 +541,25 @@ pub fn attention_prefill(
     })
 }
 
+/// K and the inputs of a skinny or tiled product: x bf16 [N, K], W bf16 [rows, K].
+fn product_checks(
+    gpu: &Gpu,
+    kernel: &str,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (n, rows, k): (usize, usize, usize),
+) -> Result<()> {
+    if !k.is_multiple_of(8) || k == 0 {
+        return Err(Error::Input(format!(
+            "{kernel}: the reduction dim K must be a positive multiple of 8 (16-byte loads), found {k}"
+        )));
+    }
+    check(kernel, "x", x.len(), n * k, "[N, K]")?;
+    check(kernel, "W", w.len(), rows * k, "[M, K]")?;
+    aligned16(gpu, kernel, "x", x)?;
+    aligned16(gpu, kernel, "W", w)
+}
+
 fn matmul_checks(
     gpu: &Gpu,
     kernel: &str,
@@ -549,19 +568,36 @@ fn matmul_checks(
     w: &CudaView<'_, bf16>,
     (n, m, k): (usize, usize, usize),
 ) -> Result<()> {
-    if !k.is_multiple_of(8) || k == 0 {
-        return Err(Error::Input(format!(
-            "{kernel}: the reduction dim K must be a positive multiple of 8 (16-byte loads), found {k}"
-        )));
-    }
     check(kernel, "out", out.len(), n * m, "[N, M]")?;
-    check(kernel, "x", x.len(), n * k, "[N, K]")?;
-    check(kernel, "W", w.len(), m * k, "[M, K]")?;
-    aligned16(gpu, kernel, "x", x)?;
-    aligned16(gpu, kernel, "W", w)
+    product_checks(gpu, kernel, x, w, (n, m, k))
 }
 
-/// Skinny product for 1..=16 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
+/// The gemv kernel for `b` rows of length `k` (`glu`: the fused gate|up + SiLU·mul variant), and
+/// its launch: output rows (or features) per block and threads per block.
+fn gemv_kernel(b: usize, k: usize, glu: bool) -> Result<(&'static str, usize, u32)> {
+    // One row: warps per output row from the row length (see gemv.cu), so that each lane has
+    // about one or two rounds of 8 loads in flight; 8 warps per block.
+    // Several rows: tensor-core tiles of 16 mma rows per block of 16 warps (8 features with glu).
+    let tile = if glu { 8 } else { 16 };
+    let (plain, fused, per_block, threads) = match b {
+        1 if k > 4096 => ("gemv_bf16_b1_k4", "gemv_glu_bf16_b1_k4", 2, 256),
+        1 if k > 2048 => ("gemv_bf16_b1_k2", "gemv_glu_bf16_b1_k2", 4, 256),
+        1 => ("gemv_bf16_b1", "gemv_glu_bf16_b1", 8, 256),
+        2 => ("gemv_bf16_b2", "gemv_glu_bf16_b2", tile, 512),
+        3..=4 => ("gemv_bf16_b4", "gemv_glu_bf16_b4", tile, 512),
+        5..=8 => ("gemv_bf16_b8", "gemv_glu_bf16_b8", tile, 512),
+        9..=16 => ("gemv_bf16_b16", "gemv_glu_bf16_b16", tile, 512),
+        17..=32 => ("gemv_bf16_b32", "gemv_glu_bf16_b32", tile, 512),
+        _ => {
+            return Err(Error::Input(format!(
+                "gemv: rows must be 1..=32, found {b} (use gemm)"
+            )))
+        }
+    };
+    Ok((if glu { fused } else { plain }, per_block, threads))
+}
+
+/// Skinny product for 1..=32 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
 pub fn gemv(
     gpu: &Gpu,
     out: &mut CudaViewMut<'_, f32>,
@@ -571,23 +607,7 @@ pub fn gemv(
     m: usize,
     k: usize,
 ) -> Result<()> {
-    // One row: warps per output row from the row length (see gemv.cu), so that each lane has
-    // about one or two rounds of 8 loads in flight.
-    let name = match b {
-        1 if k > 4096 => "gemv_bf16_b1_k4",
-        1 if k > 2048 => "gemv_bf16_b1_k2",
-        1 => "gemv_bf16_b1",
-        2 => "gemv_bf16_b2",
-        3..=4 => "gemv_bf16_b4",
-        5..=8 => "gemv_bf16_b8",
-        9..=16 => "gemv_bf16_b16",
-        17..=32 => "gemv_bf16_b32",
-        _ => {
-            return Err(Error::Input(format!(
-                "gemv: rows must be 1..=32, found {b} (use gemm)"
-            )))
-        }
-    };
+    let (name, per_block, threads) = gemv_kernel(b, k, false)?;
     matmul_checks(gpu, name, out, x, w, (b, m, k))?;
     if m == 0 {
         return Ok(());
@@ -596,20 +616,37 @@ pub fn gemv(
     let f = gpu.func(name)?;
     let mut l = gpu.stream.launch_builder(f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
-    // The single-row kernels are 1, 2 or 4 warps per row (8 warps per block); the tensor-core
-    // buckets own 16 rows per block of 16 warps.
-    let launch = if b == 1 {
-        let rows_per_block = match name {
-            "gemv_bf16_b1_k4" => 2,
-            "gemv_bf16_b1_k2" => 4,
-            _ => 8,
-        };
-        cfg((m.div_ceil(rows_per_block) as u32, 1, 1), 256, 0)
-    } else {
-        cfg((m.div_ceil(16) as u32, 1, 1), 512, 0)
-    };
+    let launch = cfg((m.div_ceil(per_block) as u32, 1, 1), threads, 0);
     // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
     // (the kernel's vector loads) checked above; B ≤ the kernel's bucket.
+    gpu.launched(name, unsafe { l.launch(launch) })
+}
+
+/// The MLP's gate|up product with SiLU·mul fused, for 1..=32 rows:
+/// act bf16 [B, F] = silu(x·W[..F]ᵀ) · (x·W[F..]ᵀ), x bf16 [B, K], W bf16 [2F, K] (gate rows
+/// first). The same arithmetic as `gemv` then `silu_mul`.
+pub fn gemv_glu(
+    gpu: &Gpu,
+    act: &mut CudaViewMut<'_, bf16>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    b: usize,
+    f: usize,
+    k: usize,
+) -> Result<()> {
+    let (name, per_block, threads) = gemv_kernel(b, k, true)?;
+    check(name, "act", act.len(), b * f, "[B, F]")?;
+    product_checks(gpu, name, x, w, (b, 2 * f, k))?;
+    if f == 0 {
+        return Ok(());
+    }
+    let (bi, fi, ki) = (int(name, "B", b)?, int(name, "F", f)?, int(name, "K", k)?);
+    let func = gpu.func(name)?;
+    let mut l = gpu.stream.launch_builder(func);
+    l.arg(act).arg(x).arg(w).arg(&bi).arg(&fi).arg(&ki);
+    let launch = cfg((f.div_ceil(per_block) as u32, 1, 1), threads, 0);
+    // SAFETY: argument order and types match gemv_glu_bf16_b*; lengths (W has 2F rows), K % 8 and
+    // 16-byte alignment checked above; B ≤ the kernel's bucket.
     gpu.launched(name, unsafe { l.launch(launch) })
 }
 
@@ -678,6 +715,41 @@ pub fn matmul(
             w,
             rows,
             m,
+            k,
+        )?;
+        r0 += rows;
+    }
+    Ok(())
+}
+
+/// act bf16 [N, F] = silu(x·W[..F]ᵀ) · (x·W[F..]ᵀ) for the MLP, W bf16 [2F, K] (gate rows first):
+/// `gemv_glu` for up to GEMV_PASSES·GEMV_MAX_ROWS rows (in groups of 32), else `gemm` into
+/// gate_up f32 [N, 2F] then `silu_mul`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_glu(
+    gpu: &Gpu,
+    act: &mut CudaViewMut<'_, bf16>,
+    gate_up: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    n: usize,
+    f: usize,
+    k: usize,
+) -> Result<()> {
+    if n > GEMV_MAX_ROWS * GEMV_PASSES || act.len() != n * f || x.len() != n * k {
+        gemm(gpu, gate_up, x, w, n, 2 * f, k)?;
+        return silu_mul(gpu, act, &gate_up.as_view(), n, f);
+    }
+    let mut r0 = 0;
+    while r0 < n {
+        let rows = GEMV_MAX_ROWS.min(n - r0);
+        gemv_glu(
+            gpu,
+            &mut act.slice_mut(r0 * f..(r0 + rows) * f),
+            &x.slice(r0 * k..(r0 + rows) * k),
+            w,
+            rows,
+            f,
             k,
         )?;
         r0 += rows;

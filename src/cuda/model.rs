@@ -599,7 +599,7 @@ impl CudaEngine {
             d,
             h * dh,
         )?;
-        // MLP: r += o; y = norm(r); o = down(silu(gate) · up).
+        // MLP: r += o; y = norm(r); o = down(silu(gate) · up), the gate|up product and SiLU·mul fused.
         let o = a.o.slice(..t * d);
         k::residual_norm(
             g,
@@ -613,21 +613,15 @@ impl CudaEngine {
             d,
             c.rms_norm_eps,
         )?;
-        k::matmul(
+        k::matmul_glu(
             g,
+            &mut a.act.slice_mut(..t * f),
             &mut a.gate_up.slice_mut(..t * 2 * f),
             &a.y.slice(..t * d),
             &w.gate_up_proj.as_view(),
             t,
-            2 * f,
-            d,
-        )?;
-        k::silu_mul(
-            g,
-            &mut a.act.slice_mut(..t * f),
-            &a.gate_up.slice(..t * 2 * f),
-            t,
             f,
+            d,
         )?;
         k::matmul(
             g,
