@@ -14,8 +14,8 @@
 //   [T, H], zero before the launch and left zero after it) combines them:
 //     out[t, h] = bf16(Σ_sp e^{m_sp−M} part_o / Σ_sp e^{m_sp−M} l_sp) over the ceil(L/chunk) used
 //     splits, M = max m_sp.
-//   Launch: grid (NS, H, T), block 128 (4 warps, keys strided over warps, DEC_U keys per warp step,
-//   Dh/32 dims per lane). NS is fixed by the caller (ceil(max context / chunk)); splits with
+//   Launch: grid (NS, H, T), block 256 (DEC_WARPS = 8 warps, keys strided over warps, DEC_U keys
+//   per warp step, Dh/32 dims per lane). NS is fixed by the caller (ceil(max context / chunk)); splits with
 //   sp·chunk ≥ L return at once, so the launch does not depend on lengths (CUDA graphs).
 // attention_prefill_bf16 — a chunk of n queries of ONE slot at positions p0 .. p0+n−1 (q bf16
 //   [n, H, Dh]); query i attends cache positions 0 .. p0+i (its own k/v was already written by
@@ -27,6 +27,8 @@
 #define MAX_DH 128
 // Keys per warp step in decode attention (loads in flight per lane: 2·DEC_U row parts).
 #define DEC_U 8
+// Warps per decode-attention block: DEC_WARPS·DEC_U = 64 = DECODE_CHUNK keys in one step.
+#define DEC_WARPS 8
 
 // Loads NPL consecutive bf16 (this lane's share of a Dh-row) as f32.
 template <int NPL>
@@ -53,8 +55,8 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                              unsigned int* __restrict__ counters, int H, int Hkv, int S, int slots, int chunk,
                              int NS) {
     constexpr int DH = NPL * 32;
-    __shared__ float sm_m[4], sm_l[4];
-    __shared__ float sm_acc[4][DH];  // both instantiations together: 3 KB
+    __shared__ float sm_m[DEC_WARPS], sm_l[DEC_WARPS];
+    __shared__ float sm_acc[DEC_WARPS][DH];
     const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int p = pos[t];
@@ -78,14 +80,14 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     for (int i = 0; i < NPL; ++i) acc[i] = 0.0f;
     const bf16_t* kself = k_self + ((size_t)t * Hkv + kvh) * DH;
     const bf16_t* vself = v_self + ((size_t)t * Hkv + kvh) * DH;
-    // Warp w takes keys j0 + w + 4·i, DEC_U of them per step: all their K and V loads are issued
-    // before any score is used, so a split of 64 keys costs two memory round trips per warp.
-    for (int jb = j0 + warp; jb < j1; jb += 4 * DEC_U) {
+    // Warp w takes keys j0 + w + DEC_WARPS·i, DEC_U of them per step: all their K and V loads are
+    // issued before any score is used, so a split of 64 keys costs one memory round trip.
+    for (int jb = j0 + warp; jb < j1; jb += DEC_WARPS * DEC_U) {
         float kv[DEC_U][NPL], vv[DEC_U][NPL];
         bool ok[DEC_U];
 #pragma unroll
         for (int u = 0; u < DEC_U; ++u) {
-            const int j = jb + 4 * u;
+            const int j = jb + DEC_WARPS * u;
             // Cache positions past cache_len (an out-of-range slot) are skipped; the token itself
             // (j == p) reads k_self / v_self.
             ok[u] = j < j1 && (j >= p || j < cache_len);
@@ -134,16 +136,25 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
 #pragma unroll
     for (int i = 0; i < NPL; ++i) sm_acc[warp][lane * NPL + i] = acc[i];
     __syncthreads();
-    float M = fmaxf(fmaxf(sm_m[0], sm_m[1]), fmaxf(sm_m[2], sm_m[3]));
-    float f[4];
+    float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < 4; ++w) f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
+    for (int w = 0; w < DEC_WARPS; ++w) M = fmaxf(M, sm_m[w]);
+    float f[DEC_WARPS];
+#pragma unroll
+    for (int w = 0; w < DEC_WARPS; ++w) f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
     const size_t base = ((size_t)t * H + h) * NS + sp;
-    for (int d = threadIdx.x; d < DH; d += blockDim.x)
-        part_o[base * DH + d] = f[0] * sm_acc[0][d] + f[1] * sm_acc[1][d] + f[2] * sm_acc[2][d] + f[3] * sm_acc[3][d];
+    for (int d = threadIdx.x; d < DH; d += blockDim.x) {
+        float o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) o += f[w] * sm_acc[w][d];
+        part_o[base * DH + d] = o;
+    }
     if (threadIdx.x == 0) {
+        float lw = 0.0f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; ++w) lw += f[w] * sm_l[w];
         part_ml[base * 2] = M;
-        part_ml[base * 2 + 1] = f[0] * sm_l[0] + f[1] * sm_l[1] + f[2] * sm_l[2] + f[3] * sm_l[3];
+        part_ml[base * 2 + 1] = lw;
     }
 
     // The last split of (t, h) to finish combines all of them (no second launch). Its counter is
@@ -160,15 +171,21 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+    // Combine: the used splits' maxima and sums are read by all threads at once (block
+    // reductions), then each thread sums its dims over the splits with DEC_U loads in flight.
     const size_t b0 = ((size_t)t * H + h) * NS;
+    __shared__ float sw[32];
+    // Maximum over all used splits, then weights e^{m_sp − M}.
     float MM = -INFINITY;
-    for (int q2 = 0; q2 < used; ++q2) MM = fmaxf(MM, __ldcg(part_ml + (b0 + q2) * 2));
-    float LL = 0.0f;
-    for (int q2 = 0; q2 < used; ++q2)
-        LL += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_ml + (b0 + q2) * 2 + 1);
-    const float inv = 1.0f / LL;
+    for (int q2 = threadIdx.x; q2 < used; q2 += blockDim.x) MM = fmaxf(MM, __ldcg(part_ml + (b0 + q2) * 2));
+    MM = block_max(MM, sw);
+    float lpart = 0.0f;
+    for (int q2 = threadIdx.x; q2 < used; q2 += blockDim.x)
+        lpart += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_ml + (b0 + q2) * 2 + 1);
+    const float inv = 1.0f / block_sum(lpart, sw);
     for (int d = threadIdx.x; d < DH; d += blockDim.x) {
         float o = 0.0f;
+#pragma unroll 8
         for (int q2 = 0; q2 < used; ++q2)
             o += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_o + (b0 + q2) * DH + d);
         out[((size_t)t * H + h) * DH + d] = f2bf(o * inv);

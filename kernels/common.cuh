@@ -55,6 +55,16 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
+// Maximum over the whole block, like block_sum.
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nwarps ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
 // 16-byte asynchronous global -> shared copy; bytes past `src_bytes` (0 or 16) are zero-filled,
 // which is how tiles read past a matrix edge without branching.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {

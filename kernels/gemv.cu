@@ -24,8 +24,8 @@
 // gemv_bf16_b32 (four); each handles B ≤ its bucket. Launch: grid (ceil(M / 16)), block 512
 // (16 warps), static shared memory 8, 16 or 32 KB.
 //
-// gemv_bf16_b1 (a single row) stays a scalar kernel: WPR warps per output feature (1, 2 or 4:
-// gemv_bf16_b1, _b1_k2, _b1_k4, chosen on the host from K), warp p of a row summing the 16-byte
+// gemv_bf16_b1 (a single row) stays a scalar kernel: WPR warps per output feature (1, 2, 4 or 8:
+// gemv_bf16_b1, _b1_k2, _b1_k4, _b1_k8, chosen on the host from K), warp p of a row summing the 16-byte
 // chunks c ≡ lane + 32·p (mod 32·WPR) with 8 loads in flight, a warp reduction, and the WPR
 // partial sums added in a fixed order.
 // Measured on the H100 it streamed the 8B shape's large matrices faster than the tensor-core
@@ -248,3 +248,4 @@ __device__ __forceinline__ void gemv1_body(float* __restrict__ out, bf16_t* __re
 GEMV1_KERNELS(, 1)
 GEMV1_KERNELS(_k2, 2)
 GEMV1_KERNELS(_k4, 4)
+GEMV1_KERNELS(_k8, 8)

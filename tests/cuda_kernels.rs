@@ -562,9 +562,10 @@ fn gemv_matches_cpu_matmul() {
     for (i, &b) in [1usize, 2, 3, 8, 13, 16, 17, 24, 32].iter().enumerate() {
         check_matmul(&g, "gemv", b, 77, 8 * 37, 10 + i as u64);
     }
-    // Single-row split-K variants: 4 warps per row (K > 4096), 2 (K > 2048), with M not a
-    // multiple of the rows per block.
+    // Single-row split-K variants: 8 warps per row (K > 8192), 4 (K > 4096), 2 (K > 2048), with
+    // M not a multiple of the rows per block.
     check_matmul(&g, "gemv", 1, 1535, 8960, 20);
+    check_matmul(&g, "gemv", 1, 5, 6000, 23);
     check_matmul(&g, "gemv", 1, 77, 3000, 21);
     check_matmul(&g, "gemv", 1, 3, 4104, 22);
 }
@@ -682,6 +683,7 @@ fn matmul_glu_matches_cpu_gate_up_silu_mul() {
         (1usize, 77usize, 8 * 37usize),
         (1, 77, 3000),
         (1, 333, 8960),
+        (1, 41, 6000),
         (2, 77, 8 * 37),
         (3, 100, 1536),
         (8, 77, 8 * 37),

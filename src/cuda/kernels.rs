@@ -467,7 +467,7 @@ pub fn attention_decode(
     // counters hold T·H entries, checked); the kernel reads cache rows only for slot in
     // [0, slots) and positions < min(pos, S).
     gpu.launched(K, unsafe {
-        b.launch(cfg((splits as u32, sh.h as u32, t as u32), 128, 0))
+        b.launch(cfg((splits as u32, sh.h as u32, t as u32), 256, 0))
     })
 }
 
@@ -576,10 +576,11 @@ fn matmul_checks(
 /// its launch: output rows (or features) per block and threads per block.
 fn gemv_kernel(b: usize, k: usize, glu: bool) -> Result<(&'static str, usize, u32)> {
     // One row: warps per output row from the row length (see gemv.cu), so that each lane has
-    // about one or two rounds of 8 loads in flight; 8 warps per block.
+    // one round of at most 8 loads in flight (K ≤ 2048 · warps); 8 warps per block.
     // Several rows: tensor-core tiles of 16 mma rows per block of 16 warps (8 features with glu).
     let tile = if glu { 8 } else { 16 };
     let (plain, fused, per_block, threads) = match b {
+        1 if k > 8192 => ("gemv_bf16_b1_k8", "gemv_glu_bf16_b1_k8", 1, 256),
         1 if k > 4096 => ("gemv_bf16_b1_k4", "gemv_glu_bf16_b1_k4", 2, 256),
         1 if k > 2048 => ("gemv_bf16_b1_k2", "gemv_glu_bf16_b1_k2", 4, 256),
         1 => ("gemv_bf16_b1", "gemv_glu_bf16_b1", 8, 256),
