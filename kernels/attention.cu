@@ -14,8 +14,9 @@
 //   [T, H], zero before the launch and left zero after it) combines them:
 //     out[t, h] = bf16(Σ_sp e^{m_sp−M} part_o / Σ_sp e^{m_sp−M} l_sp) over the ceil(L/chunk) used
 //     splits, M = max m_sp.
-//   Launch: grid (NS, H, T), block 256 (DEC_WARPS = 8 warps, keys strided over warps, DEC_U keys
-//   per warp step, Dh/32 dims per lane). NS is fixed by the caller (ceil(max context / chunk)); splits with
+//   Launch: grid (NS, H, T), block 256 (DEC_WARPS = 8 warps, keys strided over warps, Dh/32 dims
+//   per lane); attention_decode_bf16 takes 8 keys per warp step (a split in one memory round trip,
+//   for launches of few blocks), attention_decode_u1_bf16 one (fewer registers, more blocks per SM). NS is fixed by the caller (ceil(max context / chunk)); splits with
 //   sp·chunk ≥ L return at once, so the launch does not depend on lengths (CUDA graphs).
 // attention_prefill_bf16 — a chunk of n queries of ONE slot at positions p0 .. p0+n−1 (q bf16
 //   [n, H, Dh]); query i attends cache positions 0 .. p0+i (its own k/v was already written by
@@ -25,9 +26,8 @@
 #include "common.cuh"
 
 #define MAX_DH 128
-// Keys per warp step in decode attention (loads in flight per lane: 2·DEC_U row parts).
-#define DEC_U 8
-// Warps per decode-attention block: DEC_WARPS·DEC_U = 64 = DECODE_CHUNK keys in one step.
+// Warps per decode-attention block. Each warp takes U keys per step (U = 8: a 64-key split in
+// one step, for launches of few blocks; U = 1: fewer registers, for launches of many blocks).
 #define DEC_WARPS 8
 
 // Loads NPL consecutive bf16 (this lane's share of a Dh-row) as f32.
@@ -46,7 +46,7 @@ __device__ __forceinline__ void load_row_part(const bf16_t* row, int lane, float
     }
 }
 
-template <int NPL>
+template <int NPL, int U>
 __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
                              const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
                              const bf16_t* __restrict__ v_self, const int* __restrict__ pos,
@@ -80,13 +80,13 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     for (int i = 0; i < NPL; ++i) acc[i] = 0.0f;
     const bf16_t* kself = k_self + ((size_t)t * Hkv + kvh) * DH;
     const bf16_t* vself = v_self + ((size_t)t * Hkv + kvh) * DH;
-    // Warp w takes keys j0 + w + DEC_WARPS·i, DEC_U of them per step: all their K and V loads are
+    // Warp w takes keys j0 + w + DEC_WARPS·i, U of them per step: all their K and V loads are
     // issued before any score is used, so a split of 64 keys costs one memory round trip.
-    for (int jb = j0 + warp; jb < j1; jb += DEC_WARPS * DEC_U) {
-        float kv[DEC_U][NPL], vv[DEC_U][NPL];
-        bool ok[DEC_U];
+    for (int jb = j0 + warp; jb < j1; jb += DEC_WARPS * U) {
+        float kv[U][NPL], vv[U][NPL];
+        bool ok[U];
 #pragma unroll
-        for (int u = 0; u < DEC_U; ++u) {
+        for (int u = 0; u < U; ++u) {
             const int j = jb + DEC_WARPS * u;
             // Cache positions past cache_len (an out-of-range slot) are skipped; the token itself
             // (j == p) reads k_self / v_self.
@@ -102,10 +102,10 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                 load_row_part<NPL>(vr, lane, vv[u]);
             }
         }
-        float sc[DEC_U];
+        float sc[U];
         float m_new = m;
 #pragma unroll
-        for (int u = 0; u < DEC_U; ++u) {
+        for (int u = 0; u < U; ++u) {
             float d = 0.0f;
             if (ok[u]) {
 #pragma unroll
@@ -120,7 +120,7 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
 #pragma unroll
         for (int i = 0; i < NPL; ++i) acc[i] *= corr;
 #pragma unroll
-        for (int u = 0; u < DEC_U; ++u) {
+        for (int u = 0; u < U; ++u) {
             if (!ok[u]) continue;
             const float e = expf(sc[u] - m_new);
             l += e;
@@ -172,7 +172,7 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     if (!is_last) return;
     __threadfence();
     // Combine: the used splits' maxima and sums are read by all threads at once (block
-    // reductions), then each thread sums its dims over the splits with DEC_U loads in flight.
+    // reductions), then each thread sums its dims over the splits with U loads in flight.
     const size_t b0 = ((size_t)t * H + h) * NS;
     __shared__ float sw[32];
     // Maximum over all used splits, then weights e^{m_sp − M}.
@@ -192,20 +192,23 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     }
 }
 
-extern "C" __global__ void attention_decode_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
-                                                 const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
-                                                 const bf16_t* __restrict__ v_self, const int* __restrict__ pos,
-                                                 const int* __restrict__ slot, float* __restrict__ part_o,
-                                                 float* __restrict__ part_ml, bf16_t* __restrict__ out,
-                                                 unsigned int* __restrict__ counters, int H, int Hkv, int Dh, int S,
-                                                 int slots, int chunk, int NS) {
-    if (Dh == 128)
-        decode_split<4>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, Hkv, S,
-                        slots, chunk, NS);
-    else if (Dh == 64)
-        decode_split<2>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, Hkv, S,
-                        slots, chunk, NS);
-}
+#define DECODE_KERNEL(NAME, U)                                                                                    \
+    extern "C" __global__ void NAME(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,            \
+                                    const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,       \
+                                    const bf16_t* __restrict__ v_self, const int* __restrict__ pos,              \
+                                    const int* __restrict__ slot, float* __restrict__ part_o,                    \
+                                    float* __restrict__ part_ml, bf16_t* __restrict__ out,                       \
+                                    unsigned int* __restrict__ counters, int H, int Hkv, int Dh, int S, int slots, \
+                                    int chunk, int NS) {                                                         \
+        if (Dh == 128)                                                                                           \
+            decode_split<4, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
+                               Hkv, S, slots, chunk, NS);                                                        \
+        else if (Dh == 64)                                                                                       \
+            decode_split<2, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
+                               Hkv, S, slots, chunk, NS);                                                        \
+    }
+DECODE_KERNEL(attention_decode_bf16, 8)
+DECODE_KERNEL(attention_decode_u1_bf16, 1)
 
 #define PF_Q 32   // queries per block
 #define PF_K 32   // keys per tile

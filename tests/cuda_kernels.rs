@@ -383,7 +383,14 @@ fn attend_ref(q: &[f32], keys: &[f32], vals: &[f32], dh: usize) -> Vec<f32> {
 #[test]
 fn attention_decode_matches_cpu_attend_across_splits() {
     let Some(g) = gpu() else { return };
-    let mut rng = Rng(4);
+    // 3 rows: 132 blocks (the 8-keys-per-step kernel); 30 rows: 1,320 blocks (the 1-key kernel).
+    for t in [3usize, 30] {
+        check_attention_decode(&g, t);
+    }
+}
+
+fn check_attention_decode(g: &Gpu, t: usize) {
+    let mut rng = Rng(4 + t as u64);
     let sh = AttnShape {
         h: 4,
         hkv: 2,
@@ -391,9 +398,9 @@ fn attention_decode_matches_cpu_attend_across_splits() {
         slots: 2,
         s: 700,
     };
-    let t = 3usize;
-    let pos = vec![0i32, 300, 699]; // 1, 5 and 11 splits of 64
-    let slot = vec![0i32, 1, 0];
+    // 1, 5 and 11 splits of 64, repeated.
+    let pos: Vec<i32> = (0..t).map(|i| [0i32, 300, 699][i % 3]).collect();
+    let slot: Vec<i32> = (0..t).map(|i| [0i32, 1, 0][i % 3]).collect();
     let cl = sh.slots * sh.s * sh.hkv * sh.dh;
     let kc = rng.vec(cl, 2.0);
     let vc = rng.vec(cl, 2.0);
@@ -426,7 +433,7 @@ fn attention_decode_matches_cpu_attend_across_splits() {
     let mut pml = s.alloc_zeros::<f32>(t * sh.h * splits * 2).unwrap();
     let mut out = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
     k::attention_decode(
-        &g,
+        g,
         &qb.as_view(),
         &kcb.as_view(),
         &vcb.as_view(),
@@ -445,7 +452,7 @@ fn attention_decode_matches_cpu_attend_across_splits() {
     // Output is a convex combination of values ≤ 2: f32 softmax differences are ~1e-6 relative;
     // atol 2^-8·max|v| covers bf16 rounding of outputs near zero.
     compare(
-        "attention_decode",
+        &format!("attention_decode T={t}"),
         &from_bf(&s.clone_dtoh(&out).unwrap()),
         &want,
         &|_| 2.0 / 256.0,
