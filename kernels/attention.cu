@@ -54,6 +54,7 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                              float* __restrict__ part_ml, bf16_t* __restrict__ out,
                              unsigned int* __restrict__ counters, int H, int Hkv, int S, int slots, int chunk,
                              int NS) {
+    pdl_enter();
     constexpr int DH = NPL * 32;
     __shared__ float sm_m[DEC_WARPS], sm_l[DEC_WARPS];
     __shared__ float sm_acc[DEC_WARPS][DH];
@@ -292,6 +293,7 @@ __device__ void prefill_tile(const bf16_t* __restrict__ q, const bf16_t* __restr
 extern "C" __global__ void attention_prefill_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
                                                   const bf16_t* __restrict__ v_cache, bf16_t* __restrict__ out, int n,
                                                   int p0, int slot, int H, int Hkv, int Dh, int S) {
+    pdl_enter();
     // Declared here, not in the template, so both instantiations share one allocation.
     __shared__ float sq[PF_Q][MAX_DH];
     __shared__ bf16_t sk[PF_K][MAX_DH + 2];  // +2: row stride of 65 words, so lanes reading

@@ -55,6 +55,29 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
+// Programmatic dependent launch (PDL; sm_90+, src/cuda/launch.rs). No-ops on older GPUs and when
+// the kernel was launched without the attribute.
+//   pdl_trigger(): the next kernel on the stream may be scheduled now (its blocks then sit in
+//                  their pdl_wait()).
+//   pdl_wait():    returns once every earlier kernel on the stream has finished and its writes are
+//                  visible. Before it a kernel may read only what no kernel writes (weights); it
+//                  must not read activations nor write anything.
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// The start of a kernel that reads activations from its first instruction.
+__device__ __forceinline__ void pdl_enter() {
+    pdl_trigger();
+    pdl_wait();
+}
+
 // Maximum over the whole block, like block_sum.
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;

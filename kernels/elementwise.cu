@@ -8,6 +8,7 @@
 #include "common.cuh"
 
 extern "C" __global__ void silu_mul_bf16(bf16_t* __restrict__ out, const float* __restrict__ gate_up, int T, int F) {
+    pdl_enter();
     const size_t n = (size_t)T * F;
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
         const size_t t = e / F, i = e % F;

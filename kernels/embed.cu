@@ -10,6 +10,7 @@
 
 extern "C" __global__ void embed_bf16(float* __restrict__ r, const bf16_t* __restrict__ table,
                                       const int* __restrict__ ids, int V, int D) {
+    pdl_enter();
     const int t = blockIdx.x;
     const int id = ids[t];
     float* out = r + (size_t)t * D;

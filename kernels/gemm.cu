@@ -17,6 +17,7 @@
 
 extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ out, const bf16_t* __restrict__ x,
                                                            const bf16_t* __restrict__ W, int N, int M, int K) {
+    pdl_enter();
     __shared__ __align__(16) bf16_t As[2][GM_BN][GM_LD];
     __shared__ __align__(16) bf16_t Bs[2][GM_BM][GM_LD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;

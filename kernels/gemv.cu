@@ -52,6 +52,9 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
            bf_lo(w.z) * bf_lo(x.z) + bf_hi(w.z) * bf_hi(x.z) + bf_lo(w.w) * bf_lo(x.w) + bf_hi(w.w) * bf_hi(x.w);
 }
 
+// PDL (common.cuh): every kernel here issues its first round of weight loads, then waits for the
+// previous kernel, then reads x.
+//
 // Weights are touched once: bypass L1 so x keeps it.
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
     uint4 r;
@@ -98,8 +101,10 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
 #pragma unroll
         for (int r = 0; r < 4; ++r) d[t][r] = 0.0f;
 
-    for (int s0 = warp * GEMV_UNROLL; s0 < nstep; s0 += GEMV_WARPS * GEMV_UNROLL) {
-        uint4 wl[GEMV_UNROLL], wh[GEMV_UNROLL];
+    // The first round of weight loads is issued before waiting for the previous kernel (PDL):
+    // weights are never written, so they stream while that kernel finishes.
+    uint4 wl[GEMV_UNROLL], wh[GEMV_UNROLL];
+    auto load_round = [&](int s0) {
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int q = 4 * (s0 + u) + c;
@@ -107,6 +112,12 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
             wl[u] = ok && lo_ok ? ld_stream(w_lo + q) : zero;
             wh[u] = ok && hi_ok ? ld_stream(w_hi + q) : zero;
         }
+    };
+    pdl_trigger();
+    load_round(warp * GEMV_UNROLL);
+    pdl_wait();
+    for (int s0 = warp * GEMV_UNROLL; s0 < nstep; s0 += GEMV_WARPS * GEMV_UNROLL) {
+        if (s0 != warp * GEMV_UNROLL) load_round(s0);
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int q = 4 * (s0 + u) + c;
@@ -193,14 +204,23 @@ __device__ __forceinline__ void gemv1_body(float* __restrict__ out, bf16_t* __re
     const uint4* urow = reinterpret_cast<const uint4*>(W + (size_t)(ok_row && GLU ? M + m : 0) * K);
     const uint4* x8 = reinterpret_cast<const uint4*>(x);
     float acc = 0.0f, acc_u = 0.0f;
-    for (int c0 = lane + 32 * part; ok_row && c0 < nchunk; c0 += 32 * WPR * GEMV1_UNROLL) {
-        uint4 wv[GEMV1_UNROLL], uv[GEMV1_UNROLL];
+    // As in gemv_body: the first round of weight loads goes out before the PDL wait.
+    uint4 wv[GEMV1_UNROLL], uv[GEMV1_UNROLL];
+    auto load_round = [&](int c0) {
 #pragma unroll
         for (int u = 0; u < GEMV1_UNROLL; ++u) {
             const int c = c0 + 32 * WPR * u;
-            wv[u] = c < nchunk ? ld_stream(wrow + c) : make_uint4(0, 0, 0, 0);
-            if (GLU) uv[u] = c < nchunk ? ld_stream(urow + c) : make_uint4(0, 0, 0, 0);
+            const bool ok = ok_row && c < nchunk;
+            wv[u] = ok ? ld_stream(wrow + c) : make_uint4(0, 0, 0, 0);
+            if (GLU) uv[u] = ok ? ld_stream(urow + c) : make_uint4(0, 0, 0, 0);
         }
+    };
+    const int first = lane + 32 * part;
+    pdl_trigger();
+    load_round(first);
+    pdl_wait();
+    for (int c0 = first; ok_row && c0 < nchunk; c0 += 32 * WPR * GEMV1_UNROLL) {
+        if (c0 != first) load_round(c0);
 #pragma unroll
         for (int u = 0; u < GEMV1_UNROLL; ++u) {
             const int c = c0 + 32 * WPR * u;

@@ -16,6 +16,7 @@
 extern "C" __global__ void hybrid_expand_f32(float* __restrict__ r, int* __restrict__ idx, float* __restrict__ coef,
                                              const int* __restrict__ category, const float* __restrict__ coefs,
                                              int B, int C, int D) {
+    pdl_enter();
     const int j = blockIdx.x;  // candidate j = b·C + c
     const int b = j / C, c = j % C;
     const float* src = r + (size_t)b * D;
@@ -35,6 +36,7 @@ extern "C" __global__ void hybrid_select_i32(int* __restrict__ emit, int* __rest
                                              const int* __restrict__ tok, const int* __restrict__ think_tok,
                                              const float* __restrict__ think_logits, int B, int C, int V,
                                              int gating) {
+    pdl_enter();
     const int b = blockIdx.x * blockDim.x + threadIdx.x;
     if (b >= B) return;
     const int base = tok[b];
@@ -63,6 +65,7 @@ extern "C" __global__ void hybrid_select_i32(int* __restrict__ emit, int* __rest
 extern "C" __global__ void hybrid_gather_f32(float* __restrict__ r, const float* __restrict__ saved,
                                              const int* __restrict__ steered, const int* __restrict__ win,
                                              int B, int C, int D) {
+    pdl_enter();
     const int b = blockIdx.x;
     const int row = steered[b] ? B + b * C + win[b] : b;
     const float* src = saved + (size_t)row * D;

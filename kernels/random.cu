@@ -10,6 +10,7 @@
 
 extern "C" __global__ void fill_random_bf16(bf16_t* __restrict__ out, unsigned long long n,
                                             unsigned long long seed, float offset, float scale) {
+    pdl_enter();
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         unsigned long long z = seed ^ (i * 0x9E3779B97F4A7C15ull);

@@ -26,6 +26,7 @@ extern "C" __global__ void residual_norm_f32(
     bf16_t* __restrict__ y, int D, float eps, const float* __restrict__ W_enc, const float* __restrict__ b_enc,
     const float* __restrict__ b_dec, const float* __restrict__ sae_mean, float* __restrict__ z,
     int* __restrict__ category, int K) {
+    pdl_enter();
     extern __shared__ float h_row[];  // [D], SAE only
     __shared__ float scratch[32];
     __shared__ float zpart[8][SAE_MAX_K];

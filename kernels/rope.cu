@@ -22,6 +22,7 @@ extern "C" __global__ void qkv_rope_bf16(
     const int* __restrict__ pos, const int* __restrict__ slot, int n_write, bf16_t* __restrict__ q,
     bf16_t* __restrict__ k_self, bf16_t* __restrict__ v_self, bf16_t* __restrict__ k_cache,
     bf16_t* __restrict__ v_cache, int H, int Hkv, int Dh, int slots, int S) {
+    pdl_enter();
     const int t = blockIdx.x;
     const int half = Dh / 2;
     const int width = (H + 2 * Hkv) * Dh;

@@ -50,6 +50,7 @@ __device__ __forceinline__ void block_argmax(float& best, int& bi, float* sv, in
 extern "C" __global__ void argmax_f32(int* __restrict__ ids, const float* __restrict__ logits, int V,
                                       float* __restrict__ part_v, int* __restrict__ part_i,
                                       unsigned int* __restrict__ counters) {
+    pdl_enter();
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ bool is_last;
@@ -100,6 +101,7 @@ extern "C" __global__ void argmax_f32(int* __restrict__ ids, const float* __rest
 
 extern "C" __global__ void logits_at_f32(float* __restrict__ out, const float* __restrict__ logits,
                                          const int* __restrict__ ids, int B, int C, int V) {
+    pdl_enter();
     const int n = B * C;
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
         const int b = e / C, id = ids[e];

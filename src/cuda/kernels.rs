@@ -6,9 +6,10 @@
 //! V vocab, K SAE latents / reduction dim, M output features, N/B rows, NV steering vectors.
 //! bf16 is `half::bf16`; int32 ids/positions are `i32`.
 
+use super::launch::Launch;
 use super::Gpu;
 use crate::{Error, Result};
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 use half::bf16;
 
 /// What an absent optional pointer is passed as.
@@ -72,7 +73,7 @@ pub fn embed(
     }
     let (vi, di) = (int(K, "V", v)?, int(K, "D", d)?);
     let f = gpu.func(K)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = Launch::new(gpu, f);
     b.arg(r).arg(table).arg(ids).arg(&vi).arg(&di);
     // SAFETY: argument order and types match embed_bf16; lengths checked above; the kernel reads
     // table rows only for ids in [0, V).
@@ -174,7 +175,7 @@ pub fn residual_norm(
         int(K, "K", kk)?,
     );
     let f = gpu.func(K)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = Launch::new(gpu, f);
     b.arg(r);
     match x {
         Some(x) => b.arg(x),
@@ -197,7 +198,7 @@ pub fn residual_norm(
                 Some(m) => b.arg(m),
                 None => b.arg(&NULL),
             };
-            b.arg(&mut *s.z).arg(&mut *s.category)
+            b.arg(&*s.z).arg(&*s.category)
         }
         None => b
             .arg(&NULL)
@@ -321,7 +322,7 @@ pub fn qkv_rope(
     );
     let (slots, s) = (int(K, "slots", sh.slots)?, int(K, "S", sh.s)?);
     let f = gpu.func(K)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = Launch::new(gpu, f);
     b.arg(qkv);
     match bias {
         Some(x) => b.arg(x),
@@ -452,7 +453,7 @@ pub fn attention_decode(
         "attention_decode_u1_bf16"
     };
     let f = gpu.func(name)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = Launch::new(gpu, f);
     b.arg(q)
         .arg(k_cache)
         .arg(v_cache)
@@ -460,8 +461,8 @@ pub fn attention_decode(
         .arg(v_self)
         .arg(pos)
         .arg(slot);
-    b.arg(&mut *part_o)
-        .arg(&mut *part_ml)
+    b.arg(&*part_o)
+        .arg(&*part_ml)
         .arg(out)
         .arg(&gpu.scratch.counters);
     b.arg(&h)
@@ -530,7 +531,7 @@ pub fn attention_prefill(
         int(K, "S", sh.s)?,
     );
     let f = gpu.func(K)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = Launch::new(gpu, f);
     b.arg(q)
         .arg(k_cache)
         .arg(v_cache)
@@ -623,7 +624,7 @@ pub fn gemv(
     }
     let (bi, mi, ki) = (int(name, "B", b)?, int(name, "M", m)?, int(name, "K", k)?);
     let f = gpu.func(name)?;
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
     let launch = cfg((m.div_ceil(per_block) as u32, 1, 1), threads, 0);
     // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
@@ -651,7 +652,7 @@ pub fn gemv_glu(
     }
     let (bi, fi, ki) = (int(name, "B", b)?, int(name, "F", f)?, int(name, "K", k)?);
     let func = gpu.func(name)?;
-    let mut l = gpu.stream.launch_builder(func);
+    let mut l = Launch::new(gpu, func);
     l.arg(act).arg(x).arg(w).arg(&bi).arg(&fi).arg(&ki);
     let launch = cfg((f.div_ceil(per_block) as u32, 1, 1), threads, 0);
     // SAFETY: argument order and types match gemv_glu_bf16_b*; lengths (W has 2F rows), K % 8 and
@@ -682,7 +683,7 @@ pub fn gemm(
     }
     let (ni, mi, ki) = (int(K, "N", n)?, int(K, "M", m)?, int(K, "K", k)?);
     let f = gpu.func(K)?;
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&ni).arg(&mi).arg(&ki);
     // SAFETY: argument order and types match gemm_bf16; lengths, K % 8 and alignment checked
     // above; edge tiles are zero-filled and masked in the kernel.
@@ -783,7 +784,7 @@ pub fn silu_mul(
     let (ti, fi) = (int(K, "T", t)?, int(K, "F", f)?);
     let blocks = (t * f).div_ceil(256).min(1 << 16) as u32;
     let func = gpu.func(K)?;
-    let mut b = gpu.stream.launch_builder(func);
+    let mut b = Launch::new(gpu, func);
     b.arg(out).arg(gate_up).arg(&ti).arg(&fi);
     // SAFETY: argument order and types match silu_mul_bf16; lengths checked above (grid-stride loop).
     gpu.launched(K, unsafe { b.launch(cfg((blocks, 1, 1), 256, 0)) })
@@ -819,7 +820,7 @@ pub fn argmax(
     let vi = int(K, "V", v)?;
     let f = gpu.func(K)?;
     let sc = &gpu.scratch;
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = Launch::new(gpu, f);
     l.arg(ids)
         .arg(logits)
         .arg(&vi)
@@ -852,7 +853,7 @@ pub fn logits_at(
     }
     let (bi, ci, vi) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "V", v)?);
     let f = gpu.func(K)?;
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = Launch::new(gpu, f);
     l.arg(out).arg(logits).arg(ids).arg(&bi).arg(&ci).arg(&vi);
     // SAFETY: argument order and types match logits_at_f32; lengths checked above; ids are
     // range-checked in the kernel.
@@ -876,7 +877,7 @@ pub fn fill_random(
     }
     let blocks = n.div_ceil(256).min(1 << 16) as u32;
     let f = gpu.func(K)?;
-    let mut b = gpu.stream.launch_builder(f);
+    let mut b = Launch::new(gpu, f);
     b.arg(out).arg(&n).arg(&seed).arg(&offset).arg(&scale);
     // SAFETY: argument order and types match fill_random_bf16; it writes exactly n elements.
     gpu.launched(K, unsafe { b.launch(cfg((blocks, 1, 1), 256, 0)) })
@@ -908,7 +909,7 @@ pub fn hybrid_expand(
     }
     let (bi, ci, di) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "D", d)?);
     let f = gpu.func(K)?;
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = Launch::new(gpu, f);
     l.arg(r)
         .arg(idx)
         .arg(coef)
@@ -963,7 +964,7 @@ pub fn hybrid_select(
         gating as i32,
     );
     let f = gpu.func(K)?;
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = Launch::new(gpu, f);
     l.arg(emit)
         .arg(steered)
         .arg(win)
@@ -1000,7 +1001,7 @@ pub fn hybrid_gather(
     }
     let (bi, ci, di) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "D", d)?);
     let f = gpu.func(K)?;
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = Launch::new(gpu, f);
     l.arg(r)
         .arg(saved)
         .arg(steered)

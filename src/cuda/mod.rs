@@ -8,6 +8,7 @@
 
 pub mod hybrid;
 pub mod kernels;
+mod launch;
 pub mod model;
 pub mod sources;
 
@@ -50,6 +51,8 @@ pub struct Gpu {
     pub compute_capability: (i32, i32),
     funcs: HashMap<&'static str, CudaFunction>,
     sync_each: bool,
+    /// Launch with programmatic dependent launch (sm_90+, unless THINKSTEER_PDL=0).
+    pub(crate) pdl: bool,
     /// Device scratch shared by the kernels that finish a reduction in their last block.
     pub(crate) scratch: Scratch,
 }
@@ -136,6 +139,7 @@ impl Gpu {
             compute_capability: cc,
             funcs,
             sync_each,
+            pdl: cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0"),
             scratch,
         })
     }
