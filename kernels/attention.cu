@@ -16,8 +16,9 @@
 //     splits, M = max m_sp.
 //   Launch: grid (NS, H, T), block 256 (DEC_WARPS = 8 warps, keys strided over warps, Dh/32 dims
 //   per lane); attention_decode_bf16 takes 8 keys per warp step (a split in one memory round trip,
-//   for launches of few blocks), attention_decode_u1_bf16 one (fewer registers, more blocks per SM). NS is fixed by the caller (ceil(max context / chunk)); splits with
-//   sp·chunk ≥ L return at once, so the launch does not depend on lengths (CUDA graphs).
+//   for launches of few blocks), attention_decode_u1_bf16 one (fewer registers, more blocks per
+//   SM). NS is fixed by the caller (ceil(max context / chunk)); splits with sp·chunk ≥ L return
+//   at once, so the launch does not depend on lengths (CUDA graphs).
 // attention_prefill_bf16 — a chunk of n queries of ONE slot at positions p0 .. p0+n−1 (q bf16
 //   [n, H, Dh]); query i attends cache positions 0 .. p0+i (its own k/v was already written by
 //   qkv_rope). Tiled, CUDA cores (no tensor cores yet): a block holds 32 queries of one head,

@@ -42,6 +42,15 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
                                 .push(format!("{stem}.cu ({arch}): no entry point {f} in the PTX"));
                         }
                     }
+                    // And the other way: an exported kernel missing from MODULES is never loaded.
+                    for entry in c.ptx.split(".entry ").skip(1) {
+                        let name = entry.split('(').next().unwrap_or("").trim();
+                        if !funcs.contains(&name) {
+                            failures.push(format!(
+                                "{stem}.cu ({arch}): kernel {name} is not listed in sources::MODULES"
+                            ));
+                        }
+                    }
                     for line in c.log.lines().filter(|l| l.contains("spill")) {
                         let spilled = line.contains("spill stores")
                             && !line.contains(" 0 bytes spill stores");
