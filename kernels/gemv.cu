@@ -21,11 +21,8 @@
 // weight-row pair (not one per batch row, as before), shared by every block on the SM.
 // K % 8 == 0 (checked on the host); pointers 16-byte aligned.
 // Exported per batch bucket: gemv_bf16_b{2,4,8} (one 8-column tile), gemv_bf16_b16 (two) and
-// gemv_bf16_b32 (four); each handles B ≤ its bucket. Launch: grid (ceil(M / 16), KS), block 512
-// (16 warps), static shared memory 8.5, 17 or 34 KB. KS > 1 splits the k-steps over KS blocks
-// (for products with few row tiles and long rows): each stores its reduced tile in part f32
-// [ceil(M/16), KS, NT·128], and the last to finish (counters u32 [ceil(M/16)], zero before and
-// left zero after) sums them in order y = 0 .. KS−1 and writes the output.
+// gemv_bf16_b32 (four); each handles B ≤ its bucket. Launch: grid (ceil(M / 16)), block 512
+// (16 warps), static shared memory 8, 16 or 32 KB.
 //
 // gemv_bf16_b1 (a single row) stays a scalar kernel: WPR warps per output feature (1, 2, 4 or 8:
 // gemv_bf16_b1, _b1_k2, _b1_k4, _b1_k8, chosen on the host from K), warp p of a row summing the 16-byte
@@ -76,22 +73,14 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f +
 template <int NT, bool GLU>
 __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __restrict__ act,
                                           const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B,
-                                          int M, int K, float* __restrict__ part,
-                                          unsigned int* __restrict__ counters) {
-    // Partial D tiles per warp: [warp][tile·4 + fragment register][lane], then the block's tile.
+                                          int M, int K) {
+    // Partial D tiles per warp: [warp][tile·4 + fragment register][lane].
     __shared__ float red[GEMV_WARPS][NT * 4][32];
-    __shared__ float fin[NT * 4][32];
-    __shared__ bool is_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int m0 = blockIdx.x * (GLU ? GEMV_ROWS / 2 : GEMV_ROWS);
     const int nchunk = K >> 3;            // 16-byte chunks per row
     const int nstep = (nchunk + 3) >> 2;  // 32-element k-steps (last one may be partial)
-    // Split-K over gridDim.y blocks: block y takes the steps [s_begin, s_end), a multiple of
-    // GEMV_UNROLL long, so an unrolled group never straddles two blocks.
-    const int ksplit = gridDim.y;
-    const int per_split = ((nstep + ksplit - 1) / ksplit + GEMV_UNROLL - 1) / GEMV_UNROLL * GEMV_UNROLL;
-    const int s_begin = blockIdx.y * per_split, s_end = min(nstep, s_begin + per_split);
 
     const bool lo_ok = m0 + g < M, hi_ok = GLU ? lo_ok : m0 + g + 8 < M;
     const int hi_row = GLU ? M + m0 + g : m0 + g + 8;
@@ -124,12 +113,11 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
             wh[u] = ok && hi_ok ? ld_stream(w_hi + q) : zero;
         }
     };
-    const int s_first = s_begin + warp * GEMV_UNROLL;
     pdl_trigger();
-    if (s_first < s_end) load_round(s_first);
+    load_round(warp * GEMV_UNROLL);
     pdl_wait();
-    for (int s0 = s_first; s0 < s_end; s0 += GEMV_WARPS * GEMV_UNROLL) {
-        if (s0 != s_first) load_round(s0);
+    for (int s0 = warp * GEMV_UNROLL; s0 < nstep; s0 += GEMV_WARPS * GEMV_UNROLL) {
+        if (s0 != warp * GEMV_UNROLL) load_round(s0);
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
             const int q = 4 * (s0 + u) + c;
@@ -152,42 +140,17 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
 #pragma unroll
         for (int r = 0; r < 4; ++r) red[warp][t * 4 + r][lane] = d[t][r];
     __syncthreads();
-    // The block's tile: warps summed in a fixed order (deterministic).
-    for (int i = threadIdx.x; i < NT * 4 * 32; i += GEMV_THREADS) {
-        const int j = i >> 5, l = i & 31;
-        float v = 0.0f;
-#pragma unroll
-        for (int w = 0; w < GEMV_WARPS; ++w) v += red[w][j][l];
-        fin[j][l] = v;
-    }
-    if (ksplit > 1) {
-        // Each block of the split stores its tile in part[bx, y]; the last one to finish (counted
-        // in counters[bx], left at 0) sums the tiles in the order y = 0, 1, … and carries on.
-        float* mine = part + ((size_t)blockIdx.x * ksplit + blockIdx.y) * (NT * 4 * 32);
-        for (int i = threadIdx.x; i < NT * 4 * 32; i += GEMV_THREADS) mine[i] = fin[i >> 5][i & 31];
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            is_last = atomicAdd(counters + blockIdx.x, 1u) == (unsigned int)(ksplit - 1);
-            if (is_last) counters[blockIdx.x] = 0u;
-        }
-        __syncthreads();
-        if (!is_last) return;
-        __threadfence();
-        const float* tiles = part + (size_t)blockIdx.x * ksplit * (NT * 4 * 32);
-        for (int i = threadIdx.x; i < NT * 4 * 32; i += GEMV_THREADS) {
-            float v = 0.0f;
-            for (int y = 0; y < ksplit; ++y) v += __ldcg(tiles + (size_t)y * (NT * 4 * 32) + i);
-            fin[i >> 5][i & 31] = v;
-        }
-    }
-    __syncthreads();
     if (GLU) {
         // Registers r and r + 2 of lane (g, c) are the gate and up rows of feature m0 + g.
         for (int i = threadIdx.x; i < NT * 2 * 32; i += GEMV_THREADS) {
             const int j = i >> 5, l = i & 31;
             const int t = j >> 1, r = j & 1;
-            const float gs = fin[t * 4 + r][l], us = fin[t * 4 + r + 2][l];
+            float gs = 0.0f, us = 0.0f;
+#pragma unroll
+            for (int w = 0; w < GEMV_WARPS; ++w) {
+                gs += red[w][t * 4 + r][l];
+                us += red[w][t * 4 + r + 2][l];
+            }
             const int b = t * 8 + 2 * (l & 3) + r;
             const int m = m0 + (l >> 2);
             if (b < B && m < M) act[(size_t)b * M + m] = f2bf(silu_mul(gs, us));
@@ -197,23 +160,26 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
     // D fragment: register r of lane (g, c) is row g + 8·(r/2), column 2c + r%2.
     for (int i = threadIdx.x; i < NT * 4 * 32; i += GEMV_THREADS) {
         const int j = i >> 5, l = i & 31;
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < GEMV_WARPS; ++w) v += red[w][j][l];
         const int t = j >> 2, r = j & 3;
         const int b = t * 8 + 2 * (l & 3) + (r & 1);
         const int m = m0 + (l >> 2) + 8 * (r >> 1);
-        if (b < B && m < M) out[(size_t)b * M + m] = fin[j][l];
+        if (b < B && m < M) out[(size_t)b * M + m] = v;
     }
 }
 
 #define GEMV_KERNEL(BM, NT)                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_bf16_b##BM(                           \
         float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
-        int K, float* __restrict__ part, unsigned int* __restrict__ counters) {                           \
-        gemv_body<NT, false>(out, nullptr, x, W, B, M, K, part, counters);                                \
+        int K) {                                                                                          \
+        gemv_body<NT, false>(out, nullptr, x, W, B, M, K);                                                \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_glu_bf16_b##BM(                       \
         bf16_t* __restrict__ act, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
-        int K, float* __restrict__ part, unsigned int* __restrict__ counters) {                           \
-        gemv_body<NT, true>(nullptr, act, x, W, B, M, K, part, counters);                                 \
+        int K) {                                                                                          \
+        gemv_body<NT, true>(nullptr, act, x, W, B, M, K);                                                 \
     }
 GEMV_KERNEL(2, 1)
 GEMV_KERNEL(4, 1)

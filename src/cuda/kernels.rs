@@ -581,88 +581,30 @@ fn matmul_checks(
     product_checks(gpu, kernel, x, w, (n, m, k))
 }
 
-/// How a gemv launch is shaped.
-struct GemvShape {
-    name: &'static str,
-    /// Output rows (features with glu) per block.
-    per_block: usize,
-    threads: u32,
-    /// 8-column batch tiles of a tensor-core bucket; 0 for the single-row kernels.
-    nt: usize,
-}
-
-/// The gemv kernel for `b` rows of length `k` (`glu`: the fused gate|up + SiLU·mul variant).
-fn gemv_kernel(b: usize, k: usize, glu: bool) -> Result<GemvShape> {
+/// The gemv kernel for `b` rows of length `k` (`glu`: the fused gate|up + SiLU·mul variant), and
+/// its launch: output rows (or features) per block and threads per block.
+fn gemv_kernel(b: usize, k: usize, glu: bool) -> Result<(&'static str, usize, u32)> {
     // One row: warps per output row from the row length (see gemv.cu), so that each lane has
     // one round of at most 8 loads in flight (K ≤ 2048 · warps); 8 warps per block.
     // Several rows: tensor-core tiles of 16 mma rows per block of 16 warps (8 features with glu).
     let tile = if glu { 8 } else { 16 };
-    let (plain, fused, per_block, threads, nt) = match b {
-        1 if k > 8192 => ("gemv_bf16_b1_k8", "gemv_glu_bf16_b1_k8", 1, 256, 0),
-        1 if k > 4096 => ("gemv_bf16_b1_k4", "gemv_glu_bf16_b1_k4", 2, 256, 0),
-        1 if k > 2048 => ("gemv_bf16_b1_k2", "gemv_glu_bf16_b1_k2", 4, 256, 0),
-        1 => ("gemv_bf16_b1", "gemv_glu_bf16_b1", 8, 256, 0),
-        2 => ("gemv_bf16_b2", "gemv_glu_bf16_b2", tile, 512, 1),
-        3..=4 => ("gemv_bf16_b4", "gemv_glu_bf16_b4", tile, 512, 1),
-        5..=8 => ("gemv_bf16_b8", "gemv_glu_bf16_b8", tile, 512, 1),
-        9..=16 => ("gemv_bf16_b16", "gemv_glu_bf16_b16", tile, 512, 2),
-        17..=32 => ("gemv_bf16_b32", "gemv_glu_bf16_b32", tile, 512, 4),
+    let (plain, fused, per_block, threads) = match b {
+        1 if k > 8192 => ("gemv_bf16_b1_k8", "gemv_glu_bf16_b1_k8", 1, 256),
+        1 if k > 4096 => ("gemv_bf16_b1_k4", "gemv_glu_bf16_b1_k4", 2, 256),
+        1 if k > 2048 => ("gemv_bf16_b1_k2", "gemv_glu_bf16_b1_k2", 4, 256),
+        1 => ("gemv_bf16_b1", "gemv_glu_bf16_b1", 8, 256),
+        2 => ("gemv_bf16_b2", "gemv_glu_bf16_b2", tile, 512),
+        3..=4 => ("gemv_bf16_b4", "gemv_glu_bf16_b4", tile, 512),
+        5..=8 => ("gemv_bf16_b8", "gemv_glu_bf16_b8", tile, 512),
+        9..=16 => ("gemv_bf16_b16", "gemv_glu_bf16_b16", tile, 512),
+        17..=32 => ("gemv_bf16_b32", "gemv_glu_bf16_b32", tile, 512),
         _ => {
             return Err(Error::Input(format!(
                 "gemv: rows must be 1..=32, found {b} (use gemm)"
             )))
         }
     };
-    Ok(GemvShape {
-        name: if glu { fused } else { plain },
-        per_block,
-        threads,
-        nt,
-    })
-}
-
-/// Splits of the k-steps for a tensor-core gemv over `blocks` row tiles: enough blocks to give
-/// every SM about four (the H100 has 132), but no split shorter than one round of loads
-/// (16 warps × 4 steps of 32 elements), and within the scratch tiles.
-fn gemv_ksplit(blocks: usize, k: usize, nt: usize) -> usize {
-    let rounds = k.div_ceil(32).div_ceil(64);
-    let ks = rounds.min((528 / blocks.max(1)).max(1)).min(16);
-    if ks > 1 && blocks * ks * nt * 128 <= super::SCRATCH_GEMV {
-        ks
-    } else {
-        1
-    }
-}
-
-/// Launches a gemv kernel whose first argument (`out` or `act`) was pushed already.
-fn gemv_launch(
-    gpu: &Gpu,
-    mut l: Launch<'_>,
-    sh: &GemvShape,
-    (b, m, k): (usize, usize, usize),
-) -> Result<()> {
-    let name = sh.name;
-    let (bi, mi, ki) = (int(name, "B", b)?, int(name, "M", m)?, int(name, "K", k)?);
-    l.arg(&bi).arg(&mi).arg(&ki);
-    let blocks = m.div_ceil(sh.per_block);
-    let ks = if sh.nt > 0 {
-        l.arg(&gpu.scratch.gemv_part).arg(&gpu.scratch.counters);
-        if blocks > super::SCRATCH_COUNTERS {
-            return Err(Error::Input(format!(
-                "{name}: {blocks} row tiles exceed the {} completion counters",
-                super::SCRATCH_COUNTERS
-            )));
-        }
-        gemv_ksplit(blocks, k, sh.nt)
-    } else {
-        1
-    };
-    // SAFETY: argument order and types match the gemv kernels (the tensor-core buckets also take
-    // the split-K tiles and counters, sized for blocks·KS above); lengths, K % 8 and 16-byte
-    // alignment checked by the caller; B ≤ the kernel's bucket.
-    gpu.launched(name, unsafe {
-        l.launch(cfg((blocks as u32, ks as u32, 1), sh.threads, 0))
-    })
+    Ok((if glu { fused } else { plain }, per_block, threads))
 }
 
 /// Skinny product for 1..=32 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
@@ -675,15 +617,19 @@ pub fn gemv(
     m: usize,
     k: usize,
 ) -> Result<()> {
-    let sh = gemv_kernel(b, k, false)?;
-    matmul_checks(gpu, sh.name, out, x, w, (b, m, k))?;
+    let (name, per_block, threads) = gemv_kernel(b, k, false)?;
+    matmul_checks(gpu, name, out, x, w, (b, m, k))?;
     if m == 0 {
         return Ok(());
     }
-    let f = gpu.func(sh.name)?;
+    let (bi, mi, ki) = (int(name, "B", b)?, int(name, "M", m)?, int(name, "K", k)?);
+    let f = gpu.func(name)?;
     let mut l = Launch::new(gpu, f);
-    l.arg(out).arg(x).arg(w);
-    gemv_launch(gpu, l, &sh, (b, m, k))
+    l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
+    let launch = cfg((m.div_ceil(per_block) as u32, 1, 1), threads, 0);
+    // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
+    // (the kernel's vector loads) checked above; B ≤ the kernel's bucket.
+    gpu.launched(name, unsafe { l.launch(launch) })
 }
 
 /// The MLP's gate|up product with SiLU·mul fused, for 1..=32 rows:
@@ -698,16 +644,20 @@ pub fn gemv_glu(
     f: usize,
     k: usize,
 ) -> Result<()> {
-    let sh = gemv_kernel(b, k, true)?;
-    check(sh.name, "act", act.len(), b * f, "[B, F]")?;
-    product_checks(gpu, sh.name, x, w, (b, 2 * f, k))?;
+    let (name, per_block, threads) = gemv_kernel(b, k, true)?;
+    check(name, "act", act.len(), b * f, "[B, F]")?;
+    product_checks(gpu, name, x, w, (b, 2 * f, k))?;
     if f == 0 {
         return Ok(());
     }
-    let func = gpu.func(sh.name)?;
+    let (bi, fi, ki) = (int(name, "B", b)?, int(name, "F", f)?, int(name, "K", k)?);
+    let func = gpu.func(name)?;
     let mut l = Launch::new(gpu, func);
-    l.arg(act).arg(x).arg(w);
-    gemv_launch(gpu, l, &sh, (b, f, k))
+    l.arg(act).arg(x).arg(w).arg(&bi).arg(&fi).arg(&ki);
+    let launch = cfg((f.div_ceil(per_block) as u32, 1, 1), threads, 0);
+    // SAFETY: argument order and types match gemv_glu_bf16_b*; lengths (W has 2F rows), K % 8 and
+    // 16-byte alignment checked above; B ≤ the kernel's bucket.
+    gpu.launched(name, unsafe { l.launch(launch) })
 }
 
 /// Tensor-core product: out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ. Any N, M; K % 8 == 0.

@@ -61,8 +61,6 @@ pub struct Gpu {
 pub(crate) const SCRATCH_COUNTERS: usize = 1 << 16;
 /// Entries of the argmax partial buffers: rows × blocks per row.
 pub(crate) const SCRATCH_PARTIALS: usize = 1 << 18;
-/// Floats of the split-K gemv tiles: row tiles × splits × 8-column tiles × 128.
-pub(crate) const SCRATCH_GEMV: usize = 1 << 21;
 
 /// Completion counters (all zero between launches: the kernel that uses them leaves them zero)
 /// and per-block partial results. Every launch is on the one stream, so launches never share them
@@ -71,7 +69,6 @@ pub(crate) struct Scratch {
     pub counters: CudaSlice<u32>,
     pub arg_v: CudaSlice<f32>,
     pub arg_i: CudaSlice<i32>,
-    pub gemv_part: CudaSlice<f32>,
 }
 
 impl Gpu {
@@ -134,9 +131,6 @@ impl Gpu {
             arg_i: stream
                 .alloc_zeros(SCRATCH_PARTIALS)
                 .map_err(cuda_err("allocating argmax partials"))?,
-            gemv_part: stream
-                .alloc_zeros(SCRATCH_GEMV)
-                .map_err(cuda_err("allocating split-K tiles"))?,
         };
         stream.synchronize().map_err(cuda_err("zeroing scratch"))?;
         Ok(Gpu {
