@@ -23,7 +23,7 @@ if [ -n "$NSYS" ]; then
     rm -f "$OUT/prof.nsys-rep" "$OUT/prof.sqlite"
     head -30 "$OUT/kern-sum.csv" | cut -c1-200
 elif [ -n "$NCU" ]; then
-    timeout 400 "$NCU" --metrics gpu__time_duration.sum --csv --launch-skip 3000 --launch-count 400 \
+    timeout 400 "$NCU" --metrics gpu__time_duration.sum --csv --launch-skip "${SKIP:-3000}" --launch-count "${COUNT:-400}" \
         "$B/thinksteer" bench $ARGS > "$OUT/ncu.csv" 2> "$OUT/ncu.err"
     tail -3 "$OUT/ncu.err"; wc -l "$OUT/ncu.csv"
 else
