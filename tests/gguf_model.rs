@@ -118,10 +118,8 @@ fn smollm2_gguf_matches_transformers() {
     .unwrap();
     let r: Reference = serde_json::from_str(&text).unwrap();
 
-    let dir = TempDir(std::env::temp_dir().join(format!(
-        "thinksteer-gguf-model-{}",
-        std::process::id()
-    )));
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("thinksteer-gguf-model-{}", std::process::id())));
     let rep = thinksteer::gguf::convert(&gguf, &dir.0).unwrap();
     assert_eq!(rep.arch, "llama");
     assert!(rep.tokenizer && rep.chat_template);
@@ -152,11 +150,20 @@ fn smollm2_gguf_matches_transformers() {
     println!("logits: worst |Δ| / s = {worst:.2e}");
 
     // Tokenizer and chat template rebuilt from the GGUF metadata.
-    let tok = Tokenizer::from_dir(&dir.0).unwrap().expect("tokenizer.json");
+    let tok = Tokenizer::from_dir(&dir.0)
+        .unwrap()
+        .expect("tokenizer.json");
     for e in &r.encodings {
-        assert_eq!(tok.encode(&e.text).unwrap(), e.ids, "encoding of {:?}", e.text);
+        assert_eq!(
+            tok.encode(&e.text).unwrap(),
+            e.ids,
+            "encoding of {:?}",
+            e.text
+        );
     }
-    let chat = ChatTemplate::from_dir(&dir.0).unwrap().expect("chat template");
+    let chat = ChatTemplate::from_dir(&dir.0)
+        .unwrap()
+        .expect("chat template");
     assert_eq!(chat.eos_token(), Some("<|im_end|>"));
     assert_eq!(
         chat.render(&r.chat.messages, r.chat.add_generation_prompt)
@@ -169,11 +176,22 @@ fn smollm2_gguf_matches_transformers() {
     // Greedy continuation: each step's top-2 gap must exceed twice the logit tolerance (at
     // s = 50, above this model's logits) for the ids to be required to agree exactly.
     let tol_at_50 = ROUNDING + RTOL * 50.0;
-    assert!(r.greedy.min_gap > 2.0 * tol_at_50, "fixture gap {}", r.greedy.min_gap);
+    assert!(
+        r.greedy.min_gap > 2.0 * tol_at_50,
+        "fixture gap {}",
+        r.greedy.min_gap
+    );
     let n = r.greedy.new_ids.len();
     let mut e = CpuEngine::new(m.clone(), 1, r.greedy.prompt_ids.len() + n + 1);
     let p = GenParams::greedy(n, m.config.eos_token_ids.clone());
-    let out = generate(&mut e, Some(&tok), &[r.greedy.prompt_ids.clone()], &p, |_, _| {}).unwrap();
+    let out = generate(
+        &mut e,
+        Some(&tok),
+        std::slice::from_ref(&r.greedy.prompt_ids),
+        &p,
+        |_, _| {},
+    )
+    .unwrap();
     assert_eq!(out[0].ids, r.greedy.new_ids, "greedy ids");
     assert_eq!(out[0].text, r.greedy.text, "greedy text");
 }

@@ -68,7 +68,9 @@ fn read_hyper(g: &GgufFile, arch: &str) -> Result<Hyper> {
     };
     if let Some(v) = g.get_usize(&k("attention.value_length")) {
         if v != head_dim {
-            bail!("{file}: {arch}.attention.value_length is {v}, expected the key length {head_dim}");
+            bail!(
+                "{file}: {arch}.attention.value_length is {v}, expected the key length {head_dim}"
+            );
         }
     }
     if let Some(r) = g.get_usize(&k("rope.dimension_count")) {
@@ -197,7 +199,10 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
 
     let chat_template = g.get_str("tokenizer.chat_template");
     if let Some(v) = &vocab {
-        write_json(&out.join("tokenizer.json"), &v.tokenizer_json(&arch, &file)?)?;
+        write_json(
+            &out.join("tokenizer.json"),
+            &v.tokenizer_json(&arch, &file)?,
+        )?;
         write_json(
             &out.join("tokenizer_config.json"),
             &v.tokenizer_config_json(chat_template, h.ctx),
@@ -249,7 +254,8 @@ fn write_safetensors(
     let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
     let io = |e| Error::io(path, e);
-    w.write_all(&(head.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(head.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(head.as_bytes()).map_err(io)?;
     let mut params = 0;
     for (_, t, heads) in plan {

@@ -138,7 +138,16 @@ mod tests {
         let p = permute_rows(&w, rows, cols, heads).unwrap();
         assert_ne!(p, w, "the permutation must move rows");
         assert_eq!(unpermute_rows(&p, rows, cols, heads).unwrap(), w);
-        assert_eq!(permute_rows(&unpermute_rows(&w, rows, cols, heads).unwrap(), rows, cols, heads).unwrap(), w);
+        assert_eq!(
+            permute_rows(
+                &unpermute_rows(&w, rows, cols, heads).unwrap(),
+                rows,
+                cols,
+                heads
+            )
+            .unwrap(),
+            w
+        );
         // Rows stay whole: each output row is some input row.
         for r in p.chunks(cols) {
             assert!(w.chunks(cols).any(|x| x == r));

@@ -11,6 +11,8 @@
 //! - user-defined tokens (token type 4) become non-special added tokens so that they are never
 //!   split, as in the checkpoints' own tokenizer.json; transformers leaves them to BPE.
 //!
+//! The post-processor follows `tokenizer.ggml.add_bos_token` (transformers always prepends bos
+//! for llama files); the runtime encodes without special tokens, so this never shows in its ids.
 //! And one fix: bos/eos in tokenizer_config.json are `tokens[bos_token_id]` / `tokens[eos_token_id]`
 //! (transformers 4.57's GGUF llama converter swaps the two).
 
