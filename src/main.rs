@@ -54,6 +54,19 @@ enum Cmd {
     Eval(thinksteer::eval::cli::EvalArgs),
     /// Merge an evaluation folder's results into report.md.
     Report(thinksteer::eval::cli::ReportArgs),
+    /// Convert a GGUF file (llama / qwen2) into a checkpoint folder.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The GGUF file (F32, F16, BF16, Q8_0, Q4_0 or Q4_1 tensors; byte-level BPE tokenizer).
+    #[arg(long)]
+    gguf: PathBuf,
+    /// Folder to write config.json, model.safetensors (f32), tokenizer.json and
+    /// tokenizer_config.json into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -309,6 +322,7 @@ fn main() -> ExitCode {
         Cmd::TrainVectors(a) => thinksteer::taxonomy::cli::train_vectors(a),
         Cmd::Eval(a) => thinksteer::eval::cli::eval(a),
         Cmd::Report(a) => thinksteer::eval::cli::report(a),
+        Cmd::Convert(a) => cmd_convert(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -410,7 +424,8 @@ fn engine(
     )?)
 }
 
-fn cmd_generate(a: GenerateArgs) -> Result<()> {
+fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
+    a.prompt.model = thinksteer::gguf::checkpoint_dir(&a.prompt.model)?;
     let l = load(&a.prompt)?;
     let ctx = l
         .model
@@ -456,7 +471,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_logits(a: LogitsArgs) -> Result<()> {
+fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
+    a.prompt.model = thinksteer::gguf::checkpoint_dir(&a.prompt.model)?;
     let l = load(&a.prompt)?;
     let c = &l.model.config;
     for &layer in &a.capture_layer {
@@ -515,7 +531,9 @@ fn cmd_logits(a: LogitsArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_hybrid(a: HybridArgs) -> Result<()> {
+fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
+    a.base = thinksteer::gguf::checkpoint_dir(&a.base)?;
+    a.thinking = thinksteer::gguf::checkpoint_dir(&a.thinking)?;
     use thinksteer::hybrid::{run, Pair, Prompts, Settings};
     use thinksteer::sae::Sae;
     use thinksteer::steering::SteeringSet;
@@ -660,7 +678,8 @@ fn cmd_hybrid(a: HybridArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_random_sae(a: RandomSaeArgs) -> Result<()> {
+fn cmd_random_sae(mut a: RandomSaeArgs) -> Result<()> {
+    a.model = thinksteer::gguf::checkpoint_dir(&a.model)?;
     let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
     let sae = thinksteer::sae::Sae::random(
         c.hidden_size,
@@ -675,7 +694,8 @@ fn cmd_random_sae(a: RandomSaeArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_random_vectors(a: RandomVectorsArgs) -> Result<()> {
+fn cmd_random_vectors(mut a: RandomVectorsArgs) -> Result<()> {
+    a.model = thinksteer::gguf::checkpoint_dir(&a.model)?;
     let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
     let set = thinksteer::steering::SteeringSet::random(
         c.hidden_size,
@@ -705,7 +725,11 @@ fn cmd_grade(a: GradeArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_bench(a: BenchArgs) -> Result<()> {
+fn cmd_bench(mut a: BenchArgs) -> Result<()> {
+    // A GGUF file becomes its converted folder; shape names and folders pass through unchanged.
+    a.shape = (thinksteer::gguf::checkpoint_dir(Path::new(&a.shape))?)
+        .to_string_lossy()
+        .into_owned();
     let s = thinksteer::bench::Settings {
         batches: a.batch.clone(),
         prompt_len: a.prompt_len,
@@ -762,5 +786,21 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn cmd_convert(a: ConvertArgs) -> Result<()> {
+    let r = thinksteer::gguf::convert(&a.gguf, &a.out)?;
+    let types: Vec<String> = r.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    println!(
+        "{}: {} model, {} tensors ({}) dequantised to {} f32 parameters; tokenizer {}, chat template {}",
+        r.out.display(),
+        r.arch,
+        r.tensors,
+        types.join(", "),
+        r.params,
+        if r.tokenizer { "written" } else { "absent" },
+        if r.chat_template { "written" } else { "absent" }
+    );
     Ok(())
 }

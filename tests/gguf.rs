@@ -519,3 +519,428 @@ fn smollm2_q4_1_file_reads_when_present() {
         tokens.len()
     );
 }
+
+// ---- conversion to a checkpoint folder ----------------------------------------------------
+
+/// A deterministic value in [-0.5, 0.5) (a 64-bit LCG's top bits).
+fn lcg(state: &mut u64) -> f32 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// GPT-2's byte → printable char table, in which byte-level BPE vocabularies are written.
+fn byte_chars() -> Vec<char> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut next = 256u32;
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap()
+            }
+        })
+        .collect()
+}
+
+// Tiny llama: D 8, H 2, Hkv 1, Dh 4, F 16, one block, V 262 (256 bytes, "he", "ll", "llo",
+// "hello", <|im_start|>, <|im_end|>), tied embeddings.
+const D: usize = 8;
+const H: usize = 2;
+const HKV: usize = 1;
+const DH: usize = 4;
+const F: usize = 16;
+const V: usize = 262;
+
+/// The tiny model's weights in HF layout, by HF name, with their shapes.
+fn tiny_hf_weights() -> Vec<(&'static str, Vec<usize>, Vec<f32>)> {
+    let mut s = 7u64;
+    let mut w = |shape: &[usize], norm: bool| -> Vec<f32> {
+        let n: usize = shape.iter().product();
+        (0..n)
+            .map(|_| if norm { 1.0 + lcg(&mut s) } else { lcg(&mut s) })
+            .collect()
+    };
+    vec![
+        ("model.embed_tokens.weight", vec![V, D], w(&[V, D], false)),
+        (
+            "model.layers.0.input_layernorm.weight",
+            vec![D],
+            w(&[D], true),
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.weight",
+            vec![H * DH, D],
+            w(&[H * DH, D], false),
+        ),
+        (
+            "model.layers.0.self_attn.k_proj.weight",
+            vec![HKV * DH, D],
+            w(&[HKV * DH, D], false),
+        ),
+        (
+            "model.layers.0.self_attn.v_proj.weight",
+            vec![HKV * DH, D],
+            w(&[HKV * DH, D], false),
+        ),
+        (
+            "model.layers.0.self_attn.o_proj.weight",
+            vec![D, H * DH],
+            w(&[D, H * DH], false),
+        ),
+        (
+            "model.layers.0.post_attention_layernorm.weight",
+            vec![D],
+            w(&[D], true),
+        ),
+        (
+            "model.layers.0.mlp.gate_proj.weight",
+            vec![F, D],
+            w(&[F, D], false),
+        ),
+        (
+            "model.layers.0.mlp.up_proj.weight",
+            vec![F, D],
+            w(&[F, D], false),
+        ),
+        (
+            "model.layers.0.mlp.down_proj.weight",
+            vec![D, F],
+            w(&[D, F], false),
+        ),
+        ("model.norm.weight", vec![D], w(&[D], true)),
+    ]
+}
+
+fn gguf_name(hf: &str) -> &'static str {
+    match hf {
+        "model.embed_tokens.weight" => "token_embd.weight",
+        "model.layers.0.input_layernorm.weight" => "blk.0.attn_norm.weight",
+        "model.layers.0.self_attn.q_proj.weight" => "blk.0.attn_q.weight",
+        "model.layers.0.self_attn.k_proj.weight" => "blk.0.attn_k.weight",
+        "model.layers.0.self_attn.v_proj.weight" => "blk.0.attn_v.weight",
+        "model.layers.0.self_attn.o_proj.weight" => "blk.0.attn_output.weight",
+        "model.layers.0.post_attention_layernorm.weight" => "blk.0.ffn_norm.weight",
+        "model.layers.0.mlp.gate_proj.weight" => "blk.0.ffn_gate.weight",
+        "model.layers.0.mlp.up_proj.weight" => "blk.0.ffn_up.weight",
+        "model.layers.0.mlp.down_proj.weight" => "blk.0.ffn_down.weight",
+        "model.norm.weight" => "output_norm.weight",
+        other => panic!("no gguf name for {other}"),
+    }
+}
+
+fn tiny_metadata(arch: &'static str, tokenizer_model: &str) -> Vec<(&'static str, Value)> {
+    let s = |x: &str| Value::String(x.into());
+    let mut tokens: Vec<Value> = byte_chars().iter().map(|c| s(&c.to_string())).collect();
+    let mut types = vec![Value::I32(1); 256];
+    for t in ["he", "ll", "llo", "hello"] {
+        tokens.push(s(t));
+        types.push(Value::I32(1));
+    }
+    for t in ["<|im_start|>", "<|im_end|>"] {
+        tokens.push(s(t));
+        types.push(Value::I32(3));
+    }
+    let merges = ["h e", "l l", "ll o", "he llo"].map(s).to_vec();
+    let k = |key: &str| -> &'static str { Box::leak(format!("{arch}.{key}").into_boxed_str()) };
+    vec![
+        ("general.architecture", s(arch)),
+        (k("embedding_length"), Value::U32(D as u32)),
+        (k("feed_forward_length"), Value::U32(F as u32)),
+        (k("block_count"), Value::U32(1)),
+        (k("attention.head_count"), Value::U32(H as u32)),
+        (k("attention.head_count_kv"), Value::U32(HKV as u32)),
+        (k("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (k("rope.freq_base"), Value::F32(10000.0)),
+        (k("context_length"), Value::U32(64)),
+        ("tokenizer.ggml.model", s(tokenizer_model)),
+        ("tokenizer.ggml.pre", s("smollm")),
+        ("tokenizer.ggml.tokens", Value::Array(tokens)),
+        ("tokenizer.ggml.token_type", Value::Array(types)),
+        ("tokenizer.ggml.merges", Value::Array(merges)),
+        ("tokenizer.ggml.bos_token_id", Value::U32(260)),
+        ("tokenizer.ggml.eos_token_id", Value::U32(261)),
+        ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
+        ("tokenizer.chat_template", s("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")),
+    ]
+}
+
+/// The tiny model as llama.cpp would store it: llama.cpp names, q/k rows permuted, F32.
+fn tiny_gguf_tensors(hf: &[(&'static str, Vec<usize>, Vec<f32>)]) -> Vec<TensorSpec> {
+    hf.iter()
+        .map(|(name, shape, w)| {
+            let gname = gguf_name(name);
+            let heads = match gname {
+                "blk.0.attn_q.weight" => Some(H),
+                "blk.0.attn_k.weight" => Some(HKV),
+                _ => None,
+            };
+            let w = match heads {
+                Some(h) => thinksteer::gguf::names::permute_rows(w, shape[0], shape[1], h).unwrap(),
+                None => w.clone(),
+            };
+            tensor(gname, shape, 0, f32_bytes(&w))
+        })
+        .collect()
+}
+
+fn tiny_gguf(arch: &'static str) -> Vec<u8> {
+    gguf_bytes(
+        3,
+        &tiny_metadata(arch, "gpt2"),
+        &tiny_gguf_tensors(&tiny_hf_weights()),
+        32,
+    )
+}
+
+/// The same tiny model written directly as an HF checkpoint folder.
+fn tiny_hf_folder(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let w = tiny_hf_weights();
+    let bytes: Vec<Vec<u8>> = w.iter().map(|(_, _, v)| f32_bytes(v)).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = w
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b);
+            (n.to_string(), view.unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let config = format!(
+        r#"{{"model_type": "llama", "hidden_size": {D}, "intermediate_size": {F},
+            "num_hidden_layers": 1, "num_attention_heads": {H}, "num_key_value_heads": {HKV},
+            "vocab_size": {V}, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "max_position_embeddings": 64, "tie_word_embeddings": true, "eos_token_id": 261}}"#
+    );
+    std::fs::write(dir.join("config.json"), config).unwrap();
+}
+
+fn convert_error(path: &Path) -> String {
+    let out = tmp_dir().join("never-written");
+    match thinksteer::gguf::convert(path, &out) {
+        Ok(_) => panic!("{}: expected an error, converted fine", path.display()),
+        Err(Error::Input(msg)) => {
+            assert!(!msg.contains('\n'), "error is not one line: {msg}");
+            assert!(
+                msg.contains(&path.display().to_string()),
+                "error does not name the file: {msg}"
+            );
+            msg
+        }
+        Err(e) => panic!("expected Error::Input, found {e:?}"),
+    }
+}
+
+#[test]
+fn converted_tiny_llama_equals_the_hf_layout_model() {
+    use std::sync::Arc;
+    use thinksteer::engine::{CpuEngine, Decoder};
+    use thinksteer::model::{Hooks, Model, Step};
+    let src = write("tiny-llama.gguf", &tiny_gguf("llama"));
+    let out = tmp_dir().join("tiny-llama-converted");
+    let rep = thinksteer::gguf::convert(&src, &out).unwrap();
+    assert_eq!((rep.arch.as_str(), rep.tensors), ("llama", 11));
+    let reference = tmp_dir().join("tiny-llama-hf");
+    tiny_hf_folder(&reference);
+
+    // q/k come back in HF row order, bit for bit.
+    let conv = thinksteer::weights::WeightFiles::open(&out).unwrap();
+    for (name, shape, w) in tiny_hf_weights() {
+        assert_eq!(conv.f32(name, &shape).unwrap(), w, "{name}");
+    }
+    let logits = |dir: &Path| {
+        let m = Arc::new(Model::load(dir).unwrap());
+        let ids = [3u32, 100, 259, 7, 260];
+        let t = ids.len();
+        let mut e = CpuEngine::new(m, 1, t);
+        let (slots, pos): (Vec<usize>, Vec<usize>) = (vec![0; t], (0..t).collect());
+        let rows: Vec<usize> = (0..t).collect();
+        let step = Step {
+            slots: &slots,
+            positions: &pos,
+            n_write: t,
+        };
+        let mut hooks = Hooks {
+            capture: vec![],
+            steer: None,
+        };
+        e.forward(&ids, &step, &rows, &mut hooks).unwrap().to_vec()
+    };
+    // Same f32 weights through the same code: equal exactly.
+    assert_eq!(logits(&out), logits(&reference));
+
+    let tok = thinksteer::tokenizer::Tokenizer::from_dir(&out)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        tok.encode("<|im_start|>hello<|im_end|>").unwrap(),
+        vec![260, 259, 261]
+    );
+    assert_eq!(
+        tok.encode("he ll").unwrap(),
+        vec![
+            256,
+            byte_chars().iter().position(|&c| c == 'Ġ').unwrap() as u32,
+            257
+        ]
+    );
+    let s = "<|im_start|>hello wörld ✓ 🙂<|im_end|>";
+    assert_eq!(tok.decode(&tok.encode(s).unwrap()).unwrap(), s);
+    let chat = thinksteer::chat::ChatTemplate::from_dir(&out)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (chat.bos_token(), chat.eos_token()),
+        (Some("<|im_start|>"), Some("<|im_end|>"))
+    );
+    let msgs = [thinksteer::chat::Message::user("hi")];
+    assert_eq!(
+        chat.render(&msgs, false).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n"
+    );
+}
+
+#[test]
+fn conversion_errors_name_what_is_wrong() {
+    let good = tiny_gguf("llama");
+    let m = convert_error(&write("cut.gguf", &good[..good.len() / 2]));
+    assert!(m.contains("truncated"), "{m}");
+
+    let m = convert_error(&write(
+        "gpt2-arch.gguf",
+        &gguf_bytes(
+            3,
+            &tiny_metadata("gpt2", "gpt2"),
+            &tiny_gguf_tensors(&tiny_hf_weights()),
+            32,
+        ),
+    ));
+    assert!(
+        m.contains("general.architecture \"gpt2\"") && m.contains("llama"),
+        "{m}"
+    );
+
+    let m = convert_error(&write(
+        "spm.gguf",
+        &gguf_bytes(
+            3,
+            &tiny_metadata("llama", "llama"),
+            &tiny_gguf_tensors(&tiny_hf_weights()),
+            32,
+        ),
+    ));
+    assert!(m.contains("SentencePiece"), "{m}");
+
+    // A tensor that is no part of a llama decoder, then a Q4_K tensor (256-element blocks of
+    // 144 bytes) in place of an F32 one.
+    let mut ts = tiny_gguf_tensors(&tiny_hf_weights());
+    ts.push(tensor(
+        "blk.0.ffn_extra.weight",
+        &[1, 256],
+        12,
+        vec![0; 144],
+    ));
+    let m = convert_error(&write(
+        "extra.gguf",
+        &gguf_bytes(3, &tiny_metadata("llama", "gpt2"), &ts, 32),
+    ));
+    assert!(m.contains("blk.0.ffn_extra.weight"), "{m}");
+    let mut ts = tiny_gguf_tensors(&tiny_hf_weights());
+    ts[7] = tensor("blk.0.ffn_gate.weight", &[1, 256], 12, vec![0; 144]);
+    let m = convert_error(&write(
+        "q4k.gguf",
+        &gguf_bytes(3, &tiny_metadata("llama", "gpt2"), &ts, 32),
+    ));
+    assert!(
+        m.contains("blk.0.ffn_gate.weight") && m.contains("Q4_K"),
+        "{m}"
+    );
+}
+
+#[test]
+fn checkpoint_dir_converts_once_and_again_when_the_file_changes() {
+    let dir = tmp_dir().join("cache-case");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiny.gguf");
+    std::fs::write(&file, tiny_gguf("llama")).unwrap();
+
+    let ck = thinksteer::gguf::checkpoint_dir(&file).unwrap();
+    assert_eq!(ck, dir.join(".tiny.gguf.thinksteer"));
+    assert!(ck.join("config.json").is_file() && ck.join("tokenizer.json").is_file());
+    // Nothing is left of the temp folder the conversion wrote into.
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+
+    // Unchanged file: the folder is reused as is.
+    std::fs::write(ck.join("marker"), "x").unwrap();
+    assert_eq!(thinksteer::gguf::checkpoint_dir(&file).unwrap(), ck);
+    assert!(ck.join("marker").exists(), "reconverted an unchanged file");
+
+    // A changed file (one more metadata key, so another size): converted again.
+    let mut kvs = tiny_metadata("llama", "gpt2");
+    kvs.push(("general.name", Value::String("tiny, changed".into())));
+    std::fs::write(
+        &file,
+        gguf_bytes(3, &kvs, &tiny_gguf_tensors(&tiny_hf_weights()), 32),
+    )
+    .unwrap();
+    assert_eq!(thinksteer::gguf::checkpoint_dir(&file).unwrap(), ck);
+    assert!(!ck.join("marker").exists(), "kept a stale conversion");
+
+    // A folder passes through; a .gguf that is not GGUF gets the reader's error.
+    assert_eq!(thinksteer::gguf::checkpoint_dir(&dir).unwrap(), dir);
+    let bad = dir.join("bad.gguf");
+    std::fs::write(&bad, b"not a gguf file at all").unwrap();
+    match thinksteer::gguf::checkpoint_dir(&bad) {
+        Err(Error::Input(m)) => assert!(m.contains("not a GGUF file"), "{m}"),
+        other => panic!("expected Error::Input, found {other:?}"),
+    }
+}
+
+#[test]
+fn cli_convert_of_a_bad_file_exits_2_with_one_line() {
+    let good = tiny_gguf("llama");
+    let cut = write("cli-cut.gguf", &good[..good.len() - 10]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinksteer"))
+        .args(["convert", "--gguf"])
+        .arg(&cut)
+        .arg("--out")
+        .arg(tmp_dir().join("cli-out"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("truncated") && err.contains("cli-cut.gguf"),
+        "{err}"
+    );
+
+    // And a good file converts, printing one summary line.
+    let src = write("cli-good.gguf", &good);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinksteer"))
+        .args(["convert", "--gguf"])
+        .arg(&src)
+        .arg("--out")
+        .arg(tmp_dir().join("cli-good-out"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tmp_dir().join("cli-good-out/model.safetensors").is_file());
+}

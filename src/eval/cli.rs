@@ -388,7 +388,9 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
 }
 
 /// `thinksteer eval`.
-pub fn eval(a: EvalArgs) -> Result<()> {
+pub fn eval(mut a: EvalArgs) -> Result<()> {
+    a.base = crate::gguf::checkpoint_dir(&a.base)?;
+    a.thinking = crate::gguf::checkpoint_dir(&a.thinking)?;
     let spec = spec(&a)?;
     let s = run_eval(&spec)?;
     eprintln!(

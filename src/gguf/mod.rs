@@ -6,12 +6,21 @@
 //! pairs (string key, u32 type, value), the tensor infos (string name, u32 n_dims, u64 dims
 //! fastest-first, u32 ggml type, u64 offset relative to the data section), then padding to
 //! `general.alignment` (default 32) and the data section. Strings are a u64 length + UTF-8.
+//!
+//! `convert` turns a llama / qwen2 GGUF into a checkpoint folder (names.rs maps the tensor
+//! names, tokenizer.rs rebuilds tokenizer.json); `checkpoint_dir` does so once per file so that
+//! every command accepts a `.gguf` file where it accepts a folder.
 
+mod convert;
 mod dequant;
+pub mod names;
 mod reader;
+mod tokenizer;
 mod value;
 
+pub use convert::{checkpoint_dir, convert, ConvertReport, CONVERTER_VERSION};
 pub use dequant::{dequantize, GgmlType};
+pub use tokenizer::GgufVocab;
 pub use value::Value;
 
 use crate::{bail, Error, Result};

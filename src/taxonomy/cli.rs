@@ -144,7 +144,8 @@ pub struct TrainVectorsArgs {
     pub out: PathBuf,
 }
 
-pub fn traces(a: TracesArgs) -> Result<()> {
+pub fn traces(mut a: TracesArgs) -> Result<()> {
+    a.model = crate::gguf::checkpoint_dir(&a.model)?;
     let mut qs = crate::eval::dataset::load_questions(&a.questions, a.question_field.as_deref())?;
     if let Some(n) = a.limit {
         qs.truncate(n);
@@ -174,7 +175,8 @@ pub fn traces(a: TracesArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn activations(a: ActivationsArgs) -> Result<()> {
+pub fn activations(mut a: ActivationsArgs) -> Result<()> {
+    a.model = crate::gguf::checkpoint_dir(&a.model)?;
     let rep = super::activations::compute_activations(&a.model, &a.traces, a.layer, &a.out)?;
     println!(
         "{}: {} sentences from {} traces ({} traces without a thinking span{}, {} with no sentence of 3+ words{})",
@@ -251,7 +253,8 @@ pub fn annotate(a: AnnotateArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn train_vectors(a: TrainVectorsArgs) -> Result<()> {
+pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
+    a.base = crate::gguf::checkpoint_dir(&a.base)?;
     if a.method == VectorMethod::Optimise {
         return Err(anyhow!(
             "--method optimise: not implemented yet (issue 7); use --method mean-diff"
