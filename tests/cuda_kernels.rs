@@ -620,6 +620,133 @@ fn matmul_rejects_k_not_multiple_of_8() {
     assert!(e.to_string().contains("multiple of 8"), "{e}");
 }
 
+/// y = bf16(r · inv · w), inv = 1/sqrt(mean(r²) + eps): residual_norm's output, on the CPU.
+fn norm_ref(r: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let ms = r.iter().map(|v| (*v as f64) * (*v as f64)).sum::<f64>() / r.len() as f64;
+    let inv = (1.0 / (ms + eps as f64).sqrt()) as f32;
+    r.iter()
+        .zip(w)
+        .map(|(v, w)| bf16::from_f32(v * inv * w).to_f32())
+        .collect()
+}
+
+/// The fused single-row kernels against the unfused CPU sequence: gemv1_norm (W · norm(r)),
+/// gemv1_glu_norm (silu·mul of the gate|up product of norm(r)) and gemv1_acc (r += W · x).
+fn check_row1(g: &Gpu, m: usize, kd: usize, seed: u64) {
+    let mut rng = Rng(seed);
+    let eps = 1e-6f32;
+    let r = rng.vec(kd, 3.0);
+    let nw = rng.vec(kd, 1.5);
+    let w = rng.vec(2 * m * kd, 0.5);
+    let y = norm_ref(&r, &nw, eps);
+    let mut want = vec![0f32; 2 * m];
+    cpu_ops::matmul(&mut want, &y, &w, None, 1, kd, 2 * m, &mut Vec::new());
+    let sk = (kd as f32).sqrt();
+    // Summation order (as check_matmul) plus one bf16 step of y where the kernel's f32 inv differs
+    // from this f64 one in the last bit and a product lands on a rounding boundary.
+    let tol = |row: usize, x: &[f32]| -> f32 {
+        let terms = (0..kd).map(|i| (x[i] * w[row * kd + i]).abs());
+        let (sum, max) = terms.fold((0f32, 0f32), |(s, mx), v| (s + v, mx.max(v)));
+        8.0 * sk * EPS32 * sum + 2.0 * RTOL_BF16 * max
+    };
+    let s = &g.stream;
+    let (rb, nwb, wb) = (
+        s.clone_htod(&r).unwrap(),
+        s.clone_htod(&to_bf(&nw)).unwrap(),
+        s.clone_htod(&to_bf(&w)).unwrap(),
+    );
+    // gemv1_norm over the first m rows of w.
+    let mut out = s.alloc_zeros::<f32>(m).unwrap();
+    k::gemv1_norm(
+        g,
+        &mut out.as_view_mut(),
+        &rb.as_view(),
+        &nwb.as_view(),
+        eps,
+        &wb.slice(..m * kd),
+        m,
+        kd,
+    )
+    .unwrap();
+    let tn: Vec<f32> = (0..m).map(|i| tol(i, &y)).collect();
+    compare(
+        &format!("gemv1_norm M={m} K={kd}"),
+        &s.clone_dtoh(&out).unwrap(),
+        &want[..m],
+        &|e| tn[e],
+        0.0,
+    );
+    // gemv1_glu_norm: w as [2m, K] gate|up.
+    let mut act = s.alloc_zeros::<bf16>(m).unwrap();
+    k::gemv1_glu_norm(
+        g,
+        &mut act.as_view_mut(),
+        &rb.as_view(),
+        &nwb.as_view(),
+        eps,
+        &wb.as_view(),
+        m,
+        kd,
+    )
+    .unwrap();
+    let mut glu = vec![0f32; m];
+    cpu_ops::silu_mul(&mut glu, &want[..m], &want[m..]);
+    let tg: Vec<f32> = (0..m)
+        .map(|i| {
+            let (gv, uv) = (want[i], want[m + i]);
+            let silu = gv / (1.0 + (-gv).exp());
+            1.1 * uv.abs() * tol(i, &y) + silu.abs() * tol(m + i, &y) + 1e-30
+        })
+        .collect();
+    compare(
+        &format!("gemv1_glu_norm F={m} K={kd}"),
+        &from_bf(&s.clone_dtoh(&act).unwrap()),
+        &glu,
+        &|e| tg[e],
+        RTOL_BF16,
+    );
+    // gemv1_acc: r2 += W[..m] · x.
+    let x = rng.vec(kd, 1.0);
+    let r2 = rng.vec(m, 5.0);
+    let mut prod = vec![0f32; m];
+    cpu_ops::matmul(&mut prod, &x, &w[..m * kd], None, 1, kd, m, &mut Vec::new());
+    let want_acc: Vec<f32> = r2.iter().zip(&prod).map(|(a, b)| a + b).collect();
+    let xb = s.clone_htod(&to_bf(&x)).unwrap();
+    let mut rd = s.clone_htod(&r2).unwrap();
+    k::gemv1_acc(
+        g,
+        &mut rd.as_view_mut(),
+        &xb.as_view(),
+        &wb.slice(..m * kd),
+        m,
+        kd,
+    )
+    .unwrap();
+    let ta: Vec<f32> = (0..m)
+        .map(|i| tol(i, &x) + EPS32 * want_acc[i].abs())
+        .collect();
+    compare(
+        &format!("gemv1_acc M={m} K={kd}"),
+        &s.clone_dtoh(&rd).unwrap(),
+        &want_acc,
+        &|e| ta[e],
+        0.0,
+    );
+}
+
+#[test]
+fn fused_single_row_products_match_the_unfused_cpu_sequence() {
+    let Some(g) = gpu() else { return };
+    // Each warps-per-row variant (K ≤ 2048, ≤ 4096, ≤ 8192, above), M not a multiple of the rows
+    // per block.
+    for (i, &(m, kd)) in [(77usize, 264usize), (61, 3000), (33, 6000), (5, 8960)]
+        .iter()
+        .enumerate()
+    {
+        check_row1(&g, m, kd, 80 + i as u64);
+    }
+}
+
 /// matmul_glu (the fused gate|up product + SiLU·mul) against the CPU: gate and up as f32 products
 /// of the same bf16 inputs, then silu·mul, rounded to bf16.
 fn check_glu(g: &Gpu, n: usize, f: usize, kd: usize, seed: u64) {

@@ -6,7 +6,7 @@
 //! V vocab, K SAE latents / reduction dim, M output features, N/B rows, NV steering vectors.
 //! bf16 is `half::bf16`; int32 ids/positions are `i32`.
 
-use super::launch::Launch;
+use super::launch::{Arg, Launch};
 use super::Gpu;
 use crate::{Error, Result};
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
@@ -550,6 +550,23 @@ pub fn attention_prefill(
     })
 }
 
+/// K and the weights of a product: W bf16 [rows, K], K a positive multiple of 8, 16-byte aligned.
+fn weight_checks(
+    gpu: &Gpu,
+    kernel: &str,
+    w: &CudaView<'_, bf16>,
+    rows: usize,
+    k: usize,
+) -> Result<()> {
+    if !k.is_multiple_of(8) || k == 0 {
+        return Err(Error::Input(format!(
+            "{kernel}: the reduction dim K must be a positive multiple of 8 (16-byte loads), found {k}"
+        )));
+    }
+    check(kernel, "W", w.len(), rows * k, "[M, K]")?;
+    aligned16(gpu, kernel, "W", w)
+}
+
 /// K and the inputs of a skinny or tiled product: x bf16 [N, K], W bf16 [rows, K].
 fn product_checks(
     gpu: &Gpu,
@@ -558,15 +575,9 @@ fn product_checks(
     w: &CudaView<'_, bf16>,
     (n, rows, k): (usize, usize, usize),
 ) -> Result<()> {
-    if !k.is_multiple_of(8) || k == 0 {
-        return Err(Error::Input(format!(
-            "{kernel}: the reduction dim K must be a positive multiple of 8 (16-byte loads), found {k}"
-        )));
-    }
+    weight_checks(gpu, kernel, w, rows, k)?;
     check(kernel, "x", x.len(), n * k, "[N, K]")?;
-    check(kernel, "W", w.len(), rows * k, "[M, K]")?;
-    aligned16(gpu, kernel, "x", x)?;
-    aligned16(gpu, kernel, "W", w)
+    aligned16(gpu, kernel, "x", x)
 }
 
 fn matmul_checks(
@@ -581,30 +592,106 @@ fn matmul_checks(
     product_checks(gpu, kernel, x, w, (n, m, k))
 }
 
-/// The gemv kernel for `b` rows of length `k` (`glu`: the fused gate|up + SiLU·mul variant), and
-/// its launch: output rows (or features) per block and threads per block.
-fn gemv_kernel(b: usize, k: usize, glu: bool) -> Result<(&'static str, usize, u32)> {
-    // One row: warps per output row from the row length (see gemv.cu), so that each lane has
-    // one round of at most 8 loads in flight (K ≤ 2048 · warps); 8 warps per block.
-    // Several rows: tensor-core tiles of 16 mma rows per block of 16 warps (8 features with glu).
-    let tile = if glu { 8 } else { 16 };
-    let (plain, fused, per_block, threads) = match b {
-        1 if k > 8192 => ("gemv_bf16_b1_k8", "gemv_glu_bf16_b1_k8", 1, 256),
-        1 if k > 4096 => ("gemv_bf16_b1_k4", "gemv_glu_bf16_b1_k4", 2, 256),
-        1 if k > 2048 => ("gemv_bf16_b1_k2", "gemv_glu_bf16_b1_k2", 4, 256),
-        1 => ("gemv_bf16_b1", "gemv_glu_bf16_b1", 8, 256),
-        2 => ("gemv_bf16_b2", "gemv_glu_bf16_b2", tile, 512),
-        3..=4 => ("gemv_bf16_b4", "gemv_glu_bf16_b4", tile, 512),
-        5..=8 => ("gemv_bf16_b8", "gemv_glu_bf16_b8", tile, 512),
-        9..=16 => ("gemv_bf16_b16", "gemv_glu_bf16_b16", tile, 512),
-        17..=32 => ("gemv_bf16_b32", "gemv_glu_bf16_b32", tile, 512),
+/// What a single-row gemv fuses around its product (gemv.cu's gemv*_b1 kernels).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Row1 {
+    Plain,
+    Glu,
+    Norm,
+    Acc,
+    GluNorm,
+}
+
+/// The single-row kernel for `v` and rows of length `k`, and its output rows per block: warps
+/// per row from the row length, so that each lane has one round of at most 8 loads in flight
+/// (K ≤ 2048 · warps); 8 warps per block.
+fn gemv1_kernel(v: Row1, k: usize) -> (&'static str, usize) {
+    const NAMES: [[&str; 4]; 5] = [
+        [
+            "gemv_bf16_b1",
+            "gemv_bf16_b1_k2",
+            "gemv_bf16_b1_k4",
+            "gemv_bf16_b1_k8",
+        ],
+        [
+            "gemv_glu_bf16_b1",
+            "gemv_glu_bf16_b1_k2",
+            "gemv_glu_bf16_b1_k4",
+            "gemv_glu_bf16_b1_k8",
+        ],
+        [
+            "gemv_norm_bf16_b1",
+            "gemv_norm_bf16_b1_k2",
+            "gemv_norm_bf16_b1_k4",
+            "gemv_norm_bf16_b1_k8",
+        ],
+        [
+            "gemv_acc_bf16_b1",
+            "gemv_acc_bf16_b1_k2",
+            "gemv_acc_bf16_b1_k4",
+            "gemv_acc_bf16_b1_k8",
+        ],
+        [
+            "gemv_glu_norm_bf16_b1",
+            "gemv_glu_norm_bf16_b1_k2",
+            "gemv_glu_norm_bf16_b1_k4",
+            "gemv_glu_norm_bf16_b1_k8",
+        ],
+    ];
+    let (i, per_block) = match k {
+        0..=2048 => (0, 8),
+        2049..=4096 => (1, 4),
+        4097..=8192 => (2, 2),
+        _ => (3, 1),
+    };
+    (NAMES[v as usize][i], per_block)
+}
+
+/// Launches a single-row gemv: `rows` outputs (features for the GLU variants), x or the
+/// residual r of length k, and the norm weight and eps for the norm variants.
+#[allow(clippy::too_many_arguments)]
+fn gemv1_launch<O: Arg, X: Arg>(
+    gpu: &Gpu,
+    v: Row1,
+    out: &O,
+    x: &X,
+    norm: Option<(&CudaView<'_, bf16>, f32)>,
+    w: &CudaView<'_, bf16>,
+    rows: usize,
+    k: usize,
+) -> Result<()> {
+    let (name, per_block) = gemv1_kernel(v, k);
+    let (mi, ki) = (int(name, "M", rows)?, int(name, "K", k)?);
+    let f = gpu.func(name)?;
+    let mut l = Launch::new(gpu, f);
+    l.arg(out).arg(x).arg(w).arg(&1i32).arg(&mi).arg(&ki);
+    match norm {
+        Some((nw, eps)) => l.arg(nw).arg(&eps),
+        None => l.arg(&NULL).arg(&0f32),
+    };
+    let launch = cfg((rows.div_ceil(per_block) as u32, 1, 1), 256, 0);
+    // SAFETY: argument order and types match the gemv*_b1 kernels (out, x, W, B, M, K, norm_w,
+    // eps); the callers checked lengths (W has `rows` rows, or 2·rows for GLU), K % 8 and the
+    // 16-byte alignment of x/r, W and norm_w.
+    gpu.launched(name, unsafe { l.launch(launch) })
+}
+
+/// The tensor-core gemv kernel for 2..=32 rows (`glu`: the fused gate|up + SiLU·mul variant), and
+/// its output rows (features with glu) per block: 16 mma rows per block of 16 warps.
+fn gemv_kernel(b: usize, glu: bool) -> Result<(&'static str, usize)> {
+    let (plain, fused) = match b {
+        2 => ("gemv_bf16_b2", "gemv_glu_bf16_b2"),
+        3..=4 => ("gemv_bf16_b4", "gemv_glu_bf16_b4"),
+        5..=8 => ("gemv_bf16_b8", "gemv_glu_bf16_b8"),
+        9..=16 => ("gemv_bf16_b16", "gemv_glu_bf16_b16"),
+        17..=32 => ("gemv_bf16_b32", "gemv_glu_bf16_b32"),
         _ => {
             return Err(Error::Input(format!(
                 "gemv: rows must be 1..=32, found {b} (use gemm)"
             )))
         }
     };
-    Ok((if glu { fused } else { plain }, per_block, threads))
+    Ok(if glu { (fused, 8) } else { (plain, 16) })
 }
 
 /// Skinny product for 1..=32 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
@@ -617,16 +704,24 @@ pub fn gemv(
     m: usize,
     k: usize,
 ) -> Result<()> {
-    let (name, per_block, threads) = gemv_kernel(b, k, false)?;
+    let name = if b == 1 {
+        gemv1_kernel(Row1::Plain, k).0
+    } else {
+        gemv_kernel(b, false)?.0
+    };
     matmul_checks(gpu, name, out, x, w, (b, m, k))?;
     if m == 0 {
         return Ok(());
     }
+    if b == 1 {
+        return gemv1_launch(gpu, Row1::Plain, out, x, None, w, m, k);
+    }
+    let (_, per_block) = gemv_kernel(b, false)?;
     let (bi, mi, ki) = (int(name, "B", b)?, int(name, "M", m)?, int(name, "K", k)?);
     let f = gpu.func(name)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
-    let launch = cfg((m.div_ceil(per_block) as u32, 1, 1), threads, 0);
+    let launch = cfg((m.div_ceil(per_block) as u32, 1, 1), 512, 0);
     // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
     // (the kernel's vector loads) checked above; B ≤ the kernel's bucket.
     gpu.launched(name, unsafe { l.launch(launch) })
@@ -644,20 +739,106 @@ pub fn gemv_glu(
     f: usize,
     k: usize,
 ) -> Result<()> {
-    let (name, per_block, threads) = gemv_kernel(b, k, true)?;
+    let name = if b == 1 {
+        gemv1_kernel(Row1::Glu, k).0
+    } else {
+        gemv_kernel(b, true)?.0
+    };
     check(name, "act", act.len(), b * f, "[B, F]")?;
     product_checks(gpu, name, x, w, (b, 2 * f, k))?;
     if f == 0 {
         return Ok(());
     }
+    if b == 1 {
+        return gemv1_launch(gpu, Row1::Glu, act, x, None, w, f, k);
+    }
+    let (_, per_block) = gemv_kernel(b, true)?;
     let (bi, fi, ki) = (int(name, "B", b)?, int(name, "F", f)?, int(name, "K", k)?);
     let func = gpu.func(name)?;
     let mut l = Launch::new(gpu, func);
     l.arg(act).arg(x).arg(w).arg(&bi).arg(&fi).arg(&ki);
-    let launch = cfg((f.div_ceil(per_block) as u32, 1, 1), threads, 0);
+    let launch = cfg((f.div_ceil(per_block) as u32, 1, 1), 512, 0);
     // SAFETY: argument order and types match gemv_glu_bf16_b*; lengths (W has 2F rows), K % 8 and
     // 16-byte alignment checked above; B ≤ the kernel's bucket.
     gpu.launched(name, unsafe { l.launch(launch) })
+}
+
+/// Checks of the residual-reading single-row variants: r f32 [K], norm_w bf16 [K].
+fn norm_checks(
+    gpu: &Gpu,
+    kernel: &str,
+    r: &CudaView<'_, f32>,
+    norm_w: &CudaView<'_, bf16>,
+    k: usize,
+) -> Result<()> {
+    check(kernel, "r", r.len(), k, "[K]")?;
+    check(kernel, "norm weight", norm_w.len(), k, "[K]")?;
+    aligned16(gpu, kernel, "r", r)?;
+    aligned16(gpu, kernel, "norm weight", norm_w)
+}
+
+/// Batch-1 product of the normalised residual (residual_norm's y computed inside the kernel):
+/// out f32 [M] = W · bf16(r · inv · norm_w), inv = 1/sqrt(mean(r²) + eps).
+/// r f32 [K], norm_w bf16 [K], W bf16 [M, K]; K % 8 == 0.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv1_norm(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    r: &CudaView<'_, f32>,
+    norm_w: &CudaView<'_, bf16>,
+    eps: f32,
+    w: &CudaView<'_, bf16>,
+    m: usize,
+    k: usize,
+) -> Result<()> {
+    let name = gemv1_kernel(Row1::Norm, k).0;
+    check(name, "out", out.len(), m, "[M]")?;
+    norm_checks(gpu, name, r, norm_w, k)?;
+    weight_checks(gpu, name, w, m, k)?;
+    if m == 0 {
+        return Ok(());
+    }
+    gemv1_launch(gpu, Row1::Norm, out, r, Some((norm_w, eps)), w, m, k)
+}
+
+/// The gate|up product with SiLU·mul of the normalised residual, batch 1:
+/// act bf16 [F] = silu(y·W[..F]ᵀ) · (y·W[F..]ᵀ), y = bf16(rmsnorm(r) · norm_w) as in `gemv1_norm`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv1_glu_norm(
+    gpu: &Gpu,
+    act: &mut CudaViewMut<'_, bf16>,
+    r: &CudaView<'_, f32>,
+    norm_w: &CudaView<'_, bf16>,
+    eps: f32,
+    w: &CudaView<'_, bf16>,
+    f: usize,
+    k: usize,
+) -> Result<()> {
+    let name = gemv1_kernel(Row1::GluNorm, k).0;
+    check(name, "act", act.len(), f, "[F]")?;
+    norm_checks(gpu, name, r, norm_w, k)?;
+    weight_checks(gpu, name, w, 2 * f, k)?;
+    if f == 0 {
+        return Ok(());
+    }
+    gemv1_launch(gpu, Row1::GluNorm, act, r, Some((norm_w, eps)), w, f, k)
+}
+
+/// The residual add fused into a batch-1 product: r f32 [M] += W · x, x bf16 [K], W bf16 [M, K].
+pub fn gemv1_acc(
+    gpu: &Gpu,
+    r: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    m: usize,
+    k: usize,
+) -> Result<()> {
+    let name = gemv1_kernel(Row1::Acc, k).0;
+    matmul_checks(gpu, name, r, x, w, (1, m, k))?;
+    if m == 0 {
+        return Ok(());
+    }
+    gemv1_launch(gpu, Row1::Acc, r, x, None, w, m, k)
 }
 
 /// Tensor-core product: out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ. Any N, M; K % 8 == 0.
