@@ -180,7 +180,10 @@ pub fn line_chart_svg(title: &str, x_label: &str, y_label: &str, series: &[Serie
         escape(x_label)
     );
     for i in 0..=4 {
-        let (yv, xv) = (y0 + (y1 - y0) * i as f64 / 4.0, x0 + (x1 - x0) * i as f64 / 4.0);
+        let (yv, xv) = (
+            y0 + (y1 - y0) * i as f64 / 4.0,
+            x0 + (x1 - x0) * i as f64 / 4.0,
+        );
         let (yy, xx) = (sy(yv), sx(xv));
         let _ = writeln!(
             s,
@@ -290,6 +293,9 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("a&lt;b") && svg.contains("stroke-dasharray"));
         // Plot x from 70 to 550 over epochs 0..2: the first point at 70, the last at 550.
-        assert!(svg.contains(r#"points="70.00,"#) && svg.contains("550.00,"), "{svg}");
+        assert!(
+            svg.contains(r#"points="70.00,"#) && svg.contains("550.00,"),
+            "{svg}"
+        );
     }
 }

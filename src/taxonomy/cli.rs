@@ -329,7 +329,10 @@ fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix) -> Result<()>
         seed: a.seed,
         stop_after: a.stop_after,
     };
-    let ckpt = a.checkpoint.clone().unwrap_or_else(|| sibling(&a.out, "ckpt.json"));
+    let ckpt = a
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| sibling(&a.out, "ckpt.json"));
     let (rep, curves) = optimise(
         &a.base,
         &a.traces,
@@ -339,7 +342,10 @@ fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix) -> Result<()>
         &ckpt,
         a.resume,
     )?;
-    let csv = a.curves.clone().unwrap_or_else(|| sibling(&a.out, "curves.csv"));
+    let csv = a
+        .curves
+        .clone()
+        .unwrap_or_else(|| sibling(&a.out, "curves.csv"));
     std::fs::write(&csv, curves_csv(&curves)).map_err(|e| anyhow!("{}: {e}", csv.display()))?;
     let svg = csv.with_extension("svg");
     std::fs::write(&svg, curves_svg(&curves)).map_err(|e| anyhow!("{}: {e}", svg.display()))?;

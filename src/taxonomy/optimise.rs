@@ -447,7 +447,7 @@ pub fn optimise(
             c.num_hidden_layers
         );
     }
-    if s.epochs == 0 || s.batch == 0 || s.max_examples == 0 || !(s.lr > 0.0) {
+    if s.epochs == 0 || s.batch == 0 || s.max_examples == 0 || !s.lr.is_finite() || s.lr <= 0.0 {
         bail!(
             "--epochs, --batch, --max-examples and --lr must be positive, found {}, {}, {} and {}",
             s.epochs,
@@ -485,7 +485,11 @@ pub fn optimise(
     let mut epochs_run = 0;
     while state.stage <= kk {
         let stage = state.stage;
-        let examples: &[Example] = if stage == 0 { &bias_ex } else { &cats[stage - 1] };
+        let examples: &[Example] = if stage == 0 {
+            &bias_ex
+        } else {
+            &cats[stage - 1]
+        };
         let mut st = state.current.take().unwrap_or_else(|| VectorState::new(d));
         if examples.is_empty() {
             // A category with no sentence keeps a zero vector (reported).
@@ -776,8 +780,8 @@ fn adam_step(st: &mut VectorState, g_sum: &[f64], n: usize, lr0: f64, total_step
         1.0 - BETA1.powi(st.step as i32),
         1.0 - BETA2.powi(st.step as i32),
     );
-    for i in 0..st.v.len() {
-        let gi = g_sum[i] / n as f64;
+    for (i, &g) in g_sum.iter().enumerate() {
+        let gi = g / n as f64;
         let m = BETA1 * st.m[i] as f64 + (1.0 - BETA1) * gi;
         let v2 = BETA2 * st.s[i] as f64 + (1.0 - BETA2) * gi * gi;
         st.m[i] = m as f32;

@@ -42,7 +42,9 @@ impl<F: Float> Kv<'_, F> {
         let (s0, kvw, dh) = (self.s0(), self.kv_heads * self.dh, self.dh);
         if j < s0 {
             let vr = &self.v_pre[j * kvw + g * dh..j * kvw + (g + 1) * dh];
-            out.iter_mut().zip(vr).for_each(|(o, &v)| *o += p * F::of(v));
+            out.iter_mut()
+                .zip(vr)
+                .for_each(|(o, &v)| *o += p * F::of(v));
         } else {
             let r = (j - s0) * kvw + g * dh;
             out.iter_mut()
@@ -63,7 +65,9 @@ impl<F: Float> Kv<'_, F> {
         let (s0, kvw, dh) = (self.s0(), self.kv_heads * self.dh, self.dh);
         if j < s0 {
             let kr = &self.k_pre[j * kvw + g * dh..j * kvw + (g + 1) * dh];
-            out.iter_mut().zip(kr).for_each(|(o, &k)| *o += c * F::of(k));
+            out.iter_mut()
+                .zip(kr)
+                .for_each(|(o, &k)| *o += c * F::of(k));
         } else {
             let r = (j - s0) * kvw + g * dh;
             out.iter_mut()
@@ -136,7 +140,10 @@ pub fn backward<F: Float>(
     let mut pa = vec![F::ZERO; ta * nh * ta];
     let mut dsa = vec![F::ZERO; ta * nh * ta];
     dq.par_chunks_mut(dh)
-        .zip(pa.par_chunks_mut(ta.max(1)).zip(dsa.par_chunks_mut(ta.max(1))))
+        .zip(
+            pa.par_chunks_mut(ta.max(1))
+                .zip(dsa.par_chunks_mut(ta.max(1))),
+        )
         .enumerate()
         .for_each_init(
             || (Vec::new(), Vec::new()),

@@ -20,15 +20,15 @@ use crate::model::{Hooks, KvCache, Model, Step, Workspace};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Example {
-    pub ids: Vec<u32>,        // [T]
+    pub ids: Vec<u32>,         // [T]
     pub positions: Vec<usize>, // P, sorted, distinct, each < T
 }
 
 /// The vector-independent part of one example at steering block `layer`.
 pub struct Frozen {
-    pub layer: usize, // L
-    pub s0: usize,    // first active row = min P (absolute)
-    pub ta: usize,    // active rows s0..s0+Ta, Ta = max P − min P
+    pub layer: usize,  // L
+    pub s0: usize,     // first active row = min P (absolute)
+    pub ta: usize,     // active rows s0..s0+Ta, Ta = max P − min P
     pub h_l: Vec<f32>, // [Ta, D] residual after block L at the active rows, unsteered
     /// Per block L+1..N−1 (index l − L − 1): the frozen rows' post-RoPE keys and values.
     pub k_pre: Vec<Vec<f32>>, // [S0, Hkv·Dh] each
@@ -50,7 +50,12 @@ impl Frozen {
     /// Bytes held (for a cache budget).
     pub fn bytes(&self) -> usize {
         let f = self.h_l.len()
-            + self.k_pre.iter().chain(&self.v_pre).map(Vec::len).sum::<usize>()
+            + self
+                .k_pre
+                .iter()
+                .chain(&self.v_pre)
+                .map(Vec::len)
+                .sum::<usize>()
             + self.const_row.as_ref().map_or(0, |r| r.0.len());
         4 * f + 16 * self.predict.len() + 8 * self.steer_rows.len()
     }
@@ -103,7 +108,14 @@ pub fn prepare(model: &Model, ex: &Example, layer: usize) -> Result<Frozen> {
             positions: &positions,
             n_write: s0,
         };
-        model.layers(&mut ws, &mut cache, &mut h, 0..n, &step, &mut Hooks::default());
+        model.layers(
+            &mut ws,
+            &mut cache,
+            &mut h,
+            0..n,
+            &step,
+            &mut Hooks::default(),
+        );
         let logits = model.head(&mut ws, &h, &[s0 - 1]).to_vec(); // [V]
         const_row = Some((logits, ex.ids[s0]));
     }

@@ -111,7 +111,11 @@ pub fn loss_grad<F: Float>(
         .lm_head
         .as_deref()
         .unwrap_or(&model.weights.embed_tokens);
-    let mut dh = if want_grad { vec![F::ZERO; ta * d] } else { vec![] };
+    let mut dh = if want_grad {
+        vec![F::ZERO; ta * d]
+    } else {
+        vec![]
+    };
     for chunk in fz.predict.chunks(HEAD_CHUNK) {
         let rc = chunk.len();
         let mut x = vec![F::ZERO; rc * d]; //                                          [R, D]
@@ -120,7 +124,13 @@ pub fn loss_grad<F: Float>(
         }
         let mut normed = vec![F::ZERO; rc * d];
         let mut rn = vec![F::ZERO; rc];
-        rmsnorm_fwd(&mut normed, &mut rn, &x, &model.weights.norm, c.rms_norm_eps);
+        rmsnorm_fwd(
+            &mut normed,
+            &mut rn,
+            &x,
+            &model.weights.norm,
+            c.rms_norm_eps,
+        );
         let mut z = vec![F::ZERO; rc * c.vocab_size]; //                                [R, V]
         matmul(&mut z, &normed, lm, None, d);
         for (i, &(_, y)) in chunk.iter().enumerate() {
@@ -294,7 +304,13 @@ fn block_backward<F: Float>(
     matmul_t_acc(&mut dxn, &dgate, &w.gate_proj, d);
     matmul_t_acc(&mut dxn, &dup, &w.up_proj, d);
     let mut dh_mid = dh_out.to_vec();
-    rmsnorm_bwd_acc(&mut dh_mid, &dxn, &s.h_mid, &s.r2, &w.post_attention_layernorm);
+    rmsnorm_bwd_acc(
+        &mut dh_mid,
+        &dxn,
+        &s.h_mid,
+        &s.r2,
+        &w.post_attention_layernorm,
+    );
 
     // Attention: h_mid = h_in + o_proj(attention(rope(q), rope(k), v)).
     let mut da = vec![F::ZERO; ta * qw]; //                                           [Ta, H·Dh]

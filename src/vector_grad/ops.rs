@@ -156,7 +156,13 @@ pub fn rmsnorm_bwd_acc<F: Float>(dx: &mut [F], dy: &[F], x: &[F], r: &[F], weigh
 /// negative angle, which is the transpose of the rotation and so its backward.
 /// x: [T, heads, Dh], positions: [T], inv_freq: [Dh/2]. The angle is formed in f32 exactly as
 /// `cpu_ops::rope` forms it, then sin/cos are taken in F.
-pub fn rope<F: Float>(x: &mut [F], positions: &[usize], inv_freq: &[f32], heads: usize, inverse: bool) {
+pub fn rope<F: Float>(
+    x: &mut [F],
+    positions: &[usize],
+    inv_freq: &[f32],
+    heads: usize,
+    inverse: bool,
+) {
     let half = inv_freq.len();
     let dh = 2 * half;
     x.par_chunks_mut(heads * dh)
@@ -207,9 +213,15 @@ mod tests {
     fn matmul_t_is_the_transpose_of_matmul() {
         // ⟨dy, x·wᵀ⟩ = ⟨dyᵀ·... ⟩: for any x, dy, Σ dy ⊙ matmul(x) = Σ x ⊙ matmul_t(dy).
         let (t, k, m) = (37, 70, 19);
-        let x: Vec<f64> = (0..t * k).map(|i| ((i * 7 % 13) as f64 - 6.0) / 5.0).collect();
-        let dy: Vec<f64> = (0..t * m).map(|i| ((i * 5 % 11) as f64 - 5.0) / 3.0).collect();
-        let w: Vec<f32> = (0..m * k).map(|i| ((i * 3 % 17) as f32 - 8.0) / 7.0).collect();
+        let x: Vec<f64> = (0..t * k)
+            .map(|i| ((i * 7 % 13) as f64 - 6.0) / 5.0)
+            .collect();
+        let dy: Vec<f64> = (0..t * m)
+            .map(|i| ((i * 5 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 3 % 17) as f32 - 8.0) / 7.0)
+            .collect();
         let mut y = vec![0.0; t * m];
         matmul(&mut y, &x, &w, None, k);
         let mut dx = vec![0.0; t * k];
