@@ -256,22 +256,18 @@ impl<'a> FrozenCache<'a> {
         coldness: f32,
         want_grad: bool,
     ) -> Result<(f64, usize, Vec<f32>)> {
-        let fresh;
-        let fz = match &self.slots[i] {
-            Some(fz) => fz,
+        let lg = match &self.slots[i] {
+            Some(fz) => loss_grad::<f32>(self.model, fz, v, extra, coldness, want_grad),
             None => {
                 let fz = prepare(self.model, ex, self.layer)?;
+                let lg = loss_grad::<f32>(self.model, &fz, v, extra, coldness, want_grad);
                 if self.bytes + fz.bytes() <= CACHE_BYTES {
                     self.bytes += fz.bytes();
                     self.slots[i] = Some(fz);
-                    self.slots[i].as_ref().unwrap_or_else(|| unreachable!())
-                } else {
-                    fresh = fz;
-                    &fresh
                 }
+                lg
             }
         };
-        let lg = loss_grad::<f32>(self.model, fz, v, extra, coldness, want_grad);
         Ok((lg.loss_sum, lg.targets, lg.grad_sum))
     }
 }
