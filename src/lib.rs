@@ -25,6 +25,7 @@ pub mod steering;
 pub mod taxonomy;
 pub mod tokenizer;
 pub mod train_sae;
+pub mod vector_grad;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -282,23 +282,30 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
         j["ids"].as_array().unwrap().len()
     );
 
-    fails(
-        &[
-            "train-vectors",
-            "--base",
-            &s(&fixture(BASE)),
-            "--traces",
-            &s(&tr),
-            "--annotations",
-            &s(&ann.join("annotations.jsonl")),
-            "--layer",
-            "1",
-            "--method",
-            "optimise",
-            "--out",
-            &s(&dir.join("x")),
-        ],
-        &["not implemented yet (issue 7)"],
+    // Gradient-trained vectors on the same traces and annotations (two epochs).
+    let opt_path = dir.join("optimised.safetensors");
+    ok(&[
+        "train-vectors",
+        "--base",
+        &s(&fixture(BASE)),
+        "--traces",
+        &s(&tr),
+        "--annotations",
+        &s(&ann.join("annotations.jsonl")),
+        "--layer",
+        "1",
+        "--method",
+        "optimise",
+        "--epochs",
+        "2",
+        "--out",
+        &s(&opt_path),
+    ]);
+    let opt = thinksteer::steering::SteeringSet::load(&opt_path).unwrap();
+    assert_eq!(opt.layer, 1);
+    assert!(
+        opt.bias.iter().any(|x| *x != 0.0),
+        "the bias was not trained"
     );
 }
 

@@ -107,7 +107,7 @@ pub struct AnnotateArgs {
 pub enum VectorMethod {
     /// Difference of means of the base model's activations.
     MeanDiff,
-    /// Gradient-trained vectors (not implemented yet).
+    /// Gradient-trained vectors through the frozen base model (hybrid.md §2.2).
     Optimise,
 }
 
@@ -142,6 +142,41 @@ pub struct TrainVectorsArgs {
     /// Output steering set (safetensors: bias [D], vectors [K, D]).
     #[arg(long)]
     pub out: PathBuf,
+    /// optimise: maximum epochs per vector.
+    #[arg(long, default_value_t = 50)]
+    pub epochs: usize,
+    /// optimise: Adam learning rate at the start of the cosine decay.
+    #[arg(long, default_value_t = 1e-2)]
+    pub lr: f64,
+    /// optimise: training examples per vector at most (sampled with --seed).
+    #[arg(long, default_value_t = 2048)]
+    pub max_examples: usize,
+    /// optimise: examples per Adam step (the loss is the mean over their target tokens).
+    #[arg(long, default_value_t = 6)]
+    pub batch: usize,
+    /// optimise: logits are multiplied by this before the softmax.
+    #[arg(long, default_value_t = 0.7)]
+    pub coldness: f32,
+    /// optimise: stop a vector after this many epochs without a better held-out loss.
+    #[arg(long, default_value_t = 5)]
+    pub patience: usize,
+    /// optimise: seed of the held-out split, the sampling and the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// optimise: checkpoint written after every epoch (default: the output with extension
+    /// `ckpt.json`).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// optimise: continue from the checkpoint (the same settings are required).
+    #[arg(long)]
+    pub resume: bool,
+    /// optimise: run at most this many epochs now, then stop with the checkpoint written.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// optimise: loss curves CSV (epoch,split,vector,loss; default: the output with extension
+    /// `curves.csv`); the chart goes beside it with extension `svg`.
+    #[arg(long)]
+    pub curves: Option<PathBuf>,
 }
 
 pub fn traces(mut a: TracesArgs) -> Result<()> {
@@ -255,15 +290,13 @@ pub fn annotate(a: AnnotateArgs) -> Result<()> {
 
 pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
     a.base = crate::gguf::checkpoint_dir(&a.base)?;
-    if a.method == VectorMethod::Optimise {
-        return Err(anyhow!(
-            "--method optimise: not implemented yet (issue 7); use --method mean-diff"
-        ));
-    }
     let prefix = match a.prefix {
         PrefixArg::Same => BasePrefix::SameAsTrace,
         PrefixArg::Plain => BasePrefix::Plain,
     };
+    if a.method == VectorMethod::Optimise {
+        return train_vectors_optimise(a, prefix);
+    }
     let (set, rep) =
         super::vectors::mean_diff(&a.base, &a.traces, &a.annotations, a.layer, prefix)?;
     set.save(&a.out)?;
@@ -276,6 +309,76 @@ pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
         rep.sentences,
         rep.non_thinking_tokens,
         rep.per_category
+    );
+    if !rep.empty_categories.is_empty() {
+        println!(
+            "categories with no sentence (zero vectors): {:?}",
+            rep.empty_categories
+        );
+    }
+    Ok(())
+}
+
+fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix) -> Result<()> {
+    use super::optimise::{curves_csv, curves_svg, optimise, sibling, OptimiseSettings};
+    let s = OptimiseSettings {
+        layer: a.layer,
+        epochs: a.epochs,
+        lr: a.lr,
+        max_examples: a.max_examples,
+        batch: a.batch,
+        coldness: a.coldness,
+        patience: a.patience,
+        seed: a.seed,
+        stop_after: a.stop_after,
+    };
+    let ckpt = a
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| sibling(&a.out, "ckpt.json"));
+    let (rep, curves) = optimise(
+        &a.base,
+        &a.traces,
+        &a.annotations,
+        prefix,
+        &s,
+        &ckpt,
+        a.resume,
+    )?;
+    let csv = a
+        .curves
+        .clone()
+        .unwrap_or_else(|| sibling(&a.out, "curves.csv"));
+    std::fs::write(&csv, curves_csv(&curves)).map_err(|e| anyhow!("{}: {e}", csv.display()))?;
+    let svg = csv.with_extension("svg");
+    std::fs::write(&svg, curves_svg(&curves)).map_err(|e| anyhow!("{}: {e}", svg.display()))?;
+    for v in &rep.summaries {
+        println!(
+            "{}: {} training and {} held-out examples, {} epochs{}",
+            v.vector,
+            v.train_examples,
+            v.val_examples,
+            v.epochs,
+            if v.early_stopped { " (early stop)" } else { "" }
+        );
+    }
+    let Some(set) = rep.set else {
+        println!(
+            "stopped after {} epochs; checkpoint {}: rerun with --resume to continue",
+            rep.epochs_run,
+            ckpt.display()
+        );
+        return Ok(());
+    };
+    set.save(&a.out)?;
+    println!(
+        "{}: bias (norm {:.3}) and {} category vectors at block {}, optimised; curves {} and {}",
+        a.out.display(),
+        set.bias.iter().map(|x| x * x).sum::<f32>().sqrt(),
+        set.count,
+        set.layer,
+        csv.display(),
+        svg.display()
     );
     if !rep.empty_categories.is_empty() {
         println!(

@@ -10,11 +10,13 @@
 //! - `sizes`: SAE training over dictionary sizes and the FVU table.
 //! - `annotate`: categories, the per-category report and the transition table.
 //! - `vectors`: the difference-of-means steering set.
+//! - `optimise`: gradient-trained steering vectors (Adam through the frozen base model).
 //! - `cli`: argument structs and the `thinksteer` subcommands over all of the above.
 
 pub mod activations;
 pub mod annotate;
 pub mod cli;
+pub mod optimise;
 pub mod sizes;
 pub mod spans;
 pub mod traces;

@@ -206,7 +206,7 @@ pub fn mean_diff(
 }
 
 /// K from the annotations; every row must agree on it and have a category below it.
-fn check_annotations(path: &Path, annots: &[Annotation]) -> Result<usize> {
+pub(crate) fn check_annotations(path: &Path, annots: &[Annotation]) -> Result<usize> {
     let Some(first) = annots.first() else {
         bail!(
             "{}: expected at least one annotation, found an empty file",

@@ -1,0 +1,774 @@
+//! Gradient-trained steering vectors (hybrid.md §2.2): each vector is optimised so that, added to
+//! the base model's residual after block L at the target positions, the base model assigns high
+//! probability to thinking-model text. Gradients come from `crate::vector_grad`.
+//!
+//! Data. The base model reads `prefix + trace text` (the same inputs as mean-diff vectors).
+//! - bias: one example per trace with a thinking span; P = the span's tokens (the vector at every
+//!   thinking position, the loss on every thinking token);
+//! - category c: one example per sentence annotated c, cut after the sentence; P = its tokens;
+//!   the trained bias is added (frozen) at the same positions.
+//!
+//! Loss of a minibatch: the mean over all its target tokens of the cross-entropy of
+//! softmax(coldness · logits) (token-weighted, as a padded batch with ignored labels would be).
+//!
+//! Schedule. Per vector: shuffle its examples with the seed; the held-out split is the first
+//! ⌊n/10⌋ (at least 1 when n ≥ 2, at most 256); training takes up to `max_examples` of the rest.
+//! Adam (β 0.9/0.999, ε 1e-8) from a zero vector, lr·½(1 + cos(π·step/steps)) over the planned
+//! steps = epochs·⌈n_train/batch⌉. After each epoch the held-out loss is measured; training
+//! stops after `patience` epochs without a new best and the best vector is kept (without a
+//! held-out split, every epoch runs and the last vector is kept).
+//!
+//! Checkpoints. After every epoch the whole state (finished vectors, the current vector, Adam
+//! moments, step, epoch, best, loss history) is written with every float as its bit pattern;
+//! each epoch's shuffle is seeded from (seed, vector, epoch), so that is the whole RNG state and a
+//! resumed run is bit-identical to an uninterrupted one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bail;
+use crate::chart::{line_chart_svg, Series};
+use crate::chat::plain_base_prompt;
+use crate::error::{Error, Result};
+use crate::model::Model;
+use crate::rng::Rng;
+use crate::steering::SteeringSet;
+use crate::tokenizer::Tokenizer;
+use crate::vector_grad::{loss_grad, prepare, Example, Frozen};
+
+use super::annotate::read_annotations;
+use super::spans::token_span;
+use super::traces::read_traces;
+use super::vectors::check_annotations;
+use super::vectors::BasePrefix;
+
+const BETA1: f64 = 0.9;
+const BETA2: f64 = 0.999;
+const ADAM_EPS: f64 = 1e-8;
+/// Frozen prefixes kept in memory across epochs up to this many bytes; beyond it they are
+/// recomputed each time (the result is the same either way).
+const CACHE_BYTES: usize = 2 << 30;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptimiseSettings {
+    pub layer: usize,
+    pub epochs: usize,
+    pub lr: f64,
+    pub max_examples: usize,
+    pub batch: usize,
+    pub coldness: f32,
+    pub patience: usize,
+    pub seed: u64,
+    /// Run at most this many epochs in this call (all vectors together), then return with the
+    /// checkpoint written; None runs to the end.
+    pub stop_after: Option<usize>,
+}
+
+impl Default for OptimiseSettings {
+    fn default() -> Self {
+        OptimiseSettings {
+            layer: 0,
+            epochs: 50,
+            lr: 1e-2,
+            max_examples: 2048,
+            batch: 6,
+            coldness: 0.7,
+            patience: 5,
+            seed: 0,
+            stop_after: None,
+        }
+    }
+}
+
+/// One row of the loss curves: after `epoch` epochs (0 = the initial zero vector).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CurvePoint {
+    pub vector: String, // "bias" or "c<k>"
+    pub split: String,  // "train" or "val"
+    pub epoch: usize,
+    pub loss: f64,
+}
+
+/// Adam and early-stopping state of the vector being trained.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VectorState {
+    pub v: Vec<f32>,  // [D]
+    pub m: Vec<f32>,  // [D] first moment
+    pub s: Vec<f32>,  // [D] second moment
+    pub step: u64,    // Adam steps taken
+    pub epoch: usize, // epochs finished
+    pub best: Vec<f32>,
+    pub best_val: f64,
+    pub since_best: usize,
+}
+
+impl VectorState {
+    fn new(d: usize) -> Self {
+        VectorState {
+            v: vec![0.0; d],
+            m: vec![0.0; d],
+            s: vec![0.0; d],
+            step: 0,
+            epoch: 0,
+            best: vec![0.0; d],
+            best_val: f64::INFINITY,
+            since_best: 0,
+        }
+    }
+}
+
+/// Everything a run needs to continue: stage 0 is the bias, stage 1 + c category c.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainState {
+    pub fingerprint: String,
+    pub stage: usize,
+    pub bias: Option<Vec<f32>>,
+    pub vectors: Vec<Option<Vec<f32>>>, // [K]
+    pub current: Option<VectorState>,
+    pub curves: Vec<CurvePoint>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct VectorSummary {
+    pub vector: String,
+    pub train_examples: usize,
+    pub val_examples: usize,
+    pub epochs: usize,
+    pub early_stopped: bool,
+}
+
+pub struct OptimiseReport {
+    pub set: Option<SteeringSet>, // None when stopped before the end (--stop-after)
+    pub summaries: Vec<VectorSummary>,
+    pub empty_categories: Vec<usize>,
+    pub epochs_run: usize,
+}
+
+/// The bias examples and, per category, the sentence examples of a traces/annotations pair.
+pub fn build_examples(
+    tok: &Tokenizer,
+    traces_path: &Path,
+    annotations_path: &Path,
+    prefix: BasePrefix,
+) -> Result<(Vec<Example>, Vec<Vec<Example>>)> {
+    let traces = read_traces(traces_path)?;
+    let annots = read_annotations(annotations_path)?;
+    let kk = check_annotations(annotations_path, &annots)?;
+    let mut by_trace: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, a) in annots.iter().enumerate() {
+        by_trace.entry(a.trace).or_default().push(i);
+    }
+    if let Some(missing) = by_trace
+        .keys()
+        .find(|&&i| !traces.iter().any(|t| t.index == i))
+    {
+        bail!(
+            "{}: annotations refer to trace {missing}, expected a trace with that index in {}",
+            annotations_path.display(),
+            traces_path.display()
+        );
+    }
+    let mut bias = Vec::new();
+    let mut cats: Vec<Vec<Example>> = vec![Vec::new(); kk];
+    for t in &traces {
+        let pre = match prefix {
+            BasePrefix::SameAsTrace => t.prompt.clone(),
+            BasePrefix::Plain => plain_base_prompt(&t.question),
+        };
+        let p = pre.len();
+        let (ids, offsets) = tok.encode_with_offsets(&format!("{pre}{}", t.text))?;
+        let span = |s: usize, e: usize| token_span(&offsets, p + s, p + e);
+        if let Some((a, b)) = t.thinking.and_then(|s| span(s.start, s.end)) {
+            bias.push(Example {
+                ids: ids[..b].to_vec(),
+                positions: (a..b).collect(),
+            });
+        }
+        for &i in by_trace.get(&t.index).into_iter().flatten() {
+            let a = &annots[i];
+            if t.text.get(a.start..a.end) != Some(a.sentence.as_str()) {
+                bail!(
+                    "{}: trace {} bytes {}..{} do not hold the annotated sentence {:?}: expected the traces file the annotations were made from",
+                    annotations_path.display(),
+                    t.index,
+                    a.start,
+                    a.end,
+                    a.sentence
+                );
+            }
+            if let Some((s0, s1)) = span(a.start, a.end) {
+                cats[a.category].push(Example {
+                    ids: ids[..s1].to_vec(),
+                    positions: (s0..s1).collect(),
+                });
+            }
+        }
+    }
+    if bias.is_empty() {
+        bail!(
+            "{}: expected traces with a thinking span to train the bias on, found none",
+            traces_path.display()
+        );
+    }
+    Ok((bias, cats))
+}
+
+/// Frozen prefixes of one vector's examples, kept while under the byte budget.
+struct FrozenCache<'a> {
+    model: &'a Model,
+    layer: usize,
+    slots: Vec<Option<Frozen>>,
+    bytes: usize,
+}
+
+impl<'a> FrozenCache<'a> {
+    fn new(model: &'a Model, layer: usize, n: usize) -> Self {
+        FrozenCache {
+            model,
+            layer,
+            slots: (0..n).map(|_| None).collect(),
+            bytes: 0,
+        }
+    }
+    /// (loss sum, targets, grad sum) of example i.
+    fn run(
+        &mut self,
+        i: usize,
+        ex: &Example,
+        v: &[f32],
+        extra: Option<&[f32]>,
+        coldness: f32,
+        want_grad: bool,
+    ) -> Result<(f64, usize, Vec<f32>)> {
+        let lg = match &self.slots[i] {
+            Some(fz) => loss_grad::<f32>(self.model, fz, v, extra, coldness, want_grad),
+            None => {
+                let fz = prepare(self.model, ex, self.layer)?;
+                let lg = loss_grad::<f32>(self.model, &fz, v, extra, coldness, want_grad);
+                if self.bytes + fz.bytes() <= CACHE_BYTES {
+                    self.bytes += fz.bytes();
+                    self.slots[i] = Some(fz);
+                }
+                lg
+            }
+        };
+        Ok((lg.loss_sum, lg.targets, lg.grad_sum))
+    }
+}
+
+/// Mean loss over examples `ix` (forward only).
+fn mean_loss(
+    cache: &mut FrozenCache,
+    examples: &[Example],
+    ix: &[usize],
+    v: &[f32],
+    extra: Option<&[f32]>,
+    coldness: f32,
+) -> Result<f64> {
+    let (mut sum, mut n) = (0.0, 0);
+    for &i in ix {
+        let (l, t, _) = cache.run(i, &examples[i], v, extra, coldness, false)?;
+        sum += l;
+        n += t;
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// The seed of one epoch's shuffle, from (seed, stage, epoch).
+fn epoch_seed(seed: u64, stage: usize, epoch: usize) -> u64 {
+    let mut r = Rng::new(seed ^ (stage as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    r.next_u64() ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// (train, val) indices of `n` examples of stage `stage`.
+pub fn split(n: usize, s: &OptimiseSettings, stage: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut ix: Vec<usize> = (0..n).collect();
+    Rng::new(epoch_seed(s.seed, stage, usize::MAX)).shuffle(&mut ix);
+    let n_val = if n >= 2 { (n / 10).clamp(1, 256) } else { 0 };
+    let val = ix[..n_val].to_vec();
+    let mut train = ix[n_val..].to_vec();
+    train.truncate(s.max_examples);
+    (train, val)
+}
+
+fn vector_name(stage: usize) -> String {
+    if stage == 0 {
+        "bias".to_string()
+    } else {
+        format!("c{}", stage - 1)
+    }
+}
+
+/// Trains one vector from `st` onwards. Returns (finished, early stopped, epochs run now).
+#[allow(clippy::too_many_arguments)]
+fn train_vector(
+    model: &Model,
+    s: &OptimiseSettings,
+    stage: usize,
+    examples: &[Example],
+    extra: Option<&[f32]>,
+    st: &mut VectorState,
+    curves: &mut Vec<CurvePoint>,
+    budget: &mut Option<usize>,
+    mut checkpoint: impl FnMut(&VectorState, &[CurvePoint]) -> Result<()>,
+) -> Result<(bool, bool, usize)> {
+    let d = model.config.hidden_size;
+    let (train, val) = split(examples.len(), s, stage);
+    let name = vector_name(stage);
+    let mut cache = FrozenCache::new(model, s.layer, examples.len());
+    let batch = s.batch.max(1);
+    let total_steps = (s.epochs * train.len().div_ceil(batch)).max(1) as f64;
+    let point = |split: &str, epoch: usize, loss: f64| CurvePoint {
+        vector: name.clone(),
+        split: split.to_string(),
+        epoch,
+        loss,
+    };
+    if st.epoch == 0 && !curves.iter().any(|c| c.vector == name) {
+        let l0 = mean_loss(&mut cache, examples, &train, &st.v, extra, s.coldness)?;
+        curves.push(point("train", 0, l0));
+        if !val.is_empty() {
+            let v0 = mean_loss(&mut cache, examples, &val, &st.v, extra, s.coldness)?;
+            curves.push(point("val", 0, v0));
+            st.best_val = v0;
+            st.best = st.v.clone();
+        }
+    }
+    let mut ran = 0;
+    while st.epoch < s.epochs && (val.is_empty() || st.since_best < s.patience.max(1)) {
+        if *budget == Some(0) {
+            return Ok((false, false, ran));
+        }
+        let mut order = train.clone();
+        Rng::new(epoch_seed(s.seed, stage, st.epoch)).shuffle(&mut order);
+        let (mut ep_sum, mut ep_n) = (0.0, 0);
+        for mb in order.chunks(batch) {
+            let mut g = vec![0f64; d];
+            let (mut bsum, mut bn) = (0.0, 0);
+            for &i in mb {
+                let (l, t, gi) = cache.run(i, &examples[i], &st.v, extra, s.coldness, true)?;
+                bsum += l;
+                bn += t;
+                g.iter_mut().zip(&gi).for_each(|(a, &b)| *a += b as f64);
+            }
+            ep_sum += bsum;
+            ep_n += bn;
+            if bn == 0 {
+                continue;
+            }
+            adam_step(st, &g, bn, s.lr, total_steps);
+        }
+        st.epoch += 1;
+        ran += 1;
+        let tl = ep_sum / ep_n.max(1) as f64;
+        curves.push(point("train", st.epoch, tl));
+        let mut msg = format!("{name} epoch {}/{}: train {tl:.4}", st.epoch, s.epochs);
+        if !val.is_empty() {
+            let vl = mean_loss(&mut cache, examples, &val, &st.v, extra, s.coldness)?;
+            curves.push(point("val", st.epoch, vl));
+            if vl < st.best_val {
+                st.best_val = vl;
+                st.best = st.v.clone();
+                st.since_best = 0;
+            } else {
+                st.since_best += 1;
+            }
+            msg += &format!(" val {vl:.4} (best {:.4})", st.best_val);
+        }
+        eprintln!("{msg}");
+        if let Some(b) = budget.as_mut() {
+            *b -= 1;
+        }
+        checkpoint(st, curves)?;
+    }
+    let early = !val.is_empty() && st.epoch < s.epochs;
+    Ok((true, early, ran))
+}
+
+fn fingerprint(s: &OptimiseSettings, base: &Path, n_bias: usize, cats: &[Vec<Example>]) -> String {
+    let counts: Vec<usize> = cats.iter().map(Vec::len).collect();
+    format!(
+        "base={} layer={} epochs={} lr={:e} max_examples={} batch={} coldness={} patience={} seed={} bias_examples={n_bias} category_examples={counts:?}",
+        base.display(),
+        s.layer,
+        s.epochs,
+        s.lr,
+        s.max_examples,
+        s.batch,
+        s.coldness,
+        s.patience,
+        s.seed
+    )
+}
+
+/// Trains the bias and every category vector; writes `checkpoint` after every epoch and, when
+/// finished, returns the steering set. With `resume`, continues from `checkpoint`.
+pub fn optimise(
+    base_dir: &Path,
+    traces_path: &Path,
+    annotations_path: &Path,
+    prefix: BasePrefix,
+    s: &OptimiseSettings,
+    checkpoint: &Path,
+    resume: bool,
+) -> Result<(OptimiseReport, Vec<CurvePoint>)> {
+    let model = Model::load(base_dir)?;
+    let tok = Tokenizer::from_dir(base_dir)?.ok_or_else(|| {
+        Error::Input(format!(
+            "{}: train-vectors needs tokenizer.json in the base model folder, found none",
+            base_dir.display()
+        ))
+    })?;
+    let c = &model.config;
+    if s.layer >= c.num_hidden_layers {
+        bail!(
+            "--layer {}: expected a block of the base model below num_hidden_layers {}",
+            s.layer,
+            c.num_hidden_layers
+        );
+    }
+    if s.epochs == 0 || s.batch == 0 || s.max_examples == 0 || !s.lr.is_finite() || s.lr <= 0.0 {
+        bail!(
+            "--epochs, --batch, --max-examples and --lr must be positive, found {}, {}, {} and {}",
+            s.epochs,
+            s.batch,
+            s.max_examples,
+            s.lr
+        );
+    }
+    let (bias_ex, cats) = build_examples(&tok, traces_path, annotations_path, prefix)?;
+    let d = c.hidden_size;
+    let kk = cats.len();
+    let fp = fingerprint(s, base_dir, bias_ex.len(), &cats);
+    let mut state = if resume {
+        let st = read_checkpoint(checkpoint)?;
+        if st.fingerprint != fp {
+            bail!(
+                "{}: checkpoint is for a different run: expected settings {fp:?}, found {:?}",
+                checkpoint.display(),
+                st.fingerprint
+            );
+        }
+        st
+    } else {
+        TrainState {
+            fingerprint: fp,
+            stage: 0,
+            bias: None,
+            vectors: vec![None; kk],
+            current: None,
+            curves: Vec::new(),
+        }
+    };
+    let mut budget = s.stop_after;
+    let mut summaries = Vec::new();
+    let mut epochs_run = 0;
+    while state.stage <= kk {
+        let stage = state.stage;
+        let examples: &[Example] = if stage == 0 {
+            &bias_ex
+        } else {
+            &cats[stage - 1]
+        };
+        let mut st = state.current.take().unwrap_or_else(|| VectorState::new(d));
+        if examples.is_empty() {
+            // A category with no sentence keeps a zero vector (reported).
+            state.vectors[stage - 1] = Some(vec![0.0; d]);
+            state.stage += 1;
+            continue;
+        }
+        let bias = state.bias.clone();
+        let extra = if stage == 0 { None } else { bias.as_deref() };
+        let mut curves = std::mem::take(&mut state.curves);
+        let (done, early, ran) = {
+            let snapshot = |st: &VectorState, curves: &[CurvePoint]| {
+                let mut ck = state.clone();
+                ck.current = Some(st.clone());
+                ck.curves = curves.to_vec();
+                write_checkpoint(checkpoint, &ck)
+            };
+            train_vector(
+                &model,
+                s,
+                stage,
+                examples,
+                extra,
+                &mut st,
+                &mut curves,
+                &mut budget,
+                snapshot,
+            )?
+        };
+        state.curves = curves;
+        epochs_run += ran;
+        if !done {
+            state.current = Some(st);
+            write_checkpoint(checkpoint, &state)?;
+            return Ok((
+                OptimiseReport {
+                    set: None,
+                    summaries,
+                    empty_categories: vec![],
+                    epochs_run,
+                },
+                state.curves,
+            ));
+        }
+        let (train, val) = split(examples.len(), s, stage);
+        summaries.push(VectorSummary {
+            vector: vector_name(stage),
+            train_examples: train.len(),
+            val_examples: val.len(),
+            epochs: st.epoch,
+            early_stopped: early,
+        });
+        let final_v = if val.is_empty() { st.v } else { st.best };
+        if stage == 0 {
+            state.bias = Some(final_v);
+        } else {
+            state.vectors[stage - 1] = Some(final_v);
+        }
+        state.stage += 1;
+        write_checkpoint(checkpoint, &state)?;
+    }
+    let empty_categories: Vec<usize> = (0..kk).filter(|&k| cats[k].is_empty()).collect();
+    let set = SteeringSet {
+        bias: state.bias.clone().unwrap_or_else(|| vec![0.0; d]),
+        vectors: state
+            .vectors
+            .iter()
+            .flat_map(|v| v.clone().unwrap_or_else(|| vec![0.0; d]))
+            .collect(),
+        layer: s.layer,
+        model: base_dir.display().to_string(),
+        d,
+        count: kk,
+    };
+    set.validate_for(d, c.num_hidden_layers)?;
+    Ok((
+        OptimiseReport {
+            set: Some(set),
+            summaries,
+            empty_categories,
+            epochs_run,
+        },
+        state.curves,
+    ))
+}
+
+/// The loss curves as CSV: `epoch,split,vector,loss`.
+pub fn curves_csv(curves: &[CurvePoint]) -> String {
+    let mut s = String::from("epoch,split,vector,loss\n");
+    for c in curves {
+        s += &format!("{},{},{},{}\n", c.epoch, c.split, c.vector, c.loss);
+    }
+    s
+}
+
+/// One line per (vector, split): held-out solid, training dashed, one colour per vector.
+pub fn curves_svg(curves: &[CurvePoint]) -> String {
+    let mut series: Vec<Series> = Vec::new();
+    for c in curves {
+        let label = format!("{} {}", c.vector, c.split);
+        let idx = match series.iter().position(|s| s.label == label) {
+            Some(i) => i,
+            None => {
+                let colour = {
+                    let mut names: Vec<&str> = Vec::new();
+                    for p in curves {
+                        if !names.contains(&p.vector.as_str()) {
+                            names.push(&p.vector);
+                        }
+                    }
+                    names.iter().position(|n| *n == c.vector).unwrap_or(0)
+                };
+                series.push(Series {
+                    label,
+                    points: Vec::new(),
+                    colour,
+                    dashed: c.split == "train",
+                });
+                series.len() - 1
+            }
+        };
+        series[idx].points.push((c.epoch as f64, c.loss));
+    }
+    line_chart_svg("Steering-vector loss", "epoch", "cross-entropy", &series)
+}
+
+/// `<out>` with its extension replaced by `ext` (e.g. "curves.csv").
+pub fn sibling(out: &Path, ext: &str) -> PathBuf {
+    out.with_extension(ext)
+}
+
+// --- checkpoint file: JSON with floats as bit patterns, so a reload is exact ---
+
+#[derive(Serialize, Deserialize)]
+struct VectorStateFile {
+    v: Vec<u32>,
+    m: Vec<u32>,
+    s: Vec<u32>,
+    step: u64,
+    epoch: usize,
+    best: Vec<u32>,
+    best_val: u64,
+    since_best: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CurveFile {
+    vector: String,
+    split: String,
+    epoch: usize,
+    loss: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct TrainStateFile {
+    fingerprint: String,
+    stage: usize,
+    bias: Option<Vec<u32>>,
+    vectors: Vec<Option<Vec<u32>>>,
+    current: Option<VectorStateFile>,
+    curves: Vec<CurveFile>,
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+fn unbits(v: &[u32]) -> Vec<f32> {
+    v.iter().map(|&x| f32::from_bits(x)).collect()
+}
+
+pub fn write_checkpoint(path: &Path, st: &TrainState) -> Result<()> {
+    let f = TrainStateFile {
+        fingerprint: st.fingerprint.clone(),
+        stage: st.stage,
+        bias: st.bias.as_deref().map(bits),
+        vectors: st.vectors.iter().map(|v| v.as_deref().map(bits)).collect(),
+        current: st.current.as_ref().map(|c| VectorStateFile {
+            v: bits(&c.v),
+            m: bits(&c.m),
+            s: bits(&c.s),
+            step: c.step,
+            epoch: c.epoch,
+            best: bits(&c.best),
+            best_val: c.best_val.to_bits(),
+            since_best: c.since_best,
+        }),
+        curves: st
+            .curves
+            .iter()
+            .map(|c| CurveFile {
+                vector: c.vector.clone(),
+                split: c.split.clone(),
+                epoch: c.epoch,
+                loss: c.loss.to_bits(),
+            })
+            .collect(),
+    };
+    let text = serde_json::to_string(&f)
+        .map_err(|e| Error::Input(format!("{}: cannot encode checkpoint: {e}", path.display())))?;
+    // Write then rename, so a run killed mid-write leaves the previous checkpoint intact.
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+pub fn read_checkpoint(path: &Path) -> Result<TrainState> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let f: TrainStateFile = serde_json::from_str(&text).map_err(|e| {
+        Error::Input(format!(
+            "{}: expected a train-vectors checkpoint, found JSON that does not parse as one: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(TrainState {
+        fingerprint: f.fingerprint,
+        stage: f.stage,
+        bias: f.bias.as_deref().map(unbits),
+        vectors: f.vectors.iter().map(|v| v.as_deref().map(unbits)).collect(),
+        current: f.current.map(|c| VectorState {
+            v: unbits(&c.v),
+            m: unbits(&c.m),
+            s: unbits(&c.s),
+            step: c.step,
+            epoch: c.epoch,
+            best: unbits(&c.best),
+            best_val: f64::from_bits(c.best_val),
+            since_best: c.since_best,
+        }),
+        curves: f
+            .curves
+            .into_iter()
+            .map(|c| CurvePoint {
+                vector: c.vector,
+                split: c.split,
+                epoch: c.epoch,
+                loss: f64::from_bits(c.loss),
+            })
+            .collect(),
+    })
+}
+
+/// Trains one vector on fixed examples (no held-out split, no checkpoint): the building block the
+/// CLI runs per vector, exposed for tests and experiments. Returns the vector and the training
+/// loss after each epoch.
+pub fn train_on(
+    model: &Model,
+    examples: &[Example],
+    extra: Option<&[f32]>,
+    s: &OptimiseSettings,
+) -> Result<(Vec<f32>, Vec<f64>)> {
+    let d = model.config.hidden_size;
+    let mut st = VectorState::new(d);
+    let mut cache = FrozenCache::new(model, s.layer, examples.len());
+    let ix: Vec<usize> = (0..examples.len()).collect();
+    let batch = s.batch.max(1);
+    let total_steps = (s.epochs * ix.len().div_ceil(batch)).max(1) as f64;
+    let mut losses = Vec::new();
+    for epoch in 0..s.epochs {
+        let mut order = ix.clone();
+        Rng::new(epoch_seed(s.seed, 0, epoch)).shuffle(&mut order);
+        let (mut ep_sum, mut ep_n) = (0.0, 0);
+        for mb in order.chunks(batch) {
+            let mut g = vec![0f64; d];
+            let mut bn = 0;
+            for &i in mb {
+                let (l, t, gi) = cache.run(i, &examples[i], &st.v, extra, s.coldness, true)?;
+                ep_sum += l;
+                ep_n += t;
+                bn += t;
+                g.iter_mut().zip(&gi).for_each(|(a, &b)| *a += b as f64);
+            }
+            if bn == 0 {
+                continue;
+            }
+            adam_step(&mut st, &g, bn, s.lr, total_steps);
+        }
+        losses.push(ep_sum / ep_n.max(1) as f64);
+    }
+    Ok((st.v, losses))
+}
+
+/// One Adam step on the vector with the token-mean gradient g_sum / n and a cosine-decayed lr.
+fn adam_step(st: &mut VectorState, g_sum: &[f64], n: usize, lr0: f64, total_steps: f64) {
+    let lr = lr0 * 0.5 * (1.0 + (std::f64::consts::PI * st.step as f64 / total_steps).cos());
+    st.step += 1;
+    let (c1, c2) = (
+        1.0 - BETA1.powi(st.step as i32),
+        1.0 - BETA2.powi(st.step as i32),
+    );
+    for (i, &g) in g_sum.iter().enumerate() {
+        let gi = g / n as f64;
+        let m = BETA1 * st.m[i] as f64 + (1.0 - BETA1) * gi;
+        let v2 = BETA2 * st.s[i] as f64 + (1.0 - BETA2) * gi * gi;
+        st.m[i] = m as f32;
+        st.s[i] = v2 as f32;
+        let upd = lr * (m / c1) / ((v2 / c2).sqrt() + ADAM_EPS);
+        st.v[i] = (st.v[i] as f64 - upd) as f32;
+    }
+}
