@@ -14,10 +14,10 @@
 //   [T, H], zero before the launch and left zero after it) combines them:
 //     out[t, h] = bf16(Σ_sp e^{m_sp−M} part_o / Σ_sp e^{m_sp−M} l_sp) over the ceil(L/chunk) used
 //     splits, M = max m_sp.
-//   Launch: grid (NS, H, T), keys strided over the warps, Dh/32 dims per lane;
-//   attention_decode_bf16: block 256 (8 warps taking 8 keys per step: a split in one memory round
-//   trip, for launches of few blocks); attention_decode_u1_bf16: block 128 (4 warps, one key per
-//   step: fewer registers and threads, more blocks per SM, for launches of many blocks). NS is fixed by the caller (ceil(max context / chunk)); splits with sp·chunk ≥ L return
+//   Launch: grid (NS, H, T), block 256 (DEC_WARPS = 8 warps, keys strided over warps, Dh/32 dims
+//   per lane); attention_decode_bf16 takes 8 keys per warp step (a split in one memory round trip,
+//   for launches of few blocks), attention_decode_u1_bf16 one (fewer registers, more blocks per
+//   SM). NS is fixed by the caller (ceil(max context / chunk)); splits with sp·chunk ≥ L return
 //   at once, so the launch does not depend on lengths (CUDA graphs).
 // attention_prefill_bf16 — a chunk of n queries of ONE slot at positions p0 .. p0+n−1 (q bf16
 //   [n, H, Dh]); query i attends cache positions 0 .. p0+i (its own k/v was already written by
@@ -27,6 +27,9 @@
 #include "common.cuh"
 
 #define MAX_DH 128
+// Warps per decode-attention block. Each warp takes U keys per step (U = 8: a 64-key split in
+// one step, for launches of few blocks; U = 1: fewer registers, for launches of many blocks).
+#define DEC_WARPS 8
 
 // Loads NPL consecutive bf16 (this lane's share of a Dh-row) as f32.
 template <int NPL>
@@ -44,7 +47,7 @@ __device__ __forceinline__ void load_row_part(const bf16_t* row, int lane, float
     }
 }
 
-template <int NPL, int U, int NW>
+template <int NPL, int U>
 __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
                              const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
                              const bf16_t* __restrict__ v_self, const int* __restrict__ pos,
@@ -54,8 +57,8 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                              int NS) {
     pdl_enter();
     constexpr int DH = NPL * 32;
-    __shared__ float sm_m[NW], sm_l[NW];
-    __shared__ float sm_acc[NW][DH];
+    __shared__ float sm_m[DEC_WARPS], sm_l[DEC_WARPS];
+    __shared__ float sm_acc[DEC_WARPS][DH];
     const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int p = pos[t];
@@ -79,14 +82,14 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     for (int i = 0; i < NPL; ++i) acc[i] = 0.0f;
     const bf16_t* kself = k_self + ((size_t)t * Hkv + kvh) * DH;
     const bf16_t* vself = v_self + ((size_t)t * Hkv + kvh) * DH;
-    // Warp w takes keys j0 + w + NW·i, U of them per step: all their K and V loads are
+    // Warp w takes keys j0 + w + DEC_WARPS·i, U of them per step: all their K and V loads are
     // issued before any score is used, so a split of 64 keys costs one memory round trip.
-    for (int jb = j0 + warp; jb < j1; jb += NW * U) {
+    for (int jb = j0 + warp; jb < j1; jb += DEC_WARPS * U) {
         float kv[U][NPL], vv[U][NPL];
         bool ok[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int j = jb + NW * u;
+            const int j = jb + DEC_WARPS * u;
             // Cache positions past cache_len (an out-of-range slot) are skipped; the token itself
             // (j == p) reads k_self / v_self.
             ok[u] = j < j1 && (j >= p || j < cache_len);
@@ -137,21 +140,21 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     __syncthreads();
     float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w]);
-    float f[NW];
+    for (int w = 0; w < DEC_WARPS; ++w) M = fmaxf(M, sm_m[w]);
+    float f[DEC_WARPS];
 #pragma unroll
-    for (int w = 0; w < NW; ++w) f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
+    for (int w = 0; w < DEC_WARPS; ++w) f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
     const size_t base = ((size_t)t * H + h) * NS + sp;
     for (int d = threadIdx.x; d < DH; d += blockDim.x) {
         float o = 0.0f;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) o += f[w] * sm_acc[w][d];
+        for (int w = 0; w < DEC_WARPS; ++w) o += f[w] * sm_acc[w][d];
         part_o[base * DH + d] = o;
     }
     if (threadIdx.x == 0) {
         float lw = 0.0f;
 #pragma unroll
-        for (int w = 0; w < NW; ++w) lw += f[w] * sm_l[w];
+        for (int w = 0; w < DEC_WARPS; ++w) lw += f[w] * sm_l[w];
         part_ml[base * 2] = M;
         part_ml[base * 2 + 1] = lw;
     }
@@ -191,10 +194,7 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     }
 }
 
-// NW warps per block, each taking U keys per step: NW = 8, U = 8 covers a 64-key split in one
-// step (launches of few blocks); NW = 4, U = 1 uses fewer registers and threads per block, so
-// more blocks are resident per SM (launches of many blocks).
-#define DECODE_KERNEL(NAME, U, NW)                                                                                    \
+#define DECODE_KERNEL(NAME, U)                                                                                    \
     extern "C" __global__ void NAME(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,            \
                                     const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,       \
                                     const bf16_t* __restrict__ v_self, const int* __restrict__ pos,              \
@@ -203,14 +203,14 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                                     unsigned int* __restrict__ counters, int H, int Hkv, int Dh, int S, int slots, \
                                     int chunk, int NS) {                                                         \
         if (Dh == 128)                                                                                           \
-            decode_split<4, U, NW>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
+            decode_split<4, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
                                Hkv, S, slots, chunk, NS);                                                        \
         else if (Dh == 64)                                                                                       \
-            decode_split<2, U, NW>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
+            decode_split<2, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
                                Hkv, S, slots, chunk, NS);                                                        \
     }
-DECODE_KERNEL(attention_decode_bf16, 8, 8)
-DECODE_KERNEL(attention_decode_u1_bf16, 1, 4)
+DECODE_KERNEL(attention_decode_bf16, 8)
+DECODE_KERNEL(attention_decode_u1_bf16, 1)
 
 #define PF_Q 32   // queries per block
 #define PF_K 32   // keys per tile

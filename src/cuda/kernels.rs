@@ -447,10 +447,10 @@ pub fn attention_decode(
     // Few blocks (small batches): 8 keys per warp step, one memory round trip per split; many
     // blocks: the 1-key variant, whose lower register use keeps more blocks resident per SM
     // (measured on the H100: the 8-key kernel slowed batch-64 decode by a fifth).
-    let (name, threads) = if splits * sh.h * t <= 1024 {
-        (K, 256)
+    let name = if splits * sh.h * t <= 1024 {
+        K
     } else {
-        ("attention_decode_u1_bf16", 128)
+        "attention_decode_u1_bf16"
     };
     let f = gpu.func(name)?;
     let mut b = Launch::new(gpu, f);
@@ -476,7 +476,7 @@ pub fn attention_decode(
     // counters hold T·H entries, checked); the kernel reads cache rows only for slot in
     // [0, slots) and positions < min(pos, S).
     gpu.launched(name, unsafe {
-        b.launch(cfg((splits as u32, sh.h as u32, t as u32), threads, 0))
+        b.launch(cfg((splits as u32, sh.h as u32, t as u32), 256, 0))
     })
 }
 
