@@ -223,7 +223,8 @@ pub struct CudaEngine {
     graphs: HashMap<usize, CudaGraph>,
     pub use_graphs: bool,
     /// Single-row steps without hooks fuse each RMSNorm into the following product and each
-    /// residual add into the preceding one (`THINKSTEER_FUSE_NORM=0` turns it off).
+    /// residual add into the preceding one. Off unless `THINKSTEER_FUSE_NORM=1`: written and
+    /// compile-checked, not yet run on a GPU (PERFORMANCE.md).
     pub fuse_norm: bool,
     /// (slot, first position) while a call is one contiguous chunk of one sequence (prefill).
     prefill: Option<(usize, usize)>,
@@ -393,7 +394,7 @@ impl CudaEngine {
             host_i32: vec![],
             graphs: HashMap::new(),
             use_graphs: true,
-            fuse_norm: std::env::var("THINKSTEER_FUSE_NORM").map_or(true, |v| v != "0"),
+            fuse_norm: std::env::var("THINKSTEER_FUSE_NORM").is_ok_and(|v| v == "1"),
             prefill: None,
             sae: None,
             hy: None,
