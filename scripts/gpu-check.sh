@@ -30,6 +30,11 @@ timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8
 timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
 timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || { status=1; cat "$OUT/bench-hybrid.err"; }
+# Batch-1 decode with the norms fused into the products (off by default until measured here).
+echo "== bench, THINKSTEER_FUSE_NORM=1"
+for shape in qwen2.5-1.5b llama-3.1-8b; do
+    THINKSTEER_FUSE_NORM=1 timeout 120 "$B/thinksteer" bench --shape $shape --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | tail -1
+done
 
 if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ]; then
     echo "== HF anchor (NEW=$NEW)"
