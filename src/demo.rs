@@ -387,8 +387,14 @@ fn step_traces(cx: &Ctx) -> Result<StepOut> {
         cuda: o.device.use_cuda_for(&[cx.model])?,
     };
     let total = qs.len();
+    let mut finished = 0;
     let (written, skipped) = write_traces(cx.model, &qs, &cx.p.traces, &s, |t| {
-        eprintln!("  trace {}/{total}: {} bytes", t.index + 1, t.text.len());
+        finished += 1;
+        eprintln!(
+            "  trace {finished} finished (GSM8K row {}): {} bytes",
+            from + t.index,
+            t.text.len()
+        );
     })?;
     let (own, filled) = whole_answer_as_thinking(&cx.p.traces)?;
     let mut facts = vec![format!(

@@ -68,8 +68,11 @@ fn options(dir: &Path) -> DemoOptions {
     }
 }
 
+/// (index, mode, response, correct, steered steps per category) of one result line.
+type Answer = (usize, EvalMode, String, bool, Option<Vec<usize>>);
+
 /// Every result line without its timing fields (wall time differs between runs).
-fn answers(eval: &Path) -> Vec<(usize, EvalMode, String, bool, Option<Vec<usize>>)> {
+fn answers(eval: &Path) -> Vec<Answer> {
     let mut v: Vec<_> = read_results(eval)
         .unwrap()
         .into_iter()
@@ -107,7 +110,7 @@ fn check_artifacts(out: &Path, s: &DemoSummary) {
     assert_eq!((acts.n, acts.d, acts.layer), (index.len(), 64, 2));
 
     let sae =
-        thinksteer::sae::Sae::load(&out.join(format!("sae/sae-{LATENTS}.safetensors"))).unwrap();
+        thinksteer::sae::Sae::load(out.join(format!("sae/sae-{LATENTS}.safetensors"))).unwrap();
     assert_eq!((sae.latents, sae.k, sae.layer), (LATENTS, 2, 2));
     let fvu = std::fs::read_to_string(out.join("sae/fvu.md")).unwrap();
     assert!(fvu.contains(&format!("| {LATENTS} |")), "{fvu}");
