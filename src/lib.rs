@@ -10,6 +10,7 @@ pub mod chat;
 pub mod config;
 pub mod cpu_ops;
 pub mod cuda;
+pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -56,6 +56,9 @@ enum Cmd {
     Report(thinksteer::eval::cli::ReportArgs),
     /// Convert a GGUF file (llama / qwen2) into a checkpoint folder.
     Convert(ConvertArgs),
+    /// The whole pipeline on the small demo model, sized for a CPU: traces, activations, SAE,
+    /// categories, vectors, base/thinking/hybrid evaluation and report (resumable).
+    Demo(DemoArgs),
 }
 
 #[derive(Args)]
@@ -267,6 +270,41 @@ struct RandomVectorsArgs {
 }
 
 #[derive(Args)]
+struct DemoArgs {
+    /// The demo model: a GGUF file (fetched by `bash models/fetch-demo-model.sh`) or a
+    /// checkpoint folder. It plays both the base and the thinking model.
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Output folder of every artifact; rerunning with it resumes.
+    #[arg(long, default_value = thinksteer::demo::DEFAULT_OUT)]
+    out: PathBuf,
+    /// A GSM8K-format JSONL file (default: gsm8k_test.jsonl in ../shared/data or /work/shared/data).
+    #[arg(long)]
+    dataset: Option<PathBuf>,
+    /// GSM8K questions to generate traces for (the last rows of the test set).
+    #[arg(long, default_value_t = thinksteer::demo::DEFAULT_QUESTIONS)]
+    questions: usize,
+    /// GSM8K problems to evaluate in each mode (the first rows of the test set).
+    #[arg(long, default_value_t = thinksteer::demo::DEFAULT_PROBLEMS)]
+    problems: usize,
+    /// New tokens per trace and per answer.
+    #[arg(long, default_value_t = thinksteer::demo::DEFAULT_MAX_NEW_TOKENS)]
+    max_new_tokens: usize,
+    /// Block of the SAE and of the steering vectors (default: the middle block).
+    #[arg(long)]
+    layer: Option<usize>,
+    /// SAE dictionary size K (one category per latent).
+    #[arg(long, default_value_t = thinksteer::demo::DEFAULT_LATENTS)]
+    latents: usize,
+    /// Seed of the SAE training.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where to run the generation.
+    #[arg(long, value_enum, default_value = "auto")]
+    device: thinksteer::eval::cli::EvalDevice,
+}
+
+#[derive(Args)]
 struct GradeArgs {
     /// gsm8k (final number) or math (last \boxed{}).
     #[arg(long)]
@@ -323,6 +361,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => thinksteer::eval::cli::eval(a),
         Cmd::Report(a) => thinksteer::eval::cli::report(a),
         Cmd::Convert(a) => cmd_convert(a),
+        Cmd::Demo(a) => cmd_demo(a),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -707,6 +746,31 @@ fn cmd_random_vectors(mut a: RandomVectorsArgs) -> Result<()> {
     );
     set.validate_for(c.hidden_size, c.num_hidden_layers)?;
     set.save(&a.out)?;
+    Ok(())
+}
+
+fn cmd_demo(a: DemoArgs) -> Result<()> {
+    if !a.model.exists() {
+        return Err(anyhow!(
+            "{}: expected the demo model, found no such file; fetch it with `bash models/fetch-demo-model.sh` (98 MB) or pass --model",
+            a.model.display()
+        ));
+    }
+    let dir = thinksteer::gguf::checkpoint_dir(&a.model)?;
+    let o = thinksteer::demo::DemoOptions {
+        out: a.out,
+        dataset: a.dataset,
+        questions: a.questions,
+        problems: a.problems,
+        max_new_tokens: a.max_new_tokens,
+        layer: a.layer,
+        latents: a.latents,
+        seed: a.seed,
+        device: a.device,
+        ..Default::default()
+    };
+    let summary = thinksteer::demo::run(&dir, &o)?;
+    print!("{}", summary.render());
     Ok(())
 }
 
