@@ -716,14 +716,32 @@ pub fn gemv(
     if b == 1 {
         return gemv1_launch(gpu, Row1::Plain, out, x, None, w, m, k);
     }
-    let (_, per_block) = gemv_kernel(b, false)?;
-    let (bi, mi, ki) = (int(name, "B", b)?, int(name, "M", m)?, int(name, "K", k)?);
+    gemv_tc_launch(gpu, false, out, x, w, (b, m, k))
+}
+
+/// Launches a tensor-core gemv bucket (2..=32 rows): out f32 [B, M], or with `glu` act bf16
+/// [B, F] where `rows` = F and W has 2F rows.
+fn gemv_tc_launch<O: Arg>(
+    gpu: &Gpu,
+    glu: bool,
+    out: &O,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (b, rows, k): (usize, usize, usize),
+) -> Result<()> {
+    let (name, per_block) = gemv_kernel(b, glu)?;
+    let (bi, mi, ki) = (
+        int(name, "B", b)?,
+        int(name, "M", rows)?,
+        int(name, "K", k)?,
+    );
     let f = gpu.func(name)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
-    let launch = cfg((m.div_ceil(per_block) as u32, 1, 1), 512, 0);
-    // SAFETY: argument order and types match gemv_bf16_b*; lengths, K % 8 and 16-byte alignment
-    // (the kernel's vector loads) checked above; B ≤ the kernel's bucket.
+    let launch = cfg((rows.div_ceil(per_block) as u32, 1, 1), 512, 0);
+    // SAFETY: argument order and types match gemv_bf16_b* / gemv_glu_bf16_b*; the callers checked
+    // lengths (W has 2F rows with glu), K % 8 and 16-byte alignment (the kernels' vector loads);
+    // B ≤ the kernel's bucket.
     gpu.launched(name, unsafe { l.launch(launch) })
 }
 
@@ -752,15 +770,7 @@ pub fn gemv_glu(
     if b == 1 {
         return gemv1_launch(gpu, Row1::Glu, act, x, None, w, f, k);
     }
-    let (_, per_block) = gemv_kernel(b, true)?;
-    let (bi, fi, ki) = (int(name, "B", b)?, int(name, "F", f)?, int(name, "K", k)?);
-    let func = gpu.func(name)?;
-    let mut l = Launch::new(gpu, func);
-    l.arg(act).arg(x).arg(w).arg(&bi).arg(&fi).arg(&ki);
-    let launch = cfg((f.div_ceil(per_block) as u32, 1, 1), 512, 0);
-    // SAFETY: argument order and types match gemv_glu_bf16_b*; lengths (W has 2F rows), K % 8 and
-    // 16-byte alignment checked above; B ≤ the kernel's bucket.
-    gpu.launched(name, unsafe { l.launch(launch) })
+    gemv_tc_launch(gpu, true, act, x, w, (b, f, k))
 }
 
 /// Checks of the residual-reading single-row variants: r f32 [K], norm_w bf16 [K].

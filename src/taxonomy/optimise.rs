@@ -23,7 +23,6 @@
 //! each epoch's shuffle is seeded from (seed, vector, epoch), so that is the whole RNG state and a
 //! resumed run is bit-identical to an uninterrupted one.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -41,7 +40,7 @@ use crate::vector_grad::{loss_grad, prepare, Example, Frozen};
 use super::annotate::read_annotations;
 use super::spans::token_span;
 use super::traces::read_traces;
-use super::vectors::check_annotations;
+use super::vectors::annotations_by_trace;
 use super::vectors::BasePrefix;
 
 const BETA1: f64 = 0.9;
@@ -155,21 +154,7 @@ pub fn build_examples(
 ) -> Result<(Vec<Example>, Vec<Vec<Example>>)> {
     let traces = read_traces(traces_path)?;
     let annots = read_annotations(annotations_path)?;
-    let kk = check_annotations(annotations_path, &annots)?;
-    let mut by_trace: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-    for (i, a) in annots.iter().enumerate() {
-        by_trace.entry(a.trace).or_default().push(i);
-    }
-    if let Some(missing) = by_trace
-        .keys()
-        .find(|&&i| !traces.iter().any(|t| t.index == i))
-    {
-        bail!(
-            "{}: annotations refer to trace {missing}, expected a trace with that index in {}",
-            annotations_path.display(),
-            traces_path.display()
-        );
-    }
+    let (kk, by_trace) = annotations_by_trace(&traces, &annots, traces_path, annotations_path)?;
     let mut bias = Vec::new();
     let mut cats: Vec<Vec<Example>> = vec![Vec::new(); kk];
     for t in &traces {

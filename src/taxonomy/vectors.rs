@@ -23,7 +23,7 @@ use crate::tokenizer::Tokenizer;
 
 use super::annotate::{read_annotations, Annotation};
 use super::spans::{block_output, token_span};
-use super::traces::read_traces;
+use super::traces::{read_traces, Trace};
 
 /// Which text the base model reads before a trace's `text`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,21 +98,7 @@ pub fn mean_diff(
         );
     }
     let annots = read_annotations(annotations_path)?;
-    let kk = check_annotations(annotations_path, &annots)?;
-    let mut by_trace: BTreeMap<usize, Vec<&Annotation>> = BTreeMap::new();
-    annots
-        .iter()
-        .for_each(|a| by_trace.entry(a.trace).or_default().push(a));
-    if let Some(missing) = by_trace
-        .keys()
-        .find(|&&i| !traces.iter().any(|t| t.index == i))
-    {
-        bail!(
-            "{}: annotations refer to trace {missing}, expected a trace with that index in {}",
-            annotations_path.display(),
-            traces_path.display()
-        );
-    }
+    let (kk, by_trace) = annotations_by_trace(&traces, &annots, traces_path, annotations_path)?;
 
     let d = c.hidden_size;
     let mut cats: Vec<MeanAcc> = (0..kk).map(|_| MeanAcc::new(d)).collect();
@@ -137,7 +123,12 @@ pub fn mean_diff(
                 non_thinking.add(row);
             }
         }
-        for a in by_trace.get(&t.index).into_iter().flatten() {
+        for a in by_trace
+            .get(&t.index)
+            .into_iter()
+            .flatten()
+            .map(|&i| &annots[i])
+        {
             if t.text.get(a.start..a.end) != Some(a.sentence.as_str()) {
                 bail!(
                     "{}: trace {} bytes {}..{} do not hold the annotated sentence {:?}: expected the traces file the annotations were made from",
@@ -203,6 +194,32 @@ pub fn mean_diff(
         empty_categories: empty,
     };
     Ok((set, report))
+}
+
+/// K (checked as in `check_annotations`) and the annotation indices of each trace; every trace
+/// the annotations name must be in `traces`.
+pub(crate) fn annotations_by_trace(
+    traces: &[Trace],
+    annots: &[Annotation],
+    traces_path: &Path,
+    annotations_path: &Path,
+) -> Result<(usize, BTreeMap<usize, Vec<usize>>)> {
+    let kk = check_annotations(annotations_path, annots)?;
+    let mut by_trace: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, a) in annots.iter().enumerate() {
+        by_trace.entry(a.trace).or_default().push(i);
+    }
+    if let Some(missing) = by_trace
+        .keys()
+        .find(|&&i| !traces.iter().any(|t| t.index == i))
+    {
+        bail!(
+            "{}: annotations refer to trace {missing}, expected a trace with that index in {}",
+            annotations_path.display(),
+            traces_path.display()
+        );
+    }
+    Ok((kk, by_trace))
 }
 
 /// K from the annotations; every row must agree on it and have a category below it.
