@@ -40,6 +40,9 @@ pub fn matmul(
     assert_eq!(x.len(), t * k, "matmul: x is not [T={t}, K={k}]");
     assert_eq!(w.len(), m * k, "matmul: w is not [M={m}, K={k}]");
     assert_eq!(out.len(), t * m, "matmul: out is not [T={t}, M={m}]");
+    if t == 0 || m == 0 {
+        return; // no rows (e.g. a forward call that asks for no logits)
+    }
     const BLOCK: usize = 16;
     let out_mt: &mut [f32] = if t == 1 {
         out

@@ -448,7 +448,8 @@ pub fn whole_answer_as_thinking(path: &Path) -> Result<(usize, usize)> {
 }
 
 fn step_activations(cx: &Ctx) -> Result<StepOut> {
-    let rep = compute_activations(cx.model, &cx.p.traces, cx.layer, &cx.p.acts)?;
+    let cuda = cx.o.device.use_cuda_for(&[cx.model])?;
+    let rep = compute_activations(cx.model, &cx.p.traces, cx.layer, &cx.p.acts, cuda)?;
     let acts = Acts::load(&cx.p.acts)?;
     let facts = vec![format!(
         "{} sentences × D = {} (mean of block {}'s output over each sentence, centred, unit norm) from {} traces ({} without a thinking span, {} without a sentence of 3+ words)",
@@ -553,12 +554,14 @@ fn step_categories(cx: &Ctx) -> Result<StepOut> {
 }
 
 fn step_vectors(cx: &Ctx) -> Result<StepOut> {
+    let cuda = cx.o.device.use_cuda_for(&[cx.model])?;
     let (set, rep) = mean_diff(
         cx.model,
         &cx.p.traces,
         &cx.p.annotations,
         cx.layer,
         BasePrefix::SameAsTrace,
+        cuda,
     )?;
     set.save(&cx.p.vectors)?;
     let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();

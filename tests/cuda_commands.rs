@@ -143,3 +143,62 @@ fn traces_and_eval_run_on_the_gpu() {
         rows.len()
     );
 }
+
+#[test]
+fn activations_on_the_gpu_match_the_cpu() {
+    // `activations --device cuda` runs each trace through the CUDA engine in 512-token calls
+    // capturing block L's output; the CPU runs blocks 0..=L in f32. Sentence means are centred
+    // and unit-normalised, so the GPU's bf16 activations between blocks show as a small angle:
+    // every row must keep cosine ≥ 0.99 with the CPU's (bf16 has 8 significant bits; the
+    // residual stream of this 3-layer random model stays well conditioned).
+    if !have_gpu() {
+        return;
+    }
+    use thinksteer::taxonomy::activations::{compute_activations, Acts};
+    let m = model("cmd-acts", 9, 3);
+    let tmp = std::env::temp_dir().join(format!("thinksteer-acts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    let texts = [
+        "First we add the two numbers. Then we check the sum again. So the answer is five.",
+        "Let me count on my fingers now. Two and three make five here. That is the final answer.",
+        "We know that three plus two is five. Adding in the other order gives five too. Done with it.",
+    ];
+    let lines: Vec<String> = (0..3)
+        .map(|i| {
+            let text = texts[i];
+            serde_json::json!({
+                "index": i,
+                "question": "What is 2 + 3?",
+                "prompt": format!("Question {i}: what is 2 + 3?\n"),
+                "text": text,
+                "thinking": {"start": 0, "end": text.len()},
+            })
+            .to_string()
+        })
+        .collect();
+    let tr = tmp.join("traces.jsonl");
+    std::fs::write(&tr, lines.join("\n") + "\n").unwrap();
+    let (gpu_out, cpu_out) = (tmp.join("gpu.safetensors"), tmp.join("cpu.safetensors"));
+    compute_activations(&m, &tr, 1, &gpu_out, true).unwrap();
+    compute_activations(&m, &tr, 1, &cpu_out, false).unwrap();
+    let (g, c) = (Acts::load(&gpu_out).unwrap(), Acts::load(&cpu_out).unwrap());
+    assert_eq!((g.n, g.d), (c.n, c.d));
+    assert!(
+        g.n >= 6,
+        "expected 3 sentences per trace, found {} rows",
+        g.n
+    );
+    for (i, (a, b)) in g
+        .activations
+        .chunks(g.d)
+        .zip(c.activations.chunks(c.d))
+        .enumerate()
+    {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        assert!(
+            dot >= 0.99,
+            "row {i}: cosine {dot} between GPU and CPU sentence means"
+        );
+    }
+}

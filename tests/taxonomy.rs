@@ -589,3 +589,38 @@ fn bad_input_is_a_clear_error() {
         &["missing tensor `activations`"],
     );
 }
+
+#[test]
+fn block_output_through_a_decoder_in_chunks_equals_the_direct_forward() {
+    // The GPU path of `activations` runs a trace through a Decoder in calls of at most 512
+    // tokens, capturing hook point layer + 1 in each; here the same function drives the CPU
+    // engine in chunks of 7 and must reproduce the direct (blocks 0..=layer) forward.
+    use std::sync::Arc;
+    use thinksteer::engine::CpuEngine;
+    use thinksteer::model::Model;
+    use thinksteer::taxonomy::spans::{block_output, block_output_on};
+    let m = Arc::new(Model::load(&fixture(THINKING)).unwrap());
+    let v = m.config.vocab_size as u32;
+    let ids: Vec<u32> = (0..20u32).map(|i| (i * 37 + 5) % v).collect();
+    for layer in [0, LAYER] {
+        let want = block_output(&m, &ids, layer).unwrap();
+        let mut e = CpuEngine::new(m.clone(), 1, 64);
+        let got = block_output_on(&mut e, &ids, layer, 7).unwrap();
+        assert_eq!(got.len(), want.len());
+        // Same arithmetic in the same order per row: only chunking differs, which the cache
+        // hides; allow f32 noise at the scale of the activations anyway.
+        let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        assert!(
+            worst <= 1e-5 * scale.max(1.0),
+            "layer {layer}: max |chunked − direct| = {worst} at scale {scale}"
+        );
+    }
+    // Too long for the engine's context: a clear error, not a panic.
+    let mut small = CpuEngine::new(m.clone(), 1, 8);
+    let e = block_output_on(&mut small, &ids, 0, 7).unwrap_err();
+    assert!(e.to_string().contains("context of 8"), "{e}");
+}

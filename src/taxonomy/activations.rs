@@ -11,14 +11,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::error::{Error, Result};
-use crate::model::Model;
 use crate::sae::{
     expect_shape, meta_usize, parse_safetensors, read_metadata, tensor_f32, write_f32_safetensors,
 };
 use crate::tokenizer::Tokenizer;
 
-use super::spans::{block_output, span_mean, tokenise_trace};
+use super::spans::{block_runner, span_mean, tokenise_trace};
 use super::traces::read_traces;
+use crate::config::Config;
 
 /// A sentence-activation file in memory.
 #[derive(Clone, Debug, PartialEq)]
@@ -144,12 +144,13 @@ pub struct ActsReport {
     pub uncovered: usize,
 }
 
-/// Sentence means of block `layer` for every trace: (raw means [N, D], index rows, report).
+/// Sentence means of every trace: (raw means [N, D], index rows, report). `run` gives the block
+/// output [T, D] for a token sequence (on the CPU or the GPU).
 pub fn sentence_means(
-    model: &Model,
+    d: usize,
     tok: &Tokenizer,
     traces_path: &Path,
-    layer: usize,
+    run: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
 ) -> Result<(Vec<f32>, Vec<IndexRow>, ActsReport)> {
     let traces = read_traces(traces_path)?;
     if traces.is_empty() {
@@ -158,7 +159,6 @@ pub fn sentence_means(
             traces_path.display()
         );
     }
-    let d = model.config.hidden_size;
     let mut rep = ActsReport {
         traces: traces.len(),
         ..Default::default()
@@ -175,7 +175,7 @@ pub fn sentence_means(
             rep.no_sentences.push(t.index);
             continue;
         }
-        let h = block_output(model, &tk.ids, layer)?; // [T, D]
+        let h = run(&tk.ids)?; // [T, D]
         let mut m = vec![0f32; d];
         for s in &tk.sentences {
             span_mean(&h, d, s.tokens, &mut m);
@@ -216,20 +216,24 @@ pub fn centre_and_normalise(rows: &mut [f32], d: usize) -> Vec<f32> {
 }
 
 /// The `activations` command: writes `out` and its index; errors when no sentence is found.
+/// `cuda`: the forward passes run on the GPU (see `spans::block_runner`), else on the CPU.
 pub fn compute_activations(
     model_dir: &Path,
     traces_path: &Path,
     layer: usize,
     out: &Path,
+    cuda: bool,
 ) -> Result<ActsReport> {
-    let model = Model::load(model_dir)?;
     let tok = Tokenizer::from_dir(model_dir)?.ok_or_else(|| {
         Error::Input(format!(
             "{}: activations need tokenizer.json in the model folder, found none",
             model_dir.display()
         ))
     })?;
-    let (mut raw, index, rep) = sentence_means(&model, &tok, traces_path, layer)?;
+    let config = Config::from_file(&model_dir.join("config.json"))?;
+    let d = config.hidden_size;
+    let mut run = block_runner(model_dir, layer, cuda)?;
+    let (mut raw, index, rep) = sentence_means(d, &tok, traces_path, &mut run)?;
     if index.is_empty() {
         bail!(
             "{}: expected at least one thinking sentence of 3+ words, found none in {} traces ({} without a thinking span, {} with no such sentence)",
@@ -239,7 +243,6 @@ pub fn compute_activations(
             rep.no_sentences.len()
         );
     }
-    let d = model.config.hidden_size;
     let mean = centre_and_normalise(&mut raw, d);
     let acts = Acts {
         activations: raw,

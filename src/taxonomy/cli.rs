@@ -53,6 +53,9 @@ pub struct ActivationsArgs {
     /// the same name with extension `.index.jsonl`.
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the forward passes run (the GPU path: traces up to 16,384 tokens).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: crate::eval::cli::EvalDevice,
 }
 
 #[derive(Args, Debug)]
@@ -142,6 +145,9 @@ pub struct TrainVectorsArgs {
     /// Output steering set (safetensors: bias [D], vectors [K, D]).
     #[arg(long)]
     pub out: PathBuf,
+    /// Where mean-diff's forward passes run (optimise runs on the CPU).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: crate::eval::cli::EvalDevice,
     /// optimise: maximum epochs per vector.
     #[arg(long, default_value_t = 50)]
     pub epochs: usize,
@@ -212,7 +218,8 @@ pub fn traces(mut a: TracesArgs) -> Result<()> {
 
 pub fn activations(mut a: ActivationsArgs) -> Result<()> {
     a.model = crate::gguf::checkpoint_dir(&a.model)?;
-    let rep = super::activations::compute_activations(&a.model, &a.traces, a.layer, &a.out)?;
+    let cuda = a.device.use_cuda_for(&[&a.model])?;
+    let rep = super::activations::compute_activations(&a.model, &a.traces, a.layer, &a.out, cuda)?;
     println!(
         "{}: {} sentences from {} traces ({} traces without a thinking span{}, {} with no sentence of 3+ words{})",
         a.out.display(),
@@ -295,10 +302,16 @@ pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
         PrefixArg::Plain => BasePrefix::Plain,
     };
     if a.method == VectorMethod::Optimise {
+        if a.device == crate::eval::cli::EvalDevice::Cuda {
+            return Err(anyhow!(
+                "--device cuda: --method optimise runs on the CPU only so far; use --device cpu or auto"
+            ));
+        }
         return train_vectors_optimise(a, prefix);
     }
+    let cuda = a.device.use_cuda_for(&[&a.base])?;
     let (set, rep) =
-        super::vectors::mean_diff(&a.base, &a.traces, &a.annotations, a.layer, prefix)?;
+        super::vectors::mean_diff(&a.base, &a.traces, &a.annotations, a.layer, prefix, cuda)?;
     set.save(&a.out)?;
     println!(
         "{}: bias (norm {:.3}) and {} category vectors at block {} from {} sentences and {} non-thinking tokens; sentences per category {:?}",

@@ -2,10 +2,16 @@
 //! output: the pieces that the activations and the mean-diff vectors share, so that both
 //! stages average exactly the same tokens.
 
+use crate::config::Config;
+use crate::cuda::model::CudaEngine;
+use crate::cuda::Gpu;
+use crate::engine::Decoder;
 use crate::error::Result;
 use crate::model::{Hooks, KvCache, Model, Step, Workspace};
 use crate::sentences::split_sentences;
 use crate::tokenizer::Tokenizer;
+use std::path::Path;
+use std::sync::Arc;
 
 use super::traces::Span;
 
@@ -104,6 +110,77 @@ pub fn block_output(model: &Model, ids: &[u32], layer: usize) -> Result<Vec<f32>
         &mut Hooks::default(),
     );
     Ok(h)
+}
+
+/// The same as `block_output`, through any `Decoder` (the CUDA engine): `ids` run as one
+/// sequence in slot 0, in calls of at most `chunk` tokens (each appends to the cache the next
+/// reads), each capturing hook point layer + 1 (the residual after block `layer`).
+pub fn block_output_on(
+    dec: &mut dyn Decoder,
+    ids: &[u32],
+    layer: usize,
+    chunk: usize,
+) -> Result<Vec<f32>> {
+    let (n, d) = (dec.config().num_hidden_layers, dec.config().hidden_size);
+    if layer >= n {
+        crate::bail!("layer {layer}: expected a block index below num_hidden_layers {n}");
+    }
+    if ids.is_empty() {
+        crate::bail!("expected at least one token to run, found none");
+    }
+    if ids.len() > dec.max_len() {
+        crate::bail!(
+            "a sequence of {} tokens: expected at most the engine's context of {}",
+            ids.len(),
+            dec.max_len()
+        );
+    }
+    let mut out = Vec::with_capacity(ids.len() * d);
+    let mut start = 0;
+    for piece in ids.chunks(chunk.max(1)) {
+        let slots = vec![0; piece.len()];
+        let positions: Vec<usize> = (start..start + piece.len()).collect();
+        let step = Step {
+            slots: &slots,
+            positions: &positions,
+            n_write: piece.len(),
+        };
+        let mut hooks = Hooks {
+            capture: vec![(layer + 1, Vec::new())],
+            steer: None,
+        };
+        dec.forward(piece, &step, &[], &mut hooks)?;
+        out.extend_from_slice(&hooks.capture[0].1);
+        start += piece.len();
+    }
+    Ok(out)
+}
+
+/// Longest sequence (prompt + trace, in tokens) the GPU path of `block_runner` holds.
+pub const CUDA_CONTEXT: usize = 16384;
+/// Tokens per CUDA engine call in `block_runner`.
+pub const CUDA_CHUNK: usize = 512;
+
+/// Block output of block `layer`: [T, D] for a token sequence.
+pub type BlockRunner = Box<dyn FnMut(&[u32]) -> Result<Vec<f32>>>;
+
+/// `block_output` of the checkpoint in `model_dir` on the CPU (only blocks 0..=layer run), or
+/// with `cuda` through the CUDA engine (`block_output_on`, all blocks, 512 tokens per call).
+pub fn block_runner(model_dir: &Path, layer: usize, cuda: bool) -> Result<BlockRunner> {
+    if cuda {
+        let c = Config::from_file(&model_dir.join("config.json"))?;
+        let gpu = Arc::new(Gpu::new(0)?);
+        let ctx = c.max_position_embeddings.min(CUDA_CONTEXT);
+        let mut e = CudaEngine::load(gpu, model_dir, 1, ctx, CUDA_CHUNK)?;
+        Ok(Box::new(move |ids: &[u32]| {
+            block_output_on(&mut e, ids, layer, CUDA_CHUNK)
+        }))
+    } else {
+        let model = Model::load(model_dir)?;
+        Ok(Box::new(move |ids: &[u32]| {
+            block_output(&model, ids, layer)
+        }))
+    }
 }
 
 /// out [D] = mean of h [T, D] over the rows of `span`, summed in f64 in row order.

@@ -16,13 +16,13 @@ use std::path::Path;
 
 use crate::bail;
 use crate::chat::plain_base_prompt;
+use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::model::Model;
 use crate::steering::SteeringSet;
 use crate::tokenizer::Tokenizer;
 
 use super::annotate::{read_annotations, Annotation};
-use super::spans::{block_output, token_span};
+use super::spans::{block_runner, token_span};
 use super::traces::{read_traces, Trace};
 
 /// Which text the base model reads before a trace's `text`.
@@ -68,22 +68,23 @@ impl MeanAcc {
     }
 }
 
-/// The mean-diff steering set at block `layer` of the base model in `base_dir`.
+/// The mean-diff steering set at block `layer` of the base model in `base_dir`; `cuda`: the
+/// forward passes run on the GPU (see `spans::block_runner`).
 pub fn mean_diff(
     base_dir: &Path,
     traces_path: &Path,
     annotations_path: &Path,
     layer: usize,
     prefix: BasePrefix,
+    cuda: bool,
 ) -> Result<(SteeringSet, VectorReport)> {
-    let model = Model::load(base_dir)?;
+    let c = &Config::from_file(&base_dir.join("config.json"))?;
     let tok = Tokenizer::from_dir(base_dir)?.ok_or_else(|| {
         Error::Input(format!(
             "{}: train-vectors needs tokenizer.json in the base model folder, found none",
             base_dir.display()
         ))
     })?;
-    let c = &model.config;
     if layer >= c.num_hidden_layers {
         bail!(
             "--layer {layer}: expected a block of the base model below num_hidden_layers {}",
@@ -99,6 +100,7 @@ pub fn mean_diff(
     }
     let annots = read_annotations(annotations_path)?;
     let (kk, by_trace) = annotations_by_trace(&traces, &annots, traces_path, annotations_path)?;
+    let mut run = block_runner(base_dir, layer, cuda)?;
 
     let d = c.hidden_size;
     let mut cats: Vec<MeanAcc> = (0..kk).map(|_| MeanAcc::new(d)).collect();
@@ -114,7 +116,7 @@ pub fn mean_diff(
         if ids.is_empty() {
             continue;
         }
-        let h = block_output(&model, &ids, layer)?; // [T, D]
+        let h = run(&ids)?; // [T, D]
         let think = t
             .thinking
             .and_then(|s| token_span(&offsets, p + s.start, p + s.end));
