@@ -454,18 +454,21 @@ fn malformed_values_are_rejected() {
 
 #[test]
 fn unsupported_tensor_types_name_the_tensor_and_type() {
-    // Q4_K: 256 elements in a 144-byte block; known size, not decoded here.
-    let q4k = tensor("blk.0.ffn_down.weight", &[1, 256], 12, vec![0u8; 144]);
+    // Q2_K: 256 elements in an 84-byte block; known size, not decoded here.
+    let q2k = tensor("blk.0.ffn_down.weight", &[1, 256], 10, vec![0u8; 84]);
     // An id no ggml version assigns: its size is unknown, so only its offset is checked.
     let odd = tensor("odd", &[4], 99, vec![0u8; 4]);
-    let path = write("unsupported.gguf", &gguf_bytes(3, &[], &[q4k, odd], 32));
+    let path = write("unsupported.gguf", &gguf_bytes(3, &[], &[q2k, odd], 32));
     let g = GgufFile::open(&path).unwrap();
     let msg = g
         .tensor_f32("blk.0.ffn_down.weight")
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("blk.0.ffn_down.weight") && msg.contains("Q4_K") && msg.contains("12"),
+        msg.contains("blk.0.ffn_down.weight")
+            && msg.contains("Q2_K")
+            && msg.contains("10")
+            && msg.contains("Q6_K"),
         "{msg}"
     );
     let msg = g.tensor_f32("odd").unwrap_err().to_string();
@@ -839,8 +842,8 @@ fn conversion_errors_name_what_is_wrong() {
     ));
     assert!(m.contains("SentencePiece"), "{m}");
 
-    // A tensor that is no part of a llama decoder, then a Q4_K tensor (256-element blocks of
-    // 144 bytes) in place of an F32 one.
+    // A tensor that is no part of a llama decoder, then a Q2_K tensor (256-element blocks of
+    // 84 bytes, a type not decoded) in place of an F32 one.
     let mut ts = tiny_gguf_tensors(&tiny_hf_weights());
     ts.push(tensor(
         "blk.0.ffn_extra.weight",
@@ -854,13 +857,13 @@ fn conversion_errors_name_what_is_wrong() {
     ));
     assert!(m.contains("blk.0.ffn_extra.weight"), "{m}");
     let mut ts = tiny_gguf_tensors(&tiny_hf_weights());
-    ts[7] = tensor("blk.0.ffn_gate.weight", &[1, 256], 12, vec![0; 144]);
+    ts[7] = tensor("blk.0.ffn_gate.weight", &[1, 256], 10, vec![0; 84]);
     let m = convert_error(&write(
-        "q4k.gguf",
+        "q2k.gguf",
         &gguf_bytes(3, &tiny_metadata("llama", "gpt2"), &ts, 32),
     ));
     assert!(
-        m.contains("blk.0.ffn_gate.weight") && m.contains("Q4_K"),
+        m.contains("blk.0.ffn_gate.weight") && m.contains("Q2_K"),
         "{m}"
     );
 }
@@ -943,4 +946,204 @@ fn cli_convert_of_a_bad_file_exits_2_with_one_line() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(tmp_dir().join("cli-good-out/model.safetensors").is_file());
+}
+
+// ---- k-quants (Q4_K, Q5_K, Q6_K) and Q5_0 / Q5_1 --------------------------------------------
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Raw blocks and gguf-py's dequantisation of them (scripts/make_kquant_fixture.py). The
+/// comparison is bit for bit: every value is f16→f32 scales times small integers with the
+/// same f32 roundings in the same order (d·sc first, then ·q, then − dmin·m), so any
+/// difference is a layout or formula bug, not rounding.
+#[test]
+fn kquant_blocks_match_gguf_py_bit_for_bit() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-kquants.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let cases = doc["cases"].as_array().unwrap();
+    let names: Vec<&str> = cases.iter().map(|c| c["type"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"]);
+    for c in cases {
+        let ty = GgmlType(c["type_id"].as_u64().unwrap() as u32);
+        assert_eq!(ty.name(), c["type"].as_str().unwrap());
+        let layout = (
+            c["block_elements"].as_u64().unwrap() as usize,
+            c["block_bytes"].as_u64().unwrap() as usize,
+        );
+        assert_eq!(ty.block_layout(), Some(layout), "{ty}");
+        assert!(ty.is_supported(), "{ty}");
+        let raw = hex_bytes(c["bytes_hex"].as_str().unwrap());
+        let want: Vec<u32> = c["f32_bits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let got: Vec<u32> = thinksteer::gguf::dequantize(ty, &raw)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{ty}");
+        let bad: Vec<(usize, f32, f32)> = (0..want.len())
+            .filter(|&i| got[i] != want[i])
+            .map(|i| (i, f32::from_bits(got[i]), f32::from_bits(want[i])))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{ty}: {} of {} values differ, first (index, got, gguf-py): {:?}",
+            bad.len(),
+            want.len(),
+            &bad[..bad.len().min(5)]
+        );
+    }
+}
+
+/// `n` random super-blocks of a k-quant type with small finite scales (d = 2^-7, dmin = 2^-8)
+/// so the weights are of a plausible size; `d_at` are the f16 fields' byte offsets.
+fn kquant_blocks(n: usize, block_bytes: usize, d_at: &[usize], seed: u64) -> Vec<u8> {
+    let mut s = seed;
+    let mut out = Vec::with_capacity(n * block_bytes);
+    for _ in 0..n {
+        let mut b: Vec<u8> = (0..block_bytes)
+            .map(|_| ((lcg(&mut s) + 0.5) * 256.0) as u8)
+            .collect();
+        for (k, &at) in d_at.iter().enumerate() {
+            b[at..at + 2].copy_from_slice(&f16_bytes(1.0 / (128 << k) as f32));
+        }
+        out.extend(b);
+    }
+    out
+}
+
+// A llama big enough for 256-value rows: D 256, H 2, Hkv 1, Dh 128, F 256, one block, the tiny
+// vocabulary (V 262). attn_q is Q6_K (so unpermutation runs on dequantised rows), ffn_gate Q4_K,
+// ffn_up Q5_K, the rest F32.
+const KD: usize = 256;
+const KDH: usize = 128;
+
+fn kquant_llama(extra_kvs: &[(&'static str, Value)], extra: Vec<TensorSpec>) -> Vec<u8> {
+    let mut s = 11u64;
+    let mut f32_t = |name: &str, shape: &[usize], norm: bool| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| lcg(&mut s) * 0.1 + if norm { 1.0 } else { 0.0 })
+            .collect();
+        tensor(name, shape, 0, f32_bytes(&v))
+    };
+    let mut ts = vec![
+        f32_t("token_embd.weight", &[V, KD], false),
+        f32_t("blk.0.attn_norm.weight", &[KD], true),
+        tensor(
+            "blk.0.attn_q.weight",
+            &[2 * KDH, KD],
+            14,
+            kquant_blocks(2 * KDH * KD / 256, 210, &[208], 1),
+        ),
+        f32_t("blk.0.attn_k.weight", &[KDH, KD], false),
+        f32_t("blk.0.attn_v.weight", &[KDH, KD], false),
+        f32_t("blk.0.attn_output.weight", &[KD, 2 * KDH], false),
+        f32_t("blk.0.ffn_norm.weight", &[KD], true),
+        tensor(
+            "blk.0.ffn_gate.weight",
+            &[KD, KD],
+            12,
+            kquant_blocks(KD, 144, &[0, 2], 2),
+        ),
+        tensor(
+            "blk.0.ffn_up.weight",
+            &[KD, KD],
+            13,
+            kquant_blocks(KD, 176, &[0, 2], 3),
+        ),
+        f32_t("blk.0.ffn_down.weight", &[KD, KD], false),
+        f32_t("output_norm.weight", &[KD], true),
+    ];
+    ts.extend(extra);
+    let mut kvs = tiny_metadata("llama", "gpt2");
+    for (k, v) in kvs.iter_mut() {
+        match *k {
+            "llama.embedding_length" | "llama.feed_forward_length" => *v = Value::U32(KD as u32),
+            "llama.attention.head_count" => *v = Value::U32(2),
+            "llama.attention.head_count_kv" => *v = Value::U32(1),
+            _ => {}
+        }
+    }
+    kvs.extend(extra_kvs.iter().cloned());
+    gguf_bytes(3, &kvs, &ts, 32)
+}
+
+#[test]
+fn kquant_tensors_convert_to_the_dequantised_hf_layout() {
+    let bytes = kquant_llama(&[], vec![]);
+    let src = write("kquant-llama.gguf", &bytes);
+    let out = tmp_dir().join("kquant-llama-converted");
+    let rep = thinksteer::gguf::convert(&src, &out).unwrap();
+    assert_eq!(
+        rep.types.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>(),
+        [("F32", 8), ("Q4_K", 1), ("Q5_K", 1), ("Q6_K", 1)]
+    );
+    let g = GgufFile::open(&src).unwrap();
+    let conv = thinksteer::weights::WeightFiles::open(&out).unwrap();
+    for (gname, hf, ty, permute) in [
+        (
+            "blk.0.attn_q.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            GgmlType::Q6_K,
+            true,
+        ),
+        (
+            "blk.0.ffn_gate.weight",
+            "model.layers.0.mlp.gate_proj.weight",
+            GgmlType::Q4_K,
+            false,
+        ),
+        (
+            "blk.0.ffn_up.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            GgmlType::Q5_K,
+            false,
+        ),
+    ] {
+        let (t, raw) = g.tensor_bytes(gname).unwrap();
+        assert_eq!(t.ggml_type, ty);
+        // The decoder itself is checked against gguf-py above; here: the converter writes
+        // exactly its output, q rows put back in HF order.
+        let mut want = thinksteer::gguf::dequantize(ty, raw).unwrap();
+        if permute {
+            want = thinksteer::gguf::names::unpermute_rows(&want, 2 * KDH, KD, 2).unwrap();
+        }
+        assert!(want.iter().any(|&x| x != 0.0), "{gname}");
+        assert_eq!(conv.f32(hf, &t.shape).unwrap(), want, "{gname}");
+    }
+    // The folder loads as a model.
+    thinksteer::model::Model::load(&out).unwrap();
+}
+
+#[test]
+fn truncated_kquant_data_names_the_tensor() {
+    for (ty, bytes) in [(12u32, 144usize), (13, 176), (14, 210)] {
+        // [2, 256] claims two super-blocks; one and a half follow.
+        let spec = tensor("blk.3.ffn_up.weight", &[2, 256], ty, vec![0u8; bytes * 3 / 2]);
+        let path = write("kquant-cut.gguf", &gguf_bytes(3, &[], &[spec], 32));
+        let msg = input_error(&path);
+        let name = GgmlType(ty).name();
+        assert!(
+            msg.contains("truncated")
+                && msg.contains("blk.3.ffn_up.weight")
+                && msg.contains(name)
+                && msg.contains(&format!("{}", 2 * bytes)),
+            "{msg}"
+        );
+        // Rows that are not whole super-blocks are rejected too.
+        let spec = tensor("blk.3.ffn_up.weight", &[2, 128], ty, vec![0u8; bytes]);
+        let msg = input_error(&write("kquant-row.gguf", &gguf_bytes(3, &[], &[spec], 32)));
+        assert!(msg.contains("128") && msg.contains("256"), "{msg}");
+    }
 }

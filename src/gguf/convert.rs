@@ -8,7 +8,7 @@
 
 use super::names::{hf_name, permuted_heads, unpermute_rows};
 use super::tokenizer::GgufVocab;
-use super::{GgufFile, TensorInfo};
+use super::{GgufFile, TensorInfo, SUPPORTED};
 use crate::{bail, Error, Result};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -132,7 +132,7 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
         };
         if !t.ggml_type.is_supported() {
             bail!(
-                "{file}: tensor {:?} has type {}, expected one of F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+                "{file}: tensor {:?} has type {}, expected one of {SUPPORTED}",
                 t.name,
                 t.ggml_type
             );

@@ -1,15 +1,24 @@
 //! ggml tensor types: their ids, names and block layouts, and dequantisation to f32 of the
-//! types this crate reads (F32, F16, BF16, Q8_0, Q4_0, Q4_1). All data is little-endian.
+//! types this crate reads (`SUPPORTED`). All data is little-endian. The 256-value k-quants
+//! (Q4_K, Q5_K, Q6_K) live in kquants.rs.
 //!
 //! Block layouts (32 elements per block for the Q types):
-//! - Q8_0: f16 scale d, then 32 × i8 q;            value = d·q                     (34 bytes)
-//! - Q4_0: f16 d, then 16 bytes of 4-bit q;        value = d·(q − 8)               (18 bytes)
-//! - Q4_1: f16 d, f16 min m, then 16 bytes of q;   value = d·q + m                 (20 bytes)
+//! - Q8_0: f16 scale d, then 32 × i8 q;               value = d·q                  (34 bytes)
+//! - Q4_0: f16 d, then 16 bytes of 4-bit q;           value = d·(q − 8)            (18 bytes)
+//! - Q4_1: f16 d, f16 min m, then 16 bytes of q;      value = d·q + m              (20 bytes)
+//! - Q5_0: f16 d, u32 qh, 16 bytes of low nibbles;    value = d·(q − 16)           (22 bytes)
+//! - Q5_1: f16 d, f16 m, u32 qh, 16 bytes;            value = d·q + m              (24 bytes)
 //!
-//! In the 4-bit types byte j holds element j in its low nibble and element j + 16 in its high
-//! nibble. The arithmetic is done in f32 after widening d and m, as ggml's reference does.
+//! In the 4- and 5-bit types byte j holds element j in its low nibble and element j + 16 in its
+//! high nibble; in Q5_0 / Q5_1 bit i of qh is bit 4 of element i. (llama.cpp's Q4_K_M / Q5_K_M
+//! fall back to Q5_0 / Q5_1 for rows that are not whole 256-value super-blocks, e.g. D = 576 or
+//! 896.) The arithmetic is done in f32 after widening d and m, as ggml's reference does.
 
+use super::kquants::{dequantize_q4_k, dequantize_q5_k, dequantize_q6_k};
 use half::{bf16, f16};
+
+/// The types `dequantize` decodes, as listed in error messages.
+pub const SUPPORTED: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K";
 
 /// A ggml type id as stored in a GGUF tensor info.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,7 +29,12 @@ impl GgmlType {
     pub const F16: GgmlType = GgmlType(1);
     pub const Q4_0: GgmlType = GgmlType(2);
     pub const Q4_1: GgmlType = GgmlType(3);
+    pub const Q5_0: GgmlType = GgmlType(6);
+    pub const Q5_1: GgmlType = GgmlType(7);
     pub const Q8_0: GgmlType = GgmlType(8);
+    pub const Q4_K: GgmlType = GgmlType(12);
+    pub const Q5_K: GgmlType = GgmlType(13);
+    pub const Q6_K: GgmlType = GgmlType(14);
     pub const BF16: GgmlType = GgmlType(30);
 
     /// The ggml name, or "unknown" for ids this table does not list.
@@ -87,9 +101,9 @@ impl GgmlType {
         })
     }
 
-    /// Whether `dequantize` handles this type.
+    /// Whether `dequantize` handles this type (the list in `SUPPORTED`).
     pub fn is_supported(self) -> bool {
-        matches!(self.0, 0 | 1 | 2 | 3 | 8 | 30)
+        matches!(self.0, 0 | 1 | 2 | 3 | 6 | 7 | 8 | 12 | 13 | 14 | 30)
     }
 }
 
@@ -142,6 +156,40 @@ pub fn dequantize(ty: GgmlType, data: &[u8]) -> Option<Vec<f32>> {
             }
             out
         }
+        GgmlType::Q5_0 => {
+            let mut out = Vec::with_capacity(data.len() / 22 * 32);
+            for block in data.chunks_exact(22) {
+                let d = f16_at(block, 0);
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let qs = &block[6..];
+                out.extend(q5_values(qs, qh).map(|q| d * (f32::from(q) - 16.0)));
+            }
+            out
+        }
+        GgmlType::Q5_1 => {
+            let mut out = Vec::with_capacity(data.len() / 24 * 32);
+            for block in data.chunks_exact(24) {
+                let d = f16_at(block, 0);
+                let m = f16_at(block, 2);
+                let qh = u32::from_le_bytes([block[4], block[5], block[6], block[7]]);
+                let qs = &block[8..];
+                out.extend(q5_values(qs, qh).map(|q| d * f32::from(q) + m));
+            }
+            out
+        }
+        GgmlType::Q4_K => dequantize_q4_k(data),
+        GgmlType::Q5_K => dequantize_q5_k(data),
+        GgmlType::Q6_K => dequantize_q6_k(data),
         _ => return None,
     })
+}
+
+/// The 32 unsigned 5-bit q of a Q5_0 / Q5_1 block: low nibbles of `qs` (16 bytes) then high
+/// nibbles, bit 4 of element i from bit i of `qh`.
+fn q5_values(qs: &[u8], qh: u32) -> impl Iterator<Item = u8> + '_ {
+    let lo = qs.iter().map(|&b| b & 0x0f);
+    let hi = qs.iter().map(|&b| b >> 4);
+    lo.chain(hi)
+        .enumerate()
+        .map(move |(i, q)| q | ((((qh >> i) & 1) as u8) << 4))
 }

@@ -13,13 +13,14 @@
 
 mod convert;
 mod dequant;
+mod kquants;
 pub mod names;
 mod reader;
 mod tokenizer;
 mod value;
 
 pub use convert::{checkpoint_dir, convert, ConvertReport, CONVERTER_VERSION};
-pub use dequant::{dequantize, GgmlType};
+pub use dequant::{dequantize, GgmlType, SUPPORTED};
 pub use tokenizer::GgufVocab;
 pub use value::Value;
 
@@ -244,7 +245,7 @@ impl GgufFile {
         };
         if !t.ggml_type.is_supported() {
             bail!(
-                "{}: tensor {name:?} has type {}, expected one of F32, F16, BF16, Q8_0, Q4_0, Q4_1",
+                "{}: tensor {name:?} has type {}, expected one of {SUPPORTED}",
                 self.path.display(),
                 t.ggml_type
             );
