@@ -1075,7 +1075,12 @@ fn kquant_llama(extra_kvs: &[(&'static str, Value)], extra: Vec<TensorSpec>) -> 
             _ => {}
         }
     }
-    kvs.extend(extra_kvs.iter().cloned());
+    for (k, v) in extra_kvs {
+        match kvs.iter_mut().find(|(key, _)| key == k) {
+            Some(kv) => kv.1 = v.clone(),
+            None => kvs.push((k, v.clone())),
+        }
+    }
     gguf_bytes(3, &kvs, &ts, 32)
 }
 
@@ -1146,4 +1151,79 @@ fn truncated_kquant_data_names_the_tensor() {
         let msg = input_error(&write("kquant-row.gguf", &gguf_bytes(3, &[], &[spec], 32)));
         assert!(msg.contains("128") && msg.contains("256"), "{msg}");
     }
+}
+
+// ---- Llama-3.1 rope_freqs.weight → llama3 rope_scaling ---------------------------------------
+
+/// The [Dh/2] factors llama.cpp's converter writes for a llama3 scaling (f64, stored as f32):
+/// 1 for short wavelengths, `factor` for long ones, 1 / ((1 − s)/factor + s) between.
+fn llama3_factors(theta: f64, dh: usize, factor: f64, lf: f64, hf: f64, l: f64) -> Vec<f32> {
+    (0..dh / 2)
+        .map(|i| {
+            let freq = 1.0 / theta.powf(2.0 * i as f64 / dh as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < l / hf {
+                1.0
+            } else if wavelen > l / lf {
+                factor
+            } else {
+                let s = (l / wavelen - lf) / (hf - lf);
+                1.0 / ((1.0 - s) / factor + s)
+            };
+            f as f32
+        })
+        .collect()
+}
+
+#[test]
+fn llama31_rope_freqs_become_the_llama3_rope_scaling() {
+    let theta = 500000.0;
+    let factors = llama3_factors(theta, KDH, 8.0, 1.0, 4.0, 8192.0);
+    // Dh 128 at base 5e5 puts 6 dim pairs in the interpolated band, some at 1 and some at 8.
+    assert!(factors.contains(&1.0) && factors.contains(&8.0));
+    let rope = tensor("rope_freqs.weight", &[KDH / 2], 0, f32_bytes(&factors));
+    let kvs = [("llama.rope.freq_base", Value::F32(theta as f32))];
+    let src = write("llama31.gguf", &kquant_llama(&kvs, vec![rope]));
+    let out = tmp_dir().join("llama31-converted");
+    let rep = thinksteer::gguf::convert(&src, &out).unwrap();
+    assert_eq!(rep.tensors, 11, "rope_freqs is not a weight");
+
+    let text = std::fs::read_to_string(out.join("config.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        json["rope_scaling"],
+        serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192.0})
+    );
+    let cfg = thinksteer::config::Config::from_file(&out.join("config.json")).unwrap();
+    let got = cfg.rope_inv_freq();
+    assert_eq!(got.len(), KDH / 2);
+    for (i, (&x, &f)) in got.iter().zip(&factors).enumerate() {
+        let base = 1.0 / theta.powf(2.0 * i as f64 / KDH as f64);
+        let want = (base / f64::from(f)) as f32;
+        // The stored factor is the exact one rounded to f32 (2^-24 relative), and both sides
+        // round once to f32: at most 2 ulp apart.
+        let ulp = f32::EPSILON / 2.0 * want.abs();
+        assert!(
+            (x - want).abs() <= 2.0 * ulp,
+            "dim pair {i}: runtime {x}, file base / factor {want} (factor {f})"
+        );
+    }
+    // Not a tautology: the band really is scaled (unscaled would be 8x off at the low end).
+    assert!(got[KDH / 2 - 1] < (1.0 / theta.powf(1.0 - 2.0 / KDH as f64) / 7.0) as f32);
+    thinksteer::model::Model::load(&out).unwrap();
+}
+
+#[test]
+fn rope_freqs_that_are_not_llama3_are_errors() {
+    let kvs = [("llama.rope.freq_base", Value::F32(500000.0))];
+    // A step from 1 to 8 with no band: the thresholds cannot be recovered.
+    let step: Vec<f32> = (0..KDH / 2).map(|i| if i < 30 { 1.0 } else { 8.0 }).collect();
+    let rope = tensor("rope_freqs.weight", &[KDH / 2], 0, f32_bytes(&step));
+    let m = convert_error(&write("step-rope.gguf", &kquant_llama(&kvs, vec![rope])));
+    assert!(m.contains("rope_freqs.weight") && m.contains("at least 2"), "{m}");
+    // Wrong length.
+    let rope = tensor("rope_freqs.weight", &[32], 0, f32_bytes(&[1.0; 32]));
+    let m = convert_error(&write("short-rope.gguf", &kquant_llama(&kvs, vec![rope])));
+    assert!(m.contains("rope_freqs.weight") && m.contains("[64]"), "{m}");
 }

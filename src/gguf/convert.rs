@@ -1,5 +1,6 @@
 //! GGUF file → checkpoint folder (config.json, model.safetensors in f32, tokenizer.json,
-//! tokenizer_config.json), and `checkpoint_dir`, which lets every command take a `.gguf` file
+//! tokenizer_config.json; a Llama-3.1 `rope_freqs.weight` becomes config.json's llama3
+//! `rope_scaling`, see rope.rs), and `checkpoint_dir`, which lets every command take a `.gguf` file
 //! where it takes a folder by converting it once into a cache folder beside it.
 //!
 //! Why convert instead of loading GGUF directly: the runtime has one loading path (a folder),
@@ -7,8 +8,10 @@
 //! so the dequantised weights are written as f32 (the CUDA loader narrows them to bf16 itself).
 
 use super::names::{hf_name, permuted_heads, unpermute_rows};
+use super::rope::{llama3_from_factors, FACTOR_RTOL};
 use super::tokenizer::GgufVocab;
 use super::{GgufFile, TensorInfo, SUPPORTED};
+use crate::config::{Config, Llama3Scaling};
 use crate::{bail, Error, Result};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -99,6 +102,50 @@ fn read_hyper(g: &GgufFile, arch: &str) -> Result<Hyper> {
     })
 }
 
+/// Llama-3.1's per-frequency RoPE divisors, [Dh/2] f32.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The llama3 scaling encoded by a `rope_freqs.weight` tensor (see rope.rs), or None when the
+/// file has none or all its factors are 1.
+fn read_rope_scaling(g: &GgufFile, arch: &str, h: &Hyper) -> Result<Option<Llama3Scaling>> {
+    let file = g.path().display();
+    let Some(t) = g.tensor_info(ROPE_FREQS) else {
+        return Ok(None);
+    };
+    if arch != "llama" {
+        bail!("{file}: tensor \"{ROPE_FREQS}\" (llama3 RoPE scaling) in a {arch} model: expected it only in llama models");
+    }
+    if t.shape != [h.head_dim / 2] {
+        bail!(
+            "{file}: tensor \"{ROPE_FREQS}\" has shape {:?}, expected [{}] (head dim / 2)",
+            t.shape,
+            h.head_dim / 2
+        );
+    }
+    let (_, factors) = g.tensor_f32(ROPE_FREQS)?;
+    llama3_from_factors(&factors, f64::from(h.rope_theta), h.head_dim).map_err(|why| {
+        Error::Input(format!(
+            "{file}: tensor \"{ROPE_FREQS}\" is not a llama3 RoPE scaling: {why}"
+        ))
+    })
+}
+
+/// Checks that the runtime, reading `config`, divides each inverse frequency by the file's
+/// factor: the parameters were fitted, so this guards the fit and its use together.
+fn check_rope(g: &GgufFile, config: &serde_json::Value, file: &str) -> Result<()> {
+    let cfg = Config::from_json(&config.to_string())?;
+    let (_, factors) = g.tensor_f32(ROPE_FREQS)?;
+    let got = cfg.rope_inv_freq();
+    for (i, (&x, &f)) in got.iter().zip(&factors).enumerate() {
+        let base = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64);
+        let want = base / f64::from(f);
+        if ((f64::from(x) - want) / want).abs() > FACTOR_RTOL {
+            bail!("{file}: tensor \"{ROPE_FREQS}\": the recovered llama3 scaling gives inverse frequency {x} at dim pair {i}, expected {want} (base / factor {f})");
+        }
+    }
+    Ok(())
+}
+
 /// The supported architecture named by `general.architecture`.
 fn read_arch(g: &GgufFile) -> Result<String> {
     let arch = g.require_str("general.architecture")?;
@@ -124,8 +171,9 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
     let mut plan: Vec<(String, &TensorInfo, Option<usize>)> = Vec::new();
     let mut types = BTreeMap::new();
     for t in g.tensors() {
-        if t.name == "rope_freqs.weight" {
-            bail!("{file}: tensor \"rope_freqs.weight\" (Llama-3.1 RoPE frequency scaling) is not supported");
+        if t.name == ROPE_FREQS {
+            // Not a weight: read below into config.json's rope_scaling.
+            continue;
         }
         let Some(name) = hf_name(&t.name) else {
             bail!("{file}: tensor {:?} is not part of a {arch} decoder: expected token_embd, output_norm, output or blk.N.{{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down,attn_norm,ffn_norm}}", t.name)
@@ -149,6 +197,7 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
         *types.entry(t.ggml_type.name().to_string()).or_insert(0) += 1;
         plan.push((name, t, heads));
     }
+    let rope_scaling = read_rope_scaling(&g, &arch, &h)?;
     let Some(embd) = g.tensor_info("token_embd.weight") else {
         bail!("{file}: missing tensor \"token_embd.weight\"")
     };
@@ -185,7 +234,13 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
         "vocab_size": vocab_size,
         "rms_norm_eps": h.eps as f64,
         "rope_theta": h.rope_theta as f64,
-        "rope_scaling": null,
+        "rope_scaling": rope_scaling.map(|s| json!({
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        })),
         "max_position_embeddings": h.ctx,
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
@@ -195,6 +250,9 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
         "torch_dtype": "float32",
         "converted_from": gguf.file_name().map(|n| n.to_string_lossy().to_string()),
     });
+    if rope_scaling.is_some() {
+        check_rope(&g, &config, &file)?;
+    }
     write_json(&out.join("config.json"), &config)?;
 
     let chat_template = g.get_str("tokenizer.chat_template");

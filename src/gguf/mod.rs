@@ -16,6 +16,7 @@ mod dequant;
 mod kquants;
 pub mod names;
 mod reader;
+mod rope;
 mod tokenizer;
 mod value;
 
