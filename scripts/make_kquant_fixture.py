@@ -10,12 +10,22 @@ Random bytes are valid blocks of these types except that the f16 scales (d, dmin
 finite, so those fields are overwritten with random finite f16 values. Each type also gets one
 block of all-ones bits (largest quants and scales) with finite scales. The expected values are
 stored as f32 bit patterns (u32) so the Rust test can compare bit for bit.
+
+It also writes `llama3_rope`: for the published Llama-3.1 8B and Llama-3.2 1B RoPE settings,
+the [Dh/2] `rope_freqs.weight` factors computed the way llama.cpp's converter does (every step
+in float32 torch arithmetic, the least precise case), and transformers' own llama3 inverse
+frequencies (ROPE_INIT_FUNCTIONS["llama3"]), which the converted config must reproduce.
 """
 
 import json
 import pathlib
 
+import math
+
 import numpy as np
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
@@ -53,6 +63,39 @@ def blocks(ty: T, rng: np.random.Generator) -> bytes:
     return bytes(out)
 
 
+def converter_factors(theta: float, dh: int, factor: float, lf: float, hf: float, ctx: int) -> list[float]:
+    """The factors (1 / per-frequency divisor) in float32 torch, as llama.cpp's converter."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dh, 2, dtype=torch.float32) / dh))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq  # a float32 tensor
+        if wavelen < ctx / hf:
+            out.append(1.0)
+        elif wavelen > ctx / lf:
+            out.append(factor)
+        else:
+            smooth = (ctx / wavelen - lf) / (hf - lf)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32).tolist()
+
+
+def llama3_rope() -> list[dict]:
+    cases = []
+    for name, dh, factor in [("Llama-3.1-8B", 128, 8.0), ("Llama-3.2-1B", 64, 32.0)]:
+        theta, lf, hf, ctx = 500000.0, 1.0, 4.0, 8192
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": lf,
+                   "high_freq_factor": hf, "original_max_position_embeddings": ctx}
+        cfg = LlamaConfig(hidden_size=dh * 4, num_attention_heads=4, head_dim=dh,
+                          rope_theta=theta, rope_scaling=scaling, max_position_embeddings=131072)
+        inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+        cases.append({
+            "model": name, "rope_theta": theta, "head_dim": dh, "rope_scaling": scaling,
+            "factors": converter_factors(theta, dh, factor, lf, hf, ctx),
+            "hf_inv_freq": inv_freq.to(torch.float32).tolist(),
+        })
+    return cases
+
+
 def main() -> None:
     rng = np.random.default_rng(20261127)
     cases = []
@@ -74,6 +117,7 @@ def main() -> None:
     doc = {
         "source": "gguf-py (gguf.quants.dequantize), scripts/make_kquant_fixture.py",
         "cases": cases,
+        "llama3_rope": llama3_rope(),
     }
     out.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
     print(f"wrote {out} ({out.stat().st_size} bytes)")

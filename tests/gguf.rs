@@ -1227,3 +1227,72 @@ fn rope_freqs_that_are_not_llama3_are_errors() {
     let m = convert_error(&write("short-rope.gguf", &kquant_llama(&kvs, vec![rope])));
     assert!(m.contains("rope_freqs.weight") && m.contains("[64]"), "{m}");
 }
+
+/// The published Llama-3.1 8B (Dh 128) and Llama-3.2 1B (Dh 64) settings: factors as llama.cpp's
+/// converter computes them in f32, and transformers' llama3 inverse frequencies for the same
+/// settings (scripts/make_kquant_fixture.py). The converted config must name the published
+/// parameters exactly and make the runtime's inv_freq agree with transformers'.
+#[test]
+fn published_llama3_rope_freqs_convert_like_transformers() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf-kquants.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let f32s = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    let cases = doc["llama3_rope"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for c in cases {
+        let model = c["model"].as_str().unwrap();
+        let dh = c["head_dim"].as_u64().unwrap() as usize;
+        let heads = KD / dh;
+        let factors = f32s(&c["factors"]);
+        let theta = c["rope_theta"].as_f64().unwrap();
+        let kvs = [
+            ("llama.rope.freq_base", Value::F32(theta as f32)),
+            ("llama.attention.head_count", Value::U32(heads as u32)),
+            ("llama.attention.head_count_kv", Value::U32(heads as u32 / 2)),
+        ];
+        let rope = tensor("rope_freqs.weight", &[dh / 2], 0, f32_bytes(&factors));
+        let src = write(&format!("{model}.gguf"), &kquant_llama(&kvs, vec![rope]));
+        let out = tmp_dir().join(format!("{model}-converted"));
+        thinksteer::gguf::convert(&src, &out).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+        for k in [
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ] {
+            assert_eq!(
+                num(&json["rope_scaling"], k),
+                num(&c["rope_scaling"], k),
+                "{model}: {k}"
+            );
+        }
+        let cfg = thinksteer::config::Config::from_file(&out.join("config.json")).unwrap();
+        let got = cfg.rope_inv_freq();
+        let want = f32s(&c["hf_inv_freq"]);
+        assert_eq!(got.len(), want.len());
+        // transformers computes in f32: pow, reciprocal, then up to 5 more rounded ops in the
+        // band (wavelen, ctx / wavelen, − lf, / (hf − lf), the blend); the runtime rounds once
+        // from f64. 8 ulp covers those roundings.
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(&g, &w)| (g - w).abs() / (f32::EPSILON / 2.0 * w.abs()))
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst <= 8.0,
+            "{model}: runtime inv_freq is {worst} ulp from transformers'"
+        );
+        eprintln!("{model}: worst {worst} ulp");
+    }
+}
