@@ -1091,7 +1091,10 @@ fn kquant_tensors_convert_to_the_dequantised_hf_layout() {
     let out = tmp_dir().join("kquant-llama-converted");
     let rep = thinksteer::gguf::convert(&src, &out).unwrap();
     assert_eq!(
-        rep.types.iter().map(|(k, v)| (k.as_str(), *v)).collect::<Vec<_>>(),
+        rep.types
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect::<Vec<_>>(),
         [("F32", 8), ("Q4_K", 1), ("Q5_K", 1), ("Q6_K", 1)]
     );
     let g = GgufFile::open(&src).unwrap();
@@ -1135,7 +1138,12 @@ fn kquant_tensors_convert_to_the_dequantised_hf_layout() {
 fn truncated_kquant_data_names_the_tensor() {
     for (ty, bytes) in [(12u32, 144usize), (13, 176), (14, 210)] {
         // [2, 256] claims two super-blocks; one and a half follow.
-        let spec = tensor("blk.3.ffn_up.weight", &[2, 256], ty, vec![0u8; bytes * 3 / 2]);
+        let spec = tensor(
+            "blk.3.ffn_up.weight",
+            &[2, 256],
+            ty,
+            vec![0u8; bytes * 3 / 2],
+        );
         let path = write("kquant-cut.gguf", &gguf_bytes(3, &[], &[spec], 32));
         let msg = input_error(&path);
         let name = GgmlType(ty).name();
@@ -1218,10 +1226,15 @@ fn llama31_rope_freqs_become_the_llama3_rope_scaling() {
 fn rope_freqs_that_are_not_llama3_are_errors() {
     let kvs = [("llama.rope.freq_base", Value::F32(500000.0))];
     // A step from 1 to 8 with no band: the thresholds cannot be recovered.
-    let step: Vec<f32> = (0..KDH / 2).map(|i| if i < 30 { 1.0 } else { 8.0 }).collect();
+    let step: Vec<f32> = (0..KDH / 2)
+        .map(|i| if i < 30 { 1.0 } else { 8.0 })
+        .collect();
     let rope = tensor("rope_freqs.weight", &[KDH / 2], 0, f32_bytes(&step));
     let m = convert_error(&write("step-rope.gguf", &kquant_llama(&kvs, vec![rope])));
-    assert!(m.contains("rope_freqs.weight") && m.contains("at least 2"), "{m}");
+    assert!(
+        m.contains("rope_freqs.weight") && m.contains("at least 2"),
+        "{m}"
+    );
     // Wrong length.
     let rope = tensor("rope_freqs.weight", &[32], 0, f32_bytes(&[1.0; 32]));
     let m = convert_error(&write("short-rope.gguf", &kquant_llama(&kvs, vec![rope])));
@@ -1255,7 +1268,10 @@ fn published_llama3_rope_freqs_convert_like_transformers() {
         let kvs = [
             ("llama.rope.freq_base", Value::F32(theta as f32)),
             ("llama.attention.head_count", Value::U32(heads as u32)),
-            ("llama.attention.head_count_kv", Value::U32(heads as u32 / 2)),
+            (
+                "llama.attention.head_count_kv",
+                Value::U32(heads as u32 / 2),
+            ),
         ];
         let rope = tensor("rope_freqs.weight", &[dh / 2], 0, f32_bytes(&factors));
         let src = write(&format!("{model}.gguf"), &kquant_llama(&kvs, vec![rope]));

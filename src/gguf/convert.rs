@@ -1,7 +1,7 @@
 //! GGUF file → checkpoint folder (config.json, model.safetensors in f32, tokenizer.json,
 //! tokenizer_config.json; a Llama-3.1 `rope_freqs.weight` becomes config.json's llama3
-//! `rope_scaling`, see rope.rs), and `checkpoint_dir`, which lets every command take a `.gguf` file
-//! where it takes a folder by converting it once into a cache folder beside it.
+//! `rope_scaling`, see rope.rs), and `checkpoint_dir`, which lets every command take a `.gguf`
+//! file where it takes a folder by converting it once into a cache folder beside it.
 //!
 //! Why convert instead of loading GGUF directly: the runtime has one loading path (a folder),
 //! tested against HF; a converted folder goes through exactly that path. The CPU backend is f32,

@@ -1,6 +1,8 @@
 //! GGUF files (versions 2 and 3), memory-mapped: metadata, tensor infos and tensors
-//! dequantised to f32. Shapes are returned row-major ([out, in] for a linear weight, as in
-//! safetensors), the reverse of the fastest-first dim order GGUF stores.
+//! dequantised to f32 (types in `SUPPORTED`: the float types, Q8_0, Q4_0/1, Q5_0/1 in
+//! dequant.rs and the k-quants Q4_K, Q5_K, Q6_K in kquants.rs). Shapes are returned row-major
+//! ([out, in] for a linear weight, as in safetensors), the reverse of the fastest-first dim
+//! order GGUF stores.
 //!
 //! Layout read here: "GGUF", u32 version, u64 tensor count, u64 metadata count, the metadata
 //! pairs (string key, u32 type, value), the tensor infos (string name, u32 n_dims, u64 dims
@@ -8,7 +10,8 @@
 //! `general.alignment` (default 32) and the data section. Strings are a u64 length + UTF-8.
 //!
 //! `convert` turns a llama / qwen2 GGUF into a checkpoint folder (names.rs maps the tensor
-//! names, tokenizer.rs rebuilds tokenizer.json); `checkpoint_dir` does so once per file so that
+//! names, tokenizer.rs rebuilds tokenizer.json, rope.rs turns Llama-3.1's `rope_freqs.weight`
+//! into config.json's llama3 `rope_scaling`); `checkpoint_dir` does so once per file so that
 //! every command accepts a `.gguf` file where it accepts a folder.
 
 mod convert;

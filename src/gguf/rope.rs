@@ -178,9 +178,20 @@ mod tests {
         assert_eq!(r.low_freq_factor, 1.0);
         let rel = |a: f64, b: f64| ((a - b) / b).abs();
         // The f32 factors carry 2^-24 relative error, amplified by the 2×2 fit.
-        assert!(rel(r.original_max_position_embeddings, 7000.0 / 1.5) < 1e-5, "{r:?}");
+        assert!(
+            rel(r.original_max_position_embeddings, 7000.0 / 1.5) < 1e-5,
+            "{r:?}"
+        );
         assert!(rel(r.high_freq_factor, 3.7 / 1.5) < 1e-5, "{r:?}");
-        assert!(worst(&f, &(0..64).map(|i| 1.0 / 500000f64.powf(i as f64 / 64.0)).collect::<Vec<_>>(), &r) < 1e-6);
+        assert!(
+            worst(
+                &f,
+                &(0..64)
+                    .map(|i| 1.0 / 500000f64.powf(i as f64 / 64.0))
+                    .collect::<Vec<_>>(),
+                &r
+            ) < 1e-6
+        );
     }
 
     #[test]
@@ -190,10 +201,14 @@ mod tests {
         assert!(e.contains("64") && e.contains("10"), "{e}");
         let mut f = factors(&llama3(8.0, 1.0, 4.0, 8192.0), 500000.0, 128);
         f[3] = 0.5;
-        assert!(llama3_from_factors(&f, 500000.0, 128).unwrap_err().contains("0.5"));
+        assert!(llama3_from_factors(&f, 500000.0, 128)
+            .unwrap_err()
+            .contains("0.5"));
         // A step with no band cannot fix the thresholds.
         let step: Vec<f32> = (0..64).map(|i| if i < 30 { 1.0 } else { 8.0 }).collect();
-        assert!(llama3_from_factors(&step, 500000.0, 128).unwrap_err().contains("at least 2"));
+        assert!(llama3_from_factors(&step, 500000.0, 128)
+            .unwrap_err()
+            .contains("at least 2"));
         // A band that is not of the llama3 shape.
         let mut f = factors(&llama3(8.0, 1.0, 4.0, 8192.0), 500000.0, 128);
         f[31] *= 1.01;
