@@ -14,6 +14,9 @@
 //!   and 2^-14 of the loss sum for the loss (the loss passes half the ops and none of the
 //!   backward's).
 
+// Reference loops index several arrays by the same position.
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use cudarc::driver::CudaSlice;
