@@ -338,3 +338,121 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     }
     Ok(out)
 }
+
+/// One timing of the steering-vector gradient (`bench --vector-grad`).
+#[derive(Debug, Clone, Serialize)]
+pub struct VectorGradRow {
+    pub shape: String,
+    /// Where the target positions sit: "end" (the last ones) or "spread" (evenly over the prompt).
+    pub targets_at: &'static str,
+    pub prompt_len: usize,
+    pub layer: usize,
+    pub active_rows: usize,
+    pub targets: usize,
+    /// Forward + backward of one example (loss and dL/dv), uploads and downloads included.
+    pub ms_per_example: f64,
+    /// ms_per_example × 2,048 examples × 50 epochs, in hours.
+    pub projected_hours: f64,
+}
+
+/// A synthetic prepared example of the real shape: random h_L and prefix K/V (the values do not
+/// change the work done), `n_targets` target positions ending at the prompt's end or spread.
+fn synthetic_frozen(
+    c: &Config,
+    prompt_len: usize,
+    n_targets: usize,
+    spread: bool,
+    seed: u64,
+) -> crate::vector_grad::Frozen {
+    let mut r = Rng::new(seed);
+    let n = n_targets.clamp(2, prompt_len.max(2));
+    let positions: Vec<usize> = if spread {
+        let step = (prompt_len / n).max(1);
+        (1..=n)
+            .map(|i| (i * step).min(prompt_len - 1))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    } else {
+        (prompt_len.saturating_sub(n)..prompt_len).collect()
+    };
+    let (s0, pe) = (positions[0], *positions.last().unwrap_or(&0));
+    let ta = pe - s0;
+    let layer = c.num_hidden_layers / 2;
+    let kvd = c.num_key_value_heads * c.head_dim;
+    let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| r.normal() as f32).collect() };
+    let h_l = rand(ta * c.hidden_size);
+    let nl = c.num_hidden_layers - layer - 1;
+    let k_pre = (0..nl).map(|_| rand(s0 * kvd)).collect();
+    let v_pre = (0..nl).map(|_| rand(s0 * kvd)).collect();
+    let const_logits = rand(c.vocab_size);
+    let ids = random_ids(prompt_len + 1, c.vocab_size, seed);
+    crate::vector_grad::Frozen {
+        layer,
+        s0,
+        ta,
+        h_l,
+        k_pre,
+        v_pre,
+        steer_rows: positions
+            .iter()
+            .filter(|&&p| p < pe)
+            .map(|&p| p - s0)
+            .collect(),
+        predict: positions
+            .iter()
+            .filter(|&&p| p > s0)
+            .map(|&p| (p - s0 - 1, ids[p]))
+            .collect(),
+        const_row: (s0 > 0).then(|| (const_logits, ids[s0])),
+    }
+}
+
+/// Times the GPU loss-and-gradient of the steering vector for one example of `prompt_len`
+/// tokens with ~100 target positions at the middle block, for targets at the end and spread.
+pub fn run_cuda_vector_grad(
+    shape: &str,
+    prompt_len: usize,
+    seed: u64,
+) -> Result<Vec<VectorGradRow>> {
+    let Some(c) = named_shape(shape) else {
+        bail!("--vector-grad needs a named shape (qwen2.5-1.5b or llama-3.1-8b), found {shape:?}");
+    };
+    if prompt_len < 3 {
+        bail!("--vector-grad needs --prompt-len of at least 3, found {prompt_len}");
+    }
+    let gpu = Gpu::new(0)?;
+    let w = CudaWeights::random(&gpu, &c, seed)?;
+    let mut vg = crate::cuda::vector_grad::CudaVectorGrad::new(&gpu, &c, &w)?;
+    let mut rows = vec![];
+    for (spread, at) in [(false, "end"), (true, "spread")] {
+        let fz = synthetic_frozen(&c, prompt_len, 100, spread, seed);
+        let v: Vec<f32> = (0..c.hidden_size)
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+            .collect();
+        let first = vg.loss_grad(&fz, &v, None, 1.0)?; // warm-up: buffers, module load
+        if !first.loss_sum.is_finite() || first.grad_sum.iter().any(|x| !x.is_finite()) {
+            bail!(
+                "--vector-grad: the loss or gradient is not finite (loss {})",
+                first.loss_sum
+            );
+        }
+        const REPS: usize = 3;
+        let t0 = Instant::now();
+        for _ in 0..REPS {
+            vg.loss_grad(&fz, &v, None, 1.0)?;
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / REPS as f64;
+        rows.push(VectorGradRow {
+            shape: shape.into(),
+            targets_at: at,
+            prompt_len,
+            layer: fz.layer,
+            active_rows: fz.ta,
+            targets: fz.targets(),
+            ms_per_example: ms,
+            projected_hours: ms * 2048.0 * 50.0 / 3.6e6,
+        });
+    }
+    Ok(rows)
+}

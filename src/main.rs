@@ -341,6 +341,9 @@ struct BenchArgs {
     /// Time the hybrid step of a pair of this shape against plain decode of both (GPU).
     #[arg(long)]
     hybrid: bool,
+    /// Time the steering-vector loss and gradient of one example of --prompt-len tokens (GPU).
+    #[arg(long)]
+    vector_grad: bool,
 }
 
 fn main() -> ExitCode {
@@ -802,6 +805,24 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
     };
     if a.prompt_len == 0 || a.batch.contains(&0) {
         return Err(anyhow!("--prompt-len and every --batch must be at least 1"));
+    }
+    if a.vector_grad {
+        if !use_cuda(a.device)? {
+            return Err(anyhow!(
+                "--vector-grad benchmarks the GPU gradient: it needs --device cuda and a GPU"
+            ));
+        }
+        for r in thinksteer::bench::run_cuda_vector_grad(&a.shape, a.prompt_len, 0)? {
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} vector-grad: {} tokens, targets at the {} ({} targets, {} active rows, block {}): {:.1} ms/example; 2,048 examples x 50 epochs = {:.2} h",
+                    r.shape, r.prompt_len, r.targets_at, r.targets, r.active_rows, r.layer, r.ms_per_example, r.projected_hours
+                );
+            }
+        }
+        return Ok(());
     }
     let rows = if a.hybrid {
         if !use_cuda(a.device)? {

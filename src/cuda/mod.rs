@@ -11,6 +11,7 @@ pub mod kernels;
 mod launch;
 pub mod model;
 pub mod sources;
+pub mod vector_grad;
 
 use crate::{Error, Result};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};

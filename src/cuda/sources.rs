@@ -26,6 +26,23 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("embed", &["embed_bf16"]),
     ("gemm", &["gemm_bf16"]),
     (
+        "grad",
+        &[
+            "vg_mm_f32",
+            "vg_rmsnorm_fwd_f32",
+            "vg_rmsnorm_bwd_f32",
+            "vg_rope_f32",
+            "vg_attn_fwd_f32",
+            "vg_attn_bwd_q_f32",
+            "vg_attn_bwd_kv_f32",
+            "vg_silu_mul_fwd_f32",
+            "vg_silu_mul_bwd_f32",
+            "vg_xent_f32",
+            "vg_rows_f32",
+            "vg_steer_rows_f32",
+        ],
+    ),
+    (
         "hybrid",
         &[
             "hybrid_expand_f32",

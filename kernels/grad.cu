@@ -1,0 +1,362 @@
+// grad.cu: the kernels of the steering-vector gradient (src/cuda/vector_grad.rs): the forward of
+// blocks L+1..N−1 and the LM head over the active rows, keeping f32 activations, and the
+// input-only backward of each op (formulas as in src/vector_grad/ops.rs and attention.rs).
+//
+// Dtypes: weights bf16 (converted exactly to f32), every activation and gradient f32, f32
+// accumulation, no rounding to bf16 anywhere. Launch shapes are written above each kernel; all
+// kernels start with pdl_enter() (they read activations from their first instruction).
+#include "common.cuh"
+
+#define VG_T 64  // rows of x per block
+#define VG_N 64  // output columns per block
+#define VG_K 16  // reduction step
+
+// out[t, n] (+)= Σ_k x[t, k]·B[k, n] (+ bias[n]); x f32 row stride ldx, out f32 row stride ldo.
+//   trans_w == 0: B[k, n] = W[n·ldw + k]  (x·Wᵀ, W [N, K]: the forward product)
+//   trans_w == 1: B[k, n] = W[k·ldw + n]  (x·W,  W [K, N]: the input gradient of x·Wᵀ)
+// Sum over k in order within each thread (16-wide steps). Any T, N, K.
+// Launch: grid (ceil(N / 64), ceil(T / 64)), block 256 (16 × 16 threads, 4 × 4 outputs each).
+extern "C" __global__ void __launch_bounds__(256)
+    vg_mm_f32(float* __restrict__ out, const float* __restrict__ x, const bf16_t* __restrict__ W,
+              const float* __restrict__ bias, int T, int N, int K, int ldx, int ldw, int ldo, int trans_w,
+              int accumulate) {
+    pdl_enter();
+    __shared__ float As[VG_K][VG_T + 1];  // [k][t]
+    __shared__ float Bs[VG_K][VG_N + 1];  // [k][n]
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int n0 = blockIdx.x * VG_N, t0 = blockIdx.y * VG_T;
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (int k0 = 0; k0 < K; k0 += VG_K) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + i * 256, tt = e >> 4, kk = e & 15;
+            const int gt = t0 + tt, gk = k0 + kk;
+            As[kk][tt] = (gt < T && gk < K) ? x[(size_t)gt * ldx + gk] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + i * 256;
+            int kk, nn;
+            if (trans_w) {
+                kk = e >> 6;  // consecutive threads walk n: contiguous in W
+                nn = e & 63;
+            } else {
+                nn = e >> 4;  // consecutive threads walk k: contiguous in W
+                kk = e & 15;
+            }
+            const int gk = k0 + kk, gn = n0 + nn;
+            float b = 0.0f;
+            if (gk < K && gn < N) b = bf2f(trans_w ? W[(size_t)gk * ldw + gn] : W[(size_t)gn * ldw + gk]);
+            Bs[kk][nn] = b;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < VG_K; ++kk) {
+            float a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int t = t0 + ty + 16 * i;
+        if (t >= T) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int n = n0 + tx + 16 * j;
+            if (n >= N) continue;
+            float v = acc[i][j] + (bias ? bias[n] : 0.0f);
+            float* o = out + (size_t)t * ldo + n;
+            *o = accumulate ? *o + v : v;
+        }
+    }
+}
+
+// y[t] = x[t]·r[t]·w, r[t] = 1/sqrt(mean(x[t]²) + eps) (saved for the backward).
+// y, x f32 [T, D], w bf16 [D], r f32 [T]. Launch: grid T, block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    vg_rmsnorm_fwd_f32(float* __restrict__ y, float* __restrict__ r, const float* __restrict__ x,
+                       const bf16_t* __restrict__ w, int D, float eps) {
+    pdl_enter();
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const float* xr = x + row * D;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, scratch);
+    const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+    if (threadIdx.x == 0) r[row] = inv;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) y[row * D + i] = xr[i] * inv * bf2f(w[i]);
+}
+
+// dx[t] += r·(w ⊙ dy) − x·(r³/D)·Σ_i x_i w_i dy_i (the input gradient of vg_rmsnorm_fwd_f32).
+// dx, dy, x f32 [T, D], r f32 [T], w bf16 [D]. Launch: grid T, block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    vg_rmsnorm_bwd_f32(float* __restrict__ dx, const float* __restrict__ dy, const float* __restrict__ x,
+                       const float* __restrict__ r, const bf16_t* __restrict__ w, int D) {
+    pdl_enter();
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    const float *xr = x + row * D, *dyr = dy + row * D;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) s += xr[i] * bf2f(w[i]) * dyr[i];
+    s = block_sum(s, scratch);
+    const float ri = r[row];
+    const float c = ri * ri * ri * s / (float)D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) dx[row * D + i] += ri * bf2f(w[i]) * dyr[i] - xr[i] * c;
+}
+
+// Rotary embedding in place ("rotate half" pairs (i, i + half)) of the first heads·2·half
+// columns of x [T, ld], row t at position pos0 + t; angle = f32(pos)·inv_freq[i] in f32, the
+// precise sinf/cosf of it. `inverse` rotates by −angle (the transpose: the backward).
+// Launch: grid-stride over T·heads·half, block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    vg_rope_f32(float* __restrict__ x, const float* __restrict__ inv_freq, int T, int heads, int half, int ld,
+                int pos0, int inverse) {
+    pdl_enter();
+    const long total = (long)T * heads * half;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        const int i = (int)(e % half), h = (int)((e / half) % heads), t = (int)(e / ((long)half * heads));
+        const float angle = (float)(pos0 + t) * inv_freq[i];
+        float s = sinf(angle);
+        const float c = cosf(angle);
+        if (inverse) s = -s;
+        float* p = x + (size_t)t * ld + (size_t)h * 2 * half;
+        const float a = p[i], b = p[i + half];
+        p[i] = a * c - b * s;
+        p[i + half] = b * c + a * s;
+    }
+}
+
+// Key/value row j (absolute) of kv head g: the frozen prefix (j < S0, rows of Hkv·Dh) or the
+// active rows (row j − S0 of a matrix with row stride ld).
+__device__ __forceinline__ const float* vg_kv_row(const float* pre, const float* act, int j, int g, int S0, int Hkv,
+                                                  int Dh, int ld) {
+    return j < S0 ? pre + ((size_t)j * Hkv + g) * Dh : act + (size_t)(j - S0) * ld + (size_t)g * Dh;
+}
+
+// Causal attention of active row i (position S0 + i), head h, over keys 0..S0+i:
+//   out[i, h] = Σ_j softmax_j(q·k_j·scale)·v_j,  lse[i, h] = log Σ_j exp(q·k_j·scale).
+// q, k, v f32 with row stride ld (columns of the qkv buffer); k_pre, v_pre f32 [S0, Hkv·Dh];
+// out f32 [Ta, H·Dh]; lse f32 [Ta, H]; sc f32 scratch [Ta·H, S0 + Ta] (the row's scores).
+// Launch: grid Ta·H (block = i·H + h), block 128, dynamic shared Dh floats.
+extern "C" __global__ void __launch_bounds__(128)
+    vg_attn_fwd_f32(float* __restrict__ out, float* __restrict__ lse, float* __restrict__ sc,
+                    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+                    const float* __restrict__ k_pre, const float* __restrict__ v_pre, int Ta, int H, int Hkv, int Dh,
+                    int S0, int ld, float scale) {
+    pdl_enter();
+    extern __shared__ float qs[];  // [Dh]
+    __shared__ float scratch[32];
+    const int ih = blockIdx.x, i = ih / H, h = ih % H, g = h / (H / Hkv);
+    const int n = S0 + i + 1, S = S0 + Ta;
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) qs[d] = q[(size_t)i * ld + (size_t)h * Dh + d];
+    __syncthreads();
+    float* srow = sc + (size_t)ih * S;
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float* kr = vg_kv_row(k_pre, k, j, g, S0, Hkv, Dh, ld);
+        float s = 0.0f;
+        for (int d = 0; d < Dh; ++d) s = fmaf(qs[d], kr[d], s);
+        s *= scale;
+        srow[j] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float p = expf(srow[j] - mx);
+        srow[j] = p;
+        sum += p;
+    }
+    sum = block_sum(sum, scratch);  // its __syncthreads() also publishes srow to the block
+    const float inv = 1.0f / sum;
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+        float o = 0.0f;
+        for (int j = 0; j < n; ++j) o = fmaf(srow[j] * inv, vg_kv_row(v_pre, v, j, g, S0, Hkv, Dh, ld)[d], o);
+        out[(size_t)i * H * Dh + (size_t)h * Dh + d] = o;
+    }
+    if (threadIdx.x == 0) lse[ih] = mx + logf(sum);
+}
+
+// Attention backward, query side, for row (i, h): P_j = exp(q·k_j·scale − lse), dP_j = dout·v_j,
+// δ = Σ_j P_j dP_j, dS_j = P_j (dP_j − δ), dq = Σ_j dS_j·scale·k_j. P and dS are kept in
+// p_s, ds_s f32 [Ta·H, S0 + Ta] for vg_attn_bwd_kv_f32. dq f32 row stride ld_dq; dout f32
+// [Ta, H·Dh]; the rest as in vg_attn_fwd_f32.
+// Launch: grid Ta·H, block 128, dynamic shared 2·Dh floats.
+extern "C" __global__ void __launch_bounds__(128)
+    vg_attn_bwd_q_f32(float* __restrict__ dq, float* __restrict__ p_s, float* __restrict__ ds_s,
+                      const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ q,
+                      const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ k_pre,
+                      const float* __restrict__ v_pre, int Ta, int H, int Hkv, int Dh, int S0, int ld, int ld_dq,
+                      float scale) {
+    pdl_enter();
+    extern __shared__ float sh[];  // q [Dh] | dout [Dh]
+    __shared__ float scratch[32];
+    float *qs = sh, *dos = sh + Dh;
+    const int ih = blockIdx.x, i = ih / H, h = ih % H, g = h / (H / Hkv);
+    const int n = S0 + i + 1, S = S0 + Ta;
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+        qs[d] = q[(size_t)i * ld + (size_t)h * Dh + d];
+        dos[d] = dout[(size_t)ih * Dh + d];
+    }
+    __syncthreads();
+    const float l = lse[ih];
+    float* prow = p_s + (size_t)ih * S;
+    float* dsrow = ds_s + (size_t)ih * S;
+    float delta = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        const float* kr = vg_kv_row(k_pre, k, j, g, S0, Hkv, Dh, ld);
+        const float* vr = vg_kv_row(v_pre, v, j, g, S0, Hkv, Dh, ld);
+        float s = 0.0f, dp = 0.0f;
+        for (int d = 0; d < Dh; ++d) {
+            s = fmaf(qs[d], kr[d], s);
+            dp = fmaf(dos[d], vr[d], dp);
+        }
+        const float p = expf(s * scale - l);
+        prow[j] = p;
+        dsrow[j] = dp;
+        delta += p * dp;
+    }
+    delta = block_sum(delta, scratch);
+    for (int j = threadIdx.x; j < n; j += blockDim.x) dsrow[j] = prow[j] * (dsrow[j] - delta);
+    __syncthreads();
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+        float a = 0.0f;
+        for (int j = 0; j < n; ++j) a = fmaf(dsrow[j] * scale, vg_kv_row(k_pre, k, j, g, S0, Hkv, Dh, ld)[d], a);
+        dq[(size_t)i * ld_dq + (size_t)h * Dh + d] = a;
+    }
+}
+
+// Attention backward, key side, for active key j, kv head g: over queries i ≥ j and the group's
+// heads, dk_j = Σ dS_ij·scale·q_i and dv_j = Σ P_ij·dout_i. dkv f32 row stride ld_d holds dk in
+// its first Hkv·Dh columns and dv in the next Hkv·Dh; q row stride ld; p_s, ds_s from
+// vg_attn_bwd_q_f32.
+// Launch: grid Ta·Hkv (block = j·Hkv + g), block 128 (threads over Dh).
+extern "C" __global__ void __launch_bounds__(128)
+    vg_attn_bwd_kv_f32(float* __restrict__ dkv, const float* __restrict__ p_s,
+                       const float* __restrict__ ds_s, const float* __restrict__ q, const float* __restrict__ dout,
+                       int Ta, int H, int Hkv, int Dh, int S0, int ld, int ld_d, float scale) {
+    pdl_enter();
+    const int j = blockIdx.x / Hkv, g = blockIdx.x % Hkv, group = H / Hkv, S = S0 + Ta;
+    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
+        float ak = 0.0f, av = 0.0f;
+        for (int i = j; i < Ta; ++i)
+            for (int h = g * group; h < (g + 1) * group; ++h) {
+                const size_t at = ((size_t)i * H + h) * S + S0 + j;
+                ak = fmaf(ds_s[at] * scale, q[(size_t)i * ld + (size_t)h * Dh + d], ak);
+                av = fmaf(p_s[at], dout[((size_t)i * H + h) * Dh + d], av);
+            }
+        dkv[(size_t)j * ld_d + (size_t)g * Dh + d] = ak;
+        dkv[(size_t)j * ld_d + (size_t)(Hkv + g) * Dh + d] = av;
+    }
+}
+
+// act[t, f] = silu(g)·u with g = gu[t, f], u = gu[t, F + f]. act f32 [T, F], gu f32 [T, 2F].
+// Launch: grid-stride over T·F, block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    vg_silu_mul_fwd_f32(float* __restrict__ act, const float* __restrict__ gu, int T, int F) {
+    pdl_enter();
+    const long total = (long)T * F;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        const long t = e / F, f = e % F;
+        const float g = gu[t * 2 * F + f], u = gu[t * 2 * F + F + f];
+        act[e] = g / (1.0f + expf(-g)) * u;
+    }
+}
+
+// The backward of vg_silu_mul_fwd_f32, σ = sigmoid(g): dgu[t, f] = da·u·σ·(1 + g·(1 − σ)),
+// dgu[t, F + f] = da·g·σ. dgu, gu f32 [T, 2F], dact f32 [T, F].
+// Launch: grid (ceil(F / 256) ≤ 64, min(T, 65535)), block 256; both dims grid-stride.
+extern "C" __global__ void __launch_bounds__(256)
+    vg_silu_mul_bwd_f32(float* __restrict__ dgu, const float* __restrict__ dact, const float* __restrict__ gu, int T,
+                        int F) {
+    pdl_enter();
+    // One row per blockIdx.y step, columns by grid-stride in x (keeps the index math in int).
+    for (int t = blockIdx.y; t < T; t += gridDim.y) {
+        const float* g_row = gu + (size_t)t * 2 * F;
+        float* d_row = dgu + (size_t)t * 2 * F;
+        const float* a_row = dact + (size_t)t * F;
+        for (int f = blockIdx.x * blockDim.x + threadIdx.x; f < F; f += gridDim.x * blockDim.x) {
+            const float g = g_row[f], u = g_row[F + f], da = a_row[f];
+            const float s = 1.0f / (1.0f + expf(-g));
+            d_row[f] = da * u * s * (1.0f + g * (1.0f - s));
+            d_row[F + f] = da * g * s;
+        }
+    }
+}
+
+// Cross-entropy of softmax(c·z[r]) at y[r] per row: loss[r] = lse − c·z[r, y], lse =
+// log Σ exp(c·z); with want_grad, z[r] is overwritten by c·(softmax(c·z) − onehot(y)).
+// z f32 [R, V], y i32 [R], loss f32 [R]. Launch: grid R, block 1024.
+extern "C" __global__ void __launch_bounds__(1024)
+    vg_xent_f32(float* __restrict__ z, float* __restrict__ loss, const int* __restrict__ y, int V, float c,
+                int want_grad) {
+    pdl_enter();
+    __shared__ float scratch[32];
+    float* zr = z + (size_t)blockIdx.x * V;
+    const int yr = y[blockIdx.x];
+    const float zy = (yr >= 0 && yr < V) ? zr[yr] : __int_as_float(0x7fc00000);  // NaN: no such target
+    // (zy is read before any thread overwrites the row: block_max below synchronises.)
+    float mx = -INFINITY;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, c * zr[i]);
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += expf(c * zr[i] - mx);
+    sum = block_sum(sum, scratch);
+    const float lse = mx + logf(sum);
+    if (threadIdx.x == 0) loss[blockIdx.x] = lse - c * zy;
+    if (want_grad)
+        for (int i = threadIdx.x; i < V; i += blockDim.x) zr[i] = c * expf(c * zr[i] - lse) - (i == yr ? c : 0.0f);
+}
+
+// dst[r] = src[idx[r]] (gather, scatter_add == 0) or dst[idx[r]] += src[r] (scatter_add == 1;
+// idx distinct). Rows of D floats; idx i32 [R]; indices outside 0..rows of the indexed matrix
+// are skipped. Launch: grid-stride over R·D, block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    vg_rows_f32(float* __restrict__ dst, const float* __restrict__ src, const int* __restrict__ idx, int R, int D,
+                int rows, int scatter_add) {
+    pdl_enter();
+    const long total = (long)R * D;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < total; e += (long)gridDim.x * blockDim.x) {
+        const long r = e / D, i = e % D, o = (long)idx[r] * D + i;
+        if (idx[r] < 0 || idx[r] >= rows) continue;
+        if (scatter_add)
+            dst[o] += src[e];
+        else
+            dst[e] = src[o];
+    }
+}
+
+// The steer rows: add == 1: h[idx[r]] += v + extra (extra may be null) for r < R;
+// add == 0: dv[i] = Σ_r h[idx[r], i] in the order of idx (the reduction into dL/dv).
+// h f32 [rows, D], v f32 [D], idx i32 [R] (indices outside 0..rows are skipped).
+// Launch: grid ceil(D / 256), block 256.
+extern "C" __global__ void __launch_bounds__(256)
+    vg_steer_rows_f32(float* __restrict__ h, float* __restrict__ v, const float* __restrict__ extra,
+                      const int* __restrict__ idx, int R, int D, int rows, int add) {
+    pdl_enter();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= D) return;
+    if (add) {
+        const float a = v[i] + (extra ? extra[i] : 0.0f);
+        for (int r = 0; r < R; ++r)
+            if (idx[r] >= 0 && idx[r] < rows) h[(size_t)idx[r] * D + i] += a;
+    } else {
+        float s = 0.0f;
+        for (int r = 0; r < R; ++r)
+            if (idx[r] >= 0 && idx[r] < rows) s += h[(size_t)idx[r] * D + i];
+        v[i] = s;
+    }
+}
