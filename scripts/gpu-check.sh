@@ -30,6 +30,9 @@ timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8
 timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
 timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || { status=1; cat "$OUT/bench-hybrid.err"; }
+# The steering-vector gradient (train-vectors --method optimise's work) at 500-token contexts.
+echo "== bench --vector-grad"
+timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -4
 # Batch-1 decode with the norms fused into the products (off by default until measured here).
 echo "== bench, THINKSTEER_FUSE_NORM=1"
 for shape in qwen2.5-1.5b llama-3.1-8b; do
