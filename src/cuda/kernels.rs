@@ -906,9 +906,7 @@ pub fn matmul(
     if n > GEMV_MAX_ROWS * GEMV_PASSES || out.len() != n * m || x.len() != n * k {
         return gemm(gpu, out, x, w, n, m, k);
     }
-    let mut r0 = 0;
-    while r0 < n {
-        let rows = GEMV_MAX_ROWS.min(n - r0);
+    row_groups(n, |r0, rows| {
         gemv(
             gpu,
             &mut out.slice_mut(r0 * m..(r0 + rows) * m),
@@ -917,7 +915,16 @@ pub fn matmul(
             rows,
             m,
             k,
-        )?;
+        )
+    })
+}
+
+/// Calls `f(first row, rows)` for consecutive groups of at most GEMV_MAX_ROWS of `n` rows.
+fn row_groups(n: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
+    let mut r0 = 0;
+    while r0 < n {
+        let rows = GEMV_MAX_ROWS.min(n - r0);
+        f(r0, rows)?;
         r0 += rows;
     }
     Ok(())
@@ -941,9 +948,7 @@ pub fn matmul_glu(
         gemm(gpu, gate_up, x, w, n, 2 * f, k)?;
         return silu_mul(gpu, act, &gate_up.as_view(), n, f);
     }
-    let mut r0 = 0;
-    while r0 < n {
-        let rows = GEMV_MAX_ROWS.min(n - r0);
+    row_groups(n, |r0, rows| {
         gemv_glu(
             gpu,
             &mut act.slice_mut(r0 * f..(r0 + rows) * f),
@@ -952,10 +957,8 @@ pub fn matmul_glu(
             rows,
             f,
             k,
-        )?;
-        r0 += rows;
-    }
-    Ok(())
+        )
+    })
 }
 
 /// out bf16 [T, F] = silu(gate) · up, gate_up f32 [T, 2F] (gate first).

@@ -40,8 +40,8 @@ use crate::vector_grad::{loss_grad, prepare, Example, Frozen};
 use super::annotate::read_annotations;
 use super::spans::token_span;
 use super::traces::read_traces;
-use super::vectors::annotations_by_trace;
 use super::vectors::BasePrefix;
+use super::vectors::{annotations_by_trace, check_sentence};
 
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
@@ -173,16 +173,7 @@ pub fn build_examples(
         }
         for &i in by_trace.get(&t.index).into_iter().flatten() {
             let a = &annots[i];
-            if t.text.get(a.start..a.end) != Some(a.sentence.as_str()) {
-                bail!(
-                    "{}: trace {} bytes {}..{} do not hold the annotated sentence {:?}: expected the traces file the annotations were made from",
-                    annotations_path.display(),
-                    t.index,
-                    a.start,
-                    a.end,
-                    a.sentence
-                );
-            }
+            check_sentence(annotations_path, t, a)?;
             if let Some((s0, s1)) = span(a.start, a.end) {
                 cats[a.category].push(Example {
                     ids: ids[..s1].to_vec(),

@@ -131,16 +131,7 @@ pub fn mean_diff(
             .flatten()
             .map(|&i| &annots[i])
         {
-            if t.text.get(a.start..a.end) != Some(a.sentence.as_str()) {
-                bail!(
-                    "{}: trace {} bytes {}..{} do not hold the annotated sentence {:?}: expected the traces file the annotations were made from",
-                    annotations_path.display(),
-                    t.index,
-                    a.start,
-                    a.end,
-                    a.sentence
-                );
-            }
+            check_sentence(annotations_path, t, a)?;
             let Some(span) = token_span(&offsets, p + a.start, p + a.end) else {
                 continue;
             };
@@ -222,6 +213,22 @@ pub(crate) fn annotations_by_trace(
         );
     }
     Ok((kk, by_trace))
+}
+
+/// The annotated sentence must be the bytes it names in its trace (annotations of another
+/// traces file otherwise slip through as wrong spans).
+pub(crate) fn check_sentence(annotations_path: &Path, t: &Trace, a: &Annotation) -> Result<()> {
+    if t.text.get(a.start..a.end) != Some(a.sentence.as_str()) {
+        bail!(
+            "{}: trace {} bytes {}..{} do not hold the annotated sentence {:?}: expected the traces file the annotations were made from",
+            annotations_path.display(),
+            t.index,
+            a.start,
+            a.end,
+            a.sentence
+        );
+    }
+    Ok(())
 }
 
 /// K from the annotations; every row must agree on it and have a category below it.
