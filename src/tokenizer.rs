@@ -272,8 +272,13 @@ pub(crate) mod tests {
         serde_json::to_string_pretty(&v).unwrap()
     }
 
+    /// A new, empty directory for one call: a directory left by an earlier run whose
+    /// process had the same id (CI machines reuse ids) must not leak files into this one.
     pub fn temp_dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("thinksteer-{name}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!("thinksteer-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
     }

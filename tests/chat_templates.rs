@@ -22,6 +22,8 @@ fn load(name: &str) -> ChatTemplate {
 
 fn temp_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("thinksteer-chat-{name}-{}", std::process::id()));
+    // Empty: a directory left by an earlier run with the same process id must not count.
+    let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
