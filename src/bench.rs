@@ -430,7 +430,7 @@ pub fn run_cuda_vector_grad(
         let v: Vec<f32> = (0..c.hidden_size)
             .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
             .collect();
-        let first = vg.loss_grad(&fz, &v, None, 1.0)?; // warm-up: buffers, module load
+        let first = vg.loss_grad(&fz, &v, None, 1.0, true)?; // warm-up: buffers, module load
         if !first.loss_sum.is_finite() || first.grad_sum.iter().any(|x| !x.is_finite()) {
             bail!(
                 "--vector-grad: the loss or gradient is not finite (loss {})",
@@ -440,7 +440,7 @@ pub fn run_cuda_vector_grad(
         const REPS: usize = 3;
         let t0 = Instant::now();
         for _ in 0..REPS {
-            vg.loss_grad(&fz, &v, None, 1.0)?;
+            vg.loss_grad(&fz, &v, None, 1.0, true)?;
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3 / REPS as f64;
         rows.push(VectorGradRow {

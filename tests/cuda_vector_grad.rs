@@ -552,8 +552,12 @@ fn loss_and_gradient_match_the_cpu_reference() {
         let fz = prepare(&model, &ex, layer).unwrap();
         let e = with_extra.then_some(extra.as_slice());
         let want = loss_grad::<f32>(&model, &fz, &v, e, cold, true);
-        let got = vg.loss_grad(&fz, &v, e, cold).unwrap();
+        let got = vg.loss_grad(&fz, &v, e, cold, true).unwrap();
         let tag = format!("layer {layer}, positions {positions:?}, coldness {cold}");
+        // The forward alone gives the same loss (the same kernels in the same order).
+        let fwd = vg.loss_grad(&fz, &v, e, cold, false).unwrap();
+        assert_eq!(fwd.loss_sum, got.loss_sum, "{tag}: loss without the gradient");
+        assert_eq!(fwd.targets, got.targets, "{tag}: targets without the gradient");
         assert_eq!(got.targets, want.targets, "{tag}: targets");
         let tol_l = want.loss_sum.abs() / (1u64 << 14) as f64;
         assert!(

@@ -194,13 +194,14 @@ impl<'w> CudaVectorGrad<'w> {
 
     /// The loss of `fz` summed over its target tokens, their count, and d(loss_sum)/dv [D], with
     /// v [D] (plus the frozen `extra` [D]) added at its steer rows: `vector_grad::loss_grad`
-    /// with the gradient wanted, on the GPU.
+    /// on the GPU. Without `want_grad` only the forward runs and the gradient is zeros.
     pub fn loss_grad(
         &mut self,
         fz: &Frozen,
         v: &[f32],
         extra: Option<&[f32]>,
         coldness: f32,
+        want_grad: bool,
     ) -> Result<LossGrad<f32>> {
         let c = self.c.clone();
         let (d, f, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
@@ -501,6 +502,9 @@ impl<'w> CudaVectorGrad<'w> {
                 .map_err(cuda_err("downloading losses"))?;
             loss_sum += losses.iter().map(|&x| x as f64).sum::<f64>();
             targets += rc;
+            if !want_grad {
+                continue;
+            }
             // dxn = dz·W_lm                                                          [R, D]
             k::vg_mm(
                 gpu,
@@ -531,6 +535,13 @@ impl<'w> CudaVectorGrad<'w> {
             )?;
         }
 
+        if !want_grad {
+            return Ok(LossGrad {
+                loss_sum,
+                targets,
+                grad_sum: vec![0.0; d],
+            });
+        }
         // Backward of the blocks, in reverse; dh goes from d/dh_out to d/dh_in in place.
         for i in (0..nl).rev() {
             let lw = &w.layers[fz.layer + 1 + i];
