@@ -22,7 +22,7 @@ mod common;
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use std::sync::Arc;
-use thinksteer::cuda::kernels::{self as k, Mm, VgAttn};
+use thinksteer::cuda::kernels::{self as k, Mm, MmPath, VgAttn};
 use thinksteer::cuda::model::CudaEngine;
 use thinksteer::cuda::vector_grad::CudaVectorGrad;
 use thinksteer::cuda::Gpu;
@@ -119,16 +119,104 @@ fn mm_both_orientations_strided_with_bias_and_accumulate() {
             trans_w: trans,
             accumulate: true,
         };
-        k::vg_mm(
+        let path = k::vg_mm(
             &g,
             &mut out.slice_mut(..),
             &up(&g, &x).slice(..),
             &up(&g, &wb).slice(..),
             Some(&up(&g, &bias).slice(..)),
             m,
+            None,
         )
         .unwrap();
+        // K = 45 is no multiple of 8: the f32 FMA kernel runs.
+        assert_eq!(path, MmPath::F32, "mm trans {trans}: kernel");
         close(&format!("mm trans {trans}"), &down(&g, &out), &want, &tol);
+    }
+}
+
+/// The tensor-core product (hi/lo bf16 split of x) in both orientations, with and without
+/// split K, on tail sizes (T, N not multiples of the 64 × 128 tile). Each x is split as
+/// hi + lo with |x − hi − lo| ≤ 2^-16·|x| (two round-to-nearest bf16 steps of 2^-8 each), so each
+/// product is off by ≤ 2^-16 of its size; the f32 sums add ≤ 4·K·u·Σ|terms| as for vg_mm_f32.
+#[test]
+fn mm_tensor_cores_split_k_tails() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::new(11);
+    // (T, N, K, ldx pad, ldo pad): a one-tile output, several tiles with ragged edges, long K.
+    let cases = [
+        (5usize, 24usize, 64usize, 4usize, 0usize),
+        (70, 136, 256, 0, 3),
+        (129, 264, 1024, 8, 1),
+    ];
+    for (t, n, kk, px, po) in cases {
+        let (ldx, ldo) = (kk + px, n + po);
+        let x = rand(&mut r, t * ldx, 1.0);
+        let bias = rand(&mut r, n, 1.0);
+        let out0 = rand(&mut r, t * ldo, 1.0);
+        for trans in [false, true] {
+            let (wf, wb) = rand_bf(&mut r, n * kk, 0.3);
+            let bw =
+                |ki: usize, ni: usize| wf[if trans { ki * n + ni } else { ni * kk + ki }] as f64;
+            for (acc, with_part) in [(false, false), (true, false), (true, true), (false, true)] {
+                let mut want = if acc { f64s(&out0) } else { vec![0.0; t * ldo] };
+                let mut tol = vec![0.0; t * ldo];
+                for ti in 0..t {
+                    for ni in 0..n {
+                        let (mut s, mut a) = (bias[ni] as f64, bias[ni].abs() as f64);
+                        for ki in 0..kk {
+                            let p = x[ti * ldx + ki] as f64 * bw(ki, ni);
+                            s += p;
+                            a += p.abs();
+                        }
+                        let o = ti * ldo + ni;
+                        a += want[o].abs();
+                        want[o] += s;
+                        tol[o] = (1.0 / 65536.0 + 4.0 * (kk + 2) as f64 * U) * a;
+                    }
+                }
+                // Rows of out outside [T, N] keep out0 (or stay what they were).
+                for ti in 0..t {
+                    for ni in n..ldo {
+                        want[ti * ldo + ni] = out0[ti * ldo + ni] as f64;
+                    }
+                }
+                let mut out = up(&g, &out0);
+                let mut part = up(&g, &vec![0f32; 8 * t * n]);
+                let m = Mm {
+                    t,
+                    n,
+                    k: kk,
+                    ldx,
+                    ldw: if trans { n } else { kk },
+                    ldo,
+                    trans_w: trans,
+                    accumulate: acc,
+                };
+                let path = k::vg_mm(
+                    &g,
+                    &mut out.slice_mut(..),
+                    &up(&g, &x).slice(..),
+                    &up(&g, &wb).slice(..),
+                    Some(&up(&g, &bias).slice(..)),
+                    m,
+                    with_part.then(|| part.slice_mut(..)).as_mut(),
+                )
+                .unwrap();
+                let tag = format!("T {t} N {n} K {kk} trans {trans} acc {acc} part {with_part}");
+                // Every case has fewer tiles than two waves; K is split (each split keeping ≥ 4
+                // k-steps of 32) when scratch is given and K has ≥ 8 k-steps.
+                let split = with_part && kk >= 8 * 32;
+                let want_splits = if split { "> 1" } else { "1" };
+                match path {
+                    MmPath::TensorCore { splits } if (splits > 1) == split => {}
+                    other => panic!(
+                        "{tag}: expected tensor cores with splits {want_splits}, ran {other:?}"
+                    ),
+                }
+                close(&tag, &down(&g, &out), &want, &tol);
+            }
+        }
     }
 }
 
@@ -556,8 +644,14 @@ fn loss_and_gradient_match_the_cpu_reference() {
         let tag = format!("layer {layer}, positions {positions:?}, coldness {cold}");
         // The forward alone gives the same loss (the same kernels in the same order).
         let fwd = vg.loss_grad(&fz, &v, e, cold, false).unwrap();
-        assert_eq!(fwd.loss_sum, got.loss_sum, "{tag}: loss without the gradient");
-        assert_eq!(fwd.targets, got.targets, "{tag}: targets without the gradient");
+        assert_eq!(
+            fwd.loss_sum, got.loss_sum,
+            "{tag}: loss without the gradient"
+        );
+        assert_eq!(
+            fwd.targets, got.targets,
+            "{tag}: targets without the gradient"
+        );
         assert_eq!(got.targets, want.targets, "{tag}: targets");
         let tol_l = want.loss_sum.abs() / (1u64 << 14) as f64;
         assert!(

@@ -44,6 +44,11 @@ fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
     }
 }
 
+fn is_aligned16<T>(gpu: &Gpu, v: &CudaView<'_, T>) -> bool {
+    let (ptr, _sync) = v.device_ptr(&gpu.stream);
+    ptr.is_multiple_of(16)
+}
+
 fn aligned16<T>(gpu: &Gpu, kernel: &str, tensor: &str, v: &CudaView<'_, T>) -> Result<()> {
     let (ptr, _sync) = v.device_ptr(&gpu.stream);
     if !ptr.is_multiple_of(16) {
@@ -1277,8 +1282,21 @@ impl Mm {
     }
 }
 
+/// Which kernel a [`vg_mm`] ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MmPath {
+    /// vg_mm_f32: f32 FMA tiles (any shape, stride and alignment).
+    F32,
+    /// vg_mm_tc_f32: tensor cores on a hi/lo bf16 split of x, K split `splits` ways.
+    TensorCore { splits: usize },
+}
+
 /// f32 × bf16 matrix product (both orientations, optional accumulate); see [`Mm`].
-/// out f32, x f32, w bf16, bias f32 [N].
+/// out f32, x f32, w bf16, bias f32 [N]. On tensor cores (vg_mm_tc_f32) when the shape allows
+/// (K % 8 == 0, ldx % 4 == 0, ldw % 8 == 0, x and W 16-byte aligned, N % 8 == 0 for x·W) and
+/// THINKSTEER_VG_TC is not 0, else on f32 FMA tiles. `part` is scratch for split-K partial
+/// sums: with fewer output tiles than two waves of SMs, K is split over up to
+/// part.len() / (T·N) blocks per tile. Returns the kernel that ran.
 pub fn vg_mm(
     gpu: &Gpu,
     out: &mut CudaViewMut<'_, f32>,
@@ -1286,7 +1304,8 @@ pub fn vg_mm(
     w: &CudaView<'_, bf16>,
     bias: Option<&CudaView<'_, f32>>,
     m: Mm,
-) -> Result<()> {
+    part: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<MmPath> {
     const K: &str = "vg_mm_f32";
     at_least(K, "out", out.len(), span(m.t, m.n, m.ldo), "[T, N] at ldo")?;
     at_least(K, "x", x.len(), span(m.t, m.k, m.ldx), "[T, K] at ldx")?;
@@ -1300,7 +1319,7 @@ pub fn vg_mm(
         check(K, "bias", b.len(), m.n, "[N]")?;
     }
     if m.t == 0 || m.n == 0 {
-        return Ok(());
+        return Ok(MmPath::F32);
     }
     let ints = [m.t, m.n, m.k, m.ldx, m.ldw, m.ldo]
         .iter()
@@ -1308,6 +1327,16 @@ pub fn vg_mm(
         .map(|(&v, name)| int(K, name, v))
         .collect::<Result<Vec<i32>>>()?;
     let (tr, ac) = (i32::from(m.trans_w), i32::from(m.accumulate));
+    let tc_ok = m.k.is_multiple_of(8)
+        && m.ldx.is_multiple_of(4)
+        && m.ldw.is_multiple_of(8)
+        && (!m.trans_w || m.n.is_multiple_of(8))
+        && is_aligned16(gpu, x)
+        && is_aligned16(gpu, w)
+        && std::env::var("THINKSTEER_VG_TC").map_or(true, |v| v != "0");
+    if tc_ok {
+        return vg_mm_tc(gpu, out, x, w, bias, m, part, &ints, tr, ac);
+    }
     let f = gpu.func(K)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w);
@@ -1328,7 +1357,99 @@ pub fn vg_mm(
     }
     // SAFETY: argument order and types match vg_mm_f32; every buffer spans what the kernel
     // indexes at these strides (checked above); edge tiles are masked in the kernel.
-    gpu.launched(K, unsafe { l.launch(cfg(grid, 256, 0)) })
+    gpu.launched(K, unsafe { l.launch(cfg(grid, 256, 0)) })?;
+    Ok(MmPath::F32)
+}
+
+/// The tensor-core branch of [`vg_mm`] (shapes, lengths and alignment checked there).
+#[allow(clippy::too_many_arguments)]
+fn vg_mm_tc(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, bf16>,
+    bias: Option<&CudaView<'_, f32>>,
+    m: Mm,
+    part: Option<&mut CudaViewMut<'_, f32>>,
+    ints: &[i32],
+    tr: i32,
+    ac: i32,
+) -> Result<MmPath> {
+    const K: &str = "vg_mm_tc_f32";
+    let tiles = m.n.div_ceil(128) * m.t.div_ceil(64);
+    if m.t.div_ceil(64) > 65535 {
+        return Err(Error::Input(format!(
+            "{K}: T = {} needs more than 65535 row blocks",
+            m.t
+        )));
+    }
+    let nk = m.k.div_ceil(32);
+    // Split K when the tiles fill less than two waves, keeping ≥ 4 k-steps per block and the
+    // partial sums within `part`.
+    let cap = part.as_ref().map_or(1, |p| p.len() / (m.t * m.n));
+    let want = (2 * gpu.sms).div_ceil(tiles);
+    let splits = want.min(nk / 4).min(cap).clamp(1, 64);
+    let per = nk.div_ceil(splits).max(1);
+    let splits = nk.div_ceil(per).max(1);
+    let per_i = int(K, "k-steps per split", per)?;
+    let f = gpu.func(K)?;
+    let mut l = Launch::new(gpu, f);
+    let grid = (
+        m.n.div_ceil(128) as u32,
+        m.t.div_ceil(64) as u32,
+        splits as u32,
+    );
+    match part {
+        Some(p) if splits > 1 => {
+            l.arg(out).arg(p).arg(x).arg(w);
+            match bias {
+                Some(b) => l.arg(b),
+                None => l.arg(&NULL),
+            };
+            for v in ints {
+                l.arg(v);
+            }
+            l.arg(&tr).arg(&ac).arg(&per_i);
+            // SAFETY: argument order and types match vg_mm_tc_f32; out, x and W span their
+            // strided shapes (checked in vg_mm), part holds splits·T·N floats (splits ≤ cap);
+            // x and W are 16-byte aligned with K, ldx, ldw (and N for x·W) multiples of the
+            // vector widths the kernel loads.
+            gpu.launched(K, unsafe { l.launch(cfg(grid, 128, 0)) })?;
+            let splits_i = int(K, "splits", splits)?;
+            let (t, n, ldo) = (ints[0], ints[1], ints[5]);
+            let f = gpu.func("vg_mm_reduce_f32")?;
+            let mut l = Launch::new(gpu, f);
+            l.arg(out).arg(p);
+            match bias {
+                Some(b) => l.arg(b),
+                None => l.arg(&NULL),
+            };
+            l.arg(&t).arg(&n).arg(&ldo).arg(&splits_i).arg(&ac);
+            // SAFETY: argument order and types match vg_mm_reduce_f32; part holds the
+            // splits·T·N partial sums just written, out spans [T, N] at ldo.
+            gpu.launched("vg_mm_reduce_f32", unsafe {
+                l.launch(cfg((grid_stride(m.t * m.n), 1, 1), 256, 0))
+            })?;
+            Ok(MmPath::TensorCore { splits })
+        }
+        _ => {
+            let grid = (grid.0, grid.1, 1);
+            l.arg(out).arg(&NULL).arg(x).arg(w);
+            match bias {
+                Some(b) => l.arg(b),
+                None => l.arg(&NULL),
+            };
+            for v in ints {
+                l.arg(v);
+            }
+            let per_all = int(K, "k-steps", nk.max(1))?;
+            l.arg(&tr).arg(&ac).arg(&per_all);
+            // SAFETY: as above, with one split: the kernel writes out directly and never reads
+            // the null part.
+            gpu.launched(K, unsafe { l.launch(cfg(grid, 128, 0)) })?;
+            Ok(MmPath::TensorCore { splits: 1 })
+        }
+    }
 }
 
 /// y f32 [T, D] = rmsnorm(x f32 [T, D]) with weight w bf16 [D]; r f32 [T] = 1/rms.

@@ -50,6 +50,8 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     /// (major, minor), e.g. (9, 0) on an H100.
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors (132 on an H100 SXM): sizes split-K grids.
+    pub sms: usize,
     funcs: HashMap<&'static str, CudaFunction>,
     sync_each: bool,
     /// Launch with programmatic dependent launch (sm_90+, unless THINKSTEER_PDL=0).
@@ -87,6 +89,12 @@ impl Gpu {
             .compute_capability()
             .map_err(cuda_err("reading the compute capability"))?;
         let cc10 = (cc.0 * 10 + cc.1) as u32;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(cuda_err("reading the multiprocessor count"))?
+            .max(1) as usize;
         if cc10 < 80 {
             return Err(Error::Cuda(format!(
                 "device {ordinal} has compute capability {}.{}; the kernels need 8.0 or newer (bf16 tensor cores)",
@@ -138,6 +146,7 @@ impl Gpu {
             ctx,
             stream,
             compute_capability: cc,
+            sms,
             funcs,
             sync_each,
             pdl: cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0"),

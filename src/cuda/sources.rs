@@ -29,6 +29,8 @@ pub const MODULES: &[(&str, &[&str])] = &[
         "grad",
         &[
             "vg_mm_f32",
+            "vg_mm_tc_f32",
+            "vg_mm_reduce_f32",
             "vg_rmsnorm_fwd_f32",
             "vg_rmsnorm_bwd_f32",
             "vg_rope_f32",

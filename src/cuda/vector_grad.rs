@@ -31,6 +31,9 @@ use cudarc::driver::CudaSlice;
 
 /// Rows of the LM head computed together: bounds the [R, V] f32 logits buffer.
 const HEAD_CHUNK: usize = 128;
+/// Floats of split-K partial sums for the matrix products (32 MB): e.g. 11 splits of the
+/// [128, 1536] head gradient dz·W_lm, whose K = V is long and whose output is 24 tiles.
+const PART: usize = 1 << 23;
 
 /// Buffer sizes an example needs (each buffer holds at least this).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
@@ -86,6 +89,7 @@ pub struct CudaVectorGrad<'w> {
     w: &'w CudaWeights,
     inv_freq: CudaSlice<f32>, // [Dh/2]
     head: Head,
+    part: CudaSlice<f32>, // [PART] split-K partial sums of vg_mm
     bufs: Option<Bufs>,
 }
 
@@ -131,6 +135,7 @@ impl<'w> CudaVectorGrad<'w> {
             w,
             inv_freq,
             head,
+            part: f32s(PART)?,
             bufs: None,
         })
     }
@@ -299,6 +304,7 @@ impl<'w> CudaVectorGrad<'w> {
         let eps = c.rms_norm_eps;
         let b = self.bufs.as_mut().expect("ensured above");
         let hb = &mut self.head;
+        let part = &mut self.part;
         let up = cuda_err("uploading an example");
         let attn = VgAttn {
             ta,
@@ -376,6 +382,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lw.qkv_proj.as_view(),
                 lw.qkv_bias.as_ref().map(|x| x.as_view()).as_ref(),
                 Mm::nt(ta, qkvw, d),
+                Some(&mut part.slice_mut(..)),
             )?;
             // rope over the q and k heads (contiguous: H + Hkv heads)
             k::vg_rope(
@@ -407,6 +414,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lw.o_proj.as_view(),
                 None,
                 Mm::nt(ta, d, qd).acc(),
+                Some(&mut part.slice_mut(..)),
             )?;
             st.memcpy_dtod(
                 &b.h.slice(..ta * d),
@@ -430,6 +438,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lw.gate_up_proj.as_view(),
                 None,
                 Mm::nt(ta, 2 * f, d),
+                Some(&mut part.slice_mut(..)),
             )?;
             k::vg_silu_mul_fwd(
                 gpu,
@@ -446,6 +455,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lw.down_proj.as_view(),
                 None,
                 Mm::nt(ta, d, f).acc(),
+                Some(&mut part.slice_mut(..)),
             )?;
         }
 
@@ -487,6 +497,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lm.as_view(),
                 None,
                 Mm::nt(rc, vocab, d),
+                Some(&mut part.slice_mut(..)),
             )?;
             k::vg_xent(
                 gpu,
@@ -513,6 +524,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lm.as_view(),
                 None,
                 Mm::nn(rc, d, vocab),
+                Some(&mut part.slice_mut(..)),
             )?;
             st.memset_zeros(&mut hb.dx.slice_mut(..rc * d))
                 .map_err(cuda_err("clearing dx"))?;
@@ -561,6 +573,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lw.down_proj.as_view(),
                 None,
                 Mm::nn(ta, f, d),
+                Some(&mut part.slice_mut(..)),
             )?;
             k::vg_silu_mul_bwd(
                 gpu,
@@ -578,6 +591,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lw.gate_up_proj.as_view(),
                 None,
                 Mm::nn(ta, d, 2 * f),
+                Some(&mut part.slice_mut(..)),
             )?;
             k::vg_rmsnorm_bwd(
                 gpu,
@@ -596,6 +610,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lw.o_proj.as_view(),
                 None,
                 Mm::nn(ta, qd, d),
+                Some(&mut part.slice_mut(..)),
             )?;
             // dqkv = attention backward                                              [Ta, QKV]
             k::vg_attn_bwd(
@@ -628,6 +643,7 @@ impl<'w> CudaVectorGrad<'w> {
                 &lw.qkv_proj.as_view(),
                 None,
                 Mm::nn(ta, d, qkvw),
+                Some(&mut part.slice_mut(..)),
             )?;
             k::vg_rmsnorm_bwd(
                 gpu,
