@@ -4,6 +4,8 @@
 # then `thinksteer bench` for the Qwen2.5-1.5B and Llama-3.1-8B shapes, then the HF anchor
 # (a copy of ../shared/bench/hf_anchor.py) in the same call, and prints a summary table last.
 # Full logs go to $OUT (or .gpu/out). Budget: well under 8 minutes on an H100.
+# Short runs: TESTS="cuda_vector_grad ..." runs only those test binaries; BENCH=vg runs only the
+# vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
 set -u
 B=.gpu
 OUT=${OUT:-$B/out}
@@ -16,6 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 status=0
 for t in "$B"/tests/*; do
     name=$(basename "$t")
+    case " ${TESTS:-$name} " in *" $name "*) ;; *) continue ;; esac
     echo "== test $name"
     if timeout 180 "$t" --test-threads=1 > "$OUT/test-$name.log" 2>&1; then
         grep -E "^test result" "$OUT/test-$name.log"
@@ -25,19 +28,37 @@ for t in "$B"/tests/*; do
     fi
 done
 
+if [ "${BENCH:-all}" = "all" ]; then
 echo "== bench"
 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
 timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
 timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || { status=1; cat "$OUT/bench-hybrid.err"; }
+fi
 # The steering-vector gradient (train-vectors --method optimise's work) at 500-token contexts.
 echo "== bench --vector-grad"
-timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -4
+THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -4
+if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
+    timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
+    python3 - "$OUT/vg-profile.jsonl" <<'PY'
+import json, sys
+for l in open(sys.argv[1]):
+    if not l.startswith("{"):
+        print(l.rstrip()); continue
+    r = json.loads(l)
+    print(f"profile, targets at the {r['targets_at']} ({r['active_rows']} active rows), synchronised per launch:")
+    for k, n, ms in r["profile"][:14]:
+        print(f"  {k:<22} {n:>5} launches {ms:>9.2f} ms")
+PY
+fi
+if [ "${BENCH:-all}" = "all" ]; then
 # Batch-1 decode with the norms fused into the products (off by default until measured here).
 echo "== bench, THINKSTEER_FUSE_NORM=1"
 for shape in qwen2.5-1.5b llama-3.1-8b; do
     THINKSTEER_FUSE_NORM=1 timeout 120 "$B/thinksteer" bench --shape $shape --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | tail -1
 done
+
+fi
 
 if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ]; then
     echo "== HF anchor (NEW=$NEW)"

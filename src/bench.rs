@@ -353,6 +353,11 @@ pub struct VectorGradRow {
     pub ms_per_example: f64,
     /// ms_per_example × 2,048 examples × 50 epochs, in hours.
     pub projected_hours: f64,
+    /// The loss alone (the forward; held-out examples cost this).
+    pub ms_forward: f64,
+    /// With THINKSTEER_CUDA_PROFILE=1: (kernel, launches, ms) of one more loss-and-gradient
+    /// call with a synchronisation after every launch, slowest first; else empty.
+    pub profile: Vec<(String, usize, f64)>,
 }
 
 /// A synthetic prepared example of the real shape: random h_L and prefix K/V (the values do not
@@ -443,6 +448,22 @@ pub fn run_cuda_vector_grad(
             vg.loss_grad(&fz, &v, None, 1.0, true)?;
         }
         let ms = t0.elapsed().as_secs_f64() * 1e3 / REPS as f64;
+        let t0 = Instant::now();
+        for _ in 0..REPS {
+            vg.loss_grad(&fz, &v, None, 1.0, false)?;
+        }
+        let ms_forward = t0.elapsed().as_secs_f64() * 1e3 / REPS as f64;
+        let mut profile = vec![];
+        if std::env::var("THINKSTEER_CUDA_PROFILE").is_ok_and(|v| v == "1") {
+            gpu.set_profile(true)?;
+            vg.loss_grad(&fz, &v, None, 1.0, true)?;
+            profile = gpu
+                .profile_report()
+                .into_iter()
+                .map(|(k, n, s)| (k, n, s * 1e3))
+                .collect();
+            gpu.set_profile(false)?;
+        }
         rows.push(VectorGradRow {
             shape: shape.into(),
             targets_at: at,
@@ -452,6 +473,8 @@ pub fn run_cuda_vector_grad(
             targets: fz.targets(),
             ms_per_example: ms,
             projected_hours: ms * 2048.0 * 50.0 / 3.6e6,
+            ms_forward,
+            profile,
         });
     }
     Ok(rows)

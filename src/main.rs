@@ -820,6 +820,10 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                     "{} vector-grad: {} tokens, targets at the {} ({} targets, {} active rows, block {}): {:.1} ms/example; 2,048 examples x 50 epochs = {:.2} h",
                     r.shape, r.prompt_len, r.targets_at, r.targets, r.active_rows, r.layer, r.ms_per_example, r.projected_hours
                 );
+                println!("  loss alone (forward): {:.1} ms/example", r.ms_forward);
+                for (kernel, n, ms) in &r.profile {
+                    println!("  profile {kernel:<22} {n:>5} launches {ms:>9.2} ms");
+                }
             }
         }
         return Ok(());

@@ -58,6 +58,15 @@ pub struct Gpu {
     pub(crate) pdl: bool,
     /// Device scratch shared by the kernels that finish a reduction in their last block.
     pub(crate) scratch: Scratch,
+    /// Per-kernel wall time while enabled (`set_profile`); None: launches are not timed.
+    profile: std::sync::Mutex<Option<Profile>>,
+}
+
+/// Wall time per kernel name: each launch is followed by a stream synchronisation and charged
+/// the time since the previous one, so host work and copies just before a launch count to it.
+struct Profile {
+    last: std::time::Instant,
+    by_kernel: std::collections::BTreeMap<String, (usize, f64)>,
 }
 
 /// Entries of `Scratch::counters`: one per (row, head) of decode attention, or per argmax row.
@@ -151,7 +160,41 @@ impl Gpu {
             sync_each,
             pdl: cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0"),
             scratch,
+            profile: std::sync::Mutex::new(None),
         })
+    }
+
+    fn profile_lock(&self) -> std::sync::MutexGuard<'_, Option<Profile>> {
+        self.profile.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// With `on`, from now on every launch waits for its kernel and is timed (eager launches
+    /// only: a synchronisation inside CUDA-graph capture fails); the times start from zero.
+    /// For breakdowns, not for speed. With `!on`, timing stops and the times are dropped.
+    pub fn set_profile(&self, on: bool) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(cuda_err("synchronising for the profile"))?;
+        *self.profile_lock() = on.then(|| Profile {
+            last: std::time::Instant::now(),
+            by_kernel: Default::default(),
+        });
+        Ok(())
+    }
+
+    /// (kernel, launches, seconds) since `set_profile(true)`, slowest first.
+    pub fn profile_report(&self) -> Vec<(String, usize, f64)> {
+        let g = self.profile_lock();
+        let Some(p) = g.as_ref() else {
+            return vec![];
+        };
+        let mut v: Vec<_> = p
+            .by_kernel
+            .iter()
+            .map(|(k, &(n, s))| (k.clone(), n, s))
+            .collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     /// A loaded kernel by its exported name.
@@ -169,7 +212,17 @@ impl Gpu {
         r: std::result::Result<T, cudarc::driver::DriverError>,
     ) -> Result<()> {
         r.map_err(|e| Error::Cuda(format!("launching {name}: {e}")))?;
-        if self.sync_each {
+        if let Some(p) = self.profile_lock().as_mut() {
+            self.stream
+                .synchronize()
+                .map_err(|e| Error::Cuda(format!("{name} failed: {e}")))?;
+            let now = std::time::Instant::now();
+            let dt = (now - p.last).as_secs_f64();
+            p.last = now;
+            let e = p.by_kernel.entry(name.to_string()).or_default();
+            e.0 += 1;
+            e.1 += dt;
+        } else if self.sync_each {
             self.stream
                 .synchronize()
                 .map_err(|e| Error::Cuda(format!("{name} failed: {e}")))?;
