@@ -334,120 +334,240 @@ __device__ __forceinline__ const float* vg_kv_row(const float* pre, const float*
     return j < S0 ? pre + ((size_t)j * Hkv + g) * Dh : act + (size_t)(j - S0) * ld + (size_t)g * Dh;
 }
 
-// Causal attention of active row i (position S0 + i), head h, over keys 0..S0+i:
-//   out[i, h] = Σ_j softmax_j(q·k_j·scale)·v_j,  lse[i, h] = log Σ_j exp(q·k_j·scale).
-// q, k, v f32 with row stride ld (columns of the qkv buffer); k_pre, v_pre f32 [S0, Hkv·Dh];
-// out f32 [Ta, H·Dh]; lse f32 [Ta, H]; sc f32 scratch [Ta·H, S0 + Ta] (the row's scores).
-// Launch: grid Ta·H (block = i·H + h), block 128, dynamic shared Dh floats.
-extern "C" __global__ void __launch_bounds__(128)
-    vg_attn_fwd_f32(float* __restrict__ out, float* __restrict__ lse, float* __restrict__ sc,
-                    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                    const float* __restrict__ k_pre, const float* __restrict__ v_pre, int Ta, int H, int Hkv, int Dh,
-                    int S0, int ld, float scale) {
+// Attention of the active rows (query i at position S0 + i; keys 0..S0+Ta−1, the first S0 from
+// the frozen prefix), as small matrix products per kv head g over materialised scores
+// sc, ds f32 [Ta·H, S] (S = S0 + Ta; row i·H + h; only keys j ≤ S0 + i are written or read):
+//   forward:  sc = scale·q·kᵀ (vg_attn_scores_f32); sc = softmax rows, lse (vg_attn_softmax_f32);
+//             out = sc·v (vg_attn_apply_f32)
+//   backward: sc = scale·q·kᵀ, ds = dout·vᵀ (scores); sc = P = exp(sc − lse),
+//             ds = P·(ds − Σ_j P·ds) (vg_attn_dsoftmax_f32); dq = scale·ds·k (apply);
+//             dk = scale·dsᵀ·q, dv = Pᵀ·dout (vg_attn_kv_grad_f32)
+// The product kernels tile 64 × 64 outputs over 16-wide steps of their sum (in order within a
+// thread, as vg_mm_f32); the rows of a tile are the (query, head) pairs m = i·group + hh of one kv
+// head (h = g·group + hh, group = H / Hkv), so each k/v row loaded serves the whole group.
+// Launch of the products: block 256 (16 × 16 threads, 4 × 4 outputs each), grid z = Hkv.
+
+// sc[(i·H + h)·S + j] = scale·Σ_d x[i·ldx + h·Dh + d]·y(j)[d] for j ≤ S0 + i, y(j) =
+// vg_kv_row(y_pre, y, j, g, ...). Tiles whose first key is after every row's position exit.
+// Launch: grid (ceil(S / 64), ceil(Ta·group / 64), Hkv).
+extern "C" __global__ void __launch_bounds__(256)
+    vg_attn_scores_f32(float* __restrict__ sc, const float* __restrict__ x, const float* __restrict__ y_pre,
+                       const float* __restrict__ y, int Ta, int H, int Hkv, int Dh, int S0, int ld, int ldx,
+                       float scale) {
     pdl_enter();
-    extern __shared__ float qs[];  // [Dh]
-    __shared__ float scratch[32];
-    const int ih = blockIdx.x, i = ih / H, h = ih % H, g = h / (H / Hkv);
-    const int n = S0 + i + 1, S = S0 + Ta;
-    for (int d = threadIdx.x; d < Dh; d += blockDim.x) qs[d] = q[(size_t)i * ld + (size_t)h * Dh + d];
-    __syncthreads();
-    float* srow = sc + (size_t)ih * S;
-    float mx = -INFINITY;
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const float* kr = vg_kv_row(k_pre, k, j, g, S0, Hkv, Dh, ld);
-        float s = 0.0f;
-        for (int d = 0; d < Dh; ++d) s = fmaf(qs[d], kr[d], s);
-        s *= scale;
-        srow[j] = s;
-        mx = fmaxf(mx, s);
+    __shared__ float As[16][65];  // [d][m]
+    __shared__ float Bs[16][65];  // [d][j]
+    const int group = H / Hkv, g = blockIdx.z, M = Ta * group, S = S0 + Ta;
+    const int m0 = blockIdx.y * 64, j0 = blockIdx.x * 64;
+    if (j0 > S0 + min(Ta - 1, (m0 + 63) / group)) return;
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    float acc[4][4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+    for (int d0 = 0; d0 < Dh; d0 += 16) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int e = tid + r * 256, row = e >> 4, dd = e & 15, d = d0 + dd;
+            const int m = m0 + row, j = j0 + row;
+            float a = 0.0f, b = 0.0f;
+            if (m < M && d < Dh) a = x[(size_t)(m / group) * ldx + (size_t)(g * group + m % group) * Dh + d];
+            if (j < S && d < Dh) b = vg_kv_row(y_pre, y, j, g, S0, Hkv, Dh, ld)[d];
+            As[dd][row] = a;
+            Bs[dd][row] = b;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < 16; ++kk) {
+            float a[4], b[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                a[q] = As[kk][ty + 16 * q];
+                b[q] = Bs[kk][tx + 16 * q];
+            }
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
+        }
+        __syncthreads();
     }
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const int m = m0 + ty + 16 * p;
+        if (m >= M) continue;
+        const int i = m / group, h = g * group + m % group;
+        float* row = sc + ((size_t)i * H + h) * S;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int j = j0 + tx + 16 * q;
+            if (j <= S0 + i) row[j] = acc[p][q] * scale;
+        }
+    }
+}
+
+// Row i·H + h of sc: keys j ≤ S0 + i, p_j = exp(sc_j − max) / Σ, written over sc;
+// lse[i·H + h] = max + log Σ. Launch: grid Ta·H, block 128.
+extern "C" __global__ void __launch_bounds__(128)
+    vg_attn_softmax_f32(float* __restrict__ sc, float* __restrict__ lse, int Ta, int H, int S0) {
+    pdl_enter();
+    __shared__ float scratch[32];
+    const int ih = blockIdx.x, n = S0 + ih / H + 1;
+    float* row = sc + (size_t)ih * (S0 + Ta);
+    float mx = -INFINITY;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) mx = fmaxf(mx, row[j]);
     mx = block_max(mx, scratch);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const float p = expf(srow[j] - mx);
-        srow[j] = p;
+        const float p = expf(row[j] - mx);
+        row[j] = p;
         sum += p;
     }
-    sum = block_sum(sum, scratch);  // its __syncthreads() also publishes srow to the block
+    sum = block_sum(sum, scratch);
     const float inv = 1.0f / sum;
-    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
-        float o = 0.0f;
-        for (int j = 0; j < n; ++j) o = fmaf(srow[j] * inv, vg_kv_row(v_pre, v, j, g, S0, Hkv, Dh, ld)[d], o);
-        out[(size_t)i * H * Dh + (size_t)h * Dh + d] = o;
-    }
+    for (int j = threadIdx.x; j < n; j += blockDim.x) row[j] *= inv;  // this thread's own entries
     if (threadIdx.x == 0) lse[ih] = mx + logf(sum);
 }
 
-// Attention backward, query side, for row (i, h): P_j = exp(q·k_j·scale − lse), dP_j = dout·v_j,
-// δ = Σ_j P_j dP_j, dS_j = P_j (dP_j − δ), dq = Σ_j dS_j·scale·k_j. P and dS are kept in
-// p_s, ds_s f32 [Ta·H, S0 + Ta] for vg_attn_bwd_kv_f32. dq f32 row stride ld_dq; dout f32
-// [Ta, H·Dh]; the rest as in vg_attn_fwd_f32.
-// Launch: grid Ta·H, block 128, dynamic shared 2·Dh floats.
+// Row i·H + h, keys j ≤ S0 + i: P_j = exp(sc_j − lse) written over sc, δ = Σ_j P_j·ds_j,
+// ds_j = P_j·(ds_j − δ). Launch: grid Ta·H, block 128.
 extern "C" __global__ void __launch_bounds__(128)
-    vg_attn_bwd_q_f32(float* __restrict__ dq, float* __restrict__ p_s, float* __restrict__ ds_s,
-                      const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ q,
-                      const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ k_pre,
-                      const float* __restrict__ v_pre, int Ta, int H, int Hkv, int Dh, int S0, int ld, int ld_dq,
-                      float scale) {
+    vg_attn_dsoftmax_f32(float* __restrict__ sc, float* __restrict__ ds, const float* __restrict__ lse, int Ta,
+                         int H, int S0) {
     pdl_enter();
-    extern __shared__ float sh[];  // q [Dh] | dout [Dh]
     __shared__ float scratch[32];
-    float *qs = sh, *dos = sh + Dh;
-    const int ih = blockIdx.x, i = ih / H, h = ih % H, g = h / (H / Hkv);
-    const int n = S0 + i + 1, S = S0 + Ta;
-    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
-        qs[d] = q[(size_t)i * ld + (size_t)h * Dh + d];
-        dos[d] = dout[(size_t)ih * Dh + d];
-    }
-    __syncthreads();
+    const int ih = blockIdx.x, n = S0 + ih / H + 1;
+    const size_t o = (size_t)ih * (S0 + Ta);
     const float l = lse[ih];
-    float* prow = p_s + (size_t)ih * S;
-    float* dsrow = ds_s + (size_t)ih * S;
     float delta = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const float* kr = vg_kv_row(k_pre, k, j, g, S0, Hkv, Dh, ld);
-        const float* vr = vg_kv_row(v_pre, v, j, g, S0, Hkv, Dh, ld);
-        float s = 0.0f, dp = 0.0f;
-        for (int d = 0; d < Dh; ++d) {
-            s = fmaf(qs[d], kr[d], s);
-            dp = fmaf(dos[d], vr[d], dp);
-        }
-        const float p = expf(s * scale - l);
-        prow[j] = p;
-        dsrow[j] = dp;
-        delta += p * dp;
+        const float p = expf(sc[o + j] - l);
+        sc[o + j] = p;
+        delta += p * ds[o + j];
     }
     delta = block_sum(delta, scratch);
-    for (int j = threadIdx.x; j < n; j += blockDim.x) dsrow[j] = prow[j] * (dsrow[j] - delta);
-    __syncthreads();
-    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
-        float a = 0.0f;
-        for (int j = 0; j < n; ++j) a = fmaf(dsrow[j] * scale, vg_kv_row(k_pre, k, j, g, S0, Hkv, Dh, ld)[d], a);
-        dq[(size_t)i * ld_dq + (size_t)h * Dh + d] = a;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) ds[o + j] = sc[o + j] * (ds[o + j] - delta);
+}
+
+// out[i·ldo + h·Dh + d] = alpha·Σ_{j ≤ S0 + i} w[(i·H + h)·S + j]·y(j)[d].
+// Launch: grid (ceil(Dh / 64), ceil(Ta·group / 64), Hkv).
+extern "C" __global__ void __launch_bounds__(256)
+    vg_attn_apply_f32(float* __restrict__ out, const float* __restrict__ w, const float* __restrict__ y_pre,
+                      const float* __restrict__ y, int Ta, int H, int Hkv, int Dh, int S0, int ld, int ldo,
+                      float alpha) {
+    pdl_enter();
+    __shared__ float As[16][65];  // [j][m]
+    __shared__ float Bs[16][65];  // [j][d]
+    const int group = H / Hkv, g = blockIdx.z, M = Ta * group, S = S0 + Ta;
+    const int m0 = blockIdx.y * 64, d0 = blockIdx.x * 64;
+    const int jn = S0 + min(Ta - 1, (m0 + 63) / group) + 1;  // keys any row of the tile sees
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    float acc[4][4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+    for (int j0 = 0; j0 < jn; j0 += 16) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int e = tid + r * 256;
+            const int row = e >> 4, jj = e & 15, m = m0 + row, j = j0 + jj;  // lanes walk j
+            float a = 0.0f;
+            if (m < M) {
+                const int i = m / group;
+                if (j <= S0 + i) a = w[((size_t)i * H + g * group + m % group) * S + j];
+            }
+            As[jj][row] = a;
+            const int jb = j0 + (e >> 6), dd = e & 63, d = d0 + dd;  // lanes walk d
+            Bs[e >> 6][dd] = (jb < jn && d < Dh) ? vg_kv_row(y_pre, y, jb, g, S0, Hkv, Dh, ld)[d] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < 16; ++kk) {
+            float a[4], b[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                a[q] = As[kk][ty + 16 * q];
+                b[q] = Bs[kk][tx + 16 * q];
+            }
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const int m = m0 + ty + 16 * p;
+        if (m >= M) continue;
+        float* o = out + (size_t)(m / group) * ldo + (size_t)(g * group + m % group) * Dh;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int d = d0 + tx + 16 * q;
+            if (d < Dh) o[d] = alpha * acc[p][q];
+        }
     }
 }
 
-// Attention backward, key side, for active key j, kv head g: over queries i ≥ j and the group's
-// heads, dk_j = Σ dS_ij·scale·q_i and dv_j = Σ P_ij·dout_i. dkv f32 row stride ld_d holds dk in
-// its first Hkv·Dh columns and dv in the next Hkv·Dh; q row stride ld; p_s, ds_s from
-// vg_attn_bwd_q_f32.
-// Launch: grid Ta·Hkv (block = j·Hkv + g), block 128 (threads over Dh).
-extern "C" __global__ void __launch_bounds__(128)
-    vg_attn_bwd_kv_f32(float* __restrict__ dkv, const float* __restrict__ p_s,
-                       const float* __restrict__ ds_s, const float* __restrict__ q, const float* __restrict__ dout,
-                       int Ta, int H, int Hkv, int Dh, int S0, int ld, int ld_d, float scale) {
+// Active key j < Ta (position S0 + j) of kv head g, seen by queries i ≥ j:
+//   dkv[j·ldd + g·Dh + d] = alpha·Σ_{i ≥ j, hh} w[(i·H + h)·S + S0 + j]·x[i·ldx + h·Dh + d].
+// Launch: grid (ceil(Dh / 64), ceil(Ta / 64), Hkv).
+extern "C" __global__ void __launch_bounds__(256)
+    vg_attn_kv_grad_f32(float* __restrict__ dkv, const float* __restrict__ w, const float* __restrict__ x, int Ta,
+                        int H, int Hkv, int Dh, int S0, int ldx, int ldd, float alpha) {
     pdl_enter();
-    const int j = blockIdx.x / Hkv, g = blockIdx.x % Hkv, group = H / Hkv, S = S0 + Ta;
-    for (int d = threadIdx.x; d < Dh; d += blockDim.x) {
-        float ak = 0.0f, av = 0.0f;
-        for (int i = j; i < Ta; ++i)
-            for (int h = g * group; h < (g + 1) * group; ++h) {
-                const size_t at = ((size_t)i * H + h) * S + S0 + j;
-                ak = fmaf(ds_s[at] * scale, q[(size_t)i * ld + (size_t)h * Dh + d], ak);
-                av = fmaf(p_s[at], dout[((size_t)i * H + h) * Dh + d], av);
+    __shared__ float As[16][65];  // [m][j]
+    __shared__ float Bs[16][65];  // [m][d]
+    const int group = H / Hkv, g = blockIdx.z, M = Ta * group, S = S0 + Ta;
+    const int j0 = blockIdx.y * 64, d0 = blockIdx.x * 64;
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    float acc[4][4];
+#pragma unroll
+    for (int a = 0; a < 4; ++a)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+    for (int mb = j0 * group; mb < M; mb += 16) {  // rows i < j0 see no key of this tile
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int e = tid + r * 256, mm = e >> 6, m = mb + mm;
+            const int jr = e & 63, j = j0 + jr;  // lanes walk j (w) and d (x)
+            float a = 0.0f, b = 0.0f;
+            if (m < M) {
+                const int i = m / group, h = g * group + m % group;
+                if (j < Ta && i >= j) a = w[((size_t)i * H + h) * S + S0 + j];
+                const int d = d0 + jr;
+                if (d < Dh) b = x[(size_t)i * ldx + (size_t)h * Dh + d];
             }
-        dkv[(size_t)j * ld_d + (size_t)g * Dh + d] = ak;
-        dkv[(size_t)j * ld_d + (size_t)(Hkv + g) * Dh + d] = av;
+            As[mm][jr] = a;
+            Bs[mm][jr] = b;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < 16; ++kk) {
+            float a[4], b[4];
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                a[q] = As[kk][ty + 16 * q];
+                b[q] = Bs[kk][tx + 16 * q];
+            }
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+#pragma unroll
+                for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+        const int j = j0 + ty + 16 * p;
+        if (j >= Ta) continue;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            const int d = d0 + tx + 16 * q;
+            if (d < Dh) dkv[(size_t)j * ldd + (size_t)g * Dh + d] = alpha * acc[p][q];
+        }
     }
 }
 

@@ -1618,7 +1618,7 @@ impl VgAttn {
 
 /// Causal attention of the active rows: out f32 [Ta, H·Dh], lse f32 [Ta, H], from qkv f32
 /// [Ta, ld] (q | k | v column blocks, post-RoPE) and the frozen k_pre, v_pre f32 [S0, Hkv·Dh];
-/// sc f32 scratch [Ta·H, S0 + Ta].
+/// sc f32 scratch [Ta·H, S0 + Ta] ends holding the probabilities.
 #[allow(clippy::too_many_arguments)]
 pub fn vg_attn_fwd(
     gpu: &Gpu,
@@ -1630,7 +1630,7 @@ pub fn vg_attn_fwd(
     v_pre: &CudaView<'_, f32>,
     a: VgAttn,
 ) -> Result<()> {
-    const K: &str = "vg_attn_fwd_f32";
+    const K: &str = "vg_attn_fwd";
     a.check(K, qkv, [k_pre, v_pre])?;
     check(K, "out", out.len(), a.ta * a.h * a.dh, "[Ta, H·Dh]")?;
     check(K, "lse", lse.len(), a.ta * a.h, "[Ta, H]")?;
@@ -1638,29 +1638,12 @@ pub fn vg_attn_fwd(
     if a.ta == 0 {
         return Ok(());
     }
-    let ints = a.ints(K)?;
     let (qd, kvd) = (a.h * a.dh, a.hkv * a.dh);
     let (k, v) = (qkv.slice(qd..), qkv.slice(qd + kvd..));
-    let f = gpu.func(K)?;
-    let mut l = Launch::new(gpu, f);
-    l.arg(out)
-        .arg(lse)
-        .arg(sc)
-        .arg(qkv)
-        .arg(&k)
-        .arg(&v)
-        .arg(k_pre)
-        .arg(v_pre);
-    for i in &ints {
-        l.arg(i);
-    }
-    l.arg(&a.scale());
-    let smem = (a.dh * 4) as u32;
-    // SAFETY: argument order and types match vg_attn_fwd_f32; qkv spans Ta rows of q|k|v at ld,
-    // the prefix S0 rows, the scratch Ta·H rows of S0 + Ta (checked above).
-    gpu.launched(K, unsafe {
-        l.launch(cfg(((a.ta * a.h) as u32, 1, 1), 128, smem))
-    })
+    // sc = scale·q·kᵀ; sc = softmax rows, lse; out = sc·v
+    vg_attn_scores(gpu, sc, qkv, a.ld, k_pre, &k, a, a.scale())?;
+    vg_attn_rows(gpu, "vg_attn_softmax_f32", sc, lse, None, a)?;
+    vg_attn_apply(gpu, out, a.h * a.dh, sc, v_pre, &v, a, 1.0)
 }
 
 /// Attention backward: dqkv f32 [Ta, ld] gets dq, dk, dv in its q | k | v column blocks (the
@@ -1679,8 +1662,7 @@ pub fn vg_attn_bwd(
     v_pre: &CudaView<'_, f32>,
     a: VgAttn,
 ) -> Result<()> {
-    const K: &str = "vg_attn_bwd_q_f32";
-    const K2: &str = "vg_attn_bwd_kv_f32";
+    const K: &str = "vg_attn_bwd";
     a.check(K, qkv, [k_pre, v_pre])?;
     at_least(
         K,
@@ -1696,44 +1678,177 @@ pub fn vg_attn_bwd(
     if a.ta == 0 {
         return Ok(());
     }
-    let ints = a.ints(K)?;
     let (qd, kvd) = (a.h * a.dh, a.hkv * a.dh);
     let (k, v) = (qkv.slice(qd..), qkv.slice(qd + kvd..));
+    let hd = a.h * a.dh;
+    // p = scale·q·kᵀ, ds = dout·vᵀ; p = exp(p − lse), ds = p·(ds − Σ p·ds)
+    vg_attn_scores(gpu, p_s, qkv, a.ld, k_pre, &k, a, a.scale())?;
+    vg_attn_scores(gpu, ds_s, dout, hd, v_pre, &v, a, 1.0)?;
+    vg_attn_rows(gpu, "vg_attn_dsoftmax_f32", p_s, ds_s, Some(lse), a)?;
+    // dq = scale·ds·k; dk = scale·dsᵀ·q; dv = pᵀ·dout
+    vg_attn_apply(gpu, dqkv, a.ld, ds_s, k_pre, &k, a, a.scale())?;
+    let (p_v, ds_v) = (p_s.slice(..), ds_s.slice(..));
+    vg_attn_kv_grad(
+        gpu,
+        &mut dqkv.slice_mut(qd..),
+        &ds_v,
+        qkv,
+        a.ld,
+        a,
+        a.scale(),
+    )?;
+    vg_attn_kv_grad(gpu, &mut dqkv.slice_mut(qd + kvd..), &p_v, dout, hd, a, 1.0)
+}
+
+/// sc[(i·H + h), j] = alpha·x[i, h]·y(j) for j ≤ S0 + i (vg_attn_scores_f32); x row stride ldx.
+#[allow(clippy::too_many_arguments)]
+fn vg_attn_scores(
+    gpu: &Gpu,
+    sc: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, f32>,
+    ldx: usize,
+    y_pre: &CudaView<'_, f32>,
+    y: &CudaView<'_, f32>,
+    a: VgAttn,
+    alpha: f32,
+) -> Result<()> {
+    const K: &str = "vg_attn_scores_f32";
+    at_least(
+        K,
+        "x",
+        x.len(),
+        span(a.ta, a.h * a.dh, ldx),
+        "[Ta, H·Dh] at ldx",
+    )?;
+    let ints = a.ints(K)?;
+    let ldx_i = int(K, "ldx", ldx)?;
     let f = gpu.func(K)?;
     let mut l = Launch::new(gpu, f);
-    l.arg(dqkv)
-        .arg(p_s)
-        .arg(ds_s)
-        .arg(dout)
-        .arg(lse)
-        .arg(qkv)
-        .arg(&k)
-        .arg(&v)
-        .arg(k_pre)
-        .arg(v_pre);
+    l.arg(sc).arg(x).arg(y_pre).arg(y);
     for i in &ints {
         l.arg(i);
     }
-    l.arg(&ints[5]).arg(&a.scale());
-    let smem = (2 * a.dh * 4) as u32;
-    // SAFETY: argument order and types match vg_attn_bwd_q_f32; spans checked above (dq is the
-    // first H·Dh columns of dqkv at ld).
-    gpu.launched(K, unsafe {
-        l.launch(cfg(((a.ta * a.h) as u32, 1, 1), 128, smem))
-    })?;
-    let f2 = gpu.func(K2)?;
-    let dkv = dqkv.slice_mut(qd..);
-    let mut l = Launch::new(gpu, f2);
-    l.arg(&dkv).arg(p_s).arg(ds_s).arg(qkv).arg(dout);
-    for i in &ints {
-        l.arg(i);
+    l.arg(&ldx_i).arg(&alpha);
+    let grid = (
+        (a.s0 + a.ta).div_ceil(64) as u32,
+        (a.ta * a.h / a.hkv).div_ceil(64) as u32,
+        a.hkv as u32,
+    );
+    // SAFETY: argument order and types match vg_attn_scores_f32; sc spans [Ta·H, S0 + Ta],
+    // x its Ta rows at ldx, y_pre the S0 prefix rows and y (a column block of qkv) Ta rows at
+    // ld (checked by the callers through VgAttn::check and above).
+    gpu.launched(K, unsafe { l.launch(cfg(grid, 256, 0)) })
+}
+
+/// A per-row pass over the scores (grid Ta·H): vg_attn_softmax_f32 (sc, lse out) or
+/// vg_attn_dsoftmax_f32 (sc, ds, lse in).
+fn vg_attn_rows(
+    gpu: &Gpu,
+    kernel: &'static str,
+    sc: &mut CudaViewMut<'_, f32>,
+    second: &mut CudaViewMut<'_, f32>,
+    lse: Option<&CudaView<'_, f32>>,
+    a: VgAttn,
+) -> Result<()> {
+    let ints = a.ints(kernel)?;
+    let f = gpu.func(kernel)?;
+    let mut l = Launch::new(gpu, f);
+    l.arg(sc).arg(second);
+    if let Some(lse) = lse {
+        l.arg(lse);
     }
-    l.arg(&ints[5]).arg(&a.scale());
-    // SAFETY: argument order and types match vg_attn_bwd_kv_f32; dk | dv are the 2·Hkv·Dh
-    // columns of dqkv after the q block (spanned, checked above).
-    gpu.launched(K2, unsafe {
-        l.launch(cfg(((a.ta * a.hkv) as u32, 1, 1), 128, 0))
+    l.arg(&ints[0]).arg(&ints[1]).arg(&ints[4]);
+    // SAFETY: argument order and types match the kernel (softmax: sc, lse, Ta, H, S0;
+    // dsoftmax: sc, ds, lse, Ta, H, S0); sc and ds span [Ta·H, S0 + Ta], lse [Ta·H] (checked
+    // by the callers).
+    gpu.launched(kernel, unsafe {
+        l.launch(cfg(((a.ta * a.h) as u32, 1, 1), 128, 0))
     })
+}
+
+/// out[i, h] (row stride ldo) = alpha·Σ_{j ≤ S0 + i} w[(i·H + h), j]·y(j) (vg_attn_apply_f32).
+#[allow(clippy::too_many_arguments)]
+fn vg_attn_apply(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    ldo: usize,
+    w: &CudaViewMut<'_, f32>,
+    y_pre: &CudaView<'_, f32>,
+    y: &CudaView<'_, f32>,
+    a: VgAttn,
+    alpha: f32,
+) -> Result<()> {
+    const K: &str = "vg_attn_apply_f32";
+    at_least(
+        K,
+        "out",
+        out.len(),
+        span(a.ta, a.h * a.dh, ldo),
+        "[Ta, H·Dh] at ldo",
+    )?;
+    let ints = a.ints(K)?;
+    let ldo_i = int(K, "ldo", ldo)?;
+    let f = gpu.func(K)?;
+    let mut l = Launch::new(gpu, f);
+    l.arg(out).arg(w).arg(y_pre).arg(y);
+    for i in &ints {
+        l.arg(i);
+    }
+    l.arg(&ldo_i).arg(&alpha);
+    let grid = (
+        a.dh.div_ceil(64) as u32,
+        (a.ta * a.h / a.hkv).div_ceil(64) as u32,
+        a.hkv as u32,
+    );
+    // SAFETY: argument order and types match vg_attn_apply_f32; out spans Ta rows of H·Dh at
+    // ldo (checked above), w [Ta·H, S0 + Ta], y_pre and y as in vg_attn_scores.
+    gpu.launched(K, unsafe { l.launch(cfg(grid, 256, 0)) })
+}
+
+/// dkv[j, g] (row stride ld) = alpha·Σ_{i ≥ j, h ∈ g} w[(i·H + h), S0 + j]·x[i, h] for the active
+/// keys j < Ta (vg_attn_kv_grad_f32); x row stride ldx.
+fn vg_attn_kv_grad(
+    gpu: &Gpu,
+    dkv: &mut CudaViewMut<'_, f32>,
+    w: &CudaView<'_, f32>,
+    x: &CudaView<'_, f32>,
+    ldx: usize,
+    a: VgAttn,
+    alpha: f32,
+) -> Result<()> {
+    const K: &str = "vg_attn_kv_grad_f32";
+    at_least(
+        K,
+        "dkv",
+        dkv.len(),
+        span(a.ta, a.hkv * a.dh, a.ld),
+        "[Ta, Hkv·Dh] at ld",
+    )?;
+    at_least(
+        K,
+        "x",
+        x.len(),
+        span(a.ta, a.h * a.dh, ldx),
+        "[Ta, H·Dh] at ldx",
+    )?;
+    let ints = a.ints(K)?;
+    let ldx_i = int(K, "ldx", ldx)?;
+    let f = gpu.func(K)?;
+    let mut l = Launch::new(gpu, f);
+    l.arg(dkv).arg(w).arg(x);
+    for i in &ints[..5] {
+        l.arg(i);
+    }
+    l.arg(&ldx_i).arg(&ints[5]).arg(&alpha);
+    let grid = (
+        a.dh.div_ceil(64) as u32,
+        a.ta.div_ceil(64) as u32,
+        a.hkv as u32,
+    );
+    // SAFETY: argument order and types match vg_attn_kv_grad_f32 (dkv, w, x, Ta, H, Hkv, Dh,
+    // S0, ldx, ldd = ld, alpha); dkv spans Ta rows of Hkv·Dh at ld and x Ta rows at ldx
+    // (checked above), w [Ta·H, S0 + Ta].
+    gpu.launched(K, unsafe { l.launch(cfg(grid, 256, 0)) })
 }
 
 /// act f32 [T, F] = silu(gate)·up from gu f32 [T, 2F] (gate | up).
