@@ -634,7 +634,12 @@ pub fn optimise(
 
 /// The CUDA engine of `base_dir` on GPU 0 with one sequence of the longest example's length.
 fn open_engine(base_dir: &Path, c: &Config, examples: &[&Example]) -> Result<CudaEngine> {
-    let ctx = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0).max(1);
+    let ctx = examples
+        .iter()
+        .map(|e| e.ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
     if ctx > c.max_position_embeddings {
         bail!(
             "{}: the longest example (prompt + trace) has {ctx} tokens: expected at most the base model's max_position_embeddings {}",
