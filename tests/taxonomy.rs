@@ -624,3 +624,109 @@ fn block_output_through_a_decoder_in_chunks_equals_the_direct_forward() {
     let e = block_output_on(&mut small, &ids, 0, 7).unwrap_err();
     assert!(e.to_string().contains("context of 8"), "{e}");
 }
+
+/// Two hand-written traces with their thinking sentences annotated (categories 0 and 1 of
+/// K = 2): the smallest input `train-vectors --method optimise` takes.
+fn optimise_data(dir: &Path) -> (PathBuf, PathBuf) {
+    let texts = [
+        "We add two and three first. That gives five as the sum.\n</think>\n5",
+        "Each cat has four legs here. So two cats have eight legs.\n</think>\n8",
+    ];
+    let (mut traces, mut ann) = (String::new(), String::new());
+    for (i, text) in texts.iter().enumerate() {
+        let end = text.find("</think>").unwrap();
+        let span = Span { start: 0, end };
+        traces += &hand_trace(i, &format!("Question {i}?\n<think>\n"), text, Some(span));
+        traces += "\n";
+        let mut start = 0;
+        for (k, piece) in text[..end].split_inclusive(". ").enumerate() {
+            let sentence = piece.trim_end();
+            let a = serde_json::json!({
+                "trace": i, "sentence": sentence, "start": start, "end": start + sentence.len(),
+                "tokens": [0, 0], "category": k % 2, "activation": 1.0, "latents": 2,
+            });
+            ann += &format!("{a}\n");
+            start += piece.len();
+        }
+    }
+    let (tp, ap) = (dir.join("traces.jsonl"), dir.join("annotations.jsonl"));
+    std::fs::write(&tp, traces).unwrap();
+    std::fs::write(&ap, ann).unwrap();
+    (tp, ap)
+}
+
+#[test]
+fn a_cpu_checkpoint_does_not_resume_on_the_gpu() {
+    // CPU and GPU training differ by the bf16 rounding of the GPU's frozen prefixes, so a
+    // checkpoint records its device and a run resumes only where it started. The refusal
+    // comes before any GPU is touched, so this runs anywhere.
+    use thinksteer::taxonomy::optimise::{optimise, OptimiseSettings};
+    use thinksteer::taxonomy::vectors::BasePrefix;
+    let dir = tmp("opt-device");
+    let (tp, ap) = optimise_data(&dir);
+    let ckpt = dir.join("ckpt.json");
+    let cpu = OptimiseSettings {
+        layer: 1,
+        epochs: 2,
+        batch: 2,
+        lr: 0.05,
+        stop_after: Some(1),
+        ..Default::default()
+    };
+    let base = fixture(BASE);
+    let go = |s: &OptimiseSettings, resume: bool| {
+        optimise(&base, &tp, &ap, BasePrefix::SameAsTrace, s, &ckpt, resume)
+    };
+    let (rep, _) = go(&cpu, false).unwrap();
+    assert!(rep.set.is_none(), "stopped after one epoch");
+    let gpu = OptimiseSettings {
+        cuda: true,
+        ..cpu.clone()
+    };
+    let e = go(&gpu, true)
+        .err()
+        .expect("a CPU checkpoint resumed on the GPU");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("different run") && msg.contains("device=cuda"),
+        "{msg}"
+    );
+    // The same checkpoint resumes on the CPU (the refusal was the device's).
+    let (rep, _) = go(&cpu, true).unwrap();
+    assert_eq!(rep.epochs_run, 1);
+}
+
+#[test]
+fn optimise_with_device_cuda_reaches_the_gpu_path() {
+    // `--device cuda` no longer refuses --method optimise: without a GPU it says why CUDA
+    // cannot be used; with one, the tiny fixture (head_dim 16) is refused by the CUDA engine.
+    let dir = tmp("opt-cuda");
+    let (tp, ap) = optimise_data(&dir);
+    let out = dir.join("v.safetensors");
+    let why = match thinksteer::cuda::available() {
+        Err(why) => format!("--device cuda: {why}"),
+        Ok(()) => "head_dim 64 or 128".to_string(),
+    };
+    fails(
+        &[
+            "train-vectors",
+            "--base",
+            &s(&fixture(BASE)),
+            "--traces",
+            &s(&tp),
+            "--annotations",
+            &s(&ap),
+            "--layer",
+            "1",
+            "--method",
+            "optimise",
+            "--epochs",
+            "1",
+            "--device",
+            "cuda",
+            "--out",
+            &s(&out),
+        ],
+        &[&why],
+    );
+}

@@ -6,6 +6,7 @@
 //! embedded `.cu` sources compiled once with NVRTC for the device's compute capability.
 //! `THINKSTEER_CUDA_SYNC=1` synchronises after every launch so an error names its kernel.
 
+pub mod frozen;
 pub mod hybrid;
 pub mod kernels;
 mod launch;

@@ -876,6 +876,43 @@ impl CudaEngine {
         res
     }
 
+    /// The cached keys and values of positions `rows` of slot `slot` in block `layer`, widened
+    /// to f32: ([R, Hkv·Dh], [R, Hkv·Dh]), keys after RoPE as attention reads them. The cache
+    /// holds bf16, so these are bf16 values (the CPU cache holds unrounded f32).
+    pub fn kv_rows(
+        &self,
+        layer: usize,
+        slot: usize,
+        rows: Range<usize>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let c = &self.config;
+        if layer >= c.num_hidden_layers || slot >= self.slots || rows.end > self.max_len {
+            crate::bail!(
+                "KV rows: expected block < {}, slot < {} and positions ≤ {}, found block {layer}, slot {slot}, positions {rows:?}",
+                c.num_hidden_layers,
+                self.slots,
+                self.max_len
+            );
+        }
+        let kv = c.num_key_value_heads * c.head_dim;
+        // [slots, S, Hkv, Dh]: the rows of one slot are contiguous.
+        let base = slot * self.max_len * kv;
+        let (a, b) = (base + rows.start * kv, base + rows.end.max(rows.start) * kv);
+        if a == b {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut k = vec![bf16::ZERO; b - a];
+        let mut v = vec![bf16::ZERO; b - a];
+        let s = &self.gpu.stream;
+        s.memcpy_dtoh(&self.k_cache[layer].slice(a..b), k.as_mut_slice())
+            .map_err(cu("reading the K cache"))?;
+        s.memcpy_dtoh(&self.v_cache[layer].slice(a..b), v.as_mut_slice())
+            .map_err(cu("reading the V cache"))?;
+        self.gpu.sync()?;
+        let wide = |x: Vec<bf16>| x.into_iter().map(bf16::to_f32).collect();
+        Ok((wide(k), wide(v)))
+    }
+
     /// Bytes of weights a decode step streams (for GB/s).
     pub fn weight_bytes(&self) -> usize {
         self.config.param_count() * 2

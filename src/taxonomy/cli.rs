@@ -145,7 +145,9 @@ pub struct TrainVectorsArgs {
     /// Output steering set (safetensors: bias [D], vectors [K, D]).
     #[arg(long)]
     pub out: PathBuf,
-    /// Where mean-diff's forward passes run (optimise runs on the CPU).
+    /// Where the forward passes run (mean-diff) or the training runs (optimise: the frozen
+    /// prefixes in the engine's bf16, the loss and gradient in f32, on GPU 0); auto picks the
+    /// GPU when one is usable and its kernels take the base model.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: crate::eval::cli::EvalDevice,
     /// optimise: maximum epochs per vector.
@@ -301,15 +303,10 @@ pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
         PrefixArg::Same => BasePrefix::SameAsTrace,
         PrefixArg::Plain => BasePrefix::Plain,
     };
-    if a.method == VectorMethod::Optimise {
-        if a.device == crate::eval::cli::EvalDevice::Cuda {
-            return Err(anyhow!(
-                "--device cuda: --method optimise runs on the CPU only so far; use --device cpu or auto"
-            ));
-        }
-        return train_vectors_optimise(a, prefix);
-    }
     let cuda = a.device.use_cuda_for(&[&a.base])?;
+    if a.method == VectorMethod::Optimise {
+        return train_vectors_optimise(a, prefix, cuda);
+    }
     let (set, rep) =
         super::vectors::mean_diff(&a.base, &a.traces, &a.annotations, a.layer, prefix, cuda)?;
     set.save(&a.out)?;
@@ -332,7 +329,7 @@ pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
     Ok(())
 }
 
-fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix) -> Result<()> {
+fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix, cuda: bool) -> Result<()> {
     use super::optimise::{curves_csv, curves_svg, optimise, sibling, OptimiseSettings};
     let s = OptimiseSettings {
         layer: a.layer,
@@ -344,6 +341,7 @@ fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix) -> Result<()>
         patience: a.patience,
         seed: a.seed,
         stop_after: a.stop_after,
+        cuda,
     };
     let ckpt = a
         .checkpoint

@@ -18,18 +18,30 @@
 //! stops after `patience` epochs without a new best and the best vector is kept (without a
 //! held-out split, every epoch runs and the last vector is kept).
 //!
+//! Backends. On the CPU the frozen prefixes come from the f32 model (`vector_grad::prepare`) and
+//! the loss and gradient from `vector_grad::loss_grad`; with `cuda`, from the CUDA engine's bf16
+//! forward (`cuda::frozen`) and `CudaVectorGrad` over the engine's weights (f32 activations). The
+//! two agree to bf16 rounding of the prefixes, not bit for bit, so the checkpoint fingerprint
+//! names the device and a run is resumed only on the device it started on.
+//!
 //! Checkpoints. After every epoch the whole state (finished vectors, the current vector, Adam
 //! moments, step, epoch, best, loss history) is written with every float as its bit pattern;
 //! each epoch's shuffle is seeded from (seed, vector, epoch), so that is the whole RNG state and a
 //! resumed run is bit-identical to an uninterrupted one.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::chart::{line_chart_svg, Series};
 use crate::chat::plain_base_prompt;
+use crate::config::Config;
+use crate::cuda::frozen::prepare_on_gpu;
+use crate::cuda::model::CudaEngine;
+use crate::cuda::vector_grad::CudaVectorGrad;
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::rng::Rng;
@@ -38,7 +50,7 @@ use crate::tokenizer::Tokenizer;
 use crate::vector_grad::{loss_grad, prepare, Example, Frozen};
 
 use super::annotate::read_annotations;
-use super::spans::token_span;
+use super::spans::{token_span, CUDA_CHUNK};
 use super::traces::read_traces;
 use super::vectors::BasePrefix;
 use super::vectors::{annotations_by_trace, check_sentence};
@@ -49,6 +61,8 @@ const ADAM_EPS: f64 = 1e-8;
 /// Frozen prefixes kept in memory across epochs up to this many bytes; beyond it they are
 /// recomputed each time (the result is the same either way).
 const CACHE_BYTES: usize = 2 << 30;
+/// Held-out examples per `FrozenCache::run` call (bounds the prefixes alive at once on the GPU).
+const EVAL_CHUNK: usize = 16;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct OptimiseSettings {
@@ -63,6 +77,9 @@ pub struct OptimiseSettings {
     /// Run at most this many epochs in this call (all vectors together), then return with the
     /// checkpoint written; None runs to the end.
     pub stop_after: Option<usize>,
+    /// `optimise` runs on the CUDA engine (GPU 0) instead of the CPU. `train_on` and
+    /// `train_with` ignore it: they are handed their backend.
+    pub cuda: bool,
 }
 
 impl Default for OptimiseSettings {
@@ -77,6 +94,7 @@ impl Default for OptimiseSettings {
             patience: 5,
             seed: 0,
             stop_after: None,
+            cuda: false,
         }
     }
 }
@@ -191,46 +209,112 @@ pub fn build_examples(
     Ok((bias, cats))
 }
 
+/// Where the frozen prefixes and the loss and gradient are computed.
+pub enum Backend<'a> {
+    /// The f32 model: `vector_grad::prepare` and `vector_grad::loss_grad`.
+    Cpu(&'a Model),
+    /// The CUDA engine: its bf16 forward for the prefixes (`cuda::frozen::prepare_on_gpu`, slot
+    /// 0, context ≥ the longest example) and `CudaVectorGrad` over its weights.
+    Cuda(&'a mut CudaEngine),
+}
+
+impl Backend<'_> {
+    pub fn config(&self) -> &Config {
+        match self {
+            Backend::Cpu(m) => &m.config,
+            Backend::Cuda(e) => &e.config,
+        }
+    }
+}
+
+/// (loss sum, targets, grad sum [D]) of one example.
+type ExampleLoss = (f64, usize, Vec<f32>);
+
 /// Frozen prefixes of one vector's examples, kept while under the byte budget.
-struct FrozenCache<'a> {
-    model: &'a Model,
+struct FrozenCache<'a, 'm> {
+    backend: &'a mut Backend<'m>,
     layer: usize,
     slots: Vec<Option<Frozen>>,
     bytes: usize,
 }
 
-impl<'a> FrozenCache<'a> {
-    fn new(model: &'a Model, layer: usize, n: usize) -> Self {
+impl<'a, 'm> FrozenCache<'a, 'm> {
+    fn new(backend: &'a mut Backend<'m>, layer: usize, n: usize) -> Self {
         FrozenCache {
-            model,
+            backend,
             layer,
             slots: (0..n).map(|_| None).collect(),
             bytes: 0,
         }
     }
-    /// (loss sum, targets, grad sum) of example i.
+
+    /// Keeps `fz` as example i's prefix if the budget allows; else hands it back.
+    fn keep(&mut self, i: usize, fz: Frozen) -> Option<Frozen> {
+        if self.bytes + fz.bytes() <= CACHE_BYTES {
+            self.bytes += fz.bytes();
+            self.slots[i] = Some(fz);
+            None
+        } else {
+            Some(fz)
+        }
+    }
+
+    /// (loss sum, targets, grad sum) of each example of `ix`, in the order of `ix`.
     fn run(
         &mut self,
-        i: usize,
-        ex: &Example,
+        ix: &[usize],
+        examples: &[Example],
         v: &[f32],
         extra: Option<&[f32]>,
         coldness: f32,
         want_grad: bool,
-    ) -> Result<(f64, usize, Vec<f32>)> {
-        let lg = match &self.slots[i] {
-            Some(fz) => loss_grad::<f32>(self.model, fz, v, extra, coldness, want_grad),
-            None => {
-                let fz = prepare(self.model, ex, self.layer)?;
-                let lg = loss_grad::<f32>(self.model, &fz, v, extra, coldness, want_grad);
-                if self.bytes + fz.bytes() <= CACHE_BYTES {
-                    self.bytes += fz.bytes();
-                    self.slots[i] = Some(fz);
-                }
-                lg
+    ) -> Result<Vec<ExampleLoss>> {
+        let layer = self.layer;
+        let mut out = Vec::with_capacity(ix.len());
+        if let Backend::Cpu(m) = &*self.backend {
+            let model: &'m Model = m;
+            // One example at a time: at most one prefix over the budget is alive.
+            for &i in ix {
+                let lg = match &self.slots[i] {
+                    Some(fz) => loss_grad::<f32>(model, fz, v, extra, coldness, want_grad),
+                    None => {
+                        let fz = prepare(model, &examples[i], layer)?;
+                        let lg = loss_grad::<f32>(model, &fz, v, extra, coldness, want_grad);
+                        self.keep(i, fz);
+                        lg
+                    }
+                };
+                out.push((lg.loss_sum, lg.targets, lg.grad_sum));
             }
+            return Ok(out);
+        }
+        // CUDA. A CudaVectorGrad borrows the engine's weights while a prefix needs the engine
+        // mutably, so the prefixes of the whole call come first, then one CudaVectorGrad (its
+        // buffers come from the stream-ordered pool) runs them all.
+        let mut fresh: Vec<Option<Frozen>> = Vec::with_capacity(ix.len()); // [ix]: not kept
+        for &i in ix {
+            let mut f = None;
+            if self.slots[i].is_none() {
+                if let Backend::Cuda(engine) = &mut *self.backend {
+                    let fz = prepare_on_gpu(engine, &examples[i], layer)?;
+                    f = self.keep(i, fz);
+                }
+            }
+            fresh.push(f);
+        }
+        let Backend::Cuda(engine) = &*self.backend else {
+            return Ok(out);
         };
-        Ok((lg.loss_sum, lg.targets, lg.grad_sum))
+        let mut grad = CudaVectorGrad::new(&engine.gpu, &engine.config, &engine.w)?;
+        for (&i, f) in ix.iter().zip(&fresh) {
+            let fz = match (f, &self.slots[i]) {
+                (Some(fz), _) | (None, Some(fz)) => fz,
+                (None, None) => bail!("example {i}: its frozen prefix was neither kept nor made"),
+            };
+            let lg = grad.loss_grad(fz, v, extra, coldness, want_grad)?;
+            out.push((lg.loss_sum, lg.targets, lg.grad_sum));
+        }
+        Ok(out)
     }
 }
 
@@ -244,10 +328,11 @@ fn mean_loss(
     coldness: f32,
 ) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0);
-    for &i in ix {
-        let (l, t, _) = cache.run(i, &examples[i], v, extra, coldness, false)?;
-        sum += l;
-        n += t;
+    for part in ix.chunks(EVAL_CHUNK) {
+        for (l, t, _) in cache.run(part, examples, v, extra, coldness, false)? {
+            sum += l;
+            n += t;
+        }
     }
     Ok(sum / n.max(1) as f64)
 }
@@ -280,7 +365,7 @@ fn vector_name(stage: usize) -> String {
 /// Trains one vector from `st` onwards. Returns (finished, early stopped, epochs run now).
 #[allow(clippy::too_many_arguments)]
 fn train_vector(
-    model: &Model,
+    backend: &mut Backend,
     s: &OptimiseSettings,
     stage: usize,
     examples: &[Example],
@@ -290,10 +375,10 @@ fn train_vector(
     budget: &mut Option<usize>,
     mut checkpoint: impl FnMut(&VectorState, &[CurvePoint]) -> Result<()>,
 ) -> Result<(bool, bool, usize)> {
-    let d = model.config.hidden_size;
+    let d = backend.config().hidden_size;
     let (train, val) = split(examples.len(), s, stage);
     let name = vector_name(stage);
-    let mut cache = FrozenCache::new(model, s.layer, examples.len());
+    let mut cache = FrozenCache::new(backend, s.layer, examples.len());
     let batch = s.batch.max(1);
     let total_steps = (s.epochs * train.len().div_ceil(batch)).max(1) as f64;
     let point = |split: &str, epoch: usize, loss: f64| CurvePoint {
@@ -323,8 +408,7 @@ fn train_vector(
         for mb in order.chunks(batch) {
             let mut g = vec![0f64; d];
             let (mut bsum, mut bn) = (0.0, 0);
-            for &i in mb {
-                let (l, t, gi) = cache.run(i, &examples[i], &st.v, extra, s.coldness, true)?;
+            for (l, t, gi) in cache.run(mb, examples, &st.v, extra, s.coldness, true)? {
                 bsum += l;
                 bn += t;
                 g.iter_mut().zip(&gi).for_each(|(a, &b)| *a += b as f64);
@@ -363,10 +447,13 @@ fn train_vector(
     Ok((true, early, ran))
 }
 
+/// The settings a checkpoint belongs to. A GPU run adds " device=cuda" (a CPU run's string is
+/// what it was before there was a GPU path, so older CPU checkpoints still resume).
 fn fingerprint(s: &OptimiseSettings, base: &Path, n_bias: usize, cats: &[Vec<Example>]) -> String {
     let counts: Vec<usize> = cats.iter().map(Vec::len).collect();
+    let device = if s.cuda { " device=cuda" } else { "" };
     format!(
-        "base={} layer={} epochs={} lr={:e} max_examples={} batch={} coldness={} patience={} seed={} bias_examples={n_bias} category_examples={counts:?}",
+        "base={} layer={} epochs={} lr={:e} max_examples={} batch={} coldness={} patience={} seed={} bias_examples={n_bias} category_examples={counts:?}{device}",
         base.display(),
         s.layer,
         s.epochs,
@@ -390,14 +477,14 @@ pub fn optimise(
     checkpoint: &Path,
     resume: bool,
 ) -> Result<(OptimiseReport, Vec<CurvePoint>)> {
-    let model = Model::load(base_dir)?;
+    let config = Config::from_file(&base_dir.join("config.json"))?;
     let tok = Tokenizer::from_dir(base_dir)?.ok_or_else(|| {
         Error::Input(format!(
             "{}: train-vectors needs tokenizer.json in the base model folder, found none",
             base_dir.display()
         ))
     })?;
-    let c = &model.config;
+    let c = &config;
     if s.layer >= c.num_hidden_layers {
         bail!(
             "--layer {}: expected a block of the base model below num_hidden_layers {}",
@@ -438,6 +525,17 @@ pub fn optimise(
             curves: Vec::new(),
         }
     };
+    // The model, once every cheap check has passed: on the GPU the CPU f32 weights are never
+    // loaded.
+    let (model, mut engine);
+    let mut backend = if s.cuda {
+        let all: Vec<&Example> = bias_ex.iter().chain(cats.iter().flatten()).collect();
+        engine = open_engine(base_dir, c, &all)?;
+        Backend::Cuda(&mut engine)
+    } else {
+        model = Model::load(base_dir)?;
+        Backend::Cpu(&model)
+    };
     let mut budget = s.stop_after;
     let mut summaries = Vec::new();
     let mut epochs_run = 0;
@@ -466,7 +564,7 @@ pub fn optimise(
                 write_checkpoint(checkpoint, &ck)
             };
             train_vector(
-                &model,
+                &mut backend,
                 s,
                 stage,
                 examples,
@@ -532,6 +630,25 @@ pub fn optimise(
         },
         state.curves,
     ))
+}
+
+/// The CUDA engine of `base_dir` on GPU 0 with one sequence of the longest example's length.
+fn open_engine(base_dir: &Path, c: &Config, examples: &[&Example]) -> Result<CudaEngine> {
+    let ctx = examples
+        .iter()
+        .map(|e| e.ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    if ctx > c.max_position_embeddings {
+        bail!(
+            "{}: the longest example (prompt + trace) has {ctx} tokens: expected at most the base model's max_position_embeddings {}",
+            base_dir.display(),
+            c.max_position_embeddings
+        );
+    }
+    let gpu = Arc::new(Gpu::new(0)?);
+    CudaEngine::load(gpu, base_dir, 1, ctx, ctx.clamp(16, CUDA_CHUNK))
 }
 
 /// The loss curves as CSV: `epoch,split,vector,loss`.
@@ -692,16 +809,27 @@ pub fn read_checkpoint(path: &Path) -> Result<TrainState> {
 
 /// Trains one vector on fixed examples (no held-out split, no checkpoint): the building block the
 /// CLI runs per vector, exposed for tests and experiments. Returns the vector and the training
-/// loss after each epoch.
+/// loss after each epoch. On the CPU; `train_with` takes any backend.
 pub fn train_on(
     model: &Model,
     examples: &[Example],
     extra: Option<&[f32]>,
     s: &OptimiseSettings,
 ) -> Result<(Vec<f32>, Vec<f64>)> {
-    let d = model.config.hidden_size;
+    train_with(&mut Backend::Cpu(model), examples, extra, s)
+}
+
+/// `train_on` on `backend` (for the GPU: `Backend::Cuda` with an engine whose context holds
+/// the longest example).
+pub fn train_with(
+    backend: &mut Backend,
+    examples: &[Example],
+    extra: Option<&[f32]>,
+    s: &OptimiseSettings,
+) -> Result<(Vec<f32>, Vec<f64>)> {
+    let d = backend.config().hidden_size;
     let mut st = VectorState::new(d);
-    let mut cache = FrozenCache::new(model, s.layer, examples.len());
+    let mut cache = FrozenCache::new(backend, s.layer, examples.len());
     let ix: Vec<usize> = (0..examples.len()).collect();
     let batch = s.batch.max(1);
     let total_steps = (s.epochs * ix.len().div_ceil(batch)).max(1) as f64;
@@ -713,8 +841,7 @@ pub fn train_on(
         for mb in order.chunks(batch) {
             let mut g = vec![0f64; d];
             let mut bn = 0;
-            for &i in mb {
-                let (l, t, gi) = cache.run(i, &examples[i], &st.v, extra, s.coldness, true)?;
+            for (l, t, gi) in cache.run(mb, examples, &st.v, extra, s.coldness, true)? {
                 ep_sum += l;
                 ep_n += t;
                 bn += t;

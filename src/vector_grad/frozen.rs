@@ -15,6 +15,7 @@
 //!   blocks L+1..N−1 with the vector, which `grad` runs forward and backward.
 
 use crate::bail;
+use crate::config::Config;
 use crate::error::Result;
 use crate::model::{Hooks, KvCache, Model, Step, Workspace};
 
@@ -63,11 +64,19 @@ impl Frozen {
 
 /// Checks an example against the model and the steering block.
 pub fn check(model: &Model, ex: &Example, layer: usize) -> Result<()> {
-    let n = model.config.num_hidden_layers;
+    check_config(&model.config, ex, layer)
+}
+
+/// `check` against a model's config alone (the GPU path has no CPU `Model`).
+pub fn check_config(c: &Config, ex: &Example, layer: usize) -> Result<()> {
+    let n = c.num_hidden_layers;
     if layer >= n {
         bail!("steering block {layer}: expected a block below num_hidden_layers {n}");
     }
-    model.check_ids(&ex.ids)?;
+    let v = c.vocab_size;
+    if let Some(&bad) = ex.ids.iter().find(|&&i| i as usize >= v) {
+        bail!("token id {bad} is outside the vocabulary: expected ids below vocab_size {v}");
+    }
     let t = ex.ids.len();
     if ex.positions.is_empty() {
         bail!("expected at least one target position, found none");
@@ -144,6 +153,21 @@ pub fn prepare(model: &Model, ex: &Example, layer: usize) -> Result<Frozen> {
     let v_pre = (layer + 1..n)
         .map(|l| cache.v[l][..s0 * kv].to_vec())
         .collect();
+    Ok(assemble(ex, layer, h_l, k_pre, v_pre, const_row))
+}
+
+/// The `Frozen` of a checked example from its computed parts (shapes as in `Frozen`); the
+/// steer rows and predicted targets follow from the positions alone. Shared by the CPU `prepare`
+/// and the GPU one (`cuda::frozen`), so both index the same rows.
+pub(crate) fn assemble(
+    ex: &Example,
+    layer: usize,
+    h_l: Vec<f32>,
+    k_pre: Vec<Vec<f32>>,
+    v_pre: Vec<Vec<f32>>,
+    const_row: Option<(Vec<f32>, u32)>,
+) -> Frozen {
+    let (s0, pe) = (ex.positions[0], *ex.positions.last().unwrap_or(&0));
     let steer_rows = ex
         .positions
         .iter()
@@ -156,15 +180,15 @@ pub fn prepare(model: &Model, ex: &Example, layer: usize) -> Result<Frozen> {
         .filter(|&&p| p > s0)
         .map(|&p| (p - 1 - s0, ex.ids[p]))
         .collect();
-    Ok(Frozen {
+    Frozen {
         layer,
         s0,
-        ta,
+        ta: pe - s0,
         h_l,
         k_pre,
         v_pre,
         steer_rows,
         predict,
         const_row,
-    })
+    }
 }
