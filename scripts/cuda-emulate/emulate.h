@@ -1,0 +1,87 @@
+// emulate.h: just enough of the CUDA execution model to run the kernels of kernels/*.cu on the
+// CPU, for checking kernel logic on a machine without a GPU. One block at a time; its threads are
+// real threads meeting at a barrier for __syncthreads(); __shared__ variables are function
+// statics (one copy, shared by the block's threads, reused by the next block); warp shuffles go
+// through a block-wide exchange, so every thread of the block must reach them (as every kernel
+// here does). Slow and for small sizes only.
+#pragma once
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+inline std::barrier<>* g_barrier = nullptr;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __restrict__ __restrict
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __syncthreads() g_barrier->arrive_and_wait()
+using std::max;
+using std::min;
+
+inline float as_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline unsigned int as_uint(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline float __int_as_float(int i) { return as_float((unsigned int)i); }
+inline float __uint_as_float(unsigned int u) { return as_float(u); }
+
+inline float __shfl_xor_sync(unsigned int, float v, int o) {
+    static float buf[1024];
+    const int t = (int)threadIdx.x;
+    buf[t] = v;
+    __syncthreads();
+    const float r = buf[t ^ o];
+    __syncthreads();
+    return r;
+}
+
+struct float4 {
+    float x, y, z, w;
+};
+struct uint4 {
+    unsigned int x, y, z, w;
+};
+struct uint2 {
+    unsigned int x, y;
+};
+inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline uint4 make_uint4(unsigned int a, unsigned int b, unsigned int c, unsigned int d) { return {a, b, c, d}; }
+
+// Runs f (a kernel call with its arguments bound) over the grid, block by block.
+inline void launch(dim3 grid, unsigned int threads, const std::function<void()>& f) {
+    gridDim = grid;
+    blockDim = dim3{threads, 1, 1};
+    for (unsigned int z = 0; z < grid.z; ++z)
+        for (unsigned int y = 0; y < grid.y; ++y)
+            for (unsigned int x = 0; x < grid.x; ++x) {
+                std::barrier<> bar((std::ptrdiff_t)threads);
+                g_barrier = &bar;
+                std::vector<std::thread> ts;
+                for (unsigned int t = 0; t < threads; ++t)
+                    ts.emplace_back([&, t] {
+                        threadIdx = dim3{t, 0, 0};
+                        blockIdx = dim3{x, y, z};
+                        f();
+                    });
+                for (auto& th : ts) th.join();
+            }
+}
