@@ -426,9 +426,9 @@ pub fn run_cuda_vector_grad(
     if prompt_len < 3 {
         bail!("--vector-grad needs --prompt-len of at least 3, found {prompt_len}");
     }
-    let gpu = Gpu::new(0)?;
-    let w = CudaWeights::random(&gpu, &c, seed)?;
-    let mut vg = crate::cuda::vector_grad::CudaVectorGrad::new(&gpu, &c, &w)?;
+    let gpu = Arc::new(Gpu::new(0)?);
+    let w = Arc::new(CudaWeights::random(&gpu, &c, seed)?);
+    let mut vg = crate::cuda::vector_grad::CudaVectorGrad::new(gpu.clone(), &c, w)?;
     let mut rows = vec![];
     for (spread, at) in [(false, "end"), (true, "spread")] {
         let fz = synthetic_frozen(&c, prompt_len, 100, spread, seed);

@@ -325,7 +325,8 @@ fn optimise_prefixes_and_training_on_the_gpu_match_the_cpu() {
         }
         // The loss at the zero vector (plus the frozen bias), each side on its own prefix.
         let lc = loss_grad::<f32>(&model, c, &zero, Some(&extra), cold, false);
-        let mut vg = CudaVectorGrad::new(&engine.gpu, &engine.config, &engine.w).unwrap();
+        let mut vg =
+            CudaVectorGrad::new(engine.gpu.clone(), &engine.config, engine.w.clone()).unwrap();
         let lg = vg.loss_grad(&g, &zero, Some(&extra), cold, false).unwrap();
         assert_eq!(lg.targets, lc.targets, "example {i}");
         let diff = (lg.loss_sum - lc.loss_sum).abs() / lc.targets.max(1) as f64;

@@ -618,7 +618,7 @@ fn loss_and_gradient_match_the_cpu_reference() {
     let dir = common::random_checkpoint("vgrad", 42, 3);
     let model = Model::load(&dir).unwrap();
     let eng = CudaEngine::load(Arc::new(g), &dir, 1, 256, 64).unwrap();
-    let mut vg = CudaVectorGrad::new(&eng.gpu, &eng.config, &eng.w).unwrap();
+    let mut vg = CudaVectorGrad::new(eng.gpu.clone(), &eng.config, eng.w.clone()).unwrap();
     let d = model.config.hidden_size;
     let mut r = Rng::new(9);
     let ids: Vec<u32> = (0..120).map(|_| 1 + r.below(511) as u32).collect();

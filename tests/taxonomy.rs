@@ -730,3 +730,31 @@ fn optimise_with_device_cuda_reaches_the_gpu_path() {
         &[&why],
     );
 }
+
+#[test]
+fn optimise_refuses_a_negative_prefix_cache() {
+    let dir = tmp("opt-cache");
+    let (tp, ap) = optimise_data(&dir);
+    let out = dir.join("v.safetensors");
+    fails(
+        &[
+            "train-vectors",
+            "--base",
+            &s(&fixture(BASE)),
+            "--traces",
+            &s(&tp),
+            "--annotations",
+            &s(&ap),
+            "--layer",
+            "1",
+            "--method",
+            "optimise",
+            "--device",
+            "cpu",
+            "--prefix-cache-gb=-1",
+            "--out",
+            &s(&out),
+        ],
+        &["--prefix-cache-gb", "non-negative", "-1"],
+    );
+}

@@ -207,7 +207,8 @@ pub struct SteerDev {
 pub struct CudaEngine {
     pub gpu: Arc<Gpu>,
     pub config: Config,
-    pub w: CudaWeights,
+    /// Shared so that a `CudaVectorGrad` can hold the same weights beside the engine.
+    pub w: Arc<CudaWeights>,
     inv_freq: CudaSlice<f32>,      // [Dh/2]
     k_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
     v_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
@@ -380,7 +381,7 @@ impl CudaEngine {
             .map_err(cu("uploading RoPE frequencies"))?;
         Ok(CudaEngine {
             config,
-            w,
+            w: Arc::new(w),
             inv_freq,
             k_cache,
             v_cache,

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::vector_grad::{Frozen, LossGrad};
 use cudarc::driver::CudaSlice;
+use std::sync::Arc;
 
 /// Rows of the LM head computed together: bounds the [R, V] f32 logits buffer.
 const HEAD_CHUNK: usize = 128;
@@ -82,20 +83,21 @@ struct Head {
     extra: CudaSlice<f32>, // [D]
 }
 
-/// The GPU loss-and-gradient of the steering vector over borrowed device weights.
-pub struct CudaVectorGrad<'w> {
-    gpu: &'w Gpu,
+/// The GPU loss-and-gradient of the steering vector over shared device weights (an engine's).
+pub struct CudaVectorGrad {
+    gpu: Arc<Gpu>,
     c: Config,
-    w: &'w CudaWeights,
+    w: Arc<CudaWeights>,
     inv_freq: CudaSlice<f32>, // [Dh/2]
     head: Head,
     part: CudaSlice<f32>, // [PART] split-K partial sums of vg_mm
     bufs: Option<Bufs>,
 }
 
-impl<'w> CudaVectorGrad<'w> {
-    /// Over the weights `w` of a model with config `c` (e.g. a CudaEngine's `w` and `config`).
-    pub fn new(gpu: &'w Gpu, c: &Config, w: &'w CudaWeights) -> Result<Self> {
+impl CudaVectorGrad {
+    /// Over the weights `w` of a model with config `c` (e.g. a CudaEngine's `gpu`, `config` and
+    /// `w`, cloned).
+    pub fn new(gpu: Arc<Gpu>, c: &Config, w: Arc<CudaWeights>) -> Result<Self> {
         if w.layers.len() != c.num_hidden_layers {
             bail!(
                 "vector gradient: expected {} layers of weights, found {}",
@@ -129,13 +131,14 @@ impl<'w> CudaVectorGrad<'w> {
         let inv_freq = st
             .clone_htod(&c.rope_inv_freq())
             .map_err(cuda_err("uploading inv_freq"))?;
+        let part = f32s(PART)?;
         Ok(CudaVectorGrad {
             gpu,
             c: c.clone(),
             w,
             inv_freq,
             head,
-            part: f32s(PART)?,
+            part,
             bufs: None,
         })
     }
@@ -298,9 +301,9 @@ impl<'w> CudaVectorGrad<'w> {
             nl,
             steer: fz.steer_rows.len(),
         })?;
-        let gpu = self.gpu;
+        let gpu: &Gpu = &self.gpu;
         let st = &gpu.stream;
-        let w = self.w;
+        let w: &CudaWeights = &self.w;
         let eps = c.rms_norm_eps;
         let b = self.bufs.as_mut().expect("ensured above");
         let hb = &mut self.head;

@@ -181,6 +181,10 @@ pub struct TrainVectorsArgs {
     /// optimise: run at most this many epochs now, then stop with the checkpoint written.
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// optimise: GiB of frozen prefixes (each example's unsteered part) kept in memory between
+    /// epochs instead of recomputed (default: half the memory available at the start).
+    #[arg(long)]
+    pub prefix_cache_gb: Option<f64>,
     /// optimise: loss curves CSV (epoch,split,vector,loss; default: the output with extension
     /// `curves.csv`); the chart goes beside it with extension `svg`.
     #[arg(long)]
@@ -331,6 +335,11 @@ pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
 
 fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix, cuda: bool) -> Result<()> {
     use super::optimise::{curves_csv, curves_svg, optimise, sibling, OptimiseSettings};
+    if let Some(g) = a.prefix_cache_gb.filter(|g| !(g.is_finite() && *g >= 0.0)) {
+        return Err(anyhow!(
+            "--prefix-cache-gb: expected a non-negative number of GiB, found {g}"
+        ));
+    }
     let s = OptimiseSettings {
         layer: a.layer,
         epochs: a.epochs,
@@ -342,6 +351,9 @@ fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix, cuda: bool) -
         seed: a.seed,
         stop_after: a.stop_after,
         cuda,
+        prefix_cache_bytes: a
+            .prefix_cache_gb
+            .map(|g| (g * (1u64 << 30) as f64) as usize),
     };
     let ckpt = a
         .checkpoint

@@ -58,11 +58,20 @@ use super::vectors::{annotations_by_trace, check_sentence};
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const ADAM_EPS: f64 = 1e-8;
-/// Frozen prefixes kept in memory across epochs up to this many bytes; beyond it they are
-/// recomputed each time (the result is the same either way).
-const CACHE_BYTES: usize = 2 << 30;
-/// Held-out examples per `FrozenCache::run` call (bounds the prefixes alive at once on the GPU).
-const EVAL_CHUNK: usize = 16;
+/// The default budget of frozen prefixes kept in memory across epochs (beyond it they are
+/// recomputed each time; the result is the same either way): half the memory available now
+/// (/proc/meminfo), at least 1 GiB; 2 GiB where that cannot be read.
+pub fn default_prefix_cache_bytes() -> usize {
+    let avail_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
+        t.lines()
+            .find(|l| l.starts_with("MemAvailable:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+    });
+    match avail_kib {
+        Some(k) => (k * 1024 / 2).max(1 << 30),
+        None => 2 << 30,
+    }
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct OptimiseSettings {
@@ -80,6 +89,9 @@ pub struct OptimiseSettings {
     /// `optimise` runs on the CUDA engine (GPU 0) instead of the CPU. `train_on` and
     /// `train_with` ignore it: they are handed their backend.
     pub cuda: bool,
+    /// Bytes of frozen prefixes kept across epochs (None: `default_prefix_cache_bytes`).
+    /// Only speed depends on it.
+    pub prefix_cache_bytes: Option<usize>,
 }
 
 impl Default for OptimiseSettings {
@@ -95,6 +107,7 @@ impl Default for OptimiseSettings {
             seed: 0,
             stop_after: None,
             cuda: false,
+            prefix_cache_bytes: None,
         }
     }
 }
@@ -236,21 +249,28 @@ struct FrozenCache<'a, 'm> {
     layer: usize,
     slots: Vec<Option<Frozen>>,
     bytes: usize,
+    budget: usize,
+    /// The GPU loss and gradient (its buffers kept between examples), made on first use.
+    grad: Option<CudaVectorGrad>,
 }
 
 impl<'a, 'm> FrozenCache<'a, 'm> {
-    fn new(backend: &'a mut Backend<'m>, layer: usize, n: usize) -> Self {
+    fn new(backend: &'a mut Backend<'m>, s: &OptimiseSettings, n: usize) -> Self {
         FrozenCache {
             backend,
-            layer,
+            layer: s.layer,
             slots: (0..n).map(|_| None).collect(),
             bytes: 0,
+            budget: s
+                .prefix_cache_bytes
+                .unwrap_or_else(default_prefix_cache_bytes),
+            grad: None,
         }
     }
 
     /// Keeps `fz` as example i's prefix if the budget allows; else hands it back.
     fn keep(&mut self, i: usize, fz: Frozen) -> Option<Frozen> {
-        if self.bytes + fz.bytes() <= CACHE_BYTES {
+        if self.bytes + fz.bytes() <= self.budget {
             self.bytes += fz.bytes();
             self.slots[i] = Some(fz);
             None
@@ -271,47 +291,29 @@ impl<'a, 'm> FrozenCache<'a, 'm> {
     ) -> Result<Vec<ExampleLoss>> {
         let layer = self.layer;
         let mut out = Vec::with_capacity(ix.len());
-        if let Backend::Cpu(m) = &*self.backend {
-            let model: &'m Model = m;
-            // One example at a time: at most one prefix over the budget is alive.
-            for &i in ix {
-                let lg = match &self.slots[i] {
-                    Some(fz) => loss_grad::<f32>(model, fz, v, extra, coldness, want_grad),
-                    None => {
-                        let fz = prepare(model, &examples[i], layer)?;
-                        let lg = loss_grad::<f32>(model, &fz, v, extra, coldness, want_grad);
-                        self.keep(i, fz);
-                        lg
-                    }
-                };
-                out.push((lg.loss_sum, lg.targets, lg.grad_sum));
-            }
-            return Ok(out);
-        }
-        // CUDA. A CudaVectorGrad borrows the engine's weights while a prefix needs the engine
-        // mutably, so the prefixes of the whole call come first, then one CudaVectorGrad (its
-        // buffers come from the stream-ordered pool) runs them all.
-        let mut fresh: Vec<Option<Frozen>> = Vec::with_capacity(ix.len()); // [ix]: not kept
+        // One example at a time: at most one prefix over the budget is alive.
         for &i in ix {
-            let mut f = None;
-            if self.slots[i].is_none() {
-                if let Backend::Cuda(engine) = &mut *self.backend {
-                    let fz = prepare_on_gpu(engine, &examples[i], layer)?;
-                    f = self.keep(i, fz);
-                }
-            }
-            fresh.push(f);
-        }
-        let Backend::Cuda(engine) = &*self.backend else {
-            return Ok(out);
-        };
-        let mut grad = CudaVectorGrad::new(&engine.gpu, &engine.config, &engine.w)?;
-        for (&i, f) in ix.iter().zip(&fresh) {
-            let fz = match (f, &self.slots[i]) {
-                (Some(fz), _) | (None, Some(fz)) => fz,
-                (None, None) => bail!("example {i}: its frozen prefix was neither kept nor made"),
+            let made = match (&self.slots[i], &mut *self.backend) {
+                (Some(_), _) => None,
+                (None, Backend::Cpu(m)) => Some(prepare(m, &examples[i], layer)?),
+                (None, Backend::Cuda(e)) => Some(prepare_on_gpu(e, &examples[i], layer)?),
             };
-            let lg = grad.loss_grad(fz, v, extra, coldness, want_grad)?;
+            let unkept = made.and_then(|fz| self.keep(i, fz));
+            let Some(fz) = unkept.as_ref().or(self.slots[i].as_ref()) else {
+                bail!("example {i}: its frozen prefix was neither kept nor made");
+            };
+            let lg = match &*self.backend {
+                Backend::Cpu(m) => loss_grad::<f32>(m, fz, v, extra, coldness, want_grad),
+                Backend::Cuda(e) => {
+                    let g = match &mut self.grad {
+                        Some(g) => g,
+                        none => {
+                            none.insert(CudaVectorGrad::new(e.gpu.clone(), &e.config, e.w.clone())?)
+                        }
+                    };
+                    g.loss_grad(fz, v, extra, coldness, want_grad)?
+                }
+            };
             out.push((lg.loss_sum, lg.targets, lg.grad_sum));
         }
         Ok(out)
@@ -328,11 +330,9 @@ fn mean_loss(
     coldness: f32,
 ) -> Result<f64> {
     let (mut sum, mut n) = (0.0, 0);
-    for part in ix.chunks(EVAL_CHUNK) {
-        for (l, t, _) in cache.run(part, examples, v, extra, coldness, false)? {
-            sum += l;
-            n += t;
-        }
+    for (l, t, _) in cache.run(ix, examples, v, extra, coldness, false)? {
+        sum += l;
+        n += t;
     }
     Ok(sum / n.max(1) as f64)
 }
@@ -378,7 +378,7 @@ fn train_vector(
     let d = backend.config().hidden_size;
     let (train, val) = split(examples.len(), s, stage);
     let name = vector_name(stage);
-    let mut cache = FrozenCache::new(backend, s.layer, examples.len());
+    let mut cache = FrozenCache::new(backend, s, examples.len());
     let batch = s.batch.max(1);
     let total_steps = (s.epochs * train.len().div_ceil(batch)).max(1) as f64;
     let point = |split: &str, epoch: usize, loss: f64| CurvePoint {
@@ -829,7 +829,7 @@ pub fn train_with(
 ) -> Result<(Vec<f32>, Vec<f64>)> {
     let d = backend.config().hidden_size;
     let mut st = VectorState::new(d);
-    let mut cache = FrozenCache::new(backend, s.layer, examples.len());
+    let mut cache = FrozenCache::new(backend, s, examples.len());
     let ix: Vec<usize> = (0..examples.len()).collect();
     let batch = s.batch.max(1);
     let total_steps = (s.epochs * ix.len().div_ceil(batch)).max(1) as f64;
