@@ -1,4 +1,4 @@
-// attention.cu: attention over the bf16 KV cache, decode (flash-decoding) and prefill (tiled).
+// attention.cu: decode attention over the bf16 KV cache (flash-decoding).
 //
 // Common: GQA, kv head = h / (H / Hkv); scale 1/sqrt(Dh); scores, softmax and accumulation in f32
 // (exp is the precise expf); the output is rounded to bf16 once. Dh ∈ {64, 128}.
@@ -19,14 +19,9 @@
 //   for launches of few blocks), attention_decode_u1_bf16 one (fewer registers, more blocks per
 //   SM). NS is fixed by the caller (ceil(max context / chunk)); splits with sp·chunk ≥ L return
 //   at once, so the launch does not depend on lengths (CUDA graphs).
-// attention_prefill_bf16 — a chunk of n queries of ONE slot at positions p0 .. p0+n−1 (q bf16
-//   [n, H, Dh]); query i attends cache positions 0 .. p0+i (its own k/v was already written by
-//   qkv_rope). Tiled, CUDA cores (no tensor cores yet): a block holds 32 queries of one head,
-//   streams 32-key tiles of K and V through shared memory, 8 warps × 4 queries each, online
-//   softmax per query. Launch: grid (ceil(n/32), H), block 256.
+// attention_prefill_bf16 (prefill chunks, on tensor cores) lives in prefill_attention.cu.
 #include "common.cuh"
 
-#define MAX_DH 128
 // Warps per decode-attention block. Each warp takes U keys per step (U = 8: a 64-key split in
 // one step, for launches of few blocks; U = 1: fewer registers, for launches of many blocks).
 #define DEC_WARPS 8
@@ -211,97 +206,3 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     }
 DECODE_KERNEL(attention_decode_bf16, 8)
 DECODE_KERNEL(attention_decode_u1_bf16, 1)
-
-#define PF_Q 32   // queries per block
-#define PF_K 32   // keys per tile
-#define PF_QPW 4  // queries per warp (8 warps)
-
-template <int NPL>
-__device__ void prefill_tile(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
-                             const bf16_t* __restrict__ v_cache, bf16_t* __restrict__ out, int n, int p0, int s,
-                             int H, int Hkv, int S, float (*sq)[MAX_DH], bf16_t (*sk)[MAX_DH + 2],
-                             bf16_t (*sv)[MAX_DH]) {
-    constexpr int DH = NPL * 32;
-    const int h = blockIdx.y, q0 = blockIdx.x * PF_Q;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int kvh = h / (H / Hkv);
-    const float scale = rsqrtf((float)DH);
-
-    for (int e = threadIdx.x; e < PF_Q * DH; e += blockDim.x) {
-        const int i = e / DH, d = e % DH;
-        sq[i][d] = q0 + i < n ? bf2f(q[((size_t)(q0 + i) * H + h) * DH + d]) * scale : 0.0f;
-    }
-    float m[PF_QPW], l[PF_QPW], acc[PF_QPW][NPL];
-#pragma unroll
-    for (int a = 0; a < PF_QPW; ++a) {
-        m[a] = -INFINITY;
-        l[a] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < NPL; ++i) acc[a][i] = 0.0f;
-    }
-    const int last_q = min(q0 + PF_Q, n) - 1;
-    const int n_keys = min(p0 + last_q + 1, S);  // keys 0 .. p0 + last_q
-    for (int k0 = 0; k0 < n_keys; k0 += PF_K) {
-        __syncthreads();  // previous tile fully consumed (and sq written, first time)
-        for (int e = threadIdx.x; e < PF_K * DH; e += blockDim.x) {
-            const int j = e / DH, d = e % DH;
-            const int kp = k0 + j;
-            bf16_t kk = 0, vv = 0;
-            if (kp < n_keys) {
-                const size_t off = (((size_t)s * S + kp) * Hkv + kvh) * DH + d;
-                kk = k_cache[off];
-                vv = v_cache[off];
-            }
-            sk[j][d] = kk;
-            sv[j][d] = vv;
-        }
-        __syncthreads();
-#pragma unroll
-        for (int a = 0; a < PF_QPW; ++a) {
-            const int qi = warp * PF_QPW + a;
-            const int qpos = p0 + q0 + qi;  // causal limit of this query
-            if (q0 + qi >= n) break;
-            if (k0 > qpos) continue;  // whole tile is in this query's future
-            // lane j scores key k0 + j
-            float sc = 0.0f;
-#pragma unroll 8
-            for (int d = 0; d < DH; ++d) sc += sq[qi][d] * bf2f(sk[lane][d]);
-            if (k0 + lane > qpos || k0 + lane >= n_keys) sc = -INFINITY;
-            const float m_new = fmaxf(m[a], warp_max(sc));
-            const float corr = expf(m[a] - m_new);
-            const float e = expf(sc - m_new);
-            l[a] = l[a] * corr + warp_sum(e);
-#pragma unroll
-            for (int i = 0; i < NPL; ++i) acc[a][i] *= corr;
-            for (int j = 0; j < PF_K; ++j) {
-                const float pj = __shfl_sync(0xffffffffu, e, j);
-#pragma unroll
-                for (int i = 0; i < NPL; ++i) acc[a][i] += pj * bf2f(sv[j][lane + 32 * i]);
-            }
-            m[a] = m_new;
-        }
-    }
-#pragma unroll
-    for (int a = 0; a < PF_QPW; ++a) {
-        const int qi = q0 + warp * PF_QPW + a;
-        if (qi >= n) break;
-        const float inv = 1.0f / l[a];
-#pragma unroll
-        for (int i = 0; i < NPL; ++i) out[((size_t)qi * H + h) * DH + lane + 32 * i] = f2bf(acc[a][i] * inv);
-    }
-}
-
-extern "C" __global__ void attention_prefill_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
-                                                  const bf16_t* __restrict__ v_cache, bf16_t* __restrict__ out, int n,
-                                                  int p0, int slot, int H, int Hkv, int Dh, int S) {
-    pdl_enter();
-    // Declared here, not in the template, so both instantiations share one allocation.
-    __shared__ float sq[PF_Q][MAX_DH];
-    __shared__ bf16_t sk[PF_K][MAX_DH + 2];  // +2: row stride of 65 words, so lanes reading
-                                             // different keys at the same d hit different banks
-    __shared__ bf16_t sv[PF_K][MAX_DH];
-    if (Dh == 128)
-        prefill_tile<4>(q, k_cache, v_cache, out, n, p0, slot, H, Hkv, S, sq, sk, sv);
-    else if (Dh == 64)
-        prefill_tile<2>(q, k_cache, v_cache, out, n, p0, slot, H, Hkv, S, sq, sk, sv);
-}

@@ -1,13 +1,16 @@
-// check.cpp: runs kernels of kernels/grad.cu in the CPU emulator (emulate.h) against plain
-// double-precision references written from the formulas: the attention forward and backward of
-// the steering-vector gradient (as src/cuda/kernels.rs launches them) and the tensor-core product
-// vg_mm_tc_f32 with and without split K. Prints the worst error of each output relative to its
-// largest value and exits 1 when one exceeds 1e-4 (f32 sums of ≤ 200 terms are ~1e-6; a wrong
-// index is O(1)).
+// check.cpp: runs kernels of kernels/grad.cu and kernels/prefill_attention.cu in the CPU emulator
+// (emulate.h) against plain double-precision references written from the formulas: the
+// attention forward and backward of the steering-vector gradient (as src/cuda/kernels.rs
+// launches them), the tensor-core product vg_mm_tc_f32 with and without split K, and the
+// tensor-core prefill attention. Prints the worst error of each output relative to its largest
+// value and exits 1 when one exceeds its bound: 1e-4 for f32 outputs (f32 sums of ≤ 200 terms
+// are ~1e-6; a wrong index is O(1)), 2^-7 for the bf16 prefill output (its rounding, 2^-9, and
+// that of the probabilities, 2^-9 of a convex sum).
 #include <cstdio>
 #include <random>
 
 #include "grad.cu"
+#include "prefill_attention.cu"
 
 static std::mt19937 rng(7);
 static std::vector<float> randv(size_t n, float s = 1.0f) {
@@ -18,15 +21,19 @@ static std::vector<float> randv(size_t n, float s = 1.0f) {
 }
 static int failures = 0;
 static void compare(const char* what, const std::vector<float>& got, const std::vector<double>& want,
-                    const std::vector<char>& mask) {
+                    const std::vector<char>& mask, double bound = 1e-4) {
     double mx = 0, err = 0;
     for (size_t i = 0; i < want.size(); ++i)
         if (mask[i]) mx = std::max(mx, std::fabs(want[i]));
     for (size_t i = 0; i < want.size(); ++i)
-        if (mask[i]) err = std::max(err, std::fabs(got[i] - want[i]));
+        if (mask[i]) {
+            const double d = std::fabs(got[i] - want[i]);
+            err = std::isnan(d) ? INFINITY : std::max(err, d);  // a NaN fails
+            if (std::isnan(d)) break;
+        }
     const double rel = err / (mx + 1e-30);
-    printf("%-34s max |ref| %9.3e  max err / max |ref| %9.2e %s\n", what, mx, rel, rel <= 1e-4 ? "ok" : "FAIL");
-    if (!(rel <= 1e-4)) ++failures;
+    printf("%-34s max |ref| %9.3e  max err / max |ref| %9.2e %s\n", what, mx, rel, rel <= bound ? "ok" : "FAIL");
+    if (!(rel <= bound)) ++failures;
 }
 
 static void attention(int Ta, int S0, int H, int Hkv, int Dh) {
@@ -135,7 +142,53 @@ static void mm_tc(int T, int N, int Kd, bool trans, int splits_per) {
     compare(tag, out, want, std::vector<char>(want.size(), 1));
 }
 
+// Prefill chunk of n queries at positions p0.. of one slot over a bf16 cache [slots, S, Hkv, Dh].
+static void prefill(int n, int p0, int H, int Hkv, int Dh) {
+    const int slots = 2, slot = 1, S = p0 + n + 5, group = H / Hkv;
+    auto bf = [](const std::vector<float>& v) {
+        std::vector<bf16_t> b(v.size());
+        for (size_t i = 0; i < v.size(); ++i) b[i] = f2bf(v[i]);
+        return b;
+    };
+    const auto q = bf(randv((size_t)n * H * Dh, 2.0f));
+    const auto kc = bf(randv((size_t)slots * S * Hkv * Dh, 2.0f)), vc = bf(randv((size_t)slots * S * Hkv * Dh, 2.0f));
+    std::vector<double> want((size_t)n * H * Dh);
+    const double scale = 1.0 / std::sqrt((double)Dh);
+    for (int i = 0; i < n; ++i)
+        for (int h = 0; h < H; ++h) {
+            const int g = h / group, L = p0 + i + 1;
+            std::vector<double> p(L);
+            double mx = -1e300, sum = 0;
+            for (int j = 0; j < L; ++j) {
+                double s = 0;
+                for (int d = 0; d < Dh; ++d)
+                    s += (double)bf2f(q[((size_t)i * H + h) * Dh + d]) *
+                         bf2f(kc[(((size_t)slot * S + j) * Hkv + g) * Dh + d]);
+                mx = std::max(mx, p[j] = s * scale);
+            }
+            for (int j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+            for (int d = 0; d < Dh; ++d) {
+                double o = 0;
+                for (int j = 0; j < L; ++j) o += p[j] * bf2f(vc[(((size_t)slot * S + j) * Hkv + g) * Dh + d]);
+                want[((size_t)i * H + h) * Dh + d] = o / sum;
+            }
+        }
+    std::vector<bf16_t> out((size_t)n * H * Dh, 0x7fc0);  // NaN: every entry must be written
+    launch(dim3{(unsigned)((n + 63) / 64), (unsigned)H, 1}, 128, [&] {
+        attention_prefill_bf16(q.data(), kc.data(), vc.data(), out.data(), n, p0, slot, H, Hkv, Dh, S);
+    });
+    std::vector<float> got(out.size());
+    for (size_t i = 0; i < out.size(); ++i) got[i] = bf2f(out[i]);
+    char tag[96];
+    snprintf(tag, sizeof tag, "prefill n %d p0 %d H %d Hkv %d Dh %d", n, p0, H, Hkv, Dh);
+    compare(tag, got, want, std::vector<char>(want.size(), 1), 1.0 / 128);
+}
+
 int main() {
+    prefill(37, 5, 6, 2, 64);
+    prefill(70, 0, 6, 2, 128);
+    prefill(130, 100, 4, 4, 128);
+    prefill(1, 0, 2, 1, 64);
     attention(70, 25, 4, 2, 64);
     attention(9, 0, 6, 2, 128);
     attention(40, 70, 8, 8, 64);

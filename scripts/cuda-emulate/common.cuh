@@ -1,7 +1,7 @@
 // common.cuh for the CPU emulator (scripts/cuda-emulate/run.sh): the helpers of kernels/common.cuh
 // written in plain C++ over the emulator's threads (emulate.h). Same names, same results:
 // f2bf rounds to nearest even, mma_bf16_16816 is the m16n8k16 product over the documented
-// fragment layout (each lane's share gathered through a block-wide exchange).
+// fragment layout (each lane's share gathered through a warp-wide exchange).
 #pragma once
 #include "emulate.h"
 
@@ -63,7 +63,7 @@ inline void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* 
     const int t = (int)threadIdx.x, lane = t & 31, w0 = t & ~31;
     for (int e = 0; e < 4; ++e) fa[t][e] = a[e];
     for (int e = 0; e < 2; ++e) fb[t][e] = b[e];
-    __syncthreads();
+    warp_sync();
     float A[16][16], B[16][8];
     for (int l = 0; l < 32; ++l) {
         const int g = l >> 2, c = l & 3;
@@ -79,7 +79,7 @@ inline void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* 
         B[2 * c + 8][g] = bf_lo(y[1]);
         B[2 * c + 9][g] = bf_hi(y[1]);
     }
-    __syncthreads();
+    warp_sync();
     const int g = lane >> 2, c = lane & 3;
     for (int e = 0; e < 4; ++e) {
         const int r = g + (e >> 1) * 8, col = 2 * c + (e & 1);

@@ -1,15 +1,17 @@
 // emulate.h: just enough of the CUDA execution model to run the kernels of kernels/*.cu on the
 // CPU, for checking kernel logic on a machine without a GPU. One block at a time; its threads are
 // real threads meeting at a barrier for __syncthreads(); __shared__ variables are function
-// statics (one copy, shared by the block's threads, reused by the next block); warp shuffles go
-// through a block-wide exchange, so every thread of the block must reach them (as every kernel
-// here does). Slow and for small sizes only.
+// statics (one copy, shared by the block's threads, reused by the next block); warp-collective
+// operations (shuffles, mma) exchange through per-thread slots between two barriers of the
+// calling warp, so the 32 lanes of a warp must reach them together (as in every kernel here),
+// while other warps may take other paths. Slow and for small sizes only.
 #pragma once
 #include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -19,6 +21,8 @@ struct dim3 {
 inline thread_local dim3 threadIdx, blockIdx;
 inline dim3 blockDim, gridDim;
 inline std::barrier<>* g_barrier = nullptr;
+inline std::vector<std::barrier<>*> g_warp_barriers;  // one per warp of the running block
+inline void warp_sync() { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
 
 #define __global__
 #define __device__
@@ -41,6 +45,7 @@ inline unsigned int as_uint(float f) {
     std::memcpy(&u, &f, 4);
     return u;
 }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __int_as_float(int i) { return as_float((unsigned int)i); }
 inline float __uint_as_float(unsigned int u) { return as_float(u); }
 
@@ -48,9 +53,9 @@ inline float __shfl_xor_sync(unsigned int, float v, int o) {
     static float buf[1024];
     const int t = (int)threadIdx.x;
     buf[t] = v;
-    __syncthreads();
+    warp_sync();
     const float r = buf[t ^ o];
-    __syncthreads();
+    warp_sync();
     return r;
 }
 
@@ -75,6 +80,12 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
             for (unsigned int x = 0; x < grid.x; ++x) {
                 std::barrier<> bar((std::ptrdiff_t)threads);
                 g_barrier = &bar;
+                std::vector<std::unique_ptr<std::barrier<>>> wb;
+                g_warp_barriers.clear();
+                for (unsigned int w = 0; w < (threads + 31) / 32; ++w) {
+                    wb.push_back(std::make_unique<std::barrier<>>((std::ptrdiff_t)std::min(32u, threads - 32 * w)));
+                    g_warp_barriers.push_back(wb.back().get());
+                }
                 std::vector<std::thread> ts;
                 for (unsigned int t = 0; t < threads; ++t)
                     ts.emplace_back([&, t] {

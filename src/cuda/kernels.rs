@@ -551,7 +551,7 @@ pub fn attention_prefill(
     // SAFETY: argument order and types match attention_prefill_bf16; lengths and the slot /
     // position range checked above.
     gpu.launched(K, unsafe {
-        b.launch(cfg((n.div_ceil(32) as u32, sh.h as u32, 1), 256, 0))
+        b.launch(cfg((n.div_ceil(64) as u32, sh.h as u32, 1), 128, 0))
     })
 }
 

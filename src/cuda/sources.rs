@@ -16,12 +16,9 @@ mod gen {
 pub const MODULES: &[(&str, &[&str])] = &[
     (
         "attention",
-        &[
-            "attention_decode_bf16",
-            "attention_decode_u1_bf16",
-            "attention_prefill_bf16",
-        ],
+        &["attention_decode_bf16", "attention_decode_u1_bf16"],
     ),
+    ("prefill_attention", &["attention_prefill_bf16"]),
     ("elementwise", &["silu_mul_bf16"]),
     ("embed", &["embed_bf16"]),
     ("gemm", &["gemm_bf16"]),
