@@ -27,6 +27,9 @@ fn emulated_kernels_match_double_references() {
     assert!(out.status.success(), "the emulated kernels failed:\n{text}");
     // Every case reported and none failed (the script exits 1 on a failure; this also catches a
     // run that printed nothing).
-    assert!(text.matches(" ok").count() >= 17, "expected ≥ 17 checked outputs:\n{text}");
+    assert!(
+        text.matches(" ok").count() >= 17,
+        "expected ≥ 17 checked outputs:\n{text}"
+    );
     assert!(!text.contains("FAIL"), "{text}");
 }
