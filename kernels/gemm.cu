@@ -5,46 +5,48 @@
 // mma.sync m16n8k16 (bf16 in, f32 accumulate); the order of the K sum is the tensor core's.
 // No rounding on output (f32). Any N and M (edge tiles are zero-filled by cp.async and the
 // epilogue masks stores); K % 8 == 0 and 16-byte-aligned x and W (checked on the host).
-// Tiles: block 64 (n) × 128 (m) × 32 (k), double-buffered through shared memory with cp.async;
-// 4 warps in a 2 × 2 grid, each 32 × 64 = 2 × 8 mma tiles.
-// Launch: grid (ceil(M / 128), ceil(N / 64)), block 128, 30 KB static shared memory.
+// Tiles: block BN (n) × 128 (m) × 32 (k), double-buffered through shared memory with cp.async;
+// WN × 2 warps, each 32 × 64 = 2 × 8 mma tiles. Exported: gemm_bf16 (BN = 64, 4 warps) and
+// gemm_bf16_n128 (BN = 128, 8 warps: each W tile serves twice the rows, twice the warps per
+// block; for N well above 128).
+// Launch: grid (ceil(M / 128), ceil(N / BN)), block 32·2·WN, 30 KB (BN 64) or 40 KB static
+// shared memory.
 #include "common.cuh"
 
-#define GM_BN 64   // x rows per block
 #define GM_BM 128  // W rows per block
 #define GM_BK 32
 #define GM_LD 40  // padded row (80 bytes): fragment loads of 8 rows hit 8 different bank groups
 
-extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                                           const bf16_t* __restrict__ W, int N, int M, int K) {
-    pdl_enter();
-    __shared__ __align__(16) bf16_t As[2][GM_BN][GM_LD];
+template <int WN>  // warps along n; BN = 32·WN x rows per block
+__device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t* __restrict__ x,
+                                          const bf16_t* __restrict__ W, int N, int M, int K) {
+    constexpr int BN = 32 * WN, THREADS = 64 * WN;
+    __shared__ __align__(16) bf16_t As[2][BN][GM_LD];
     __shared__ __align__(16) bf16_t Bs[2][GM_BM][GM_LD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wn = warp >> 1, wm = warp & 1;  // warp's 32-row slice of x, 64-row slice of W
     const int g = lane >> 2, c = lane & 3;
-    const int m0 = blockIdx.x * GM_BM, n0 = blockIdx.y * GM_BN;
+    const int m0 = blockIdx.x * GM_BM, n0 = blockIdx.y * BN;
     const int nk = (K + GM_BK - 1) / GM_BK;
 
     auto load_tile = [&](int kt, int buf) {
         const int k0 = kt * GM_BK;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {  // A: 64 rows × 4 chunks of 8
-            const int ch = tid + i * 128, row = ch >> 2, kc = (ch & 3) * 8;
+        for (int i = 0; i < BN * 4 / THREADS; ++i) {  // A: BN rows × 4 chunks of 8
+            const int ch = tid + i * THREADS, row = ch >> 2, kc = (ch & 3) * 8;
             const bool ok = n0 + row < N && k0 + kc < K;
             const bf16_t* src = ok ? x + (size_t)(n0 + row) * K + k0 + kc : x;
             cp_async16(&As[buf][row][kc], src, ok ? 16 : 0);
         }
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {  // B: 128 rows × 4 chunks of 8
-            const int ch = tid + i * 128, row = ch >> 2, kc = (ch & 3) * 8;
+        for (int i = 0; i < GM_BM * 4 / THREADS; ++i) {  // B: 128 rows × 4 chunks of 8
+            const int ch = tid + i * THREADS, row = ch >> 2, kc = (ch & 3) * 8;
             const bool ok = m0 + row < M && k0 + kc < K;
             const bf16_t* src = ok ? W + (size_t)(m0 + row) * K + k0 + kc : W;
             cp_async16(&Bs[buf][row][kc], src, ok ? 16 : 0);
         }
         cp_async_commit();
     };
-
     float acc[2][8][4];
 #pragma unroll
     for (int i = 0; i < 2; ++i)
@@ -101,4 +103,17 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ 
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ out, const bf16_t* __restrict__ x,
+                                                           const bf16_t* __restrict__ W, int N, int M, int K) {
+    pdl_enter();
+    gemm_body<2>(out, x, W, N, M, K);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_bf16_n128(float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int N, int M,
+                   int K) {
+    pdl_enter();
+    gemm_body<4>(out, x, W, N, M, K);
 }

@@ -11,7 +11,7 @@
 
 use half::bf16;
 use thinksteer::cpu_ops;
-use thinksteer::cuda::kernels::{self as k, AttnShape};
+use thinksteer::cuda::kernels::{self as k, AttnShape, GemmTile};
 use thinksteer::cuda::Gpu;
 
 const EPS32: f32 = f32::EPSILON;
@@ -540,20 +540,14 @@ fn check_matmul(g: &Gpu, which: &str, n: usize, m: usize, kd: usize, seed: u64) 
         s.clone_htod(&to_bf(&w)).unwrap(),
     );
     let mut out = s.alloc_zeros::<f32>(n * m).unwrap();
-    let f = match which {
-        "gemv" => k::gemv,
-        "gemm" => k::gemm,
-        _ => k::matmul,
-    };
-    f(
-        g,
-        &mut out.as_view_mut(),
-        &xb.as_view(),
-        &wb.as_view(),
-        n,
-        m,
-        kd,
-    )
+    let (xv, wv) = (xb.as_view(), wb.as_view());
+    let mut ov = out.as_view_mut();
+    match which {
+        "gemv" => k::gemv(g, &mut ov, &xv, &wv, n, m, kd),
+        "gemm" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N64),
+        "gemm128" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N128),
+        _ => k::matmul(g, &mut ov, &xv, &wv, n, m, kd),
+    }
     .unwrap();
     let got = s.clone_dtoh(&out).unwrap();
     let sk = (kd as f32).sqrt();
@@ -593,7 +587,10 @@ fn gemm_matches_cpu_matmul() {
     .enumerate()
     {
         check_matmul(&g, "gemm", n, m, kd, 30 + i as u64);
+        check_matmul(&g, "gemm128", n, m, kd, 50 + i as u64);
     }
+    // Two 128-row tiles, the second ragged.
+    check_matmul(&g, "gemm128", 200, 264, 8 * 37, 60);
     check_matmul(&g, "matmul", 16, 33, 24, 40);
     check_matmul(&g, "matmul", 17, 33, 24, 41);
     // Row groups through gemv (33..=128 rows), and the switch to gemm above.

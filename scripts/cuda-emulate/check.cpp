@@ -2,7 +2,7 @@
 // (emulate.h) against plain double-precision references written from the formulas: the
 // attention forward and backward of the steering-vector gradient (as src/cuda/kernels.rs
 // launches them), the tensor-core product vg_mm_tc_f32 with and without split K, and the
-// tensor-core prefill attention. Prints the worst error of each output relative to its largest
+// tensor-core prefill attention and both tiles of the prefill / large-batch product gemm.cu. Prints the worst error of each output relative to its largest
 // value and exits 1 when one exceeds its bound: 1e-4 for f32 outputs (f32 sums of ≤ 200 terms
 // are ~1e-6; a wrong index is O(1)), 2^-7 for the bf16 prefill output (its rounding, 2^-9, and
 // that of the probabilities, 2^-9 of a convex sum).
@@ -11,6 +11,7 @@
 
 #include "grad.cu"
 #include "prefill_attention.cu"
+#include "gemm.cu"
 
 static std::mt19937 rng(7);
 static std::vector<float> randv(size_t n, float s = 1.0f) {
@@ -184,7 +185,36 @@ static void prefill(int n, int p0, int H, int Hkv, int Dh) {
     compare(tag, got, want, std::vector<char>(want.size(), 1), 1.0 / 128);
 }
 
+// out [N, M] = x [N, K] · W [M, K]ᵀ, bf16 inputs, f32 output, on gemm_bf16 (wn = 2) or
+// gemm_bf16_n128 (wn = 4).
+static void gemm(int N, int M, int Kd, int wn) {
+    std::vector<bf16_t> x((size_t)N * Kd), W((size_t)M * Kd);
+    for (auto& v : x) v = f2bf(randv(1, 2.0f)[0]);
+    for (auto& v : W) v = f2bf(randv(1, 0.5f)[0]);
+    std::vector<double> want((size_t)N * M);
+    for (int n = 0; n < N; ++n)
+        for (int m = 0; m < M; ++m) {
+            double s = 0;
+            for (int k = 0; k < Kd; ++k) s += (double)bf2f(x[(size_t)n * Kd + k]) * bf2f(W[(size_t)m * Kd + k]);
+            want[(size_t)n * M + m] = s;
+        }
+    std::vector<float> out((size_t)N * M, NAN);
+    const int bn = 32 * wn;
+    launch(dim3{(unsigned)((M + 127) / 128), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
+        if (wn == 2)
+            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd);
+        else
+            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd);
+    });
+    char tag[96];
+    snprintf(tag, sizeof tag, "gemm%s N %d M %d K %d", wn == 4 ? "_n128" : "", N, M, Kd);
+    compare(tag, out, want, std::vector<char>(want.size(), 1));
+}
+
 int main() {
+    gemm(70, 136, 72, 2);
+    gemm(70, 136, 72, 4);
+    gemm(200, 264, 40, 4);
     prefill(37, 5, 6, 2, 64);
     prefill(70, 0, 6, 2, 128);
     prefill(130, 100, 4, 4, 128);

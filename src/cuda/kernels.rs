@@ -866,27 +866,66 @@ pub fn gemm(
     m: usize,
     k: usize,
 ) -> Result<()> {
-    const K: &str = "gemm_bf16";
-    matmul_checks(gpu, K, out, x, w, (n, m, k))?;
+    gemm_with(gpu, out, x, w, n, m, k, GemmTile::from_env())
+}
+
+/// The row tile of [`gemm`]: 64 rows of x per block (gemm_bf16, 4 warps, the default) or 128
+/// (gemm_bf16_n128, 8 warps; opt-in with THINKSTEER_GEMM=128 until a GPU run has compared them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmTile {
+    N64,
+    N128,
+}
+
+impl GemmTile {
+    pub fn from_env() -> GemmTile {
+        match std::env::var("THINKSTEER_GEMM").as_deref() {
+            Ok("128") => GemmTile::N128,
+            _ => GemmTile::N64,
+        }
+    }
+}
+
+/// [`gemm`] with the row tile chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    n: usize,
+    m: usize,
+    k: usize,
+    tile: GemmTile,
+) -> Result<()> {
+    let (kernel, bn, threads) = match tile {
+        GemmTile::N64 => ("gemm_bf16", 64, 128),
+        GemmTile::N128 => ("gemm_bf16_n128", 128, 256),
+    };
+    matmul_checks(gpu, kernel, out, x, w, (n, m, k))?;
     if n == 0 || m == 0 {
         return Ok(());
     }
-    if n.div_ceil(64) > 65535 {
+    if n.div_ceil(bn) > 65535 {
         return Err(Error::Input(format!(
-            "{K}: at most {} rows, found {n}",
-            65535 * 64
+            "{kernel}: at most {} rows, found {n}",
+            65535 * bn
         )));
     }
-    let (ni, mi, ki) = (int(K, "N", n)?, int(K, "M", m)?, int(K, "K", k)?);
-    let f = gpu.func(K)?;
+    let (ni, mi, ki) = (
+        int(kernel, "N", n)?,
+        int(kernel, "M", m)?,
+        int(kernel, "K", k)?,
+    );
+    let f = gpu.func(kernel)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&ni).arg(&mi).arg(&ki);
-    // SAFETY: argument order and types match gemm_bf16; lengths, K % 8 and alignment checked
-    // above; edge tiles are zero-filled and masked in the kernel.
-    gpu.launched(K, unsafe {
+    // SAFETY: argument order and types match gemm_bf16 / gemm_bf16_n128; lengths, K % 8 and
+    // alignment checked above; edge tiles are zero-filled and masked in the kernel.
+    gpu.launched(kernel, unsafe {
         l.launch(cfg(
-            (m.div_ceil(128) as u32, n.div_ceil(64) as u32, 1),
-            128,
+            (m.div_ceil(128) as u32, n.div_ceil(bn) as u32, 1),
+            threads,
             0,
         ))
     })
