@@ -17,11 +17,13 @@ typedef unsigned short bf16_t;
 // bf16 -> f32 is exact: the bf16 bits are the top half of the f32.
 __device__ __forceinline__ float bf2f(bf16_t v) { return __uint_as_float(((unsigned int)v) << 16); }
 
+#ifndef THINKSTEER_EMULATOR  // scripts/cuda-emulate/emulate.h defines the PTX-only helpers in C++
 __device__ __forceinline__ bf16_t f2bf(float f) {
     unsigned short r;
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
     return r;
 }
+#endif
 
 // Two bf16 packed in one 32-bit word (low half = element 0), as 128-bit loads deliver them.
 __device__ __forceinline__ float bf_lo(unsigned int w) { return __uint_as_float(w << 16); }
@@ -88,6 +90,7 @@ __device__ __forceinline__ float block_max(float v, float* scratch) {
     v = lane < nwarps ? scratch[lane] : -INFINITY;
     return warp_max(v);
 }
+#ifndef THINKSTEER_EMULATOR
 // 16-byte asynchronous global -> shared copy; bytes past `src_bytes` (0 or 16) are zero-filled,
 // which is how tiles read past a matrix edge without branching.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
@@ -110,3 +113,4 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a, 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif  // THINKSTEER_EMULATOR

@@ -11,6 +11,33 @@
 #define VG_N 64  // output columns per block
 #define VG_K 16  // reduction step
 
+// The 64 × 64-output tile products below (vg_mm_f32 and the attention products): 256 threads
+// as 16 × 16, thread (tx, ty) owning outputs (ty + 16p, tx + 16q), p, q < 4.
+__device__ __forceinline__ void tile_zero(float (&acc)[4][4]) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[p][q] = 0.0f;
+}
+// acc[p][q] += Σ_kk A[kk][ty + 16p]·B[kk][tx + 16q] over one 16-step held in shared memory, in
+// kk order.
+__device__ __forceinline__ void tile_fma(float (&acc)[4][4], const float (*A)[VG_T + 1], const float (*B)[VG_N + 1],
+                                         int tx, int ty) {
+#pragma unroll
+    for (int kk = 0; kk < VG_K; ++kk) {
+        float a[4], b[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            a[i] = A[kk][ty + 16 * i];
+            b[i] = B[kk][tx + 16 * i];
+        }
+#pragma unroll
+        for (int p = 0; p < 4; ++p)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
+    }
+}
+
 // out[t, n] (+)= Σ_k x[t, k]·B[k, n] (+ bias[n]); x f32 row stride ldx, out f32 row stride ldo.
 //   trans_w == 0: B[k, n] = W[n·ldw + k]  (x·Wᵀ, W [N, K]: the forward product)
 //   trans_w == 1: B[k, n] = W[k·ldw + n]  (x·W,  W [K, N]: the input gradient of x·Wᵀ)
@@ -26,10 +53,7 @@ extern "C" __global__ void __launch_bounds__(256)
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     const int n0 = blockIdx.x * VG_N, t0 = blockIdx.y * VG_T;
     float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    tile_zero(acc);
     for (int k0 = 0; k0 < K; k0 += VG_K) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -54,18 +78,7 @@ extern "C" __global__ void __launch_bounds__(256)
             Bs[kk][nn] = b;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < VG_K; ++kk) {
-            float a[4], b[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) a[i] = As[kk][ty + 16 * i];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) b[j] = Bs[kk][tx + 16 * j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
-        }
+        tile_fma(acc, As, Bs, tx, ty);
         __syncthreads();
     }
 #pragma unroll
@@ -355,17 +368,14 @@ extern "C" __global__ void __launch_bounds__(256)
                        const float* __restrict__ y, int Ta, int H, int Hkv, int Dh, int S0, int ld, int ldx,
                        float scale) {
     pdl_enter();
-    __shared__ float As[16][65];  // [d][m]
-    __shared__ float Bs[16][65];  // [d][j]
+    __shared__ float As[VG_K][VG_T + 1];  // [d][m]
+    __shared__ float Bs[VG_K][VG_N + 1];  // [d][j]
     const int group = H / Hkv, g = blockIdx.z, M = Ta * group, S = S0 + Ta;
     const int m0 = blockIdx.y * 64, j0 = blockIdx.x * 64;
     if (j0 > S0 + min(Ta - 1, (m0 + 63) / group)) return;
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     float acc[4][4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+    tile_zero(acc);
     for (int d0 = 0; d0 < Dh; d0 += 16) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
@@ -378,19 +388,7 @@ extern "C" __global__ void __launch_bounds__(256)
             Bs[dd][row] = b;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < 16; ++kk) {
-            float a[4], b[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                a[q] = As[kk][ty + 16 * q];
-                b[q] = Bs[kk][tx + 16 * q];
-            }
-#pragma unroll
-            for (int p = 0; p < 4; ++p)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
-        }
+        tile_fma(acc, As, Bs, tx, ty);
         __syncthreads();
     }
 #pragma unroll
@@ -457,17 +455,14 @@ extern "C" __global__ void __launch_bounds__(256)
                       const float* __restrict__ y, int Ta, int H, int Hkv, int Dh, int S0, int ld, int ldo,
                       float alpha) {
     pdl_enter();
-    __shared__ float As[16][65];  // [j][m]
-    __shared__ float Bs[16][65];  // [j][d]
+    __shared__ float As[VG_K][VG_T + 1];  // [j][m]
+    __shared__ float Bs[VG_K][VG_N + 1];  // [j][d]
     const int group = H / Hkv, g = blockIdx.z, M = Ta * group, S = S0 + Ta;
     const int m0 = blockIdx.y * 64, d0 = blockIdx.x * 64;
     const int jn = S0 + min(Ta - 1, (m0 + 63) / group) + 1;  // keys any row of the tile sees
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     float acc[4][4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+    tile_zero(acc);
     for (int j0 = 0; j0 < jn; j0 += 16) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
@@ -483,19 +478,7 @@ extern "C" __global__ void __launch_bounds__(256)
             Bs[e >> 6][dd] = (jb < jn && d < Dh) ? vg_kv_row(y_pre, y, jb, g, S0, Hkv, Dh, ld)[d] : 0.0f;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < 16; ++kk) {
-            float a[4], b[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                a[q] = As[kk][ty + 16 * q];
-                b[q] = Bs[kk][tx + 16 * q];
-            }
-#pragma unroll
-            for (int p = 0; p < 4; ++p)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
-        }
+        tile_fma(acc, As, Bs, tx, ty);
         __syncthreads();
     }
 #pragma unroll
@@ -518,16 +501,13 @@ extern "C" __global__ void __launch_bounds__(256)
     vg_attn_kv_grad_f32(float* __restrict__ dkv, const float* __restrict__ w, const float* __restrict__ x, int Ta,
                         int H, int Hkv, int Dh, int S0, int ldx, int ldd, float alpha) {
     pdl_enter();
-    __shared__ float As[16][65];  // [m][j]
-    __shared__ float Bs[16][65];  // [m][d]
+    __shared__ float As[VG_K][VG_T + 1];  // [m][j]
+    __shared__ float Bs[VG_K][VG_N + 1];  // [m][d]
     const int group = H / Hkv, g = blockIdx.z, M = Ta * group, S = S0 + Ta;
     const int j0 = blockIdx.y * 64, d0 = blockIdx.x * 64;
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
     float acc[4][4];
-#pragma unroll
-    for (int a = 0; a < 4; ++a)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) acc[a][b] = 0.0f;
+    tile_zero(acc);
     for (int mb = j0 * group; mb < M; mb += 16) {  // rows i < j0 see no key of this tile
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
@@ -544,19 +524,7 @@ extern "C" __global__ void __launch_bounds__(256)
             Bs[mm][jr] = b;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < 16; ++kk) {
-            float a[4], b[4];
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                a[q] = As[kk][ty + 16 * q];
-                b[q] = Bs[kk][tx + 16 * q];
-            }
-#pragma unroll
-            for (int p = 0; p < 4; ++p)
-#pragma unroll
-                for (int q = 0; q < 4; ++q) acc[p][q] = fmaf(a[p], b[q], acc[p][q]);
-        }
+        tile_fma(acc, As, Bs, tx, ty);
         __syncthreads();
     }
 #pragma unroll

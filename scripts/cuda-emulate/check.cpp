@@ -1,7 +1,7 @@
 // check.cpp: runs kernels of kernels/grad.cu and kernels/prefill_attention.cu in the CPU emulator
 // (emulate.h) against plain double-precision references written from the formulas: the
 // attention forward and backward of the steering-vector gradient (as src/cuda/kernels.rs
-// launches them), the tensor-core product vg_mm_tc_f32 with and without split K, and the
+// launches them), the products vg_mm_tc_f32 (with and without split K) and vg_mm_f32, and the
 // tensor-core prefill attention and both tiles of the prefill / large-batch product gemm.cu. Prints the worst error of each output relative to its largest
 // value and exits 1 when one exceeds its bound: 1e-4 for f32 outputs (f32 sums of ≤ 200 terms
 // are ~1e-6; a wrong index is O(1)), 2^-7 for the bf16 prefill output (its rounding, 2^-9, and
@@ -130,6 +130,17 @@ static void mm_tc(int T, int N, int Kd, bool trans, int splits_per) {
             for (int k = 0; k < Kd; ++k) s += (double)x[(size_t)t * ldx + k] * B(k, n);
             want[(size_t)t * ldo + n] += s;
         }
+    if (splits_per < 0) {  // the f32 FMA kernel vg_mm_f32 on the same inputs
+        std::vector<float> out = out0;
+        const dim3 g{(unsigned)((N + 63) / 64), (unsigned)((T + 63) / 64), 1};
+        launch(g, 256, [&] {
+            vg_mm_f32(out.data(), x.data(), W.data(), bias.data(), T, N, Kd, ldx, ldw, ldo, trans, 1);
+        });
+        char tag[96];
+        snprintf(tag, sizeof tag, "mm_f32 T %d N %d K %d trans %d", T, N, Kd, (int)trans);
+        compare(tag, out, want, std::vector<char>(want.size(), 1));
+        return;
+    }
     const int nk = (Kd + 31) / 32, per = splits_per ? splits_per : nk, splits = (nk + per - 1) / per;
     std::vector<float> out = out0, part((size_t)splits * T * N, NAN);
     const dim3 g{(unsigned)((N + 127) / 128), (unsigned)((T + 63) / 64), (unsigned)splits};
@@ -226,5 +237,7 @@ int main() {
     mm_tc(70, 136, 64, true, 0);
     mm_tc(20, 24, 256, true, 2);
     mm_tc(20, 24, 256, false, 3);
+    mm_tc(70, 77, 45, false, -1);
+    mm_tc(70, 77, 45, true, -1);
     return failures ? 1 : 0;
 }

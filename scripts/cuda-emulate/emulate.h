@@ -1,5 +1,7 @@
 // emulate.h: just enough of the CUDA execution model to run the kernels of kernels/*.cu on the
-// CPU, for checking kernel logic on a machine without a GPU. One block at a time; its threads are
+// CPU, for checking kernel logic on a machine without a GPU. Force-included before
+// kernels/common.cuh (compiled with THINKSTEER_EMULATOR, which leaves out its PTX-only helpers:
+// they are defined here in C++ with the same results). One block at a time; its threads are
 // real threads meeting at a barrier for __syncthreads(); __shared__ variables are function
 // statics (one copy, shared by the block's threads, reused by the next block); warp-collective
 // operations (shuffles, mma) exchange through per-thread slots between two barriers of the
@@ -95,4 +97,56 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
                     });
                 for (auto& th : ts) th.join();
             }
+}
+
+// The PTX-only helpers of kernels/common.cuh. Rounding as cvt.rn.bf16.f32: to nearest even.
+inline unsigned short f2bf(float f) {
+    unsigned int u = as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+// cp.async, done at once (a kernel may read the copy only after its wait, so earlier is fine).
+inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    std::memset(smem, 0, 16);
+    if (src_bytes) std::memcpy(smem, gmem, 16);
+}
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
+// mma.sync m16n8k16 over the fragment layout of kernels/common.cuh (g = lane/4, c = lane%4):
+//   a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
+//   b0 = B[2c..2c+1][g],  b1 = B[2c+8..][g];  d0,d1 = D[g][2c..], d2,d3 = D[g+8][2c..]
+// Each lane's share is gathered through per-thread slots between two barriers of its warp.
+inline void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
+    static unsigned int fa[1024][4], fb[1024][2];
+    const int t = (int)threadIdx.x, lane = t & 31, w0 = t & ~31;
+    auto lo = [](unsigned int w) { return as_float(w << 16); };
+    auto hi = [](unsigned int w) { return as_float(w & 0xffff0000u); };
+    for (int e = 0; e < 4; ++e) fa[t][e] = a[e];
+    for (int e = 0; e < 2; ++e) fb[t][e] = b[e];
+    warp_sync();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; ++l) {
+        const int g = l >> 2, c = l & 3;
+        const unsigned int* x = fa[w0 + l];
+        const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * c, 2 * c, 2 * c + 8, 2 * c + 8};
+        for (int e = 0; e < 4; ++e) {
+            A[rows[e]][cols[e]] = lo(x[e]);
+            A[rows[e]][cols[e] + 1] = hi(x[e]);
+        }
+        const unsigned int* y = fb[w0 + l];
+        B[2 * c][g] = lo(y[0]);
+        B[2 * c + 1][g] = hi(y[0]);
+        B[2 * c + 8][g] = lo(y[1]);
+        B[2 * c + 9][g] = hi(y[1]);
+    }
+    warp_sync();
+    const int g = lane >> 2, c = lane & 3;
+    for (int e = 0; e < 4; ++e) {
+        const int r = g + (e >> 1) * 8, col = 2 * c + (e & 1);
+        float s = d[e];
+        for (int k = 0; k < 16; ++k) s = fmaf(A[r][k], B[k][col], s);
+        d[e] = s;
+    }
 }
