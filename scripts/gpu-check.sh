@@ -35,6 +35,10 @@ timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8
 timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || { status=1; cat "$OUT/bench-hybrid.err"; }
 fi
+if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
+    echo "== per-kernel profiles (one eager prefill / decode step / hybrid step each)"
+    cat "$OUT"/bench-qwen.err "$OUT"/bench-qwen-2k.err "$OUT"/bench-hybrid.err 2>/dev/null | grep -A8 "^profile" | grep -v "^--"
+fi
 # The steering-vector gradient (train-vectors --method optimise's work) at 500-token contexts.
 echo "== bench --vector-grad"
 THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -4

@@ -208,14 +208,79 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     };
     let mut e = CudaEngine::new(gpu, config.clone(), weights, max_b, max_len, max_t)?;
     let prefill = prefill_time(&mut e, s)?;
+    if profile_requested() {
+        let gpu = e.gpu.clone();
+        let r = profiled(&gpu, 1, || prefill_time_once(&mut e, s))?;
+        print_profile(shape, "prefill", 1, &r);
+    }
     let mut decode = vec![];
     for &b in &s.batches {
         decode.push((
             b,
             decode_rows(&mut e, |e, ids, st| e.decode_greedy(ids, st), b, s)?,
         ));
+        if profile_requested() {
+            // One more step of the same batch, launched eagerly (a graph replay is one launch).
+            let (gpu, graphs) = (e.gpu.clone(), e.use_graphs);
+            e.use_graphs = false;
+            let slots: Vec<usize> = (0..b).collect();
+            let step = Step {
+                slots: &slots,
+                positions: &vec![s.prompt_len; b],
+                n_write: b,
+            };
+            let r = profiled(&gpu, 1, || e.decode_greedy(&vec![1; b], &step).map(|_| ()))?;
+            e.use_graphs = graphs;
+            print_profile(shape, "decode", b, &r);
+        }
     }
     Ok(rows_for(shape, "cuda", &config, s, prefill, &decode))
+}
+
+/// THINKSTEER_CUDA_PROFILE=1: the benches also print a per-kernel breakdown (to stderr) of one
+/// extra, eagerly launched prefill / decode step / hybrid step (`Gpu::set_profile`).
+fn profile_requested() -> bool {
+    std::env::var("THINKSTEER_CUDA_PROFILE").is_ok_and(|v| v == "1")
+}
+
+/// (kernel, launches, ms per unit) of `f`, which runs `units` steps, synchronised per launch.
+fn profiled(
+    gpu: &Gpu,
+    units: usize,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<Vec<(String, usize, f64)>> {
+    gpu.set_profile(true)?;
+    let ran = f();
+    let report = gpu.profile_report();
+    gpu.set_profile(false)?;
+    ran?;
+    let u = units.max(1) as f64;
+    Ok(report
+        .into_iter()
+        .map(|(k, n, secs)| (k, n, secs * 1e3 / u))
+        .collect())
+}
+
+fn print_profile(shape: &str, phase: &str, batch: usize, r: &[(String, usize, f64)]) {
+    let total: f64 = r.iter().map(|x| x.2).sum();
+    eprintln!("profile {shape} {phase} batch {batch}: {total:.3} ms, synchronised per launch");
+    for (k, n, ms) in r.iter().take(12) {
+        eprintln!("  {k:<28} {n:>6} launches {ms:>9.3} ms");
+    }
+}
+
+/// One prefill of the bench's prompt (for the profile).
+fn prefill_time_once(e: &mut CudaEngine, s: &Settings) -> Result<()> {
+    let ids = random_ids(s.prompt_len, e.config.vocab_size, s.seed);
+    let slots = vec![0; ids.len()];
+    let pos: Vec<usize> = (0..ids.len()).collect();
+    let step = Step {
+        slots: &slots,
+        positions: &pos,
+        n_write: ids.len(),
+    };
+    e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?;
+    Ok(())
 }
 
 /// Runs the benchmark on the CPU (a checkpoint folder; named shapes are far too large for it).
@@ -335,6 +400,17 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             pct_of_floor: 100.0 * bytes / HBM_BYTES_PER_S / step,
             ratio_to_plain: Some(step / plain),
         });
+        if profile_requested() {
+            // Two more steps, launched eagerly; the profile is per step (the problems' one-token
+            // prompts included).
+            let graphs = h.use_graphs;
+            h.use_graphs = false;
+            h.set_max_new_tokens(2);
+            let gpu = h.gpu.clone();
+            let r = profiled(&gpu, 2, || h.run(&problems, |_, _, _| {}).map(|_| ()))?;
+            h.use_graphs = graphs;
+            print_profile(&format!("{shape} pair"), "hybrid", b, &r);
+        }
     }
     Ok(out)
 }
@@ -454,15 +530,10 @@ pub fn run_cuda_vector_grad(
         }
         let ms_forward = t0.elapsed().as_secs_f64() * 1e3 / REPS as f64;
         let mut profile = vec![];
-        if std::env::var("THINKSTEER_CUDA_PROFILE").is_ok_and(|v| v == "1") {
-            gpu.set_profile(true)?;
-            vg.loss_grad(&fz, &v, None, 1.0, true)?;
-            profile = gpu
-                .profile_report()
-                .into_iter()
-                .map(|(k, n, s)| (k, n, s * 1e3))
-                .collect();
-            gpu.set_profile(false)?;
+        if profile_requested() {
+            profile = profiled(&gpu, 1, || {
+                vg.loss_grad(&fz, &v, None, 1.0, true).map(|_| ())
+            })?;
         }
         rows.push(VectorGradRow {
             shape: shape.into(),
