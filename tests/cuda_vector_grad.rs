@@ -338,13 +338,24 @@ fn rope_forward_and_inverse_on_strided_columns() {
 fn attention_forward_and_backward_with_a_prefix() {
     let Some(g) = gpu() else { return };
     let mut r = Rng::new(4);
-    let (ta, s0, h, hkv, dh) = (9usize, 13usize, 4usize, 2usize, 64usize);
+    // One 64 × 64 tile of every product; then several, with ragged (query, head) and key tiles
+    // and Dh = 128.
+    for (ta, s0, h, hkv, dh) in [
+        (9usize, 13usize, 4usize, 2usize, 64usize),
+        (70, 80, 6, 2, 128),
+    ] {
+        attention_case(&g, &mut r, ta, s0, h, hkv, dh);
+    }
+}
+
+fn attention_case(g: &Gpu, r: &mut Rng, ta: usize, s0: usize, h: usize, hkv: usize, dh: usize) {
+    let tag = format!("Ta {ta} S0 {s0} H {h} Hkv {hkv} Dh {dh}");
     let (qd, kvd) = (h * dh, hkv * dh);
     let qkvw = qd + 2 * kvd;
-    let qkv = rand(&mut r, ta * qkvw, 0.5);
-    let k_pre = rand(&mut r, s0 * kvd, 0.5);
-    let v_pre = rand(&mut r, s0 * kvd, 1.0);
-    let dout = rand(&mut r, ta * qd, 1.0);
+    let qkv = rand(r, ta * qkvw, 0.5);
+    let k_pre = rand(r, s0 * kvd, 0.5);
+    let v_pre = rand(r, s0 * kvd, 1.0);
+    let dout = rand(r, ta * qd, 1.0);
     let col = |c0: usize, w: usize| -> Vec<f64> {
         (0..ta)
             .flat_map(|t| {
@@ -378,13 +389,13 @@ fn attention_forward_and_backward_with_a_prefix() {
         dh,
         ld: qkvw,
     };
-    let (qkv_d, kp, vp) = (up(&g, &qkv), up(&g, &k_pre), up(&g, &v_pre));
-    let mut out = up(&g, &vec![0f32; ta * qd]);
-    let mut lse = up(&g, &vec![0f32; ta * h]);
-    let mut sc = up(&g, &vec![0f32; a.scratch_len()]);
-    let mut ds = up(&g, &vec![0f32; a.scratch_len()]);
+    let (qkv_d, kp, vp) = (up(g, &qkv), up(g, &k_pre), up(g, &v_pre));
+    let mut out = up(g, &vec![0f32; ta * qd]);
+    let mut lse = up(g, &vec![0f32; ta * h]);
+    let mut sc = up(g, &vec![0f32; a.scratch_len()]);
+    let mut ds = up(g, &vec![0f32; a.scratch_len()]);
     k::vg_attn_fwd(
-        &g,
+        g,
         &mut out.slice_mut(..),
         &mut lse.slice_mut(..),
         &mut sc.slice_mut(..),
@@ -394,29 +405,29 @@ fn attention_forward_and_backward_with_a_prefix() {
         a,
     )
     .unwrap();
-    // Scores are Dh-term dots (|q·k| ≲ a few), softmax over ≤ S0 + Ta = 22 keys, outputs are
+    // Scores are Dh-term dots (|q·k| ≲ a few), softmax over ≤ S0 + Ta keys, outputs are
     // convex combinations of values of size ~1: 4·(Dh + S)·u of the value scale (≤ 4).
     let scale = 4.0 * (dh + s0 + ta) as f64 * U * 4.0;
     close(
-        "attention out",
-        &down(&g, &out),
+        &format!("attention out, {tag}"),
+        &down(g, &out),
         &out64,
         &vec![scale; ta * qd],
     );
     close(
-        "attention lse",
-        &down(&g, &lse),
+        &format!("attention lse, {tag}"),
+        &down(g, &lse),
         &lse64,
         &vec![scale; ta * h],
     );
 
-    let mut dqkv = up(&g, &vec![0f32; ta * qkvw]);
+    let mut dqkv = up(g, &vec![0f32; ta * qkvw]);
     k::vg_attn_bwd(
-        &g,
+        g,
         &mut dqkv.slice_mut(..),
         &mut sc.slice_mut(..),
         &mut ds.slice_mut(..),
-        &up(&g, &dout).slice(..),
+        &up(g, &dout).slice(..),
         &lse.slice(..),
         &qkv_d.slice(..),
         &kp.slice(..),
@@ -424,7 +435,7 @@ fn attention_forward_and_backward_with_a_prefix() {
         a,
     )
     .unwrap();
-    let got = down(&g, &dqkv);
+    let got = down(g, &dqkv);
     let mut want = vec![0.0; ta * qkvw];
     for t in 0..ta {
         want[t * qkvw..t * qkvw + qd].copy_from_slice(&dq[t * qd..(t + 1) * qd]);
@@ -433,7 +444,12 @@ fn attention_forward_and_backward_with_a_prefix() {
     }
     // Gradients sum ≤ S·group products of ~unit terms on top of the forward's error.
     let gs = 8.0 * ((dh + s0 + ta) * h / hkv) as f64 * U * 8.0;
-    close("attention dqkv", &got, &want, &vec![gs; ta * qkvw]);
+    close(
+        &format!("attention dqkv, {tag}"),
+        &got,
+        &want,
+        &vec![gs; ta * qkvw],
+    );
 }
 
 #[test]
