@@ -16,10 +16,14 @@
 #include "check_prefill_gemm.cpp"
 #include "check_grad.cpp"
 #include "check_gemv.cpp"
+#include "check_attention.cpp"
+#include "check_residual.cpp"
 
 int main() {
     run_prefill_gemm();
     run_grad();
     run_gemv();
+    run_attention();
+    run_residual();
     return failures ? 1 : 0;
 }
