@@ -18,6 +18,8 @@
 #include "check_gemv.cpp"
 #include "check_attention.cpp"
 #include "check_residual.cpp"
+#include "check_rope.cpp"
+#include "check_small.cpp"
 
 int main() {
     run_prefill_gemm();
@@ -25,5 +27,7 @@ int main() {
     run_gemv();
     run_attention();
     run_residual();
+    run_rope();
+    run_small();
     return failures ? 1 : 0;
 }
