@@ -9,6 +9,7 @@
 //   check_residual.cpp      residual_norm.cu: residual + steering add, RMSNorm, SAE encode
 //   check_rope.cpp          rope.cu: bias, RoPE (plain and llama3-scaled inv_freq), cache append
 //   check_small.cpp         embed.cu, elementwise.cu, sampling.cu, hybrid.cu, random.cu
+// Not covered yet: grad.cu's vg_rmsnorm_*, vg_rope, vg_silu_mul_*, vg_xent, vg_rows, vg_steer_rows.
 // Prints one line per checked output ending in `ok` or `FAIL`; exits 1 when any fails.
 #include <cstdio>
 

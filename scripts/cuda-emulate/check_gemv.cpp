@@ -66,7 +66,7 @@ static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int
     std::vector<double> want((size_t)B * M), tol((size_t)B * M);
     std::vector<float> got;
     char tag[96];
-    snprintf(tag, sizeof tag, "%s B %d M %d K %d", name, B, M, K);
+    snprintf(tag, sizeof tag, "%s B %d %s %d K %d", name, B, glu ? "F" : "M", M, K);
     if (!glu) {
         for (size_t i = 0; i < want.size(); ++i) {
             want[i] = dot[i];
@@ -152,7 +152,7 @@ static void b1(const char* name, b1_fn fn, Row1 v, int wpr, int M, int K) {
     launch(dim3{(unsigned)((M + per_block - 1) / per_block), 1, 1}, 256,
            [&] { fn(o, xin, W.data(), 1, M, K, norm ? nw.data() : nullptr, norm ? eps : 0.0f); });
     char tag[96];
-    snprintf(tag, sizeof tag, "%s M %d K %d", name, M, K);
+    snprintf(tag, sizeof tag, "%s %s %d K %d", name, glu ? "F" : "M", M, K);
     within(tag, glu ? from_bf(act) : out, want, tol);
 }
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Runs every exported kernel of kernels/*.cu except grad.cu's row / rope / xent / silu helpers on
-# the CPU (emulate.h: blocks one at a time, a real thread per CUDA thread) against
-# double-precision references written from each file's banner formula (check.cpp and the
-# check_<family>.cpp it includes): gemv.cu (all buckets and fused single-row variants),
+# Runs the kernels of kernels/*.cu on the CPU (emulate.h: blocks one at a time, a real thread per
+# CUDA thread) against double-precision references written from each file's banner formula
+# (check.cpp and the check_<family>.cpp it includes): every exported kernel of gemv.cu,
 # attention.cu, prefill_attention.cu, gemm.cu, residual_norm.cu, rope.cu, embed.cu,
-# elementwise.cu, sampling.cu, hybrid.cu, random.cu, and grad.cu's attention and products.
+# elementwise.cu, sampling.cu, hybrid.cu and random.cu, and grad.cu's attention (vg_attn_*) and
+# products (vg_mm_*). Not yet: grad.cu's vg_rmsnorm_*, vg_rope, vg_silu_mul_*, vg_xent, vg_rows,
+# vg_steer_rows.
 # Prints one line per checked output (`ok` / `FAIL`), exits 1 on a failure. Run by `cargo test`
 # (tests/kernel_emulator.rs) where g++ is present; the GPU tests remain the word on real hardware.
 #
