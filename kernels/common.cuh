@@ -113,4 +113,14 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const unsigned int* a, 
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// gemv.cu's 16-byte streaming weight load (read-only path, no L1 allocation).
+// Weights are touched once: bypass L1 so x keeps it.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
 #endif  // THINKSTEER_EMULATOR

@@ -61,14 +61,8 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
 // PDL (common.cuh): every kernel here issues its first round of weight loads, then waits for the
 // previous kernel, then reads x.
 //
-// Weights are touched once: bypass L1 so x keeps it.
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-    uint4 r;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p));
-    return r;
-}
+// Weights are touched once: they are read with ld_stream (common.cuh), which bypasses L1 so x
+// keeps it.
 
 // SiLU(g)·u exactly as silu_mul_bf16 computes it (elementwise.cu).
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }

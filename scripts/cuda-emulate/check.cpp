@@ -1,243 +1,34 @@
-// check.cpp: runs kernels of kernels/grad.cu and kernels/prefill_attention.cu in the CPU emulator
-// (emulate.h) against plain double-precision references written from the formulas: the
-// attention forward and backward of the steering-vector gradient (as src/cuda/kernels.rs
-// launches them), the products vg_mm_tc_f32 (with and without split K) and vg_mm_f32, and the
-// tensor-core prefill attention and both tiles of the prefill / large-batch product gemm.cu. Prints the worst error of each output relative to its largest
-// value and exits 1 when one exceeds its bound: 1e-4 for f32 outputs (f32 sums of ≤ 200 terms
-// are ~1e-6; a wrong index is O(1)), 2^-7 for the bf16 prefill output (its rounding, 2^-9, and
-// that of the probabilities, 2^-9 of a convex sum).
+// check.cpp: the emulator's one binary. Runs the kernels of kernels/*.cu in the CPU emulator
+// (emulate.h) against plain double-precision references written from each kernel file's banner
+// formula, launched with the grid, block and dynamic shared memory src/cuda/kernels.rs uses.
+// One check_<family>.cpp per kernel family (bounds and cases are explained there):
+//   check_prefill_gemm.cpp  prefill_attention.cu, gemm.cu
+//   check_grad.cpp          grad.cu's attention forward/backward and vg_mm products
+//   check_gemv.cpp          gemv.cu: every bucket, the glu, _norm, _acc and _glu_norm variants
+//   check_attention.cpp     attention.cu: both decode kernels, several splits, Dh 64 and 128
+//   check_residual.cpp      residual_norm.cu: residual + steering add, RMSNorm, SAE encode
+//   check_rope.cpp          rope.cu: bias, RoPE (plain and llama3-scaled inv_freq), cache append
+//   check_small.cpp         embed.cu, elementwise.cu, sampling.cu, hybrid.cu, random.cu
+// Not covered yet: grad.cu's vg_rmsnorm_*, vg_rope, vg_silu_mul_*, vg_xent, vg_rows, vg_steer_rows.
+// Prints one line per checked output ending in `ok` or `FAIL`; exits 1 when any fails.
 #include <cstdio>
-#include <random>
 
-#include "grad.cu"
-#include "prefill_attention.cu"
-#include "gemm.cu"
-
-static std::mt19937 rng(7);
-static std::vector<float> randv(size_t n, float s = 1.0f) {
-    std::normal_distribution<float> d(0.0f, s);
-    std::vector<float> v(n);
-    for (auto& x : v) x = d(rng);
-    return v;
-}
-static int failures = 0;
-static void compare(const char* what, const std::vector<float>& got, const std::vector<double>& want,
-                    const std::vector<char>& mask, double bound = 1e-4) {
-    double mx = 0, err = 0;
-    for (size_t i = 0; i < want.size(); ++i)
-        if (mask[i]) mx = std::max(mx, std::fabs(want[i]));
-    for (size_t i = 0; i < want.size(); ++i)
-        if (mask[i]) {
-            const double d = std::fabs(got[i] - want[i]);
-            err = std::isnan(d) ? INFINITY : std::max(err, d);  // a NaN fails
-            if (std::isnan(d)) break;
-        }
-    const double rel = err / (mx + 1e-30);
-    printf("%-34s max |ref| %9.3e  max err / max |ref| %9.2e %s\n", what, mx, rel, rel <= bound ? "ok" : "FAIL");
-    if (!(rel <= bound)) ++failures;
-}
-
-static void attention(int Ta, int S0, int H, int Hkv, int Dh) {
-    const int group = H / Hkv, S = S0 + Ta, qd = H * Dh, kvd = Hkv * Dh, ld = qd + 2 * kvd + 8;
-    const float scale = 1.0f / std::sqrt((float)Dh);
-    auto qkv = randv((size_t)Ta * ld), k_pre = randv((size_t)S0 * kvd), v_pre = randv((size_t)S0 * kvd);
-    auto dout = randv((size_t)Ta * qd);
-    const float *k = qkv.data() + qd, *v = qkv.data() + qd + kvd;
-    auto K = [&](int j, int g, int d) -> double {
-        return j < S0 ? k_pre[((size_t)j * Hkv + g) * Dh + d] : k[(size_t)(j - S0) * ld + g * Dh + d];
-    };
-    auto V = [&](int j, int g, int d) -> double {
-        return j < S0 ? v_pre[((size_t)j * Hkv + g) * Dh + d] : v[(size_t)(j - S0) * ld + g * Dh + d];
-    };
-    // Reference.
-    std::vector<double> out((size_t)Ta * qd), lse((size_t)Ta * H), dqkv((size_t)Ta * ld, 0.0);
-    for (int i = 0; i < Ta; ++i)
-        for (int h = 0; h < H; ++h) {
-            const int g = h / group, n = S0 + i + 1;
-            std::vector<double> p(n), dp(n);
-            double mx = -1e300;
-            for (int j = 0; j < n; ++j) {
-                double s = 0;
-                for (int d = 0; d < Dh; ++d) s += (double)qkv[(size_t)i * ld + h * Dh + d] * K(j, g, d);
-                p[j] = s * scale;
-                mx = std::max(mx, p[j]);
-            }
-            double sum = 0;
-            for (int j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - mx));
-            for (int j = 0; j < n; ++j) p[j] /= sum;
-            lse[(size_t)i * H + h] = mx + std::log(sum);
-            for (int d = 0; d < Dh; ++d) {
-                double o = 0;
-                for (int j = 0; j < n; ++j) o += p[j] * V(j, g, d);
-                out[(size_t)i * qd + h * Dh + d] = o;
-            }
-            double delta = 0;
-            for (int j = 0; j < n; ++j) {
-                double s = 0;
-                for (int d = 0; d < Dh; ++d) s += (double)dout[(size_t)i * qd + h * Dh + d] * V(j, g, d);
-                dp[j] = s;
-                delta += p[j] * s;
-            }
-            for (int j = 0; j < n; ++j) {
-                const double ds = p[j] * (dp[j] - delta);
-                for (int d = 0; d < Dh; ++d) {
-                    dqkv[(size_t)i * ld + h * Dh + d] += scale * ds * K(j, g, d);
-                    if (j >= S0) {
-                        const size_t r = (size_t)(j - S0) * ld;
-                        dqkv[r + qd + g * Dh + d] += scale * ds * qkv[(size_t)i * ld + h * Dh + d];
-                        dqkv[r + qd + kvd + g * Dh + d] += p[j] * dout[(size_t)i * qd + h * Dh + d];
-                    }
-                }
-            }
-        }
-    // The kernels, launched as vg_attn_fwd / vg_attn_bwd launch them.
-    std::vector<float> sc((size_t)Ta * H * S, NAN), ds((size_t)Ta * H * S, NAN), o((size_t)Ta * qd, NAN),
-        l((size_t)Ta * H, NAN), dq((size_t)Ta * ld, 0.0f);
-    const dim3 gs{(unsigned)((S + 63) / 64), (unsigned)((Ta * group + 63) / 64), (unsigned)Hkv};
-    const dim3 ga{(unsigned)((Dh + 63) / 64), (unsigned)((Ta * group + 63) / 64), (unsigned)Hkv};
-    const dim3 gk{(unsigned)((Dh + 63) / 64), (unsigned)((Ta + 63) / 64), (unsigned)Hkv};
-    const dim3 gr{(unsigned)(Ta * H), 1, 1};
-    launch(gs, 256, [&] { vg_attn_scores_f32(sc.data(), qkv.data(), k_pre.data(), k, Ta, H, Hkv, Dh, S0, ld, ld, scale); });
-    launch(gr, 128, [&] { vg_attn_softmax_f32(sc.data(), l.data(), Ta, H, S0); });
-    launch(ga, 256, [&] { vg_attn_apply_f32(o.data(), sc.data(), v_pre.data(), v, Ta, H, Hkv, Dh, S0, ld, qd, 1.0f); });
-    launch(gs, 256, [&] { vg_attn_scores_f32(sc.data(), qkv.data(), k_pre.data(), k, Ta, H, Hkv, Dh, S0, ld, ld, scale); });
-    launch(gs, 256, [&] { vg_attn_scores_f32(ds.data(), dout.data(), v_pre.data(), v, Ta, H, Hkv, Dh, S0, ld, qd, 1.0f); });
-    launch(gr, 128, [&] { vg_attn_dsoftmax_f32(sc.data(), ds.data(), l.data(), Ta, H, S0); });
-    launch(ga, 256, [&] { vg_attn_apply_f32(dq.data(), ds.data(), k_pre.data(), k, Ta, H, Hkv, Dh, S0, ld, ld, scale); });
-    launch(gk, 256, [&] { vg_attn_kv_grad_f32(dq.data() + qd, ds.data(), qkv.data(), Ta, H, Hkv, Dh, S0, ld, ld, scale); });
-    launch(gk, 256, [&] { vg_attn_kv_grad_f32(dq.data() + qd + kvd, sc.data(), dout.data(), Ta, H, Hkv, Dh, S0, qd, ld, 1.0f); });
-    char tag[96];
-    snprintf(tag, sizeof tag, "Ta %d S0 %d H %d Hkv %d Dh %d", Ta, S0, H, Hkv, Dh);
-    printf("attention, %s\n", tag);
-    compare("  out", o, out, std::vector<char>(out.size(), 1));
-    compare("  lse", l, lse, std::vector<char>(lse.size(), 1));
-    std::vector<char> m((size_t)Ta * ld, 0);
-    for (int i = 0; i < Ta; ++i)
-        for (int c = 0; c < qd + 2 * kvd; ++c) m[(size_t)i * ld + c] = 1;
-    compare("  dq | dk | dv", dq, dqkv, m);
-}
-
-static void mm_tc(int T, int N, int Kd, bool trans, int splits_per) {
-    const int ldx = Kd + 4, ldo = N + 3, ldw = trans ? N : Kd;
-    auto x = randv((size_t)T * ldx), bias = randv(N), out0 = randv((size_t)T * ldo);
-    std::vector<bf16_t> W((size_t)N * Kd);
-    for (auto& w : W) w = f2bf(randv(1, 0.3f)[0]);
-    auto B = [&](int k, int n) -> double { return bf2f(trans ? W[(size_t)k * N + n] : W[(size_t)n * Kd + k]); };
-    std::vector<double> want(out0.begin(), out0.end());
-    for (int t = 0; t < T; ++t)
-        for (int n = 0; n < N; ++n) {
-            double s = bias[n];
-            for (int k = 0; k < Kd; ++k) s += (double)x[(size_t)t * ldx + k] * B(k, n);
-            want[(size_t)t * ldo + n] += s;
-        }
-    if (splits_per < 0) {  // the f32 FMA kernel vg_mm_f32 on the same inputs
-        std::vector<float> out = out0;
-        const dim3 g{(unsigned)((N + 63) / 64), (unsigned)((T + 63) / 64), 1};
-        launch(g, 256, [&] {
-            vg_mm_f32(out.data(), x.data(), W.data(), bias.data(), T, N, Kd, ldx, ldw, ldo, trans, 1);
-        });
-        char tag[96];
-        snprintf(tag, sizeof tag, "mm_f32 T %d N %d K %d trans %d", T, N, Kd, (int)trans);
-        compare(tag, out, want, std::vector<char>(want.size(), 1));
-        return;
-    }
-    const int nk = (Kd + 31) / 32, per = splits_per ? splits_per : nk, splits = (nk + per - 1) / per;
-    std::vector<float> out = out0, part((size_t)splits * T * N, NAN);
-    const dim3 g{(unsigned)((N + 127) / 128), (unsigned)((T + 63) / 64), (unsigned)splits};
-    launch(g, 128, [&] {
-        vg_mm_tc_f32(out.data(), part.data(), x.data(), W.data(), bias.data(), T, N, Kd, ldx, ldw, ldo, trans, 1, per);
-    });
-    if (splits > 1)
-        launch(dim3{4, 1, 1}, 256, [&] { vg_mm_reduce_f32(out.data(), part.data(), bias.data(), T, N, ldo, splits, 1); });
-    char tag[96];
-    snprintf(tag, sizeof tag, "mm_tc T %d N %d K %d trans %d splits %d", T, N, Kd, (int)trans, splits);
-    compare(tag, out, want, std::vector<char>(want.size(), 1));
-}
-
-// Prefill chunk of n queries at positions p0.. of one slot over a bf16 cache [slots, S, Hkv, Dh].
-static void prefill(int n, int p0, int H, int Hkv, int Dh) {
-    const int slots = 2, slot = 1, S = p0 + n + 5, group = H / Hkv;
-    auto bf = [](const std::vector<float>& v) {
-        std::vector<bf16_t> b(v.size());
-        for (size_t i = 0; i < v.size(); ++i) b[i] = f2bf(v[i]);
-        return b;
-    };
-    const auto q = bf(randv((size_t)n * H * Dh, 2.0f));
-    const auto kc = bf(randv((size_t)slots * S * Hkv * Dh, 2.0f)), vc = bf(randv((size_t)slots * S * Hkv * Dh, 2.0f));
-    std::vector<double> want((size_t)n * H * Dh);
-    const double scale = 1.0 / std::sqrt((double)Dh);
-    for (int i = 0; i < n; ++i)
-        for (int h = 0; h < H; ++h) {
-            const int g = h / group, L = p0 + i + 1;
-            std::vector<double> p(L);
-            double mx = -1e300, sum = 0;
-            for (int j = 0; j < L; ++j) {
-                double s = 0;
-                for (int d = 0; d < Dh; ++d)
-                    s += (double)bf2f(q[((size_t)i * H + h) * Dh + d]) *
-                         bf2f(kc[(((size_t)slot * S + j) * Hkv + g) * Dh + d]);
-                mx = std::max(mx, p[j] = s * scale);
-            }
-            for (int j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
-            for (int d = 0; d < Dh; ++d) {
-                double o = 0;
-                for (int j = 0; j < L; ++j) o += p[j] * bf2f(vc[(((size_t)slot * S + j) * Hkv + g) * Dh + d]);
-                want[((size_t)i * H + h) * Dh + d] = o / sum;
-            }
-        }
-    std::vector<bf16_t> out((size_t)n * H * Dh, 0x7fc0);  // NaN: every entry must be written
-    launch(dim3{(unsigned)((n + 63) / 64), (unsigned)H, 1}, 128, [&] {
-        attention_prefill_bf16(q.data(), kc.data(), vc.data(), out.data(), n, p0, slot, H, Hkv, Dh, S);
-    });
-    std::vector<float> got(out.size());
-    for (size_t i = 0; i < out.size(); ++i) got[i] = bf2f(out[i]);
-    char tag[96];
-    snprintf(tag, sizeof tag, "prefill n %d p0 %d H %d Hkv %d Dh %d", n, p0, H, Hkv, Dh);
-    compare(tag, got, want, std::vector<char>(want.size(), 1), 1.0 / 128);
-}
-
-// out [N, M] = x [N, K] · W [M, K]ᵀ, bf16 inputs, f32 output, on gemm_bf16 (wn = 2) or
-// gemm_bf16_n128 (wn = 4).
-static void gemm(int N, int M, int Kd, int wn) {
-    std::vector<bf16_t> x((size_t)N * Kd), W((size_t)M * Kd);
-    for (auto& v : x) v = f2bf(randv(1, 2.0f)[0]);
-    for (auto& v : W) v = f2bf(randv(1, 0.5f)[0]);
-    std::vector<double> want((size_t)N * M);
-    for (int n = 0; n < N; ++n)
-        for (int m = 0; m < M; ++m) {
-            double s = 0;
-            for (int k = 0; k < Kd; ++k) s += (double)bf2f(x[(size_t)n * Kd + k]) * bf2f(W[(size_t)m * Kd + k]);
-            want[(size_t)n * M + m] = s;
-        }
-    std::vector<float> out((size_t)N * M, NAN);
-    const int bn = 32 * wn;
-    launch(dim3{(unsigned)((M + 127) / 128), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
-        if (wn == 2)
-            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd);
-        else
-            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd);
-    });
-    char tag[96];
-    snprintf(tag, sizeof tag, "gemm%s N %d M %d K %d", wn == 4 ? "_n128" : "", N, M, Kd);
-    compare(tag, out, want, std::vector<char>(want.size(), 1));
-}
+#include "check_util.h"
+#include "check_prefill_gemm.cpp"
+#include "check_grad.cpp"
+#include "check_gemv.cpp"
+#include "check_attention.cpp"
+#include "check_residual.cpp"
+#include "check_rope.cpp"
+#include "check_small.cpp"
 
 int main() {
-    gemm(70, 136, 72, 2);
-    gemm(70, 136, 72, 4);
-    gemm(200, 264, 40, 4);
-    prefill(37, 5, 6, 2, 64);
-    prefill(70, 0, 6, 2, 128);
-    prefill(130, 100, 4, 4, 128);
-    prefill(1, 0, 2, 1, 64);
-    attention(70, 25, 4, 2, 64);
-    attention(9, 0, 6, 2, 128);
-    attention(40, 70, 8, 8, 64);
-    mm_tc(70, 136, 64, false, 0);
-    mm_tc(70, 136, 64, true, 0);
-    mm_tc(20, 24, 256, true, 2);
-    mm_tc(20, 24, 256, false, 3);
-    mm_tc(70, 77, 45, false, -1);
-    mm_tc(70, 77, 45, true, -1);
+    run_prefill_gemm();
+    run_grad();
+    run_gemv();
+    run_attention();
+    run_residual();
+    run_rope();
+    run_small();
     return failures ? 1 : 0;
 }

@@ -1,14 +1,19 @@
 // emulate.h: just enough of the CUDA execution model to run the kernels of kernels/*.cu on the
 // CPU, for checking kernel logic on a machine without a GPU. Force-included before
 // kernels/common.cuh (compiled with THINKSTEER_EMULATOR, which leaves out its PTX-only helpers:
-// they are defined here in C++ with the same results). One block at a time; its threads are
-// real threads meeting at a barrier for __syncthreads(); __shared__ variables are function
-// statics (one copy, shared by the block's threads, reused by the next block); warp-collective
-// operations (shuffles, mma) exchange through per-thread slots between two barriers of the
-// calling warp, so the 32 lanes of a warp must reach them together (as in every kernel here),
-// while other warps may take other paths. Slow and for small sizes only.
+// they are defined here in C++ with the same results). One block at a time, so a kernel whose
+// last block combines the others' partials (attention decode, argmax) sees all of them; the
+// block's threads are real threads (started once per launch and reused block after block)
+// meeting at a barrier for __syncthreads(); __shared__ variables are function statics (one copy,
+// shared by the block's threads, reused by the next block) and dynamic shared memory
+// (`extern __shared__ T name[];`, rewritten by run.sh into a pointer) one buffer per launch;
+// warp-collective operations (shuffles, mma) exchange through per-thread slots between two
+// barriers of the calling warp, so the 32 lanes of a warp must reach them together (as in every
+// kernel here), while other warps may take other paths. Atomics are std::atomic_ref operations
+// (truly atomic across the block's threads). Slow and for small sizes only.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -51,14 +56,59 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __int_as_float(int i) { return as_float((unsigned int)i); }
 inline float __uint_as_float(unsigned int u) { return as_float(u); }
 
-inline float __shfl_xor_sync(unsigned int, float v, int o) {
-    static float buf[1024];
+// Warp shuffles of any 4-byte type (float, int, unsigned): one slot per thread and type.
+template <class T>
+inline T* shfl_slots() {
+    static T buf[1024];
+    return buf;
+}
+template <class T>
+inline T __shfl_xor_sync(unsigned int, T v, int o) {
+    T* buf = shfl_slots<T>();
     const int t = (int)threadIdx.x;
     buf[t] = v;
     warp_sync();
-    const float r = buf[t ^ o];
+    const T r = buf[t ^ o];
     warp_sync();
     return r;
+}
+// Broadcast from lane `src` of the calling warp.
+template <class T>
+inline T __shfl_sync(unsigned int, T v, int src) {
+    T* buf = shfl_slots<T>();
+    const int t = (int)threadIdx.x;
+    buf[t] = v;
+    warp_sync();
+    const T r = buf[(t & ~31) + (src & 31)];
+    warp_sync();
+    return r;
+}
+
+// Cached / read-only / cache-global loads are plain loads here.
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+template <class T>
+inline T __ldcg(const T* p) {
+    return *p;
+}
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    return std::atomic_ref<T>(*p).fetch_add(v);
+}
+template <class T>
+inline T atomicSub(T* p, T v) {
+    return std::atomic_ref<T>(*p).fetch_sub(v);
+}
+// CUDA's atomicInc: old >= limit ? 0 : old + 1, returning old.
+inline unsigned int atomicInc(unsigned int* p, unsigned int limit) {
+    std::atomic_ref<unsigned int> a(*p);
+    unsigned int old = a.load();
+    while (!a.compare_exchange_weak(old, old >= limit ? 0u : old + 1u)) {
+    }
+    return old;
 }
 
 struct float4 {
@@ -72,31 +122,47 @@ struct uint2 {
 };
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline uint4 make_uint4(unsigned int a, unsigned int b, unsigned int c, unsigned int d) { return {a, b, c, d}; }
+inline uint2 make_uint2(unsigned int a, unsigned int b) { return {a, b}; }
 
-// Runs f (a kernel call with its arguments bound) over the grid, block by block.
-inline void launch(dim3 grid, unsigned int threads, const std::function<void()>& f) {
+// Dynamic shared memory of the running launch (run.sh rewrites `extern __shared__ T name[];`
+// into `T* const name = emu_dynamic_shared<T>();`). Filled with 0xff bytes (NaN floats) so a
+// read before a write shows.
+inline std::vector<double> g_dynamic_smem;
+template <class T>
+inline T* emu_dynamic_shared() {
+    return reinterpret_cast<T*>(g_dynamic_smem.data());
+}
+
+// Runs f (a kernel call with its arguments bound) over the grid, block by block, with `smem`
+// bytes of dynamic shared memory. The block's threads are started once and run every block in
+// turn, meeting at a barrier between blocks (so a block starts only when the previous one has
+// finished, and all its writes are visible).
+inline void launch(dim3 grid, unsigned int threads, const std::function<void()>& f, size_t smem = 0) {
     gridDim = grid;
     blockDim = dim3{threads, 1, 1};
-    for (unsigned int z = 0; z < grid.z; ++z)
-        for (unsigned int y = 0; y < grid.y; ++y)
-            for (unsigned int x = 0; x < grid.x; ++x) {
-                std::barrier<> bar((std::ptrdiff_t)threads);
-                g_barrier = &bar;
-                std::vector<std::unique_ptr<std::barrier<>>> wb;
-                g_warp_barriers.clear();
-                for (unsigned int w = 0; w < (threads + 31) / 32; ++w) {
-                    wb.push_back(std::make_unique<std::barrier<>>((std::ptrdiff_t)std::min(32u, threads - 32 * w)));
-                    g_warp_barriers.push_back(wb.back().get());
-                }
-                std::vector<std::thread> ts;
-                for (unsigned int t = 0; t < threads; ++t)
-                    ts.emplace_back([&, t] {
-                        threadIdx = dim3{t, 0, 0};
+    g_dynamic_smem.assign((smem + 7) / 8, 0.0);
+    std::memset(g_dynamic_smem.data(), 0xff, g_dynamic_smem.size() * 8);
+    std::barrier<> bar((std::ptrdiff_t)threads), block_end((std::ptrdiff_t)threads);
+    g_barrier = &bar;
+    std::vector<std::unique_ptr<std::barrier<>>> wb;
+    g_warp_barriers.clear();
+    for (unsigned int w = 0; w < (threads + 31) / 32; ++w) {
+        wb.push_back(std::make_unique<std::barrier<>>((std::ptrdiff_t)std::min(32u, threads - 32 * w)));
+        g_warp_barriers.push_back(wb.back().get());
+    }
+    std::vector<std::thread> ts;
+    for (unsigned int t = 0; t < threads; ++t)
+        ts.emplace_back([&, t] {
+            threadIdx = dim3{t, 0, 0};
+            for (unsigned int z = 0; z < grid.z; ++z)
+                for (unsigned int y = 0; y < grid.y; ++y)
+                    for (unsigned int x = 0; x < grid.x; ++x) {
                         blockIdx = dim3{x, y, z};
                         f();
-                    });
-                for (auto& th : ts) th.join();
-            }
+                        block_end.arrive_and_wait();
+                    }
+        });
+    for (auto& th : ts) th.join();
 }
 
 // The PTX-only helpers of kernels/common.cuh. Rounding as cvt.rn.bf16.f32: to nearest even.
@@ -150,3 +216,5 @@ inline void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* 
         d[e] = s;
     }
 }
+// ld.global.nc.L1::no_allocate: a plain 16-byte load here.
+inline uint4 ld_stream(const uint4* p) { return *p; }

@@ -1,12 +1,31 @@
 #!/usr/bin/env bash
-# Runs the kernels of kernels/grad.cu, prefill_attention.cu and gemm.cu on the CPU (emulate.h:
-# blocks one at a time, a real thread per CUDA thread) against double-precision references
-# (check.cpp), to check kernel logic without a GPU. Run by `cargo test` (tests/kernel_emulator.rs)
-# where g++ is present; the GPU tests remain the word on real hardware.
+# Runs the kernels of kernels/*.cu on the CPU (emulate.h: blocks one at a time, a real thread per
+# CUDA thread) against double-precision references written from each file's banner formula
+# (check.cpp and the check_<family>.cpp it includes): every exported kernel of gemv.cu,
+# attention.cu, prefill_attention.cu, gemm.cu, residual_norm.cu, rope.cu, embed.cu,
+# elementwise.cu, sampling.cu, hybrid.cu and random.cu, and grad.cu's attention (vg_attn_*) and
+# products (vg_mm_*). Not yet: grad.cu's vg_rmsnorm_*, vg_rope, vg_silu_mul_*, vg_xent, vg_rows,
+# vg_steer_rows.
+# Prints one line per checked output (`ok` / `FAIL`), exits 1 on a failure. Run by `cargo test`
+# (tests/kernel_emulator.rs) where g++ is present; the GPU tests remain the word on real hardware.
+#
+# The kernels are compiled from a copy in which `extern __shared__ T name[];` (dynamic shared
+# memory, which C++ cannot declare at block scope) becomes a pointer to the launch's buffer
+# (emulate.h); nothing else changes, line numbers included.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-g++ -std=c++20 -O2 -pthread -w -DTHINKSTEER_EMULATOR -include "$here/emulate.h" -I "$here/../../kernels" \
-    -o "$tmp/check" "$here/check.cpp"
+mkdir "$tmp/kernels"
+for f in "$here"/../../kernels/*; do
+    sed -E 's/extern __shared__ ([A-Za-z_][A-Za-z_0-9]*) ([A-Za-z_][A-Za-z_0-9]*)\[\];/\1* const \2 = emu_dynamic_shared<\1>();/' \
+        "$f" >"$tmp/kernels/$(basename "$f")"
+done
+if grep -n "extern __shared__" "$tmp"/kernels/*; then
+    echo "run.sh: a dynamic shared declaration of another form; teach the sed above" >&2
+    exit 1
+fi
+# -fno-strict-aliasing: the kernels read bf16 / f32 buffers through uint4 / float4 pointers.
+g++ -std=c++20 -O2 -pthread -w -fno-strict-aliasing -DTHINKSTEER_EMULATOR -include "$here/emulate.h" \
+    -I "$tmp/kernels" -I "$here" -o "$tmp/check" "$here/check.cpp"
 "$tmp/check"

@@ -1,0 +1,89 @@
+// check_attention.cpp: kernels/attention.cu's decode attention (attention_decode_bf16 and
+// attention_decode_u1_bf16, Dh 64 and 128) against a double softmax over the keys its banner
+// names: positions 0 .. pos[t]−1 of the cache slot (none when the slot is out of range) plus the
+// token's own k_self / v_self. Launched as src/cuda/kernels.rs does: grid (NS, H, T), block 256,
+// chunk 64, NS = ceil(S / 64) fixed for the launch, so rows use 1 .. NS−1 splits (some with no
+// cache key at all) and the last split of each head combines the partials in-kernel. The two
+// kernels run back to back on one counter array, which must be left at zero.
+//
+// Bound on out (bf16): its RNE rounding, 2^-8 relative, on top of the f32 error: each score
+// q·k·scale is off by at most E = (Dh/32 + 8)·2^-24·Σ|q·k|·scale (a lane's products, 5 shuffle
+// levels, the scaling), which moves each softmax weight by e^{±2E}; the exps, rescalings and the
+// sums over ≤ L keys and the splits add (L + 64)·4·2^-24 relative. Both act on Σ p·|v|.
+#include "attention.cu"
+
+namespace attention_check {
+
+using decode_fn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const int*,
+                           const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int);
+
+static void decode(int Dh) {
+    const int T = 5, H = 4, Hkv = 2, slots = 3, S = 320, chunk = 64, NS = (S + chunk - 1) / chunk, group = H / Hkv;
+    const std::vector<int> pos = {0, 63, 64, 200, 130}, slot = {2, 0, -1, 1, 0};
+    const auto q = randbf((size_t)T * H * Dh, 1.5f);
+    const auto kc = randbf((size_t)slots * S * Hkv * Dh), vc = randbf((size_t)slots * S * Hkv * Dh);
+    const auto ks = randbf((size_t)T * Hkv * Dh), vs = randbf((size_t)T * Hkv * Dh);
+    const double scale = 1.0 / std::sqrt((double)Dh);
+    std::vector<double> want((size_t)T * H * Dh), tol(want.size());
+    for (int t = 0; t < T; ++t)
+        for (int h = 0; h < H; ++h) {
+            const int g = h / group, p = pos[t], s = slot[t];
+            std::vector<const bf16_t*> kr, vr;  // the attended keys and values
+            for (int j = 0; j < p && s >= 0 && s < slots; ++j) {
+                kr.push_back(&kc[(((size_t)s * S + j) * Hkv + g) * Dh]);
+                vr.push_back(&vc[(((size_t)s * S + j) * Hkv + g) * Dh]);
+            }
+            kr.push_back(&ks[((size_t)t * Hkv + g) * Dh]);
+            vr.push_back(&vs[((size_t)t * Hkv + g) * Dh]);
+            const size_t L = kr.size();
+            const bf16_t* qr = &q[((size_t)t * H + h) * Dh];
+            std::vector<double> sc(L);
+            double mx = -1e300, E = 0;
+            for (size_t j = 0; j < L; ++j) {
+                double d = 0, a = 0;
+                for (int i = 0; i < Dh; ++i) {
+                    d += (double)bf2f(qr[i]) * bf2f(kr[j][i]);
+                    a += std::fabs((double)bf2f(qr[i]) * bf2f(kr[j][i]));
+                }
+                sc[j] = d * scale;
+                E = std::max(E, (Dh / 32 + 8) * U32 * a * scale);
+                mx = std::max(mx, sc[j]);
+            }
+            double sum = 0;
+            for (size_t j = 0; j < L; ++j) sum += (sc[j] = std::exp(sc[j] - mx));
+            const double rel = 4 * E + (L + 64) * 4 * U32;
+            for (int d = 0; d < Dh; ++d) {
+                double o = 0, a = 0;
+                for (size_t j = 0; j < L; ++j) {
+                    o += sc[j] * bf2f(vr[j][d]);
+                    a += sc[j] * std::fabs(bf2f(vr[j][d]));
+                }
+                o /= sum;
+                const double ef = rel * a / sum;
+                want[((size_t)t * H + h) * Dh + d] = o;
+                tol[((size_t)t * H + h) * Dh + d] = UBF * (std::fabs(o) + ef) + ef + 1e-30;
+            }
+        }
+    std::vector<unsigned int> counters((size_t)T * H, 0u);
+    const std::pair<const char*, decode_fn> kernels[] = {{"attention_decode_bf16", attention_decode_bf16},
+                                                         {"attention_decode_u1_bf16", attention_decode_u1_bf16}};
+    for (const auto& [name, fn] : kernels) {
+        std::vector<float> part_o((size_t)T * H * NS * Dh, NAN), part_ml((size_t)T * H * NS * 2, NAN);
+        std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);  // NaN: every entry must be written
+        launch(dim3{(unsigned)NS, (unsigned)H, (unsigned)T}, 256, [&] {
+            fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
+               part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS);
+        });
+        char tag[96];
+        snprintf(tag, sizeof tag, "%s Dh %d T %d H %d Hkv %d NS %d", name, Dh, T, H, Hkv, NS);
+        within(tag, from_bf(out), want, tol);
+    }
+    same("  counters left at 0", counters, std::vector<unsigned int>(counters.size(), 0u));
+}
+
+}  // namespace attention_check
+
+void run_attention() {
+    attention_check::decode(64);
+    attention_check::decode(128);
+}

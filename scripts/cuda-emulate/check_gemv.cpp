@@ -1,0 +1,206 @@
+// check_gemv.cpp: every kernel of kernels/gemv.cu against double references of its banner:
+//   out[b, m] = Σ_k x[b, k]·W[m, k]  (f32),   act[b, f] = bf16(silu(gate)·up) with gate, up the
+//   products with W rows f and F + f,   the _norm variants on x = bf16(r·inv·norm_w) with
+//   inv = 1/sqrt(mean(r²) + eps) (rounded to bf16 where the kernel rounds it), _acc: r += W·x.
+// Launched as src/cuda/kernels.rs does: tensor-core buckets grid ceil(M / 16) (ceil(F / 8) for
+// glu), block 512; single-row kernels grid ceil(M / (8 / WPR)), block 256, B = 1, with a K from
+// the host's range for each WPR (one also past the first round of loads).
+//
+// Bounds, per element: bf16·bf16 products are exact in f32, so the f32 result differs from the
+// exact sum only by its additions; every term passes through at most `depth` of them (the
+// kernel's summation tree as its banner lays it out), hence |err| ≤ depth·2^-24·Σ|x·w|.
+// bf16 outputs add their RNE rounding, 2^-8 relative, to the propagated f32 error.
+#include "gemv.cu"
+
+namespace gemv_check {
+
+// Depth of the tensor-core buckets' sums: warp w takes ≤ 4·ceil(nstep / 64) 32-wide k-steps,
+// each two mma of 16 accumulated products, then 16 warp partials are added.
+static double depth_tc(int K) {
+    const int nstep = (K + 31) / 32;
+    return 128.0 * ((nstep + 63) / 64) + 16 + 2;
+}
+// Depth of the single-row sums: a lane's ≤ ceil(K / 8 / (32·WPR)) chunks of 8 products (8
+// additions each, dot8 then acc), a 5-level warp reduction, WPR partials.
+static double depth_b1(int K, int wpr) { return 8.0 * (1 + (K / 8 + 32 * wpr - 1) / (32 * wpr)) + 5 + wpr + 2; }
+
+// Exact products and their magnitude sums: dot[b·rows + m], abs[b·rows + m].
+static void products(const std::vector<double>& x, const std::vector<bf16_t>& W, int B, int rows, int K,
+                     std::vector<double>& dot, std::vector<double>& mag) {
+    dot.assign((size_t)B * rows, 0.0);
+    mag.assign((size_t)B * rows, 0.0);
+    for (int b = 0; b < B; ++b)
+        for (int m = 0; m < rows; ++m) {
+            double s = 0, a = 0;
+            for (int k = 0; k < K; ++k) {
+                const double t = x[(size_t)b * K + k] * bf2f(W[(size_t)m * K + k]);
+                s += t;
+                a += std::fabs(t);
+            }
+            dot[(size_t)b * rows + m] = s;
+            mag[(size_t)b * rows + m] = a;
+        }
+}
+
+static double silu(double g) { return g / (1.0 + std::exp(-g)); }
+// act = bf16(silu(g)·u) from sums g, u known to ±eg, ±eu: silu' ≤ 1.1 everywhere; silu_mul's own
+// f32 operations (expf, add, divide, multiply) a few 2^-24 of the value; then the bf16 rounding.
+static void glu_want(double g, double u, double eg, double eu, double& want, double& tol) {
+    want = silu(g) * u;
+    const double ef = 1.1 * eg * (std::fabs(u) + eu) + std::fabs(silu(g)) * eu + 8 * U32 * std::fabs(want);
+    tol = UBF * (std::fabs(want) + ef) + ef + 1e-30;
+}
+
+using tc_fn = void (*)(float*, const bf16_t*, const bf16_t*, int, int, int);
+using tc_glu_fn = void (*)(bf16_t*, const bf16_t*, const bf16_t*, int, int, int);
+
+// One tensor-core bucket with B rows (≤ the bucket), M outputs (F features with glu).
+static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int K) {
+    const bool glu = fused != nullptr;
+    const int rows = glu ? 2 * M : M;
+    const auto x = randbf((size_t)B * K), W = randbf((size_t)rows * K);
+    std::vector<double> xd(x.size()), dot, mag;
+    for (size_t i = 0; i < x.size(); ++i) xd[i] = bf2f(x[i]);
+    products(xd, W, B, rows, K, dot, mag);
+    const double dep = depth_tc(K) * U32;
+    std::vector<double> want((size_t)B * M), tol((size_t)B * M);
+    std::vector<float> got;
+    char tag[96];
+    snprintf(tag, sizeof tag, "%s B %d %s %d K %d", name, B, glu ? "F" : "M", M, K);
+    if (!glu) {
+        for (size_t i = 0; i < want.size(); ++i) {
+            want[i] = dot[i];
+            tol[i] = dep * mag[i] + 1e-30;
+        }
+        std::vector<float> out((size_t)B * M, NAN);
+        launch(dim3{(unsigned)((M + 15) / 16), 1, 1}, 512, [&] { plain(out.data(), x.data(), W.data(), B, M, K); });
+        got = out;
+    } else {
+        for (int b = 0; b < B; ++b)
+            for (int f = 0; f < M; ++f) {
+                const size_t g = (size_t)b * rows + f, u = g + M;
+                glu_want(dot[g], dot[u], dep * mag[g], dep * mag[u], want[(size_t)b * M + f], tol[(size_t)b * M + f]);
+            }
+        std::vector<bf16_t> act((size_t)B * M, 0x7fc0);  // NaN: every entry must be written
+        launch(dim3{(unsigned)((M + 7) / 8), 1, 1}, 512, [&] { fused(act.data(), x.data(), W.data(), B, M, K); });
+        got = from_bf(act);
+    }
+    within(tag, got, want, tol);
+}
+
+using b1_fn = void (*)(void*, const void*, const bf16_t*, int, int, int, const bf16_t*, float);
+enum Row1 { Plain, Glu, Norm, Acc, GluNorm };
+
+// One single-row kernel: WPR warps per output, M outputs (F features for the glu variants).
+static void b1(const char* name, b1_fn fn, Row1 v, int wpr, int M, int K) {
+    const bool glu = v == Glu || v == GluNorm, norm = v == Norm || v == GluNorm;
+    const int rows = glu ? 2 * M : M;
+    const auto W = randbf((size_t)rows * K);
+    const float eps = 1e-6f;
+    // x (bf16), or the residual r (f32) and norm weight of the norm variants.
+    const auto xb = randbf(K);
+    auto r = randv(K, 3.0f);
+    std::vector<bf16_t> nw(K);
+    for (auto& w : nw) w = f2bf(1.0f + randv(1, 0.3f)[0]);
+    // The operand vector in double; for the norm variants y = bf16(r·inv·w), where a y within the
+    // kernel's f32 error of a rounding midpoint may round either way (its two values' difference
+    // then joins the bound, `flip`).
+    std::vector<double> xd(K), flip(K, 0.0);
+    if (norm) {
+        double ss = 0;
+        for (float v : r) ss += (double)v * v;
+        const double inv = 1.0 / std::sqrt(ss / K + eps);
+        // The f32 y: the sum of squares through ≤ 4·ceil(K / 1024) + 9 additions (a thread's
+        // float4 groups, then the block reduction), half of that through the square root, then
+        // the divide, sqrt, reciprocal and two products: a few 2^-24 more.
+        const double rel = (0.5 * (4.0 * ((K + 1023) / 1024) + 9) + 8) * U32;
+        for (int k = 0; k < K; ++k) {
+            const double y = r[k] * inv * bf2f(nw[k]);
+            xd[k] = bf_round(y);
+            if (bf_ambiguous(y, rel)) flip[k] = std::ldexp(std::fabs(y), -7);  // ≥ one bf16 ulp of y
+        }
+    } else
+        for (int k = 0; k < K; ++k) xd[k] = bf2f(xb[k]);
+    std::vector<double> dot, mag;
+    products(xd, W, 1, rows, K, dot, mag);
+    std::vector<double> err(rows);  // bound on each f32 sum
+    for (int m = 0; m < rows; ++m) {
+        double e = depth_b1(K, wpr) * U32 * mag[m];
+        for (int k = 0; k < K; ++k)
+            if (flip[k] != 0) e += flip[k] * std::fabs(bf2f(W[(size_t)m * K + k]));
+        err[m] = e;
+    }
+    std::vector<double> want(M), tol(M);
+    const auto r0 = randv(M);  // the residual the _acc variant adds to
+    for (int m = 0; m < M; ++m) {
+        if (glu)
+            glu_want(dot[m], dot[M + m], err[m], err[M + m], want[m], tol[m]);
+        else if (v == Acc) {
+            want[m] = r0[m] + dot[m];
+            tol[m] = err[m] + U32 * (std::fabs(r0[m]) + mag[m]) + 1e-30;  // the final add
+        } else {
+            want[m] = dot[m];
+            tol[m] = err[m] + 1e-30;
+        }
+    }
+    std::vector<float> out(M, NAN);
+    if (v == Acc) out = r0;
+    std::vector<bf16_t> act(M, 0x7fc0);
+    void* o = glu ? (void*)act.data() : (void*)out.data();
+    const void* xin = norm ? (const void*)r.data() : (const void*)xb.data();
+    const int per_block = 8 / wpr;
+    launch(dim3{(unsigned)((M + per_block - 1) / per_block), 1, 1}, 256,
+           [&] { fn(o, xin, W.data(), 1, M, K, norm ? nw.data() : nullptr, norm ? eps : 0.0f); });
+    char tag[96];
+    snprintf(tag, sizeof tag, "%s %s %d K %d", name, glu ? "F" : "M", M, K);
+    within(tag, glu ? from_bf(act) : out, want, tol);
+}
+
+}  // namespace gemv_check
+
+void run_gemv() {
+    using namespace gemv_check;
+    const int K = 2056;  // 65 k-steps: warp 0 takes a second round; the last step is partial
+    tc("gemv_bf16_b2", gemv_bf16_b2, nullptr, 2, 37, K);
+    tc("gemv_bf16_b4", gemv_bf16_b4, nullptr, 3, 37, K);
+    tc("gemv_bf16_b8", gemv_bf16_b8, nullptr, 7, 37, K);
+    tc("gemv_bf16_b16", gemv_bf16_b16, nullptr, 13, 37, K);
+    tc("gemv_bf16_b32", gemv_bf16_b32, nullptr, 29, 37, K);
+    tc("gemv_bf16_b32", gemv_bf16_b32, nullptr, 32, 16, 200);
+    tc("gemv_glu_bf16_b2", nullptr, gemv_glu_bf16_b2, 2, 21, K);
+    tc("gemv_glu_bf16_b4", nullptr, gemv_glu_bf16_b4, 4, 21, K);
+    tc("gemv_glu_bf16_b8", nullptr, gemv_glu_bf16_b8, 8, 21, K);
+    tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 9, 21, K);
+    tc("gemv_glu_bf16_b32", nullptr, gemv_glu_bf16_b32, 27, 21, K);
+    // Single row: the host picks WPR from K (≤ 2048: 1, ≤ 4096: 2, ≤ 8192: 4, else 8).
+    struct V {
+        const char* name;
+        b1_fn fn;
+        Row1 v;
+        int wpr, K;
+    };
+    const V vs[] = {
+        {"gemv_bf16_b1", gemv_bf16_b1, Plain, 1, 2040},
+        {"gemv_bf16_b1", gemv_bf16_b1, Plain, 1, 2056},  // past the first round of 8 loads
+        {"gemv_bf16_b1_k2", gemv_bf16_b1_k2, Plain, 2, 4088},
+        {"gemv_bf16_b1_k4", gemv_bf16_b1_k4, Plain, 4, 8184},
+        {"gemv_bf16_b1_k8", gemv_bf16_b1_k8, Plain, 8, 16392},
+        {"gemv_glu_bf16_b1", gemv_glu_bf16_b1, Glu, 1, 1536},
+        {"gemv_glu_bf16_b1_k2", gemv_glu_bf16_b1_k2, Glu, 2, 2056},
+        {"gemv_glu_bf16_b1_k4", gemv_glu_bf16_b1_k4, Glu, 4, 8192},
+        {"gemv_glu_bf16_b1_k8", gemv_glu_bf16_b1_k8, Glu, 8, 16392},
+        {"gemv_norm_bf16_b1", gemv_norm_bf16_b1, Norm, 1, 2048},
+        {"gemv_norm_bf16_b1_k2", gemv_norm_bf16_b1_k2, Norm, 2, 3584},
+        {"gemv_norm_bf16_b1_k4", gemv_norm_bf16_b1_k4, Norm, 4, 4104},
+        {"gemv_norm_bf16_b1_k8", gemv_norm_bf16_b1_k8, Norm, 8, 16392},
+        {"gemv_acc_bf16_b1", gemv_acc_bf16_b1, Acc, 1, 896},
+        {"gemv_acc_bf16_b1_k2", gemv_acc_bf16_b1_k2, Acc, 2, 4096},
+        {"gemv_acc_bf16_b1_k4", gemv_acc_bf16_b1_k4, Acc, 4, 6144},
+        {"gemv_acc_bf16_b1_k8", gemv_acc_bf16_b1_k8, Acc, 8, 8960},
+        {"gemv_glu_norm_bf16_b1", gemv_glu_norm_bf16_b1, GluNorm, 1, 1024},
+        {"gemv_glu_norm_bf16_b1_k2", gemv_glu_norm_bf16_b1_k2, GluNorm, 2, 3072},
+        {"gemv_glu_norm_bf16_b1_k4", gemv_glu_norm_bf16_b1_k4, GluNorm, 4, 5120},
+        {"gemv_glu_norm_bf16_b1_k8", gemv_glu_norm_bf16_b1_k8, GluNorm, 8, 16392},
+    };
+    for (const V& v : vs) b1(v.name, v.fn, v.v, v.wpr, 13, v.K);
+}

@@ -1,0 +1,83 @@
+// check_prefill_gemm.cpp: the tensor-core prefill attention (prefill_attention.cu; bf16 output,
+// bound 2^-7 of the largest |ref|: its rounding, 2^-9, and that of the probabilities, 2^-9 of a
+// convex sum) and both row tiles of the prefill / large-batch product gemm.cu (f32, 1e-4).
+#include "prefill_attention.cu"
+#include "gemm.cu"
+
+// Prefill chunk of n queries at positions p0.. of one slot over a bf16 cache [slots, S, Hkv, Dh].
+static void prefill(int n, int p0, int H, int Hkv, int Dh) {
+    const int slots = 2, slot = 1, S = p0 + n + 5, group = H / Hkv;
+    auto bf = [](const std::vector<float>& v) {
+        std::vector<bf16_t> b(v.size());
+        for (size_t i = 0; i < v.size(); ++i) b[i] = f2bf(v[i]);
+        return b;
+    };
+    const auto q = bf(randv((size_t)n * H * Dh, 2.0f));
+    const auto kc = bf(randv((size_t)slots * S * Hkv * Dh, 2.0f)), vc = bf(randv((size_t)slots * S * Hkv * Dh, 2.0f));
+    std::vector<double> want((size_t)n * H * Dh);
+    const double scale = 1.0 / std::sqrt((double)Dh);
+    for (int i = 0; i < n; ++i)
+        for (int h = 0; h < H; ++h) {
+            const int g = h / group, L = p0 + i + 1;
+            std::vector<double> p(L);
+            double mx = -1e300, sum = 0;
+            for (int j = 0; j < L; ++j) {
+                double s = 0;
+                for (int d = 0; d < Dh; ++d)
+                    s += (double)bf2f(q[((size_t)i * H + h) * Dh + d]) *
+                         bf2f(kc[(((size_t)slot * S + j) * Hkv + g) * Dh + d]);
+                mx = std::max(mx, p[j] = s * scale);
+            }
+            for (int j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+            for (int d = 0; d < Dh; ++d) {
+                double o = 0;
+                for (int j = 0; j < L; ++j) o += p[j] * bf2f(vc[(((size_t)slot * S + j) * Hkv + g) * Dh + d]);
+                want[((size_t)i * H + h) * Dh + d] = o / sum;
+            }
+        }
+    std::vector<bf16_t> out((size_t)n * H * Dh, 0x7fc0);  // NaN: every entry must be written
+    launch(dim3{(unsigned)((n + 63) / 64), (unsigned)H, 1}, 128, [&] {
+        attention_prefill_bf16(q.data(), kc.data(), vc.data(), out.data(), n, p0, slot, H, Hkv, Dh, S);
+    });
+    std::vector<float> got(out.size());
+    for (size_t i = 0; i < out.size(); ++i) got[i] = bf2f(out[i]);
+    char tag[96];
+    snprintf(tag, sizeof tag, "prefill n %d p0 %d H %d Hkv %d Dh %d", n, p0, H, Hkv, Dh);
+    compare(tag, got, want, std::vector<char>(want.size(), 1), 1.0 / 128);
+}
+
+// out [N, M] = x [N, K] · W [M, K]ᵀ, bf16 inputs, f32 output, on gemm_bf16 (wn = 2) or
+// gemm_bf16_n128 (wn = 4).
+static void gemm(int N, int M, int Kd, int wn) {
+    std::vector<bf16_t> x((size_t)N * Kd), W((size_t)M * Kd);
+    for (auto& v : x) v = f2bf(randv(1, 2.0f)[0]);
+    for (auto& v : W) v = f2bf(randv(1, 0.5f)[0]);
+    std::vector<double> want((size_t)N * M);
+    for (int n = 0; n < N; ++n)
+        for (int m = 0; m < M; ++m) {
+            double s = 0;
+            for (int k = 0; k < Kd; ++k) s += (double)bf2f(x[(size_t)n * Kd + k]) * bf2f(W[(size_t)m * Kd + k]);
+            want[(size_t)n * M + m] = s;
+        }
+    std::vector<float> out((size_t)N * M, NAN);
+    const int bn = 32 * wn;
+    launch(dim3{(unsigned)((M + 127) / 128), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
+        if (wn == 2)
+            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd);
+        else
+            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd);
+    });
+    char tag[96];
+    snprintf(tag, sizeof tag, "gemm%s N %d M %d K %d", wn == 4 ? "_n128" : "", N, M, Kd);
+    compare(tag, out, want, std::vector<char>(want.size(), 1));
+}
+
+void run_prefill_gemm() {
+    gemm(70, 136, 72, 2);
+    gemm(70, 136, 72, 4);
+    gemm(200, 264, 40, 4);
+    prefill(37, 5, 6, 2, 64);
+    prefill(70, 0, 6, 2, 128);
+    prefill(130, 100, 4, 4, 128);
+    prefill(1, 0, 2, 1, 64);
+}
