@@ -41,7 +41,7 @@ if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
 fi
 # The steering-vector gradient (train-vectors --method optimise's work) at 500-token contexts.
 echo "== bench --vector-grad"
-THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -4
+THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -6
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
     timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
     python3 - "$OUT/vg-profile.jsonl" <<'PY'
@@ -50,7 +50,7 @@ for l in open(sys.argv[1]):
     if not l.startswith("{"):
         print(l.rstrip()); continue
     r = json.loads(l)
-    print(f"profile, targets at the {r['targets_at']} ({r['active_rows']} active rows), synchronised per launch:")
+    print(f"profile, targets {r['targets_at']} ({r['active_rows']} active rows), synchronised per launch:")
     for k, n, ms in r["profile"][:14]:
         print(f"  {k:<22} {n:>5} launches {ms:>9.2f} ms")
 PY

@@ -419,7 +419,9 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
 #[derive(Debug, Clone, Serialize)]
 pub struct VectorGradRow {
     pub shape: String,
-    /// Where the target positions sit: "end" (the last ones) or "spread" (evenly over the prompt).
+    /// Where the target positions sit: "at the end" (the last 100, as a category sentence),
+    /// "spread" (100 evenly over the prompt) or "at every position" (as a bias example over a
+    /// whole thinking span).
     pub targets_at: &'static str,
     pub prompt_len: usize,
     pub layer: usize,
@@ -506,8 +508,13 @@ pub fn run_cuda_vector_grad(
     let w = Arc::new(CudaWeights::random(&gpu, &c, seed)?);
     let mut vg = crate::cuda::vector_grad::CudaVectorGrad::new(gpu.clone(), &c, w)?;
     let mut rows = vec![];
-    for (spread, at) in [(false, "end"), (true, "spread")] {
-        let fz = synthetic_frozen(&c, prompt_len, 100, spread, seed);
+    let cases = [
+        (100, false, "at the end"),
+        (100, true, "spread"),
+        (prompt_len - 1, true, "at every position"),
+    ];
+    for (n_targets, spread, at) in cases {
+        let fz = synthetic_frozen(&c, prompt_len, n_targets, spread, seed);
         let v: Vec<f32> = (0..c.hidden_size)
             .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
             .collect();

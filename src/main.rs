@@ -817,7 +817,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{} vector-grad: {} tokens, targets at the {} ({} targets, {} active rows, block {}): {:.1} ms/example; 2,048 examples x 50 epochs = {:.2} h",
+                    "{} vector-grad: {} tokens, targets {} ({} targets, {} active rows, block {}): {:.1} ms/example; 2,048 examples x 50 epochs = {:.2} h",
                     r.shape, r.prompt_len, r.targets_at, r.targets, r.active_rows, r.layer, r.ms_per_example, r.projected_hours
                 );
                 println!("  loss alone (forward): {:.1} ms/example", r.ms_forward);
