@@ -4,12 +4,14 @@
 // One check_<family>.cpp per kernel family (bounds and cases are explained there):
 //   check_prefill_gemm.cpp  prefill_attention.cu, gemm.cu
 //   check_grad.cpp          grad.cu's attention forward/backward and vg_mm products
+//   check_grad_small.cpp    grad.cu's other kernels: vg_rmsnorm_*, vg_rope, vg_silu_mul_*,
+//                           vg_xent, vg_rows, vg_steer_rows (run last: the earlier checks keep
+//                           their random inputs)
 //   check_gemv.cpp          gemv.cu: every bucket, the glu, _norm, _acc and _glu_norm variants
 //   check_attention.cpp     attention.cu: both decode kernels, several splits, Dh 64 and 128
 //   check_residual.cpp      residual_norm.cu: residual + steering add, RMSNorm, SAE encode
 //   check_rope.cpp          rope.cu: bias, RoPE (plain and llama3-scaled inv_freq), cache append
 //   check_small.cpp         embed.cu, elementwise.cu, sampling.cu, hybrid.cu, random.cu
-// Not covered yet: grad.cu's vg_rmsnorm_*, vg_rope, vg_silu_mul_*, vg_xent, vg_rows, vg_steer_rows.
 // Prints one line per checked output ending in `ok` or `FAIL`; exits 1 when any fails.
 #include <cstdio>
 
@@ -21,6 +23,7 @@
 #include "check_residual.cpp"
 #include "check_rope.cpp"
 #include "check_small.cpp"
+#include "check_grad_small.cpp"
 
 int main() {
     run_prefill_gemm();
@@ -30,5 +33,6 @@ int main() {
     run_residual();
     run_rope();
     run_small();
+    run_grad_small();
     return failures ? 1 : 0;
 }
