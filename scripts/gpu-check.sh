@@ -56,10 +56,13 @@ for l in open(sys.argv[1]):
 PY
 fi
 if [ "${BENCH:-all}" = "all" ]; then
-# Prefill and the batch-64 hybrid step with the 128-row gemm tile (off by default until measured).
-echo "== bench, THINKSTEER_GEMM=128"
-THINKSTEER_GEMM=128 timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 2>&1 | grep prefill
-THINKSTEER_GEMM=128 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --new-tokens "$NEW" 2>&1 | tail -1
+# Prefill and the batch-64 hybrid step with the 128-row gemm tile and with cuBLASLt (both off by
+# default until measured here).
+for g in 128 lt; do
+    echo "== bench, THINKSTEER_GEMM=$g"
+    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 2>&1 | grep -E "prefill|rror"
+    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --new-tokens "$NEW" 2>&1 | tail -1
+done
 # Batch-1 decode with the norms fused into the products (off by default until measured here).
 echo "== bench, THINKSTEER_FUSE_NORM=1"
 for shape in qwen2.5-1.5b llama-3.1-8b; do

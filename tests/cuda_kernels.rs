@@ -546,6 +546,13 @@ fn check_matmul(g: &Gpu, which: &str, n: usize, m: usize, kd: usize, seed: u64) 
         "gemv" => k::gemv(g, &mut ov, &xv, &wv, n, m, kd),
         "gemm" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N64),
         "gemm128" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N128),
+        "gemm_lt" => match k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::Lt) {
+            Err(e) if e.to_string().contains("could not be loaded") => {
+                println!("skipped gemm_lt: {e}");
+                return;
+            }
+            r => r,
+        },
         _ => k::matmul(g, &mut ov, &xv, &wv, n, m, kd),
     }
     .unwrap();
@@ -591,6 +598,17 @@ fn gemm_matches_cpu_matmul() {
     }
     // Two 128-row tiles, the second ragged.
     check_matmul(&g, "gemm128", 200, 264, 8 * 37, 60);
+    // cuBLASLt (THINKSTEER_GEMM=lt): the same contract, skipped where libcublasLt is absent.
+    for (i, &(n, m, kd)) in [
+        (17usize, 131usize, 8 * 37usize),
+        (130, 200, 1536),
+        (512, 2048, 1536),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_matmul(&g, "gemm_lt", n, m, kd, 70 + i as u64);
+    }
     check_matmul(&g, "matmul", 16, 33, 24, 40);
     check_matmul(&g, "matmul", 17, 33, 24, 41);
     // Row groups through gemv (33..=128 rows), and the switch to gemm above.

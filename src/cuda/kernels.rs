@@ -869,18 +869,21 @@ pub fn gemm(
     gemm_with(gpu, out, x, w, n, m, k, GemmTile::from_env())
 }
 
-/// The row tile of [`gemm`]: 64 rows of x per block (gemm_bf16, 4 warps, the default) or 128
-/// (gemm_bf16_n128, 8 warps; opt-in with THINKSTEER_GEMM=128 until a GPU run has compared them).
+/// The kernel of [`gemm`]: ours with 64 rows of x per block (gemm_bf16, 4 warps, the default)
+/// or 128 (gemm_bf16_n128, 8 warps), or cuBLASLt (`super::blaslt`). The last two are opt-in with
+/// THINKSTEER_GEMM=128 or THINKSTEER_GEMM=lt until a GPU run has compared them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmTile {
     N64,
     N128,
+    Lt,
 }
 
 impl GemmTile {
     pub fn from_env() -> GemmTile {
         match std::env::var("THINKSTEER_GEMM").as_deref() {
             Ok("128") => GemmTile::N128,
+            Ok("lt") => GemmTile::Lt,
             _ => GemmTile::N64,
         }
     }
@@ -901,10 +904,14 @@ pub fn gemm_with(
     let (kernel, bn, threads) = match tile {
         GemmTile::N64 => ("gemm_bf16", 64, 128),
         GemmTile::N128 => ("gemm_bf16_n128", 128, 256),
+        GemmTile::Lt => ("cublasLtMatmul", 1, 0),
     };
     matmul_checks(gpu, kernel, out, x, w, (n, m, k))?;
     if n == 0 || m == 0 {
         return Ok(());
+    }
+    if tile == GemmTile::Lt {
+        return gpu.blaslt()?.gemm(gpu, out, x, w, n, m, k);
     }
     if n.div_ceil(bn) > 65535 {
         return Err(Error::Input(format!(

@@ -6,6 +6,7 @@
 //! embedded `.cu` sources compiled once with NVRTC for the device's compute capability.
 //! `THINKSTEER_CUDA_SYNC=1` synchronises after every launch so an error names its kernel.
 
+pub mod blaslt;
 pub mod frozen;
 pub mod hybrid;
 pub mod kernels;
@@ -61,6 +62,8 @@ pub struct Gpu {
     pub(crate) scratch: Scratch,
     /// Per-kernel wall time while enabled (`set_profile`); None: launches are not timed.
     profile: std::sync::Mutex<Option<Profile>>,
+    /// cuBLASLt, made at its first use (THINKSTEER_GEMM=lt), or why it could not be.
+    blaslt: std::sync::OnceLock<std::result::Result<blaslt::BlasLt, String>>,
 }
 
 /// Wall time per kernel name: each launch is followed by a stream synchronisation and charged
@@ -162,7 +165,16 @@ impl Gpu {
             pdl: cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0"),
             scratch,
             profile: std::sync::Mutex::new(None),
+            blaslt: std::sync::OnceLock::new(),
         })
+    }
+
+    /// cuBLASLt on this device (loaded and set up at the first call).
+    pub(crate) fn blaslt(&self) -> Result<&blaslt::BlasLt> {
+        self.blaslt
+            .get_or_init(|| blaslt::BlasLt::new(self).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|why| Error::Cuda(why.clone()))
     }
 
     fn profile_lock(&self) -> std::sync::MutexGuard<'_, Option<Profile>> {
