@@ -128,8 +128,18 @@ fn decode_rows<E: Decoder>(
 }
 
 fn prefill_time(e: &mut impl Decoder, s: &Settings) -> Result<f64> {
-    let v = e.config().vocab_size;
-    let ids = random_ids(s.prompt_len, v, s.seed);
+    prefill_once(e, s)?; // warm-up
+    let reps = 3;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        prefill_once(e, s)?;
+    }
+    Ok(t0.elapsed().as_secs_f64() / reps as f64)
+}
+
+/// One prefill of the bench's prompt (slot 0, logits of the last row).
+fn prefill_once(e: &mut impl Decoder, s: &Settings) -> Result<()> {
+    let ids = random_ids(s.prompt_len, e.config().vocab_size, s.seed);
     let slots = vec![0; ids.len()];
     let pos: Vec<usize> = (0..ids.len()).collect();
     let step = Step {
@@ -137,13 +147,8 @@ fn prefill_time(e: &mut impl Decoder, s: &Settings) -> Result<f64> {
         positions: &pos,
         n_write: ids.len(),
     };
-    e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?; // warm-up
-    let reps = 3;
-    let t0 = Instant::now();
-    for _ in 0..reps {
-        e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?;
-    }
-    Ok(t0.elapsed().as_secs_f64() / reps as f64)
+    e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?;
+    Ok(())
 }
 
 fn rows_for(
@@ -210,7 +215,7 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let prefill = prefill_time(&mut e, s)?;
     if profile_requested() {
         let gpu = e.gpu.clone();
-        let r = profiled(&gpu, 1, || prefill_time_once(&mut e, s))?;
+        let r = profiled(&gpu, 1, || prefill_once(&mut e, s))?;
         print_profile(shape, "prefill", 1, &r);
     }
     let mut decode = vec![];
@@ -267,20 +272,6 @@ fn print_profile(shape: &str, phase: &str, batch: usize, r: &[(String, usize, f6
     for (k, n, ms) in r.iter().take(12) {
         eprintln!("  {k:<28} {n:>6} launches {ms:>9.3} ms");
     }
-}
-
-/// One prefill of the bench's prompt (for the profile).
-fn prefill_time_once(e: &mut CudaEngine, s: &Settings) -> Result<()> {
-    let ids = random_ids(s.prompt_len, e.config.vocab_size, s.seed);
-    let slots = vec![0; ids.len()];
-    let pos: Vec<usize> = (0..ids.len()).collect();
-    let step = Step {
-        slots: &slots,
-        positions: &pos,
-        n_write: ids.len(),
-    };
-    e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?;
-    Ok(())
 }
 
 /// Runs the benchmark on the CPU (a checkpoint folder; named shapes are far too large for it).
