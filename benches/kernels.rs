@@ -1,11 +1,13 @@
 //! Criterion benchmarks of the matrix kernels on the real decode/prefill shapes (needs a GPU;
-//! prints why it skips otherwise): gemv GB/s next to the H100's ~3.0 TB/s copy rate, gemm TFLOP/s.
+//! prints why it skips otherwise): gemv GB/s next to the H100's ~3.0 TB/s copy rate, gemm TFLOP/s
+//! for each of its kernels (64- and 128-row tiles, cuBLASLt) on prefill and hybrid-step shapes.
 //! Each timed sample is a CUDA-event-free batch of launches followed by one stream sync.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use half::bf16;
 use std::time::Instant;
-use thinksteer::cuda::{kernels as k, Gpu};
+use thinksteer::cuda::kernels::{self as k, GemmTile};
+use thinksteer::cuda::Gpu;
 
 /// (name, M, K) of the decode matrices: fused q|k|v, o, fused gate|up, down, LM head.
 const SHAPES: &[(&str, usize, usize)] = &[
@@ -97,73 +99,65 @@ fn benches(c: &mut Criterion) {
     }
     group.finish();
 
+    // The large products with each kernel of `gemm` (ours with 64- or 128-row tiles, cuBLASLt).
     let mut group = c.benchmark_group("gemm");
     for &(n, m, kd) in &[
         (2048usize, 8960usize, 1536usize),
         (2048, 1536, 8960),
+        (704, 17920, 1536),
         (2000, 28672, 4096),
     ] {
         let w = s.clone_htod(&vec![bf16::from_f32(0.01); m * kd]).unwrap();
         let x = s.clone_htod(&vec![bf16::from_f32(1.0); n * kd]).unwrap();
         let mut out = s.alloc_zeros::<f32>(n * m).unwrap();
-        k::gemm(
-            &g,
-            &mut out.as_view_mut(),
-            &x.as_view(),
-            &w.as_view(),
-            n,
-            m,
-            kd,
-        )
-        .unwrap();
-        let got = s.clone_dtoh(&out).unwrap();
-        let want = bf16::from_f32(0.01).to_f32() * kd as f32;
-        assert!(
-            got.iter().all(|v| (v - want).abs() <= 1e-3 * want),
-            "gemm {n}x{m}x{kd}: wrong output"
-        );
-        let flops = 2.0 * (n * m * kd) as f64;
-        group.throughput(Throughput::Elements((n * m * kd) as u64));
-        group.bench_function(format!("N={n} M={m} K={kd}"), |bch| {
-            bch.iter_custom(|iters| {
-                let t0 = Instant::now();
-                for _ in 0..iters {
-                    k::gemm(
-                        &g,
-                        &mut out.as_view_mut(),
-                        &x.as_view(),
-                        &w.as_view(),
-                        n,
-                        m,
-                        kd,
-                    )
-                    .unwrap();
-                }
-                s.synchronize().unwrap();
-                t0.elapsed()
-            })
-        });
-        let reps = 10;
-        let t0 = Instant::now();
-        for _ in 0..reps {
-            k::gemm(
-                &g,
-                &mut out.as_view_mut(),
-                &x.as_view(),
-                &w.as_view(),
-                n,
-                m,
-                kd,
-            )
-            .unwrap();
+        for tile in [GemmTile::N64, GemmTile::N128, GemmTile::Lt] {
+            let run = |out: &mut cudarc::driver::CudaSlice<f32>| {
+                k::gemm_with(
+                    &g,
+                    &mut out.as_view_mut(),
+                    &x.as_view(),
+                    &w.as_view(),
+                    n,
+                    m,
+                    kd,
+                    tile,
+                )
+            };
+            if let Err(e) = run(&mut out) {
+                println!("gemm {tile:?} N={n} M={m} K={kd}: skipped: {e}");
+                continue;
+            }
+            let got = s.clone_dtoh(&out).unwrap();
+            let want = bf16::from_f32(0.01).to_f32() * kd as f32;
+            assert!(
+                got.iter().all(|v| (v - want).abs() <= 1e-3 * want),
+                "gemm {tile:?} {n}x{m}x{kd}: wrong output"
+            );
+            let flops = 2.0 * (n * m * kd) as f64;
+            group.throughput(Throughput::Elements((n * m * kd) as u64));
+            group.bench_function(format!("{tile:?} N={n} M={m} K={kd}"), |bch| {
+                bch.iter_custom(|iters| {
+                    let t0 = Instant::now();
+                    for _ in 0..iters {
+                        run(&mut out).unwrap();
+                    }
+                    s.synchronize().unwrap();
+                    t0.elapsed()
+                })
+            });
+            let reps = 10;
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                run(&mut out).unwrap();
+            }
+            s.synchronize().unwrap();
+            let secs = t0.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "gemm {tile:?} N={n} M={m} K={kd}: {:.3} ms, {:.0} TFLOP/s (H100 dense bf16 ≈ 990)",
+                secs * 1e3,
+                flops / secs / 1e12
+            );
         }
-        s.synchronize().unwrap();
-        let secs = t0.elapsed().as_secs_f64() / reps as f64;
-        println!(
-            "gemm N={n} M={m} K={kd}: {:.2} ms, {:.0} TFLOP/s (H100 dense bf16 ≈ 990)",
-            secs * 1e3,
-            flops / secs / 1e12
-        );
     }
     group.finish();
 }

@@ -6,12 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --bin thinksteer
 cargo test --release --no-run --test cuda_kernels --test cuda_model --test cuda_hybrid --test cuda_commands --test cuda_vector_grad 2>&1 | tee /tmp/gpu-bundle.log
+cargo bench --no-run --bench kernels 2>&1 | tee /tmp/gpu-bundle-bench.log
 rm -rf .gpu && mkdir -p .gpu/tests
 cp target/release/thinksteer .gpu/
 for t in cuda_kernels cuda_model cuda_hybrid cuda_commands cuda_vector_grad; do
     exe=$(grep -o "target/release/deps/$t-[0-9a-f]*" /tmp/gpu-bundle.log | tail -1)
     cp "$exe" ".gpu/tests/$t"
 done
+exe=$(grep -o "target/release/deps/kernels-[0-9a-f]*" /tmp/gpu-bundle-bench.log | tail -1)
+cp "$exe" .gpu/kernel-bench
 if [ -f ../shared/bench/hf_anchor.py ]; then cp ../shared/bench/hf_anchor.py .gpu/; fi
-strip .gpu/thinksteer .gpu/tests/* 2>/dev/null || true
+strip .gpu/thinksteer .gpu/kernel-bench .gpu/tests/* 2>/dev/null || true
 du -sh .gpu

@@ -56,6 +56,11 @@ for l in open(sys.argv[1]):
 PY
 fi
 if [ "${BENCH:-all}" = "all" ]; then
+# The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt): TFLOP/s.
+if [ -x "$B/kernel-bench" ]; then
+    echo "== kernel bench: gemm"
+    timeout 120 "$B/kernel-bench" --bench gemm 2>&1 | grep -E "^gemm .*(TFLOP|skipped)"
+fi
 # Prefill and the batch-64 hybrid step with the 128-row gemm tile and with cuBLASLt (both off by
 # default until measured here).
 for g in 128 lt; do
