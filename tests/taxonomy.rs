@@ -758,3 +758,44 @@ fn optimise_refuses_a_negative_prefix_cache() {
         &["--prefix-cache-gb", "non-negative", "-1"],
     );
 }
+
+#[test]
+fn optimise_without_a_prefix_cache_gives_the_same_vectors() {
+    // The prefix cache only saves recomputation: with a budget of 0 bytes every epoch prepares
+    // every example again, and the trained vectors and curves must be bit-identical.
+    use thinksteer::taxonomy::optimise::{optimise, OptimiseSettings};
+    use thinksteer::taxonomy::vectors::BasePrefix;
+    let dir = tmp("opt-nocache");
+    let (tp, ap) = optimise_data(&dir);
+    let base = fixture(BASE);
+    let run = |cache: Option<usize>, name: &str| {
+        let s = OptimiseSettings {
+            layer: 1,
+            epochs: 2,
+            batch: 2,
+            lr: 0.05,
+            prefix_cache_bytes: cache,
+            ..Default::default()
+        };
+        optimise(
+            &base,
+            &tp,
+            &ap,
+            BasePrefix::SameAsTrace,
+            &s,
+            &dir.join(name),
+            false,
+        )
+        .unwrap()
+    };
+    let (cached, curves_cached) = run(None, "a.ckpt.json");
+    let (uncached, curves_uncached) = run(Some(0), "b.ckpt.json");
+    let (a, b) = (cached.set.unwrap(), uncached.set.unwrap());
+    assert_eq!(a.bias, b.bias);
+    assert_eq!(a.vectors, b.vectors);
+    assert!(a.bias.iter().any(|&x| x != 0.0), "the bias was trained");
+    let bits = |c: &[thinksteer::taxonomy::optimise::CurvePoint]| -> Vec<u64> {
+        c.iter().map(|p| p.loss.to_bits()).collect()
+    };
+    assert_eq!(bits(&curves_cached), bits(&curves_uncached));
+}
