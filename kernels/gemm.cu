@@ -69,19 +69,9 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
         for (int kk = 0; kk < GM_BK; kk += 16) {
             unsigned int a[2][4], b[8][2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int r = wn * 32 + i * 16 + g;
-                a[i][0] = *reinterpret_cast<const unsigned int*>(&As[buf][r][kk + 2 * c]);
-                a[i][1] = *reinterpret_cast<const unsigned int*>(&As[buf][r + 8][kk + 2 * c]);
-                a[i][2] = *reinterpret_cast<const unsigned int*>(&As[buf][r][kk + 2 * c + 8]);
-                a[i][3] = *reinterpret_cast<const unsigned int*>(&As[buf][r + 8][kk + 2 * c + 8]);
-            }
+            for (int i = 0; i < 2; ++i) frag_a(a[i], &As[buf][0][0], GM_LD, wn * 32 + i * 16, kk, g, c);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int r = wm * 64 + j * 8 + g;
-                b[j][0] = *reinterpret_cast<const unsigned int*>(&Bs[buf][r][kk + 2 * c]);
-                b[j][1] = *reinterpret_cast<const unsigned int*>(&Bs[buf][r][kk + 2 * c + 8]);
-            }
+            for (int j = 0; j < 8; ++j) frag_b(b[j], &Bs[buf][0][0], GM_LD, wm * 64 + j * 8, kk, g, c);
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll

@@ -2,8 +2,10 @@
 // blocks L+1..N−1 and the LM head over the active rows, keeping f32 activations, and the
 // input-only backward of each op (formulas as in src/vector_grad/ops.rs and attention.rs).
 //
-// Dtypes: weights bf16 (converted exactly to f32), every activation and gradient f32, f32
-// accumulation, no rounding to bf16 anywhere. Launch shapes are written above each kernel; all
+// Dtypes: weights bf16, every activation and gradient stored in f32, f32 accumulation. The
+// products run either on f32 FMAs (vg_mm_f32: weights widened exactly, no rounding to bf16) or
+// on tensor cores (vg_mm_tc_f32: each f32 operand split into two bf16 terms, off by ≤ 2^-16 of
+// itself); everything else is f32. Launch shapes are written above each kernel; all
 // kernels start with pdl_enter() (they read activations from their first instruction).
 #include "common.cuh"
 
@@ -216,22 +218,11 @@ extern "C" __global__ void __launch_bounds__(128)
             unsigned int ah[2][4], al[2][4], b[8][2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                const int r = wt * 32 + i * 16 + g;
-                ah[i][0] = *reinterpret_cast<const unsigned int*>(&Ah[buf][r][kk + 2 * c]);
-                ah[i][1] = *reinterpret_cast<const unsigned int*>(&Ah[buf][r + 8][kk + 2 * c]);
-                ah[i][2] = *reinterpret_cast<const unsigned int*>(&Ah[buf][r][kk + 2 * c + 8]);
-                ah[i][3] = *reinterpret_cast<const unsigned int*>(&Ah[buf][r + 8][kk + 2 * c + 8]);
-                al[i][0] = *reinterpret_cast<const unsigned int*>(&Al[buf][r][kk + 2 * c]);
-                al[i][1] = *reinterpret_cast<const unsigned int*>(&Al[buf][r + 8][kk + 2 * c]);
-                al[i][2] = *reinterpret_cast<const unsigned int*>(&Al[buf][r][kk + 2 * c + 8]);
-                al[i][3] = *reinterpret_cast<const unsigned int*>(&Al[buf][r + 8][kk + 2 * c + 8]);
+                frag_a(ah[i], &Ah[buf][0][0], VT_LD, wt * 32 + i * 16, kk, g, c);
+                frag_a(al[i], &Al[buf][0][0], VT_LD, wt * 32 + i * 16, kk, g, c);
             }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const int r = wn * 64 + j * 8 + g;
-                b[j][0] = *reinterpret_cast<const unsigned int*>(&Bs[buf][r][kk + 2 * c]);
-                b[j][1] = *reinterpret_cast<const unsigned int*>(&Bs[buf][r][kk + 2 * c + 8]);
-            }
+            for (int j = 0; j < 8; ++j) frag_b(b[j], &Bs[buf][0][0], VT_LD, wn * 64 + j * 8, kk, g, c);
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll

@@ -62,6 +62,8 @@ pub struct Gpu {
     pub(crate) scratch: Scratch,
     /// Per-kernel wall time while enabled (`set_profile`); None: launches are not timed.
     profile: std::sync::Mutex<Option<Profile>>,
+    /// Whether `profile` is Some, read without the lock by every launch.
+    profiling: std::sync::atomic::AtomicBool,
     /// cuBLASLt, made at its first use (THINKSTEER_GEMM=lt), or why it could not be.
     blaslt: std::sync::OnceLock<std::result::Result<blaslt::BlasLt, String>>,
 }
@@ -165,6 +167,7 @@ impl Gpu {
             pdl: cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0"),
             scratch,
             profile: std::sync::Mutex::new(None),
+            profiling: std::sync::atomic::AtomicBool::new(false),
             blaslt: std::sync::OnceLock::new(),
         })
     }
@@ -188,6 +191,8 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(cuda_err("synchronising for the profile"))?;
+        self.profiling
+            .store(on, std::sync::atomic::Ordering::Relaxed);
         *self.profile_lock() = on.then(|| Profile {
             last: std::time::Instant::now(),
             by_kernel: Default::default(),
@@ -225,7 +230,12 @@ impl Gpu {
         r: std::result::Result<T, cudarc::driver::DriverError>,
     ) -> Result<()> {
         r.map_err(|e| Error::Cuda(format!("launching {name}: {e}")))?;
-        if let Some(p) = self.profile_lock().as_mut() {
+        let profiling = self.profiling.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(p) = profiling
+            .then(|| self.profile_lock())
+            .as_mut()
+            .and_then(|g| g.as_mut())
+        {
             self.stream
                 .synchronize()
                 .map_err(|e| Error::Cuda(format!("{name} failed: {e}")))?;

@@ -1,7 +1,9 @@
 //! The steering-vector loss and its gradient dL/dv on the GPU: the same function as
 //! `vector_grad::loss_grad` (src/vector_grad/grad.rs, whose module comment writes out the ops),
 //! run as one flat list of kernel launches (kernels/grad.cu) on the engine's bf16 weights, with
-//! every activation and gradient in f32. Weights are frozen: only input gradients are formed.
+//! every activation and gradient stored in f32 (the tensor-core products see each f32 operand as
+//! two bf16 terms, ≤ 2^-16 off; see `kernels::vg_mm`). Weights are frozen: only input gradients
+//! are formed.
 //!
 //! Per call, on the active rows (Ta of them, starting at absolute position S0), with
 //! nl = N − L − 1 blocks after the steering block L; QKV = (H + 2Hkv)·Dh:
@@ -509,7 +511,7 @@ impl CudaVectorGrad {
                 &hb.y.slice(..rc),
                 vocab,
                 coldness,
-                true,
+                want_grad,
             )?;
             let losses = st
                 .clone_dtoh(&hb.loss.slice(..rc))
