@@ -121,6 +121,7 @@ fn benches(c: &mut Criterion) {
                     m,
                     kd,
                     tile,
+                    None,
                 )
             };
             if let Err(e) = run(&mut out) {

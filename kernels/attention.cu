@@ -18,7 +18,8 @@
 //   per lane); attention_decode_bf16 takes 8 keys per warp step (a split in one memory round trip,
 //   for launches of few blocks), attention_decode_u1_bf16 one (fewer registers, more blocks per
 //   SM). NS is fixed by the caller (ceil(max context / chunk)); splits with sp·chunk ≥ L return
-//   at once, so the launch does not depend on lengths (CUDA graphs).
+//   at once, so the launch does not depend on lengths (CUDA graphs). live (nullable, device): rows
+//   t ≥ *live return at once (common.cuh live_rows).
 // attention_prefill_bf16 (prefill chunks, on tensor cores) lives in prefill_attention.cu.
 #include "common.cuh"
 
@@ -49,13 +50,14 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                              const int* __restrict__ slot, float* __restrict__ part_o,
                              float* __restrict__ part_ml, bf16_t* __restrict__ out,
                              unsigned int* __restrict__ counters, int H, int Hkv, int S, int slots, int chunk,
-                             int NS) {
+                             int NS, const int* __restrict__ live) {
     pdl_enter();
     constexpr int DH = NPL * 32;
     __shared__ float sm_m[DEC_WARPS], sm_l[DEC_WARPS];
     __shared__ float sm_acc[DEC_WARPS][DH];
     const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (t >= live_rows(live, gridDim.z)) return;  // all splits of the row return: counter untouched
     const int p = pos[t];
     const int L = p + 1;
     const int j0 = sp * chunk;
@@ -196,13 +198,13 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                                     const int* __restrict__ slot, float* __restrict__ part_o,                    \
                                     float* __restrict__ part_ml, bf16_t* __restrict__ out,                       \
                                     unsigned int* __restrict__ counters, int H, int Hkv, int Dh, int S, int slots, \
-                                    int chunk, int NS) {                                                         \
+                                    int chunk, int NS, const int* __restrict__ live) {                           \
         if (Dh == 128)                                                                                           \
             decode_split<4, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
-                               Hkv, S, slots, chunk, NS);                                                        \
+                               Hkv, S, slots, chunk, NS, live);                                                  \
         else if (Dh == 64)                                                                                       \
             decode_split<2, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
-                               Hkv, S, slots, chunk, NS);                                                        \
+                               Hkv, S, slots, chunk, NS, live);                                                  \
     }
 DECODE_KERNEL(attention_decode_bf16, 8)
 DECODE_KERNEL(attention_decode_u1_bf16, 1)

@@ -80,6 +80,11 @@ __device__ __forceinline__ void pdl_enter() {
     pdl_wait();
 }
 
+// Rows in use when a launch covers more rows than a step filled (the hybrid step's candidate
+// rows, counted on the device): min(T, *live), or T when live is null. Read after pdl_wait: live
+// is written by an earlier kernel.
+__device__ __forceinline__ int live_rows(const int* live, int T) { return live ? min(T, *live) : T; }
+
 // Maximum over the whole block, like block_sum.
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;

@@ -9,6 +9,8 @@
 // WN × 2 warps, each 32 × 64 = 2 × 8 mma tiles. Exported: gemm_bf16 (BN = 64, 4 warps) and
 // gemm_bf16_n128 (BN = 128, 8 warps: each W tile serves twice the rows, twice the warps per
 // block; for N well above 128).
+// live (nullable, device): only rows n < min(N, *live) are needed; row tiles past them return at
+// once (the hybrid step's candidate rows, whose count is decided on the device).
 // Launch: grid (ceil(M / 128), ceil(N / BN)), block 32·2·WN, 30 KB (BN 64) or 40 KB static
 // shared memory.
 #include "common.cuh"
@@ -28,6 +30,7 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
     const int g = lane >> 2, c = lane & 3;
     const int m0 = blockIdx.x * GM_BM, n0 = blockIdx.y * BN;
     const int nk = (K + GM_BK - 1) / GM_BK;
+    if (n0 >= N) return;  // a row tile past the live rows
 
     auto load_tile = [&](int kt, int buf) {
         const int k0 = kt * GM_BK;
@@ -96,14 +99,15 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
 }
 
 extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                                           const bf16_t* __restrict__ W, int N, int M, int K) {
+                                                           const bf16_t* __restrict__ W, int N, int M, int K,
+                                                           const int* __restrict__ live) {
     pdl_enter();
-    gemm_body<2>(out, x, W, N, M, K);
+    gemm_body<2>(out, x, W, live_rows(live, N), M, K);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     gemm_bf16_n128(float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int N, int M,
-                   int K) {
+                   int K, const int* __restrict__ live) {
     pdl_enter();
-    gemm_body<4>(out, x, W, N, M, K);
+    gemm_body<4>(out, x, W, live_rows(live, N), M, K);
 }

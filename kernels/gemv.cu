@@ -21,8 +21,10 @@
 // weight-row pair (not one per batch row, as before), shared by every block on the SM.
 // K % 8 == 0 (checked on the host); pointers 16-byte aligned.
 // Exported per batch bucket: gemv_bf16_b{2,4,8} (one 8-column tile), gemv_bf16_b16 (two) and
-// gemv_bf16_b32 (four); each handles B ≤ its bucket. Launch: grid (ceil(M / 16)), block 512
-// (16 warps), static shared memory 8, 16 or 32 KB.
+// gemv_bf16_b32 (four); each handles B ≤ its bucket. live (nullable, device) and row0: the launch
+// covers rows row0.. of a larger batch of which only rows < *live are needed, so it computes
+// min(B, *live − row0) rows (none: it returns before loading weights). Launch: grid (ceil(M / 16)),
+// block 512 (16 warps), static shared memory 8, 16 or 32 KB.
 //
 // gemv_bf16_b1 (a single row) stays a scalar kernel: WPR warps per output feature (1, 2, 4 or 8:
 // gemv_bf16_b1, _b1_k2, _b1_k4, _b1_k8, chosen on the host from K), warp p of a row summing the 16-byte
@@ -73,7 +75,7 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f +
 template <int NT, bool GLU>
 __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __restrict__ act,
                                           const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B,
-                                          int M, int K) {
+                                          int M, int K, const int* __restrict__ live, int row0) {
     // Partial D tiles per warp: [warp][tile·4 + fragment register][lane].
     __shared__ float red[GEMV_WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -86,13 +88,6 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
     const int hi_row = GLU ? M + m0 + g : m0 + g + 8;
     const uint4* w_lo = reinterpret_cast<const uint4*>(W + (size_t)(lo_ok ? m0 + g : 0) * K);
     const uint4* w_hi = reinterpret_cast<const uint4*>(W + (size_t)(hi_ok ? hi_row : 0) * K);
-    const uint4* xr[NT];
-    bool x_ok[NT];
-#pragma unroll
-    for (int t = 0; t < NT; ++t) {
-        x_ok[t] = t * 8 + g < B;
-        xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(x_ok[t] ? t * 8 + g : 0) * K);
-    }
     const uint4 zero = make_uint4(0, 0, 0, 0);
 
     float d[NT][4];
@@ -113,9 +108,23 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
             wh[u] = ok && hi_ok ? ld_stream(w_hi + q) : zero;
         }
     };
+    // With a live count the rows are known only after the wait; a launch whose rows are all past
+    // it returns without touching the weights.
     pdl_trigger();
-    load_round(warp * GEMV_UNROLL);
+    if (live == nullptr) load_round(warp * GEMV_UNROLL);
     pdl_wait();
+    if (live != nullptr) {
+        B = min(B, *live - row0);
+        if (B <= 0) return;
+        load_round(warp * GEMV_UNROLL);
+    }
+    const uint4* xr[NT];
+    bool x_ok[NT];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+        x_ok[t] = t * 8 + g < B;
+        xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(x_ok[t] ? t * 8 + g : 0) * K);
+    }
     for (int s0 = warp * GEMV_UNROLL; s0 < nstep; s0 += GEMV_WARPS * GEMV_UNROLL) {
         if (s0 != warp * GEMV_UNROLL) load_round(s0);
 #pragma unroll
@@ -173,13 +182,13 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
 #define GEMV_KERNEL(BM, NT)                                                                               \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_bf16_b##BM(                           \
         float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
-        int K) {                                                                                          \
-        gemv_body<NT, false>(out, nullptr, x, W, B, M, K);                                                \
+        int K, const int* __restrict__ live, int row0) {                                                  \
+        gemv_body<NT, false>(out, nullptr, x, W, B, M, K, live, row0);                                    \
     }                                                                                                     \
     extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_glu_bf16_b##BM(                       \
         bf16_t* __restrict__ act, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
-        int K) {                                                                                          \
-        gemv_body<NT, true>(nullptr, act, x, W, B, M, K);                                                 \
+        int K, const int* __restrict__ live, int row0) {                                                  \
+        gemv_body<NT, true>(nullptr, act, x, W, B, M, K, live, row0);                                     \
     }
 GEMV_KERNEL(2, 1)
 GEMV_KERNEL(4, 1)

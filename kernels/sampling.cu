@@ -5,6 +5,7 @@
 //                a contiguous span to (value, index) in part_v/part_i f32/int32 [B, NB]; the last
 //                block of a row to finish (atomic count in counters u32 [B], zero before and left
 //                zero after) reduces the NB partials. Launch: grid (NB, B), block 256, NB ≤ 1024.
+//                live (nullable, device): rows b ≥ *live return at once (common.cuh live_rows).
 // logits_at_f32: out[b, j] = logits[b, ids[b, j]]       ids int32 [B, C], out f32 [B, C]
 //                (ids outside [0, V) give −inf). Launch: grid-stride, block 256.
 #include "common.cuh"
@@ -49,12 +50,13 @@ __device__ __forceinline__ void block_argmax(float& best, int& bi, float* sv, in
 
 extern "C" __global__ void argmax_f32(int* __restrict__ ids, const float* __restrict__ logits, int V,
                                       float* __restrict__ part_v, int* __restrict__ part_i,
-                                      unsigned int* __restrict__ counters) {
+                                      unsigned int* __restrict__ counters, const int* __restrict__ live) {
     pdl_enter();
     __shared__ float sv[32];
     __shared__ int si[32];
     __shared__ bool is_last;
     const int b = blockIdx.y, nb = gridDim.x;
+    if (b >= live_rows(live, gridDim.y)) return;  // every block of the row returns: counter untouched
     const float* row = logits + (size_t)b * V;
     // Block x scans the columns [x·span, (x+1)·span); each thread the ones ≡ tid (mod blockDim),
     // ARGMAX_UNROLL loads in flight, keeping the first strict maximum (ties go to the lower index

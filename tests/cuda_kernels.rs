@@ -447,6 +447,7 @@ fn check_attention_decode(g: &Gpu, t: usize) {
         t,
         sh,
         splits,
+        None,
     )
     .unwrap();
     // Output is a convex combination of values ≤ 2: f32 softmax differences are ~1e-6 relative;
@@ -544,9 +545,9 @@ fn check_matmul(g: &Gpu, which: &str, n: usize, m: usize, kd: usize, seed: u64) 
     let mut ov = out.as_view_mut();
     match which {
         "gemv" => k::gemv(g, &mut ov, &xv, &wv, n, m, kd),
-        "gemm" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N64),
-        "gemm128" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N128),
-        "gemm_lt" => match k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::Lt) {
+        "gemm" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N64, None),
+        "gemm128" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N128, None),
+        "gemm_lt" => match k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::Lt, None) {
             Err(e) if e.to_string().contains("could not be loaded") => {
                 println!("skipped gemm_lt: {e}");
                 return;
@@ -867,7 +868,7 @@ fn silu_mul_matches_cpu() {
         let s = &g.stream;
         let gb = s.clone_htod(&gu).unwrap();
         let mut out = s.alloc_zeros::<bf16>(t * f).unwrap();
-        k::silu_mul(&g, &mut out.as_view_mut(), &gb.as_view(), t, f).unwrap();
+        k::silu_mul(&g, &mut out.as_view_mut(), &gb.as_view(), t, f, None).unwrap();
         // expf differs by ≤ 2 ulp between libraries: far below the bf16 output rounding.
         compare(
             "silu_mul",
@@ -901,7 +902,7 @@ fn argmax_picks_first_maximum_and_logits_at_gathers() {
     let s = &g.stream;
     let lb = s.clone_htod(&logits).unwrap();
     let mut ids = s.alloc_zeros::<i32>(b).unwrap();
-    k::argmax(&g, &mut ids.as_view_mut(), &lb.as_view(), b, v).unwrap();
+    k::argmax(&g, &mut ids.as_view_mut(), &lb.as_view(), b, v, None).unwrap();
     assert_eq!(s.clone_dtoh(&ids).unwrap(), want);
 
     let cand: Vec<i32> = vec![0, 5002, 17, -1, 3, 3, 4999, 100000, 1, 2, 3, 4];

@@ -2,13 +2,21 @@
 //! candidate choice stay on the device, so one step is one CUDA graph per batch size and the
 //! host reads back only four small integers per problem.
 //!
-//! Base-model rows of a step: [0, B) the problems' unsteered rows, [B, B + B·C) the candidates
-//! (problem b, coefficient c at B + b·C + c). Candidates are computed every step, agreement or
-//! not: on a memory-bound GPU they share the weight reads of the unsteered rows, and the gate then
-//! only chooses which row's token is emitted — the same function as the CPU loop, which computes
-//! candidates only when needed.
+//! Two ways to run a step, the same function as the CPU loop (which computes candidates only
+//! when needed):
+//! - single pass (small batches): base-model rows [0, B) are the problems' unsteered rows,
+//!   [B, B + B·C) the candidates (problem b, coefficient c at B + b·C + c), all through the blocks
+//!   after the steering point together. Candidates are computed every step, agreement or not: on
+//!   a memory-bound GPU they share the weight reads of the unsteered rows, and the gate then only
+//!   chooses which row's token is emitted.
+//! - gate first (large batches, where B·C candidate rows would make the products compute-bound):
+//!   the problems' rows run the whole base model, the gate picks the problems whose greedy ids
+//!   disagree (about one step in eight in the paper's runs), and only their candidates, compacted
+//!   to rows [0, n·C), run a second pass from the steering point. n is counted on the device and
+//!   the kernels of that pass skip rows ≥ n·C, so the step stays one graph with no host round
+//!   trip; when no problem disagrees the second pass costs its launches only.
 
-use super::kernels as k;
+use super::kernels::{self as k, Gate};
 use super::model::{CudaEngine, SaeDev, SteerDev, SteerSel};
 use super::{cuda_err as cu, Gpu};
 use crate::engine::Decoder;
@@ -34,10 +42,23 @@ pub struct CudaHybrid {
     steered: CudaSlice<i32>,   // [max_b]
     win: CudaSlice<i32>,       // [max_b]
     think_tok: CudaSlice<i32>, // [max_b]
+    // Gate first: compact index → problem, problem → compact index (or −1), and the problems'
+    // positions and slots, kept while the candidate pass reuses the base model's rows.
+    sel: CudaSlice<i32>,    // [max_b]
+    cidx: CudaSlice<i32>,   // [max_b]
+    pos_p: CudaSlice<i32>,  // [max_b]
+    slot_p: CudaSlice<i32>, // [max_b]
     max_b: usize,
-    graphs: HashMap<usize, CudaGraph>,
+    graphs: HashMap<(usize, bool), CudaGraph>, // by (problems, gate first)
     pub use_graphs: bool,
+    /// Forces the gate-first step on or off (None: gate first when B·C > GATE_FIRST_ROWS). Set
+    /// from THINKSTEER_GATE_FIRST=1|0 when present.
+    pub gate_first: Option<bool>,
 }
+
+/// Candidate rows above which a step runs gate first: below, the single pass's candidates ride
+/// along the weight reads of at most two 32-row product launches per matrix.
+pub const GATE_FIRST_ROWS: usize = 64;
 
 impl CudaHybrid {
     /// Puts the SAE on the thinking engine and the steering table on the base engine. The base
@@ -133,6 +154,15 @@ impl CudaHybrid {
             steered: zi(max_b)?,
             win: zi(max_b)?,
             think_tok: zi(max_b)?,
+            sel: zi(max_b)?,
+            cidx: zi(max_b)?,
+            pos_p: zi(max_b)?,
+            slot_p: zi(max_b)?,
+            gate_first: match std::env::var("THINKSTEER_GATE_FIRST").as_deref() {
+                Ok("1") => Some(true),
+                Ok("0") => Some(false),
+                _ => None,
+            },
             sae_point: sae.layer + 1,
             steer_point,
             c,
@@ -177,16 +207,28 @@ impl CudaHybrid {
         self.s.max_new_tokens = n;
     }
 
+    /// Whether a step of b problems runs gate first.
+    fn runs_gate_first(&self, b: usize) -> bool {
+        b <= k::GATE_MAX_B && self.gate_first.unwrap_or(b * self.c > GATE_FIRST_ROWS)
+    }
+
     /// Every launch of one step for b problems (ids, positions and slots already uploaded).
     fn step_launches(&mut self, b: usize) -> Result<()> {
-        let (c, r) = (self.c, b + b * self.c);
-        let (p, nt, nb) = (
-            self.steer_point,
+        self.think_launches(b)?;
+        if self.runs_gate_first(b) {
+            self.gate_first_launches(b)
+        } else {
+            self.single_pass_launches(b)
+        }
+    }
+
+    /// The thinking model over its b rows: SAE encode fused into the residual kernel at its
+    /// layer (categories), logits, greedy ids.
+    fn think_launches(&mut self, b: usize) -> Result<()> {
+        let (nt, v) = (
             self.think.config.num_hidden_layers,
-            self.base.config.num_hidden_layers,
+            self.think.config.vocab_size,
         );
-        let (d, v) = (self.base.config.hidden_size, self.base.config.vocab_size);
-        // 1. Thinking model: SAE encode fused into the residual kernel at its layer; logits; argmax.
         let t = &mut self.think;
         t.embed(b)?;
         for l in 0..=nt {
@@ -202,17 +244,94 @@ impl CudaHybrid {
             &t.a.logits.slice(..b * v),
             b,
             v,
-        )?;
-        // 2. Base model up to the steering point (unsteered rows, writing the cache).
+            None,
+        )
+    }
+
+    /// The base model's rows [0, b) up to the steering point (unsteered, writing the cache).
+    fn base_to_point(&mut self, b: usize) -> Result<()> {
+        let p = self.steer_point;
         let bm = &mut self.base;
         bm.embed(b)?;
         for l in 0..p {
             bm.close_point(0..b, l, l > 0, SteerSel::None, false, None)?;
             bm.block(b, l, b)?;
         }
-        bm.close_point(0..b, p, p > 0, SteerSel::None, false, None)?;
-        // 3. Candidate rows: copies of each problem's residual, steered by c·(b + V[category]).
-        let category = t.sae.as_ref().expect("set in new").category.slice(..b);
+        bm.close_point(0..b, p, p > 0, SteerSel::None, false, None)
+    }
+
+    /// The base model's rows [0, rows) from the steering point (closed) to greedy ids in
+    /// a.next[..rows]; rows [0, n_write) write the cache. With `live`, rows ≥ a.live[0] may be
+    /// skipped. The final norm is closed for every row.
+    fn base_from_point(&mut self, rows: usize, n_write: usize, live: bool) -> Result<()> {
+        let (p, nb, v) = (
+            self.steer_point,
+            self.base.config.num_hidden_layers,
+            self.base.config.vocab_size,
+        );
+        let bm = &mut self.base;
+        bm.use_live = live;
+        for l in p..nb {
+            bm.block(rows, l, n_write)?;
+            bm.close_point(0..rows, l + 1, true, SteerSel::None, false, None)?;
+        }
+        bm.head(&(0..rows).collect::<Vec<_>>())?;
+        bm.use_live = false;
+        let count = bm.a.live.as_view();
+        k::argmax(
+            &self.gpu,
+            &mut bm.a.next.slice_mut(..rows),
+            &bm.a.logits.slice(..rows * v),
+            rows,
+            v,
+            live.then_some(&count),
+        )
+    }
+
+    /// Persistent mode: the problems' rows rerun from the steering point with the winner's
+    /// residual (or the unsteered one), writing K/V; `cidx` maps problems to the candidate rows
+    /// of a gate-first step.
+    fn commit_winners(&mut self, b: usize, gate_first: bool) -> Result<()> {
+        let (c, p, nb) = (self.c, self.steer_point, self.base.config.num_hidden_layers);
+        let d = self.base.config.hidden_size;
+        let bm = &mut self.base;
+        let cidx = self.cidx.slice(..b);
+        k::hybrid_gather(
+            &self.gpu,
+            &mut bm.a.r.slice_mut(..b * d),
+            &bm.a.r_saved.slice(..(b + b * c) * d),
+            &self.steered.slice(..b),
+            &self.win.slice(..b),
+            gate_first.then_some(&cidx),
+            b,
+            c,
+            d,
+        )?;
+        bm.close_point(0..b, p, false, SteerSel::None, false, None)?;
+        for l in p..nb {
+            bm.block(b, l, b)?;
+            if l + 1 < nb {
+                bm.close_point(0..b, l + 1, true, SteerSel::None, false, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Single pass: problem rows and every candidate row through the blocks after the point.
+    fn single_pass_launches(&mut self, b: usize) -> Result<()> {
+        let (c, r) = (self.c, b + b * self.c);
+        let p = self.steer_point;
+        let (d, v) = (self.base.config.hidden_size, self.base.config.vocab_size);
+        self.base_to_point(b)?;
+        // Candidate rows: copies of each problem's residual, steered by c·(b + V[category]).
+        let bm = &mut self.base;
+        let category = self
+            .think
+            .sae
+            .as_ref()
+            .expect("set in new")
+            .category
+            .slice(..b);
         k::hybrid_expand(
             &self.gpu,
             &mut bm.a.r.slice_mut(..r * d),
@@ -231,52 +350,126 @@ impl CudaHybrid {
                 .memcpy_dtod(&bm.a.r.slice(..r * d), &mut bm.a.r_saved.slice_mut(..r * d))
                 .map_err(cu("saving residuals"))?;
         }
-        // 4. Blocks after the point for every row; only the problem rows write the cache.
-        for l in p..nb {
-            bm.block(r, l, b)?;
-            bm.close_point(0..r, l + 1, true, SteerSel::None, false, None)?;
-        }
-        bm.head(&(0..r).collect::<Vec<_>>())?;
-        k::argmax(
-            &self.gpu,
-            &mut bm.a.next.slice_mut(..r),
-            &bm.a.logits.slice(..r * v),
-            r,
-            v,
-        )?;
-        // 5. Gate and candidate choice by the thinking model's logits.
+        // Blocks after the point for every row; only the problem rows write the cache.
+        self.base_from_point(r, b, false)?;
+        // Gate and candidate choice by the thinking model's logits.
         k::hybrid_select(
             &self.gpu,
             &mut self.emit.slice_mut(..b),
             &mut self.steered.slice_mut(..b),
             &mut self.win.slice_mut(..b),
-            &bm.a.next.slice(..r),
+            &self.base.a.next.slice(..r),
             &self.think_tok.slice(..b),
-            &t.a.logits.slice(..b * v),
+            &self.think.a.logits.slice(..b * v),
             b,
             c,
             v,
             !self.s.no_gating,
         )?;
-        // 6. Persistent mode: rerun the winner (or the unsteered row) from the point, writing K/V.
         if self.s.mode == Mode::Persistent {
-            k::hybrid_gather(
-                &self.gpu,
-                &mut bm.a.r.slice_mut(..b * d),
-                &bm.a.r_saved.slice(..r * d),
-                &self.steered.slice(..b),
-                &self.win.slice(..b),
-                b,
-                c,
-                d,
-            )?;
-            bm.close_point(0..b, p, false, SteerSel::None, false, None)?;
-            for l in p..nb {
-                bm.block(b, l, b)?;
-                if l + 1 < nb {
-                    bm.close_point(0..b, l + 1, true, SteerSel::None, false, None)?;
-                }
-            }
+            self.commit_winners(b, false)?;
+        }
+        Ok(())
+    }
+
+    /// Gate first: the problems through the whole base model, the gate, then the needing
+    /// problems' candidates (rows [0, n·C) of a pass sized for B·C rows) from the point.
+    fn gate_first_launches(&mut self, b: usize) -> Result<()> {
+        let (c, n) = (self.c, b * self.c);
+        let (d, v) = (self.base.config.hidden_size, self.base.config.vocab_size);
+        let st = self.gpu.stream.clone();
+        self.base_to_point(b)?;
+        {
+            let a = &mut self.base.a;
+            st.memcpy_dtod(&a.r.slice(..b * d), &mut a.r_saved.slice_mut(..b * d))
+                .map_err(cu("saving residuals"))?;
+            st.memcpy_dtod(&a.pos.slice(..b), &mut self.pos_p.slice_mut(..b))
+                .map_err(cu("saving positions"))?;
+            st.memcpy_dtod(&a.slot.slice(..b), &mut self.slot_p.slice_mut(..b))
+                .map_err(cu("saving slots"))?;
+        }
+        self.base_from_point(b, b, false)?;
+        k::hybrid_gate(
+            &self.gpu,
+            &mut Gate {
+                sel: &mut self.sel.slice_mut(..b),
+                cidx: &mut self.cidx.slice_mut(..b),
+                live: &mut self.base.a.live.slice_mut(..1),
+                emit: &mut self.emit.slice_mut(..b),
+                steered: &mut self.steered.slice_mut(..b),
+                win: &mut self.win.slice_mut(..b),
+            },
+            &self.base.a.next.slice(..b),
+            &self.think_tok.slice(..b),
+            b,
+            c,
+            !self.s.no_gating,
+        )?;
+        // The candidate pass: rows [0, n) of the base model's buffers, none writing the cache.
+        let p = self.steer_point;
+        let category = self
+            .think
+            .sae
+            .as_ref()
+            .expect("set in new")
+            .category
+            .slice(..b);
+        let a = &mut self.base.a;
+        let saved = a.r_saved.slice(..b * d);
+        k::hybrid_expand_compact(
+            &self.gpu,
+            (
+                &mut a.r.slice_mut(..n * d),
+                &mut a.hy_idx.slice_mut(..n),
+                &mut a.hy_coef.slice_mut(..n),
+                &mut a.pos.slice_mut(..n),
+                &mut a.slot.slice_mut(..n),
+            ),
+            &saved,
+            &self.sel.slice(..b),
+            &a.live.slice(..1),
+            (&category, &self.pos_p.slice(..b), &self.slot_p.slice(..b)),
+            &self.coefs.as_view(),
+            b,
+            c,
+            d,
+        )?;
+        self.base
+            .close_point(0..n, p, false, SteerSel::Table, false, None)?;
+        if self.s.mode == Mode::Persistent {
+            let a = &mut self.base.a;
+            st.memcpy_dtod(
+                &a.r.slice(..n * d),
+                &mut a.r_saved.slice_mut(b * d..(b + n) * d),
+            )
+            .map_err(cu("saving residuals"))?;
+        }
+        self.base_from_point(n, 0, true)?;
+        let a = &self.base.a;
+        k::hybrid_select_compact(
+            &self.gpu,
+            (
+                &mut self.emit.slice_mut(..b),
+                &mut self.steered.slice_mut(..b),
+                &mut self.win.slice_mut(..b),
+            ),
+            &a.next.slice(..n),
+            &self.sel.slice(..b),
+            &a.live.slice(..1),
+            &self.think.a.logits.slice(..b * v),
+            b,
+            c,
+            v,
+        )?;
+        // The problems' positions and slots back in rows [0, b): the commit below reads them, and
+        // so does a replay of this step from the same uploaded inputs (graph capture warms up).
+        let a = &mut self.base.a;
+        st.memcpy_dtod(&self.pos_p.slice(..b), &mut a.pos.slice_mut(..b))
+            .map_err(cu("restoring positions"))?;
+        st.memcpy_dtod(&self.slot_p.slice(..b), &mut a.slot.slice_mut(..b))
+            .map_err(cu("restoring slots"))?;
+        if self.s.mode == Mode::Persistent {
+            self.commit_winners(b, true)?;
         }
         Ok(())
     }
@@ -292,8 +485,9 @@ impl CudaHybrid {
         pos_t: &[usize],
     ) -> Result<Vec<(u32, bool, i32, usize)>> {
         let b = ids.len();
-        let c = self.c;
-        // Base rows: problem rows then candidates, which share their problem's slot and position.
+        // Single pass: problem rows then candidates, which share their problem's slot and
+        // position. Gate first: the problem rows (the candidates' are set on the device).
+        let c = if self.runs_gate_first(b) { 0 } else { self.c };
         let mut bslots = slots.to_vec();
         let mut bpos = pos_b.to_vec();
         for i in 0..b {
@@ -319,16 +513,17 @@ impl CudaHybrid {
             },
         )?;
         if self.use_graphs {
-            if !self.graphs.contains_key(&b) {
+            let key = (b, self.runs_gate_first(b));
+            if !self.graphs.contains_key(&key) {
                 // The step is idempotent (same inputs rewrite the same cache entries), so a
                 // warm-up run before capture changes nothing.
                 self.step_launches(b)?;
                 self.gpu.sync()?;
                 let gpu = self.gpu.clone();
                 let graph = gpu.capture(|| self.step_launches(b))?;
-                self.graphs.insert(b, graph);
+                self.graphs.insert(key, graph);
             }
-            self.graphs[&b]
+            self.graphs[&key]
                 .launch()
                 .map_err(cu("replaying the hybrid step"))?;
         } else {

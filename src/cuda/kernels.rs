@@ -13,7 +13,9 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, LaunchConfig};
 use half::bf16;
 
 /// What an absent optional pointer is passed as.
-static NULL: u64 = 0;
+pub(super) static NULL: u64 = 0;
+
+pub use super::hybrid_kernels::*;
 
 /// Rows up to which `matmul` uses the skinny `gemv` kernels rather than the tensor-core `gemm`.
 pub const GEMV_MAX_ROWS: usize = 32;
@@ -22,7 +24,13 @@ pub const GEMV_PASSES: usize = 4;
 /// Query heads per key/value split in decode attention is not fixed; the split length is.
 pub const DECODE_CHUNK: usize = 64;
 
-fn check(kernel: &str, tensor: &str, len: usize, want: usize, shape: &str) -> Result<()> {
+pub(super) fn check(
+    kernel: &str,
+    tensor: &str,
+    len: usize,
+    want: usize,
+    shape: &str,
+) -> Result<()> {
     if len != want {
         return Err(Error::Input(format!(
             "{kernel}: {tensor} should be {shape} = {want} elements, found {len}"
@@ -31,12 +39,12 @@ fn check(kernel: &str, tensor: &str, len: usize, want: usize, shape: &str) -> Re
     Ok(())
 }
 
-fn int(kernel: &str, what: &str, v: usize) -> Result<i32> {
+pub(super) fn int(kernel: &str, what: &str, v: usize) -> Result<i32> {
     i32::try_from(v)
         .map_err(|_| Error::Input(format!("{kernel}: {what} = {v} does not fit in int32")))
 }
 
-fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
+pub(super) fn cfg(grid: (u32, u32, u32), block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: grid,
         block_dim: (block, 1, 1),
@@ -362,6 +370,7 @@ pub fn decode_splits(max_len: usize) -> usize {
 /// q bf16 [T, H, Dh], caches bf16 [slots, S, Hkv, Dh], k_self/v_self bf16 [T, Hkv, Dh],
 /// pos/slot i32 [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2];
 /// out bf16 [T, H, Dh] (the last split of each head combines the partials, one launch). Positions beyond splits·DECODE_CHUNK are not attended.
+/// `live` (i32 [1] on the device, when given): rows t ≥ live[0] are skipped.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
@@ -378,6 +387,7 @@ pub fn attention_decode(
     t: usize,
     sh: AttnShape,
     splits: usize,
+    live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
     const K: &str = "attention_decode_bf16";
     sh.check(K)?;
@@ -476,10 +486,11 @@ pub fn attention_decode(
         .arg(&s)
         .arg(&slots)
         .arg(&chunk)
-        .arg(&ns);
+        .arg(&ns)
+        .arg(&live);
     // SAFETY: argument order and types match attention_decode_bf16; lengths checked above (the
     // counters hold T·H entries, checked); the kernel reads cache rows only for slot in
-    // [0, slots) and positions < min(pos, S).
+    // [0, slots) and positions < min(pos, S); `live` (1 element when given) is only read.
     gpu.launched(name, unsafe {
         b.launch(cfg((splits as u32, sh.h as u32, t as u32), 256, 0))
     })
@@ -709,6 +720,26 @@ pub fn gemv(
     m: usize,
     k: usize,
 ) -> Result<()> {
+    gemv_live(gpu, out, x, w, (b, m, k), None)
+}
+
+/// A launch's share of a batch whose needed rows are counted on the device: only rows
+/// < count[0] (i32 [1]) are needed, and the launch covers the rows from `row0`.
+#[derive(Clone, Copy)]
+pub struct Live<'a, 'b> {
+    pub count: &'b CudaView<'a, i32>,
+    pub row0: usize,
+}
+
+/// [`gemv`] skipping the rows past `live` (the multi-row kernels; a single row is always computed).
+fn gemv_live(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (b, m, k): (usize, usize, usize),
+    live: Option<Live<'_, '_>>,
+) -> Result<()> {
     let name = if b == 1 {
         gemv1_kernel(Row1::Plain, k).0
     } else {
@@ -721,7 +752,7 @@ pub fn gemv(
     if b == 1 {
         return gemv1_launch(gpu, Row1::Plain, out, x, None, w, m, k);
     }
-    gemv_tc_launch(gpu, false, out, x, w, (b, m, k))
+    gemv_tc_launch(gpu, false, out, x, w, (b, m, k), live)
 }
 
 /// Launches a tensor-core gemv bucket (2..=32 rows): out f32 [B, M], or with `glu` act bf16
@@ -733,20 +764,24 @@ fn gemv_tc_launch<O: Arg>(
     x: &CudaView<'_, bf16>,
     w: &CudaView<'_, bf16>,
     (b, rows, k): (usize, usize, usize),
+    live: Option<Live<'_, '_>>,
 ) -> Result<()> {
     let (name, per_block) = gemv_kernel(b, glu)?;
-    let (bi, mi, ki) = (
+    let (bi, mi, ki, r0) = (
         int(name, "B", b)?,
         int(name, "M", rows)?,
         int(name, "K", k)?,
+        int(name, "row0", live.map_or(0, |l| l.row0))?,
     );
+    let count = live.map(|l| l.count);
     let f = gpu.func(name)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
+    l.arg(&count).arg(&r0);
     let launch = cfg((rows.div_ceil(per_block) as u32, 1, 1), 512, 0);
     // SAFETY: argument order and types match gemv_bf16_b* / gemv_glu_bf16_b*; the callers checked
     // lengths (W has 2F rows with glu), K % 8 and 16-byte alignment (the kernels' vector loads);
-    // B ≤ the kernel's bucket.
+    // B ≤ the kernel's bucket; the live count is only read.
     gpu.launched(name, unsafe { l.launch(launch) })
 }
 
@@ -762,6 +797,18 @@ pub fn gemv_glu(
     f: usize,
     k: usize,
 ) -> Result<()> {
+    gemv_glu_live(gpu, act, x, w, (b, f, k), None)
+}
+
+/// [`gemv_glu`] skipping the rows past `live`.
+fn gemv_glu_live(
+    gpu: &Gpu,
+    act: &mut CudaViewMut<'_, bf16>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (b, f, k): (usize, usize, usize),
+    live: Option<Live<'_, '_>>,
+) -> Result<()> {
     let name = if b == 1 {
         gemv1_kernel(Row1::Glu, k).0
     } else {
@@ -775,7 +822,7 @@ pub fn gemv_glu(
     if b == 1 {
         return gemv1_launch(gpu, Row1::Glu, act, x, None, w, f, k);
     }
-    gemv_tc_launch(gpu, true, act, x, w, (b, f, k))
+    gemv_tc_launch(gpu, true, act, x, w, (b, f, k), live)
 }
 
 /// Checks of the residual-reading single-row variants: r f32 [K], norm_w bf16 [K].
@@ -866,7 +913,7 @@ pub fn gemm(
     m: usize,
     k: usize,
 ) -> Result<()> {
-    gemm_with(gpu, out, x, w, n, m, k, GemmTile::from_env())
+    gemm_with(gpu, out, x, w, n, m, k, GemmTile::from_env(), None)
 }
 
 /// The kernel of [`gemm`]: ours with 64 rows of x per block (gemm_bf16, 4 warps, the default)
@@ -889,7 +936,9 @@ impl GemmTile {
     }
 }
 
-/// [`gemm`] with the row tile chosen by the caller.
+/// [`gemm`] with the row tile chosen by the caller. `live` (i32 [1] on the device, when given):
+/// only rows n < live[0] are needed; our kernels skip row tiles past them, so with `live` cuBLASLt
+/// (which cannot) gives way to the 64-row tile.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with(
     gpu: &Gpu,
@@ -900,7 +949,13 @@ pub fn gemm_with(
     m: usize,
     k: usize,
     tile: GemmTile,
+    live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
+    let tile = if live.is_some() && tile == GemmTile::Lt {
+        GemmTile::N64
+    } else {
+        tile
+    };
     let (kernel, bn, threads) = match tile {
         GemmTile::N64 => ("gemm_bf16", 64, 128),
         GemmTile::N128 => ("gemm_bf16_n128", 128, 256),
@@ -926,9 +981,16 @@ pub fn gemm_with(
     );
     let f = gpu.func(kernel)?;
     let mut l = Launch::new(gpu, f);
-    l.arg(out).arg(x).arg(w).arg(&ni).arg(&mi).arg(&ki);
+    l.arg(out)
+        .arg(x)
+        .arg(w)
+        .arg(&ni)
+        .arg(&mi)
+        .arg(&ki)
+        .arg(&live);
     // SAFETY: argument order and types match gemm_bf16 / gemm_bf16_n128; lengths, K % 8 and
-    // alignment checked above; edge tiles are zero-filled and masked in the kernel.
+    // alignment checked above; edge tiles are zero-filled and masked in the kernel; `live` is
+    // only read.
     gpu.launched(kernel, unsafe {
         l.launch(cfg(
             (m.div_ceil(128) as u32, n.div_ceil(bn) as u32, 1),
@@ -951,21 +1013,34 @@ pub fn matmul(
     m: usize,
     k: usize,
 ) -> Result<()> {
+    matmul_live(gpu, out, x, w, (n, m, k), None)
+}
+
+/// [`matmul`] where only rows < live[0] (i32 [1] on the device, when given) are needed: the
+/// kernels skip row groups and tiles past them (rows past them hold whatever the kernels left).
+pub fn matmul_live(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (n, m, k): (usize, usize, usize),
+    live: Option<&CudaView<'_, i32>>,
+) -> Result<()> {
+    let group = |row0| live.map(|count| Live { count, row0 });
     if (1..=GEMV_MAX_ROWS).contains(&n) {
-        return gemv(gpu, out, x, w, n, m, k);
+        return gemv_live(gpu, out, x, w, (n, m, k), group(0));
     }
     if n > GEMV_MAX_ROWS * GEMV_PASSES || out.len() != n * m || x.len() != n * k {
-        return gemm(gpu, out, x, w, n, m, k);
+        return gemm_with(gpu, out, x, w, n, m, k, GemmTile::from_env(), live);
     }
     row_groups(n, |r0, rows| {
-        gemv(
+        gemv_live(
             gpu,
             &mut out.slice_mut(r0 * m..(r0 + rows) * m),
             &x.slice(r0 * k..(r0 + rows) * k),
             w,
-            rows,
-            m,
-            k,
+            (rows, m, k),
+            group(r0),
         )
     })
 }
@@ -995,30 +1070,44 @@ pub fn matmul_glu(
     f: usize,
     k: usize,
 ) -> Result<()> {
+    matmul_glu_live(gpu, act, gate_up, x, w, (n, f, k), None)
+}
+
+/// [`matmul_glu`] where only rows < live[0] (i32 [1] on the device, when given) are needed.
+pub fn matmul_glu_live(
+    gpu: &Gpu,
+    act: &mut CudaViewMut<'_, bf16>,
+    gate_up: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (n, f, k): (usize, usize, usize),
+    live: Option<&CudaView<'_, i32>>,
+) -> Result<()> {
     if n > GEMV_MAX_ROWS * GEMV_PASSES || act.len() != n * f || x.len() != n * k {
-        gemm(gpu, gate_up, x, w, n, 2 * f, k)?;
-        return silu_mul(gpu, act, &gate_up.as_view(), n, f);
+        gemm_with(gpu, gate_up, x, w, n, 2 * f, k, GemmTile::from_env(), live)?;
+        return silu_mul(gpu, act, &gate_up.as_view(), n, f, live);
     }
     row_groups(n, |r0, rows| {
-        gemv_glu(
+        gemv_glu_live(
             gpu,
             &mut act.slice_mut(r0 * f..(r0 + rows) * f),
             &x.slice(r0 * k..(r0 + rows) * k),
             w,
-            rows,
-            f,
-            k,
+            (rows, f, k),
+            live.map(|count| Live { count, row0: r0 }),
         )
     })
 }
 
-/// out bf16 [T, F] = silu(gate) · up, gate_up f32 [T, 2F] (gate first).
+/// out bf16 [T, F] = silu(gate) · up, gate_up f32 [T, 2F] (gate first). `live` (i32 [1] on the
+/// device, when given): rows t ≥ live[0] are skipped.
 pub fn silu_mul(
     gpu: &Gpu,
     out: &mut CudaViewMut<'_, bf16>,
     gate_up: &CudaView<'_, f32>,
     t: usize,
     f: usize,
+    live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
     const K: &str = "silu_mul_bf16";
     check(K, "out", out.len(), t * f, "[T, F]")?;
@@ -1030,18 +1119,21 @@ pub fn silu_mul(
     let blocks = (t * f).div_ceil(256).min(1 << 16) as u32;
     let func = gpu.func(K)?;
     let mut b = Launch::new(gpu, func);
-    b.arg(out).arg(gate_up).arg(&ti).arg(&fi);
-    // SAFETY: argument order and types match silu_mul_bf16; lengths checked above (grid-stride loop).
+    b.arg(out).arg(gate_up).arg(&ti).arg(&fi).arg(&live);
+    // SAFETY: argument order and types match silu_mul_bf16; lengths checked above (grid-stride
+    // loop); `live` is only read.
     gpu.launched(K, unsafe { b.launch(cfg((blocks, 1, 1), 256, 0)) })
 }
 
-/// ids i32 [B] = first index of the row maximum of logits f32 [B, V].
+/// ids i32 [B] = first index of the row maximum of logits f32 [B, V]. `live` (i32 [1] on the
+/// device, when given): rows b ≥ live[0] are skipped (their ids keep their old values).
 pub fn argmax(
     gpu: &Gpu,
     ids: &mut CudaViewMut<'_, i32>,
     logits: &CudaView<'_, f32>,
     b: usize,
     v: usize,
+    live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
     const K: &str = "argmax_f32";
     check(K, "ids", ids.len(), b, "[B]")?;
@@ -1071,9 +1163,11 @@ pub fn argmax(
         .arg(&vi)
         .arg(&sc.arg_v)
         .arg(&sc.arg_i)
-        .arg(&sc.counters);
+        .arg(&sc.counters)
+        .arg(&live);
     // SAFETY: argument order and types match argmax_f32; lengths checked above; the partials
-    // hold B·NB entries and the counters B (checked), zero between launches.
+    // hold B·NB entries and the counters B (checked), zero between launches (skipped rows leave
+    // theirs untouched).
     gpu.launched(K, unsafe {
         l.launch(cfg((nb as u32, b as u32, 1), 256, 0))
     })
@@ -1126,137 +1220,6 @@ pub fn fill_random(
     b.arg(out).arg(&n).arg(&seed).arg(&offset).arg(&scale);
     // SAFETY: argument order and types match fill_random_bf16; it writes exactly n elements.
     gpu.launched(K, unsafe { b.launch(cfg((blocks, 1, 1), 256, 0)) })
-}
-
-/// Candidate rows of the hybrid step (kernels/hybrid.cu): r f32 [B + B·C, D] (rows ≥ B written),
-/// idx i32 / coef f32 [B + B·C], category i32 [B], coefs f32 [C].
-#[allow(clippy::too_many_arguments)]
-pub fn hybrid_expand(
-    gpu: &Gpu,
-    r: &mut CudaViewMut<'_, f32>,
-    idx: &mut CudaViewMut<'_, i32>,
-    coef: &mut CudaViewMut<'_, f32>,
-    category: &CudaView<'_, i32>,
-    coefs: &CudaView<'_, f32>,
-    b: usize,
-    c: usize,
-    d: usize,
-) -> Result<()> {
-    const K: &str = "hybrid_expand_f32";
-    let rows = b + b * c;
-    check(K, "r", r.len(), rows * d, "[B + B·C, D]")?;
-    check(K, "idx", idx.len(), rows, "[B + B·C]")?;
-    check(K, "coef", coef.len(), rows, "[B + B·C]")?;
-    check(K, "category", category.len(), b, "[B]")?;
-    check(K, "coefs", coefs.len(), c, "[C]")?;
-    if b * c == 0 {
-        return Ok(());
-    }
-    let (bi, ci, di) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "D", d)?);
-    let f = gpu.func(K)?;
-    let mut l = Launch::new(gpu, f);
-    l.arg(r)
-        .arg(idx)
-        .arg(coef)
-        .arg(category)
-        .arg(coefs)
-        .arg(&bi)
-        .arg(&ci)
-        .arg(&di);
-    // SAFETY: argument order and types match hybrid_expand_f32; lengths checked above.
-    gpu.launched(K, unsafe { l.launch(cfg(((b * c) as u32, 1, 1), 256, 0)) })
-}
-
-/// The hybrid decision per problem: emit/steered/win i32 [B] from tok i32 [B + B·C] (greedy ids of
-/// every base row), think_tok i32 [B] and think_logits f32 [B, V].
-#[allow(clippy::too_many_arguments)]
-pub fn hybrid_select(
-    gpu: &Gpu,
-    emit: &mut CudaViewMut<'_, i32>,
-    steered: &mut CudaViewMut<'_, i32>,
-    win: &mut CudaViewMut<'_, i32>,
-    tok: &CudaView<'_, i32>,
-    think_tok: &CudaView<'_, i32>,
-    think_logits: &CudaView<'_, f32>,
-    b: usize,
-    c: usize,
-    v: usize,
-    gating: bool,
-) -> Result<()> {
-    const K: &str = "hybrid_select_i32";
-    for (name, len) in [
-        ("emit", emit.len()),
-        ("steered", steered.len()),
-        ("win", win.len()),
-        ("think_tok", think_tok.len()),
-    ] {
-        check(K, name, len, b, "[B]")?;
-    }
-    check(K, "tok", tok.len(), b + b * c, "[B + B·C]")?;
-    check(K, "think_logits", think_logits.len(), b * v, "[B, V]")?;
-    if b == 0 {
-        return Ok(());
-    }
-    if c == 0 {
-        return Err(Error::Input(format!(
-            "{K}: at least one coefficient is needed"
-        )));
-    }
-    let (bi, ci, vi, gi) = (
-        int(K, "B", b)?,
-        int(K, "C", c)?,
-        int(K, "V", v)?,
-        gating as i32,
-    );
-    let f = gpu.func(K)?;
-    let mut l = Launch::new(gpu, f);
-    l.arg(emit)
-        .arg(steered)
-        .arg(win)
-        .arg(tok)
-        .arg(think_tok)
-        .arg(think_logits);
-    l.arg(&bi).arg(&ci).arg(&vi).arg(&gi);
-    // SAFETY: argument order and types match hybrid_select_i32; lengths checked above; candidate
-    // ids are range-checked in the kernel.
-    gpu.launched(K, unsafe {
-        l.launch(cfg((b.div_ceil(128) as u32, 1, 1), 128, 0))
-    })
-}
-
-/// Persistent mode: r[b] = saved[steered[b] ? B + b·C + win[b] : b].  r f32 [≥B, D], saved f32 [B + B·C, D].
-#[allow(clippy::too_many_arguments)]
-pub fn hybrid_gather(
-    gpu: &Gpu,
-    r: &mut CudaViewMut<'_, f32>,
-    saved: &CudaView<'_, f32>,
-    steered: &CudaView<'_, i32>,
-    win: &CudaView<'_, i32>,
-    b: usize,
-    c: usize,
-    d: usize,
-) -> Result<()> {
-    const K: &str = "hybrid_gather_f32";
-    check(K, "r", r.len(), b * d, "[B, D]")?;
-    check(K, "saved", saved.len(), (b + b * c) * d, "[B + B·C, D]")?;
-    check(K, "steered", steered.len(), b, "[B]")?;
-    check(K, "win", win.len(), b, "[B]")?;
-    if b == 0 {
-        return Ok(());
-    }
-    let (bi, ci, di) = (int(K, "B", b)?, int(K, "C", c)?, int(K, "D", d)?);
-    let f = gpu.func(K)?;
-    let mut l = Launch::new(gpu, f);
-    l.arg(r)
-        .arg(saved)
-        .arg(steered)
-        .arg(win)
-        .arg(&bi)
-        .arg(&ci)
-        .arg(&di);
-    // SAFETY: argument order and types match hybrid_gather_f32; lengths checked above; win[b] < C
-    // whenever steered[b] (written by hybrid_select).
-    gpu.launched(K, unsafe { l.launch(cfg((b as u32, 1, 1), 256, 0)) })
 }
 
 // ---- The steering-vector gradient (kernels/grad.cu): f32 activations, bf16 weights. ----

@@ -65,6 +65,13 @@ impl Arg for u64 {
     }
 }
 
+/// An optional pointer: the address, or 0 (null) when absent.
+impl<A: Arg> Arg for Option<&A> {
+    fn slot(&self, gpu: &Gpu) -> u64 {
+        self.map_or(0, |a| a.slot(gpu))
+    }
+}
+
 pub(crate) struct Launch<'a> {
     gpu: &'a Gpu,
     func: &'a CudaFunction,

@@ -9,6 +9,7 @@
 pub mod blaslt;
 pub mod frozen;
 pub mod hybrid;
+mod hybrid_kernels;
 pub mod kernels;
 mod launch;
 pub mod model;

@@ -176,6 +176,7 @@ pub(crate) struct Acts {
     pub(crate) hy_idx: CudaSlice<i32>,     // [max_t] steering vector per row (hybrid)
     pub(crate) hy_coef: CudaSlice<f32>,    // [max_t] steering coefficient per row (hybrid)
     pub(crate) r_saved: CudaSlice<f32>, // [max_t, D] residuals at the steering point (persistent mode)
+    pub(crate) live: CudaSlice<i32>,    // [1] rows in use of a call with `use_live` (hybrid)
 }
 
 /// Which steering the residual kernel applies: none, the dense per-row rows of `Hooks`, or the
@@ -233,6 +234,9 @@ pub struct CudaEngine {
     pub sae: Option<SaeDev>,
     /// Set on a base model taking part in the hybrid loop.
     pub hy: Option<SteerDev>,
+    /// While set, `block` and `head` need only rows < a.live[0] (written on the device by the
+    /// gate-first hybrid step), and the kernels that can skip the others do.
+    pub(crate) use_live: bool,
 }
 
 /// Whether the CUDA kernels take this model's shapes (the attention kernels: head_dim 64 or 128).
@@ -375,6 +379,7 @@ impl CudaEngine {
             hy_idx: zi(max_t)?,
             hy_coef: z32(max_t)?,
             r_saved: z32(max_t * d)?,
+            live: zi(1)?,
         };
         let inv_freq = s
             .clone_htod(&c.rope_inv_freq())
@@ -399,6 +404,7 @@ impl CudaEngine {
             prefill: None,
             sae: None,
             hy: None,
+            use_live: false,
             gpu,
         })
     }
@@ -531,7 +537,8 @@ impl CudaEngine {
     }
 
     /// Decoder block l over rows 0..t (attention then MLP), from y = norm(r) to o = the MLP
-    /// output, which the next `close_point` adds to r. Rows 0..n_write append their K/V.
+    /// output, which the next `close_point` adds to r. Rows 0..n_write append their K/V. With
+    /// `use_live`, the products, attention and SiLU·mul skip rows ≥ a.live[0].
     pub(crate) fn block(&mut self, t: usize, l: usize, n_write: usize) -> Result<()> {
         let c = &self.config;
         let (d, f) = (c.hidden_size, c.intermediate_size);
@@ -539,15 +546,16 @@ impl CudaEngine {
         let (wq, sh, splits) = ((h + 2 * hkv) * dh, self.shape(), self.splits);
         let g = &self.gpu;
         let (a, w) = (&mut self.a, &self.w.layers[l]);
+        let live = self.use_live.then(|| a.live.as_view());
+        let live = live.as_ref();
         // Attention: fused q|k|v product, bias + RoPE + cache append, attention, o_proj.
-        k::matmul(
+        k::matmul_live(
             g,
             &mut a.qkv.slice_mut(..t * wq),
             &a.y.slice(..t * d),
             &w.qkv_proj.as_view(),
-            t,
-            wq,
-            d,
+            (t, wq, d),
+            live,
         )?;
         let bias = w.qkv_bias.as_ref().map(|b| b.as_view());
         k::qkv_rope(
@@ -594,16 +602,16 @@ impl CudaEngine {
                 t,
                 sh,
                 splits,
+                live,
             )?,
         }
-        k::matmul(
+        k::matmul_live(
             g,
             &mut a.o.slice_mut(..t * d),
             &a.attn.slice(..t * h * dh),
             &w.o_proj.as_view(),
-            t,
-            d,
-            h * dh,
+            (t, d, h * dh),
+            live,
         )?;
         // MLP: r += o; y = norm(r); o = down(silu(gate) · up), the gate|up product and SiLU·mul fused.
         let o = a.o.slice(..t * d);
@@ -619,24 +627,22 @@ impl CudaEngine {
             d,
             c.rms_norm_eps,
         )?;
-        k::matmul_glu(
+        k::matmul_glu_live(
             g,
             &mut a.act.slice_mut(..t * f),
             &mut a.gate_up.slice_mut(..t * 2 * f),
             &a.y.slice(..t * d),
             &w.gate_up_proj.as_view(),
-            t,
-            f,
-            d,
+            (t, f, d),
+            live,
         )?;
-        k::matmul(
+        k::matmul_live(
             g,
             &mut a.o.slice_mut(..t * d),
             &a.act.slice(..t * f),
             &w.down_proj.as_view(),
-            t,
-            d,
-            f,
+            (t, d, f),
+            live,
         )
     }
 
@@ -693,6 +699,7 @@ impl CudaEngine {
             1,
             sh,
             splits,
+            None,
         )?;
         k::gemv1_acc(
             g,
@@ -781,7 +788,8 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// LM head over the rows `rows` of y → logits [R, V] on the device.
+    /// LM head over the rows `rows` of y → logits [R, V] on the device (with `use_live`, rows of
+    /// the output ≥ a.live[0] may be skipped).
     pub(crate) fn head(&mut self, rows: &[usize]) -> Result<()> {
         let c = &self.config;
         let (d, v, r) = (c.hidden_size, c.vocab_size, rows.len());
@@ -803,14 +811,14 @@ impl CudaEngine {
             self.a.y_sel.slice(..r * d)
         };
         let lm = self.w.lm_head.as_ref().unwrap_or(&self.w.embed_tokens);
-        k::matmul(
+        let live = self.use_live.then(|| self.a.live.as_view());
+        k::matmul_live(
             g,
             &mut self.a.logits.slice_mut(..r * v),
             &x,
             &lm.as_view(),
-            r,
-            v,
-            d,
+            (r, v, d),
+            live.as_ref(),
         )
     }
 
@@ -860,6 +868,7 @@ impl CudaEngine {
             &self.a.logits.slice(..t * v),
             t,
             v,
+            None,
         )
     }
 
