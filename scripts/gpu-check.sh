@@ -68,6 +68,12 @@ for g in 128 lt; do
     THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 2>&1 | grep -E "prefill|rror"
     THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --new-tokens "$NEW" 2>&1 | tail -1
 done
+# The hybrid step at about the paper's share of steered steps (1 in 8): the single pass against
+# gate first (the default above 64 candidate rows), same binary.
+for gf in 0 1; do
+    echo "== bench --hybrid --steered-share 0.125, THINKSTEER_GATE_FIRST=$gf"
+    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GATE_FIRST=$gf timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 8,64 --steered-share 0.125 --new-tokens "$NEW" 2>&1 | tail -4
+done
 # Batch-1 decode with the norms fused into the products (off by default until measured here).
 echo "== bench, THINKSTEER_FUSE_NORM=1"
 for shape in qwen2.5-1.5b llama-3.1-8b; do
@@ -96,11 +102,12 @@ if os.path.exists(p):
     for l in open(p):
         if l.startswith("RESULTS "):
             hf = json.loads(l[8:])
-print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} {'GB/s':>7} {'% floor':>8} {'vs plain':>8}")
+print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} {'GB/s':>7} {'% floor':>8} {'vs plain':>8} {'steered':>7}")
 for r in rows:
     pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
     ratio = f"x{r['ratio_to_plain']:.3f}" if r.get("ratio_to_plain") else ""
-    print(f"{r['shape']:<19} {r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} {r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8} {ratio:>8}")
+    steered = f"{100 * r['steered_fraction']:.1f}%" if r.get("steered_fraction") is not None else ""
+    print(f"{r['shape']:<19} {r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} {r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8} {ratio:>8} {steered:>7}")
 if hf:
     print("HF anchor (same call):", json.dumps(hf))
 PY

@@ -60,6 +60,9 @@ pub struct Row {
     /// Hybrid rows: step time / (thinking decode step + base decode step), same batch, same run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_to_plain: Option<f64>,
+    /// Hybrid rows: steered steps / all steps of the timed run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steered_fraction: Option<f64>,
 }
 
 pub struct Settings {
@@ -67,6 +70,11 @@ pub struct Settings {
     pub prompt_len: usize,
     pub new_tokens: usize,
     pub seed: u64,
+    /// Hybrid only: the thinking model shares the base model's weights and this share of the
+    /// problems gets a thinking prompt of its own; the others agree with the base model at every
+    /// step, so about this share of the steps is steered. None: two independent random models
+    /// (nearly every step steered).
+    pub steered_share: Option<f64>,
 }
 
 fn random_ids(n: usize, v: usize, seed: u64) -> Vec<u32> {
@@ -173,6 +181,7 @@ fn rows_for(
         gb_per_s: 0.0,
         pct_of_floor: 100.0 * flops / prefill / H100_BF16_FLOPS,
         ratio_to_plain: None,
+        steered_fraction: None,
     }];
     for &(b, t) in decode {
         rows.push(Row {
@@ -186,6 +195,7 @@ fn rows_for(
             gb_per_s: bytes / t / 1e9,
             pct_of_floor: 100.0 * floor / t,
             ratio_to_plain: None,
+            steered_fraction: None,
         });
     }
     rows
@@ -301,7 +311,8 @@ pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
 
 /// The hybrid step for a pair of the named shape (thinking and base both of that shape, random
 /// weights; a random SAE at block 4 with 15 latents, random steering at block 10, C = 10
-/// coefficients), against plain greedy decode of each model at the same batch, in one run.
+/// coefficients), against plain greedy decode of each model at the same batch, in one run. With
+/// `steered_share`, the thinking model is the base model's weights (see [`Settings`]).
 pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     use crate::cuda::hybrid::CudaHybrid;
     use crate::hybrid::{Mode, Prompts, Settings as HySettings};
@@ -320,8 +331,11 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let max_len = s.new_tokens + 8;
     let rows = (max_b * (1 + nc)).max(64);
     CudaEngine::check_fits(&gpu, &c, max_b, max_len, rows, 2 * c.param_count() * 2)?;
-    let tw = CudaWeights::random(&gpu, &c, s.seed + 1)?;
-    let bw = CudaWeights::random(&gpu, &c, s.seed + 2)?;
+    let bw = Arc::new(CudaWeights::random(&gpu, &c, s.seed + 2)?);
+    let tw = match s.steered_share {
+        Some(_) => bw.clone(),
+        None => Arc::new(CudaWeights::random(&gpu, &c, s.seed + 1)?),
+    };
     let think = CudaEngine::new(gpu.clone(), c.clone(), tw, max_b, max_len, max_b.max(64))?;
     let base = CudaEngine::new(gpu.clone(), c.clone(), bw, max_b, max_len, rows)?;
     let (lt, lb) = (
@@ -335,10 +349,21 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let bytes = (2 * c.param_count() * 2) as f64;
     let mut out = vec![];
     for &b in &s.batches {
+        // With a steered share, the first ⌈share·b⌉ problems get a thinking prompt of their own.
+        let own = s
+            .steered_share
+            .map_or(b, |f| (f * b as f64).ceil() as usize);
         let problems: Vec<Prompts> = (0..b as u64)
-            .map(|i| Prompts {
-                base: vec![((i * 7919 + 11) % v) as u32],
-                thinking: vec![((i * 104729 + 5) % v) as u32],
+            .map(|i| {
+                let base = vec![((i * 7919 + 11) % v) as u32];
+                Prompts {
+                    thinking: if (i as usize) < own {
+                        vec![((i * 104729 + 5) % v) as u32]
+                    } else {
+                        base.clone()
+                    },
+                    base,
+                }
             })
             .collect();
         // Warm-up run: captures the step graph for this batch size.
@@ -348,6 +373,11 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         let t0 = Instant::now();
         let outs = h.run(&problems, |_, _, _| {})?;
         let steps = outs[0].ids.len().max(1);
+        let all: usize = outs.iter().map(|o| o.steps.len()).sum();
+        let steered: usize = outs
+            .iter()
+            .map(|o| o.steps.iter().filter(|r| r.steered).count())
+            .sum();
         let step = t0.elapsed().as_secs_f64() / steps as f64;
         if outs.iter().any(|o| o.ids.iter().any(|&x| x as u64 >= v)) {
             bail!("the hybrid step produced ids outside the vocabulary: the timing is not of a valid run");
@@ -390,6 +420,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             gb_per_s: bytes / step / 1e9,
             pct_of_floor: 100.0 * bytes / HBM_BYTES_PER_S / step,
             ratio_to_plain: Some(step / plain),
+            steered_fraction: Some(steered as f64 / all.max(1) as f64),
         });
         if profile_requested() {
             // Two more steps, launched eagerly; the profile is per step (the problems' one-token

@@ -341,6 +341,11 @@ struct BenchArgs {
     /// Time the hybrid step of a pair of this shape against plain decode of both (GPU).
     #[arg(long)]
     hybrid: bool,
+    /// With --hybrid: give the thinking model the base model's weights and this share of the
+    /// problems a thinking prompt of its own, so that about this share of the steps is steered
+    /// (the paper's runs steer about 0.12); without it nearly every step is steered.
+    #[arg(long)]
+    steered_share: Option<f64>,
     /// Time the steering-vector loss and gradient of one example of --prompt-len tokens (GPU).
     #[arg(long)]
     vector_grad: bool,
@@ -802,7 +807,16 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         prompt_len: a.prompt_len,
         new_tokens: a.new_tokens,
         seed: 0,
+        steered_share: a.steered_share,
     };
+    if let Some(f) = a.steered_share {
+        if !(0.0..=1.0).contains(&f) || !a.hybrid {
+            return Err(anyhow!(
+                "--steered-share goes with --hybrid and must be in [0, 1], found {f}{}",
+                if a.hybrid { "" } else { " without --hybrid" }
+            ));
+        }
+    }
     if a.prompt_len == 0 || a.batch.contains(&0) {
         return Err(anyhow!("--prompt-len and every --batch must be at least 1"));
     }
@@ -873,6 +887,13 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                 r.gb_per_s,
                 pct
             );
+            if let (Some(x), Some(f)) = (r.ratio_to_plain, r.steered_fraction) {
+                println!(
+                    "{:<14} x{x:.3} of the two plain decode steps, {:.1}% of steps steered",
+                    "",
+                    100.0 * f
+                );
+            }
         }
     }
     Ok(())

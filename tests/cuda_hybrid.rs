@@ -79,10 +79,12 @@ fn compare(mode: Mode, no_gating: bool) {
     let te = CudaEngine::load(g.clone(), &think_dir, b, 64, 64).unwrap();
     let be = CudaEngine::load(g.clone(), &base_dir, b, 64, 64.max(b * (1 + c))).unwrap();
     let mut hy = CudaHybrid::new(te, be, &sae, &steering, &s, b).unwrap();
-    for use_graphs in [false, true] {
-        // The second run reuses the caches: every step writes its position before any later
-        // step reads it, so no reset is needed.
+    // Both ways of running a step (single pass, gate first), eagerly and from CUDA graphs.
+    for (gate_first, use_graphs) in [(false, false), (false, true), (true, false), (true, true)] {
+        // Later runs reuse the caches: every step writes its position before any later step
+        // reads it, so no reset is needed.
         hy.use_graphs = use_graphs;
+        hy.gate_first = Some(gate_first);
         let got = hy.run(&ps, |_, _, _| {}).unwrap();
         let mut steered = 0;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -90,13 +92,13 @@ fn compare(mode: Mode, no_gating: bool) {
             assert_eq!(
                 g.ids[..k],
                 w.ids[..k],
-                "{mode:?} graphs {use_graphs}: problem {i} ids"
+                "{mode:?} gate first {gate_first} graphs {use_graphs}: problem {i} ids"
             );
             for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
                 assert_eq!(
                     (gs.category, gs.steered),
                     (ws.category, ws.steered),
-                    "{mode:?} graphs {use_graphs}: problem {i} step {j}"
+                    "{mode:?} gate first {gate_first} graphs {use_graphs}: problem {i} step {j}"
                 );
                 // Two coefficients can yield the same emitted token; which of them "wins" then
                 // hinges on a candidate's own greedy token, which bf16 rounding may flip at a
@@ -119,14 +121,17 @@ fn compare(mode: Mode, no_gating: bool) {
     let te = CudaEngine::load(g.clone(), &think_dir, 2, 64, 64).unwrap();
     let be = CudaEngine::load(g, &base_dir, 2, 64, 64.max(2 * (1 + c))).unwrap();
     let mut hy2 = CudaHybrid::new(te, be, &sae, &steering, &s, 2).unwrap();
-    let got = hy2.run(&ps, |_, _, _| {}).unwrap();
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        let k = 6.min(w.ids.len());
-        assert_eq!(
-            g.ids[..k],
-            w.ids[..k],
-            "{mode:?} two slots: problem {i} ids"
-        );
+    for gate_first in [false, true] {
+        hy2.gate_first = Some(gate_first);
+        let got = hy2.run(&ps, |_, _, _| {}).unwrap();
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let k = 6.min(w.ids.len());
+            assert_eq!(
+                g.ids[..k],
+                w.ids[..k],
+                "{mode:?} two slots, gate first {gate_first}: problem {i} ids"
+            );
+        }
     }
 }
 

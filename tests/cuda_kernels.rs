@@ -931,3 +931,91 @@ fn argmax_picks_first_maximum_and_logits_at_gathers() {
         .collect();
     assert_eq!(s.clone_dtoh(&out).unwrap(), want);
 }
+
+/// `matmul_live` and `argmax` with a live row count on the device (the gate-first hybrid step):
+/// rows below the count match the CPU, and rows the kernels may skip (every row of a 32-row gemv
+/// group from the count on; gemm row tiles starting at or past it, 128 rows being the larger
+/// tile) keep the NaN / −7 the buffer held.
+#[test]
+fn live_rows_are_computed_and_rows_past_them_left_alone() {
+    let Some(g) = gpu() else { return };
+    let s = &g.stream;
+    let (m, kd) = (96usize, 8 * 24usize);
+    for (i, &(n, live)) in [
+        (20usize, 7usize),
+        (100, 40),
+        (100, 0),
+        (300, 70),
+        (300, 300),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut rng = Rng(90 + i as u64);
+        let (x, w) = (rng.vec(n * kd, 8.0), rng.vec(m * kd, 4.0));
+        let mut want = vec![0f32; n * m];
+        cpu_ops::matmul(&mut want, &x, &w, None, n, kd, m, &mut Vec::new());
+        let (xb, wb) = (
+            s.clone_htod(&to_bf(&x)).unwrap(),
+            s.clone_htod(&to_bf(&w)).unwrap(),
+        );
+        let lb = s.clone_htod(&[live as i32]).unwrap();
+        let mut out = s.clone_htod(&vec![f32::NAN; n * m]).unwrap();
+        k::matmul_live(
+            &g,
+            &mut out.as_view_mut(),
+            &xb.as_view(),
+            &wb.as_view(),
+            (n, m, kd),
+            Some(&lb.as_view()),
+        )
+        .unwrap();
+        let got = s.clone_dtoh(&out).unwrap();
+        let abs: Vec<f32> = (0..live * m)
+            .map(|e| {
+                let (r, c) = (e / m, e % m);
+                (0..kd).map(|j| (x[r * kd + j] * w[c * kd + j]).abs()).sum()
+            })
+            .collect();
+        let sk = (kd as f32).sqrt();
+        compare(
+            &format!("matmul_live N={n} live={live}"),
+            &got[..live * m],
+            &want[..live * m],
+            &|e| 2.0 * 4.0 * sk * EPS32 * abs[e],
+            0.0,
+        );
+        let skipped_from = if n <= k::GEMV_MAX_ROWS * k::GEMV_PASSES {
+            live
+        } else {
+            live.div_ceil(128) * 128
+        };
+        for r in skipped_from.min(n)..n {
+            assert!(
+                got[r * m..(r + 1) * m].iter().all(|v| v.is_nan()),
+                "matmul_live N={n} live={live}: row {r} was written"
+            );
+        }
+
+        // argmax over the same rows as logits.
+        let mut ids = s.clone_htod(&vec![-7i32; n]).unwrap();
+        k::argmax(
+            &g,
+            &mut ids.as_view_mut(),
+            &s.clone_htod(&want).unwrap().as_view(),
+            n,
+            m,
+            Some(&lb.as_view()),
+        )
+        .unwrap();
+        let ids = s.clone_dtoh(&ids).unwrap();
+        for (r, &id) in ids.iter().enumerate() {
+            let expect = if r < live {
+                cpu_ops::argmax(&want[r * m..(r + 1) * m]) as i32
+            } else {
+                -7
+            };
+            assert_eq!(id, expect, "argmax live={live}: row {r}");
+        }
+    }
+}

@@ -418,13 +418,13 @@ impl CudaHybrid {
         let saved = a.r_saved.slice(..b * d);
         k::hybrid_expand_compact(
             &self.gpu,
-            (
-                &mut a.r.slice_mut(..n * d),
-                &mut a.hy_idx.slice_mut(..n),
-                &mut a.hy_coef.slice_mut(..n),
-                &mut a.pos.slice_mut(..n),
-                &mut a.slot.slice_mut(..n),
-            ),
+            k::CandidateRows {
+                r: &mut a.r.slice_mut(..n * d),
+                idx: &mut a.hy_idx.slice_mut(..n),
+                coef: &mut a.hy_coef.slice_mut(..n),
+                pos: &mut a.pos.slice_mut(..n),
+                slot: &mut a.slot.slice_mut(..n),
+            },
             &saved,
             &self.sel.slice(..b),
             &a.live.slice(..1),

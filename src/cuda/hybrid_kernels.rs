@@ -209,20 +209,24 @@ pub fn hybrid_gate(
     gpu.launched(K, unsafe { l.launch(cfg((1, 1, 1), threads as u32, 0)) })
 }
 
-/// The candidate rows of the gate-first step's second pass, rows [0, B·C) of the base model's
-/// buffers: r f32 [B·C, D], idx i32 / coef f32 / pos i32 / slot i32 [B·C], from the problems'
-/// saved residuals at the steering point (saved f32 [B, D]), category i32 [B], coefs f32 [C] and
-/// the problems' positions and slots pos_p / slot_p i32 [B] (see hybrid_expand_compact_f32).
+/// Rows [0, B·C) of the base model's buffers that the gate-first step's second pass runs:
+/// residual r f32 [B·C, D]; steering vector idx i32, coefficient coef f32, position pos i32 and
+/// cache slot i32, each [B·C].
+pub struct CandidateRows<'a, 'b> {
+    pub r: &'b mut CudaViewMut<'a, f32>,
+    pub idx: &'b mut CudaViewMut<'a, i32>,
+    pub coef: &'b mut CudaViewMut<'a, f32>,
+    pub pos: &'b mut CudaViewMut<'a, i32>,
+    pub slot: &'b mut CudaViewMut<'a, i32>,
+}
+
+/// Fills the candidate rows of the gate-first step's second pass from the problems' saved
+/// residuals at the steering point (saved f32 [B, D]), category i32 [B], coefs f32 [C] and the
+/// problems' positions and slots pos_p / slot_p i32 [B] (see hybrid_expand_compact_f32).
 #[allow(clippy::too_many_arguments)]
 pub fn hybrid_expand_compact(
     gpu: &Gpu,
-    rows: (
-        &mut CudaViewMut<'_, f32>,
-        &mut CudaViewMut<'_, i32>,
-        &mut CudaViewMut<'_, f32>,
-        &mut CudaViewMut<'_, i32>,
-        &mut CudaViewMut<'_, i32>,
-    ),
+    rows: CandidateRows<'_, '_>,
     saved: &CudaView<'_, f32>,
     sel: &CudaView<'_, i32>,
     live: &CudaView<'_, i32>,
@@ -233,7 +237,13 @@ pub fn hybrid_expand_compact(
     d: usize,
 ) -> Result<()> {
     const K: &str = "hybrid_expand_compact_f32";
-    let (r, idx, coef, pos, slot) = rows;
+    let CandidateRows {
+        r,
+        idx,
+        coef,
+        pos,
+        slot,
+    } = rows;
     let (category, pos_p, slot_p) = problem;
     let n = b * c;
     check(K, "r", r.len(), n * d, "[B·C, D]")?;
@@ -262,7 +272,7 @@ pub fn hybrid_expand_compact(
     let (ci, di) = (int(K, "C", c)?, int(K, "D", d)?);
     let f = gpu.func(K)?;
     let mut l = Launch::new(gpu, f);
-    l.arg(r).arg(idx).arg(coef).arg(pos).arg(slot);
+    l.arg(&*r).arg(&*idx).arg(&*coef).arg(&*pos).arg(&*slot);
     l.arg(saved)
         .arg(sel)
         .arg(live)

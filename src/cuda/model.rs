@@ -316,7 +316,7 @@ impl CudaEngine {
     pub fn new(
         gpu: Arc<Gpu>,
         config: Config,
-        w: CudaWeights,
+        w: impl Into<Arc<CudaWeights>>,
         slots: usize,
         max_len: usize,
         max_t: usize,
@@ -386,7 +386,7 @@ impl CudaEngine {
             .map_err(cu("uploading RoPE frequencies"))?;
         Ok(CudaEngine {
             config,
-            w: Arc::new(w),
+            w: w.into(),
             inv_freq,
             k_cache,
             v_cache,

@@ -49,6 +49,9 @@ pub const MODULES: &[(&str, &[&str])] = &[
             "hybrid_expand_f32",
             "hybrid_select_i32",
             "hybrid_gather_f32",
+            "hybrid_gate_i32",
+            "hybrid_expand_compact_f32",
+            "hybrid_select_compact_i32",
         ],
     ),
     (
