@@ -8,6 +8,7 @@
 
 pub mod blaslt;
 pub mod frozen;
+mod grad_kernels;
 pub mod hybrid;
 mod hybrid_kernels;
 pub mod kernels;
