@@ -74,6 +74,9 @@ for gf in 0 1; do
     echo "== bench --hybrid --steered-share 0.125, THINKSTEER_GATE_FIRST=$gf"
     THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GATE_FIRST=$gf timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 8,64 --steered-share 0.125 --new-tokens "$NEW" 2>&1 | tail -4
 done
+# The hybrid step with both models on one stream (the default runs the thinking model on its own).
+echo "== bench --hybrid, THINKSTEER_HYBRID_STREAMS=1"
+THINKSTEER_CUDA_PROFILE=0 THINKSTEER_HYBRID_STREAMS=1 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,64 --new-tokens "$NEW" 2>&1 | tail -4
 # Batch-1 decode with the norms fused into the products (off by default until measured here).
 echo "== bench, THINKSTEER_FUSE_NORM=1"
 for shape in qwen2.5-1.5b llama-3.1-8b; do

@@ -76,49 +76,58 @@ fn compare(mode: Mode, no_gating: bool) {
     let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
     let b = ps.len();
     let c = s.coefficients.len();
-    let te = CudaEngine::load(g.clone(), &think_dir, b, 64, 64).unwrap();
-    let be = CudaEngine::load(g.clone(), &base_dir, b, 64, 64.max(b * (1 + c))).unwrap();
-    let mut hy = CudaHybrid::new(te, be, &sae, &steering, &s, b).unwrap();
-    // Both ways of running a step (single pass, gate first), eagerly and from CUDA graphs.
-    for (gate_first, use_graphs) in [(false, false), (false, true), (true, false), (true, true)] {
-        // Later runs reuse the caches: every step writes its position before any later step
-        // reads it, so no reset is needed.
-        hy.use_graphs = use_graphs;
-        hy.gate_first = Some(gate_first);
-        let got = hy.run(&ps, |_, _, _| {}).unwrap();
-        let mut steered = 0;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let k = 6.min(w.ids.len());
-            assert_eq!(
+    // The thinking model on the base model's stream, then on a sibling stream (concurrent).
+    for two_streams in [false, true] {
+        let tg = if two_streams {
+            Arc::new(g.sibling().unwrap())
+        } else {
+            g.clone()
+        };
+        let te = CudaEngine::load(tg, &think_dir, b, 64, 64).unwrap();
+        let be = CudaEngine::load(g.clone(), &base_dir, b, 64, 64.max(b * (1 + c))).unwrap();
+        let mut hy = CudaHybrid::new(te, be, &sae, &steering, &s, b).unwrap();
+        // Both ways of running a step (single pass, gate first), eagerly and from CUDA graphs.
+        for (gate_first, use_graphs) in [(false, false), (false, true), (true, false), (true, true)]
+        {
+            // Later runs reuse the caches: every step writes its position before any later step
+            // reads it, so no reset is needed.
+            hy.use_graphs = use_graphs;
+            hy.gate_first = Some(gate_first);
+            let got = hy.run(&ps, |_, _, _| {}).unwrap();
+            let mut steered = 0;
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                let k = 6.min(w.ids.len());
+                assert_eq!(
                 g.ids[..k],
                 w.ids[..k],
-                "{mode:?} gate first {gate_first} graphs {use_graphs}: problem {i} ids"
+                "{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs}: problem {i} ids"
             );
-            for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
-                assert_eq!(
+                for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
+                    assert_eq!(
                     (gs.category, gs.steered),
                     (ws.category, ws.steered),
-                    "{mode:?} gate first {gate_first} graphs {use_graphs}: problem {i} step {j}"
+                    "{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs}: problem {i} step {j}"
                 );
-                // Two coefficients can yield the same emitted token; which of them "wins" then
-                // hinges on a candidate's own greedy token, which bf16 rounding may flip at a
-                // near tie without changing the output. Reported, not asserted.
-                if gs.coef != ws.coef {
-                    println!(
+                    // Two coefficients can yield the same emitted token; which of them "wins" then
+                    // hinges on a candidate's own greedy token, which bf16 rounding may flip at a
+                    // near tie without changing the output. Reported, not asserted.
+                    if gs.coef != ws.coef {
+                        println!(
                         "{mode:?}: problem {i} step {j}: winning coefficient {:?} on the GPU, {:?} on the CPU (same token)",
                         gs.coef, ws.coef
                     );
+                    }
                 }
+                steered += w.steps[..k].iter().filter(|s| s.steered).count();
             }
-            steered += w.steps[..k].iter().filter(|s| s.steered).count();
+            assert!(
+                steered > 0,
+                "no steered step compared: the test would not check the candidates"
+            );
         }
-        assert!(
-            steered > 0,
-            "no steered step compared: the test would not check the candidates"
-        );
     }
     // Two slots for three problems: the third takes the first slot that frees up.
-    let te = CudaEngine::load(g.clone(), &think_dir, 2, 64, 64).unwrap();
+    let te = CudaEngine::load(Arc::new(g.sibling().unwrap()), &think_dir, 2, 64, 64).unwrap();
     let be = CudaEngine::load(g, &base_dir, 2, 64, 64.max(2 * (1 + c))).unwrap();
     let mut hy2 = CudaHybrid::new(te, be, &sae, &steering, &s, 2).unwrap();
     for gate_first in [false, true] {

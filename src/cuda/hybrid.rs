@@ -2,6 +2,12 @@
 //! candidate choice stay on the device, so one step is one CUDA graph per batch size and the
 //! host reads back only four small integers per problem.
 //!
+//! The thinking model runs on a sibling stream of the base model's (`think_gpu`): the two
+//! models' launches up to the gate are independent, and at small batches each alone is bound by
+//! latency rather than bandwidth, so overlapping them is the step's largest saving over two
+//! plain forwards. A fork event starts the thinking model after the base stream's earlier work;
+//! a join event holds the base stream before it reads the category, greedy ids and logits.
+//!
 //! Two ways to run a step, the same function as the CPU loop (which computes candidates only
 //! when needed):
 //! - single pass (small batches): base-model rows [0, B) are the problems' unsteered rows,
@@ -25,7 +31,7 @@ use crate::model::{Hooks, Step};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
 use crate::{bail, Result};
-use cudarc::driver::{CudaGraph, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -54,11 +60,26 @@ pub struct CudaHybrid {
     /// Forces the gate-first step on or off (None: gate first when B·C > GATE_FIRST_ROWS). Set
     /// from THINKSTEER_GATE_FIRST=1|0 when present.
     pub gate_first: Option<bool>,
+    // With the thinking model on a sibling stream: `fork` lets it start after the base stream's
+    // earlier work, `join` holds the base stream until the thinking model's outputs are written.
+    two_streams: bool,
+    fork: CudaEvent,
+    join: CudaEvent,
 }
 
 /// Candidate rows above which a step runs gate first: below, the single pass's candidates ride
 /// along the weight reads of at most two 32-row product launches per matrix.
 pub const GATE_FIRST_ROWS: usize = 64;
+
+/// The handle for the thinking model of a hybrid step whose base model runs on `gpu`: a sibling
+/// stream, so the two models' launches overlap (each alone is bound by latency at small
+/// batches), or `gpu` itself with THINKSTEER_HYBRID_STREAMS=1.
+pub fn think_gpu(gpu: &Arc<Gpu>) -> Result<Arc<Gpu>> {
+    if std::env::var("THINKSTEER_HYBRID_STREAMS").as_deref() == Ok("1") {
+        return Ok(gpu.clone());
+    }
+    Ok(Arc::new(gpu.sibling()?))
+}
 
 impl CudaHybrid {
     /// Puts the SAE on the thinking engine and the steering table on the base engine. The base
@@ -102,29 +123,34 @@ impl CudaHybrid {
         if base.max_t < max_b * (1 + c) || think.max_t < max_b {
             bail!("the base engine needs {} rows per call for {max_b} problems × (1 + {c} candidates), it has {}", max_b * (1 + c), base.max_t);
         }
-        let gpu = think.gpu.clone();
-        if !Arc::ptr_eq(&gpu, &base.gpu) {
-            bail!("the two engines of the hybrid step must share one Gpu (one stream)");
+        // The base model's handle runs the step; the thinking model's is the same one, or a
+        // sibling whose stream runs concurrently (ordered by the fork / join events).
+        let gpu = base.gpu.clone();
+        if !Arc::ptr_eq(&think.gpu.ctx, &gpu.ctx) {
+            bail!("the two engines of the hybrid step must be on one device (one CUDA context)");
         }
+        let tst = think.gpu.stream.clone();
         let st = &gpu.stream;
-        let up = |v: &[f32]| {
-            st.clone_htod(v)
+        let up_on = |s: &Arc<cudarc::driver::CudaStream>, v: &[f32]| {
+            s.clone_htod(v)
                 .map_err(cu("uploading the SAE / steering set"))
         };
+        let up = |v: &[f32]| up_on(st, v);
+        let tup = |v: &[f32]| up_on(&tst, v);
         let sae_mean = if s.sae_raw_activations {
             None
         } else {
             sae.activation_mean.as_deref()
         };
         think.sae = Some(SaeDev {
-            w_enc: up(&sae.w_enc)?,
-            b_enc: up(&sae.b_enc)?,
-            b_dec: up(&sae.b_dec)?,
-            mean: sae_mean.map(up).transpose()?,
-            z: st
+            w_enc: tup(&sae.w_enc)?,
+            b_enc: tup(&sae.b_enc)?,
+            b_dec: tup(&sae.b_dec)?,
+            mean: sae_mean.map(tup).transpose()?,
+            z: tst
                 .alloc_zeros::<f32>(think.max_t * sae.latents)
                 .map_err(cu("allocating SAE outputs"))?,
-            category: st
+            category: tst
                 .alloc_zeros::<i32>(think.max_t)
                 .map_err(cu("allocating SAE outputs"))?,
             k: sae.latents,
@@ -148,7 +174,20 @@ impl CudaHybrid {
         } else {
             steering.layer + 1
         };
+        let event = || {
+            gpu.ctx
+                .new_event(None)
+                .map_err(cu("creating the hybrid step's events"))
+        };
+        let (fork, join) = (event()?, event()?);
+        let two_streams = !Arc::ptr_eq(&think.gpu, &gpu);
+        // Everything above is queued on two streams: done before either reads the other's.
+        think.gpu.sync()?;
+        gpu.sync()?;
         Ok(CudaHybrid {
+            two_streams,
+            fork,
+            join,
             coefs: up(&s.coefficients)?,
             emit: zi(max_b)?,
             steered: zi(max_b)?,
@@ -191,7 +230,13 @@ impl CudaHybrid {
     ) -> Result<CudaHybrid> {
         let gpu = Arc::new(Gpu::new(0)?);
         let rows = max_b * (1 + s.coefficients.len());
-        let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, max_b.max(512))?;
+        let think = CudaEngine::load(
+            think_gpu(&gpu)?,
+            think_dir,
+            max_b,
+            ctx_think,
+            max_b.max(512),
+        )?;
         let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows.max(512))?;
         CudaHybrid::new(think, base, sae, steering, s, max_b)
     }
@@ -214,12 +259,37 @@ impl CudaHybrid {
 
     /// Every launch of one step for b problems (ids, positions and slots already uploaded).
     fn step_launches(&mut self, b: usize) -> Result<()> {
+        if self.two_streams {
+            self.fork
+                .record(&self.gpu.stream)
+                .map_err(cu("forking the thinking model's stream"))?;
+            self.think
+                .gpu
+                .stream
+                .wait(&self.fork)
+                .map_err(cu("forking the thinking model's stream"))?;
+        }
         self.think_launches(b)?;
         if self.runs_gate_first(b) {
             self.gate_first_launches(b)
         } else {
             self.single_pass_launches(b)
         }
+    }
+
+    /// Holds the base model's stream until the thinking model's launches so far are done (its
+    /// category, greedy ids and logits are read next). Nothing with one stream.
+    fn join_thinking(&self) -> Result<()> {
+        if self.two_streams {
+            self.join
+                .record(&self.think.gpu.stream)
+                .map_err(cu("joining the thinking model's stream"))?;
+            self.gpu
+                .stream
+                .wait(&self.join)
+                .map_err(cu("joining the thinking model's stream"))?;
+        }
+        Ok(())
     }
 
     /// The thinking model over its b rows: SAE encode fused into the residual kernel at its
@@ -239,7 +309,7 @@ impl CudaHybrid {
         }
         t.head(&(0..b).collect::<Vec<_>>())?;
         k::argmax(
-            &self.gpu,
+            &t.gpu,
             &mut self.think_tok.slice_mut(..b),
             &t.a.logits.slice(..b * v),
             b,
@@ -324,6 +394,7 @@ impl CudaHybrid {
         let (d, v) = (self.base.config.hidden_size, self.base.config.vocab_size);
         self.base_to_point(b)?;
         // Candidate rows: copies of each problem's residual, steered by c·(b + V[category]).
+        self.join_thinking()?;
         let bm = &mut self.base;
         let category = self
             .think
@@ -389,6 +460,7 @@ impl CudaHybrid {
                 .map_err(cu("saving slots"))?;
         }
         self.base_from_point(b, b, false)?;
+        self.join_thinking()?;
         k::hybrid_gate(
             &self.gpu,
             &mut Gate {
@@ -512,6 +584,9 @@ impl CudaHybrid {
                 n_write: b,
             },
         )?;
+        // A replayed graph starts from the base stream: it must not overtake the upload on the
+        // thinking model's stream.
+        self.join_thinking()?;
         if self.use_graphs {
             let key = (b, self.runs_gate_first(b));
             if !self.graphs.contains_key(&key) {

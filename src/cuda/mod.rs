@@ -50,7 +50,8 @@ pub(crate) fn cuda_err(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -
 
 pub struct Gpu {
     pub ctx: Arc<CudaContext>,
-    /// Every kernel and copy runs on this one stream (so CUDA-graph capture sees all of it).
+    /// Every kernel and copy of this handle runs on this one stream (so CUDA-graph capture sees
+    /// all of it); a `sibling` has its own.
     pub stream: Arc<CudaStream>,
     /// (major, minor), e.g. (9, 0) on an H100.
     pub compute_capability: (i32, i32),
@@ -83,8 +84,8 @@ pub(crate) const SCRATCH_COUNTERS: usize = 1 << 16;
 pub(crate) const SCRATCH_PARTIALS: usize = 1 << 18;
 
 /// Completion counters (all zero between launches: the kernel that uses them leaves them zero)
-/// and per-block partial results. Every launch is on the one stream, so launches never share them
-/// at the same time.
+/// and per-block partial results, one set per `Gpu` handle. A handle's launches are all on its
+/// stream, so launches never share them at the same time.
 pub(crate) struct Scratch {
     pub counters: CudaSlice<u32>,
     pub arg_v: CudaSlice<f32>,
@@ -147,6 +148,38 @@ impl Gpu {
             }
         }
         let sync_each = std::env::var("THINKSTEER_CUDA_SYNC").is_ok_and(|v| v == "1");
+        let pdl = cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0");
+        Gpu::on_stream(ctx, stream, cc, sms, funcs, sync_each, pdl)
+    }
+
+    /// A handle with its own stream and scratch on the same device and context, sharing the
+    /// loaded kernels: its work runs concurrently with this handle's (the hybrid step runs the
+    /// thinking model on a sibling). Work that crosses the two must be ordered with events.
+    pub fn sibling(&self) -> Result<Gpu> {
+        let stream = self
+            .ctx
+            .new_stream()
+            .map_err(cuda_err("creating a stream"))?;
+        Gpu::on_stream(
+            self.ctx.clone(),
+            stream,
+            self.compute_capability,
+            self.sms,
+            self.funcs.clone(),
+            self.sync_each,
+            self.pdl,
+        )
+    }
+
+    fn on_stream(
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        compute_capability: (i32, i32),
+        sms: usize,
+        funcs: HashMap<&'static str, CudaFunction>,
+        sync_each: bool,
+        pdl: bool,
+    ) -> Result<Gpu> {
         let scratch = Scratch {
             counters: stream
                 .alloc_zeros(SCRATCH_COUNTERS)
@@ -162,11 +195,11 @@ impl Gpu {
         Ok(Gpu {
             ctx,
             stream,
-            compute_capability: cc,
+            compute_capability,
             sms,
             funcs,
             sync_each,
-            pdl: cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0"),
+            pdl,
             scratch,
             profile: std::sync::Mutex::new(None),
             profiling: std::sync::atomic::AtomicBool::new(false),
