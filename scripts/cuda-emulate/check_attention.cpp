@@ -15,7 +15,7 @@
 namespace attention_check {
 
 using decode_fn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const int*,
-                           const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int);
+                           const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int, const int*);
 
 static void decode(int Dh) {
     const int T = 5, H = 4, Hkv = 2, slots = 3, S = 320, chunk = 64, NS = (S + chunk - 1) / chunk, group = H / Hkv;
@@ -72,7 +72,7 @@ static void decode(int Dh) {
         std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);  // NaN: every entry must be written
         launch(dim3{(unsigned)NS, (unsigned)H, (unsigned)T}, 256, [&] {
             fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
-               part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS);
+               part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, nullptr);
         });
         char tag[96];
         snprintf(tag, sizeof tag, "%s Dh %d T %d H %d Hkv %d NS %d", name, Dh, T, H, Hkv, NS);

@@ -51,8 +51,8 @@ static void glu_want(double g, double u, double eg, double eu, double& want, dou
     tol = UBF * (std::fabs(want) + ef) + ef + 1e-30;
 }
 
-using tc_fn = void (*)(float*, const bf16_t*, const bf16_t*, int, int, int);
-using tc_glu_fn = void (*)(bf16_t*, const bf16_t*, const bf16_t*, int, int, int);
+using tc_fn = void (*)(float*, const bf16_t*, const bf16_t*, int, int, int, const int*, int);
+using tc_glu_fn = void (*)(bf16_t*, const bf16_t*, const bf16_t*, int, int, int, const int*, int);
 
 // One tensor-core bucket with B rows (≤ the bucket), M outputs (F features with glu).
 static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int K) {
@@ -73,7 +73,7 @@ static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int
             tol[i] = dep * mag[i] + 1e-30;
         }
         std::vector<float> out((size_t)B * M, NAN);
-        launch(dim3{(unsigned)((M + 15) / 16), 1, 1}, 512, [&] { plain(out.data(), x.data(), W.data(), B, M, K); });
+        launch(dim3{(unsigned)((M + 15) / 16), 1, 1}, 512, [&] { plain(out.data(), x.data(), W.data(), B, M, K, nullptr, 0); });
         got = out;
     } else {
         for (int b = 0; b < B; ++b)
@@ -82,7 +82,7 @@ static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int
                 glu_want(dot[g], dot[u], dep * mag[g], dep * mag[u], want[(size_t)b * M + f], tol[(size_t)b * M + f]);
             }
         std::vector<bf16_t> act((size_t)B * M, 0x7fc0);  // NaN: every entry must be written
-        launch(dim3{(unsigned)((M + 7) / 8), 1, 1}, 512, [&] { fused(act.data(), x.data(), W.data(), B, M, K); });
+        launch(dim3{(unsigned)((M + 7) / 8), 1, 1}, 512, [&] { fused(act.data(), x.data(), W.data(), B, M, K, nullptr, 0); });
         got = from_bf(act);
     }
     within(tag, got, want, tol);

@@ -63,9 +63,9 @@ static void gemm(int N, int M, int Kd, int wn) {
     const int bn = 32 * wn;
     launch(dim3{(unsigned)((M + 127) / 128), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
         if (wn == 2)
-            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd);
+            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd, nullptr);
         else
-            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd);
+            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd, nullptr);
     });
     char tag[96];
     snprintf(tag, sizeof tag, "gemm%s N %d M %d K %d", wn == 4 ? "_n128" : "", N, M, Kd);

@@ -49,7 +49,7 @@ static void silu_mul(int T, int F, int blocks) {
             tol[(size_t)t * F + i] = UBF * (std::fabs(v) + ef) + ef + 1e-30;
         }
     std::vector<bf16_t> out((size_t)T * F, 0x7fc0);
-    launch(dim3{(unsigned)blocks, 1, 1}, 256, [&] { silu_mul_bf16(out.data(), gu.data(), T, F); });
+    launch(dim3{(unsigned)blocks, 1, 1}, 256, [&] { silu_mul_bf16(out.data(), gu.data(), T, F, nullptr); });
     char tag[64];
     snprintf(tag, sizeof tag, "silu_mul_bf16 T %d F %d grid %d", T, F, blocks);
     within(tag, from_bf(out), want, tol);
@@ -80,7 +80,7 @@ static void argmax(int V) {
     for (int rep = 0; rep < 2; ++rep) {  // the second run relies on the counters left at 0
         std::vector<int> ids(B, -7);
         launch(dim3{(unsigned)nb, (unsigned)B, 1}, 256,
-               [&] { argmax_f32(ids.data(), lg.data(), V, part_v.data(), part_i.data(), counters.data()); });
+               [&] { argmax_f32(ids.data(), lg.data(), V, part_v.data(), part_i.data(), counters.data(), nullptr); });
         char tag[64];
         snprintf(tag, sizeof tag, "argmax_f32 B %d V %d blocks %d run %d", B, V, nb, rep + 1);
         same(tag, ids, want);
@@ -188,7 +188,7 @@ static void hybrid(int B, int C, int D, int V) {
         const auto saved = randv((size_t)rows * D);
         std::vector<float> out((size_t)B * D, NAN);
         launch(dim3{(unsigned)B, 1, 1}, 256,
-               [&] { hybrid_gather_f32(out.data(), saved.data(), steered.data(), win.data(), B, C, D); });
+               [&] { hybrid_gather_f32(out.data(), saved.data(), steered.data(), win.data(), nullptr, B, C, D); });
         std::vector<double> g_want((size_t)B * D);
         for (int b = 0; b < B; ++b) {
             const int row = steered_w[b] ? B + b * C + win_w[b] : b;
