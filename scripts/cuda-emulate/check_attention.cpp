@@ -16,7 +16,8 @@
 namespace attention_check {
 
 using decode_fn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const int*,
-                           const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int, const int*);
+                           const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int,
+                           const int*);
 
 static void decode(int Dh) {
     const int T = 5, H = 4, Hkv = 2, slots = 3, S = 320, chunk = 64, NS = (S + chunk - 1) / chunk, group = H / Hkv;

@@ -125,18 +125,26 @@ static void step(int B, int C, int gating, Need kind) {
     within("  hybrid_expand_compact_f32 r (exact)", r, r_want, std::vector<double>(r_want.size(), 0.0));
     within("  hybrid_expand_compact_f32 coef of real rows", pick(coef, real), pick(coef_want, real),
            std::vector<double>(n * C, 0.0));
-    same_parts("  hybrid_expand_compact_f32 idx, pos, slot", {{"idx", idx, idx_w}, {"pos", pos, pos_w}, {"slot", slot, slot_w}});
+    same_parts("  hybrid_expand_compact_f32 idx, pos, slot",
+               {{"idx", idx, idx_w}, {"pos", pos, pos_w}, {"slot", slot, slot_w}});
 
     // Select among the compact problems' candidates (rows i·C + c), by the thinking model's
     // logits of problem sel[i]. Some ids out of range; compact problems i ≡ 1 (mod 4) have a tie
-    // (two candidates with one token), i ≡ 3 (mod 5) only ids out of range (all −inf: the first).
-    const auto tl = randv((size_t)B * V);
+    // (two candidates with one token), i ≡ 3 (mod 5) only ids out of range (all −inf: the first),
+    // i ≡ 2 (mod 6) a first candidate whose logit is −inf and then ids out of range (a tie at −inf:
+    // the first; an out-of-range score above −inf would pick another).
+    auto tl = randv((size_t)B * V);
     std::vector<int> ctok(rows);
     for (int j = 0; j < rows; ++j) ctok[j] = (int)(rng() % (V + 2)) - 1;
     for (int i = 0; i < B; ++i) {
         if (i % 4 == 1 && C >= 3) ctok[i * C + C - 1] = ctok[i * C + 1];
         if (i % 5 == 3)
             for (int c = 0; c < C; ++c) ctok[i * C + c] = c % 2 ? -1 - c : V + c;
+        if (i % 6 == 2 && i < n) {
+            ctok[i * C] = i % V;
+            tl[(size_t)sel_w[i] * V + i % V] = -INFINITY;
+            for (int c = 1; c < C; ++c) ctok[i * C + c] = V + c;
+        }
     }
     std::vector<int> emit(B, -9), steered(B, -9), win(B, -9);
     std::vector<int> emit_s(B, -9), steered_s(B, -9), win_s(B, -9);  // what select must leave
