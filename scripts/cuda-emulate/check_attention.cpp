@@ -4,7 +4,8 @@
 // token's own k_self / v_self. Launched as src/cuda/kernels.rs does: grid (NS, H, T), block 256,
 // chunk 64, NS = ceil(S / 64) fixed for the launch, so rows use 1 .. NS−1 splits (some with no
 // cache key at all) and the last split of each head combines the partials in-kernel. The two
-// kernels run back to back on one counter array, which must be left at zero.
+// kernels run back to back on one counter array, which must be left at zero. Then with a live
+// row count (rows ≥ live untouched, counters still 0), each kernel twice.
 //
 // Bound on out (bf16): its RNE rounding, 2^-8 relative, on top of the f32 error: each score
 // q·k·scale is off by at most E = (Dh/32 + 8)·2^-24·Σ|q·k|·scale (a lane's products, 5 shuffle
@@ -15,7 +16,8 @@
 namespace attention_check {
 
 using decode_fn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const int*,
-                           const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int);
+                           const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int,
+                           const int*);
 
 static void decode(int Dh) {
     const int T = 5, H = 4, Hkv = 2, slots = 3, S = 320, chunk = 64, NS = (S + chunk - 1) / chunk, group = H / Hkv;
@@ -72,13 +74,37 @@ static void decode(int Dh) {
         std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);  // NaN: every entry must be written
         launch(dim3{(unsigned)NS, (unsigned)H, (unsigned)T}, 256, [&] {
             fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
-               part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS);
+               part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, nullptr);
         });
         char tag[96];
         snprintf(tag, sizeof tag, "%s Dh %d T %d H %d Hkv %d NS %d", name, Dh, T, H, Hkv, NS);
         within(tag, from_bf(out), want, tol);
     }
     same("  counters left at 0", counters, std::vector<unsigned int>(counters.size(), 0u));
+
+    // A live row count (the hybrid step's candidate rows): rows t ≥ live return at once, so their
+    // out keeps its NaN and their counters stay 0; rows < live as above. Each kernel twice on the
+    // same counters, which the first run must leave at 0 for the second.
+    const int live = 3;
+    std::vector<char> done(want.size(), 0);
+    for (size_t i = 0; i < done.size(); ++i) done[i] = i < (size_t)live * H * Dh;  // rows first
+    std::vector<char> left(done.size());
+    for (size_t i = 0; i < done.size(); ++i) left[i] = !done[i];
+    for (const auto& [name, fn] : kernels)
+        for (int rep = 0; rep < 2; ++rep) {
+            std::vector<float> part_o((size_t)T * H * NS * Dh, NAN), part_ml((size_t)T * H * NS * 2, NAN);
+            std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);
+            launch(dim3{(unsigned)NS, (unsigned)H, (unsigned)T}, 256, [&] {
+                fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
+                   part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, &live);
+            });
+            const auto got = from_bf(out);
+            char tag[96];
+            snprintf(tag, sizeof tag, "%s Dh %d T %d live %d run %d", name, Dh, T, live, rep + 1);
+            within(tag, pick(got, done), pick(want, done), pick(tol, done));
+            kept_nan("  rows past live keep NaN", got, left);
+            same("  counters at 0", counters, std::vector<unsigned int>(counters.size(), 0u));
+        }
 }
 
 }  // namespace attention_check

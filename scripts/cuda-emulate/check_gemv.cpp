@@ -3,8 +3,10 @@
 //   products with W rows f and F + f,   the _norm variants on x = bf16(r·inv·norm_w) with
 //   inv = 1/sqrt(mean(r²) + eps) (rounded to bf16 where the kernel rounds it), _acc: r += W·x.
 // Launched as src/cuda/kernels.rs does: tensor-core buckets grid ceil(M / 16) (ceil(F / 8) for
-// glu), block 512; single-row kernels grid ceil(M / (8 / WPR)), block 256, B = 1, with a K from
-// the host's range for each WPR (one also past the first round of loads).
+// glu), block 512, without and with a live row count and row0 (the launch covers rows row0.. of
+// a batch of which rows < live are needed); single-row kernels grid ceil(M / (8 / WPR)), block
+// 256, B = 1, with a K from the host's range for each WPR (one also past the first round of
+// loads).
 //
 // Bounds, per element: bf16·bf16 products are exact in f32, so the f32 result differs from the
 // exact sum only by its additions; every term passes through at most `depth` of them (the
@@ -51,41 +53,67 @@ static void glu_want(double g, double u, double eg, double eu, double& want, dou
     tol = UBF * (std::fabs(want) + ef) + ef + 1e-30;
 }
 
-using tc_fn = void (*)(float*, const bf16_t*, const bf16_t*, int, int, int);
-using tc_glu_fn = void (*)(bf16_t*, const bf16_t*, const bf16_t*, int, int, int);
+using tc_fn = void (*)(float*, const bf16_t*, const bf16_t*, int, int, int, const int*, int);
+using tc_glu_fn = void (*)(bf16_t*, const bf16_t*, const bf16_t*, int, int, int, const int*, int);
 
-// One tensor-core bucket with B rows (≤ the bucket), M outputs (F features with glu).
-static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int K) {
+// One tensor-core bucket with B rows (≤ the bucket), M outputs (F features with glu). live ≥ 0:
+// the launch covers rows row0 .. row0 + B of a batch of row0 + B rows (x and out offset by row0,
+// as the host's row groups do) of which rows < live are needed (a device int): it must compute
+// exactly rows row0 .. row0 + min(B, live − row0), leave every other row of the batch's output at
+// its NaN, and, with no row to compute, read no weights (the banner: it returns before loading
+// them; emulate.h counts ld_stream).
+static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int K, int live = -1, int row0 = 0) {
     const bool glu = fused != nullptr;
-    const int rows = glu ? 2 * M : M;
-    const auto x = randbf((size_t)B * K), W = randbf((size_t)rows * K);
-    std::vector<double> xd(x.size()), dot, mag;
-    for (size_t i = 0; i < x.size(); ++i) xd[i] = bf2f(x[i]);
+    const int rows = glu ? 2 * M : M, total = row0 + B;
+    const int nrun = live < 0 ? B : std::max(0, std::min(B, live - row0));  // rows to compute
+    const auto x = randbf((size_t)total * K), W = randbf((size_t)rows * K);
+    std::vector<double> xd((size_t)B * K), dot, mag;
+    for (size_t i = 0; i < xd.size(); ++i) xd[i] = bf2f(x[(size_t)row0 * K + i]);
     products(xd, W, B, rows, K, dot, mag);
     const double dep = depth_tc(K) * U32;
-    std::vector<double> want((size_t)B * M), tol((size_t)B * M);
-    std::vector<float> got;
-    char tag[96];
-    snprintf(tag, sizeof tag, "%s B %d %s %d K %d", name, B, glu ? "F" : "M", M, K);
-    if (!glu) {
-        for (size_t i = 0; i < want.size(); ++i) {
-            want[i] = dot[i];
-            tol[i] = dep * mag[i] + 1e-30;
+    // want / tol over the whole batch; `done` marks the rows the launch computes.
+    std::vector<double> want((size_t)total * M, 0.0), tol((size_t)total * M, 0.0);
+    std::vector<char> done((size_t)total * M, 0), left((size_t)total * M, 0);
+    for (int b = 0; b < B; ++b)
+        for (int m = 0; m < M; ++m) {
+            const size_t o = (size_t)(row0 + b) * M + m;
+            done[o] = b < nrun;
+            if (!glu) {
+                want[o] = dot[(size_t)b * rows + m];
+                tol[o] = dep * mag[(size_t)b * rows + m] + 1e-30;
+            } else {
+                const size_t g = (size_t)b * rows + m, u = g + M;
+                glu_want(dot[g], dot[u], dep * mag[g], dep * mag[u], want[o], tol[o]);
+            }
         }
-        std::vector<float> out((size_t)B * M, NAN);
-        launch(dim3{(unsigned)((M + 15) / 16), 1, 1}, 512, [&] { plain(out.data(), x.data(), W.data(), B, M, K); });
+    for (size_t i = 0; i < left.size(); ++i) left[i] = !done[i];
+    const int* lp = live >= 0 ? &live : nullptr;
+    std::vector<float> got;
+    char tag[112];
+    snprintf(tag, sizeof tag, "%s B %d %s %d K %d", name, B, glu ? "F" : "M", M, K);
+    if (live >= 0)
+        snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " row0 %d live %d: %d rows", row0, live, nrun);
+    g_stream_loads = 0;
+    if (!glu) {
+        std::vector<float> out((size_t)total * M, NAN);
+        launch(dim3{(unsigned)((M + 15) / 16), 1, 1}, 512, [&] {
+            plain(out.data() + (size_t)row0 * M, x.data() + (size_t)row0 * K, W.data(), B, M, K, lp, row0);
+        });
         got = out;
     } else {
-        for (int b = 0; b < B; ++b)
-            for (int f = 0; f < M; ++f) {
-                const size_t g = (size_t)b * rows + f, u = g + M;
-                glu_want(dot[g], dot[u], dep * mag[g], dep * mag[u], want[(size_t)b * M + f], tol[(size_t)b * M + f]);
-            }
-        std::vector<bf16_t> act((size_t)B * M, 0x7fc0);  // NaN: every entry must be written
-        launch(dim3{(unsigned)((M + 7) / 8), 1, 1}, 512, [&] { fused(act.data(), x.data(), W.data(), B, M, K); });
+        std::vector<bf16_t> act((size_t)total * M, 0x7fc0);  // NaN: every computed entry must be written
+        launch(dim3{(unsigned)((M + 7) / 8), 1, 1}, 512, [&] {
+            fused(act.data() + (size_t)row0 * M, x.data() + (size_t)row0 * K, W.data(), B, M, K, lp, row0);
+        });
         got = from_bf(act);
     }
-    within(tag, got, want, tol);
+    if (nrun > 0 || live < 0) {
+        within(tag, pick(got, done), pick(want, done), pick(tol, done));
+    } else {
+        printf("%s\n", tag);
+        report("  no weight loaded", g_stream_loads == 0, std::to_string(g_stream_loads.load()) + " ld_stream");
+    }
+    if (live >= 0) kept_nan("  rows not computed keep NaN", got, left);
 }
 
 using b1_fn = void (*)(void*, const void*, const bf16_t*, int, int, int, const bf16_t*, float);
@@ -172,6 +200,21 @@ void run_gemv() {
     tc("gemv_glu_bf16_b8", nullptr, gemv_glu_bf16_b8, 8, 21, K);
     tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 9, 21, K);
     tc("gemv_glu_bf16_b32", nullptr, gemv_glu_bf16_b32, 27, 21, K);
+    // A live row count (the hybrid step's candidate rows): the launch of rows row0 .. row0 + B
+    // computes min(B, live − row0) of them.
+    {
+        OwnRng own(102);
+        tc("gemv_bf16_b32", gemv_bf16_b32, nullptr, 32, 37, K, 40, 32);   // 8 rows
+        tc("gemv_bf16_b32", gemv_bf16_b32, nullptr, 32, 37, K, 40, 64);   // none
+        tc("gemv_bf16_b32", gemv_bf16_b32, nullptr, 32, 37, 200, 40, 40);  // none: live == row0
+        tc("gemv_bf16_b32", gemv_bf16_b32, nullptr, 32, 37, K, 100, 32);  // all: live ≥ row0 + B
+        tc("gemv_bf16_b32", gemv_bf16_b32, nullptr, 32, 37, 200, 51, 32);  // 19: into the third tile
+        tc("gemv_bf16_b8", gemv_bf16_b8, nullptr, 5, 37, 200, 3, 0);       // 3 of a partial bucket
+        tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 16, 21, K, 40, 32);   // 8 rows
+        tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 16, 21, K, 40, 48);   // none
+        tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 16, 21, 200, 32, 16);  // all: live == row0 + B
+        tc("gemv_glu_bf16_b32", nullptr, gemv_glu_bf16_b32, 32, 21, 200, 45, 32);  // 13 rows
+    }
     // Single row: the host picks WPR from K (≤ 2048: 1, ≤ 4096: 2, ≤ 8192: 4, else 8).
     struct V {
         const char* name;

@@ -1,6 +1,7 @@
 // check_prefill_gemm.cpp: the tensor-core prefill attention (prefill_attention.cu; bf16 output,
 // bound 2^-7 of the largest |ref|: its rounding, 2^-9, and that of the probabilities, 2^-9 of a
-// convex sum) and both row tiles of the prefill / large-batch product gemm.cu (f32, 1e-4).
+// convex sum) and both row tiles of the prefill / large-batch product gemm.cu (f32, 1e-4), with
+// and without a live row count.
 #include "prefill_attention.cu"
 #include "gemm.cu"
 
@@ -47,35 +48,60 @@ static void prefill(int n, int p0, int H, int Hkv, int Dh) {
 }
 
 // out [N, M] = x [N, K] · W [M, K]ᵀ, bf16 inputs, f32 output, on gemm_bf16 (wn = 2) or
-// gemm_bf16_n128 (wn = 4).
-static void gemm(int N, int M, int Kd, int wn) {
+// gemm_bf16_n128 (wn = 4). live ≥ 0: the launch's live count (a device int, gemm.cu banner):
+// rows < min(N, live) must match; every row of a row tile (BN = 32·wn rows) starting at or past
+// live keeps its NaN; rows of the tile holding the boundary are unspecified and not compared.
+static void gemm(int N, int M, int Kd, int wn, int live = -1) {
     std::vector<bf16_t> x((size_t)N * Kd), W((size_t)M * Kd);
     for (auto& v : x) v = f2bf(randv(1, 2.0f)[0]);
     for (auto& v : W) v = f2bf(randv(1, 0.5f)[0]);
-    std::vector<double> want((size_t)N * M);
+    const int bn = 32 * wn, rows = live < 0 ? N : std::min(N, live);
+    std::vector<double> want((size_t)N * M, 0.0);
+    std::vector<char> needed((size_t)N * M, 0), dead((size_t)N * M, 0);
     for (int n = 0; n < N; ++n)
         for (int m = 0; m < M; ++m) {
+            needed[(size_t)n * M + m] = n < rows;
+            dead[(size_t)n * M + m] = live >= 0 && n / bn * bn >= live;
+            if (n >= rows) continue;
             double s = 0;
             for (int k = 0; k < Kd; ++k) s += (double)bf2f(x[(size_t)n * Kd + k]) * bf2f(W[(size_t)m * Kd + k]);
             want[(size_t)n * M + m] = s;
         }
     std::vector<float> out((size_t)N * M, NAN);
-    const int bn = 32 * wn;
+    const int* lp = live >= 0 ? &live : nullptr;
     launch(dim3{(unsigned)((M + 127) / 128), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
         if (wn == 2)
-            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd);
+            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd, lp);
         else
-            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd);
+            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd, lp);
     });
     char tag[96];
     snprintf(tag, sizeof tag, "gemm%s N %d M %d K %d", wn == 4 ? "_n128" : "", N, M, Kd);
-    compare(tag, out, want, std::vector<char>(want.size(), 1));
+    if (live >= 0) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " live %d", live);
+    if (rows > 0)
+        compare(tag, out, want, needed);
+    else
+        printf("%s\n", tag);
+    if (live < 0 || live >= N) return;
+    snprintf(tag, sizeof tag, "  rows of tiles from row %d keep NaN", (live + bn - 1) / bn * bn);
+    kept_nan(tag, out, dead);
 }
 
 void run_prefill_gemm() {
     gemm(70, 136, 72, 2);
     gemm(70, 136, 72, 4);
     gemm(200, 264, 40, 4);
+    // The hybrid step's candidate rows: only rows < live computed, tiles past them skipped.
+    {
+        OwnRng own(101);
+        gemm(200, 136, 72, 2, 70);  // boundary inside tile 1 of 64; tiles 2, 3 skipped
+        gemm(200, 136, 72, 2, 64);  // boundary on a tile edge: tile 1 skipped too
+        gemm(200, 136, 72, 2, 0);   // nothing live
+        gemm(200, 136, 72, 2, 1000);  // live ≥ N: every row
+        gemm(200, 136, 72, 4, 70);  // boundary inside tile 0 of 128; tile 1 skipped
+        gemm(200, 136, 72, 4, 128);
+        gemm(200, 136, 72, 4, 0);
+    }
     prefill(37, 5, 6, 2, 64);
     prefill(70, 0, 6, 2, 128);
     prefill(130, 100, 4, 4, 128);

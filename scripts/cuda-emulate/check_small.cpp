@@ -4,10 +4,12 @@
 //                   and not (both copy paths). Exact (bf16 → f32 is exact).
 //   elementwise.cu  silu_mul_bf16 = bf16(silu(g)·u): f32 expf, add, divide, multiply (8·2^-24
 //                   relative, silu's sensitivity to its denominator ≤ 1) then RNE, 2^-8 relative.
-//                   The host's grid, and a 3-block grid for the grid-stride loop.
+//                   The host's grid, and a 3-block grid for the grid-stride loop; with a live row
+//                   count, rows past it keep their NaN.
 //   sampling.cu     argmax_f32: the first index of the row maximum, with ties inside a block,
 //                   across blocks, rows all equal and all −inf, the maximum last; exact, twice on
-//                   the same counters (left at 0). logits_at_f32: exact gather, −inf out of range.
+//                   the same counters (left at 0); with a live row count, the ids of rows past it
+//                   keep their old values. logits_at_f32: exact gather, −inf out of range.
 //   hybrid.cu       hybrid_expand_f32, hybrid_select_i32 (gating on and off, candidate ids out of
 //                   range, ties: the first candidate), hybrid_gather_f32. Exact.
 //   random.cu       fill_random_bf16: the same output for the same seed, another for another seed,
@@ -38,24 +40,34 @@ static void embed(int T, int V, int D) {
     within(tag, r, want, std::vector<double>(want.size(), 0.0));
 }
 
-static void silu_mul(int T, int F, int blocks) {
+// live ≥ 0: a live row count (a device int): rows t ≥ live keep their NaN.
+static void silu_mul(int T, int F, int blocks, int live = -1) {
     const auto gu = randv((size_t)T * 2 * F, 3.0f);
+    const int rows = live < 0 ? T : std::min(T, live);
     std::vector<double> want((size_t)T * F), tol(want.size());
+    std::vector<char> done(want.size(), 0), left(want.size(), 0);
     for (int t = 0; t < T; ++t)
         for (int i = 0; i < F; ++i) {
             const double g = gu[(size_t)t * 2 * F + i], u = gu[(size_t)t * 2 * F + F + i];
             const double v = g / (1 + std::exp(-g)) * u, ef = 8 * U32 * std::fabs(v);
             want[(size_t)t * F + i] = v;
             tol[(size_t)t * F + i] = UBF * (std::fabs(v) + ef) + ef + 1e-30;
+            done[(size_t)t * F + i] = t < rows;
+            left[(size_t)t * F + i] = t >= rows;
         }
     std::vector<bf16_t> out((size_t)T * F, 0x7fc0);
-    launch(dim3{(unsigned)blocks, 1, 1}, 256, [&] { silu_mul_bf16(out.data(), gu.data(), T, F); });
+    const int* lp = live >= 0 ? &live : nullptr;
+    launch(dim3{(unsigned)blocks, 1, 1}, 256, [&] { silu_mul_bf16(out.data(), gu.data(), T, F, lp); });
     char tag[64];
     snprintf(tag, sizeof tag, "silu_mul_bf16 T %d F %d grid %d", T, F, blocks);
-    within(tag, from_bf(out), want, tol);
+    if (live >= 0) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " live %d", live);
+    const auto got = from_bf(out);
+    within(tag, pick(got, done), pick(want, done), pick(tol, done));
+    if (live >= 0) kept_nan("  rows past live keep NaN", got, left);
 }
 
-static void argmax(int V) {
+// live ≥ 0: a live row count (a device int): ids of rows b ≥ live keep their old value.
+static void argmax(int V, int live = -1) {
     const int B = 6, nb = std::min(std::max((V + 2047) / 2048, 1), 1024);
     auto lg = randv((size_t)B * V);
     auto row = [&](int b) { return lg.data() + (size_t)b * V; };
@@ -72,17 +84,19 @@ static void argmax(int V) {
         int best = 0;
         for (int i = 1; i < V; ++i)
             if (row(b)[i] > row(b)[best]) best = i;  // strictly larger: the first maximum stays
-        want[b] = best;
+        want[b] = live >= 0 && b >= live ? -7 : best;  // -7: the ids' old value
     }
+    const int* lp = live >= 0 ? &live : nullptr;
     std::vector<float> part_v((size_t)B * nb, NAN);
     std::vector<int> part_i((size_t)B * nb, -3);
     std::vector<unsigned int> counters(B, 0u);
     for (int rep = 0; rep < 2; ++rep) {  // the second run relies on the counters left at 0
         std::vector<int> ids(B, -7);
         launch(dim3{(unsigned)nb, (unsigned)B, 1}, 256,
-               [&] { argmax_f32(ids.data(), lg.data(), V, part_v.data(), part_i.data(), counters.data()); });
+               [&] { argmax_f32(ids.data(), lg.data(), V, part_v.data(), part_i.data(), counters.data(), lp); });
         char tag[64];
         snprintf(tag, sizeof tag, "argmax_f32 B %d V %d blocks %d run %d", B, V, nb, rep + 1);
+        if (live >= 0) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " live %d", live);
         same(tag, ids, want);
     }
     same("  counters left at 0", counters, std::vector<unsigned int>(B, 0u));
@@ -188,7 +202,7 @@ static void hybrid(int B, int C, int D, int V) {
         const auto saved = randv((size_t)rows * D);
         std::vector<float> out((size_t)B * D, NAN);
         launch(dim3{(unsigned)B, 1, 1}, 256,
-               [&] { hybrid_gather_f32(out.data(), saved.data(), steered.data(), win.data(), B, C, D); });
+               [&] { hybrid_gather_f32(out.data(), saved.data(), steered.data(), win.data(), nullptr, B, C, D); });
         std::vector<double> g_want((size_t)B * D);
         for (int b = 0; b < B; ++b) {
             const int row = steered_w[b] ? B + b * C + win_w[b] : b;
@@ -248,8 +262,19 @@ void run_small() {
     embed(4, 40, 100);
     silu_mul(3, 700, (3 * 700 + 255) / 256);
     silu_mul(3, 700, 3);
+    {
+        OwnRng own(104);
+        silu_mul(3, 700, 3, 2);  // row 2 past live
+        silu_mul(3, 700, 9, 0);  // nothing live
+        silu_mul(3, 700, 9, 5);  // live ≥ T: every row
+    }
     argmax(5000);
     argmax(300);
+    {
+        OwnRng own(105);
+        argmax(5000, 4);  // rows 4, 5 past live
+        argmax(300, 0);
+    }
     logits_at(3, 100, 50);
     hybrid(130, 4, 300, 60);
     fill_random(20000);

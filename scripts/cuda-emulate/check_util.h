@@ -10,6 +10,13 @@
 #include "common.cuh"
 
 static std::mt19937 rng(7);
+// Within its scope, the draws come from a stream of their own (seeded here) and the shared one is
+// restored after: checks added later leave the inputs of the checks after them unchanged.
+struct OwnRng {
+    std::mt19937 saved;
+    explicit OwnRng(unsigned seed) : saved(rng) { rng.seed(seed); }
+    ~OwnRng() { rng = saved; }
+};
 static std::vector<float> randv(size_t n, float s = 1.0f) {
     std::normal_distribution<float> d(0.0f, s);
     std::vector<float> v(n);
@@ -96,6 +103,33 @@ static void within(const char* what, const std::vector<float>& got, const std::v
     else
         snprintf(buf, sizeof buf, "[%ld] got %.9g want %.9g bound %.3g", bad, (double)got[bad], want[bad], tol[bad]);
     report(what, bad < 0, buf);
+}
+
+// Entries a launch must leave alone (mask set) still hold their NaN sentinel (f32 outputs, or
+// bf16 ones through from_bf). Prints how many were checked, or the first one that was written.
+static void kept_nan(const char* what, const std::vector<float>& got, const std::vector<char>& mask) {
+    long bad = -1;
+    size_t n = 0;
+    for (size_t i = 0; i < got.size(); ++i)
+        if (mask[i]) {
+            ++n;
+            if (bad < 0 && !std::isnan(got[i])) bad = (long)i;
+        }
+    char buf[120];
+    if (bad < 0)
+        snprintf(buf, sizeof buf, "%zu values still NaN", n);
+    else
+        snprintf(buf, sizeof buf, "[%ld] written: %.9g", bad, (double)got[bad]);
+    report(what, bad < 0, buf);
+}
+
+// The entries of v where mask is set, in order (to compare the written part of an output).
+template <class T>
+static std::vector<T> pick(const std::vector<T>& v, const std::vector<char>& mask) {
+    std::vector<T> out;
+    for (size_t i = 0; i < v.size(); ++i)
+        if (mask[i]) out.push_back(v[i]);
+    return out;
 }
 
 // Exact equality of integer outputs.

@@ -216,5 +216,10 @@ inline void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* 
         d[e] = s;
     }
 }
-// ld.global.nc.L1::no_allocate: a plain 16-byte load here.
-inline uint4 ld_stream(const uint4* p) { return *p; }
+// ld.global.nc.L1::no_allocate: a plain 16-byte load here, counted (the gemv weight loads) so a
+// check can tell that a launch with nothing to compute read no weights.
+inline std::atomic<long> g_stream_loads{0};
+inline uint4 ld_stream(const uint4* p) {
+    g_stream_loads.fetch_add(1, std::memory_order_relaxed);
+    return *p;
+}

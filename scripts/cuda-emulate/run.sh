@@ -4,7 +4,9 @@
 # (check.cpp and the check_<family>.cpp it includes): every exported kernel of gemv.cu,
 # attention.cu, prefill_attention.cu, gemm.cu, residual_norm.cu, rope.cu, embed.cu,
 # elementwise.cu, sampling.cu, hybrid.cu, random.cu and grad.cu (attention vg_attn_*, products
-# vg_mm_*, and vg_rmsnorm_*, vg_rope, vg_silu_mul_*, vg_xent, vg_rows, vg_steer_rows).
+# vg_mm_*, and vg_rmsnorm_*, vg_rope, vg_silu_mul_*, vg_xent, vg_rows, vg_steer_rows). Kernels
+# taking a live row count (gemm, the gemv buckets, decode attention, silu_mul, argmax) are checked
+# with and without one; hybrid.cu's gate-first kernels in check_gate.cpp.
 # Prints one line per checked output (`ok` / `FAIL`), exits 1 on a failure. Run by `cargo test`
 # (tests/kernel_emulator.rs) where g++ is present; the GPU tests remain the word on real hardware.
 #
