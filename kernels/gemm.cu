@@ -11,8 +11,12 @@
 // block; for N well above 128).
 // live (nullable, device): only rows n < min(N, *live) are needed; row tiles past them return at
 // once (the hybrid step's candidate rows, whose count is decided on the device).
-// Launch: grid (ceil(M / 128), ceil(N / BN)), block 32·2·WN, 30 KB (BN 64) or 40 KB static
-// shared memory.
+// Split K (decode batches, whose few output tiles would leave most SMs idle): blockIdx.z takes
+// the k tiles [z·per, (z+1)·per). With gridDim.z == 1 the block writes out; otherwise its raw
+// sums go to part[z][n][m] (f32 [splits, N, M]) and vg_mm_reduce_f32 (grad.cu) adds them in z
+// order (deterministic).
+// Launch: grid (ceil(M / 128), ceil(N / BN), splits), block 32·2·WN, 30 KB (BN 64) or 40 KB
+// static shared memory.
 #include "common.cuh"
 
 #define GM_BM 128  // W rows per block
@@ -21,7 +25,8 @@
 
 template <int WN>  // warps along n; BN = 32·WN x rows per block
 __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                          const bf16_t* __restrict__ W, int N, int M, int K) {
+                                          const bf16_t* __restrict__ W, int N, int M, int K, int kt0,
+                                          int kt1) {
     constexpr int BN = 32 * WN, THREADS = 64 * WN;
     __shared__ __align__(16) bf16_t As[2][BN][GM_LD];
     __shared__ __align__(16) bf16_t Bs[2][GM_BM][GM_LD];
@@ -29,7 +34,6 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
     const int wn = warp >> 1, wm = warp & 1;  // warp's 32-row slice of x, 64-row slice of W
     const int g = lane >> 2, c = lane & 3;
     const int m0 = blockIdx.x * GM_BM, n0 = blockIdx.y * BN;
-    const int nk = (K + GM_BK - 1) / GM_BK;
     if (n0 >= N) return;  // a row tile past the live rows
 
     auto load_tile = [&](int kt, int buf) {
@@ -58,10 +62,11 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    load_tile(0, 0);
-    for (int kt = 0; kt < nk; ++kt) {
-        const int buf = kt & 1;
-        if (kt + 1 < nk) {
+    // k tiles [kt0, kt1): all of K, or this block's split.
+    load_tile(kt0, 0);
+    for (int kt = kt0; kt < kt1; ++kt) {
+        const int buf = (kt - kt0) & 1;
+        if (kt + 1 < kt1) {
             load_tile(kt + 1, buf ^ 1);
             cp_async_wait<1>();
         } else {
@@ -98,16 +103,31 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
     }
 }
 
+// The block's k tiles and output: all of K into out, or split z of `per` tiles into part.
+struct GemmSplit {
+    float* dst;
+    int kt0, kt1;
+};
+__device__ __forceinline__ GemmSplit gemm_split(float* out, float* part, int N, int M, int K, int per) {
+    const int nk = (K + GM_BK - 1) / GM_BK;
+    if (gridDim.z == 1) return {out, 0, nk};
+    const int kt0 = blockIdx.z * per;
+    return {part + (size_t)blockIdx.z * N * M, kt0, min(nk, kt0 + per)};
+}
+
 extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ out, const bf16_t* __restrict__ x,
                                                            const bf16_t* __restrict__ W, int N, int M, int K,
-                                                           const int* __restrict__ live) {
+                                                           const int* __restrict__ live, float* __restrict__ part,
+                                                           int per) {
     pdl_enter();
-    gemm_body<2>(out, x, W, live_rows(live, N), M, K);
+    const GemmSplit sp = gemm_split(out, part, N, M, K, per);
+    gemm_body<2>(sp.dst, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
     gemm_bf16_n128(float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int N, int M,
-                   int K, const int* __restrict__ live) {
+                   int K, const int* __restrict__ live, float* __restrict__ part, int per) {
     pdl_enter();
-    gemm_body<4>(out, x, W, live_rows(live, N), M, K);
+    const GemmSplit sp = gemm_split(out, part, N, M, K, per);
+    gemm_body<4>(sp.dst, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
 }

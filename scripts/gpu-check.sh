@@ -68,6 +68,13 @@ for g in 128 lt; do
     THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 2>&1 | grep -E "prefill|rror"
     THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --new-tokens "$NEW" 2>&1 | tail -1
 done
+# Decode batches of 33–128 rows through gemm (split K over the few output tiles) or cuBLASLt
+# instead of 32-row gemv groups, which stream the weights once per group.
+for g in 64 lt; do
+    echo "== bench, THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=$g"
+    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 64 --prompt-len 64 --new-tokens "$NEW" 2>&1 | tail -1
+    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=$g timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --steered-share 0.125 --new-tokens "$NEW" 2>&1 | tail -2
+done
 # The hybrid step at about the paper's share of steered steps (1 in 8): the single pass against
 # gate first (the default above 64 candidate rows), same binary.
 for gf in 0 1; do

@@ -590,6 +590,10 @@ fn gemm_matches_cpu_matmul() {
         (70, 256, 64),
         (1, 5, 8),
         (130, 200, 1536),
+        // Decode-batch shapes whose few output tiles make gemm_with split K (12 and 8 splits,
+        // the second ragged in K), reduced in order by vg_mm_reduce_f32.
+        (40, 300, 4096),
+        (50, 260, 8 * 421),
     ]
     .iter()
     .enumerate()
@@ -985,7 +989,7 @@ fn live_rows_are_computed_and_rows_past_them_left_alone() {
             &|e| 2.0 * 4.0 * sk * EPS32 * abs[e],
             0.0,
         );
-        let skipped_from = if n <= k::GEMV_MAX_ROWS * k::GEMV_PASSES {
+        let skipped_from = if n < k::gemm_from() {
             live
         } else {
             live.div_ceil(128) * 128

@@ -51,7 +51,10 @@ static void prefill(int n, int p0, int H, int Hkv, int Dh) {
 // gemm_bf16_n128 (wn = 4). live ≥ 0: the launch's live count (a device int, gemm.cu banner):
 // rows < min(N, live) must match; every row of a row tile (BN = 32·wn rows) starting at or past
 // live keeps its NaN; rows of the tile holding the boundary are unspecified and not compared.
-static void gemm(int N, int M, int Kd, int wn, int live = -1) {
+// splits > 1: split K (gemm.cu banner): split z takes k tiles [z·per, (z+1)·per) of 32 and writes
+// its raw sums to part[z]; the sum over z (done here, in z order, as vg_mm_reduce_f32 does) must
+// match, and `out` must stay untouched.
+static void gemm(int N, int M, int Kd, int wn, int live = -1, int splits = 1) {
     std::vector<bf16_t> x((size_t)N * Kd), W((size_t)M * Kd);
     for (auto& v : x) v = f2bf(randv(1, 2.0f)[0]);
     for (auto& v : W) v = f2bf(randv(1, 0.5f)[0]);
@@ -69,19 +72,32 @@ static void gemm(int N, int M, int Kd, int wn, int live = -1) {
         }
     std::vector<float> out((size_t)N * M, NAN);
     const int* lp = live >= 0 ? &live : nullptr;
-    launch(dim3{(unsigned)((M + 127) / 128), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
+    const int nk = (Kd + 31) / 32, per = (nk + splits - 1) / splits;
+    std::vector<float> part(splits > 1 ? (size_t)splits * N * M : 0, NAN);
+    float* pp = splits > 1 ? part.data() : nullptr;
+    launch(dim3{(unsigned)((M + 127) / 128), (unsigned)((N + bn - 1) / bn), (unsigned)splits}, 64 * wn, [&] {
         if (wn == 2)
-            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd, lp);
+            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd, lp, pp, per);
         else
-            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd, lp);
+            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd, lp, pp, per);
     });
     char tag[96];
+    // Split K: the host's reduce, in z order; `out` itself must be untouched.
+    const std::vector<float> untouched = out;
+    if (splits > 1)
+        for (size_t e = 0; e < out.size(); ++e) {
+            float v = 0.0f;
+            for (int z = 0; z < splits; ++z) v += part[(size_t)z * N * M + e];
+            out[e] = v;
+        }
     snprintf(tag, sizeof tag, "gemm%s N %d M %d K %d", wn == 4 ? "_n128" : "", N, M, Kd);
+    if (splits > 1) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " splits %d", splits);
     if (live >= 0) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " live %d", live);
     if (rows > 0)
         compare(tag, out, want, needed);
     else
         printf("%s\n", tag);
+    if (splits > 1) kept_nan("  split K: out untouched", untouched, std::vector<char>(untouched.size(), 1));
     if (live < 0 || live >= N) return;
     snprintf(tag, sizeof tag, "  rows of tiles from row %d keep NaN", (live + bn - 1) / bn * bn);
     kept_nan(tag, out, dead);
@@ -101,6 +117,14 @@ void run_prefill_gemm() {
         gemm(200, 136, 72, 4, 70);  // boundary inside tile 0 of 128; tile 1 skipped
         gemm(200, 136, 72, 4, 128);
         gemm(200, 136, 72, 4, 0);
+    }
+    // Split K (decode batches): K = 8·53 = 424 is 14 k tiles, 4 splits of 4 (the last of 2,
+    // ragged in K); then with a live count.
+    {
+        OwnRng own(102);
+        gemm(40, 136, 424, 2, -1, 4);
+        gemm(40, 136, 424, 4, -1, 4);
+        gemm(200, 136, 424, 2, 70, 3);
     }
     prefill(37, 5, 6, 2, 64);
     prefill(70, 0, 6, 2, 128);

@@ -24,6 +24,21 @@ pub use super::hybrid_kernels::*;
 pub const GEMV_MAX_ROWS: usize = 32;
 /// Row groups `matmul` runs through `gemv` before switching to `gemm`.
 pub const GEMV_PASSES: usize = 4;
+
+/// Rows from which `matmul` uses `gemm` (tensor-core tiles, with split K for decode batches)
+/// rather than `gemv` row groups: GEMV_MAX_ROWS·GEMV_PASSES + 1, or THINKSTEER_GEMM_FROM (at
+/// least GEMV_MAX_ROWS + 1) while measurements decide (PERFORMANCE.md).
+pub fn gemm_from() -> usize {
+    static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *FROM.get_or_init(|| {
+        std::env::var("THINKSTEER_GEMM_FROM")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(GEMV_MAX_ROWS * GEMV_PASSES + 1, |n| {
+                n.max(GEMV_MAX_ROWS + 1)
+            })
+    })
+}
 /// Query heads per key/value split in decode attention is not fixed; the split length is.
 pub const DECODE_CHUNK: usize = 64;
 
@@ -982,31 +997,52 @@ pub fn gemm_with(
         int(kernel, "M", m)?,
         int(kernel, "K", k)?,
     );
+    // Split K when the output tiles fill less than two blocks per SM (decode batches): at most
+    // K / (8·N) splits, so the partial sums' traffic stays under half the weights', at least 8
+    // k tiles of 32 per split, and within the scratch.
+    let (tiles, nk) = (m.div_ceil(128) * n.div_ceil(bn), k.div_ceil(32));
+    let want = if tiles < gpu.sms {
+        (2 * gpu.sms).div_ceil(tiles)
+    } else {
+        1
+    };
+    let splits = want
+        .min(k / (8 * n))
+        .min(nk / 8)
+        .min(super::SCRATCH_GEMM_PART / (n * m))
+        .clamp(1, 16);
+    let per = nk.div_ceil(splits);
+    let splits = nk.div_ceil(per);
+    let per_i = int(kernel, "k tiles per split", per)?;
+    let part = &gpu.scratch.gemm_part;
     let f = gpu.func(kernel)?;
     let mut l = Launch::new(gpu, f);
-    l.arg(out)
-        .arg(x)
-        .arg(w)
-        .arg(&ni)
-        .arg(&mi)
-        .arg(&ki)
-        .arg(&live);
+    l.arg(out).arg(x).arg(w).arg(&ni).arg(&mi).arg(&ki);
+    l.arg(&live).arg(part).arg(&per_i);
+    let grid = (m.div_ceil(128) as u32, n.div_ceil(bn) as u32, splits as u32);
     // SAFETY: argument order and types match gemm_bf16 / gemm_bf16_n128; lengths, K % 8 and
     // alignment checked above; edge tiles are zero-filled and masked in the kernel; `live` is
-    // only read.
-    gpu.launched(kernel, unsafe {
-        l.launch(cfg(
-            (m.div_ceil(128) as u32, n.div_ceil(bn) as u32, 1),
-            threads,
-            0,
-        ))
-    })
+    // only read; with splits > 1 the kernel writes splits·N·M ≤ SCRATCH_GEMM_PART floats of part.
+    gpu.launched(kernel, unsafe { l.launch(cfg(grid, threads, 0)) })?;
+    if splits == 1 {
+        return Ok(());
+    }
+    const R: &str = "vg_mm_reduce_f32";
+    let (splits_i, zero) = (int(R, "splits", splits)?, 0i32);
+    let f = gpu.func(R)?;
+    let mut l = Launch::new(gpu, f);
+    l.arg(out).arg(part).arg(&NULL);
+    l.arg(&ni).arg(&mi).arg(&mi).arg(&splits_i).arg(&zero);
+    // SAFETY: argument order and types match vg_mm_reduce_f32 (grad.cu: out = Σ_z part[z] in z
+    // order, no bias, no accumulate); part holds the splits·N·M sums just written, out [N, M].
+    let blocks = (n * m).div_ceil(256).clamp(1, 1 << 16) as u32;
+    gpu.launched(R, unsafe { l.launch(cfg((blocks, 1, 1), 256, 0)) })
 }
 
-/// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS; for up to
-/// GEMV_PASSES·GEMV_MAX_ROWS rows, `gemv` over groups of 32 rows (the weights are streamed once
-/// per group, which still beats the 64×128-tile `gemm` whose grid is a few dozen blocks for
-/// these skinny products); `gemm` above.
+/// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS; below
+/// `gemm_from()` rows, `gemv` over groups of 32 rows (the weights are streamed once per group,
+/// which beat the 64×128-tile `gemm` before it split K: its grid was a few dozen blocks for these
+/// skinny products); `gemm` from there.
 pub fn matmul(
     gpu: &Gpu,
     out: &mut CudaViewMut<'_, f32>,
@@ -1033,7 +1069,7 @@ pub fn matmul_live(
     if (1..=GEMV_MAX_ROWS).contains(&n) {
         return gemv_live(gpu, out, x, w, (n, m, k), group(0));
     }
-    if n > GEMV_MAX_ROWS * GEMV_PASSES || out.len() != n * m || x.len() != n * k {
+    if n >= gemm_from() || out.len() != n * m || x.len() != n * k {
         return gemm_with(gpu, out, x, w, n, m, k, GemmTile::from_env(), live);
     }
     row_groups(n, |r0, rows| {
@@ -1060,8 +1096,8 @@ fn row_groups(n: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result
 }
 
 /// act bf16 [N, F] = silu(x·W[..F]ᵀ) · (x·W[F..]ᵀ) for the MLP, W bf16 [2F, K] (gate rows first):
-/// `gemv_glu` for up to GEMV_PASSES·GEMV_MAX_ROWS rows (in groups of 32), else `gemm` into
-/// gate_up f32 [N, 2F] then `silu_mul`.
+/// `gemv_glu` below `gemm_from()` rows (in groups of 32), else `gemm` into gate_up f32 [N, 2F]
+/// then `silu_mul`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_glu(
     gpu: &Gpu,
@@ -1086,7 +1122,7 @@ pub fn matmul_glu_live(
     (n, f, k): (usize, usize, usize),
     live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
-    if n > GEMV_MAX_ROWS * GEMV_PASSES || act.len() != n * f || x.len() != n * k {
+    if n >= gemm_from() || act.len() != n * f || x.len() != n * k {
         gemm_with(gpu, gate_up, x, w, n, 2 * f, k, GemmTile::from_env(), live)?;
         return silu_mul(gpu, act, &gate_up.as_view(), n, f, live);
     }

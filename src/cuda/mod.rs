@@ -82,6 +82,8 @@ struct Profile {
 pub(crate) const SCRATCH_COUNTERS: usize = 1 << 16;
 /// Entries of the argmax partial buffers: rows × blocks per row.
 pub(crate) const SCRATCH_PARTIALS: usize = 1 << 18;
+/// Floats of split-K partial sums of `gemm` (16 MB): e.g. 16 splits of a 64-row × 4096 output.
+pub(crate) const SCRATCH_GEMM_PART: usize = 1 << 22;
 
 /// Completion counters (all zero between launches: the kernel that uses them leaves them zero)
 /// and per-block partial results, one set per `Gpu` handle. A handle's launches are all on its
@@ -90,6 +92,7 @@ pub(crate) struct Scratch {
     pub counters: CudaSlice<u32>,
     pub arg_v: CudaSlice<f32>,
     pub arg_i: CudaSlice<i32>,
+    pub gemm_part: CudaSlice<f32>,
 }
 
 impl Gpu {
@@ -190,6 +193,9 @@ impl Gpu {
             arg_i: stream
                 .alloc_zeros(SCRATCH_PARTIALS)
                 .map_err(cuda_err("allocating argmax partials"))?,
+            gemm_part: stream
+                .alloc_zeros(SCRATCH_GEMM_PART)
+                .map_err(cuda_err("allocating gemm partials"))?,
         };
         stream.synchronize().map_err(cuda_err("zeroing scratch"))?;
         Ok(Gpu {
