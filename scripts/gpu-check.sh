@@ -68,6 +68,11 @@ for g in 128 lt; do
     THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 2>&1 | grep -E "prefill|rror"
     THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --new-tokens "$NEW" 2>&1 | tail -1
 done
+# The 2,000-token prefill in one call of 2,048 rows instead of chunks of 512 (4× the gemm grid).
+for g in 64 lt; do
+    echo "== bench prefill --chunk 2048, THINKSTEER_GEMM=$g"
+    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 8 --chunk 2048 2>&1 | grep -E "prefill|rror"
+done
 # Decode batches of 33–128 rows through gemm (split K over the few output tiles) or cuBLASLt
 # instead of 32-row gemv groups, which stream the weights once per group.
 for g in 64 lt; do

@@ -75,6 +75,9 @@ pub struct Settings {
     /// step, so about this share of the steps is steered. None: two independent random models
     /// (nearly every step steered).
     pub steered_share: Option<f64>,
+    /// Rows per forward call (the prefill chunk; at least the largest batch): 512 in generate,
+    /// eval and the other commands.
+    pub chunk: usize,
 }
 
 fn random_ids(n: usize, v: usize, seed: u64) -> Vec<u32> {
@@ -206,7 +209,7 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let gpu = Arc::new(Gpu::new(0)?);
     let max_b = s.batches.iter().copied().max().unwrap_or(1);
     let max_len = s.prompt_len + s.new_tokens + 1;
-    let max_t = max_b.max(512);
+    let max_t = max_b.max(s.chunk);
     let (config, weights) = match named_shape(shape) {
         Some(c) => {
             CudaEngine::check_fits(&gpu, &c, max_b, max_len, max_t, c.param_count() * 2)?;

@@ -346,6 +346,9 @@ struct BenchArgs {
     /// (the paper's runs steer about 0.12); without it nearly every step is steered.
     #[arg(long)]
     steered_share: Option<f64>,
+    /// Rows per forward call on the GPU (the prefill chunk; the other commands use 512).
+    #[arg(long, default_value_t = 512)]
+    chunk: usize,
     /// Time the steering-vector loss and gradient of one example of --prompt-len tokens (GPU).
     #[arg(long)]
     vector_grad: bool,
@@ -808,6 +811,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         new_tokens: a.new_tokens,
         seed: 0,
         steered_share: a.steered_share,
+        chunk: a.chunk.max(1),
     };
     if let Some(f) = a.steered_share {
         if !(0.0..=1.0).contains(&f) || !a.hybrid {
