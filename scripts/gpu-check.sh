@@ -6,6 +6,9 @@
 # Full logs go to $OUT (or .gpu/out). Budget: well under 8 minutes on an H100.
 # Short runs: TESTS="cuda_vector_grad ..." runs only those test binaries; BENCH=vg runs only the
 # vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
+# PHASE=1: the tests, the benches and profiles, the summary; PHASE=2: the A/B lines (kernel bench,
+# gemm choices, prefill chunk, gate first, one stream) and the HF anchor. Each phase fits one
+# 10-minute device call; the default runs both.
 set -u
 B=.gpu
 OUT=${OUT:-$B/out}
@@ -15,8 +18,12 @@ export THINKSTEER_CUDA_INCLUDE=/usr/local/cuda/include
 NEW=${NEW:-256}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
+PHASE=${PHASE:-all}
+one() { [ "$PHASE" = all ] || [ "$PHASE" = 1 ]; }
+two() { [ "$PHASE" = all ] || [ "$PHASE" = 2 ]; }
 status=0
 for t in "$B"/tests/*; do
+    one || break
     name=$(basename "$t")
     case " ${TESTS:-$name} " in *" $name "*) ;; *) continue ;; esac
     echo "== test $name"
@@ -28,18 +35,19 @@ for t in "$B"/tests/*; do
     fi
 done
 
-if [ "${BENCH:-all}" = "all" ]; then
+if [ "${BENCH:-all}" = "all" ] && one; then
 echo "== bench"
 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
 timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
 timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || { status=1; cat "$OUT/bench-hybrid.err"; }
 fi
-if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
+if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ] && one; then
     echo "== per-kernel profiles (one eager prefill / decode step / hybrid step each)"
     cat "$OUT"/bench-qwen.err "$OUT"/bench-qwen-2k.err "$OUT"/bench-hybrid.err 2>/dev/null | grep -A8 "^profile" | grep -v "^--"
 fi
 # The steering-vector gradient (train-vectors --method optimise's work) at 500-token contexts.
+if one; then
 echo "== bench --vector-grad"
 THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -6
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
@@ -55,7 +63,8 @@ for l in open(sys.argv[1]):
         print(f"  {k:<22} {n:>5} launches {ms:>9.2f} ms")
 PY
 fi
-if [ "${BENCH:-all}" = "all" ]; then
+fi
+if [ "${BENCH:-all}" = "all" ] && two; then
 # The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt): TFLOP/s.
 if [ -x "$B/kernel-bench" ]; then
     echo "== kernel bench: gemm"
@@ -97,7 +106,7 @@ done
 
 fi
 
-if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ]; then
+if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ] && two; then
     echo "== HF anchor (NEW=$NEW)"
     NEW=$NEW PYTHONUNBUFFERED=1 timeout 240 python3 "$B/hf_anchor.py" > "$OUT/hf.log" 2>&1 || echo "hf_anchor failed: $(tail -3 "$OUT/hf.log")"
 fi
