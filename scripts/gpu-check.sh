@@ -95,6 +95,9 @@ for gf in 0 1; do
     echo "== bench --hybrid --steered-share 0.125, THINKSTEER_GATE_FIRST=$gf"
     THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GATE_FIRST=$gf timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 8,64 --steered-share 0.125 --new-tokens "$NEW" 2>&1 | tail -4
 done
+# Batch 64 at 1,000-token contexts (the evaluation's answers run to 2,000 tokens), steered 1 in 8.
+echo "== bench --hybrid --prompt-len 1000 --steered-share 0.125"
+THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --prompt-len 1000 --steered-share 0.125 --new-tokens 64 2>&1 | tail -2
 # The hybrid step with both models on one stream (the default runs the thinking model on its own).
 echo "== bench --hybrid, THINKSTEER_HYBRID_STREAMS=1"
 THINKSTEER_CUDA_PROFILE=0 THINKSTEER_HYBRID_STREAMS=1 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,64 --new-tokens "$NEW" 2>&1 | tail -4

@@ -314,8 +314,9 @@ pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
 
 /// The hybrid step for a pair of the named shape (thinking and base both of that shape, random
 /// weights; a random SAE at block 4 with 15 latents, random steering at block 10, C = 10
-/// coefficients), against plain greedy decode of each model at the same batch, in one run. With
-/// `steered_share`, the thinking model is the base model's weights (see [`Settings`]).
+/// coefficients), against plain greedy decode of each model at the same batch and contexts, in
+/// one run. Each problem's prompts are `prompt_len` random tokens, prefilled before the timed
+/// steps. With `steered_share`, the thinking model is the base model's weights (see [`Settings`]).
 pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     use crate::cuda::hybrid::CudaHybrid;
     use crate::hybrid::{Mode, Prompts, Settings as HySettings};
@@ -331,7 +332,9 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     };
     let nc = hy.coefficients.len();
     let max_b = s.batches.iter().copied().max().unwrap_or(1);
-    let max_len = s.new_tokens + 8;
+    // Prompts of prompt_len tokens (prefilled per problem), then new_tokens steps.
+    let plen = s.prompt_len.max(1);
+    let max_len = plen + s.new_tokens + 8;
     let rows = (max_b * (1 + nc)).max(64);
     CudaEngine::check_fits(&gpu, &c, max_b, max_len, rows, 2 * c.param_count() * 2)?;
     let bw = Arc::new(CudaWeights::random(&gpu, &c, s.seed + 2)?);
@@ -359,10 +362,10 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             .map_or(b, |f| (f * b as f64).ceil() as usize);
         let problems: Vec<Prompts> = (0..b as u64)
             .map(|i| {
-                let base = vec![((i * 7919 + 11) % v) as u32];
+                let base = random_ids(plen, v as usize, s.seed + 7919 * i);
                 Prompts {
                     thinking: if (i as usize) < own {
-                        vec![((i * 104729 + 5) % v) as u32]
+                        random_ids(plen, v as usize, s.seed + 104729 * (i + 1))
                     } else {
                         base.clone()
                     },
@@ -374,19 +377,27 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         h.set_max_new_tokens(3);
         h.run(&problems, |_, _, _| {})?;
         h.set_max_new_tokens(s.new_tokens);
-        let t0 = Instant::now();
-        let outs = h.run(&problems, |_, _, _| {})?;
-        let steps = outs[0].ids.len().max(1);
+        // Timed from the end of the first step to the end of the last (the run prefills the
+        // prompts first): every problem runs every step, so the step count is exact.
+        let (mut first, mut last) = (None, Instant::now());
+        let outs = h.run(&problems, |_, _, _| {
+            last = Instant::now();
+            first.get_or_insert(last);
+        })?;
+        let steps = outs[0].ids.len();
+        if steps < 2 {
+            bail!("--hybrid needs --new-tokens ≥ 2 to time a step, found {steps} steps");
+        }
         let all: usize = outs.iter().map(|o| o.steps.len()).sum();
         let steered: usize = outs
             .iter()
             .map(|o| o.steps.iter().filter(|r| r.steered).count())
             .sum();
-        let step = t0.elapsed().as_secs_f64() / steps as f64;
+        let step = first.map_or(0.0, |f| (last - f).as_secs_f64()) / (steps - 1) as f64;
         if outs.iter().any(|o| o.ids.iter().any(|&x| x as u64 >= v)) {
             bail!("the hybrid step produced ids outside the vocabulary: the timing is not of a valid run");
         }
-        // Plain greedy decode of each model alone, same batch, same number of steps.
+        // Plain greedy decode of each model alone, same batch, same contexts, same number of steps.
         let mut plain = 0.0;
         for e in [&mut h.think, &mut h.base] {
             let ids: Vec<u32> = (0..b as u32).collect();
@@ -396,7 +407,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
                 &next,
                 &Step {
                     slots: &slots,
-                    positions: &vec![0; b],
+                    positions: &vec![plen - 1; b],
                     n_write: b,
                 },
             )?;
@@ -406,7 +417,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
                     &next,
                     &Step {
                         slots: &slots,
-                        positions: &vec![i + 1; b],
+                        positions: &vec![plen + i; b],
                         n_write: b,
                     },
                 )?;
