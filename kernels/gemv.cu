@@ -34,11 +34,9 @@
 // tile at one row (7.03 vs 8.37 ms/token for the whole model, PERFORMANCE.md runs 1–2).
 // Launch: grid (ceil(M / (8 / WPR))), block 256.
 //
-// Single-row variants that fuse the neighbouring residual ops (used by batch-1 decode):
-// gemv_norm_bf16_b1*: out = W · bf16(rmsnorm(r) · norm_w), the norm computed in every block from
-// the f32 residual; gemv_acc_bf16_b1*: r += W · x (the residual add of the o and down products);
-// gemv_glu_norm_bf16_b1*: both fusions on the gate|up product. Arithmetic and rounding as the
-// unfused sequence (residual_norm's y, then the product).
+// (Single-row variants that computed the RMSNorm inside every block and fused the residual add
+// were measured slower than these plus residual_norm on the H100 (PERFORMANCE.md run 13): each
+// block re-read and reduced the residual, which cost more than the launch PDL already hides.)
 //
 // gemv_glu_bf16_* (the MLP's gate|up product with SiLU·mul fused): W bf16 [2F, K] holds the gate
 // rows then the up rows, and act[b, f] = bf16(silu(x_b·W[f]) · (x_b·W[F + f])) bf16 [B, F] is
@@ -198,27 +196,11 @@ GEMV_KERNEL(32, 4)
 
 // The single-row kernels described in the banner: WPR warps share one output row (split-K), so
 // long rows (K = 8960, 14336) take fewer serial load rounds and more blocks fill the GPU.
-// x for the NORM variants: the 8 elements of chunk c of y = bf16(r · inv · w) (residual_norm's
-// formula and rounding), packed as bf16 pairs like a chunk of x.
-__device__ __forceinline__ uint4 norm_chunk(const float4* __restrict__ r4, const uint4* __restrict__ w8, int c,
-                                            float inv) {
-    const float4 a = __ldg(r4 + 2 * c), b = __ldg(r4 + 2 * c + 1);
-    const uint4 w = __ldg(w8 + c);
-    return make_uint4(pack_bf2(a.x * inv * bf_lo(w.x), a.y * inv * bf_hi(w.x)),
-                      pack_bf2(a.z * inv * bf_lo(w.y), a.w * inv * bf_hi(w.y)),
-                      pack_bf2(b.x * inv * bf_lo(w.z), b.y * inv * bf_hi(w.z)),
-                      pack_bf2(b.z * inv * bf_lo(w.w), b.w * inv * bf_hi(w.w)));
-}
-
-// GLU: act = bf16(silu(gate)·up) from rows m and M + m. NORM: xin is the f32 residual r [K] and
-// x = bf16(r · inv · norm_w) with inv = 1/sqrt(mean(r²) + eps), computed by every block (the
-// block's threads sum r² once). ACC: out[m] += the product (out is the f32 residual).
-template <int WPR, bool GLU, bool NORM, bool ACC>
-__device__ __forceinline__ void gemv1_body(void* __restrict__ out_, const void* __restrict__ xin,
-                                           const bf16_t* __restrict__ W, int B, int M, int K,
-                                           const bf16_t* __restrict__ norm_w, float eps) {
+// GLU: act = bf16(silu(gate)·up) from rows m and M + m.
+template <int WPR, bool GLU>
+__device__ __forceinline__ void gemv1_body(void* __restrict__ out_, const bf16_t* __restrict__ x,
+                                           const bf16_t* __restrict__ W, int B, int M, int K) {
     __shared__ float red[2][8];
-    __shared__ float scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int part = warp % WPR;
     const int m = blockIdx.x * (8 / WPR) + warp / WPR;
@@ -227,9 +209,7 @@ __device__ __forceinline__ void gemv1_body(void* __restrict__ out_, const void* 
     const uint4* wrow = reinterpret_cast<const uint4*>(W + (size_t)(ok_row ? m : 0) * K);
     // GLU: the matching up row M + m as well.
     const uint4* urow = reinterpret_cast<const uint4*>(W + (size_t)(ok_row && GLU ? M + m : 0) * K);
-    const uint4* x8 = reinterpret_cast<const uint4*>(xin);
-    const float4* r4 = reinterpret_cast<const float4*>(xin);
-    const uint4* nw8 = reinterpret_cast<const uint4*>(norm_w);
+    const uint4* x8 = reinterpret_cast<const uint4*>(x);
     float acc = 0.0f, acc_u = 0.0f;
     // As in gemv_body: the first round of weight loads goes out before the PDL wait.
     uint4 wv[GEMV1_UNROLL], uv[GEMV1_UNROLL];
@@ -246,24 +226,13 @@ __device__ __forceinline__ void gemv1_body(void* __restrict__ out_, const void* 
     pdl_trigger();
     load_round(first);
     pdl_wait();
-    float inv = 0.0f;
-    if (NORM) {
-        float ss = 0.0f;
-#pragma unroll 4
-        for (int i = threadIdx.x; i < K / 4; i += blockDim.x) {
-            const float4 a = __ldg(r4 + i);
-            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
-        }
-        ss = block_sum(ss, scratch);
-        inv = 1.0f / sqrtf(ss / (float)K + eps);
-    }
     for (int c0 = first; ok_row && c0 < nchunk; c0 += 32 * WPR * GEMV1_UNROLL) {
         if (c0 != first) load_round(c0);
 #pragma unroll
         for (int u = 0; u < GEMV1_UNROLL; ++u) {
             const int c = c0 + 32 * WPR * u;
             if (c < nchunk) {
-                const uint4 xv = NORM ? norm_chunk(r4, nw8, c, inv) : __ldg(x8 + c);
+                const uint4 xv = __ldg(x8 + c);
                 acc += dot8(wv[u], xv);
                 if (GLU) acc_u += dot8(uv[u], xv);
             }
@@ -287,29 +256,22 @@ __device__ __forceinline__ void gemv1_body(void* __restrict__ out_, const void* 
         }
     }
     if (ok_row && part == 0 && lane == 0) {
-        if (GLU) {
+        if (GLU)
             static_cast<bf16_t*>(out_)[m] = f2bf(silu_mul(tot, tot_u));
-        } else {
-            float* out = static_cast<float*>(out_);
-            out[m] = ACC ? out[m] + tot : tot;
-        }
+        else
+            static_cast<float*>(out_)[m] = tot;
     }
 }
 
-// Every single-row kernel takes (out, x, W, B, M, K, norm_w, eps); norm_w and eps are read by the
-// _norm variants only.
-#define GEMV1_KERNEL(NAME, WPR, GLU, NORM, ACC)                                                              \
-    extern "C" __global__ void NAME(void* __restrict__ out, const void* __restrict__ x,                       \
-                                    const bf16_t* __restrict__ W, int B, int M, int K,                        \
-                                    const bf16_t* __restrict__ norm_w, float eps) {                           \
-        gemv1_body<WPR, GLU, NORM, ACC>(out, x, W, B, M, K, norm_w, eps);                                     \
+// Every single-row kernel takes (out, x, W, B, M, K).
+#define GEMV1_KERNEL(NAME, WPR, GLU)                                                                  \
+    extern "C" __global__ void NAME(void* __restrict__ out, const bf16_t* __restrict__ x,             \
+                                    const bf16_t* __restrict__ W, int B, int M, int K) {              \
+        gemv1_body<WPR, GLU>(out, x, W, B, M, K);                                                     \
     }
-#define GEMV1_KERNELS(SUFFIX, WPR)                                                                            \
-    GEMV1_KERNEL(gemv_bf16_b1##SUFFIX, WPR, false, false, false)                                             \
-    GEMV1_KERNEL(gemv_glu_bf16_b1##SUFFIX, WPR, true, false, false)                                          \
-    GEMV1_KERNEL(gemv_norm_bf16_b1##SUFFIX, WPR, false, true, false)                                         \
-    GEMV1_KERNEL(gemv_acc_bf16_b1##SUFFIX, WPR, false, false, true)                                          \
-    GEMV1_KERNEL(gemv_glu_norm_bf16_b1##SUFFIX, WPR, true, true, false)
+#define GEMV1_KERNELS(SUFFIX, WPR)                            \
+    GEMV1_KERNEL(gemv_bf16_b1##SUFFIX, WPR, false)            \
+    GEMV1_KERNEL(gemv_glu_bf16_b1##SUFFIX, WPR, true)
 GEMV1_KERNELS(, 1)
 GEMV1_KERNELS(_k2, 2)
 GEMV1_KERNELS(_k4, 4)

@@ -101,12 +101,6 @@ THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --hybrid --shape qwe
 # The hybrid step with both models on one stream (the default runs the thinking model on its own).
 echo "== bench --hybrid, THINKSTEER_HYBRID_STREAMS=1"
 THINKSTEER_CUDA_PROFILE=0 THINKSTEER_HYBRID_STREAMS=1 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,64 --new-tokens "$NEW" 2>&1 | tail -4
-# Batch-1 decode with the norms fused into the products (off by default until measured here).
-echo "== bench, THINKSTEER_FUSE_NORM=1"
-for shape in qwen2.5-1.5b llama-3.1-8b; do
-    THINKSTEER_FUSE_NORM=1 timeout 120 "$B/thinksteer" bench --shape $shape --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | tail -1
-done
-
 fi
 
 if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ] && two; then

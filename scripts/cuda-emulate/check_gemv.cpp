@@ -1,7 +1,6 @@
 // check_gemv.cpp: every kernel of kernels/gemv.cu against double references of its banner:
 //   out[b, m] = Σ_k x[b, k]·W[m, k]  (f32),   act[b, f] = bf16(silu(gate)·up) with gate, up the
-//   products with W rows f and F + f,   the _norm variants on x = bf16(r·inv·norm_w) with
-//   inv = 1/sqrt(mean(r²) + eps) (rounded to bf16 where the kernel rounds it), _acc: r += W·x.
+//   products with W rows f and F + f.
 // Launched as src/cuda/kernels.rs does: tensor-core buckets grid ceil(M / 16) (ceil(F / 8) for
 // glu), block 512, without and with a live row count and row0 (the launch covers rows row0.. of
 // a batch of which rows < live are needed); single-row kernels grid ceil(M / (8 / WPR)), block
@@ -116,69 +115,36 @@ static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int
     if (live >= 0) kept_nan("  rows not computed keep NaN", got, left);
 }
 
-using b1_fn = void (*)(void*, const void*, const bf16_t*, int, int, int, const bf16_t*, float);
-enum Row1 { Plain, Glu, Norm, Acc, GluNorm };
+using b1_fn = void (*)(void*, const bf16_t*, const bf16_t*, int, int, int);
+enum Row1 { Plain, Glu };
 
-// One single-row kernel: WPR warps per output, M outputs (F features for the glu variants).
+// One single-row kernel: WPR warps per output, M outputs (F features for the glu variant).
 static void b1(const char* name, b1_fn fn, Row1 v, int wpr, int M, int K) {
-    const bool glu = v == Glu || v == GluNorm, norm = v == Norm || v == GluNorm;
+    const bool glu = v == Glu;
     const int rows = glu ? 2 * M : M;
     const auto W = randbf((size_t)rows * K);
-    const float eps = 1e-6f;
-    // x (bf16), or the residual r (f32) and norm weight of the norm variants.
     const auto xb = randbf(K);
-    auto r = randv(K, 3.0f);
-    std::vector<bf16_t> nw(K);
-    for (auto& w : nw) w = f2bf(1.0f + randv(1, 0.3f)[0]);
-    // The operand vector in double; for the norm variants y = bf16(r·inv·w), where a y within the
-    // kernel's f32 error of a rounding midpoint may round either way (its two values' difference
-    // then joins the bound, `flip`).
-    std::vector<double> xd(K), flip(K, 0.0);
-    if (norm) {
-        double ss = 0;
-        for (float v : r) ss += (double)v * v;
-        const double inv = 1.0 / std::sqrt(ss / K + eps);
-        // The f32 y: the sum of squares through ≤ 4·ceil(K / 1024) + 9 additions (a thread's
-        // float4 groups, then the block reduction), half of that through the square root, then
-        // the divide, sqrt, reciprocal and two products: a few 2^-24 more.
-        const double rel = (0.5 * (4.0 * ((K + 1023) / 1024) + 9) + 8) * U32;
-        for (int k = 0; k < K; ++k) {
-            const double y = r[k] * inv * bf2f(nw[k]);
-            xd[k] = bf_round(y);
-            if (bf_ambiguous(y, rel)) flip[k] = std::ldexp(std::fabs(y), -7);  // ≥ one bf16 ulp of y
-        }
-    } else
-        for (int k = 0; k < K; ++k) xd[k] = bf2f(xb[k]);
+    std::vector<double> xd(K);
+    for (int k = 0; k < K; ++k) xd[k] = bf2f(xb[k]);
     std::vector<double> dot, mag;
     products(xd, W, 1, rows, K, dot, mag);
     std::vector<double> err(rows);  // bound on each f32 sum
-    for (int m = 0; m < rows; ++m) {
-        double e = depth_b1(K, wpr) * U32 * mag[m];
-        for (int k = 0; k < K; ++k)
-            if (flip[k] != 0) e += flip[k] * std::fabs(bf2f(W[(size_t)m * K + k]));
-        err[m] = e;
-    }
+    for (int m = 0; m < rows; ++m) err[m] = depth_b1(K, wpr) * U32 * mag[m];
     std::vector<double> want(M), tol(M);
-    const auto r0 = randv(M);  // the residual the _acc variant adds to
     for (int m = 0; m < M; ++m) {
         if (glu)
             glu_want(dot[m], dot[M + m], err[m], err[M + m], want[m], tol[m]);
-        else if (v == Acc) {
-            want[m] = r0[m] + dot[m];
-            tol[m] = err[m] + U32 * (std::fabs(r0[m]) + mag[m]) + 1e-30;  // the final add
-        } else {
+        else {
             want[m] = dot[m];
             tol[m] = err[m] + 1e-30;
         }
     }
     std::vector<float> out(M, NAN);
-    if (v == Acc) out = r0;
     std::vector<bf16_t> act(M, 0x7fc0);
     void* o = glu ? (void*)act.data() : (void*)out.data();
-    const void* xin = norm ? (const void*)r.data() : (const void*)xb.data();
     const int per_block = 8 / wpr;
     launch(dim3{(unsigned)((M + per_block - 1) / per_block), 1, 1}, 256,
-           [&] { fn(o, xin, W.data(), 1, M, K, norm ? nw.data() : nullptr, norm ? eps : 0.0f); });
+           [&] { fn(o, xb.data(), W.data(), 1, M, K); });
     char tag[96];
     snprintf(tag, sizeof tag, "%s %s %d K %d", name, glu ? "F" : "M", M, K);
     within(tag, glu ? from_bf(act) : out, want, tol);
@@ -232,18 +198,6 @@ void run_gemv() {
         {"gemv_glu_bf16_b1_k2", gemv_glu_bf16_b1_k2, Glu, 2, 2056},
         {"gemv_glu_bf16_b1_k4", gemv_glu_bf16_b1_k4, Glu, 4, 8192},
         {"gemv_glu_bf16_b1_k8", gemv_glu_bf16_b1_k8, Glu, 8, 16392},
-        {"gemv_norm_bf16_b1", gemv_norm_bf16_b1, Norm, 1, 2048},
-        {"gemv_norm_bf16_b1_k2", gemv_norm_bf16_b1_k2, Norm, 2, 3584},
-        {"gemv_norm_bf16_b1_k4", gemv_norm_bf16_b1_k4, Norm, 4, 4104},
-        {"gemv_norm_bf16_b1_k8", gemv_norm_bf16_b1_k8, Norm, 8, 16392},
-        {"gemv_acc_bf16_b1", gemv_acc_bf16_b1, Acc, 1, 896},
-        {"gemv_acc_bf16_b1_k2", gemv_acc_bf16_b1_k2, Acc, 2, 4096},
-        {"gemv_acc_bf16_b1_k4", gemv_acc_bf16_b1_k4, Acc, 4, 6144},
-        {"gemv_acc_bf16_b1_k8", gemv_acc_bf16_b1_k8, Acc, 8, 8960},
-        {"gemv_glu_norm_bf16_b1", gemv_glu_norm_bf16_b1, GluNorm, 1, 1024},
-        {"gemv_glu_norm_bf16_b1_k2", gemv_glu_norm_bf16_b1_k2, GluNorm, 2, 3072},
-        {"gemv_glu_norm_bf16_b1_k4", gemv_glu_norm_bf16_b1_k4, GluNorm, 4, 5120},
-        {"gemv_glu_norm_bf16_b1_k8", gemv_glu_norm_bf16_b1_k8, GluNorm, 8, 16392},
     };
     for (const V& v : vs) b1(v.name, v.fn, v.v, v.wpr, 13, v.K);
 }

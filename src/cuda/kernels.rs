@@ -631,16 +631,13 @@ fn matmul_checks(
 enum Row1 {
     Plain,
     Glu,
-    Norm,
-    Acc,
-    GluNorm,
 }
 
 /// The single-row kernel for `v` and rows of length `k`, and its output rows per block: warps
 /// per row from the row length, so that each lane has one round of at most 8 loads in flight
 /// (K ≤ 2048 · warps); 8 warps per block.
 fn gemv1_kernel(v: Row1, k: usize) -> (&'static str, usize) {
-    const NAMES: [[&str; 4]; 5] = [
+    const NAMES: [[&str; 4]; 2] = [
         [
             "gemv_bf16_b1",
             "gemv_bf16_b1_k2",
@@ -653,24 +650,6 @@ fn gemv1_kernel(v: Row1, k: usize) -> (&'static str, usize) {
             "gemv_glu_bf16_b1_k4",
             "gemv_glu_bf16_b1_k8",
         ],
-        [
-            "gemv_norm_bf16_b1",
-            "gemv_norm_bf16_b1_k2",
-            "gemv_norm_bf16_b1_k4",
-            "gemv_norm_bf16_b1_k8",
-        ],
-        [
-            "gemv_acc_bf16_b1",
-            "gemv_acc_bf16_b1_k2",
-            "gemv_acc_bf16_b1_k4",
-            "gemv_acc_bf16_b1_k8",
-        ],
-        [
-            "gemv_glu_norm_bf16_b1",
-            "gemv_glu_norm_bf16_b1_k2",
-            "gemv_glu_norm_bf16_b1_k4",
-            "gemv_glu_norm_bf16_b1_k8",
-        ],
     ];
     let (i, per_block) = match k {
         0..=2048 => (0, 8),
@@ -681,15 +660,12 @@ fn gemv1_kernel(v: Row1, k: usize) -> (&'static str, usize) {
     (NAMES[v as usize][i], per_block)
 }
 
-/// Launches a single-row gemv: `rows` outputs (features for the GLU variants), x or the
-/// residual r of length k, and the norm weight and eps for the norm variants.
-#[allow(clippy::too_many_arguments)]
-fn gemv1_launch<O: Arg, X: Arg>(
+/// Launches a single-row gemv: `rows` outputs (features for the GLU variant), x of length k.
+fn gemv1_launch<O: Arg>(
     gpu: &Gpu,
     v: Row1,
     out: &O,
-    x: &X,
-    norm: Option<(&CudaView<'_, bf16>, f32)>,
+    x: &CudaView<'_, bf16>,
     w: &CudaView<'_, bf16>,
     rows: usize,
     k: usize,
@@ -699,14 +675,10 @@ fn gemv1_launch<O: Arg, X: Arg>(
     let f = gpu.func(name)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&1i32).arg(&mi).arg(&ki);
-    match norm {
-        Some((nw, eps)) => l.arg(nw).arg(&eps),
-        None => l.arg(&NULL).arg(&0f32),
-    };
     let launch = cfg((rows.div_ceil(per_block) as u32, 1, 1), 256, 0);
-    // SAFETY: argument order and types match the gemv*_b1 kernels (out, x, W, B, M, K, norm_w,
-    // eps); the callers checked lengths (W has `rows` rows, or 2·rows for GLU), K % 8 and the
-    // 16-byte alignment of x/r, W and norm_w.
+    // SAFETY: argument order and types match the gemv*_b1 kernels (out, x, W, B, M, K); the
+    // callers checked lengths (W has `rows` rows, or 2·rows for GLU), K % 8 and the 16-byte
+    // alignment of x and W.
     gpu.launched(name, unsafe { l.launch(launch) })
 }
 
@@ -768,7 +740,7 @@ fn gemv_live(
         return Ok(());
     }
     if b == 1 {
-        return gemv1_launch(gpu, Row1::Plain, out, x, None, w, m, k);
+        return gemv1_launch(gpu, Row1::Plain, out, x, w, m, k);
     }
     gemv_tc_launch(gpu, false, out, x, w, (b, m, k), live)
 }
@@ -838,87 +810,9 @@ fn gemv_glu_live(
         return Ok(());
     }
     if b == 1 {
-        return gemv1_launch(gpu, Row1::Glu, act, x, None, w, f, k);
+        return gemv1_launch(gpu, Row1::Glu, act, x, w, f, k);
     }
     gemv_tc_launch(gpu, true, act, x, w, (b, f, k), live)
-}
-
-/// Checks of the residual-reading single-row variants: r f32 [K], norm_w bf16 [K].
-fn norm_checks(
-    gpu: &Gpu,
-    kernel: &str,
-    r: &CudaView<'_, f32>,
-    norm_w: &CudaView<'_, bf16>,
-    k: usize,
-) -> Result<()> {
-    check(kernel, "r", r.len(), k, "[K]")?;
-    check(kernel, "norm weight", norm_w.len(), k, "[K]")?;
-    aligned16(gpu, kernel, "r", r)?;
-    aligned16(gpu, kernel, "norm weight", norm_w)
-}
-
-/// Batch-1 product of the normalised residual (residual_norm's y computed inside the kernel):
-/// out f32 [M] = W · bf16(r · inv · norm_w), inv = 1/sqrt(mean(r²) + eps).
-/// r f32 [K], norm_w bf16 [K], W bf16 [M, K]; K % 8 == 0.
-#[allow(clippy::too_many_arguments)]
-pub fn gemv1_norm(
-    gpu: &Gpu,
-    out: &mut CudaViewMut<'_, f32>,
-    r: &CudaView<'_, f32>,
-    norm_w: &CudaView<'_, bf16>,
-    eps: f32,
-    w: &CudaView<'_, bf16>,
-    m: usize,
-    k: usize,
-) -> Result<()> {
-    let name = gemv1_kernel(Row1::Norm, k).0;
-    check(name, "out", out.len(), m, "[M]")?;
-    norm_checks(gpu, name, r, norm_w, k)?;
-    weight_checks(gpu, name, w, m, k)?;
-    if m == 0 {
-        return Ok(());
-    }
-    gemv1_launch(gpu, Row1::Norm, out, r, Some((norm_w, eps)), w, m, k)
-}
-
-/// The gate|up product with SiLU·mul of the normalised residual, batch 1:
-/// act bf16 [F] = silu(y·W[..F]ᵀ) · (y·W[F..]ᵀ), y = bf16(rmsnorm(r) · norm_w) as in `gemv1_norm`.
-#[allow(clippy::too_many_arguments)]
-pub fn gemv1_glu_norm(
-    gpu: &Gpu,
-    act: &mut CudaViewMut<'_, bf16>,
-    r: &CudaView<'_, f32>,
-    norm_w: &CudaView<'_, bf16>,
-    eps: f32,
-    w: &CudaView<'_, bf16>,
-    f: usize,
-    k: usize,
-) -> Result<()> {
-    let name = gemv1_kernel(Row1::GluNorm, k).0;
-    check(name, "act", act.len(), f, "[F]")?;
-    norm_checks(gpu, name, r, norm_w, k)?;
-    weight_checks(gpu, name, w, 2 * f, k)?;
-    if f == 0 {
-        return Ok(());
-    }
-    gemv1_launch(gpu, Row1::GluNorm, act, r, Some((norm_w, eps)), w, f, k)
-}
-
-/// The residual add fused into a batch-1 product: r f32 [M] += W · x, x bf16 [K], W bf16 [M, K].
-pub fn gemv1_acc(
-    gpu: &Gpu,
-    r: &mut CudaViewMut<'_, f32>,
-    x: &CudaView<'_, bf16>,
-    w: &CudaView<'_, bf16>,
-    m: usize,
-    k: usize,
-) -> Result<()> {
-    let name = gemv1_kernel(Row1::Acc, k).0;
-    matmul_checks(gpu, name, r, x, w, (1, m, k))?;
-    if m == 0 {
-        return Ok(());
-    }
-    gemv1_launch(gpu, Row1::Acc, r, x, None, w, m, k)
 }
 
 /// Tensor-core product: out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ. Any N, M; K % 8 == 0.

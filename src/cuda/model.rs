@@ -224,10 +224,6 @@ pub struct CudaEngine {
     /// Replayable decode steps, keyed by token count (all tokens write the cache).
     graphs: HashMap<usize, CudaGraph>,
     pub use_graphs: bool,
-    /// Single-row steps without hooks fuse each RMSNorm into the following product and each
-    /// residual add into the preceding one. Off unless `THINKSTEER_FUSE_NORM=1`: written and
-    /// compile-checked, not yet run on a GPU (PERFORMANCE.md).
-    pub fuse_norm: bool,
     /// (slot, first position) while a call is one contiguous chunk of one sequence (prefill).
     prefill: Option<(usize, usize)>,
     /// Set on a thinking model taking part in the hybrid loop.
@@ -400,7 +396,6 @@ impl CudaEngine {
             host_i32: vec![],
             graphs: HashMap::new(),
             use_graphs: true,
-            fuse_norm: std::env::var("THINKSTEER_FUSE_NORM").is_ok_and(|v| v == "1"),
             prefill: None,
             sae: None,
             hy: None,
@@ -646,89 +641,6 @@ impl CudaEngine {
         )
     }
 
-    /// Decoder block l for a single row with the norms and residual adds fused into the products
-    /// (gemv.cu's _norm and _acc kernels): qkv = W_qkv · norm(r); RoPE and cache; attention;
-    /// r += W_o · attn; act = silu·mul(W_gate_up · norm(r)); r += W_down · act. Same arithmetic
-    /// and roundings as `close_point` + `block`, in 6 launches instead of 8.
-    fn block_row1(&mut self, l: usize, n_write: usize) -> Result<()> {
-        let c = &self.config;
-        let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
-        let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (wq, sh, splits) = ((h + 2 * hkv) * dh, self.shape(), self.splits);
-        let g = &self.gpu;
-        let (a, w) = (&mut self.a, &self.w.layers[l]);
-        k::gemv1_norm(
-            g,
-            &mut a.qkv.slice_mut(..wq),
-            &a.r.slice(..d),
-            &w.input_layernorm.as_view(),
-            eps,
-            &w.qkv_proj.as_view(),
-            wq,
-            d,
-        )?;
-        let bias = w.qkv_bias.as_ref().map(|b| b.as_view());
-        k::qkv_rope(
-            g,
-            &a.qkv.slice(..wq),
-            bias.as_ref(),
-            &self.inv_freq.as_view(),
-            &a.pos.slice(..1),
-            &a.slot.slice(..1),
-            n_write,
-            &mut a.q.slice_mut(..h * dh),
-            &mut a.k_self.slice_mut(..hkv * dh),
-            &mut a.v_self.slice_mut(..hkv * dh),
-            &mut self.k_cache[l].as_view_mut(),
-            &mut self.v_cache[l].as_view_mut(),
-            1,
-            sh,
-        )?;
-        k::attention_decode(
-            g,
-            &a.q.slice(..h * dh),
-            &self.k_cache[l].as_view(),
-            &self.v_cache[l].as_view(),
-            &a.k_self.slice(..hkv * dh),
-            &a.v_self.slice(..hkv * dh),
-            &a.pos.slice(..1),
-            &a.slot.slice(..1),
-            &mut a.part_o.slice_mut(..h * splits * dh),
-            &mut a.part_ml.slice_mut(..h * splits * 2),
-            &mut a.attn.slice_mut(..h * dh),
-            1,
-            sh,
-            splits,
-            None,
-        )?;
-        k::gemv1_acc(
-            g,
-            &mut a.r.slice_mut(..d),
-            &a.attn.slice(..h * dh),
-            &w.o_proj.as_view(),
-            d,
-            h * dh,
-        )?;
-        k::gemv1_glu_norm(
-            g,
-            &mut a.act.slice_mut(..f),
-            &a.r.slice(..d),
-            &w.post_attention_layernorm.as_view(),
-            eps,
-            &w.gate_up_proj.as_view(),
-            f,
-            d,
-        )?;
-        k::gemv1_acc(
-            g,
-            &mut a.r.slice_mut(..d),
-            &a.act.slice(..f),
-            &w.down_proj.as_view(),
-            d,
-            f,
-        )
-    }
-
     /// r = embed(ids) for the uploaded rows 0..t.
     pub(crate) fn embed(&mut self, t: usize) -> Result<()> {
         let (d, v) = (self.config.hidden_size, self.config.vocab_size);
@@ -762,13 +674,6 @@ impl CudaEngine {
                 .map_err(cu("uploading steering"))?;
         }
         self.embed(t)?;
-        if t == 1 && self.fuse_norm && hooks.steer.is_none() && hooks.capture.is_empty() {
-            for l in 0..n {
-                self.block_row1(l, n_write)?;
-            }
-            // The last down product added itself to r: only the final norm remains.
-            return self.close_point(0..1, n, false, SteerSel::None, false, None);
-        }
         for l in 0..=n {
             let steer = if steer_at == Some(l) {
                 SteerSel::Dense
