@@ -3,7 +3,7 @@
 //! tiled attention, SiLU·mul and the cross-entropy, forward and backward.
 
 use super::kernels::{cfg, check, int, is_aligned16, NULL};
-use super::launch::Launch;
+use super::launch::{Arg, Launch};
 use super::Gpu;
 use crate::{Error, Result};
 use cudarc::driver::{CudaView, CudaViewMut};
@@ -209,21 +209,8 @@ fn vg_mm_tc(
             // x and W are 16-byte aligned with K, ldx, ldw (and N for x·W) multiples of the
             // vector widths the kernel loads.
             gpu.launched(K, unsafe { l.launch(cfg(grid, 128, 0)) })?;
-            let splits_i = int(K, "splits", splits)?;
             let (t, n, ldo) = (ints[0], ints[1], ints[5]);
-            let f = gpu.func("vg_mm_reduce_f32")?;
-            let mut l = Launch::new(gpu, f);
-            l.arg(out).arg(p);
-            match bias {
-                Some(b) => l.arg(b),
-                None => l.arg(&NULL),
-            };
-            l.arg(&t).arg(&n).arg(&ldo).arg(&splits_i).arg(&ac);
-            // SAFETY: argument order and types match vg_mm_reduce_f32; part holds the
-            // splits·T·N partial sums just written, out spans [T, N] at ldo.
-            gpu.launched("vg_mm_reduce_f32", unsafe {
-                l.launch(cfg((grid_stride(m.t * m.n), 1, 1), 256, 0))
-            })?;
+            reduce_splits(gpu, out, p, bias, (t, n, ldo), splits, ac != 0)?;
             Ok(MmPath::TensorCore { splits })
         }
         _ => {
@@ -244,6 +231,31 @@ fn vg_mm_tc(
             Ok(MmPath::TensorCore { splits: 1 })
         }
     }
+}
+
+/// out[t, n] (+)= Σ_z part[z, t, n] (+ bias[n]) in z order (vg_mm_reduce_f32): the sum of the
+/// partial products of a split-K launch. part f32 [splits, T, N] (the caller's kernel just
+/// wrote them), out [T, N] at row stride ldo.
+pub(super) fn reduce_splits<O: Arg>(
+    gpu: &Gpu,
+    out: &O,
+    part: &impl Arg,
+    bias: Option<&CudaView<'_, f32>>,
+    (t, n, ldo): (i32, i32, i32),
+    splits: usize,
+    accumulate: bool,
+) -> Result<()> {
+    const R: &str = "vg_mm_reduce_f32";
+    let (splits_i, ac) = (int(R, "splits", splits)?, accumulate as i32);
+    let f = gpu.func(R)?;
+    let mut l = Launch::new(gpu, f);
+    l.arg(out).arg(part).arg(&bias);
+    l.arg(&t).arg(&n).arg(&ldo).arg(&splits_i).arg(&ac);
+    // SAFETY: argument order and types match vg_mm_reduce_f32; the callers pass part holding
+    // splits·T·N floats and out spanning [T, N] at ldo (checked where they were written).
+    gpu.launched(R, unsafe {
+        l.launch(cfg((grid_stride(t as usize * n as usize), 1, 1), 256, 0))
+    })
 }
 
 /// y f32 [T, D] = rmsnorm(x f32 [T, D]) with weight w bf16 [D]; r f32 [T] = 1/rms.

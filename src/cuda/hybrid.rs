@@ -71,6 +71,16 @@ pub struct CudaHybrid {
 /// along the weight reads of at most two 32-row product launches per matrix.
 pub const GATE_FIRST_ROWS: usize = 64;
 
+/// The SAE category of the thinking model's rows [0, b) (the fused encode writes them).
+fn categories(think: &CudaEngine, b: usize) -> cudarc::driver::CudaView<'_, i32> {
+    think
+        .sae
+        .as_ref()
+        .expect("the hybrid step puts the SAE on the thinking engine")
+        .category
+        .slice(..b)
+}
+
 /// The handle for the thinking model of a hybrid step whose base model runs on `gpu`: a sibling
 /// stream, so the two models' launches overlap (each alone is bound by latency at small
 /// batches), or `gpu` itself with THINKSTEER_HYBRID_STREAMS=1.
@@ -396,13 +406,7 @@ impl CudaHybrid {
         // Candidate rows: copies of each problem's residual, steered by c·(b + V[category]).
         self.join_thinking()?;
         let bm = &mut self.base;
-        let category = self
-            .think
-            .sae
-            .as_ref()
-            .expect("set in new")
-            .category
-            .slice(..b);
+        let category = categories(&self.think, b);
         k::hybrid_expand(
             &self.gpu,
             &mut bm.a.r.slice_mut(..r * d),
@@ -479,13 +483,7 @@ impl CudaHybrid {
         )?;
         // The candidate pass: rows [0, n) of the base model's buffers, none writing the cache.
         let p = self.steer_point;
-        let category = self
-            .think
-            .sae
-            .as_ref()
-            .expect("set in new")
-            .category
-            .slice(..b);
+        let category = categories(&self.think, b);
         let a = &mut self.base.a;
         let saved = a.r_saved.slice(..b * d);
         k::hybrid_expand_compact(
@@ -613,8 +611,7 @@ impl CudaHybrid {
             .map_err(cu("reading the step"))?;
         st.memcpy_dtoh(&self.win.slice(..b), w.as_mut_slice())
             .map_err(cu("reading the step"))?;
-        let category = &self.think.sae.as_ref().expect("set in new").category;
-        st.memcpy_dtoh(&category.slice(..b), cat.as_mut_slice())
+        st.memcpy_dtoh(&categories(&self.think, b), cat.as_mut_slice())
             .map_err(cu("reading the step"))?;
         self.gpu.sync()?;
         Ok((0..b)

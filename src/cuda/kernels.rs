@@ -921,16 +921,8 @@ pub fn gemm_with(
     if splits == 1 {
         return Ok(());
     }
-    const R: &str = "vg_mm_reduce_f32";
-    let (splits_i, zero) = (int(R, "splits", splits)?, 0i32);
-    let f = gpu.func(R)?;
-    let mut l = Launch::new(gpu, f);
-    l.arg(out).arg(part).arg(&NULL);
-    l.arg(&ni).arg(&mi).arg(&mi).arg(&splits_i).arg(&zero);
-    // SAFETY: argument order and types match vg_mm_reduce_f32 (grad.cu: out = Σ_z part[z] in z
-    // order, no bias, no accumulate); part holds the splits·N·M sums just written, out [N, M].
-    let blocks = (n * m).div_ceil(256).clamp(1, 1 << 16) as u32;
-    gpu.launched(R, unsafe { l.launch(cfg((blocks, 1, 1), 256, 0)) })
+    // out = Σ_z part[z] in z order (no bias, no accumulate).
+    super::grad_kernels::reduce_splits(gpu, out, part, None, (ni, mi, mi), splits, false)
 }
 
 /// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS; below
