@@ -258,14 +258,15 @@ extern "C" __global__ void __launch_bounds__(128)
     }
 }
 
-// out[t, n] (+)= Σ_z part[z][t][n] (+ bias[n]), z in order: the end of a split vg_mm_tc_f32.
+// out[t, n] (+)= Σ_z part[z][t][n] (+ bias[n]), z in order: the end of a split vg_mm_tc_f32 (and
+// of a split gemm_bf16). live (nullable, device): only rows t < *live (common.cuh live_rows).
 // Launch: grid-stride over T·N, block 256.
 extern "C" __global__ void __launch_bounds__(256)
     vg_mm_reduce_f32(float* __restrict__ out, const float* __restrict__ part, const float* __restrict__ bias,
-                     int T, int N, int ldo, int splits, int accumulate) {
+                     int T, int N, int ldo, int splits, int accumulate, const int* __restrict__ live) {
     pdl_enter();
-    const size_t tn = (size_t)T * N;
-    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < tn; e += (size_t)gridDim.x * blockDim.x) {
+    const size_t tn = (size_t)T * N, used = (size_t)live_rows(live, T) * N;
+    for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < used; e += (size_t)gridDim.x * blockDim.x) {
         const int t = (int)(e / N), n = (int)(e % N);
         float v = 0.0f;
         for (int z = 0; z < splits; ++z) v += part[(size_t)z * tn + e];

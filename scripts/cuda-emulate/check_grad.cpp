@@ -115,13 +115,38 @@ static void mm_tc(int T, int N, int Kd, bool trans, int splits_per) {
         vg_mm_tc_f32(out.data(), part.data(), x.data(), W.data(), bias.data(), T, N, Kd, ldx, ldw, ldo, trans, 1, per);
     });
     if (splits > 1)
-        launch(dim3{4, 1, 1}, 256, [&] { vg_mm_reduce_f32(out.data(), part.data(), bias.data(), T, N, ldo, splits, 1); });
+        launch(dim3{4, 1, 1}, 256, [&] { vg_mm_reduce_f32(out.data(), part.data(), bias.data(), T, N, ldo, splits, 1, nullptr); });
     char tag[96];
     snprintf(tag, sizeof tag, "mm_tc T %d N %d K %d trans %d splits %d", T, N, Kd, (int)trans, splits);
     compare(tag, out, want, std::vector<char>(want.size(), 1));
 }
 
+// vg_mm_reduce_f32 with a live row count (the end of a split gemm_bf16 in the hybrid step's
+// candidate pass): rows < live get Σ_z part in z order (no bias, no accumulate), the others keep
+// their NaN.
+static void reduce_live(int T, int N, int splits, int live) {
+    OwnRng own(103);
+    const auto part = randv((size_t)splits * T * N);
+    std::vector<float> out((size_t)T * N, NAN);
+    std::vector<double> want(out.size(), 0.0);
+    std::vector<char> needed(out.size(), 0), dead(out.size(), 0);
+    for (int t = 0; t < T; ++t)
+        for (int n = 0; n < N; ++n) {
+            const size_t e = (size_t)t * N + n;
+            needed[e] = t < live;
+            dead[e] = t >= live;
+            for (int z = 0; z < splits; ++z) want[e] += part[(size_t)z * T * N + e];
+        }
+    launch(dim3{3, 1, 1}, 256,
+           [&] { vg_mm_reduce_f32(out.data(), part.data(), nullptr, T, N, N, splits, 0, &live); });
+    char tag[96];
+    snprintf(tag, sizeof tag, "mm_reduce T %d N %d splits %d live %d", T, N, splits, live);
+    compare(tag, out, want, needed);
+    kept_nan("  rows from live keep NaN", out, dead);
+}
+
 void run_grad() {
+    reduce_live(40, 37, 3, 13);
     attention(70, 25, 4, 2, 64);
     attention(9, 0, 6, 2, 128);
     attention(40, 70, 8, 8, 64);

@@ -210,7 +210,7 @@ fn vg_mm_tc(
             // vector widths the kernel loads.
             gpu.launched(K, unsafe { l.launch(cfg(grid, 128, 0)) })?;
             let (t, n, ldo) = (ints[0], ints[1], ints[5]);
-            reduce_splits(gpu, out, p, bias, (t, n, ldo), splits, ac != 0)?;
+            reduce_splits(gpu, out, p, bias, (t, n, ldo), splits, ac != 0, None)?;
             Ok(MmPath::TensorCore { splits })
         }
         _ => {
@@ -235,7 +235,8 @@ fn vg_mm_tc(
 
 /// out[t, n] (+)= Σ_z part[z, t, n] (+ bias[n]) in z order (vg_mm_reduce_f32): the sum of the
 /// partial products of a split-K launch. part f32 [splits, T, N] (the caller's kernel just
-/// wrote them), out [T, N] at row stride ldo.
+/// wrote them), out [T, N] at row stride ldo; with `live`, rows t < live[0] only.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn reduce_splits<O: Arg>(
     gpu: &Gpu,
     out: &O,
@@ -244,15 +245,22 @@ pub(super) fn reduce_splits<O: Arg>(
     (t, n, ldo): (i32, i32, i32),
     splits: usize,
     accumulate: bool,
+    live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
     const R: &str = "vg_mm_reduce_f32";
     let (splits_i, ac) = (int(R, "splits", splits)?, accumulate as i32);
     let f = gpu.func(R)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(part).arg(&bias);
-    l.arg(&t).arg(&n).arg(&ldo).arg(&splits_i).arg(&ac);
+    l.arg(&t)
+        .arg(&n)
+        .arg(&ldo)
+        .arg(&splits_i)
+        .arg(&ac)
+        .arg(&live);
     // SAFETY: argument order and types match vg_mm_reduce_f32; the callers pass part holding
-    // splits·T·N floats and out spanning [T, N] at ldo (checked where they were written).
+    // splits·T·N floats and out spanning [T, N] at ldo (checked where they were written); live
+    // is only read.
     gpu.launched(R, unsafe {
         l.launch(cfg((grid_stride(t as usize * n as usize), 1, 1), 256, 0))
     })

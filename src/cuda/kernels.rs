@@ -893,15 +893,22 @@ pub fn gemm_with(
     );
     // Split K when the output tiles fill less than two blocks per SM (decode batches): at most
     // K / (8·N) splits, so the partial sums' traffic stays under half the weights', at least 8
-    // k tiles of 32 per split, and within the scratch.
-    let (tiles, nk) = (m.div_ceil(128) * n.div_ceil(bn), k.div_ceil(32));
+    // k tiles of 32 per split, and within the scratch (indexed by the full N). With a live
+    // count the rows in use are decided on the device: the split is sized for two row tiles of
+    // them (the hybrid step's disagreeing problems are a few of its batch).
+    let row_tiles = if live.is_some() {
+        n.div_ceil(bn).min(2)
+    } else {
+        n.div_ceil(bn)
+    };
+    let (tiles, nk) = (m.div_ceil(128) * row_tiles, k.div_ceil(32));
     let want = if tiles < gpu.sms {
         (2 * gpu.sms).div_ceil(tiles)
     } else {
         1
     };
     let splits = want
-        .min(k / (8 * n))
+        .min(k / (8 * n.min(row_tiles * bn)))
         .min(nk / 8)
         .min(super::SCRATCH_GEMM_PART / (n * m))
         .clamp(1, 16);
@@ -922,7 +929,7 @@ pub fn gemm_with(
         return Ok(());
     }
     // out = Σ_z part[z] in z order (no bias, no accumulate).
-    super::grad_kernels::reduce_splits(gpu, out, part, None, (ni, mi, mi), splits, false)
+    super::grad_kernels::reduce_splits(gpu, out, part, None, (ni, mi, mi), splits, false, live)
 }
 
 /// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS; below

@@ -82,8 +82,9 @@ struct Profile {
 pub(crate) const SCRATCH_COUNTERS: usize = 1 << 16;
 /// Entries of the argmax partial buffers: rows × blocks per row.
 pub(crate) const SCRATCH_PARTIALS: usize = 1 << 18;
-/// Floats of split-K partial sums of `gemm` (16 MB): e.g. 16 splits of a 64-row × 4096 output.
-pub(crate) const SCRATCH_GEMM_PART: usize = 1 << 22;
+/// Floats of split-K partial sums of `gemm` (32 MB): e.g. 16 splits of a 64-row × 8192 output,
+/// or 8 of the hybrid step's 640 candidate rows × 1536.
+pub(crate) const SCRATCH_GEMM_PART: usize = 1 << 23;
 
 /// Completion counters (all zero between launches: the kernel that uses them leaves them zero)
 /// and per-block partial results, one set per `Gpu` handle. A handle's launches are all on its
