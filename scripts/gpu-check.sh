@@ -40,7 +40,12 @@ echo "== bench"
 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
 timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
 timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
-timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || { status=1; cat "$OUT/bench-hybrid.err"; }
+timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || {
+    status=1; cat "$OUT/bench-hybrid.err"
+    # Still time the step as run 13 did (one stream, single pass) so the call is not wasted.
+    echo "== retry: THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0"
+    THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2>> "$OUT/bench-hybrid.err" || tail -5 "$OUT/bench-hybrid.err"
+}
 fi
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ] && one; then
     echo "== per-kernel profiles (one eager prefill / decode step / hybrid step each)"
