@@ -20,6 +20,12 @@
 //   SM). NS is fixed by the caller (ceil(max context / chunk)); splits with sp·chunk ≥ L return
 //   at once, so the launch does not depend on lengths (CUDA graphs). live (nullable, device): rows
 //   t ≥ *live return at once (common.cuh live_rows).
+// attention_decode_g{2..8}_bf16 — the same function for a model with G = H / Hkv query heads per kv
+//   head, one block per (split, kv head, token) computing the whole group: each K/V row is loaded
+//   once for G heads instead of once per head (G× less traffic from L2 into the SMs, which long
+//   contexts at large batches are bound by); 4 keys per warp step. The group's partials are
+//   written per head as above, counted in counters[t, kvh·G], and its last split combines all G
+//   heads. Launch: grid (NS, Hkv, T), block 256, static shared memory G·8·128·4 bytes + 0.2 KB.
 // attention_prefill_bf16 (prefill chunks, on tensor cores) lives in prefill_attention.cu.
 #include "common.cuh"
 
@@ -43,19 +49,55 @@ __device__ __forceinline__ void load_row_part(const bf16_t* row, int lane, float
     }
 }
 
-template <int NPL, int U>
+// The combine of head h of token t by the last split to finish: out[t, h] from the `used` splits'
+// partials (see the banner).
+template <int DH>
+__device__ void combine_head(const float* __restrict__ part_o, const float* __restrict__ part_ml,
+                             bf16_t* __restrict__ out, int t, int h, int H, int NS, int used) {
+    // The used splits' maxima and sums are read by all threads at once (block reductions), then
+    // each thread sums its dims over the splits.
+    const size_t b0 = ((size_t)t * H + h) * NS;
+    __shared__ float sw[32];
+    // Maximum over all used splits, then weights e^{m_sp − M}.
+    float MM = -INFINITY;
+    for (int q2 = threadIdx.x; q2 < used; q2 += blockDim.x) MM = fmaxf(MM, __ldcg(part_ml + (b0 + q2) * 2));
+    MM = block_max(MM, sw);
+    float lpart = 0.0f;
+    for (int q2 = threadIdx.x; q2 < used; q2 += blockDim.x)
+        lpart += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_ml + (b0 + q2) * 2 + 1);
+    const float inv = 1.0f / block_sum(lpart, sw);
+    for (int d = threadIdx.x; d < DH; d += blockDim.x) {
+        float o = 0.0f;
+#pragma unroll 8
+        for (int q2 = 0; q2 < used; ++q2)
+            o += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_o + (b0 + q2) * DH + d);
+        out[((size_t)t * H + h) * DH + d] = f2bf(o * inv);
+    }
+}
+
+// The warps' per-head partials, merged at the end of a split: declared once per kernel for the
+// larger head dim (both Dh instantiations use it), so a group of 8 heads fits 48 KB.
+template <int G>
+struct DecodeShared {
+    float m[DEC_WARPS][G], l[DEC_WARPS][G];
+    float acc[DEC_WARPS][G][128];
+};
+
+// One split of the keys of token t for G query heads h0 .. h0 + G − 1 (h0 = blockIdx.y·G), which
+// share kv head h0 / (H / Hkv): G = 1, one head per block; G = H / Hkv, a whole GQA group, each
+// K/V row loaded once for all of its heads. The last split to finish (counted in
+// counters[t, h0]) combines the group's heads.
+template <int NPL, int G, int U>
 __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
                              const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
                              const bf16_t* __restrict__ v_self, const int* __restrict__ pos,
                              const int* __restrict__ slot, float* __restrict__ part_o,
                              float* __restrict__ part_ml, bf16_t* __restrict__ out,
                              unsigned int* __restrict__ counters, int H, int Hkv, int S, int slots, int chunk,
-                             int NS, const int* __restrict__ live) {
+                             int NS, const int* __restrict__ live, DecodeShared<G>& sm) {
     pdl_enter();
     constexpr int DH = NPL * 32;
-    __shared__ float sm_m[DEC_WARPS], sm_l[DEC_WARPS];
-    __shared__ float sm_acc[DEC_WARPS][DH];
-    const int sp = blockIdx.x, h = blockIdx.y, t = blockIdx.z;
+    const int sp = blockIdx.x, h0 = blockIdx.y * G, t = blockIdx.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (t >= live_rows(live, gridDim.z)) return;  // all splits of the row return: counter untouched
     const int p = pos[t];
@@ -63,24 +105,28 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     const int j0 = sp * chunk;
     if (j0 >= L) return;
     const int j1 = min(j0 + chunk, L);
-    const int kvh = h / (H / Hkv);
+    const int kvh = h0 / (H / Hkv);
     const int s = slot[t];
     // Cache positions actually readable: an out-of-range slot or pos reads only the token itself.
     const int cache_len = (s >= 0 && s < slots) ? min(p, S) : 0;
 
-    float qv[NPL];
-    load_row_part<NPL>(q + ((size_t)t * H + h) * DH, lane, qv);
     const float scale = rsqrtf((float)DH);
+    float qv[G][NPL], m[G], l[G], acc[G][NPL];
 #pragma unroll
-    for (int i = 0; i < NPL; ++i) qv[i] *= scale;
-
-    float m = -INFINITY, l = 0.0f, acc[NPL];
+    for (int g = 0; g < G; ++g) {
+        load_row_part<NPL>(q + ((size_t)t * H + h0 + g) * DH, lane, qv[g]);
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < NPL; ++i) acc[i] = 0.0f;
+        for (int i = 0; i < NPL; ++i) {
+            qv[g][i] *= scale;
+            acc[g][i] = 0.0f;
+        }
+    }
     const bf16_t* kself = k_self + ((size_t)t * Hkv + kvh) * DH;
     const bf16_t* vself = v_self + ((size_t)t * Hkv + kvh) * DH;
     // Warp w takes keys j0 + w + DEC_WARPS·i, U of them per step: all their K and V loads are
-    // issued before any score is used, so a split of 64 keys costs one memory round trip.
+    // issued before any score is used, so a split of 64 keys costs 64 / (8·U) memory round trips.
     for (int jb = j0 + warp; jb < j1; jb += DEC_WARPS * U) {
         float kv[U][NPL], vv[U][NPL];
         bool ok[U];
@@ -101,97 +147,88 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                 load_row_part<NPL>(vr, lane, vv[u]);
             }
         }
-        float sc[U];
-        float m_new = m;
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            float d = 0.0f;
-            if (ok[u]) {
+        for (int g = 0; g < G; ++g) {
+            float sc[U];
+            float m_new = m[g];
 #pragma unroll
-                for (int i = 0; i < NPL; ++i) d += qv[i] * kv[u][i];
+            for (int u = 0; u < U; ++u) {
+                float d = 0.0f;
+                if (ok[u]) {
+#pragma unroll
+                    for (int i = 0; i < NPL; ++i) d += qv[g][i] * kv[u][i];
+                }
+                sc[u] = ok[u] ? warp_sum(d) : -INFINITY;  // ok[u] is the same on every lane
+                m_new = fmaxf(m_new, sc[u]);
             }
-            sc[u] = ok[u] ? warp_sum(d) : -INFINITY;  // ok[u] is the same on every lane
-            m_new = fmaxf(m_new, sc[u]);
+            if (m_new == -INFINITY) continue;  // no key in this step
+            const float corr = expf(m[g] - m_new);  // 0 on the first step (m = −inf)
+            l[g] *= corr;
+#pragma unroll
+            for (int i = 0; i < NPL; ++i) acc[g][i] *= corr;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                if (!ok[u]) continue;
+                const float e = expf(sc[u] - m_new);
+                l[g] += e;
+#pragma unroll
+                for (int i = 0; i < NPL; ++i) acc[g][i] += e * vv[u][i];
+            }
+            m[g] = m_new;
         }
-        if (m_new == -INFINITY) continue;  // no key in this step
-        const float corr = expf(m - m_new);  // 0 on the first step (m = −inf)
-        l *= corr;
-#pragma unroll
-        for (int i = 0; i < NPL; ++i) acc[i] *= corr;
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            if (!ok[u]) continue;
-            const float e = expf(sc[u] - m_new);
-            l += e;
-#pragma unroll
-            for (int i = 0; i < NPL; ++i) acc[i] += e * vv[u][i];
-        }
-        m = m_new;
-    }
-    if (lane == 0) {
-        sm_m[warp] = m;
-        sm_l[warp] = l;
     }
 #pragma unroll
-    for (int i = 0; i < NPL; ++i) sm_acc[warp][lane * NPL + i] = acc[i];
+    for (int g = 0; g < G; ++g) {
+        if (lane == 0) {
+            sm.m[warp][g] = m[g];
+            sm.l[warp][g] = l[g];
+        }
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) sm.acc[warp][g][lane * NPL + i] = acc[g][i];
+    }
     __syncthreads();
-    float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < DEC_WARPS; ++w) M = fmaxf(M, sm_m[w]);
-    float f[DEC_WARPS];
+    for (int g = 0; g < G; ++g) {
+        float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < DEC_WARPS; ++w) f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
-    const size_t base = ((size_t)t * H + h) * NS + sp;
-    for (int d = threadIdx.x; d < DH; d += blockDim.x) {
-        float o = 0.0f;
+        for (int w = 0; w < DEC_WARPS; ++w) M = fmaxf(M, sm.m[w][g]);
+        float f[DEC_WARPS];
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) o += f[w] * sm_acc[w][d];
-        part_o[base * DH + d] = o;
-    }
-    if (threadIdx.x == 0) {
-        float lw = 0.0f;
+        for (int w = 0; w < DEC_WARPS; ++w) f[w] = sm.m[w][g] == -INFINITY ? 0.0f : expf(sm.m[w][g] - M);
+        const size_t base = ((size_t)t * H + h0 + g) * NS + sp;
+        for (int d = threadIdx.x; d < DH; d += blockDim.x) {
+            float o = 0.0f;
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; ++w) lw += f[w] * sm_l[w];
-        part_ml[base * 2] = M;
-        part_ml[base * 2 + 1] = lw;
+            for (int w = 0; w < DEC_WARPS; ++w) o += f[w] * sm.acc[w][g][d];
+            part_o[base * DH + d] = o;
+        }
+        if (threadIdx.x == 0) {
+            float lw = 0.0f;
+#pragma unroll
+            for (int w = 0; w < DEC_WARPS; ++w) lw += f[w] * sm.l[w][g];
+            part_ml[base * 2] = M;
+            part_ml[base * 2 + 1] = lw;
+        }
     }
 
-    // The last split of (t, h) to finish combines all of them (no second launch). Its counter is
+    // The last split of (t, h0) to finish combines all of them (no second launch). Its counter is
     // left at 0 for the next launch.
     const int used = min((L + chunk - 1) / chunk, NS);
     __shared__ bool is_last;
     __threadfence();  // publish this split's partials before counting it
     __syncthreads();
     if (threadIdx.x == 0) {
-        unsigned int* cnt = counters + (size_t)t * H + h;
+        unsigned int* cnt = counters + (size_t)t * H + h0;
         is_last = atomicAdd(cnt, 1u) == (unsigned int)(used - 1);
         if (is_last) *cnt = 0u;
     }
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    // Combine: the used splits' maxima and sums are read by all threads at once (block
-    // reductions), then each thread sums its dims over the splits with U loads in flight.
-    const size_t b0 = ((size_t)t * H + h) * NS;
-    __shared__ float sw[32];
-    // Maximum over all used splits, then weights e^{m_sp − M}.
-    float MM = -INFINITY;
-    for (int q2 = threadIdx.x; q2 < used; q2 += blockDim.x) MM = fmaxf(MM, __ldcg(part_ml + (b0 + q2) * 2));
-    MM = block_max(MM, sw);
-    float lpart = 0.0f;
-    for (int q2 = threadIdx.x; q2 < used; q2 += blockDim.x)
-        lpart += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_ml + (b0 + q2) * 2 + 1);
-    const float inv = 1.0f / block_sum(lpart, sw);
-    for (int d = threadIdx.x; d < DH; d += blockDim.x) {
-        float o = 0.0f;
-#pragma unroll 8
-        for (int q2 = 0; q2 < used; ++q2)
-            o += expf(__ldcg(part_ml + (b0 + q2) * 2) - MM) * __ldcg(part_o + (b0 + q2) * DH + d);
-        out[((size_t)t * H + h) * DH + d] = f2bf(o * inv);
-    }
+    for (int g = 0; g < G; ++g) combine_head<DH>(part_o, part_ml, out, t, h0 + g, H, NS, used);
 }
 
-#define DECODE_KERNEL(NAME, U)                                                                                    \
+#define DECODE_KERNEL(NAME, G, U)                                                                                 \
     extern "C" __global__ void NAME(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,            \
                                     const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,       \
                                     const bf16_t* __restrict__ v_self, const int* __restrict__ pos,              \
@@ -199,12 +236,20 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                                     float* __restrict__ part_ml, bf16_t* __restrict__ out,                       \
                                     unsigned int* __restrict__ counters, int H, int Hkv, int Dh, int S, int slots, \
                                     int chunk, int NS, const int* __restrict__ live) {                           \
+        __shared__ DecodeShared<G> sm;                                                                           \
         if (Dh == 128)                                                                                           \
-            decode_split<4, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
-                               Hkv, S, slots, chunk, NS, live);                                                  \
+            decode_split<4, G, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, \
+                                  H, Hkv, S, slots, chunk, NS, live, sm);                                        \
         else if (Dh == 64)                                                                                       \
-            decode_split<2, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, H, \
-                               Hkv, S, slots, chunk, NS, live);                                                  \
+            decode_split<2, G, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, \
+                                  H, Hkv, S, slots, chunk, NS, live, sm);                                        \
     }
-DECODE_KERNEL(attention_decode_bf16, 8)
-DECODE_KERNEL(attention_decode_u1_bf16, 1)
+DECODE_KERNEL(attention_decode_bf16, 1, 8)
+DECODE_KERNEL(attention_decode_u1_bf16, 1, 1)
+DECODE_KERNEL(attention_decode_g2_bf16, 2, 4)
+DECODE_KERNEL(attention_decode_g3_bf16, 3, 4)
+DECODE_KERNEL(attention_decode_g4_bf16, 4, 4)
+DECODE_KERNEL(attention_decode_g5_bf16, 5, 4)
+DECODE_KERNEL(attention_decode_g6_bf16, 6, 4)
+DECODE_KERNEL(attention_decode_g7_bf16, 7, 4)
+DECODE_KERNEL(attention_decode_g8_bf16, 8, 4)

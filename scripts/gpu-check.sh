@@ -103,6 +103,11 @@ done
 # Batch 64 at 1,000-token contexts (the evaluation's answers run to 2,000 tokens), steered 1 in 8.
 echo "== bench --hybrid --prompt-len 1000 --steered-share 0.125"
 THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --prompt-len 1000 --steered-share 0.125 --new-tokens 64 2>&1 | tail -2
+# Decode attention with a GQA group per block (each K/V row loaded once for its 6 query heads):
+# batch 1 at a 2,000-token context and the batch-64 hybrid step at 1,000-token contexts.
+echo "== THINKSTEER_ATTN=group"
+THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ATTN=group timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 2>&1 | grep -E "decode|rror"
+THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ATTN=group timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --prompt-len 1000 --steered-share 0.125 --new-tokens 64 2>&1 | tail -2
 # The hybrid step with both models on one stream (the default runs the thinking model on its own).
 echo "== bench --hybrid, THINKSTEER_HYBRID_STREAMS=1"
 THINKSTEER_CUDA_PROFILE=0 THINKSTEER_HYBRID_STREAMS=1 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,64 --new-tokens "$NEW" 2>&1 | tail -4

@@ -11,7 +11,7 @@
 
 use half::bf16;
 use thinksteer::cpu_ops;
-use thinksteer::cuda::kernels::{self as k, AttnShape, GemmTile};
+use thinksteer::cuda::kernels::{self as k, AttnShape, DecodeAttn, GemmTile};
 use thinksteer::cuda::Gpu;
 
 const EPS32: f32 = f32::EPSILON;
@@ -383,17 +383,22 @@ fn attend_ref(q: &[f32], keys: &[f32], vals: &[f32], dh: usize) -> Vec<f32> {
 #[test]
 fn attention_decode_matches_cpu_attend_across_splits() {
     let Some(g) = gpu() else { return };
-    // 3 rows: 132 blocks (the 8-keys-per-step kernel); 30 rows: 1,320 blocks (the 1-key kernel).
+    // 3 rows: 132 blocks (the 8-keys-per-step kernel); 30 rows: 1,320 blocks (the 1-key kernel);
+    // then the grouped kernels (a GQA group per block) with the Qwen2.5-1.5B (12 / 2) and
+    // Llama-3.1-8B (32 / 8) head ratios.
     for t in [3usize, 30] {
-        check_attention_decode(&g, t);
+        check_attention_decode(&g, t, (4, 2), DecodeAttn::PerHead);
+    }
+    for (t, heads) in [(3usize, (12usize, 2usize)), (30, (32, 8))] {
+        check_attention_decode(&g, t, heads, DecodeAttn::Grouped);
     }
 }
 
-fn check_attention_decode(g: &Gpu, t: usize) {
+fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: DecodeAttn) {
     let mut rng = Rng(4 + t as u64);
     let sh = AttnShape {
-        h: 4,
-        hkv: 2,
+        h,
+        hkv,
         dh: 128,
         slots: 2,
         s: 700,
@@ -432,7 +437,7 @@ fn check_attention_decode(g: &Gpu, t: usize) {
     let mut po = s.alloc_zeros::<f32>(t * sh.h * splits * sh.dh).unwrap();
     let mut pml = s.alloc_zeros::<f32>(t * sh.h * splits * 2).unwrap();
     let mut out = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
-    k::attention_decode(
+    k::attention_decode_with(
         g,
         &qb.as_view(),
         &kcb.as_view(),
@@ -448,12 +453,13 @@ fn check_attention_decode(g: &Gpu, t: usize) {
         sh,
         splits,
         None,
+        kind,
     )
     .unwrap();
     // Output is a convex combination of values ≤ 2: f32 softmax differences are ~1e-6 relative;
     // atol 2^-8·max|v| covers bf16 rounding of outputs near zero.
     compare(
-        &format!("attention_decode T={t}"),
+        &format!("attention_decode {kind:?} T={t} H={h} Hkv={hkv}"),
         &from_bf(&s.clone_dtoh(&out).unwrap()),
         &want,
         &|_| 2.0 / 256.0,

@@ -3,7 +3,8 @@
 // names: positions 0 .. pos[t]−1 of the cache slot (none when the slot is out of range) plus the
 // token's own k_self / v_self. Launched as src/cuda/kernels.rs does: grid (NS, H, T), block 256,
 // chunk 64, NS = ceil(S / 64) fixed for the launch, so rows use 1 .. NS−1 splits (some with no
-// cache key at all) and the last split of each head combines the partials in-kernel. The two
+// cache key at all) and the last split of each head combines the partials in-kernel; the grouped
+// kernel attention_decode_g{G}_bf16 for G = H / Hkv on grid (NS, Hkv, T), for several G. The
 // kernels run back to back on one counter array, which must be left at zero. Then with a live
 // row count (rows ≥ live untouched, counters still 0), each kernel twice.
 //
@@ -19,8 +20,28 @@ using decode_fn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const bf
                            const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int,
                            const int*);
 
-static void decode(int Dh) {
-    const int T = 5, H = 4, Hkv = 2, slots = 3, S = 320, chunk = 64, NS = (S + chunk - 1) / chunk, group = H / Hkv;
+// The grouped kernel for G = H / Hkv query heads per kv head (grid y = Hkv).
+static decode_fn grouped(int G) {
+    switch (G) {
+        case 2: return attention_decode_g2_bf16;
+        case 3: return attention_decode_g3_bf16;
+        case 4: return attention_decode_g4_bf16;
+        case 5: return attention_decode_g5_bf16;
+        case 6: return attention_decode_g6_bf16;
+        case 7: return attention_decode_g7_bf16;
+        case 8: return attention_decode_g8_bf16;
+        default: return nullptr;
+    }
+}
+
+struct Kernel {
+    const char* name;
+    decode_fn fn;
+    int grid_y;  // H (one head per block) or Hkv (a GQA group per block)
+};
+
+static void decode(int Dh, int H = 4, int Hkv = 2) {
+    const int T = 5, slots = 3, S = 320, chunk = 64, NS = (S + chunk - 1) / chunk, group = H / Hkv;
     const std::vector<int> pos = {0, 63, 64, 200, 130}, slot = {2, 0, -1, 1, 0};
     const auto q = randbf((size_t)T * H * Dh, 1.5f);
     const auto kc = randbf((size_t)slots * S * Hkv * Dh), vc = randbf((size_t)slots * S * Hkv * Dh);
@@ -67,12 +88,15 @@ static void decode(int Dh) {
             }
         }
     std::vector<unsigned int> counters((size_t)T * H, 0u);
-    const std::pair<const char*, decode_fn> kernels[] = {{"attention_decode_bf16", attention_decode_bf16},
-                                                         {"attention_decode_u1_bf16", attention_decode_u1_bf16}};
-    for (const auto& [name, fn] : kernels) {
+    char gname[40];
+    snprintf(gname, sizeof gname, "attention_decode_g%d_bf16", group);
+    std::vector<Kernel> kernels = {{"attention_decode_bf16", attention_decode_bf16, H},
+                                   {"attention_decode_u1_bf16", attention_decode_u1_bf16, H}};
+    if (grouped(group)) kernels.push_back({gname, grouped(group), Hkv});
+    for (const auto& [name, fn, grid_y] : kernels) {
         std::vector<float> part_o((size_t)T * H * NS * Dh, NAN), part_ml((size_t)T * H * NS * 2, NAN);
         std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);  // NaN: every entry must be written
-        launch(dim3{(unsigned)NS, (unsigned)H, (unsigned)T}, 256, [&] {
+        launch(dim3{(unsigned)NS, (unsigned)grid_y, (unsigned)T}, 256, [&] {
             fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
                part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, nullptr);
         });
@@ -90,11 +114,11 @@ static void decode(int Dh) {
     for (size_t i = 0; i < done.size(); ++i) done[i] = i < (size_t)live * H * Dh;  // rows first
     std::vector<char> left(done.size());
     for (size_t i = 0; i < done.size(); ++i) left[i] = !done[i];
-    for (const auto& [name, fn] : kernels)
+    for (const auto& [name, fn, grid_y] : kernels)
         for (int rep = 0; rep < 2; ++rep) {
             std::vector<float> part_o((size_t)T * H * NS * Dh, NAN), part_ml((size_t)T * H * NS * 2, NAN);
             std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);
-            launch(dim3{(unsigned)NS, (unsigned)H, (unsigned)T}, 256, [&] {
+            launch(dim3{(unsigned)NS, (unsigned)grid_y, (unsigned)T}, 256, [&] {
                 fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
                    part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, &live);
             });
@@ -112,4 +136,10 @@ static void decode(int Dh) {
 void run_attention() {
     attention_check::decode(64);
     attention_check::decode(128);
+    // GQA groups of the real shapes: Qwen2.5-1.5B (12 / 2 = 6 heads per kv head, Dh 128),
+    // Llama-3.1-8B (32 / 8 = 4), Qwen2.5-7B (28 / 4 = 7), and 8 at Dh 64.
+    attention_check::decode(128, 12, 2);
+    attention_check::decode(128, 8, 2);
+    attention_check::decode(128, 14, 2);
+    attention_check::decode(64, 16, 2);
 }

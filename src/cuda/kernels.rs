@@ -388,7 +388,8 @@ pub fn decode_splits(max_len: usize) -> usize {
 /// q bf16 [T, H, Dh], caches bf16 [slots, S, Hkv, Dh], k_self/v_self bf16 [T, Hkv, Dh],
 /// pos/slot i32 [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2];
 /// out bf16 [T, H, Dh] (the last split of each head combines the partials, one launch). Positions beyond splits·DECODE_CHUNK are not attended.
-/// `live` (i32 [1] on the device, when given): rows t ≥ live[0] are skipped.
+/// `live` (i32 [1] on the device, when given): rows t ≥ live[0] are skipped. The kernel (one
+/// head or one GQA group per block) is `DecodeAttn::from_env()`'s.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
@@ -406,6 +407,64 @@ pub fn attention_decode(
     sh: AttnShape,
     splits: usize,
     live: Option<&CudaView<'_, i32>>,
+) -> Result<()> {
+    attention_decode_with(
+        gpu,
+        q,
+        k_cache,
+        v_cache,
+        k_self,
+        v_self,
+        pos,
+        slot,
+        part_o,
+        part_ml,
+        out,
+        t,
+        sh,
+        splits,
+        live,
+        DecodeAttn::from_env(),
+    )
+}
+
+/// Which decode-attention kernel runs: one query head per block (`PerHead`, the default), or one
+/// GQA group of H / Hkv ∈ 2..=8 heads per block, each K/V row loaded once for the group
+/// (`Grouped`, THINKSTEER_ATTN=group until measured; other ratios fall back to `PerHead`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeAttn {
+    PerHead,
+    Grouped,
+}
+
+impl DecodeAttn {
+    pub fn from_env() -> DecodeAttn {
+        match std::env::var("THINKSTEER_ATTN").as_deref() {
+            Ok("group") => DecodeAttn::Grouped,
+            _ => DecodeAttn::PerHead,
+        }
+    }
+}
+
+/// [`attention_decode`] with the kernel chosen by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_with(
+    gpu: &Gpu,
+    q: &CudaView<'_, bf16>,
+    k_cache: &CudaView<'_, bf16>,
+    v_cache: &CudaView<'_, bf16>,
+    k_self: &CudaView<'_, bf16>,
+    v_self: &CudaView<'_, bf16>,
+    pos: &CudaView<'_, i32>,
+    slot: &CudaView<'_, i32>,
+    part_o: &mut CudaViewMut<'_, f32>,
+    part_ml: &mut CudaViewMut<'_, f32>,
+    out: &mut CudaViewMut<'_, bf16>,
+    t: usize,
+    sh: AttnShape,
+    splits: usize,
+    live: Option<&CudaView<'_, i32>>,
+    kind: DecodeAttn,
 ) -> Result<()> {
     const K: &str = "attention_decode_bf16";
     sh.check(K)?;
@@ -480,11 +539,24 @@ pub fn attention_decode(
     // Few blocks (small batches): 8 keys per warp step, one memory round trip per split; many
     // blocks: the 1-key variant, whose lower register use keeps more blocks resident per SM
     // (measured on the H100: the 8-key kernel slowed batch-64 decode by a fifth).
-    let name = if splits * sh.h * t <= 1024 {
-        K
-    } else {
-        "attention_decode_u1_bf16"
-    };
+    const GROUPED: [&str; 7] = [
+        "attention_decode_g2_bf16",
+        "attention_decode_g3_bf16",
+        "attention_decode_g4_bf16",
+        "attention_decode_g5_bf16",
+        "attention_decode_g6_bf16",
+        "attention_decode_g7_bf16",
+        "attention_decode_g8_bf16",
+    ];
+    let group = sh.h / sh.hkv;
+    let (name, grid_y) =
+        if kind == DecodeAttn::Grouped && sh.h.is_multiple_of(sh.hkv) && (2..=8).contains(&group) {
+            (GROUPED[group - 2], sh.hkv)
+        } else if splits * sh.h * t <= 1024 {
+            (K, sh.h)
+        } else {
+            ("attention_decode_u1_bf16", sh.h)
+        };
     let f = gpu.func(name)?;
     let mut b = Launch::new(gpu, f);
     b.arg(q)
@@ -506,11 +578,12 @@ pub fn attention_decode(
         .arg(&chunk)
         .arg(&ns)
         .arg(&live);
-    // SAFETY: argument order and types match attention_decode_bf16; lengths checked above (the
-    // counters hold T·H entries, checked); the kernel reads cache rows only for slot in
+    // SAFETY: argument order and types match attention_decode_bf16 (and the _u1 / grouped
+    // kernels, which share it); lengths checked above (the counters hold T·H entries, checked; a
+    // group uses the entry of its first head); the kernel reads cache rows only for slot in
     // [0, slots) and positions < min(pos, S); `live` (1 element when given) is only read.
     gpu.launched(name, unsafe {
-        b.launch(cfg((splits as u32, sh.h as u32, t as u32), 256, 0))
+        b.launch(cfg((splits as u32, grid_y as u32, t as u32), 256, 0))
     })
 }
 

@@ -16,7 +16,17 @@ mod gen {
 pub const MODULES: &[(&str, &[&str])] = &[
     (
         "attention",
-        &["attention_decode_bf16", "attention_decode_u1_bf16"],
+        &[
+            "attention_decode_bf16",
+            "attention_decode_u1_bf16",
+            "attention_decode_g2_bf16",
+            "attention_decode_g3_bf16",
+            "attention_decode_g4_bf16",
+            "attention_decode_g5_bf16",
+            "attention_decode_g6_bf16",
+            "attention_decode_g7_bf16",
+            "attention_decode_g8_bf16",
+        ],
     ),
     ("prefill_attention", &["attention_prefill_bf16"]),
     ("elementwise", &["silu_mul_bf16"]),
