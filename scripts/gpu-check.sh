@@ -70,47 +70,39 @@ PY
 fi
 fi
 if [ "${BENCH:-all}" = "all" ] && two; then
-# The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt): TFLOP/s.
+# A/B lines, most important first (a call cut short by its limit still has those): each runs
+# `thinksteer bench` with the switches given before the arguments (see README, GPU switches).
+ab() {
+    local vars="$1"; shift
+    echo "== $vars bench $*"
+    env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda "$@" 2>&1 | grep -E " cuda |^ +x[0-9]|rror"
+}
+H="--hybrid --steered-share 0.125 --new-tokens $NEW"
+# 1. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two
+#    streams vs one, and 33–128-row products through gemm (split K) or cuBLASLt.
+ab "THINKSTEER_GATE_FIRST=0" $H --batch 8,64
+ab "THINKSTEER_GATE_FIRST=1" $H --batch 8,64
+ab "THINKSTEER_HYBRID_STREAMS=1" --hybrid --new-tokens "$NEW" --batch 1
+ab "THINKSTEER_GEMM_FROM=33" $H --batch 64
+ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" $H --batch 64
+ab "THINKSTEER_GEMM_FROM=33" --batch 64 --prompt-len 64 --new-tokens "$NEW"
+ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" --batch 64 --prompt-len 64 --new-tokens "$NEW"
+# 2. Prefill of 2,000 tokens: cuBLASLt, the 128-row tile, one 2,048-row call.
+ab "THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_GEMM=128" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_GEMM=64" --batch 1 --prompt-len 2000 --new-tokens 8 --chunk 2048
+ab "THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8 --chunk 2048
+# 3. Long contexts: decode attention per head vs per GQA group (batch 1 at 2,000 tokens; the
+#    batch-64 hybrid step at 1,000-token contexts).
+ab "THINKSTEER_ATTN=head" --batch 1 --prompt-len 2000 --new-tokens 32
+ab "THINKSTEER_ATTN=group" --batch 1 --prompt-len 2000 --new-tokens 32
+ab "THINKSTEER_ATTN=head" --hybrid --steered-share 0.125 --batch 64 --prompt-len 1000 --new-tokens 64
+ab "THINKSTEER_ATTN=group" --hybrid --steered-share 0.125 --batch 64 --prompt-len 1000 --new-tokens 64
+# 4. The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt).
 if [ -x "$B/kernel-bench" ]; then
     echo "== kernel bench: gemm"
     timeout 120 "$B/kernel-bench" --bench gemm 2>&1 | grep -E "^gemm .*(TFLOP|skipped)"
 fi
-# Prefill and the batch-64 hybrid step with the 128-row gemm tile and with cuBLASLt (both off by
-# default until measured here).
-for g in 128 lt; do
-    echo "== bench, THINKSTEER_GEMM=$g"
-    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 2>&1 | grep -E "prefill|rror"
-    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --new-tokens "$NEW" 2>&1 | tail -1
-done
-# The 2,000-token prefill in one call of 2,048 rows instead of chunks of 512 (4× the gemm grid).
-for g in 64 lt; do
-    echo "== bench prefill --chunk 2048, THINKSTEER_GEMM=$g"
-    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 8 --chunk 2048 2>&1 | grep -E "prefill|rror"
-done
-# Decode batches of 33–128 rows through gemm (split K over the few output tiles) or cuBLASLt
-# instead of 32-row gemv groups, which stream the weights once per group.
-for g in 64 lt; do
-    echo "== bench, THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=$g"
-    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=$g timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 64 --prompt-len 64 --new-tokens "$NEW" 2>&1 | tail -1
-    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=$g timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --steered-share 0.125 --new-tokens "$NEW" 2>&1 | tail -2
-done
-# The hybrid step at about the paper's share of steered steps (1 in 8): the single pass against
-# gate first (the default above 64 candidate rows), same binary.
-for gf in 0 1; do
-    echo "== bench --hybrid --steered-share 0.125, THINKSTEER_GATE_FIRST=$gf"
-    THINKSTEER_CUDA_PROFILE=0 THINKSTEER_GATE_FIRST=$gf timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 8,64 --steered-share 0.125 --new-tokens "$NEW" 2>&1 | tail -4
-done
-# Batch 64 at 1,000-token contexts (the evaluation's answers run to 2,000 tokens), steered 1 in 8.
-echo "== bench --hybrid --prompt-len 1000 --steered-share 0.125"
-THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --prompt-len 1000 --steered-share 0.125 --new-tokens 64 2>&1 | tail -2
-# Decode attention with a GQA group per block (each K/V row loaded once for its 6 query heads):
-# batch 1 at a 2,000-token context and the batch-64 hybrid step at 1,000-token contexts.
-echo "== THINKSTEER_ATTN=group"
-THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ATTN=group timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 2>&1 | grep -E "decode|rror"
-THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ATTN=group timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 64 --prompt-len 1000 --steered-share 0.125 --new-tokens 64 2>&1 | tail -2
-# The hybrid step with both models on one stream (the default runs the thinking model on its own).
-echo "== bench --hybrid, THINKSTEER_HYBRID_STREAMS=1"
-THINKSTEER_CUDA_PROFILE=0 THINKSTEER_HYBRID_STREAMS=1 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,64 --new-tokens "$NEW" 2>&1 | tail -4
 fi
 
 if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ] && two; then
