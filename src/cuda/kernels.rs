@@ -921,6 +921,40 @@ impl GemmTile {
     }
 }
 
+/// How `gemm` splits K for an [N, M] × K product in row tiles of `bn` on `sms` SMs: (splits, k
+/// tiles of 32 per split). Split when the output tiles fill less than two blocks per SM (decode
+/// batches): at most K / (8·N) splits, so the partial sums' traffic stays under half the
+/// weights', at least 8 k tiles per split, at most 16, and splits·N·M ≤ `part` floats (the
+/// scratch, indexed by the full N). With `live` the rows in use are decided on the device: the
+/// split is sized for two row tiles of them (the hybrid step's disagreeing problems are a few
+/// of its batch).
+pub fn gemm_split(
+    (n, m, k): (usize, usize, usize),
+    bn: usize,
+    sms: usize,
+    live: bool,
+    part: usize,
+) -> (usize, usize) {
+    let row_tiles = if live {
+        n.div_ceil(bn).min(2)
+    } else {
+        n.div_ceil(bn)
+    };
+    let (tiles, nk) = (m.div_ceil(128) * row_tiles, k.div_ceil(32).max(1));
+    let want = if tiles < sms {
+        (2 * sms).div_ceil(tiles.max(1))
+    } else {
+        1
+    };
+    let splits = want
+        .min(k / (8 * n.min(row_tiles * bn)).max(1))
+        .min(nk / 8)
+        .min(part / (n * m).max(1))
+        .clamp(1, 16);
+    let per = nk.div_ceil(splits);
+    (nk.div_ceil(per), per)
+}
+
 /// [`gemm`] with the row tile chosen by the caller. `live` (i32 [1] on the device, when given):
 /// only rows n < live[0] are needed; our kernels skip row tiles past them, so with `live` cuBLASLt
 /// (which cannot) gives way to the 64-row tile.
@@ -964,29 +998,13 @@ pub fn gemm_with(
         int(kernel, "M", m)?,
         int(kernel, "K", k)?,
     );
-    // Split K when the output tiles fill less than two blocks per SM (decode batches): at most
-    // K / (8·N) splits, so the partial sums' traffic stays under half the weights', at least 8
-    // k tiles of 32 per split, and within the scratch (indexed by the full N). With a live
-    // count the rows in use are decided on the device: the split is sized for two row tiles of
-    // them (the hybrid step's disagreeing problems are a few of its batch).
-    let row_tiles = if live.is_some() {
-        n.div_ceil(bn).min(2)
-    } else {
-        n.div_ceil(bn)
-    };
-    let (tiles, nk) = (m.div_ceil(128) * row_tiles, k.div_ceil(32));
-    let want = if tiles < gpu.sms {
-        (2 * gpu.sms).div_ceil(tiles)
-    } else {
-        1
-    };
-    let splits = want
-        .min(k / (8 * n.min(row_tiles * bn)))
-        .min(nk / 8)
-        .min(super::SCRATCH_GEMM_PART / (n * m))
-        .clamp(1, 16);
-    let per = nk.div_ceil(splits);
-    let splits = nk.div_ceil(per);
+    let (splits, per) = gemm_split(
+        (n, m, k),
+        bn,
+        gpu.sms,
+        live.is_some(),
+        super::SCRATCH_GEMM_PART,
+    );
     let per_i = int(kernel, "k tiles per split", per)?;
     let part = &gpu.scratch.gemm_part;
     let f = gpu.func(kernel)?;
@@ -1225,4 +1243,69 @@ pub fn fill_random(
     b.arg(out).arg(&n).arg(&seed).arg(&offset).arg(&scale);
     // SAFETY: argument order and types match fill_random_bf16; it writes exactly n elements.
     gpu.launched(K, unsafe { b.launch(cfg((blocks, 1, 1), 256, 0)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gemm_split;
+
+    const H100_SMS: usize = 132;
+    const PART: usize = 1 << 23;
+
+    #[test]
+    fn gemm_splits_k_for_decode_batches_only() {
+        // Prefill chunks and large batches fill the GPU with output tiles: no split.
+        assert_eq!(
+            gemm_split((512, 2048, 1536), 64, H100_SMS, false, PART).0,
+            1
+        );
+        assert_eq!(
+            gemm_split((704, 151_936, 1536), 64, H100_SMS, false, PART).0,
+            1
+        );
+        // Batch 64, Qwen2.5-1.5B down product (M 1536, K 8960): 12 tiles, 16 splits of 18 k
+        // tiles (the last of 10): 192 blocks.
+        assert_eq!(
+            gemm_split((64, 1536, 8960), 64, H100_SMS, false, PART),
+            (16, 18)
+        );
+        // q|k|v (K 1536): at most K / (8·N) = 3 splits, so partials stay under half the weights.
+        assert_eq!(gemm_split((64, 2048, 1536), 64, H100_SMS, false, PART).0, 3);
+        // Every split has at least 8 k tiles and together they cover K exactly.
+        for &(n, m, k) in &[
+            (40, 300, 4096),
+            (50, 260, 8 * 421),
+            (33, 1536, 8960),
+            (64, 4096, 14336),
+        ] {
+            let (splits, per) = gemm_split((n, m, k), 64, H100_SMS, false, PART);
+            let nk = k.div_ceil(32);
+            assert!(splits >= 1 && splits <= 16, "{n}x{m}x{k}: {splits} splits");
+            assert!(
+                splits == 1 || per >= 8,
+                "{n}x{m}x{k}: {per} k tiles per split"
+            );
+            assert!((splits - 1) * per < nk && splits * per >= nk, "{n}x{m}x{k}");
+            assert!(splits * n * m <= PART || splits == 1);
+        }
+    }
+
+    #[test]
+    fn gemm_split_with_a_live_count_is_sized_for_two_row_tiles() {
+        // The gate-first candidate pass at batch 64 (640 rows, most past the live count): the
+        // down product splits as for 128 rows, within the scratch indexed by all 640.
+        let (splits, _) = gemm_split((640, 1536, 8960), 64, H100_SMS, true, PART);
+        assert_eq!(splits, 8);
+        assert!(splits * 640 * 1536 <= PART);
+        // Without the live count the 10 row tiles of 640 rows are too many rows to split.
+        assert_eq!(
+            gemm_split((640, 1536, 8960), 64, H100_SMS, false, PART).0,
+            1
+        );
+        // A small scratch caps the split.
+        assert_eq!(
+            gemm_split((640, 1536, 8960), 64, H100_SMS, true, 2 * 640 * 1536).0,
+            2
+        );
+    }
 }
