@@ -1280,7 +1280,7 @@ mod tests {
         ] {
             let (splits, per) = gemm_split((n, m, k), 64, H100_SMS, false, PART);
             let nk = k.div_ceil(32);
-            assert!(splits >= 1 && splits <= 16, "{n}x{m}x{k}: {splits} splits");
+            assert!((1..=16).contains(&splits), "{n}x{m}x{k}: {splits} splits");
             assert!(
                 splits == 1 || per >= 8,
                 "{n}x{m}x{k}: {per} k tiles per split"
