@@ -6,7 +6,9 @@
 //! models' launches up to the gate are independent, and at small batches each alone is bound by
 //! latency rather than bandwidth, so overlapping them is the step's largest saving over two
 //! plain forwards. A fork event starts the thinking model after the base stream's earlier work;
-//! a join event holds the base stream before it reads the category, greedy ids and logits.
+//! the base stream waits for an event after the SAE layer before it builds candidates from the
+//! categories (so the single pass's candidate rows run beside the thinking model's later blocks),
+//! and for a join event before it reads the thinking model's greedy ids and logits.
 //!
 //! Two ways to run a step, the same function as the CPU loop (which computes candidates only
 //! when needed):
@@ -61,9 +63,11 @@ pub struct CudaHybrid {
     /// from THINKSTEER_GATE_FIRST=1|0 when present.
     pub gate_first: Option<bool>,
     // With the thinking model on a sibling stream: `fork` lets it start after the base stream's
-    // earlier work, `join` holds the base stream until the thinking model's outputs are written.
+    // earlier work, `categories_ready` marks its SAE categories written (the single pass builds
+    // its candidates from them), `join` holds the base stream until all its outputs are written.
     two_streams: bool,
     fork: CudaEvent,
+    categories_ready: CudaEvent,
     join: CudaEvent,
 }
 
@@ -189,7 +193,7 @@ impl CudaHybrid {
                 .new_event(None)
                 .map_err(cu("creating the hybrid step's events"))
         };
-        let (fork, join) = (event()?, event()?);
+        let (fork, categories_ready, join) = (event()?, event()?, event()?);
         let two_streams = !Arc::ptr_eq(&think.gpu, &gpu);
         // Everything above is queued on two streams: done before either reads the other's.
         think.gpu.sync()?;
@@ -197,6 +201,7 @@ impl CudaHybrid {
         Ok(CudaHybrid {
             two_streams,
             fork,
+            categories_ready,
             join,
             coefs: up(&s.coefficients)?,
             emit: zi(max_b)?,
@@ -287,6 +292,18 @@ impl CudaHybrid {
         }
     }
 
+    /// Holds the base model's stream until the thinking model's SAE categories are written (its
+    /// later blocks may still run). Nothing with one stream.
+    fn wait_categories(&self) -> Result<()> {
+        if self.two_streams {
+            self.gpu
+                .stream
+                .wait(&self.categories_ready)
+                .map_err(cu("waiting for the thinking model's categories"))?;
+        }
+        Ok(())
+    }
+
     /// Holds the base model's stream until the thinking model's launches so far are done (its
     /// category, greedy ids and logits are read next). Nothing with one stream.
     fn join_thinking(&self) -> Result<()> {
@@ -313,6 +330,13 @@ impl CudaHybrid {
         t.embed(b)?;
         for l in 0..=nt {
             t.close_point(0..b, l, l > 0, SteerSel::None, l == self.sae_point, None)?;
+            if l == self.sae_point && self.two_streams {
+                // The categories are written: the base stream may build its candidates while
+                // the thinking model's later blocks run.
+                self.categories_ready
+                    .record(&t.gpu.stream)
+                    .map_err(cu("marking the thinking model's categories"))?;
+            }
             if l < nt {
                 t.block(b, l, b)?;
             }
@@ -404,7 +428,7 @@ impl CudaHybrid {
         let (d, v) = (self.base.config.hidden_size, self.base.config.vocab_size);
         self.base_to_point(b)?;
         // Candidate rows: copies of each problem's residual, steered by c·(b + V[category]).
-        self.join_thinking()?;
+        self.wait_categories()?;
         let bm = &mut self.base;
         let category = categories(&self.think, b);
         k::hybrid_expand(
@@ -427,7 +451,8 @@ impl CudaHybrid {
         }
         // Blocks after the point for every row; only the problem rows write the cache.
         self.base_from_point(r, b, false)?;
-        // Gate and candidate choice by the thinking model's logits.
+        // Gate and candidate choice by the thinking model's greedy ids and logits.
+        self.join_thinking()?;
         k::hybrid_select(
             &self.gpu,
             &mut self.emit.slice_mut(..b),
