@@ -262,3 +262,22 @@ fn prompt_ids_work_without_a_tokenizer() {
     assert_eq!(j["prompt_ids"], serde_json::json!([5, 6, 7]));
     assert!(!j["ids"].as_array().unwrap().is_empty() && j["ids"].as_array().unwrap().len() <= 3);
 }
+
+#[test]
+fn bench_switches_out_of_range() {
+    expect_error(
+        &[
+            "bench",
+            "--shape",
+            "qwen2.5-1.5b",
+            "--hybrid",
+            "--steered-share",
+            "1.5",
+        ],
+        &["--steered-share", "[0, 1]", "1.5"],
+    );
+    expect_error(
+        &["bench", "--shape", "qwen2.5-1.5b", "--steered-share", "0.1"],
+        &["--steered-share", "without --hybrid"],
+    );
+}
