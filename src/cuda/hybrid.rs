@@ -267,9 +267,13 @@ impl CudaHybrid {
         self.s.max_new_tokens = n;
     }
 
-    /// Whether a step of b problems runs gate first.
+    /// Whether a step of b problems runs gate first. Not by default with --no-gating: every
+    /// problem then needs its candidates, and gate first would only add a second pass.
     fn runs_gate_first(&self, b: usize) -> bool {
-        b <= k::GATE_MAX_B && self.gate_first.unwrap_or(b * self.c > GATE_FIRST_ROWS)
+        b <= k::GATE_MAX_B
+            && self
+                .gate_first
+                .unwrap_or(b * self.c > GATE_FIRST_ROWS && !self.s.no_gating)
     }
 
     /// Every launch of one step for b problems (ids, positions and slots already uploaded).
