@@ -6,9 +6,9 @@
 # Full logs go to $OUT (or .gpu/out). Budget: well under 8 minutes on an H100.
 # Short runs: TESTS="cuda_vector_grad ..." runs only those test binaries; BENCH=vg runs only the
 # vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
-# PHASE=1: the tests, the benches and profiles, the summary; PHASE=2: the A/B lines (kernel bench,
-# gemm choices, prefill chunk, gate first, one stream) and the HF anchor. Each phase fits one
-# 10-minute device call; the default runs both.
+# PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the A/B lines
+# (gate first, one stream, gemm choices, prefill chunk, grouped attention, kernel bench). Each
+# phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both.
 set -u
 B=.gpu
 OUT=${OUT:-$B/out}
@@ -105,7 +105,8 @@ if [ -x "$B/kernel-bench" ]; then
 fi
 fi
 
-if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ] && two; then
+# The HF anchor runs in the same call as the benches it is compared with (phase 1).
+if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ] && one; then
     echo "== HF anchor (NEW=$NEW)"
     NEW=$NEW PYTHONUNBUFFERED=1 timeout 240 python3 "$B/hf_anchor.py" > "$OUT/hf.log" 2>&1 || echo "hf_anchor failed: $(tail -3 "$OUT/hf.log")"
 fi
@@ -125,12 +126,18 @@ if os.path.exists(p):
     for l in open(p):
         if l.startswith("RESULTS "):
             hf = json.loads(l[8:])
-print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} {'GB/s':>7} {'% floor':>8} {'vs plain':>8} {'steered':>7}")
+# The HF anchor's row for our batch-1 rows (same call): plain generate and the two-model loop.
+peer = {("qwen2.5-1.5b", "decode"): "hf_generate_qwen1.5b",
+        ("llama-3.1-8b", "decode"): "hf_generate_llama8b",
+        ("qwen2.5-1.5b pair", "hybrid"): "hf_hybrid_loop_qwen1.5b_x2"}
+print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} {'GB/s':>7} {'% floor':>8} {'vs plain':>8} {'steered':>7} {'vs HF':>7}")
 for r in rows:
     pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
     ratio = f"x{r['ratio_to_plain']:.3f}" if r.get("ratio_to_plain") else ""
     steered = f"{100 * r['steered_fraction']:.1f}%" if r.get("steered_fraction") is not None else ""
-    print(f"{r['shape']:<19} {r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} {r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8} {ratio:>8} {steered:>7}")
+    name = peer.get((r["shape"], r["phase"])) if r["batch"] == 1 and r["tokens"] > 32 else None
+    vs_hf = f"{r['tok_per_s'] / hf[name]:.1f}x" if name and hf.get(name) else ""
+    print(f"{r['shape']:<19} {r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} {r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8} {ratio:>8} {steered:>7} {vs_hf:>7}")
 if hf:
     print("HF anchor (same call):", json.dumps(hf))
 PY
