@@ -22,10 +22,11 @@
 //   t ≥ *live return at once (common.cuh live_rows).
 // attention_decode_g{2..8}_bf16 — the same function for a model with G = H / Hkv query heads per kv
 //   head, one block per (split, kv head, token) computing the whole group: each K/V row is loaded
-//   once for G heads instead of once per head (G× less traffic from L2 into the SMs, which long
-//   contexts at large batches are bound by); 4 keys per warp step. The group's partials are
-//   written per head as above, counted in counters[t, kvh·G], and its last split combines all G
-//   heads. Launch: grid (NS, Hkv, T), block 256, static shared memory G·8·128·4 bytes + 0.2 KB.
+//   once for G heads instead of once per head (G× less traffic from L2 into the SMs, which may
+//   bound long contexts at large batches; not yet timed); 4 keys per warp step. The group's
+//   partials are written per head as above, counted in counters[t, kvh·G], and its last split
+//   combines all G heads. Launch: grid (NS, Hkv, T), block 256, static shared memory
+//   G·8·128·4 bytes + 0.2 KB.
 // attention_prefill_bf16 (prefill chunks, on tensor cores) lives in prefill_attention.cu.
 #include "common.cuh"
 

@@ -437,7 +437,7 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
     let mut po = s.alloc_zeros::<f32>(t * sh.h * splits * sh.dh).unwrap();
     let mut pml = s.alloc_zeros::<f32>(t * sh.h * splits * 2).unwrap();
     let mut out = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
-    k::attention_decode_with(
+    k::attention_decode(
         g,
         &qb.as_view(),
         &kcb.as_view(),

@@ -3,9 +3,9 @@
 //! host reads back only four small integers per problem.
 //!
 //! The thinking model runs on a sibling stream of the base model's (`think_gpu`): the two
-//! models' launches up to the gate are independent, and at small batches each alone is bound by
-//! latency rather than bandwidth, so overlapping them is the step's largest saving over two
-//! plain forwards. A fork event starts the thinking model after the base stream's earlier work;
+//! models' launches up to the gate are independent, and at batch 1 each alone reached ~65% of the
+//! memory-bandwidth floor (PERFORMANCE.md run 13), so overlapping them may beat two plain
+//! forwards run one after the other (not yet timed). A fork event starts the thinking model after the base stream's earlier work;
 //! the base stream waits for an event after the SAE layer before it builds candidates from the
 //! categories (so the single pass's candidate rows run beside the thinking model's later blocks),
 //! and for a join event before it reads the thinking model's greedy ids and logits.

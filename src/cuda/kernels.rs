@@ -383,51 +383,6 @@ pub fn decode_splits(max_len: usize) -> usize {
     max_len.div_ceil(DECODE_CHUNK).max(1)
 }
 
-/// Decode attention (flash-decoding): token t attends cache positions [0, pos[t]) of slot[t] and
-/// its own k_self/v_self at pos[t]. `splits` = decode_splits(longest possible pos + 1).
-/// q bf16 [T, H, Dh], caches bf16 [slots, S, Hkv, Dh], k_self/v_self bf16 [T, Hkv, Dh],
-/// pos/slot i32 [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2];
-/// out bf16 [T, H, Dh] (the last split of each head combines the partials, one launch). Positions beyond splits·DECODE_CHUNK are not attended.
-/// `live` (i32 [1] on the device, when given): rows t ≥ live[0] are skipped. The kernel (one
-/// head or one GQA group per block) is `DecodeAttn::from_env()`'s.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_decode(
-    gpu: &Gpu,
-    q: &CudaView<'_, bf16>,
-    k_cache: &CudaView<'_, bf16>,
-    v_cache: &CudaView<'_, bf16>,
-    k_self: &CudaView<'_, bf16>,
-    v_self: &CudaView<'_, bf16>,
-    pos: &CudaView<'_, i32>,
-    slot: &CudaView<'_, i32>,
-    part_o: &mut CudaViewMut<'_, f32>,
-    part_ml: &mut CudaViewMut<'_, f32>,
-    out: &mut CudaViewMut<'_, bf16>,
-    t: usize,
-    sh: AttnShape,
-    splits: usize,
-    live: Option<&CudaView<'_, i32>>,
-) -> Result<()> {
-    attention_decode_with(
-        gpu,
-        q,
-        k_cache,
-        v_cache,
-        k_self,
-        v_self,
-        pos,
-        slot,
-        part_o,
-        part_ml,
-        out,
-        t,
-        sh,
-        splits,
-        live,
-        DecodeAttn::from_env(),
-    )
-}
-
 /// Which decode-attention kernel runs: one query head per block (`PerHead`, the default), or one
 /// GQA group of H / Hkv ∈ 2..=8 heads per block, each K/V row loaded once for the group
 /// (`Grouped`, THINKSTEER_ATTN=group until measured; other ratios fall back to `PerHead`).
@@ -438,6 +393,7 @@ pub enum DecodeAttn {
 }
 
 impl DecodeAttn {
+    /// THINKSTEER_ATTN=group: `Grouped`; otherwise `PerHead`.
     pub fn from_env() -> DecodeAttn {
         match std::env::var("THINKSTEER_ATTN").as_deref() {
             Ok("group") => DecodeAttn::Grouped,
@@ -446,9 +402,15 @@ impl DecodeAttn {
     }
 }
 
-/// [`attention_decode`] with the kernel chosen by the caller.
+/// Decode attention (flash-decoding): token t attends cache positions [0, pos[t]) of slot[t] and
+/// its own k_self/v_self at pos[t]. `splits` = decode_splits(longest possible pos + 1).
+/// q bf16 [T, H, Dh], caches bf16 [slots, S, Hkv, Dh], k_self/v_self bf16 [T, Hkv, Dh],
+/// pos/slot i32 [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2];
+/// out bf16 [T, H, Dh] (the last split of each head combines the partials, one launch). Positions beyond splits·DECODE_CHUNK are not attended.
+/// `live` (i32 [1] on the device, when given): rows t ≥ live[0] are skipped. `kind`: one query
+/// head or one GQA group per block.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_decode_with(
+pub fn attention_decode(
     gpu: &Gpu,
     q: &CudaView<'_, bf16>,
     k_cache: &CudaView<'_, bf16>,
@@ -912,12 +874,14 @@ pub enum GemmTile {
 }
 
 impl GemmTile {
+    /// THINKSTEER_GEMM=128 | lt, read once per process (every large product asks).
     pub fn from_env() -> GemmTile {
-        match std::env::var("THINKSTEER_GEMM").as_deref() {
+        static TILE: std::sync::OnceLock<GemmTile> = std::sync::OnceLock::new();
+        *TILE.get_or_init(|| match std::env::var("THINKSTEER_GEMM").as_deref() {
             Ok("128") => GemmTile::N128,
             Ok("lt") => GemmTile::Lt,
             _ => GemmTile::N64,
-        }
+        })
     }
 }
 

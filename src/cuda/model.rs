@@ -233,6 +233,8 @@ pub struct CudaEngine {
     /// While set, `block` and `head` need only rows < a.live[0] (written on the device by the
     /// gate-first hybrid step), and the kernels that can skip the others do.
     pub(crate) use_live: bool,
+    /// Decode attention by query head or by GQA group (THINKSTEER_ATTN=group, read at creation).
+    pub attn: k::DecodeAttn,
 }
 
 /// Whether the CUDA kernels take this model's shapes (the attention kernels: head_dim 64 or 128).
@@ -400,6 +402,7 @@ impl CudaEngine {
             sae: None,
             hy: None,
             use_live: false,
+            attn: k::DecodeAttn::from_env(),
             gpu,
         })
     }
@@ -598,6 +601,7 @@ impl CudaEngine {
                 sh,
                 splits,
                 live,
+                self.attn,
             )?,
         }
         k::matmul_live(
