@@ -27,6 +27,18 @@
 //   partials are written per head as above, counted in counters[t, kvh·G], and its last split
 //   combines all G heads. Launch: grid (NS, Hkv, T), block 256, static shared memory
 //   G·8·128·4 bytes + 0.2 KB.
+// Fused RoPE (every decode kernel above; `qkv` non-null): the queries and the token's own key and
+//   value come from the raw q|k|v product qkv f32 [T, (H + 2·Hkv)·Dh] (q heads, then k, then v)
+//   plus bias f32 [(H + 2·Hkv)·Dh] (nullable), rotated in the kernel by common.cuh's rope_pair at
+//   pos[t] with inv_freq f32 [Dh/2], and rounded to bf16 exactly as rope.cu's qkv_rope_bf16
+//   rounds them (so the output is bit for bit that of qkv_rope_bf16 followed by the unfused
+//   kernel); q, k_self and v_self are then not read and nothing writes them. The split holding
+//   position pos[t] computes the token's own K/V row; for rows t < n_write with slot and pos in
+//   range, that split's block of the group's first head also stores it at (slot[t], pos[t]) of
+//   kc_w / vc_w (the caches, the same buffers as k_cache / v_cache: no block of the launch reads
+//   that position). Precondition (the caller's): no row of the launch attends a position another
+//   row writes, e.g. one row per sequence, or the hybrid step's candidate rows beside their
+//   problem's row. One launch per block of the model instead of two.
 // attention_prefill_bf16 (prefill chunks, on tensor cores) lives in prefill_attention.cu.
 #include "common.cuh"
 
@@ -82,7 +94,34 @@ template <int G>
 struct DecodeShared {
     float m[DEC_WARPS][G], l[DEC_WARPS][G];
     float acc[DEC_WARPS][G][128];
+    // Fused RoPE: the token's own K and V row, rotated and rounded (Dh ≤ 128).
+    __align__(16) bf16_t k_own[128];
+    __align__(16) bf16_t v_own[128];
 };
+
+// Fused RoPE: this lane's NPL dims (lane·NPL ..) of q or k head `head` of the raw q|k|v row u
+// (f32 [(H + 2·Hkv)·Dh], bias nullable) rotated at position p, rounded to bf16 and widened back:
+// the values qkv_rope_bf16 writes. Dims d < Dh/2 are the first of their pair, the others the
+// second.
+template <int NPL>
+__device__ __forceinline__ void rope_row_part(const float* __restrict__ u, const float* __restrict__ bias,
+                                              const float* __restrict__ inv_freq, int head, int p, int lane,
+                                              float* out) {
+    constexpr int DH = NPL * 32, HALF = DH / 2;
+#pragma unroll
+    for (int n = 0; n < NPL; ++n) {
+        const int d = lane * NPL + n, i = d % HALF;
+        const int c0 = head * DH + i, c1 = c0 + HALF;
+        float a = u[c0], b = u[c1];
+        if (bias) {  // as rope.cu adds it (no + 0 when absent: −0 stays −0)
+            a += bias[c0];
+            b += bias[c1];
+        }
+        bf16_t o0, o1;
+        rope_pair(a, b, p, inv_freq[i], &o0, &o1);
+        out[n] = bf2f(d < HALF ? o0 : o1);
+    }
+}
 
 // One split of the keys of token t for G query heads h0 .. h0 + G − 1 (h0 = blockIdx.y·G), which
 // share kv head h0 / (H / Hkv): G = 1, one head per block; G = H / Hkv, a whole GQA group, each
@@ -95,7 +134,9 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                              const int* __restrict__ slot, float* __restrict__ part_o,
                              float* __restrict__ part_ml, bf16_t* __restrict__ out,
                              unsigned int* __restrict__ counters, int H, int Hkv, int S, int slots, int chunk,
-                             int NS, const int* __restrict__ live, DecodeShared<G>& sm) {
+                             int NS, const int* __restrict__ live, const float* __restrict__ qkv,
+                             const float* __restrict__ bias, const float* __restrict__ inv_freq, int n_write,
+                             bf16_t* __restrict__ kc_w, bf16_t* __restrict__ vc_w, DecodeShared<G>& sm) {
     pdl_enter();
     constexpr int DH = NPL * 32;
     const int sp = blockIdx.x, h0 = blockIdx.y * G, t = blockIdx.z;
@@ -112,10 +153,14 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     const int cache_len = (s >= 0 && s < slots) ? min(p, S) : 0;
 
     const float scale = rsqrtf((float)DH);
+    const float* u = qkv ? qkv + (size_t)t * (H + 2 * Hkv) * DH : nullptr;  // fused RoPE: the raw row
     float qv[G][NPL], m[G], l[G], acc[G][NPL];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-        load_row_part<NPL>(q + ((size_t)t * H + h0 + g) * DH, lane, qv[g]);
+        if (u)
+            rope_row_part<NPL>(u, bias, inv_freq, h0 + g, p, lane, qv[g]);
+        else
+            load_row_part<NPL>(q + ((size_t)t * H + h0 + g) * DH, lane, qv[g]);
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
@@ -124,8 +169,38 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
             acc[g][i] = 0.0f;
         }
     }
-    const bf16_t* kself = k_self + ((size_t)t * Hkv + kvh) * DH;
-    const bf16_t* vself = v_self + ((size_t)t * Hkv + kvh) * DH;
+    const bf16_t* kself = sm.k_own;
+    const bf16_t* vself = sm.v_own;
+    if (!u) {
+        kself = k_self + ((size_t)t * Hkv + kvh) * DH;
+        vself = v_self + ((size_t)t * Hkv + kvh) * DH;
+    } else if (p < j1) {
+        // Fused RoPE, the split holding the token itself: its K/V row into shared memory, and
+        // into the caches from the group's first head's block when the row writes them.
+        const bool store = t < n_write && h0 % (H / Hkv) == 0 && s >= 0 && s < slots && p < S;
+        const size_t at = (((size_t)s * S + p) * Hkv + kvh) * DH;
+        if (warp == 0) {
+            float kr[NPL];
+            rope_row_part<NPL>(u, bias, inv_freq, H + kvh, p, lane, kr);
+#pragma unroll
+            for (int i = 0; i < NPL; ++i) {
+                const int d = lane * NPL + i;
+                sm.k_own[d] = f2bf(kr[i]);  // exact: kr holds bf16 values
+                if (store) kc_w[at + d] = sm.k_own[d];
+            }
+        } else if (warp == 1) {
+            const int c = (H + Hkv + kvh) * DH;
+#pragma unroll
+            for (int i = 0; i < NPL; ++i) {
+                const int d = lane * NPL + i;
+                float v = u[c + d];
+                if (bias) v += bias[c + d];
+                sm.v_own[d] = f2bf(v);
+                if (store) vc_w[at + d] = sm.v_own[d];
+            }
+        }
+        __syncthreads();
+    }
     // Warp w takes keys j0 + w + DEC_WARPS·i, U of them per step: all their K and V loads are
     // issued before any score is used, so a split of 64 keys costs 64 / (8·U) memory round trips.
     for (int jb = j0 + warp; jb < j1; jb += DEC_WARPS * U) {
@@ -236,14 +311,19 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                                     const int* __restrict__ slot, float* __restrict__ part_o,                    \
                                     float* __restrict__ part_ml, bf16_t* __restrict__ out,                       \
                                     unsigned int* __restrict__ counters, int H, int Hkv, int Dh, int S, int slots, \
-                                    int chunk, int NS, const int* __restrict__ live) {                           \
+                                    int chunk, int NS, const int* __restrict__ live,                             \
+                                    const float* __restrict__ qkv, const float* __restrict__ bias,               \
+                                    const float* __restrict__ inv_freq, int n_write, bf16_t* __restrict__ kc_w,  \
+                                    bf16_t* __restrict__ vc_w) {                                                 \
         __shared__ DecodeShared<G> sm;                                                                           \
         if (Dh == 128)                                                                                           \
             decode_split<4, G, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, \
-                                  H, Hkv, S, slots, chunk, NS, live, sm);                                        \
+                                  H, Hkv, S, slots, chunk, NS, live, qkv, bias, inv_freq, n_write, kc_w, vc_w,   \
+                                  sm);                                                                           \
         else if (Dh == 64)                                                                                       \
             decode_split<2, G, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, \
-                                  H, Hkv, S, slots, chunk, NS, live, sm);                                        \
+                                  H, Hkv, S, slots, chunk, NS, live, qkv, bias, inv_freq, n_write, kc_w, vc_w,   \
+                                  sm);                                                                           \
     }
 DECODE_KERNEL(attention_decode_bf16, 1, 8)
 DECODE_KERNEL(attention_decode_u1_bf16, 1, 1)

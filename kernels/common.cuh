@@ -85,6 +85,17 @@ __device__ __forceinline__ void pdl_enter() {
 // is written by an earlier kernel.
 __device__ __forceinline__ int live_rows(const int* live, int T) { return live ? min(T, *live) : T; }
 
+// RoPE of one pair (a, b) = (u[i], u[i + Dh/2]) of a q or k head at the f32 angle
+// f32(pos)·inv_freq_i, sin/cos the precise sincosf (positions reach 10^5, where the fast versions
+// drift): o0 = bf16(a·cos − b·sin), o1 = bf16(b·cos + a·sin), written with explicit fmaf so that
+// every kernel that rotates (rope.cu, attention.cu's fused decode) rounds bit for bit alike.
+__device__ __forceinline__ void rope_pair(float a, float b, int pos, float inv_freq, bf16_t* o0, bf16_t* o1) {
+    float sn, cs;
+    sincosf((float)pos * inv_freq, &sn, &cs);
+    *o0 = f2bf(fmaf(a, cs, -(b * sn)));
+    *o1 = f2bf(fmaf(b, cs, a * sn));
+}
+
 // Maximum over the whole block, like block_sum.
 __device__ __forceinline__ float block_max(float v, float* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;

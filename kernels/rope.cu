@@ -9,9 +9,10 @@
 //   k_self[t, j] = bf16(u'_k),  v_self[t, j] = bf16(u_v)          bf16 [T, Hkv, Dh]
 //   if t < n_write: k_cache[slot[t], pos[t], j] = k_self[t, j], same for v
 //                                             caches bf16 [slots, S, Hkv, Dh]; slot, pos int32 [T]
-// inv_freq f32 [Dh/2] is computed on the host (llama3 scaling included). sin/cos are the precise
-// sinf/cosf of the f32 angle (no fast math: positions reach 10^5, where the fast versions drift).
-// Rounding: bias add and rotation in f32, one RNE rounding to bf16 per output.
+// inv_freq f32 [Dh/2] is computed on the host (llama3 scaling included). The rotation is
+// common.cuh's rope_pair (precise sincosf of the f32 angle, explicit fmaf), which attention.cu's
+// fused decode path shares. Rounding: bias add and rotation in f32, one RNE rounding to bf16 per
+// output.
 // Rows with slot/pos outside [0, slots) x [0, S) skip the cache write.
 // Launch: grid (T, ceil(((H + Hkv)·Dh/2 + Hkv·Dh) / 256)), block 256: one thread per rotated pair
 // or v element, so a row costs one memory round trip whatever the head count.
@@ -43,9 +44,8 @@ extern "C" __global__ void qkv_rope_bf16(
             a += bias[c0];
             b += bias[c1];
         }
-        float sn, cs;
-        sincosf((float)p * inv_freq[i], &sn, &cs);
-        const bf16_t o0 = f2bf(a * cs - b * sn), o1 = f2bf(b * cs + a * sn);
+        bf16_t o0, o1;
+        rope_pair(a, b, p, inv_freq[i], &o0, &o1);
         if (h < H) {
             bf16_t* qo = q + ((size_t)t * H + h) * Dh;
             qo[i] = o0;

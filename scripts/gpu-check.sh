@@ -7,7 +7,8 @@
 # Short runs: TESTS="cuda_vector_grad ..." runs only those test binaries; BENCH=vg runs only the
 # vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
 # PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the A/B lines
-# (gate first, one stream, gemm choices, prefill chunk, grouped attention, kernel bench). Each
+# (RoPE in attention, gate first, one stream, gemm choices, prefill chunk, grouped attention,
+# kernel bench). Each
 # phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both.
 set -u
 B=.gpu
@@ -78,6 +79,13 @@ ab() {
     env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda "$@" 2>&1 | grep -E " cuda |^ +x[0-9]|rror"
 }
 H="--hybrid --steered-share 0.125 --new-tokens $NEW"
+# 0. Bias + RoPE + K/V append inside decode attention (one launch per block fewer), batch 1 and 64
+#    of both shapes and the batch-1 hybrid step, against the default in the same call.
+ab "THINKSTEER_ROPE=separate" --batch 1,64 --prompt-len 64 --new-tokens "$NEW"
+ab "THINKSTEER_ROPE=attn" --batch 1,64 --prompt-len 64 --new-tokens "$NEW"
+ab "THINKSTEER_ROPE=attn" --hybrid --new-tokens "$NEW" --batch 1
+echo "== THINKSTEER_ROPE=attn llama-3.1-8b batch 1"
+THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ROPE=attn timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | grep -E " cuda |rror"
 # 1. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two
 #    streams vs one, and 33–128-row products through gemm (split K) or cuBLASLt.
 ab "THINKSTEER_GATE_FIRST=0" $H --batch 8,64

@@ -119,6 +119,30 @@ pub struct Step<'a> {
     pub n_write: usize,
 }
 
+impl Step<'_> {
+    /// Whether no token of the call attends a position that another token of the call writes:
+    /// in every slot, each written position is at or after every position of that slot in the
+    /// call (one token per sequence, or candidates beside their problem's token). Then the
+    /// tokens' K/V may be appended while attention runs (the CUDA fused RoPE path). `scratch`
+    /// is reused between calls.
+    pub fn rows_independent(&self, scratch: &mut Vec<(usize, usize, bool)>) -> bool {
+        scratch.clear();
+        scratch.extend(
+            self.slots
+                .iter()
+                .zip(self.positions)
+                .enumerate()
+                .map(|(t, (&s, &p))| (s, p, t < self.n_write)),
+        );
+        scratch.sort_unstable();
+        // Per slot, sorted by position: a written position below the slot's last one is read.
+        scratch.chunk_by(|a, b| a.0 == b.0).all(|rows| {
+            let last = rows[rows.len() - 1].1;
+            rows.iter().all(|&(_, p, w)| !w || p == last)
+        })
+    }
+}
+
 /// Residual-stream hooks for one forward call.
 #[derive(Default)]
 pub struct Hooks<'a> {
@@ -420,5 +444,37 @@ fn apply_hooks(hooks: &mut Hooks, point: usize, h: &mut [f32]) {
             buf.clear();
             buf.extend_from_slice(h);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    fn independent(slots: &[usize], positions: &[usize], n_write: usize) -> bool {
+        let step = Step {
+            slots,
+            positions,
+            n_write,
+        };
+        step.rows_independent(&mut vec![])
+    }
+
+    #[test]
+    fn rows_are_independent_unless_one_attends_what_another_writes() {
+        // One token per sequence, any order.
+        assert!(independent(&[2, 0, 1], &[5, 9, 0], 3));
+        // Candidates beside their problem's token (same slot and position, not writing).
+        assert!(independent(&[0, 1, 0, 0, 1], &[7, 3, 7, 7, 3], 2));
+        // Two tokens of one sequence, the first written: the second reads it.
+        assert!(!independent(&[0, 0], &[4, 5], 2));
+        // The same, listed the other way round, and with another sequence beside it.
+        assert!(!independent(&[1, 0, 0], &[0, 5, 4], 3));
+        // The later token writes, the earlier one only reads: nothing written is read.
+        assert!(independent(&[0, 0], &[5, 4], 1));
+        // A prefill chunk.
+        assert!(!independent(&[3, 3, 3], &[0, 1, 2], 3));
+        // Nothing written at all.
+        assert!(independent(&[0, 0, 0], &[0, 1, 2], 0));
     }
 }

@@ -86,13 +86,22 @@ fn compare(mode: Mode, no_gating: bool) {
         let te = CudaEngine::load(tg, &think_dir, b, 64, 64).unwrap();
         let be = CudaEngine::load(g.clone(), &base_dir, b, 64, 64.max(b * (1 + c))).unwrap();
         let mut hy = CudaHybrid::new(te, be, &sae, &steering, &s, b).unwrap();
-        // Both ways of running a step (single pass, gate first), eagerly and from CUDA graphs.
-        for (gate_first, use_graphs) in [(false, false), (false, true), (true, false), (true, true)]
-        {
+        // Both ways of running a step (single pass, gate first), eagerly and from CUDA graphs;
+        // then from graphs with RoPE inside decode attention (both models).
+        for (gate_first, use_graphs, rope) in [
+            (false, false, false),
+            (false, true, false),
+            (true, false, false),
+            (true, true, false),
+            (false, true, true),
+            (true, true, true),
+        ] {
             // Later runs reuse the caches: every step writes its position before any later step
             // reads it, so no reset is needed.
             hy.use_graphs = use_graphs;
             hy.gate_first = Some(gate_first);
+            hy.base.rope_in_attention = rope;
+            hy.think.rope_in_attention = rope;
             let got = hy.run(&ps, |_, _, _| {}).unwrap();
             let mut steered = 0;
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -100,13 +109,13 @@ fn compare(mode: Mode, no_gating: bool) {
                 assert_eq!(
                 g.ids[..k],
                 w.ids[..k],
-                "{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs}: problem {i} ids"
+                "{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs} rope in attention {rope}: problem {i} ids"
             );
                 for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
                     assert_eq!(
                     (gs.category, gs.steered),
                     (ws.category, ws.steered),
-                    "{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs}: problem {i} step {j}"
+                    "{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs} rope in attention {rope}: problem {i} step {j}"
                 );
                     // Two coefficients can yield the same emitted token; which of them "wins" then
                     // hinges on a candidate's own greedy token, which bf16 rounding may flip at a

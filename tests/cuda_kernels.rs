@@ -432,18 +432,20 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
     }
     let s = &g.stream;
     let up = |v: &[f32]| s.clone_htod(&to_bf(v)).unwrap();
-    let (qb, kcb, vcb, ksb, vsb) = (up(&q), up(&kc), up(&vc), up(&kself), up(&vself));
+    let (qb, mut kcb, mut vcb, ksb, vsb) = (up(&q), up(&kc), up(&vc), up(&kself), up(&vself));
     let (pb, sb) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&slot).unwrap());
     let mut po = s.alloc_zeros::<f32>(t * sh.h * splits * sh.dh).unwrap();
     let mut pml = s.alloc_zeros::<f32>(t * sh.h * splits * 2).unwrap();
     let mut out = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
     k::attention_decode(
         g,
-        &qb.as_view(),
-        &kcb.as_view(),
-        &vcb.as_view(),
-        &ksb.as_view(),
-        &vsb.as_view(),
+        k::DecodeIn::Rotated {
+            q: &qb.as_view(),
+            k_self: &ksb.as_view(),
+            v_self: &vsb.as_view(),
+        },
+        &mut kcb.as_view_mut(),
+        &mut vcb.as_view_mut(),
         &pb.as_view(),
         &sb.as_view(),
         &mut po.as_view_mut(),
@@ -465,6 +467,162 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
         &|_| 2.0 / 256.0,
         RTOL_BF16,
     );
+}
+
+#[test]
+fn fused_rope_decode_attention_equals_qkv_rope_then_attention() {
+    let Some(g) = gpu() else { return };
+    // Both head dims, with and without bias, every decode kernel (8-key, 1-key, grouped 6 and 4).
+    let cases = [
+        (
+            3usize,
+            (4usize, 2usize),
+            128usize,
+            true,
+            DecodeAttn::PerHead,
+        ),
+        (30, (4, 2), 64, false, DecodeAttn::PerHead),
+        (5, (12, 2), 128, true, DecodeAttn::Grouped),
+        (30, (32, 8), 64, false, DecodeAttn::Grouped),
+    ];
+    for (i, &(t, heads, dh, bias, kind)) in cases.iter().enumerate() {
+        check_fused_rope(&g, 40 + i as u64, t, heads, dh, bias, kind);
+    }
+}
+
+/// `DecodeIn::Raw` must give bit for bit what `qkv_rope` then `DecodeIn::Rotated` gives: the
+/// attention output and both caches. Rows: problems 0..n_write, one slot each, at positions with
+/// 1 to 11 splits (one past the cache: no write), then candidate rows beside them (same slot and
+/// position, not writing), as in the hybrid step.
+fn check_fused_rope(
+    g: &Gpu,
+    seed: u64,
+    t: usize,
+    (h, hkv): (usize, usize),
+    dh: usize,
+    with_bias: bool,
+    kind: DecodeAttn,
+) {
+    let mut rng = Rng(seed);
+    let n_write = t.div_ceil(2);
+    let sh = AttnShape {
+        h,
+        hkv,
+        dh,
+        slots: n_write,
+        s: 700,
+    };
+    let ps = [0i32, 63, 64, 300, 699, 700];
+    let pos: Vec<i32> = (0..t).map(|i| ps[(i % n_write) % ps.len()]).collect();
+    let slot: Vec<i32> = (0..t).map(|i| (i % n_write) as i32).collect();
+    let width = (h + 2 * hkv) * dh;
+    let cl = sh.slots * sh.s * hkv * dh;
+    let s = &g.stream;
+    let up = |v: &[f32]| s.clone_htod(&to_bf(v)).unwrap();
+    let (kc0, vc0) = (rng.vec(cl, 2.0), rng.vec(cl, 2.0));
+    let qkv = s.clone_htod(&rng.vec(t * width, 2.0)).unwrap();
+    let bias = s.clone_htod(&rng.vec(width, 0.5)).unwrap();
+    let inv = s.clone_htod(&inv_freq(dh)).unwrap();
+    let (pb, sb) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&slot).unwrap());
+    let splits = k::decode_splits(sh.s + 1);
+    let bias_v = bias.as_view();
+    let bias_opt = with_bias.then_some(&bias_v);
+    let run = |fused: bool| {
+        let (mut kc, mut vc) = (up(&kc0), up(&vc0));
+        let mut q = s.alloc_zeros::<bf16>(t * h * dh).unwrap();
+        let mut ks = s.alloc_zeros::<bf16>(t * hkv * dh).unwrap();
+        let mut vs = s.alloc_zeros::<bf16>(t * hkv * dh).unwrap();
+        if !fused {
+            k::qkv_rope(
+                g,
+                &qkv.as_view(),
+                bias_opt,
+                &inv.as_view(),
+                &pb.as_view(),
+                &sb.as_view(),
+                n_write,
+                &mut q.as_view_mut(),
+                &mut ks.as_view_mut(),
+                &mut vs.as_view_mut(),
+                &mut kc.as_view_mut(),
+                &mut vc.as_view_mut(),
+                t,
+                sh,
+            )
+            .unwrap();
+        }
+        let (qv, ksv, vsv, qkvv, invv) = (
+            q.as_view(),
+            ks.as_view(),
+            vs.as_view(),
+            qkv.as_view(),
+            inv.as_view(),
+        );
+        let input = if fused {
+            k::DecodeIn::Raw {
+                qkv: &qkvv,
+                bias: bias_opt,
+                inv_freq: &invv,
+                n_write,
+            }
+        } else {
+            k::DecodeIn::Rotated {
+                q: &qv,
+                k_self: &ksv,
+                v_self: &vsv,
+            }
+        };
+        let mut po = s.alloc_zeros::<f32>(t * h * splits * dh).unwrap();
+        let mut pml = s.alloc_zeros::<f32>(t * h * splits * 2).unwrap();
+        let mut out = s.alloc_zeros::<bf16>(t * h * dh).unwrap();
+        k::attention_decode(
+            g,
+            input,
+            &mut kc.as_view_mut(),
+            &mut vc.as_view_mut(),
+            &pb.as_view(),
+            &sb.as_view(),
+            &mut po.as_view_mut(),
+            &mut pml.as_view_mut(),
+            &mut out.as_view_mut(),
+            t,
+            sh,
+            splits,
+            None,
+            kind,
+        )
+        .unwrap();
+        let bits = |b: &cudarc::driver::CudaSlice<bf16>| -> Vec<u16> {
+            s.clone_dtoh(b)
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        (bits(&out), bits(&kc), bits(&vc))
+    };
+    let (sep, fus) = (run(false), run(true));
+    let what = format!("fused RoPE {kind:?} T={t} H={h} Hkv={hkv} Dh={dh} bias={with_bias}");
+    let changed = sep
+        .1
+        .iter()
+        .zip(to_bf(&kc0))
+        .filter(|(a, b)| **a != b.to_bits())
+        .count();
+    assert!(changed > 0, "{what}: qkv_rope wrote no cache row");
+    for (name, a, b) in [
+        ("attention output", &sep.0, &fus.0),
+        ("K cache", &sep.1, &fus.1),
+        ("V cache", &sep.2, &fus.2),
+    ] {
+        let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
+        assert_eq!(
+            diff,
+            0,
+            "{what}: {name} differs in {diff} of {} values",
+            a.len()
+        );
+    }
 }
 
 #[test]

@@ -118,6 +118,72 @@ fn single_row_decode_matches_the_cpu() {
 }
 
 #[test]
+fn decode_with_rope_in_attention_gives_the_same_logits_bit_for_bit() {
+    // THINKSTEER_ROPE=attn changes which kernel rotates and appends K/V, not a single bit of
+    // what is computed: the same prefill, then 12 one-row steps and 6 three-row steps (the
+    // decode graphs), both ways.
+    let Some(g) = gpu() else { return };
+    let g = Arc::new(g);
+    let dir = checkpoint("rope");
+    let prompts = [prompt(21, 7), prompt(9, 8), prompt(40, 9)];
+    let run = |rope: bool| -> (Vec<f32>, Vec<u32>) {
+        let mut e = CudaEngine::load(g.clone(), &dir, 3, 128, 64).unwrap();
+        e.rope_in_attention = rope;
+        let mut logits = vec![];
+        let mut ids = vec![];
+        let mut next = vec![0u32; 3];
+        for (i, p) in prompts.iter().enumerate() {
+            let slots = vec![i; p.len()];
+            let pos: Vec<usize> = (0..p.len()).collect();
+            let step = Step {
+                slots: &slots,
+                positions: &pos,
+                n_write: p.len(),
+            };
+            let l = e
+                .forward(p, &step, &[p.len() - 1], &mut Hooks::default())
+                .unwrap();
+            next[i] = argmax(l) as u32;
+        }
+        let mut len: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        for _ in 0..12 {
+            let step = Step {
+                slots: &[0],
+                positions: &len[..1],
+                n_write: 1,
+            };
+            let l = e
+                .forward(&next[..1], &step, &[0], &mut Hooks::default())
+                .unwrap();
+            logits.extend_from_slice(l);
+            next[0] = argmax(l) as u32;
+            len[0] += 1;
+        }
+        let s: Vec<usize> = (0..3).collect();
+        for _ in 0..6 {
+            let step = Step {
+                slots: &s,
+                positions: &len,
+                n_write: 3,
+            };
+            next = e.decode_greedy(&next, &step).unwrap();
+            ids.extend_from_slice(&next);
+            len.iter_mut().for_each(|p| *p += 1);
+        }
+        (logits, ids)
+    };
+    let (sep, fused) = (run(false), run(true));
+    let differ = sep
+        .0
+        .iter()
+        .zip(&fused.0)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differ, 0, "{differ} of {} logits differ", sep.0.len());
+    assert_eq!(sep.1, fused.1, "greedy ids of the three-row steps");
+}
+
+#[test]
 fn greedy_decode_matches_the_cpu_with_and_without_graphs() {
     let Some(g) = gpu() else { return };
     let dir = checkpoint("greedy");

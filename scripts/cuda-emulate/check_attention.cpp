@@ -15,10 +15,11 @@
 #include "attention.cu"
 
 namespace attention_check {
+// (The fused-RoPE path of these kernels is checked in check_rope.cpp, against qkv_rope_bf16.)
 
 using decode_fn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const int*,
                            const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int,
-                           const int*);
+                           const int*, const float*, const float*, const float*, int, bf16_t*, bf16_t*);
 
 // The grouped kernel for G = H / Hkv query heads per kv head (grid y = Hkv).
 static decode_fn grouped(int G) {
@@ -98,7 +99,8 @@ static void decode(int Dh, int H = 4, int Hkv = 2) {
         std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);  // NaN: every entry must be written
         launch(dim3{(unsigned)NS, (unsigned)grid_y, (unsigned)T}, 256, [&] {
             fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
-               part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, nullptr);
+               part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, nullptr, nullptr, nullptr, nullptr, 0, nullptr,
+               nullptr);
         });
         char tag[96];
         snprintf(tag, sizeof tag, "%s Dh %d T %d H %d Hkv %d NS %d", name, Dh, T, H, Hkv, NS);
@@ -120,7 +122,8 @@ static void decode(int Dh, int H = 4, int Hkv = 2) {
             std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);
             launch(dim3{(unsigned)NS, (unsigned)grid_y, (unsigned)T}, 256, [&] {
                 fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
-                   part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, &live);
+                   part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, &live, nullptr, nullptr, nullptr, 0,
+                   nullptr, nullptr);
             });
             const auto got = from_bf(out);
             char tag[96];

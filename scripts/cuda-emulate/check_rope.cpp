@@ -95,9 +95,80 @@ static void run_case(int H, int Hkv, int Dh, bool bias_on, bool llama3) {
     within("  v_cache (exact)", from_bf(vc), vc_want, exact);
 }
 
+// attention.cu's fused RoPE path (qkv non-null) must give bit for bit what qkv_rope_bf16 followed
+// by the same kernel unfused gives: the attention output and both caches (cache entries that
+// neither writes keep their old bits in both). Rows as the hybrid step has them: problems with a
+// slot each (a position past S: no write; an out-of-range slot, reading only itself), then
+// candidate rows at their problem's slot and position, not writing (t ≥ n_write). Each decode
+// kernel: 8 keys per step, 1 key, and the grouped one for G = H / Hkv.
+static void fused(int H, int Hkv, int Dh, bool bias_on) {
+    OwnRng own(11 + H + Dh);
+    using attention_check::decode_fn;
+    const int S = 200, chunk = 64, NS = (S + chunk - 1) / chunk, width = (H + 2 * Hkv) * Dh;
+    const int n_write = 5, slots = 4, T = 9, G = H / Hkv;
+    const std::vector<int> pslot = {0, 3, 1, 2, slots}, ppos = {0, 64, 199, S, 70};
+    std::vector<int> slot(T), pos(T);
+    for (int t = 0; t < T; ++t) {
+        slot[t] = pslot[t % n_write];
+        pos[t] = ppos[t % n_write];
+    }
+    const auto qkv = randv((size_t)T * width, 2.0f), bias = randv(width, 0.5f);
+    const auto fr = inv_freq(Dh, 1000000.0, false);
+    const auto kc0 = randbf((size_t)slots * S * Hkv * Dh), vc0 = randbf(kc0.size());
+    std::vector<unsigned int> counters((size_t)T * H, 0u);
+    struct K {
+        const char* name;
+        decode_fn fn;
+        int grid_y;
+    };
+    std::vector<K> kernels = {{"attention_decode_bf16", attention_decode_bf16, H},
+                              {"attention_decode_u1_bf16", attention_decode_u1_bf16, H}};
+    if (attention_check::grouped(G)) kernels.push_back({"attention_decode_g*_bf16", attention_check::grouped(G), Hkv});
+    const float* b = bias_on ? bias.data() : nullptr;
+    for (const auto& k : kernels) {
+        auto run = [&](bool fuse, std::vector<bf16_t>& kc, std::vector<bf16_t>& vc) {
+            std::vector<bf16_t> q((size_t)T * H * Dh), ks((size_t)T * Hkv * Dh), vs(ks.size());
+            if (!fuse) {
+                const int per_row = (H + Hkv) * Dh / 2 + Hkv * Dh;
+                launch(dim3{(unsigned)T, (unsigned)((per_row + 255) / 256), 1}, 256, [&] {
+                    qkv_rope_bf16(qkv.data(), b, fr.data(), pos.data(), slot.data(), n_write, q.data(), ks.data(),
+                                  vs.data(), kc.data(), vc.data(), H, Hkv, Dh, slots, S);
+                });
+            }
+            std::vector<float> part_o((size_t)T * H * NS * Dh, NAN), part_ml((size_t)T * H * NS * 2, NAN);
+            std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);
+            launch(dim3{(unsigned)NS, (unsigned)k.grid_y, (unsigned)T}, 256, [&] {
+                k.fn(fuse ? nullptr : q.data(), kc.data(), vc.data(), fuse ? nullptr : ks.data(),
+                     fuse ? nullptr : vs.data(), pos.data(), slot.data(), part_o.data(), part_ml.data(), out.data(),
+                     counters.data(), H, Hkv, Dh, S, slots, chunk, NS, nullptr, fuse ? qkv.data() : nullptr, b,
+                     fuse ? fr.data() : nullptr, fuse ? n_write : 0, fuse ? kc.data() : nullptr,
+                     fuse ? vc.data() : nullptr);
+            });
+            return out;
+        };
+        auto kc_a = kc0, vc_a = vc0, kc_b = kc0, vc_b = vc0;
+        const auto out_a = run(false, kc_a, vc_a), out_b = run(true, kc_b, vc_b);
+        char tag[128];
+        snprintf(tag, sizeof tag, "%s fused RoPE H %d Hkv %d Dh %d%s", k.name, H, Hkv, Dh, bias_on ? " bias" : "");
+        printf("%s\n", tag);
+        same("  out (bits)", out_b, out_a);
+        same("  k_cache (bits)", kc_b, kc_a);
+        same("  v_cache (bits)", vc_b, vc_a);
+        same("  counters at 0", counters, std::vector<unsigned int>(counters.size(), 0u));
+        // The unfused path wrote rows (0, 0), (3, 64), (1, 199) and nothing else.
+        long written = 0;
+        for (size_t i = 0; i < kc0.size(); ++i) written += kc_a[i] != kc0[i];
+        const bool three = written > 0 && written <= 3L * Hkv * Dh;
+        report("  cache rows written: the three in range", three, std::to_string(written) + " entries");
+    }
+}
+
 }  // namespace rope_check
 
 void run_rope() {
     rope_check::run_case(4, 2, 128, true, false);
     rope_check::run_case(6, 2, 64, false, true);
+    rope_check::fused(4, 2, 128, true);
+    rope_check::fused(12, 2, 128, false);
+    rope_check::fused(8, 2, 64, true);
 }

@@ -57,7 +57,7 @@ pub struct CudaHybrid {
     pos_p: CudaSlice<i32>,  // [max_b]
     slot_p: CudaSlice<i32>, // [max_b]
     max_b: usize,
-    graphs: HashMap<(usize, bool), CudaGraph>, // by (problems, gate first)
+    graphs: HashMap<(usize, bool, bool), CudaGraph>, // by (problems, gate first, RoPE in attention)
     pub use_graphs: bool,
     /// Forces the gate-first step on or off (None: gate first when B·C > GATE_FIRST_ROWS). Set
     /// from THINKSTEER_GATE_FIRST=1|0 when present.
@@ -615,7 +615,10 @@ impl CudaHybrid {
         // thinking model's stream.
         self.join_thinking()?;
         if self.use_graphs {
-            let key = (b, self.runs_gate_first(b));
+            // The problems' rows are independent (one slot each, candidates beside them), so
+            // both models fuse RoPE into attention whenever they are set to.
+            let fused = self.base.fuses_rope() && self.think.fuses_rope();
+            let key = (b, self.runs_gate_first(b), fused);
             if !self.graphs.contains_key(&key) {
                 // The step is idempotent (same inputs rewrite the same cache entries), so a
                 // warm-up run before capture changes nothing.

@@ -402,21 +402,40 @@ impl DecodeAttn {
     }
 }
 
+/// Where decode attention takes its queries and the token's own key and value from.
+pub enum DecodeIn<'a, 'b> {
+    /// Written by `qkv_rope`: q bf16 [T, H, Dh], k_self / v_self bf16 [T, Hkv, Dh].
+    Rotated {
+        q: &'a CudaView<'b, bf16>,
+        k_self: &'a CudaView<'b, bf16>,
+        v_self: &'a CudaView<'b, bf16>,
+    },
+    /// The raw q|k|v product f32 [T, (H+2Hkv)·Dh] with its bias [(H+2Hkv)·Dh] and inv_freq
+    /// [Dh/2]: the kernel applies bias and RoPE itself, bit for bit as `qkv_rope` would, and
+    /// rows < n_write append their K/V to the caches (one launch per block fewer). The caller
+    /// guarantees that no row of the call attends a position another row writes (one row per
+    /// sequence, or candidate rows beside their problem's row at the same position).
+    Raw {
+        qkv: &'a CudaView<'b, f32>,
+        bias: Option<&'a CudaView<'b, f32>>,
+        inv_freq: &'a CudaView<'b, f32>,
+        n_write: usize,
+    },
+}
+
 /// Decode attention (flash-decoding): token t attends cache positions [0, pos[t]) of slot[t] and
-/// its own k_self/v_self at pos[t]. `splits` = decode_splits(longest possible pos + 1).
-/// q bf16 [T, H, Dh], caches bf16 [slots, S, Hkv, Dh], k_self/v_self bf16 [T, Hkv, Dh],
-/// pos/slot i32 [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2];
-/// out bf16 [T, H, Dh] (the last split of each head combines the partials, one launch). Positions beyond splits·DECODE_CHUNK are not attended.
-/// `live` (i32 [1] on the device, when given): rows t ≥ live[0] are skipped. `kind`: one query
-/// head or one GQA group per block.
+/// its own key and value at pos[t] (from `input`). `splits` = decode_splits(longest possible
+/// pos + 1). Caches bf16 [slots, S, Hkv, Dh] (written only with `DecodeIn::Raw`), pos/slot i32
+/// [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2]; out bf16 [T, H, Dh]
+/// (the last split of each head combines the partials, one launch). Positions beyond
+/// splits·DECODE_CHUNK are not attended. `live` (i32 [1] on the device, when given): rows
+/// t ≥ live[0] are skipped. `kind`: one query head or one GQA group per block.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
-    q: &CudaView<'_, bf16>,
-    k_cache: &CudaView<'_, bf16>,
-    v_cache: &CudaView<'_, bf16>,
-    k_self: &CudaView<'_, bf16>,
-    v_self: &CudaView<'_, bf16>,
+    input: DecodeIn<'_, '_>,
+    k_cache: &mut CudaViewMut<'_, bf16>,
+    v_cache: &mut CudaViewMut<'_, bf16>,
     pos: &CudaView<'_, i32>,
     slot: &CudaView<'_, i32>,
     part_o: &mut CudaViewMut<'_, f32>,
@@ -430,7 +449,32 @@ pub fn attention_decode(
 ) -> Result<()> {
     const K: &str = "attention_decode_bf16";
     sh.check(K)?;
-    check(K, "q", q.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
+    let kv = t * sh.hkv * sh.dh;
+    match &input {
+        DecodeIn::Rotated { q, k_self, v_self } => {
+            check(K, "q", q.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
+            check(K, "k_self", k_self.len(), kv, "[T, Hkv, Dh]")?;
+            check(K, "v_self", v_self.len(), kv, "[T, Hkv, Dh]")?;
+        }
+        DecodeIn::Raw {
+            qkv,
+            bias,
+            inv_freq,
+            n_write,
+        } => {
+            let width = (sh.h + 2 * sh.hkv) * sh.dh;
+            check(K, "qkv", qkv.len(), t * width, "[T, (H+2Hkv)·Dh]")?;
+            if let Some(bias) = bias {
+                check(K, "bias", bias.len(), width, "[(H+2Hkv)·Dh]")?;
+            }
+            check(K, "inv_freq", inv_freq.len(), sh.dh / 2, "[Dh/2]")?;
+            if *n_write > t {
+                return Err(Error::Input(format!(
+                    "{K}: n_write ({n_write}) exceeds the token count ({t})"
+                )));
+            }
+        }
+    }
     check(
         K,
         "k_cache",
@@ -444,20 +488,6 @@ pub fn attention_decode(
         v_cache.len(),
         sh.cache_len(),
         "[slots, S, Hkv, Dh]",
-    )?;
-    check(
-        K,
-        "k_self",
-        k_self.len(),
-        t * sh.hkv * sh.dh,
-        "[T, Hkv, Dh]",
-    )?;
-    check(
-        K,
-        "v_self",
-        v_self.len(),
-        t * sh.hkv * sh.dh,
-        "[T, Hkv, Dh]",
     )?;
     check(K, "pos", pos.len(), t, "[T]")?;
     check(K, "slot", slot.len(), t, "[T]")?;
@@ -521,13 +551,16 @@ pub fn attention_decode(
         };
     let f = gpu.func(name)?;
     let mut b = Launch::new(gpu, f);
-    b.arg(q)
-        .arg(k_cache)
-        .arg(v_cache)
-        .arg(k_self)
-        .arg(v_self)
-        .arg(pos)
-        .arg(slot);
+    match &input {
+        DecodeIn::Rotated { q, .. } => b.arg(*q),
+        DecodeIn::Raw { .. } => b.arg(&NULL),
+    };
+    b.arg(&*k_cache).arg(&*v_cache);
+    match &input {
+        DecodeIn::Rotated { k_self, v_self, .. } => b.arg(*k_self).arg(*v_self),
+        DecodeIn::Raw { .. } => b.arg(&NULL).arg(&NULL),
+    };
+    b.arg(pos).arg(slot);
     b.arg(&*part_o)
         .arg(&*part_ml)
         .arg(out)
@@ -540,10 +573,33 @@ pub fn attention_decode(
         .arg(&chunk)
         .arg(&ns)
         .arg(&live);
+    match &input {
+        DecodeIn::Rotated { .. } => b
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&NULL)
+            .arg(&0i32)
+            .arg(&NULL)
+            .arg(&NULL),
+        DecodeIn::Raw {
+            qkv,
+            bias,
+            inv_freq,
+            n_write,
+        } => b
+            .arg(*qkv)
+            .arg(bias)
+            .arg(*inv_freq)
+            .arg(&int(K, "n_write", *n_write)?)
+            .arg(&*k_cache)
+            .arg(&*v_cache),
+    };
     // SAFETY: argument order and types match attention_decode_bf16 (and the _u1 / grouped
     // kernels, which share it); lengths checked above (the counters hold T·H entries, checked; a
     // group uses the entry of its first head); the kernel reads cache rows only for slot in
-    // [0, slots) and positions < min(pos, S); `live` (1 element when given) is only read.
+    // [0, slots) and positions < min(pos, S), and with `Raw` writes only row (slot, pos) of rows
+    // < n_write with both in range, which (the caller's guarantee) no row of the launch reads;
+    // `live` (1 element when given) is only read.
     gpu.launched(name, unsafe {
         b.launch(cfg((splits as u32, grid_y as u32, t as u32), 256, 0))
     })

@@ -221,8 +221,9 @@ pub struct CudaEngine {
     logits_host: Vec<f32>,
     chunk_host: Vec<f32>, // logits of one chunk's rows, reused between calls
     host_i32: Vec<i32>,   // step inputs staged for upload, reused between calls
-    /// Replayable decode steps, keyed by token count (all tokens write the cache).
-    graphs: HashMap<usize, CudaGraph>,
+    /// Replayable decode steps, keyed by token count (all tokens write the cache) and whether
+    /// RoPE ran inside attention (`fuses_rope`).
+    graphs: HashMap<(usize, bool), CudaGraph>,
     pub use_graphs: bool,
     /// (slot, first position) while a call is one contiguous chunk of one sequence (prefill).
     prefill: Option<(usize, usize)>,
@@ -235,6 +236,14 @@ pub struct CudaEngine {
     pub(crate) use_live: bool,
     /// Decode attention by query head or by GQA group (THINKSTEER_ATTN=group, read at creation).
     pub attn: k::DecodeAttn,
+    /// Decode calls apply bias + RoPE and append K/V inside the attention kernel (`DecodeIn::Raw`)
+    /// instead of a `qkv_rope` launch before it, where the call's rows allow it
+    /// (THINKSTEER_ROPE=attn, read at creation, until timed).
+    pub rope_in_attention: bool,
+    /// Whether no row of the uploaded call attends a position another row writes
+    /// (`Step::rows_independent`), and its scratch.
+    rows_independent: bool,
+    rows_scratch: Vec<(usize, usize, bool)>,
 }
 
 /// Whether the CUDA kernels take this model's shapes (the attention kernels: head_dim 64 or 128).
@@ -403,6 +412,9 @@ impl CudaEngine {
             hy: None,
             use_live: false,
             attn: k::DecodeAttn::from_env(),
+            rope_in_attention: std::env::var("THINKSTEER_ROPE").is_ok_and(|v| v == "attn"),
+            rows_independent: false,
+            rows_scratch: vec![],
             gpu,
         })
     }
@@ -434,6 +446,7 @@ impl CudaEngine {
             .map_err(cu("uploading positions"))?;
         s.memcpy_htod(&h[2 * t..], &mut self.a.slot.slice_mut(..t))
             .map_err(cu("uploading slots"))?;
+        self.rows_independent = step.rows_independent(&mut self.rows_scratch);
         Ok(())
     }
 
@@ -542,11 +555,13 @@ impl CudaEngine {
         let (d, f) = (c.hidden_size, c.intermediate_size);
         let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (wq, sh, splits) = ((h + 2 * hkv) * dh, self.shape(), self.splits);
+        let fused = self.fuses_rope();
         let g = &self.gpu;
         let (a, w) = (&mut self.a, &self.w.layers[l]);
         let live = self.use_live.then(|| a.live.as_view());
         let live = live.as_ref();
-        // Attention: fused q|k|v product, bias + RoPE + cache append, attention, o_proj.
+        // Attention: fused q|k|v product, bias + RoPE + cache append (inside decode attention
+        // when `fused`), attention, o_proj.
         k::matmul_live(
             g,
             &mut a.qkv.slice_mut(..t * wq),
@@ -556,22 +571,24 @@ impl CudaEngine {
             live,
         )?;
         let bias = w.qkv_bias.as_ref().map(|b| b.as_view());
-        k::qkv_rope(
-            g,
-            &a.qkv.slice(..t * wq),
-            bias.as_ref(),
-            &self.inv_freq.as_view(),
-            &a.pos.slice(..t),
-            &a.slot.slice(..t),
-            n_write,
-            &mut a.q.slice_mut(..t * h * dh),
-            &mut a.k_self.slice_mut(..t * hkv * dh),
-            &mut a.v_self.slice_mut(..t * hkv * dh),
-            &mut self.k_cache[l].as_view_mut(),
-            &mut self.v_cache[l].as_view_mut(),
-            t,
-            sh,
-        )?;
+        if !fused {
+            k::qkv_rope(
+                g,
+                &a.qkv.slice(..t * wq),
+                bias.as_ref(),
+                &self.inv_freq.as_view(),
+                &a.pos.slice(..t),
+                &a.slot.slice(..t),
+                n_write,
+                &mut a.q.slice_mut(..t * h * dh),
+                &mut a.k_self.slice_mut(..t * hkv * dh),
+                &mut a.v_self.slice_mut(..t * hkv * dh),
+                &mut self.k_cache[l].as_view_mut(),
+                &mut self.v_cache[l].as_view_mut(),
+                t,
+                sh,
+            )?;
+        }
         match self.prefill {
             // A contiguous chunk of one sequence: tiled causal attention over the cache.
             Some((slot, p0)) => k::attention_prefill(
@@ -585,24 +602,41 @@ impl CudaEngine {
                 slot,
                 sh,
             )?,
-            None => k::attention_decode(
-                g,
-                &a.q.slice(..t * h * dh),
-                &self.k_cache[l].as_view(),
-                &self.v_cache[l].as_view(),
-                &a.k_self.slice(..t * hkv * dh),
-                &a.v_self.slice(..t * hkv * dh),
-                &a.pos.slice(..t),
-                &a.slot.slice(..t),
-                &mut a.part_o.slice_mut(..t * h * splits * dh),
-                &mut a.part_ml.slice_mut(..t * h * splits * 2),
-                &mut a.attn.slice_mut(..t * h * dh),
-                t,
-                sh,
-                splits,
-                live,
-                self.attn,
-            )?,
+            None => {
+                let (qkv, inv_freq) = (a.qkv.slice(..t * wq), self.inv_freq.as_view());
+                let (q, k_self) = (a.q.slice(..t * h * dh), a.k_self.slice(..t * hkv * dh));
+                let v_self = a.v_self.slice(..t * hkv * dh);
+                let input = if fused {
+                    k::DecodeIn::Raw {
+                        qkv: &qkv,
+                        bias: bias.as_ref(),
+                        inv_freq: &inv_freq,
+                        n_write,
+                    }
+                } else {
+                    k::DecodeIn::Rotated {
+                        q: &q,
+                        k_self: &k_self,
+                        v_self: &v_self,
+                    }
+                };
+                k::attention_decode(
+                    g,
+                    input,
+                    &mut self.k_cache[l].as_view_mut(),
+                    &mut self.v_cache[l].as_view_mut(),
+                    &a.pos.slice(..t),
+                    &a.slot.slice(..t),
+                    &mut a.part_o.slice_mut(..t * h * splits * dh),
+                    &mut a.part_ml.slice_mut(..t * h * splits * 2),
+                    &mut a.attn.slice_mut(..t * h * dh),
+                    t,
+                    sh,
+                    splits,
+                    live,
+                    self.attn,
+                )?
+            }
         }
         k::matmul_live(
             g,
@@ -643,6 +677,11 @@ impl CudaEngine {
             (t, d, f),
             live,
         )
+    }
+
+    /// Whether `block` applies RoPE inside decode attention for the uploaded call.
+    pub(crate) fn fuses_rope(&self) -> bool {
+        self.rope_in_attention && self.prefill.is_none() && self.rows_independent
     }
 
     /// r = embed(ids) for the uploaded rows 0..t.
@@ -742,15 +781,16 @@ impl CudaEngine {
         self.upload_step(ids, step)?;
         let v = self.config.vocab_size;
         if self.use_graphs {
-            if !self.graphs.contains_key(&t) {
+            let key = (t, self.fuses_rope());
+            if !self.graphs.contains_key(&key) {
                 // Warm-up run outside capture (first-use work such as module loading), then capture.
                 self.greedy_launches(t)?;
                 self.gpu.sync()?;
                 let gpu = self.gpu.clone();
                 let graph = gpu.capture(|| self.greedy_launches(t))?;
-                self.graphs.insert(t, graph);
+                self.graphs.insert(key, graph);
             }
-            self.graphs[&t]
+            self.graphs[&key]
                 .launch()
                 .map_err(cu("replaying the decode graph"))?;
         } else {
