@@ -78,6 +78,9 @@ pub struct Settings {
     /// Rows per forward call (the prefill chunk; at least the largest batch): 512 in generate,
     /// eval and the other commands.
     pub chunk: usize,
+    /// GPU decode: also time each batch with each kind of launch of its step left out in turn
+    /// (`marginal_costs`), printed to stderr.
+    pub marginal: bool,
 }
 
 fn random_ids(n: usize, v: usize, seed: u64) -> Vec<u32> {
@@ -251,8 +254,88 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             e.use_graphs = graphs;
             print_profile(shape, "decode", b, &r);
         }
+        if s.marginal {
+            let t = decode.last().map_or(0.0, |d| d.1);
+            for line in marginal_costs(&mut e, shape, b, s, t)? {
+                eprintln!("{line}");
+            }
+        }
     }
     Ok(rows_for(shape, "cuda", &config, s, prefill, &decode))
+}
+
+/// What each kind of launch of a batch-`b` decode step (one kernel at one grid shape, e.g. the
+/// down product of every block) costs inside the replayed step: the step is timed again (CUDA
+/// graph, programmatic dependent launch, as in `decode_rows`) with every launch of that kind left
+/// out, and the difference from `base` (seconds per step) is its cost. Left-out kernels leave
+/// their outputs stale, so only the times mean anything; ids are still checked to be in the
+/// vocabulary. The step is timed once more at the end to show the drift. Lines for stderr.
+fn marginal_costs(
+    e: &mut CudaEngine,
+    shape: &str,
+    b: usize,
+    s: &Settings,
+    base: f64,
+) -> Result<Vec<String>> {
+    let gpu = e.gpu.clone();
+    // The step's launches, in order (one eager step).
+    let graphs = e.use_graphs;
+    e.use_graphs = false;
+    let slots: Vec<usize> = (0..b).collect();
+    let step = Step {
+        slots: &slots,
+        positions: &vec![s.prompt_len; b],
+        n_write: b,
+    };
+    gpu.record_launches(true);
+    let ran = e.decode_greedy(&vec![1; b], &step);
+    let launches = gpu.record_launches(false);
+    e.use_graphs = graphs;
+    ran?;
+    let mut kinds: Vec<(crate::cuda::LaunchKind, usize)> = vec![];
+    for k in launches {
+        match kinds.iter_mut().find(|(x, _)| *x == k) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((k, 1)),
+        }
+    }
+    let mut out = vec![format!(
+        "marginal {shape} decode batch {b}: {:.3} ms per step; each kind of launch left out in turn (kernel, grid, launches per step, ms per step saved, µs per launch):",
+        base * 1e3
+    )];
+    let mut rows = vec![];
+    for &(kind, n) in &kinds {
+        gpu.leave_out(Some(kind));
+        e.clear_graphs();
+        let t = decode_rows(e, |e, ids, st| e.decode_greedy(ids, st), b, s);
+        gpu.leave_out(None);
+        e.clear_graphs();
+        let name = gpu.kernel_name(kind).to_string();
+        match t {
+            Ok(t) => rows.push((name, kind.grid, n, base - t)),
+            // Stale inputs may make a step invalid (e.g. ids outside the vocabulary): say so
+            // and go on with the other kinds.
+            Err(err) => out.push(format!("  {name} {:?}: not timed ({err})", kind.grid)),
+        }
+    }
+    rows.sort_by(|a, b| b.3.total_cmp(&a.3));
+    let total: f64 = rows.iter().map(|r| r.3).sum();
+    for (name, (x, y, z), n, d) in rows {
+        let grid = format!("({x},{y},{z})");
+        out.push(format!(
+            "  {name:<30} {grid:<16} {n:>4} {:>8.3} ms {:>7.2} µs",
+            d * 1e3,
+            d * 1e6 / n as f64,
+        ));
+    }
+    let again = decode_rows(e, |e, ids, st| e.decode_greedy(ids, st), b, s)?;
+    out.push(format!(
+        "  sum of the savings {:.3} ms of {:.3} ms; the whole step again: {:.3} ms",
+        total * 1e3,
+        base * 1e3,
+        again * 1e3
+    ));
+    Ok(out)
 }
 
 /// THINKSTEER_CUDA_PROFILE=1: the benches also print a per-kernel breakdown (to stderr) of one

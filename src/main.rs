@@ -352,6 +352,10 @@ struct BenchArgs {
     /// Time the steering-vector loss and gradient of one example of --prompt-len tokens (GPU).
     #[arg(long)]
     vector_grad: bool,
+    /// GPU decode: also time each batch with each kind of launch of its step (kernel and grid)
+    /// left out in turn, printing what each costs inside the replayed step (stderr).
+    #[arg(long)]
+    marginal: bool,
 }
 
 fn main() -> ExitCode {
@@ -812,6 +816,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         seed: 0,
         steered_share: a.steered_share,
         chunk: a.chunk.max(1),
+        marginal: a.marginal,
     };
     if let Some(f) = a.steered_share {
         if !(0.0..=1.0).contains(&f) || !a.hybrid {
@@ -820,6 +825,11 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                 if a.hybrid { "" } else { " without --hybrid" }
             ));
         }
+    }
+    if a.marginal && (a.hybrid || a.vector_grad) {
+        return Err(anyhow!(
+            "--marginal times the launches of plain decode steps: it does not go with --hybrid or --vector-grad"
+        ));
     }
     if a.prompt_len == 0 || a.batch.contains(&0) {
         return Err(anyhow!("--prompt-len and every --batch must be at least 1"));
@@ -855,6 +865,10 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         thinksteer::bench::run_cuda_hybrid(&a.shape, &s)?
     } else if use_cuda(a.device)? {
         thinksteer::bench::run_cuda(&a.shape, &s)?
+    } else if a.marginal {
+        return Err(anyhow!(
+            "--marginal times the launches of GPU decode steps: it needs --device cuda and a GPU"
+        ));
     } else {
         thinksteer::bench::run_cpu(&a.shape, &s)?
     };

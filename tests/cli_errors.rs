@@ -280,4 +280,19 @@ fn bench_switches_out_of_range() {
         &["bench", "--shape", "qwen2.5-1.5b", "--steered-share", "0.1"],
         &["--steered-share", "without --hybrid"],
     );
+    expect_error(
+        &["bench", "--shape", "qwen2.5-1.5b", "--hybrid", "--marginal"],
+        &["--marginal", "--hybrid"],
+    );
+    expect_error(
+        &[
+            "bench",
+            "--shape",
+            "qwen2.5-1.5b",
+            "--device",
+            "cpu",
+            "--marginal",
+        ],
+        &["--marginal", "--device cuda"],
+    );
 }

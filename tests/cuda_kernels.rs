@@ -112,6 +112,48 @@ fn embed_matches_table_rows() {
 }
 
 #[test]
+fn launches_are_recorded_and_a_left_out_kind_is_not_made() {
+    // `bench --marginal`'s mechanism: the embed launch at 3 rows is recorded under its name and
+    // grid; left out, its output keeps its old values while the same kernel at 5 rows (another
+    // grid) still runs; made again once nothing is left out.
+    let Some(g) = gpu() else { return };
+    let (d, v) = (64usize, 7usize);
+    let tb = g
+        .stream
+        .clone_htod(&to_bf(&Rng(9).vec(v * d, 4.0)))
+        .unwrap();
+    let ib = g.stream.clone_htod(&[1i32, 2, 3, 4, 5]).unwrap();
+    let embed = |t: usize| -> Vec<f32> {
+        let mut r = g.stream.alloc_zeros::<f32>(t * d).unwrap();
+        k::embed(
+            &g,
+            &mut r.as_view_mut(),
+            &tb.as_view(),
+            &ib.slice(..t),
+            t,
+            d,
+            v,
+        )
+        .unwrap();
+        g.stream.clone_dtoh(&r).unwrap()
+    };
+    g.record_launches(true);
+    let made = embed(3);
+    let kinds = g.record_launches(false);
+    assert_eq!(kinds.len(), 1, "{kinds:?}");
+    assert_eq!(g.kernel_name(kinds[0]), "embed_bf16");
+    assert!(made.iter().any(|&x| x != 0.0));
+    g.leave_out(Some(kinds[0]));
+    assert!(embed(3).iter().all(|&x| x == 0.0), "a left-out launch ran");
+    assert!(
+        embed(5).iter().any(|&x| x != 0.0),
+        "another grid was left out too"
+    );
+    g.leave_out(None);
+    assert_eq!(embed(3), made);
+}
+
+#[test]
 fn residual_norm_with_steering_and_sae_matches_reference() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(2);

@@ -10,7 +10,7 @@
 //! Each argument is stored in its own 8-byte slot (device pointers, or a 4-byte int/float in the
 //! low half): the driver copies exactly the parameter's size from each slot.
 
-use super::Gpu;
+use super::{Gpu, LaunchKind};
 use cudarc::driver::sys;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, CudaViewMut, DevicePtr, DriverError, LaunchConfig,
@@ -98,6 +98,13 @@ impl<'a> Launch<'a> {
     /// The arguments must match the kernel's parameter list in number, order and type, and every
     /// buffer must be large enough for what the kernel reads and writes at this launch shape.
     pub unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<(), DriverError> {
+        let kind = LaunchKind {
+            func: self.func.cu_function() as usize,
+            grid: cfg.grid_dim,
+        };
+        if !self.gpu.ablation.admits(kind) {
+            return Ok(()); // left out (`bench --marginal`)
+        }
         self.gpu.ctx.bind_to_thread()?;
         let mut params: Vec<*mut c_void> = self
             .slots

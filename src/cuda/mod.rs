@@ -69,6 +69,50 @@ pub struct Gpu {
     profiling: std::sync::atomic::AtomicBool,
     /// cuBLASLt, made at its first use (THINKSTEER_GEMM=lt), or why it could not be.
     blaslt: std::sync::OnceLock<std::result::Result<blaslt::BlasLt, String>>,
+    /// `bench --marginal`: launches to record and a kind of launch to leave out.
+    pub(crate) ablation: Ablation,
+}
+
+/// A kind of launch: one kernel at one grid shape (e.g. the down product of every block).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LaunchKind {
+    func: usize,
+    pub grid: (u32, u32, u32),
+}
+
+/// For measuring what each kind of launch costs inside a replayed step (`bench --marginal`):
+/// while `recording`, launches are listed; a launch of the `left_out` kind is not made at all (its
+/// outputs keep their old values: timings only). `active` is read without the locks by every
+/// launch.
+#[derive(Default)]
+pub(crate) struct Ablation {
+    active: std::sync::atomic::AtomicBool,
+    left_out: std::sync::Mutex<Option<LaunchKind>>,
+    recorded: std::sync::Mutex<Option<Vec<LaunchKind>>>,
+}
+
+impl Ablation {
+    /// Whether a launch of `kind` is to be made (and notes it while recording).
+    pub(crate) fn admits(&self, kind: LaunchKind) -> bool {
+        if !self.active.load(std::sync::atomic::Ordering::Relaxed) {
+            return true;
+        }
+        if let Some(list) = self
+            .recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            list.push(kind);
+        }
+        *self.left_out.lock().unwrap_or_else(|e| e.into_inner()) != Some(kind)
+    }
+
+    fn update(&self) {
+        let on = self.left_out.lock().is_ok_and(|g| g.is_some())
+            || self.recorded.lock().is_ok_and(|g| g.is_some());
+        self.active.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Wall time per kernel name: each launch is followed by a stream synchronisation and charged
@@ -211,6 +255,7 @@ impl Gpu {
             profile: std::sync::Mutex::new(None),
             profiling: std::sync::atomic::AtomicBool::new(false),
             blaslt: std::sync::OnceLock::new(),
+            ablation: Ablation::default(),
         })
     }
 
@@ -255,6 +300,39 @@ impl Gpu {
             .collect();
         v.sort_by(|a, b| b.2.total_cmp(&a.2));
         v
+    }
+
+    /// The kernel name of a launch kind.
+    pub fn kernel_name(&self, kind: LaunchKind) -> &str {
+        self.funcs
+            .iter()
+            .find(|(_, f)| f.cu_function() as usize == kind.func)
+            .map_or("?", |(name, _)| name)
+    }
+
+    /// Starts (`true`) or stops listing the launches made; stopping returns them in order.
+    pub fn record_launches(&self, on: bool) -> Vec<LaunchKind> {
+        let was = std::mem::replace(
+            &mut *self
+                .ablation
+                .recorded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            on.then(Vec::new),
+        );
+        self.ablation.update();
+        was.unwrap_or_default()
+    }
+
+    /// Leaves every launch of `kind` out from now on (None: makes them all again). For timing
+    /// what a kind of launch costs: the outputs of a left-out launch keep their old values.
+    pub fn leave_out(&self, kind: Option<LaunchKind>) {
+        *self
+            .ablation
+            .left_out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = kind;
+        self.ablation.update();
     }
 
     /// A loaded kernel by its exported name.

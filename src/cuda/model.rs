@@ -679,6 +679,11 @@ impl CudaEngine {
         )
     }
 
+    /// Drops the captured decode graphs (they are captured again at their next use).
+    pub fn clear_graphs(&mut self) {
+        self.graphs.clear();
+    }
+
     /// Whether `block` applies RoPE inside decode attention for the uploaded call.
     pub(crate) fn fuses_rope(&self) -> bool {
         self.rope_in_attention && self.prefill.is_none() && self.rows_independent
