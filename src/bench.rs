@@ -241,17 +241,8 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             decode_rows(&mut e, |e, ids, st| e.decode_greedy(ids, st), b, s)?,
         ));
         if profile_requested() {
-            // One more step of the same batch, launched eagerly (a graph replay is one launch).
-            let (gpu, graphs) = (e.gpu.clone(), e.use_graphs);
-            e.use_graphs = false;
-            let slots: Vec<usize> = (0..b).collect();
-            let step = Step {
-                slots: &slots,
-                positions: &vec![s.prompt_len; b],
-                n_write: b,
-            };
-            let r = profiled(&gpu, 1, || e.decode_greedy(&vec![1; b], &step).map(|_| ()))?;
-            e.use_graphs = graphs;
+            let gpu = e.gpu.clone();
+            let r = profiled(&gpu, 1, || eager_step(&mut e, b, s))?;
             print_profile(shape, "decode", b, &r);
         }
         if s.marginal {
@@ -262,6 +253,22 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         }
     }
     Ok(rows_for(shape, "cuda", &config, s, prefill, &decode))
+}
+
+/// One more greedy step of batch `b` after the prompts, launched eagerly (a graph replay is one
+/// launch), for the per-launch breakdowns.
+fn eager_step(e: &mut CudaEngine, b: usize, s: &Settings) -> Result<()> {
+    let graphs = e.use_graphs;
+    e.use_graphs = false;
+    let slots: Vec<usize> = (0..b).collect();
+    let step = Step {
+        slots: &slots,
+        positions: &vec![s.prompt_len; b],
+        n_write: b,
+    };
+    let ran = e.decode_greedy(&vec![1; b], &step).map(|_| ());
+    e.use_graphs = graphs;
+    ran
 }
 
 /// What each kind of launch of a batch-`b` decode step (one kernel at one grid shape, e.g. the
@@ -278,19 +285,10 @@ fn marginal_costs(
     base: f64,
 ) -> Result<Vec<String>> {
     let gpu = e.gpu.clone();
-    // The step's launches, in order (one eager step).
-    let graphs = e.use_graphs;
-    e.use_graphs = false;
-    let slots: Vec<usize> = (0..b).collect();
-    let step = Step {
-        slots: &slots,
-        positions: &vec![s.prompt_len; b],
-        n_write: b,
-    };
+    // The step's launches, in order.
     gpu.record_launches(true);
-    let ran = e.decode_greedy(&vec![1; b], &step);
+    let ran = eager_step(e, b, s);
     let launches = gpu.record_launches(false);
-    e.use_graphs = graphs;
     ran?;
     let mut kinds: Vec<(crate::cuda::LaunchKind, usize)> = vec![];
     for k in launches {

@@ -9,6 +9,7 @@
 //! - f32 sums of K products: atol = 4·sqrt(K)·eps_f32·Σ_k|x_k·w_k| (the probabilistic bound on
 //!   recursive-summation error, for the GPU and the f32 reference each).
 
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use thinksteer::cpu_ops;
 use thinksteer::cuda::kernels::{self as k, AttnShape, DecodeAttn, GemmTile};
@@ -454,7 +455,6 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
     let q = rng.vec(t * sh.h * sh.dh, 2.0);
     let kself = rng.vec(t * sh.hkv * sh.dh, 2.0);
     let vself = rng.vec(t * sh.hkv * sh.dh, 2.0);
-    let splits = k::decode_splits(sh.s + 1);
     let mut want = Vec::new();
     for ti in 0..t {
         for h in 0..sh.h {
@@ -476,20 +476,53 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
     let up = |v: &[f32]| s.clone_htod(&to_bf(v)).unwrap();
     let (qb, mut kcb, mut vcb, ksb, vsb) = (up(&q), up(&kc), up(&vc), up(&kself), up(&vself));
     let (pb, sb) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&slot).unwrap());
-    let mut po = s.alloc_zeros::<f32>(t * sh.h * splits * sh.dh).unwrap();
-    let mut pml = s.alloc_zeros::<f32>(t * sh.h * splits * 2).unwrap();
-    let mut out = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
-    k::attention_decode(
+    let out = run_decode(
         g,
         k::DecodeIn::Rotated {
             q: &qb.as_view(),
             k_self: &ksb.as_view(),
             v_self: &vsb.as_view(),
         },
-        &mut kcb.as_view_mut(),
-        &mut vcb.as_view_mut(),
-        &pb.as_view(),
-        &sb.as_view(),
+        (&mut kcb, &mut vcb),
+        (&pb, &sb),
+        t,
+        sh,
+        kind,
+    );
+    // Output is a convex combination of values ≤ 2: f32 softmax differences are ~1e-6 relative;
+    // atol 2^-8·max|v| covers bf16 rounding of outputs near zero.
+    compare(
+        &format!("attention_decode {kind:?} T={t} H={h} Hkv={hkv}"),
+        &from_bf(&out),
+        &want,
+        &|_| 2.0 / 256.0,
+        RTOL_BF16,
+    );
+}
+
+/// Decode attention with its scratch allocated here (splits for positions up to S): out bf16
+/// [T, H, Dh].
+fn run_decode(
+    g: &Gpu,
+    input: k::DecodeIn,
+    (kc, vc): (&mut CudaSlice<bf16>, &mut CudaSlice<bf16>),
+    (pos, slot): (&CudaSlice<i32>, &CudaSlice<i32>),
+    t: usize,
+    sh: AttnShape,
+    kind: DecodeAttn,
+) -> Vec<bf16> {
+    let s = &g.stream;
+    let splits = k::decode_splits(sh.s + 1);
+    let mut po = s.alloc_zeros::<f32>(t * sh.h * splits * sh.dh).unwrap();
+    let mut pml = s.alloc_zeros::<f32>(t * sh.h * splits * 2).unwrap();
+    let mut out = s.alloc_zeros::<bf16>(t * sh.h * sh.dh).unwrap();
+    k::attention_decode(
+        g,
+        input,
+        &mut kc.as_view_mut(),
+        &mut vc.as_view_mut(),
+        &pos.as_view(),
+        &slot.as_view(),
         &mut po.as_view_mut(),
         &mut pml.as_view_mut(),
         &mut out.as_view_mut(),
@@ -500,15 +533,7 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
         kind,
     )
     .unwrap();
-    // Output is a convex combination of values ≤ 2: f32 softmax differences are ~1e-6 relative;
-    // atol 2^-8·max|v| covers bf16 rounding of outputs near zero.
-    compare(
-        &format!("attention_decode {kind:?} T={t} H={h} Hkv={hkv}"),
-        &from_bf(&s.clone_dtoh(&out).unwrap()),
-        &want,
-        &|_| 2.0 / 256.0,
-        RTOL_BF16,
-    );
+    s.clone_dtoh(&out).unwrap()
 }
 
 #[test]
@@ -566,7 +591,6 @@ fn check_fused_rope(
     let bias = s.clone_htod(&rng.vec(width, 0.5)).unwrap();
     let inv = s.clone_htod(&inv_freq(dh)).unwrap();
     let (pb, sb) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&slot).unwrap());
-    let splits = k::decode_splits(sh.s + 1);
     let bias_v = bias.as_view();
     let bias_opt = with_bias.then_some(&bias_v);
     let run = |fused: bool| {
@@ -614,34 +638,16 @@ fn check_fused_rope(
                 v_self: &vsv,
             }
         };
-        let mut po = s.alloc_zeros::<f32>(t * h * splits * dh).unwrap();
-        let mut pml = s.alloc_zeros::<f32>(t * h * splits * 2).unwrap();
-        let mut out = s.alloc_zeros::<bf16>(t * h * dh).unwrap();
-        k::attention_decode(
-            g,
-            input,
-            &mut kc.as_view_mut(),
-            &mut vc.as_view_mut(),
-            &pb.as_view(),
-            &sb.as_view(),
-            &mut po.as_view_mut(),
-            &mut pml.as_view_mut(),
-            &mut out.as_view_mut(),
-            t,
-            sh,
-            splits,
-            None,
-            kind,
-        )
-        .unwrap();
-        let bits = |b: &cudarc::driver::CudaSlice<bf16>| -> Vec<u16> {
+        let out = run_decode(g, input, (&mut kc, &mut vc), (&pb, &sb), t, sh, kind);
+        let bits = |b: &CudaSlice<bf16>| -> Vec<u16> {
             s.clone_dtoh(b)
                 .unwrap()
                 .iter()
                 .map(|x| x.to_bits())
                 .collect()
         };
-        (bits(&out), bits(&kc), bits(&vc))
+        let out: Vec<u16> = out.iter().map(|x| x.to_bits()).collect();
+        (out, bits(&kc), bits(&vc))
     };
     let (sep, fus) = (run(false), run(true));
     let what = format!("fused RoPE {kind:?} T={t} H={h} Hkv={hkv} Dh={dh} bias={with_bias}");
