@@ -94,8 +94,14 @@ echo "== THINKSTEER_ROPE=attn llama-3.1-8b batch 1"
 THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ROPE=attn timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | grep -E " cuda |rror"
 # 1. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two
 #    streams vs one, and 33–128-row products through gemm (split K) or cuBLASLt.
-ab "THINKSTEER_GATE_FIRST=0" $H --batch 1,8,64
-ab "THINKSTEER_GATE_FIRST=1" $H --batch 1,8,64
+ab "THINKSTEER_GATE_FIRST=0" $H --batch 8,64
+ab "THINKSTEER_GATE_FIRST=1" $H --batch 8,64
+#    At batch 1 a problem is steered at every step or at none: gate first costs t0 + f·(t1 − t0)
+#    at a steered fraction f (t0, t1: the lines with share 0 and 1), the single pass the same at
+#    any f.
+ab "THINKSTEER_GATE_FIRST=0" --hybrid --steered-share 0 --new-tokens "$NEW" --batch 1
+ab "THINKSTEER_GATE_FIRST=1" --hybrid --steered-share 0 --new-tokens "$NEW" --batch 1
+ab "THINKSTEER_GATE_FIRST=1" --hybrid --steered-share 1 --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_HYBRID_STREAMS=1" --hybrid --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_GEMM_FROM=33" $H --batch 64
 ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" $H --batch 64
