@@ -26,7 +26,7 @@
 //   bound long contexts at large batches; not yet timed); 4 keys per warp step. The group's
 //   partials are written per head as above, counted in counters[t, kvh·G], and its last split
 //   combines all G heads. Launch: grid (NS, Hkv, T), block 256, static shared memory
-//   G·8·128·4 bytes + 0.2 KB.
+//   G·8·128·4 bytes + 0.7 KB.
 // Fused RoPE (every decode kernel above; `qkv` non-null): the queries and the token's own key and
 //   value come from the raw q|k|v product qkv f32 [T, (H + 2·Hkv)·Dh] (q heads, then k, then v)
 //   plus bias f32 [(H + 2·Hkv)·Dh] (nullable), rotated in the kernel by common.cuh's rope_pair at
