@@ -75,6 +75,7 @@ if [ "${BENCH:-all}" = "all" ] && one; then
     echo "== bench --marginal (each kind of launch left out in turn; times only)"
     THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror"
     THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror"
+    THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror"
 fi
 if [ "${BENCH:-all}" = "all" ] && two; then
 # A/B lines, most important first (a call cut short by its limit still has those): each runs

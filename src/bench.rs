@@ -454,30 +454,8 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
                 }
             })
             .collect();
-        // Warm-up run: captures the step graph for this batch size.
-        h.set_max_new_tokens(3);
-        h.run(&problems, |_, _, _| {})?;
-        h.set_max_new_tokens(s.new_tokens);
-        // Timed from the end of the first step to the end of the last (the run prefills the
-        // prompts first): every problem runs every step, so the step count is exact.
-        let (mut first, mut last) = (None, Instant::now());
-        let outs = h.run(&problems, |_, _, _| {
-            last = Instant::now();
-            first.get_or_insert(last);
-        })?;
-        let steps = outs[0].ids.len();
-        if steps < 2 {
-            bail!("--hybrid needs --new-tokens ≥ 2 to time a step, found {steps} steps");
-        }
-        let all: usize = outs.iter().map(|o| o.steps.len()).sum();
-        let steered: usize = outs
-            .iter()
-            .map(|o| o.steps.iter().filter(|r| r.steered).count())
-            .sum();
-        let step = first.map_or(0.0, |f| (last - f).as_secs_f64()) / (steps - 1) as f64;
-        if outs.iter().any(|o| o.ids.iter().any(|&x| x as u64 >= v)) {
-            bail!("the hybrid step produced ids outside the vocabulary: the timing is not of a valid run");
-        }
+        let timed = time_hybrid(&mut h, &problems, s.new_tokens, v)?;
+        let (step, steps, steered, all) = timed;
         // Plain greedy decode of each model alone, same batch, same contexts, same number of steps.
         let mut plain = 0.0;
         for e in [&mut h.think, &mut h.base] {
@@ -546,7 +524,137 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             h.use_graphs = graphs;
             print_profile(&format!("{shape} pair"), "hybrid", b, &r);
         }
+        if s.marginal {
+            for line in marginal_hybrid(&mut h, &tgpu, &problems, shape, s.new_tokens, step)? {
+                eprintln!("{line}");
+            }
+        }
     }
+    Ok(out)
+}
+
+/// One timed hybrid run of `new_tokens` steps (after a warm-up run that captures the step graph):
+/// (seconds per step, steps, steered steps, all steps). Timed from the end of the first step to
+/// the end of the last (the run prefills the prompts first): every problem runs every step, so
+/// the step count is exact.
+fn time_hybrid(
+    h: &mut crate::cuda::hybrid::CudaHybrid,
+    problems: &[crate::hybrid::Prompts],
+    new_tokens: usize,
+    v: u64,
+) -> Result<(f64, usize, usize, usize)> {
+    h.set_max_new_tokens(3);
+    h.run(problems, |_, _, _| {})?;
+    h.set_max_new_tokens(new_tokens);
+    let (mut first, mut last) = (None, Instant::now());
+    let outs = h.run(problems, |_, _, _| {
+        last = Instant::now();
+        first.get_or_insert(last);
+    })?;
+    let steps = outs[0].ids.len();
+    if steps < 2 {
+        bail!("--hybrid needs --new-tokens ≥ 2 to time a step, found {steps} steps");
+    }
+    let all: usize = outs.iter().map(|o| o.steps.len()).sum();
+    let steered: usize = outs
+        .iter()
+        .map(|o| o.steps.iter().filter(|r| r.steered).count())
+        .sum();
+    let step = first.map_or(0.0, |f| (last - f).as_secs_f64()) / (steps - 1) as f64;
+    if outs.iter().any(|o| o.ids.iter().any(|&x| x as u64 >= v)) {
+        bail!(
+            "the hybrid step produced ids outside the vocabulary: the timing is not of a valid run"
+        );
+    }
+    Ok((step, steps, steered, all))
+}
+
+/// `marginal_costs` for the hybrid step: each kind of launch of the model kernels (both models,
+/// both streams; the hybrid's own small kernels stay, their indices steer the step) left out in
+/// turn. Left-out kernels make the steered share drift where the step's work depends on it (gate
+/// first), so each line also gives the share of that run. Lines for stderr.
+fn marginal_hybrid(
+    h: &mut crate::cuda::hybrid::CudaHybrid,
+    tgpu: &Arc<Gpu>,
+    problems: &[crate::hybrid::Prompts],
+    shape: &str,
+    new_tokens: usize,
+    base: f64,
+) -> Result<Vec<String>> {
+    let (gpu, b) = (h.gpu.clone(), problems.len());
+    let v = h.base.config.vocab_size as u64;
+    let gpus: Vec<&Arc<Gpu>> = if Arc::ptr_eq(tgpu, &gpu) {
+        vec![&gpu]
+    } else {
+        vec![&gpu, tgpu]
+    };
+    // One eager run of two steps; the launches of both models in its second step, in order
+    // (recording starts when the first step has ended: the prompts' prefill is not listed).
+    let graphs = h.use_graphs;
+    h.use_graphs = false;
+    h.set_max_new_tokens(2);
+    let mut started = false;
+    let ran = h.run(problems, |_, _, _| {
+        if !started {
+            gpus.iter().for_each(|g| drop(g.record_launches(true)));
+            started = true;
+        }
+    });
+    let mut launches = vec![];
+    for g in &gpus {
+        launches.extend(g.record_launches(false));
+    }
+    h.use_graphs = graphs;
+    ran?;
+    let mut kinds: Vec<(crate::cuda::LaunchKind, usize)> = vec![];
+    for k in launches {
+        if gpu.kernel_name(k).starts_with("hybrid_") {
+            continue;
+        }
+        match kinds.iter_mut().find(|(x, _)| *x == k) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((k, 1)),
+        }
+    }
+    let mut out = vec![format!(
+        "marginal {shape} pair hybrid batch {b}: {:.3} ms per step; each kind of model launch left out in turn (kernel, grid, launches per step, ms per step saved, µs per launch, steered share):",
+        base * 1e3
+    )];
+    let mut rows = vec![];
+    for &(kind, n) in &kinds {
+        gpus.iter().for_each(|g| g.leave_out(Some(kind)));
+        h.clear_graphs();
+        let t = time_hybrid(h, problems, new_tokens, v);
+        gpus.iter().for_each(|g| g.leave_out(None));
+        h.clear_graphs();
+        let name = gpu.kernel_name(kind).to_string();
+        match t {
+            Ok((t, _, steered, all)) => rows.push((
+                name,
+                kind.grid,
+                n,
+                base - t,
+                steered as f64 / all.max(1) as f64,
+            )),
+            Err(err) => out.push(format!("  {name} {:?}: not timed ({err})", kind.grid)),
+        }
+    }
+    rows.sort_by(|a, b| b.3.total_cmp(&a.3));
+    for (name, (x, y, z), n, d, share) in rows {
+        let grid = format!("({x},{y},{z})");
+        out.push(format!(
+            "  {name:<30} {grid:<16} {n:>4} {:>8.3} ms {:>7.2} µs  steered {:.0}%",
+            d * 1e3,
+            d * 1e6 / n as f64,
+            100.0 * share
+        ));
+    }
+    let (again, ..) = time_hybrid(h, problems, new_tokens, v)?;
+    out.push(format!(
+        "  the whole step again: {:.3} ms (first {:.3} ms)",
+        again * 1e3,
+        base * 1e3
+    ));
     Ok(out)
 }
 

@@ -281,8 +281,14 @@ fn bench_switches_out_of_range() {
         &["--steered-share", "without --hybrid"],
     );
     expect_error(
-        &["bench", "--shape", "qwen2.5-1.5b", "--hybrid", "--marginal"],
-        &["--marginal", "--hybrid"],
+        &[
+            "bench",
+            "--shape",
+            "qwen2.5-1.5b",
+            "--vector-grad",
+            "--marginal",
+        ],
+        &["--marginal", "--vector-grad"],
     );
     expect_error(
         &[

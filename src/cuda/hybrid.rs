@@ -263,6 +263,11 @@ impl CudaHybrid {
     }
 
     /// Changes the number of new tokens of later `run` calls.
+    /// Drops the captured step graphs (captured again at their next use).
+    pub fn clear_graphs(&mut self) {
+        self.graphs.clear();
+    }
+
     pub fn set_max_new_tokens(&mut self, n: usize) {
         self.s.max_new_tokens = n;
     }
