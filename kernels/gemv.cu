@@ -24,7 +24,10 @@
 // gemv_bf16_b32 (four); each handles B ≤ its bucket. live (nullable, device) and row0: the launch
 // covers rows row0.. of a larger batch of which only rows < *live are needed, so it computes
 // min(B, *live − row0) rows (none: it returns before loading weights). Launch: grid (ceil(M / 16)),
-// block 512 (16 warps), static shared memory 8, 16 or 32 KB.
+// block 512 (16 warps), static shared memory 8, 16 or 32 KB. gemv_bf16_b16_w8 / _b32_w8 (and
+// their glu twins): the same with 8 warps per block (block 256, half the shared memory), so that
+// more than one block fits on an SM at their register counts (THINKSTEER_GEMV_WARPS=8, until
+// timed).
 //
 // gemv_bf16_b1 (a single row) stays a scalar kernel: WPR warps per output feature (1, 2, 4 or 8:
 // gemv_bf16_b1, _b1_k2, _b1_k4, _b1_k8, chosen on the host from K), warp p of a row summing the 16-byte
@@ -45,7 +48,7 @@
 // rows of its feature; tensor-core buckets: a block owns 8 features (16 mma rows), grid ceil(F / 8).
 #include "common.cuh"
 
-#define GEMV_WARPS 16
+#define GEMV_WARPS 16  // warps per block of the tensor-core buckets (the _w8 variants: 8)
 #define GEMV_THREADS (GEMV_WARPS * 32)
 #define GEMV_ROWS 16
 #define GEMV_UNROLL 4
@@ -70,12 +73,14 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f +
 // NT: 8-column batch tiles (1 for B ≤ 8, 2 for B ≤ 16, 4 for B ≤ 32). GLU: the block's 16 mma
 // rows are gate rows m0..m0+7 (W rows m0 + g) and the matching up rows (W rows M + m0 + g), and
 // the epilogue writes act = bf16(silu(gate)·up) [B, M] instead of out.
-template <int NT, bool GLU>
+// WARPS: warps per block (16, or 8 for the _w8 variants).
+template <int NT, bool GLU, int WARPS>
 __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __restrict__ act,
                                           const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B,
                                           int M, int K, const int* __restrict__ live, int row0) {
+    constexpr int THREADS = WARPS * 32;
     // Partial D tiles per warp: [warp][tile·4 + fragment register][lane].
-    __shared__ float red[GEMV_WARPS][NT * 4][32];
+    __shared__ float red[WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, c = lane & 3;
     const int m0 = blockIdx.x * (GLU ? GEMV_ROWS / 2 : GEMV_ROWS);
@@ -123,7 +128,7 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
         x_ok[t] = t * 8 + g < B;
         xr[t] = reinterpret_cast<const uint4*>(x + (size_t)(x_ok[t] ? t * 8 + g : 0) * K);
     }
-    for (int s0 = warp * GEMV_UNROLL; s0 < nstep; s0 += GEMV_WARPS * GEMV_UNROLL) {
+    for (int s0 = warp * GEMV_UNROLL; s0 < nstep; s0 += WARPS * GEMV_UNROLL) {
         if (s0 != warp * GEMV_UNROLL) load_round(s0);
 #pragma unroll
         for (int u = 0; u < GEMV_UNROLL; ++u) {
@@ -149,12 +154,12 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
     __syncthreads();
     if (GLU) {
         // Registers r and r + 2 of lane (g, c) are the gate and up rows of feature m0 + g.
-        for (int i = threadIdx.x; i < NT * 2 * 32; i += GEMV_THREADS) {
+        for (int i = threadIdx.x; i < NT * 2 * 32; i += THREADS) {
             const int j = i >> 5, l = i & 31;
             const int t = j >> 1, r = j & 1;
             float gs = 0.0f, us = 0.0f;
 #pragma unroll
-            for (int w = 0; w < GEMV_WARPS; ++w) {
+            for (int w = 0; w < WARPS; ++w) {
                 gs += red[w][t * 4 + r][l];
                 us += red[w][t * 4 + r + 2][l];
             }
@@ -165,11 +170,11 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
         return;
     }
     // D fragment: register r of lane (g, c) is row g + 8·(r/2), column 2c + r%2.
-    for (int i = threadIdx.x; i < NT * 4 * 32; i += GEMV_THREADS) {
+    for (int i = threadIdx.x; i < NT * 4 * 32; i += THREADS) {
         const int j = i >> 5, l = i & 31;
         float v = 0.0f;
 #pragma unroll
-        for (int w = 0; w < GEMV_WARPS; ++w) v += red[w][j][l];
+        for (int w = 0; w < WARPS; ++w) v += red[w][j][l];
         const int t = j >> 2, r = j & 3;
         const int b = t * 8 + 2 * (l & 3) + (r & 1);
         const int m = m0 + (l >> 2) + 8 * (r >> 1);
@@ -177,22 +182,29 @@ __device__ __forceinline__ void gemv_body(float* __restrict__ out, bf16_t* __res
     }
 }
 
-#define GEMV_KERNEL(BM, NT)                                                                               \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_bf16_b##BM(                           \
-        float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
-        int K, const int* __restrict__ live, int row0) {                                                  \
-        gemv_body<NT, false>(out, nullptr, x, W, B, M, K, live, row0);                                    \
-    }                                                                                                     \
-    extern "C" __global__ void __launch_bounds__(GEMV_THREADS) gemv_glu_bf16_b##BM(                       \
+#define GEMV_KERNEL(NAME, GLU_NAME, NT, WARPS, BOUNDS)                                                      \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(                                            \
+        float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M,   \
+        int K, const int* __restrict__ live, int row0) {                                                    \
+        gemv_body<NT, false, WARPS>(out, nullptr, x, W, B, M, K, live, row0);                               \
+    }                                                                                                       \
+    extern "C" __global__ void __launch_bounds__ BOUNDS GLU_NAME(                                        \
         bf16_t* __restrict__ act, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int B, int M, \
-        int K, const int* __restrict__ live, int row0) {                                                  \
-        gemv_body<NT, true>(nullptr, act, x, W, B, M, K, live, row0);                                     \
+        int K, const int* __restrict__ live, int row0) {                                                    \
+        gemv_body<NT, true, WARPS>(nullptr, act, x, W, B, M, K, live, row0);                                \
     }
-GEMV_KERNEL(2, 1)
-GEMV_KERNEL(4, 1)
-GEMV_KERNEL(8, 1)
-GEMV_KERNEL(16, 2)
-GEMV_KERNEL(32, 4)
+GEMV_KERNEL(gemv_bf16_b2, gemv_glu_bf16_b2, 1, GEMV_WARPS, (GEMV_THREADS))
+GEMV_KERNEL(gemv_bf16_b4, gemv_glu_bf16_b4, 1, GEMV_WARPS, (GEMV_THREADS))
+GEMV_KERNEL(gemv_bf16_b8, gemv_glu_bf16_b8, 1, GEMV_WARPS, (GEMV_THREADS))
+GEMV_KERNEL(gemv_bf16_b16, gemv_glu_bf16_b16, 2, GEMV_WARPS, (GEMV_THREADS))
+GEMV_KERNEL(gemv_bf16_b32, gemv_glu_bf16_b32, 4, GEMV_WARPS, (GEMV_THREADS))
+// 8 warps per block: at 82–128 registers per thread a 512-thread block of the 16 / 32 buckets
+// is alone on its SM (16 warps, one round of loads in flight, then its reduction). 256-thread
+// blocks bounded to 80 registers (16 bucket, no spills) fit 3 per SM (24 warps); the 32 bucket
+// spills at 80, so it keeps its registers and fits 2 (16 warps in two blocks, one block's loads
+// overlapping the other's reduction).
+GEMV_KERNEL(gemv_bf16_b16_w8, gemv_glu_bf16_b16_w8, 2, 8, (256, 3))
+GEMV_KERNEL(gemv_bf16_b32_w8, gemv_glu_bf16_b32_w8, 4, 8, (256, 2))
 
 // The single-row kernels described in the banner: WPR warps share one output row (split-K), so
 // long rows (K = 8960, 14336) take fewer serial load rounds and more blocks fill the GPU.

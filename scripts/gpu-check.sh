@@ -7,8 +7,8 @@
 # Short runs: TESTS="cuda_vector_grad ..." runs only those test binaries; BENCH=vg runs only the
 # vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
 # PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the A/B lines
-# (RoPE in attention, gate first, one stream, gemm choices, prefill chunk, grouped attention,
-# kernel bench). Each
+# (RoPE in attention, gemv warps, gate first, one stream, gemm choices, prefill chunk, grouped
+# attention, kernel bench). Each
 # phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both.
 set -u
 B=.gpu
@@ -90,7 +90,13 @@ H="--hybrid --steered-share 0.125 --new-tokens $NEW"
 #    of both shapes and the batch-1 hybrid step, against the default in the same call.
 ab "THINKSTEER_ROPE=separate" --batch 1,64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_ROPE=attn" --batch 1,64 --prompt-len 64 --new-tokens "$NEW"
+ab "THINKSTEER_ROPE=separate" --hybrid --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_ROPE=attn" --hybrid --new-tokens "$NEW" --batch 1
+#    8-warp blocks for the 9–32-row gemv buckets (the batch-1 hybrid step's 11 rows after the
+#    steering point, batch 16, and batch 64's two 32-row groups).
+ab "THINKSTEER_GEMV_WARPS=8" --hybrid --new-tokens "$NEW" --batch 1
+ab "THINKSTEER_GEMV_WARPS=16" --batch 16,64 --prompt-len 64 --new-tokens "$NEW"
+ab "THINKSTEER_GEMV_WARPS=8" --batch 16,64 --prompt-len 64 --new-tokens "$NEW"
 echo "== THINKSTEER_ROPE=attn llama-3.1-8b batch 1"
 THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ROPE=attn timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | grep -E " cuda |rror"
 # 1. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two

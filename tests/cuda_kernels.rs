@@ -12,7 +12,7 @@
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use thinksteer::cpu_ops;
-use thinksteer::cuda::kernels::{self as k, AttnShape, DecodeAttn, GemmTile};
+use thinksteer::cuda::kernels::{self as k, AttnShape, DecodeAttn, GemmTile, GemvWarps};
 use thinksteer::cuda::Gpu;
 
 const EPS32: f32 = f32::EPSILON;
@@ -757,6 +757,7 @@ fn check_matmul(g: &Gpu, which: &str, n: usize, m: usize, kd: usize, seed: u64) 
     let mut ov = out.as_view_mut();
     match which {
         "gemv" => k::gemv(g, &mut ov, &xv, &wv, n, m, kd),
+        "gemv_w8" => k::gemv_with(g, &mut ov, &xv, &wv, (n, m, kd), GemvWarps::W8),
         "gemm" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N64, None),
         "gemm128" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N128, None),
         "gemm_lt" => match k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::Lt, None) {
@@ -792,6 +793,11 @@ fn gemv_matches_cpu_matmul() {
     check_matmul(&g, "gemv", 1, 5, 6000, 23);
     check_matmul(&g, "gemv", 1, 77, 3000, 21);
     check_matmul(&g, "gemv", 1, 3, 4104, 22);
+    // The 8-warp blocks of the 16 and 32 buckets (THINKSTEER_GEMV_WARPS=8), one with K = 8960.
+    for (i, &b) in [13usize, 16, 17, 32].iter().enumerate() {
+        check_matmul(&g, "gemv_w8", b, 77, 8 * 37, 24 + i as u64);
+    }
+    check_matmul(&g, "gemv_w8", 11, 40, 8960, 29);
 }
 
 #[test]
@@ -857,7 +863,8 @@ fn matmul_rejects_k_not_multiple_of_8() {
 
 /// matmul_glu (the fused gate|up product + SiLU·mul) against the CPU: gate and up as f32 products
 /// of the same bf16 inputs, then silu·mul, rounded to bf16.
-fn check_glu(g: &Gpu, n: usize, f: usize, kd: usize, seed: u64) {
+/// `warps`: Some → gemv_glu_with those warps per block (≤ 32 rows), None → matmul_glu.
+fn check_glu(g: &Gpu, n: usize, f: usize, kd: usize, seed: u64, warps: Option<GemvWarps>) {
     let mut rng = Rng(seed);
     let x = rng.vec(n * kd, 1.0);
     let w = rng.vec(2 * f * kd, 0.5);
@@ -896,19 +903,29 @@ fn check_glu(g: &Gpu, n: usize, f: usize, kd: usize, seed: u64) {
     );
     let mut act = s.alloc_zeros::<bf16>(n * f).unwrap();
     let mut scratch = s.alloc_zeros::<f32>(n * 2 * f).unwrap();
-    k::matmul_glu(
-        g,
-        &mut act.as_view_mut(),
-        &mut scratch.as_view_mut(),
-        &xb.as_view(),
-        &wb.as_view(),
-        n,
-        f,
-        kd,
-    )
+    match warps {
+        Some(wp) => k::gemv_glu_with(
+            g,
+            &mut act.as_view_mut(),
+            &xb.as_view(),
+            &wb.as_view(),
+            (n, f, kd),
+            wp,
+        ),
+        None => k::matmul_glu(
+            g,
+            &mut act.as_view_mut(),
+            &mut scratch.as_view_mut(),
+            &xb.as_view(),
+            &wb.as_view(),
+            n,
+            f,
+            kd,
+        ),
+    }
     .unwrap();
     compare(
-        &format!("matmul_glu N={n} F={f} K={kd}"),
+        &format!("matmul_glu N={n} F={f} K={kd} warps {warps:?}"),
         &from_bf(&s.clone_dtoh(&act).unwrap()),
         &want,
         &|e| tol[e],
@@ -937,7 +954,18 @@ fn matmul_glu_matches_cpu_gate_up_silu_mul() {
     .iter()
     .enumerate()
     {
-        check_glu(&g, n, f, kd, 60 + i as u64);
+        check_glu(&g, n, f, kd, 60 + i as u64, None);
+    }
+    // The 8-warp blocks of the 16 and 32 buckets (THINKSTEER_GEMV_WARPS=8).
+    for (i, &(n, f, kd)) in [
+        (11usize, 61usize, 1536usize),
+        (16, 77, 264),
+        (27, 40, 8 * 37),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_glu(&g, n, f, kd, 80 + i as u64, Some(GemvWarps::W8));
     }
 }
 

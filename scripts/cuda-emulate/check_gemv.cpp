@@ -2,7 +2,7 @@
 //   out[b, m] = Σ_k x[b, k]·W[m, k]  (f32),   act[b, f] = bf16(silu(gate)·up) with gate, up the
 //   products with W rows f and F + f.
 // Launched as src/cuda/kernels.rs does: tensor-core buckets grid ceil(M / 16) (ceil(F / 8) for
-// glu), block 512, without and with a live row count and row0 (the launch covers rows row0.. of
+// glu), block 512 (256 for the _w8 variants), without and with a live row count and row0 (the launch covers rows row0.. of
 // a batch of which rows < live are needed); single-row kernels grid ceil(M / (8 / WPR)), block
 // 256, B = 1, with a K from the host's range for each WPR (one also past the first round of
 // loads).
@@ -15,11 +15,12 @@
 
 namespace gemv_check {
 
-// Depth of the tensor-core buckets' sums: warp w takes ≤ 4·ceil(nstep / 64) 32-wide k-steps,
-// each two mma of 16 accumulated products, then 16 warp partials are added.
-static double depth_tc(int K) {
+// Depth of the tensor-core buckets' sums: with W warps (16, or 8 for the _w8 variants) warp w
+// takes ≤ 4·ceil(nstep / 4W) 32-wide k-steps, each two mma of 16 accumulated products, then W
+// warp partials are added.
+static double depth_tc(int K, int warps) {
     const int nstep = (K + 31) / 32;
-    return 128.0 * ((nstep + 63) / 64) + 16 + 2;
+    return 128.0 * ((nstep + 4 * warps - 1) / (4 * warps)) + warps + 2;
 }
 // Depth of the single-row sums: a lane's ≤ ceil(K / 8 / (32·WPR)) chunks of 8 products (8
 // additions each, dot8 then acc), a 5-level warp reduction, WPR partials.
@@ -61,7 +62,8 @@ using tc_glu_fn = void (*)(bf16_t*, const bf16_t*, const bf16_t*, int, int, int,
 // exactly rows row0 .. row0 + min(B, live − row0), leave every other row of the batch's output at
 // its NaN, and, with no row to compute, read no weights (the banner: it returns before loading
 // them; emulate.h counts ld_stream).
-static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int K, int live = -1, int row0 = 0) {
+static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int K, int live = -1, int row0 = 0,
+               int warps = 16) {
     const bool glu = fused != nullptr;
     const int rows = glu ? 2 * M : M, total = row0 + B;
     const int nrun = live < 0 ? B : std::max(0, std::min(B, live - row0));  // rows to compute
@@ -69,7 +71,7 @@ static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int
     std::vector<double> xd((size_t)B * K), dot, mag;
     for (size_t i = 0; i < xd.size(); ++i) xd[i] = bf2f(x[(size_t)row0 * K + i]);
     products(xd, W, B, rows, K, dot, mag);
-    const double dep = depth_tc(K) * U32;
+    const double dep = depth_tc(K, warps) * U32;
     // want / tol over the whole batch; `done` marks the rows the launch computes.
     std::vector<double> want((size_t)total * M, 0.0), tol((size_t)total * M, 0.0);
     std::vector<char> done((size_t)total * M, 0), left((size_t)total * M, 0);
@@ -95,13 +97,13 @@ static void tc(const char* name, tc_fn plain, tc_glu_fn fused, int B, int M, int
     g_stream_loads = 0;
     if (!glu) {
         std::vector<float> out((size_t)total * M, NAN);
-        launch(dim3{(unsigned)((M + 15) / 16), 1, 1}, 512, [&] {
+        launch(dim3{(unsigned)((M + 15) / 16), 1, 1}, 32 * warps, [&] {
             plain(out.data() + (size_t)row0 * M, x.data() + (size_t)row0 * K, W.data(), B, M, K, lp, row0);
         });
         got = out;
     } else {
         std::vector<bf16_t> act((size_t)total * M, 0x7fc0);  // NaN: every computed entry must be written
-        launch(dim3{(unsigned)((M + 7) / 8), 1, 1}, 512, [&] {
+        launch(dim3{(unsigned)((M + 7) / 8), 1, 1}, 32 * warps, [&] {
             fused(act.data() + (size_t)row0 * M, x.data() + (size_t)row0 * K, W.data(), B, M, K, lp, row0);
         });
         got = from_bf(act);
@@ -180,6 +182,19 @@ void run_gemv() {
         tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 16, 21, K, 40, 48);   // none
         tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 16, 21, 200, 32, 16);  // all: live == row0 + B
         tc("gemv_glu_bf16_b32", nullptr, gemv_glu_bf16_b32, 32, 21, 200, 45, 32);  // 13 rows
+    }
+    // The 8-warp variants of the 16 and 32 buckets (block 256): K = 2056 takes three rounds of
+    // 32 steps (warp 0 a third with one step), K = 8960 (the down product) nine.
+    {
+        OwnRng own(103);
+        tc("gemv_bf16_b16_w8", gemv_bf16_b16_w8, nullptr, 11, 37, K, -1, 0, 8);
+        tc("gemv_bf16_b16_w8", gemv_bf16_b16_w8, nullptr, 16, 20, 8960, -1, 0, 8);
+        tc("gemv_bf16_b32_w8", gemv_bf16_b32_w8, nullptr, 29, 37, K, -1, 0, 8);
+        tc("gemv_glu_bf16_b16_w8", nullptr, gemv_glu_bf16_b16_w8, 11, 21, K, -1, 0, 8);
+        tc("gemv_glu_bf16_b32_w8", nullptr, gemv_glu_bf16_b32_w8, 27, 21, 1536, -1, 0, 8);
+        tc("gemv_bf16_b32_w8", gemv_bf16_b32_w8, nullptr, 32, 37, K, 40, 32, 8);   // live: 8 rows
+        tc("gemv_bf16_b32_w8", gemv_bf16_b32_w8, nullptr, 32, 37, K, 40, 64, 8);   // none
+        tc("gemv_glu_bf16_b16_w8", nullptr, gemv_glu_bf16_b16_w8, 16, 21, 200, 40, 32, 8);  // 8 rows
     }
     // Single row: the host picks WPR from K (≤ 2048: 1, ≤ 4096: 2, ≤ 8192: 4, else 8).
     struct V {

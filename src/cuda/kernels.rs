@@ -773,22 +773,49 @@ fn gemv1_launch<O: Arg>(
     gpu.launched(name, unsafe { l.launch(launch) })
 }
 
-/// The tensor-core gemv kernel for 2..=32 rows (`glu`: the fused gate|up + SiLU·mul variant), and
-/// its output rows (features with glu) per block: 16 mma rows per block of 16 warps.
-fn gemv_kernel(b: usize, glu: bool) -> Result<(&'static str, usize)> {
-    let (plain, fused) = match b {
-        2 => ("gemv_bf16_b2", "gemv_glu_bf16_b2"),
-        3..=4 => ("gemv_bf16_b4", "gemv_glu_bf16_b4"),
-        5..=8 => ("gemv_bf16_b8", "gemv_glu_bf16_b8"),
-        9..=16 => ("gemv_bf16_b16", "gemv_glu_bf16_b16"),
-        17..=32 => ("gemv_bf16_b32", "gemv_glu_bf16_b32"),
+/// Warps per block of the tensor-core gemv buckets for 9..=32 rows: 16, or 8
+/// (THINKSTEER_GEMV_WARPS=8, read once, until timed: at their register counts a 16-warp block
+/// is alone on its SM, while 8-warp blocks fit two or three). Buckets up to 8 rows always use 16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemvWarps {
+    W16,
+    W8,
+}
+
+impl GemvWarps {
+    pub fn from_env() -> GemvWarps {
+        static W: std::sync::OnceLock<GemvWarps> = std::sync::OnceLock::new();
+        *W.get_or_init(|| match std::env::var("THINKSTEER_GEMV_WARPS").as_deref() {
+            Ok("8") => GemvWarps::W8,
+            _ => GemvWarps::W16,
+        })
+    }
+}
+
+/// The tensor-core gemv kernel for 2..=32 rows (`glu`: the fused gate|up + SiLU·mul variant), its
+/// output rows (features with glu) per block (16 mma rows per block) and its threads per block.
+fn gemv_kernel(b: usize, glu: bool, warps: GemvWarps) -> Result<(&'static str, usize, u32)> {
+    let w8 = warps == GemvWarps::W8 && b > 8;
+    let (plain, fused) = match (b, w8) {
+        (2, _) => ("gemv_bf16_b2", "gemv_glu_bf16_b2"),
+        (3..=4, _) => ("gemv_bf16_b4", "gemv_glu_bf16_b4"),
+        (5..=8, _) => ("gemv_bf16_b8", "gemv_glu_bf16_b8"),
+        (9..=16, false) => ("gemv_bf16_b16", "gemv_glu_bf16_b16"),
+        (17..=32, false) => ("gemv_bf16_b32", "gemv_glu_bf16_b32"),
+        (9..=16, true) => ("gemv_bf16_b16_w8", "gemv_glu_bf16_b16_w8"),
+        (17..=32, true) => ("gemv_bf16_b32_w8", "gemv_glu_bf16_b32_w8"),
         _ => {
             return Err(Error::Input(format!(
                 "gemv: rows must be 1..=32, found {b} (use gemm)"
             )))
         }
     };
-    Ok(if glu { (fused, 8) } else { (plain, 16) })
+    let threads = if w8 { 256 } else { 512 };
+    Ok(if glu {
+        (fused, 8, threads)
+    } else {
+        (plain, 16, threads)
+    })
 }
 
 /// Skinny product for 1..=32 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
@@ -801,7 +828,19 @@ pub fn gemv(
     m: usize,
     k: usize,
 ) -> Result<()> {
-    gemv_live(gpu, out, x, w, (b, m, k), None)
+    gemv_live(gpu, out, x, w, (b, m, k), None, GemvWarps::from_env())
+}
+
+/// [`gemv`] with the tensor-core buckets' warps per block given (tests of both variants).
+pub fn gemv_with(
+    gpu: &Gpu,
+    out: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (b, m, k): (usize, usize, usize),
+    warps: GemvWarps,
+) -> Result<()> {
+    gemv_live(gpu, out, x, w, (b, m, k), None, warps)
 }
 
 /// A launch's share of a batch whose needed rows are counted on the device: only rows
@@ -820,11 +859,12 @@ fn gemv_live(
     w: &CudaView<'_, bf16>,
     (b, m, k): (usize, usize, usize),
     live: Option<Live<'_, '_>>,
+    warps: GemvWarps,
 ) -> Result<()> {
     let name = if b == 1 {
         gemv1_kernel(Row1::Plain, k).0
     } else {
-        gemv_kernel(b, false)?.0
+        gemv_kernel(b, false, warps)?.0
     };
     matmul_checks(gpu, name, out, x, w, (b, m, k))?;
     if m == 0 {
@@ -833,7 +873,7 @@ fn gemv_live(
     if b == 1 {
         return gemv1_launch(gpu, Row1::Plain, out, x, w, m, k);
     }
-    gemv_tc_launch(gpu, false, out, x, w, (b, m, k), live)
+    gemv_tc_launch(gpu, false, out, x, w, (b, m, k), live, warps)
 }
 
 /// Launches a tensor-core gemv bucket (2..=32 rows): out f32 [B, M], or with `glu` act bf16
@@ -846,8 +886,9 @@ fn gemv_tc_launch<O: Arg>(
     w: &CudaView<'_, bf16>,
     (b, rows, k): (usize, usize, usize),
     live: Option<Live<'_, '_>>,
+    warps: GemvWarps,
 ) -> Result<()> {
-    let (name, per_block) = gemv_kernel(b, glu)?;
+    let (name, per_block, threads) = gemv_kernel(b, glu, warps)?;
     let (bi, mi, ki, r0) = (
         int(name, "B", b)?,
         int(name, "M", rows)?,
@@ -859,8 +900,9 @@ fn gemv_tc_launch<O: Arg>(
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
     l.arg(&count).arg(&r0);
-    let launch = cfg((rows.div_ceil(per_block) as u32, 1, 1), 512, 0);
-    // SAFETY: argument order and types match gemv_bf16_b* / gemv_glu_bf16_b*; the callers checked
+    let launch = cfg((rows.div_ceil(per_block) as u32, 1, 1), threads, 0);
+    // SAFETY: argument order and types match gemv_bf16_b* / gemv_glu_bf16_b* (and their _w8
+    // variants, launched with the 256 threads they are built for); the callers checked
     // lengths (W has 2F rows with glu), K % 8 and 16-byte alignment (the kernels' vector loads);
     // B ≤ the kernel's bucket; the live count is only read.
     gpu.launched(name, unsafe { l.launch(launch) })
@@ -878,7 +920,19 @@ pub fn gemv_glu(
     f: usize,
     k: usize,
 ) -> Result<()> {
-    gemv_glu_live(gpu, act, x, w, (b, f, k), None)
+    gemv_glu_live(gpu, act, x, w, (b, f, k), None, GemvWarps::from_env())
+}
+
+/// [`gemv_glu`] with the tensor-core buckets' warps per block given (tests of both variants).
+pub fn gemv_glu_with(
+    gpu: &Gpu,
+    act: &mut CudaViewMut<'_, bf16>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (b, f, k): (usize, usize, usize),
+    warps: GemvWarps,
+) -> Result<()> {
+    gemv_glu_live(gpu, act, x, w, (b, f, k), None, warps)
 }
 
 /// [`gemv_glu`] skipping the rows past `live`.
@@ -889,11 +943,12 @@ fn gemv_glu_live(
     w: &CudaView<'_, bf16>,
     (b, f, k): (usize, usize, usize),
     live: Option<Live<'_, '_>>,
+    warps: GemvWarps,
 ) -> Result<()> {
     let name = if b == 1 {
         gemv1_kernel(Row1::Glu, k).0
     } else {
-        gemv_kernel(b, true)?.0
+        gemv_kernel(b, true, warps)?.0
     };
     check(name, "act", act.len(), b * f, "[B, F]")?;
     product_checks(gpu, name, x, w, (b, 2 * f, k))?;
@@ -903,7 +958,7 @@ fn gemv_glu_live(
     if b == 1 {
         return gemv1_launch(gpu, Row1::Glu, act, x, w, f, k);
     }
-    gemv_tc_launch(gpu, true, act, x, w, (b, f, k), live)
+    gemv_tc_launch(gpu, true, act, x, w, (b, f, k), live, warps)
 }
 
 /// Tensor-core product: out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ. Any N, M; K % 8 == 0.
@@ -1071,7 +1126,7 @@ pub fn matmul_live(
 ) -> Result<()> {
     let group = |row0| live.map(|count| Live { count, row0 });
     if (1..=GEMV_MAX_ROWS).contains(&n) {
-        return gemv_live(gpu, out, x, w, (n, m, k), group(0));
+        return gemv_live(gpu, out, x, w, (n, m, k), group(0), GemvWarps::from_env());
     }
     if n >= gemm_from() || out.len() != n * m || x.len() != n * k {
         return gemm_with(gpu, out, x, w, n, m, k, GemmTile::from_env(), live);
@@ -1084,6 +1139,7 @@ pub fn matmul_live(
             w,
             (rows, m, k),
             group(r0),
+            GemvWarps::from_env(),
         )
     })
 }
@@ -1138,6 +1194,7 @@ pub fn matmul_glu_live(
             w,
             (rows, f, k),
             live.map(|count| Live { count, row0: r0 }),
+            GemvWarps::from_env(),
         )
     })
 }
