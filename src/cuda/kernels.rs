@@ -878,6 +878,7 @@ fn gemv_live(
 
 /// Launches a tensor-core gemv bucket (2..=32 rows): out f32 [B, M], or with `glu` act bf16
 /// [B, F] where `rows` = F and W has 2F rows.
+#[allow(clippy::too_many_arguments)]
 fn gemv_tc_launch<O: Arg>(
     gpu: &Gpu,
     glu: bool,
