@@ -34,7 +34,7 @@ inline void warp_sync() { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); 
 #define __global__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))

@@ -773,22 +773,35 @@ fn gemv1_launch<O: Arg>(
     gpu.launched(name, unsafe { l.launch(launch) })
 }
 
-/// Warps per block of the tensor-core gemv buckets for 9..=32 rows: 16, or 8
-/// (THINKSTEER_GEMV_WARPS=8, read once, until timed: at their register counts a 16-warp block
-/// is alone on its SM, while 8-warp blocks fit two or three). Buckets up to 8 rows always use 16.
+/// Warps per block of the tensor-core gemv buckets for 9..=32 rows: 16, or 8 (at their register
+/// counts a 16-warp block is alone on its SM, while 8-warp blocks fit two or three). Buckets up
+/// to 8 rows always use 16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemvWarps {
     W16,
     W8,
+    /// 8 where the grid has at least two blocks per SM, else 16 (a product of few blocks, e.g.
+    /// o or down with M = 1536, has one block per SM either way, and 16 warps keep twice the
+    /// loads in flight): THINKSTEER_GEMV_WARPS=8, read once, until timed.
+    W8Wide,
 }
 
 impl GemvWarps {
     pub fn from_env() -> GemvWarps {
         static W: std::sync::OnceLock<GemvWarps> = std::sync::OnceLock::new();
         *W.get_or_init(|| match std::env::var("THINKSTEER_GEMV_WARPS").as_deref() {
-            Ok("8") => GemvWarps::W8,
+            Ok("8") => GemvWarps::W8Wide,
             _ => GemvWarps::W16,
         })
+    }
+
+    /// The choice for a grid of `blocks` on `sms` multiprocessors.
+    fn for_grid(self, blocks: usize, sms: usize) -> GemvWarps {
+        match self {
+            GemvWarps::W8Wide if blocks >= 2 * sms => GemvWarps::W8,
+            GemvWarps::W8Wide => GemvWarps::W16,
+            w => w,
+        }
     }
 }
 
@@ -889,6 +902,8 @@ fn gemv_tc_launch<O: Arg>(
     live: Option<Live<'_, '_>>,
     warps: GemvWarps,
 ) -> Result<()> {
+    let per_block = if glu { 8 } else { 16 };
+    let warps = warps.for_grid(rows.div_ceil(per_block), gpu.sms);
     let (name, per_block, threads) = gemv_kernel(b, glu, warps)?;
     let (bi, mi, ki, r0) = (
         int(name, "B", b)?,
@@ -1325,10 +1340,23 @@ pub fn fill_random(
 
 #[cfg(test)]
 mod tests {
-    use super::gemm_split;
+    use super::{gemm_split, GemvWarps};
 
     const H100_SMS: usize = 132;
     const PART: usize = 1 << 23;
+
+    #[test]
+    fn eight_warp_gemv_blocks_only_for_grids_of_two_blocks_per_sm() {
+        // Qwen2.5-1.5B: o / down (1536 outputs, 96 blocks) keep 16 warps; gate|up (8960
+        // features, 1120 blocks) and the LM head take 8; forced choices pass through.
+        let auto = GemvWarps::W8Wide;
+        assert_eq!(auto.for_grid(96, H100_SMS), GemvWarps::W16);
+        assert_eq!(auto.for_grid(263, H100_SMS), GemvWarps::W16);
+        assert_eq!(auto.for_grid(264, H100_SMS), GemvWarps::W8);
+        assert_eq!(auto.for_grid(1120, H100_SMS), GemvWarps::W8);
+        assert_eq!(GemvWarps::W8.for_grid(5, H100_SMS), GemvWarps::W8);
+        assert_eq!(GemvWarps::W16.for_grid(9496, H100_SMS), GemvWarps::W16);
+    }
 
     #[test]
     fn gemm_splits_k_for_decode_batches_only() {
