@@ -20,8 +20,8 @@
 // x (B·K·2 bytes: 460 KB at B=16, K=14336) is read through L1/L2 with __ldg: one 16-byte load per lane per
 // weight-row pair (not one per batch row, as before), shared by every block on the SM.
 // K % 8 == 0 (checked on the host); pointers 16-byte aligned.
-// Exported per batch bucket: gemv_bf16_b{2,4,8} (one 8-column tile), gemv_bf16_b16 (two) and
-// gemv_bf16_b32 (four); each handles B ≤ its bucket. live (nullable, device) and row0: the launch
+// Exported per batch bucket: gemv_bf16_b{2,4,8} (one 8-column tile), gemv_bf16_b16 (two),
+// gemv_bf16_b32 (four) and gemv_bf16_b64 (eight; 8 warps per block); each handles B ≤ its bucket. live (nullable, device) and row0: the launch
 // covers rows row0.. of a larger batch of which only rows < *live are needed, so it computes
 // min(B, *live − row0) rows (none: it returns before loading weights). Launch: grid (ceil(M / 16)),
 // block 512 (16 warps), static shared memory 8, 16 or 32 KB. gemv_bf16_b16_w8 / _b32_w8 (and
@@ -205,6 +205,9 @@ GEMV_KERNEL(gemv_bf16_b32, gemv_glu_bf16_b32, 4, GEMV_WARPS, (GEMV_THREADS))
 // overlapping the other's reduction).
 GEMV_KERNEL(gemv_bf16_b16_w8, gemv_glu_bf16_b16_w8, 2, 8, (256, 3))
 GEMV_KERNEL(gemv_bf16_b32_w8, gemv_glu_bf16_b32_w8, 4, 8, (256, 2))
+// 64 rows (THINKSTEER_GEMV_ROWS=64, until timed): each weight element read once for all 64
+// instead of once per 32-row group; 8 warps bounded to 128 registers (no spills), 2 per SM.
+GEMV_KERNEL(gemv_bf16_b64, gemv_glu_bf16_b64, 8, 8, (256, 2))
 
 // The single-row kernels described in the banner: WPR warps share one output row (split-K), so
 // long rows (K = 8960, 14336) take fewer serial load rounds and more blocks fill the GPU.

@@ -97,6 +97,10 @@ ab "THINKSTEER_ROPE=attn" --hybrid --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_GEMV_WARPS=8" --hybrid --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_GEMV_WARPS=16" --batch 16,64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_WARPS=8" --batch 16,64 --prompt-len 64 --new-tokens "$NEW"
+#    The 64-row gemv bucket (weights read once for 64 rows instead of once per 32-row group).
+ab "THINKSTEER_GEMV_ROWS=64" --batch 64 --prompt-len 64 --new-tokens "$NEW"
+ab "THINKSTEER_GEMV_ROWS=64 THINKSTEER_GEMV_WARPS=8" --batch 64 --prompt-len 64 --new-tokens "$NEW"
+ab "THINKSTEER_GEMV_ROWS=64" $H --batch 8,64
 echo "== THINKSTEER_ROPE=attn llama-3.1-8b batch 1"
 THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ROPE=attn timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | grep -E " cuda |rror"
 # 1. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two

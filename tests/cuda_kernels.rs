@@ -798,6 +798,9 @@ fn gemv_matches_cpu_matmul() {
         check_matmul(&g, "gemv_w8", b, 77, 8 * 37, 24 + i as u64);
     }
     check_matmul(&g, "gemv_w8", 11, 40, 8960, 29);
+    // The 64-row bucket (THINKSTEER_GEMV_ROWS=64 routes matmul's 33..=64 rows to it).
+    check_matmul(&g, "gemv", 40, 77, 8 * 37, 30);
+    check_matmul(&g, "gemv", 64, 40, 1536, 31);
 }
 
 #[test]
@@ -967,6 +970,9 @@ fn matmul_glu_matches_cpu_gate_up_silu_mul() {
     {
         check_glu(&g, n, f, kd, 80 + i as u64, Some(GemvWarps::W8));
     }
+    // The 64-row bucket.
+    check_glu(&g, 50, 61, 1536, 90, Some(GemvWarps::W16));
+    check_glu(&g, 64, 40, 264, 91, Some(GemvWarps::W16));
 }
 
 #[test]

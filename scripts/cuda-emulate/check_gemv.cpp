@@ -196,6 +196,17 @@ void run_gemv() {
         tc("gemv_bf16_b32_w8", gemv_bf16_b32_w8, nullptr, 32, 37, K, 40, 64, 8);   // none
         tc("gemv_glu_bf16_b16_w8", nullptr, gemv_glu_bf16_b16_w8, 16, 21, 200, 40, 32, 8);  // 8 rows
     }
+    // The 64-row bucket (8 warps): a full and a ragged batch, glu, and live counts reaching into
+    // its last 8-row tile or stopping before it.
+    {
+        OwnRng own(104);
+        tc("gemv_bf16_b64", gemv_bf16_b64, nullptr, 64, 37, K, -1, 0, 8);
+        tc("gemv_bf16_b64", gemv_bf16_b64, nullptr, 41, 20, 1536, -1, 0, 8);
+        tc("gemv_glu_bf16_b64", nullptr, gemv_glu_bf16_b64, 50, 21, K, -1, 0, 8);
+        tc("gemv_bf16_b64", gemv_bf16_b64, nullptr, 64, 37, 200, 121, 64, 8);  // 57 rows
+        tc("gemv_glu_bf16_b64", nullptr, gemv_glu_bf16_b64, 64, 21, 200, 80, 64, 8);  // 16 rows
+        tc("gemv_bf16_b64", gemv_bf16_b64, nullptr, 64, 37, 200, 64, 64, 8);   // none
+    }
     // Single row: the host picks WPR from K (≤ 2048: 1, ≤ 4096: 2, ≤ 8192: 4, else 8).
     struct V {
         const char* name;

@@ -20,8 +20,18 @@ pub(super) static NULL: u64 = 0;
 pub use super::grad_kernels::*;
 pub use super::hybrid_kernels::*;
 
-/// Rows up to which `matmul` uses the skinny `gemv` kernels rather than the tensor-core `gemm`.
+/// Rows up to which `matmul` uses one skinny `gemv` launch (row groups of this size above).
 pub const GEMV_MAX_ROWS: usize = 32;
+
+/// Rows per gemv launch in `matmul`: GEMV_MAX_ROWS, or 64 with THINKSTEER_GEMV_ROWS=64 (the
+/// 64-row bucket, which reads each weight once for 64 rows; read once, until timed).
+pub fn gemv_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| match std::env::var("THINKSTEER_GEMV_ROWS").as_deref() {
+        Ok("64") => 64,
+        _ => GEMV_MAX_ROWS,
+    })
+}
 /// Row groups `matmul` runs through `gemv` before switching to `gemm`.
 pub const GEMV_PASSES: usize = 4;
 
@@ -805,7 +815,7 @@ impl GemvWarps {
     }
 }
 
-/// The tensor-core gemv kernel for 2..=32 rows (`glu`: the fused gate|up + SiLU·mul variant), its
+/// The tensor-core gemv kernel for 2..=64 rows (`glu`: the fused gate|up + SiLU·mul variant), its
 /// output rows (features with glu) per block (16 mma rows per block) and its threads per block.
 fn gemv_kernel(b: usize, glu: bool, warps: GemvWarps) -> Result<(&'static str, usize, u32)> {
     let w8 = warps == GemvWarps::W8 && b > 8;
@@ -817,13 +827,14 @@ fn gemv_kernel(b: usize, glu: bool, warps: GemvWarps) -> Result<(&'static str, u
         (17..=32, false) => ("gemv_bf16_b32", "gemv_glu_bf16_b32"),
         (9..=16, true) => ("gemv_bf16_b16_w8", "gemv_glu_bf16_b16_w8"),
         (17..=32, true) => ("gemv_bf16_b32_w8", "gemv_glu_bf16_b32_w8"),
+        (33..=64, _) => ("gemv_bf16_b64", "gemv_glu_bf16_b64"),
         _ => {
             return Err(Error::Input(format!(
-                "gemv: rows must be 1..=32, found {b} (use gemm)"
+                "gemv: rows must be 1..=64, found {b} (use gemm)"
             )))
         }
     };
-    let threads = if w8 { 256 } else { 512 };
+    let threads = if w8 || b > 32 { 256 } else { 512 };
     Ok(if glu {
         (fused, 8, threads)
     } else {
@@ -831,7 +842,7 @@ fn gemv_kernel(b: usize, glu: bool, warps: GemvWarps) -> Result<(&'static str, u
     })
 }
 
-/// Skinny product for 1..=32 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
+/// Skinny product for 1..=64 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
 pub fn gemv(
     gpu: &Gpu,
     out: &mut CudaViewMut<'_, f32>,
@@ -889,7 +900,7 @@ fn gemv_live(
     gemv_tc_launch(gpu, false, out, x, w, (b, m, k), live, warps)
 }
 
-/// Launches a tensor-core gemv bucket (2..=32 rows): out f32 [B, M], or with `glu` act bf16
+/// Launches a tensor-core gemv bucket (2..=64 rows): out f32 [B, M], or with `glu` act bf16
 /// [B, F] where `rows` = F and W has 2F rows.
 #[allow(clippy::too_many_arguments)]
 fn gemv_tc_launch<O: Arg>(
@@ -924,7 +935,7 @@ fn gemv_tc_launch<O: Arg>(
     gpu.launched(name, unsafe { l.launch(launch) })
 }
 
-/// The MLP's gate|up product with SiLU·mul fused, for 1..=32 rows:
+/// The MLP's gate|up product with SiLU·mul fused, for 1..=64 rows:
 /// act bf16 [B, F] = silu(x·W[..F]ᵀ) · (x·W[F..]ᵀ), x bf16 [B, K], W bf16 [2F, K] (gate rows
 /// first). The same arithmetic as `gemv` then `silu_mul`.
 pub fn gemv_glu(
@@ -1114,8 +1125,8 @@ pub fn gemm_with(
     super::grad_kernels::reduce_splits(gpu, out, part, None, (ni, mi, mi), splits, false, live)
 }
 
-/// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ GEMV_MAX_ROWS; below
-/// `gemm_from()` rows, `gemv` over groups of 32 rows (the weights are streamed once per group,
+/// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ `gemv_rows()` (32, or 64);
+/// below `gemm_from()` rows, `gemv` over groups of that many rows (the weights are streamed once per group,
 /// which beat the 64×128-tile `gemm` before it split K: its grid was a few dozen blocks for these
 /// skinny products); `gemm` from there.
 pub fn matmul(
@@ -1141,7 +1152,7 @@ pub fn matmul_live(
     live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
     let group = |row0| live.map(|count| Live { count, row0 });
-    if (1..=GEMV_MAX_ROWS).contains(&n) {
+    if (1..=gemv_rows()).contains(&n) {
         return gemv_live(gpu, out, x, w, (n, m, k), group(0), GemvWarps::from_env());
     }
     if n >= gemm_from() || out.len() != n * m || x.len() != n * k {
@@ -1160,11 +1171,11 @@ pub fn matmul_live(
     })
 }
 
-/// Calls `f(first row, rows)` for consecutive groups of at most GEMV_MAX_ROWS of `n` rows.
+/// Calls `f(first row, rows)` for consecutive groups of at most `gemv_rows()` of `n` rows.
 fn row_groups(n: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result<()> {
     let mut r0 = 0;
     while r0 < n {
-        let rows = GEMV_MAX_ROWS.min(n - r0);
+        let rows = gemv_rows().min(n - r0);
         f(r0, rows)?;
         r0 += rows;
     }

@@ -89,6 +89,8 @@ pub const MODULES: &[(&str, &[&str])] = &[
             "gemv_bf16_b32_w8",
             "gemv_glu_bf16_b16_w8",
             "gemv_glu_bf16_b32_w8",
+            "gemv_bf16_b64",
+            "gemv_glu_bf16_b64",
         ],
     ),
     ("random", &["fill_random_bf16"]),
