@@ -596,7 +596,9 @@ fn marginal_hybrid(
     let mut started = false;
     let ran = h.run(problems, |_, _, _| {
         if !started {
-            gpus.iter().for_each(|g| drop(g.record_launches(true)));
+            for g in &gpus {
+                g.record_launches(true);
+            }
             started = true;
         }
     });
