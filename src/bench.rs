@@ -290,43 +290,22 @@ fn marginal_costs(
     let ran = eager_step(e, b, s);
     let launches = gpu.record_launches(false);
     ran?;
-    let mut kinds: Vec<(crate::cuda::LaunchKind, usize)> = vec![];
-    for k in launches {
-        match kinds.iter_mut().find(|(x, _)| *x == k) {
-            Some((_, n)) => *n += 1,
-            None => kinds.push((k, 1)),
-        }
-    }
+    let kinds = launch_kinds(&gpu, launches, |_| false);
     let mut out = vec![format!(
         "marginal {shape} decode batch {b}: {:.3} ms per step; each kind of launch left out in turn (kernel, grid, launches per step, ms per step saved, µs per launch):",
         base * 1e3
     )];
-    let mut rows = vec![];
-    for &(kind, n) in &kinds {
-        gpu.leave_out(Some(kind));
-        e.clear_graphs();
-        let t = decode_rows(e, |e, ids, st| e.decode_greedy(ids, st), b, s);
-        gpu.leave_out(None);
-        e.clear_graphs();
-        let name = gpu.kernel_name(kind).to_string();
-        match t {
-            Ok(t) => rows.push((name, kind.grid, n, base - t)),
-            // Stale inputs may make a step invalid (e.g. ids outside the vocabulary): say so
-            // and go on with the other kinds.
-            Err(err) => out.push(format!("  {name} {:?}: not timed ({err})", kind.grid)),
-        }
-    }
-    rows.sort_by(|a, b| b.3.total_cmp(&a.3));
+    let mut time = || {
+        e.clear_graphs(); // captured with the previous choice of launches
+        decode_rows(e, |e, ids, st| e.decode_greedy(ids, st), b, s).map(|t| (t, ()))
+    };
+    let rows = leave_each_out(&[&gpu], &kinds, base, &mut time, &mut out);
     let total: f64 = rows.iter().map(|r| r.3).sum();
-    for (name, (x, y, z), n, d) in rows {
-        let grid = format!("({x},{y},{z})");
-        out.push(format!(
-            "  {name:<30} {grid:<16} {n:>4} {:>8.3} ms {:>7.2} µs",
-            d * 1e3,
-            d * 1e6 / n as f64,
-        ));
-    }
-    let again = decode_rows(e, |e, ids, st| e.decode_greedy(ids, st), b, s)?;
+    out.extend(
+        rows.iter()
+            .map(|(name, grid, n, d, ())| marginal_line(name, *grid, *n, *d)),
+    );
+    let (again, ()) = time()?;
     out.push(format!(
         "  sum of the savings {:.3} ms of {:.3} ms; the whole step again: {:.3} ms",
         total * 1e3,
@@ -334,6 +313,61 @@ fn marginal_costs(
         again * 1e3
     ));
     Ok(out)
+}
+
+/// A recorded step's launches grouped by kind (first-seen order) with their counts, leaving out
+/// the kinds whose kernel name `skip` accepts.
+fn launch_kinds(
+    gpu: &Gpu,
+    launches: Vec<crate::cuda::LaunchKind>,
+    skip: impl Fn(&str) -> bool,
+) -> Vec<(crate::cuda::LaunchKind, usize)> {
+    let mut kinds: Vec<(crate::cuda::LaunchKind, usize)> = vec![];
+    for k in launches.into_iter().filter(|&k| !skip(gpu.kernel_name(k))) {
+        match kinds.iter_mut().find(|(x, _)| *x == k) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((k, 1)),
+        }
+    }
+    kinds
+}
+
+/// Times `time` (seconds per step, plus what else it reports) with each kind of launch left
+/// out in turn on every handle of `gpus`: rows (kernel, grid, launches per step, seconds saved
+/// against `base`, extra), most saved first. A kind whose run fails (stale inputs may make a step
+/// invalid, e.g. ids outside the vocabulary) gets a line in `out` and the others go on.
+#[allow(clippy::type_complexity)]
+fn leave_each_out<T>(
+    gpus: &[&Gpu],
+    kinds: &[(crate::cuda::LaunchKind, usize)],
+    base: f64,
+    time: &mut impl FnMut() -> Result<(f64, T)>,
+    out: &mut Vec<String>,
+) -> Vec<(String, (u32, u32, u32), usize, f64, T)> {
+    let mut rows = vec![];
+    for &(kind, n) in kinds {
+        gpus.iter().for_each(|g| g.leave_out(Some(kind)));
+        let t = time();
+        gpus.iter().for_each(|g| g.leave_out(None));
+        let name = gpus[0].kernel_name(kind).to_string();
+        match t {
+            Ok((t, extra)) => rows.push((name, kind.grid, n, base - t, extra)),
+            Err(err) => out.push(format!("  {name} {:?}: not timed ({err})", kind.grid)),
+        }
+    }
+    rows.sort_by(|a, b| b.3.total_cmp(&a.3));
+    rows
+}
+
+/// One row of a `--marginal` table: kernel, grid, launches per step, ms saved per step, µs per
+/// launch.
+fn marginal_line(name: &str, (x, y, z): (u32, u32, u32), n: usize, saved: f64) -> String {
+    let grid = format!("({x},{y},{z})");
+    format!(
+        "  {name:<30} {grid:<16} {n:>4} {:>8.3} ms {:>7.2} µs",
+        saved * 1e3,
+        saved * 1e6 / n as f64
+    )
 }
 
 /// THINKSTEER_CUDA_PROFILE=1: the benches also print a per-kernel breakdown (to stderr) of one
@@ -608,50 +642,26 @@ fn marginal_hybrid(
     }
     h.use_graphs = graphs;
     ran?;
-    let mut kinds: Vec<(crate::cuda::LaunchKind, usize)> = vec![];
-    for k in launches {
-        if gpu.kernel_name(k).starts_with("hybrid_") {
-            continue;
-        }
-        match kinds.iter_mut().find(|(x, _)| *x == k) {
-            Some((_, n)) => *n += 1,
-            None => kinds.push((k, 1)),
-        }
-    }
+    let kinds = launch_kinds(&gpu, launches, |name| name.starts_with("hybrid_"));
     let mut out = vec![format!(
         "marginal {shape} pair hybrid batch {b}: {:.3} ms per step; each kind of model launch left out in turn (kernel, grid, launches per step, ms per step saved, µs per launch, steered share):",
         base * 1e3
     )];
-    let mut rows = vec![];
-    for &(kind, n) in &kinds {
-        gpus.iter().for_each(|g| g.leave_out(Some(kind)));
-        h.clear_graphs();
-        let t = time_hybrid(h, problems, new_tokens, v);
-        gpus.iter().for_each(|g| g.leave_out(None));
-        h.clear_graphs();
-        let name = gpu.kernel_name(kind).to_string();
-        match t {
-            Ok((t, _, steered, all)) => rows.push((
-                name,
-                kind.grid,
-                n,
-                base - t,
-                steered as f64 / all.max(1) as f64,
-            )),
-            Err(err) => out.push(format!("  {name} {:?}: not timed ({err})", kind.grid)),
-        }
-    }
-    rows.sort_by(|a, b| b.3.total_cmp(&a.3));
-    for (name, (x, y, z), n, d, share) in rows {
-        let grid = format!("({x},{y},{z})");
-        out.push(format!(
-            "  {name:<30} {grid:<16} {n:>4} {:>8.3} ms {:>7.2} µs  steered {:.0}%",
-            d * 1e3,
-            d * 1e6 / n as f64,
+    let mut time = || {
+        h.clear_graphs(); // captured with the previous choice of launches
+        time_hybrid(h, problems, new_tokens, v)
+            .map(|(t, _, steered, all)| (t, steered as f64 / all.max(1) as f64))
+    };
+    let gpus: Vec<&Gpu> = gpus.iter().map(|g| g.as_ref()).collect();
+    let rows = leave_each_out(&gpus, &kinds, base, &mut time, &mut out);
+    out.extend(rows.iter().map(|(name, grid, n, d, share)| {
+        format!(
+            "{}  steered {:.0}%",
+            marginal_line(name, *grid, *n, *d),
             100.0 * share
-        ));
-    }
-    let (again, ..) = time_hybrid(h, problems, new_tokens, v)?;
+        )
+    }));
+    let (again, _) = time()?;
     out.push(format!(
         "  the whole step again: {:.3} ms (first {:.3} ms)",
         again * 1e3,

@@ -262,12 +262,12 @@ impl CudaHybrid {
         s.mode != Mode::Exact && s.random_firing.is_none() && s.windows == [-1]
     }
 
-    /// Changes the number of new tokens of later `run` calls.
     /// Drops the captured step graphs (captured again at their next use).
     pub fn clear_graphs(&mut self) {
         self.graphs.clear();
     }
 
+    /// Changes the number of new tokens of later `run` calls.
     pub fn set_max_new_tokens(&mut self, n: usize) {
         self.s.max_new_tokens = n;
     }

@@ -240,8 +240,8 @@ pub struct CudaEngine {
     /// instead of a `qkv_rope` launch before it, where the call's rows allow it
     /// (THINKSTEER_ROPE=attn, read at creation, until timed).
     pub rope_in_attention: bool,
-    /// Whether no row of the uploaded call attends a position another row writes
-    /// (`Step::rows_independent`), and its scratch.
+    /// With `rope_in_attention`: whether no row of the uploaded call attends a position another
+    /// row writes (`Step::rows_independent`); and its scratch.
     rows_independent: bool,
     rows_scratch: Vec<(usize, usize, bool)>,
 }
@@ -446,7 +446,9 @@ impl CudaEngine {
             .map_err(cu("uploading positions"))?;
         s.memcpy_htod(&h[2 * t..], &mut self.a.slot.slice_mut(..t))
             .map_err(cu("uploading slots"))?;
-        self.rows_independent = step.rows_independent(&mut self.rows_scratch);
+        // Only asked for where it is used (a sort of the call's rows).
+        self.rows_independent =
+            self.rope_in_attention && step.rows_independent(&mut self.rows_scratch);
         Ok(())
     }
 
