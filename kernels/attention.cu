@@ -29,16 +29,18 @@
 //   G·8·128·4 bytes + 0.7 KB.
 // Fused RoPE (every decode kernel above; `qkv` non-null): the queries and the token's own key and
 //   value come from the raw q|k|v product qkv f32 [T, (H + 2·Hkv)·Dh] (q heads, then k, then v)
-//   plus bias f32 [(H + 2·Hkv)·Dh] (nullable), rotated in the kernel by common.cuh's rope_pair at
-//   pos[t] with inv_freq f32 [Dh/2], and rounded to bf16 exactly as rope.cu's qkv_rope_bf16
-//   rounds them (so the output is bit for bit that of qkv_rope_bf16 followed by the unfused
+//   plus bias f32 [(H + 2·Hkv)·Dh] (nullable), rotated in the kernel by common.cuh's rope_rotate
+//   at pos[t] with inv_freq f32 [Dh/2] (each thread's angles computed once, as rope_pair computes
+//   them, for all its heads), and rounded to bf16 exactly as rope.cu's qkv_rope_bf16 rounds them (so the output is bit for bit that of qkv_rope_bf16 followed by the unfused
 //   kernel); q, k_self and v_self are then not read and nothing writes them. The split holding
 //   position pos[t] computes the token's own K/V row; for rows t < n_write with slot and pos in
 //   range, that split's block of the group's first head also stores it at (slot[t], pos[t]) of
 //   kc_w / vc_w (the caches, the same buffers as k_cache / v_cache: no block of the launch reads
 //   that position). Precondition (the caller's): no row of the launch attends a position another
 //   row writes, e.g. one row per sequence, or the hybrid step's candidate rows beside their
-//   problem's row. One launch per block of the model instead of two.
+//   problem's row. Rows at or past *live (when given) store nothing: the host refuses a live
+//   count with n_write > 0 here, since qkv_rope_bf16 would store them. One launch per block of
+//   the model instead of two.
 // attention_prefill_bf16 (prefill chunks, on tensor cores) lives in prefill_attention.cu.
 #include "common.cuh"
 
@@ -99,14 +101,23 @@ struct DecodeShared {
     __align__(16) bf16_t v_own[128];
 };
 
-// Fused RoPE: this lane's NPL dims (lane·NPL ..) of q or k head `head` of the raw q|k|v row u
-// (f32 [(H + 2·Hkv)·Dh], bias nullable) rotated at position p, rounded to bf16 and widened back:
-// the values qkv_rope_bf16 writes. Dims d < Dh/2 are the first of their pair, the others the
-// second.
+// Fused RoPE: the sin and cos of this lane's NPL dims (lane·NPL ..) at position p, the angles of
+// their pairs i = d mod Dh/2 (computed once per thread: the same for every head).
+template <int NPL>
+__device__ __forceinline__ void rope_lane_angles(const float* __restrict__ inv_freq, int p, int lane, float* sn,
+                                                 float* cs) {
+    constexpr int HALF = NPL * 16;
+#pragma unroll
+    for (int n = 0; n < NPL; ++n) sincosf((float)p * inv_freq[(lane * NPL + n) % HALF], &sn[n], &cs[n]);
+}
+
+// Fused RoPE: this lane's NPL dims of q or k head `head` of the raw q|k|v row u
+// (f32 [(H + 2·Hkv)·Dh], bias nullable) rotated by the lane's angles, rounded to bf16 and
+// widened back: the values qkv_rope_bf16 writes. Dims d < Dh/2 are the first of their pair, the
+// others the second.
 template <int NPL>
 __device__ __forceinline__ void rope_row_part(const float* __restrict__ u, const float* __restrict__ bias,
-                                              const float* __restrict__ inv_freq, int head, int p, int lane,
-                                              float* out) {
+                                              const float* sn, const float* cs, int head, int lane, float* out) {
     constexpr int DH = NPL * 32, HALF = DH / 2;
 #pragma unroll
     for (int n = 0; n < NPL; ++n) {
@@ -118,7 +129,7 @@ __device__ __forceinline__ void rope_row_part(const float* __restrict__ u, const
             b += bias[c1];
         }
         bf16_t o0, o1;
-        rope_pair(a, b, p, inv_freq[i], &o0, &o1);
+        rope_rotate(a, b, sn[n], cs[n], &o0, &o1);
         out[n] = bf2f(d < HALF ? o0 : o1);
     }
 }
@@ -155,10 +166,12 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     const float scale = rsqrtf((float)DH);
     const float* u = qkv ? qkv + (size_t)t * (H + 2 * Hkv) * DH : nullptr;  // fused RoPE: the raw row
     float qv[G][NPL], m[G], l[G], acc[G][NPL];
+    float sn[NPL], cs[NPL];  // fused RoPE: this lane's angles at p
+    if (u) rope_lane_angles<NPL>(inv_freq, p, lane, sn, cs);
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         if (u)
-            rope_row_part<NPL>(u, bias, inv_freq, h0 + g, p, lane, qv[g]);
+            rope_row_part<NPL>(u, bias, sn, cs, h0 + g, lane, qv[g]);
         else
             load_row_part<NPL>(q + ((size_t)t * H + h0 + g) * DH, lane, qv[g]);
         m[g] = -INFINITY;
@@ -181,7 +194,7 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
         const size_t at = (((size_t)s * S + p) * Hkv + kvh) * DH;
         if (warp == 0) {
             float kr[NPL];
-            rope_row_part<NPL>(u, bias, inv_freq, H + kvh, p, lane, kr);
+            rope_row_part<NPL>(u, bias, sn, cs, H + kvh, lane, kr);
 #pragma unroll
             for (int i = 0; i < NPL; ++i) {
                 const int d = lane * NPL + i;

@@ -89,11 +89,15 @@ __device__ __forceinline__ int live_rows(const int* live, int T) { return live ?
 // f32(pos)·inv_freq_i, sin/cos the precise sincosf (positions reach 10^5, where the fast versions
 // drift): o0 = bf16(a·cos − b·sin), o1 = bf16(b·cos + a·sin), written with explicit fmaf so that
 // every kernel that rotates (rope.cu, attention.cu's fused decode) rounds bit for bit alike.
+// rope_rotate takes the angle's sin and cos already computed (shared by every head at pos).
+__device__ __forceinline__ void rope_rotate(float a, float b, float sn, float cs, bf16_t* o0, bf16_t* o1) {
+    *o0 = f2bf(fmaf(a, cs, -(b * sn)));
+    *o1 = f2bf(fmaf(b, cs, a * sn));
+}
 __device__ __forceinline__ void rope_pair(float a, float b, int pos, float inv_freq, bf16_t* o0, bf16_t* o1) {
     float sn, cs;
     sincosf((float)pos * inv_freq, &sn, &cs);
-    *o0 = f2bf(fmaf(a, cs, -(b * sn)));
-    *o1 = f2bf(fmaf(b, cs, a * sn));
+    rope_rotate(a, b, sn, cs, o0, o1);
 }
 
 // Maximum over the whole block, like block_sum.

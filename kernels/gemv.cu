@@ -1,4 +1,4 @@
-// gemv.cu: skinny matrix product for decode batches of 1–16 rows (memory-bound).
+// gemv.cu: skinny matrix product for decode batches of 1–64 rows (memory-bound).
 //
 //   out[b, m] = Σ_k f32(x[b, k]) · f32(W[m, k])      x bf16 [B, K], W bf16 [M, K], out f32 [B, M]
 //

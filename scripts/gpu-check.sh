@@ -92,6 +92,9 @@ ab "THINKSTEER_ROPE=separate" --batch 1,64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_ROPE=attn" --batch 1,64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_ROPE=separate" --hybrid --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_ROPE=attn" --hybrid --new-tokens "$NEW" --batch 1
+#    ... and at 1,000-token contexts, where each of 16 splits per head rotates its queries again.
+ab "THINKSTEER_ROPE=separate" --batch 64 --prompt-len 1000 --new-tokens 64
+ab "THINKSTEER_ROPE=attn" --batch 64 --prompt-len 1000 --new-tokens 64
 #    8-warp blocks for the 9–32-row gemv buckets (the batch-1 hybrid step's 11 rows after the
 #    steering point, batch 16, and batch 64's two 32-row groups).
 ab "THINKSTEER_GEMV_WARPS=8" --hybrid --new-tokens "$NEW" --batch 1

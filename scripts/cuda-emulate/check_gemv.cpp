@@ -182,6 +182,11 @@ void run_gemv() {
         tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 16, 21, K, 40, 48);   // none
         tc("gemv_glu_bf16_b16", nullptr, gemv_glu_bf16_b16, 16, 21, 200, 32, 16);  // all: live == row0 + B
         tc("gemv_glu_bf16_b32", nullptr, gemv_glu_bf16_b32, 32, 21, 200, 45, 32);  // 13 rows
+        // A one-row group with a live count goes to the 2-row bucket (the b1 kernels take none).
+        tc("gemv_bf16_b2", gemv_bf16_b2, nullptr, 1, 37, K, 33, 32);                // the row
+        tc("gemv_bf16_b2", gemv_bf16_b2, nullptr, 1, 37, 200, 32, 32);              // none
+        tc("gemv_glu_bf16_b2", nullptr, gemv_glu_bf16_b2, 1, 21, K, 33, 32);        // the row
+        tc("gemv_glu_bf16_b2", nullptr, gemv_glu_bf16_b2, 1, 21, 200, 20, 32);      // none
     }
     // The 8-warp variants of the 16 and 32 buckets (block 256): K = 2056 takes three rounds of
     // 32 steps (warp 0 a third with one step), K = 8960 (the down product) nine.

@@ -100,18 +100,20 @@ static void run_case(int H, int Hkv, int Dh, bool bias_on, bool llama3) {
 // neither writes keep their old bits in both). Rows as the hybrid step has them: problems with a
 // slot each (a position past S: no write; an out-of-range slot, reading only itself), then
 // candidate rows at their problem's slot and position, not writing (t ≥ n_write). Each decode
-// kernel: 8 keys per step, 1 key, and the grouped one for G = H / Hkv.
-static void fused(int H, int Hkv, int Dh, bool bias_on) {
-    OwnRng own(11 + H + Dh);
+// kernel: 8 keys per step, 1 key, and the grouped one for G = H / Hkv. With `live` ≥ 0, the
+// gate-first candidate pass: a live row count, no row writing the cache (n_write 0).
+static void fused(int H, int Hkv, int Dh, bool bias_on, int live = -1) {
+    OwnRng own(11 + H + Dh + (live >= 0 ? 100 + live : 0));
     using attention_check::decode_fn;
     const int S = 200, chunk = 64, NS = (S + chunk - 1) / chunk, width = (H + 2 * Hkv) * Dh;
-    const int n_write = 5, slots = 4, T = 9, G = H / Hkv;
+    const int np = 5, n_write = live >= 0 ? 0 : np, slots = 4, T = 9, G = H / Hkv;
     const std::vector<int> pslot = {0, 3, 1, 2, slots}, ppos = {0, 64, 199, S, 70};
     std::vector<int> slot(T), pos(T);
     for (int t = 0; t < T; ++t) {
-        slot[t] = pslot[t % n_write];
-        pos[t] = ppos[t % n_write];
+        slot[t] = pslot[t % np];
+        pos[t] = ppos[t % np];
     }
+    const int* lp = live >= 0 ? &live : nullptr;
     const auto qkv = randv((size_t)T * width, 2.0f), bias = randv(width, 0.5f);
     const auto fr = inv_freq(Dh, 1000000.0, false);
     const auto kc0 = randbf((size_t)slots * S * Hkv * Dh), vc0 = randbf(kc0.size());
@@ -140,7 +142,7 @@ static void fused(int H, int Hkv, int Dh, bool bias_on) {
             launch(dim3{(unsigned)NS, (unsigned)k.grid_y, (unsigned)T}, 256, [&] {
                 k.fn(fuse ? nullptr : q.data(), kc.data(), vc.data(), fuse ? nullptr : ks.data(),
                      fuse ? nullptr : vs.data(), pos.data(), slot.data(), part_o.data(), part_ml.data(), out.data(),
-                     counters.data(), H, Hkv, Dh, S, slots, chunk, NS, nullptr, fuse ? qkv.data() : nullptr, b,
+                     counters.data(), H, Hkv, Dh, S, slots, chunk, NS, lp, fuse ? qkv.data() : nullptr, b,
                      fuse ? fr.data() : nullptr, fuse ? n_write : 0, fuse ? kc.data() : nullptr,
                      fuse ? vc.data() : nullptr);
             });
@@ -149,17 +151,26 @@ static void fused(int H, int Hkv, int Dh, bool bias_on) {
         auto kc_a = kc0, vc_a = vc0, kc_b = kc0, vc_b = vc0;
         const auto out_a = run(false, kc_a, vc_a), out_b = run(true, kc_b, vc_b);
         char tag[128];
-        snprintf(tag, sizeof tag, "%s fused RoPE H %d Hkv %d Dh %d%s", k.name, H, Hkv, Dh, bias_on ? " bias" : "");
+        snprintf(tag, sizeof tag, "%s fused RoPE H %d Hkv %d Dh %d%s%s", k.name, H, Hkv, Dh, bias_on ? " bias" : "",
+                 live >= 0 ? (" live " + std::to_string(live)).c_str() : "");
         printf("%s\n", tag);
         same("  out (bits)", out_b, out_a);
         same("  k_cache (bits)", kc_b, kc_a);
         same("  v_cache (bits)", vc_b, vc_a);
         same("  counters at 0", counters, std::vector<unsigned int>(counters.size(), 0u));
-        // The unfused path wrote rows (0, 0), (3, 64), (1, 199) and nothing else.
+        // The unfused path wrote rows (0, 0), (3, 64), (1, 199) and nothing else (nothing with
+        // n_write 0).
         long written = 0;
         for (size_t i = 0; i < kc0.size(); ++i) written += kc_a[i] != kc0[i];
-        const bool three = written > 0 && written <= 3L * Hkv * Dh;
-        report("  cache rows written: the three in range", three, std::to_string(written) + " entries");
+        const bool three = n_write ? written > 0 && written <= 3L * Hkv * Dh : written == 0;
+        report(n_write ? "  cache rows written: the three in range" : "  cache rows written: none", three,
+               std::to_string(written) + " entries");
+        if (live >= 0) {  // rows past the live count: untouched by both paths
+            long kept = 0;
+            for (size_t i = (size_t)live * H * Dh; i < out_b.size(); ++i) kept += out_b[i] == 0x7fc0;
+            report("  rows past live untouched", kept == (long)(out_b.size() - (size_t)live * H * Dh),
+                   std::to_string(kept) + " values");
+        }
     }
 }
 
@@ -171,4 +182,7 @@ void run_rope() {
     rope_check::fused(4, 2, 128, true);
     rope_check::fused(12, 2, 128, false);
     rope_check::fused(8, 2, 64, true);
+    rope_check::fused(14, 2, 64, true);    // G = 7
+    rope_check::fused(16, 2, 128, false);  // G = 8
+    rope_check::fused(12, 2, 128, true, 6);  // the gate-first candidate pass: 6 live rows
 }

@@ -96,15 +96,35 @@ impl BlasLt {
             lt::create_matrix_layout(f32t, mu, nu, m as i64).map_err(lt_err("layout of out"))?;
         let pref = lt::create_matmul_pref().map_err(lt_err("creating preferences"))?;
         let ws = WORKSPACE;
-        // SAFETY: MAX_WORKSPACE_BYTES takes a u64 (usize on 64-bit targets); the heuristic reads
-        // the objects created above, all alive; pref is destroyed once, here.
+        // The host guarantees 16-byte alignment only (the default asks for 256).
+        let align: u32 = 16;
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let aligns = [
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+            P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+        ];
+        // SAFETY: MAX_WORKSPACE_BYTES takes a u64 (usize on 64-bit targets) and the
+        // MIN_ALIGNMENT attributes a u32, each passed with its size; the heuristic reads the
+        // objects created above, all alive; pref is destroyed once, here.
         let heuristic = unsafe {
             lt::set_matmul_pref_attribute(
                 pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 (&ws) as *const usize as *const c_void,
                 std::mem::size_of::<usize>(),
             )
+            .and_then(|_| {
+                aligns.iter().try_for_each(|&attr| {
+                    lt::set_matmul_pref_attribute(
+                        pref,
+                        attr,
+                        (&align) as *const u32 as *const c_void,
+                        std::mem::size_of::<u32>(),
+                    )
+                })
+            })
             .and_then(|_| lt::get_matmul_algo_heuristic(self.handle, desc, a, b, c, c, pref))
             .and_then(|h| lt::destroy_matmul_pref(pref).map(|_| h))
         }

@@ -57,7 +57,7 @@ pub struct CudaHybrid {
     pos_p: CudaSlice<i32>,  // [max_b]
     slot_p: CudaSlice<i32>, // [max_b]
     max_b: usize,
-    graphs: HashMap<(usize, bool, bool), CudaGraph>, // by (problems, gate first, RoPE in attention)
+    graphs: HashMap<(usize, bool, (bool, bool)), CudaGraph>, // by (problems, gate first, each model fusing RoPE)
     pub use_graphs: bool,
     /// Forces the gate-first step on or off (None: gate first when B·C > GATE_FIRST_ROWS). Set
     /// from THINKSTEER_GATE_FIRST=1|0 when present.
@@ -293,12 +293,19 @@ impl CudaHybrid {
                 .wait(&self.fork)
                 .map_err(cu("forking the thinking model's stream"))?;
         }
-        self.think_launches(b)?;
-        if self.runs_gate_first(b) {
-            self.gate_first_launches(b)
-        } else {
-            self.single_pass_launches(b)
+        let r = self.think_launches(b).and_then(|_| {
+            if self.runs_gate_first(b) {
+                self.gate_first_launches(b)
+            } else {
+                self.single_pass_launches(b)
+            }
+        });
+        if r.is_err() {
+            // Join the thinking model's stream even so: a capture left unjoined would report
+            // "unjoined" instead of this error (its own failure, if any, is the lesser one).
+            let _ = self.join_thinking();
         }
+        r
     }
 
     /// Holds the base model's stream until the thinking model's SAE categories are written (its
@@ -384,12 +391,15 @@ impl CudaHybrid {
         );
         let bm = &mut self.base;
         bm.use_live = live;
-        for l in p..nb {
-            bm.block(rows, l, n_write)?;
-            bm.close_point(0..rows, l + 1, true, SteerSel::None, false, None)?;
-        }
-        bm.head(&(0..rows).collect::<Vec<_>>())?;
-        bm.use_live = false;
+        let r = (|| {
+            for l in p..nb {
+                bm.block(rows, l, n_write)?;
+                bm.close_point(0..rows, l + 1, true, SteerSel::None, false, None)?;
+            }
+            bm.head(&(0..rows).collect::<Vec<_>>())
+        })();
+        bm.use_live = false; // on an error too: later calls on the engine need every row
+        r?;
         let count = bm.a.live.as_view();
         k::argmax(
             &self.gpu,
@@ -622,7 +632,7 @@ impl CudaHybrid {
         if self.use_graphs {
             // The problems' rows are independent (one slot each, candidates beside them), so
             // both models fuse RoPE into attention whenever they are set to.
-            let fused = self.base.fuses_rope() && self.think.fuses_rope();
+            let fused = (self.base.fuses_rope(), self.think.fuses_rope());
             let key = (b, self.runs_gate_first(b), fused);
             if !self.graphs.contains_key(&key) {
                 // The step is idempotent (same inputs rewrite the same cache entries), so a

@@ -35,18 +35,17 @@ pub fn gemv_rows() -> usize {
 /// Row groups `matmul` runs through `gemv` before switching to `gemm`.
 pub const GEMV_PASSES: usize = 4;
 
-/// Rows from which `matmul` uses `gemm` (tensor-core tiles, with split K for decode batches)
-/// rather than `gemv` row groups: GEMV_MAX_ROWS·GEMV_PASSES + 1, or THINKSTEER_GEMM_FROM (at
-/// least GEMV_MAX_ROWS + 1) while measurements decide (PERFORMANCE.md).
+/// Rows from which `matmul` and `matmul_glu` use `gemm` (tensor-core tiles, with split K for
+/// decode batches) rather than `gemv` row groups: GEMV_MAX_ROWS·GEMV_PASSES + 1, or
+/// THINKSTEER_GEMM_FROM (above one gemv launch's rows) while measurements decide
+/// (PERFORMANCE.md).
 pub fn gemm_from() -> usize {
     static FROM: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *FROM.get_or_init(|| {
         std::env::var("THINKSTEER_GEMM_FROM")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .map_or(GEMV_MAX_ROWS * GEMV_PASSES + 1, |n| {
-                n.max(GEMV_MAX_ROWS + 1)
-            })
+            .map_or(GEMV_MAX_ROWS * GEMV_PASSES + 1, |n| n.max(gemv_rows() + 1))
     })
 }
 /// Query heads per key/value split in decode attention is not fixed; the split length is.
@@ -483,6 +482,12 @@ pub fn attention_decode(
                     "{K}: n_write ({n_write}) exceeds the token count ({t})"
                 )));
             }
+            if *n_write > 0 && live.is_some() {
+                // Rows past the live count return before storing, where qkv_rope would store.
+                return Err(Error::Input(format!(
+                    "{K}: a live count with rows writing the cache (n_write {n_write}) in fused RoPE"
+                )));
+            }
         }
     }
     check(
@@ -820,7 +825,8 @@ impl GemvWarps {
 fn gemv_kernel(b: usize, glu: bool, warps: GemvWarps) -> Result<(&'static str, usize, u32)> {
     let w8 = warps == GemvWarps::W8 && b > 8;
     let (plain, fused) = match (b, w8) {
-        (2, _) => ("gemv_bf16_b2", "gemv_glu_bf16_b2"),
+        // One row only with a live count (the b1 kernels take none and always compute).
+        (1..=2, _) => ("gemv_bf16_b2", "gemv_glu_bf16_b2"),
         (3..=4, _) => ("gemv_bf16_b4", "gemv_glu_bf16_b4"),
         (5..=8, _) => ("gemv_bf16_b8", "gemv_glu_bf16_b8"),
         (9..=16, false) => ("gemv_bf16_b16", "gemv_glu_bf16_b16"),
@@ -885,7 +891,7 @@ fn gemv_live(
     live: Option<Live<'_, '_>>,
     warps: GemvWarps,
 ) -> Result<()> {
-    let name = if b == 1 {
+    let name = if b == 1 && live.is_none() {
         gemv1_kernel(Row1::Plain, k).0
     } else {
         gemv_kernel(b, false, warps)?.0
@@ -894,7 +900,7 @@ fn gemv_live(
     if m == 0 {
         return Ok(());
     }
-    if b == 1 {
+    if b == 1 && live.is_none() {
         return gemv1_launch(gpu, Row1::Plain, out, x, w, m, k);
     }
     gemv_tc_launch(gpu, false, out, x, w, (b, m, k), live, warps)
@@ -972,7 +978,7 @@ fn gemv_glu_live(
     live: Option<Live<'_, '_>>,
     warps: GemvWarps,
 ) -> Result<()> {
-    let name = if b == 1 {
+    let name = if b == 1 && live.is_none() {
         gemv1_kernel(Row1::Glu, k).0
     } else {
         gemv_kernel(b, true, warps)?.0
@@ -982,7 +988,7 @@ fn gemv_glu_live(
     if f == 0 {
         return Ok(());
     }
-    if b == 1 {
+    if b == 1 && live.is_none() {
         return gemv1_launch(gpu, Row1::Glu, act, x, w, f, k);
     }
     gemv_tc_launch(gpu, true, act, x, w, (b, f, k), live, warps)
@@ -1183,7 +1189,7 @@ fn row_groups(n: usize, mut f: impl FnMut(usize, usize) -> Result<()>) -> Result
 }
 
 /// act bf16 [N, F] = silu(x·W[..F]ᵀ) · (x·W[F..]ᵀ) for the MLP, W bf16 [2F, K] (gate rows first):
-/// `gemv_glu` below `gemm_from()` rows (in groups of 32), else `gemm` into gate_up f32 [N, 2F]
+/// `gemv_glu` below `gemm_from()` rows (in groups of `gemv_rows()`), else `gemm` into gate_up f32 [N, 2F]
 /// then `silu_mul`.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_glu(

@@ -351,6 +351,9 @@ impl Gpu {
     ) -> Result<()> {
         r.map_err(|e| Error::Cuda(format!("launching {name}: {e}")))?;
         let profiling = self.profiling.load(std::sync::atomic::Ordering::Relaxed);
+        if (profiling || self.sync_each) && self.capturing() {
+            return Ok(()); // a capturing stream cannot be synchronised; the graph's replay can
+        }
         if let Some(p) = profiling
             .then(|| self.profile_lock())
             .as_mut()
@@ -381,12 +384,19 @@ impl Gpu {
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(cuda_err("starting graph capture"))?;
         let launched = f();
-        let graph = self
-            .stream
-            .end_capture(CUgraphInstantiate_flags_enum(0))
-            .map_err(cuda_err("ending graph capture"))?;
-        launched?;
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags_enum(0));
+        launched?; // a failed launch invalidates the capture: its error is the one to report
+        let graph = graph.map_err(cuda_err("ending graph capture"))?;
         graph.ok_or_else(|| Error::Cuda("graph capture produced no graph".into()))
+    }
+
+    /// Whether the stream is being captured into a graph (where it must not be synchronised).
+    fn capturing(&self) -> bool {
+        use cudarc::driver::sys::CUstreamCaptureStatus;
+        matches!(
+            self.stream.capture_status(),
+            Ok(CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE)
+        )
     }
 
     /// Waits for all queued work.
