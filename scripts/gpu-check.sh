@@ -70,20 +70,13 @@ for l in open(sys.argv[1]):
 PY
 fi
 fi
-# What each kind of launch of a decode step costs inside the replayed graph (left out in turn).
-if [ "${BENCH:-all}" = "all" ] && one; then
-    echo "== bench --marginal (each kind of launch left out in turn; times only)"
-    THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror"
-    THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror"
-    THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror"
-fi
 if [ "${BENCH:-all}" = "all" ] && two; then
 # A/B lines, most important first (a call cut short by its limit still has those): each runs
 # `thinksteer bench` with the switches given before the arguments (see README, GPU switches).
 ab() {
     local vars="$1"; shift
-    echo "== $vars bench $*"
-    env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda "$@" 2>&1 | grep -E " cuda |^ +x[0-9]|rror"
+    echo "== $vars bench $*" | tee -a "$OUT/ab.log"
+    env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda "$@" 2>&1 | grep -E " cuda |^ +x[0-9]|rror" | tee -a "$OUT/ab.log"
 }
 H="--hybrid --steered-share 0.125 --new-tokens $NEW"
 # 0. Bias + RoPE + K/V append inside decode attention (one launch per block fewer), batch 1 and 64
@@ -172,13 +165,21 @@ if hf:
 PY
 }
 # The table once before the HF anchor (so a call cut short by its limit still prints it), and
-# again after it with the speed-ups over its rows.
+# again after it with the speed-ups over its rows. The --marginal tables (diagnostic) come last.
 summary ""
 # The HF anchor runs in the same call as the benches it is compared with (phase 1).
 if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ] && one; then
     echo "== HF anchor (NEW=$NEW)"
     NEW=$NEW PYTHONUNBUFFERED=1 timeout 240 python3 "$B/hf_anchor.py" > "$OUT/hf.log" 2>&1 || echo "hf_anchor failed: $(tail -3 "$OUT/hf.log")"
     summary ", with the HF anchor"
+fi
+
+# What each kind of launch of a decode step costs inside the replayed graph (left out in turn).
+if [ "${BENCH:-all}" = "all" ] && one; then
+    echo "== bench --marginal (each kind of launch left out in turn; times only)"
+    THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror" | tee -a "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror" | tee -a "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror" | tee -a "$OUT/marginal.log"
 fi
 
 exit $status
