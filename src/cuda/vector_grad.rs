@@ -153,14 +153,6 @@ impl CudaVectorGrad {
             }
         }
         let old = self.bufs.take().map(|b| b.dims).unwrap_or_default();
-        // Grow by at least a quarter so a run of slowly growing examples reallocates rarely.
-        let grow = |o: usize, n: usize| if n > o { n.max(o + o / 4) } else { o };
-        let dm = Dims {
-            ta: grow(old.ta, want.ta),
-            s: grow(old.s, want.s),
-            nl: old.nl.max(want.nl),
-            steer: grow(old.steer, want.steer),
-        };
         let c = &self.c;
         let (d, f) = (c.hidden_size, c.intermediate_size);
         let (qd, kvd) = (
@@ -168,6 +160,39 @@ impl CudaVectorGrad {
             c.num_key_value_heads * c.head_dim,
         );
         let qkv = qd + 2 * kvd;
+        // Bytes of the buffers below for dims dm (the f32 ones in order, then steer).
+        let bytes = |dm: &Dims| {
+            let (ta, nl) = (dm.ta, dm.nl);
+            4 * (3 * ta * d
+                + ta * (qd + 3 * f + qkv)
+                + 2 * ta * c.num_attention_heads * dm.s
+                + nl * ta * (2 * d + 2 + qkv + c.num_attention_heads + 2 * f)
+                + 2 * nl * dm.s * kvd
+                + dm.steer)
+        };
+        self.gpu.sync()?; // the old buffers' frees are done
+        let (free, _) =
+            cudarc::driver::result::mem_get_info().map_err(cuda_err("reading free GPU memory"))?;
+        // Grow by at least a quarter so a run of slowly growing examples reallocates rarely, where
+        // that fits; refuse, before allocating, what does not fit at all.
+        let grow = |o: usize, n: usize| if n > o { n.max(o + o / 4) } else { o };
+        let grown = Dims {
+            ta: grow(old.ta, want.ta),
+            s: grow(old.s, want.s),
+            nl: old.nl.max(want.nl),
+            steer: grow(old.steer, want.steer),
+        };
+        let dm = if bytes(&grown) <= free { grown } else { want };
+        if bytes(&dm) > free {
+            bail!(
+                "vector gradient: an example of {} active rows after {} context positions through {} blocks needs {:.2} GiB of GPU buffers; the card has {:.2} GiB free: use shorter spans or a later steering layer",
+                want.ta,
+                want.s.saturating_sub(want.ta),
+                want.nl,
+                bytes(&want) as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64
+            );
+        }
         let (ta, nl) = (dm.ta, dm.nl);
         let st = &self.gpu.stream;
         let f32s = |n: usize| {
