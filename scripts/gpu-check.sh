@@ -23,6 +23,8 @@ PHASE=${PHASE:-all}
 one() { [ "$PHASE" = all ] || [ "$PHASE" = 1 ]; }
 two() { [ "$PHASE" = all ] || [ "$PHASE" = 2 ]; }
 status=0
+# A filtered command's exit status, said when it is not 0 (a timeout or a panic prints no table).
+exited() { [ "$1" = 0 ] || echo "  (exit $1$([ "$1" = 124 ] && echo ": timed out"))" | tee -a "$2"; }
 for t in "$B"/tests/*; do
     one || break
     name=$(basename "$t")
@@ -76,7 +78,8 @@ if [ "${BENCH:-all}" = "all" ] && two; then
 ab() {
     local vars="$1"; shift
     echo "== $vars bench $*" | tee -a "$OUT/ab.log"
-    env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda "$@" 2>&1 | grep -E " cuda |^ +x[0-9]|rror" | tee -a "$OUT/ab.log"
+    env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda "$@" 2>&1 | grep -E " cuda |^ +x[0-9]|rror|panicked" | tee -a "$OUT/ab.log"
+    exited "${PIPESTATUS[0]}" "$OUT/ab.log"
 }
 H="--hybrid --steered-share 0.125 --new-tokens $NEW"
 # 0. Bias + RoPE + K/V append inside decode attention (one launch per block fewer), batch 1 and 64
@@ -98,7 +101,7 @@ ab "THINKSTEER_GEMV_ROWS=64" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_ROWS=64 THINKSTEER_GEMV_WARPS=8" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_ROWS=64" $H --batch 8,64
 echo "== THINKSTEER_ROPE=attn llama-3.1-8b batch 1"
-THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ROPE=attn timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | grep -E " cuda |rror"
+THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ROPE=attn timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | grep -E " cuda |rror|panicked" | tee -a "$OUT/ab.log"; exited "${PIPESTATUS[0]}" "$OUT/ab.log"
 # 1. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two
 #    streams vs one, and 33–128-row products through gemm (split K) or cuBLASLt.
 ab "THINKSTEER_GATE_FIRST=0" $H --batch 8,64
@@ -177,9 +180,9 @@ fi
 # What each kind of launch of a decode step costs inside the replayed graph (left out in turn).
 if [ "${BENCH:-all}" = "all" ] && one; then
     echo "== bench --marginal (each kind of launch left out in turn; times only)"
-    THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror" | tee -a "$OUT/marginal.log"
-    THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror" | tee -a "$OUT/marginal.log"
-    THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror" | tee -a "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
 fi
 
 exit $status

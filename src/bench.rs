@@ -247,9 +247,7 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         }
         if s.marginal {
             let t = decode.last().map_or(0.0, |d| d.1);
-            for line in marginal_costs(&mut e, shape, b, s, t)? {
-                eprintln!("{line}");
-            }
+            marginal_costs(&mut e, shape, b, s, t)?;
         }
     }
     Ok(rows_for(shape, "cuda", &config, s, prefill, &decode))
@@ -271,19 +269,20 @@ fn eager_step(e: &mut CudaEngine, b: usize, s: &Settings) -> Result<()> {
     ran
 }
 
-/// What each kind of launch of a batch-`b` decode step (one kernel at one grid shape, e.g. the
-/// down product of every block) costs inside the replayed step: the step is timed again (CUDA
-/// graph, programmatic dependent launch, as in `decode_rows`) with every launch of that kind left
-/// out, and the difference from `base` (seconds per step) is its cost. Left-out kernels leave
+/// What each kind of launch of a batch-`b` decode step (one kernel at one grid shape and tag,
+/// e.g. the down product of every block) costs inside the replayed step: the step is timed again
+/// (CUDA graph, programmatic dependent launch, as in `decode_rows`) with every launch of that kind
+/// left out, and the difference from `base` (seconds per step) is its cost. Left-out kernels leave
 /// their outputs stale, so only the times mean anything; ids are still checked to be in the
-/// vocabulary. The step is timed once more at the end to show the drift. Lines for stderr.
+/// vocabulary. The step is timed once more at the end to show the drift. Each line goes to
+/// stderr as soon as it is measured (a run cut short keeps what it had).
 fn marginal_costs(
     e: &mut CudaEngine,
     shape: &str,
     b: usize,
     s: &Settings,
     base: f64,
-) -> Result<Vec<String>> {
+) -> Result<()> {
     let gpu = e.gpu.clone();
     // The step's launches, in order.
     gpu.record_launches(true);
@@ -291,28 +290,30 @@ fn marginal_costs(
     let launches = gpu.record_launches(false);
     ran?;
     let kinds = launch_kinds(&gpu, launches, |_| false);
-    let mut out = vec![format!(
-        "marginal {shape} decode batch {b}: {:.3} ms per step; each kind of launch left out in turn (kernel, grid, launches per step, ms per step saved, µs per launch):",
+    eprintln!(
+        "marginal {shape} decode batch {b}: {:.3} ms per step; each kind of launch left out in turn (kernel, grid, K of a product, launches per step, ms per step saved, µs per launch):",
         base * 1e3
-    )];
+    );
     let mut time = || {
         e.clear_graphs(); // captured with the previous choice of launches
         decode_rows(e, |e, ids, st| e.decode_greedy(ids, st), b, s).map(|t| (t, ()))
     };
-    let rows = leave_each_out(&[&gpu], &kinds, base, &mut time, &mut out);
-    let total: f64 = rows.iter().map(|r| r.3).sum();
-    out.extend(
-        rows.iter()
-            .map(|(name, grid, n, d, ())| marginal_line(name, *grid, *n, *d)),
-    );
-    let (again, ()) = time()?;
-    out.push(format!(
-        "  sum of the savings {:.3} ms of {:.3} ms; the whole step again: {:.3} ms",
+    let total = leave_each_out(&[&gpu], &kinds, base, &mut time, |line, ()| line);
+    eprintln!(
+        "  sum of the savings {:.3} ms of {:.3} ms; the whole step again: {}",
         total * 1e3,
         base * 1e3,
-        again * 1e3
-    ));
-    Ok(out)
+        again(time().map(|t| t.0))
+    );
+    Ok(())
+}
+
+/// The closing re-timing of a `--marginal` table, or why it failed (the table stands).
+fn again(t: Result<f64>) -> String {
+    match t {
+        Ok(t) => format!("{:.3} ms", t * 1e3),
+        Err(e) => format!("not timed ({e})"),
+    }
 }
 
 /// A recorded step's launches grouped by kind (first-seen order) with their counts, leaving out
@@ -333,38 +334,46 @@ fn launch_kinds(
 }
 
 /// Times `time` (seconds per step, plus what else it reports) with each kind of launch left
-/// out in turn on every handle of `gpus`: rows (kernel, grid, launches per step, seconds saved
-/// against `base`, extra), most saved first. A kind whose run fails (stale inputs may make a step
-/// invalid, e.g. ids outside the vocabulary) gets a line in `out` and the others go on.
-#[allow(clippy::type_complexity)]
+/// out in turn on every handle of `gpus`, and prints a line per kind to stderr as it is measured
+/// (`line` finishes it with the extra): kernel, grid, tag, launches per step, time saved against
+/// `base`. A kind whose run fails (stale inputs may make a step invalid, e.g. ids outside the
+/// vocabulary) gets a line saying so and the others go on. Returns the sum of the savings.
 fn leave_each_out<T>(
     gpus: &[&Gpu],
     kinds: &[(crate::cuda::LaunchKind, usize)],
     base: f64,
     time: &mut impl FnMut() -> Result<(f64, T)>,
-    out: &mut Vec<String>,
-) -> Vec<(String, (u32, u32, u32), usize, f64, T)> {
-    let mut rows = vec![];
+    line: impl Fn(String, T) -> String,
+) -> f64 {
+    let mut total = 0.0;
     for &(kind, n) in kinds {
         gpus.iter().for_each(|g| g.leave_out(Some(kind)));
         let t = time();
         gpus.iter().for_each(|g| g.leave_out(None));
-        let name = gpus[0].kernel_name(kind).to_string();
+        let name = gpus[0].kernel_name(kind);
         match t {
-            Ok((t, extra)) => rows.push((name, kind.grid, n, base - t, extra)),
-            Err(err) => out.push(format!("  {name} {:?}: not timed ({err})", kind.grid)),
+            Ok((t, extra)) => {
+                total += base - t;
+                eprintln!("{}", line(marginal_line(name, kind, n, base - t), extra));
+            }
+            Err(err) => eprintln!("  {name} {:?}: not timed ({err})", kind.grid),
         }
     }
-    rows.sort_by(|a, b| b.3.total_cmp(&a.3));
-    rows
+    total
 }
 
-/// One row of a `--marginal` table: kernel, grid, launches per step, ms saved per step, µs per
-/// launch.
-fn marginal_line(name: &str, (x, y, z): (u32, u32, u32), n: usize, saved: f64) -> String {
+/// One row of a `--marginal` table: kernel, grid, K of a product (its tag), launches per step,
+/// ms saved per step, µs per launch.
+fn marginal_line(name: &str, kind: crate::cuda::LaunchKind, n: usize, saved: f64) -> String {
+    let (x, y, z) = kind.grid;
     let grid = format!("({x},{y},{z})");
+    let tag = if kind.tag > 0 {
+        format!("K {}", kind.tag)
+    } else {
+        String::new()
+    };
     format!(
-        "  {name:<30} {grid:<16} {n:>4} {:>8.3} ms {:>7.2} µs",
+        "  {name:<30} {grid:<16} {tag:<7} {n:>4} {:>8.3} ms {:>7.2} µs",
         saved * 1e3,
         saved * 1e6 / n as f64
     )
@@ -559,9 +568,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             print_profile(&format!("{shape} pair"), "hybrid", b, &r);
         }
         if s.marginal {
-            for line in marginal_hybrid(&mut h, &tgpu, &problems, shape, s.new_tokens, step)? {
-                eprintln!("{line}");
-            }
+            marginal_hybrid(&mut h, &tgpu, &problems, shape, s.new_tokens, step)?;
         }
     }
     Ok(out)
@@ -606,7 +613,7 @@ fn time_hybrid(
 /// `marginal_costs` for the hybrid step: each kind of launch of the model kernels (both models,
 /// both streams; the hybrid's own small kernels stay, their indices steer the step) left out in
 /// turn. Left-out kernels make the steered share drift where the step's work depends on it (gate
-/// first), so each line also gives the share of that run. Lines for stderr.
+/// first), so each line also gives the share of that run. Lines to stderr as they are measured.
 fn marginal_hybrid(
     h: &mut crate::cuda::hybrid::CudaHybrid,
     tgpu: &Arc<Gpu>,
@@ -614,7 +621,7 @@ fn marginal_hybrid(
     shape: &str,
     new_tokens: usize,
     base: f64,
-) -> Result<Vec<String>> {
+) -> Result<()> {
     let (gpu, b) = (h.gpu.clone(), problems.len());
     let v = h.base.config.vocab_size as u64;
     let gpus: Vec<&Arc<Gpu>> = if Arc::ptr_eq(tgpu, &gpu) {
@@ -643,31 +650,26 @@ fn marginal_hybrid(
     h.use_graphs = graphs;
     ran?;
     let kinds = launch_kinds(&gpu, launches, |name| name.starts_with("hybrid_"));
-    let mut out = vec![format!(
-        "marginal {shape} pair hybrid batch {b}: {:.3} ms per step; each kind of model launch left out in turn (kernel, grid, launches per step, ms per step saved, µs per launch, steered share):",
+    eprintln!(
+        "marginal {shape} pair hybrid batch {b}: {:.3} ms per step; each kind of model launch left out in turn (kernel, grid, K of a product, launches per step, ms per step saved, µs per launch, steered share):",
         base * 1e3
-    )];
+    );
     let mut time = || {
         h.clear_graphs(); // captured with the previous choice of launches
         time_hybrid(h, problems, new_tokens, v)
             .map(|(t, _, steered, all)| (t, steered as f64 / all.max(1) as f64))
     };
     let gpus: Vec<&Gpu> = gpus.iter().map(|g| g.as_ref()).collect();
-    let rows = leave_each_out(&gpus, &kinds, base, &mut time, &mut out);
-    out.extend(rows.iter().map(|(name, grid, n, d, share)| {
-        format!(
-            "{}  steered {:.0}%",
-            marginal_line(name, *grid, *n, *d),
-            100.0 * share
-        )
-    }));
-    let (again, _) = time()?;
-    out.push(format!(
-        "  the whole step again: {:.3} ms (first {:.3} ms)",
-        again * 1e3,
-        base * 1e3
-    ));
-    Ok(out)
+    let total = leave_each_out(&gpus, &kinds, base, &mut time, |line, share| {
+        format!("{line}  steered {:.0}%", 100.0 * share)
+    });
+    eprintln!(
+        "  sum of the savings {:.3} ms of {:.3} ms; the whole step again: {}",
+        total * 1e3,
+        base * 1e3,
+        again(time().map(|t| t.0))
+    );
+    Ok(())
 }
 
 /// One timing of the steering-vector gradient (`bench --vector-grad`).

@@ -346,9 +346,10 @@ struct BenchArgs {
     /// (the paper's runs steer about 0.12); without it nearly every step is steered.
     #[arg(long)]
     steered_share: Option<f64>,
-    /// Rows per forward call on the GPU (the prefill chunk; the other commands use 512).
-    #[arg(long, default_value_t = 512)]
-    chunk: usize,
+    /// Rows per forward call on the GPU (the prefill chunk; 512, as in the other commands, when
+    /// not given). Plain decode only.
+    #[arg(long)]
+    chunk: Option<usize>,
     /// Time the steering-vector loss and gradient of one example of --prompt-len tokens (GPU).
     #[arg(long)]
     vector_grad: bool,
@@ -815,7 +816,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         new_tokens: a.new_tokens,
         seed: 0,
         steered_share: a.steered_share,
-        chunk: a.chunk.max(1),
+        chunk: a.chunk.unwrap_or(512).max(1),
         marginal: a.marginal,
     };
     if let Some(f) = a.steered_share {
@@ -825,6 +826,11 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                 if a.hybrid { "" } else { " without --hybrid" }
             ));
         }
+    }
+    if a.chunk.is_some() && (a.hybrid || a.vector_grad) {
+        return Err(anyhow!(
+            "--chunk sets the rows per call of plain prefill and decode: it does not go with --hybrid or --vector-grad"
+        ));
     }
     if a.marginal && a.vector_grad {
         return Err(anyhow!(

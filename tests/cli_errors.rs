@@ -301,4 +301,15 @@ fn bench_switches_out_of_range() {
         ],
         &["--marginal", "--device cuda"],
     );
+    expect_error(
+        &[
+            "bench",
+            "--shape",
+            "qwen2.5-1.5b",
+            "--hybrid",
+            "--chunk",
+            "2048",
+        ],
+        &["--chunk", "--hybrid"],
+    );
 }

@@ -223,7 +223,7 @@ impl CudaHybrid {
             s: s.clone(),
             max_b,
             graphs: HashMap::new(),
-            use_graphs: true,
+            use_graphs: !gpu.syncs_each_launch(), // THINKSTEER_CUDA_SYNC=1: every kernel eagerly
             gpu,
             think,
             base,

@@ -780,7 +780,7 @@ fn gemv1_launch<O: Arg>(
     let (mi, ki) = (int(name, "M", rows)?, int(name, "K", k)?);
     let f = gpu.func(name)?;
     let mut l = Launch::new(gpu, f);
-    l.arg(out).arg(x).arg(w).arg(&1i32).arg(&mi).arg(&ki);
+    l.arg(out).arg(x).arg(w).arg(&1i32).arg(&mi).arg(&ki).tag(k);
     let launch = cfg((rows.div_ceil(per_block) as u32, 1, 1), 256, 0);
     // SAFETY: argument order and types match the gemv*_b1 kernels (out, x, W, B, M, K); the
     // callers checked lengths (W has `rows` rows, or 2·rows for GLU), K % 8 and the 16-byte
@@ -932,7 +932,7 @@ fn gemv_tc_launch<O: Arg>(
     let f = gpu.func(name)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&bi).arg(&mi).arg(&ki);
-    l.arg(&count).arg(&r0);
+    l.arg(&count).arg(&r0).tag(k);
     let launch = cfg((rows.div_ceil(per_block) as u32, 1, 1), threads, 0);
     // SAFETY: argument order and types match gemv_bf16_b* / gemv_glu_bf16_b* (and their _w8
     // variants, launched with the 256 threads they are built for); the callers checked
@@ -1118,7 +1118,7 @@ pub fn gemm_with(
     let f = gpu.func(kernel)?;
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&ni).arg(&mi).arg(&ki);
-    l.arg(&live).arg(part).arg(&per_i);
+    l.arg(&live).arg(part).arg(&per_i).tag(k);
     let grid = (m.div_ceil(128) as u32, n.div_ceil(bn) as u32, splits as u32);
     // SAFETY: argument order and types match gemm_bf16 / gemm_bf16_n128; lengths, K % 8 and
     // alignment checked above; edge tiles are zero-filled and masked in the kernel; `live` is

@@ -76,6 +76,7 @@ pub(crate) struct Launch<'a> {
     gpu: &'a Gpu,
     func: &'a CudaFunction,
     slots: Vec<u64>,
+    tag: u32,
 }
 
 impl<'a> Launch<'a> {
@@ -84,7 +85,15 @@ impl<'a> Launch<'a> {
             gpu,
             func,
             slots: Vec::with_capacity(24),
+            tag: 0,
         }
+    }
+
+    /// Tells launches of one kernel and grid apart in `bench --marginal` (a product's K: the o
+    /// and down products share kernel and grid).
+    pub fn tag(&mut self, tag: usize) -> &mut Self {
+        self.tag = tag as u32;
+        self
     }
 
     pub fn arg<A: Arg + ?Sized>(&mut self, a: &A) -> &mut Self {
@@ -101,6 +110,7 @@ impl<'a> Launch<'a> {
         let kind = LaunchKind {
             func: self.func.cu_function() as usize,
             grid: cfg.grid_dim,
+            tag: self.tag,
         };
         if !self.gpu.ablation.admits(kind) {
             return Ok(()); // left out (`bench --marginal`)

@@ -73,11 +73,13 @@ pub struct Gpu {
     pub(crate) ablation: Ablation,
 }
 
-/// A kind of launch: one kernel at one grid shape (e.g. the down product of every block).
+/// A kind of launch: one kernel at one grid shape and tag (e.g. the down product of every
+/// block: the products are tagged with their K).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct LaunchKind {
     func: usize,
     pub grid: (u32, u32, u32),
+    pub tag: u32,
 }
 
 /// For measuring what each kind of launch costs inside a replayed step (`bench --marginal`):
@@ -308,6 +310,12 @@ impl Gpu {
             .iter()
             .find(|(_, f)| f.cu_function() as usize == kind.func)
             .map_or("?", |(name, _)| name)
+    }
+
+    /// Whether every launch is followed by a synchronisation (THINKSTEER_CUDA_SYNC=1): the
+    /// engines then launch eagerly, without graphs, so a fault names its kernel.
+    pub fn syncs_each_launch(&self) -> bool {
+        self.sync_each
     }
 
     /// Starts (`true`) or stops listing the launches made; stopping returns them in order.

@@ -406,7 +406,7 @@ impl CudaEngine {
             chunk_host: vec![],
             host_i32: vec![],
             graphs: HashMap::new(),
-            use_graphs: true,
+            use_graphs: !gpu.syncs_each_launch(), // THINKSTEER_CUDA_SYNC=1: every kernel eagerly
             prefill: None,
             sae: None,
             hy: None,
