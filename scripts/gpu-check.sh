@@ -16,6 +16,8 @@ OUT=${OUT:-$B/out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export THINKSTEER_CUDA_INCLUDE=/usr/local/cuda/include
+# Kernels compiled by scripts/build-gpu-bundle.sh (sm_90): no process here compiles them again.
+export THINKSTEER_KERNEL_CACHE=${THINKSTEER_KERNEL_CACHE:-$PWD/$B/kernel-cache}
 NEW=${NEW:-256}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 

@@ -56,6 +56,9 @@ enum Cmd {
     Report(thinksteer::eval::cli::ReportArgs),
     /// Convert a GGUF file (llama / qwen2) into a checkpoint folder.
     Convert(ConvertArgs),
+    /// Compile the CUDA kernels with NVRTC into the kernel cache, for a GPU machine without
+    /// NVRTC or to spare the first GPU command its compile time (no GPU needed).
+    Kernels(KernelsArgs),
     /// The whole pipeline on the small demo model, sized for a CPU: traces, activations, SAE,
     /// categories, vectors, base/thinking/hybrid evaluation and report (resumable).
     Demo(DemoArgs),
@@ -70,6 +73,16 @@ struct ConvertArgs {
     /// tokenizer_config.json into (created if missing).
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Args)]
+struct KernelsArgs {
+    /// Compute capabilities ×10 to compile for (80: A100, 90: H100 / H200).
+    #[arg(long, value_delimiter = ',', default_value = "80,90")]
+    arch: Vec<u32>,
+    /// The cache folder (default: THINKSTEER_KERNEL_CACHE, else ~/.cache/thinksteer/kernels).
+    #[arg(long)]
+    cache: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
@@ -377,6 +390,7 @@ fn main() -> ExitCode {
         Cmd::Eval(a) => thinksteer::eval::cli::eval(a),
         Cmd::Report(a) => thinksteer::eval::cli::report(a),
         Cmd::Convert(a) => cmd_convert(a),
+        Cmd::Kernels(a) => cmd_kernels(a),
         Cmd::Demo(a) => cmd_demo(a),
     };
     match res {
@@ -919,6 +933,56 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+fn cmd_kernels(a: KernelsArgs) -> Result<()> {
+    use thinksteer::cuda::sources;
+    let dir = a.cache.or_else(sources::cache_dir).ok_or_else(|| {
+        anyhow!("no kernel cache folder: THINKSTEER_KERNEL_CACHE is off and --cache is not given")
+    })?;
+    if let Some(&bad) = a.arch.iter().find(|&&c| !(80..=200).contains(&c)) {
+        return Err(anyhow!(
+            "--arch: expected compute capabilities ×10 from 80 (e.g. 80,90), found {bad}"
+        ));
+    }
+    sources::nvrtc_available().map_err(|e| anyhow!(e))?;
+    for &cc in &a.arch {
+        let (mut compiled, mut cached, mut bytes) = (0, 0, 0);
+        // The modules side by side, as the engine compiles them.
+        let results: Vec<_> = std::thread::scope(|sc| {
+            let jobs: Vec<_> = sources::MODULES
+                .iter()
+                .map(|(stem, _)| sc.spawn(|| sources::cubin(stem, cc, Some(&dir))))
+                .collect();
+            jobs.into_iter()
+                .map(|j| {
+                    j.join()
+                        .unwrap_or_else(|_| Err("a compilation panicked".into()))
+                })
+                .collect()
+        });
+        for r in results {
+            let (bin, origin) = r.map_err(|e| anyhow!(e))?;
+            bytes += bin.len();
+            match origin {
+                sources::Origin::Compiled => compiled += 1,
+                sources::Origin::Cache => cached += 1,
+            }
+        }
+        println!(
+            "sm_{cc}: {} modules ({compiled} compiled, {cached} already cached), {:.1} MB in {}",
+            compiled + cached,
+            bytes as f64 / 1e6,
+            dir.display()
+        );
+    }
+    if !sources::cache_complete(&dir) {
+        return Err(anyhow!(
+            "{} does not hold every module after compiling (is it writable?)",
+            dir.display()
+        ));
     }
     Ok(())
 }

@@ -312,4 +312,8 @@ fn bench_switches_out_of_range() {
         ],
         &["--chunk", "--hybrid"],
     );
+    expect_error(
+        &["kernels", "--arch", "75", "--cache", "/nonexistent/kc"],
+        &["--arch", "from 80", "75"],
+    );
 }

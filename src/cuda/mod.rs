@@ -37,10 +37,55 @@ pub fn available() -> std::result::Result<(), String> {
         Ok(_) => {}
         Err(e) => return Err(format!("the CUDA driver failed to initialise: {e}")),
     }
-    if !sources::has_embedded_ptx() {
+    if !sources::has_embedded_ptx()
+        && !sources::cache_dir().is_some_and(|d| sources::cache_complete(&d))
+    {
         sources::nvrtc_available()?;
     }
     Ok(())
+}
+
+/// Loadable code of one kernel module.
+enum ModuleCode {
+    /// Built by nvcc at build time.
+    Ptx(&'static str),
+    /// From the kernel cache or NVRTC (shared by every `Gpu` of the process).
+    Cubin(Arc<Vec<u8>>, sources::Origin),
+}
+
+/// The cubins this process already has, by (module, compute capability).
+type Cubins = std::sync::Mutex<HashMap<(&'static str, u32), Arc<Vec<u8>>>>;
+fn cubins() -> &'static Cubins {
+    static CUBINS: std::sync::OnceLock<Cubins> = std::sync::OnceLock::new();
+    CUBINS.get_or_init(Default::default)
+}
+
+/// The code of `kernels/<stem>.cu` for compute capability `cc`: nvcc's PTX when embedded, else
+/// the process's cubin, else the kernel cache's, else NVRTC's (then cached).
+fn module_code(stem: &'static str, cc: u32) -> Result<ModuleCode> {
+    if let Some(p) = sources::embedded_ptx(stem, cc) {
+        return Ok(ModuleCode::Ptx(p));
+    }
+    let lock = || cubins().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(b) = lock().get(&(stem, cc)) {
+        return Ok(ModuleCode::Cubin(b.clone(), sources::Origin::Compiled));
+    }
+    let (bin, origin) =
+        sources::cubin(stem, cc, sources::cache_dir().as_deref()).map_err(Error::Cuda)?;
+    let bin = Arc::new(bin);
+    lock().insert((stem, cc), bin.clone());
+    Ok(ModuleCode::Cubin(bin, origin))
+}
+
+/// Forgets a module's cubin, in this process and in the kernel cache.
+fn forget_module(stem: &'static str, cc: u32) {
+    cubins()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&(stem, cc));
+    if let Some(d) = sources::cache_dir() {
+        sources::forget(stem, cc, &d);
+    }
 }
 
 /// Maps a driver error to ours, saying what was being done.
@@ -170,26 +215,40 @@ impl Gpu {
             )));
         }
         let mut funcs = HashMap::new();
-        for (stem, names) in sources::MODULES {
-            let ptx = match sources::embedded_ptx(stem, cc10) {
-                Some(p) => cudarc::nvrtc::Ptx::from_src(p),
-                None => {
-                    let src = sources::source(stem).ok_or_else(|| {
-                        Error::Cuda(format!("kernel file kernels/{stem}.cu was not embedded"))
-                    })?;
-                    let c = sources::compile(
-                        &format!("{stem}.cu"),
-                        &src,
-                        &format!("compute_{cc10}"),
-                        &[],
-                    )
-                    .map_err(Error::Cuda)?;
-                    cudarc::nvrtc::Ptx::from_src(c.ptx)
+        // The modules' code, compiled side by side where it must be compiled.
+        let codes: Vec<Result<ModuleCode>> = std::thread::scope(|sc| {
+            let jobs: Vec<_> = sources::MODULES
+                .iter()
+                .map(|(stem, _)| sc.spawn(move || module_code(stem, cc10)))
+                .collect();
+            jobs.into_iter()
+                .map(|j| {
+                    j.join().unwrap_or_else(|_| {
+                        Err(Error::Cuda("a kernel compilation panicked".into()))
+                    })
+                })
+                .collect()
+        });
+        for ((stem, names), code) in sources::MODULES.iter().zip(codes) {
+            let load = |code: &ModuleCode| {
+                ctx.load_module(match code {
+                    ModuleCode::Ptx(p) => cudarc::nvrtc::Ptx::from_src(*p),
+                    ModuleCode::Cubin(b, _) => cudarc::nvrtc::Ptx::from_binary(b.to_vec()),
+                })
+            };
+            let code = code?;
+            let module = match (load(&code), &code) {
+                (Ok(m), _) => m,
+                // A cached cubin the driver refuses (e.g. made by another NVRTC): compile afresh.
+                (Err(_), ModuleCode::Cubin(_, sources::Origin::Cache)) => {
+                    forget_module(stem, cc10);
+                    load(&module_code(stem, cc10)?)
+                        .map_err(|e| Error::Cuda(format!("loading kernels/{stem}.cu: {e}")))?
+                }
+                (Err(e), _) => {
+                    return Err(Error::Cuda(format!("loading kernels/{stem}.cu: {e}")));
                 }
             };
-            let module = ctx
-                .load_module(ptx)
-                .map_err(|e| Error::Cuda(format!("loading kernels/{stem}.cu: {e}")))?;
             for name in names.iter() {
                 let f = module
                     .load_function(name)

@@ -1,6 +1,7 @@
-//! The embedded CUDA kernels and how they become loadable PTX: build.rs embeds `kernels/*.cu`
-//! (and nvcc-built PTX when nvcc was there); otherwise the sources are compiled here with NVRTC at
-//! first use. Also the discovery of NVRTC and of a CUDA include directory.
+//! The embedded CUDA kernels and how they become loadable code: build.rs embeds `kernels/*.cu`
+//! (and nvcc-built PTX when nvcc was there); otherwise the sources are compiled here with NVRTC
+//! into cubins for the device, kept in a cache folder (`cache_dir`) that later processes read
+//! instead of compiling again. Also the discovery of NVRTC and of a CUDA include directory.
 //!
 //! The kernels include no CUDA headers (see kernels/common.cuh), so NVRTC needs no include
 //! directory; one is still passed when found, so a kernel may start using `cuda_bf16.h` later.
@@ -204,6 +205,8 @@ pub fn include_dir() -> Option<PathBuf> {
 /// One NVRTC compilation's result.
 pub struct Compiled {
     pub ptx: String,
+    /// The cubin, for a real `sm_XX` arch (None for a virtual `compute_XX` one).
+    pub cubin: Option<Vec<u8>>,
     /// NVRTC's log (warnings; with `--ptxas-options=-v` and a real `sm_XX` arch, register and
     /// spill counts).
     pub log: String,
@@ -236,16 +239,143 @@ pub fn compile(name: &str, src: &str, arch: &str, extra: &[&str]) -> Result<Comp
     let result = match compiled {
         // SAFETY: as above; PTX exists after a successful compilation.
         Ok(()) => unsafe { nv::get_ptx(prog) }
-            .map(|p| Compiled {
-                ptx: c_chars_to_string(&p),
-                log: log.clone(),
-            })
-            .map_err(|e| format!("{name} ({arch}): nvrtcGetPTX: {e:?}")),
+            .map_err(|e| format!("{name} ({arch}): nvrtcGetPTX: {e:?}"))
+            .and_then(|p| {
+                let cubin = if arch.starts_with("sm_") {
+                    // SAFETY: as above; a cubin exists after compiling for a real architecture.
+                    Some(unsafe { get_cubin(prog) }.map_err(|e| format!("{name} ({arch}): {e}"))?)
+                } else {
+                    None
+                };
+                Ok(Compiled {
+                    ptx: c_chars_to_string(&p),
+                    cubin,
+                    log: log.clone(),
+                })
+            }),
         Err(e) => Err(format!("{name} ({arch}) failed to compile: {e:?}\n{log}")),
     };
     // SAFETY: `prog` is not used after this.
     let _ = unsafe { nv::destroy_program(prog) };
     result
+}
+
+/// The cubin of a program compiled for a real architecture.
+///
+/// # Safety
+/// `prog` must be a live program whose compilation for an `sm_XX` architecture succeeded.
+unsafe fn get_cubin(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::sys;
+    let mut size = 0usize;
+    // SAFETY: the caller's guarantee; `size` is a valid out-pointer.
+    unsafe { sys::nvrtcGetCUBINSize(prog, &mut size) }
+        .result()
+        .map_err(|e| format!("nvrtcGetCUBINSize: {e:?}"))?;
+    let mut bin = vec![0u8; size];
+    // SAFETY: `bin` holds the `size` bytes NVRTC said the cubin takes.
+    unsafe { sys::nvrtcGetCUBIN(prog, bin.as_mut_ptr() as *mut std::ffi::c_char) }
+        .result()
+        .map_err(|e| format!("nvrtcGetCUBIN: {e:?}"))?;
+    Ok(bin)
+}
+
+/// Names what the kernel cache holds; changed when a cached file's meaning changes.
+const CACHE_FORMAT: &str = "thinksteer kernel cache 1: NVRTC cubin, -std=c++17";
+
+/// The folder of compiled kernels (cubins NVRTC made at run time, reused by later processes):
+/// `THINKSTEER_KERNEL_CACHE` (empty or `0`: no cache), else `$XDG_CACHE_HOME/thinksteer/kernels`,
+/// else `~/.cache/thinksteer/kernels`.
+pub fn cache_dir() -> Option<PathBuf> {
+    match std::env::var("THINKSTEER_KERNEL_CACHE") {
+        Ok(v) if v.is_empty() || v == "0" => None,
+        Ok(v) => Some(v.into()),
+        Err(_) => std::env::var("XDG_CACHE_HOME")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var("HOME")
+                    .ok()
+                    .map(|h| Path::new(&h).join(".cache"))
+            })
+            .map(|d| d.join("thinksteer/kernels")),
+    }
+}
+
+/// FNV-1a (64-bit) of the cache format and a module's source: a changed kernel or header gets
+/// new file names, so a stale cubin is never read.
+pub fn source_key(src: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in CACHE_FORMAT.bytes().chain([0]).chain(src.bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn cache_file(dir: &Path, stem: &str, cc: u32, key: u64) -> PathBuf {
+    dir.join(format!("{stem}.sm_{cc}.{key:016x}.cubin"))
+}
+
+/// Where a cubin came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Cache,
+    Compiled,
+}
+
+/// The cubin of `kernels/<stem>.cu` for compute capability `cc` (×10, e.g. 90): read from the
+/// `cache` folder when it holds one for this source, else compiled by NVRTC for `sm_<cc>` and
+/// written there (a folder that cannot be written is passed over: the cache only saves time).
+pub fn cubin(stem: &str, cc: u32, cache: Option<&Path>) -> Result<(Vec<u8>, Origin), String> {
+    let src =
+        source(stem).ok_or_else(|| format!("kernel file kernels/{stem}.cu was not embedded"))?;
+    let path = cache.map(|d| cache_file(d, stem, cc, source_key(&src)));
+    if let Some(bin) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        if !bin.is_empty() {
+            return Ok((bin, Origin::Cache));
+        }
+    }
+    let c = compile(&format!("{stem}.cu"), &src, &format!("sm_{cc}"), &[])?;
+    let bin = c
+        .cubin
+        .ok_or_else(|| format!("{stem}.cu (sm_{cc}): NVRTC gave no cubin"))?;
+    if let Some(p) = &path {
+        // Written under a temporary name and renamed, so a reader never sees half a file.
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        let _ = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")))
+            .and_then(|_| std::fs::write(&tmp, &bin))
+            .and_then(|_| std::fs::rename(&tmp, p));
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok((bin, Origin::Compiled))
+}
+
+/// Removes a cached cubin the driver refused (it is compiled again at its next use).
+pub fn forget(stem: &str, cc: u32, cache: &Path) {
+    if let Some(src) = source(stem) {
+        let _ = std::fs::remove_file(cache_file(cache, stem, cc, source_key(&src)));
+    }
+}
+
+/// Whether `dir` holds a cubin of the current source of every module, for some architecture
+/// (then a machine without NVRTC can still load the kernels).
+pub fn cache_complete(dir: &Path) -> bool {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    MODULES.iter().all(|(stem, _)| {
+        let Some(src) = source(stem) else {
+            return false;
+        };
+        let tail = format!(".{:016x}.cubin", source_key(&src));
+        names
+            .iter()
+            .any(|n| n.starts_with(&format!("{stem}.sm_")) && n.ends_with(&tail))
+    })
 }
 
 fn c_chars_to_string(v: &[std::ffi::c_char]) -> String {
