@@ -126,7 +126,7 @@ fn decode_with_rope_in_attention_gives_the_same_logits_bit_for_bit() {
     let g = Arc::new(g);
     let dir = checkpoint("rope");
     let prompts = [prompt(21, 7), prompt(9, 8), prompt(40, 9)];
-    let run = |rope: bool| -> (Vec<f32>, Vec<u32>) {
+    let run = |rope: bool| -> (Vec<f32>, Vec<u32>, usize) {
         let mut e = CudaEngine::load(g.clone(), &dir, 3, 128, 64).unwrap();
         e.rope_in_attention = rope;
         let mut logits = vec![];
@@ -146,15 +146,22 @@ fn decode_with_rope_in_attention_gives_the_same_logits_bit_for_bit() {
             next[i] = argmax(l) as u32;
         }
         let mut len: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-        for _ in 0..12 {
+        let mut rope_launches = 0;
+        for i in 0..12 {
             let step = Step {
                 slots: &[0],
                 positions: &len[..1],
                 n_write: 1,
             };
+            g.record_launches(i == 0);
             let l = e
                 .forward(&next[..1], &step, &[0], &mut Hooks::default())
                 .unwrap();
+            rope_launches += g
+                .record_launches(false)
+                .into_iter()
+                .filter(|&k| g.kernel_name(k) == "qkv_rope_bf16")
+                .count();
             logits.extend_from_slice(l);
             next[0] = argmax(l) as u32;
             len[0] += 1;
@@ -170,9 +177,12 @@ fn decode_with_rope_in_attention_gives_the_same_logits_bit_for_bit() {
             ids.extend_from_slice(&next);
             len.iter_mut().for_each(|p| *p += 1);
         }
-        (logits, ids)
+        (logits, ids, rope_launches)
     };
     let (sep, fused) = (run(false), run(true));
+    // The two runs really took the two paths (a step's qkv_rope launches, one per block).
+    assert!(sep.2 > 0, "the separate path launched no qkv_rope_bf16");
+    assert_eq!(fused.2, 0, "the fused path launched qkv_rope_bf16");
     let differ = sep
         .0
         .iter()
