@@ -19,7 +19,7 @@ if [ -f ../shared/bench/hf_anchor.py ]; then cp ../shared/bench/hf_anchor.py .gp
 # The kernels compiled here for the H100 / H200 (sm_90) into the cache gpu-check.sh points at, so
 # the device compiles nothing (NVRTC from pip, as in .ci/run; without it the device compiles).
 NV=$(python3 -c 'import nvidia, os; print([os.path.join(p, "cu13") for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "cu13"))][0])' 2>/dev/null || true)
-LD_LIBRARY_PATH="${NV:+$NV/lib:}${LD_LIBRARY_PATH:-}" target/release/thinksteer kernels --arch 90 --cache .gpu/kernel-cache ||
+LD_LIBRARY_PATH="${NV:+$NV/lib}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" target/release/thinksteer kernels --arch 90 --cache .gpu/kernel-cache ||
     echo "build-gpu-bundle: no kernel cache (the device will compile the kernels itself)" >&2
 strip .gpu/thinksteer .gpu/kernel-bench .gpu/tests/* 2>/dev/null || true
 du -sh .gpu

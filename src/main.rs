@@ -978,9 +978,13 @@ fn cmd_kernels(a: KernelsArgs) -> Result<()> {
             dir.display()
         );
     }
-    if !sources::cache_complete(&dir) {
+    if let Some(cc) = a
+        .arch
+        .iter()
+        .find(|&&cc| !sources::cache_complete(&dir, cc))
+    {
         return Err(anyhow!(
-            "{} does not hold every module after compiling (is it writable?)",
+            "{} does not hold every module for sm_{cc} after compiling (is it writable?)",
             dir.display()
         ));
     }

@@ -820,8 +820,9 @@ impl GemvWarps {
     }
 }
 
-/// The tensor-core gemv kernel for 2..=64 rows (`glu`: the fused gate|up + SiLU·mul variant), its
-/// output rows (features with glu) per block (16 mma rows per block) and its threads per block.
+/// The tensor-core gemv kernel for 1..=64 rows (one row only with a live count; `glu`: the fused
+/// gate|up + SiLU·mul variant), its output rows (features with glu) per block (16 mma rows per
+/// block) and its threads per block.
 fn gemv_kernel(b: usize, glu: bool, warps: GemvWarps) -> Result<(&'static str, usize, u32)> {
     let w8 = warps == GemvWarps::W8 && b > 8;
     let (plain, fused) = match (b, w8) {
@@ -906,7 +907,7 @@ fn gemv_live(
     gemv_tc_launch(gpu, false, out, x, w, (b, m, k), live, warps)
 }
 
-/// Launches a tensor-core gemv bucket (2..=64 rows): out f32 [B, M], or with `glu` act bf16
+/// Launches a tensor-core gemv bucket (1..=64 rows): out f32 [B, M], or with `glu` act bf16
 /// [B, F] where `rows` = F and W has 2F rows.
 #[allow(clippy::too_many_arguments)]
 fn gemv_tc_launch<O: Arg>(

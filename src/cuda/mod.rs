@@ -38,22 +38,38 @@ pub fn available() -> std::result::Result<(), String> {
         Err(e) => return Err(format!("the CUDA driver failed to initialise: {e}")),
     }
     if !sources::has_embedded_ptx()
-        && !sources::cache_dir().is_some_and(|d| sources::cache_complete(&d))
+        && !sources::cache_dir()
+            .zip(device0_cc())
+            .is_some_and(|(d, cc)| sources::cache_complete(&d, cc))
     {
         sources::nvrtc_available()?;
     }
     Ok(())
 }
 
+/// Device 0's compute capability ×10 (e.g. 90), read without creating a context.
+fn device0_cc() -> Option<u32> {
+    use cudarc::driver::{result::device, sys::CUdevice_attribute as A};
+    let dev = device::get(0).ok()?;
+    // SAFETY: `dev` is a device handle the driver just returned; the attributes are plain ints.
+    let major =
+        unsafe { device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR) };
+    // SAFETY: as above.
+    let minor =
+        unsafe { device::get_attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR) };
+    Some((major.ok()? * 10 + minor.ok()?) as u32)
+}
+
 /// Loadable code of one kernel module.
 enum ModuleCode {
     /// Built by nvcc at build time.
     Ptx(&'static str),
-    /// From the kernel cache or NVRTC (shared by every `Gpu` of the process).
+    /// From this process, the kernel cache or NVRTC.
     Cubin(Arc<Vec<u8>>, sources::Origin),
 }
 
-/// The cubins this process already has, by (module, compute capability).
+/// The cubins this process has loaded, by (module, compute capability): every later `Gpu` of
+/// the process takes them from here.
 type Cubins = std::sync::Mutex<HashMap<(&'static str, u32), Arc<Vec<u8>>>>;
 fn cubins() -> &'static Cubins {
     static CUBINS: std::sync::OnceLock<Cubins> = std::sync::OnceLock::new();
@@ -61,31 +77,21 @@ fn cubins() -> &'static Cubins {
 }
 
 /// The code of `kernels/<stem>.cu` for compute capability `cc`: nvcc's PTX when embedded, else
-/// the process's cubin, else the kernel cache's, else NVRTC's (then cached).
+/// the cubin this process loaded before, else the kernel cache's, else NVRTC's (then cached).
 fn module_code(stem: &'static str, cc: u32) -> Result<ModuleCode> {
     if let Some(p) = sources::embedded_ptx(stem, cc) {
         return Ok(ModuleCode::Ptx(p));
     }
-    let lock = || cubins().lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(b) = lock().get(&(stem, cc)) {
+    if let Some(b) = cubins()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&(stem, cc))
+    {
         return Ok(ModuleCode::Cubin(b.clone(), sources::Origin::Compiled));
     }
     let (bin, origin) =
         sources::cubin(stem, cc, sources::cache_dir().as_deref()).map_err(Error::Cuda)?;
-    let bin = Arc::new(bin);
-    lock().insert((stem, cc), bin.clone());
-    Ok(ModuleCode::Cubin(bin, origin))
-}
-
-/// Forgets a module's cubin, in this process and in the kernel cache.
-fn forget_module(stem: &'static str, cc: u32) {
-    cubins()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&(stem, cc));
-    if let Some(d) = sources::cache_dir() {
-        sources::forget(stem, cc, &d);
-    }
+    Ok(ModuleCode::Cubin(Arc::new(bin), origin))
 }
 
 /// Maps a driver error to ours, saying what was being done.
@@ -236,19 +242,32 @@ impl Gpu {
                     ModuleCode::Cubin(b, _) => cudarc::nvrtc::Ptx::from_binary(b.to_vec()),
                 })
             };
-            let code = code?;
+            let mut code = code?;
             let module = match (load(&code), &code) {
                 (Ok(m), _) => m,
-                // A cached cubin the driver refuses (e.g. made by another NVRTC): compile afresh.
-                (Err(_), ModuleCode::Cubin(_, sources::Origin::Cache)) => {
-                    forget_module(stem, cc10);
-                    load(&module_code(stem, cc10)?)
+                // A cached cubin the driver refuses (e.g. from an NVRTC newer than the driver):
+                // compiled afresh, replacing the cached file.
+                (Err(refused), ModuleCode::Cubin(_, sources::Origin::Cache)) => {
+                    let fresh = sources::compile_cubin(stem, cc10, sources::cache_dir().as_deref())
+                        .map_err(|e| {
+                            Error::Cuda(format!(
+                                "loading kernels/{stem}.cu: the driver refused the cached cubin ({refused}), and compiling it again failed: {e}"
+                            ))
+                        })?;
+                    code = ModuleCode::Cubin(Arc::new(fresh), sources::Origin::Compiled);
+                    load(&code)
                         .map_err(|e| Error::Cuda(format!("loading kernels/{stem}.cu: {e}")))?
                 }
                 (Err(e), _) => {
                     return Err(Error::Cuda(format!("loading kernels/{stem}.cu: {e}")));
                 }
             };
+            if let ModuleCode::Cubin(b, _) = &code {
+                cubins()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert((*stem, cc10), b.clone());
+            }
             for name in names.iter() {
                 let f = module
                     .load_function(name)

@@ -280,7 +280,11 @@ unsafe fn get_cubin(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>, S
 }
 
 /// Names what the kernel cache holds; changed when a cached file's meaning changes.
-const CACHE_FORMAT: &str = "thinksteer kernel cache 1: NVRTC cubin, -std=c++17";
+const CACHE_FORMAT: &str = "thinksteer kernel cache 1: NVRTC cubin";
+
+/// Options of every runtime compilation besides the architecture and the include directory
+/// (which the kernels do not use: they include no CUDA header).
+const RUNTIME_OPTIONS: &[&str] = &[];
 
 /// The folder of compiled kernels (cubins NVRTC made at run time, reused by later processes):
 /// `THINKSTEER_KERNEL_CACHE` (empty or `0`: no cache), else `$XDG_CACHE_HOME/thinksteer/kernels`,
@@ -302,18 +306,69 @@ pub fn cache_dir() -> Option<PathBuf> {
     }
 }
 
-/// FNV-1a (64-bit) of the cache format and a module's source: a changed kernel or header gets
-/// new file names, so a stale cubin is never read.
+/// FNV-1a (64-bit) of the cache format, the compile options and a module's source (headers
+/// inlined): a changed kernel, header or option gets new file names, so a stale cubin is never
+/// read. The NVRTC version is left out on purpose: a cubin of the same source and options from
+/// another NVRTC computes the same function, and a machine without NVRTC (reading a cache filled
+/// elsewhere) could not know its own; the driver refuses a cubin it cannot run, and that one is
+/// compiled again.
 pub fn source_key(src: &str) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in CACHE_FORMAT.bytes().chain([0]).chain(src.bytes()) {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    let parts = [CACHE_FORMAT]
+        .into_iter()
+        .chain(RUNTIME_OPTIONS.iter().copied())
+        .chain([src]);
+    for part in parts {
+        for b in part.bytes().chain([0]) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
     }
     h
 }
 
 fn cache_file(dir: &Path, stem: &str, cc: u32, key: u64) -> PathBuf {
     dir.join(format!("{stem}.sm_{cc}.{key:016x}.cubin"))
+}
+
+/// Whether `b` is a whole 64-bit little-endian ELF file as far as its headers tell: the program
+/// and section header tables and every section with file contents end inside it. The driver's
+/// cuModuleLoadData takes no length, so a truncated or foreign cache file must not reach it.
+pub fn is_whole_elf(b: &[u8]) -> bool {
+    let u16_at = |o: usize| {
+        b.get(o..o + 2)
+            .map(|s| u16::from_le_bytes([s[0], s[1]]) as u64)
+    };
+    let u32_at = |o: usize| {
+        b.get(o..o + 4)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as u64)
+    };
+    let u64_at = |o: usize| {
+        b.get(o..o + 8)
+            .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0xff; 8])))
+    };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return false;
+    }
+    let len = b.len() as u64;
+    let table = |off: Option<u64>, size: Option<u64>, n: Option<u64>| match (off, size, n) {
+        (Some(o), Some(s), Some(n)) => o.checked_add(s * n).is_some_and(|end| end <= len),
+        _ => false,
+    };
+    let (phoff, shoff) = (u64_at(0x20), u64_at(0x28));
+    let (phsize, phnum, shsize, shnum) = (u16_at(0x36), u16_at(0x38), u16_at(0x3a), u16_at(0x3c));
+    if !table(phoff, phsize, phnum) || !table(shoff, shsize, shnum) {
+        return false;
+    }
+    let (shoff, shsize) = (shoff.unwrap_or(0) as usize, shsize.unwrap_or(0) as usize);
+    (0..shnum.unwrap_or(0) as usize).all(|i| {
+        let h = shoff + i * shsize;
+        const NOBITS: u64 = 8;
+        match (u32_at(h + 4), u64_at(h + 0x18), u64_at(h + 0x20)) {
+            (Some(NOBITS), _, _) => true,
+            (Some(_), Some(o), Some(sz)) => o.checked_add(sz).is_some_and(|end| end <= len),
+            _ => false,
+        }
+    })
 }
 
 /// Where a cubin came from.
@@ -324,57 +379,59 @@ pub enum Origin {
 }
 
 /// The cubin of `kernels/<stem>.cu` for compute capability `cc` (×10, e.g. 90): read from the
-/// `cache` folder when it holds one for this source, else compiled by NVRTC for `sm_<cc>` and
-/// written there (a folder that cannot be written is passed over: the cache only saves time).
+/// `cache` folder when it holds a whole one for this source, else compiled by NVRTC for
+/// `sm_<cc>` and written there (a folder that cannot be written is passed over: the cache only
+/// saves time).
 pub fn cubin(stem: &str, cc: u32, cache: Option<&Path>) -> Result<(Vec<u8>, Origin), String> {
     let src =
         source(stem).ok_or_else(|| format!("kernel file kernels/{stem}.cu was not embedded"))?;
     let path = cache.map(|d| cache_file(d, stem, cc, source_key(&src)));
     if let Some(bin) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
-        if !bin.is_empty() {
+        if is_whole_elf(&bin) {
             return Ok((bin, Origin::Cache));
         }
     }
-    let c = compile(&format!("{stem}.cu"), &src, &format!("sm_{cc}"), &[])?;
+    compile_cubin(stem, cc, cache).map(|b| (b, Origin::Compiled))
+}
+
+/// `kernels/<stem>.cu` compiled by NVRTC for `sm_<cc>`, replacing what the `cache` folder held
+/// for it (e.g. a cubin the driver refused).
+pub fn compile_cubin(stem: &str, cc: u32, cache: Option<&Path>) -> Result<Vec<u8>, String> {
+    let src =
+        source(stem).ok_or_else(|| format!("kernel file kernels/{stem}.cu was not embedded"))?;
+    let c = compile(
+        &format!("{stem}.cu"),
+        &src,
+        &format!("sm_{cc}"),
+        RUNTIME_OPTIONS,
+    )?;
     let bin = c
         .cubin
         .ok_or_else(|| format!("{stem}.cu (sm_{cc}): NVRTC gave no cubin"))?;
-    if let Some(p) = &path {
-        // Written under a temporary name and renamed, so a reader never sees half a file.
-        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
-        let _ = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")))
+    if let Some(p) = cache.map(|d| cache_file(d, stem, cc, source_key(&src))) {
+        // Written under a name of this process and thread and renamed, so a reader never sees
+        // half a file.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = p.with_extension(format!("tmp.{}.{n}", std::process::id()));
+        let stored = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")))
             .and_then(|_| std::fs::write(&tmp, &bin))
-            .and_then(|_| std::fs::rename(&tmp, p));
-        let _ = std::fs::remove_file(&tmp);
+            .and_then(|_| std::fs::rename(&tmp, &p));
+        if stored.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
     }
-    Ok((bin, Origin::Compiled))
+    Ok(bin)
 }
 
-/// Removes a cached cubin the driver refused (it is compiled again at its next use).
-pub fn forget(stem: &str, cc: u32, cache: &Path) {
-    if let Some(src) = source(stem) {
-        let _ = std::fs::remove_file(cache_file(cache, stem, cc, source_key(&src)));
-    }
-}
-
-/// Whether `dir` holds a cubin of the current source of every module, for some architecture
-/// (then a machine without NVRTC can still load the kernels).
-pub fn cache_complete(dir: &Path) -> bool {
-    let names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
+/// Whether `dir` holds a cubin of the current source of every module for compute capability
+/// `cc` (then a machine without NVRTC can still load the kernels).
+pub fn cache_complete(dir: &Path, cc: u32) -> bool {
     MODULES.iter().all(|(stem, _)| {
-        let Some(src) = source(stem) else {
-            return false;
-        };
-        let tail = format!(".{:016x}.cubin", source_key(&src));
-        names
-            .iter()
-            .any(|n| n.starts_with(&format!("{stem}.sm_")) && n.ends_with(&tail))
+        source(stem).is_some_and(|src| {
+            std::fs::read(cache_file(dir, stem, cc, source_key(&src)))
+                .is_ok_and(|b| is_whole_elf(&b))
+        })
     })
 }
 

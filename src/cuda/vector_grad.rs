@@ -182,6 +182,8 @@ impl CudaVectorGrad {
             nl: old.nl.max(want.nl),
             steer: grow(old.steer, want.steer),
         };
+        // 64 MB kept back for the allocator's rounding of 19 buffers and the driver.
+        let free = free.saturating_sub(64 << 20);
         let dm = if bytes(&grown) <= free { grown } else { want };
         if bytes(&dm) > free {
             bail!(
