@@ -20,6 +20,7 @@ export THINKSTEER_CUDA_INCLUDE=/usr/local/cuda/include
 export THINKSTEER_KERNEL_CACHE=${THINKSTEER_KERNEL_CACHE:-$PWD/$B/kernel-cache}
 NEW=${NEW:-256}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+echo "kernel cache: $(ls "$THINKSTEER_KERNEL_CACHE" 2>/dev/null | wc -l) cubins in $THINKSTEER_KERNEL_CACHE"
 
 PHASE=${PHASE:-all}
 one() { [ "$PHASE" = all ] || [ "$PHASE" = 1 ]; }
@@ -187,4 +188,7 @@ if [ "${BENCH:-all}" = "all" ] && one; then
     THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
 fi
 
+# Cubins written during this call: the driver refused a shipped one (or none was shipped) and
+# the kernels were compiled here.
+echo "kernel cache: $(find "$THINKSTEER_KERNEL_CACHE" -name '*.cubin' -newer "$OUT/gpu.txt" 2>/dev/null | wc -l) cubins compiled during this call"
 exit $status
