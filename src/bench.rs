@@ -298,22 +298,8 @@ fn marginal_costs(
         e.clear_graphs(); // captured with the previous choice of launches
         decode_rows(e, |e, ids, st| e.decode_greedy(ids, st), b, s).map(|t| (t, ()))
     };
-    let total = leave_each_out(&[&gpu], &kinds, base, &mut time, |line, ()| line);
-    eprintln!(
-        "  sum of the savings {:.3} ms of {:.3} ms; the whole step again: {}",
-        total * 1e3,
-        base * 1e3,
-        again(time().map(|t| t.0))
-    );
+    leave_each_out(&[&gpu], &kinds, base, &mut time, |line, ()| line);
     Ok(())
-}
-
-/// The closing re-timing of a `--marginal` table, or why it failed (the table stands).
-fn again(t: Result<f64>) -> String {
-    match t {
-        Ok(t) => format!("{:.3} ms", t * 1e3),
-        Err(e) => format!("not timed ({e})"),
-    }
 }
 
 /// A recorded step's launches grouped by kind (first-seen order) with their counts, leaving out
@@ -337,14 +323,15 @@ fn launch_kinds(
 /// out in turn on every handle of `gpus`, and prints a line per kind to stderr as it is measured
 /// (`line` finishes it with the extra): kernel, grid, tag, launches per step, time saved against
 /// `base`. A kind whose run fails (stale inputs may make a step invalid, e.g. ids outside the
-/// vocabulary) gets a line saying so and the others go on. Returns the sum of the savings.
+/// vocabulary) gets a line saying so and the others go on. Last, the sum of the savings and the
+/// whole step timed again (its drift; a failure there is said, the table stands).
 fn leave_each_out<T>(
     gpus: &[&Gpu],
     kinds: &[(crate::cuda::LaunchKind, usize)],
     base: f64,
     time: &mut impl FnMut() -> Result<(f64, T)>,
     line: impl Fn(String, T) -> String,
-) -> f64 {
+) {
     let mut total = 0.0;
     for &(kind, n) in kinds {
         gpus.iter().for_each(|g| g.leave_out(Some(kind)));
@@ -359,7 +346,15 @@ fn leave_each_out<T>(
             Err(err) => eprintln!("  {name} {:?}: not timed ({err})", kind.grid),
         }
     }
-    total
+    let again = match time() {
+        Ok((t, _)) => format!("{:.3} ms", t * 1e3),
+        Err(e) => format!("not timed ({e})"),
+    };
+    eprintln!(
+        "  sum of the savings {:.3} ms of {:.3} ms; the whole step again: {again}",
+        total * 1e3,
+        base * 1e3
+    );
 }
 
 /// One row of a `--marginal` table: kernel, grid, K of a product (its tag), launches per step,
@@ -660,15 +655,9 @@ fn marginal_hybrid(
             .map(|(t, _, steered, all)| (t, steered as f64 / all.max(1) as f64))
     };
     let gpus: Vec<&Gpu> = gpus.iter().map(|g| g.as_ref()).collect();
-    let total = leave_each_out(&gpus, &kinds, base, &mut time, |line, share| {
+    leave_each_out(&gpus, &kinds, base, &mut time, |line, share| {
         format!("{line}  steered {:.0}%", 100.0 * share)
     });
-    eprintln!(
-        "  sum of the savings {:.3} ms of {:.3} ms; the whole step again: {}",
-        total * 1e3,
-        base * 1e3,
-        again(time().map(|t| t.0))
-    );
     Ok(())
 }
 
