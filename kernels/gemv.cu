@@ -21,10 +21,11 @@
 // weight-row pair (not one per batch row, as before), shared by every block on the SM.
 // K % 8 == 0 (checked on the host); pointers 16-byte aligned.
 // Exported per batch bucket: gemv_bf16_b{2,4,8} (one 8-column tile), gemv_bf16_b16 (two),
-// gemv_bf16_b32 (four) and gemv_bf16_b64 (eight; 8 warps per block); each handles B ≤ its bucket. live (nullable, device) and row0: the launch
-// covers rows row0.. of a larger batch of which only rows < *live are needed, so it computes
-// min(B, *live − row0) rows (none: it returns before loading weights). Launch: grid (ceil(M / 16)),
-// block 512 (16 warps), static shared memory 8, 16 or 32 KB. gemv_bf16_b16_w8 / _b32_w8 (and
+// gemv_bf16_b32 (four) and gemv_bf16_b64 (eight; 8 warps per block); each handles B ≤ its
+// bucket. live (nullable, device) and row0: the launch covers rows row0.. of a larger batch of
+// which only rows < *live are needed, so it computes min(B, *live − row0) rows (none: it returns
+// before loading weights). Launch: grid (ceil(M / 16)), block 512 (16 warps; 256 for b64),
+// static shared memory 8, 16 or 32 KB. gemv_bf16_b16_w8 / _b32_w8 (and
 // their glu twins): the same with 8 warps per block (block 256, half the shared memory), so that
 // more than one block fits on an SM at their register counts (THINKSTEER_GEMV_WARPS=8, until
 // timed).
@@ -70,7 +71,7 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
 // SiLU(g)·u exactly as silu_mul_bf16 computes it (elementwise.cu).
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
 
-// NT: 8-column batch tiles (1 for B ≤ 8, 2 for B ≤ 16, 4 for B ≤ 32). GLU: the block's 16 mma
+// NT: 8-column batch tiles (1 for B ≤ 8, 2 for B ≤ 16, 4 for B ≤ 32, 8 for B ≤ 64). GLU: the block's 16 mma
 // rows are gate rows m0..m0+7 (W rows m0 + g) and the matching up rows (W rows M + m0 + g), and
 // the epilogue writes act = bf16(silu(gate)·up) [B, M] instead of out.
 // WARPS: warps per block (16, or 8 for the _w8 variants).

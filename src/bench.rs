@@ -492,8 +492,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
                 }
             })
             .collect();
-        let timed = time_hybrid(&mut h, &problems, s.new_tokens, v)?;
-        let (step, steps, steered, all) = timed;
+        let (step, steps, steered, all) = time_hybrid(&mut h, &problems, s.new_tokens, v)?;
         // Plain greedy decode of each model alone, same batch, same contexts, same number of steps.
         let mut plain = 0.0;
         for e in [&mut h.think, &mut h.base] {

@@ -366,8 +366,8 @@ struct BenchArgs {
     /// Time the steering-vector loss and gradient of one example of --prompt-len tokens (GPU).
     #[arg(long)]
     vector_grad: bool,
-    /// GPU decode: also time each batch with each kind of launch of its step (kernel and grid)
-    /// left out in turn, printing what each costs inside the replayed step (stderr).
+    /// GPU decode: also time each batch with each kind of launch of its step (kernel, grid and a
+    /// product's K) left out in turn, printing what each costs inside the replayed step (stderr).
     #[arg(long)]
     marginal: bool,
 }
@@ -951,18 +951,7 @@ fn cmd_kernels(a: KernelsArgs) -> Result<()> {
     for &cc in &a.arch {
         let (mut compiled, mut cached, mut bytes) = (0, 0, 0);
         // The modules side by side, as the engine compiles them.
-        let results: Vec<_> = std::thread::scope(|sc| {
-            let jobs: Vec<_> = sources::MODULES
-                .iter()
-                .map(|(stem, _)| sc.spawn(|| sources::cubin(stem, cc, Some(&dir))))
-                .collect();
-            jobs.into_iter()
-                .map(|j| {
-                    j.join()
-                        .unwrap_or_else(|_| Err("a compilation panicked".into()))
-                })
-                .collect()
-        });
+        let results = sources::per_module(|stem| sources::cubin(stem, cc, Some(&dir)));
         for r in results {
             let (bin, origin) = r.map_err(|e| anyhow!(e))?;
             bytes += bin.len();

@@ -820,9 +820,18 @@ impl GemvWarps {
     }
 }
 
+/// Output rows (features with glu) per block of the tensor-core gemv buckets: 16 mma rows.
+fn gemv_per_block(glu: bool) -> usize {
+    if glu {
+        8
+    } else {
+        16
+    }
+}
+
 /// The tensor-core gemv kernel for 1..=64 rows (one row only with a live count; `glu`: the fused
-/// gate|up + SiLU·mul variant), its output rows (features with glu) per block (16 mma rows per
-/// block) and its threads per block.
+/// gate|up + SiLU·mul variant), its output rows (features with glu) per block and its threads
+/// per block.
 fn gemv_kernel(b: usize, glu: bool, warps: GemvWarps) -> Result<(&'static str, usize, u32)> {
     let w8 = warps == GemvWarps::W8 && b > 8;
     let (plain, fused) = match (b, w8) {
@@ -842,11 +851,8 @@ fn gemv_kernel(b: usize, glu: bool, warps: GemvWarps) -> Result<(&'static str, u
         }
     };
     let threads = if w8 || b > 32 { 256 } else { 512 };
-    Ok(if glu {
-        (fused, 8, threads)
-    } else {
-        (plain, 16, threads)
-    })
+    let name = if glu { fused } else { plain };
+    Ok((name, gemv_per_block(glu), threads))
 }
 
 /// Skinny product for 1..=64 rows: out f32 [B, M] = x bf16 [B, K] · W bf16 [M, K]ᵀ. K % 8 == 0.
@@ -920,8 +926,7 @@ fn gemv_tc_launch<O: Arg>(
     live: Option<Live<'_, '_>>,
     warps: GemvWarps,
 ) -> Result<()> {
-    let per_block = if glu { 8 } else { 16 };
-    let warps = warps.for_grid(rows.div_ceil(per_block), gpu.sms);
+    let warps = warps.for_grid(rows.div_ceil(gemv_per_block(glu)), gpu.sms);
     let (name, per_block, threads) = gemv_kernel(b, glu, warps)?;
     let (bi, mi, ki, r0) = (
         int(name, "B", b)?,

@@ -87,6 +87,7 @@ fn module_code(stem: &'static str, cc: u32) -> Result<ModuleCode> {
         .unwrap_or_else(|e| e.into_inner())
         .get(&(stem, cc))
     {
+        // Loaded by an earlier `Gpu` of the process: the driver took it, as if freshly compiled.
         return Ok(ModuleCode::Cubin(b.clone(), sources::Origin::Compiled));
     }
     let (bin, origin) =
@@ -222,19 +223,7 @@ impl Gpu {
         }
         let mut funcs = HashMap::new();
         // The modules' code, compiled side by side where it must be compiled.
-        let codes: Vec<Result<ModuleCode>> = std::thread::scope(|sc| {
-            let jobs: Vec<_> = sources::MODULES
-                .iter()
-                .map(|(stem, _)| sc.spawn(move || module_code(stem, cc10)))
-                .collect();
-            jobs.into_iter()
-                .map(|j| {
-                    j.join().unwrap_or_else(|_| {
-                        Err(Error::Cuda("a kernel compilation panicked".into()))
-                    })
-                })
-                .collect()
-        });
+        let codes = sources::per_module(|stem| module_code(stem, cc10));
         for ((stem, names), code) in sources::MODULES.iter().zip(codes) {
             let load = |code: &ModuleCode| {
                 ctx.load_module(match code {

@@ -383,32 +383,46 @@ pub enum Origin {
 /// `sm_<cc>` and written there (a folder that cannot be written is passed over: the cache only
 /// saves time).
 pub fn cubin(stem: &str, cc: u32, cache: Option<&Path>) -> Result<(Vec<u8>, Origin), String> {
-    let src =
-        source(stem).ok_or_else(|| format!("kernel file kernels/{stem}.cu was not embedded"))?;
-    let path = cache.map(|d| cache_file(d, stem, cc, source_key(&src)));
+    let (src, path) = source_and_file(stem, cc, cache)?;
     if let Some(bin) = path.as_ref().and_then(|p| std::fs::read(p).ok()) {
         if is_whole_elf(&bin) {
             return Ok((bin, Origin::Cache));
         }
     }
-    compile_cubin(stem, cc, cache).map(|b| (b, Origin::Compiled))
+    compile_into(stem, &src, cc, path.as_deref()).map(|b| (b, Origin::Compiled))
 }
 
 /// `kernels/<stem>.cu` compiled by NVRTC for `sm_<cc>`, replacing what the `cache` folder held
 /// for it (e.g. a cubin the driver refused).
 pub fn compile_cubin(stem: &str, cc: u32, cache: Option<&Path>) -> Result<Vec<u8>, String> {
+    let (src, path) = source_and_file(stem, cc, cache)?;
+    compile_into(stem, &src, cc, path.as_deref())
+}
+
+/// A module's source and its cubin's file in `cache`.
+fn source_and_file(
+    stem: &str,
+    cc: u32,
+    cache: Option<&Path>,
+) -> Result<(String, Option<PathBuf>), String> {
     let src =
         source(stem).ok_or_else(|| format!("kernel file kernels/{stem}.cu was not embedded"))?;
+    let path = cache.map(|d| cache_file(d, stem, cc, source_key(&src)));
+    Ok((src, path))
+}
+
+/// Compiles `src` (module `stem`) for `sm_<cc>` and writes the cubin to `path` when given.
+fn compile_into(stem: &str, src: &str, cc: u32, path: Option<&Path>) -> Result<Vec<u8>, String> {
     let c = compile(
         &format!("{stem}.cu"),
-        &src,
+        src,
         &format!("sm_{cc}"),
         RUNTIME_OPTIONS,
     )?;
     let bin = c
         .cubin
         .ok_or_else(|| format!("{stem}.cu (sm_{cc}): NVRTC gave no cubin"))?;
-    if let Some(p) = cache.map(|d| cache_file(d, stem, cc, source_key(&src))) {
+    if let Some(p) = path {
         // Written under a name of this process and thread and renamed, so a reader never sees
         // half a file.
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -416,12 +430,29 @@ pub fn compile_cubin(stem: &str, cc: u32, cache: Option<&Path>) -> Result<Vec<u8
         let tmp = p.with_extension(format!("tmp.{}.{n}", std::process::id()));
         let stored = std::fs::create_dir_all(p.parent().unwrap_or(Path::new(".")))
             .and_then(|_| std::fs::write(&tmp, &bin))
-            .and_then(|_| std::fs::rename(&tmp, &p));
+            .and_then(|_| std::fs::rename(&tmp, p));
         if stored.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
     }
     Ok(bin)
+}
+
+/// `f` for every module, side by side on threads of their own (NVRTC compiles distinct programs
+/// concurrently), in `MODULES` order.
+pub fn per_module<T: Send>(f: impl Fn(&'static str) -> T + Sync) -> Vec<T> {
+    std::thread::scope(|sc| {
+        let jobs: Vec<_> = MODULES
+            .iter()
+            .map(|(stem, _)| {
+                let f = &f;
+                sc.spawn(move || f(stem))
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// Whether `dir` holds a cubin of the current source of every module for compute capability
