@@ -8,8 +8,10 @@
 # vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
 # PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the A/B lines
 # (RoPE in attention, gemv warps, gate first, one stream, gemm choices, prefill chunk, grouped
-# attention, kernel bench). Each
-# phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both.
+# attention) for AB_FOR seconds (default 420), then scripts/gpu-ab.py chooses each switch from
+# them and the summary benches run again with the chosen switches, then the kernel bench. Each
+# phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both. Section
+# headers say the seconds since the start, so the next call can be sized.
 set -u
 B=.gpu
 OUT=${OUT:-$B/out}
@@ -26,13 +28,14 @@ PHASE=${PHASE:-all}
 one() { [ "$PHASE" = all ] || [ "$PHASE" = 1 ]; }
 two() { [ "$PHASE" = all ] || [ "$PHASE" = 2 ]; }
 status=0
+section() { echo "== $* [${SECONDS}s]"; }
 # A filtered command's exit status, said when it is not 0 (a timeout or a panic prints no table).
 exited() { [ "$1" = 0 ] || echo "  (exit $1$([ "$1" = 124 ] && echo ": timed out"))" | tee -a "$2"; }
 for t in "$B"/tests/*; do
     one || break
     name=$(basename "$t")
     case " ${TESTS:-$name} " in *" $name "*) ;; *) continue ;; esac
-    echo "== test $name"
+    section "test $name"
     if timeout 180 "$t" --test-threads=1 > "$OUT/test-$name.log" 2>&1; then
         grep -E "^test result" "$OUT/test-$name.log"
     else
@@ -42,7 +45,7 @@ for t in "$B"/tests/*; do
 done
 
 if [ "${BENCH:-all}" = "all" ] && one; then
-echo "== bench"
+section "bench"
 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
 timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
 timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
@@ -54,12 +57,12 @@ timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --
 }
 fi
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ] && one; then
-    echo "== per-kernel profiles (one eager prefill / decode step / hybrid step each)"
+    section "per-kernel profiles (one eager prefill / decode step / hybrid step each)"
     cat "$OUT"/bench-qwen.err "$OUT"/bench-qwen-2k.err "$OUT"/bench-hybrid.err 2>/dev/null | grep -A8 "^profile" | grep -v "^--"
 fi
 # The steering-vector gradient (train-vectors --method optimise's work) at 500-token contexts.
 if one; then
-echo "== bench --vector-grad"
+section "bench --vector-grad"
 THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -6
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
     timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
@@ -78,11 +81,20 @@ fi
 if [ "${BENCH:-all}" = "all" ] && two; then
 # A/B lines, most important first (a call cut short by its limit still has those): each runs
 # `thinksteer bench` with the switches given before the arguments (see README, GPU switches).
+SHAPE=qwen2.5-1.5b
+ab_start=$SECONDS
 ab() {
     local vars="$1"; shift
-    echo "== $vars bench $*" | tee -a "$OUT/ab.log"
-    env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda "$@" 2>&1 | grep -E " cuda |^ +x[0-9]|rror|panicked" | tee -a "$OUT/ab.log"
-    exited "${PIPESTATUS[0]}" "$OUT/ab.log"
+    if [ $((SECONDS - ab_start)) -gt "${AB_FOR:-420}" ]; then
+        echo "== skipped (A/B time of ${AB_FOR:-420}s spent): $vars $SHAPE $*" | tee -a "$OUT/ab.log"
+        return
+    fi
+    section "$vars bench --shape $SHAPE $*" | tee -a "$OUT/ab.log"
+    env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape "$SHAPE" --device cuda --json "$@" 2> "$OUT/ab.err" |
+        python3 scripts/gpu-ab.py record "$OUT" "$vars" "$SHAPE" "$@" | tee -a "$OUT/ab.log"
+    local rc=${PIPESTATUS[0]}
+    grep -E "rror|panicked" "$OUT/ab.err" | head -5 | tee -a "$OUT/ab.log"
+    exited "$rc" "$OUT/ab.log"
 }
 H="--hybrid --steered-share 0.125 --new-tokens $NEW"
 # 0. Bias + RoPE + K/V append inside decode attention (one launch per block fewer), batch 1 and 64
@@ -103,8 +115,8 @@ ab "THINKSTEER_GEMV_WARPS=8" --batch 16,64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_ROWS=64" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_ROWS=64 THINKSTEER_GEMV_WARPS=8" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_ROWS=64" $H --batch 8,64
-echo "== THINKSTEER_ROPE=attn llama-3.1-8b batch 1"
-THINKSTEER_CUDA_PROFILE=0 THINKSTEER_ROPE=attn timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens "$NEW" 2>&1 | grep -E " cuda |rror|panicked" | tee -a "$OUT/ab.log"; exited "${PIPESTATUS[0]}" "$OUT/ab.log"
+SHAPE=llama-3.1-8b ab "THINKSTEER_ROPE=separate" --batch 1 --prompt-len 64 --new-tokens "$NEW"
+SHAPE=llama-3.1-8b ab "THINKSTEER_ROPE=attn" --batch 1 --prompt-len 64 --new-tokens "$NEW"
 # 1. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two
 #    streams vs one, and 33–128-row products through gemm (split K) or cuBLASLt.
 ab "THINKSTEER_GATE_FIRST=0" $H --batch 8,64
@@ -114,6 +126,7 @@ ab "THINKSTEER_GATE_FIRST=1" $H --batch 8,64
 #    any f.
 ab "THINKSTEER_GATE_FIRST=0" --hybrid --steered-share 0 --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_GATE_FIRST=1" --hybrid --steered-share 0 --new-tokens "$NEW" --batch 1
+ab "THINKSTEER_GATE_FIRST=0" --hybrid --steered-share 1 --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_GATE_FIRST=1" --hybrid --steered-share 1 --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_HYBRID_STREAMS=1" --hybrid --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_GEMM_FROM=33" $H --batch 64
@@ -131,58 +144,45 @@ ab "THINKSTEER_ATTN=head" --batch 1 --prompt-len 2000 --new-tokens 32
 ab "THINKSTEER_ATTN=group" --batch 1 --prompt-len 2000 --new-tokens 32
 ab "THINKSTEER_ATTN=head" --hybrid --steered-share 0.125 --batch 64 --prompt-len 1000 --new-tokens 64
 ab "THINKSTEER_ATTN=group" --hybrid --steered-share 0.125 --batch 64 --prompt-len 1000 --new-tokens 64
-# 4. The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt).
+# 4. Each switch chosen from the lines above (the non-default value only where it is faster on
+#    the geometric mean of its pairs and slower on none), then the summary benches again with
+#    the chosen switches, in the same call as the lines they are compared with.
+section "choice of switches (scripts/gpu-ab.py)"
+python3 scripts/gpu-ab.py choose "$OUT" | tee "$OUT/choose.log"
+best=$(cat "$OUT/best.env" 2>/dev/null)
+if [ -n "$best" ]; then
+    section "summary benches with: $best"
+    bb() { local f="$1"; shift; env THINKSTEER_CUDA_PROFILE=0 $best timeout 150 "$B/thinksteer" bench --device cuda --json "$@" > "$OUT/$f" 2> "$OUT/$f.err" || { status=1; tail -5 "$OUT/$f.err"; }; }
+    bb best-qwen.jsonl --shape qwen2.5-1.5b --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW"
+    bb best-llama.jsonl --shape llama-3.1-8b --batch 1,8 --prompt-len 64 --new-tokens "$NEW"
+    bb best-qwen-2k.jsonl --shape qwen2.5-1.5b --batch 1 --prompt-len 2000 --new-tokens 32
+    bb best-hybrid.jsonl --hybrid --shape qwen2.5-1.5b --batch 1,8,64 --new-tokens "$NEW"
+    bb best-hybrid-share.jsonl --hybrid --steered-share 0.125 --shape qwen2.5-1.5b --batch 64 --new-tokens "$NEW"
+    python3 scripts/gpu-ab.py summary "$OUT" " with $best ($(head -1 "$OUT/gpu.txt"))" best-qwen.jsonl best-llama.jsonl best-qwen-2k.jsonl best-hybrid.jsonl best-hybrid-share.jsonl
+fi
+# 5. The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt).
 if [ -x "$B/kernel-bench" ]; then
-    echo "== kernel bench: gemm"
+    section "kernel bench: gemm"
     timeout 120 "$B/kernel-bench" --bench gemm 2>&1 | grep -E "^gemm .*(TFLOP|skipped)"
 fi
 fi
 
 summary() {
-echo "== summary ($(head -1 "$OUT/gpu.txt"))$1"
-python3 - "$OUT" <<'PY'
-import json, sys, os, re
-out = sys.argv[1]
-rows = []
-for f in ("bench-qwen.jsonl", "bench-llama.jsonl", "bench-qwen-2k.jsonl", "bench-hybrid.jsonl"):
-    p = os.path.join(out, f)
-    if os.path.exists(p):
-        rows += [json.loads(l) for l in open(p) if l.strip()]
-hf = {}
-p = os.path.join(out, "hf.log")
-if os.path.exists(p):
-    for l in open(p):
-        if l.startswith("RESULTS "):
-            hf = json.loads(l[8:])
-# The HF anchor's row for our batch-1 rows (same call): plain generate and the two-model loop.
-peer = {("qwen2.5-1.5b", "decode"): "hf_generate_qwen1.5b",
-        ("llama-3.1-8b", "decode"): "hf_generate_llama8b",
-        ("qwen2.5-1.5b pair", "hybrid"): "hf_hybrid_loop_qwen1.5b_x2"}
-print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} {'GB/s':>7} {'% floor':>8} {'vs plain':>8} {'steered':>7} {'vs HF':>7}")
-for r in rows:
-    pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
-    ratio = f"x{r['ratio_to_plain']:.3f}" if r.get("ratio_to_plain") else ""
-    steered = f"{100 * r['steered_fraction']:.1f}%" if r.get("steered_fraction") is not None else ""
-    name = peer.get((r["shape"], r["phase"])) if r["batch"] == 1 and r["tokens"] > 32 else None
-    vs_hf = f"{r['tok_per_s'] / hf[name]:.1f}x" if name and hf.get(name) else ""
-    print(f"{r['shape']:<19} {r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} {r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8} {ratio:>8} {steered:>7} {vs_hf:>7}")
-if hf:
-    print("HF anchor (same call):", json.dumps(hf))
-PY
+    python3 scripts/gpu-ab.py summary "$OUT" " ($(head -1 "$OUT/gpu.txt"))$1" bench-qwen.jsonl bench-llama.jsonl bench-qwen-2k.jsonl bench-hybrid.jsonl
 }
 # The table once before the HF anchor (so a call cut short by its limit still prints it), and
 # again after it with the speed-ups over its rows. The --marginal tables (diagnostic) come last.
-summary ""
+one && summary ""
 # The HF anchor runs in the same call as the benches it is compared with (phase 1).
 if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ] && one; then
-    echo "== HF anchor (NEW=$NEW)"
+    section "HF anchor (NEW=$NEW)"
     NEW=$NEW PYTHONUNBUFFERED=1 timeout 240 python3 "$B/hf_anchor.py" > "$OUT/hf.log" 2>&1 || echo "hf_anchor failed: $(tail -3 "$OUT/hf.log")"
     summary ", with the HF anchor"
 fi
 
 # What each kind of launch of a decode step costs inside the replayed graph (left out in turn).
 if [ "${BENCH:-all}" = "all" ] && one; then
-    echo "== bench --marginal (each kind of launch left out in turn; times only)"
+    section "bench --marginal (each kind of launch left out in turn; times only)"
     THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
     THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
     THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"

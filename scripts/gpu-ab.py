@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""The GPU check's A/B bookkeeping (run by scripts/gpu-check.sh on the lent GPU machine).
+
+  gpu-ab.py record OUT "VARS" SHAPE ARGS...   bench --json rows on stdin -> OUT/ab.jsonl, one
+                                              printed line per row
+  gpu-ab.py choose OUT                        per switch: every pair of A/B rows that differ in
+                                              it alone, the ratio of their times, the choice;
+                                              writes the chosen switches to OUT/best.env
+  gpu-ab.py summary OUT LABEL FILE...         the table of bench rows (+ the HF anchor's rows
+                                              from OUT/hf.log when present)
+
+A switch's non-default value is chosen only when it is faster on the geometric mean of its
+pairs by more than NOISE and slower on none by more than HARM, so a choice never rests on one
+line or gives back a loss elsewhere. Rows are paired by shape, the bench arguments other than
+--batch, phase and batch, so `--batch 1,64` and `--batch 64` lines pair.
+"""
+import json
+import math
+import os
+import sys
+
+# The defaults of the GPU switches (README, "GPU switches"); GATE_FIRST's default is a rule.
+DEFAULTS = {
+    "THINKSTEER_ROPE": "separate",
+    "THINKSTEER_GEMV_WARPS": "16",
+    "THINKSTEER_GEMV_ROWS": "32",
+    "THINKSTEER_GATE_FIRST": "auto",
+    "THINKSTEER_HYBRID_STREAMS": "2",
+    "THINKSTEER_GEMM_FROM": "129",
+    "THINKSTEER_GEMM": "64",
+    "THINKSTEER_ATTN": "head",
+}
+# The hybrid step goes gate first when B·C > 64 (src/cuda/hybrid.rs GATE_FIRST_ROWS; the bench's
+# C = 10 coefficients).
+GATE_FIRST_ROWS, BENCH_C = 64, 10
+NOISE, HARM = 0.985, 1.02
+
+
+def parse_vars(text):
+    return dict(v.split("=", 1) for v in text.split())
+
+
+def args_key(args):
+    """The bench arguments without --batch and its value."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--batch":
+            skip = True
+        else:
+            out.append(a)
+    return " ".join(out)
+
+
+def rows_of(r):
+    """Rows of the product calls: the prompt for prefill (a 2,000-token prompt runs in 512-row
+    calls, past every threshold), the batch for decode; the hybrid step runs the batch and the
+    batch's candidate rows (C + 1 per problem)."""
+    if r["phase"] == "prefill":
+        return [r["tokens"]]
+    return [r["batch"], r["batch"] * (BENCH_C + 1)] if r["phase"] == "hybrid" else [r["batch"]]
+
+
+def relevant(var, r, s):
+    """Whether the switch can change this row's time at all (the others only add noise)."""
+    rows = rows_of(r)
+    if var == "THINKSTEER_GEMM":
+        return any(n >= int(s["THINKSTEER_GEMM_FROM"]) for n in rows)
+    if var == "THINKSTEER_GEMM_FROM":  # the values timed: 33 and the default 129
+        return any(33 <= n < 129 for n in rows)
+    if r["phase"] == "prefill":
+        return False
+    if var in ("THINKSTEER_GATE_FIRST", "THINKSTEER_HYBRID_STREAMS"):
+        return r["phase"] == "hybrid"
+    return True
+
+
+def setting(rec, override=None):
+    """Every switch's value for a recorded row (or for it with `override`): defaults filled in,
+    the gate-first rule applied, and "-" for a switch that cannot change the row (so lines that
+    differ only there pair)."""
+    r, s = rec["row"], dict(DEFAULTS)
+    s.update(rec["vars"])
+    s.update(override or {})
+    if s["THINKSTEER_GATE_FIRST"] == "auto" and r["phase"] == "hybrid":
+        s["THINKSTEER_GATE_FIRST"] = "1" if r["batch"] * BENCH_C > GATE_FIRST_ROWS else "0"
+    return {k: (v if relevant(k, r, s) else "-") for k, v in s.items()}
+
+
+def row_key(rec):
+    r = rec["row"]
+    args = rec["args"]
+    if r["phase"] == "prefill":  # the prefill rows do not depend on the decode settings
+        words = args.split()
+        args = " ".join(w for i, w in enumerate(words)
+                        if w != "--new-tokens" and (i == 0 or words[i - 1] != "--new-tokens"))
+    return (rec["shape"], args, r["phase"], r["batch"], r["tokens"] if r["phase"] == "prefill" else 0)
+
+
+def line(rec):
+    r = rec["row"]
+    extra = ""
+    if r.get("ratio_to_plain"):
+        extra = f"  x{r['ratio_to_plain']:.3f} of plain, {100 * r['steered_fraction']:.1f}% steered"
+    pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
+    return (f"  {r['shape']:<18} {r['phase']:<8} b{r['batch']:<3} {r['tokens']:>5} tok "
+            f"{r['ms_per_token']:>9.3f} ms {r['tok_per_s']:>9.1f} tok/s {pct:>8}{extra}")
+
+
+def record(out, vars_text, shape, args):
+    path = os.path.join(out, "ab.jsonl")
+    with open(path, "a") as f:
+        for l in sys.stdin:
+            if not l.startswith("{"):
+                print("  " + l.rstrip())
+                continue
+            rec = {"vars": parse_vars(vars_text), "shape": shape, "args": args_key(args),
+                   "row": json.loads(l)}
+            f.write(json.dumps(rec) + "\n")
+            print(line(rec))
+
+
+# Switches decided together: gemm's tile only matters from GEMM_FROM rows.
+GROUPS = [("THINKSTEER_ROPE",), ("THINKSTEER_GEMV_WARPS",), ("THINKSTEER_GEMV_ROWS",),
+          ("THINKSTEER_GATE_FIRST",), ("THINKSTEER_HYBRID_STREAMS",),
+          ("THINKSTEER_GEMM_FROM", "THINKSTEER_GEMM"), ("THINKSTEER_ATTN",)]
+
+
+def pairs_of(recs, group):
+    """{value: [(ratio, what)]}: each row whose group value is not the reference, over the row
+    of the same key and the same other switches with the reference value (each such pair once).
+    The reference is the default (for GATE_FIRST, whose default is a rule: the single pass, 0)."""
+    out, seen = {}, set()
+    reset = {v: "0" if v == "THINKSTEER_GATE_FIRST" else DEFAULTS[v] for v in group}
+    for a in recs:
+        sa = setting(a)
+        va, ref = tuple(sa[v] for v in group), tuple(setting(a, reset)[v] for v in group)
+        others = tuple(sa[k] for k in DEFAULTS if k not in group)
+        if va == ref or (va, others, row_key(a)) in seen:
+            continue
+        for b in recs:
+            sb = setting(b)
+            if (row_key(b) == row_key(a) and tuple(sb[v] for v in group) == ref
+                    and tuple(sb[k] for k in DEFAULTS if k not in group) == others):
+                seen.add((va, others, row_key(a)))
+                ratio = a["row"]["ms_per_token"] / b["row"]["ms_per_token"]
+                with_ = " ".join(f"{k}={v}" for k, v in a["vars"].items() if k not in group)
+                what = f"{a['shape']} {a['row']['phase']} b{a['row']['batch']} {a['args']} {with_}".rstrip()
+                out.setdefault(va, []).append((ratio, what))
+                break
+    return out
+
+
+def choose(out):
+    path = os.path.join(out, "ab.jsonl")
+    recs = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    chosen = {}
+    for group in GROUPS:
+        pairs = pairs_of(recs, group)
+        if not pairs:
+            continue
+        print(" ".join(f"{v} (default {DEFAULTS[v]})" for v in group) + ":")
+        wins = {}
+        for value, rs in sorted(pairs.items()):
+            gm = math.exp(sum(math.log(r) for r, _ in rs) / len(rs))
+            worst, best = max(r for r, _ in rs), min(r for r, _ in rs)
+            win = gm < NOISE and worst <= HARM
+            lose = gm > 1 / NOISE and best >= 1 / HARM
+            print(f"  {'/'.join(value)}: geometric mean x{gm:.3f} of the reference over {len(rs)} "
+                  f"pairs, worst x{worst:.3f} -> {'faster' if win else 'slower' if lose else 'no clear gain'}")
+            for r, what in rs:
+                print(f"    x{r:.3f}  {what}")
+            if win:
+                wins[value] = gm
+            if lose and group == ("THINKSTEER_GATE_FIRST",):
+                chosen["THINKSTEER_GATE_FIRST"] = "0"  # gate first slower everywhere measured
+        if group == ("THINKSTEER_GEMM_FROM", "THINKSTEER_GEMM"):
+            # The tile from the prefill rows (where GEMM_FROM does not matter), then GEMM_FROM=33
+            # only where it won with that tile.
+            tiles = {v[1]: g for v, g in wins.items() if v[0] == "-"}
+            tile = min(tiles, key=tiles.get) if tiles else DEFAULTS["THINKSTEER_GEMM"]
+            if tile != DEFAULTS["THINKSTEER_GEMM"]:
+                chosen["THINKSTEER_GEMM"] = tile
+            if any(v[0] != "-" and v[1] in (tile, "-") for v in wins):
+                chosen["THINKSTEER_GEMM_FROM"] = "33"
+            elif any(v[0] != "-" for v in wins):
+                print("  (GEMM_FROM=33 won only with another tile than prefill's: not chosen)")
+        elif wins:
+            chosen[group[0]] = min(wins, key=wins.get)[0]
+    text = " ".join(f"{k}={v}" for k, v in chosen.items())
+    with open(os.path.join(out, "best.env"), "w") as f:
+        f.write(text + "\n")
+    print(f"chosen: {text or '(the defaults)'}")
+
+
+def summary(out, label, files):
+    rows = []
+    for f in files:
+        p = os.path.join(out, f)
+        if os.path.exists(p):
+            rows += [json.loads(l) for l in open(p) if l.startswith("{")]
+    hf = {}
+    p = os.path.join(out, "hf.log")
+    if os.path.exists(p):
+        for l in open(p):
+            if l.startswith("RESULTS "):
+                hf = json.loads(l[8:])
+    # The HF anchor's row for our batch-1 rows (same call): plain generate and the two-model loop.
+    peer = {("qwen2.5-1.5b", "decode"): "hf_generate_qwen1.5b",
+            ("llama-3.1-8b", "decode"): "hf_generate_llama8b",
+            ("qwen2.5-1.5b pair", "hybrid"): "hf_hybrid_loop_qwen1.5b_x2"}
+    print(f"== summary{label}")
+    print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} "
+          f"{'GB/s':>7} {'% floor':>8} {'vs plain':>8} {'steered':>7} {'vs HF':>7}")
+    for r in rows:
+        pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
+        ratio = f"x{r['ratio_to_plain']:.3f}" if r.get("ratio_to_plain") else ""
+        steered = f"{100 * r['steered_fraction']:.1f}%" if r.get("steered_fraction") is not None else ""
+        name = peer.get((r["shape"], r["phase"])) if r["batch"] == 1 and r["tokens"] > 32 else None
+        vs_hf = f"{r['tok_per_s'] / hf[name]:.1f}x" if name and hf.get(name) else ""
+        print(f"{r['shape']:<19} {r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} "
+              f"{r['ms_per_token']:>9.3f} {r['tok_per_s']:>9.1f} {r['gb_per_s']:>7.0f} {pct:>8} "
+              f"{ratio:>8} {steered:>7} {vs_hf:>7}")
+    if hf:
+        print("HF anchor (same call):", json.dumps(hf))
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    if cmd == "record" and len(sys.argv) >= 5:
+        record(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
+    elif cmd == "choose" and len(sys.argv) == 3:
+        choose(sys.argv[2])
+    elif cmd == "summary" and len(sys.argv) >= 4:
+        summary(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        sys.exit(__doc__)
