@@ -29,6 +29,7 @@ DEFAULTS = {
     "THINKSTEER_GEMM_FROM": "129",
     "THINKSTEER_GEMM": "64",
     "THINKSTEER_ATTN": "head",
+    "THINKSTEER_PREFILL_ROWS": "512",
 }
 # The hybrid step goes gate first when B·C > 64 (src/cuda/hybrid.rs GATE_FIRST_ROWS; the bench's
 # C = 10 coefficients).
@@ -69,6 +70,8 @@ def relevant(var, r, s):
         return any(n >= int(s["THINKSTEER_GEMM_FROM"]) for n in rows)
     if var == "THINKSTEER_GEMM_FROM":  # the values timed: 33 and the default 129
         return any(33 <= n < 129 for n in rows)
+    if var == "THINKSTEER_PREFILL_ROWS":
+        return r["phase"] == "prefill" and r["tokens"] > 512
     if r["phase"] == "prefill":
         return False
     if var in ("THINKSTEER_GATE_FIRST", "THINKSTEER_HYBRID_STREAMS"):
@@ -124,7 +127,8 @@ def record(out, vars_text, shape, args):
 # Switches decided together: gemm's tile only matters from GEMM_FROM rows.
 GROUPS = [("THINKSTEER_ROPE",), ("THINKSTEER_GEMV_WARPS",), ("THINKSTEER_GEMV_ROWS",),
           ("THINKSTEER_GATE_FIRST",), ("THINKSTEER_HYBRID_STREAMS",),
-          ("THINKSTEER_GEMM_FROM", "THINKSTEER_GEMM"), ("THINKSTEER_ATTN",)]
+          ("THINKSTEER_GEMM_FROM", "THINKSTEER_GEMM"), ("THINKSTEER_ATTN",),
+          ("THINKSTEER_PREFILL_ROWS",)]
 
 
 def pairs_of(recs, group):

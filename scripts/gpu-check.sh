@@ -133,11 +133,12 @@ ab "THINKSTEER_GEMM_FROM=33" $H --batch 64
 ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" $H --batch 64
 ab "THINKSTEER_GEMM_FROM=33" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" --batch 64 --prompt-len 64 --new-tokens "$NEW"
-# 2. Prefill of 2,000 tokens: cuBLASLt, the 128-row tile, one 2,048-row call.
+# 2. Prefill of 2,000 tokens: cuBLASLt, the 128-row tile, one 2,048-row call (the default prefill
+#    line, with 512-row calls, is the ATTN=head line below).
 ab "THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
 ab "THINKSTEER_GEMM=128" --batch 1 --prompt-len 2000 --new-tokens 8
-ab "THINKSTEER_GEMM=64" --batch 1 --prompt-len 2000 --new-tokens 8 --chunk 2048
-ab "THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8 --chunk 2048
+ab "THINKSTEER_PREFILL_ROWS=2048" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_PREFILL_ROWS=2048 THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
 # 3. Long contexts: decode attention per head vs per GQA group (batch 1 at 2,000 tokens; the
 #    batch-64 hybrid step at 1,000-token contexts).
 ab "THINKSTEER_ATTN=head" --batch 1 --prompt-len 2000 --new-tokens 32

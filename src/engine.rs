@@ -81,7 +81,7 @@ impl Decoder for CpuEngine {
 }
 
 /// The model of checkpoint `dir` with `slots` sequences of `ctx` positions: on the GPU (weights
-/// uploaded from `dir`, up to 512 tokens per call) or on the CPU (the already loaded `model`).
+/// uploaded from `dir`, up to `call_rows()` tokens per call) or on the CPU (the already loaded `model`).
 pub fn open_decoder(
     model: &Arc<Model>,
     dir: &std::path::Path,
@@ -96,7 +96,7 @@ pub fn open_decoder(
             dir,
             slots,
             ctx,
-            ctx.clamp(16, 512),
+            ctx.clamp(16, crate::cuda::model::call_rows()),
         )?))
     } else {
         Ok(Box::new(CpuEngine::new(model.clone(), slots, ctx)))

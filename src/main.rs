@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use thinksteer::chat::{ChatTemplate, Message};
+use thinksteer::cuda::model::call_rows;
 use thinksteer::engine::Decoder;
 use thinksteer::generate::{generate, GenParams};
 use thinksteer::model::{Hooks, Model, Step};
@@ -359,8 +360,8 @@ struct BenchArgs {
     /// (the paper's runs steer about 0.12); without it nearly every step is steered.
     #[arg(long)]
     steered_share: Option<f64>,
-    /// Rows per forward call on the GPU (the prefill chunk; 512, as in the other commands, when
-    /// not given). Plain decode only.
+    /// Rows per forward call on the GPU (the prefill chunk; when not given, what the other commands
+    /// use: 512, or THINKSTEER_PREFILL_ROWS). Plain decode only.
     #[arg(long)]
     chunk: Option<usize>,
     /// Time the steering-vector loss and gradient of one example of --prompt-len tokens (GPU).
@@ -830,7 +831,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         new_tokens: a.new_tokens,
         seed: 0,
         steered_share: a.steered_share,
-        chunk: a.chunk.unwrap_or(512).max(1),
+        chunk: a.chunk.unwrap_or_else(call_rows).max(1),
         marginal: a.marginal,
     };
     if let Some(f) = a.steered_share {

@@ -262,22 +262,21 @@ fn optimise_prefixes_and_training_on_the_gpu_match_the_cpu() {
     }
     use std::sync::Arc;
     use thinksteer::cuda::frozen::prepare_on_gpu;
-    use thinksteer::cuda::model::CudaEngine;
+    use thinksteer::cuda::model::{call_rows, CudaEngine};
     use thinksteer::cuda::vector_grad::CudaVectorGrad;
     use thinksteer::cuda::Gpu;
     use thinksteer::model::Model;
     use thinksteer::taxonomy::optimise::{train_on, train_with, Backend, OptimiseSettings};
-    use thinksteer::taxonomy::spans::CUDA_CHUNK;
     use thinksteer::vector_grad::{loss_grad, prepare};
     const TOL: f32 = 1.0 / 32.0;
     let (layer, cold) = (0, 0.7f32);
     let dir = common::random_checkpoint("optimise", 11, 3);
     let model = Model::load(&dir).unwrap();
     let exs = optimise_examples();
-    // The engine as `optimise` makes it: one slot of the longest example, ≤ 512 tokens a call.
+    // The engine as `optimise` makes it: one slot of the longest example, ≤ call_rows() a call.
     let ctx = exs.iter().map(|e| e.ids.len()).max().unwrap();
     let gpu = Arc::new(Gpu::new(0).unwrap());
-    let mut engine = CudaEngine::load(gpu, &dir, 1, ctx, ctx.clamp(16, CUDA_CHUNK)).unwrap();
+    let mut engine = CudaEngine::load(gpu, &dir, 1, ctx, ctx.clamp(16, call_rows())).unwrap();
     let d = model.config.hidden_size;
     let mut r = thinksteer::rng::Rng::new(3);
     let extra: Vec<f32> = (0..d).map(|_| 0.1 * r.normal() as f32).collect(); // a frozen bias

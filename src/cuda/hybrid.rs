@@ -25,7 +25,7 @@
 //!   trip; when no problem disagrees the second pass costs its launches only.
 
 use super::kernels::{self as k, Gate};
-use super::model::{CudaEngine, SaeDev, SteerDev, SteerSel};
+use super::model::{call_rows, CudaEngine, SaeDev, SteerDev, SteerSel};
 use super::{cuda_err as cu, Gpu};
 use crate::engine::Decoder;
 use crate::hybrid::{Mode, Output, Prompts, Settings, StepRecord};
@@ -244,15 +244,16 @@ impl CudaHybrid {
         ctx_think: usize,
     ) -> Result<CudaHybrid> {
         let gpu = Arc::new(Gpu::new(0)?);
-        let rows = max_b * (1 + s.coefficients.len());
+        // Rows per call: the prefill chunk, and at least the step's (the base model's candidates).
+        let (call, rows) = (call_rows(), max_b * (1 + s.coefficients.len()));
         let think = CudaEngine::load(
             think_gpu(&gpu)?,
             think_dir,
             max_b,
             ctx_think,
-            max_b.max(512),
+            max_b.max(call),
         )?;
-        let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows.max(512))?;
+        let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows.max(call))?;
         CudaHybrid::new(think, base, sae, steering, s, max_b)
     }
 

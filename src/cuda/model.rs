@@ -246,6 +246,21 @@ pub struct CudaEngine {
     rows_scratch: Vec<(usize, usize, bool)>,
 }
 
+/// Tokens per forward call of the engines the commands open (the prefill chunk: a longer prompt
+/// runs in calls of this many rows): 512, or THINKSTEER_PREFILL_ROWS (16–8192) while
+/// measurements decide whether larger calls keep the tensor cores busier (PERFORMANCE.md). The
+/// activations grow with it (the logits alone by rows · V · 4 bytes).
+pub fn call_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("THINKSTEER_PREFILL_ROWS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|n| (16..=8192).contains(n))
+            .unwrap_or(512)
+    })
+}
+
 /// Whether the CUDA kernels take this model's shapes (the attention kernels: head_dim 64 or 128).
 pub fn supports(c: &Config) -> bool {
     c.head_dim == 64 || c.head_dim == 128

@@ -39,7 +39,7 @@ use crate::chart::{line_chart_svg, Series};
 use crate::chat::plain_base_prompt;
 use crate::config::Config;
 use crate::cuda::frozen::prepare_on_gpu;
-use crate::cuda::model::CudaEngine;
+use crate::cuda::model::{call_rows, CudaEngine};
 use crate::cuda::vector_grad::CudaVectorGrad;
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
@@ -50,7 +50,7 @@ use crate::tokenizer::Tokenizer;
 use crate::vector_grad::{loss_grad, prepare, Example, Frozen};
 
 use super::annotate::read_annotations;
-use super::spans::{token_span, CUDA_CHUNK};
+use super::spans::token_span;
 use super::traces::read_traces;
 use super::vectors::BasePrefix;
 use super::vectors::{annotations_by_trace, check_sentence};
@@ -648,7 +648,7 @@ fn open_engine(base_dir: &Path, c: &Config, examples: &[&Example]) -> Result<Cud
         );
     }
     let gpu = Arc::new(Gpu::new(0)?);
-    CudaEngine::load(gpu, base_dir, 1, ctx, ctx.clamp(16, CUDA_CHUNK))
+    CudaEngine::load(gpu, base_dir, 1, ctx, ctx.clamp(16, call_rows()))
 }
 
 /// The loss curves as CSV: `epoch,split,vector,loss`.

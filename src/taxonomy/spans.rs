@@ -3,7 +3,7 @@
 //! stages average exactly the same tokens.
 
 use crate::config::Config;
-use crate::cuda::model::CudaEngine;
+use crate::cuda::model::{call_rows, CudaEngine};
 use crate::cuda::Gpu;
 use crate::engine::Decoder;
 use crate::error::Result;
@@ -158,22 +158,21 @@ pub fn block_output_on(
 
 /// Longest sequence (prompt + trace, in tokens) the GPU path of `block_runner` holds.
 pub const CUDA_CONTEXT: usize = 16384;
-/// Tokens per CUDA engine call in `block_runner`.
-pub const CUDA_CHUNK: usize = 512;
 
 /// Block output of block `layer`: [T, D] for a token sequence.
 pub type BlockRunner = Box<dyn FnMut(&[u32]) -> Result<Vec<f32>>>;
 
 /// `block_output` of the checkpoint in `model_dir` on the CPU (only blocks 0..=layer run), or
-/// with `cuda` through the CUDA engine (`block_output_on`, all blocks, 512 tokens per call).
+/// with `cuda` through the CUDA engine (`block_output_on`, all blocks, `call_rows()` tokens per call).
 pub fn block_runner(model_dir: &Path, layer: usize, cuda: bool) -> Result<BlockRunner> {
     if cuda {
         let c = Config::from_file(&model_dir.join("config.json"))?;
         let gpu = Arc::new(Gpu::new(0)?);
         let ctx = c.max_position_embeddings.min(CUDA_CONTEXT);
-        let mut e = CudaEngine::load(gpu, model_dir, 1, ctx, CUDA_CHUNK)?;
+        let rows = call_rows();
+        let mut e = CudaEngine::load(gpu, model_dir, 1, ctx, rows)?;
         Ok(Box::new(move |ids: &[u32]| {
-            block_output_on(&mut e, ids, layer, CUDA_CHUNK)
+            block_output_on(&mut e, ids, layer, rows)
         }))
     } else {
         let model = Model::load(model_dir)?;
