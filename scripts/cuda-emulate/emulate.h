@@ -2,34 +2,166 @@
 // CPU, for checking kernel logic on a machine without a GPU. Force-included before
 // kernels/common.cuh (compiled with THINKSTEER_EMULATOR, which leaves out its PTX-only helpers:
 // they are defined here in C++ with the same results). One block at a time, so a kernel whose
-// last block combines the others' partials (attention decode, argmax) sees all of them; the
-// block's threads are real threads (started once per launch and reused block after block)
-// meeting at a barrier for __syncthreads(); __shared__ variables are function statics (one copy,
-// shared by the block's threads, reused by the next block) and dynamic shared memory
-// (`extern __shared__ T name[];`, rewritten by run.sh into a pointer) one buffer per launch;
-// warp-collective operations (shuffles, mma) exchange through per-thread slots between two
-// barriers of the calling warp, so the 32 lanes of a warp must reach them together (as in every
-// kernel here), while other warps may take other paths. Atomics are std::atomic_ref operations
-// (truly atomic across the block's threads). Slow and for small sizes only.
+// last block combines the others' partials (attention decode, argmax) sees all of them. The
+// block's threads are fibers of the calling thread: each runs until it waits at a
+// barrier (__syncthreads, or a warp-collective operation) or ends, then the next one runs, so
+// a block's threads interleave only at barriers — deterministically, and stricter than the
+// hardware: a kernel that reads another thread's write without a barrier between sees the
+// write missing. __shared__ variables are function statics (one copy, shared by the block's
+// threads, reused by the next block) and dynamic shared memory (`extern __shared__ T name[];`,
+// rewritten by run.sh into a pointer) one buffer per launch; warp-collective operations
+// (shuffles, mma) exchange through per-thread slots between two barriers of the calling warp,
+// so the 32 lanes of a warp must reach them together (as in every kernel here), while other
+// warps may take other paths. A barrier that can never complete (threads that ended or wait
+// elsewhere) stops the program with a message. Slow and for small sizes only.
 #pragma once
+#include <ucontext.h>
+
 #include <algorithm>
 #include <atomic>
-#include <barrier>
+#include <cstdint>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
-#include <thread>
 #include <vector>
 
 struct dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
-inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 threadIdx, blockIdx;  // threadIdx: set at every switch to a thread's fiber
 inline dim3 blockDim, gridDim;
-inline std::barrier<>* g_barrier = nullptr;
-inline std::vector<std::barrier<>*> g_warp_barriers;  // one per warp of the running block
-inline void warp_sync() { g_warp_barriers[threadIdx.x / 32]->arrive_and_wait(); }
+
+// Fiber switching: on x86-64 a stack switch that saves the callee-saved registers (no signal
+// mask system call, as swapcontext makes); elsewhere ucontext.
+#if defined(__x86_64__)
+struct EmuCtx {
+    void* sp = nullptr;
+};
+extern "C" void emu_switch(void** save_sp, void* to_sp);
+asm(R"(
+    .text
+    .globl emu_switch
+    .hidden emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+inline void emu_swap(EmuCtx& from, EmuCtx& to) { emu_switch(&from.sp, to.sp); }
+// A fresh context that starts in entry() on the given stack: entry's address where emu_switch
+// returns to, below a zero return address (so entry sees the stack alignment of a call), with
+// six zero registers on top.
+inline void emu_make(EmuCtx& c, char* stack, size_t size, void (*entry)()) {
+    void** sp = reinterpret_cast<void**>((reinterpret_cast<uintptr_t>(stack + size)) & ~uintptr_t(15));
+    *--sp = nullptr;
+    *--sp = reinterpret_cast<void*>(entry);
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    c.sp = sp;
+}
+#else
+struct EmuCtx {
+    ucontext_t uc;
+};
+inline void emu_swap(EmuCtx& from, EmuCtx& to) { swapcontext(&from.uc, &to.uc); }
+inline void emu_make(EmuCtx& c, char* stack, size_t size, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
+// The running block's fibers: a thread runs until it waits (emu_yield switches straight to the
+// next thread that has not ended) or ends.
+struct EmuFibers {
+    std::vector<EmuCtx> ctx;
+    std::vector<char> done;
+    std::unique_ptr<char[]> stacks;
+    size_t stack_threads = 0;
+    EmuCtx caller, dead;
+    unsigned n = 0, current = 0, alive = 0;
+    unsigned long long progress = 0;  // barrier arrivals and thread ends, for deadlock detection
+    const std::function<void()>* body = nullptr;
+};
+inline EmuFibers g_fibers;
+static const size_t EMU_STACK = 128 << 10;
+
+inline unsigned emu_next(unsigned from) {
+    unsigned t = from;
+    do t = (t + 1) % g_fibers.n;
+    while (g_fibers.done[t]);
+    return t;
+}
+// Switches from the current thread to the next live one (round robin).
+inline void emu_yield() {
+    const unsigned from = g_fibers.current, to = emu_next(from);
+    if (to == from) return;
+    g_fibers.current = to;
+    threadIdx = dim3{to, 0, 0};
+    emu_swap(g_fibers.ctx[from], g_fibers.ctx[to]);
+    threadIdx = dim3{from, 0, 0};
+}
+inline void emu_fiber_main() {
+    (*g_fibers.body)();
+    g_fibers.done[g_fibers.current] = 1;
+    ++g_fibers.progress;
+    if (--g_fibers.alive == 0) emu_swap(g_fibers.dead, g_fibers.caller);  // never returns here
+    const unsigned to = emu_next(g_fibers.current);
+    g_fibers.current = to;
+    threadIdx = dim3{to, 0, 0};
+    emu_swap(g_fibers.dead, g_fibers.ctx[to]);
+}
+
+// A barrier of `expected` threads: the last to arrive releases the others (each waiter sees
+// the generation change when its turn comes). A full round of every live thread without an
+// arrival or an end anywhere is a deadlock.
+struct EmuBarrier {
+    unsigned expected = 0, count = 0, gen = 0;
+    void arrive_and_wait() {
+        const unsigned g = gen;
+        ++g_fibers.progress;
+        if (++count == expected) {
+            count = 0;
+            ++gen;
+            return;
+        }
+        unsigned long long seen = g_fibers.progress, idle = 0;
+        while (gen == g) {
+            emu_yield();
+            if (g_fibers.progress != seen) {
+                seen = g_fibers.progress;
+                idle = 0;
+            } else if (++idle > 2ull * g_fibers.n + 2) {
+                std::fprintf(stderr, "emulate.h: deadlock: thread %u of block (%u, %u, %u) waits at a barrier of %u that "
+                             "cannot complete (%u arrived)\n", threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z,
+                             expected, count);
+                std::abort();
+            }
+        }
+    }
+};
+inline EmuBarrier g_block_barrier;
+inline EmuBarrier* g_barrier = &g_block_barrier;
+inline std::vector<EmuBarrier> g_warp_barriers;  // one per warp of the running block
+inline void warp_sync() { g_warp_barriers[threadIdx.x / 32].arrive_and_wait(); }
 
 #define __global__
 #define __device__
@@ -134,35 +266,38 @@ inline T* emu_dynamic_shared() {
 }
 
 // Runs f (a kernel call with its arguments bound) over the grid, block by block, with `smem`
-// bytes of dynamic shared memory. The block's threads are started once and run every block in
-// turn, meeting at a barrier between blocks (so a block starts only when the previous one has
-// finished, and all its writes are visible).
+// bytes of dynamic shared memory: each block's threads start as fresh fibers once the previous
+// block has ended (so all its writes are visible).
 inline void launch(dim3 grid, unsigned int threads, const std::function<void()>& f, size_t smem = 0) {
     gridDim = grid;
     blockDim = dim3{threads, 1, 1};
     g_dynamic_smem.assign((smem + 7) / 8, 0.0);
     std::memset(g_dynamic_smem.data(), 0xff, g_dynamic_smem.size() * 8);
-    std::barrier<> bar((std::ptrdiff_t)threads), block_end((std::ptrdiff_t)threads);
-    g_barrier = &bar;
-    std::vector<std::unique_ptr<std::barrier<>>> wb;
-    g_warp_barriers.clear();
-    for (unsigned int w = 0; w < (threads + 31) / 32; ++w) {
-        wb.push_back(std::make_unique<std::barrier<>>((std::ptrdiff_t)std::min(32u, threads - 32 * w)));
-        g_warp_barriers.push_back(wb.back().get());
+    EmuFibers& F = g_fibers;
+    if (F.stack_threads < threads) {
+        F.stacks.reset(new char[threads * EMU_STACK]);  // not touched until used
+        F.stack_threads = threads;
     }
-    std::vector<std::thread> ts;
-    for (unsigned int t = 0; t < threads; ++t)
-        ts.emplace_back([&, t] {
-            threadIdx = dim3{t, 0, 0};
-            for (unsigned int z = 0; z < grid.z; ++z)
-                for (unsigned int y = 0; y < grid.y; ++y)
-                    for (unsigned int x = 0; x < grid.x; ++x) {
-                        blockIdx = dim3{x, y, z};
-                        f();
-                        block_end.arrive_and_wait();
-                    }
-        });
-    for (auto& th : ts) th.join();
+    F.ctx.resize(threads);
+    F.done.assign(threads, 0);
+    F.n = threads;
+    F.body = &f;
+    g_block_barrier = EmuBarrier{threads};
+    g_warp_barriers.assign((threads + 31) / 32, EmuBarrier{});
+    for (unsigned int w = 0; w < g_warp_barriers.size(); ++w) g_warp_barriers[w].expected = std::min(32u, threads - 32 * w);
+    for (unsigned int z = 0; z < grid.z; ++z)
+        for (unsigned int y = 0; y < grid.y; ++y)
+            for (unsigned int x = 0; x < grid.x; ++x) {
+                blockIdx = dim3{x, y, z};
+                for (unsigned int t = 0; t < threads; ++t) {
+                    emu_make(F.ctx[t], F.stacks.get() + t * EMU_STACK, EMU_STACK, emu_fiber_main);
+                    F.done[t] = 0;
+                }
+                F.alive = threads;
+                F.current = 0;
+                threadIdx = dim3{0, 0, 0};
+                emu_swap(F.caller, F.ctx[0]);
+            }
 }
 
 // The PTX-only helpers of kernels/common.cuh. Rounding as cvt.rn.bf16.f32: to nearest even.

@@ -1,0 +1,482 @@
+// device.cpp: an emulated CUDA driver (libcuda.so) that runs the kernels of kernels/*.cu on the
+// CPU through emulate.h, so that the whole CUDA engine — the host code of src/cuda/ with its
+// buffers, launches, streams, events and CUDA graphs — runs in CI against the CPU backend. Built
+// by build-device.sh into a folder that is put first on LD_LIBRARY_PATH; cudarc then opens it
+// in place of NVIDIA's driver. It covers the driver calls this crate makes, no more; a call it
+// lacks makes cudarc panic naming the symbol.
+//
+// The device: compute capability 9.0, 132 multiprocessors, 80 GiB. Memory is host memory (a
+// device pointer is an address), filled with 0xff bytes when allocated (NaN in f32 and bf16), so
+// a read of memory never written shows. The cubin or PTX given to cuModuleLoadData is not run:
+// cuModuleGetFunction finds the kernel of that name in the emulated modules (modules/*.so beside
+// this library, one per kernel file, each exporting emu_<kernel> and emu_sizes_<kernel>, see
+// trampoline.h). Work runs when it is issued, one launch at a time, so every stream is ordered
+// and events only matter to capture: a stream being captured records kernel launches, copies
+// and sets into the graph instead of running them (a stream that waits on an event recorded
+// during a capture joins that capture, as in CUDA), and launching the graph runs them in the
+// recorded order, which respects every dependency the host expressed.
+#include <cuda.h>
+#include <dirent.h>
+#include <dlfcn.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#define API extern "C" __attribute__((visibility("default")))
+
+namespace {
+
+std::recursive_mutex mu;
+
+using RunFn = void (*)(void**, unsigned, unsigned, unsigned, unsigned, size_t);
+using SizesFn = int (*)(size_t*);
+struct Func {
+    std::string name;
+    RunFn run;
+    SizesFn sizes;
+};
+enum Kind { KERNEL, COPY, SET8, SET32, EVENT };
+struct Event;
+struct Node {
+    Kind kind;
+    Func* f = nullptr;
+    unsigned grid[3] = {1, 1, 1}, threads = 1;
+    size_t smem = 0;
+    std::vector<std::vector<char>> args;
+    void* dst = nullptr;
+    const void* src = nullptr;
+    std::vector<char> host;  // a host → device copy's bytes, taken at capture
+    size_t n = 0;
+    unsigned value = 0;
+    Event* event = nullptr;
+};
+struct Graph {
+    std::vector<Node> nodes;
+};
+struct Stream {
+    Graph* capture = nullptr;
+};
+struct Event {
+    Graph* capture = nullptr;
+    double t = 0;
+};
+
+Stream null_stream;
+std::set<Stream*> streams{&null_stream};
+std::vector<void*> modules;
+std::map<std::string, std::unique_ptr<Func>> funcs;
+std::map<void*, size_t> allocations;
+size_t allocated = 0;
+const size_t TOTAL = 80ull << 30;
+int current_ctx = 1;
+
+double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+Stream* S(CUstream s) { return s ? reinterpret_cast<Stream*>(s) : &null_stream; }
+
+void load_modules() {
+    static bool done = false;
+    if (done) return;
+    done = true;
+    Dl_info info;
+    dladdr(reinterpret_cast<void*>(&load_modules), &info);
+    std::string dir = info.dli_fname;
+    dir = dir.substr(0, dir.rfind('/') + 1) + "modules";
+    DIR* d = opendir(dir.c_str());
+    if (!d) {
+        std::fprintf(stderr, "cuda-emulate: no kernel modules in %s\n", dir.c_str());
+        return;
+    }
+    while (dirent* e = readdir(d)) {
+        std::string n = e->d_name;
+        if (n.size() > 3 && n.substr(n.size() - 3) == ".so") {
+            void* h = dlopen((dir + "/" + n).c_str(), RTLD_NOW | RTLD_LOCAL);
+            if (h)
+                modules.push_back(h);
+            else
+                std::fprintf(stderr, "cuda-emulate: %s\n", dlerror());
+        }
+    }
+    closedir(d);
+}
+
+void run(const Node& n) {
+    switch (n.kind) {
+        case KERNEL: {
+            std::vector<void*> p;
+            for (auto& a : n.args) p.push_back(const_cast<char*>(a.data()));
+            n.f->run(p.data(), n.grid[0], n.grid[1], n.grid[2], n.threads, n.smem);
+            break;
+        }
+        case COPY:
+            std::memmove(n.dst, n.host.empty() ? n.src : n.host.data(), n.n);
+            break;
+        case SET8:
+            std::memset(n.dst, (int)(n.value & 0xff), n.n);
+            break;
+        case SET32:
+            for (size_t i = 0; i < n.n; ++i) static_cast<unsigned*>(n.dst)[i] = n.value;
+            break;
+        case EVENT:
+            n.event->t = now();
+            break;
+    }
+}
+
+// Runs the node now, or records it when the stream is being captured.
+CUresult issue(CUstream s, Node n) {
+    if (Graph* g = S(s)->capture) {
+        g->nodes.push_back(std::move(n));
+    } else {
+        run(n);
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult copy(void* dst, const void* src, size_t n, CUstream s, bool from_host) {
+    Node node{COPY};
+    node.dst = dst;
+    node.n = n;
+    // A host source being captured is copied now (the graph keeps the bytes); others are read
+    // when the copy runs.
+    if (from_host && S(s)->capture)
+        node.host.assign(static_cast<const char*>(src), static_cast<const char*>(src) + n);
+    else
+        node.src = src;
+    return issue(s, std::move(node));
+}
+
+CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                unsigned smem, CUstream s, void** params) {
+    Func* fn = reinterpret_cast<Func*>(f);
+    if (by * bz != 1 || bx == 0 || bx > 1024 || gx * gy * gz == 0) {
+        std::fprintf(stderr, "cuda-emulate: %s launched with block (%u, %u, %u), grid (%u, %u, %u)\n",
+                     fn->name.c_str(), bx, by, bz, gx, gy, gz);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (smem > 232448) return CUDA_ERROR_INVALID_VALUE;
+    Node n{KERNEL};
+    n.f = fn;
+    n.grid[0] = gx, n.grid[1] = gy, n.grid[2] = gz;
+    n.threads = bx;
+    n.smem = smem;
+    size_t sizes[64];
+    const int count = fn->sizes(sizes);
+    for (int i = 0; i < count; ++i) {
+        const char* p = static_cast<const char*>(params[i]);
+        n.args.emplace_back(p, p + sizes[i]);
+    }
+    return issue(s, std::move(n));
+}
+
+}  // namespace
+
+#define LOCK std::lock_guard<std::recursive_mutex> lock_(mu)
+
+// Errors.
+API CUresult cuGetErrorString(CUresult e, const char** s) {
+    *s = e == CUDA_SUCCESS ? "no error" : "error in the emulated CUDA driver (scripts/cuda-emulate/device.cpp)";
+    return CUDA_SUCCESS;
+}
+API CUresult cuGetErrorName(CUresult e, const char** s) {
+    *s = e == CUDA_SUCCESS ? "CUDA_SUCCESS" : "CUDA_ERROR_EMULATED";
+    return CUDA_SUCCESS;
+}
+
+// Driver, device, context. (NVRTC opens the driver too and asks for its private export tables:
+// there are none here, which it takes as a driver without them.)
+API CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+API CUresult cuGetExportTable(const void** table, const CUuuid*) {
+    *table = nullptr;
+    return CUDA_ERROR_NOT_SUPPORTED;
+}
+API CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+API CUresult cuDeviceGetCount(int* n) {
+    *n = 1;
+    return CUDA_SUCCESS;
+}
+API CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *d = 0;
+    return CUDA_SUCCESS;
+}
+API CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    std::snprintf(name, (size_t)len, "emulated CUDA device (scripts/cuda-emulate)");
+    return CUDA_SUCCESS;
+}
+API CUresult cuDeviceTotalMem(size_t* b, CUdevice) {
+    *b = TOTAL;
+    return CUDA_SUCCESS;
+}
+API CUresult cuDeviceGetAttribute(int* v, CUdevice_attribute a, CUdevice) {
+    switch (a) {
+        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: *v = 9; break;
+        case CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: *v = 0; break;
+        case CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: *v = 132; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK: *v = 1024; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X: *v = 1024; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y: *v = 1024; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z: *v = 64; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X: *v = 0x7fffffff; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y: *v = 65535; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z: *v = 65535; break;
+        case CU_DEVICE_ATTRIBUTE_WARP_SIZE: *v = 32; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK: *v = 49152; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: *v = 232448; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: *v = 233472; break;
+        case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: *v = 2048; break;
+        case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: *v = 50 << 20; break;
+        default: *v = 0;
+    }
+    return CUDA_SUCCESS;
+}
+API CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
+    *c = reinterpret_cast<CUcontext>(&current_ctx);
+    return CUDA_SUCCESS;
+}
+API CUresult cuDevicePrimaryCtxRelease(CUdevice) { return CUDA_SUCCESS; }
+API CUresult cuDevicePrimaryCtxReset(CUdevice) { return CUDA_SUCCESS; }
+API CUresult cuCtxSetCurrent(CUcontext) { return CUDA_SUCCESS; }
+API CUresult cuCtxGetCurrent(CUcontext* c) {
+    *c = reinterpret_cast<CUcontext>(&current_ctx);
+    return CUDA_SUCCESS;
+}
+API CUresult cuCtxPushCurrent(CUcontext) { return CUDA_SUCCESS; }
+API CUresult cuCtxPopCurrent(CUcontext* c) {
+    if (c) *c = reinterpret_cast<CUcontext>(&current_ctx);
+    return CUDA_SUCCESS;
+}
+API CUresult cuCtxGetDevice(CUdevice* d) {
+    *d = 0;
+    return CUDA_SUCCESS;
+}
+API CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+
+// Memory.
+API CUresult cuMemGetInfo(size_t* free_bytes, size_t* total) {
+    LOCK;
+    *free_bytes = TOTAL - allocated;
+    *total = TOTAL;
+    return CUDA_SUCCESS;
+}
+API CUresult cuMemAlloc(CUdeviceptr* p, size_t n) {
+    LOCK;
+    if (allocated + n > TOTAL) return CUDA_ERROR_OUT_OF_MEMORY;
+    const size_t rounded = (n + 255) / 256 * 256;
+    void* m = std::aligned_alloc(256, rounded ? rounded : 256);
+    if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
+    std::memset(m, 0xff, rounded ? rounded : 256);
+    allocations[m] = n;
+    allocated += n;
+    *p = reinterpret_cast<CUdeviceptr>(m);
+    return CUDA_SUCCESS;
+}
+API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return cuMemAlloc(p, n); }
+API CUresult cuMemFree(CUdeviceptr p) {
+    LOCK;
+    void* m = reinterpret_cast<void*>(p);
+    auto it = allocations.find(m);
+    if (it == allocations.end()) return p ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
+    allocated -= it->second;
+    allocations.erase(it);
+    std::free(m);
+    return CUDA_SUCCESS;
+}
+API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree(p); }
+API CUresult cuMemcpyHtoD(CUdeviceptr d, const void* h, size_t n) {
+    LOCK;
+    return copy(reinterpret_cast<void*>(d), h, n, nullptr, true);
+}
+API CUresult cuMemcpyHtoDAsync(CUdeviceptr d, const void* h, size_t n, CUstream s) {
+    LOCK;
+    return copy(reinterpret_cast<void*>(d), h, n, s, true);
+}
+API CUresult cuMemcpyDtoH(void* h, CUdeviceptr d, size_t n) {
+    LOCK;
+    return copy(h, reinterpret_cast<const void*>(d), n, nullptr, false);
+}
+API CUresult cuMemcpyDtoHAsync(void* h, CUdeviceptr d, size_t n, CUstream s) {
+    LOCK;
+    return copy(h, reinterpret_cast<const void*>(d), n, s, false);
+}
+API CUresult cuMemcpyDtoD(CUdeviceptr d, CUdeviceptr s_, size_t n) {
+    LOCK;
+    return copy(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s_), n, nullptr, false);
+}
+API CUresult cuMemcpyDtoDAsync(CUdeviceptr d, CUdeviceptr s_, size_t n, CUstream s) {
+    LOCK;
+    return copy(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s_), n, s, false);
+}
+API CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) {
+    LOCK;
+    Node node{SET8};
+    node.dst = reinterpret_cast<void*>(d);
+    node.value = v;
+    node.n = n;
+    return issue(s, std::move(node));
+}
+API CUresult cuMemsetD8(CUdeviceptr d, unsigned char v, size_t n) { return cuMemsetD8Async(d, v, n, nullptr); }
+API CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream s) {
+    LOCK;
+    Node node{SET32};
+    node.dst = reinterpret_cast<void*>(d);
+    node.value = v;
+    node.n = n;
+    return issue(s, std::move(node));
+}
+
+// Streams and events.
+API CUresult cuStreamCreate(CUstream* s, unsigned) {
+    LOCK;
+    Stream* st = new Stream;
+    streams.insert(st);
+    *s = reinterpret_cast<CUstream>(st);
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned f, int) { return cuStreamCreate(s, f); }
+API CUresult cuStreamDestroy(CUstream s) {
+    LOCK;
+    streams.erase(S(s));
+    if (s) delete S(s);
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamSynchronize(CUstream s) {
+    LOCK;
+    return S(s)->capture ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+}
+API CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
+API CUresult cuEventCreate(CUevent* e, unsigned) {
+    *e = reinterpret_cast<CUevent>(new Event);
+    return CUDA_SUCCESS;
+}
+API CUresult cuEventDestroy(CUevent e) {
+    delete reinterpret_cast<Event*>(e);
+    return CUDA_SUCCESS;
+}
+API CUresult cuEventRecord(CUevent e, CUstream s) {
+    LOCK;
+    Event* ev = reinterpret_cast<Event*>(e);
+    ev->capture = S(s)->capture;
+    Node n{EVENT};
+    n.event = ev;
+    return issue(s, std::move(n));
+}
+API CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
+API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    LOCK;
+    Event* ev = reinterpret_cast<Event*>(e);
+    if (ev->capture && !S(s)->capture) {
+        bool active = false;
+        for (Stream* st : streams) active |= st->capture == ev->capture;
+        if (active) S(s)->capture = ev->capture;  // joins the capture
+    }
+    return CUDA_SUCCESS;
+}
+API CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
+API CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+API CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
+    *ms = (float)((reinterpret_cast<Event*>(b)->t - reinterpret_cast<Event*>(a)->t) * 1e3);
+    return CUDA_SUCCESS;
+}
+
+// Modules and launches.
+API CUresult cuModuleLoadData(CUmodule* m, const void*) {
+    LOCK;
+    load_modules();
+    *m = reinterpret_cast<CUmodule>(&modules);
+    return CUDA_SUCCESS;
+}
+API CUresult cuModuleUnload(CUmodule) { return CUDA_SUCCESS; }
+API CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+    LOCK;
+    auto it = funcs.find(name);
+    if (it == funcs.end()) {
+        const std::string run = std::string("emu_") + name, sizes = std::string("emu_sizes_") + name;
+        for (void* h : modules) {
+            auto r = reinterpret_cast<RunFn>(dlsym(h, run.c_str()));
+            auto z = reinterpret_cast<SizesFn>(dlsym(h, sizes.c_str()));
+            if (r && z) {
+                it = funcs.emplace(name, std::make_unique<Func>(Func{name, r, z})).first;
+                break;
+            }
+        }
+        if (it == funcs.end()) {
+            std::fprintf(stderr, "cuda-emulate: no emulated kernel %s\n", name);
+            return CUDA_ERROR_NOT_FOUND;
+        }
+    }
+    *f = reinterpret_cast<CUfunction>(it->second.get());
+    return CUDA_SUCCESS;
+}
+API CUresult cuFuncGetAttribute(int* v, CUfunction_attribute a, CUfunction) {
+    *v = a == CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK ? 1024 : a == CU_FUNC_ATTRIBUTE_NUM_REGS ? 32 : 0;
+    return CUDA_SUCCESS;
+}
+API CUresult cuFuncSetAttribute(CUfunction, CUfunction_attribute, int) { return CUDA_SUCCESS; }
+API CUresult cuFuncSetCacheConfig(CUfunction, CUfunc_cache) { return CUDA_SUCCESS; }
+API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                            unsigned bz, unsigned smem, CUstream s, void** params, void**) {
+    LOCK;
+    return launch(f, gx, gy, gz, bx, by, bz, smem, s, params);
+}
+API CUresult cuLaunchKernelEx(const CUlaunchConfig* c, CUfunction f, void** params, void**) {
+    LOCK;
+    return launch(f, c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY, c->blockDimZ,
+                  c->sharedMemBytes, c->hStream, params);
+}
+
+// Graphs.
+API CUresult cuStreamBeginCapture(CUstream s, CUstreamCaptureMode) {
+    LOCK;
+    if (S(s)->capture) return CUDA_ERROR_ILLEGAL_STATE;
+    S(s)->capture = new Graph;
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamEndCapture(CUstream s, CUgraph* g) {
+    LOCK;
+    Graph* graph = S(s)->capture;
+    if (!graph) return CUDA_ERROR_ILLEGAL_STATE;
+    for (Stream* st : streams)
+        if (st->capture == graph) st->capture = nullptr;
+    *g = reinterpret_cast<CUgraph>(graph);
+    return CUDA_SUCCESS;
+}
+API CUresult cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus* st) {
+    LOCK;
+    *st = S(s)->capture ? CU_STREAM_CAPTURE_STATUS_ACTIVE : CU_STREAM_CAPTURE_STATUS_NONE;
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphInstantiateWithFlags(CUgraphExec* e, CUgraph g, unsigned long long) {
+    LOCK;
+    *e = reinterpret_cast<CUgraphExec>(new Graph(*reinterpret_cast<Graph*>(g)));
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphLaunch(CUgraphExec e, CUstream s) {
+    LOCK;
+    if (S(s)->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    for (const Node& n : reinterpret_cast<Graph*>(e)->nodes) run(n);
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphUpload(CUgraphExec, CUstream) { return CUDA_SUCCESS; }
+API CUresult cuGraphDestroy(CUgraph g) {
+    LOCK;
+    delete reinterpret_cast<Graph*>(g);
+    return CUDA_SUCCESS;
+}
+API CUresult cuGraphExecDestroy(CUgraphExec e) {
+    LOCK;
+    delete reinterpret_cast<Graph*>(e);
+    return CUDA_SUCCESS;
+}
