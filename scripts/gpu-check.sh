@@ -18,6 +18,8 @@ OUT=${OUT:-$B/out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export THINKSTEER_CUDA_INCLUDE=/usr/local/cuda/include
+# A GPU test that finds no usable device fails instead of printing "skipped".
+export THINKSTEER_EXPECT_GPU=1
 # Kernels compiled by scripts/build-gpu-bundle.sh (sm_90): no process here compiles them again.
 export THINKSTEER_KERNEL_CACHE=${THINKSTEER_KERNEL_CACHE:-$PWD/$B/kernel-cache}
 NEW=${NEW:-256}

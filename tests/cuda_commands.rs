@@ -12,13 +12,7 @@ use thinksteer::eval::cli::EvalArgs;
 use thinksteer::taxonomy::traces::{read_traces, write_traces, TraceSettings};
 
 fn have_gpu() -> bool {
-    match thinksteer::cuda::available() {
-        Err(why) => {
-            println!("skipped: {why}");
-            false
-        }
-        Ok(()) => true,
-    }
+    common::cuda_or_skip()
 }
 
 /// The fixture folder, found from the build's path or, where the tree was copied elsewhere (the

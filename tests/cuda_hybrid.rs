@@ -19,15 +19,8 @@ use thinksteer::sae::Sae;
 use thinksteer::steering::SteeringSet;
 
 fn gpu() -> Option<Arc<Gpu>> {
-    match thinksteer::cuda::available() {
-        Err(why) => {
-            println!("skipped: {why}");
-            None
-        }
-        Ok(()) => Some(Arc::new(
-            Gpu::new(0).expect("CUDA is available but Gpu::new failed"),
-        )),
-    }
+    common::cuda_or_skip()
+        .then(|| Arc::new(Gpu::new(0).expect("CUDA is available but Gpu::new failed")))
 }
 
 fn problems() -> Vec<Prompts> {

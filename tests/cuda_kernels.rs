@@ -9,6 +9,8 @@
 //! - f32 sums of K products: atol = 4·sqrt(K)·eps_f32·Σ_k|x_k·w_k| (the probabilistic bound on
 //!   recursive-summation error, for the GPU and the f32 reference each).
 
+mod common;
+
 use cudarc::driver::CudaSlice;
 use half::bf16;
 use thinksteer::cpu_ops;
@@ -19,13 +21,7 @@ const EPS32: f32 = f32::EPSILON;
 const RTOL_BF16: f32 = 1.0 / 256.0;
 
 fn gpu() -> Option<Gpu> {
-    match thinksteer::cuda::available() {
-        Err(why) => {
-            println!("skipped: {why}");
-            None
-        }
-        Ok(()) => Some(Gpu::new(0).expect("CUDA is available but Gpu::new failed")),
-    }
+    common::cuda_or_skip().then(|| Gpu::new(0).expect("CUDA is available but Gpu::new failed"))
 }
 
 struct Rng(u64);

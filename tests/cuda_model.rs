@@ -24,13 +24,7 @@ use thinksteer::rng::Rng;
 const TOL: f32 = 1.0 / 32.0;
 
 fn gpu() -> Option<Gpu> {
-    match thinksteer::cuda::available() {
-        Err(why) => {
-            println!("skipped: {why}");
-            None
-        }
-        Ok(()) => Some(Gpu::new(0).expect("CUDA is available but Gpu::new failed")),
-    }
+    common::cuda_or_skip().then(|| Gpu::new(0).expect("CUDA is available but Gpu::new failed"))
 }
 
 fn checkpoint(tag: &str) -> PathBuf {

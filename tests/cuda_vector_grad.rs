@@ -39,13 +39,7 @@ use thinksteer::vector_grad::{attention, loss_grad, ops, prepare, Example};
 const U: f64 = 1.0 / (1u64 << 24) as f64;
 
 fn gpu() -> Option<Gpu> {
-    match thinksteer::cuda::available() {
-        Err(why) => {
-            println!("skipped: {why}");
-            None
-        }
-        Ok(()) => Some(Gpu::new(0).expect("CUDA is available but Gpu::new failed")),
-    }
+    common::cuda_or_skip().then(|| Gpu::new(0).expect("CUDA is available but Gpu::new failed"))
 }
 
 fn rand(r: &mut Rng, n: usize, scale: f64) -> Vec<f32> {

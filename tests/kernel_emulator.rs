@@ -1,5 +1,5 @@
 //! Every exported kernel of kernels/*.cu runs on the CPU in the emulator of scripts/cuda-emulate
-//! (blocks of real threads, shared memory, warp shuffles, atomics and tensor-core mma emulated)
+//! (blocks of fibers, shared memory, warp shuffles, atomics and tensor-core mma emulated)
 //! against double-precision references written from each kernel file's banner formula, launched as
 //! src/cuda/kernels.rs launches it, so indexing, masking, tiling, split combines and tie rules are
 //! checked on machines without a GPU (CI included). Covered: gemv.cu (every bucket, glu, and the

@@ -102,7 +102,11 @@ struct EmuFibers {
     const std::function<void()>* body = nullptr;
 };
 inline EmuFibers g_fibers;
-static const size_t EMU_STACK = 128 << 10;
+// Each thread's stack; the kernels use well under 1 KB of it. Its lowest word holds a canary,
+// checked after every block, so an overflow stops the program instead of corrupting a
+// neighbour.
+static const size_t EMU_STACK = 32 << 10;
+static const unsigned long long EMU_CANARY = 0x5eed5eed5eed5eedull;
 
 inline unsigned emu_next(unsigned from) {
     unsigned t = from;
@@ -162,6 +166,13 @@ inline EmuBarrier g_block_barrier;
 inline EmuBarrier* g_barrier = &g_block_barrier;
 inline std::vector<EmuBarrier> g_warp_barriers;  // one per warp of the running block
 inline void warp_sync() { g_warp_barriers[threadIdx.x / 32].arrive_and_wait(); }
+// Warp-collective operations exchange through per-thread slots in two banks, used in turn: a
+// lane writes its bank, meets its warp at one barrier and reads the others' values. It writes
+// that bank again only two operations later, after the next barrier, which no lane passes
+// before every lane has finished reading. So one barrier per operation suffices. Every lane of
+// a warp makes the same sequence of collectives, so their bank counters agree.
+inline unsigned g_bank[1024];
+inline unsigned warp_bank() { return g_bank[threadIdx.x]++ & 1; }
 
 #define __global__
 #define __device__
@@ -188,32 +199,28 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float __int_as_float(int i) { return as_float((unsigned int)i); }
 inline float __uint_as_float(unsigned int u) { return as_float(u); }
 
-// Warp shuffles of any 4-byte type (float, int, unsigned): one slot per thread and type.
+// Warp shuffles of any 4-byte type (float, int, unsigned): one slot per thread, bank and type.
 template <class T>
-inline T* shfl_slots() {
-    static T buf[1024];
-    return buf;
+inline T* shfl_slots(unsigned bank) {
+    static T buf[2][1024];
+    return buf[bank];
 }
 template <class T>
 inline T __shfl_xor_sync(unsigned int, T v, int o) {
-    T* buf = shfl_slots<T>();
+    T* buf = shfl_slots<T>(warp_bank());
     const int t = (int)threadIdx.x;
     buf[t] = v;
     warp_sync();
-    const T r = buf[t ^ o];
-    warp_sync();
-    return r;
+    return buf[t ^ o];
 }
 // Broadcast from lane `src` of the calling warp.
 template <class T>
 inline T __shfl_sync(unsigned int, T v, int src) {
-    T* buf = shfl_slots<T>();
+    T* buf = shfl_slots<T>(warp_bank());
     const int t = (int)threadIdx.x;
     buf[t] = v;
     warp_sync();
-    const T r = buf[(t & ~31) + (src & 31)];
-    warp_sync();
-    return r;
+    return buf[(t & ~31) + (src & 31)];
 }
 
 // Cached / read-only / cache-global loads are plain loads here.
@@ -290,13 +297,21 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
             for (unsigned int x = 0; x < grid.x; ++x) {
                 blockIdx = dim3{x, y, z};
                 for (unsigned int t = 0; t < threads; ++t) {
-                    emu_make(F.ctx[t], F.stacks.get() + t * EMU_STACK, EMU_STACK, emu_fiber_main);
+                    char* stack = F.stacks.get() + t * EMU_STACK;
+                    std::memcpy(stack, &EMU_CANARY, 8);
+                    emu_make(F.ctx[t], stack, EMU_STACK, emu_fiber_main);
                     F.done[t] = 0;
                 }
+                std::fill(g_bank, g_bank + threads, 0u);
                 F.alive = threads;
                 F.current = 0;
                 threadIdx = dim3{0, 0, 0};
                 emu_swap(F.caller, F.ctx[0]);
+                for (unsigned int t = 0; t < threads; ++t)
+                    if (std::memcmp(F.stacks.get() + t * EMU_STACK, &EMU_CANARY, 8) != 0) {
+                        std::fprintf(stderr, "emulate.h: thread %u overflowed its %zu-byte stack\n", t, EMU_STACK);
+                        std::abort();
+                    }
             }
 }
 
@@ -318,36 +333,35 @@ inline void cp_async_wait() {}
 // mma.sync m16n8k16 over the fragment layout of kernels/common.cuh (g = lane/4, c = lane%4):
 //   a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
 //   b0 = B[2c..2c+1][g],  b1 = B[2c+8..][g];  d0,d1 = D[g][2c..], d2,d3 = D[g+8][2c..]
-// Each lane's share is gathered through per-thread slots between two barriers of its warp.
+// Each lane's share goes through per-thread slots (warp_bank); a lane then gathers only what
+// its outputs need: rows g and g+8 of A from lanes 4g..4g+3, columns 2c and 2c+1 of B from
+// lanes 4·(2c)..4·(2c)+3 and 4·(2c+1)..4·(2c+1)+3. Sums in k order, one fmaf each.
 inline void mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
-    static unsigned int fa[1024][4], fb[1024][2];
+    static unsigned int fa[2][1024][4], fb[2][1024][2];
+    const unsigned bank = warp_bank();
     const int t = (int)threadIdx.x, lane = t & 31, w0 = t & ~31;
     auto lo = [](unsigned int w) { return as_float(w << 16); };
     auto hi = [](unsigned int w) { return as_float(w & 0xffff0000u); };
-    for (int e = 0; e < 4; ++e) fa[t][e] = a[e];
-    for (int e = 0; e < 2; ++e) fb[t][e] = b[e];
-    warp_sync();
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; ++l) {
-        const int g = l >> 2, c = l & 3;
-        const unsigned int* x = fa[w0 + l];
-        const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * c, 2 * c, 2 * c + 8, 2 * c + 8};
-        for (int e = 0; e < 4; ++e) {
-            A[rows[e]][cols[e]] = lo(x[e]);
-            A[rows[e]][cols[e] + 1] = hi(x[e]);
-        }
-        const unsigned int* y = fb[w0 + l];
-        B[2 * c][g] = lo(y[0]);
-        B[2 * c + 1][g] = hi(y[0]);
-        B[2 * c + 8][g] = lo(y[1]);
-        B[2 * c + 9][g] = hi(y[1]);
-    }
+    for (int e = 0; e < 4; ++e) fa[bank][t][e] = a[e];
+    for (int e = 0; e < 2; ++e) fb[bank][t][e] = b[e];
     warp_sync();
     const int g = lane >> 2, c = lane & 3;
+    float A[2][16], B[2][16];  // A rows g, g+8; B columns 2c, 2c+1 (over k)
+    for (int cc = 0; cc < 4; ++cc) {
+        const unsigned int* x = fa[bank][w0 + 4 * g + cc];
+        A[0][2 * cc] = lo(x[0]), A[0][2 * cc + 1] = hi(x[0]);
+        A[1][2 * cc] = lo(x[1]), A[1][2 * cc + 1] = hi(x[1]);
+        A[0][2 * cc + 8] = lo(x[2]), A[0][2 * cc + 9] = hi(x[2]);
+        A[1][2 * cc + 8] = lo(x[3]), A[1][2 * cc + 9] = hi(x[3]);
+        for (int j = 0; j < 2; ++j) {
+            const unsigned int* y = fb[bank][w0 + 4 * (2 * c + j) + cc];
+            B[j][2 * cc] = lo(y[0]), B[j][2 * cc + 1] = hi(y[0]);
+            B[j][2 * cc + 8] = lo(y[1]), B[j][2 * cc + 9] = hi(y[1]);
+        }
+    }
     for (int e = 0; e < 4; ++e) {
-        const int r = g + (e >> 1) * 8, col = 2 * c + (e & 1);
         float s = d[e];
-        for (int k = 0; k < 16; ++k) s = fmaf(A[r][k], B[k][col], s);
+        for (int k = 0; k < 16; ++k) s = fmaf(A[e >> 1][k], B[e & 1][k], s);
         d[e] = s;
     }
 }

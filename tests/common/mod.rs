@@ -5,6 +5,22 @@ use half::bf16;
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
 
+/// Whether the GPU tests can run here. Without CUDA they print "skipped: <reason>" and pass,
+/// unless THINKSTEER_EXPECT_GPU=1 (scripts/cuda-emulate/gpu-tests.sh, the GPU check) says a
+/// device must be there: then a missing one fails the test instead of passing it unseen.
+pub fn cuda_or_skip() -> bool {
+    match thinksteer::cuda::available() {
+        Ok(()) => true,
+        Err(why) if std::env::var("THINKSTEER_EXPECT_GPU").as_deref() == Ok("1") => {
+            panic!("THINKSTEER_EXPECT_GPU=1, but CUDA cannot be used: {why}")
+        }
+        Err(why) => {
+            println!("skipped: {why}");
+            false
+        }
+    }
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the GPU tests (tests/cuda_*.rs) on the emulated CUDA driver (device.cpp): the engine, the
+# hybrid step, the commands and the vector gradient, host code and CUDA graphs included, with
+# every kernel running in the emulator — on a machine without a GPU, against the CPU backend.
+# What it cannot show: timing, real concurrency between streams and blocks, and the compiled
+# code (the GPU check on a lent card remains the word there). Extra arguments go to cargo test
+# (e.g. --release). Needs g++ (C++20), cuda.h and NVRTC (as .ci/run installs them).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+out="$PWD/target/cuda-emulate"
+bash scripts/cuda-emulate/build-device.sh "$out"
+# THINKSTEER_EXPECT_GPU=1: a test that finds no device fails instead of printing "skipped".
+LD_LIBRARY_PATH="$out:${LD_LIBRARY_PATH:-}" THINKSTEER_EXPECT_GPU=1 \
+    cargo test "$@" --test cuda_kernels --test cuda_model --test cuda_hybrid --test cuda_commands \
+    --test cuda_vector_grad -- --test-threads=1
