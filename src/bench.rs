@@ -21,9 +21,18 @@ pub const HBM_BYTES_PER_S: f64 = 3.0e12;
 /// H100 SXM dense bf16 tensor-core peak, from NVIDIA's datasheet.
 pub const H100_BF16_FLOPS: f64 = 989e12;
 
-/// The real configurations of the named benchmark shapes.
+/// The real configurations of the named benchmark shapes, and `tiny`: 12 small Qwen2-style
+/// layers (head_dim 64, enough blocks for the hybrid bench's SAE and steering points) for
+/// running the benchmarks' code paths where time means nothing, e.g. on the emulated CUDA
+/// driver (`scripts/cuda-emulate/`).
 pub fn named_shape(name: &str) -> Option<Config> {
     let json = match name {
+        "tiny" => serde_json::json!({
+            "model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 12,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "max_position_embeddings": 4096, "tie_word_embeddings": true,
+            "eos_token_id": 0
+        }),
         "qwen2.5-1.5b" => serde_json::json!({
             "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
             "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-6,
@@ -440,7 +449,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     use crate::cuda::hybrid::CudaHybrid;
     use crate::hybrid::{Mode, Prompts, Settings as HySettings};
     let Some(mut c) = named_shape(shape) else {
-        bail!("--hybrid needs a named shape (qwen2.5-1.5b or llama-3.1-8b), found {shape:?}");
+        bail!("--hybrid needs a named shape (qwen2.5-1.5b, llama-3.1-8b or tiny), found {shape:?}");
     };
     c.eos_token_ids.clear(); // random weights: never stop early
     let gpu = Arc::new(Gpu::new(0)?);
@@ -744,7 +753,7 @@ pub fn run_cuda_vector_grad(
     seed: u64,
 ) -> Result<Vec<VectorGradRow>> {
     let Some(c) = named_shape(shape) else {
-        bail!("--vector-grad needs a named shape (qwen2.5-1.5b or llama-3.1-8b), found {shape:?}");
+        bail!("--vector-grad needs a named shape (qwen2.5-1.5b, llama-3.1-8b or tiny), found {shape:?}");
     };
     if prompt_len < 3 {
         bail!("--vector-grad needs --prompt-len of at least 3, found {prompt_len}");

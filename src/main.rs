@@ -334,7 +334,8 @@ struct GradeArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// qwen2.5-1.5b, llama-3.1-8b (random weights of the real shape) or a checkpoint folder.
+    /// qwen2.5-1.5b, llama-3.1-8b (random weights of the real shape), tiny (a small shape for
+    /// checking the code paths, e.g. on the emulated driver) or a checkpoint folder.
     #[arg(long)]
     shape: String,
     /// Where to run (named shapes need the GPU).
