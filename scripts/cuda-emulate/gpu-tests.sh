@@ -19,4 +19,4 @@ LD_LIBRARY_PATH="$out:${LD_LIBRARY_PATH:-}" THINKSTEER_EXPECT_GPU=1 \
 LD_LIBRARY_PATH="$out:${LD_LIBRARY_PATH:-}" THINKSTEER_EXPECT_GPU=1 THINKSTEER_GEMM_FROM=33 \
     THINKSTEER_GEMV_WARPS=8 THINKSTEER_ROPE=attn THINKSTEER_ATTN=group THINKSTEER_PREFILL_ROWS=48 \
     cargo test "$@" --test cuda_model --test cuda_hybrid --test cuda_commands -- --test-threads=1 \
-    --skip persistent --skip ungated
+    --skip persistent --skip ungated --skip smollm2
