@@ -19,6 +19,8 @@ if [ -z "$inc" ]; then
 fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
+# Modules of kernel files that no longer exist (or kernels that moved) must not linger.
+rm -rf "$out/modules"
 mkdir -p "$tmp/kernels" "$out/modules"
 for f in "$here"/../../kernels/*; do
     sed -E 's/extern __shared__ ([A-Za-z_][A-Za-z_0-9]*) ([A-Za-z_][A-Za-z_0-9]*)\[\];/\1* const \2 = emu_dynamic_shared<\1>();/' \

@@ -14,7 +14,11 @@
 // and events only matter to capture: a stream being captured records kernel launches, copies
 // and sets into the graph instead of running them (a stream that waits on an event recorded
 // during a capture joins that capture, as in CUDA), and launching the graph runs them in the
-// recorded order, which respects every dependency the host expressed.
+// recorded order, which respects every dependency the host expressed. What CUDA refuses, this
+// refuses too: allocating, freeing, synchronous copies and synchronising during a capture (the
+// capture is then invalid), a capturing stream waiting on an event from outside its capture, a
+// capture ended with a joined stream not joined back, more dynamic shared memory than the
+// kernel's attribute allows (48 KB unless raised), a zero-byte allocation.
 #include <cuda.h>
 #include <dirent.h>
 #include <dlfcn.h>
@@ -42,9 +46,9 @@ struct Func {
     std::string name;
     RunFn run;
     SizesFn sizes;
+    int max_dynamic_smem = 48 << 10;  // raised by cuFuncSetAttribute, as on the hardware
 };
-enum Kind { KERNEL, COPY, SET8, SET32, EVENT };
-struct Event;
+enum Kind { KERNEL, COPY, SET8, SET32 };
 struct Node {
     Kind kind;
     Func* f = nullptr;
@@ -53,21 +57,27 @@ struct Node {
     std::vector<std::vector<char>> args;
     void* dst = nullptr;
     const void* src = nullptr;
-    std::vector<char> host;  // a host → device copy's bytes, taken at capture
     size_t n = 0;
     unsigned value = 0;
-    Event* event = nullptr;
 };
 struct Graph {
     std::vector<Node> nodes;
+    unsigned long long id = 0;
+    bool invalidated = false;  // an operation CUDA forbids during capture was attempted
 };
 struct Stream {
     Graph* capture = nullptr;
+    unsigned long long ops = 0;  // operations issued into the capture
+    std::map<Stream*, unsigned long long> awaited;  // per stream: its ops this one has waited for
 };
 struct Event {
-    Graph* capture = nullptr;
+    unsigned long long capture = 0;  // id of the capture it was recorded in (0: none)
+    Stream* stream = nullptr;        // where, and after how many of that stream's ops
+    unsigned long long ops = 0;
+    bool timing = true;
     double t = 0;
 };
+unsigned long long next_capture_id = 1;
 
 Stream null_stream;
 std::set<Stream*> streams{&null_stream};
@@ -118,7 +128,7 @@ void run(const Node& n) {
             break;
         }
         case COPY:
-            std::memmove(n.dst, n.host.empty() ? n.src : n.host.data(), n.n);
+            std::memmove(n.dst, n.src, n.n);
             break;
         case SET8:
             std::memset(n.dst, (int)(n.value & 0xff), n.n);
@@ -126,15 +136,13 @@ void run(const Node& n) {
         case SET32:
             for (size_t i = 0; i < n.n; ++i) static_cast<unsigned*>(n.dst)[i] = n.value;
             break;
-        case EVENT:
-            n.event->t = now();
-            break;
     }
 }
 
 // Runs the node now, or records it when the stream is being captured.
 CUresult issue(CUstream s, Node n) {
     if (Graph* g = S(s)->capture) {
+        ++S(s)->ops;
         g->nodes.push_back(std::move(n));
     } else {
         run(n);
@@ -142,16 +150,26 @@ CUresult issue(CUstream s, Node n) {
     return CUDA_SUCCESS;
 }
 
-CUresult copy(void* dst, const void* src, size_t n, CUstream s, bool from_host) {
+// Whether any stream is being captured; a call CUDA forbids then (allocation, freeing, a
+// synchronous copy, a context synchronisation) fails and invalidates every capture, as in CUDA's
+// default (global / thread-local) capture modes.
+bool forbidden_during_capture() {
+    bool any = false;
+    for (Stream* st : streams)
+        if (st->capture) {
+            st->capture->invalidated = true;
+            any = true;
+        }
+    return any;
+}
+
+CUresult copy(void* dst, const void* src, size_t n, CUstream s) {
     Node node{COPY};
     node.dst = dst;
     node.n = n;
-    // A host source being captured is copied now (the graph keeps the bytes); others are read
-    // when the copy runs.
-    if (from_host && S(s)->capture)
-        node.host.assign(static_cast<const char*>(src), static_cast<const char*>(src) + n);
-    else
-        node.src = src;
+    // Read when the copy runs (a captured copy reads its source at every replay, as CUDA's
+    // memcpy node does).
+    node.src = src;
     return issue(s, std::move(node));
 }
 
@@ -163,7 +181,12 @@ CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx
                      fn->name.c_str(), bx, by, bz, gx, gy, gz);
         return CUDA_ERROR_INVALID_VALUE;
     }
-    if (smem > 232448) return CUDA_ERROR_INVALID_VALUE;
+    if ((int)smem > fn->max_dynamic_smem) {
+        std::fprintf(stderr, "cuda-emulate: %s launched with %u bytes of dynamic shared memory, above its %d "
+                     "(raise CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES first)\n", fn->name.c_str(), smem,
+                     fn->max_dynamic_smem);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
     Node n{KERNEL};
     n.f = fn;
     n.grid[0] = gx, n.grid[1] = gy, n.grid[2] = gz;
@@ -171,6 +194,7 @@ CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx
     n.smem = smem;
     size_t sizes[64];
     const int count = fn->sizes(sizes);
+    if (count > 64) std::abort();
     for (int i = 0; i < count; ++i) {
         const char* p = static_cast<const char*>(params[i]);
         n.args.emplace_back(p, p + sizes[i]);
@@ -238,6 +262,7 @@ API CUresult cuDeviceGetAttribute(int* v, CUdevice_attribute a, CUdevice) {
         case CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: *v = 233472; break;
         case CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR: *v = 2048; break;
         case CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: *v = 50 << 20; break;
+        case CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED: *v = 1; break;  // cudarc: stream-ordered allocation
         default: *v = 0;
     }
     return CUDA_SUCCESS;
@@ -262,7 +287,10 @@ API CUresult cuCtxGetDevice(CUdevice* d) {
     *d = 0;
     return CUDA_SUCCESS;
 }
-API CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+API CUresult cuCtxSynchronize() {
+    LOCK;
+    return forbidden_during_capture() ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+}
 
 // Memory.
 API CUresult cuMemGetInfo(size_t* free_bytes, size_t* total) {
@@ -273,6 +301,8 @@ API CUresult cuMemGetInfo(size_t* free_bytes, size_t* total) {
 }
 API CUresult cuMemAlloc(CUdeviceptr* p, size_t n) {
     LOCK;
+    if (n == 0) return CUDA_ERROR_INVALID_VALUE;
+    if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     if (allocated + n > TOTAL) return CUDA_ERROR_OUT_OF_MEMORY;
     const size_t rounded = (n + 255) / 256 * 256;
     void* m = std::aligned_alloc(256, rounded ? rounded : 256);
@@ -286,6 +316,7 @@ API CUresult cuMemAlloc(CUdeviceptr* p, size_t n) {
 API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return cuMemAlloc(p, n); }
 API CUresult cuMemFree(CUdeviceptr p) {
     LOCK;
+    if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     void* m = reinterpret_cast<void*>(p);
     auto it = allocations.find(m);
     if (it == allocations.end()) return p ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
@@ -297,27 +328,30 @@ API CUresult cuMemFree(CUdeviceptr p) {
 API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree(p); }
 API CUresult cuMemcpyHtoD(CUdeviceptr d, const void* h, size_t n) {
     LOCK;
-    return copy(reinterpret_cast<void*>(d), h, n, nullptr, true);
+    if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return copy(reinterpret_cast<void*>(d), h, n, nullptr);
 }
 API CUresult cuMemcpyHtoDAsync(CUdeviceptr d, const void* h, size_t n, CUstream s) {
     LOCK;
-    return copy(reinterpret_cast<void*>(d), h, n, s, true);
+    return copy(reinterpret_cast<void*>(d), h, n, s);
 }
 API CUresult cuMemcpyDtoH(void* h, CUdeviceptr d, size_t n) {
     LOCK;
-    return copy(h, reinterpret_cast<const void*>(d), n, nullptr, false);
+    if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return copy(h, reinterpret_cast<const void*>(d), n, nullptr);
 }
 API CUresult cuMemcpyDtoHAsync(void* h, CUdeviceptr d, size_t n, CUstream s) {
     LOCK;
-    return copy(h, reinterpret_cast<const void*>(d), n, s, false);
+    return copy(h, reinterpret_cast<const void*>(d), n, s);
 }
 API CUresult cuMemcpyDtoD(CUdeviceptr d, CUdeviceptr s_, size_t n) {
     LOCK;
-    return copy(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s_), n, nullptr, false);
+    if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    return copy(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s_), n, nullptr);
 }
 API CUresult cuMemcpyDtoDAsync(CUdeviceptr d, CUdeviceptr s_, size_t n, CUstream s) {
     LOCK;
-    return copy(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s_), n, s, false);
+    return copy(reinterpret_cast<void*>(d), reinterpret_cast<const void*>(s_), n, s);
 }
 API CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) {
     LOCK;
@@ -348,46 +382,86 @@ API CUresult cuStreamCreate(CUstream* s, unsigned) {
 API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned f, int) { return cuStreamCreate(s, f); }
 API CUresult cuStreamDestroy(CUstream s) {
     LOCK;
+    if (!s) return CUDA_ERROR_INVALID_HANDLE;
     streams.erase(S(s));
     if (s) delete S(s);
     return CUDA_SUCCESS;
 }
 API CUresult cuStreamSynchronize(CUstream s) {
     LOCK;
-    return S(s)->capture ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
-}
-API CUresult cuStreamQuery(CUstream) { return CUDA_SUCCESS; }
-API CUresult cuEventCreate(CUevent* e, unsigned) {
-    *e = reinterpret_cast<CUevent>(new Event);
-    return CUDA_SUCCESS;
-}
-API CUresult cuEventDestroy(CUevent e) {
-    delete reinterpret_cast<Event*>(e);
-    return CUDA_SUCCESS;
-}
-API CUresult cuEventRecord(CUevent e, CUstream s) {
-    LOCK;
-    Event* ev = reinterpret_cast<Event*>(e);
-    ev->capture = S(s)->capture;
-    Node n{EVENT};
-    n.event = ev;
-    return issue(s, std::move(n));
-}
-API CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
-API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
-    LOCK;
-    Event* ev = reinterpret_cast<Event*>(e);
-    if (ev->capture && !S(s)->capture) {
-        bool active = false;
-        for (Stream* st : streams) active |= st->capture == ev->capture;
-        if (active) S(s)->capture = ev->capture;  // joins the capture
+    if (S(s)->capture) {
+        S(s)->capture->invalidated = true;
+        return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     }
     return CUDA_SUCCESS;
 }
-API CUresult cuEventSynchronize(CUevent) { return CUDA_SUCCESS; }
-API CUresult cuEventQuery(CUevent) { return CUDA_SUCCESS; }
+API CUresult cuStreamQuery(CUstream s) {
+    LOCK;
+    return S(s)->capture ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+}
+API CUresult cuEventCreate(CUevent* e, unsigned flags) {
+    LOCK;
+    Event* ev = new Event;
+    ev->timing = !(flags & CU_EVENT_DISABLE_TIMING);
+    *e = reinterpret_cast<CUevent>(ev);
+    return CUDA_SUCCESS;
+}
+API CUresult cuEventDestroy(CUevent e) {
+    LOCK;
+    delete reinterpret_cast<Event*>(e);
+    return CUDA_SUCCESS;
+}
+// Inside a capture a record is only a dependency marker (no graph node): it notes the stream
+// and how many of its captured operations precede it.
+API CUresult cuEventRecord(CUevent e, CUstream s) {
+    LOCK;
+    Event* ev = reinterpret_cast<Event*>(e);
+    if (Graph* g = S(s)->capture) {
+        ev->capture = g->id;
+        ev->stream = S(s);
+        ev->ops = S(s)->ops;
+        return CUDA_SUCCESS;
+    }
+    ev->capture = 0;
+    ev->stream = nullptr;
+    ev->t = now();
+    return CUDA_SUCCESS;
+}
+API CUresult cuEventRecordWithFlags(CUevent e, CUstream s, unsigned) { return cuEventRecord(e, s); }
+// A stream waiting on an event recorded in an active capture joins that capture (a fork); the
+// capturing stream that waits notes how much of the recording stream it now depends on (a join,
+// checked at cuStreamEndCapture). A capturing stream may not wait on an event recorded outside
+// its capture.
+API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
+    LOCK;
+    Event* ev = reinterpret_cast<Event*>(e);
+    Graph* active = nullptr;
+    for (Stream* st : streams)
+        if (ev->capture && st->capture && st->capture->id == ev->capture) active = st->capture;
+    if (Graph* g = S(s)->capture) {
+        if (!active || active != g) {
+            g->invalidated = true;
+            return CUDA_ERROR_STREAM_CAPTURE_ISOLATION;
+        }
+        auto& seen = S(s)->awaited[ev->stream];
+        seen = std::max(seen, ev->ops);
+    } else if (active) {
+        S(s)->capture = active;
+        S(s)->ops = 0;
+        S(s)->awaited.clear();
+    }
+    return CUDA_SUCCESS;
+}
+API CUresult cuEventSynchronize(CUevent e) {
+    LOCK;
+    return reinterpret_cast<Event*>(e)->capture ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+}
+API CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
 API CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
-    *ms = (float)((reinterpret_cast<Event*>(b)->t - reinterpret_cast<Event*>(a)->t) * 1e3);
+    LOCK;
+    const Event *x = reinterpret_cast<Event*>(a), *y = reinterpret_cast<Event*>(b);
+    if (!x->timing || !y->timing || x->capture || y->capture) return CUDA_ERROR_INVALID_HANDLE;
+    *ms = (float)((y->t - x->t) * 1e3);
     return CUDA_SUCCESS;
 }
 
@@ -424,7 +498,14 @@ API CUresult cuFuncGetAttribute(int* v, CUfunction_attribute a, CUfunction) {
     *v = a == CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK ? 1024 : a == CU_FUNC_ATTRIBUTE_NUM_REGS ? 32 : 0;
     return CUDA_SUCCESS;
 }
-API CUresult cuFuncSetAttribute(CUfunction, CUfunction_attribute, int) { return CUDA_SUCCESS; }
+API CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribute a, int v) {
+    LOCK;
+    if (a == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) {
+        if (v > 232448) return CUDA_ERROR_INVALID_VALUE;
+        reinterpret_cast<Func*>(f)->max_dynamic_smem = v;
+    }
+    return CUDA_SUCCESS;
+}
 API CUresult cuFuncSetCacheConfig(CUfunction, CUfunc_cache) { return CUDA_SUCCESS; }
 API CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                             unsigned bz, unsigned smem, CUstream s, void** params, void**) {
@@ -442,14 +523,30 @@ API CUresult cuStreamBeginCapture(CUstream s, CUstreamCaptureMode) {
     LOCK;
     if (S(s)->capture) return CUDA_ERROR_ILLEGAL_STATE;
     S(s)->capture = new Graph;
+    S(s)->capture->id = next_capture_id++;
+    S(s)->ops = 0;
+    S(s)->awaited.clear();
     return CUDA_SUCCESS;
 }
 API CUresult cuStreamEndCapture(CUstream s, CUgraph* g) {
     LOCK;
     Graph* graph = S(s)->capture;
     if (!graph) return CUDA_ERROR_ILLEGAL_STATE;
+    // Every stream that joined must have been joined back: the origin waited on an event
+    // recorded after its last captured operation.
+    bool unjoined = false;
+    for (Stream* st : streams)
+        if (st != S(s) && st->capture == graph) {
+            auto it = S(s)->awaited.find(st);
+            if (st->ops > 0 && (it == S(s)->awaited.end() || it->second < st->ops)) unjoined = true;
+        }
     for (Stream* st : streams)
         if (st->capture == graph) st->capture = nullptr;
+    *g = nullptr;
+    if (unjoined || graph->invalidated) {
+        delete graph;
+        return unjoined ? CUDA_ERROR_STREAM_CAPTURE_UNJOINED : CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+    }
     *g = reinterpret_cast<CUgraph>(graph);
     return CUDA_SUCCESS;
 }

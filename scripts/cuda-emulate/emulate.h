@@ -9,12 +9,17 @@
 // hardware: a kernel that reads another thread's write without a barrier between sees the
 // write missing. __shared__ variables are function statics (one copy, shared by the block's
 // threads, reused by the next block) and dynamic shared memory (`extern __shared__ T name[];`,
-// rewritten by run.sh into a pointer) one buffer per launch; warp-collective operations
-// (shuffles, mma) exchange through per-thread slots between two barriers of the calling warp,
-// so the 32 lanes of a warp must reach them together (as in every kernel here), while other
-// warps may take other paths. A barrier that can never complete (threads that ended or wait
-// elsewhere) stops the program with a message. Slow and for small sizes only.
+// rewritten by run.sh into a pointer) one buffer per launch, NaN bytes at each block's start;
+// warp-collective operations (shuffles, mma) exchange through per-thread slots at a barrier of
+// the calling warp, so the 32 lanes of a warp must reach them together (as in every kernel
+// here), while other warps may take other paths. A barrier that can never complete (threads
+// that ended or wait elsewhere; stricter than the hardware, which counts exited warps as
+// arrived), lanes that diverged between warp collectives, and a stack overflow (a guard page)
+// stop the program with a message. Slow and for small sizes only. The fiber switch saves the
+// general registers the ABI preserves, not MXCSR or the x87 control word: no kernel changes
+// the rounding mode.
 #pragma once
+#include <sys/mman.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -94,7 +99,7 @@ inline void emu_make(EmuCtx& c, char* stack, size_t size, void (*entry)()) {
 struct EmuFibers {
     std::vector<EmuCtx> ctx;
     std::vector<char> done;
-    std::unique_ptr<char[]> stacks;
+    char* stacks = nullptr;  // stack_threads × (EMU_GUARD + EMU_STACK), mmap'ed
     size_t stack_threads = 0;
     EmuCtx caller, dead;
     unsigned n = 0, current = 0, alive = 0;
@@ -102,11 +107,10 @@ struct EmuFibers {
     const std::function<void()>* body = nullptr;
 };
 inline EmuFibers g_fibers;
-// Each thread's stack; the kernels use well under 1 KB of it. Its lowest word holds a canary,
-// checked after every block, so an overflow stops the program instead of corrupting a
-// neighbour.
-static const size_t EMU_STACK = 32 << 10;
-static const unsigned long long EMU_CANARY = 0x5eed5eed5eed5eedull;
+// Each thread's stack (the kernels use well under 1 KB of it), above an inaccessible guard
+// page: an overflow faults at once instead of corrupting the neighbouring thread's stack.
+static const size_t EMU_STACK = 32 << 10, EMU_GUARD = 4096;
+inline char* emu_stack(unsigned t) { return g_fibers.stacks + t * (EMU_GUARD + EMU_STACK) + EMU_GUARD; }
 
 inline unsigned emu_next(unsigned from) {
     unsigned t = from;
@@ -138,9 +142,20 @@ inline void emu_fiber_main() {
 // the generation change when its turn comes). A full round of every live thread without an
 // arrival or an end anywhere is a deadlock.
 struct EmuBarrier {
-    unsigned expected = 0, count = 0, gen = 0;
-    void arrive_and_wait() {
+    unsigned expected = 0, count = 0, gen = 0, tag = 0;
+    // tag: for a warp barrier, the arriving lane's count of warp collectives; lanes arriving
+    // with different counts have diverged (one made a collective the others did not), which
+    // would pair the wrong slots.
+    void arrive_and_wait(unsigned my_tag = 0) {
         const unsigned g = gen;
+        if (count == 0)
+            tag = my_tag;
+        else if (my_tag != tag) {
+            std::fprintf(stderr, "emulate.h: thread %u of block (%u, %u, %u) reached warp collective %u where "
+                         "its warp's first lane reached %u: the lanes diverged\n", threadIdx.x, blockIdx.x,
+                         blockIdx.y, blockIdx.z, my_tag, tag);
+            std::abort();
+        }
         ++g_fibers.progress;
         if (++count == expected) {
             count = 0;
@@ -165,7 +180,6 @@ struct EmuBarrier {
 inline EmuBarrier g_block_barrier;
 inline EmuBarrier* g_barrier = &g_block_barrier;
 inline std::vector<EmuBarrier> g_warp_barriers;  // one per warp of the running block
-inline void warp_sync() { g_warp_barriers[threadIdx.x / 32].arrive_and_wait(); }
 // Warp-collective operations exchange through per-thread slots in two banks, used in turn: a
 // lane writes its bank, meets its warp at one barrier and reads the others' values. It writes
 // that bank again only two operations later, after the next barrier, which no lane passes
@@ -173,6 +187,7 @@ inline void warp_sync() { g_warp_barriers[threadIdx.x / 32].arrive_and_wait(); }
 // a warp makes the same sequence of collectives, so their bank counters agree.
 inline unsigned g_bank[1024];
 inline unsigned warp_bank() { return g_bank[threadIdx.x]++ & 1; }
+inline void warp_sync() { g_warp_barriers[threadIdx.x / 32].arrive_and_wait(g_bank[threadIdx.x]); }
 
 #define __global__
 #define __device__
@@ -279,11 +294,15 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
     gridDim = grid;
     blockDim = dim3{threads, 1, 1};
     g_dynamic_smem.assign((smem + 7) / 8, 0.0);
-    std::memset(g_dynamic_smem.data(), 0xff, g_dynamic_smem.size() * 8);
     EmuFibers& F = g_fibers;
     if (F.stack_threads < threads) {
-        F.stacks.reset(new char[threads * EMU_STACK]);  // not touched until used
+        if (F.stacks) munmap(F.stacks, F.stack_threads * (EMU_GUARD + EMU_STACK));
+        void* m = mmap(nullptr, threads * (EMU_GUARD + EMU_STACK), PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) std::abort();
+        F.stacks = static_cast<char*>(m);
         F.stack_threads = threads;
+        for (unsigned int t = 0; t < threads; ++t) mprotect(emu_stack(t) - EMU_GUARD, EMU_GUARD, PROT_NONE);
     }
     F.ctx.resize(threads);
     F.done.assign(threads, 0);
@@ -296,10 +315,11 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
         for (unsigned int y = 0; y < grid.y; ++y)
             for (unsigned int x = 0; x < grid.x; ++x) {
                 blockIdx = dim3{x, y, z};
+                // Dynamic shared memory starts as NaN bytes in every block, so a read before a
+                // write shows (static __shared__ variables keep the previous block's values).
+                std::memset(g_dynamic_smem.data(), 0xff, g_dynamic_smem.size() * 8);
                 for (unsigned int t = 0; t < threads; ++t) {
-                    char* stack = F.stacks.get() + t * EMU_STACK;
-                    std::memcpy(stack, &EMU_CANARY, 8);
-                    emu_make(F.ctx[t], stack, EMU_STACK, emu_fiber_main);
+                    emu_make(F.ctx[t], emu_stack(t), EMU_STACK, emu_fiber_main);
                     F.done[t] = 0;
                 }
                 std::fill(g_bank, g_bank + threads, 0u);
@@ -307,11 +327,6 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
                 F.current = 0;
                 threadIdx = dim3{0, 0, 0};
                 emu_swap(F.caller, F.ctx[0]);
-                for (unsigned int t = 0; t < threads; ++t)
-                    if (std::memcmp(F.stacks.get() + t * EMU_STACK, &EMU_CANARY, 8) != 0) {
-                        std::fprintf(stderr, "emulate.h: thread %u overflowed its %zu-byte stack\n", t, EMU_STACK);
-                        std::abort();
-                    }
             }
 }
 
