@@ -8,6 +8,9 @@
                                               writes the chosen switches to OUT/best.env
   gpu-ab.py summary OUT LABEL FILE...         the table of bench rows (+ the HF anchor's rows
                                               from OUT/hf.log when present)
+  gpu-ab.py compare OUT FILE ARGS [FILE ARGS]  rows benched with the chosen switches (FILE, run
+                                              with bench arguments ARGS) against the A/B rows
+                                              of the defaults
 
 A switch's non-default value is chosen only when it is faster on the geometric mean of its
 pairs by more than NOISE and slower on none by more than HARM, so a choice never rests on one
@@ -42,16 +45,15 @@ def parse_vars(text):
 
 
 def args_key(args):
-    """The bench arguments without --batch and its value."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-        elif a == "--batch":
-            skip = True
-        else:
-            out.append(a)
-    return " ".join(out)
+    """The bench arguments without --batch and its value, each flag with its value, sorted."""
+    pairs, i = [], 0
+    while i < len(args):
+        flag = args[i]
+        value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
+        i += 2 if value is not None else 1
+        if flag != "--batch":
+            pairs.append(flag if value is None else f"{flag} {value}")
+    return " ".join(sorted(pairs))
 
 
 def rows_of(r):
@@ -105,7 +107,9 @@ def line(rec):
     r = rec["row"]
     extra = ""
     if r.get("ratio_to_plain"):
-        extra = f"  x{r['ratio_to_plain']:.3f} of plain, {100 * r['steered_fraction']:.1f}% steered"
+        extra = f"  x{r['ratio_to_plain']:.3f} of plain"
+        if r.get("steered_fraction") is not None:
+            extra += f", {100 * r['steered_fraction']:.1f}% steered"
     pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
     return (f"  {r['shape']:<18} {r['phase']:<8} b{r['batch']:<3} {r['tokens']:>5} tok "
             f"{r['ms_per_token']:>9.3f} ms {r['tok_per_s']:>9.1f} tok/s {pct:>8}{extra}")
@@ -131,6 +135,12 @@ GROUPS = [("THINKSTEER_ROPE",), ("THINKSTEER_GEMV_WARPS",), ("THINKSTEER_GEMV_RO
           ("THINKSTEER_PREFILL_ROWS",)]
 
 
+def extra_vars(rec):
+    """Variables of a line that are not switches chosen here (e.g. THINKSTEER_PDL=0): rows pair
+    only with rows that set the same."""
+    return tuple(sorted((k, v) for k, v in rec["vars"].items() if k not in DEFAULTS))
+
+
 def pairs_of(recs, group):
     """{value: [(ratio, what)]}: each row whose group value is not the reference, over the row
     of the same key and the same other switches with the reference value (each such pair once).
@@ -140,13 +150,13 @@ def pairs_of(recs, group):
     for a in recs:
         sa = setting(a)
         va, ref = tuple(sa[v] for v in group), tuple(setting(a, reset)[v] for v in group)
-        others = tuple(sa[k] for k in DEFAULTS if k not in group)
+        others = tuple(sa[k] for k in DEFAULTS if k not in group) + extra_vars(a)
         if va == ref or (va, others, row_key(a)) in seen:
             continue
         for b in recs:
             sb = setting(b)
             if (row_key(b) == row_key(a) and tuple(sb[v] for v in group) == ref
-                    and tuple(sb[k] for k in DEFAULTS if k not in group) == others):
+                    and tuple(sb[k] for k in DEFAULTS if k not in group) + extra_vars(b) == others):
                 seen.add((va, others, row_key(a)))
                 ratio = a["row"]["ms_per_token"] / b["row"]["ms_per_token"]
                 with_ = " ".join(f"{k}={v}" for k, v in a["vars"].items() if k not in group)
@@ -159,16 +169,18 @@ def pairs_of(recs, group):
 def choose(out):
     path = os.path.join(out, "ab.jsonl")
     recs = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    recs = [r for r in recs if r["row"]["ms_per_token"] > 0]  # a failed timing pairs with nothing
     chosen = {}
     for group in GROUPS:
         pairs = pairs_of(recs, group)
         if not pairs:
             continue
         print(" ".join(f"{v} (default {DEFAULTS[v]})" for v in group) + ":")
-        wins = {}
+        wins, worsts = {}, {}
         for value, rs in sorted(pairs.items()):
             gm = math.exp(sum(math.log(r) for r, _ in rs) / len(rs))
             worst, best = max(r for r, _ in rs), min(r for r, _ in rs)
+            worsts[value] = worst
             win = gm < NOISE and worst <= HARM
             lose = gm > 1 / NOISE and best >= 1 / HARM
             print(f"  {'/'.join(value)}: geometric mean x{gm:.3f} of the reference over {len(rs)} "
@@ -182,7 +194,10 @@ def choose(out):
         if group == ("THINKSTEER_GEMM_FROM", "THINKSTEER_GEMM"):
             # The tile from the prefill rows (where GEMM_FROM does not matter), then GEMM_FROM=33
             # only where it won with that tile.
-            tiles = {v[1]: g for v, g in wins.items() if v[0] == "-"}
+            # A tile also runs the hybrid step's candidate rows at the default GEMM_FROM: it is
+            # not chosen where it lost there.
+            tiles = {v[1]: g for v, g in wins.items() if v[0] == "-" and
+                     all(w <= HARM for u, w in worsts.items() if u == ("129", v[1]))}
             tile = min(tiles, key=tiles.get) if tiles else DEFAULTS["THINKSTEER_GEMM"]
             if tile != DEFAULTS["THINKSTEER_GEMM"]:
                 chosen["THINKSTEER_GEMM"] = tile
@@ -196,6 +211,38 @@ def choose(out):
     with open(os.path.join(out, "best.env"), "w") as f:
         f.write(text + "\n")
     print(f"chosen: {text or '(the defaults)'}")
+
+
+def compare(out, files):
+    """The rows benched with the chosen switches against this call's A/B rows of the defaults
+    (same shape, arguments but --batch, phase and batch): the check that the switches chosen
+    one by one are not slower together. Says so when a row is slower by more than HARM."""
+    path = os.path.join(out, "ab.jsonl")
+    recs = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    defaults = {}
+    for r in recs:
+        if (not extra_vars(r) and setting(r) == setting(r, DEFAULTS)
+                and r["row"]["ms_per_token"] > 0):
+            defaults.setdefault(row_key(r), r["row"]["ms_per_token"])
+    print("== the chosen switches against the defaults (A/B rows of this call)")
+    worse = 0
+    for f, args in files:
+        p = os.path.join(out, f)
+        if not os.path.exists(p):
+            continue
+        for l in open(p):
+            if not l.startswith("{"):
+                continue
+            row = json.loads(l)
+            rec = {"vars": {}, "shape": row["shape"].replace(" pair", ""), "args": args_key(args.split()), "row": row}
+            base = defaults.get(row_key(rec))
+            if base and row["ms_per_token"] > 0:
+                ratio = row["ms_per_token"] / base
+                worse += ratio > HARM
+                flag = "  SLOWER" if ratio > HARM else ""
+                print(f"  x{ratio:.3f}  {rec['shape']} {row['phase']} b{row['batch']} {rec['args']}{flag}")
+    if worse:
+        print(f"  {worse} rows slower with the chosen switches: do not adopt them as they are")
 
 
 def summary(out, label, files):
@@ -236,6 +283,8 @@ if __name__ == "__main__":
         record(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     elif cmd == "choose" and len(sys.argv) == 3:
         choose(sys.argv[2])
+    elif cmd == "compare" and len(sys.argv) >= 4 and len(sys.argv) % 2 == 1:
+        compare(sys.argv[2], list(zip(sys.argv[3::2], sys.argv[4::2])))
     elif cmd == "summary" and len(sys.argv) >= 4:
         summary(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:

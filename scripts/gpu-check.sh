@@ -133,6 +133,8 @@ ab "THINKSTEER_GATE_FIRST=1" --hybrid --steered-share 1 --new-tokens "$NEW" --ba
 ab "THINKSTEER_HYBRID_STREAMS=1" --hybrid --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_GEMM_FROM=33" $H --batch 64
 ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" $H --batch 64
+#    (cuBLASLt at the default GEMM_FROM: the candidate rows of the gate-first pass and prefill)
+ab "THINKSTEER_GEMM=lt" $H --batch 64
 ab "THINKSTEER_GEMM_FROM=33" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 # 2. Prefill of 2,000 tokens: cuBLASLt, the 128-row tile, one 2,048-row call (the default prefill
@@ -162,6 +164,9 @@ if [ -n "$best" ]; then
     bb best-hybrid.jsonl --hybrid --shape qwen2.5-1.5b --batch 1,8,64 --new-tokens "$NEW"
     bb best-hybrid-share.jsonl --hybrid --steered-share 0.125 --shape qwen2.5-1.5b --batch 64 --new-tokens "$NEW"
     python3 scripts/gpu-ab.py summary "$OUT" " with $best ($(head -1 "$OUT/gpu.txt"))" best-qwen.jsonl best-llama.jsonl best-qwen-2k.jsonl best-hybrid.jsonl best-hybrid-share.jsonl
+    python3 scripts/gpu-ab.py compare "$OUT" best-qwen.jsonl "--prompt-len 64 --new-tokens $NEW" \
+        best-llama.jsonl "--prompt-len 64 --new-tokens $NEW" best-qwen-2k.jsonl "--prompt-len 2000 --new-tokens 32" \
+        best-hybrid.jsonl "--hybrid --new-tokens $NEW" best-hybrid-share.jsonl "--hybrid --steered-share 0.125 --new-tokens $NEW"
 fi
 # 5. The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt).
 if [ -x "$B/kernel-bench" ]; then
