@@ -6,11 +6,11 @@
   gpu-ab.py choose OUT                        per switch: every pair of A/B rows that differ in
                                               it alone, the ratio of their times, the choice;
                                               writes the chosen switches to OUT/best.env
-  gpu-ab.py summary OUT LABEL FILE...         the table of bench rows (+ the HF anchor's rows
-                                              from OUT/hf.log when present)
-  gpu-ab.py compare OUT FILE ARGS [FILE ARGS]  rows benched with the chosen switches (FILE, run
-                                              with bench arguments ARGS) against the A/B rows
-                                              of the defaults
+  gpu-ab.py summary OUT LABEL FILE...         the table of bench rows or recorded rows (+ the HF
+                                              anchor's rows from OUT/hf.log when present)
+  gpu-ab.py compare OUT                       the rows recorded with the chosen switches
+                                              (OUT/best/ab.jsonl) against the A/B rows of the
+                                              defaults
 
 A switch's non-default value is chosen only when it is faster on the geometric mean of its
 pairs by more than NOISE and slower on none by more than HARM, so a choice never rests on one
@@ -44,14 +44,15 @@ def parse_vars(text):
     return dict(v.split("=", 1) for v in text.split())
 
 
-def args_key(args):
-    """The bench arguments without --batch and its value, each flag with its value, sorted."""
+def args_key(args, drop=("--batch",)):
+    """The bench arguments without the flags in `drop` (and their values), each flag with its
+    value, sorted."""
     pairs, i = [], 0
     while i < len(args):
         flag = args[i]
         value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None
         i += 2 if value is not None else 1
-        if flag != "--batch":
+        if flag not in drop:
             pairs.append(flag if value is None else f"{flag} {value}")
     return " ".join(sorted(pairs))
 
@@ -97,22 +98,32 @@ def row_key(rec):
     r = rec["row"]
     args = rec["args"]
     if r["phase"] == "prefill":  # the prefill rows do not depend on the decode settings
-        words = args.split()
-        args = " ".join(w for i, w in enumerate(words)
-                        if w != "--new-tokens" and (i == 0 or words[i - 1] != "--new-tokens"))
+        args = args_key(args.split(), drop=("--new-tokens",))
     return (rec["shape"], args, r["phase"], r["batch"], r["tokens"] if r["phase"] == "prefill" else 0)
+
+
+def cells(r):
+    """A row's % of the floor (of the tensor-core peak for prefill), its ratio to plain decode
+    and its steered share, as printed ("" where absent)."""
+    pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
+    ratio = f"x{r['ratio_to_plain']:.3f}" if r.get("ratio_to_plain") else ""
+    steered = f"{100 * r['steered_fraction']:.1f}%" if r.get("steered_fraction") is not None else ""
+    return pct, ratio, steered
 
 
 def line(rec):
     r = rec["row"]
-    extra = ""
-    if r.get("ratio_to_plain"):
-        extra = f"  x{r['ratio_to_plain']:.3f} of plain"
-        if r.get("steered_fraction") is not None:
-            extra += f", {100 * r['steered_fraction']:.1f}% steered"
-    pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
+    pct, ratio, steered = cells(r)
+    extra = f"  {ratio} of plain" if ratio else ""
+    extra += f", {steered} steered" if ratio and steered else ""
     return (f"  {r['shape']:<18} {r['phase']:<8} b{r['batch']:<3} {r['tokens']:>5} tok "
             f"{r['ms_per_token']:>9.3f} ms {r['tok_per_s']:>9.1f} tok/s {pct:>8}{extra}")
+
+
+def load(path):
+    """The records of an ab.jsonl, those with a failed timing left out (they pair with nothing)."""
+    recs = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    return [r for r in recs if r["row"]["ms_per_token"] > 0]
 
 
 def record(out, vars_text, shape, args):
@@ -167,9 +178,7 @@ def pairs_of(recs, group):
 
 
 def choose(out):
-    path = os.path.join(out, "ab.jsonl")
-    recs = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
-    recs = [r for r in recs if r["row"]["ms_per_token"] > 0]  # a failed timing pairs with nothing
+    recs = load(os.path.join(out, "ab.jsonl"))
     chosen = {}
     for group in GROUPS:
         pairs = pairs_of(recs, group)
@@ -192,10 +201,9 @@ def choose(out):
             if lose and group == ("THINKSTEER_GATE_FIRST",):
                 chosen["THINKSTEER_GATE_FIRST"] = "0"  # gate first slower everywhere measured
         if group == ("THINKSTEER_GEMM_FROM", "THINKSTEER_GEMM"):
-            # The tile from the prefill rows (where GEMM_FROM does not matter), then GEMM_FROM=33
-            # only where it won with that tile.
-            # A tile also runs the hybrid step's candidate rows at the default GEMM_FROM: it is
-            # not chosen where it lost there.
+            # The tile from the prefill rows (where GEMM_FROM does not matter), unless it lost on
+            # the hybrid step's candidate rows at the default GEMM_FROM; then GEMM_FROM=33 only
+            # where it won with that tile.
             tiles = {v[1]: g for v, g in wins.items() if v[0] == "-" and
                      all(w <= HARM for u, w in worsts.items() if u == ("129", v[1]))}
             tile = min(tiles, key=tiles.get) if tiles else DEFAULTS["THINKSTEER_GEMM"]
@@ -213,34 +221,23 @@ def choose(out):
     print(f"chosen: {text or '(the defaults)'}")
 
 
-def compare(out, files):
-    """The rows benched with the chosen switches against this call's A/B rows of the defaults
-    (same shape, arguments but --batch, phase and batch): the check that the switches chosen
-    one by one are not slower together. Says so when a row is slower by more than HARM."""
-    path = os.path.join(out, "ab.jsonl")
-    recs = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+def compare(out):
+    """The rows recorded with the chosen switches (OUT/best/ab.jsonl) against this call's A/B
+    rows of the defaults with the same key: the check that the switches chosen one by one are
+    not slower together. Says so when a row is slower by more than HARM."""
     defaults = {}
-    for r in recs:
-        if (not extra_vars(r) and setting(r) == setting(r, DEFAULTS)
-                and r["row"]["ms_per_token"] > 0):
+    for r in load(os.path.join(out, "ab.jsonl")):
+        if not extra_vars(r) and setting(r) == setting(r, DEFAULTS):
             defaults.setdefault(row_key(r), r["row"]["ms_per_token"])
     print("== the chosen switches against the defaults (A/B rows of this call)")
     worse = 0
-    for f, args in files:
-        p = os.path.join(out, f)
-        if not os.path.exists(p):
-            continue
-        for l in open(p):
-            if not l.startswith("{"):
-                continue
-            row = json.loads(l)
-            rec = {"vars": {}, "shape": row["shape"].replace(" pair", ""), "args": args_key(args.split()), "row": row}
-            base = defaults.get(row_key(rec))
-            if base and row["ms_per_token"] > 0:
-                ratio = row["ms_per_token"] / base
-                worse += ratio > HARM
-                flag = "  SLOWER" if ratio > HARM else ""
-                print(f"  x{ratio:.3f}  {rec['shape']} {row['phase']} b{row['batch']} {rec['args']}{flag}")
+    for rec in load(os.path.join(out, "best", "ab.jsonl")):
+        base = defaults.get(row_key(rec))
+        if base:
+            ratio = rec["row"]["ms_per_token"] / base
+            worse += ratio > HARM
+            flag = "  SLOWER" if ratio > HARM else ""
+            print(f"  x{ratio:.3f}  {rec['shape']} {rec['row']['phase']} b{rec['row']['batch']} {rec['args']}{flag}")
     if worse:
         print(f"  {worse} rows slower with the chosen switches: do not adopt them as they are")
 
@@ -250,7 +247,8 @@ def summary(out, label, files):
     for f in files:
         p = os.path.join(out, f)
         if os.path.exists(p):
-            rows += [json.loads(l) for l in open(p) if l.startswith("{")]
+            # bench --json rows, or records holding them (gpu-ab.py record)
+            rows += [json.loads(l).get("row", json.loads(l)) for l in open(p) if l.startswith("{")]
     hf = {}
     p = os.path.join(out, "hf.log")
     if os.path.exists(p):
@@ -265,9 +263,7 @@ def summary(out, label, files):
     print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} "
           f"{'GB/s':>7} {'% floor':>8} {'vs plain':>8} {'steered':>7} {'vs HF':>7}")
     for r in rows:
-        pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
-        ratio = f"x{r['ratio_to_plain']:.3f}" if r.get("ratio_to_plain") else ""
-        steered = f"{100 * r['steered_fraction']:.1f}%" if r.get("steered_fraction") is not None else ""
+        pct, ratio, steered = cells(r)
         name = peer.get((r["shape"], r["phase"])) if r["batch"] == 1 and r["tokens"] > 32 else None
         vs_hf = f"{r['tok_per_s'] / hf[name]:.1f}x" if name and hf.get(name) else ""
         print(f"{r['shape']:<19} {r['phase']:<8} {r['batch']:>5} {r['tokens']:>6} "
@@ -283,8 +279,8 @@ if __name__ == "__main__":
         record(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     elif cmd == "choose" and len(sys.argv) == 3:
         choose(sys.argv[2])
-    elif cmd == "compare" and len(sys.argv) >= 4 and len(sys.argv) % 2 == 1:
-        compare(sys.argv[2], list(zip(sys.argv[3::2], sys.argv[4::2])))
+    elif cmd == "compare" and len(sys.argv) == 3:
+        compare(sys.argv[2])
     elif cmd == "summary" and len(sys.argv) >= 4:
         summary(sys.argv[2], sys.argv[3], sys.argv[4:])
     else:

@@ -157,16 +157,21 @@ python3 scripts/gpu-ab.py choose "$OUT" | tee "$OUT/choose.log"
 best=$(cat "$OUT/best.env" 2>/dev/null)
 if [ -n "$best" ]; then
     section "summary benches with: $best"
-    bb() { local f="$1"; shift; env THINKSTEER_CUDA_PROFILE=0 $best timeout 150 "$B/thinksteer" bench --device cuda --json "$@" > "$OUT/$f" 2> "$OUT/$f.err" || { status=1; tail -5 "$OUT/$f.err"; }; }
-    bb best-qwen.jsonl --shape qwen2.5-1.5b --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW"
-    bb best-llama.jsonl --shape llama-3.1-8b --batch 1,8 --prompt-len 64 --new-tokens "$NEW"
-    bb best-qwen-2k.jsonl --shape qwen2.5-1.5b --batch 1 --prompt-len 2000 --new-tokens 32
-    bb best-hybrid.jsonl --hybrid --shape qwen2.5-1.5b --batch 1,8,64 --new-tokens "$NEW"
-    bb best-hybrid-share.jsonl --hybrid --steered-share 0.125 --shape qwen2.5-1.5b --batch 64 --new-tokens "$NEW"
-    python3 scripts/gpu-ab.py summary "$OUT" " with $best ($(head -1 "$OUT/gpu.txt"))" best-qwen.jsonl best-llama.jsonl best-qwen-2k.jsonl best-hybrid.jsonl best-hybrid-share.jsonl
-    python3 scripts/gpu-ab.py compare "$OUT" best-qwen.jsonl "--prompt-len 64 --new-tokens $NEW" \
-        best-llama.jsonl "--prompt-len 64 --new-tokens $NEW" best-qwen-2k.jsonl "--prompt-len 2000 --new-tokens 32" \
-        best-hybrid.jsonl "--hybrid --new-tokens $NEW" best-hybrid-share.jsonl "--hybrid --steered-share 0.125 --new-tokens $NEW"
+    # Recorded like the A/B lines (into $OUT/best), so compare can pair them with the default rows.
+    mkdir -p "$OUT/best"
+    bb() {
+        local shape="$1"; shift
+        env THINKSTEER_CUDA_PROFILE=0 $best timeout 150 "$B/thinksteer" bench --shape "$shape" --device cuda --json "$@" 2> "$OUT/best/err" |
+            python3 scripts/gpu-ab.py record "$OUT/best" "$best" "$shape" "$@" > /dev/null
+        [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -5 "$OUT/best/err"; }
+    }
+    bb qwen2.5-1.5b --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW"
+    bb llama-3.1-8b --batch 1,8 --prompt-len 64 --new-tokens "$NEW"
+    bb qwen2.5-1.5b --batch 1 --prompt-len 2000 --new-tokens 32
+    bb qwen2.5-1.5b --hybrid --batch 1,8,64 --new-tokens "$NEW"
+    bb qwen2.5-1.5b --hybrid --steered-share 0.125 --batch 64 --new-tokens "$NEW"
+    python3 scripts/gpu-ab.py summary "$OUT/best" " with $best ($(head -1 "$OUT/gpu.txt"))" ab.jsonl
+    python3 scripts/gpu-ab.py compare "$OUT"
 fi
 # 5. The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt).
 if [ -x "$B/kernel-bench" ]; then

@@ -81,7 +81,8 @@ impl Decoder for CpuEngine {
 }
 
 /// The model of checkpoint `dir` with `slots` sequences of `ctx` positions: on the GPU (weights
-/// uploaded from `dir`, up to `call_rows()` tokens per call) or on the CPU (the already loaded `model`).
+/// uploaded from `dir`, up to `call_rows()` tokens per call) or on the CPU (the already loaded
+/// `model`).
 pub fn open_decoder(
     model: &Arc<Model>,
     dir: &std::path::Path,

@@ -41,7 +41,8 @@ namespace {
 std::recursive_mutex mu;
 
 using RunFn = void (*)(void**, unsigned, unsigned, unsigned, unsigned, size_t);
-using SizesFn = int (*)(size_t*);
+using SizesFn = int (*)(size_t*);  // writes at most EMU_MAX_PARAMS sizes (trampoline.h)
+const int EMU_MAX_PARAMS = 64;
 struct Func {
     std::string name;
     RunFn run;
@@ -173,6 +174,15 @@ CUresult copy(void* dst, const void* src, size_t n, CUstream s) {
     return issue(s, std::move(node));
 }
 
+// n elements (bytes for SET8, 4-byte words for SET32) of value v from d.
+CUresult set_memory(Kind kind, CUdeviceptr d, unsigned v, size_t n, CUstream s) {
+    Node node{kind};
+    node.dst = reinterpret_cast<void*>(d);
+    node.value = v;
+    node.n = n;
+    return issue(s, std::move(node));
+}
+
 CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                 unsigned smem, CUstream s, void** params) {
     Func* fn = reinterpret_cast<Func*>(f);
@@ -192,9 +202,8 @@ CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx
     n.grid[0] = gx, n.grid[1] = gy, n.grid[2] = gz;
     n.threads = bx;
     n.smem = smem;
-    size_t sizes[64];
+    size_t sizes[EMU_MAX_PARAMS];
     const int count = fn->sizes(sizes);
-    if (count > 64) std::abort();
     for (int i = 0; i < count; ++i) {
         const char* p = static_cast<const char*>(params[i]);
         n.args.emplace_back(p, p + sizes[i]);
@@ -304,10 +313,10 @@ API CUresult cuMemAlloc(CUdeviceptr* p, size_t n) {
     if (n == 0) return CUDA_ERROR_INVALID_VALUE;
     if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     if (allocated + n > TOTAL) return CUDA_ERROR_OUT_OF_MEMORY;
-    const size_t rounded = (n + 255) / 256 * 256;
-    void* m = std::aligned_alloc(256, rounded ? rounded : 256);
+    const size_t rounded = (n + 255) / 256 * 256;  // 256-byte aligned, as cudaMalloc's
+    void* m = std::aligned_alloc(256, rounded);
     if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
-    std::memset(m, 0xff, rounded ? rounded : 256);
+    std::memset(m, 0xff, rounded);
     allocations[m] = n;
     allocated += n;
     *p = reinterpret_cast<CUdeviceptr>(m);
@@ -355,20 +364,12 @@ API CUresult cuMemcpyDtoDAsync(CUdeviceptr d, CUdeviceptr s_, size_t n, CUstream
 }
 API CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, CUstream s) {
     LOCK;
-    Node node{SET8};
-    node.dst = reinterpret_cast<void*>(d);
-    node.value = v;
-    node.n = n;
-    return issue(s, std::move(node));
+    return set_memory(SET8, d, v, n, s);
 }
 API CUresult cuMemsetD8(CUdeviceptr d, unsigned char v, size_t n) { return cuMemsetD8Async(d, v, n, nullptr); }
 API CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream s) {
     LOCK;
-    Node node{SET32};
-    node.dst = reinterpret_cast<void*>(d);
-    node.value = v;
-    node.n = n;
-    return issue(s, std::move(node));
+    return set_memory(SET32, d, v, n, s);
 }
 
 // Streams and events.

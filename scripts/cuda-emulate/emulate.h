@@ -30,7 +30,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <memory>
 #include <vector>
 
 struct dim3 {
@@ -107,8 +106,9 @@ struct EmuFibers {
     const std::function<void()>* body = nullptr;
 };
 inline EmuFibers g_fibers;
-// Each thread's stack (the kernels use well under 1 KB of it), above an inaccessible guard
-// page: an overflow faults at once instead of corrupting the neighbouring thread's stack.
+// Each thread's stack (the emulator checks used under 1 KB of it where measured), above an
+// inaccessible guard page: an overflow faults at once instead of corrupting the neighbouring
+// thread's stack.
 static const size_t EMU_STACK = 32 << 10, EMU_GUARD = 4096;
 inline char* emu_stack(unsigned t) { return g_fibers.stacks + t * (EMU_GUARD + EMU_STACK) + EMU_GUARD; }
 
@@ -118,24 +118,23 @@ inline unsigned emu_next(unsigned from) {
     while (g_fibers.done[t]);
     return t;
 }
+// Saves the running context in `from` and runs thread `to` (threadIdx follows the switch).
+inline void emu_enter(EmuCtx& from, unsigned to) {
+    g_fibers.current = to;
+    threadIdx = dim3{to, 0, 0};
+    emu_swap(from, g_fibers.ctx[to]);
+}
 // Switches from the current thread to the next live one (round robin).
 inline void emu_yield() {
     const unsigned from = g_fibers.current, to = emu_next(from);
-    if (to == from) return;
-    g_fibers.current = to;
-    threadIdx = dim3{to, 0, 0};
-    emu_swap(g_fibers.ctx[from], g_fibers.ctx[to]);
-    threadIdx = dim3{from, 0, 0};
+    if (to != from) emu_enter(g_fibers.ctx[from], to);
 }
 inline void emu_fiber_main() {
     (*g_fibers.body)();
     g_fibers.done[g_fibers.current] = 1;
     ++g_fibers.progress;
     if (--g_fibers.alive == 0) emu_swap(g_fibers.dead, g_fibers.caller);  // never returns here
-    const unsigned to = emu_next(g_fibers.current);
-    g_fibers.current = to;
-    threadIdx = dim3{to, 0, 0};
-    emu_swap(g_fibers.dead, g_fibers.ctx[to]);
+    emu_enter(g_fibers.dead, emu_next(g_fibers.current));
 }
 
 // A barrier of `expected` threads: the last to arrive releases the others (each waiter sees
@@ -324,9 +323,7 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
                 }
                 std::fill(g_bank, g_bank + threads, 0u);
                 F.alive = threads;
-                F.current = 0;
-                threadIdx = dim3{0, 0, 0};
-                emu_swap(F.caller, F.ctx[0]);
+                emu_enter(F.caller, 0);
             }
 }
 

@@ -22,6 +22,7 @@ void emu_run(void (*k)(A...), void** p, dim3 grid, unsigned threads, std::size_t
 }
 template <class... A>
 int emu_param_sizes(void (*)(A...), std::size_t* out) {
+    static_assert(sizeof...(A) <= 64, "device.cpp takes at most 64 kernel parameters (EMU_MAX_PARAMS)");
     const std::size_t s[] = {sizeof(A)...};
     for (std::size_t i = 0; i < sizeof...(A); ++i) out[i] = s[i];
     return (int)sizeof...(A);
