@@ -1,6 +1,6 @@
 //! Criterion benchmarks of the matrix kernels on the real decode/prefill shapes (needs a GPU;
-//! prints why it skips otherwise): gemv GB/s next to the H100's ~3.0 TB/s copy rate, gemm TFLOP/s
-//! for each of its kernels (64- and 128-row tiles, cuBLASLt) on prefill and hybrid-step shapes.
+//! prints why it skips otherwise): gemv GB/s next to the card's copy rate measured first
+//! (`bench::Card`), gemm TFLOP/s next to its datasheet peak, for each of its kernels (64- and 128-row tiles, cuBLASLt) on prefill and hybrid-step shapes.
 //! Each timed sample is a CUDA-event-free batch of launches followed by one stream sync.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -29,6 +29,13 @@ fn benches(c: &mut Criterion) {
         return;
     }
     let g = Gpu::new(0).expect("Gpu::new");
+    let card = thinksteer::bench::Card::cuda(&g).expect("timing a device copy");
+    println!("{}", card.describe());
+    let (copy, peak) = (
+        card.copy_gb_per_s,
+        card.bf16_tflops
+            .map_or("unknown".into(), |t| format!("{t:.0}")),
+    );
     let s = g.stream.clone();
     let mut group = c.benchmark_group("gemv");
     for &(name, m, kd) in SHAPES {
@@ -91,7 +98,7 @@ fn benches(c: &mut Criterion) {
             s.synchronize().unwrap();
             let secs = t0.elapsed().as_secs_f64() / reps as f64;
             println!(
-                "gemv {name} B={b}: {:.1} µs, {:.0} GB/s (H100 copy ≈ 3000 GB/s)",
+                "gemv {name} B={b}: {:.1} µs, {:.0} GB/s (copy {copy:.0} GB/s)",
                 secs * 1e6,
                 bytes as f64 / secs / 1e9
             );
@@ -158,7 +165,7 @@ fn benches(c: &mut Criterion) {
             let secs = t0.elapsed().as_secs_f64() / reps as f64;
             // Decode batches are bound by the weight bytes, prefill by the tensor cores.
             println!(
-                "gemm {tile:?} N={n} M={m} K={kd}: {:.3} ms, {:.0} TFLOP/s (H100 dense bf16 ≈ 990), weights {:.0} GB/s (copy ≈ 3000)",
+                "gemm {tile:?} N={n} M={m} K={kd}: {:.3} ms, {:.0} TFLOP/s (bf16 peak {peak}), weights {:.0} GB/s (copy {copy:.0})",
                 secs * 1e3,
                 flops / secs / 1e12,
                 (2 * m * kd) as f64 / secs / 1e9

@@ -105,7 +105,8 @@ def row_key(rec):
 def cells(r):
     """A row's % of the floor (of the tensor-core peak for prefill), its ratio to plain decode
     and its steered share, as printed ("" where absent)."""
-    pct = f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else "")
+    pct = "-" if r.get("pct_of_floor") is None else (  # null: a card of unknown peak
+        f"{r['pct_of_floor']:.1f}%" + ("TC" if r["phase"] == "prefill" else ""))
     ratio = f"x{r['ratio_to_plain']:.3f}" if r.get("ratio_to_plain") else ""
     steered = f"{100 * r['steered_fraction']:.1f}%" if r.get("steered_fraction") is not None else ""
     return pct, ratio, steered
@@ -260,6 +261,11 @@ def summary(out, label, files):
             ("llama-3.1-8b", "decode"): "hf_generate_llama8b",
             ("qwen2.5-1.5b pair", "hybrid"): "hf_hybrid_loop_qwen1.5b_x2"}
     print(f"== summary{label}")
+    copy = {}  # card -> the copy rates its bench processes measured (each row's floor)
+    for r in rows:
+        copy.setdefault(r.get("card", "?"), []).append(r.get("floor_gb_per_s", 0))
+    for card, rates in sorted(copy.items()):
+        print(f"card: {card}; floor at its measured copy rate, {min(rates):.0f}-{max(rates):.0f} GB/s")
     print(f"{'shape':<19} {'phase':<8} {'batch':>5} {'tokens':>6} {'ms/token':>9} {'tok/s':>9} "
           f"{'GB/s':>7} {'% floor':>8} {'vs plain':>8} {'steered':>7} {'vs HF':>7}")
     for r in rows:

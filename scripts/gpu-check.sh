@@ -3,7 +3,7 @@
 # binaries built here and carried in .gpu/ (see scripts/build-gpu-bundle.sh). Runs the GPU tests,
 # then `thinksteer bench` for the Qwen2.5-1.5B and Llama-3.1-8B shapes, then the HF anchor
 # (a copy of ../shared/bench/hf_anchor.py) in the same call, and prints a summary table last.
-# Full logs go to $OUT (or .gpu/out). Budget: well under 8 minutes on an H100.
+# Full logs go to $OUT (or .gpu/out). Budget: well under 8 minutes on an H100 or H200.
 # Short runs: TESTS="cuda_vector_grad ..." runs only those test binaries; BENCH=vg runs only the
 # vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
 # PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the A/B lines

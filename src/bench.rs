@@ -15,11 +15,113 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// HBM bandwidth the floor is computed against: a device-to-device copy on the lent H100
-/// measured 2.85–3.0 TB/s (spec/performance.md).
-pub const HBM_BYTES_PER_S: f64 = 3.0e12;
-/// H100 SXM dense bf16 tensor-core peak, from NVIDIA's datasheet.
-pub const H100_BF16_FLOPS: f64 = 989e12;
+/// The card a benchmark ran on, and the two rates its percentages are taken against.
+#[derive(Debug, Clone, Serialize)]
+pub struct Card {
+    pub name: String,
+    /// Device-to-device copy rate measured at the start of the run (bytes read + written, best
+    /// of several copies of a buffer larger than any cache): the bandwidth of the floor.
+    pub copy_gb_per_s: f64,
+    /// Dense bf16 tensor-core peak (f32 accumulation) from the vendor's datasheet, by card name;
+    /// None for a card not in [`datasheet_bf16_tflops`] (the CPU, the emulated driver).
+    pub bf16_tflops: Option<f64>,
+}
+
+/// Bytes copied per timing of [`Card`]'s copy rate: 256 MiB, 5× the L2 of an H100 or H200.
+const COPY_BYTES: usize = 256 << 20;
+const COPY_REPS: usize = 10;
+
+/// Dense bf16 tensor-core TFLOP/s with f32 accumulation, from NVIDIA's datasheets, by the name
+/// the driver reports (more specific names first).
+pub fn datasheet_bf16_tflops(name: &str) -> Option<f64> {
+    const TABLE: &[(&str, f64)] = &[
+        ("H100 PCIe", 756.0),
+        ("H100 NVL", 835.0),
+        ("H200 NVL", 835.0),
+        ("GH200", 989.0),
+        ("H100", 989.0),
+        ("H200", 989.0),
+        ("H800", 989.0),
+        ("A100", 312.0),
+        ("A800", 312.0),
+        ("L40S", 362.0),
+        ("L40", 181.0),
+        ("L4", 121.0),
+        ("B200", 2250.0),
+    ];
+    TABLE
+        .iter()
+        .find(|(k, _)| name.contains(k))
+        .map(|&(_, t)| t)
+}
+
+impl Card {
+    /// The GPU of `gpu`, its copy rate measured on its stream now.
+    pub fn cuda(gpu: &Gpu) -> Result<Card> {
+        let err = |what: &'static str| {
+            move |e: cudarc::driver::DriverError| crate::Error::Cuda(format!("{what}: {e}"))
+        };
+        let name = gpu.ctx.name().map_err(err("reading the device name"))?;
+        let src = gpu
+            .stream
+            .alloc_zeros::<u8>(COPY_BYTES)
+            .map_err(err("allocating the copy benchmark's buffers"))?;
+        let mut dst = gpu
+            .stream
+            .alloc_zeros::<u8>(COPY_BYTES)
+            .map_err(err("allocating the copy benchmark's buffers"))?;
+        let mut best = f64::INFINITY;
+        for i in 0..=COPY_REPS {
+            gpu.stream.synchronize().map_err(err("synchronising"))?;
+            let t0 = Instant::now();
+            gpu.stream
+                .memcpy_dtod(&src, &mut dst)
+                .map_err(err("timing a device-to-device copy"))?;
+            gpu.stream.synchronize().map_err(err("synchronising"))?;
+            if i > 0 {
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+        }
+        Ok(Card {
+            bf16_tflops: datasheet_bf16_tflops(&name),
+            name,
+            copy_gb_per_s: 2.0 * COPY_BYTES as f64 / best / 1e9,
+        })
+    }
+
+    /// This machine's CPU, its memory copy rate measured now (one thread).
+    pub fn cpu() -> Card {
+        let src = vec![1u8; COPY_BYTES];
+        let mut dst = vec![0u8; COPY_BYTES];
+        let mut best = f64::INFINITY;
+        for i in 0..=COPY_REPS / 2 {
+            let t0 = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            if i > 0 {
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Card {
+            name: format!("cpu ({threads} threads)"),
+            copy_gb_per_s: 2.0 * COPY_BYTES as f64 / best / 1e9,
+            bf16_tflops: None,
+        }
+    }
+
+    /// One line saying what the percentages of a run are taken against (printed to stderr).
+    pub fn describe(&self) -> String {
+        let peak = self.bf16_tflops.map_or(
+            "bf16 tensor-core peak unknown (not in the datasheet table)".to_string(),
+            |t| format!("bf16 tensor-core peak {t:.0} TFLOP/s (datasheet)"),
+        );
+        format!(
+            "card: {}; copy {:.0} GB/s measured (the floor's bandwidth); {peak}",
+            self.name, self.copy_gb_per_s
+        )
+    }
+}
 
 /// The real configurations of the named benchmark shapes, and `tiny`: 12 small Qwen2-style
 /// layers (head_dim 64, enough blocks for the hybrid bench's SAE and steering points) for
@@ -56,6 +158,10 @@ pub fn named_shape(name: &str) -> Option<Config> {
 pub struct Row {
     pub shape: String,
     pub device: String,
+    /// The card's name (`Card::name`).
+    pub card: String,
+    /// The bandwidth the floor is taken at: the card's measured copy rate (`Card`).
+    pub floor_gb_per_s: f64,
     pub phase: &'static str,
     pub batch: usize,
     pub tokens: usize,
@@ -64,7 +170,8 @@ pub struct Row {
     pub tok_per_s: f64,
     /// Weight bytes streamed per step / step time (decode).
     pub gb_per_s: f64,
-    /// Floor time / measured time (decode), or achieved / peak FLOP rate (prefill).
+    /// Floor time / measured time (decode), or achieved / peak FLOP rate (prefill; NaN, written
+    /// as null, where the card's peak is not known).
     pub pct_of_floor: f64,
     /// Hybrid rows: step time / (thinking decode step + base decode step), same batch, same run.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,43 +281,46 @@ fn prefill_once(e: &mut impl Decoder, s: &Settings) -> Result<()> {
     Ok(())
 }
 
+/// The rows of a plain run: weights of `bytes_per_param` bytes (bf16 on the GPU, f32 on the CPU)
+/// streamed once per decode step; the prefill's FLOPs (2 per weight per token) against the
+/// card's tensor-core peak.
 fn rows_for(
     shape: &str,
     device: &str,
-    c: &Config,
+    card: &Card,
+    (c, bytes_per_param): (&Config, usize),
     s: &Settings,
     prefill: f64,
     decode: &[(usize, f64)],
 ) -> Vec<Row> {
-    let bytes = (c.param_count() * 2) as f64;
-    let floor = bytes / HBM_BYTES_PER_S;
+    let bytes = (c.param_count() * bytes_per_param) as f64;
     let flops = 2.0 * c.param_count() as f64 * s.prompt_len as f64;
-    let mut rows = vec![Row {
+    let row = |phase, batch, tokens, secs_per_token: f64| Row {
         shape: shape.into(),
         device: device.into(),
-        phase: "prefill",
-        batch: 1,
-        tokens: s.prompt_len,
-        ms_per_token: prefill * 1e3 / s.prompt_len as f64,
-        tok_per_s: s.prompt_len as f64 / prefill,
+        card: card.name.clone(),
+        floor_gb_per_s: card.copy_gb_per_s,
+        phase,
+        batch,
+        tokens,
+        ms_per_token: secs_per_token * 1e3,
+        tok_per_s: batch as f64 / secs_per_token,
         gb_per_s: 0.0,
-        pct_of_floor: 100.0 * flops / prefill / H100_BF16_FLOPS,
+        pct_of_floor: f64::NAN,
         ratio_to_plain: None,
         steered_fraction: None,
+    };
+    let mut rows = vec![Row {
+        pct_of_floor: card
+            .bf16_tflops
+            .map_or(f64::NAN, |t| 100.0 * flops / prefill / (t * 1e12)),
+        ..row("prefill", 1, s.prompt_len, prefill / s.prompt_len as f64)
     }];
     for &(b, t) in decode {
         rows.push(Row {
-            shape: shape.into(),
-            device: device.into(),
-            phase: "decode",
-            batch: b,
-            tokens: s.new_tokens,
-            ms_per_token: t * 1e3,
-            tok_per_s: b as f64 / t,
             gb_per_s: bytes / t / 1e9,
-            pct_of_floor: 100.0 * floor / t,
-            ratio_to_plain: None,
-            steered_fraction: None,
+            pct_of_floor: 100.0 * bytes / (card.copy_gb_per_s * 1e9) / t,
+            ..row("decode", b, s.new_tokens, t)
         });
     }
     rows
@@ -219,6 +329,8 @@ fn rows_for(
 /// Runs the benchmark on the GPU.
 pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let gpu = Arc::new(Gpu::new(0)?);
+    let card = Card::cuda(&gpu)?;
+    eprintln!("{}", card.describe());
     let max_b = s.batches.iter().copied().max().unwrap_or(1);
     let max_len = s.prompt_len + s.new_tokens + 1;
     let max_t = max_b.max(s.chunk);
@@ -259,7 +371,15 @@ pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             marginal_costs(&mut e, shape, b, s, t)?;
         }
     }
-    Ok(rows_for(shape, "cuda", &config, s, prefill, &decode))
+    Ok(rows_for(
+        shape,
+        "cuda",
+        &card,
+        (&config, 2),
+        s,
+        prefill,
+        &decode,
+    ))
 }
 
 /// One more greedy step of batch `b` after the prompts, launched eagerly (a graph replay is one
@@ -437,7 +557,17 @@ pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         };
         decode.push((b, decode_rows(&mut e, greedy, b, s)?));
     }
-    Ok(rows_for(shape, "cpu", &config, s, prefill, &decode))
+    let card = Card::cpu();
+    eprintln!("{}", card.describe());
+    Ok(rows_for(
+        shape,
+        "cpu",
+        &card,
+        (&config, 4),
+        s,
+        prefill,
+        &decode,
+    ))
 }
 
 /// The hybrid step for a pair of the named shape (thinking and base both of that shape, random
@@ -453,6 +583,8 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     };
     c.eos_token_ids.clear(); // random weights: never stop early
     let gpu = Arc::new(Gpu::new(0)?);
+    let card = Card::cuda(&gpu)?;
+    eprintln!("{}", card.describe());
     let hy = HySettings {
         mode: Mode::Cached,
         max_new_tokens: s.new_tokens,
@@ -532,13 +664,15 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         out.push(Row {
             shape: format!("{shape} pair"),
             device: "cuda".into(),
+            card: card.name.clone(),
+            floor_gb_per_s: card.copy_gb_per_s,
             phase: "hybrid",
             batch: b,
             tokens: steps,
             ms_per_token: step * 1e3,
             tok_per_s: b as f64 / step,
             gb_per_s: bytes / step / 1e9,
-            pct_of_floor: 100.0 * bytes / HBM_BYTES_PER_S / step,
+            pct_of_floor: 100.0 * bytes / (card.copy_gb_per_s * 1e9) / step,
             ratio_to_plain: Some(step / plain),
             steered_fraction: Some(steered as f64 / all.max(1) as f64),
         });

@@ -904,10 +904,10 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
             "shape", "device", "phase", "batch", "ms/token", "tok/s", "GB/s", "% floor"
         );
         for r in &rows {
-            let pct = if r.phase == "prefill" {
-                format!("{:.1}%TC", r.pct_of_floor)
-            } else {
-                format!("{:.1}%", r.pct_of_floor)
+            let pct = match (r.phase, r.pct_of_floor.is_finite()) {
+                (_, false) => "-".to_string(), // a prefill on a card of unknown peak
+                ("prefill", true) => format!("{:.1}%TC", r.pct_of_floor),
+                _ => format!("{:.1}%", r.pct_of_floor),
             };
             println!(
                 "{:<14} {:<6} {:<8} {:>6} {:>12.3} {:>10.1} {:>10.0} {:>9}",

@@ -357,3 +357,31 @@ fn optimise_prefixes_and_training_on_the_gpu_match_the_cpu() {
         "GPU training did not lower the loss beyond the CPU/GPU tolerance: {curve_gpu:?}"
     );
 }
+
+/// `thinksteer bench` on the GPU, plain and hybrid, on the `tiny` shape (random weights made on
+/// the device): every row valid (the bench itself checks each step's ids), the floor at the copy
+/// rate measured on the card, the hybrid rows with their ratio to plain decode and steered share.
+#[test]
+fn bench_rows_on_the_gpu() {
+    if !have_gpu() {
+        return;
+    }
+    let rows = thinksteer::bench::run_cuda("tiny", &common::bench_settings(vec![1, 3])).unwrap();
+    let phases: Vec<(&str, usize)> = rows.iter().map(|r| (r.phase, r.batch)).collect();
+    assert_eq!(phases, [("prefill", 1), ("decode", 1), ("decode", 3)]);
+    common::check_bench_rows(&rows);
+    let s = thinksteer::bench::Settings {
+        steered_share: Some(0.5),
+        ..common::bench_settings(vec![2])
+    };
+    let rows = thinksteer::bench::run_cuda_hybrid("tiny", &s).unwrap();
+    assert_eq!(rows.len(), 1);
+    common::check_bench_rows(&rows);
+    let (ratio, share) = (rows[0].ratio_to_plain, rows[0].steered_fraction);
+    assert!(ratio.is_some_and(|x| x > 0.0), "{:?}", rows[0]);
+    assert!(
+        share.is_some_and(|f| (0.0..=1.0).contains(&f)),
+        "{:?}",
+        rows[0]
+    );
+}

@@ -200,3 +200,43 @@ pub fn random_checkpoint(tag: &str, seed: u64, n_layers: usize) -> PathBuf {
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
     dir
 }
+
+/// `thinksteer bench` settings for a few short steps.
+pub fn bench_settings(batches: Vec<usize>) -> thinksteer::bench::Settings {
+    thinksteer::bench::Settings {
+        batches,
+        prompt_len: 6,
+        new_tokens: 4,
+        seed: 1,
+        steered_share: None,
+        chunk: 512,
+        marginal: false,
+    }
+}
+
+/// Decode rows: % of the floor = achieved GB/s / the row's copy rate; prefill rows: a share of
+/// the tensor-core peak where the card is in the datasheet table, else NaN.
+pub fn check_bench_rows(rows: &[thinksteer::bench::Row]) {
+    for r in rows {
+        assert!(!r.card.is_empty(), "{r:?}");
+        assert!(
+            r.floor_gb_per_s > 0.0 && r.floor_gb_per_s.is_finite(),
+            "{r:?}"
+        );
+        assert!(r.ms_per_token > 0.0 && r.tok_per_s > 0.0, "{r:?}");
+        if r.phase == "prefill" {
+            let peak = thinksteer::bench::datasheet_bf16_tflops(&r.card);
+            assert_eq!(r.pct_of_floor.is_finite(), peak.is_some(), "{r:?}");
+        } else {
+            let want = 100.0 * r.gb_per_s / r.floor_gb_per_s;
+            assert!(
+                (r.pct_of_floor - want).abs() <= 1e-9 * want.max(1.0),
+                "{r:?}: % of floor {} is not GB/s / floor {want}",
+                r.pct_of_floor
+            );
+            // tok/s counts every row of the step.
+            let want = r.batch as f64 * 1e3 / r.ms_per_token;
+            assert!((r.tok_per_s - want).abs() <= 1e-9 * want, "{r:?}");
+        }
+    }
+}
