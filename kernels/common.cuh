@@ -121,6 +121,16 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// Four 8 × 8 b16 matrices from shared memory: lane l gives the address of row l % 8 of matrix
+// l / 8 (16-byte aligned); r[i] = the two elements 2·(l % 4), +1 of row l / 4 of matrix i —
+// one instruction for an mma A fragment (matrices: rows +0/+8 × columns +0/+8) or two B ones.
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const bf16_t* p) {
+    unsigned int s = (unsigned int)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
 // D = A·B + D on tensor cores: A 16x16 bf16 (row), B 16x8 bf16 (col), D 16x8 f32.
 // Fragment layout (g = lane/4, c = lane%4):
 //   a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]

@@ -5,52 +5,58 @@
 // mma.sync m16n8k16 (bf16 in, f32 accumulate); the order of the K sum is the tensor core's.
 // No rounding on output (f32). Any N and M (edge tiles are zero-filled by cp.async and the
 // epilogue masks stores); K % 8 == 0 and 16-byte-aligned x and W (checked on the host).
-// Tiles: block BN (n) × 128 (m) × 32 (k), double-buffered through shared memory with cp.async;
-// WN × 2 warps, each 32 × 64 = 2 × 8 mma tiles. Exported: gemm_bf16 (BN = 64, 4 warps) and
-// gemm_bf16_n128 (BN = 128, 8 warps: each W tile serves twice the rows, twice the warps per
-// block; for N well above 128).
+// Tiles: block BN (n) × 128 (m) × 32 (k) through a ring of STAGES shared-memory buffers filled
+// by cp.async (STAGES − 1 tiles in flight while one is multiplied; one barrier per k tile);
+// WN × 2 warps, each 32 × 64 = 2 × 8 mma tiles, fragments loaded by ldmatrix (per 16-wide k
+// step: 2 for A, 4 for B, instead of 24 32-bit loads). Exported: gemm_bf16 (BN = 64, 4 warps,
+// 3 stages) and gemm_bf16_n128 (BN = 128, 8 warps, 2 stages: each W tile serves twice the rows,
+// twice the warps per block; for N well above 128).
 // live (nullable, device): only rows n < min(N, *live) are needed; row tiles past them return at
 // once (the hybrid step's candidate rows, whose count is decided on the device).
 // Split K (decode batches, whose few output tiles would leave most SMs idle): blockIdx.z takes
 // the k tiles [z·per, (z+1)·per). With gridDim.z == 1 the block writes out; otherwise its raw
 // sums go to part[z][n][m] (f32 [splits, N, M]) and vg_mm_reduce_f32 (grad.cu) adds them in z
 // order (deterministic).
-// Launch: grid (ceil(M / 128), ceil(N / BN), splits), block 32·2·WN, 30 KB (BN 64) or 40 KB
-// static shared memory.
+// Launch: grid (ceil(M / 128), ceil(N / BN), splits), block 32·2·WN, 45 KB (BN 64) or 40 KB
+// (BN 128) static shared memory.
 #include "common.cuh"
 
 #define GM_BM 128  // W rows per block
 #define GM_BK 32
-#define GM_LD 40  // padded row (80 bytes): fragment loads of 8 rows hit 8 different bank groups
+#define GM_LD 40  // padded row (80 bytes): an ldmatrix phase's 8 rows hit 8 different 16-byte bank groups
 
-template <int WN>  // warps along n; BN = 32·WN x rows per block
+template <int WN, int STAGES>  // warps along n (BN = 32·WN x rows per block); buffers in the ring
 __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t* __restrict__ x,
                                           const bf16_t* __restrict__ W, int N, int M, int K, int kt0,
                                           int kt1) {
     constexpr int BN = 32 * WN, THREADS = 64 * WN;
-    __shared__ __align__(16) bf16_t As[2][BN][GM_LD];
-    __shared__ __align__(16) bf16_t Bs[2][GM_BM][GM_LD];
+    __shared__ __align__(16) bf16_t As[STAGES][BN][GM_LD];
+    __shared__ __align__(16) bf16_t Bs[STAGES][GM_BM][GM_LD];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wn = warp >> 1, wm = warp & 1;  // warp's 32-row slice of x, 64-row slice of W
     const int g = lane >> 2, c = lane & 3;
     const int m0 = blockIdx.x * GM_BM, n0 = blockIdx.y * BN;
     if (n0 >= N) return;  // a row tile past the live rows
 
+    // Tile kt into buffer buf, as one commit group; past the block's k range an empty group, so
+    // that group i always holds tile kt0 + i.
     auto load_tile = [&](int kt, int buf) {
         const int k0 = kt * GM_BK;
+        if (kt < kt1) {
 #pragma unroll
-        for (int i = 0; i < BN * 4 / THREADS; ++i) {  // A: BN rows × 4 chunks of 8
-            const int ch = tid + i * THREADS, row = ch >> 2, kc = (ch & 3) * 8;
-            const bool ok = n0 + row < N && k0 + kc < K;
-            const bf16_t* src = ok ? x + (size_t)(n0 + row) * K + k0 + kc : x;
-            cp_async16(&As[buf][row][kc], src, ok ? 16 : 0);
-        }
+            for (int i = 0; i < BN * 4 / THREADS; ++i) {  // A: BN rows × 4 chunks of 8
+                const int ch = tid + i * THREADS, row = ch >> 2, kc = (ch & 3) * 8;
+                const bool ok = n0 + row < N && k0 + kc < K;
+                const bf16_t* src = ok ? x + (size_t)(n0 + row) * K + k0 + kc : x;
+                cp_async16(&As[buf][row][kc], src, ok ? 16 : 0);
+            }
 #pragma unroll
-        for (int i = 0; i < GM_BM * 4 / THREADS; ++i) {  // B: 128 rows × 4 chunks of 8
-            const int ch = tid + i * THREADS, row = ch >> 2, kc = (ch & 3) * 8;
-            const bool ok = m0 + row < M && k0 + kc < K;
-            const bf16_t* src = ok ? W + (size_t)(m0 + row) * K + k0 + kc : W;
-            cp_async16(&Bs[buf][row][kc], src, ok ? 16 : 0);
+            for (int i = 0; i < GM_BM * 4 / THREADS; ++i) {  // B: 128 rows × 4 chunks of 8
+                const int ch = tid + i * THREADS, row = ch >> 2, kc = (ch & 3) * 8;
+                const bool ok = m0 + row < M && k0 + kc < K;
+                const bf16_t* src = ok ? W + (size_t)(m0 + row) * K + k0 + kc : W;
+                cp_async16(&Bs[buf][row][kc], src, ok ? 16 : 0);
+            }
         }
         cp_async_commit();
     };
@@ -62,30 +68,36 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
-    // k tiles [kt0, kt1): all of K, or this block's split.
-    load_tile(kt0, 0);
+    // ldmatrix row addresses: lane l serves row l % 8 of matrix l / 8. A fragment (16 × 16 at
+    // row r): matrices rows +0 / +8 (bit 0 of l / 8) × k +0 / +8 (bit 1). Two B fragments (n
+    // rows j·8 and j·8 + 8, 16 k each): matrices k +0 / +8 (bit 0) × rows +0 / +8 (bit 1).
+    const int a_row = wn * 32 + (lane & 7) + ((lane >> 3) & 1) * 8, a_k = (lane >> 4) * 8;
+    const int b_row = wm * 64 + (lane & 7) + (lane >> 4) * 8, b_k = ((lane >> 3) & 1) * 8;
+
+    // k tiles [kt0, kt1): all of K, or this block's split. Tile kt0 + i sits in buffer i % STAGES.
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) load_tile(kt0 + s, s);
     for (int kt = kt0; kt < kt1; ++kt) {
-        const int buf = (kt - kt0) & 1;
-        if (kt + 1 < kt1) {
-            load_tile(kt + 1, buf ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+        const int i = kt - kt0, buf = i % STAGES;
+        cp_async_wait<STAGES - 2>();  // this thread's copies of tile kt have landed
+        __syncthreads();  // everyone's have, and everyone is done with tile kt − 1's buffer...
+        load_tile(kt + STAGES - 1, (i + STAGES - 1) % STAGES);  // ...which this refills
 #pragma unroll
         for (int kk = 0; kk < GM_BK; kk += 16) {
             unsigned int a[2][4], b[8][2];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) frag_a(a[i], &As[buf][0][0], GM_LD, wn * 32 + i * 16, kk, g, c);
+            for (int i = 0; i < 2; ++i) ldmatrix_x4(a[i], &As[buf][a_row + i * 16][kk + a_k]);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) frag_b(b[j], &Bs[buf][0][0], GM_LD, wm * 64 + j * 8, kk, g, c);
+            for (int j = 0; j < 8; j += 2) {
+                unsigned int r[4];
+                ldmatrix_x4(r, &Bs[buf][b_row + j * 8][kk + b_k]);
+                b[j][0] = r[0], b[j][1] = r[1], b[j + 1][0] = r[2], b[j + 1][1] = r[3];
+            }
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll
                 for (int j = 0; j < 8; ++j) mma_bf16_16816(acc[i][j], a[i], b[j]);
         }
-        __syncthreads();  // this buffer is refilled by the next iteration's load
     }
 
 #pragma unroll
@@ -121,7 +133,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ 
                                                            int per) {
     pdl_enter();
     const GemmSplit sp = gemm_split(out, part, N, M, K, per);
-    gemm_body<2>(sp.dst, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
+    gemm_body<2, 3>(sp.dst, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -129,5 +141,5 @@ extern "C" __global__ void __launch_bounds__(256)
                    int K, const int* __restrict__ live, float* __restrict__ part, int per) {
     pdl_enter();
     const GemmSplit sp = gemm_split(out, part, N, M, K, per);
-    gemm_body<4>(sp.dst, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
+    gemm_body<4, 2>(sp.dst, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
 }

@@ -277,6 +277,18 @@ inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c,
 inline uint4 make_uint4(unsigned int a, unsigned int b, unsigned int c, unsigned int d) { return {a, b, c, d}; }
 inline uint2 make_uint2(unsigned int a, unsigned int b) { return {a, b}; }
 
+// Each thread's pending cp.async copies (see cp_async16 below), emptied at every block's start.
+struct EmuCopy {
+    void* dst;
+    const void* src;
+    int bytes;
+};
+struct EmuCopyGroups {
+    std::vector<EmuCopy> open;
+    std::vector<std::vector<EmuCopy>> closed;  // oldest first
+};
+inline EmuCopyGroups g_copies[1024];
+
 // Dynamic shared memory of the running launch (run.sh rewrites `extern __shared__ T name[];`
 // into `T* const name = emu_dynamic_shared<T>();`). Filled with 0xff bytes (NaN floats) so a
 // read before a write shows.
@@ -322,6 +334,7 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
                     F.done[t] = 0;
                 }
                 std::fill(g_bank, g_bank + threads, 0u);
+                for (unsigned int t = 0; t < threads; ++t) g_copies[t] = EmuCopyGroups{};
                 F.alive = threads;
                 emu_enter(F.caller, 0);
             }
@@ -334,14 +347,47 @@ inline unsigned short f2bf(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (unsigned short)(u >> 16);
 }
-// cp.async, done at once (a kernel may read the copy only after its wait, so earlier is fine).
+// cp.async, deferred as on the hardware: a thread's copies join its open group, cp.async.commit
+// closes the group, and cp.async.wait_group N performs (reads the source and writes shared
+// memory for) every closed group but the newest N. So a tile read before its wait holds what
+// was there before (NaN in fresh dynamic shared memory, the previous tile in a pipeline) and the
+// check against the reference fails. Copies still pending when the block ends are dropped.
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
-    std::memset(smem, 0, 16);
-    if (src_bytes) std::memcpy(smem, gmem, 16);
+    g_copies[threadIdx.x].open.push_back({smem, gmem, src_bytes});
 }
-inline void cp_async_commit() {}
+inline void cp_async_commit() {
+    EmuCopyGroups& q = g_copies[threadIdx.x];
+    q.closed.push_back(std::move(q.open));
+    q.open.clear();
+}
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+    EmuCopyGroups& q = g_copies[threadIdx.x];
+    const size_t done = q.closed.size() > (size_t)N ? q.closed.size() - N : 0;
+    for (size_t i = 0; i < done; ++i)
+        for (const EmuCopy& c : q.closed[i]) {
+            std::memset(c.dst, 0, 16);
+            if (c.bytes) std::memcpy(c.dst, c.src, 16);
+        }
+    q.closed.erase(q.closed.begin(), q.closed.begin() + done);
+}
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the address of row l % 8 of matrix
+// l / 8 (16-byte aligned, as the hardware requires); each lane receives r[i] = the 32 bits at
+// elements 2·(l % 4), +1 of row l / 4 of matrix i. The addresses go through per-thread slots
+// as in the mma below.
+inline void ldmatrix_x4(unsigned int* r, const unsigned short* p) {
+    static const unsigned short* rows[2][1024];
+    if (reinterpret_cast<std::uintptr_t>(p) % 16) {
+        std::fprintf(stderr, "emulate.h: ldmatrix row address %p of thread %u is not 16-byte aligned\n",
+                     (const void*)p, threadIdx.x);
+        std::abort();
+    }
+    const unsigned bank = warp_bank();
+    const int t = (int)threadIdx.x, lane = t & 31, w0 = t & ~31;
+    rows[bank][t] = p;
+    warp_sync();
+    for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[bank][w0 + 8 * i + lane / 4] + 2 * (lane % 4), 4);
+}
 // mma.sync m16n8k16 over the fragment layout of kernels/common.cuh (g = lane/4, c = lane%4):
 //   a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
 //   b0 = B[2c..2c+1][g],  b1 = B[2c+8..][g];  d0,d1 = D[g][2c..], d2,d3 = D[g+8][2c..]
