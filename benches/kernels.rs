@@ -173,6 +173,60 @@ fn benches(c: &mut Criterion) {
         }
     }
     group.finish();
+
+    // The MLP's gate|up product with SiLU·mul in the epilogue (`gemm_glu`) against gemm then
+    // silu_mul, on the prefill shapes (F = 8960 and 14,336).
+    for &(n, f, kd) in &[(2048usize, 8960usize, 1536usize), (2000, 14336, 4096)] {
+        let w = s
+            .clone_htod(&vec![bf16::from_f32(0.01); 2 * f * kd])
+            .unwrap();
+        let x = s.clone_htod(&vec![bf16::from_f32(1.0); n * kd]).unwrap();
+        let mut act = s.alloc_zeros::<bf16>(n * f).unwrap();
+        let mut gu = s.alloc_zeros::<f32>(n * 2 * f).unwrap();
+        let flops = 2.0 * (n * 2 * f * kd) as f64;
+        for tile in [GemmTile::N64, GemmTile::N128] {
+            let (xv, wv) = (x.as_view(), w.as_view());
+            let mut fused = || {
+                let ran = k::gemm_glu(&g, &mut act.as_view_mut(), &xv, &wv, (n, f, kd), tile, None);
+                assert!(ran.unwrap(), "gemm_glu declined a prefill shape");
+            };
+            let tf = seconds(&s, &mut fused);
+            let mut unfused = || {
+                k::gemm_with(
+                    &g,
+                    &mut gu.as_view_mut(),
+                    &xv,
+                    &wv,
+                    n,
+                    2 * f,
+                    kd,
+                    tile,
+                    None,
+                )
+                .unwrap();
+                k::silu_mul(&g, &mut act.as_view_mut(), &gu.as_view(), n, f, None).unwrap();
+            };
+            let tu = seconds(&s, &mut unfused);
+            println!(
+                "gemm_glu {tile:?} N={n} F={f} K={kd}: {:.3} ms, {:.0} TFLOP/s (bf16 peak {peak}); gemm then silu_mul {:.3} ms",
+                tf * 1e3,
+                flops / tf / 1e12,
+                tu * 1e3
+            );
+        }
+    }
+}
+
+/// Seconds per call of `f` (launches only), over 10 calls after one warm-up, synchronised once.
+fn seconds(s: &cudarc::driver::CudaStream, f: &mut impl FnMut()) -> f64 {
+    f();
+    let reps = 10;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    s.synchronize().unwrap();
+    t0.elapsed().as_secs_f64() / reps as f64
 }
 
 criterion_group! {

@@ -17,6 +17,9 @@ typedef unsigned short bf16_t;
 // bf16 -> f32 is exact: the bf16 bits are the top half of the f32.
 __device__ __forceinline__ float bf2f(bf16_t v) { return __uint_as_float(((unsigned int)v) << 16); }
 
+// silu(g) · u in f32, as every MLP kernel computes it (so fused and unfused paths agree).
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
 #ifndef THINKSTEER_EMULATOR  // scripts/cuda-emulate/emulate.h defines the PTX-only helpers in C++
 __device__ __forceinline__ bf16_t f2bf(float f) {
     unsigned short r;

@@ -15,6 +15,6 @@ extern "C" __global__ void silu_mul_bf16(bf16_t* __restrict__ out, const float* 
     for (size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (size_t)gridDim.x * blockDim.x) {
         const size_t t = e / F, i = e % F;
         const float g = gate_up[t * 2 * F + i], u = gate_up[t * 2 * F + F + i];
-        out[e] = f2bf(g / (1.0f + expf(-g)) * u);
+        out[e] = f2bf(silu_mul(g, u));
     }
 }

@@ -11,31 +11,43 @@
 // step: 2 for A, 4 for B, instead of 24 32-bit loads). Exported: gemm_bf16 (BN = 64, 4 warps,
 // 3 stages) and gemm_bf16_n128 (BN = 128, 8 warps, 2 stages: each W tile serves twice the rows,
 // twice the warps per block; for N well above 128).
+// gemm_glu_bf16 / gemm_glu_bf16_n128 (the gate|up product of the MLP, SiLU·mul in the epilogue):
+//   act[n, f] = bf16(silu(g) · u),  g = Σ_k x[n, k]·W[f, k],  u = Σ_k x[n, k]·W[F + f, k]
+// with W the fused [gate; up] weights bf16 [2F, K] and act bf16 [N, F]; the gate and up sums are
+// those of gemm_bf16 (same k order) and silu_mul as silu_mul_bf16, so act equals gemm then
+// silu_mul bit for bit, without the f32 [N, 2F] round trip. A block's 128 W rows are gate rows
+// f0..f0+63 (the wm = 0 warps) and up rows F+f0.. (wm = 1), f0 = 64·blockIdx.x; the up sums pass
+// to the gate warps through the ring's shared memory after the last k tile. No split K.
 // live (nullable, device): only rows n < min(N, *live) are needed; row tiles past them return at
 // once (the hybrid step's candidate rows, whose count is decided on the device).
 // Split K (decode batches, whose few output tiles would leave most SMs idle): blockIdx.z takes
 // the k tiles [z·per, (z+1)·per). With gridDim.z == 1 the block writes out; otherwise its raw
 // sums go to part[z][n][m] (f32 [splits, N, M]) and vg_mm_reduce_f32 (grad.cu) adds them in z
 // order (deterministic).
-// Launch: grid (ceil(M / 128), ceil(N / BN), splits), block 32·2·WN, 45 KB (BN 64) or 40 KB
-// (BN 128) static shared memory.
+// Launch: grid (ceil(M / 128), ceil(N / BN), splits) — glu: (ceil(F / 64), ceil(N / BN), 1) —,
+// block 32·2·WN, 45 KB (BN 64) or 40 KB (BN 128) static shared memory.
 #include "common.cuh"
 
 #define GM_BM 128  // W rows per block
 #define GM_BK 32
 #define GM_LD 40  // padded row (80 bytes): an ldmatrix phase's 8 rows hit 8 different 16-byte bank groups
+#define GM_UP_LD 68  // row of the glu epilogue's up sums (64 floats + 4: rows g and g + 1 on other banks)
 
-template <int WN, int STAGES>  // warps along n (BN = 32·WN x rows per block); buffers in the ring
-__device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t* __restrict__ x,
-                                          const bf16_t* __restrict__ W, int N, int M, int K, int kt0,
-                                          int kt1) {
+// GLU: out is unused and act written (M = F); else out written (M rows of W).
+template <int WN, int STAGES, bool GLU>  // warps along n (BN = 32·WN x rows per block); ring buffers
+__device__ __forceinline__ void gemm_body(float* __restrict__ out, bf16_t* __restrict__ act,
+                                          const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int N,
+                                          int M, int K, int kt0, int kt1) {
     constexpr int BN = 32 * WN, THREADS = 64 * WN;
-    __shared__ __align__(16) bf16_t As[STAGES][BN][GM_LD];
-    __shared__ __align__(16) bf16_t Bs[STAGES][GM_BM][GM_LD];
+    constexpr int RING = STAGES * (BN + GM_BM) * GM_LD * 2;  // bytes
+    static_assert(!GLU || BN * GM_UP_LD * 4 <= RING, "the up sums fit in the ring");
+    __shared__ __align__(16) unsigned char smem[RING];
+    bf16_t(*As)[BN][GM_LD] = reinterpret_cast<bf16_t(*)[BN][GM_LD]>(smem);
+    bf16_t(*Bs)[GM_BM][GM_LD] = reinterpret_cast<bf16_t(*)[GM_BM][GM_LD]>(smem + STAGES * BN * GM_LD * 2);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wn = warp >> 1, wm = warp & 1;  // warp's 32-row slice of x, 64-row slice of W
     const int g = lane >> 2, c = lane & 3;
-    const int m0 = blockIdx.x * GM_BM, n0 = blockIdx.y * BN;
+    const int m0 = blockIdx.x * (GLU ? GM_BM / 2 : GM_BM), n0 = blockIdx.y * BN;
     if (n0 >= N) return;  // a row tile past the live rows
 
     // Tile kt into buffer buf, as one commit group; past the block's k range an empty group, so
@@ -53,8 +65,10 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
 #pragma unroll
             for (int i = 0; i < GM_BM * 4 / THREADS; ++i) {  // B: 128 rows × 4 chunks of 8
                 const int ch = tid + i * THREADS, row = ch >> 2, kc = (ch & 3) * 8;
-                const bool ok = m0 + row < M && k0 + kc < K;
-                const bf16_t* src = ok ? W + (size_t)(m0 + row) * K + k0 + kc : W;
+                // glu: tile rows 0..63 are gate rows m0.., 64..127 up rows M + m0..
+                const int m = GLU ? m0 + (row & 63) : m0 + row, wrow = GLU ? m + (row >> 6) * M : m;
+                const bool ok = m < M && k0 + kc < K;
+                const bf16_t* src = ok ? W + (size_t)wrow * K + k0 + kc : W;
                 cp_async16(&Bs[buf][row][kc], src, ok ? 16 : 0);
             }
         }
@@ -100,6 +114,34 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, const bf16_t*
         }
     }
 
+    if (GLU) {
+        // The ring's last groups were empty and every warp is past its last read of it: the up
+        // warps leave their sums there, the gate warps combine them with theirs.
+        __syncthreads();
+        float* up = reinterpret_cast<float*>(smem);  // [BN][GM_UP_LD]
+        if (wm == 1) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+#pragma unroll
+                for (int j = 0; j < 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        up[(wn * 32 + i * 16 + g + (e >> 1) * 8) * GM_UP_LD + j * 8 + 2 * c + (e & 1)] = acc[i][j][e];
+        }
+        __syncthreads();
+        if (wm == 1) return;
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int rl = wn * 32 + i * 16 + g + (e >> 1) * 8, cl = j * 8 + 2 * c + (e & 1);
+                    if (n0 + rl < N && m0 + cl < M)
+                        act[(size_t)(n0 + rl) * M + m0 + cl] = f2bf(silu_mul(acc[i][j][e], up[rl * GM_UP_LD + cl]));
+                }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -133,7 +175,7 @@ extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ 
                                                            int per) {
     pdl_enter();
     const GemmSplit sp = gemm_split(out, part, N, M, K, per);
-    gemm_body<2, 3>(sp.dst, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
+    gemm_body<2, 3, false>(sp.dst, nullptr, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -141,5 +183,19 @@ extern "C" __global__ void __launch_bounds__(256)
                    int K, const int* __restrict__ live, float* __restrict__ part, int per) {
     pdl_enter();
     const GemmSplit sp = gemm_split(out, part, N, M, K, per);
-    gemm_body<4, 2>(sp.dst, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
+    gemm_body<4, 2, false>(sp.dst, nullptr, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    gemm_glu_bf16(bf16_t* __restrict__ act, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int N, int F,
+                  int K, const int* __restrict__ live) {
+    pdl_enter();
+    gemm_body<2, 3, true>(nullptr, act, x, W, live_rows(live, N), F, K, 0, (K + GM_BK - 1) / GM_BK);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_glu_bf16_n128(bf16_t* __restrict__ act, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int N,
+                       int F, int K, const int* __restrict__ live) {
+    pdl_enter();
+    gemm_body<4, 2, true>(nullptr, act, x, W, live_rows(live, N), F, K, 0, (K + GM_BK - 1) / GM_BK);
 }

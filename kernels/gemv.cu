@@ -68,9 +68,6 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
 // Weights are touched once: they are read with ld_stream (common.cuh), which bypasses L1 so x
 // keeps it.
 
-// SiLU(g)·u exactly as silu_mul_bf16 computes it (elementwise.cu).
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
-
 // NT: 8-column batch tiles (1 for B ≤ 8, 2 for B ≤ 16, 4 for B ≤ 32, 8 for B ≤ 64). GLU: the block's 16 mma
 // rows are gate rows m0..m0+7 (W rows m0 + g) and the matching up rows (W rows M + m0 + g), and
 // the epilogue writes act = bf16(silu(gate)·up) [B, M] instead of out.

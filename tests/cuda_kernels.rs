@@ -971,6 +971,87 @@ fn matmul_glu_matches_cpu_gate_up_silu_mul() {
     check_glu(&g, 64, 40, 264, 91, Some(GemvWarps::W16));
 }
 
+/// The gate|up product with SiLU·mul in gemm's epilogue (`gemm_glu`, both row tiles, with and
+/// without a live row count) equals `gemm_with` then `silu_mul` bit for bit on the rows needed
+/// (same sums, same SiLU·mul); the CPU comparison of that path is `matmul_glu_matches_cpu…`.
+/// Where gemm would split K, `gemm_glu` declines and launches nothing.
+#[test]
+fn gemm_glu_equals_gemm_then_silu_mul_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let s = &g.stream;
+    let mut rng = Rng(17);
+    for &(n, f, kd, live) in &[
+        (200usize, 100usize, 72usize, None),
+        (130, 64, 1536, None),
+        (300, 136, 8 * 37, Some(70i32)),
+    ] {
+        let x = s.clone_htod(&to_bf(&rng.vec(n * kd, 1.0))).unwrap();
+        let w = s.clone_htod(&to_bf(&rng.vec(2 * f * kd, 0.5))).unwrap();
+        let count = s.clone_htod(&[live.unwrap_or(0)]).unwrap();
+        let lv = live.map(|_| count.as_view());
+        let rows = live.map_or(n, |l| l as usize);
+        for tile in [GemmTile::N64, GemmTile::N128] {
+            let mut fused = s.alloc_zeros::<bf16>(n * f).unwrap();
+            let mut act = s.alloc_zeros::<bf16>(n * f).unwrap();
+            let mut gu = s.alloc_zeros::<f32>(n * 2 * f).unwrap();
+            let (xv, wv) = (x.as_view(), w.as_view());
+            let ran = k::gemm_glu(
+                &g,
+                &mut fused.as_view_mut(),
+                &xv,
+                &wv,
+                (n, f, kd),
+                tile,
+                lv.as_ref(),
+            );
+            assert!(ran.unwrap(), "gemm_glu declined N={n} F={f} K={kd}");
+            k::gemm_with(
+                &g,
+                &mut gu.as_view_mut(),
+                &xv,
+                &wv,
+                n,
+                2 * f,
+                kd,
+                tile,
+                lv.as_ref(),
+            )
+            .unwrap();
+            k::silu_mul(&g, &mut act.as_view_mut(), &gu.as_view(), n, f, lv.as_ref()).unwrap();
+            let (a, b) = (s.clone_dtoh(&fused).unwrap(), s.clone_dtoh(&act).unwrap());
+            let differ = (0..rows * f)
+                .filter(|&e| a[e].to_bits() != b[e].to_bits())
+                .count();
+            assert_eq!(
+                differ,
+                0,
+                "gemm_glu {tile:?} N={n} F={f} K={kd} live {live:?}: {differ} of {} values differ",
+                rows * f
+            );
+        }
+    }
+    // A decode-batch shape on which gemm splits K: declined, nothing written.
+    let (n, f, kd) = (40usize, 150usize, 4096usize);
+    let x = s.alloc_zeros::<bf16>(n * kd).unwrap();
+    let w = s.alloc_zeros::<bf16>(2 * f * kd).unwrap();
+    let mut act = s.clone_htod(&vec![bf16::from_f32(3.0); n * f]).unwrap();
+    let ran = k::gemm_glu(
+        &g,
+        &mut act.as_view_mut(),
+        &x.as_view(),
+        &w.as_view(),
+        (n, f, kd),
+        GemmTile::N64,
+        None,
+    );
+    assert!(!ran.unwrap());
+    assert!(s
+        .clone_dtoh(&act)
+        .unwrap()
+        .iter()
+        .all(|v| v.to_f32() == 3.0));
+}
+
 #[test]
 fn silu_mul_matches_cpu() {
     let Some(g) = gpu() else { return };

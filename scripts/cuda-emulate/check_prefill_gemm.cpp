@@ -103,6 +103,70 @@ static void gemm(int N, int M, int Kd, int wn, int live = -1, int splits = 1) {
     kept_nan(tag, out, dead);
 }
 
+// act [N, F] = bf16(silu(g) · u) of W = [gate; up] bf16 [2F, K] on gemm_glu_bf16 (wn = 2) or
+// gemm_glu_bf16_n128 (wn = 4): bit for bit what gemm_bf16 (same tile) then silu_mul gives, and
+// within 2^-7 of the largest |ref| of the double reference (the bf16 output alone is off by up
+// to 2^-8 of its value; twice that leaves room for the f32 sums). live ≥ 0: rows
+// < min(N, live) compared, rows of tiles starting at or past live keep their NaN.
+static void gemm_glu(int N, int F, int Kd, int wn, int live = -1) {
+    std::vector<bf16_t> x((size_t)N * Kd), W((size_t)2 * F * Kd);
+    for (auto& v : x) v = f2bf(randv(1, 2.0f)[0]);
+    for (auto& v : W) v = f2bf(randv(1, 0.5f)[0]);
+    const int bn = 32 * wn, rows = live < 0 ? N : std::min(N, live);
+    std::vector<double> want((size_t)N * F, 0.0);
+    std::vector<char> needed((size_t)N * F, 0), dead((size_t)N * F, 0);
+    for (int n = 0; n < N; ++n)
+        for (int f = 0; f < F; ++f) {
+            needed[(size_t)n * F + f] = n < rows;
+            dead[(size_t)n * F + f] = live >= 0 && n / bn * bn >= live;
+            if (n >= rows) continue;
+            double gs = 0, us = 0;
+            for (int k = 0; k < Kd; ++k) {
+                gs += (double)bf2f(x[(size_t)n * Kd + k]) * bf2f(W[(size_t)f * Kd + k]);
+                us += (double)bf2f(x[(size_t)n * Kd + k]) * bf2f(W[(size_t)(F + f) * Kd + k]);
+            }
+            want[(size_t)n * F + f] = gs / (1.0 + std::exp(-gs)) * us;
+        }
+    std::vector<bf16_t> act((size_t)N * F, 0x7fc0);  // NaN
+    std::vector<float> gate_up((size_t)N * 2 * F, NAN);
+    const int* lp = live >= 0 ? &live : nullptr;
+    launch(dim3{(unsigned)((F + 63) / 64), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
+        if (wn == 2)
+            gemm_glu_bf16(act.data(), x.data(), W.data(), N, F, Kd, lp);
+        else
+            gemm_glu_bf16_n128(act.data(), x.data(), W.data(), N, F, Kd, lp);
+    });
+    const int nk = (Kd + 31) / 32;
+    launch(dim3{(unsigned)((2 * F + 127) / 128), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
+        if (wn == 2)
+            gemm_bf16(gate_up.data(), x.data(), W.data(), N, 2 * F, Kd, lp, nullptr, nk);
+        else
+            gemm_bf16_n128(gate_up.data(), x.data(), W.data(), N, 2 * F, Kd, lp, nullptr, nk);
+    });
+    std::vector<float> got(act.size()), unfused(act.size());
+    for (size_t e = 0; e < act.size(); ++e) {
+        got[e] = bf2f(act[e]);
+        const size_t n = e / F, f = e % F;
+        unfused[e] = bf2f(f2bf(silu_mul(gate_up[n * 2 * F + f], gate_up[n * 2 * F + F + f])));
+    }
+    char tag[96];
+    snprintf(tag, sizeof tag, "gemm_glu%s N %d F %d K %d", wn == 4 ? "_n128" : "", N, F, Kd);
+    if (live >= 0) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " live %d", live);
+    if (rows == 0) {
+        printf("%s\n", tag);
+    } else {
+        compare(tag, got, want, needed, 1.0 / 128);
+        std::vector<float> g;  // the needed rows only (rows past live hold NaN or nothing)
+        std::vector<double> same;
+        for (size_t e = 0; e < act.size(); ++e)
+            if (needed[e]) g.push_back(got[e]), same.push_back(unfused[e]);
+        within("  = gemm then silu_mul (exact)", g, same, std::vector<double>(same.size(), 0.0));
+    }
+    if (live < 0 || live >= N) return;
+    snprintf(tag, sizeof tag, "  rows of tiles from row %d keep NaN", (live + bn - 1) / bn * bn);
+    kept_nan(tag, got, dead);
+}
+
 void run_prefill_gemm() {
     gemm(70, 136, 72, 2);
     gemm(70, 136, 72, 4);
@@ -125,6 +189,16 @@ void run_prefill_gemm() {
         gemm(40, 136, 424, 2, -1, 4);
         gemm(40, 136, 424, 4, -1, 4);
         gemm(200, 136, 424, 2, 70, 3);
+    }
+    // The MLP's gate|up with SiLU·mul in the epilogue: F not a multiple of 64 (ragged last
+    // column block), K one k tile and ragged, live counts.
+    {
+        OwnRng own(103);
+        gemm_glu(70, 100, 72, 2);
+        gemm_glu(130, 72, 24, 4);
+        gemm_glu(200, 136, 40, 2, 70);
+        gemm_glu(200, 64, 72, 4, 70);
+        gemm_glu(200, 64, 72, 2, 0);
     }
     prefill(37, 5, 6, 2, 64);
     prefill(70, 0, 6, 2, 128);

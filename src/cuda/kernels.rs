@@ -1033,6 +1033,28 @@ impl GemmTile {
             _ => GemmTile::N64,
         })
     }
+
+    /// The tile used for a product with a device-side live row count: cuBLASLt cannot skip
+    /// rows, so it gives way to the 64-row tile there.
+    fn for_live(self, live: bool) -> GemmTile {
+        if live && self == GemmTile::Lt {
+            GemmTile::N64
+        } else {
+            self
+        }
+    }
+
+    /// Our kernels' (name, rows per block, threads) for a plain and a glu product; None for
+    /// cuBLASLt.
+    fn kernel(self, glu: bool) -> Option<(&'static str, usize, u32)> {
+        match (self, glu) {
+            (GemmTile::N64, false) => Some(("gemm_bf16", 64, 128)),
+            (GemmTile::N128, false) => Some(("gemm_bf16_n128", 128, 256)),
+            (GemmTile::N64, true) => Some(("gemm_glu_bf16", 64, 128)),
+            (GemmTile::N128, true) => Some(("gemm_glu_bf16_n128", 128, 256)),
+            (GemmTile::Lt, _) => None,
+        }
+    }
 }
 
 /// How `gemm` splits K for an [N, M] × K product in row tiles of `bn` on `sms` SMs: (splits, k
@@ -1084,22 +1106,16 @@ pub fn gemm_with(
     tile: GemmTile,
     live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
-    let tile = if live.is_some() && tile == GemmTile::Lt {
-        GemmTile::N64
-    } else {
-        tile
-    };
-    let (kernel, bn, threads) = match tile {
-        GemmTile::N64 => ("gemm_bf16", 64, 128),
-        GemmTile::N128 => ("gemm_bf16_n128", 128, 256),
-        GemmTile::Lt => ("cublasLtMatmul", 1, 0),
+    let Some((kernel, bn, threads)) = tile.for_live(live.is_some()).kernel(false) else {
+        matmul_checks(gpu, "cublasLtMatmul", out, x, w, (n, m, k))?;
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
+        return gpu.blaslt()?.gemm(gpu, out, x, w, n, m, k);
     };
     matmul_checks(gpu, kernel, out, x, w, (n, m, k))?;
     if n == 0 || m == 0 {
         return Ok(());
-    }
-    if tile == GemmTile::Lt {
-        return gpu.blaslt()?.gemm(gpu, out, x, w, n, m, k);
     }
     if n.div_ceil(bn) > 65535 {
         return Err(Error::Input(format!(
@@ -1135,6 +1151,61 @@ pub fn gemm_with(
     }
     // out = Σ_z part[z] in z order (no bias, no accumulate).
     super::grad_kernels::reduce_splits(gpu, out, part, None, (ni, mi, mi), splits, false, live)
+}
+
+/// act bf16 [N, F] = silu(x·W_gateᵀ) · (x·W_upᵀ), W = [gate; up] bf16 [2F, K], by `gemm_glu_bf16`
+/// (gemm.cu; the `tile` rows per block): the sums and SiLU·mul of `gemm_with` then `silu_mul`,
+/// bit for bit, without their f32 [N, 2F] round trip. Ok(false), with nothing launched, where
+/// that gemm would split K (decode batches) or `tile` is cuBLASLt: the caller takes that path.
+/// `live` as in `gemm_with`.
+pub fn gemm_glu(
+    gpu: &Gpu,
+    act: &mut CudaViewMut<'_, bf16>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (n, f, k): (usize, usize, usize),
+    tile: GemmTile,
+    live: Option<&CudaView<'_, i32>>,
+) -> Result<bool> {
+    let Some((kernel, bn, threads)) = tile.for_live(live.is_some()).kernel(true) else {
+        return Ok(false);
+    };
+    let part = super::SCRATCH_GEMM_PART;
+    if gemm_split((n, 2 * f, k), bn, gpu.sms, live.is_some(), part).0 > 1 {
+        return Ok(false);
+    }
+    check(kernel, "act", act.len(), n * f, "[N, F]")?;
+    product_checks(gpu, kernel, x, w, (n, 2 * f, k))?;
+    if n == 0 || f == 0 {
+        return Ok(true);
+    }
+    if n.div_ceil(bn) > 65535 {
+        return Err(Error::Input(format!(
+            "{kernel}: at most {} rows, found {n}",
+            65535 * bn
+        )));
+    }
+    let (ni, fi, ki) = (
+        int(kernel, "N", n)?,
+        int(kernel, "F", f)?,
+        int(kernel, "K", k)?,
+    );
+    let func = gpu.func(kernel)?;
+    let mut l = Launch::new(gpu, func);
+    l.arg(act)
+        .arg(x)
+        .arg(w)
+        .arg(&ni)
+        .arg(&fi)
+        .arg(&ki)
+        .arg(&live)
+        .tag(k);
+    let grid = (f.div_ceil(64) as u32, n.div_ceil(bn) as u32, 1);
+    // SAFETY: argument order and types match gemm_glu_bf16 / gemm_glu_bf16_n128; lengths, K % 8
+    // and alignment checked above; edge tiles are zero-filled and masked in the kernel; `live`
+    // is only read.
+    gpu.launched(kernel, unsafe { l.launch(cfg(grid, threads, 0)) })?;
+    Ok(true)
 }
 
 /// out f32 [N, M] = x bf16 [N, K] · W bf16 [M, K]ᵀ: `gemv` for N ≤ `gemv_rows()` (32, or 64);
@@ -1222,7 +1293,11 @@ pub fn matmul_glu_live(
     live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
     if n >= gemm_from() || act.len() != n * f || x.len() != n * k {
-        gemm_with(gpu, gate_up, x, w, n, 2 * f, k, GemmTile::from_env(), live)?;
+        let tile = GemmTile::from_env();
+        if gemm_glu(gpu, act, x, w, (n, f, k), tile, live)? {
+            return Ok(());
+        }
+        gemm_with(gpu, gate_up, x, w, n, 2 * f, k, tile, live)?;
         return silu_mul(gpu, act, &gate_up.as_view(), n, f, live);
     }
     row_groups(n, |r0, rows| {

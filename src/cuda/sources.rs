@@ -32,7 +32,15 @@ pub const MODULES: &[(&str, &[&str])] = &[
     ("prefill_attention", &["attention_prefill_bf16"]),
     ("elementwise", &["silu_mul_bf16"]),
     ("embed", &["embed_bf16"]),
-    ("gemm", &["gemm_bf16", "gemm_bf16_n128"]),
+    (
+        "gemm",
+        &[
+            "gemm_bf16",
+            "gemm_bf16_n128",
+            "gemm_glu_bf16",
+            "gemm_glu_bf16_n128",
+        ],
+    ),
     (
         "grad",
         &[
