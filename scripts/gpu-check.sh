@@ -20,7 +20,8 @@ export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 export THINKSTEER_CUDA_INCLUDE=/usr/local/cuda/include
 # A GPU test that finds no usable device fails instead of printing "skipped".
 export THINKSTEER_EXPECT_GPU=1
-# Kernels compiled by scripts/build-gpu-bundle.sh (sm_90): no process here compiles them again.
+# The binaries embed the kernels as sm_90 cubins (scripts/build-gpu-bundle.sh); what a process
+# here must still compile (none, unless the driver refuses those cubins) is cached for the next.
 export THINKSTEER_KERNEL_CACHE=${THINKSTEER_KERNEL_CACHE:-$PWD/$B/kernel-cache}
 NEW=${NEW:-256}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

@@ -959,7 +959,7 @@ fn cmd_kernels(a: KernelsArgs) -> Result<()> {
             bytes += bin.len();
             match origin {
                 sources::Origin::Compiled => compiled += 1,
-                sources::Origin::Cache => cached += 1,
+                sources::Origin::Cache | sources::Origin::Embedded => cached += 1,
             }
         }
         println!(

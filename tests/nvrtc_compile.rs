@@ -183,3 +183,33 @@ fn the_kernels_command_fills_a_complete_cache() {
     assert!(run().contains(&format!("0 compiled, {n} already cached")));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Where NVRTC was on the library path when the crate was built (as in CI), build.rs embedded a
+/// whole cubin of every module for sm_80 and sm_90 (the default THINKSTEER_CUDA_ARCHS), so a GPU
+/// machine needs no NVRTC for those; the loader takes the embedded code for exactly those
+/// architectures (a device of another one compiles its own).
+#[test]
+fn the_build_embeds_a_cubin_of_every_module_where_nvrtc_was_there() {
+    if !nvrtc_or_skip() {
+        return;
+    }
+    if std::env::var("THINKSTEER_BUILD_NVRTC").is_ok_and(|v| v == "0") {
+        println!("skipped: THINKSTEER_BUILD_NVRTC=0 (the build embedded sources only)");
+        return;
+    }
+    for cc in [80, 90] {
+        for (stem, _) in sources::MODULES {
+            if sources::embedded_ptx(stem, cc).is_some() {
+                continue; // nvcc was there: its PTX instead
+            }
+            let bin = sources::embedded_cubin(stem, cc)
+                .unwrap_or_else(|| panic!("no embedded cubin of kernels/{stem}.cu for sm_{cc}: was this build made without libnvrtc on LD_LIBRARY_PATH? (build.rs reruns when a kernel or build.rs changes)"));
+            assert!(
+                sources::is_whole_elf(bin),
+                "{stem}.cu sm_{cc}: not a whole cubin"
+            );
+        }
+        assert!(sources::embedded_for(cc));
+    }
+    assert!(!sources::embedded_for(86), "no code was built for sm_86");
+}

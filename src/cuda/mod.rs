@@ -2,8 +2,8 @@
 //! loaded kernel functions) and `available()`, which says why CUDA cannot be used before anything
 //! touches cudarc (cudarc panics when a dynamic library is missing; we return `Error::Cuda`).
 //!
-//! Kernels come from `sources`: nvcc-built PTX embedded by build.rs when it had nvcc, else the
-//! embedded `.cu` sources compiled once with NVRTC for the device's compute capability.
+//! Kernels come from `sources`: nvcc-built PTX or NVRTC-built cubins embedded by build.rs, else
+//! the embedded `.cu` sources compiled once with NVRTC for the device's compute capability.
 //! `THINKSTEER_CUDA_SYNC=1` synchronises after every launch so an error names its kernel.
 
 pub mod blaslt;
@@ -37,9 +37,10 @@ pub fn available() -> std::result::Result<(), String> {
         Ok(_) => {}
         Err(e) => return Err(format!("the CUDA driver failed to initialise: {e}")),
     }
-    if !sources::has_embedded_ptx()
+    let cc = device0_cc();
+    if !cc.is_some_and(sources::embedded_for)
         && !sources::cache_dir()
-            .zip(device0_cc())
+            .zip(cc)
             .is_some_and(|(d, cc)| sources::cache_complete(&d, cc))
     {
         sources::nvrtc_available()?;
@@ -81,6 +82,12 @@ fn cubins() -> &'static Cubins {
 fn module_code(stem: &'static str, cc: u32) -> Result<ModuleCode> {
     if let Some(p) = sources::embedded_ptx(stem, cc) {
         return Ok(ModuleCode::Ptx(p));
+    }
+    if let Some(b) = sources::embedded_cubin(stem, cc) {
+        return Ok(ModuleCode::Cubin(
+            Arc::new(b.to_vec()),
+            sources::Origin::Embedded,
+        ));
     }
     if let Some(b) = cubins()
         .lock()
@@ -234,13 +241,16 @@ impl Gpu {
             let mut code = code?;
             let module = match (load(&code), &code) {
                 (Ok(m), _) => m,
-                // A cached cubin the driver refuses (e.g. from an NVRTC newer than the driver):
-                // compiled afresh, replacing the cached file.
-                (Err(refused), ModuleCode::Cubin(_, sources::Origin::Cache)) => {
+                // A cached or built-in cubin the driver refuses (e.g. from an NVRTC newer than
+                // the driver): compiled afresh, replacing the cached file.
+                (
+                    Err(refused),
+                    ModuleCode::Cubin(_, sources::Origin::Cache | sources::Origin::Embedded),
+                ) => {
                     let fresh = sources::compile_cubin(stem, cc10, sources::cache_dir().as_deref())
                         .map_err(|e| {
                             Error::Cuda(format!(
-                                "loading kernels/{stem}.cu: the driver refused the cached cubin ({refused}), and compiling it again failed: {e}"
+                                "loading kernels/{stem}.cu: the driver refused the cached or built-in cubin ({refused}), and compiling it again failed: {e}"
                             ))
                         })?;
                     code = ModuleCode::Cubin(Arc::new(fresh), sources::Origin::Compiled);

@@ -1,7 +1,8 @@
 //! The embedded CUDA kernels and how they become loadable code: build.rs embeds `kernels/*.cu`
-//! (and nvcc-built PTX when nvcc was there); otherwise the sources are compiled here with NVRTC
-//! into cubins for the device, kept in a cache folder (`cache_dir`) that later processes read
-//! instead of compiling again. Also the discovery of NVRTC and of a CUDA include directory.
+//! and nvcc-built PTX when nvcc was there, or NVRTC-built cubins (sm_80 and sm_90 by default)
+//! when libnvrtc was; for a device none of those serves, the sources are compiled here with
+//! NVRTC into cubins, kept in a cache folder (`cache_dir`) that later processes read instead of
+//! compiling again. Also the discovery of NVRTC and of a CUDA include directory.
 //!
 //! The kernels include no CUDA headers (see kernels/common.cuh), so NVRTC needs no include
 //! directory; one is still passed when found, so a kernel may start using `cuda_bf16.h` later.
@@ -141,9 +142,21 @@ pub fn embedded_ptx(stem: &str, cc: u32) -> Option<&'static str> {
         .map(|(_, _, p)| *p)
 }
 
-/// Whether build.rs embedded nvcc-built PTX (then NVRTC is not needed at run time).
-pub fn has_embedded_ptx() -> bool {
-    !gen::PTX.is_empty()
+/// The cubin NVRTC built at build time for exactly compute capability `cc`, if any.
+pub fn embedded_cubin(stem: &str, cc: u32) -> Option<&'static [u8]> {
+    gen::CUBIN
+        .iter()
+        .find(|(s, a, _)| *s == stem && *a == cc)
+        .map(|(_, _, b)| *b)
+}
+
+/// Whether build.rs embedded loadable code for every module on a device of compute capability
+/// `cc` (nvcc's PTX, or NVRTC's cubins for that architecture): then NVRTC is not needed at run
+/// time.
+pub fn embedded_for(cc: u32) -> bool {
+    MODULES
+        .iter()
+        .all(|(stem, _)| embedded_ptx(stem, cc).is_some() || embedded_cubin(stem, cc).is_some())
 }
 
 /// Ok when libnvrtc can be opened (cudarc panics on a missing library, so ask first).
@@ -382,6 +395,8 @@ pub fn is_whole_elf(b: &[u8]) -> bool {
 /// Where a cubin came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
+    /// Compiled by NVRTC at build time, in the binary.
+    Embedded,
     Cache,
     Compiled,
 }
