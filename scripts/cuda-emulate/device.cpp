@@ -10,12 +10,19 @@
 // a read of memory never written shows. The cubin or PTX given to cuModuleLoadData is not run:
 // cuModuleGetFunction finds the kernel of that name in the emulated modules (modules/*.so beside
 // this library, one per kernel file, each exporting emu_<kernel> and emu_sizes_<kernel>, see
-// trampoline.h). Work runs when it is issued, one launch at a time, so every stream is ordered
-// and events only matter to capture: a stream being captured records kernel launches, copies
-// and sets into the graph instead of running them (a stream that waits on an event recorded
-// during a capture joins that capture, as in CUDA), and launching the graph runs them in the
-// recorded order, which respects every dependency the host expressed. What CUDA refuses, this
-// refuses too: allocating, freeing, synchronous copies and synchronising during a capture (the
+// trampoline.h).
+//
+// Work is deferred: each stream queues its launches, copies, sets, frees and graph launches, and
+// runs them only when the host must see their effect (a stream, event or context
+// synchronisation, a synchronous copy, a free), one at a time. A stream waiting on an event
+// queues that wait; running past it first runs the other stream up to the event. Work on other
+// streams is run in one of two orders, alternately at each synchronisation or graph replay:
+// as late as the waits allow, or as early as they allow. Either order respects every
+// dependency the host expressed, and no other: a missing wait between two streams lets a reader
+// run before its writer (or a writer before its reader) in one of them, and the results differ
+// from the CPU's. A stream being captured records its work and its waits into the graph instead
+// (a stream that waits on an event recorded during a capture joins that capture, as in CUDA),
+// and launching the graph runs them the same way. What CUDA refuses, this refuses too: allocating, freeing, synchronous copies and synchronising during a capture (the
 // capture is then invalid), a capturing stream waiting on an event from outside its capture, a
 // capture ended with a joined stream not joined back, more dynamic shared memory than the
 // kernel's attribute allows (48 KB unless raised), a zero-byte allocation.
@@ -24,6 +31,7 @@
 #include <dlfcn.h>
 
 #include <chrono>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -49,7 +57,7 @@ struct Func {
     SizesFn sizes;
     int max_dynamic_smem = 48 << 10;  // raised by cuFuncSetAttribute, as on the hardware
 };
-enum Kind { KERNEL, COPY, SET8, SET32 };
+enum Kind { KERNEL, COPY, SET8, SET32, FREE };
 struct Node {
     Kind kind;
     Func* f = nullptr;
@@ -61,15 +69,34 @@ struct Node {
     size_t n = 0;
     unsigned value = 0;
 };
+struct Graph;
+struct Stream;
+// A stream's queued item: an operation (a node, or a graph launch), or a wait for the first
+// `upto` operations of stream `on`.
+struct Entry {
+    enum { OP, WAIT, GRAPH } what;
+    Node node;
+    Stream* on = nullptr;
+    unsigned long long upto = 0;
+    Graph* graph = nullptr;
+};
 struct Graph {
-    std::vector<Node> nodes;
+    Stream* origin = nullptr;                       // the stream that began the capture
+    std::vector<std::pair<Stream*, Entry>> entries;  // captured, in issue order, by stream
     unsigned long long id = 0;
     bool invalidated = false;  // an operation CUDA forbids during capture was attempted
+};
+// What a stream (or a stream's part of a graph) has yet to run, and how many operations it ran.
+struct Lane {
+    std::deque<Entry> queue;
+    unsigned long long done = 0;
 };
 struct Stream {
     Graph* capture = nullptr;
     unsigned long long ops = 0;  // operations issued into the capture
     std::map<Stream*, unsigned long long> awaited;  // per stream: its ops this one has waited for
+    Lane lane;                     // eager work not yet run
+    unsigned long long issued = 0;  // eager operations issued (run or queued)
 };
 struct Event {
     unsigned long long capture = 0;  // id of the capture it was recorded in (0: none)
@@ -120,6 +147,14 @@ void load_modules() {
     closedir(d);
 }
 
+void free_now(void* m) {
+    auto it = allocations.find(m);
+    if (it == allocations.end()) return;
+    allocated -= it->second;
+    allocations.erase(it);
+    std::free(m);
+}
+
 void run(const Node& n) {
     switch (n.kind) {
         case KERNEL: {
@@ -128,8 +163,8 @@ void run(const Node& n) {
             n.f->run(p.data(), n.grid[0], n.grid[1], n.grid[2], n.threads, n.smem);
             break;
         }
-        case COPY:
-            std::memmove(n.dst, n.src, n.n);
+        case COPY:  // from the snapshot of host memory taken when it was queued, if any
+            std::memmove(n.dst, n.args.empty() ? n.src : n.args[0].data(), n.n);
             break;
         case SET8:
             std::memset(n.dst, (int)(n.value & 0xff), n.n);
@@ -137,16 +172,101 @@ void run(const Node& n) {
         case SET32:
             for (size_t i = 0; i < n.n; ++i) static_cast<unsigned*>(n.dst)[i] = n.value;
             break;
+        case FREE:
+            free_now(n.dst);
+            break;
     }
 }
 
-// Runs the node now, or records it when the stream is being captured.
+// The executor of deferred work: `lanes` maps each stream to what it has left to run (its own
+// queue, or its part of a graph being replayed). `late`: other streams run only when a wait
+// needs them (else as early as their waits allow: before each operation of the stream being
+// advanced, every other stream runs as far as it can without waiting).
+using Lanes = std::map<Stream*, Lane*>;
+void replay(const Graph& g);
+void advance(Lanes& lanes, Stream* s, unsigned long long upto, bool late);
+void run_entry(Lanes& lanes, Lane& l, Entry e, bool late) {
+    switch (e.what) {
+        case Entry::WAIT:
+            if (lanes.count(e.on)) advance(lanes, e.on, e.upto, late);
+            return;
+        case Entry::OP:
+            run(e.node);
+            break;
+        case Entry::GRAPH:
+            replay(*e.graph);
+            break;
+    }
+    ++l.done;
+}
+void run_ready(Lanes& lanes, Stream* except) {
+    for (auto& [st, l] : lanes) {
+        if (st == except) continue;
+        while (!l->queue.empty()) {
+            const Entry& e = l->queue.front();
+            if (e.what == Entry::WAIT && lanes.count(e.on) && lanes[e.on]->done < e.upto) break;
+            Entry x = std::move(l->queue.front());
+            l->queue.pop_front();
+            run_entry(lanes, *l, std::move(x), false);
+        }
+    }
+}
+// Runs stream s until it has run `upto` operations or has nothing left.
+void advance(Lanes& lanes, Stream* s, unsigned long long upto, bool late) {
+    Lane& l = *lanes[s];
+    while (l.done < upto && !l.queue.empty()) {
+        if (!late) run_ready(lanes, s);
+        if (l.queue.empty()) break;
+        Entry e = std::move(l.queue.front());
+        l.queue.pop_front();
+        run_entry(lanes, l, std::move(e), late);
+    }
+}
+// The two orders, in turn.
+bool next_late() {
+    static unsigned long long turns = 0;
+    return (turns++ & 1) == 0;
+}
+Lanes eager_lanes() {
+    Lanes lanes;
+    for (Stream* st : streams) lanes[st] = &st->lane;
+    return lanes;
+}
+// Runs the eager work stream s must have run by its operation `upto` (all of it by default).
+void flush(Stream* s, unsigned long long upto = ~0ull) {
+    Lanes lanes = eager_lanes();
+    advance(lanes, s, upto, next_late());
+}
+void flush_all() {
+    Lanes lanes = eager_lanes();
+    const bool late = next_late();
+    for (Stream* st : streams) advance(lanes, st, ~0ull, late);
+}
+// A graph's work, its streams' parts run in one of the two orders; the origin's part last when
+// late (it joined the others back, so it waits for what it needs of them).
+void replay(const Graph& g) {
+    std::map<Stream*, Lane> parts;
+    for (const auto& [st, e] : g.entries) parts[st].queue.push_back(e);
+    Lanes lanes;
+    for (auto& [st, l] : parts) lanes[st] = &l;
+    const bool late = next_late();
+    if (lanes.count(g.origin)) advance(lanes, g.origin, ~0ull, late);
+    for (auto& [st, l] : lanes) advance(lanes, st, ~0ull, late);
+}
+
+// Records the node when the stream is being captured, else queues it on the stream (the null
+// stream, which synchronises with every other, runs everything queued and then the node).
 CUresult issue(CUstream s, Node n) {
-    if (Graph* g = S(s)->capture) {
-        ++S(s)->ops;
-        g->nodes.push_back(std::move(n));
-    } else {
+    Stream* st = S(s);
+    if (Graph* g = st->capture) {
+        ++st->ops;
+        g->entries.push_back({st, Entry{Entry::OP, std::move(n)}});
+    } else if (st == &null_stream) {
+        flush_all();
         run(n);
+    } else {
+        ++st->issued;
+        st->lane.queue.push_back(Entry{Entry::OP, std::move(n)});
     }
     return CUDA_SUCCESS;
 }
@@ -298,7 +418,9 @@ API CUresult cuCtxGetDevice(CUdevice* d) {
 }
 API CUresult cuCtxSynchronize() {
     LOCK;
-    return forbidden_during_capture() ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+    if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    flush_all();
+    return CUDA_SUCCESS;
 }
 
 // Memory.
@@ -327,31 +449,49 @@ API CUresult cuMemFree(CUdeviceptr p) {
     LOCK;
     if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     void* m = reinterpret_cast<void*>(p);
-    auto it = allocations.find(m);
-    if (it == allocations.end()) return p ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
-    allocated -= it->second;
-    allocations.erase(it);
-    std::free(m);
+    if (!allocations.count(m)) return p ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
+    flush_all();
+    free_now(m);
     return CUDA_SUCCESS;
 }
-API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream) { return cuMemFree(p); }
+// Stream-ordered: the memory goes when the stream's earlier work has run.
+API CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
+    LOCK;
+    if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    void* m = reinterpret_cast<void*>(p);
+    if (!allocations.count(m)) return p ? CUDA_ERROR_INVALID_VALUE : CUDA_SUCCESS;
+    Node node{FREE};
+    node.dst = m;
+    return issue(s, std::move(node));
+}
 API CUresult cuMemcpyHtoD(CUdeviceptr d, const void* h, size_t n) {
     LOCK;
     if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     return copy(reinterpret_cast<void*>(d), h, n, nullptr);
 }
+// Host memory is read when the copy is queued, as CUDA stages pageable memory (the host may
+// reuse it at once); a captured copy reads it at every replay.
 API CUresult cuMemcpyHtoDAsync(CUdeviceptr d, const void* h, size_t n, CUstream s) {
     LOCK;
-    return copy(reinterpret_cast<void*>(d), h, n, s);
+    if (S(s)->capture) return copy(reinterpret_cast<void*>(d), h, n, s);
+    Node node{COPY};
+    node.dst = reinterpret_cast<void*>(d);
+    node.n = n;
+    node.args.emplace_back(static_cast<const char*>(h), static_cast<const char*>(h) + n);
+    return issue(s, std::move(node));
 }
 API CUresult cuMemcpyDtoH(void* h, CUdeviceptr d, size_t n) {
     LOCK;
     if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     return copy(h, reinterpret_cast<const void*>(d), n, nullptr);
 }
+// Into pageable host memory (the crate allocates no pinned memory) CUDA returns only once the
+// copy, and so the stream's earlier work, has completed.
 API CUresult cuMemcpyDtoHAsync(void* h, CUdeviceptr d, size_t n, CUstream s) {
     LOCK;
-    return copy(h, reinterpret_cast<const void*>(d), n, s);
+    const CUresult r = copy(h, reinterpret_cast<const void*>(d), n, s);
+    if (r == CUDA_SUCCESS && !S(s)->capture && S(s) != &null_stream) flush(S(s), S(s)->issued);
+    return r;
 }
 API CUresult cuMemcpyDtoD(CUdeviceptr d, CUdeviceptr s_, size_t n) {
     LOCK;
@@ -384,6 +524,7 @@ API CUresult cuStreamCreateWithPriority(CUstream* s, unsigned f, int) { return c
 API CUresult cuStreamDestroy(CUstream s) {
     LOCK;
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
+    flush(S(s));  // its work still completes
     streams.erase(S(s));
     if (s) delete S(s);
     return CUDA_SUCCESS;
@@ -394,11 +535,17 @@ API CUresult cuStreamSynchronize(CUstream s) {
         S(s)->capture->invalidated = true;
         return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     }
+    if (S(s) == &null_stream)
+        flush_all();
+    else
+        flush(S(s));
     return CUDA_SUCCESS;
 }
 API CUresult cuStreamQuery(CUstream s) {
     LOCK;
-    return S(s)->capture ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+    if (S(s)->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    flush(S(s));
+    return CUDA_SUCCESS;
 }
 API CUresult cuEventCreate(CUevent* e, unsigned flags) {
     LOCK;
@@ -424,7 +571,8 @@ API CUresult cuEventRecord(CUevent e, CUstream s) {
         return CUDA_SUCCESS;
     }
     ev->capture = 0;
-    ev->stream = nullptr;
+    ev->stream = S(s) == &null_stream ? nullptr : S(s);  // the null stream's work runs at once
+    ev->ops = S(s)->issued;
     ev->t = now();
     return CUDA_SUCCESS;
 }
@@ -446,16 +594,26 @@ API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
         }
         auto& seen = S(s)->awaited[ev->stream];
         seen = std::max(seen, ev->ops);
+        g->entries.push_back({S(s), Entry{Entry::WAIT, Node{}, ev->stream, ev->ops}});
     } else if (active) {
         S(s)->capture = active;
         S(s)->ops = 0;
         S(s)->awaited.clear();
+        active->entries.push_back({S(s), Entry{Entry::WAIT, Node{}, ev->stream, ev->ops}});
+    } else if (ev->stream && ev->stream != S(s) && streams.count(ev->stream)) {
+        if (S(s) == &null_stream)
+            flush(ev->stream, ev->ops);
+        else
+            S(s)->lane.queue.push_back(Entry{Entry::WAIT, Node{}, ev->stream, ev->ops});
     }
     return CUDA_SUCCESS;
 }
 API CUresult cuEventSynchronize(CUevent e) {
     LOCK;
-    return reinterpret_cast<Event*>(e)->capture ? CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED : CUDA_SUCCESS;
+    Event* ev = reinterpret_cast<Event*>(e);
+    if (ev->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    if (ev->stream && streams.count(ev->stream)) flush(ev->stream, ev->ops);
+    return CUDA_SUCCESS;
 }
 API CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }
 API CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
@@ -525,6 +683,7 @@ API CUresult cuStreamBeginCapture(CUstream s, CUstreamCaptureMode) {
     if (S(s)->capture) return CUDA_ERROR_ILLEGAL_STATE;
     S(s)->capture = new Graph;
     S(s)->capture->id = next_capture_id++;
+    S(s)->capture->origin = S(s);
     S(s)->ops = 0;
     S(s)->awaited.clear();
     return CUDA_SUCCESS;
@@ -563,8 +722,18 @@ API CUresult cuGraphInstantiateWithFlags(CUgraphExec* e, CUgraph g, unsigned lon
 }
 API CUresult cuGraphLaunch(CUgraphExec e, CUstream s) {
     LOCK;
-    if (S(s)->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
-    for (const Node& n : reinterpret_cast<Graph*>(e)->nodes) run(n);
+    Stream* st = S(s);
+    if (st->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+    Graph* g = reinterpret_cast<Graph*>(e);
+    if (st == &null_stream) {
+        flush_all();
+        replay(*g);
+    } else {
+        ++st->issued;
+        Entry x{Entry::GRAPH};
+        x.graph = g;
+        st->lane.queue.push_back(std::move(x));
+    }
     return CUDA_SUCCESS;
 }
 API CUresult cuGraphUpload(CUgraphExec, CUstream) { return CUDA_SUCCESS; }
@@ -575,6 +744,7 @@ API CUresult cuGraphDestroy(CUgraph g) {
 }
 API CUresult cuGraphExecDestroy(CUgraphExec e) {
     LOCK;
+    flush_all();  // launches of it still queued run first
     delete reinterpret_cast<Graph*>(e);
     return CUDA_SUCCESS;
 }
