@@ -158,20 +158,3 @@ __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
 }
 #endif  // THINKSTEER_EMULATOR
 
-// mma fragments from a bf16 tile in shared memory, row stride ld elements (g = lane/4, c = lane%4):
-// frag_a: the A fragment of the 16 × 16 block at (row r, column k) of a row-major [m][k] tile;
-// frag_b: the B fragment of the 16 (k) × 8 (n) block at (n, k) of a tile stored [n][k] (k
-//         contiguous), i.e. b0 = B[k+2c..][g] = t[n+g][k+2c..], b1 the same at k+8.
-__device__ __forceinline__ unsigned int ld_pair(const bf16_t* t, int ld, int row, int col) {
-    return *reinterpret_cast<const unsigned int*>(t + (size_t)row * ld + col);
-}
-__device__ __forceinline__ void frag_a(unsigned int* a, const bf16_t* t, int ld, int r, int k, int g, int c) {
-    a[0] = ld_pair(t, ld, r + g, k + 2 * c);
-    a[1] = ld_pair(t, ld, r + g + 8, k + 2 * c);
-    a[2] = ld_pair(t, ld, r + g, k + 2 * c + 8);
-    a[3] = ld_pair(t, ld, r + g + 8, k + 2 * c + 8);
-}
-__device__ __forceinline__ void frag_b(unsigned int* b, const bf16_t* t, int ld, int n, int k, int g, int c) {
-    b[0] = ld_pair(t, ld, n + g, k + 2 * c);
-    b[1] = ld_pair(t, ld, n + g, k + 2 * c + 8);
-}

@@ -116,7 +116,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #define VT_T 64
 #define VT_N 128
 #define VT_K 32
-#define VT_LD 40  // padded row (80 bytes), as in gemm.cu: fragment loads hit distinct banks
+#define VT_LD 40  // padded row (80 bytes), as in gemm.cu: an ldmatrix phase's rows hit distinct banks
 
 extern "C" __global__ void __launch_bounds__(128)
     vg_mm_tc_f32(float* __restrict__ out, float* __restrict__ part, const float* __restrict__ x,
@@ -207,6 +207,12 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
+    // ldmatrix row addresses, as in gemm.cu: lane l serves row l % 8 of matrix l / 8; an A
+    // fragment's matrices are rows +0 / +8 × k +0 / +8, a pair of B fragments' k +0 / +8 × n
+    // rows +0 / +8.
+    const int a_row = wt * 32 + (lane & 7) + ((lane >> 3) & 1) * 8, a_k = (lane >> 4) * 8;
+    const int b_row = wn * 64 + (lane & 7) + (lane >> 4) * 8, b_k = ((lane >> 3) & 1) * 8;
+
     if (kt0 < kt1) load(kt0);
     for (int kt = kt0; kt < kt1; ++kt) {
         const int buf = (kt - kt0) & 1;
@@ -218,11 +224,15 @@ extern "C" __global__ void __launch_bounds__(128)
             unsigned int ah[2][4], al[2][4], b[8][2];
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-                frag_a(ah[i], &Ah[buf][0][0], VT_LD, wt * 32 + i * 16, kk, g, c);
-                frag_a(al[i], &Al[buf][0][0], VT_LD, wt * 32 + i * 16, kk, g, c);
+                ldmatrix_x4(ah[i], &Ah[buf][a_row + i * 16][kk + a_k]);
+                ldmatrix_x4(al[i], &Al[buf][a_row + i * 16][kk + a_k]);
             }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) frag_b(b[j], &Bs[buf][0][0], VT_LD, wn * 64 + j * 8, kk, g, c);
+            for (int j = 0; j < 8; j += 2) {
+                unsigned int r[4];
+                ldmatrix_x4(r, &Bs[buf][b_row + j * 8][kk + b_k]);
+                b[j][0] = r[0], b[j][1] = r[1], b[j + 1][0] = r[2], b[j + 1][1] = r[3];
+            }
 #pragma unroll
             for (int i = 0; i < 2; ++i)
 #pragma unroll

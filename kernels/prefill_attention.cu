@@ -85,7 +85,7 @@ __device__ __forceinline__ void prefill_fa(const bf16_t* __restrict__ q, const b
         if (k0 > warp_last) continue;  // every key of the tile is after this warp's queries
 
         // s = q·kᵀ for 16 rows × 64 keys (8 n-tiles of 8 keys). The B fragments are read inline
-        // rather than with common.cuh's frag_b: through it ptxas spilled registers here.
+        // (through a fragment-loading helper ptxas spilled registers here).
         float s[FA_K / 8][4];
 #pragma unroll
         for (int t = 0; t < FA_K / 8; ++t) {
