@@ -113,7 +113,19 @@ fn main() {
         )
         .unwrap();
     }
-    gen.push_str("];\n/// (file stem, compute capability ×10, cubin) compiled by NVRTC at build time; empty without it.\n");
+    gen.push_str("];\n/// The architectures NVRTC compiled cubins for at build time (empty: it did not run).\n");
+    let nvrtc_archs: Vec<String> = if cubins.is_empty() {
+        vec![]
+    } else {
+        archs.iter().map(|a| a.to_string()).collect()
+    };
+    writeln!(
+        gen,
+        "pub const NVRTC_ARCHS: &[u32] = &[{}];",
+        nvrtc_archs.join(", ")
+    )
+    .unwrap();
+    gen.push_str("/// (file stem, compute capability ×10, cubin) compiled by NVRTC at build time; empty without it.\n");
     gen.push_str("pub const CUBIN: &[(&str, u32, &[u8])] = &[\n");
     for (stem, arch, p) in &cubins {
         writeln!(

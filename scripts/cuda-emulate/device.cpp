@@ -14,15 +14,18 @@
 //
 // Work is deferred: each stream queues its launches, copies, sets, frees and graph launches, and
 // runs them only when the host must see their effect (a stream, event or context
-// synchronisation, a synchronous copy, a free), one at a time. A stream waiting on an event
-// queues that wait; running past it first runs the other stream up to the event. Work on other
-// streams is run in one of two orders, alternately at each synchronisation or graph replay:
-// as late as the waits allow, or as early as they allow. Either order respects every
-// dependency the host expressed, and no other: a missing wait between two streams lets a reader
-// run before its writer (or a writer before its reader) in one of them, and the results differ
-// from the CPU's. A stream being captured records its work and its waits into the graph instead
-// (a stream that waits on an event recorded during a capture joins that capture, as in CUDA),
-// and launching the graph runs them the same way. What CUDA refuses, this refuses too: allocating, freeing, synchronous copies and synchronising during a capture (the
+// synchronisation, a copy to host memory, a free), one at a time. A stream waiting on an event
+// queues that wait; running past it first runs the other stream up to the event. Where more
+// than one stream has work, it runs in one of two orders, in turn (one count for the streams,
+// one per graph): other streams as late as the waits allow, or as early as they allow. Either
+// order respects every dependency the host expressed, and no other: a missing wait between two
+// streams lets a reader run before its writer (or a writer before its reader) in one of them,
+// and the results differ from the CPU's. The null stream runs its work at once and waits for no
+// other (cudarc's streams are non-blocking). A stream being captured records its work and its
+// waits into the graph instead (a stream that waits on an event recorded during a capture joins
+// that capture, as in CUDA), and launching the graph runs them the same way.
+//
+// What CUDA refuses, this refuses too: allocating, freeing, synchronous copies and synchronising during a capture (the
 // capture is then invalid), a capturing stream waiting on an event from outside its capture, a
 // capture ended with a joined stream not joined back, more dynamic shared memory than the
 // kernel's attribute allows (48 KB unless raised), a zero-byte allocation.
@@ -85,6 +88,7 @@ struct Graph {
     std::vector<std::pair<Stream*, Entry>> entries;  // captured, in issue order, by stream
     unsigned long long id = 0;
     bool invalidated = false;  // an operation CUDA forbids during capture was attempted
+    unsigned long long turns = 0;  // replays that had a choice of order
 };
 // What a stream (or a stream's part of a graph) has yet to run, and how many operations it ran.
 struct Lane {
@@ -181,14 +185,19 @@ void run(const Node& n) {
 // The executor of deferred work: `lanes` maps each stream to what it has left to run (its own
 // queue, or its part of a graph being replayed). `late`: other streams run only when a wait
 // needs them (else as early as their waits allow: before each operation of the stream being
-// advanced, every other stream runs as far as it can without waiting).
-using Lanes = std::map<Stream*, Lane*>;
-void replay(const Graph& g);
+// advanced, every other stream runs as far as it can without waiting). A stream in the middle
+// of an advance (waiting for another, further up the call chain) is never run by run_ready:
+// its next operations come after the wait being resolved.
+struct Lanes {
+    std::map<Stream*, Lane*> of;
+    std::set<Stream*> advancing;
+};
+void replay(Graph& g);
 void advance(Lanes& lanes, Stream* s, unsigned long long upto, bool late);
 void run_entry(Lanes& lanes, Lane& l, Entry e, bool late) {
     switch (e.what) {
         case Entry::WAIT:
-            if (lanes.count(e.on)) advance(lanes, e.on, e.upto, late);
+            if (lanes.of.count(e.on)) advance(lanes, e.on, e.upto, late);
             return;
         case Entry::OP:
             run(e.node);
@@ -199,12 +208,12 @@ void run_entry(Lanes& lanes, Lane& l, Entry e, bool late) {
     }
     ++l.done;
 }
-void run_ready(Lanes& lanes, Stream* except) {
-    for (auto& [st, l] : lanes) {
-        if (st == except) continue;
+void run_ready(Lanes& lanes) {
+    for (auto& [st, l] : lanes.of) {
+        if (lanes.advancing.count(st)) continue;
         while (!l->queue.empty()) {
             const Entry& e = l->queue.front();
-            if (e.what == Entry::WAIT && lanes.count(e.on) && lanes[e.on]->done < e.upto) break;
+            if (e.what == Entry::WAIT && lanes.of.count(e.on) && lanes.of[e.on]->done < e.upto) break;
             Entry x = std::move(l->queue.front());
             l->queue.pop_front();
             run_entry(lanes, *l, std::move(x), false);
@@ -213,56 +222,65 @@ void run_ready(Lanes& lanes, Stream* except) {
 }
 // Runs stream s until it has run `upto` operations or has nothing left.
 void advance(Lanes& lanes, Stream* s, unsigned long long upto, bool late) {
-    Lane& l = *lanes[s];
+    Lane& l = *lanes.of[s];
+    const bool outer = lanes.advancing.insert(s).second;
     while (l.done < upto && !l.queue.empty()) {
-        if (!late) run_ready(lanes, s);
+        if (!late) run_ready(lanes);
         if (l.queue.empty()) break;
         Entry e = std::move(l.queue.front());
         l.queue.pop_front();
         run_entry(lanes, l, std::move(e), late);
     }
+    if (outer) lanes.advancing.erase(s);
 }
-// The two orders, in turn.
-bool next_late() {
-    static unsigned long long turns = 0;
-    return (turns++ & 1) == 0;
+// Whether more than one lane has work: only then does the order matter (and a turn pass).
+bool contended(const Lanes& lanes) {
+    int busy = 0;
+    for (auto& [st, l] : lanes.of) busy += !l->queue.empty();
+    return busy > 1;
+}
+// The two orders, in turn: one counter for the streams' eager work, one per graph.
+unsigned long long eager_turns = 0;
+bool next_late(unsigned long long& turns, const Lanes& lanes) {
+    return contended(lanes) ? (turns++ & 1) == 0 : true;
 }
 Lanes eager_lanes() {
     Lanes lanes;
-    for (Stream* st : streams) lanes[st] = &st->lane;
+    for (Stream* st : streams) lanes.of[st] = &st->lane;
     return lanes;
 }
 // Runs the eager work stream s must have run by its operation `upto` (all of it by default).
 void flush(Stream* s, unsigned long long upto = ~0ull) {
     Lanes lanes = eager_lanes();
-    advance(lanes, s, upto, next_late());
+    advance(lanes, s, upto, next_late(eager_turns, lanes));
 }
 void flush_all() {
     Lanes lanes = eager_lanes();
-    const bool late = next_late();
+    const bool late = next_late(eager_turns, lanes);
     for (Stream* st : streams) advance(lanes, st, ~0ull, late);
 }
-// A graph's work, its streams' parts run in one of the two orders; the origin's part last when
-// late (it joined the others back, so it waits for what it needs of them).
-void replay(const Graph& g) {
+// A graph's work, its streams' parts run in one of the two orders (the graph's own turns): the
+// origin's part is advanced first, so when late the other parts run only as its waits (the
+// fork's joins) need them.
+void replay(Graph& g) {
     std::map<Stream*, Lane> parts;
     for (const auto& [st, e] : g.entries) parts[st].queue.push_back(e);
     Lanes lanes;
-    for (auto& [st, l] : parts) lanes[st] = &l;
-    const bool late = next_late();
-    if (lanes.count(g.origin)) advance(lanes, g.origin, ~0ull, late);
-    for (auto& [st, l] : lanes) advance(lanes, st, ~0ull, late);
+    for (auto& [st, l] : parts) lanes.of[st] = &l;
+    const bool late = next_late(g.turns, lanes);
+    if (lanes.of.count(g.origin)) advance(lanes, g.origin, ~0ull, late);
+    for (auto& [st, l] : lanes.of) advance(lanes, st, ~0ull, late);
 }
 
-// Records the node when the stream is being captured, else queues it on the stream (the null
-// stream, which synchronises with every other, runs everything queued and then the node).
+// Records the node when the stream is being captured, else queues it on the stream. The null
+// stream runs it at once: cudarc's streams are non-blocking, so the legacy null stream does not
+// wait for them (a host-synchronous call on it sees only what the host synchronised before).
 CUresult issue(CUstream s, Node n) {
     Stream* st = S(s);
     if (Graph* g = st->capture) {
         ++st->ops;
         g->entries.push_back({st, Entry{Entry::OP, std::move(n)}});
     } else if (st == &null_stream) {
-        flush_all();
         run(n);
     } else {
         ++st->issued;
@@ -526,6 +544,8 @@ API CUresult cuStreamDestroy(CUstream s) {
     if (!s) return CUDA_ERROR_INVALID_HANDLE;
     flush(S(s));  // its work still completes
     streams.erase(S(s));
+    for (Stream* st : streams)  // waits on it are met (and must not match a later stream here)
+        std::erase_if(st->lane.queue, [&](const Entry& e) { return e.what == Entry::WAIT && e.on == S(s); });
     if (s) delete S(s);
     return CUDA_SUCCESS;
 }
@@ -535,10 +555,7 @@ API CUresult cuStreamSynchronize(CUstream s) {
         S(s)->capture->invalidated = true;
         return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     }
-    if (S(s) == &null_stream)
-        flush_all();
-    else
-        flush(S(s));
+    flush(S(s));  // the null stream has nothing queued
     return CUDA_SUCCESS;
 }
 API CUresult cuStreamQuery(CUstream s) {
@@ -600,7 +617,8 @@ API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
         S(s)->ops = 0;
         S(s)->awaited.clear();
         active->entries.push_back({S(s), Entry{Entry::WAIT, Node{}, ev->stream, ev->ops}});
-    } else if (ev->stream && ev->stream != S(s) && streams.count(ev->stream)) {
+    } else if (!ev->capture && ev->stream && ev->stream != S(s) && streams.count(ev->stream)) {
+        // (an event last recorded inside a capture that has ended was never recorded eagerly)
         if (S(s) == &null_stream)
             flush(ev->stream, ev->ops);
         else
@@ -726,7 +744,6 @@ API CUresult cuGraphLaunch(CUgraphExec e, CUstream s) {
     if (st->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
     Graph* g = reinterpret_cast<Graph*>(e);
     if (st == &null_stream) {
-        flush_all();
         replay(*g);
     } else {
         ++st->issued;

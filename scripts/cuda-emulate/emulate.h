@@ -93,16 +93,23 @@ inline void emu_make(EmuCtx& c, char* stack, size_t size, void (*entry)()) {
 }
 #endif
 
-// The running block's fibers: a thread runs until it waits (emu_yield switches straight to the
-// next thread that has not ended) or ends.
+// The running block's fibers: a thread runs until it waits at a barrier or ends; then the first
+// runnable thread in the block's order runs, lowest index first or (every other block) highest
+// first. So one warp runs ahead of the others as far as the barriers let it: a thread that
+// reads shared memory another warp is still to write, or overwrites what another warp is still
+// to read, without a barrier between them, reads or leaves the wrong values in one of the two
+// orders (and the check against the reference fails), where the hardware might get it right by
+// timing.
 struct EmuFibers {
     std::vector<EmuCtx> ctx;
     std::vector<char> done;
+    std::vector<unsigned long long> runnable;  // a bit per thread: not ended, not waiting
     char* stacks = nullptr;  // stack_threads × (EMU_GUARD + EMU_STACK), mmap'ed
     size_t stack_threads = 0;
     EmuCtx caller, dead;
     unsigned n = 0, current = 0, alive = 0;
-    unsigned long long progress = 0;  // barrier arrivals and thread ends, for deadlock detection
+    bool reverse = false;          // this block's order
+    unsigned long long blocks = 0;  // blocks run, for the alternation
     const std::function<void()>* body = nullptr;
 };
 inline EmuFibers g_fibers;
@@ -112,11 +119,22 @@ inline EmuFibers g_fibers;
 static const size_t EMU_STACK = 32 << 10, EMU_GUARD = 4096;
 inline char* emu_stack(unsigned t) { return g_fibers.stacks + t * (EMU_GUARD + EMU_STACK) + EMU_GUARD; }
 
-inline unsigned emu_next(unsigned from) {
-    unsigned t = from;
-    do t = (t + 1) % g_fibers.n;
-    while (g_fibers.done[t]);
-    return t;
+inline void emu_set_runnable(unsigned t, bool on) {
+    unsigned long long& w = g_fibers.runnable[t >> 6];
+    const unsigned long long bit = 1ull << (t & 63);
+    w = on ? (w | bit) : (w & ~bit);
+}
+// The first runnable thread in the block's order; n when none is.
+inline unsigned emu_pick() {
+    const std::vector<unsigned long long>& r = g_fibers.runnable;
+    if (!g_fibers.reverse) {
+        for (size_t i = 0; i < r.size(); ++i)
+            if (r[i]) return (unsigned)(i * 64 + __builtin_ctzll(r[i]));
+    } else {
+        for (size_t i = r.size(); i-- > 0;)
+            if (r[i]) return (unsigned)(i * 64 + 63 - __builtin_clzll(r[i]));
+    }
+    return g_fibers.n;
 }
 // Saves the running context in `from` and runs thread `to` (threadIdx follows the switch).
 inline void emu_enter(EmuCtx& from, unsigned to) {
@@ -124,29 +142,36 @@ inline void emu_enter(EmuCtx& from, unsigned to) {
     threadIdx = dim3{to, 0, 0};
     emu_swap(from, g_fibers.ctx[to]);
 }
-// Switches from the current thread to the next live one (round robin).
-inline void emu_yield() {
-    const unsigned from = g_fibers.current, to = emu_next(from);
+[[noreturn]] inline void emu_deadlock(const char* what) {
+    std::fprintf(stderr, "emulate.h: deadlock in block (%u, %u, %u): %s, and no thread can run\n", blockIdx.x,
+                 blockIdx.y, blockIdx.z, what);
+    std::abort();
+}
+// Switches from the current thread, which has stopped being runnable, to the next one.
+inline void emu_yield(const char* what) {
+    const unsigned from = g_fibers.current, to = emu_pick();
+    if (to == g_fibers.n) emu_deadlock(what);
     if (to != from) emu_enter(g_fibers.ctx[from], to);
 }
 inline void emu_fiber_main() {
     (*g_fibers.body)();
     g_fibers.done[g_fibers.current] = 1;
-    ++g_fibers.progress;
+    emu_set_runnable(g_fibers.current, false);
     if (--g_fibers.alive == 0) emu_swap(g_fibers.dead, g_fibers.caller);  // never returns here
-    emu_enter(g_fibers.dead, emu_next(g_fibers.current));
+    const unsigned to = emu_pick();
+    if (to == g_fibers.n) emu_deadlock("a thread ended while others wait at a barrier it did not reach");
+    emu_enter(g_fibers.dead, to);
 }
 
-// A barrier of `expected` threads: the last to arrive releases the others (each waiter sees
-// the generation change when its turn comes). A full round of every live thread without an
-// arrival or an end anywhere is a deadlock.
+// A barrier of `expected` threads: the last to arrive releases the others (they become
+// runnable again); a thread that waits when no thread can run is a deadlock.
 struct EmuBarrier {
-    unsigned expected = 0, count = 0, gen = 0, tag = 0;
+    unsigned expected = 0, count = 0, tag = 0;
+    std::vector<unsigned> waiters;
     // tag: for a warp barrier, the arriving lane's count of warp collectives; lanes arriving
     // with different counts have diverged (one made a collective the others did not), which
     // would pair the wrong slots.
     void arrive_and_wait(unsigned my_tag = 0) {
-        const unsigned g = gen;
         if (count == 0)
             tag = my_tag;
         else if (my_tag != tag) {
@@ -155,25 +180,21 @@ struct EmuBarrier {
                          blockIdx.y, blockIdx.z, my_tag, tag);
             std::abort();
         }
-        ++g_fibers.progress;
         if (++count == expected) {
             count = 0;
-            ++gen;
+            for (unsigned t : waiters) emu_set_runnable(t, true);
+            waiters.clear();
             return;
         }
-        unsigned long long seen = g_fibers.progress, idle = 0;
-        while (gen == g) {
-            emu_yield();
-            if (g_fibers.progress != seen) {
-                seen = g_fibers.progress;
-                idle = 0;
-            } else if (++idle > 2ull * g_fibers.n + 2) {
-                std::fprintf(stderr, "emulate.h: deadlock: thread %u of block (%u, %u, %u) waits at a barrier of %u that "
-                             "cannot complete (%u arrived)\n", threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z,
-                             expected, count);
-                std::abort();
-            }
+        waiters.push_back(threadIdx.x);
+        emu_set_runnable(threadIdx.x, false);
+        if (emu_pick() == g_fibers.n) {
+            char what[96];
+            std::snprintf(what, sizeof what, "thread %u waits at a barrier of %u (%u arrived)", threadIdx.x,
+                          expected, count);
+            emu_deadlock(what);
         }
+        emu_yield("");  // back here once released
     }
 };
 inline EmuBarrier g_block_barrier;
@@ -336,7 +357,10 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
                 std::fill(g_bank, g_bank + threads, 0u);
                 for (unsigned int t = 0; t < threads; ++t) g_copies[t] = EmuCopyGroups{};
                 F.alive = threads;
-                emu_enter(F.caller, 0);
+                F.runnable.assign((threads + 63) / 64, 0);
+                for (unsigned int t = 0; t < threads; ++t) emu_set_runnable(t, true);
+                F.reverse = (F.blocks++ & 1) != 0;
+                emu_enter(F.caller, emu_pick());
             }
 }
 
@@ -349,10 +373,12 @@ inline unsigned short f2bf(float f) {
 }
 // cp.async, deferred as on the hardware: a thread's copies join its open group, cp.async.commit
 // closes the group, and cp.async.wait_group N performs (reads the source and writes shared
-// memory for) every closed group but the newest N. So a tile read before its wait holds what
-// was there before (NaN in fresh dynamic shared memory, the previous tile in a pipeline) and the
-// check against the reference fails. Copies still pending when the block ends are dropped.
+// memory for) every closed group but the newest N. Until then the destination holds NaN bytes,
+// from the issue on: a tile read before its wait, or a buffer refilled while another warp still
+// reads it (which the warp-ahead order above exposes), reads NaN and the check against the
+// reference fails. Copies still pending when the block ends are dropped.
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    std::memset(smem, 0xff, 16);  // NaN until the wait: what the hardware holds there is unknown
     g_copies[threadIdx.x].open.push_back({smem, gmem, src_bytes});
 }
 inline void cp_async_commit() {

@@ -150,6 +150,17 @@ pub fn embedded_cubin(stem: &str, cc: u32) -> Option<&'static [u8]> {
         .map(|(_, _, b)| *b)
 }
 
+/// The architectures build.rs compiled cubins for with NVRTC (empty where it did not: nvcc was
+/// there, NVRTC was not, or THINKSTEER_BUILD_NVRTC=0).
+pub fn nvrtc_built_archs() -> &'static [u32] {
+    gen::NVRTC_ARCHS
+}
+
+/// Whether build.rs embedded PTX built by nvcc.
+pub fn has_embedded_ptx() -> bool {
+    !gen::PTX.is_empty()
+}
+
 /// Whether build.rs embedded loadable code for every module on a device of compute capability
 /// `cc` (nvcc's PTX, or NVRTC's cubins for that architecture): then NVRTC is not needed at run
 /// time.
