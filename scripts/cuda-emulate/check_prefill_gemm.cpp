@@ -170,6 +170,8 @@ static void gemm_glu(int N, int F, int Kd, int wn, int live = -1) {
 void run_prefill_gemm() {
     gemm(70, 136, 72, 2);
     gemm(70, 136, 72, 4);
+    gemm(70, 136, 24, 2);  // one k tile: fewer than the ring's stages
+    gemm(70, 136, 24, 4);
     gemm(200, 264, 40, 4);
     // The hybrid step's candidate rows: only rows < live computed, tiles past them skipped.
     {
