@@ -1117,17 +1117,7 @@ pub fn gemm_with(
     if n == 0 || m == 0 {
         return Ok(());
     }
-    if n.div_ceil(bn) > 65535 {
-        return Err(Error::Input(format!(
-            "{kernel}: at most {} rows, found {n}",
-            65535 * bn
-        )));
-    }
-    let (ni, mi, ki) = (
-        int(kernel, "N", n)?,
-        int(kernel, "M", m)?,
-        int(kernel, "K", k)?,
-    );
+    let (ni, mi, ki) = gemm_dims(kernel, bn, (n, m, k))?;
     let (splits, per) = gemm_split(
         (n, m, k),
         bn,
@@ -1151,6 +1141,21 @@ pub fn gemm_with(
     }
     // out = Σ_z part[z] in z order (no bias, no accumulate).
     super::grad_kernels::reduce_splits(gpu, out, part, None, (ni, mi, mi), splits, false, live)
+}
+
+/// A gemm launch's (N, M, K) as kernel ints, its row tiles of `bn` within the grid's y limit.
+fn gemm_dims(kernel: &str, bn: usize, (n, m, k): (usize, usize, usize)) -> Result<(i32, i32, i32)> {
+    if n.div_ceil(bn) > 65535 {
+        return Err(Error::Input(format!(
+            "{kernel}: at most {} rows, found {n}",
+            65535 * bn
+        )));
+    }
+    Ok((
+        int(kernel, "N", n)?,
+        int(kernel, "M", m)?,
+        int(kernel, "K", k)?,
+    ))
 }
 
 /// act bf16 [N, F] = silu(x·W_gateᵀ) · (x·W_upᵀ), W = [gate; up] bf16 [2F, K], by `gemm_glu_bf16`
@@ -1179,17 +1184,7 @@ pub fn gemm_glu(
     if n == 0 || f == 0 {
         return Ok(true);
     }
-    if n.div_ceil(bn) > 65535 {
-        return Err(Error::Input(format!(
-            "{kernel}: at most {} rows, found {n}",
-            65535 * bn
-        )));
-    }
-    let (ni, fi, ki) = (
-        int(kernel, "N", n)?,
-        int(kernel, "F", f)?,
-        int(kernel, "K", k)?,
-    );
+    let (ni, fi, ki) = gemm_dims(kernel, bn, (n, f, k))?;
     let func = gpu.func(kernel)?;
     let mut l = Launch::new(gpu, func);
     l.arg(act)
