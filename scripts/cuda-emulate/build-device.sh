@@ -2,7 +2,7 @@
 # build-device.sh OUT: builds the emulated CUDA driver (device.cpp) into OUT: OUT/libcuda.so (and
 # libcuda.so.1) and one shared library per kernel file in OUT/modules (kernels/<stem>.cu compiled
 # with emulate.h, exporting its kernels through trampoline.h). Put OUT first on LD_LIBRARY_PATH
-# and every CUDA command and GPU test runs its kernels in the emulator (tests/emulated_gpu.rs).
+# and every CUDA command and GPU test runs its kernels in the emulator (scripts/cuda-emulate/gpu-tests.sh).
 # Needs g++ (C++20) and cuda.h: CUDA_HOME/include, /usr/local/cuda/include or the pip wheel's
 # nvidia/cu13/include (THINKSTEER_CUDA_INCLUDE overrides).
 set -euo pipefail

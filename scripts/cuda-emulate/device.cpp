@@ -101,10 +101,12 @@ struct Stream {
     std::map<Stream*, unsigned long long> awaited;  // per stream: its ops this one has waited for
     Lane lane;                     // eager work not yet run
     unsigned long long issued = 0;  // eager operations issued (run or queued)
+    unsigned long long serial = 0;  // told apart from a later stream at the same address
 };
 struct Event {
     unsigned long long capture = 0;  // id of the capture it was recorded in (0: none)
     Stream* stream = nullptr;        // where, and after how many of that stream's ops
+    unsigned long long serial = 0;   // of that stream
     unsigned long long ops = 0;
     bool timing = true;
     double t = 0;
@@ -124,6 +126,12 @@ double now() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 Stream* S(CUstream s) { return s ? reinterpret_cast<Stream*>(s) : &null_stream; }
+unsigned long long next_stream_serial = 1;
+// The stream an eagerly recorded event waits for, if it still exists (its work not yet all run).
+Stream* recorded_on(const Event* ev) {
+    Stream* st = ev->stream;
+    return st && streams.count(st) && st->serial == ev->serial ? st : nullptr;
+}
 
 void load_modules() {
     static bool done = false;
@@ -534,6 +542,7 @@ API CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream s) {
 API CUresult cuStreamCreate(CUstream* s, unsigned) {
     LOCK;
     Stream* st = new Stream;
+    st->serial = next_stream_serial++;
     streams.insert(st);
     *s = reinterpret_cast<CUstream>(st);
     return CUDA_SUCCESS;
@@ -589,6 +598,7 @@ API CUresult cuEventRecord(CUevent e, CUstream s) {
     }
     ev->capture = 0;
     ev->stream = S(s) == &null_stream ? nullptr : S(s);  // the null stream's work runs at once
+    ev->serial = S(s)->serial;
     ev->ops = S(s)->issued;
     ev->t = now();
     return CUDA_SUCCESS;
@@ -617,20 +627,21 @@ API CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned) {
         S(s)->ops = 0;
         S(s)->awaited.clear();
         active->entries.push_back({S(s), Entry{Entry::WAIT, Node{}, ev->stream, ev->ops}});
-    } else if (!ev->capture && ev->stream && ev->stream != S(s) && streams.count(ev->stream)) {
-        // (an event last recorded inside a capture that has ended was never recorded eagerly)
+    } else if (ev->capture) {
+        return CUDA_ERROR_CAPTURED_EVENT;  // last recorded in a capture that has ended
+    } else if (Stream* src = recorded_on(ev); src && src != S(s)) {
         if (S(s) == &null_stream)
-            flush(ev->stream, ev->ops);
+            flush(src, ev->ops);
         else
-            S(s)->lane.queue.push_back(Entry{Entry::WAIT, Node{}, ev->stream, ev->ops});
+            S(s)->lane.queue.push_back(Entry{Entry::WAIT, Node{}, src, ev->ops});
     }
     return CUDA_SUCCESS;
 }
 API CUresult cuEventSynchronize(CUevent e) {
     LOCK;
     Event* ev = reinterpret_cast<Event*>(e);
-    if (ev->capture) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
-    if (ev->stream && streams.count(ev->stream)) flush(ev->stream, ev->ops);
+    if (ev->capture) return CUDA_ERROR_CAPTURED_EVENT;
+    if (Stream* src = recorded_on(ev)) flush(src, ev->ops);
     return CUDA_SUCCESS;
 }
 API CUresult cuEventQuery(CUevent e) { return cuEventSynchronize(e); }

@@ -184,6 +184,10 @@ struct EmuBarrier {
             count = 0;
             for (unsigned t : waiters) emu_set_runnable(t, true);
             waiters.clear();
+            // The releasing thread waits its turn too: the released ones run in the block's
+            // order, not after whichever thread happened to arrive last.
+            const unsigned me = threadIdx.x, to = emu_pick();
+            if (to != me) emu_enter(g_fibers.ctx[me], to);
             return;
         }
         waiters.push_back(threadIdx.x);
