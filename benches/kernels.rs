@@ -1,6 +1,8 @@
 //! Criterion benchmarks of the matrix kernels on the real decode/prefill shapes (needs a GPU;
 //! prints why it skips otherwise): gemv GB/s next to the card's copy rate measured first
-//! (`bench::Card`), gemm TFLOP/s next to its datasheet peak, for each of its kernels (64- and 128-row tiles, cuBLASLt) on prefill and hybrid-step shapes.
+//! (`bench::Card`), gemm TFLOP/s next to its datasheet peak, for each of its kernels (64- and
+//! 128-row tiles, cuBLASLt) on prefill and hybrid-step shapes, and the gate|up product with
+//! SiLU·mul fused (`gemm_glu`) against gemm then silu_mul.
 //! Each timed sample is a CUDA-event-free batch of launches followed by one stream sync.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -192,19 +194,8 @@ fn benches(c: &mut Criterion) {
             };
             let tf = seconds(&s, &mut fused);
             let mut unfused = || {
-                k::gemm_with(
-                    &g,
-                    &mut gu.as_view_mut(),
-                    &xv,
-                    &wv,
-                    n,
-                    2 * f,
-                    kd,
-                    tile,
-                    None,
-                )
-                .unwrap();
-                k::silu_mul(&g, &mut act.as_view_mut(), &gu.as_view(), n, f, None).unwrap();
+                let (a, gv) = (&mut act.as_view_mut(), &mut gu.as_view_mut());
+                k::gemm_then_silu_mul(&g, a, gv, &xv, &wv, (n, f, kd), tile, None).unwrap();
             };
             let tu = seconds(&s, &mut unfused);
             println!(

@@ -62,9 +62,7 @@ pub fn datasheet_bf16_tflops(name: &str) -> Option<f64> {
 impl Card {
     /// The GPU of `gpu`, its copy rate measured on its stream now.
     pub fn cuda(gpu: &Gpu) -> Result<Card> {
-        let err = |what: &'static str| {
-            move |e: cudarc::driver::DriverError| crate::Error::Cuda(format!("{what}: {e}"))
-        };
+        use crate::cuda::cuda_err as err;
         let name = gpu.ctx.name().map_err(err("reading the device name"))?;
         let src = gpu
             .stream

@@ -147,12 +147,6 @@ inline void emu_enter(EmuCtx& from, unsigned to) {
                  blockIdx.y, blockIdx.z, what);
     std::abort();
 }
-// Switches from the current thread, which has stopped being runnable, to the next one.
-inline void emu_yield(const char* what) {
-    const unsigned from = g_fibers.current, to = emu_pick();
-    if (to == g_fibers.n) emu_deadlock(what);
-    if (to != from) emu_enter(g_fibers.ctx[from], to);
-}
 inline void emu_fiber_main() {
     (*g_fibers.body)();
     g_fibers.done[g_fibers.current] = 1;
@@ -190,15 +184,16 @@ struct EmuBarrier {
             if (to != me) emu_enter(g_fibers.ctx[me], to);
             return;
         }
-        waiters.push_back(threadIdx.x);
-        emu_set_runnable(threadIdx.x, false);
-        if (emu_pick() == g_fibers.n) {
+        const unsigned me = threadIdx.x;
+        waiters.push_back(me);
+        emu_set_runnable(me, false);
+        const unsigned to = emu_pick();
+        if (to == g_fibers.n) {
             char what[96];
-            std::snprintf(what, sizeof what, "thread %u waits at a barrier of %u (%u arrived)", threadIdx.x,
-                          expected, count);
+            std::snprintf(what, sizeof what, "thread %u waits at a barrier of %u (%u arrived)", me, expected, count);
             emu_deadlock(what);
         }
-        emu_yield("");  // back here once released
+        emu_enter(g_fibers.ctx[me], to);  // back here once released and picked
     }
 };
 inline EmuBarrier g_block_barrier;

@@ -1292,8 +1292,7 @@ pub fn matmul_glu_live(
         if gemm_glu(gpu, act, x, w, (n, f, k), tile, live)? {
             return Ok(());
         }
-        gemm_with(gpu, gate_up, x, w, n, 2 * f, k, tile, live)?;
-        return silu_mul(gpu, act, &gate_up.as_view(), n, f, live);
+        return gemm_then_silu_mul(gpu, act, gate_up, x, w, (n, f, k), tile, live);
     }
     row_groups(n, |r0, rows| {
         gemv_glu_live(
@@ -1306,6 +1305,23 @@ pub fn matmul_glu_live(
             GemvWarps::from_env(),
         )
     })
+}
+
+/// The unfused gate|up product: `gemm_with` into gate_up f32 [N, 2F], then `silu_mul` into act
+/// bf16 [N, F] (the path where `gemm_glu` declines, and its reference).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_then_silu_mul(
+    gpu: &Gpu,
+    act: &mut CudaViewMut<'_, bf16>,
+    gate_up: &mut CudaViewMut<'_, f32>,
+    x: &CudaView<'_, bf16>,
+    w: &CudaView<'_, bf16>,
+    (n, f, k): (usize, usize, usize),
+    tile: GemmTile,
+    live: Option<&CudaView<'_, i32>>,
+) -> Result<()> {
+    gemm_with(gpu, gate_up, x, w, n, 2 * f, k, tile, live)?;
+    silu_mul(gpu, act, &gate_up.as_view(), n, f, live)
 }
 
 /// out bf16 [T, F] = silu(gate) · up, gate_up f32 [T, 2F] (gate first). `live` (i32 [1] on the
