@@ -334,8 +334,11 @@ mod nvrtc {
                 .iter()
                 .map(|(n, _)| c(n))
                 .collect::<Result<Vec<_>, _>>()?;
+            // 9.0 as sm_90a (its architecture-specific features: gemm_wgmma.cu's wgmma), as the
+            // runtime does (sources::nvrtc_arch).
+            let suffix = if arch == 90 { "a" } else { "" };
             let opts = [
-                c(&format!("--gpu-architecture=sm_{arch}"))?,
+                c(&format!("--gpu-architecture=sm_{arch}{suffix}"))?,
                 c("-std=c++17")?,
             ];
             let ptrs = |v: &[CString]| v.iter().map(|s| s.as_ptr()).collect::<Vec<_>>();
@@ -371,7 +374,7 @@ mod nvrtc {
                     .take(4)
                     .collect();
                 Err(format!(
-                    "{name} (sm_{arch}) failed to compile: {}",
+                    "{name} (sm_{arch}{suffix}) failed to compile: {}",
                     first.join(" | ")
                 ))
             };

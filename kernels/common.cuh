@@ -88,6 +88,20 @@ __device__ __forceinline__ void pdl_enter() {
 // is written by an earlier kernel.
 __device__ __forceinline__ int live_rows(const int* live, int T) { return live ? min(T, *live) : T; }
 
+// Split K of the products (gemm.cu, gemm_wgmma.cu): the block's k tiles (of `bk`) and output —
+// all of K into out, or, with gridDim.z > 1, split z's `per` tiles into part[z] (f32 [splits,
+// N, M], added in z order by vg_mm_reduce_f32).
+struct GemmSplit {
+    float* dst;
+    int kt0, kt1;
+};
+__device__ __forceinline__ GemmSplit gemm_split(float* out, float* part, int N, int M, int K, int per, int bk) {
+    const int nk = (K + bk - 1) / bk;
+    if (gridDim.z == 1) return {out, 0, nk};
+    const int kt0 = blockIdx.z * per;
+    return {part + (size_t)blockIdx.z * N * M, kt0, min(nk, kt0 + per)};
+}
+
 // RoPE of one pair (a, b) = (u[i], u[i + Dh/2]) of a q or k head at the f32 angle
 // f32(pos)·inv_freq_i, sin/cos the precise sincosf (positions reach 10^5, where the fast versions
 // drift): o0 = bf16(a·cos − b·sin), o1 = bf16(b·cos + a·sin), written with explicit fmaf so that

@@ -157,24 +157,12 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, bf16_t* __res
     }
 }
 
-// The block's k tiles and output: all of K into out, or split z of `per` tiles into part.
-struct GemmSplit {
-    float* dst;
-    int kt0, kt1;
-};
-__device__ __forceinline__ GemmSplit gemm_split(float* out, float* part, int N, int M, int K, int per) {
-    const int nk = (K + GM_BK - 1) / GM_BK;
-    if (gridDim.z == 1) return {out, 0, nk};
-    const int kt0 = blockIdx.z * per;
-    return {part + (size_t)blockIdx.z * N * M, kt0, min(nk, kt0 + per)};
-}
-
 extern "C" __global__ void __launch_bounds__(128) gemm_bf16(float* __restrict__ out, const bf16_t* __restrict__ x,
                                                            const bf16_t* __restrict__ W, int N, int M, int K,
                                                            const int* __restrict__ live, float* __restrict__ part,
                                                            int per) {
     pdl_enter();
-    const GemmSplit sp = gemm_split(out, part, N, M, K, per);
+    const GemmSplit sp = gemm_split(out, part, N, M, K, per, GM_BK);
     gemm_body<2, 3, false>(sp.dst, nullptr, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
 }
 
@@ -182,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(256)
     gemm_bf16_n128(float* __restrict__ out, const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int N, int M,
                    int K, const int* __restrict__ live, float* __restrict__ part, int per) {
     pdl_enter();
-    const GemmSplit sp = gemm_split(out, part, N, M, K, per);
+    const GemmSplit sp = gemm_split(out, part, N, M, K, per, GM_BK);
     gemm_body<4, 2, false>(sp.dst, nullptr, x, W, live_rows(live, N), M, K, sp.kt0, sp.kt1);
 }
 

@@ -756,6 +756,8 @@ fn check_matmul(g: &Gpu, which: &str, n: usize, m: usize, kd: usize, seed: u64) 
         "gemv_w8" => k::gemv_with(g, &mut ov, &xv, &wv, (n, m, kd), GemvWarps::W8),
         "gemm" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N64, None),
         "gemm128" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::N128, None),
+        "gemm_wg" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::Wg, None),
+        "gemm_wg256" => k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::Wg256, None),
         "gemm_lt" => match k::gemm_with(g, &mut ov, &xv, &wv, n, m, kd, GemmTile::Lt, None) {
             Err(e) if e.to_string().contains("could not be loaded") => {
                 println!("skipped gemm_lt: {e}");
@@ -817,9 +819,16 @@ fn gemm_matches_cpu_matmul() {
     {
         check_matmul(&g, "gemm", n, m, kd, 30 + i as u64);
         check_matmul(&g, "gemm128", n, m, kd, 50 + i as u64);
+        check_matmul(&g, "gemm_wg", n, m, kd, 80 + i as u64);
     }
     // Two 128-row tiles, the second ragged.
     check_matmul(&g, "gemm128", 200, 264, 8 * 37, 60);
+    // The warpgroup kernels (gemm_wgmma.cu; where the device lacks wgmma, GemmTile falls back
+    // to the 64-row tile and these check that again): two row tiles, ragged in N, M and K.
+    println!("wgmma products run here: {}", g.has_wgmma());
+    check_matmul(&g, "gemm_wg", 200, 264, 8 * 37, 61);
+    check_matmul(&g, "gemm_wg256", 200, 300, 8 * 37, 62);
+    check_matmul(&g, "gemm_wg256", 40, 300, 4096, 63);
     // cuBLASLt (THINKSTEER_GEMM=lt): the same contract, skipped where libcublasLt is absent.
     for (i, &(n, m, kd)) in [
         (17usize, 131usize, 8 * 37usize),
@@ -971,7 +980,7 @@ fn matmul_glu_matches_cpu_gate_up_silu_mul() {
     check_glu(&g, 64, 40, 264, 91, Some(GemvWarps::W16));
 }
 
-/// The gate|up product with SiLU·mul in gemm's epilogue (`gemm_glu`, both row tiles, with and
+/// The gate|up product with SiLU·mul in gemm's epilogue (`gemm_glu`, every tile, with and
 /// without a live row count) equals `gemm_with` then `silu_mul` bit for bit on the rows needed
 /// (same sums, same SiLU·mul); the CPU comparison of that path is `matmul_glu_matches_cpu…`.
 /// Where gemm would split K, `gemm_glu` declines and launches nothing.
@@ -990,7 +999,7 @@ fn gemm_glu_equals_gemm_then_silu_mul_bit_for_bit() {
         let count = s.clone_htod(&[live.unwrap_or(0)]).unwrap();
         let lv = live.map(|_| count.as_view());
         let rows = live.map_or(n, |l| l as usize);
-        for tile in [GemmTile::N64, GemmTile::N128] {
+        for tile in [GemmTile::N64, GemmTile::N128, GemmTile::Wg, GemmTile::Wg256] {
             let mut fused = s.alloc_zeros::<bf16>(n * f).unwrap();
             let mut act = s.alloc_zeros::<bf16>(n * f).unwrap();
             let mut gu = s.alloc_zeros::<f32>(n * 2 * f).unwrap();

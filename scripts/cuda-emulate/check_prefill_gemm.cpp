@@ -1,9 +1,10 @@
 // check_prefill_gemm.cpp: the tensor-core prefill attention (prefill_attention.cu; bf16 output,
 // bound 2^-7 of the largest |ref|: its rounding, 2^-9, and that of the probabilities, 2^-9 of a
-// convex sum) and both row tiles of the prefill / large-batch product gemm.cu (f32, 1e-4), with
-// and without a live row count.
+// convex sum) and every tile of the prefill / large-batch product — gemm.cu's two row tiles and
+// gemm_wgmma.cu's two column tiles — (f32, 1e-4), with and without a live row count and split K.
 #include "prefill_attention.cu"
 #include "gemm.cu"
+#include "gemm_wgmma.cu"
 
 // Prefill chunk of n queries at positions p0.. of one slot over a bf16 cache [slots, S, Hkv, Dh].
 static void prefill(int n, int p0, int H, int Hkv, int Dh) {
@@ -47,18 +48,33 @@ static void prefill(int n, int p0, int H, int Hkv, int Dh) {
     compare(tag, got, want, std::vector<char>(want.size(), 1), 1.0 / 128);
 }
 
-// out [N, M] = x [N, K] · W [M, K]ᵀ, bf16 inputs, f32 output, on gemm_bf16 (wn = 2) or
-// gemm_bf16_n128 (wn = 4). live ≥ 0: the launch's live count (a device int, gemm.cu banner):
-// rows < min(N, live) must match; every row of a row tile (BN = 32·wn rows) starting at or past
-// live keeps its NaN; rows of the tile holding the boundary are unspecified and not compared.
-// splits > 1: split K (gemm.cu banner): split z takes k tiles [z·per, (z+1)·per) of 32 and writes
-// its raw sums to part[z]; the sum over z (done here, in z order, as vg_mm_reduce_f32 does) must
-// match, and `out` must stay untouched.
-static void gemm(int N, int M, int Kd, int wn, int live = -1, int splits = 1) {
+// A product kernel and its glu twin, with their launch shape: bn rows of x and bm rows of W per
+// block (glu: bm / 2 outputs), k tiles of bk.
+struct Tile {
+    const char* tag;
+    int bn, bm, bk;
+    unsigned threads;
+    size_t smem;
+    decltype(&gemm_bf16) plain;
+    decltype(&gemm_glu_bf16) glu;
+};
+static const Tile T64{"", 64, 128, 32, 128, 0, gemm_bf16, gemm_glu_bf16};
+static const Tile T128{"_n128", 128, 128, 32, 256, 0, gemm_bf16_n128, gemm_glu_bf16_n128};
+static const Tile TWG{"_wg", 128, 128, 64, 256, 4 * 256 * 128 + 1024, gemm_wg_bf16, gemm_glu_wg_bf16};
+static const Tile TWG256{"_wg_m256", 128, 256, 64, 256, 4 * 384 * 128 + 1024, gemm_wg_bf16_m256,
+                         gemm_glu_wg_bf16_m256};
+
+// out [N, M] = x [N, K] · W [M, K]ᵀ, bf16 inputs, f32 output, on tile t's kernel. live ≥ 0: the
+// launch's live count (a device int, gemm.cu banner): rows < min(N, live) must match; every row
+// of a row tile (t.bn rows) starting at or past live keeps its NaN; rows of the tile holding the
+// boundary are unspecified and not compared. splits > 1: split K (gemm.cu banner): split z takes
+// k tiles [z·per, (z+1)·per) of t.bk and writes its raw sums to part[z]; the sum over z (done
+// here, in z order, as vg_mm_reduce_f32 does) must match, and `out` must stay untouched.
+static void gemm(int N, int M, int Kd, const Tile& t, int live = -1, int splits = 1) {
     std::vector<bf16_t> x((size_t)N * Kd), W((size_t)M * Kd);
     for (auto& v : x) v = f2bf(randv(1, 2.0f)[0]);
     for (auto& v : W) v = f2bf(randv(1, 0.5f)[0]);
-    const int bn = 32 * wn, rows = live < 0 ? N : std::min(N, live);
+    const int bn = t.bn, rows = live < 0 ? N : std::min(N, live);
     std::vector<double> want((size_t)N * M, 0.0);
     std::vector<char> needed((size_t)N * M, 0), dead((size_t)N * M, 0);
     for (int n = 0; n < N; ++n)
@@ -72,15 +88,11 @@ static void gemm(int N, int M, int Kd, int wn, int live = -1, int splits = 1) {
         }
     std::vector<float> out((size_t)N * M, NAN);
     const int* lp = live >= 0 ? &live : nullptr;
-    const int nk = (Kd + 31) / 32, per = (nk + splits - 1) / splits;
+    const int nk = (Kd + t.bk - 1) / t.bk, per = (nk + splits - 1) / splits;
     std::vector<float> part(splits > 1 ? (size_t)splits * N * M : 0, NAN);
     float* pp = splits > 1 ? part.data() : nullptr;
-    launch(dim3{(unsigned)((M + 127) / 128), (unsigned)((N + bn - 1) / bn), (unsigned)splits}, 64 * wn, [&] {
-        if (wn == 2)
-            gemm_bf16(out.data(), x.data(), W.data(), N, M, Kd, lp, pp, per);
-        else
-            gemm_bf16_n128(out.data(), x.data(), W.data(), N, M, Kd, lp, pp, per);
-    });
+    launch(dim3{(unsigned)((M + t.bm - 1) / t.bm), (unsigned)((N + bn - 1) / bn), (unsigned)splits}, t.threads,
+           [&] { t.plain(out.data(), x.data(), W.data(), N, M, Kd, lp, pp, per); }, t.smem);
     char tag[96];
     // Split K: the host's reduce, in z order; `out` itself must be untouched.
     const std::vector<float> untouched = out;
@@ -90,7 +102,7 @@ static void gemm(int N, int M, int Kd, int wn, int live = -1, int splits = 1) {
             for (int z = 0; z < splits; ++z) v += part[(size_t)z * N * M + e];
             out[e] = v;
         }
-    snprintf(tag, sizeof tag, "gemm%s N %d M %d K %d", wn == 4 ? "_n128" : "", N, M, Kd);
+    snprintf(tag, sizeof tag, "gemm%s N %d M %d K %d", t.tag, N, M, Kd);
     if (splits > 1) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " splits %d", splits);
     if (live >= 0) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " live %d", live);
     if (rows > 0)
@@ -103,16 +115,16 @@ static void gemm(int N, int M, int Kd, int wn, int live = -1, int splits = 1) {
     kept_nan(tag, out, dead);
 }
 
-// act [N, F] = bf16(silu(g) · u) of W = [gate; up] bf16 [2F, K] on gemm_glu_bf16 (wn = 2) or
-// gemm_glu_bf16_n128 (wn = 4): bit for bit what gemm_bf16 (same tile) then silu_mul gives, and
+// act [N, F] = bf16(silu(g) · u) of W = [gate; up] bf16 [2F, K] on tile t's glu kernel: bit for
+// bit what its plain kernel then silu_mul gives, and
 // within 2^-7 of the largest |ref| of the double reference (the bf16 output alone is off by up
 // to 2^-8 of its value; twice that leaves room for the f32 sums). live ≥ 0: rows
 // < min(N, live) compared, rows of tiles starting at or past live keep their NaN.
-static void gemm_glu(int N, int F, int Kd, int wn, int live = -1) {
+static void gemm_glu(int N, int F, int Kd, const Tile& t, int live = -1) {
     std::vector<bf16_t> x((size_t)N * Kd), W((size_t)2 * F * Kd);
     for (auto& v : x) v = f2bf(randv(1, 2.0f)[0]);
     for (auto& v : W) v = f2bf(randv(1, 0.5f)[0]);
-    const int bn = 32 * wn, rows = live < 0 ? N : std::min(N, live);
+    const int bn = t.bn, rows = live < 0 ? N : std::min(N, live);
     std::vector<double> want((size_t)N * F, 0.0);
     std::vector<char> needed((size_t)N * F, 0), dead((size_t)N * F, 0);
     for (int n = 0; n < N; ++n)
@@ -130,19 +142,11 @@ static void gemm_glu(int N, int F, int Kd, int wn, int live = -1) {
     std::vector<bf16_t> act((size_t)N * F, 0x7fc0);  // NaN
     std::vector<float> gate_up((size_t)N * 2 * F, NAN);
     const int* lp = live >= 0 ? &live : nullptr;
-    launch(dim3{(unsigned)((F + 63) / 64), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
-        if (wn == 2)
-            gemm_glu_bf16(act.data(), x.data(), W.data(), N, F, Kd, lp);
-        else
-            gemm_glu_bf16_n128(act.data(), x.data(), W.data(), N, F, Kd, lp);
-    });
-    const int nk = (Kd + 31) / 32;
-    launch(dim3{(unsigned)((2 * F + 127) / 128), (unsigned)((N + bn - 1) / bn), 1}, 64 * wn, [&] {
-        if (wn == 2)
-            gemm_bf16(gate_up.data(), x.data(), W.data(), N, 2 * F, Kd, lp, nullptr, nk);
-        else
-            gemm_bf16_n128(gate_up.data(), x.data(), W.data(), N, 2 * F, Kd, lp, nullptr, nk);
-    });
+    const int half = t.bm / 2, nk = (Kd + t.bk - 1) / t.bk;
+    launch(dim3{(unsigned)((F + half - 1) / half), (unsigned)((N + bn - 1) / bn), 1}, t.threads,
+           [&] { t.glu(act.data(), x.data(), W.data(), N, F, Kd, lp); }, t.smem);
+    launch(dim3{(unsigned)((2 * F + t.bm - 1) / t.bm), (unsigned)((N + bn - 1) / bn), 1}, t.threads,
+           [&] { t.plain(gate_up.data(), x.data(), W.data(), N, 2 * F, Kd, lp, nullptr, nk); }, t.smem);
     std::vector<float> got(act.size()), unfused(act.size());
     for (size_t e = 0; e < act.size(); ++e) {
         got[e] = bf2f(act[e]);
@@ -150,7 +154,7 @@ static void gemm_glu(int N, int F, int Kd, int wn, int live = -1) {
         unfused[e] = bf2f(f2bf(silu_mul(gate_up[n * 2 * F + f], gate_up[n * 2 * F + F + f])));
     }
     char tag[96];
-    snprintf(tag, sizeof tag, "gemm_glu%s N %d F %d K %d", wn == 4 ? "_n128" : "", N, F, Kd);
+    snprintf(tag, sizeof tag, "gemm_glu%s N %d F %d K %d", t.tag, N, F, Kd);
     if (live >= 0) snprintf(tag + strlen(tag), sizeof tag - strlen(tag), " live %d", live);
     if (rows == 0) {
         printf("%s\n", tag);
@@ -168,39 +172,58 @@ static void gemm_glu(int N, int F, int Kd, int wn, int live = -1) {
 }
 
 void run_prefill_gemm() {
-    gemm(70, 136, 72, 2);
-    gemm(70, 136, 72, 4);
-    gemm(70, 136, 24, 2);  // one k tile: fewer than the ring's stages
-    gemm(70, 136, 24, 4);
-    gemm(200, 264, 40, 4);
+    gemm(70, 136, 72, T64);
+    gemm(70, 136, 72, T128);
+    gemm(70, 136, 24, T64);  // one k tile: fewer than the ring's stages
+    gemm(70, 136, 24, T128);
+    gemm(200, 264, 40, T128);
     // The hybrid step's candidate rows: only rows < live computed, tiles past them skipped.
     {
         OwnRng own(101);
-        gemm(200, 136, 72, 2, 70);  // boundary inside tile 1 of 64; tiles 2, 3 skipped
-        gemm(200, 136, 72, 2, 64);  // boundary on a tile edge: tile 1 skipped too
-        gemm(200, 136, 72, 2, 0);   // nothing live
-        gemm(200, 136, 72, 2, 1000);  // live ≥ N: every row
-        gemm(200, 136, 72, 4, 70);  // boundary inside tile 0 of 128; tile 1 skipped
-        gemm(200, 136, 72, 4, 128);
-        gemm(200, 136, 72, 4, 0);
+        gemm(200, 136, 72, T64, 70);  // boundary inside tile 1 of 64; tiles 2, 3 skipped
+        gemm(200, 136, 72, T64, 64);  // boundary on a tile edge: tile 1 skipped too
+        gemm(200, 136, 72, T64, 0);   // nothing live
+        gemm(200, 136, 72, T64, 1000);  // live ≥ N: every row
+        gemm(200, 136, 72, T128, 70);  // boundary inside tile 0 of 128; tile 1 skipped
+        gemm(200, 136, 72, T128, 128);
+        gemm(200, 136, 72, T128, 0);
     }
     // Split K (decode batches): K = 8·53 = 424 is 14 k tiles, 4 splits of 4 (the last of 2,
     // ragged in K); then with a live count.
     {
         OwnRng own(102);
-        gemm(40, 136, 424, 2, -1, 4);
-        gemm(40, 136, 424, 4, -1, 4);
-        gemm(200, 136, 424, 2, 70, 3);
+        gemm(40, 136, 424, T64, -1, 4);
+        gemm(40, 136, 424, T128, -1, 4);
+        gemm(200, 136, 424, T64, 70, 3);
     }
     // The MLP's gate|up with SiLU·mul in the epilogue: F not a multiple of 64 (ragged last
     // column block), K one k tile and ragged, live counts.
     {
         OwnRng own(103);
-        gemm_glu(70, 100, 72, 2);
-        gemm_glu(130, 72, 24, 4);
-        gemm_glu(200, 136, 40, 2, 70);
-        gemm_glu(200, 64, 72, 4, 70);
-        gemm_glu(200, 64, 72, 2, 0);
+        gemm_glu(70, 100, 72, T64);
+        gemm_glu(130, 72, 24, T128);
+        gemm_glu(200, 136, 40, T64, 70);
+        gemm_glu(200, 64, 72, T128, 70);
+        gemm_glu(200, 64, 72, T64, 0);
+    }
+    // gemm_wgmma.cu: ragged N, M and K (72 = one k tile and 8), a ring that wraps (K = 264: 5 k
+    // tiles on 4 stages), one k tile of 8, odd M (scalar stores), live counts, split K (424: 7
+    // k tiles of 64, 3 splits of 3, the last of 1), and the glu twins with ragged and odd F.
+    {
+        OwnRng own(104);
+        gemm(150, 300, 72, TWG);
+        gemm(150, 300, 264, TWG256);
+        gemm(130, 136, 8, TWG);
+        gemm(70, 137, 136, TWG256);
+        gemm(300, 136, 72, TWG, 130);  // boundary inside tile 1 of 128; tile 2 skipped
+        gemm(300, 136, 72, TWG256, 0);
+        gemm(40, 136, 424, TWG, -1, 3);
+        gemm(200, 300, 424, TWG256, 70, 2);
+        gemm_glu(150, 100, 136, TWG);
+        gemm_glu(130, 200, 264, TWG256);
+        gemm_glu(70, 37, 72, TWG);
+        gemm_glu(300, 64, 72, TWG, 130);
+        gemm_glu(300, 130, 72, TWG256, 200);
     }
     prefill(37, 5, 6, 2, 64);
     prefill(70, 0, 6, 2, 128);

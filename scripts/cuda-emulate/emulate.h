@@ -293,6 +293,10 @@ struct uint4 {
 struct uint2 {
     unsigned int x, y;
 };
+struct float2 {
+    float x, y;
+};
+inline float2 make_float2(float a, float b) { return {a, b}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline uint4 make_uint4(unsigned int a, unsigned int b, unsigned int c, unsigned int d) { return {a, b, c, d}; }
 inline uint2 make_uint2(unsigned int a, unsigned int b) { return {a, b}; }
@@ -308,6 +312,21 @@ struct EmuCopyGroups {
     std::vector<std::vector<EmuCopy>> closed;  // oldest first
 };
 inline EmuCopyGroups g_copies[1024];
+
+// Each thread's pending wgmma products (see wgmma_bf16_n128 below), emptied at every block's
+// start. `held`: the accumulator arrays with products pending, and their true values (the
+// registers themselves hold NaN until the wait).
+struct EmuWgmma {
+    float* d;
+    int n;
+    unsigned long long da, db;
+};
+struct EmuWgmmaGroups {
+    std::vector<EmuWgmma> open;
+    std::vector<std::vector<EmuWgmma>> closed;  // oldest first
+    std::vector<std::pair<float*, std::vector<float>>> held;
+};
+inline EmuWgmmaGroups g_wgmma[1024];
 
 // Dynamic shared memory of the running launch (run.sh rewrites `extern __shared__ T name[];`
 // into `T* const name = emu_dynamic_shared<T>();`). Filled with 0xff bytes (NaN floats) so a
@@ -354,7 +373,7 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
                     F.done[t] = 0;
                 }
                 std::fill(g_bank, g_bank + threads, 0u);
-                for (unsigned int t = 0; t < threads; ++t) g_copies[t] = EmuCopyGroups{};
+                for (unsigned int t = 0; t < threads; ++t) g_copies[t] = EmuCopyGroups{}, g_wgmma[t] = EmuWgmmaGroups{};
                 F.alive = threads;
                 F.runnable.assign((threads + 63) / 64, 0);
                 for (unsigned int t = 0; t < threads; ++t) emu_set_runnable(t, true);
@@ -454,4 +473,106 @@ inline std::atomic<long> g_stream_loads{0};
 inline uint4 ld_stream(const uint4* p) {
     g_stream_loads.fetch_add(1, std::memory_order_relaxed);
     return *p;
+}
+
+// The shared-memory address of p (wgmma descriptors take one): its offset in the launch's dynamic
+// shared memory, the only shared memory gemm_wgmma.cu addresses this way (offset 0 is as
+// aligned as the hardware's window start).
+inline unsigned int shared_addr(const void* p) {
+    const char* base = reinterpret_cast<const char*>(g_dynamic_smem.data());
+    const char* c = static_cast<const char*>(p);
+    if (c < base || c >= base + g_dynamic_smem.size() * 8) {
+        std::fprintf(stderr, "emulate.h: shared_addr of %p, outside the launch's dynamic shared memory\n", p);
+        std::abort();
+    }
+    return (unsigned int)(c - base);
+}
+inline void fence_proxy_async() {}
+inline void wgmma_fence() {}
+template <int R>
+inline void wgmma_hold(float*) {}
+// One bf16 of a wgmma operand: row r (of M or N), element k of the descriptor's K-major tile in
+// the 128-byte swizzle — the hardware's address (start + 8-row group · stride byte offset +
+// 128·(r % 8) + 2k) with address bits 4–6 XORed by bits 7–9. The descriptor must have the form
+// gemm_wgmma.cu builds (swizzle mode 1, base offset 0).
+inline float emu_wgmma_operand(unsigned long long desc, int r, int k) {
+    if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) {
+        std::fprintf(stderr, "emulate.h: wgmma descriptor %016llx: only the 128-byte swizzle with base offset 0 is emulated\n", desc);
+        std::abort();
+    }
+    const unsigned start = (unsigned)(desc & 0x3FFF) << 4, sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+    unsigned a = start + (unsigned)(r >> 3) * sbo + (unsigned)(r & 7) * 128 + 2 * (unsigned)k;
+    a ^= ((a >> 7) & 7) << 4;
+    if (a + 2 > g_dynamic_smem.size() * 8) {
+        std::fprintf(stderr, "emulate.h: wgmma operand byte %u is past the launch's %zu bytes of dynamic shared memory\n",
+                     a, g_dynamic_smem.size() * 8);
+        std::abort();
+    }
+    unsigned short v;
+    std::memcpy(&v, reinterpret_cast<const char*>(g_dynamic_smem.data()) + a, 2);
+    return as_float((unsigned int)v << 16);
+}
+// wgmma.mma_async.m64nNk16.f32.bf16.bf16 (scale-d 1, both operands K-major in shared memory),
+// deferred as on the hardware: the product joins the thread's open group, wgmma.commit_group
+// closes it, and wgmma.wait_group N performs every closed group but the newest N — reading
+// shared memory then, so a stage refilled before its products were waited for shows — and
+// writes the accumulators back. From the issue until then they read NaN. Thread t of the
+// warpgroup (warp q = (t / 32) % 4, lane l) owns d[4j + e] = D[16q + l/4 + 8·(e/2)][8j + 2·(l%4)
+// + e%2]; each sums its 16 products in k order, one fmaf each.
+inline void emu_wgmma(float* d, int n, unsigned long long da, unsigned long long db) {
+    EmuWgmmaGroups& g = g_wgmma[threadIdx.x];
+    bool held = false;
+    for (auto& h : g.held) held |= h.first == d;
+    if (!held) g.held.emplace_back(d, std::vector<float>(d, d + n / 2));
+    for (int i = 0; i < n / 2; ++i) d[i] = NAN;
+    g.open.push_back({d, n, da, db});
+}
+inline void wgmma_bf16_n128(float* d, unsigned long long da, unsigned long long db) { emu_wgmma(d, 128, da, db); }
+inline void wgmma_bf16_n256(float* d, unsigned long long da, unsigned long long db) { emu_wgmma(d, 256, da, db); }
+inline void wgmma_commit() {
+    EmuWgmmaGroups& g = g_wgmma[threadIdx.x];
+    g.closed.push_back(std::move(g.open));
+    g.open.clear();
+}
+template <int N>
+inline void wgmma_wait() {
+    EmuWgmmaGroups& g = g_wgmma[threadIdx.x];
+    const size_t done = g.closed.size() > (size_t)N ? g.closed.size() - N : 0;
+    const int q = (threadIdx.x >> 5) & 3, l = threadIdx.x & 31;
+    for (size_t i = 0; i < done; ++i)
+        for (const EmuWgmma& w : g.closed[i]) {
+            std::vector<float>* v = nullptr;
+            for (auto& h : g.held)
+                if (h.first == w.d) v = &h.second;
+            float A[2][16], B[64][16];  // this thread's rows 16q + l/4 (+8) and columns 8j + 2·(l%4) (+1)
+            for (int k = 0; k < 16; ++k) {
+                for (int h = 0; h < 2; ++h) A[h][k] = emu_wgmma_operand(w.da, 16 * q + l / 4 + 8 * h, k);
+                for (int j = 0; j < w.n / 8; ++j)
+                    for (int e = 0; e < 2; ++e) B[2 * j + e][k] = emu_wgmma_operand(w.db, 8 * j + 2 * (l % 4) + e, k);
+            }
+            for (int r = 0; r < w.n / 2; ++r) {
+                const int j = r / 4, e = r % 4;
+                float s = (*v)[r];
+                for (int k = 0; k < 16; ++k) s = fmaf(A[e / 2][k], B[2 * j + e % 2][k], s);
+                (*v)[r] = s;
+            }
+        }
+    g.closed.erase(g.closed.begin(), g.closed.begin() + done);
+    // Accumulators with nothing pending any more get their values.
+    auto pending = [&](float* d) {
+        for (const auto& grp : g.closed)
+            for (const EmuWgmma& w : grp)
+                if (w.d == d) return true;
+        for (const EmuWgmma& w : g.open)
+            if (w.d == d) return true;
+        return false;
+    };
+    for (size_t h = 0; h < g.held.size();) {
+        if (pending(g.held[h].first)) {
+            ++h;
+            continue;
+        }
+        std::copy(g.held[h].second.begin(), g.held[h].second.end(), g.held[h].first);
+        g.held.erase(g.held.begin() + (long)h);
+    }
 }

@@ -1014,69 +1014,106 @@ pub fn gemm(
 }
 
 /// The kernel of [`gemm`]: ours with 64 rows of x per block (gemm_bf16, 4 warps, the default)
-/// or 128 (gemm_bf16_n128, 8 warps), or cuBLASLt (`super::blaslt`). The last two are opt-in with
-/// THINKSTEER_GEMM=128 or THINKSTEER_GEMM=lt until a GPU run has compared them.
+/// or 128 (gemm_bf16_n128, 8 warps); on Hopper the warpgroup kernels of gemm_wgmma.cu (128 rows
+/// of x × 128 or 256 of W per block, wgmma; compute capability 9.0 with a cubin built for sm_90a,
+/// else the 64-row tile); or cuBLASLt (`super::blaslt`). All but the default are opt-in —
+/// THINKSTEER_GEMM=128 | wg | wg256 | lt — until a GPU run has compared them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmTile {
     N64,
     N128,
+    Wg,
+    Wg256,
     Lt,
 }
 
+/// One of our product kernels and its launch shape: `bn` rows of x and `bm` rows of W per block
+/// (a glu block: bm / 2 outputs), k tiles of `bk`, `smem` bytes of dynamic shared memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GemmKernel {
+    pub name: &'static str,
+    pub bn: usize,
+    pub bm: usize,
+    pub bk: usize,
+    pub threads: u32,
+    pub smem: u32,
+}
+
+/// gemm_wgmma.cu's dynamic shared memory: 4 stages of (128 + bm) rows of 128 bytes, and 1 KB to
+/// align the ring to 1024 bytes.
+pub(crate) const fn wg_smem(bm: usize) -> u32 {
+    (4 * (128 + bm) * 128 + 1024) as u32
+}
+
 impl GemmTile {
-    /// THINKSTEER_GEMM=128 | lt, read once per process (every large product asks).
+    /// THINKSTEER_GEMM=128 | wg | wg256 | lt, read once per process (every large product asks).
     pub fn from_env() -> GemmTile {
         static TILE: std::sync::OnceLock<GemmTile> = std::sync::OnceLock::new();
         *TILE.get_or_init(|| match std::env::var("THINKSTEER_GEMM").as_deref() {
             Ok("128") => GemmTile::N128,
+            Ok("wg") => GemmTile::Wg,
+            Ok("wg256") => GemmTile::Wg256,
             Ok("lt") => GemmTile::Lt,
             _ => GemmTile::N64,
         })
     }
 
-    /// The tile used for a product with a device-side live row count: cuBLASLt cannot skip
-    /// rows, so it gives way to the 64-row tile there.
-    fn for_live(self, live: bool) -> GemmTile {
-        if live && self == GemmTile::Lt {
-            GemmTile::N64
-        } else {
-            self
+    /// The tile used on `gpu` for a product with (`live`) or without a device-side live row
+    /// count: cuBLASLt cannot skip rows, so it gives way to the 64-row tile there; so do the
+    /// warpgroup kernels where the device or its code lacks wgmma.
+    fn resolve(self, gpu: &Gpu, live: bool) -> GemmTile {
+        match self {
+            GemmTile::Lt if live => GemmTile::N64,
+            GemmTile::Wg | GemmTile::Wg256 if !gpu.wgmma => GemmTile::N64,
+            t => t,
         }
     }
 
-    /// Our kernels' (name, rows per block, threads) for a plain and a glu product; None for
-    /// cuBLASLt.
-    fn kernel(self, glu: bool) -> Option<(&'static str, usize, u32)> {
-        match (self, glu) {
-            (GemmTile::N64, false) => Some(("gemm_bf16", 64, 128)),
-            (GemmTile::N128, false) => Some(("gemm_bf16_n128", 128, 256)),
-            (GemmTile::N64, true) => Some(("gemm_glu_bf16", 64, 128)),
-            (GemmTile::N128, true) => Some(("gemm_glu_bf16_n128", 128, 256)),
-            (GemmTile::Lt, _) => None,
-        }
+    /// Our kernel for a plain or a glu product; None for cuBLASLt.
+    pub(crate) fn kernel(self, glu: bool) -> Option<GemmKernel> {
+        let k = |name, bn, bm, bk, threads, smem| GemmKernel {
+            name,
+            bn,
+            bm,
+            bk,
+            threads,
+            smem,
+        };
+        Some(match (self, glu) {
+            (GemmTile::N64, false) => k("gemm_bf16", 64, 128, 32, 128, 0),
+            (GemmTile::N128, false) => k("gemm_bf16_n128", 128, 128, 32, 256, 0),
+            (GemmTile::Wg, false) => k("gemm_wg_bf16", 128, 128, 64, 256, wg_smem(128)),
+            (GemmTile::Wg256, false) => k("gemm_wg_bf16_m256", 128, 256, 64, 256, wg_smem(256)),
+            (GemmTile::N64, true) => k("gemm_glu_bf16", 64, 128, 32, 128, 0),
+            (GemmTile::N128, true) => k("gemm_glu_bf16_n128", 128, 128, 32, 256, 0),
+            (GemmTile::Wg, true) => k("gemm_glu_wg_bf16", 128, 128, 64, 256, wg_smem(128)),
+            (GemmTile::Wg256, true) => k("gemm_glu_wg_bf16_m256", 128, 256, 64, 256, wg_smem(256)),
+            (GemmTile::Lt, _) => return None,
+        })
     }
 }
 
-/// How `gemm` splits K for an [N, M] × K product in row tiles of `bn` on `sms` SMs: (splits, k
-/// tiles of 32 per split). Split when the output tiles fill less than two blocks per SM (decode
+/// How `gemm` splits K for an [N, M] × K product with kernel `kern` on `sms` SMs: (splits, k
+/// tiles per split). Split when the output tiles fill less than two blocks per SM (decode
 /// batches): at most K / (8·N) splits, so the partial sums' traffic stays under half the
-/// weights', at least 8 k tiles per split, at most 16, and splits·N·M ≤ `part` floats (the
-/// scratch, indexed by the full N). With `live` the rows in use are decided on the device: the
-/// split is sized for two row tiles of them (the hybrid step's disagreeing problems are a few
-/// of its batch).
-pub fn gemm_split(
+/// weights', at least 256 of k per split, at most 16 splits, and splits·N·M ≤ `part` floats
+/// (the scratch, indexed by the full N). With `live` the rows in use are decided on the device:
+/// the split is sized for two row tiles of them (the hybrid step's disagreeing problems are a
+/// few of its batch).
+pub(crate) fn gemm_split(
     (n, m, k): (usize, usize, usize),
-    bn: usize,
+    kern: &GemmKernel,
     sms: usize,
     live: bool,
     part: usize,
 ) -> (usize, usize) {
+    let bn = kern.bn;
     let row_tiles = if live {
         n.div_ceil(bn).min(2)
     } else {
         n.div_ceil(bn)
     };
-    let (tiles, nk) = (m.div_ceil(128) * row_tiles, k.div_ceil(32).max(1));
+    let (tiles, nk) = (m.div_ceil(kern.bm) * row_tiles, k.div_ceil(kern.bk).max(1));
     let want = if tiles < sms {
         (2 * sms).div_ceil(tiles.max(1))
     } else {
@@ -1084,7 +1121,7 @@ pub fn gemm_split(
     };
     let splits = want
         .min(k / (8 * n.min(row_tiles * bn)).max(1))
-        .min(nk / 8)
+        .min(nk / (256 / kern.bk))
         .min(part / (n * m).max(1))
         .clamp(1, 16);
     let per = nk.div_ceil(splits);
@@ -1106,21 +1143,22 @@ pub fn gemm_with(
     tile: GemmTile,
     live: Option<&CudaView<'_, i32>>,
 ) -> Result<()> {
-    let Some((kernel, bn, threads)) = tile.for_live(live.is_some()).kernel(false) else {
+    let Some(kern) = tile.resolve(gpu, live.is_some()).kernel(false) else {
         matmul_checks(gpu, "cublasLtMatmul", out, x, w, (n, m, k))?;
         if n == 0 || m == 0 {
             return Ok(());
         }
         return gpu.blaslt()?.gemm(gpu, out, x, w, n, m, k);
     };
+    let kernel = kern.name;
     matmul_checks(gpu, kernel, out, x, w, (n, m, k))?;
     if n == 0 || m == 0 {
         return Ok(());
     }
-    let (ni, mi, ki) = gemm_dims(kernel, bn, (n, m, k))?;
+    let (ni, mi, ki) = gemm_dims(kernel, kern.bn, (n, m, k))?;
     let (splits, per) = gemm_split(
         (n, m, k),
-        bn,
+        &kern,
         gpu.sms,
         live.is_some(),
         super::SCRATCH_GEMM_PART,
@@ -1131,11 +1169,19 @@ pub fn gemm_with(
     let mut l = Launch::new(gpu, f);
     l.arg(out).arg(x).arg(w).arg(&ni).arg(&mi).arg(&ki);
     l.arg(&live).arg(part).arg(&per_i).tag(k);
-    let grid = (m.div_ceil(128) as u32, n.div_ceil(bn) as u32, splits as u32);
-    // SAFETY: argument order and types match gemm_bf16 / gemm_bf16_n128; lengths, K % 8 and
-    // alignment checked above; edge tiles are zero-filled and masked in the kernel; `live` is
-    // only read; with splits > 1 the kernel writes splits·N·M ≤ SCRATCH_GEMM_PART floats of part.
-    gpu.launched(kernel, unsafe { l.launch(cfg(grid, threads, 0)) })?;
+    let grid = (
+        m.div_ceil(kern.bm) as u32,
+        n.div_ceil(kern.bn) as u32,
+        splits as u32,
+    );
+    // SAFETY: argument order and types match gemm_bf16, gemm_bf16_n128 and gemm_wg_bf16[_m256];
+    // lengths, K % 8 and alignment checked above; edge tiles are zero-filled and masked in the
+    // kernel; `live` is only read; with splits > 1 the kernel writes splits·N·M ≤
+    // SCRATCH_GEMM_PART floats of part; the warpgroup kernels' shared memory limit was raised to
+    // kern.smem when the module was loaded.
+    gpu.launched(kernel, unsafe {
+        l.launch(cfg(grid, kern.threads, kern.smem))
+    })?;
     if splits == 1 {
         return Ok(());
     }
@@ -1158,11 +1204,11 @@ fn gemm_dims(kernel: &str, bn: usize, (n, m, k): (usize, usize, usize)) -> Resul
     ))
 }
 
-/// act bf16 [N, F] = silu(x·W_gateᵀ) · (x·W_upᵀ), W = [gate; up] bf16 [2F, K], by `gemm_glu_bf16`
-/// (gemm.cu; the `tile` rows per block): the sums and SiLU·mul of `gemm_with` then `silu_mul`,
-/// bit for bit, without their f32 [N, 2F] round trip. Ok(false), with nothing launched, where
-/// that gemm would split K (decode batches) or `tile` is cuBLASLt: the caller takes that path.
-/// `live` as in `gemm_with`.
+/// act bf16 [N, F] = silu(x·W_gateᵀ) · (x·W_upᵀ), W = [gate; up] bf16 [2F, K], by the glu twin
+/// of `tile`'s kernel (`gemm_glu_bf16` and the others in gemm.cu and gemm_wgmma.cu): the sums and
+/// SiLU·mul of `gemm_with` then `silu_mul`, bit for bit, without their f32 [N, 2F] round trip.
+/// Ok(false), with nothing launched, where that gemm would split K (decode batches) or `tile` is
+/// cuBLASLt: the caller takes that path. `live` as in `gemm_with`.
 pub fn gemm_glu(
     gpu: &Gpu,
     act: &mut CudaViewMut<'_, bf16>,
@@ -1172,19 +1218,21 @@ pub fn gemm_glu(
     tile: GemmTile,
     live: Option<&CudaView<'_, i32>>,
 ) -> Result<bool> {
-    let Some((kernel, bn, threads)) = tile.for_live(live.is_some()).kernel(true) else {
+    let tile = tile.resolve(gpu, live.is_some());
+    let (Some(kern), Some(plain)) = (tile.kernel(true), tile.kernel(false)) else {
         return Ok(false);
     };
     let part = super::SCRATCH_GEMM_PART;
-    if gemm_split((n, 2 * f, k), bn, gpu.sms, live.is_some(), part).0 > 1 {
+    if gemm_split((n, 2 * f, k), &plain, gpu.sms, live.is_some(), part).0 > 1 {
         return Ok(false);
     }
+    let kernel = kern.name;
     check(kernel, "act", act.len(), n * f, "[N, F]")?;
     product_checks(gpu, kernel, x, w, (n, 2 * f, k))?;
     if n == 0 || f == 0 {
         return Ok(true);
     }
-    let (ni, fi, ki) = gemm_dims(kernel, bn, (n, f, k))?;
+    let (ni, fi, ki) = gemm_dims(kernel, kern.bn, (n, f, k))?;
     let func = gpu.func(kernel)?;
     let mut l = Launch::new(gpu, func);
     l.arg(act)
@@ -1195,11 +1243,18 @@ pub fn gemm_glu(
         .arg(&ki)
         .arg(&live)
         .tag(k);
-    let grid = (f.div_ceil(64) as u32, n.div_ceil(bn) as u32, 1);
-    // SAFETY: argument order and types match gemm_glu_bf16 / gemm_glu_bf16_n128; lengths, K % 8
-    // and alignment checked above; edge tiles are zero-filled and masked in the kernel; `live`
-    // is only read.
-    gpu.launched(kernel, unsafe { l.launch(cfg(grid, threads, 0)) })?;
+    let grid = (
+        f.div_ceil(kern.bm / 2) as u32,
+        n.div_ceil(kern.bn) as u32,
+        1,
+    );
+    // SAFETY: argument order and types match gemm_glu_bf16[_n128] and gemm_glu_wg_bf16[_m256];
+    // lengths, K % 8 and alignment checked above; edge tiles are zero-filled and masked in the
+    // kernel; `live` is only read; the warpgroup kernels' shared memory limit was raised to
+    // kern.smem when the module was loaded.
+    gpu.launched(kernel, unsafe {
+        l.launch(cfg(grid, kern.threads, kern.smem))
+    })?;
     Ok(true)
 }
 
@@ -1449,7 +1504,7 @@ pub fn fill_random(
 
 #[cfg(test)]
 mod tests {
-    use super::{gemm_split, GemvWarps};
+    use super::{gemm_split, GemmKernel, GemmTile, GemvWarps};
 
     const H100_SMS: usize = 132;
     const PART: usize = 1 << 23;
@@ -1471,55 +1526,72 @@ mod tests {
     fn gemm_splits_k_for_decode_batches_only() {
         // Prefill chunks and large batches fill the GPU with output tiles: no split.
         assert_eq!(
-            gemm_split((512, 2048, 1536), 64, H100_SMS, false, PART).0,
+            gemm_split((512, 2048, 1536), &n64(), H100_SMS, false, PART).0,
             1
         );
         assert_eq!(
-            gemm_split((704, 151_936, 1536), 64, H100_SMS, false, PART).0,
+            gemm_split((704, 151_936, 1536), &n64(), H100_SMS, false, PART).0,
             1
         );
         // Batch 64, Qwen2.5-1.5B down product (M 1536, K 8960): 12 tiles, 16 splits of 18 k
         // tiles (the last of 10): 192 blocks.
         assert_eq!(
-            gemm_split((64, 1536, 8960), 64, H100_SMS, false, PART),
+            gemm_split((64, 1536, 8960), &n64(), H100_SMS, false, PART),
             (16, 18)
         );
         // q|k|v (K 1536): at most K / (8·N) = 3 splits, so partials stay under half the weights.
-        assert_eq!(gemm_split((64, 2048, 1536), 64, H100_SMS, false, PART).0, 3);
-        // Every split has at least 8 k tiles and together they cover K exactly.
+        assert_eq!(
+            gemm_split((64, 2048, 1536), &n64(), H100_SMS, false, PART).0,
+            3
+        );
+        // The warpgroup kernel's 128 × 128 tiles of 64-wide k: the same 12 output tiles, 140 k
+        // tiles in 16 splits of 9.
+        let wg = GemmTile::Wg.kernel(false).unwrap();
+        assert_eq!(
+            gemm_split((64, 1536, 8960), &wg, H100_SMS, false, PART),
+            (16, 9)
+        );
+        // Every split has at least 256 of k and together the splits cover K exactly.
         for &(n, m, k) in &[
             (40, 300, 4096),
             (50, 260, 8 * 421),
             (33, 1536, 8960),
             (64, 4096, 14336),
         ] {
-            let (splits, per) = gemm_split((n, m, k), 64, H100_SMS, false, PART);
-            let nk = k.div_ceil(32);
-            assert!((1..=16).contains(&splits), "{n}x{m}x{k}: {splits} splits");
-            assert!(
-                splits == 1 || per >= 8,
-                "{n}x{m}x{k}: {per} k tiles per split"
-            );
-            assert!((splits - 1) * per < nk && splits * per >= nk, "{n}x{m}x{k}");
-            assert!(splits * n * m <= PART || splits == 1);
+            for kern in [n64(), wg] {
+                let (splits, per) = gemm_split((n, m, k), &kern, H100_SMS, false, PART);
+                let nk = k.div_ceil(kern.bk);
+                assert!((1..=16).contains(&splits), "{n}x{m}x{k}: {splits} splits");
+                assert!(
+                    splits == 1 || per * kern.bk >= 256,
+                    "{n}x{m}x{k} {}: {per} k tiles per split",
+                    kern.name
+                );
+                assert!((splits - 1) * per < nk && splits * per >= nk, "{n}x{m}x{k}");
+                assert!(splits * n * m <= PART || splits == 1);
+            }
         }
+    }
+
+    fn n64() -> GemmKernel {
+        GemmTile::N64.kernel(false).unwrap()
     }
 
     #[test]
     fn gemm_split_with_a_live_count_is_sized_for_two_row_tiles() {
         // The gate-first candidate pass at batch 64 (640 rows, most past the live count): the
         // down product splits as for 128 rows, within the scratch indexed by all 640.
-        let (splits, _) = gemm_split((640, 1536, 8960), 64, H100_SMS, true, PART);
+        let (splits, _) = gemm_split((640, 1536, 8960), &n64(), H100_SMS, true, PART);
         assert_eq!(splits, 8);
         assert!(splits * 640 * 1536 <= PART);
         // Without the live count the 10 row tiles of 640 rows are too many rows to split.
         assert_eq!(
-            gemm_split((640, 1536, 8960), 64, H100_SMS, false, PART).0,
+            gemm_split((640, 1536, 8960), &n64(), H100_SMS, false, PART).0,
             1
         );
         // A small scratch caps the split.
         assert_eq!(
-            gemm_split((640, 1536, 8960), 64, H100_SMS, true, 2 * 640 * 1536).0,
+            gemm_split((640, 1536, 8960), &n64(), H100_SMS, true, 2 * 640 * 1536).0,
             2
         );
     }

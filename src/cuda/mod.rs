@@ -120,6 +120,9 @@ pub struct Gpu {
     sync_each: bool,
     /// Launch with programmatic dependent launch (sm_90+, unless THINKSTEER_PDL=0).
     pub(crate) pdl: bool,
+    /// Whether gemm_wgmma.cu's warpgroup products can run: compute capability 9.0 and a cubin
+    /// NVRTC built for sm_90a (elsewhere they trap, and `GemmTile` falls back).
+    pub(crate) wgmma: bool,
     /// Device scratch shared by the kernels that finish a reduction in their last block.
     pub(crate) scratch: Scratch,
     /// Per-kernel wall time while enabled (`set_profile`); None: launches are not timed.
@@ -229,6 +232,7 @@ impl Gpu {
             )));
         }
         let mut funcs = HashMap::new();
+        let mut wgmma = false;
         // The modules' code, compiled side by side where it must be compiled.
         let codes = sources::per_module(|stem| module_code(stem, cc10));
         for ((stem, names), code) in sources::MODULES.iter().zip(codes) {
@@ -266,6 +270,9 @@ impl Gpu {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert((*stem, cc10), b.clone());
+                // NVRTC builds compute capability 9.0 for sm_90a (sources::nvrtc_arch), where
+                // gemm_wgmma.cu's kernels are real; nvcc's PTX is plain compute_90.
+                wgmma |= *stem == "gemm_wgmma" && cc10 == 90;
             }
             for name in names.iter() {
                 let f = module
@@ -274,9 +281,23 @@ impl Gpu {
                 funcs.insert(*name, f);
             }
         }
+        if wgmma {
+            // The warpgroup products' shared memory is above the 48 KB a kernel gets unasked.
+            for tile in [kernels::GemmTile::Wg, kernels::GemmTile::Wg256] {
+                for glu in [false, true] {
+                    let Some(k) = tile.kernel(glu) else { continue };
+                    funcs[k.name]
+                        .set_attribute(
+                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                            k.smem as i32,
+                        )
+                        .map_err(cuda_err("raising the shared memory limit of the wgmma products"))?;
+                }
+            }
+        }
         let sync_each = std::env::var("THINKSTEER_CUDA_SYNC").is_ok_and(|v| v == "1");
         let pdl = cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0");
-        Gpu::on_stream(ctx, stream, cc, sms, funcs, sync_each, pdl)
+        Gpu::on_stream(ctx, stream, cc, sms, funcs, (sync_each, pdl, wgmma))
     }
 
     /// A handle with its own stream and scratch on the same device and context, sharing the
@@ -293,8 +314,7 @@ impl Gpu {
             self.compute_capability,
             self.sms,
             self.funcs.clone(),
-            self.sync_each,
-            self.pdl,
+            (self.sync_each, self.pdl, self.wgmma),
         )
     }
 
@@ -304,8 +324,7 @@ impl Gpu {
         compute_capability: (i32, i32),
         sms: usize,
         funcs: HashMap<&'static str, CudaFunction>,
-        sync_each: bool,
-        pdl: bool,
+        (sync_each, pdl, wgmma): (bool, bool, bool),
     ) -> Result<Gpu> {
         let scratch = Scratch {
             counters: stream
@@ -330,12 +349,19 @@ impl Gpu {
             funcs,
             sync_each,
             pdl,
+            wgmma,
             scratch,
             profile: std::sync::Mutex::new(None),
             profiling: std::sync::atomic::AtomicBool::new(false),
             blaslt: std::sync::OnceLock::new(),
             ablation: Ablation::default(),
         })
+    }
+
+    /// Whether gemm_wgmma.cu's warpgroup products run here (`GemmTile::Wg`, `Wg256`); where they
+    /// do not, those tiles fall back to the 64-row one.
+    pub fn has_wgmma(&self) -> bool {
+        self.wgmma
     }
 
     /// cuBLASLt on this device (loaded and set up at the first call).

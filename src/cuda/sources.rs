@@ -31,6 +31,15 @@ pub const MODULES: &[(&str, &[&str])] = &[
         ],
     ),
     ("prefill_attention", &["attention_prefill_bf16"]),
+    (
+        "gemm_wgmma",
+        &[
+            "gemm_wg_bf16",
+            "gemm_wg_bf16_m256",
+            "gemm_glu_wg_bf16",
+            "gemm_glu_wg_bf16_m256",
+        ],
+    ),
     ("elementwise", &["silu_mul_bf16"]),
     ("embed", &["embed_bf16"]),
     (
@@ -312,7 +321,18 @@ unsafe fn get_cubin(prog: cudarc::nvrtc::sys::nvrtcProgram) -> Result<Vec<u8>, S
 }
 
 /// Names what the kernel cache holds; changed when a cached file's meaning changes.
-const CACHE_FORMAT: &str = "thinksteer kernel cache 1: NVRTC cubin";
+const CACHE_FORMAT: &str = "thinksteer kernel cache 2: NVRTC cubin, sm_90a for 9.0";
+
+/// The architecture NVRTC compiles compute capability `cc` for: `sm_90a` for 9.0 (Hopper's
+/// architecture-specific features, wgmma among them, which gemm_wgmma.cu needs; its cubins run
+/// on 9.0 devices only, as any sm_90 cubin does), else `sm_<cc>`. build.rs follows the same rule.
+pub fn nvrtc_arch(cc: u32) -> String {
+    if cc == 90 {
+        "sm_90a".into()
+    } else {
+        format!("sm_{cc}")
+    }
+}
 
 /// Options of every runtime compilation besides the architecture and the include directory
 /// (which the kernels do not use: they include no CUDA header).
@@ -414,7 +434,7 @@ pub enum Origin {
 
 /// The cubin of `kernels/<stem>.cu` for compute capability `cc` (×10, e.g. 90): read from the
 /// `cache` folder when it holds a whole one for this source, else compiled by NVRTC for
-/// `sm_<cc>` and written there (a folder that cannot be written is passed over: the cache only
+/// `nvrtc_arch(cc)` and written there (a folder that cannot be written is passed over: the cache only
 /// saves time).
 pub fn cubin(stem: &str, cc: u32, cache: Option<&Path>) -> Result<(Vec<u8>, Origin), String> {
     let (src, path) = source_and_file(stem, cc, cache)?;
@@ -447,15 +467,11 @@ fn source_and_file(
 
 /// Compiles `src` (module `stem`) for `sm_<cc>` and writes the cubin to `path` when given.
 fn compile_into(stem: &str, src: &str, cc: u32, path: Option<&Path>) -> Result<Vec<u8>, String> {
-    let c = compile(
-        &format!("{stem}.cu"),
-        src,
-        &format!("sm_{cc}"),
-        RUNTIME_OPTIONS,
-    )?;
+    let arch = nvrtc_arch(cc);
+    let c = compile(&format!("{stem}.cu"), src, &arch, RUNTIME_OPTIONS)?;
     let bin = c
         .cubin
-        .ok_or_else(|| format!("{stem}.cu (sm_{cc}): NVRTC gave no cubin"))?;
+        .ok_or_else(|| format!("{stem}.cu ({arch}): NVRTC gave no cubin"))?;
     if let Some(p) = path {
         // Written under a name of this process and thread and renamed, so a reader never sees
         // half a file.
