@@ -108,8 +108,9 @@ fn benches(c: &mut Criterion) {
     }
     group.finish();
 
-    // The large products with each kernel of `gemm` (ours with 64- or 128-row tiles, cuBLASLt),
-    // and two 64-row decode products (split K in ours).
+    // The large products with each kernel of `gemm` (ours with 64- or 128-row tiles, the
+    // warpgroup kernels of 128 or 256 columns, cuBLASLt), and two 64-row decode products (split
+    // K in ours).
     let mut group = c.benchmark_group("gemm");
     for &(n, m, kd) in &[
         (2048usize, 8960usize, 1536usize),
@@ -122,7 +123,17 @@ fn benches(c: &mut Criterion) {
         let w = s.clone_htod(&vec![bf16::from_f32(0.01); m * kd]).unwrap();
         let x = s.clone_htod(&vec![bf16::from_f32(1.0); n * kd]).unwrap();
         let mut out = s.alloc_zeros::<f32>(n * m).unwrap();
-        for tile in [GemmTile::N64, GemmTile::N128, GemmTile::Lt] {
+        for tile in [
+            GemmTile::N64,
+            GemmTile::N128,
+            GemmTile::Wg,
+            GemmTile::Wg256,
+            GemmTile::Lt,
+        ] {
+            if no_wgmma(&g, tile) {
+                println!("gemm {tile:?} N={n} M={m} K={kd}: skipped: no wgmma on this device");
+                continue;
+            }
             let run = |out: &mut cudarc::driver::CudaSlice<f32>| {
                 k::gemm_with(
                     &g,
@@ -186,7 +197,10 @@ fn benches(c: &mut Criterion) {
         let mut act = s.alloc_zeros::<bf16>(n * f).unwrap();
         let mut gu = s.alloc_zeros::<f32>(n * 2 * f).unwrap();
         let flops = 2.0 * (n * 2 * f * kd) as f64;
-        for tile in [GemmTile::N64, GemmTile::N128] {
+        for tile in [GemmTile::N64, GemmTile::N128, GemmTile::Wg, GemmTile::Wg256] {
+            if no_wgmma(&g, tile) {
+                continue;
+            }
             let (xv, wv) = (x.as_view(), w.as_view());
             let mut fused = || {
                 let ran = k::gemm_glu(&g, &mut act.as_view_mut(), &xv, &wv, (n, f, kd), tile, None);
@@ -206,6 +220,12 @@ fn benches(c: &mut Criterion) {
             );
         }
     }
+}
+
+/// Whether `tile` is a warpgroup kernel this device cannot run (it would fall back to the 64-row
+/// tile, and its line would time that).
+fn no_wgmma(g: &Gpu, tile: GemmTile) -> bool {
+    matches!(tile, GemmTile::Wg | GemmTile::Wg256) && !g.has_wgmma()
 }
 
 /// Seconds per call of `f` (launches only), over 10 calls after one warm-up, synchronised once.

@@ -6,10 +6,11 @@
 # Full logs go to $OUT (or .gpu/out). Budget: well under 8 minutes on an H100 or H200.
 # Short runs: TESTS="cuda_vector_grad ..." runs only those test binaries; BENCH=vg runs only the
 # vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
-# PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the A/B lines
-# (RoPE in attention, gemv warps, gate first, one stream, gemm choices, prefill chunk, grouped
-# attention) for AB_FOR seconds (default 420), then scripts/gpu-ab.py chooses each switch from
-# them and the summary benches run again with the chosen switches, then the kernel bench. Each
+# PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the kernel
+# bench of the large products, then the A/B lines (gemm choices and prefill chunk, RoPE in
+# attention, gemv warps, gate first, one stream, grouped attention) for AB_FOR seconds (default
+# 360), then scripts/gpu-ab.py chooses each switch from them and the summary benches run again
+# with the chosen switches. Each
 # phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both. Section
 # headers say the seconds since the start, so the next call can be sized.
 set -u
@@ -82,14 +83,20 @@ PY
 fi
 fi
 if [ "${BENCH:-all}" = "all" ] && two; then
+# The large products alone with each gemm kernel (ours at 64 / 128 rows, the warpgroup kernels at
+# 128 / 256 columns, cuBLASLt), first: the one direct measurement of the wgmma kernels (~1 min).
+if [ -x "$B/kernel-bench" ]; then
+    section "kernel bench: gemm"
+    timeout 120 "$B/kernel-bench" --bench gemm 2>&1 | grep -E "^gemm.*(TFLOP|skipped)"
+fi
 # A/B lines, most important first (a call cut short by its limit still has those): each runs
 # `thinksteer bench` with the switches given before the arguments (see README, GPU switches).
 SHAPE=qwen2.5-1.5b
 ab_start=$SECONDS
 ab() {
     local vars="$1"; shift
-    if [ $((SECONDS - ab_start)) -gt "${AB_FOR:-420}" ]; then
-        echo "== skipped (A/B time of ${AB_FOR:-420}s spent): $vars $SHAPE $*" | tee -a "$OUT/ab.log"
+    if [ $((SECONDS - ab_start)) -gt "${AB_FOR:-360}" ]; then
+        echo "== skipped (A/B time of ${AB_FOR:-360}s spent): $vars $SHAPE $*" | tee -a "$OUT/ab.log"
         return
     fi
     section "$vars bench --shape $SHAPE $*" | tee -a "$OUT/ab.log"
@@ -100,7 +107,17 @@ ab() {
     exited "$rc" "$OUT/ab.log"
 }
 H="--hybrid --steered-share 0.125 --new-tokens $NEW"
-# 0. Bias + RoPE + K/V append inside decode attention (one launch per block fewer), batch 1 and 64
+# 0. Prefill of 2,000 tokens (issue 3's farthest target): the warpgroup (wgmma) products with 128
+#    or 256 columns per block, cuBLASLt, the 128-row tile, one 2,048-row call (the default prefill
+#    line, with 512-row calls, is the ATTN=head line of section 3; short lines, so they go first).
+ab "THINKSTEER_GEMM=wg" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_GEMM=wg256" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_GEMM=128" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_PREFILL_ROWS=2048" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_PREFILL_ROWS=2048 THINKSTEER_GEMM=wg256" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_PREFILL_ROWS=2048 THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
+# 1. Bias + RoPE + K/V append inside decode attention (one launch per block fewer), batch 1 and 64
 #    of both shapes and the batch-1 hybrid step, against the default in the same call.
 ab "THINKSTEER_ROPE=separate" --batch 1,64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_ROPE=attn" --batch 1,64 --prompt-len 64 --new-tokens "$NEW"
@@ -120,7 +137,7 @@ ab "THINKSTEER_GEMV_ROWS=64 THINKSTEER_GEMV_WARPS=8" --batch 64 --prompt-len 64 
 ab "THINKSTEER_GEMV_ROWS=64" $H --batch 8,64
 SHAPE=llama-3.1-8b ab "THINKSTEER_ROPE=separate" --batch 1 --prompt-len 64 --new-tokens "$NEW"
 SHAPE=llama-3.1-8b ab "THINKSTEER_ROPE=attn" --batch 1 --prompt-len 64 --new-tokens "$NEW"
-# 1. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two
+# 2. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two
 #    streams vs one, and 33–128-row products through gemm (split K) or cuBLASLt.
 ab "THINKSTEER_GATE_FIRST=0" $H --batch 8,64
 ab "THINKSTEER_GATE_FIRST=1" $H --batch 8,64
@@ -134,16 +151,12 @@ ab "THINKSTEER_GATE_FIRST=1" --hybrid --steered-share 1 --new-tokens "$NEW" --ba
 ab "THINKSTEER_HYBRID_STREAMS=1" --hybrid --new-tokens "$NEW" --batch 1
 ab "THINKSTEER_GEMM_FROM=33" $H --batch 64
 ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" $H --batch 64
+ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=wg" $H --batch 64
 #    (cuBLASLt at the default GEMM_FROM: the candidate rows of the gate-first pass and prefill)
 ab "THINKSTEER_GEMM=lt" $H --batch 64
 ab "THINKSTEER_GEMM_FROM=33" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt" --batch 64 --prompt-len 64 --new-tokens "$NEW"
-# 2. Prefill of 2,000 tokens: cuBLASLt, the 128-row tile, one 2,048-row call (the default prefill
-#    line, with 512-row calls, is the ATTN=head line below).
-ab "THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
-ab "THINKSTEER_GEMM=128" --batch 1 --prompt-len 2000 --new-tokens 8
-ab "THINKSTEER_PREFILL_ROWS=2048" --batch 1 --prompt-len 2000 --new-tokens 8
-ab "THINKSTEER_PREFILL_ROWS=2048 THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=wg" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 # 3. Long contexts: decode attention per head vs per GQA group (batch 1 at 2,000 tokens; the
 #    batch-64 hybrid step at 1,000-token contexts).
 ab "THINKSTEER_ATTN=head" --batch 1 --prompt-len 2000 --new-tokens 32
@@ -173,11 +186,6 @@ if [ -n "$best" ]; then
     bb qwen2.5-1.5b --hybrid --steered-share 0.125 --batch 64 --new-tokens "$NEW"
     python3 scripts/gpu-ab.py summary "$OUT/best" " with $best ($(head -1 "$OUT/gpu.txt"))" ab.jsonl
     python3 scripts/gpu-ab.py compare "$OUT"
-fi
-# 5. The large products alone with each gemm kernel (ours at 64 / 128 rows, cuBLASLt).
-if [ -x "$B/kernel-bench" ]; then
-    section "kernel bench: gemm"
-    timeout 120 "$B/kernel-bench" --bench gemm 2>&1 | grep -E "^gemm .*(TFLOP|skipped)"
 fi
 fi
 

@@ -1,5 +1,6 @@
-//! Compiles every embedded kernel with NVRTC for sm_80 and sm_90 (ptxas included, so register
-//! spills are reported) — no GPU needed. Skips with a printed reason when libnvrtc cannot be
+//! Compiles every embedded kernel with NVRTC for sm_80 and sm_90a (the architecture the runtime
+//! and build.rs compile compute capability 9.0 for; ptxas included, so register spills are
+//! reported) — no GPU needed. Skips with a printed reason when libnvrtc cannot be
 //! opened, unless THINKSTEER_REQUIRE_NVRTC=1 (CI), where that is a failure.
 
 use thinksteer::cuda::sources;
@@ -31,7 +32,8 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
             !src.contains("#include \"common.cuh\""),
             "{stem}: header not inlined"
         );
-        for arch in ["sm_80", "sm_90"] {
+        for arch in ["sm_80".to_string(), sources::nvrtc_arch(90)] {
+            let arch = arch.as_str();
             // A real architecture runs ptxas, whose -v output lists spills per function.
             match sources::compile(&format!("{stem}.cu"), &src, arch, &["--ptxas-options=-v"]) {
                 Err(e) => failures.push(e),
@@ -60,6 +62,14 @@ fn every_kernel_compiles_for_sm80_and_sm90_without_spills() {
                                 line.trim()
                             ));
                         }
+                    }
+                    // gemm_wgmma.cu's products are real on sm_90a only (a trap elsewhere).
+                    if *stem == "gemm_wgmma"
+                        && c.ptx.contains("wgmma.mma_async") != (arch == "sm_90a")
+                    {
+                        failures.push(format!(
+                            "{stem}.cu ({arch}): wgmma.mma_async expected on sm_90a only"
+                        ));
                     }
                     // The form the runtime loads: the real architecture's cubin (an ELF file).
                     if !c.cubin.as_ref().is_some_and(|b| b.starts_with(b"\x7fELF")) {

@@ -14,9 +14,10 @@ LD_LIBRARY_PATH="$out:${LD_LIBRARY_PATH:-}" THINKSTEER_EXPECT_GPU=1 \
     cargo test "$@" --test cuda_kernels --test cuda_model --test cuda_hybrid --test cuda_commands \
     --test cuda_vector_grad -- --test-threads=1
 # Again with the other value of each GPU switch that these tests' sizes reach (README, "GPU
-# switches"): gemm from 33 rows, 8-warp gemv blocks, RoPE inside decode attention, attention by
-# GQA group, 48-row calls in the commands' engines (prompts prefilled in several chunks).
-LD_LIBRARY_PATH="$out:${LD_LIBRARY_PATH:-}" THINKSTEER_EXPECT_GPU=1 THINKSTEER_GEMM_FROM=33 \
+# switches"): gemm from 33 rows on the warpgroup (wgmma) kernels, 8-warp gemv blocks, RoPE inside
+# decode attention, attention by GQA group, 48-row calls in the commands' engines (prompts
+# prefilled in several chunks).
+LD_LIBRARY_PATH="$out:${LD_LIBRARY_PATH:-}" THINKSTEER_EXPECT_GPU=1 THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=wg \
     THINKSTEER_GEMV_WARPS=8 THINKSTEER_ROPE=attn THINKSTEER_ATTN=group THINKSTEER_PREFILL_ROWS=48 \
     cargo test "$@" --test cuda_model --test cuda_hybrid --test cuda_commands -- --test-threads=1 \
     --skip persistent --skip ungated --skip smollm2
