@@ -88,6 +88,19 @@ __device__ __forceinline__ void pdl_enter() {
 // is written by an earlier kernel.
 __device__ __forceinline__ int live_rows(const int* live, int T) { return live ? min(T, *live) : T; }
 
+// The output tile (column tile mt of W rows, row tile nt of x rows) of a product block (gemm.cu,
+// gemm_wgmma.cu; grid (column tiles, row tiles, splits)) in grouped order: the blocks, taken in
+// launch order (x fastest), walk a group of 8 column tiles down every row tile before the next
+// group, so blocks resident together share their W tiles in L2. In plain launch order a wave
+// pairs one x tile with up to a wave of different W tiles, and W (55 MB for the Qwen2.5-1.5B
+// gate|up) is read from memory once per row tile when it is larger than L2.
+__device__ __forceinline__ void gemm_tile(int* mt, int* nt) {
+    const int tiles_m = gridDim.x, tiles_n = gridDim.y, lin = blockIdx.y * tiles_m + blockIdx.x;
+    const int first = lin / (8 * tiles_n) * 8, size = min(tiles_m - first, 8), r = lin % (8 * tiles_n);
+    *mt = first + r % size;
+    *nt = r / size;
+}
+
 // Split K of the products (gemm.cu, gemm_wgmma.cu): the block's k tiles (of `bk`) and output —
 // all of K into out, or, with gridDim.z > 1, split z's `per` tiles into part[z] (f32 [splits,
 // N, M], added in z order by vg_mm_reduce_f32).

@@ -16,8 +16,9 @@
 // with W the fused [gate; up] weights bf16 [2F, K] and act bf16 [N, F]; the gate and up sums are
 // those of gemm_bf16 (same k order) and silu_mul as silu_mul_bf16, so act equals gemm then
 // silu_mul bit for bit, without the f32 [N, 2F] round trip. A block's 128 W rows are gate rows
-// f0..f0+63 (the wm = 0 warps) and up rows F+f0.. (wm = 1), f0 = 64·blockIdx.x; the up sums pass
-// to the gate warps through the ring's shared memory after the last k tile. No split K.
+// f0..f0+63 (the wm = 0 warps) and up rows F+f0.. (wm = 1), f0 = 64·(the block's column tile);
+// the up sums pass to the gate warps through the ring's shared memory after the last k tile. No
+// split K.
 // live (nullable, device): only rows n < min(N, *live) are needed; row tiles past them return at
 // once (the hybrid step's candidate rows, whose count is decided on the device).
 // Split K (decode batches, whose few output tiles would leave most SMs idle): blockIdx.z takes
@@ -25,7 +26,8 @@
 // sums go to part[z][n][m] (f32 [splits, N, M]) and vg_mm_reduce_f32 (grad.cu) adds them in z
 // order (deterministic).
 // Launch: grid (ceil(M / 128), ceil(N / BN), splits) — glu: (ceil(F / 64), ceil(N / BN), 1) —,
-// block 32·2·WN, 45 KB (BN 64) or 40 KB (BN 128) static shared memory.
+// block 32·2·WN, 45 KB (BN 64) or 40 KB (BN 128) static shared memory. Blocks take their (column,
+// row) tiles in common.cuh's grouped order (gemm_tile), for L2 reuse of W.
 #include "common.cuh"
 
 #define GM_BM 128  // W rows per block
@@ -47,7 +49,9 @@ __device__ __forceinline__ void gemm_body(float* __restrict__ out, bf16_t* __res
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wn = warp >> 1, wm = warp & 1;  // warp's 32-row slice of x, 64-row slice of W
     const int g = lane >> 2, c = lane & 3;
-    const int m0 = blockIdx.x * (GLU ? GM_BM / 2 : GM_BM), n0 = blockIdx.y * BN;
+    int mt, nt;
+    gemm_tile(&mt, &nt);
+    const int m0 = mt * (GLU ? GM_BM / 2 : GM_BM), n0 = nt * BN;
     if (n0 >= N) return;  // a row tile past the live rows
 
     // Tile kt into buffer buf, as one commit group; past the block's k range an empty group, so

@@ -23,12 +23,13 @@
 // them.
 // Accumulators (m64nN, f32): thread t, warp q = (t / 32) % 4 of its warpgroup, lane l holds
 // d[4j + e] = D[16q + l/4 + 8·(e/2)][8j + 2·(l%4) + e%2], j < N/8. glu: the block's W rows are
-// gate rows f0.. (columns < WM/2) then up rows F + f0.. (the rest), f0 = (WM/2)·blockIdx.x, so
+// gate rows f0.. (columns < WM/2) then up rows F + f0.. (the rest), f0 = (WM/2)·(column tile), so
 // each thread holds both sums of its outputs.
 // Launch: grid (ceil(M / WM), ceil(N / 128), splits) — glu: (ceil(F / (WM/2)), ceil(N / 128), 1)
 // —, block 256, dynamic shared memory 4·(128 + WM)·128 + 1024 bytes (129 KB, or 193 KB for
-// _m256: the host raises the kernel's limit). On other architectures the kernels compile to a
-// trap: the host uses them only on compute capability 9.0 from a cubin built for sm_90a.
+// _m256: the host raises the kernel's limit); tiles in common.cuh's grouped order (gemm_tile).
+// On other architectures the kernels compile to a trap: the host uses them only on compute
+// capability 9.0 from a cubin built for sm_90a.
 #include "common.cuh"
 
 #define WG_BN 128    // x rows per block: two warpgroups of 64
@@ -142,7 +143,9 @@ __device__ __forceinline__ void gemm_wg_body(float* __restrict__ out, bf16_t* __
     unsigned char* smem = reinterpret_cast<unsigned char*>(wg_smem) + pad;
     const unsigned int sbase = raw + pad;
     const int tid = threadIdx.x, wg = tid >> 7;
-    const int m0 = blockIdx.x * (GLU ? WM / 2 : WM), n0 = blockIdx.y * WG_BN;
+    int mt, nt;
+    gemm_tile(&mt, &nt);
+    const int m0 = mt * (GLU ? WM / 2 : WM), n0 = nt * WG_BN;
     if (n0 >= N) return;  // a row tile past the live rows
 
     // Tile kt into stage s, as one commit group (past the block's k range an empty group, so

@@ -177,6 +177,9 @@ void run_prefill_gemm() {
     gemm(70, 136, 24, T64);  // one k tile: fewer than the ring's stages
     gemm(70, 136, 24, T128);
     gemm(200, 264, 40, T128);
+    // 11 column tiles × 3 row tiles: a full group of 8 column tiles and a ragged one of 3
+    // (common.cuh's gemm_tile order).
+    gemm(130, 1300, 40, T64);
     // The hybrid step's candidate rows: only rows < live computed, tiles past them skipped.
     {
         OwnRng own(101);
@@ -212,6 +215,7 @@ void run_prefill_gemm() {
     {
         OwnRng own(104);
         gemm(150, 300, 72, TWG);
+        gemm(150, 1300, 72, TWG);  // 11 column tiles × 2 row tiles (gemm_tile's groups)
         gemm(150, 300, 264, TWG256);
         gemm(130, 136, 8, TWG);
         gemm(70, 137, 136, TWG256);
