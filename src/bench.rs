@@ -291,8 +291,8 @@ fn prefill_once(e: &mut impl Decoder, s: &Settings) -> Result<()> {
 }
 
 /// The rows of a plain run: weights of `bytes_per_param` bytes (bf16 on the GPU, f32 on the CPU)
-/// streamed once per decode step; the prefill's FLOPs (2 per weight per token) against the
-/// card's tensor-core peak.
+/// streamed once per decode step; the prefill's tensor-core FLOPs (`Config::prefill_flops`:
+/// the blocks' products, causal attention, one LM-head row) against the card's peak.
 fn rows_for(
     shape: &str,
     device: &str,
@@ -303,7 +303,7 @@ fn rows_for(
     decode: &[(usize, f64)],
 ) -> Vec<Row> {
     let bytes = (c.param_count() * bytes_per_param) as f64;
-    let flops = 2.0 * c.param_count() as f64 * s.prompt_len as f64;
+    let flops = c.prefill_flops(s.prompt_len);
     let row = |phase, batch, tokens, secs_per_token: f64| Row {
         shape: shape.into(),
         device: device.into(),

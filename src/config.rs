@@ -131,7 +131,27 @@ impl Config {
         })
     }
 
-    /// Bytes of all weights at `bytes_per_param` (for the bandwidth floor).
+    /// The tensor-core work of prefilling `tokens` tokens into an empty cache with one logit
+    /// row: 2 FLOPs per weight of every block's products per token, causal attention (q·k and
+    /// p·v: 2·2·Dh per query head per (query, key ≤ query) pair), and the LM head once. The
+    /// embedding lookup, norms and elementwise work are not counted (no tensor-core FLOPs).
+    pub fn prefill_flops(&self, tokens: usize) -> f64 {
+        let (d, f, l) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+        );
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let products = (d * (q + 2 * kv) + q * d + 3 * d * f) as f64;
+        let t = tokens as f64;
+        let pairs = t * (t + 1.0) / 2.0;
+        l as f64 * (2.0 * products * t + 4.0 * q as f64 * pairs)
+            + 2.0 * (self.vocab_size * d) as f64
+    }
+
+    /// The number of weights (× bytes per weight: the bytes a decode step streams, for the
+    /// bandwidth floor).
     pub fn param_count(&self) -> usize {
         let (d, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
         let q = self.num_attention_heads * self.head_dim;

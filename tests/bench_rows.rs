@@ -40,3 +40,20 @@ fn datasheet_peaks_pick_the_most_specific_name() {
     assert_eq!(datasheet_bf16_tflops("NVIDIA L4"), Some(121.0));
     assert_eq!(datasheet_bf16_tflops("emulated CUDA device"), None);
 }
+
+/// The prefill's tensor-core work for the Qwen2.5-1.5B shape at 2,000 tokens, from its parts:
+/// 28 blocks of 46,792,704 product weights (q|k|v 1536·2048, o 1536², gate|up|down 3·1536·8960)
+/// at 2 FLOPs per token, causal attention 4·1536 per (query, key ≤ query) pair per block, one
+/// LM-head row (2·151,936·1536). The embedding table (15% of the weights) is a lookup, not
+/// counted.
+#[test]
+fn prefill_flops_count_the_products_attention_and_one_logit_row() {
+    let c = thinksteer::bench::named_shape("qwen2.5-1.5b").unwrap();
+    let (t, l) = (2000.0f64, 28.0);
+    let want = l * 2.0 * 46_792_704.0 * t
+        + l * 4.0 * 1536.0 * (t * (t + 1.0) / 2.0)
+        + 2.0 * 151_936.0 * 1536.0;
+    let got = c.prefill_flops(2000);
+    assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+    assert!(got < 2.0 * c.param_count() as f64 * t);
+}
