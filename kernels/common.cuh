@@ -161,6 +161,17 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const bf16_t* p) {
                  : "r"(s));
 }
 
+// ldmatrix_x4 with .trans: the same row addresses, each matrix delivered transposed — r[i] = the
+// elements (row 2·(l % 4), column l / 4) and (row 2·(l % 4) + 1, column l / 4) of matrix i, low
+// half first: an mma B fragment from a matrix stored with its k index along the rows (V in
+// prefill attention).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const bf16_t* p) {
+    unsigned int s = (unsigned int)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
 // D = A·B + D on tensor cores: A 16x16 bf16 (row), B 16x8 bf16 (col), D 16x8 f32.
 // Fragment layout (g = lane/4, c = lane%4):
 //   a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]

@@ -10,26 +10,29 @@
 //   probabilities are rounded to bf16 (p ≤ 1, so by ≤ 2^-9 each) to multiply V on tensor cores
 //   while l sums the f32 values; out = bf16(o / l), rounded once.
 // Tiles: a block owns 64 queries of one head (4 warps × 16 rows, the mma's M) and walks the keys
-//   0 .. p0 + last query in tiles of 64: K [key][d] and V transposed [d][key] in shared memory
-//   (rows padded by 8 bf16 so the 8 rows of a fragment load hit distinct banks), so both products
-//   read their B fragments as two consecutive bf16 of one row. A warp skips the tiles that lie
-//   wholly after its last query. The score accumulators of one 16-key step are exactly the
-//   A fragment of the P·V product for those keys (rows g and g+8, keys 2c.. and 2c+8..), so P
-//   never leaves registers.
-// Launch: grid (ceil(n / 64), H), block 128, 35 KB static shared memory.
+//   0 .. p0 + last query in tiles of 64 through a 2-stage cp.async ring: K and V tiles [key][d]
+//   in shared memory as in the cache (rows padded by 8 bf16, so the 8 rows of an ldmatrix phase
+//   hit distinct banks); tile j + 1 loads while tile j is multiplied. B fragments come by
+//   ldmatrix: K's as stored (q·kᵀ: the key is the B column), V's transposed (.trans; p·v: the
+//   key is the k index). A warp skips the tiles that lie wholly after its last query. The score
+//   accumulators of one 16-key step are exactly the A fragment of the P·V product for those keys
+//   (rows g and g+8, keys 2c.. and 2c+8..), so P never leaves registers.
+// Launch: grid (ceil(n / 64), H), block 128, dynamic shared memory 2 stages × (K + V) tiles:
+//   4·64·(Dh + 8)·2 bytes (69,632 at Dh = 128, above the 48 KB default: the host raises the
+//   kernel's limit).
 #include "common.cuh"
 
 #define FA_Q 64  // queries per block
 #define FA_K 64  // keys per tile
 #define FA_PAD 8
-#define FA_SMEM (FA_K * (128 + FA_PAD) + 128 * (FA_K + FA_PAD))  // bf16 elements at Dh = 128
 
 template <int DH>
 __device__ __forceinline__ void prefill_fa(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
                                            const bf16_t* __restrict__ v_cache, bf16_t* __restrict__ out, int n,
                                            int p0, int slot, int H, int Hkv, int S, bf16_t* smem) {
-    bf16_t(*Ks)[DH + FA_PAD] = reinterpret_cast<bf16_t(*)[DH + FA_PAD]>(smem);                  // [key][d]
-    bf16_t(*Vt)[FA_K + FA_PAD] = reinterpret_cast<bf16_t(*)[FA_K + FA_PAD]>(smem + FA_K * (DH + FA_PAD));  // [d][key]
+    typedef bf16_t Tile[FA_K][DH + FA_PAD];  // [key][d]
+    Tile* Ks = reinterpret_cast<Tile*>(smem);  // [stage]
+    Tile* Vs = Ks + 2;
     const int h = blockIdx.y, q0 = blockIdx.x * FA_Q, kvh = h / (H / Hkv);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     const float scale = rsqrtf((float)DH);
@@ -62,42 +65,48 @@ __device__ __forceinline__ void prefill_fa(const bf16_t* __restrict__ q, const b
     const size_t kv_row = (size_t)Hkv * DH;
     const bf16_t* kb = k_cache + ((size_t)slot * S * Hkv + kvh) * DH;
     const bf16_t* vb = v_cache + ((size_t)slot * S * Hkv + kvh) * DH;
-    for (int k0 = 0; k0 < n_keys; k0 += FA_K) {
-        __syncthreads();  // every warp is done with the previous tile
-        // 16-byte chunks: consecutive threads take consecutive keys (V's transposed stores then
-        // hit consecutive addresses).
-        for (int e = tid; e < FA_K * (DH / 8); e += 128) {
-            const int j = e % FA_K, dc = (e / FA_K) * 8, kp = k0 + j;
-            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
-            if (kp < n_keys) {
-                kv = *reinterpret_cast<const uint4*>(kb + kp * kv_row + dc);
-                vv = *reinterpret_cast<const uint4*>(vb + kp * kv_row + dc);
-            }
-            *reinterpret_cast<uint4*>(&Ks[j][dc]) = kv;
-            const unsigned int w4[4] = {vv.x, vv.y, vv.z, vv.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                Vt[dc + 2 * i][j] = (bf16_t)(w4[i] & 0xffffu);
-                Vt[dc + 2 * i + 1][j] = (bf16_t)(w4[i] >> 16);
+    // Key tile k0 into stage st, as one commit group (keys ≥ n_keys zero-filled).
+    auto load_tile = [&](int k0, int st) {
+        if (k0 < n_keys) {
+            for (int e = tid; e < FA_K * (DH / 8); e += 128) {
+                const int j = e / (DH / 8), dc = (e % (DH / 8)) * 8, kp = k0 + j;
+                const bool ok = kp < n_keys;
+                cp_async16(&Ks[st][j][dc], ok ? kb + kp * kv_row + dc : kb, ok ? 16 : 0);
+                cp_async16(&Vs[st][j][dc], ok ? vb + kp * kv_row + dc : vb, ok ? 16 : 0);
             }
         }
-        __syncthreads();
+        cp_async_commit();
+    };
+    // ldmatrix row addresses. K (B of q·kᵀ, two 8-key n-tiles per x4): matrices keys +0 / +8
+    // (bit 1 of l / 8) × d +0 / +8 (bit 0). V (B of p·v, transposed, two 8-wide d n-tiles per
+    // x4): matrices keys +0 / +8 (bit 0) × d +0 / +8 (bit 1).
+    const int k_key = (lane & 7) + (lane >> 4) * 8, k_d = ((lane >> 3) & 1) * 8;
+    const int v_key = (lane & 7) + ((lane >> 3) & 1) * 8, v_d = (lane >> 4) * 8;
+
+    load_tile(0, 0);
+    for (int k0 = 0, st = 0; k0 < n_keys; k0 += FA_K, st ^= 1) {
+        __syncthreads();  // every warp is done with the other stage (the tile before this one)...
+        load_tile(k0 + FA_K, st ^ 1);  // ...which the next tile refills
+        cp_async_wait<1>();  // this thread's copies of this tile have landed
+        __syncthreads();     // everyone's have
         if (k0 > warp_last) continue;  // every key of the tile is after this warp's queries
 
-        // s = q·kᵀ for 16 rows × 64 keys (8 n-tiles of 8 keys). The B fragments are read inline
-        // (through a fragment-loading helper ptxas spilled registers here).
+        // s = q·kᵀ for 16 rows × 64 keys (8 n-tiles of 8 keys).
         float s[FA_K / 8][4];
 #pragma unroll
-        for (int t = 0; t < FA_K / 8; ++t) {
+        for (int t = 0; t < FA_K / 8; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) s[t][e] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < DH / 16; ++kk) {
-                const unsigned int b[2] = {*reinterpret_cast<const unsigned int*>(&Ks[t * 8 + g][16 * kk + 2 * c]),
-                                           *reinterpret_cast<const unsigned int*>(&Ks[t * 8 + g][16 * kk + 2 * c + 8])};
-                mma_bf16_16816(s[t], qa[kk], b);
+        for (int kk = 0; kk < DH / 16; ++kk)
+#pragma unroll
+            for (int t = 0; t < FA_K / 8; t += 2) {
+                unsigned int r[4];
+                ldmatrix_x4(r, &Ks[st][t * 8 + k_key][16 * kk + k_d]);
+                const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                mma_bf16_16816(s[t], qa[kk], b0);
+                mma_bf16_16816(s[t + 1], qa[kk], b1);
             }
-        }
         // Scale, causal mask (key > position), and the tile's row maxima over the quad.
         float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -146,10 +155,12 @@ __device__ __forceinline__ void prefill_fa(const bf16_t* __restrict__ q, const b
             const unsigned int a[4] = {pack_bf2(p[0][0], p[0][1]), pack_bf2(p[0][2], p[0][3]),
                                        pack_bf2(p[1][0], p[1][1]), pack_bf2(p[1][2], p[1][3])};
 #pragma unroll
-            for (int t = 0; t < DH / 8; ++t) {
-                const unsigned int b[2] = {*reinterpret_cast<const unsigned int*>(&Vt[t * 8 + g][16 * kk + 2 * c]),
-                                           *reinterpret_cast<const unsigned int*>(&Vt[t * 8 + g][16 * kk + 2 * c + 8])};
-                mma_bf16_16816(o[t], a, b);
+            for (int t = 0; t < DH / 8; t += 2) {
+                unsigned int r[4];
+                ldmatrix_x4_trans(r, &Vs[st][16 * kk + v_key][t * 8 + v_d]);
+                const unsigned int b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
+                mma_bf16_16816(o[t], a, b0);
+                mma_bf16_16816(o[t + 1], a, b1);
             }
         }
     }
@@ -173,8 +184,8 @@ extern "C" __global__ void __launch_bounds__(128)
                            const bf16_t* __restrict__ v_cache, bf16_t* __restrict__ out, int n, int p0, int slot,
                            int H, int Hkv, int Dh, int S) {
     pdl_enter();
-    // One allocation for both head sizes (laid out inside prefill_fa).
-    __shared__ __align__(16) bf16_t smem[FA_SMEM];
+    extern __shared__ uint4 fa_smem[];  // laid out inside prefill_fa
+    bf16_t* smem = reinterpret_cast<bf16_t*>(fa_smem);
     if (Dh == 128)
         prefill_fa<128>(q, k_cache, v_cache, out, n, p0, slot, H, Hkv, S, smem);
     else if (Dh == 64)

@@ -40,7 +40,7 @@ static void prefill(int n, int p0, int H, int Hkv, int Dh) {
     std::vector<bf16_t> out((size_t)n * H * Dh, 0x7fc0);  // NaN: every entry must be written
     launch(dim3{(unsigned)((n + 63) / 64), (unsigned)H, 1}, 128, [&] {
         attention_prefill_bf16(q.data(), kc.data(), vc.data(), out.data(), n, p0, slot, H, Hkv, Dh, S);
-    });
+    }, (size_t)4 * 64 * (Dh + 8) * 2);
     std::vector<float> got(out.size());
     for (size_t i = 0; i < out.size(); ++i) got[i] = bf2f(out[i]);
     char tag[96];

@@ -432,6 +432,25 @@ inline void ldmatrix_x4(unsigned int* r, const unsigned short* p) {
     warp_sync();
     for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[bank][w0 + 8 * i + lane / 4] + 2 * (lane % 4), 4);
 }
+// ldmatrix ... .x4.trans: the same addresses; lane l receives r[i] = the bf16 at column l / 4 of
+// rows 2·(l % 4) and 2·(l % 4) + 1 of matrix i (low half first).
+inline void ldmatrix_x4_trans(unsigned int* r, const unsigned short* p) {
+    static const unsigned short* rows[2][1024];
+    if (reinterpret_cast<std::uintptr_t>(p) % 16) {
+        std::fprintf(stderr, "emulate.h: ldmatrix row address %p of thread %u is not 16-byte aligned\n",
+                     (const void*)p, threadIdx.x);
+        std::abort();
+    }
+    const unsigned bank = warp_bank();
+    const int t = (int)threadIdx.x, lane = t & 31, w0 = t & ~31;
+    rows[bank][t] = p;
+    warp_sync();
+    for (int i = 0; i < 4; ++i) {
+        const unsigned short lo = rows[bank][w0 + 8 * i + 2 * (lane % 4)][lane / 4];
+        const unsigned short hi = rows[bank][w0 + 8 * i + 2 * (lane % 4) + 1][lane / 4];
+        r[i] = (unsigned int)lo | ((unsigned int)hi << 16);
+    }
+}
 // mma.sync m16n8k16 over the fragment layout of kernels/common.cuh (g = lane/4, c = lane%4):
 //   a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
 //   b0 = B[2c..2c+1][g],  b1 = B[2c+8..][g];  d0,d1 = D[g][2c..], d2,d3 = D[g+8][2c..]

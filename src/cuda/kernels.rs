@@ -684,10 +684,21 @@ pub fn attention_prefill(
         .arg(&dh)
         .arg(&s);
     // SAFETY: argument order and types match attention_prefill_bf16; lengths and the slot /
-    // position range checked above.
+    // position range checked above; its shared memory limit was raised to the Dh = 128 size
+    // when the module was loaded.
     gpu.launched(K, unsafe {
-        b.launch(cfg((n.div_ceil(64) as u32, sh.h as u32, 1), 128, 0))
+        b.launch(cfg(
+            (n.div_ceil(64) as u32, sh.h as u32, 1),
+            128,
+            prefill_attention_smem(sh.dh),
+        ))
     })
+}
+
+/// attention_prefill_bf16's dynamic shared memory: 2 stages of a K and a V tile of 64 keys ×
+/// (Dh + 8) bf16.
+pub(crate) const fn prefill_attention_smem(dh: usize) -> u32 {
+    (4 * 64 * (dh + 8) * 2) as u32
 }
 
 /// K and the weights of a product: W bf16 [rows, K], K a positive multiple of 8, 16-byte aligned.

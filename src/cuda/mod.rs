@@ -281,17 +281,25 @@ impl Gpu {
                 funcs.insert(*name, f);
             }
         }
+        // Dynamic shared memory above the 48 KB a kernel gets unasked: prefill attention's ring
+        // (68 KB at Dh = 128), and the warpgroup products'.
+        let raise = |name: &str, bytes: u32| {
+            funcs[name]
+                .set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(cuda_err(&format!("raising the shared memory limit of {name}")))
+        };
+        raise(
+            "attention_prefill_bf16",
+            kernels::prefill_attention_smem(128),
+        )?;
         if wgmma {
-            // The warpgroup products' shared memory is above the 48 KB a kernel gets unasked.
             for tile in [kernels::GemmTile::Wg, kernels::GemmTile::Wg256] {
                 for glu in [false, true] {
                     let Some(k) = tile.kernel(glu) else { continue };
-                    funcs[k.name]
-                        .set_attribute(
-                            cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                            k.smem as i32,
-                        )
-                        .map_err(cuda_err("raising the shared memory limit of the wgmma products"))?;
+                    raise(k.name, k.smem)?;
                 }
             }
         }
