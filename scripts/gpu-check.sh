@@ -110,12 +110,15 @@ H="--hybrid --steered-share 0.125 --new-tokens $NEW"
 # 0. Prefill of 2,000 tokens (issue 3's farthest target): the warpgroup (wgmma) products with 128
 #    or 256 columns per block, cuBLASLt, the 128-row tile, one 2,048-row call (the default prefill
 #    line, with 512-row calls, is the ATTN=head line of section 3; short lines, so they go first).
+#    At 512-row calls a 128-row tile leaves most SMs idle on the 1,536- and 2,048-wide products
+#    (48 and 64 blocks), hence the 2,048-row lines with each wide tile.
 ab "THINKSTEER_GEMM=wg" --batch 1 --prompt-len 2000 --new-tokens 8
 ab "THINKSTEER_GEMM=wg256" --batch 1 --prompt-len 2000 --new-tokens 8
 ab "THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
 ab "THINKSTEER_GEMM=128" --batch 1 --prompt-len 2000 --new-tokens 8
 ab "THINKSTEER_PREFILL_ROWS=2048" --batch 1 --prompt-len 2000 --new-tokens 8
 ab "THINKSTEER_PREFILL_ROWS=2048 THINKSTEER_GEMM=wg256" --batch 1 --prompt-len 2000 --new-tokens 8
+ab "THINKSTEER_PREFILL_ROWS=2048 THINKSTEER_GEMM=wg" --batch 1 --prompt-len 2000 --new-tokens 8
 ab "THINKSTEER_PREFILL_ROWS=2048 THINKSTEER_GEMM=lt" --batch 1 --prompt-len 2000 --new-tokens 8
 # 1. Bias + RoPE + K/V append inside decode attention (one launch per block fewer), batch 1 and 64
 #    of both shapes and the batch-1 hybrid step, against the default in the same call.
