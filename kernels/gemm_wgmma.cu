@@ -17,10 +17,10 @@
 // Shared layout: K-major with the 128-byte swizzle — tile row r is 128 bytes (64 bf16 of k), its
 // 16-byte chunk c stored at chunk c ^ (r % 8); 8-row groups 1024 bytes apart; every tile
 // 1024-byte aligned (the swizzle is applied to address bits). A ring of 4 stages (x tile then W
-// tile) filled by cp.async from every thread: tile i + 2 is loaded while tile i's products are
-// issued and tile i − 1's may still run (wgmma.wait_group 1), so a buffer is refilled two k
-// steps after its products were issued, past the barrier where both warpgroups have waited for
-// them.
+// tile) filled by cp.async from every thread: tile i's products are issued, then tile i + 2 is
+// loaded while they and tile i − 1's may still run (wgmma.wait_group 1), so a buffer is refilled
+// two k steps after its products were issued, past the barrier where both warpgroups have waited
+// for them. Pairs of outputs are stored as one 8-byte (out) or 4-byte (act) word where aligned.
 // Accumulators (m64nN, f32): thread t, warp q = (t / 32) % 4 of its warpgroup, lane l holds
 // d[4j + e] = D[16q + l/4 + 8·(e/2)][8j + 2·(l%4) + e%2], j < N/8. glu: the block's W rows are
 // gate rows f0.. (columns < WM/2) then up rows F + f0.. (the rest), f0 = (WM/2)·(column tile), so
@@ -183,14 +183,15 @@ __device__ __forceinline__ void gemm_wg_body(float* __restrict__ out, bf16_t* __
         const int i = kt - kt0, s = i % WG_STAGES;
         cp_async_wait<WG_STAGES - 3>();  // this thread's copies of tile kt have landed
         fence_proxy_async();             // ...visible to the tensor cores
-        __syncthreads();  // everyone's have; both warpgroups are past tile kt − 2's products...
-        load_tile(kt + WG_STAGES - 2, (i + WG_STAGES - 2) % WG_STAGES);  // ...whose stage this refills
+        __syncthreads();  // everyone's have; both warpgroups are past tile kt − 2's products,
         const unsigned int a = sbase + s * STAGE + wg * 64 * 128, b = sbase + s * STAGE + A_BYTES;
         wgmma_hold<R>(d);
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < WG_BK / 16; ++kk) wgmma_tile<WM>(d, wg_desc(a + kk * 32), wg_desc(b + kk * 32));
         wgmma_commit();
+        // ...whose stage this refills (neither tile kt − 1's products nor these read it)
+        load_tile(kt + WG_STAGES - 2, (i + WG_STAGES - 2) % WG_STAGES);
         wgmma_wait<1>();  // tile kt − 1's products are done
         wgmma_hold<R>(d);
     }
@@ -210,7 +211,7 @@ __device__ __forceinline__ void gemm_wg_body(float* __restrict__ out, bf16_t* __
             if (GLU) {
                 const float u0 = d[4 * (j + J) + 2 * h], u1 = d[4 * (j + J) + 2 * h + 1];
                 bf16_t* p = act + (size_t)r * M + col;
-                if (col + 1 < M && (M & 1) == 0) {
+                if (col + 1 < M && ((size_t)p & 3) == 0) {
                     *reinterpret_cast<unsigned int*>(p) = pack_bf2(silu_mul(v0, u0), silu_mul(v1, u1));
                 } else {
                     p[0] = f2bf(silu_mul(v0, u0));
@@ -218,7 +219,7 @@ __device__ __forceinline__ void gemm_wg_body(float* __restrict__ out, bf16_t* __
                 }
             } else {
                 float* p = out + (size_t)r * M + col;
-                if (col + 1 < M && (M & 1) == 0) {
+                if (col + 1 < M && ((size_t)p & 7) == 0) {
                     *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
                 } else {
                     p[0] = v0;

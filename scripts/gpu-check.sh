@@ -103,7 +103,7 @@ ab() {
     env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape "$SHAPE" --device cuda --json "$@" 2> "$OUT/ab.err" |
         python3 scripts/gpu-ab.py record "$OUT" "$vars" "$SHAPE" "$@" | tee -a "$OUT/ab.log"
     local rc=${PIPESTATUS[0]}
-    grep -E "rror|panicked" "$OUT/ab.err" | head -5 | tee -a "$OUT/ab.log"
+    grep -E "rror|panicked|no wgmma" "$OUT/ab.err" | head -5 | tee -a "$OUT/ab.log"
     exited "$rc" "$OUT/ab.log"
 }
 H="--hybrid --steered-share 0.125 --new-tokens $NEW"

@@ -320,13 +320,17 @@ struct EmuWgmma {
     float* d;
     int n;
     unsigned long long da, db;
+    std::vector<unsigned short> seen;  // the thread's operands at the issue (emu_wgmma_operands)
 };
 struct EmuWgmmaGroups {
     std::vector<EmuWgmma> open;
     std::vector<std::vector<EmuWgmma>> closed;  // oldest first
     std::vector<std::pair<float*, std::vector<float>>> held;
+    bool fenced = false;      // wgmma.fence since the last commit
+    bool unfenced_writes = false;  // cp.async writes landed since the last fence.proxy.async
 };
 inline EmuWgmmaGroups g_wgmma[1024];
+inline unsigned g_unfenced_threads = 0;  // threads of the block with unfenced_writes
 
 // Dynamic shared memory of the running launch (run.sh rewrites `extern __shared__ T name[];`
 // into `T* const name = emu_dynamic_shared<T>();`). Filled with 0xff bytes (NaN floats) so a
@@ -374,6 +378,7 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
                 }
                 std::fill(g_bank, g_bank + threads, 0u);
                 for (unsigned int t = 0; t < threads; ++t) g_copies[t] = EmuCopyGroups{}, g_wgmma[t] = EmuWgmmaGroups{};
+                g_unfenced_threads = 0;
                 F.alive = threads;
                 F.runnable.assign((threads + 63) / 64, 0);
                 for (unsigned int t = 0; t < threads; ++t) emu_set_runnable(t, true);
@@ -408,12 +413,18 @@ template <int N>
 inline void cp_async_wait() {
     EmuCopyGroups& q = g_copies[threadIdx.x];
     const size_t done = q.closed.size() > (size_t)N ? q.closed.size() - N : 0;
+    bool landed = false;
     for (size_t i = 0; i < done; ++i)
         for (const EmuCopy& c : q.closed[i]) {
             std::memset(c.dst, 0, 16);
             if (c.bytes) std::memcpy(c.dst, c.src, 16);
+            landed = true;
         }
     q.closed.erase(q.closed.begin(), q.closed.begin() + done);
+    // Landed writes are generic-proxy writes: a wgmma (async proxy) may read them only after
+    // this thread's fence.proxy.async (checked in emu_wgmma).
+    EmuWgmmaGroups& w = g_wgmma[threadIdx.x];
+    if (landed && !w.unfenced_writes) w.unfenced_writes = true, ++g_unfenced_threads;
 }
 // ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the address of row l % 8 of matrix
 // l / 8 (16-byte aligned, as the hardware requires); each lane receives r[i] = the 32 bits at
@@ -494,9 +505,11 @@ inline uint4 ld_stream(const uint4* p) {
     return *p;
 }
 
-// The shared-memory address of p (wgmma descriptors take one): its offset in the launch's dynamic
-// shared memory, the only shared memory gemm_wgmma.cu addresses this way (offset 0 is as
-// aligned as the hardware's window start).
+// The shared-memory address of p (wgmma descriptors take one): EMU_SMEM_BASE plus its offset in
+// the launch's dynamic shared memory, the only shared memory gemm_wgmma.cu addresses this way.
+// The base is deliberately not 1024-byte aligned (the hardware promises 16), so a kernel that
+// does not align its swizzled tiles itself reads the wrong elements here.
+static const unsigned EMU_SMEM_BASE = 0x410;
 inline unsigned int shared_addr(const void* p) {
     const char* base = reinterpret_cast<const char*>(g_dynamic_smem.data());
     const char* c = static_cast<const char*>(p);
@@ -504,17 +517,20 @@ inline unsigned int shared_addr(const void* p) {
         std::fprintf(stderr, "emulate.h: shared_addr of %p, outside the launch's dynamic shared memory\n", p);
         std::abort();
     }
-    return (unsigned int)(c - base);
+    return EMU_SMEM_BASE + (unsigned int)(c - base);
 }
-inline void fence_proxy_async() {}
-inline void wgmma_fence() {}
+inline void fence_proxy_async() {
+    EmuWgmmaGroups& w = g_wgmma[threadIdx.x];
+    if (w.unfenced_writes) w.unfenced_writes = false, --g_unfenced_threads;
+}
+inline void wgmma_fence() { g_wgmma[threadIdx.x].fenced = true; }
 template <int R>
 inline void wgmma_hold(float*) {}
-// One bf16 of a wgmma operand: row r (of M or N), element k of the descriptor's K-major tile in
+// One bf16 (its bits) of a wgmma operand: row r (of M or N), element k of the descriptor's K-major tile in
 // the 128-byte swizzle — the hardware's address (start + 8-row group · stride byte offset +
 // 128·(r % 8) + 2k) with address bits 4–6 XORed by bits 7–9. The descriptor must have the form
 // gemm_wgmma.cu builds (swizzle mode 1, base offset 0).
-inline float emu_wgmma_operand(unsigned long long desc, int r, int k) {
+inline unsigned short emu_wgmma_operand(unsigned long long desc, int r, int k) {
     if ((desc >> 62) != 1 || ((desc >> 49) & 7) != 0) {
         std::fprintf(stderr, "emulate.h: wgmma descriptor %016llx: only the 128-byte swizzle with base offset 0 is emulated\n", desc);
         std::abort();
@@ -522,29 +538,59 @@ inline float emu_wgmma_operand(unsigned long long desc, int r, int k) {
     const unsigned start = (unsigned)(desc & 0x3FFF) << 4, sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
     unsigned a = start + (unsigned)(r >> 3) * sbo + (unsigned)(r & 7) * 128 + 2 * (unsigned)k;
     a ^= ((a >> 7) & 7) << 4;
-    if (a + 2 > g_dynamic_smem.size() * 8) {
-        std::fprintf(stderr, "emulate.h: wgmma operand byte %u is past the launch's %zu bytes of dynamic shared memory\n",
+    if (a < EMU_SMEM_BASE || a - EMU_SMEM_BASE + 2 > g_dynamic_smem.size() * 8) {
+        std::fprintf(stderr, "emulate.h: wgmma operand at shared address %#x is outside the launch's %zu bytes of dynamic shared memory\n",
                      a, g_dynamic_smem.size() * 8);
         std::abort();
     }
     unsigned short v;
-    std::memcpy(&v, reinterpret_cast<const char*>(g_dynamic_smem.data()) + a, 2);
-    return as_float((unsigned int)v << 16);
+    std::memcpy(&v, reinterpret_cast<const char*>(g_dynamic_smem.data()) + (a - EMU_SMEM_BASE), 2);
+    return v;
+}
+// The operands one thread's outputs of an m64nNk16 product read, as bf16 bits: rows 16q + l/4
+// and + 8 of A, columns 8j + 2·(l%4) and + 1 of B, each over k = 0..15.
+inline std::vector<unsigned short> emu_wgmma_operands(const EmuWgmma& w) {
+    const int q = (threadIdx.x >> 5) & 3, l = threadIdx.x & 31;
+    std::vector<unsigned short> v;
+    v.reserve(16 * (2 + w.n / 4));
+    for (int k = 0; k < 16; ++k) {
+        for (int h = 0; h < 2; ++h) v.push_back(emu_wgmma_operand(w.da, 16 * q + l / 4 + 8 * h, k));
+        for (int j = 0; j < w.n / 8; ++j)
+            for (int e = 0; e < 2; ++e) v.push_back(emu_wgmma_operand(w.db, 8 * j + 2 * (l % 4) + e, k));
+    }
+    return v;
 }
 // wgmma.mma_async.m64nNk16.f32.bf16.bf16 (scale-d 1, both operands K-major in shared memory),
 // deferred as on the hardware: the product joins the thread's open group, wgmma.commit_group
-// closes it, and wgmma.wait_group N performs every closed group but the newest N — reading
-// shared memory then, so a stage refilled before its products were waited for shows — and
-// writes the accumulators back. From the issue until then they read NaN. Thread t of the
-// warpgroup (warp q = (t / 32) % 4, lane l) owns d[4j + e] = D[16q + l/4 + 8·(e/2)][8j + 2·(l%4)
-// + e%2]; each sums its 16 products in k order, one fmaf each.
+// closes it, and wgmma.wait_group N performs every closed group but the newest N and writes the
+// accumulators back; from the issue until then they read NaN. The hardware may read the
+// operands at any time in between, so the thread's operands are read at the issue and again at
+// the wait, and a difference stops the program: a stage read before every thread's copies
+// landed (NaN at the issue), or refilled before its products were waited for. The issue also
+// requires a wgmma.fence since the last commit, and no thread of the block holding landed
+// cp.async writes without a fence.proxy.async after them. Thread t of the warpgroup (warp
+// q = (t / 32) % 4, lane l) owns d[4j + e] = D[16q + l/4 + 8·(e/2)][8j + 2·(l%4) + e%2]; each
+// sums its 16 products in k order, one fmaf each. Not seen: the PTX text itself (ptxas checks
+// it), descriptors that differ between the threads of a warpgroup, the tensor cores' own
+// summation order.
 inline void emu_wgmma(float* d, int n, unsigned long long da, unsigned long long db) {
     EmuWgmmaGroups& g = g_wgmma[threadIdx.x];
+    if (!g.fenced) {
+        std::fprintf(stderr, "emulate.h: thread %u issued wgmma without a wgmma.fence since its last commit\n",
+                     threadIdx.x);
+        std::abort();
+    }
+    if (g_unfenced_threads) {
+        std::fprintf(stderr, "emulate.h: thread %u issued wgmma while %u thread(s) of the block hold landed cp.async "
+                     "writes without a fence.proxy.async\n", threadIdx.x, g_unfenced_threads);
+        std::abort();
+    }
     bool held = false;
     for (auto& h : g.held) held |= h.first == d;
     if (!held) g.held.emplace_back(d, std::vector<float>(d, d + n / 2));
     for (int i = 0; i < n / 2; ++i) d[i] = NAN;
-    g.open.push_back({d, n, da, db});
+    g.open.push_back({d, n, da, db, {}});
+    g.open.back().seen = emu_wgmma_operands(g.open.back());
 }
 inline void wgmma_bf16_n128(float* d, unsigned long long da, unsigned long long db) { emu_wgmma(d, 128, da, db); }
 inline void wgmma_bf16_n256(float* d, unsigned long long da, unsigned long long db) { emu_wgmma(d, 256, da, db); }
@@ -552,22 +598,32 @@ inline void wgmma_commit() {
     EmuWgmmaGroups& g = g_wgmma[threadIdx.x];
     g.closed.push_back(std::move(g.open));
     g.open.clear();
+    g.fenced = false;
 }
 template <int N>
 inline void wgmma_wait() {
     EmuWgmmaGroups& g = g_wgmma[threadIdx.x];
     const size_t done = g.closed.size() > (size_t)N ? g.closed.size() - N : 0;
-    const int q = (threadIdx.x >> 5) & 3, l = threadIdx.x & 31;
     for (size_t i = 0; i < done; ++i)
         for (const EmuWgmma& w : g.closed[i]) {
             std::vector<float>* v = nullptr;
             for (auto& h : g.held)
                 if (h.first == w.d) v = &h.second;
-            float A[2][16], B[64][16];  // this thread's rows 16q + l/4 (+8) and columns 8j + 2·(l%4) (+1)
+            const std::vector<unsigned short> now = emu_wgmma_operands(w);
+            if (now != w.seen) {
+                std::fprintf(stderr, "emulate.h: thread %u of block (%u, %u, %u): a wgmma's shared-memory operands "
+                             "changed between its issue and its wait_group (read before they landed, or overwritten "
+                             "while in flight)\n", threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z);
+                std::abort();
+            }
+            // this thread's rows 16q + l/4 (+8) and columns 8j + 2·(l%4) (+1), in the order of
+            // emu_wgmma_operands
+            float A[2][16], B[64][16];
+            const int per_k = 2 + w.n / 4;
             for (int k = 0; k < 16; ++k) {
-                for (int h = 0; h < 2; ++h) A[h][k] = emu_wgmma_operand(w.da, 16 * q + l / 4 + 8 * h, k);
-                for (int j = 0; j < w.n / 8; ++j)
-                    for (int e = 0; e < 2; ++e) B[2 * j + e][k] = emu_wgmma_operand(w.db, 8 * j + 2 * (l % 4) + e, k);
+                const unsigned short* o = now.data() + k * per_k;
+                for (int h = 0; h < 2; ++h) A[h][k] = as_float((unsigned int)o[h] << 16);
+                for (int c = 0; c < w.n / 4; ++c) B[c][k] = as_float((unsigned int)o[2 + c] << 16);
             }
             for (int r = 0; r < w.n / 2; ++r) {
                 const int j = r / 4, e = r % 4;

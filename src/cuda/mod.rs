@@ -303,6 +303,19 @@ impl Gpu {
                 }
             }
         }
+        if !wgmma
+            && matches!(
+                kernels::GemmTile::from_env(),
+                kernels::GemmTile::Wg | kernels::GemmTile::Wg256
+            )
+        {
+            // A fallback, not an error, but an A/B timing must not take it for the wgmma kernels.
+            eprintln!(
+                "THINKSTEER_GEMM: no wgmma here (it needs compute capability 9.0 and kernels built by NVRTC for sm_90a; \
+                 this is {}.{}): the 64-row tile runs instead",
+                cc.0, cc.1
+            );
+        }
         let sync_each = std::env::var("THINKSTEER_CUDA_SYNC").is_ok_and(|v| v == "1");
         let pdl = cc.0 >= 9 && std::env::var("THINKSTEER_PDL").map_or(true, |v| v != "0");
         Gpu::on_stream(ctx, stream, cc, sms, funcs, (sync_each, pdl, wgmma))
