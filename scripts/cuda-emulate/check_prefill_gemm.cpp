@@ -171,7 +171,27 @@ static void gemm_glu(int N, int F, int Kd, const Tile& t, int live = -1) {
     kept_nan(tag, got, dead);
 }
 
+// common.cuh's gemm_tile visits every (column tile, row tile) of a grid exactly once, for every
+// grid of up to 40 × 40 tiles (fewer than 8 column tiles, one row tile, ragged last groups).
+static void gemm_tile_order() {
+    int bad = 0;
+    for (unsigned gx = 1; gx <= 40; ++gx)
+        for (unsigned gy = 1; gy <= 40; ++gy) {
+            gridDim = dim3{gx, gy, 1};
+            std::vector<int> seen(gx * gy, 0);
+            for (unsigned y = 0; y < gy; ++y)
+                for (unsigned x = 0; x < gx; ++x) {
+                    blockIdx = dim3{x, y, 0};
+                    int mt, nt;
+                    gemm_tile(&mt, &nt);
+                    if (mt < 0 || mt >= (int)gx || nt < 0 || nt >= (int)gy || seen[nt * gx + mt]++) ++bad;
+                }
+        }
+    report("gemm_tile: a bijection on grids to 40 x 40", bad == 0, std::to_string(bad) + " tiles missed or repeated");
+}
+
 void run_prefill_gemm() {
+    gemm_tile_order();
     gemm(70, 136, 72, T64);
     gemm(70, 136, 72, T128);
     gemm(70, 136, 24, T64);  // one k tile: fewer than the ring's stages
