@@ -16,25 +16,24 @@
 // wgmma.m64n{WM}k16, 4 per k tile, both operands read by the tensor cores from shared memory.
 // Shared layout: K-major with the 128-byte swizzle — tile row r is 128 bytes (64 bf16 of k), its
 // 16-byte chunk c stored at chunk c ^ (r % 8); 8-row groups 1024 bytes apart; every tile
-// 1024-byte aligned (the swizzle is applied to address bits). A ring of 4 stages (x tile then W
-// tile) filled by cp.async from every thread: tile i's products are issued, then tile i + 2 is
-// loaded while they and tile i − 1's may still run (wgmma.wait_group 1), so a buffer is refilled
-// two k steps after its products were issued, past the barrier where both warpgroups have waited
-// for them. Pairs of outputs are stored as one 8-byte (out) or 4-byte (act) word where aligned.
+// 1024-byte aligned (the swizzle is applied to address bits). A ring of STAGES = 6 (WM = 128) or
+// 4 (WM = 256) stages (x tile then W tile) filled by cp.async from every thread: tile i's
+// products are issued, then tile i + STAGES − 2 is loaded while they and tile i − 1's may still
+// run (wgmma.wait_group 1), so a buffer is refilled two k steps after its products were issued,
+// past the barrier where both warpgroups have waited for them. Pairs of outputs are stored as one 8-byte (out) or 4-byte (act) word where aligned.
 // Accumulators (m64nN, f32): thread t, warp q = (t / 32) % 4 of its warpgroup, lane l holds
 // d[4j + e] = D[16q + l/4 + 8·(e/2)][8j + 2·(l%4) + e%2], j < N/8. glu: the block's W rows are
 // gate rows f0.. (columns < WM/2) then up rows F + f0.. (the rest), f0 = (WM/2)·(column tile), so
 // each thread holds both sums of its outputs.
 // Launch: grid (ceil(M / WM), ceil(N / 128), splits) — glu: (ceil(F / (WM/2)), ceil(N / 128), 1)
-// —, block 256, dynamic shared memory 4·(128 + WM)·128 + 1024 bytes (129 KB, or 193 KB for
-// _m256: the host raises the kernel's limit); tiles in common.cuh's grouped order (gemm_tile).
+// —, block 256, dynamic shared memory STAGES·(128 + WM)·128 + 1024 bytes (193 KB either way:
+// the host raises the kernel's limit); tiles in common.cuh's grouped order (gemm_tile).
 // On other architectures the kernels compile to a trap: the host uses them only on compute
 // capability 9.0 from a cubin built for sm_90a.
 #include "common.cuh"
 
 #define WG_BN 128    // x rows per block: two warpgroups of 64
 #define WG_BK 64     // k per tile: one 128-byte swizzle row
-#define WG_STAGES 4
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(THINKSTEER_EMULATOR)
 #define WG_HAS_WGMMA 1
@@ -132,12 +131,21 @@ __device__ __forceinline__ void wgmma_tile(float* d, unsigned long long da, unsi
         wgmma_bf16_n256(d, da, db);
 }
 
+// The ring's stages for a W tile of WM rows: as many as fit about 193 KB (6 of 32 KB at WM = 128,
+// 4 of 48 KB at WM = 256), so that four tiles' worth of loads (2 or 4 tiles ahead) cover the
+// memory latency.
+template <int WM>
+__device__ constexpr int wg_stages() {
+    return WM == 128 ? 6 : 4;
+}
+
 // GLU: act written (M = F), out unused; else out (M rows of W).
 template <int WM, bool GLU>
 __device__ __forceinline__ void gemm_wg_body(float* __restrict__ out, bf16_t* __restrict__ act,
                                              const bf16_t* __restrict__ x, const bf16_t* __restrict__ W, int N,
                                              int M, int K, int kt0, int kt1) {
     constexpr int A_BYTES = WG_BN * 128, STAGE = (WG_BN + WM) * 128, R = WM / 2;  // R: accumulators per thread
+    constexpr int STAGES = wg_stages<WM>();
     extern __shared__ uint4 wg_smem[];
     const unsigned int raw = shared_addr(wg_smem), pad = (1024u - (raw & 1023u)) & 1023u;
     unsigned char* smem = reinterpret_cast<unsigned char*>(wg_smem) + pad;
@@ -178,10 +186,10 @@ __device__ __forceinline__ void gemm_wg_body(float* __restrict__ out, bf16_t* __
     for (int i = 0; i < R; ++i) d[i] = 0.0f;
 
 #pragma unroll
-    for (int s = 0; s < WG_STAGES - 2; ++s) load_tile(kt0 + s, s);
+    for (int s = 0; s < STAGES - 2; ++s) load_tile(kt0 + s, s);
     for (int kt = kt0; kt < kt1; ++kt) {
-        const int i = kt - kt0, s = i % WG_STAGES;
-        cp_async_wait<WG_STAGES - 3>();  // this thread's copies of tile kt have landed
+        const int i = kt - kt0, s = i % STAGES;
+        cp_async_wait<STAGES - 3>();  // this thread's copies of tile kt have landed
         fence_proxy_async();             // ...visible to the tensor cores
         __syncthreads();  // everyone's have; both warpgroups are past tile kt − 2's products,
         const unsigned int a = sbase + s * STAGE + wg * 64 * 128, b = sbase + s * STAGE + A_BYTES;
@@ -191,7 +199,7 @@ __device__ __forceinline__ void gemm_wg_body(float* __restrict__ out, bf16_t* __
         for (int kk = 0; kk < WG_BK / 16; ++kk) wgmma_tile<WM>(d, wg_desc(a + kk * 32), wg_desc(b + kk * 32));
         wgmma_commit();
         // ...whose stage this refills (neither tile kt − 1's products nor these read it)
-        load_tile(kt + WG_STAGES - 2, (i + WG_STAGES - 2) % WG_STAGES);
+        load_tile(kt + STAGES - 2, (i + STAGES - 2) % STAGES);
         wgmma_wait<1>();  // tile kt − 1's products are done
         wgmma_hold<R>(d);
     }

@@ -60,7 +60,7 @@ struct Tile {
 };
 static const Tile T64{"", 64, 128, 32, 128, 0, gemm_bf16, gemm_glu_bf16};
 static const Tile T128{"_n128", 128, 128, 32, 256, 0, gemm_bf16_n128, gemm_glu_bf16_n128};
-static const Tile TWG{"_wg", 128, 128, 64, 256, 4 * 256 * 128 + 1024, gemm_wg_bf16, gemm_glu_wg_bf16};
+static const Tile TWG{"_wg", 128, 128, 64, 256, 6 * 256 * 128 + 1024, gemm_wg_bf16, gemm_glu_wg_bf16};
 static const Tile TWG256{"_wg_m256", 128, 256, 64, 256, 4 * 384 * 128 + 1024, gemm_wg_bf16_m256,
                          gemm_glu_wg_bf16_m256};
 
@@ -229,14 +229,15 @@ void run_prefill_gemm() {
         gemm_glu(200, 64, 72, T128, 70);
         gemm_glu(200, 64, 72, T64, 0);
     }
-    // gemm_wgmma.cu: ragged N, M and K (72 = one k tile and 8), a ring that wraps (K = 264: 5 k
-    // tiles on 4 stages), one k tile of 8, odd M (scalar stores), live counts, split K (424: 7
+    // gemm_wgmma.cu: ragged N, M and K (72 = one k tile and 8), rings that wrap (K = 264: 5 k
+    // tiles on 4 stages; K = 520: 9 on 6), one k tile of 8, odd M (scalar stores), live counts, split K (424: 7
     // k tiles of 64, 3 splits of 3, the last of 1), and the glu twins with ragged and odd F.
     {
         OwnRng own(104);
         gemm(150, 300, 72, TWG);
         gemm(150, 1300, 72, TWG);  // 11 column tiles × 2 row tiles (gemm_tile's groups)
         gemm(150, 300, 264, TWG256);
+        gemm(150, 300, 520, TWG);  // 9 k tiles on 6 stages
         gemm(130, 136, 8, TWG);
         gemm(70, 137, 136, TWG256);
         gemm(300, 136, 72, TWG, 130);  // boundary inside tile 1 of 128; tile 2 skipped

@@ -1050,10 +1050,11 @@ pub(crate) struct GemmKernel {
     pub smem: u32,
 }
 
-/// gemm_wgmma.cu's dynamic shared memory: 4 stages of (128 + bm) rows of 128 bytes, and 1 KB to
-/// align the ring to 1024 bytes.
+/// gemm_wgmma.cu's dynamic shared memory: its stages (6 for 128 W rows, 4 for 256: wg_stages)
+/// of (128 + bm) rows of 128 bytes, and 1 KB to align the ring to 1024 bytes.
 pub(crate) const fn wg_smem(bm: usize) -> u32 {
-    (4 * (128 + bm) * 128 + 1024) as u32
+    let stages = if bm == 128 { 6 } else { 4 };
+    (stages * (128 + bm) * 128 + 1024) as u32
 }
 
 impl GemmTile {
