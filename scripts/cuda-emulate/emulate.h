@@ -426,11 +426,10 @@ inline void cp_async_wait() {
     EmuWgmmaGroups& w = g_wgmma[threadIdx.x];
     if (landed && !w.unfenced_writes) w.unfenced_writes = true, ++g_unfenced_threads;
 }
-// ldmatrix.sync.aligned.m8n8.x4.shared.b16: lane l gives the address of row l % 8 of matrix
-// l / 8 (16-byte aligned, as the hardware requires); each lane receives r[i] = the 32 bits at
-// elements 2·(l % 4), +1 of row l / 4 of matrix i. The addresses go through per-thread slots
-// as in the mma below.
-inline void ldmatrix_x4(unsigned int* r, const unsigned short* p) {
+// The 32 row addresses of the calling warp's ldmatrix .x4, indexed by lane: lane l gives row
+// l % 8 of matrix l / 8 (16-byte aligned, as the hardware requires). They go through per-thread
+// slots as in the mma below.
+inline const unsigned short* const* ldmatrix_rows(const unsigned short* p) {
     static const unsigned short* rows[2][1024];
     if (reinterpret_cast<std::uintptr_t>(p) % 16) {
         std::fprintf(stderr, "emulate.h: ldmatrix row address %p of thread %u is not 16-byte aligned\n",
@@ -438,27 +437,26 @@ inline void ldmatrix_x4(unsigned int* r, const unsigned short* p) {
         std::abort();
     }
     const unsigned bank = warp_bank();
-    const int t = (int)threadIdx.x, lane = t & 31, w0 = t & ~31;
+    const int t = (int)threadIdx.x;
     rows[bank][t] = p;
     warp_sync();
-    for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[bank][w0 + 8 * i + lane / 4] + 2 * (lane % 4), 4);
+    return &rows[bank][t & ~31];
 }
-// ldmatrix ... .x4.trans: the same addresses; lane l receives r[i] = the bf16 at column l / 4 of
-// rows 2·(l % 4) and 2·(l % 4) + 1 of matrix i (low half first).
+// ldmatrix.sync.aligned.m8n8.x4.shared.b16: each lane l receives r[i] = the 32 bits at elements
+// 2·(l % 4), +1 of row l / 4 of matrix i.
+inline void ldmatrix_x4(unsigned int* r, const unsigned short* p) {
+    const unsigned short* const* rows = ldmatrix_rows(p);
+    const int lane = threadIdx.x & 31;
+    for (int i = 0; i < 4; ++i) std::memcpy(&r[i], rows[8 * i + lane / 4] + 2 * (lane % 4), 4);
+}
+// ldmatrix ... .x4.trans: lane l receives r[i] = the bf16 at column l / 4 of rows 2·(l % 4) and
+// 2·(l % 4) + 1 of matrix i (low half first).
 inline void ldmatrix_x4_trans(unsigned int* r, const unsigned short* p) {
-    static const unsigned short* rows[2][1024];
-    if (reinterpret_cast<std::uintptr_t>(p) % 16) {
-        std::fprintf(stderr, "emulate.h: ldmatrix row address %p of thread %u is not 16-byte aligned\n",
-                     (const void*)p, threadIdx.x);
-        std::abort();
-    }
-    const unsigned bank = warp_bank();
-    const int t = (int)threadIdx.x, lane = t & 31, w0 = t & ~31;
-    rows[bank][t] = p;
-    warp_sync();
+    const unsigned short* const* rows = ldmatrix_rows(p);
+    const int lane = threadIdx.x & 31;
     for (int i = 0; i < 4; ++i) {
-        const unsigned short lo = rows[bank][w0 + 8 * i + 2 * (lane % 4)][lane / 4];
-        const unsigned short hi = rows[bank][w0 + 8 * i + 2 * (lane % 4) + 1][lane / 4];
+        const unsigned short lo = rows[8 * i + 2 * (lane % 4)][lane / 4];
+        const unsigned short hi = rows[8 * i + 2 * (lane % 4) + 1][lane / 4];
         r[i] = (unsigned int)lo | ((unsigned int)hi << 16);
     }
 }
