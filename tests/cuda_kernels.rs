@@ -673,8 +673,14 @@ fn check_fused_rope(
 fn attention_prefill_matches_cpu_attend() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng(5);
-    // Partial query tiles (37 of 64), two tiles, and three with keys past several 64-key tiles.
-    for &(dh, n, p0) in &[(64usize, 37usize, 5usize), (128, 70, 0), (128, 130, 100)] {
+    // Partial query tiles (37 of 64), two tiles, and three with keys past several 64-key tiles
+    // (the K/V ring wraps), at both head sizes.
+    for &(dh, n, p0) in &[
+        (64usize, 37usize, 5usize),
+        (64, 100, 90),
+        (128, 70, 0),
+        (128, 130, 100),
+    ] {
         let sh = AttnShape {
             h: 6,
             hkv: 2,

@@ -251,6 +251,7 @@ void run_prefill_gemm() {
         gemm_glu(300, 130, 72, TWG256, 200);
     }
     prefill(37, 5, 6, 2, 64);
+    prefill(100, 90, 4, 2, 64);  // Dh 64 over 4 key tiles: the ring wraps
     prefill(70, 0, 6, 2, 128);
     prefill(130, 100, 4, 4, 128);
     prefill(1, 0, 2, 1, 64);
