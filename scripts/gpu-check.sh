@@ -9,7 +9,7 @@
 # PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the kernel
 # bench of the large products, then the A/B lines (gemm choices and prefill chunk, RoPE in
 # attention, gemv warps, gate first, one stream, grouped attention) for AB_FOR seconds (default
-# 360), then scripts/gpu-ab.py chooses each switch from them and the summary benches run again
+# 330), then scripts/gpu-ab.py chooses each switch from them and the summary benches run again
 # with the chosen switches. Each
 # phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both. Section
 # headers say the seconds since the start, so the next call can be sized.
@@ -95,8 +95,8 @@ SHAPE=qwen2.5-1.5b
 ab_start=$SECONDS
 ab() {
     local vars="$1"; shift
-    if [ $((SECONDS - ab_start)) -gt "${AB_FOR:-360}" ]; then
-        echo "== skipped (A/B time of ${AB_FOR:-360}s spent): $vars $SHAPE $*" | tee -a "$OUT/ab.log"
+    if [ $((SECONDS - ab_start)) -gt "${AB_FOR:-330}" ]; then
+        echo "== skipped (A/B time of ${AB_FOR:-330}s spent): $vars $SHAPE $*" | tee -a "$OUT/ab.log"
         return
     fi
     section "$vars bench --shape $SHAPE $*" | tee -a "$OUT/ab.log"
