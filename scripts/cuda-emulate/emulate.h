@@ -1,8 +1,10 @@
 // emulate.h: just enough of the CUDA execution model to run the kernels of kernels/*.cu on the
 // CPU, for checking kernel logic on a machine without a GPU. Force-included before
 // kernels/common.cuh (compiled with THINKSTEER_EMULATOR, which leaves out its PTX-only helpers:
-// they are defined here in C++ with the same results). One block at a time, so a kernel whose
-// last block combines the others' partials (attention decode, argmax) sees all of them. The
+// they are defined here in C++ with the same results). One block at a time — in launch order,
+// or reversed every other launch —, so a kernel whose last block combines the others' partials
+// (attention decode, argmax) sees all of them, and one that relies on block order fails in one
+// of the two. The
 // block's threads are fibers of the calling thread: each runs until it waits at a
 // barrier (__syncthreads, or a warp-collective operation) or ends, then the next one runs, so
 // a block's threads interleave only at barriers — deterministically, and stricter than the
@@ -365,26 +367,31 @@ inline void launch(dim3 grid, unsigned int threads, const std::function<void()>&
     g_block_barrier = EmuBarrier{threads};
     g_warp_barriers.assign((threads + 31) / 32, EmuBarrier{});
     for (unsigned int w = 0; w < g_warp_barriers.size(); ++w) g_warp_barriers[w].expected = std::min(32u, threads - 32 * w);
-    for (unsigned int z = 0; z < grid.z; ++z)
-        for (unsigned int y = 0; y < grid.y; ++y)
-            for (unsigned int x = 0; x < grid.x; ++x) {
-                blockIdx = dim3{x, y, z};
-                // Dynamic shared memory starts as NaN bytes in every block, so a read before a
-                // write shows (static __shared__ variables keep the previous block's values).
-                std::memset(g_dynamic_smem.data(), 0xff, g_dynamic_smem.size() * 8);
-                for (unsigned int t = 0; t < threads; ++t) {
-                    emu_make(F.ctx[t], emu_stack(t), EMU_STACK, emu_fiber_main);
-                    F.done[t] = 0;
-                }
-                std::fill(g_bank, g_bank + threads, 0u);
-                for (unsigned int t = 0; t < threads; ++t) g_copies[t] = EmuCopyGroups{}, g_wgmma[t] = EmuWgmmaGroups{};
-                g_unfenced_threads = 0;
-                F.alive = threads;
-                F.runnable.assign((threads + 63) / 64, 0);
-                for (unsigned int t = 0; t < threads; ++t) emu_set_runnable(t, true);
-                F.reverse = (F.blocks++ & 1) != 0;
-                emu_enter(F.caller, emu_pick());
-            }
+    // Blocks run one after another, in launch order or (every other launch) in reverse: a
+    // kernel whose blocks rely on one another's order, other than through the atomics of a
+    // last-block combine, gets a wrong result in one of the two.
+    static unsigned long long launches = 0;
+    const bool backwards = (launches++ & 1) != 0;
+    const unsigned long long nblocks = (unsigned long long)grid.x * grid.y * grid.z;
+    for (unsigned long long b = 0; b < nblocks; ++b) {
+        const unsigned long long lin = backwards ? nblocks - 1 - b : b;
+        blockIdx = dim3{(unsigned)(lin % grid.x), (unsigned)(lin / grid.x % grid.y), (unsigned)(lin / grid.x / grid.y)};
+        // Dynamic shared memory starts as NaN bytes in every block, so a read before a write
+        // shows (static __shared__ variables keep the previous block's values).
+        std::memset(g_dynamic_smem.data(), 0xff, g_dynamic_smem.size() * 8);
+        for (unsigned int t = 0; t < threads; ++t) {
+            emu_make(F.ctx[t], emu_stack(t), EMU_STACK, emu_fiber_main);
+            F.done[t] = 0;
+        }
+        std::fill(g_bank, g_bank + threads, 0u);
+        for (unsigned int t = 0; t < threads; ++t) g_copies[t] = EmuCopyGroups{}, g_wgmma[t] = EmuWgmmaGroups{};
+        g_unfenced_threads = 0;
+        F.alive = threads;
+        F.runnable.assign((threads + 63) / 64, 0);
+        for (unsigned int t = 0; t < threads; ++t) emu_set_runnable(t, true);
+        F.reverse = (F.blocks++ & 1) != 0;
+        emu_enter(F.caller, emu_pick());
+    }
 }
 
 // The PTX-only helpers of kernels/common.cuh. Rounding as cvt.rn.bf16.f32: to nearest even.
