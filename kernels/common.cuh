@@ -92,8 +92,8 @@ __device__ __forceinline__ int live_rows(const int* live, int T) { return live ?
 // gemm_wgmma.cu; grid (column tiles, row tiles, splits)) in grouped order: the blocks, taken in
 // launch order (x fastest), walk a group of 8 column tiles down every row tile before the next
 // group, so blocks resident together share their W tiles in L2. In plain launch order a wave
-// pairs one x tile with up to a wave of different W tiles, and W (55 MB for the Qwen2.5-1.5B
-// gate|up) is read from memory once per row tile when it is larger than L2.
+// pairs one x tile with up to a wave of different W tiles, so a W larger than L2 (55 MB for the
+// Qwen2.5-1.5B gate|up) can be read from memory once per row tile (reasoned, not measured).
 __device__ __forceinline__ void gemm_tile(int* mt, int* nt) {
     const int tiles_m = gridDim.x, tiles_n = gridDim.y, lin = blockIdx.y * tiles_m + blockIdx.x;
     const int first = lin / (8 * tiles_n) * 8, size = min(tiles_m - first, 8), r = lin % (8 * tiles_n);
