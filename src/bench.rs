@@ -234,6 +234,7 @@ fn decode_rows<E: Decoder>(
                 slots: &slots,
                 positions: &pos,
                 n_write: p.len(),
+                run_start: &[],
             },
             &[p.len() - 1],
             &mut Hooks::default(),
@@ -255,6 +256,7 @@ fn decode_rows<E: Decoder>(
                 slots: &slots,
                 positions: &pos,
                 n_write: b,
+                run_start: &[],
             },
         )?;
         if let Some(bad) = ids.iter().find(|&&x| x as usize >= v) {
@@ -285,6 +287,7 @@ fn prefill_once(e: &mut impl Decoder, s: &Settings) -> Result<()> {
         slots: &slots,
         positions: &pos,
         n_write: ids.len(),
+        run_start: &[],
     };
     e.forward(&ids, &step, &[ids.len() - 1], &mut Hooks::default())?;
     Ok(())
@@ -401,6 +404,7 @@ fn eager_step(e: &mut CudaEngine, b: usize, s: &Settings) -> Result<()> {
         slots: &slots,
         positions: &vec![s.prompt_len; b],
         n_write: b,
+        run_start: &[],
     };
     let ran = e.decode_greedy(&vec![1; b], &step).map(|_| ());
     e.use_graphs = graphs;
@@ -655,6 +659,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
                     slots: &slots,
                     positions: &vec![plen - 1; b],
                     n_write: b,
+                    run_start: &[],
                 },
             )?;
             let t0 = Instant::now();
@@ -665,6 +670,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
                         slots: &slots,
                         positions: &vec![plen + i; b],
                         n_write: b,
+                        run_start: &[],
                     },
                 )?;
             }

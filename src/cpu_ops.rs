@@ -132,9 +132,10 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
-/// Attention of one query head over `len` cached positions followed by the token's own
-/// key/value `me` (so a token that does not write the cache still sees itself).
-/// q: [Dh], keys/values: rows of Dh at `stride` apart (S positions), out: [Dh].
+/// Attention of one query head over `len` cached positions followed by `n` more key/value rows
+/// `own` of the call (the token itself, or its run up to itself: so a token that does not write
+/// the cache still sees itself). q: [Dh]; keys/values and own: rows of Dh at `stride` apart;
+/// out: [Dh].
 #[allow(clippy::too_many_arguments)]
 pub fn attend(
     out: &mut [f32],
@@ -143,16 +144,19 @@ pub fn attend(
     values: &[f32],
     stride: usize,
     len: usize,
-    me: (&[f32], &[f32]),
+    own: (&[f32], &[f32], usize),
     scores: &mut Vec<f32>,
 ) {
     let dh = q.len();
     let scale = 1.0 / (dh as f32).sqrt();
+    let (own_k, own_v, n) = own;
     scores.clear();
     for s in 0..len {
         scores.push(dot(q, &keys[s * stride..s * stride + dh]) * scale);
     }
-    scores.push(dot(q, me.0) * scale);
+    for j in 0..n {
+        scores.push(dot(q, &own_k[j * stride..j * stride + dh]) * scale);
+    }
     let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for v in scores.iter_mut() {
@@ -164,7 +168,7 @@ pub fn attend(
         let vr = if s < len {
             &values[s * stride..s * stride + dh]
         } else {
-            me.1
+            &own_v[(s - len) * stride..(s - len) * stride + dh]
         };
         let w = p / sum;
         for i in 0..dh {

@@ -121,6 +121,7 @@ pub fn check_step(
             step.n_write
         );
     }
+    check_runs(step)?;
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
         crate::bail!(
             "token id {bad} is outside the vocabulary: expected ids below vocab_size {}",
@@ -133,4 +134,59 @@ pub fn check_step(
         }
     }
     Ok(())
+}
+
+/// Read-only runs (`Step::run_start`): each starts at a read-only row at or before its token,
+/// and covers consecutive positions of one slot in consecutive rows.
+fn check_runs(step: &Step) -> Result<()> {
+    let (t, w) = (step.slots.len(), step.n_write);
+    if step.run_start.is_empty() {
+        return Ok(());
+    }
+    if step.run_start.len() != t - w {
+        crate::bail!(
+            "step: expected {} run starts (one per read-only row), found {}",
+            t - w,
+            step.run_start.len()
+        );
+    }
+    for r in w..t {
+        let a = step.run_start[r - w];
+        let ok = (w..=r).contains(&a)
+            && step.slots[a..=r].iter().all(|&s| s == step.slots[r])
+            && (a..=r).all(|i| step.positions[i] == step.positions[a] + (i - a));
+        if !ok {
+            crate::bail!("step: row {r}'s run starts at row {a}: expected a read-only row at or before it with the same slot and consecutive positions");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_runs;
+    use crate::model::Step;
+
+    fn runs_ok(slots: &[usize], positions: &[usize], n_write: usize, run_start: &[usize]) -> bool {
+        let step = Step {
+            slots,
+            positions,
+            n_write,
+            run_start,
+        };
+        check_runs(&step).is_ok()
+    }
+
+    #[test]
+    fn read_only_runs_are_consecutive_positions_of_one_slot() {
+        // One written token, then two runs of slot 0 (positions 3..5 and 5) and one of slot 1.
+        let (slots, pos) = ([0, 0, 0, 0, 0, 1, 1], [5, 3, 4, 5, 5, 8, 9]);
+        assert!(runs_ok(&slots, &pos, 1, &[1, 1, 1, 4, 5, 5]));
+        assert!(runs_ok(&slots, &pos, 1, &[]));
+        assert!(!runs_ok(&slots, &pos, 1, &[1, 1, 1, 4, 5])); // one start missing
+        assert!(!runs_ok(&slots, &pos, 1, &[0, 1, 1, 4, 5, 5])); // starts at a written row
+        assert!(!runs_ok(&slots, &pos, 1, &[1, 1, 1, 1, 5, 5])); // positions 3, 4, 5, 5
+        assert!(!runs_ok(&slots, &pos, 1, &[1, 1, 1, 4, 4, 5])); // crosses into slot 1
+        assert!(!runs_ok(&slots, &pos, 1, &[1, 3, 1, 4, 5, 5])); // starts after its row
+    }
 }

@@ -161,6 +161,7 @@ pub fn generate_each(
             slots: &slots,
             positions: &positions,
             n_write: ids.len(),
+            run_start: &[],
         };
         let logits = dec.forward(&ids, &step, &last, &mut Hooks::default())?;
         for (k, &(slot, r)) in active.iter().enumerate() {

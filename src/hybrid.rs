@@ -4,9 +4,11 @@
 //! thinking model's logits.
 //!
 //! Modes: `Exact` recomputes both full sequences every step (any windows: the oracle);
-//! `Cached` keeps both KV caches and steers only the newest position (the same function as
-//! exact for windows [-1]); `Persistent` (our extension) also commits the winning candidate's
-//! steered K/V to the cache.
+//! `Cached` keeps both KV caches, which hold unsteered K/V, and is the same function as exact
+//! for any windows: a candidate of window −N reruns only the last N positions through the
+//! blocks after the steering point (window 0: every position), as a read-only run that attends
+//! to the cache before it; `Persistent` (our extension, windows [-1]) also commits the winning
+//! candidate's steered K/V to the cache.
 
 use crate::cpu_ops::argmax;
 use crate::model::{Hooks, KvCache, Model, Step, Workspace};
@@ -155,10 +157,12 @@ pub fn run(
             s.windows.len()
         );
     }
-    if s.mode != Mode::Exact && s.windows != [-1] {
+    if let Some(w) = s.windows.iter().find(|&&w| w > 0) {
+        bail!("expected windows 0 (every position) or -N (the last N positions), found {w}");
+    }
+    if s.mode == Mode::Persistent && s.windows != [-1] {
         bail!(
-            "--mode {:?} steers the newest position only, so windows must be [-1]; found {:?} (use --mode exact for other windows)",
-            s.mode,
+            "--mode persistent commits the newest position's steered K/V, so windows must be [-1]; found {:?} (use --mode cached or exact for other windows)",
             s.windows
         );
     }
@@ -223,6 +227,7 @@ impl Full {
             slots: &slots,
             positions: &pos,
             n_write: t,
+            run_start: &[],
         };
         let mut hooks = Hooks {
             capture: capture.map(|p| (p, vec![])).into_iter().collect(),
@@ -300,11 +305,7 @@ fn exact_one(
             let (mut cands, mut which) = (vec![], vec![]);
             for &c in &s.coefficients {
                 for &w in &s.windows {
-                    let first = if w == 0 {
-                        0
-                    } else {
-                        n.saturating_sub(w.unsigned_abs() as usize)
-                    };
+                    let first = window_start(w, n);
                     add.fill(0.0);
                     for row in add[first * d..].chunks_mut(d) {
                         for (a, v) in row.iter_mut().zip(&vec_d) {
@@ -415,7 +416,6 @@ fn cached_batch(
     let point = pair.steer_point(s);
     let (nb, nt) = (b.config.num_hidden_layers, t.config.num_hidden_layers);
     let mut z = vec![0f32; pair.sae.latents];
-    let mut vec_d = vec![0f32; d];
     let mut rng = s.random_firing.map(Rng::new);
     let mut outs: Vec<Output> = problems
         .iter()
@@ -429,6 +429,9 @@ fn cached_batch(
     };
     let mut active: Vec<usize> = (0..nslots).filter(|&r| who[r].is_some()).collect();
     let mut h_point: Vec<f32> = vec![];
+    // Windows other than -1: every position's residual at the steering point, per slot [len, D].
+    let windowed = s.windows != [-1];
+    let mut hist: Vec<Vec<f32>> = vec![vec![]; nslots];
     while !active.is_empty() {
         // 1. Thinking model: feed pending tokens, capture block L_t's output, logits at the last token.
         let (ids, slots, pos, last_t) = st.gather(&active);
@@ -436,6 +439,7 @@ fn cached_batch(
             slots: &slots,
             positions: &pos,
             n_write: ids.len(),
+            run_start: &[],
         };
         let mut hooks = Hooks {
             capture: vec![(pair.sae.layer + 1, vec![])],
@@ -463,6 +467,7 @@ fn cached_batch(
             slots: &slots,
             positions: &pos,
             n_write: ids.len(),
+            run_start: &[],
         };
         b.embed(&ids, &mut sb.h);
         b.layers(
@@ -476,6 +481,12 @@ fn cached_batch(
         h_point.clear();
         for &i in &last_b {
             h_point.extend_from_slice(&sb.h[i * d..(i + 1) * d]);
+        }
+        if windowed {
+            for (i, row) in sb.h.chunks(d).enumerate() {
+                hist[slots[i]].truncate(pos[i] * d);
+                hist[slots[i]].extend_from_slice(row);
+            }
         }
         b.layers(
             &mut sb.ws,
@@ -491,13 +502,12 @@ fn cached_batch(
             .map(|l| argmax(l) as u32)
             .collect();
 
-        // 3–4. Candidates for every row that needs steering, as read-only rows in one pass.
+        // 3–4. Candidates for every row that needs steering, as read-only runs.
         let steer_rows: Vec<usize> = (0..active.len())
             .filter(|&k| {
                 s.no_gating || argmax(&think_logits[k * v..(k + 1) * v]) as u32 != base_toks[k]
             })
             .collect();
-        let nc = s.coefficients.len();
         let mut chosen: Vec<(u32, StepRecord)> = (0..active.len())
             .map(|k| {
                 (
@@ -511,28 +521,50 @@ fn cached_batch(
                 )
             })
             .collect();
-        if !steer_rows.is_empty() {
-            let mut h = Vec::with_capacity(steer_rows.len() * nc * d);
-            let (mut cslots, mut cpos) = (vec![], vec![]);
-            for &k in &steer_rows {
-                vec_d.fill(0.0);
-                pair.steering
-                    .add_scaled(categories[k], 1.0, s.only_bias, &mut vec_d);
-                for &c in &s.coefficients {
-                    h.extend(
-                        h_point[k * d..(k + 1) * d]
-                            .iter()
-                            .zip(&vec_d)
-                            .map(|(x, sv)| x + c * sv),
-                    );
-                    cslots.push(slots[last_b[k]]);
-                    cpos.push(pos[last_b[k]]);
+        // Each steered row's vector b + V[category], [steer rows, D].
+        let mut vecs = vec![0f32; steer_rows.len() * d];
+        for (j, &k) in steer_rows.iter().enumerate() {
+            pair.steering.add_scaled(
+                categories[k],
+                1.0,
+                s.only_bias,
+                &mut vecs[j * d..(j + 1) * d],
+            );
+        }
+        let newest = |k: usize| (slots[last_b[k]], pos[last_b[k]] + 1);
+        let (runs, which) = candidate_runs(&steer_rows, s, |j| newest(steer_rows[j]).1);
+        // A run's residual at the steering point before the steering: the newest position's from
+        // this step, earlier ones from the history (kept only when some window reaches them).
+        let resid = |r: &Run, p: usize| {
+            let slot = newest(steer_rows[r.j]).0;
+            if p + 1 == r.n {
+                &h_point[steer_rows[r.j] * d..(steer_rows[r.j] + 1) * d]
+            } else {
+                &hist[slot][p * d..(p + 1) * d]
+            }
+        };
+        let mut cand = Vec::with_capacity(runs.len());
+        for group in run_groups(&runs) {
+            let (mut h, mut cslots, mut cpos, mut starts, mut lasts) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            for r in group {
+                let slot = newest(steer_rows[r.j]).0;
+                let first_row = cpos.len();
+                for p in r.first..r.n {
+                    let x = resid(r, p);
+                    let sv = &vecs[r.j * d..(r.j + 1) * d];
+                    h.extend(x.iter().zip(sv).map(|(x, sv)| x + r.c * sv));
+                    cslots.push(slot);
+                    cpos.push(p);
+                    starts.push(first_row);
                 }
+                lasts.push(cpos.len() - 1);
             }
             let cstep = Step {
                 slots: &cslots,
                 positions: &cpos,
                 n_write: 0,
+                run_start: &starts,
             };
             b.layers(
                 &mut sb.ws,
@@ -542,41 +574,50 @@ fn cached_batch(
                 &cstep,
                 &mut Hooks::default(),
             );
-            let rows: Vec<usize> = (0..cslots.len()).collect();
-            let cand: Vec<u32> = b
-                .head(&mut sb.ws, &h, &rows)
-                .chunks(v)
-                .map(|l| argmax(l) as u32)
-                .collect();
-            for (j, &k) in steer_rows.iter().enumerate() {
-                let cands = &cand[j * nc..(j + 1) * nc];
-                let w = pick(&think_logits[k * v..(k + 1) * v], cands);
-                chosen[k] = (
-                    cands[w],
-                    StepRecord {
-                        category: categories[k],
-                        steered: true,
-                        coef: Some(s.coefficients[w]),
-                        window: Some(-1),
-                    },
+            cand.extend(
+                b.head(&mut sb.ws, &h, &lasts)
+                    .chunks(v)
+                    .map(|l| argmax(l) as u32),
+            );
+        }
+        for (j, &k) in steer_rows.iter().enumerate() {
+            // Candidates in (c, w) order; the thinking model's logits pick the winner.
+            let toks: Vec<u32> = which[j].iter().map(|&(ri, _, _)| cand[ri]).collect();
+            let win = pick(&think_logits[k * v..(k + 1) * v], &toks);
+            let (_, c, w) = which[j][win];
+            chosen[k] = (
+                toks[win],
+                StepRecord {
+                    category: categories[k],
+                    steered: true,
+                    coef: Some(c),
+                    window: Some(w),
+                },
+            );
+            if s.mode == Mode::Persistent {
+                // Commit the winner's steered K/V at the newest position in the blocks after the
+                // point: rerun its steered residual there (windows are [-1] in this mode).
+                let (slot, n) = newest(k);
+                let sv = &vecs[j * d..(j + 1) * d];
+                let mut row: Vec<f32> = h_point[k * d..(k + 1) * d]
+                    .iter()
+                    .zip(sv)
+                    .map(|(x, sv)| x + c * sv)
+                    .collect();
+                let one = Step {
+                    slots: &[slot],
+                    positions: &[n - 1],
+                    n_write: 1,
+                    run_start: &[],
+                };
+                b.layers(
+                    &mut sb.ws,
+                    &mut sb.cache,
+                    &mut row,
+                    point..nb,
+                    &one,
+                    &mut Hooks::default(),
                 );
-                if s.mode == Mode::Persistent {
-                    // Commit the winner's steered K/V for this position in blocks after the point.
-                    let row = &mut h[(j * nc + w) * d..(j * nc + w + 1) * d].to_vec();
-                    let one = Step {
-                        slots: &cslots[j * nc..j * nc + 1],
-                        positions: &cpos[j * nc..j * nc + 1],
-                        n_write: 1,
-                    };
-                    b.layers(
-                        &mut sb.ws,
-                        &mut sb.cache,
-                        row,
-                        point..nb,
-                        &one,
-                        &mut Hooks::default(),
-                    );
-                }
             }
         }
         // 5. Emit, and queue the token for both models; finished problems free their slot.
@@ -603,4 +644,125 @@ fn cached_batch(
         active = (0..nslots).filter(|&r| who[r].is_some()).collect();
     }
     Ok(outs)
+}
+
+/// One steered base-model run of the cached loop: steered row j (of the step's steered rows),
+/// coefficient c, the steering added from position `first` to the newest (the window).
+struct Run {
+    j: usize,
+    c: f32,
+    first: usize,
+    n: usize, // the sequence length: the run covers positions first..n
+}
+
+/// Candidate rows computed in one call at most (bounds the workspace, [rows, F] per buffer);
+/// a longer run gets a call of its own.
+const CANDIDATE_ROWS: usize = 2048;
+
+/// The runs of the steered rows (`len(j)`: row j's sequence length), and for each row its
+/// candidates in (c, w) order as (run, c, w). Windows that cover the same positions share a run
+/// (e.g. -100 and 0 while the sequence is shorter than 100).
+#[allow(clippy::type_complexity)]
+fn candidate_runs(
+    steer_rows: &[usize],
+    s: &Settings,
+    len: impl Fn(usize) -> usize,
+) -> (Vec<Run>, Vec<Vec<(usize, f32, i64)>>) {
+    let (mut runs, mut which) = (vec![], vec![]);
+    for j in 0..steer_rows.len() {
+        let n = len(j);
+        let mut mine = vec![];
+        for &c in &s.coefficients {
+            for &w in &s.windows {
+                let first = window_start(w, n);
+                let same = |r: &Run| r.j == j && r.c.to_bits() == c.to_bits() && r.first == first;
+                let ri = match runs.iter().rposition(same) {
+                    Some(ri) => ri,
+                    None => {
+                        runs.push(Run { j, c, first, n });
+                        runs.len() - 1
+                    }
+                };
+                mine.push((ri, c, w));
+            }
+        }
+        which.push(mine);
+    }
+    (runs, which)
+}
+
+/// Consecutive runs whose rows fit in one call of CANDIDATE_ROWS (a longer run alone).
+fn run_groups(runs: &[Run]) -> Vec<&[Run]> {
+    let (mut groups, mut from, mut rows) = (vec![], 0, 0);
+    for (i, r) in runs.iter().enumerate() {
+        if i > from && rows + r.n - r.first > CANDIDATE_ROWS {
+            groups.push(&runs[from..i]);
+            (from, rows) = (i, 0);
+        }
+        rows += r.n - r.first;
+    }
+    if from < runs.len() {
+        groups.push(&runs[from..]);
+    }
+    groups
+}
+
+/// The first steered position of window w in a sequence of n tokens: 0 for w = 0 (every
+/// position), n − N for w = −N (the last N).
+fn window_start(w: i64, n: usize) -> usize {
+    if w == 0 {
+        0
+    } else {
+        n.saturating_sub(w.unsigned_abs() as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_are_shared_by_equal_windows_and_grouped_within_the_row_budget() {
+        let s = Settings {
+            coefficients: vec![0.5, 1.0],
+            windows: vec![0, -1, -100, -3000],
+            ..Settings::default()
+        };
+        // Row 0: 40 tokens (-100 covers the same positions as 0); row 1: 3,000 tokens.
+        let (runs, which) = candidate_runs(&[3, 7], &s, |j| [40, 3000][j]);
+        let spans: Vec<_> = runs.iter().map(|r| (r.j, r.c, r.first, r.n)).collect();
+        assert_eq!(
+            spans,
+            [
+                (0, 0.5, 0, 40),
+                (0, 0.5, 39, 40),
+                (0, 1.0, 0, 40),
+                (0, 1.0, 39, 40),
+                (1, 0.5, 0, 3000),
+                (1, 0.5, 2999, 3000),
+                (1, 0.5, 2900, 3000),
+                (1, 1.0, 0, 3000),
+                (1, 1.0, 2999, 3000),
+                (1, 1.0, 2900, 3000),
+            ]
+        );
+        let ri: Vec<usize> = which[0].iter().map(|x| x.0).collect();
+        assert_eq!(ri, [0, 1, 0, 0, 2, 3, 2, 2]);
+        assert_eq!(which[1][3], (4, 0.5, -3000));
+        // Groups of at most CANDIDATE_ROWS rows, a longer run alone, order kept.
+        let sizes: Vec<Vec<usize>> = run_groups(&runs)
+            .iter()
+            .map(|g| g.iter().map(|r| r.n - r.first).collect())
+            .collect();
+        assert_eq!(
+            sizes,
+            [
+                vec![40, 1, 40, 1],
+                vec![3000],
+                vec![1, 100],
+                vec![3000],
+                vec![1, 100]
+            ]
+        );
+    }
 }

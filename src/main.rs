@@ -183,7 +183,8 @@ struct HybridArgs {
     /// The JSONL field holding the question.
     #[arg(long)]
     question_field: Option<String>,
-    /// exact (recompute, any windows: the oracle), cached (default), persistent (our extension).
+    /// exact (recompute: the oracle), cached (default; KV caches, the same function as exact
+    /// for any windows), persistent (our extension: the winner's steering stays; windows -1).
     #[arg(long, value_enum, default_value = "cached")]
     mode: thinksteer::hybrid::Mode,
     /// Steering coefficients C (outer loop of candidates).
@@ -194,7 +195,8 @@ struct HybridArgs {
         allow_hyphen_values = true
     )]
     coefficients: Vec<f32>,
-    /// Windows W (inner loop): 0 = every position, -N = the last N positions.
+    /// Windows W (inner loop): 0 = every position, -N = the last N positions (the paper's:
+    /// 0,-1,-15,-50,-100). Windows other than -1 run on the CPU.
     #[arg(
         long,
         value_delimiter = ',',
@@ -571,6 +573,7 @@ fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
         slots: &slots,
         positions: &positions,
         n_write: t,
+        run_start: &[],
     };
     let logits = engine
         .forward(&l.prompt_ids, &step, &rows, &mut hooks)?
@@ -608,12 +611,12 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     use thinksteer::hybrid::{run, Pair, Prompts, Settings};
     use thinksteer::sae::Sae;
     use thinksteer::steering::SteeringSet;
-    // The GPU step covers cached/persistent mode without host-drawn categories.
-    let gpu_ok = a.mode != thinksteer::hybrid::Mode::Exact && !a.random_firing;
+    // The GPU step covers cached/persistent mode with window -1, without host-drawn categories.
+    let gpu_ok = a.mode != thinksteer::hybrid::Mode::Exact && !a.random_firing && a.windows == [-1];
     let on_gpu = match a.device {
         Device::Cuda if !gpu_ok => {
             return Err(anyhow!(
-                "--device cuda: --mode exact and --random-firing run on the CPU; use --device cpu"
+                "--device cuda: --mode exact, --random-firing and windows other than -1 run on the CPU; use --device cpu"
             ))
         }
         d => use_cuda(d)? && gpu_ok,

@@ -112,14 +112,24 @@ impl KvCache {
 
 /// The tokens of one forward call: any mix of rows, each token with its cache slot and position.
 /// Tokens `0..n_write` append their K/V to the cache; the rest (e.g. steering candidates) only
-/// read it, and attend to the cache before their position plus themselves.
+/// read it. A read-only token belongs to a *run*: consecutive positions of one slot, in
+/// consecutive rows of the call (a steering window's candidate). It attends to the cache before
+/// the run's first position, then to the run's tokens up to itself.
 pub struct Step<'a> {
     pub slots: &'a [usize],     // [T]
     pub positions: &'a [usize], // [T]
     pub n_write: usize,
+    /// [T − n_write]: the row where each read-only token's run starts. Empty: every read-only
+    /// token is a run of one (it attends to the cache before its position, then itself).
+    pub run_start: &'a [usize],
 }
 
 impl Step<'_> {
+    /// The row where read-only token `t`'s run starts (t itself without runs).
+    pub fn run_of(&self, t: usize) -> usize {
+        self.run_start.get(t - self.n_write).copied().unwrap_or(t)
+    }
+
     /// Whether no token of the call attends a position that another token of the call writes:
     /// in every slot, each written position is at or after every position of that slot in the
     /// call (one token per sequence, or candidates beside their problem's token). Then the
@@ -343,7 +353,8 @@ impl Model {
         add(h, &ws.o[..t * d]);
     }
 
-    /// attn[t, h] = softmax(q·Kᵀ/√Dh)·V over the slot's cache before pos[t], plus token t itself.
+    /// attn[t, h] = softmax(q·Kᵀ/√Dh)·V over the slot's cache before the first position of t's
+    /// run (pos[t] for a token that writes or runs alone), then the run's tokens up to t.
     fn attention(&self, ws: &mut Workspace, cache: &KvCache, l: usize, step: &Step) {
         let c = &self.config;
         let (nh, nkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
@@ -356,16 +367,22 @@ impl Model {
             .for_each(|(i, out)| {
                 let (tok, head) = (i / nh, i % nh);
                 let g = head / (nh / nkv);
-                let (slot, pos) = (step.slots[tok], step.positions[tok]);
+                let first = if tok < step.n_write {
+                    tok
+                } else {
+                    step.run_of(tok)
+                };
+                let (slot, pos) = (step.slots[tok], step.positions[first]);
                 let q = &q_all[i * dh..(i + 1) * dh];
-                // Keys/values of this kv head for positions 0..pos, then the token itself.
+                // Keys/values of this kv head: the cache for positions 0..pos, then the call's
+                // rows first..=tok (the token itself, or its run up to it).
                 let base = (slot * s * nkv + g) * dh;
                 let stride = nkv * dh;
                 SCORES.with(|sc| {
                     let mut sc = sc.borrow_mut();
-                    let own = (tok * nkv + g) * dh..(tok * nkv + g + 1) * dh;
-                    let me = (&k_self[own.clone()], &v_self[own]);
-                    attend(out, q, &kc[base..], &vc[base..], stride, pos, me, &mut sc);
+                    let own = (first * nkv + g) * dh..;
+                    let run = (&k_self[own.clone()], &v_self[own], tok + 1 - first);
+                    attend(out, q, &kc[base..], &vc[base..], stride, pos, run, &mut sc);
                 });
             });
     }
@@ -456,6 +473,7 @@ mod tests {
             slots,
             positions,
             n_write,
+            run_start: &[],
         };
         step.rows_independent(&mut vec![])
     }

@@ -414,7 +414,7 @@ fn attend_ref(q: &[f32], keys: &[f32], vals: &[f32], dh: usize) -> Vec<f32> {
     let mut out = vec![0f32; dh];
     let mut scores = Vec::new();
     let n = keys.len() / dh - 1;
-    let me = (&keys[n * dh..], &vals[n * dh..]);
+    let me = (&keys[n * dh..], &vals[n * dh..], 1);
     cpu_ops::attend(&mut out, q, keys, vals, dh, n, me, &mut scores);
     out
 }

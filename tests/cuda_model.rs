@@ -50,6 +50,7 @@ fn prefill_logits_match_the_cpu() {
         slots: &slots,
         positions: &pos,
         n_write: t,
+        run_start: &[],
     };
     let mut cpu = CpuEngine::new(cpu_model, 1, 512);
     let want = cpu
@@ -81,6 +82,7 @@ fn single_row_decode_matches_the_cpu() {
         slots: &slots,
         positions: &pos,
         n_write: p.len(),
+        run_start: &[],
     };
     let last = [p.len() - 1];
     let lc = cpu
@@ -96,6 +98,7 @@ fn single_row_decode_matches_the_cpu() {
             slots: &[0],
             positions: &position,
             n_write: 1,
+            run_start: &[],
         };
         let lc = cpu
             .forward(&[next], &step, &[0], &mut Hooks::default())
@@ -133,6 +136,7 @@ fn decode_with_rope_in_attention_gives_the_same_logits_bit_for_bit() {
                 slots: &slots,
                 positions: &pos,
                 n_write: p.len(),
+                run_start: &[],
             };
             let l = e
                 .forward(p, &step, &[p.len() - 1], &mut Hooks::default())
@@ -146,6 +150,7 @@ fn decode_with_rope_in_attention_gives_the_same_logits_bit_for_bit() {
                 slots: &[0],
                 positions: &len[..1],
                 n_write: 1,
+                run_start: &[],
             };
             g.record_launches(i == 0);
             let l = e
@@ -166,6 +171,7 @@ fn decode_with_rope_in_attention_gives_the_same_logits_bit_for_bit() {
                 slots: &s,
                 positions: &len,
                 n_write: 3,
+                run_start: &[],
             };
             next = e.decode_greedy(&next, &step).unwrap();
             ids.extend_from_slice(&next);
@@ -280,6 +286,7 @@ fn greedy_matches(
         slots: &slots,
         positions: &pos,
         n_write: ids.len(),
+        run_start: &[],
     };
     let lc = cpu
         .forward(&ids, &step, &last, &mut Hooks::default())
@@ -307,6 +314,7 @@ fn greedy_matches(
             slots: &s,
             positions: &len,
             n_write: b,
+            run_start: &[],
         };
         let lc = cpu
             .forward(&next, &step, &s, &mut Hooks::default())

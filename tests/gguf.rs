@@ -770,6 +770,7 @@ fn converted_tiny_llama_equals_the_hf_layout_model() {
             slots: &slots,
             positions: &pos,
             n_write: t,
+            run_start: &[],
         };
         let mut hooks = Hooks {
             capture: vec![],

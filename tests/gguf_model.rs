@@ -92,6 +92,7 @@ fn forward(m: &Arc<Model>, ids: &[u32]) -> Vec<f32> {
             slots: &slots,
             positions: &pos,
             n_write: t,
+            run_start: &[],
         },
         &rows,
         &mut hooks,

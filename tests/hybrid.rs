@@ -76,6 +76,7 @@ fn forward(
                 slots: &vec![0; t],
                 positions: &pos,
                 n_write: t,
+                run_start: &[],
             },
             &[t - 1],
             &mut hooks,
@@ -91,10 +92,13 @@ fn forward(
     (logits, h)
 }
 
-/// hybrid.md §3 read literally, one step at a time, no caches.
-fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Output {
+/// hybrid.md §3 read literally, one step at a time, no caches. With `persist`, persistent
+/// mode read the same way: each winner's steering stays added at its position in every later
+/// base-model run.
+fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize, persist: bool) -> Output {
     let d = 64;
     let (mut sb, mut stt) = (p.base.clone(), p.thinking.clone());
+    let mut kept = vec![0f32; sb.len() * d]; // [len, D] steering kept by persistent mode
     let mut out = Output {
         ids: vec![],
         steps: vec![],
@@ -109,7 +113,12 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Outpu
             })
             .collect();
         let cat = argmax(&z);
-        let (lb, _) = forward(&f.base, &sb, None, None);
+        let (lb, _) = forward(
+            &f.base,
+            &sb,
+            persist.then_some((f.steering.layer, &kept)),
+            None,
+        );
         let (think_tok, base_tok) = (argmax(&lt) as u32, argmax(&lb) as u32);
         let (tok, rec) = if think_tok == base_tok {
             (
@@ -126,7 +135,11 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Outpu
             for &c in coefs {
                 for &w in windows {
                     let len = sb.len();
-                    let mut add = vec![0f32; len * d];
+                    let mut add = if persist {
+                        kept.clone()
+                    } else {
+                        vec![0f32; len * d]
+                    };
                     for pos in 0..len {
                         let inside = w == 0 || pos + (-w) as usize >= len;
                         if inside {
@@ -144,6 +157,12 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Outpu
                 }
             }
             let (tok, c, w) = best.unwrap();
+            if persist {
+                let last = (sb.len() - 1) * d;
+                for i in 0..d {
+                    kept[last + i] = c * (f.steering.bias[i] + f.steering.vectors[cat * d + i]);
+                }
+            }
             (
                 tok,
                 StepRecord {
@@ -161,6 +180,7 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize) -> Outpu
         }
         sb.push(tok);
         stt.push(tok);
+        kept.resize(sb.len() * d, 0.0);
     }
     out
 }
@@ -194,7 +214,7 @@ fn exact_mode_equals_the_naive_recompute() {
     let (coefs, windows) = ([0.5, 1.0, 2.0], [0, -1, -3]);
     let mut steered = 0;
     for p in problems() {
-        let want = naive(&f, &p, &coefs, &windows, 12);
+        let want = naive(&f, &p, &coefs, &windows, 12, false);
         let got = &hybrid(
             &f,
             std::slice::from_ref(&p),
@@ -278,6 +298,32 @@ fn batched_equals_one_at_a_time() {
 }
 
 #[test]
+fn persistent_mode_equals_the_naive_recompute_with_the_winners_kept() {
+    let f = fx(12.0);
+    let coefs = [0.5, 1.0, 2.0];
+    let mut steered = 0;
+    for p in problems() {
+        let want = naive(&f, &p, &coefs, &[-1], 16, true);
+        let got = &hybrid(
+            &f,
+            std::slice::from_ref(&p),
+            &settings(Mode::Persistent, &coefs, &[-1], 16),
+        )[0];
+        assert_eq!(got.ids, want.ids);
+        assert_eq!(got.steps, want.steps);
+        // A kept vector matters only for the steps after it.
+        steered += want.steps[..want.steps.len() - 1]
+            .iter()
+            .filter(|s| s.steered)
+            .count();
+    }
+    assert!(
+        steered > 0,
+        "no steered step before the last: test would be vacuous"
+    );
+}
+
+#[test]
 fn persistent_mode_differs_from_cached_once_steering_is_committed() {
     let f = fx(12.0);
     let coefs = [1.0, 2.0];
@@ -353,7 +399,37 @@ fn steered_steps_are_exactly_the_disagreements() {
 }
 
 #[test]
-fn cached_modes_refuse_other_windows() {
+fn cached_equals_exact_for_every_window() {
+    // Windows past the prompt's start (-50 while sequences are shorter: the same run as 0)
+    // and inside it, with several problems decoded together.
+    let f = fx(12.0);
+    let (coefs, windows) = ([0.5, 1.0, 2.0], [0, -1, -3, -9, -50]);
+    let exact = hybrid(
+        &f,
+        &problems(),
+        &settings(Mode::Exact, &coefs, &windows, 14),
+    );
+    let cached = hybrid(
+        &f,
+        &problems(),
+        &settings(Mode::Cached, &coefs, &windows, 14),
+    );
+    for (e, c) in exact.iter().zip(&cached) {
+        assert_eq!(c.ids, e.ids);
+        assert_eq!(c.steps, e.steps);
+    }
+    // Vacuous unless some step was won by a window other than -1.
+    assert!(
+        exact
+            .iter()
+            .flat_map(|o| &o.steps)
+            .any(|s| s.steered && s.window != Some(-1)),
+        "no step won by a longer window"
+    );
+}
+
+#[test]
+fn persistent_mode_and_positive_windows_are_refused() {
     let f = fx(12.0);
     let pair = Pair {
         base: &f.base,
@@ -361,12 +437,18 @@ fn cached_modes_refuse_other_windows() {
         sae: &f.sae,
         steering: &f.steering,
     };
-    let err = run(
-        &pair,
-        &problems(),
-        &settings(Mode::Cached, &[1.0], &[0, -1], 4),
-        |_, _, _| {},
-    )
-    .unwrap_err();
-    assert!(err.to_string().contains("--mode exact"), "{err}");
+    let err = |mode, windows: &[i64]| {
+        run(
+            &pair,
+            &problems(),
+            &settings(mode, &[1.0], windows, 4),
+            |_, _, _| {},
+        )
+        .unwrap_err()
+        .to_string()
+    };
+    let e = err(Mode::Persistent, &[0, -1]);
+    assert!(e.contains("windows must be [-1]"), "{e}");
+    let e = err(Mode::Cached, &[-1, 3]);
+    assert!(e.contains("found 3"), "{e}");
 }

@@ -54,6 +54,7 @@ fn oracle_loss(model: &Model, ex: &Example, layer: usize, v: &[f32], extra: Opti
         slots: &slots,
         positions: &positions,
         n_write: t,
+        run_start: &[],
     };
     let mut hooks = Hooks {
         capture: vec![],

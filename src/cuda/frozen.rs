@@ -49,6 +49,7 @@ pub fn prepare_on_gpu(engine: &mut CudaEngine, ex: &Example, layer: usize) -> Re
             slots: &slots,
             positions: &positions,
             n_write: end - start,
+            run_start: &[],
         };
         // Row s0 − 1's logits when it falls in this call; block L's output when active rows do.
         let last_frozen = s0.checked_sub(1).filter(|r| (start..end).contains(r));

@@ -111,8 +111,7 @@ impl CudaHybrid {
         }
         if s.windows != [-1] {
             bail!(
-                "--mode {:?} steers the newest position only, so windows must be [-1]; found {:?}",
-                s.mode,
+                "the GPU step steers the newest position only, so windows must be [-1]; found {:?} (other windows run on the CPU: use --device cpu)",
                 s.windows
             );
         }
@@ -617,6 +616,7 @@ impl CudaHybrid {
                 slots: &bslots,
                 positions: &bpos,
                 n_write: b,
+                run_start: &[],
             },
         )?;
         self.think.upload_step(
@@ -625,6 +625,7 @@ impl CudaHybrid {
                 slots,
                 positions: pos_t,
                 n_write: b,
+                run_start: &[],
             },
         )?;
         // A replayed graph starts from the base stream: it must not overtake the upload on the
@@ -783,6 +784,7 @@ impl CudaHybrid {
                     slots: &slots,
                     positions: &pos,
                     n_write: n,
+                    run_start: &[],
                 };
                 Decoder::forward(e, &ids[..n], &step, &[n - 1], &mut Hooks::default())?;
             }

@@ -919,6 +919,9 @@ impl Decoder for CudaEngine {
     ) -> Result<&[f32]> {
         check_step(&self.config, ids, step, self.slots, self.max_len)?;
         let (t, v, r) = (ids.len(), self.config.vocab_size, logit_rows.len());
+        if (step.n_write..t).any(|x| step.run_of(x) != x) {
+            crate::bail!("read-only runs of more than one token (steering windows other than -1) run on the CPU; found one in a call to the CUDA engine");
+        }
         let hooked = hooks.steer.is_some() || !hooks.capture.is_empty();
         if t > self.max_t && hooked {
             crate::bail!(
@@ -940,6 +943,7 @@ impl Decoder for CudaEngine {
                 slots: &step.slots[start..end],
                 positions: &step.positions[start..end],
                 n_write,
+                run_start: &[],
             };
             self.forward_chunk(&ids[start..end], &sub, hooks)?;
             let here: Vec<(usize, usize)> = logit_rows

@@ -119,13 +119,15 @@ pub struct EvalArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: EvalDevice,
-    /// Hybrid loop: exact (recompute, any windows), cached (default), persistent (our extension).
+    /// Hybrid loop: exact (recompute: the oracle), cached (default; the same function as exact
+    /// for any windows), persistent (our extension; windows -1).
     #[arg(long, value_enum, default_value = "cached")]
     pub hybrid_mode: Mode,
     /// Steering coefficients C (default: the preset's, else 0.1,…,1.0).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub coefficients: Option<Vec<f32>>,
     /// Windows W: 0 = every position, -N = the last N (default: -1; the preset's in exact mode).
+    /// Windows other than -1 run on the CPU (the GPU step steers the newest position only).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub windows: Option<Vec<i64>>,
     /// The base model's prompt with {question} (default: the paper's plain prompt).

@@ -100,6 +100,7 @@ pub fn block_output(model: &Model, ids: &[u32], layer: usize) -> Result<Vec<f32>
         slots: &slots,
         positions: &positions,
         n_write: t,
+        run_start: &[],
     };
     model.layers(
         &mut ws,
@@ -144,6 +145,7 @@ pub fn block_output_on(
             slots: &slots,
             positions: &positions,
             n_write: piece.len(),
+            run_start: &[],
         };
         let mut hooks = Hooks {
             capture: vec![(layer + 1, Vec::new())],

@@ -116,6 +116,7 @@ pub fn prepare(model: &Model, ex: &Example, layer: usize) -> Result<Frozen> {
             slots: &slots,
             positions: &positions,
             n_write: s0,
+            run_start: &[],
         };
         model.layers(
             &mut ws,
@@ -137,6 +138,7 @@ pub fn prepare(model: &Model, ex: &Example, layer: usize) -> Result<Frozen> {
             slots: &slots,
             positions: &positions,
             n_write: ta,
+            run_start: &[],
         };
         model.layers(
             &mut ws,
