@@ -12,6 +12,10 @@ pub trait Decoder {
     /// Positions per slot (the context the cache was sized for).
     fn max_len(&self) -> usize;
     fn slots(&self) -> usize;
+    /// Tokens one hooked call (or one with read-only runs) may hold.
+    fn max_rows(&self) -> usize {
+        usize::MAX
+    }
     /// Runs `ids` (one per entry of `step`) through every block, with hooks on the residual,
     /// and returns the logits [R, V] of the token indices in `logit_rows`.
     fn forward(

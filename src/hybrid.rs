@@ -11,12 +11,14 @@
 //! candidate's steered K/V to the cache.
 
 use crate::cpu_ops::argmax;
+use crate::engine::{CpuEngine, Decoder};
 use crate::model::{Hooks, KvCache, Model, Step, Workspace};
 use crate::rng::Rng;
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
 use crate::{bail, Result};
 use serde::Serialize;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -97,8 +99,8 @@ impl Output {
 
 /// The two models and the artifacts that connect them, validated against each other.
 pub struct Pair<'a> {
-    pub base: &'a Model,
-    pub thinking: &'a Model,
+    pub base: &'a Arc<Model>,
+    pub thinking: &'a Arc<Model>,
     pub sae: &'a Sae,
     pub steering: &'a SteeringSet,
 }
@@ -183,7 +185,20 @@ pub fn run(
             .enumerate()
             .map(|(i, p)| exact_one(pair, p, s, |t, r| on_step(i, t, r)))
             .collect(),
-        Mode::Cached | Mode::Persistent => cached_batch(pair, problems, s, on_step),
+        Mode::Cached | Mode::Persistent => {
+            let ctx = |m: &Model, prompt: fn(&Prompts) -> usize| {
+                let longest = problems.iter().map(prompt).max().unwrap_or(0);
+                m.config.max_position_embeddings.min(longest + s.max_new_tokens)
+            };
+            let slots = s.batch.max(1).min(problems.len().max(1));
+            let mut base = CpuEngine::new(pair.base.clone(), slots, ctx(pair.base, |p| p.base.len()));
+            let mut think = CpuEngine::new(
+                pair.thinking.clone(),
+                slots,
+                ctx(pair.thinking, |p| p.thinking.len()),
+            );
+            run_cached(pair, &mut base, &mut think, problems, s, on_step)
+        }
     }
 }
 
@@ -338,24 +353,27 @@ fn exact_one(
     Ok(out)
 }
 
-/// Per-model state of the cached loop: cache, workspace, residual, and per-row positions.
+/// Per-engine state of the cached loop, per cache slot: tokens in the cache, tokens to feed
+/// next, and (base model) the whole sequence, whose window tokens a candidate run re-embeds.
 struct Side {
-    cache: KvCache,
-    ws: Workspace,
-    h: Vec<f32>,            // [T, D]
-    len: Vec<usize>,        // tokens in the cache, per problem slot
-    pending: Vec<Vec<u32>>, // tokens to feed next, per problem
+    len: Vec<usize>,
+    pending: Vec<Vec<u32>>,
+    seq: Vec<Vec<u32>>,
 }
 
 impl Side {
-    fn new(m: &Model, prompts: Vec<Vec<u32>>, ctx: usize) -> Side {
+    fn new(slots: usize) -> Side {
         Side {
-            cache: KvCache::new(&m.config, prompts.len(), ctx),
-            ws: Workspace::default(),
-            h: vec![],
-            len: vec![0; prompts.len()],
-            pending: prompts,
+            len: vec![0; slots],
+            pending: vec![vec![]; slots],
+            seq: vec![vec![]; slots],
         }
+    }
+
+    fn load(&mut self, slot: usize, prompt: &[u32]) {
+        self.len[slot] = 0;
+        self.pending[slot] = prompt.to_vec();
+        self.seq[slot] = prompt.to_vec();
     }
 
     /// Flattens the pending tokens of `rows` into one step; returns (ids, slots, positions, last index per row).
@@ -371,50 +389,53 @@ impl Side {
         }
         (ids, slots, pos, last)
     }
+
+    /// The slot's cache takes its pending tokens, and `tok` is fed next.
+    fn advance(&mut self, slot: usize, tok: u32) {
+        self.len[slot] += self.pending[slot].len();
+        self.pending[slot] = vec![tok];
+        self.seq[slot].push(tok);
+    }
 }
 
-fn cached_batch(
+/// The cached and persistent modes on any two engines (CPU or CUDA, through `Decoder`): both
+/// KV caches hold unsteered K/V. A steered step's candidate of window w reruns the window's
+/// tokens through the base model (as a read-only run in the problem's slot: it attends to the
+/// cache before the window, then to its own rows) with c·(b + V[category]) added at the steering
+/// point; the base model's blocks before the point give the cached values again. Persistent
+/// mode then rewrites the newest position with the winner's steering. `batch` problems decode
+/// together, and a finished problem's slot takes the next one.
+pub fn run_cached(
     pair: &Pair,
+    base: &mut dyn Decoder,
+    think: &mut dyn Decoder,
     problems: &[Prompts],
     s: &Settings,
     mut on_step: impl FnMut(usize, u32, &StepRecord),
 ) -> Result<Vec<Output>> {
-    let (b, t) = (pair.base, pair.thinking);
-    let max_prompt = |f: fn(&Prompts) -> usize| problems.iter().map(f).max().unwrap_or(0);
-    let ctx_b = b
-        .config
-        .max_position_embeddings
-        .min(max_prompt(|p| p.base.len()) + s.max_new_tokens);
-    let ctx_t = t
-        .config
-        .max_position_embeddings
-        .min(max_prompt(|p| p.thinking.len()) + s.max_new_tokens);
-    // Cache slots, each holding one problem at a time; a finished problem's slot takes the
-    // next one (its positions restart at 0, overwriting the old K/V before they are read).
-    let nslots = s.batch.max(1).min(problems.len().max(1));
-    let mut sb = Side::new(b, vec![vec![]; nslots], ctx_b);
-    let mut st = Side::new(t, vec![vec![]; nslots], ctx_t);
+    let (ctx_b, ctx_t) = (base.max_len(), think.max_len());
+    let nslots = s
+        .batch
+        .max(1)
+        .min(problems.len().max(1))
+        .min(base.slots())
+        .min(think.slots());
+    let (mut sb, mut st) = (Side::new(nslots), Side::new(nslots));
     let mut who: Vec<Option<usize>> = vec![None; nslots];
     // Problems whose prompt leaves no room to generate get an empty output.
     let mut queue = (0..problems.len()).filter(|&p| {
         s.max_new_tokens > 0 && problems[p].base.len() < ctx_b && problems[p].thinking.len() < ctx_t
     });
-    let load =
-        |slot: usize, p: usize, sb: &mut Side, st: &mut Side, who: &mut Vec<Option<usize>>| {
-            sb.len[slot] = 0;
-            st.len[slot] = 0;
-            sb.pending[slot] = problems[p].base.clone();
-            st.pending[slot] = problems[p].thinking.clone();
-            who[slot] = Some(p);
-        };
     for slot in 0..nslots {
         if let Some(p) = queue.next() {
-            load(slot, p, &mut sb, &mut st, &mut who);
+            sb.load(slot, &problems[p].base);
+            st.load(slot, &problems[p].thinking);
+            who[slot] = Some(p);
         }
     }
-    let (d, v) = (b.config.hidden_size, b.config.vocab_size);
+    let (d, v) = (base.config().hidden_size, base.config().vocab_size);
+    let (dt, vt) = (think.config().hidden_size, think.config().vocab_size);
     let point = pair.steer_point(s);
-    let (nb, nt) = (b.config.num_hidden_layers, t.config.num_hidden_layers);
     let mut z = vec![0f32; pair.sae.latents];
     let mut rng = s.random_firing.map(Rng::new);
     let mut outs: Vec<Output> = problems
@@ -424,44 +445,28 @@ fn cached_batch(
             steps: vec![],
         })
         .collect();
-    let fits = |r: usize, sb: &Side, st: &Side| {
-        sb.len[r] + sb.pending[r].len() <= ctx_b && st.len[r] + st.pending[r].len() <= ctx_t
-    };
     let mut active: Vec<usize> = (0..nslots).filter(|&r| who[r].is_some()).collect();
-    let mut h_point: Vec<f32> = vec![];
-    // Windows other than -1: every position's residual at the steering point, per slot [len, D].
-    let windowed = s.windows != [-1];
-    let mut hist: Vec<Vec<f32>> = vec![vec![]; nslots];
     while !active.is_empty() {
         // 1. Thinking model: feed pending tokens, capture block L_t's output, logits at the last token.
         let (ids, slots, pos, last_t) = st.gather(&active);
+        let mut hooks = Hooks {
+            capture: vec![(pair.sae.layer + 1, vec![])],
+            steer: None,
+        };
         let step = Step {
             slots: &slots,
             positions: &pos,
             n_write: ids.len(),
             run_start: &[],
         };
-        let mut hooks = Hooks {
-            capture: vec![(pair.sae.layer + 1, vec![])],
-            steer: None,
-        };
-        t.embed(&ids, &mut st.h);
-        t.layers(
-            &mut st.ws,
-            &mut st.cache,
-            &mut st.h,
-            0..nt,
-            &step,
-            &mut hooks,
-        );
-        let think_logits = t.head(&mut st.ws, &st.h, &last_t).to_vec(); // [R, V]
+        let think_logits = think.forward(&ids, &step, &last_t, &mut hooks)?.to_vec(); // [R, Vt]
         let captured = &hooks.capture[0].1;
         let categories: Vec<usize> = last_t
             .iter()
-            .map(|&i| pair.category(&captured[i * d..(i + 1) * d], &mut z, s, &mut rng))
+            .map(|&i| pair.category(&captured[i * dt..(i + 1) * dt], &mut z, s, &mut rng))
             .collect();
 
-        // 2. Base model unsteered, keeping the residual at the steering point of each last token.
+        // 2. Base model unsteered.
         let (ids, slots, pos, last_b) = sb.gather(&active);
         let step = Step {
             slots: &slots,
@@ -469,94 +474,40 @@ fn cached_batch(
             n_write: ids.len(),
             run_start: &[],
         };
-        b.embed(&ids, &mut sb.h);
-        b.layers(
-            &mut sb.ws,
-            &mut sb.cache,
-            &mut sb.h,
-            0..point,
-            &step,
-            &mut Hooks::default(),
-        );
-        h_point.clear();
-        for &i in &last_b {
-            h_point.extend_from_slice(&sb.h[i * d..(i + 1) * d]);
-        }
-        if windowed {
-            for (i, row) in sb.h.chunks(d).enumerate() {
-                hist[slots[i]].truncate(pos[i] * d);
-                hist[slots[i]].extend_from_slice(row);
-            }
-        }
-        b.layers(
-            &mut sb.ws,
-            &mut sb.cache,
-            &mut sb.h,
-            point..nb,
-            &step,
-            &mut Hooks::default(),
-        );
-        let base_toks: Vec<u32> = b
-            .head(&mut sb.ws, &sb.h, &last_b)
+        let base_toks: Vec<u32> = base
+            .forward(&ids, &step, &last_b, &mut Hooks::default())?
             .chunks(v)
             .map(|l| argmax(l) as u32)
             .collect();
+        let think_row = |k: usize| &think_logits[k * vt..(k + 1) * vt];
 
         // 3–4. Candidates for every row that needs steering, as read-only runs.
         let steer_rows: Vec<usize> = (0..active.len())
-            .filter(|&k| {
-                s.no_gating || argmax(&think_logits[k * v..(k + 1) * v]) as u32 != base_toks[k]
-            })
-            .collect();
-        let mut chosen: Vec<(u32, StepRecord)> = (0..active.len())
-            .map(|k| {
-                (
-                    base_toks[k],
-                    StepRecord {
-                        category: categories[k],
-                        steered: false,
-                        coef: None,
-                        window: None,
-                    },
-                )
-            })
+            .filter(|&k| s.no_gating || argmax(think_row(k)) as u32 != base_toks[k])
             .collect();
         // Each steered row's vector b + V[category], [steer rows, D].
         let mut vecs = vec![0f32; steer_rows.len() * d];
         for (j, &k) in steer_rows.iter().enumerate() {
-            pair.steering.add_scaled(
-                categories[k],
-                1.0,
-                s.only_bias,
-                &mut vecs[j * d..(j + 1) * d],
-            );
+            let row = &mut vecs[j * d..(j + 1) * d];
+            pair.steering
+                .add_scaled(categories[k], 1.0, s.only_bias, row);
         }
-        let newest = |k: usize| (slots[last_b[k]], pos[last_b[k]] + 1);
-        let (runs, which) = candidate_runs(&steer_rows, s, |j| newest(steer_rows[j]).1);
-        // A run's residual at the steering point before the steering: the newest position's from
-        // this step, earlier ones from the history (kept only when some window reaches them).
-        let resid = |r: &Run, p: usize| {
-            let slot = newest(steer_rows[r.j]).0;
-            if p + 1 == r.n {
-                &h_point[steer_rows[r.j] * d..(steer_rows[r.j] + 1) * d]
-            } else {
-                &hist[slot][p * d..(p + 1) * d]
-            }
-        };
+        let slot_of = |j: usize| active[steer_rows[j]];
+        let (runs, which) = candidate_runs(&steer_rows, s, |j| sb.len[slot_of(j)] + sb.pending[slot_of(j)].len());
         let mut cand = Vec::with_capacity(runs.len());
-        for group in run_groups(&runs) {
-            let (mut h, mut cslots, mut cpos, mut starts, mut lasts) =
-                (vec![], vec![], vec![], vec![], vec![]);
+        for group in run_groups(&runs, base.max_rows().min(CANDIDATE_ROWS)) {
+            let (mut cids, mut cslots, mut cpos, mut starts, mut lasts, mut add) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
             for r in group {
-                let slot = newest(steer_rows[r.j]).0;
+                let slot = slot_of(r.j);
+                let sv = &vecs[r.j * d..(r.j + 1) * d];
                 let first_row = cpos.len();
                 for p in r.first..r.n {
-                    let x = resid(r, p);
-                    let sv = &vecs[r.j * d..(r.j + 1) * d];
-                    h.extend(x.iter().zip(sv).map(|(x, sv)| x + r.c * sv));
+                    cids.push(sb.seq[slot][p]);
                     cslots.push(slot);
                     cpos.push(p);
                     starts.push(first_row);
+                    add.extend(sv.iter().map(|x| r.c * x));
                 }
                 lasts.push(cpos.len() - 1);
             }
@@ -566,58 +517,53 @@ fn cached_batch(
                 n_write: 0,
                 run_start: &starts,
             };
-            b.layers(
-                &mut sb.ws,
-                &mut sb.cache,
-                &mut h,
-                point..nb,
-                &cstep,
-                &mut Hooks::default(),
-            );
-            cand.extend(
-                b.head(&mut sb.ws, &h, &lasts)
-                    .chunks(v)
-                    .map(|l| argmax(l) as u32),
-            );
+            let mut hooks = Hooks {
+                capture: vec![],
+                steer: Some((point, &add)),
+            };
+            let logits = base.forward(&cids, &cstep, &lasts, &mut hooks)?;
+            cand.extend(logits.chunks(v).map(|l| argmax(l) as u32));
         }
+        let mut chosen: Vec<(u32, StepRecord)> = (0..active.len())
+            .map(|k| {
+                let rec = StepRecord {
+                    category: categories[k],
+                    steered: false,
+                    coef: None,
+                    window: None,
+                };
+                (base_toks[k], rec)
+            })
+            .collect();
         for (j, &k) in steer_rows.iter().enumerate() {
             // Candidates in (c, w) order; the thinking model's logits pick the winner.
             let toks: Vec<u32> = which[j].iter().map(|&(ri, _, _)| cand[ri]).collect();
-            let win = pick(&think_logits[k * v..(k + 1) * v], &toks);
+            let win = pick(think_row(k), &toks);
             let (_, c, w) = which[j][win];
-            chosen[k] = (
-                toks[win],
-                StepRecord {
-                    category: categories[k],
-                    steered: true,
-                    coef: Some(c),
-                    window: Some(w),
-                },
-            );
+            let rec = StepRecord {
+                category: categories[k],
+                steered: true,
+                coef: Some(c),
+                window: Some(w),
+            };
+            chosen[k] = (toks[win], rec);
             if s.mode == Mode::Persistent {
-                // Commit the winner's steered K/V at the newest position in the blocks after the
-                // point: rerun its steered residual there (windows are [-1] in this mode).
-                let (slot, n) = newest(k);
-                let sv = &vecs[j * d..(j + 1) * d];
-                let mut row: Vec<f32> = h_point[k * d..(k + 1) * d]
-                    .iter()
-                    .zip(sv)
-                    .map(|(x, sv)| x + c * sv)
-                    .collect();
+                // The newest position again, with the winner's steering, writing its K/V
+                // (windows are [-1] in this mode).
+                let slot = slot_of(j);
+                let n = sb.len[slot] + sb.pending[slot].len();
+                let add: Vec<f32> = vecs[j * d..(j + 1) * d].iter().map(|x| c * x).collect();
                 let one = Step {
                     slots: &[slot],
                     positions: &[n - 1],
                     n_write: 1,
                     run_start: &[],
                 };
-                b.layers(
-                    &mut sb.ws,
-                    &mut sb.cache,
-                    &mut row,
-                    point..nb,
-                    &one,
-                    &mut Hooks::default(),
-                );
+                let mut hooks = Hooks {
+                    capture: vec![],
+                    steer: Some((point, &add)),
+                };
+                base.forward(&sb.seq[slot][n - 1..n], &one, &[], &mut hooks)?;
             }
         }
         // 5. Emit, and queue the token for both models; finished problems free their slot.
@@ -627,17 +573,18 @@ fn cached_batch(
             on_step(p, tok, &rec);
             outs[p].ids.push(tok);
             outs[p].steps.push(rec);
-            sb.len[r] += sb.pending[r].len();
-            st.len[r] += st.pending[r].len();
-            sb.pending[r] = vec![tok];
-            st.pending[r] = vec![tok];
-            let done = b.config.eos_token_ids.contains(&tok)
+            sb.advance(r, tok);
+            st.advance(r, tok);
+            let fits = sb.len[r] < ctx_b && st.len[r] < ctx_t;
+            let done = pair.base.config.eos_token_ids.contains(&tok)
                 || outs[p].ids.len() >= s.max_new_tokens
-                || !fits(r, &sb, &st);
+                || !fits;
             if done {
                 who[r] = None;
                 if let Some(q) = queue.next() {
-                    load(r, q, &mut sb, &mut st, &mut who);
+                    sb.load(r, &problems[q].base);
+                    st.load(r, &problems[q].thinking);
+                    who[r] = Some(q);
                 }
             }
         }
@@ -655,8 +602,8 @@ struct Run {
     n: usize, // the sequence length: the run covers positions first..n
 }
 
-/// Candidate rows computed in one call at most (bounds the workspace, [rows, F] per buffer);
-/// a longer run gets a call of its own.
+/// Candidate rows computed in one call at most (bounds the CPU workspace, [rows, F] per
+/// buffer); a longer run gets a call of its own.
 const CANDIDATE_ROWS: usize = 2048;
 
 /// The runs of the steered rows (`len(j)`: row j's sequence length), and for each row its
@@ -691,11 +638,11 @@ fn candidate_runs(
     (runs, which)
 }
 
-/// Consecutive runs whose rows fit in one call of CANDIDATE_ROWS (a longer run alone).
-fn run_groups(runs: &[Run]) -> Vec<&[Run]> {
+/// Consecutive runs whose rows fit in one call of `budget` rows (a longer run alone).
+fn run_groups(runs: &[Run], budget: usize) -> Vec<&[Run]> {
     let (mut groups, mut from, mut rows) = (vec![], 0, 0);
     for (i, r) in runs.iter().enumerate() {
-        if i > from && rows + r.n - r.first > CANDIDATE_ROWS {
+        if i > from && rows + r.n - r.first > budget {
             groups.push(&runs[from..i]);
             (from, rows) = (i, 0);
         }
@@ -750,7 +697,7 @@ mod tests {
         assert_eq!(ri, [0, 1, 0, 0, 2, 3, 2, 2]);
         assert_eq!(which[1][3], (4, 0.5, -3000));
         // Groups of at most CANDIDATE_ROWS rows, a longer run alone, order kept.
-        let sizes: Vec<Vec<usize>> = run_groups(&runs)
+        let sizes: Vec<Vec<usize>> = run_groups(&runs, CANDIDATE_ROWS)
             .iter()
             .map(|g| g.iter().map(|r| r.n - r.first).collect())
             .collect();

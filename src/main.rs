@@ -621,8 +621,8 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         }
         d => use_cuda(d)? && gpu_ok,
     };
-    let base = Model::load(&a.base)?;
-    let thinking = Model::load(&a.thinking)?;
+    let base = Arc::new(Model::load(&a.base)?);
+    let thinking = Arc::new(Model::load(&a.thinking)?);
     // `auto` stays on the CPU for shapes the kernels do not take (the tiny test checkpoints).
     let fits = |c| thinksteer::cuda::model::supports(c);
     let on_gpu =

@@ -45,8 +45,8 @@ fn compare(mode: Mode, no_gating: bool) {
     let base_dir = common::random_checkpoint(&format!("hy-base-{mode:?}-{no_gating}"), 7, 3);
     let think_dir = common::random_checkpoint(&format!("hy-think-{mode:?}-{no_gating}"), 8, 4);
     let (base, think) = (
-        Model::load(&base_dir).unwrap(),
-        Model::load(&think_dir).unwrap(),
+        Arc::new(Model::load(&base_dir).unwrap()),
+        Arc::new(Model::load(&think_dir).unwrap()),
     );
     let sae = Sae::random(256, 6, 2, 3, 3, "think");
     let steering = SteeringSet::random(256, 6, 1, 40.0, 4, "base");

@@ -910,6 +910,9 @@ impl Decoder for CudaEngine {
     fn slots(&self) -> usize {
         self.slots
     }
+    fn max_rows(&self) -> usize {
+        self.max_t
+    }
     fn forward(
         &mut self,
         ids: &[u32],

@@ -651,8 +651,8 @@ fn decode_text(tok: &Tokenizer, ids: &[u32], eos: &[u32]) -> Result<String> {
 #[allow(clippy::too_many_arguments)]
 fn run_hybrid(
     spec: &EvalSpec,
-    base: &Model,
-    thinking: &Model,
+    base: &Arc<Model>,
+    thinking: &Arc<Model>,
     prompts: &PromptBuilder,
     steer: (&Sae, &SteeringSet),
     todo: &[&Problem],
