@@ -7,6 +7,11 @@
 // attention_decode_bf16 — token t (query heads q[t] bf16 [T, H, Dh]) attends positions
 //   0 .. pos[t]−1 of k_cache/v_cache[slot[t]] plus its own k_self/v_self[t] (bf16 [T, Hkv, Dh]) at
 //   position pos[t]: L = pos[t] + 1 keys. Rows that did not write the cache still see themselves.
+//   run (nullable, i32 [T]): read-only runs (a steering window's candidate rerun, model.rs
+//   `Step::run_start`): token t's run starts at row a = run[t] ≤ t, rows a..t holding consecutive
+//   positions of one slot; positions 0 .. pos[a]−1 come from the cache and pos[a] .. pos[t] from
+//   k_self/v_self rows a .. t. run[t] = t (or run null) is the case above. Not with fused RoPE
+//   (the run's other rows would have no rotated K/V): the host refuses that pair.
 //   The keys are cut into splits of `chunk` positions; split sp writes its unnormalised partial
 //     part_o[t, h, sp] = Σ_j exp(s_j − m_sp) · v_j    f32 [T, H, NS, Dh]
 //     part_ml[t, h, sp] = (m_sp, Σ_j exp(s_j − m_sp)) f32 [T, H, NS, 2]
@@ -147,7 +152,8 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                              unsigned int* __restrict__ counters, int H, int Hkv, int S, int slots, int chunk,
                              int NS, const int* __restrict__ live, const float* __restrict__ qkv,
                              const float* __restrict__ bias, const float* __restrict__ inv_freq, int n_write,
-                             bf16_t* __restrict__ kc_w, bf16_t* __restrict__ vc_w, DecodeShared<G>& sm) {
+                             bf16_t* __restrict__ kc_w, bf16_t* __restrict__ vc_w, const int* __restrict__ run,
+                             DecodeShared<G>& sm) {
     pdl_enter();
     constexpr int DH = NPL * 32;
     const int sp = blockIdx.x, h0 = blockIdx.y * G, t = blockIdx.z;
@@ -160,8 +166,11 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
     const int j1 = min(j0 + chunk, L);
     const int kvh = h0 / (H / Hkv);
     const int s = slot[t];
-    // Cache positions actually readable: an out-of-range slot or pos reads only the token itself.
-    const int cache_len = (s >= 0 && s < slots) ? min(p, S) : 0;
+    // The run's first row and position: keys from pa on are rows a .. t of k_self / v_self.
+    const int a = (run && !qkv) ? run[t] : t;
+    const int pa = a == t ? p : pos[a];
+    // Cache positions actually readable: an out-of-range slot or pos reads only the run.
+    const int cache_len = (s >= 0 && s < slots) ? min(pa, S) : 0;
 
     const float scale = rsqrtf((float)DH);
     const float* u = qkv ? qkv + (size_t)t * (H + 2 * Hkv) * DH : nullptr;  // fused RoPE: the raw row
@@ -223,13 +232,17 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
         for (int u = 0; u < U; ++u) {
             const int j = jb + DEC_WARPS * u;
             // Cache positions past cache_len (an out-of-range slot) are skipped; the token itself
-            // (j == p) reads k_self / v_self.
-            ok[u] = j < j1 && (j >= p || j < cache_len);
+            // (j == p) reads k_self / v_self, and so do its run's earlier positions.
+            ok[u] = j < j1 && (j >= pa || j < cache_len);
             const bf16_t *kr = kself, *vr = vself;
-            if (j < p) {
+            if (j < pa) {
                 const size_t off = (((size_t)s * S + j) * Hkv + kvh) * DH;
                 kr = k_cache + off;
                 vr = v_cache + off;
+            } else if (j < p) {
+                const size_t off = ((size_t)(a + j - pa) * Hkv + kvh) * DH;
+                kr = k_self + off;
+                vr = v_self + off;
             }
             if (ok[u]) {
                 load_row_part<NPL>(kr, lane, kv[u]);
@@ -327,16 +340,16 @@ __device__ void decode_split(const bf16_t* __restrict__ q, const bf16_t* __restr
                                     int chunk, int NS, const int* __restrict__ live,                             \
                                     const float* __restrict__ qkv, const float* __restrict__ bias,               \
                                     const float* __restrict__ inv_freq, int n_write, bf16_t* __restrict__ kc_w,  \
-                                    bf16_t* __restrict__ vc_w) {                                                 \
+                                    bf16_t* __restrict__ vc_w, const int* __restrict__ run) {                    \
         __shared__ DecodeShared<G> sm;                                                                           \
         if (Dh == 128)                                                                                           \
             decode_split<4, G, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, \
                                   H, Hkv, S, slots, chunk, NS, live, qkv, bias, inv_freq, n_write, kc_w, vc_w,   \
-                                  sm);                                                                           \
+                                  run, sm);                                                                           \
         else if (Dh == 64)                                                                                       \
             decode_split<2, G, U>(q, k_cache, v_cache, k_self, v_self, pos, slot, part_o, part_ml, out, counters, \
                                   H, Hkv, S, slots, chunk, NS, live, qkv, bias, inv_freq, n_write, kc_w, vc_w,   \
-                                  sm);                                                                           \
+                                  run, sm);                                                                           \
     }
 DECODE_KERNEL(attention_decode_bf16, 1, 8)
 DECODE_KERNEL(attention_decode_u1_bf16, 1, 1)

@@ -188,10 +188,13 @@ pub fn run(
         Mode::Cached | Mode::Persistent => {
             let ctx = |m: &Model, prompt: fn(&Prompts) -> usize| {
                 let longest = problems.iter().map(prompt).max().unwrap_or(0);
-                m.config.max_position_embeddings.min(longest + s.max_new_tokens)
+                m.config
+                    .max_position_embeddings
+                    .min(longest + s.max_new_tokens)
             };
             let slots = s.batch.max(1).min(problems.len().max(1));
-            let mut base = CpuEngine::new(pair.base.clone(), slots, ctx(pair.base, |p| p.base.len()));
+            let mut base =
+                CpuEngine::new(pair.base.clone(), slots, ctx(pair.base, |p| p.base.len()));
             let mut think = CpuEngine::new(
                 pair.thinking.clone(),
                 slots,
@@ -493,7 +496,9 @@ pub fn run_cached(
                 .add_scaled(categories[k], 1.0, s.only_bias, row);
         }
         let slot_of = |j: usize| active[steer_rows[j]];
-        let (runs, which) = candidate_runs(&steer_rows, s, |j| sb.len[slot_of(j)] + sb.pending[slot_of(j)].len());
+        let (runs, which) = candidate_runs(&steer_rows, s, |j| {
+            sb.len[slot_of(j)] + sb.pending[slot_of(j)].len()
+        });
         let mut cand = Vec::with_capacity(runs.len());
         for group in run_groups(&runs, base.max_rows().min(CANDIDATE_ROWS)) {
             let (mut cids, mut cslots, mut cpos, mut starts, mut lasts, mut add) =

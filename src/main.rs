@@ -196,7 +196,7 @@ struct HybridArgs {
     )]
     coefficients: Vec<f32>,
     /// Windows W (inner loop): 0 = every position, -N = the last N positions (the paper's:
-    /// 0,-1,-15,-50,-100). Windows other than -1 run on the CPU.
+    /// 0,-1,-15,-50,-100).
     #[arg(
         long,
         value_delimiter = ',',
@@ -611,12 +611,12 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     use thinksteer::hybrid::{run, Pair, Prompts, Settings};
     use thinksteer::sae::Sae;
     use thinksteer::steering::SteeringSet;
-    // The GPU step covers cached/persistent mode with window -1, without host-drawn categories.
-    let gpu_ok = a.mode != thinksteer::hybrid::Mode::Exact && !a.random_firing && a.windows == [-1];
+    // The GPU covers the cached and persistent modes (exact mode recomputes on the CPU).
+    let gpu_ok = a.mode != thinksteer::hybrid::Mode::Exact;
     let on_gpu = match a.device {
         Device::Cuda if !gpu_ok => {
             return Err(anyhow!(
-                "--device cuda: --mode exact, --random-firing and windows other than -1 run on the CPU; use --device cpu"
+                "--device cuda: --mode exact runs on the CPU; use --device cpu"
             ))
         }
         d => use_cuda(d)? && gpu_ok,
@@ -686,7 +686,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
             .config
             .max_position_embeddings
             .min(longest(|p| p.thinking.len()) + a.max_new_tokens + 1);
-        Some(thinksteer::cuda::hybrid::CudaHybrid::load(
+        Some(thinksteer::cuda::hybrid::GpuHybrid::load(
             &a.base,
             &a.thinking,
             &sae,
@@ -702,7 +702,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     {
         // All questions at once: `batch` decode together, a finished one's slot takes the next.
         let outs = match gpu_hybrid.as_mut() {
-            Some(h) => h.run(&problems, |_, _, _| {})?,
+            Some(h) => h.run(&pair, &problems, &settings, |_, _, _| {})?,
             None => run(&pair, &problems, &settings, |_, _, _| {})?,
         };
         for (j, out) in outs.iter().enumerate() {

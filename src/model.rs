@@ -132,10 +132,14 @@ impl Step<'_> {
 
     /// Whether no token of the call attends a position that another token of the call writes:
     /// in every slot, each written position is at or after every position of that slot in the
-    /// call (one token per sequence, or candidates beside their problem's token). Then the
-    /// tokens' K/V may be appended while attention runs (the CUDA fused RoPE path). `scratch`
-    /// is reused between calls.
+    /// call (one token per sequence, or candidates beside their problem's token), and no
+    /// read-only run is longer than one token. Then the tokens' K/V may be appended while
+    /// attention runs (the CUDA fused RoPE path). `scratch` is reused between calls.
     pub fn rows_independent(&self, scratch: &mut Vec<(usize, usize, bool)>) -> bool {
+        // A run's later tokens read the K/V its earlier ones computed (not through the cache).
+        if (self.n_write..self.positions.len()).any(|t| self.run_of(t) != t) {
+            return false;
+        }
         scratch.clear();
         scratch.extend(
             self.slots
@@ -494,5 +498,13 @@ mod tests {
         assert!(!independent(&[3, 3, 3], &[0, 1, 2], 3));
         // Nothing written at all.
         assert!(independent(&[0, 0, 0], &[0, 1, 2], 0));
+        // A read-only run: its second token reads the first's K/V.
+        let step = Step {
+            slots: &[0, 0],
+            positions: &[4, 5],
+            n_write: 0,
+            run_start: &[0, 0],
+        };
+        assert!(!step.rows_independent(&mut vec![]));
     }
 }

@@ -10,7 +10,7 @@
 mod common;
 
 use std::sync::Arc;
-use thinksteer::cuda::hybrid::CudaHybrid;
+use thinksteer::cuda::hybrid::{CudaHybrid, GpuHybrid};
 use thinksteer::cuda::model::CudaEngine;
 use thinksteer::cuda::Gpu;
 use thinksteer::hybrid::{run, Mode, Pair, Prompts, Settings};
@@ -159,4 +159,80 @@ fn persistent_gpu_step_matches_the_cpu_loop() {
 #[test]
 fn ungated_gpu_step_matches_the_cpu_loop() {
     compare(Mode::Cached, true);
+}
+
+/// The host-driven loop on two CUDA engines (`GpuHybrid::Engines`: windows other than -1, and
+/// --random-firing) against the CPU loop: the candidates of windows 0 and -3 are read-only runs
+/// in decode attention. Each case also checks that some step was won by a window other than -1
+/// on the CPU, so the runs decided something.
+#[test]
+fn windowed_gpu_loop_matches_the_cpu_loop() {
+    let Some(g) = gpu() else { return };
+    let base_dir = common::random_checkpoint("hy-base-windows", 7, 3);
+    let think_dir = common::random_checkpoint("hy-think-windows", 8, 4);
+    let (base, think) = (
+        Arc::new(Model::load(&base_dir).unwrap()),
+        Arc::new(Model::load(&think_dir).unwrap()),
+    );
+    let sae = Sae::random(256, 6, 2, 3, 3, "think");
+    let steering = SteeringSet::random(256, 6, 1, 40.0, 4, "base");
+    let pair = Pair {
+        base: &base,
+        thinking: &think,
+        sae: &sae,
+        steering: &steering,
+    };
+    let ps = problems();
+    for (windows, random_firing) in [(vec![0, -1, -3], None), (vec![-1], Some(5))] {
+        let s = Settings {
+            mode: Mode::Cached,
+            coefficients: vec![0.25, 1.0, 2.0],
+            windows: windows.clone(),
+            max_new_tokens: 8,
+            random_firing,
+            batch: 2,
+            ..Settings::default()
+        };
+        let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
+        // Two slots for three problems; the base engine takes a whole sequence in one call.
+        let te = CudaEngine::load(g.clone(), &think_dir, 2, 64, 64).unwrap();
+        let be = CudaEngine::load(g.clone(), &base_dir, 2, 64, 64).unwrap();
+        let mut hy = GpuHybrid::Engines {
+            base: be,
+            think: te,
+        };
+        let got = hy.run(&pair, &ps, &s, |_, _, _| {}).unwrap();
+        let mut longer = 0;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let k = 6.min(w.ids.len());
+            assert_eq!(
+                g.ids[..k],
+                w.ids[..k],
+                "windows {windows:?}: problem {i} ids"
+            );
+            for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
+                assert_eq!(
+                    (gs.category, gs.steered),
+                    (ws.category, ws.steered),
+                    "windows {windows:?}: problem {i} step {j}"
+                );
+                if (gs.coef, gs.window) != (ws.coef, ws.window) {
+                    println!(
+                        "windows {windows:?}: problem {i} step {j}: winner {:?} {:?} on the GPU, {:?} {:?} on the CPU (same token)",
+                        gs.coef, gs.window, ws.coef, ws.window
+                    );
+                }
+            }
+            longer += w.steps[..k]
+                .iter()
+                .filter(|s| s.steered && s.window != Some(-1))
+                .count();
+        }
+        if windows != [-1] {
+            assert!(
+                longer > 0,
+                "no step won by a longer window: the runs decided nothing"
+            );
+        }
+    }
 }

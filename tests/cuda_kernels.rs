@@ -425,15 +425,27 @@ fn attention_decode_matches_cpu_attend_across_splits() {
     // 3 rows: 132 blocks (the 8-keys-per-step kernel); 30 rows: 1,320 blocks (the 1-key kernel);
     // then the grouped kernels (a GQA group per block) with the Qwen2.5-1.5B (12 / 2) and
     // Llama-3.1-8B (32 / 8) head ratios.
-    for t in [3usize, 30] {
-        check_attention_decode(&g, t, (4, 2), DecodeAttn::PerHead);
-    }
-    for (t, heads) in [(3usize, (12usize, 2usize)), (30, (32, 8))] {
-        check_attention_decode(&g, t, heads, DecodeAttn::Grouped);
+    // Each also with read-only runs (a steering window's candidates): rows in runs of three.
+    for runs in [false, true] {
+        for t in [3usize, 30] {
+            check_attention_decode(&g, t, (4, 2), DecodeAttn::PerHead, runs);
+        }
+        for (t, heads) in [(3usize, (12usize, 2usize)), (30, (32, 8))] {
+            check_attention_decode(&g, t, heads, DecodeAttn::Grouped, runs);
+        }
     }
 }
 
-fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: DecodeAttn) {
+/// Rows: positions with 1, 5 and 11 splits of 64 keys; with `runs`, runs of three consecutive
+/// positions instead (62..=64 in slot 1, across a split boundary, or 0..=2 in slot 0), each row
+/// attending the cache before its run, then the run's own K/V up to itself.
+fn check_attention_decode(
+    g: &Gpu,
+    t: usize,
+    (h, hkv): (usize, usize),
+    kind: DecodeAttn,
+    runs: bool,
+) {
     let mut rng = Rng(4 + t as u64);
     let sh = AttnShape {
         h,
@@ -442,9 +454,22 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
         slots: 2,
         s: 700,
     };
-    // 1, 5 and 11 splits of 64, repeated.
-    let pos: Vec<i32> = (0..t).map(|i| [0i32, 300, 699][i % 3]).collect();
-    let slot: Vec<i32> = (0..t).map(|i| [0i32, 1, 0][i % 3]).collect();
+    let (pos, slot, run): (Vec<i32>, Vec<i32>, Vec<i32>) = if runs {
+        let first = |i: usize| if (i / 3) % 2 == 0 { 62 } else { 0 };
+        (
+            (0..t).map(|i| first(i) + (i % 3) as i32).collect(),
+            (0..t)
+                .map(|i| if (i / 3) % 2 == 0 { 1 } else { 0 })
+                .collect(),
+            (0..t).map(|i| (i / 3 * 3) as i32).collect(),
+        )
+    } else {
+        (
+            (0..t).map(|i| [0i32, 300, 699][i % 3]).collect(),
+            (0..t).map(|i| [0i32, 1, 0][i % 3]).collect(),
+            (0..t as i32).collect(),
+        )
+    };
     let cl = sh.slots * sh.s * sh.hkv * sh.dh;
     let kc = rng.vec(cl, 2.0);
     let vc = rng.vec(cl, 2.0);
@@ -456,14 +481,17 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
         for h in 0..sh.h {
             let kvh = h / (sh.h / sh.hkv);
             let (mut keys, mut vals) = (Vec::new(), Vec::new());
-            for p in 0..pos[ti] as usize {
+            let a = run[ti] as usize;
+            for p in 0..pos[a] as usize {
                 let off = ((slot[ti] as usize * sh.s + p) * sh.hkv + kvh) * sh.dh;
                 keys.extend_from_slice(&kc[off..off + sh.dh]);
                 vals.extend_from_slice(&vc[off..off + sh.dh]);
             }
-            let so = (ti * sh.hkv + kvh) * sh.dh;
-            keys.extend_from_slice(&kself[so..so + sh.dh]);
-            vals.extend_from_slice(&vself[so..so + sh.dh]);
+            for r in a..=ti {
+                let so = (r * sh.hkv + kvh) * sh.dh;
+                keys.extend_from_slice(&kself[so..so + sh.dh]);
+                vals.extend_from_slice(&vself[so..so + sh.dh]);
+            }
             let qo = (ti * sh.h + h) * sh.dh;
             want.extend(attend_ref(&q[qo..qo + sh.dh], &keys, &vals, sh.dh));
         }
@@ -472,6 +500,7 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
     let up = |v: &[f32]| s.clone_htod(&to_bf(v)).unwrap();
     let (qb, mut kcb, mut vcb, ksb, vsb) = (up(&q), up(&kc), up(&vc), up(&kself), up(&vself));
     let (pb, sb) = (s.clone_htod(&pos).unwrap(), s.clone_htod(&slot).unwrap());
+    let rb = s.clone_htod(&run).unwrap();
     let out = run_decode(
         g,
         k::DecodeIn::Rotated {
@@ -481,6 +510,7 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
         },
         (&mut kcb, &mut vcb),
         (&pb, &sb),
+        runs.then_some(&rb),
         t,
         sh,
         kind,
@@ -488,7 +518,7 @@ fn check_attention_decode(g: &Gpu, t: usize, (h, hkv): (usize, usize), kind: Dec
     // Output is a convex combination of values ≤ 2: f32 softmax differences are ~1e-6 relative;
     // atol 2^-8·max|v| covers bf16 rounding of outputs near zero.
     compare(
-        &format!("attention_decode {kind:?} T={t} H={h} Hkv={hkv}"),
+        &format!("attention_decode {kind:?} T={t} H={h} Hkv={hkv} runs {runs}"),
         &from_bf(&out),
         &want,
         &|_| 2.0 / 256.0,
@@ -503,6 +533,7 @@ fn run_decode(
     input: k::DecodeIn,
     (kc, vc): (&mut CudaSlice<bf16>, &mut CudaSlice<bf16>),
     (pos, slot): (&CudaSlice<i32>, &CudaSlice<i32>),
+    run: Option<&CudaSlice<i32>>,
     t: usize,
     sh: AttnShape,
     kind: DecodeAttn,
@@ -526,6 +557,7 @@ fn run_decode(
         sh,
         splits,
         None,
+        run.map(|r| r.as_view()).as_ref(),
         kind,
     )
     .unwrap();
@@ -634,7 +666,7 @@ fn check_fused_rope(
                 v_self: &vsv,
             }
         };
-        let out = run_decode(g, input, (&mut kc, &mut vc), (&pb, &sb), t, sh, kind);
+        let out = run_decode(g, input, (&mut kc, &mut vc), (&pb, &sb), None, t, sh, kind);
         let bits = |b: &CudaSlice<bf16>| -> Vec<u16> {
             s.clone_dtoh(b)
                 .unwrap()

@@ -6,7 +6,9 @@
 // cache key at all) and the last split of each head combines the partials in-kernel; the grouped
 // kernel attention_decode_g{G}_bf16 for G = H / Hkv on grid (NS, Hkv, T), for several G. The
 // kernels run back to back on one counter array, which must be left at zero. Then with a live
-// row count (rows ≥ live untouched, counters still 0), each kernel twice.
+// row count (rows ≥ live untouched, counters still 0), each kernel twice. With `runs`, read-only
+// runs (run[t] = a: keys at positions < pos[a] from the cache, then k_self / v_self rows a .. t):
+// a run across a split boundary, one from position 0 (no cache key), rows alone beside them.
 //
 // Bound on out (bf16): its RNE rounding, 2^-8 relative, on top of the f32 error: each score
 // q·k·scale is off by at most E = (Dh/32 + 8)·2^-24·Σ|q·k|·scale (a lane's products, 5 shuffle
@@ -19,7 +21,8 @@ namespace attention_check {
 
 using decode_fn = void (*)(const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const bf16_t*, const int*,
                            const int*, float*, float*, bf16_t*, unsigned int*, int, int, int, int, int, int, int,
-                           const int*, const float*, const float*, const float*, int, bf16_t*, bf16_t*);
+                           const int*, const float*, const float*, const float*, int, bf16_t*, bf16_t*,
+                           const int*);
 
 // The grouped kernel for G = H / Hkv query heads per kv head (grid y = Hkv).
 static decode_fn grouped(int G) {
@@ -41,9 +44,16 @@ struct Kernel {
     int grid_y;  // H (one head per block) or Hkv (a GQA group per block)
 };
 
-static void decode(int Dh, int H = 4, int Hkv = 2) {
-    const int T = 5, slots = 3, S = 320, chunk = 64, NS = (S + chunk - 1) / chunk, group = H / Hkv;
-    const std::vector<int> pos = {0, 63, 64, 200, 130}, slot = {2, 0, -1, 1, 0};
+static void decode(int Dh, int H = 4, int Hkv = 2, bool runs = false) {
+    const int slots = 3, S = 320, chunk = 64, NS = (S + chunk - 1) / chunk, group = H / Hkv;
+    std::vector<int> pos = {0, 63, 64, 200, 130}, slot = {2, 0, -1, 1, 0}, run;
+    if (runs) {
+        pos = {10, 61, 62, 63, 64, 65, 0, 1, 2, 62};
+        slot = {1, 0, 0, 0, 0, 0, 2, 2, 2, 0};
+        run = {0, 1, 1, 1, 1, 1, 6, 6, 6, 9};
+    }
+    const int T = (int)pos.size();
+    const int* rp = runs ? run.data() : nullptr;
     const auto q = randbf((size_t)T * H * Dh, 1.5f);
     const auto kc = randbf((size_t)slots * S * Hkv * Dh), vc = randbf((size_t)slots * S * Hkv * Dh);
     const auto ks = randbf((size_t)T * Hkv * Dh), vs = randbf((size_t)T * Hkv * Dh);
@@ -51,14 +61,16 @@ static void decode(int Dh, int H = 4, int Hkv = 2) {
     std::vector<double> want((size_t)T * H * Dh), tol(want.size());
     for (int t = 0; t < T; ++t)
         for (int h = 0; h < H; ++h) {
-            const int g = h / group, p = pos[t], s = slot[t];
+            const int g = h / group, s = slot[t], a = runs ? run[t] : t, pa = pos[a];
             std::vector<const bf16_t*> kr, vr;  // the attended keys and values
-            for (int j = 0; j < p && s >= 0 && s < slots; ++j) {
+            for (int j = 0; j < pa && s >= 0 && s < slots; ++j) {
                 kr.push_back(&kc[(((size_t)s * S + j) * Hkv + g) * Dh]);
                 vr.push_back(&vc[(((size_t)s * S + j) * Hkv + g) * Dh]);
             }
-            kr.push_back(&ks[((size_t)t * Hkv + g) * Dh]);
-            vr.push_back(&vs[((size_t)t * Hkv + g) * Dh]);
+            for (int i = a; i <= t; ++i) {  // the run's rows up to the token itself
+                kr.push_back(&ks[((size_t)i * Hkv + g) * Dh]);
+                vr.push_back(&vs[((size_t)i * Hkv + g) * Dh]);
+            }
             const size_t L = kr.size();
             const bf16_t* qr = &q[((size_t)t * H + h) * Dh];
             std::vector<double> sc(L);
@@ -100,13 +112,14 @@ static void decode(int Dh, int H = 4, int Hkv = 2) {
         launch(dim3{(unsigned)NS, (unsigned)grid_y, (unsigned)T}, 256, [&] {
             fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
                part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, nullptr, nullptr, nullptr, nullptr, 0, nullptr,
-               nullptr);
+               nullptr, rp);
         });
         char tag[96];
-        snprintf(tag, sizeof tag, "%s Dh %d T %d H %d Hkv %d NS %d", name, Dh, T, H, Hkv, NS);
+        snprintf(tag, sizeof tag, "%s Dh %d T %d H %d Hkv %d NS %d%s", name, Dh, T, H, Hkv, NS, runs ? " runs" : "");
         within(tag, from_bf(out), want, tol);
     }
     same("  counters left at 0", counters, std::vector<unsigned int>(counters.size(), 0u));
+    if (runs) return;
 
     // A live row count (the hybrid step's candidate rows): rows t ≥ live return at once, so their
     // out keeps its NaN and their counters stay 0; rows < live as above. Each kernel twice on the
@@ -123,7 +136,7 @@ static void decode(int Dh, int H = 4, int Hkv = 2) {
             launch(dim3{(unsigned)NS, (unsigned)grid_y, (unsigned)T}, 256, [&] {
                 fn(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), pos.data(), slot.data(), part_o.data(),
                    part_ml.data(), out.data(), counters.data(), H, Hkv, Dh, S, slots, chunk, NS, &live, nullptr, nullptr, nullptr, 0,
-                   nullptr, nullptr);
+                   nullptr, nullptr, nullptr);
             });
             const auto got = from_bf(out);
             char tag[96];
@@ -145,4 +158,7 @@ void run_attention() {
     attention_check::decode(128, 8, 2);
     attention_check::decode(128, 14, 2);
     attention_check::decode(64, 16, 2);
+    // Read-only runs (steering windows), one head per block and the GQA groups.
+    attention_check::decode(128, 12, 2, true);
+    attention_check::decode(64, 4, 2, true);
 }

@@ -144,7 +144,7 @@ static void fused(int H, int Hkv, int Dh, bool bias_on, int live = -1) {
                      fuse ? nullptr : vs.data(), pos.data(), slot.data(), part_o.data(), part_ml.data(), out.data(),
                      counters.data(), H, Hkv, Dh, S, slots, chunk, NS, lp, fuse ? qkv.data() : nullptr, b,
                      fuse ? fr.data() : nullptr, fuse ? n_write : 0, fuse ? kc.data() : nullptr,
-                     fuse ? vc.data() : nullptr);
+                     fuse ? vc.data() : nullptr, nullptr);
             });
             return out;
         };

@@ -28,7 +28,7 @@ use super::kernels::{self as k, Gate};
 use super::model::{call_rows, CudaEngine, SaeDev, SteerDev, SteerSel};
 use super::{cuda_err as cu, Gpu};
 use crate::engine::Decoder;
-use crate::hybrid::{Mode, Output, Prompts, Settings, StepRecord};
+use crate::hybrid::{run_cached, Mode, Output, Pair, Prompts, Settings, StepRecord};
 use crate::model::{Hooks, Step};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
@@ -256,8 +256,8 @@ impl CudaHybrid {
         CudaHybrid::new(think, base, sae, steering, s, max_b)
     }
 
-    /// Whether these settings run on the GPU step (cached or persistent mode, categories from
-    /// the SAE); the others run on the CPU loop.
+    /// Whether these settings run on the one-graph step (cached or persistent mode, window -1,
+    /// categories from the SAE); `GpuHybrid` runs the others on the host-driven loop.
     pub fn supports(s: &Settings) -> bool {
         s.mode != Mode::Exact && s.random_firing.is_none() && s.windows == [-1]
     }
@@ -790,5 +790,77 @@ impl CudaHybrid {
             }
         }
         Ok(())
+    }
+}
+
+/// The hybrid loop on the GPU, cached or persistent mode: the one-graph step where the settings
+/// allow it (`CudaHybrid::supports`), else the host-driven loop (`hybrid::run_cached`) on two
+/// CUDA engines, for windows other than -1 and --random-firing. That loop reads both models'
+/// logits back every step and launches each steered step's candidate runs as one more call;
+/// its base engine takes a window's whole run in one call.
+pub enum GpuHybrid {
+    Step(Box<CudaHybrid>),
+    Engines { base: CudaEngine, think: CudaEngine },
+}
+
+impl GpuHybrid {
+    /// Loads both checkpoints onto the first GPU, sized for `max_b` problems whose prompts and
+    /// answers fit `ctx_base` / `ctx_think` positions.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        base_dir: &std::path::Path,
+        think_dir: &std::path::Path,
+        sae: &Sae,
+        steering: &SteeringSet,
+        s: &Settings,
+        max_b: usize,
+        ctx_base: usize,
+        ctx_think: usize,
+    ) -> Result<GpuHybrid> {
+        if s.mode == Mode::Exact {
+            bail!("--mode exact recomputes whole sequences and runs on the CPU; use --device cpu");
+        }
+        if CudaHybrid::supports(s) {
+            let h = CudaHybrid::load(
+                base_dir, think_dir, sae, steering, s, max_b, ctx_base, ctx_think,
+            )?;
+            return Ok(GpuHybrid::Step(Box::new(h)));
+        }
+        // The longest candidate run: window 0 covers the whole sequence, -N the last N.
+        let longest = s
+            .windows
+            .iter()
+            .map(|&w| {
+                if w == 0 {
+                    ctx_base
+                } else {
+                    (w.unsigned_abs() as usize).min(ctx_base)
+                }
+            })
+            .max()
+            .unwrap_or(1);
+        let gpu = Arc::new(Gpu::new(0)?);
+        let call = call_rows();
+        let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, max_b.max(call))?;
+        let rows = (max_b * s.coefficients.len()).max(longest).max(call);
+        let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
+        Ok(GpuHybrid::Engines { base, think })
+    }
+
+    /// Runs every problem (`pair` holds the host copies of the models and the artifacts that
+    /// `load` was given).
+    pub fn run(
+        &mut self,
+        pair: &Pair,
+        problems: &[Prompts],
+        s: &Settings,
+        on_step: impl FnMut(usize, u32, &StepRecord),
+    ) -> Result<Vec<Output>> {
+        match self {
+            GpuHybrid::Step(h) => h.run(problems, on_step),
+            GpuHybrid::Engines { base, think } => {
+                run_cached(pair, base, think, problems, s, on_step)
+            }
+        }
     }
 }

@@ -438,7 +438,9 @@ pub enum DecodeIn<'a, 'b> {
 /// [T]; scratch part_o f32 [T, H, splits, Dh], part_ml f32 [T, H, splits, 2]; out bf16 [T, H, Dh]
 /// (the last split of each head combines the partials, one launch). Positions beyond
 /// splits·DECODE_CHUNK are not attended. `live` (i32 [1] on the device, when given): rows
-/// t ≥ live[0] are skipped. `kind`: one query head or one GQA group per block.
+/// t ≥ live[0] are skipped. `run` (i32 [T], when given): read-only runs (`Step::run_start`):
+/// token t attends the cache before pos[run[t]], then `input`'s own rows run[t] ..= t; only with
+/// `DecodeIn::Rotated`. `kind`: one query head or one GQA group per block.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_decode(
     gpu: &Gpu,
@@ -454,10 +456,19 @@ pub fn attention_decode(
     sh: AttnShape,
     splits: usize,
     live: Option<&CudaView<'_, i32>>,
+    run: Option<&CudaView<'_, i32>>,
     kind: DecodeAttn,
 ) -> Result<()> {
     const K: &str = "attention_decode_bf16";
     sh.check(K)?;
+    if let Some(run) = run {
+        check(K, "run", run.len(), t, "[T]")?;
+        if matches!(input, DecodeIn::Raw { .. }) {
+            return Err(Error::Input(format!(
+                "{K}: read-only runs need the rotated K/V of every row of the run, not fused RoPE"
+            )));
+        }
+    }
     let kv = t * sh.hkv * sh.dh;
     match &input {
         DecodeIn::Rotated { q, k_self, v_self } => {
@@ -609,12 +620,15 @@ pub fn attention_decode(
             .arg(&*k_cache)
             .arg(&*v_cache),
     };
+    b.arg(&run);
     // SAFETY: argument order and types match attention_decode_bf16 (and the _u1 / grouped
     // kernels, which share it); lengths checked above (the counters hold T·H entries, checked; a
     // group uses the entry of its first head); the kernel reads cache rows only for slot in
     // [0, slots) and positions < min(pos, S), and with `Raw` writes only row (slot, pos) of rows
     // < n_write with both in range, which (the caller's guarantee) no row of the launch reads;
-    // `live` (1 element when given) is only read.
+    // `live` (1 element when given) is only read; `run` (T elements when given, only with
+    // `Rotated`) names rows a ≤ t of k_self / v_self (the caller's guarantee: run[t] ≤ t, checked
+    // by `engine::check_step` for every Step).
     gpu.launched(name, unsafe {
         b.launch(cfg((splits as u32, grid_y as u32, t as u32), 256, 0))
     })

@@ -186,8 +186,9 @@ struct Profile {
     by_kernel: std::collections::BTreeMap<String, (usize, f64)>,
 }
 
-/// Entries of `Scratch::counters`: one per (row, head) of decode attention, or per argmax row.
-pub(crate) const SCRATCH_COUNTERS: usize = 1 << 16;
+/// Entries of `Scratch::counters`: one per (row, head) of decode attention, or per argmax row
+/// (1 MB: a steering window's run of 8,192 rows at 32 heads).
+pub(crate) const SCRATCH_COUNTERS: usize = 1 << 18;
 /// Entries of the argmax partial buffers: rows × blocks per row.
 pub(crate) const SCRATCH_PARTIALS: usize = 1 << 18;
 /// Floats of split-K partial sums of `gemm` (32 MB): e.g. 16 splits of a 64-row × 8192 output,

@@ -170,6 +170,7 @@ pub(crate) struct Acts {
     pub(crate) y_sel: CudaSlice<bf16>,     // [max_t, D] rows picked for the LM head
     pub(crate) logits: CudaSlice<f32>,     // [max_t, V]
     pub(crate) next: CudaSlice<i32>,       // [max_t] greedy ids
+    pub(crate) run: CudaSlice<i32>,        // [max_t] first row of each row's run (Step::run_start)
     pub(crate) steer_tab: CudaSlice<f32>,  // [max_t, D] dense steering rows (hooks)
     pub(crate) steer_iota: CudaSlice<i32>, // [max_t] = 0, 1, 2, …
     pub(crate) steer_ones: CudaSlice<f32>, // [max_t] = 1
@@ -244,6 +245,9 @@ pub struct CudaEngine {
     /// row writes (`Step::rows_independent`); and its scratch.
     rows_independent: bool,
     rows_scratch: Vec<(usize, usize, bool)>,
+    /// Whether the uploaded call has read-only runs of more than one token (a.run is then
+    /// uploaded and decode attention reads it).
+    runs: bool,
 }
 
 /// Tokens per forward call of the engines the commands open (the prefill chunk: a longer prompt
@@ -393,6 +397,7 @@ impl CudaEngine {
             y_sel: z16(max_t * d)?,
             logits: z32(max_t * v)?,
             next: zi(max_t)?,
+            run: zi(max_t)?,
             steer_tab: z32(max_t * d)?,
             steer_iota: s.clone_htod(&idx).map_err(cu("allocating activations"))?,
             steer_ones: s
@@ -430,6 +435,7 @@ impl CudaEngine {
             rope_in_attention: std::env::var("THINKSTEER_ROPE").is_ok_and(|v| v == "attn"),
             rows_independent: false,
             rows_scratch: vec![],
+            runs: false,
             gpu,
         })
     }
@@ -464,6 +470,13 @@ impl CudaEngine {
         // Only asked for where it is used (a sort of the call's rows).
         self.rows_independent =
             self.rope_in_attention && step.rows_independent(&mut self.rows_scratch);
+        self.runs = (step.n_write..t).any(|x| step.run_of(x) != x);
+        if self.runs {
+            h.clear();
+            h.extend((0..t).map(|x| if x < step.n_write { x } else { step.run_of(x) } as i32));
+            s.memcpy_htod(&h[..t], &mut self.a.run.slice_mut(..t))
+                .map_err(cu("uploading runs"))?;
+        }
         Ok(())
     }
 
@@ -621,6 +634,7 @@ impl CudaEngine {
             )?,
             None => {
                 let (qkv, inv_freq) = (a.qkv.slice(..t * wq), self.inv_freq.as_view());
+                let run = self.runs.then(|| a.run.slice(..t));
                 let (q, k_self) = (a.q.slice(..t * h * dh), a.k_self.slice(..t * hkv * dh));
                 let v_self = a.v_self.slice(..t * hkv * dh);
                 let input = if fused {
@@ -651,6 +665,7 @@ impl CudaEngine {
                     sh,
                     splits,
                     live,
+                    run.as_ref(),
                     self.attn,
                 )?
             }
@@ -922,8 +937,11 @@ impl Decoder for CudaEngine {
     ) -> Result<&[f32]> {
         check_step(&self.config, ids, step, self.slots, self.max_len)?;
         let (t, v, r) = (ids.len(), self.config.vocab_size, logit_rows.len());
-        if (step.n_write..t).any(|x| step.run_of(x) != x) {
-            crate::bail!("read-only runs of more than one token (steering windows other than -1) run on the CPU; found one in a call to the CUDA engine");
+        if t > self.max_t && (step.n_write..t).any(|x| step.run_of(x) != x) {
+            crate::bail!(
+                "a call of {t} tokens with read-only runs (a steering window's candidates) exceeds the engine's {} tokens per call",
+                self.max_t
+            );
         }
         let hooked = hooks.steer.is_some() || !hooks.capture.is_empty();
         if t > self.max_t && hooked {
@@ -942,11 +960,13 @@ impl Decoder for CudaEngine {
         while start < t {
             let end = (start + self.max_t).min(t);
             let n_write = step.n_write.saturating_sub(start).min(end - start);
+            // Runs longer than one token come only in one-chunk calls (refused above otherwise).
+            let whole = start == 0 && end == t;
             let sub = Step {
                 slots: &step.slots[start..end],
                 positions: &step.positions[start..end],
                 n_write,
-                run_start: &[],
+                run_start: if whole { step.run_start } else { &[] },
             };
             self.forward_chunk(&ids[start..end], &sub, hooks)?;
             let here: Vec<(usize, usize)> = logit_rows

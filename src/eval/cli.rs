@@ -127,7 +127,6 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub coefficients: Option<Vec<f32>>,
     /// Windows W: 0 = every position, -N = the last N (default: -1; the preset's in exact mode).
-    /// Windows other than -1 run on the CPU (the GPU step steers the newest position only).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub windows: Option<Vec<i64>>,
     /// The base model's prompt with {question} (default: the paper's plain prompt).

@@ -673,7 +673,7 @@ fn run_hybrid(
         .map(|p| prompts.hybrid(&p.question))
         .collect::<Result<Vec<_>>>()?;
     // The GPU step, when asked for and the settings allow it; sized once for every chunk.
-    let mut gpu = if spec.use_cuda && crate::cuda::hybrid::CudaHybrid::supports(&spec.settings) {
+    let mut gpu = if spec.use_cuda && spec.settings.mode != hybrid::Mode::Exact {
         let longest = |f: fn(&hybrid::Prompts) -> usize| all.iter().map(f).max().unwrap_or(1);
         let ctx_b = base
             .config
@@ -684,7 +684,7 @@ fn run_hybrid(
             .max_position_embeddings
             .min(longest(|p| p.thinking.len()) + max + 1);
         let batch = spec.batch.max(1).min(todo.len().max(1));
-        Some(crate::cuda::hybrid::CudaHybrid::load(
+        Some(crate::cuda::hybrid::GpuHybrid::load(
             &spec.base,
             &spec.thinking,
             sae,
@@ -730,7 +730,7 @@ fn run_hybrid(
         }
     };
     let outs = match gpu.as_mut() {
-        Some(h) => h.run(&all, on_step)?,
+        Some(h) => h.run(&pair, &all, &spec.settings, on_step)?,
         None => hybrid::run(&pair, &all, &spec.settings, on_step)?,
     };
     if let Some(e) = failed {
