@@ -429,11 +429,11 @@ pub fn run_cached(
     let mut queue = (0..problems.len()).filter(|&p| {
         s.max_new_tokens > 0 && problems[p].base.len() < ctx_b && problems[p].thinking.len() < ctx_t
     });
-    for slot in 0..nslots {
+    for (slot, holds) in who.iter_mut().enumerate() {
         if let Some(p) = queue.next() {
             sb.load(slot, &problems[p].base);
             st.load(slot, &problems[p].thinking);
-            who[slot] = Some(p);
+            *holds = Some(p);
         }
     }
     let (d, v) = (base.config().hidden_size, base.config().vocab_size);

@@ -198,8 +198,8 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
         let te = CudaEngine::load(g.clone(), &think_dir, 2, 64, 64).unwrap();
         let be = CudaEngine::load(g.clone(), &base_dir, 2, 64, 64).unwrap();
         let mut hy = GpuHybrid::Engines {
-            base: be,
-            think: te,
+            base: Box::new(be),
+            think: Box::new(te),
         };
         let got = hy.run(&pair, &ps, &s, |_, _, _| {}).unwrap();
         let mut longer = 0;

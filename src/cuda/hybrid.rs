@@ -800,7 +800,10 @@ impl CudaHybrid {
 /// its base engine takes a window's whole run in one call.
 pub enum GpuHybrid {
     Step(Box<CudaHybrid>),
-    Engines { base: CudaEngine, think: CudaEngine },
+    Engines {
+        base: Box<CudaEngine>,
+        think: Box<CudaEngine>,
+    },
 }
 
 impl GpuHybrid {
@@ -844,7 +847,10 @@ impl GpuHybrid {
         let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, max_b.max(call))?;
         let rows = (max_b * s.coefficients.len()).max(longest).max(call);
         let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
-        Ok(GpuHybrid::Engines { base, think })
+        Ok(GpuHybrid::Engines {
+            base: Box::new(base),
+            think: Box::new(think),
+        })
     }
 
     /// Runs every problem (`pair` holds the host copies of the models and the artifacts that
@@ -859,7 +865,7 @@ impl GpuHybrid {
         match self {
             GpuHybrid::Step(h) => h.run(problems, on_step),
             GpuHybrid::Engines { base, think } => {
-                run_cached(pair, base, think, problems, s, on_step)
+                run_cached(pair, &mut **base, &mut **think, problems, s, on_step)
             }
         }
     }
