@@ -455,12 +455,12 @@ fn check_attention_decode(
         s: 700,
     };
     let (pos, slot, run): (Vec<i32>, Vec<i32>, Vec<i32>) = if runs {
-        let first = |i: usize| if (i / 3) % 2 == 0 { 62 } else { 0 };
+        let even = |i: usize| (i / 3).is_multiple_of(2);
         (
-            (0..t).map(|i| first(i) + (i % 3) as i32).collect(),
             (0..t)
-                .map(|i| if (i / 3) % 2 == 0 { 1 } else { 0 })
+                .map(|i| if even(i) { 62 } else { 0 } + (i % 3) as i32)
                 .collect(),
+            (0..t).map(|i| if even(i) { 1 } else { 0 }).collect(),
             (0..t).map(|i| (i / 3 * 3) as i32).collect(),
         )
     } else {
@@ -509,8 +509,7 @@ fn check_attention_decode(
             v_self: &vsb.as_view(),
         },
         (&mut kcb, &mut vcb),
-        (&pb, &sb),
-        runs.then_some(&rb),
+        (&pb, &sb, runs.then_some(&rb)),
         t,
         sh,
         kind,
@@ -532,8 +531,7 @@ fn run_decode(
     g: &Gpu,
     input: k::DecodeIn,
     (kc, vc): (&mut CudaSlice<bf16>, &mut CudaSlice<bf16>),
-    (pos, slot): (&CudaSlice<i32>, &CudaSlice<i32>),
-    run: Option<&CudaSlice<i32>>,
+    (pos, slot, run): (&CudaSlice<i32>, &CudaSlice<i32>, Option<&CudaSlice<i32>>),
     t: usize,
     sh: AttnShape,
     kind: DecodeAttn,
@@ -666,7 +664,7 @@ fn check_fused_rope(
                 v_self: &vsv,
             }
         };
-        let out = run_decode(g, input, (&mut kc, &mut vc), (&pb, &sb), None, t, sh, kind);
+        let out = run_decode(g, input, (&mut kc, &mut vc), (&pb, &sb, None), t, sh, kind);
         let bits = |b: &CudaSlice<bf16>| -> Vec<u16> {
             s.clone_dtoh(b)
                 .unwrap()
