@@ -200,6 +200,8 @@ pub struct Settings {
     /// step, so about this share of the steps is steered. None: two independent random models
     /// (nearly every step steered).
     pub steered_share: Option<f64>,
+    /// Hybrid only: steering windows; other than [-1], the host-driven loop is timed.
+    pub windows: Vec<i64>,
     /// Rows per forward call (the prefill chunk; at least the largest batch): 512 in generate,
     /// eval and the other commands.
     pub chunk: usize,
@@ -588,8 +590,9 @@ pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
 /// coefficients), against plain greedy decode of each model at the same batch and contexts, in
 /// one run. Each problem's prompts are `prompt_len` random tokens, prefilled before the timed
 /// steps. With `steered_share`, the thinking model is the base model's weights (see [`Settings`]).
+/// With windows other than [-1], the host-driven loop (`GpuHybrid::Engines`) with those windows.
 pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
-    use crate::cuda::hybrid::CudaHybrid;
+    use crate::cuda::hybrid::{CudaHybrid, GpuHybrid};
     use crate::hybrid::{Mode, Prompts, Settings as HySettings};
     let Some(mut c) = named_shape(shape) else {
         bail!("--hybrid needs a named shape (qwen2.5-1.5b, llama-3.1-8b or tiny), found {shape:?}");
@@ -601,6 +604,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let hy = HySettings {
         mode: Mode::Cached,
         max_new_tokens: s.new_tokens,
+        windows: s.windows.clone(),
         ..HySettings::default()
     };
     let nc = hy.coefficients.len();
@@ -608,7 +612,11 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     // Prompts of prompt_len tokens (prefilled per problem), then new_tokens steps.
     let plen = s.prompt_len.max(1);
     let max_len = plen + s.new_tokens + 8;
-    let rows = (max_b * (1 + nc)).max(64);
+    // The host loop's base engine takes a window's whole run in one call.
+    let windowed = !CudaHybrid::supports(&hy);
+    let rows = (max_b * (1 + nc))
+        .max(64)
+        .max(if windowed { max_len } else { 0 });
     CudaEngine::check_fits(&gpu, &c, max_b, max_len, rows, 2 * c.param_count() * 2)?;
     let bw = Arc::new(CudaWeights::random(&gpu, &c, s.seed + 2)?);
     let tw = match s.steered_share {
@@ -624,7 +632,20 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     );
     let sae = crate::sae::Sae::random(c.hidden_size, 15, lt, 3, s.seed, shape);
     let steering = crate::steering::SteeringSet::random(c.hidden_size, 15, lb, 8.0, s.seed, shape);
-    let mut h = CudaHybrid::new(think, base, &sae, &steering, &hy, max_b)?;
+    let art = crate::hybrid::Artifacts {
+        sae: &sae,
+        steering: &steering,
+    };
+    let mut h = if windowed {
+        GpuHybrid::Engines {
+            base: Box::new(base),
+            think: Box::new(think),
+        }
+    } else {
+        GpuHybrid::Step(Box::new(CudaHybrid::new(
+            think, base, &sae, &steering, &hy, max_b,
+        )?))
+    };
     let v = c.vocab_size as u64;
     let bytes = (2 * c.param_count() * 2) as f64;
     let mut out = vec![];
@@ -646,10 +667,11 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
                 }
             })
             .collect();
-        let (step, steps, steered, all) = time_hybrid(&mut h, &problems, s.new_tokens, v)?;
+        let (step, steps, steered, all) = time_hybrid(&mut h, art, &hy, &problems, v)?;
         // Plain greedy decode of each model alone, same batch, same contexts, same number of steps.
         let mut plain = 0.0;
-        for e in [&mut h.think, &mut h.base] {
+        let (think, base) = h.engines_mut();
+        for e in [think, base] {
             let ids: Vec<u32> = (0..b as u32).collect();
             let slots: Vec<usize> = (0..b).collect();
             let mut next = ids;
@@ -691,7 +713,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             ratio_to_plain: Some(step / plain),
             steered_fraction: Some(steered as f64 / all.max(1) as f64),
         });
-        if profile_requested() {
+        if let (GpuHybrid::Step(h), true) = (&mut h, profile_requested()) {
             // Two more steps, launched eagerly; the profile is per step (the problems' one-token
             // prompts included).
             let graphs = h.use_graphs;
@@ -720,7 +742,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             print_profile(&format!("{shape} pair"), "hybrid", b, &r);
         }
         if s.marginal {
-            marginal_hybrid(&mut h, &tgpu, &problems, shape, s.new_tokens, step)?;
+            marginal_hybrid(&mut h, art, &tgpu, &problems, shape, &hy, step)?;
         }
     }
     Ok(out)
@@ -731,16 +753,19 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
 /// the end of the last (the run prefills the prompts first): every problem runs every step, so
 /// the step count is exact.
 fn time_hybrid(
-    h: &mut crate::cuda::hybrid::CudaHybrid,
+    h: &mut crate::cuda::hybrid::GpuHybrid,
+    art: crate::hybrid::Artifacts,
+    hy: &crate::hybrid::Settings,
     problems: &[crate::hybrid::Prompts],
-    new_tokens: usize,
     v: u64,
 ) -> Result<(f64, usize, usize, usize)> {
-    h.set_max_new_tokens(3);
-    h.run(problems, |_, _, _| {})?;
-    h.set_max_new_tokens(new_tokens);
+    let warm = crate::hybrid::Settings {
+        max_new_tokens: 3,
+        ..hy.clone()
+    };
+    h.run(art, problems, &warm, |_, _, _| {})?;
     let (mut first, mut last) = (None, Instant::now());
-    let outs = h.run(problems, |_, _, _| {
+    let outs = h.run(art, problems, hy, |_, _, _| {
         last = Instant::now();
         first.get_or_insert(last);
     })?;
@@ -767,13 +792,18 @@ fn time_hybrid(
 /// turn. Left-out kernels make the steered share drift where the step's work depends on it (gate
 /// first), so each line also gives the share of that run. Lines to stderr as they are measured.
 fn marginal_hybrid(
-    h: &mut crate::cuda::hybrid::CudaHybrid,
+    hybrid: &mut crate::cuda::hybrid::GpuHybrid,
+    art: crate::hybrid::Artifacts,
     tgpu: &Arc<Gpu>,
     problems: &[crate::hybrid::Prompts],
     shape: &str,
-    new_tokens: usize,
+    hy: &crate::hybrid::Settings,
     base: f64,
 ) -> Result<()> {
+    use crate::cuda::hybrid::GpuHybrid;
+    let GpuHybrid::Step(h) = hybrid else {
+        bail!("--marginal times the one-graph hybrid step (windows -1)");
+    };
     let (gpu, b) = (h.gpu.clone(), problems.len());
     let v = h.base.config.vocab_size as u64;
     let gpus: Vec<&Arc<Gpu>> = if Arc::ptr_eq(tgpu, &gpu) {
@@ -807,8 +837,10 @@ fn marginal_hybrid(
         base * 1e3
     );
     let mut time = || {
-        h.clear_graphs(); // captured with the previous choice of launches
-        time_hybrid(h, problems, new_tokens, v)
+        if let GpuHybrid::Step(h) = hybrid {
+            h.clear_graphs(); // captured with the previous choice of launches
+        }
+        time_hybrid(hybrid, art, hy, problems, v)
             .map(|(t, _, steered, all)| (t, steered as f64 / all.max(1) as f64))
     };
     let gpus: Vec<&Gpu> = gpus.iter().map(|g| g.as_ref()).collect();

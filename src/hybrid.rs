@@ -10,6 +10,7 @@
 //! to the cache before it; `Persistent` (our extension, windows [-1]) also commits the winning
 //! candidate's steered K/V to the cache.
 
+use crate::config::Config;
 use crate::cpu_ops::argmax;
 use crate::engine::{CpuEngine, Decoder};
 use crate::model::{Hooks, KvCache, Model, Step, Workspace};
@@ -107,10 +108,32 @@ pub struct Pair<'a> {
 
 impl Pair<'_> {
     pub fn validate(&self) -> Result<()> {
-        let (b, t) = (&self.base.config, &self.thinking.config);
-        self.sae.validate_for(t.hidden_size, t.num_hidden_layers)?;
+        self.artifacts()
+            .validate_for(&self.base.config, &self.thinking.config)
+    }
+
+    pub fn artifacts(&self) -> Artifacts<'_> {
+        Artifacts {
+            sae: self.sae,
+            steering: self.steering,
+        }
+    }
+}
+
+/// The SAE on the thinking model and the steering set on the base model.
+#[derive(Clone, Copy)]
+pub struct Artifacts<'a> {
+    pub sae: &'a Sae,
+    pub steering: &'a SteeringSet,
+}
+
+impl Artifacts<'_> {
+    /// The SAE against the thinking model, the steering set against the base model and the SAE.
+    pub fn validate_for(&self, base: &Config, thinking: &Config) -> Result<()> {
+        self.sae
+            .validate_for(thinking.hidden_size, thinking.num_hidden_layers)?;
         self.steering
-            .validate_for(b.hidden_size, b.num_hidden_layers)?;
+            .validate_for(base.hidden_size, base.num_hidden_layers)?;
         self.steering.check_matches_sae(self.sae)?;
         Ok(())
     }
@@ -200,7 +223,14 @@ pub fn run(
                 slots,
                 ctx(pair.thinking, |p| p.thinking.len()),
             );
-            run_cached(pair, &mut base, &mut think, problems, s, on_step)
+            run_cached(
+                pair.artifacts(),
+                &mut base,
+                &mut think,
+                problems,
+                s,
+                on_step,
+            )
         }
     }
 }
@@ -278,6 +308,7 @@ fn exact_one(
     mut on_step: impl FnMut(u32, &StepRecord),
 ) -> Result<Output> {
     let (b, t) = (pair.base, pair.thinking);
+    let art = pair.artifacts();
     let ctx_b = b
         .config
         .max_position_embeddings
@@ -289,7 +320,7 @@ fn exact_one(
     let (mut fb, mut ft) = (Full::new(b, ctx_b), Full::new(t, ctx_t));
     let (mut seq_b, mut seq_t) = (p.base.clone(), p.thinking.clone());
     let d = b.config.hidden_size;
-    let point = pair.steer_point(s);
+    let point = art.steer_point(s);
     let mut z = vec![0f32; pair.sae.latents];
     let mut vec_d = vec![0f32; d];
     let mut rng = s.random_firing.map(Rng::new);
@@ -300,7 +331,7 @@ fn exact_one(
     while out.ids.len() < s.max_new_tokens && seq_b.len() < ctx_b && seq_t.len() < ctx_t {
         // 1. The thinking model on its whole sequence: category and logits at the last position.
         let (think_logits, h) = ft.run(t, &seq_t, None, Some(pair.sae.layer + 1));
-        let category = pair.category(&h, &mut z, s, &mut rng);
+        let category = art.category(&h, &mut z, s, &mut rng);
         let think_tok = argmax(&think_logits) as u32;
         // 2. The base model unsteered.
         let (base_logits, _) = fb.run(b, &seq_b, None, None);
@@ -409,14 +440,16 @@ impl Side {
 /// mode then rewrites the newest position with the winner's steering. `batch` problems decode
 /// together, and a finished problem's slot takes the next one.
 pub fn run_cached(
-    pair: &Pair,
+    art: Artifacts,
     base: &mut dyn Decoder,
     think: &mut dyn Decoder,
     problems: &[Prompts],
     s: &Settings,
     mut on_step: impl FnMut(usize, u32, &StepRecord),
 ) -> Result<Vec<Output>> {
+    art.validate_for(base.config(), think.config())?;
     let (ctx_b, ctx_t) = (base.max_len(), think.max_len());
+    let eos = base.config().eos_token_ids.clone();
     let nslots = s
         .batch
         .max(1)
@@ -438,8 +471,8 @@ pub fn run_cached(
     }
     let (d, v) = (base.config().hidden_size, base.config().vocab_size);
     let (dt, vt) = (think.config().hidden_size, think.config().vocab_size);
-    let point = pair.steer_point(s);
-    let mut z = vec![0f32; pair.sae.latents];
+    let point = art.steer_point(s);
+    let mut z = vec![0f32; art.sae.latents];
     let mut rng = s.random_firing.map(Rng::new);
     let mut outs: Vec<Output> = problems
         .iter()
@@ -453,7 +486,7 @@ pub fn run_cached(
         // 1. Thinking model: feed pending tokens, capture block L_t's output, logits at the last token.
         let (ids, slots, pos, last_t) = st.gather(&active);
         let mut hooks = Hooks {
-            capture: vec![(pair.sae.layer + 1, vec![])],
+            capture: vec![(art.sae.layer + 1, vec![])],
             steer: None,
         };
         let step = Step {
@@ -466,7 +499,7 @@ pub fn run_cached(
         let captured = &hooks.capture[0].1;
         let categories: Vec<usize> = last_t
             .iter()
-            .map(|&i| pair.category(&captured[i * dt..(i + 1) * dt], &mut z, s, &mut rng))
+            .map(|&i| art.category(&captured[i * dt..(i + 1) * dt], &mut z, s, &mut rng))
             .collect();
 
         // 2. Base model unsteered.
@@ -492,7 +525,7 @@ pub fn run_cached(
         let mut vecs = vec![0f32; steer_rows.len() * d];
         for (j, &k) in steer_rows.iter().enumerate() {
             let row = &mut vecs[j * d..(j + 1) * d];
-            pair.steering
+            art.steering
                 .add_scaled(categories[k], 1.0, s.only_bias, row);
         }
         let slot_of = |j: usize| active[steer_rows[j]];
@@ -581,9 +614,7 @@ pub fn run_cached(
             sb.advance(r, tok);
             st.advance(r, tok);
             let fits = sb.len[r] < ctx_b && st.len[r] < ctx_t;
-            let done = pair.base.config.eos_token_ids.contains(&tok)
-                || outs[p].ids.len() >= s.max_new_tokens
-                || !fits;
+            let done = eos.contains(&tok) || outs[p].ids.len() >= s.max_new_tokens || !fits;
             if done {
                 who[r] = None;
                 if let Some(q) = queue.next() {

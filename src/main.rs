@@ -363,6 +363,15 @@ struct BenchArgs {
     /// (the paper's runs steer about 0.12); without it nearly every step is steered.
     #[arg(long)]
     steered_share: Option<f64>,
+    /// With --hybrid: steering windows (e.g. the paper's 0,-1,-15,-50,-100); other than -1,
+    /// the host-driven loop on two engines is timed instead of the one-graph step.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "-1",
+        allow_hyphen_values = true
+    )]
+    windows: Vec<i64>,
     /// Rows per forward call on the GPU (the prefill chunk; when not given, what the other commands
     /// use: 512, or THINKSTEER_PREFILL_ROWS). Plain decode only.
     #[arg(long)]
@@ -702,7 +711,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     {
         // All questions at once: `batch` decode together, a finished one's slot takes the next.
         let outs = match gpu_hybrid.as_mut() {
-            Some(h) => h.run(&pair, &problems, &settings, |_, _, _| {})?,
+            Some(h) => h.run(pair.artifacts(), &problems, &settings, |_, _, _| {})?,
             None => run(&pair, &problems, &settings, |_, _, _| {})?,
         };
         for (j, out) in outs.iter().enumerate() {
@@ -835,6 +844,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         new_tokens: a.new_tokens,
         seed: 0,
         steered_share: a.steered_share,
+        windows: a.windows.clone(),
         chunk: a.chunk.unwrap_or_else(call_rows).max(1),
         marginal: a.marginal,
     };
@@ -845,6 +855,12 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                 if a.hybrid { "" } else { " without --hybrid" }
             ));
         }
+    }
+    if a.windows != [-1] && !a.hybrid {
+        return Err(anyhow!(
+            "--windows goes with --hybrid, found {:?} without it",
+            a.windows
+        ));
     }
     if a.chunk.is_some() && (a.hybrid || a.vector_grad) {
         return Err(anyhow!(

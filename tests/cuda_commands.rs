@@ -370,18 +370,22 @@ fn bench_rows_on_the_gpu() {
     let phases: Vec<(&str, usize)> = rows.iter().map(|r| (r.phase, r.batch)).collect();
     assert_eq!(phases, [("prefill", 1), ("decode", 1), ("decode", 3)]);
     common::check_bench_rows(&rows);
-    let s = thinksteer::bench::Settings {
-        steered_share: Some(0.5),
-        ..common::bench_settings(vec![2])
-    };
-    let rows = thinksteer::bench::run_cuda_hybrid("tiny", &s).unwrap();
-    assert_eq!(rows.len(), 1);
-    common::check_bench_rows(&rows);
-    let (ratio, share) = (rows[0].ratio_to_plain, rows[0].steered_fraction);
-    assert!(ratio.is_some_and(|x| x > 0.0), "{:?}", rows[0]);
-    assert!(
-        share.is_some_and(|f| (0.0..=1.0).contains(&f)),
-        "{:?}",
-        rows[0]
-    );
+    // The one-graph step, then the host-driven loop with the paper's kind of windows.
+    for windows in [vec![-1], vec![0, -1, -3]] {
+        let s = thinksteer::bench::Settings {
+            steered_share: Some(0.5),
+            windows,
+            ..common::bench_settings(vec![2])
+        };
+        let rows = thinksteer::bench::run_cuda_hybrid("tiny", &s).unwrap();
+        assert_eq!(rows.len(), 1);
+        common::check_bench_rows(&rows);
+        let (ratio, share) = (rows[0].ratio_to_plain, rows[0].steered_fraction);
+        assert!(ratio.is_some_and(|x| x > 0.0), "{:?}", rows[0]);
+        assert!(
+            share.is_some_and(|f| (0.0..=1.0).contains(&f)),
+            "{:?}",
+            rows[0]
+        );
+    }
 }

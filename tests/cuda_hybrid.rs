@@ -201,7 +201,7 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
             base: Box::new(be),
             think: Box::new(te),
         };
-        let got = hy.run(&pair, &ps, &s, |_, _, _| {}).unwrap();
+        let got = hy.run(pair.artifacts(), &ps, &s, |_, _, _| {}).unwrap();
         let mut longer = 0;
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let k = 6.min(w.ids.len());

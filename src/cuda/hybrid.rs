@@ -28,7 +28,7 @@ use super::kernels::{self as k, Gate};
 use super::model::{call_rows, CudaEngine, SaeDev, SteerDev, SteerSel};
 use super::{cuda_err as cu, Gpu};
 use crate::engine::Decoder;
-use crate::hybrid::{run_cached, Mode, Output, Pair, Prompts, Settings, StepRecord};
+use crate::hybrid::{run_cached, Artifacts, Mode, Output, Prompts, Settings, StepRecord};
 use crate::model::{Hooks, Step};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
@@ -853,20 +853,30 @@ impl GpuHybrid {
         })
     }
 
-    /// Runs every problem (`pair` holds the host copies of the models and the artifacts that
-    /// `load` was given).
+    /// Runs every problem (`art`: the artifacts `load` was given).
     pub fn run(
         &mut self,
-        pair: &Pair,
+        art: Artifacts,
         problems: &[Prompts],
         s: &Settings,
         on_step: impl FnMut(usize, u32, &StepRecord),
     ) -> Result<Vec<Output>> {
         match self {
-            GpuHybrid::Step(h) => h.run(problems, on_step),
-            GpuHybrid::Engines { base, think } => {
-                run_cached(pair, &mut **base, &mut **think, problems, s, on_step)
+            GpuHybrid::Step(h) => {
+                h.set_max_new_tokens(s.max_new_tokens);
+                h.run(problems, on_step)
             }
+            GpuHybrid::Engines { base, think } => {
+                run_cached(art, &mut **base, &mut **think, problems, s, on_step)
+            }
+        }
+    }
+
+    /// The (thinking, base) engines.
+    pub fn engines_mut(&mut self) -> (&mut CudaEngine, &mut CudaEngine) {
+        match self {
+            GpuHybrid::Step(h) => (&mut h.think, &mut h.base),
+            GpuHybrid::Engines { base, think } => (&mut **think, &mut **base),
         }
     }
 }

@@ -730,7 +730,7 @@ fn run_hybrid(
         }
     };
     let outs = match gpu.as_mut() {
-        Some(h) => h.run(&pair, &all, &spec.settings, on_step)?,
+        Some(h) => h.run(pair.artifacts(), &all, &spec.settings, on_step)?,
         None => hybrid::run(&pair, &all, &spec.settings, on_step)?,
     };
     if let Some(e) = failed {

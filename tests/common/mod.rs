@@ -209,6 +209,7 @@ pub fn bench_settings(batches: Vec<usize>) -> thinksteer::bench::Settings {
         new_tokens: 4,
         seed: 1,
         steered_share: None,
+        windows: vec![-1],
         chunk: 512,
         marginal: false,
     }
