@@ -59,6 +59,9 @@ timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --
     echo "== retry: THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0"
     THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2>> "$OUT/bench-hybrid.err" || tail -5 "$OUT/bench-hybrid.err"
 }
+# The paper's windows on the host-driven loop (rows "hybrid-w"): batch 1 steers nearly every
+# step, batch 8 about one problem in eight.
+timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16 --json > "$OUT/bench-hybrid-windows.jsonl" 2> "$OUT/bench-hybrid-windows.err" || { status=1; tail -5 "$OUT/bench-hybrid-windows.err"; }
 fi
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ] && one; then
     section "per-kernel profiles (one eager prefill / decode step / hybrid step each)"
@@ -193,7 +196,7 @@ fi
 fi
 
 summary() {
-    python3 scripts/gpu-ab.py summary "$OUT" " ($(head -1 "$OUT/gpu.txt"))$1" bench-qwen.jsonl bench-llama.jsonl bench-qwen-2k.jsonl bench-hybrid.jsonl
+    python3 scripts/gpu-ab.py summary "$OUT" " ($(head -1 "$OUT/gpu.txt"))$1" bench-qwen.jsonl bench-llama.jsonl bench-qwen-2k.jsonl bench-hybrid.jsonl bench-hybrid-windows.jsonl
 }
 # The table once before the HF anchor (so a call cut short by its limit still prints it), and
 # again after it with the speed-ups over its rows. The --marginal tables (diagnostic) come last.

@@ -703,7 +703,8 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             device: "cuda".into(),
             card: card.name.clone(),
             floor_gb_per_s: card.copy_gb_per_s,
-            phase: "hybrid",
+            // The host-driven loop with windows: its own rows beside the one-graph step's.
+            phase: if windowed { "hybrid-w" } else { "hybrid" },
             batch: b,
             tokens: steps,
             ms_per_token: step * 1e3,
