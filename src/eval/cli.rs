@@ -126,7 +126,8 @@ pub struct EvalArgs {
     /// Steering coefficients C (default: the preset's, else 0.1,…,1.0).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub coefficients: Option<Vec<f32>>,
-    /// Windows W: 0 = every position, -N = the last N (default: -1; the preset's in exact mode).
+    /// Windows W: 0 = every position, -N = the last N (default: the preset's, e.g. 0,-1,-15,-50,-100,
+    /// else -1). Window -1 alone runs the one-graph GPU step; others a slower host-driven loop.
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub windows: Option<Vec<i64>>,
     /// The base model's prompt with {question} (default: the paper's plain prompt).
@@ -316,9 +317,11 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         .clone()
         .or_else(|| preset.as_ref().map(|p| p.coefficients.clone()))
         .unwrap_or_else(|| Settings::default().coefficients);
+    // A preset's windows in every mode (cached is the same function as exact for any windows),
+    // except persistent, which steers the newest position only.
     let windows = match (&a.windows, &preset) {
         (Some(w), _) => w.clone(),
-        (None, Some(p)) if a.hybrid_mode == Mode::Exact => p.windows.clone(),
+        (None, Some(p)) if a.hybrid_mode != Mode::Persistent => p.windows.clone(),
         _ => vec![-1],
     };
     let settings = Settings {
