@@ -130,6 +130,14 @@ pub struct Artifacts<'a> {
 impl Artifacts<'_> {
     /// The SAE against the thinking model, the steering set against the base model and the SAE.
     pub fn validate_for(&self, base: &Config, thinking: &Config) -> Result<()> {
+        // The thinking model's logits score the base model's candidate ids.
+        if base.vocab_size > thinking.vocab_size {
+            bail!(
+                "the thinking model must score every base-model token id: expected a thinking vocab_size ≥ the base model's {}, found {}",
+                base.vocab_size,
+                thinking.vocab_size
+            );
+        }
         self.sae
             .validate_for(thinking.hidden_size, thinking.num_hidden_layers)?;
         self.steering
@@ -424,6 +432,35 @@ impl Side {
         (ids, slots, pos, last)
     }
 
+    /// Feeds all but the last pending token of each of `rows` in one call without hooks or
+    /// logits (a long prompt: the engine may split it into calls), so that the step's hooked
+    /// call holds one token per row.
+    fn prefill(&mut self, e: &mut dyn Decoder, rows: &[usize]) -> Result<()> {
+        let (mut ids, mut slots, mut pos) = (vec![], vec![], vec![]);
+        for &r in rows {
+            let n = self.pending[r].len().saturating_sub(1);
+            ids.extend_from_slice(&self.pending[r][..n]);
+            slots.extend(std::iter::repeat_n(r, n));
+            pos.extend(self.len[r]..self.len[r] + n);
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let step = Step {
+            slots: &slots,
+            positions: &pos,
+            n_write: ids.len(),
+            run_start: &[],
+        };
+        e.forward(&ids, &step, &[], &mut Hooks::default())?;
+        for &r in rows {
+            let n = self.pending[r].len().saturating_sub(1);
+            self.len[r] += n;
+            self.pending[r].drain(..n);
+        }
+        Ok(())
+    }
+
     /// The slot's cache takes its pending tokens, and `tok` is fed next.
     fn advance(&mut self, slot: usize, tok: u32) {
         self.len[slot] += self.pending[slot].len();
@@ -473,7 +510,11 @@ pub fn run_cached(
     let (dt, vt) = (think.config().hidden_size, think.config().vocab_size);
     let point = art.steer_point(s);
     let mut z = vec![0f32; art.sae.latents];
-    let mut rng = s.random_firing.map(Rng::new);
+    // --random-firing: each problem draws from its own generator, seeded as in exact mode.
+    let mut rngs: Vec<Option<Rng>> = problems
+        .iter()
+        .map(|_| s.random_firing.map(Rng::new))
+        .collect();
     let mut outs: Vec<Output> = problems
         .iter()
         .map(|_| Output {
@@ -483,7 +524,10 @@ pub fn run_cached(
         .collect();
     let mut active: Vec<usize> = (0..nslots).filter(|&r| who[r].is_some()).collect();
     while !active.is_empty() {
-        // 1. Thinking model: feed pending tokens, capture block L_t's output, logits at the last token.
+        // New prompts: all but their last token, in calls of their own.
+        st.prefill(think, &active)?;
+        sb.prefill(base, &active)?;
+        // 1. Thinking model: feed the newest tokens, capture block L_t's output, logits.
         let (ids, slots, pos, last_t) = st.gather(&active);
         let mut hooks = Hooks {
             capture: vec![(art.sae.layer + 1, vec![])],
@@ -499,7 +543,11 @@ pub fn run_cached(
         let captured = &hooks.capture[0].1;
         let categories: Vec<usize> = last_t
             .iter()
-            .map(|&i| art.category(&captured[i * dt..(i + 1) * dt], &mut z, s, &mut rng))
+            .zip(&active)
+            .map(|(&i, &r)| {
+                let rng = &mut rngs[who[r].expect("active slots hold a problem")];
+                art.category(&captured[i * dt..(i + 1) * dt], &mut z, s, rng)
+            })
             .collect();
 
         // 2. Base model unsteered.
@@ -613,7 +661,8 @@ pub fn run_cached(
             outs[p].steps.push(rec);
             sb.advance(r, tok);
             st.advance(r, tok);
-            let fits = sb.len[r] < ctx_b && st.len[r] < ctx_t;
+            // As in exact mode: a sequence ends when it fills the context.
+            let fits = sb.seq[r].len() < ctx_b && st.seq[r].len() < ctx_t;
             let done = eos.contains(&tok) || outs[p].ids.len() >= s.max_new_tokens || !fits;
             if done {
                 who[r] = None;

@@ -194,9 +194,11 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
             ..Settings::default()
         };
         let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
-        // Two slots for three problems; the base engine takes a whole sequence in one call.
-        let te = CudaEngine::load(g.clone(), &think_dir, 2, 64, 64).unwrap();
-        let be = CudaEngine::load(g.clone(), &base_dir, 2, 64, 64).unwrap();
+        // Two slots for three problems. Calls of 2 rows in the thinking engine (each prompt is
+        // fed in several calls before the hooked one-token-per-row call) and 20 in the base
+        // engine, which takes a whole sequence (window 0) in one call.
+        let te = CudaEngine::load(g.clone(), &think_dir, 2, 64, 2).unwrap();
+        let be = CudaEngine::load(g.clone(), &base_dir, 2, 64, 20).unwrap();
         let mut hy = GpuHybrid::Engines {
             base: Box::new(be),
             think: Box::new(te),

@@ -429,6 +429,47 @@ fn cached_equals_exact_for_every_window() {
 }
 
 #[test]
+fn cached_equals_exact_with_ablations_refills_and_a_full_context() {
+    // Both models' context cut to 14 positions (problems stop when their sequence fills it,
+    // the 11-token prompt after 3 tokens), three problems through two slots (refill).
+    let mut f = fx(12.0);
+    let short = |name: &str| {
+        let mut m = Model::load(&fixture(name)).unwrap();
+        m.config.max_position_embeddings = 14;
+        Arc::new(m)
+    };
+    (f.base, f.thinking) = (short("qwen2-f32"), short("thinking-qwen2-f32"));
+    let mut ps = problems();
+    ps.push(Prompts {
+        base: vec![50, 43, 50, 61],
+        thinking: vec![307, 50, 43, 50, 308, 10, 307],
+    });
+    let windows = [0, -1, -3];
+    let variants: [(&str, fn(&mut Settings)); 4] = [
+        ("plain", |_| {}),
+        ("--random-firing", |s| s.random_firing = Some(3)),
+        ("--steer-at-block-input", |s| s.steer_at_block_input = true),
+        ("--only-bias", |s| s.only_bias = true),
+    ];
+    for (name, set) in variants {
+        let mut exact = settings(Mode::Exact, &[0.5, 1.0, 2.0], &windows, 16);
+        set(&mut exact);
+        let cached = Settings {
+            mode: Mode::Cached,
+            batch: 2,
+            ..exact.clone()
+        };
+        let (want, got) = (hybrid(&f, &ps, &exact), hybrid(&f, &ps, &cached));
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(g.ids, w.ids, "{name}: problem {i}");
+            assert_eq!(g.steps, w.steps, "{name}: problem {i}");
+        }
+        // The context, not max_new_tokens, ended the 11-token prompt's answer.
+        assert_eq!(want[1].ids.len(), 3, "{name}");
+    }
+}
+
+#[test]
 fn persistent_mode_and_positive_windows_are_refused() {
     let f = fx(12.0);
     let pair = Pair {

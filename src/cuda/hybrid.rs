@@ -111,12 +111,12 @@ impl CudaHybrid {
         }
         if s.windows != [-1] {
             bail!(
-                "the GPU step steers the newest position only, so windows must be [-1]; found {:?} (other windows run on the CPU: use --device cpu)",
+                "the one-graph step steers the newest position only, so windows must be [-1]; found {:?} (GpuHybrid runs other windows on the host-driven loop)",
                 s.windows
             );
         }
         if s.random_firing.is_some() {
-            bail!("--random-firing draws categories on the host and runs on the CPU; use --device cpu");
+            bail!("--random-firing draws categories on the host: GpuHybrid runs it on the host-driven loop, not the one-graph step");
         }
         let (tc, bc) = (&think.config, &base.config);
         sae.validate_for(tc.hidden_size, tc.num_hidden_layers)?;
@@ -749,10 +749,12 @@ impl CudaHybrid {
                 (next[r], think_next[r]) = (tok, tok);
                 pos_b[r] += 1;
                 pos_t[r] += 1;
+                // As in exact mode: a sequence ends when it fills the context (the emitted
+                // token, at pos + 1, included).
                 let done = eos.contains(&tok)
                     || outs[p].ids.len() >= self.s.max_new_tokens
-                    || pos_b[r] >= ctx_b
-                    || pos_t[r] >= ctx_t;
+                    || pos_b[r] + 1 >= ctx_b
+                    || pos_t[r] + 1 >= ctx_t;
                 if done {
                     who[r] = None;
                     if let Some(q) = queue.next() {
@@ -847,6 +849,14 @@ impl GpuHybrid {
         let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, max_b.max(call))?;
         let rows = (max_b * s.coefficients.len()).max(longest).max(call);
         let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
+        let heads = base.config.num_attention_heads;
+        if rows * heads > super::SCRATCH_COUNTERS {
+            bail!(
+                "windows {:?} at a context of {ctx_base} need calls of {rows} rows × {heads} heads, above decode attention's {} (row, head) counters",
+                s.windows,
+                super::SCRATCH_COUNTERS
+            );
+        }
         Ok(GpuHybrid::Engines {
             base: Box::new(base),
             think: Box::new(think),
