@@ -445,7 +445,8 @@ fn cached_equals_exact_with_ablations_refills_and_a_full_context() {
         thinking: vec![307, 50, 43, 50, 308, 10, 307],
     });
     let windows = [0, -1, -3];
-    let variants: [(&str, fn(&mut Settings)); 4] = [
+    type Variant = (&'static str, fn(&mut Settings));
+    let variants: [Variant; 4] = [
         ("plain", |_| {}),
         ("--random-firing", |s| s.random_firing = Some(3)),
         ("--steer-at-block-input", |s| s.steer_at_block_input = true),
