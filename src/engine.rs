@@ -3,6 +3,7 @@
 //! here, the CUDA engine in `cuda::model`.
 
 use crate::config::Config;
+use crate::cpu_ops::argmax;
 use crate::model::{Hooks, KvCache, Model, Step, Workspace};
 use crate::Result;
 use std::sync::Arc;
@@ -25,6 +26,14 @@ pub trait Decoder {
         logit_rows: &[usize],
         hooks: &mut Hooks,
     ) -> Result<&[f32]>;
+    /// The greedy id of every token of a call whose tokens all write the cache (a decode step).
+    /// The CUDA engine keeps the logits on the device and replays the step from a graph.
+    fn greedy(&mut self, ids: &[u32], step: &Step) -> Result<Vec<u32>> {
+        let rows: Vec<usize> = (0..ids.len()).collect();
+        let v = self.config().vocab_size;
+        let logits = self.forward(ids, step, &rows, &mut Hooks::default())?;
+        Ok(logits.chunks(v).map(|l| argmax(l) as u32).collect())
+    }
 }
 
 pub struct CpuEngine {

@@ -550,19 +550,15 @@ pub fn run_cached(
             })
             .collect();
 
-        // 2. Base model unsteered.
-        let (ids, slots, pos, last_b) = sb.gather(&active);
+        // 2. Base model unsteered (one token per row: a decode step).
+        let (ids, slots, pos, _) = sb.gather(&active);
         let step = Step {
             slots: &slots,
             positions: &pos,
             n_write: ids.len(),
             run_start: &[],
         };
-        let base_toks: Vec<u32> = base
-            .forward(&ids, &step, &last_b, &mut Hooks::default())?
-            .chunks(v)
-            .map(|l| argmax(l) as u32)
-            .collect();
+        let base_toks = base.greedy(&ids, &step)?;
         let think_row = |k: usize| &think_logits[k * vt..(k + 1) * vt];
 
         // 3–4. Candidates for every row that needs steering, as read-only runs.

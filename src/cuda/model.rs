@@ -928,6 +928,18 @@ impl Decoder for CudaEngine {
     fn max_rows(&self) -> usize {
         self.max_t
     }
+    fn greedy(&mut self, ids: &[u32], step: &Step) -> Result<Vec<u32>> {
+        if ids.len() <= self.max_t && step.n_write == ids.len() {
+            return self.decode_greedy(ids, step);
+        }
+        let rows: Vec<usize> = (0..ids.len()).collect();
+        let v = self.config.vocab_size;
+        let logits = Decoder::forward(self, ids, step, &rows, &mut Hooks::default())?;
+        Ok(logits
+            .chunks(v)
+            .map(|l| crate::cpu_ops::argmax(l) as u32)
+            .collect())
+    }
     fn forward(
         &mut self,
         ids: &[u32],
