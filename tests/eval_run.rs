@@ -578,3 +578,52 @@ fn judge_cmd_decides_correct() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert!(config["judge_cmd"].as_str().unwrap().contains("grep"));
 }
+
+/// With windows, each hybrid line counts its steered steps per winning (coefficient, window),
+/// matching its per-coefficient counts, and the report sums them into a table where a window
+/// other than -1 won.
+#[test]
+fn windowed_hybrid_counts_the_winning_coefficient_and_window() {
+    let out = tmp("windows");
+    ok(eval(
+        &out,
+        &["--windows", "0,-1,-3", "--coefficients", "0.5,2"],
+    ));
+    let lines = lines_of(&out.join("results.jsonl"));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["hybrid"]["windows"], serde_json::json!([0, -1, -3]));
+    let mut total: BTreeMap<String, u64> = BTreeMap::new();
+    for l in lines.iter().filter(|l| l["mode"] == "hybrid") {
+        let cw: BTreeMap<String, u64> = serde_json::from_value(l["cw_wins"].clone()).unwrap();
+        let coef: BTreeMap<String, u64> = serde_json::from_value(l["coef_wins"].clone()).unwrap();
+        let steered = l["steered_tokens"].as_u64().unwrap();
+        assert_eq!(cw.values().sum::<u64>(), steered, "{l}");
+        // Summed over windows, the pairs give the per-coefficient counts.
+        let mut by_coef: BTreeMap<String, u64> = BTreeMap::new();
+        for (k, x) in &cw {
+            let (c, w) = k.split_once(',').unwrap();
+            assert!(["0", "-1", "-3"].contains(&w), "{k}");
+            *by_coef.entry(c.to_string()).or_insert(0) += x;
+            *total.entry(k.clone()).or_insert(0) += x;
+        }
+        assert_eq!(by_coef, coef, "{l}");
+    }
+    let r = check_report(&out, &lines);
+    let hybrid = r["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mode"] == "hybrid")
+        .unwrap();
+    let reported: BTreeMap<String, u64> =
+        serde_json::from_value(hybrid["cw_wins"].clone()).unwrap();
+    assert_eq!(reported, total);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let longer = total.keys().any(|k| !k.ends_with(",-1"));
+    assert_eq!(
+        md.contains("| winning (coefficient, window) |"),
+        longer,
+        "{md}"
+    );
+}

@@ -55,6 +55,8 @@ pub struct ModeStats {
     pub steered_mean: Option<f64>,
     pub category_counts: Option<Vec<usize>>,
     pub coef_wins: Option<BTreeMap<String, usize>>,
+    /// Steered steps per winning (coefficient, window), "c,w".
+    pub cw_wins: Option<BTreeMap<String, usize>>,
 }
 
 /// Base, thinking and hybrid accuracy on the problems all three answered.
@@ -175,7 +177,7 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
     }
     let wall: f64 = batches.values().sum();
     let hybrid: Vec<&&ResultLine> = rs.iter().filter(|r| r.steered_fraction.is_some()).collect();
-    let (mut tw, mut mean, mut counts, mut wins) = (None, None, None, None);
+    let (mut tw, mut mean, mut counts, mut wins, mut cw_wins) = (None, None, None, None, None);
     if !hybrid.is_empty() {
         let steered: usize = hybrid.iter().map(|r| r.steered_tokens.unwrap_or(0)).sum();
         let toks: usize = hybrid.iter().map(|r| r.tokens).sum();
@@ -193,7 +195,7 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
             .max()
             .unwrap_or(0);
         let mut c = vec![0; k];
-        let mut w = BTreeMap::new();
+        let (mut w, mut cw) = (BTreeMap::new(), BTreeMap::new());
         for r in &hybrid {
             for (i, x) in r.category_counts.iter().flatten().enumerate() {
                 c[i] += x;
@@ -201,9 +203,13 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
             for (coef, x) in r.coef_wins.iter().flatten() {
                 *w.entry(coef.clone()).or_insert(0) += x;
             }
+            for (key, x) in r.cw_wins.iter().flatten() {
+                *cw.entry(key.clone()).or_insert(0) += x;
+            }
         }
         counts = Some(c);
         wins = Some(w);
+        cw_wins = Some(cw);
     }
     ModeStats {
         mode,
@@ -220,6 +226,7 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
         steered_mean: mean,
         category_counts: counts,
         coef_wins: wins,
+        cw_wins,
     }
 }
 
@@ -294,6 +301,14 @@ pub fn render_markdown(r: &Report) -> String {
             s += "\n| winning coefficient | steps |\n|---|---|\n";
             for (c, x) in w {
                 s += &format!("| {c} | {x} |\n");
+            }
+        }
+        // (c, w) pairs only where some window other than -1 won.
+        let windowed = |w: &&BTreeMap<String, usize>| w.keys().any(|k| !k.ends_with(",-1"));
+        if let Some(w) = m.cw_wins.as_ref().filter(windowed) {
+            s += "\n| winning (coefficient, window) | steps |\n|---|---|\n";
+            for (cw, x) in w {
+                s += &format!("| ({cw}) | {x} |\n");
             }
         }
     }

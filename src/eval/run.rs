@@ -190,6 +190,9 @@ pub struct ResultLine {
     /// Steered steps per winning coefficient ("0.5" → count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coef_wins: Option<BTreeMap<String, usize>>,
+    /// Steered steps per winning (coefficient, window) ("0.5,-15" → count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cw_wins: Option<BTreeMap<String, usize>>,
     /// Seconds from the start of its batch until this problem finished.
     pub seconds: f64,
     /// Which decode batch it was part of (the batch's wall time is its largest `seconds`).
@@ -522,21 +525,24 @@ impl Sink<'_> {
             Some(cmd) => run_judge(cmd, &p.question, &p.answer, answer_part(&response))?,
             None => g.correct,
         };
-        let (mut sf, mut st, mut cc, mut wins) = (None, None, None, None);
+        let (mut sf, mut st, mut cc, mut wins, mut cw) = (None, None, None, None, None);
         if let Some((steps, k)) = steps {
             let steered = steps.iter().filter(|s| s.steered).count();
             sf = Some(steered as f64 / steps.len().max(1) as f64);
             st = Some(steered);
             let mut counts = vec![0; k];
-            let mut w = BTreeMap::new();
+            let (mut w, mut both) = (BTreeMap::new(), BTreeMap::new());
             for s in steps.iter().filter(|s| s.steered) {
                 counts[s.category] += 1;
                 if let Some(c) = s.coef {
                     *w.entry(format!("{c}")).or_insert(0) += 1;
+                    let win = s.window.unwrap_or(-1);
+                    *both.entry(format!("{c},{win}")).or_insert(0) += 1;
                 }
             }
             cc = Some(counts);
             wins = Some(w);
+            cw = Some(both);
         }
         let line = ResultLine {
             index: p.index,
@@ -551,6 +557,7 @@ impl Sink<'_> {
             steered_tokens: st,
             category_counts: cc,
             coef_wins: wins,
+            cw_wins: cw,
             seconds,
             batch,
             meta: short_meta(&p.meta),
