@@ -229,33 +229,6 @@ impl CudaHybrid {
         })
     }
 
-    /// Loads both checkpoints onto the first GPU, sized for `max_b` problems whose prompts and
-    /// answers fit `ctx_base` / `ctx_think` positions.
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        base_dir: &std::path::Path,
-        think_dir: &std::path::Path,
-        sae: &Sae,
-        steering: &SteeringSet,
-        s: &Settings,
-        max_b: usize,
-        ctx_base: usize,
-        ctx_think: usize,
-    ) -> Result<CudaHybrid> {
-        let gpu = Arc::new(Gpu::new(0)?);
-        // Rows per call: the prefill chunk, and at least the step's (the base model's candidates).
-        let (call, rows) = (call_rows(), max_b * (1 + s.coefficients.len()));
-        let think = CudaEngine::load(
-            think_gpu(&gpu)?,
-            think_dir,
-            max_b,
-            ctx_think,
-            max_b.max(call),
-        )?;
-        let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows.max(call))?;
-        CudaHybrid::new(think, base, sae, steering, s, max_b)
-    }
-
     /// Whether these settings run on the one-graph step (cached or persistent mode, window -1,
     /// categories from the SAE); `GpuHybrid` runs the others on the host-driven loop.
     pub fn supports(s: &Settings) -> bool {
@@ -825,28 +798,29 @@ impl GpuHybrid {
         if s.mode == Mode::Exact {
             bail!("--mode exact recomputes whole sequences and runs on the CPU; use --device cpu");
         }
+        let gpu = Arc::new(Gpu::new(0)?);
+        // Rows per call: the prefill chunk at least; the one-graph step's candidate rows, or the
+        // host-driven loop's longest run (window 0: the whole sequence; -N: the last N).
+        let call = call_rows();
+        let think_max_t = max_b.max(call);
         if CudaHybrid::supports(s) {
-            let h = CudaHybrid::load(
-                base_dir, think_dir, sae, steering, s, max_b, ctx_base, ctx_think,
-            )?;
+            let think =
+                CudaEngine::load(think_gpu(&gpu)?, think_dir, max_b, ctx_think, think_max_t)?;
+            let rows = (max_b * (1 + s.coefficients.len())).max(call);
+            let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
+            let h = CudaHybrid::new(think, base, sae, steering, s, max_b)?;
             return Ok(GpuHybrid::Step(Box::new(h)));
         }
-        // The longest candidate run: window 0 covers the whole sequence, -N the last N.
         let longest = s
             .windows
             .iter()
-            .map(|&w| {
-                if w == 0 {
-                    ctx_base
-                } else {
-                    (w.unsigned_abs() as usize).min(ctx_base)
-                }
+            .map(|&w| match w {
+                0 => ctx_base,
+                _ => (w.unsigned_abs() as usize).min(ctx_base),
             })
             .max()
             .unwrap_or(1);
-        let gpu = Arc::new(Gpu::new(0)?);
-        let call = call_rows();
-        let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, max_b.max(call))?;
+        let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, think_max_t)?;
         let rows = (max_b * s.coefficients.len()).max(longest).max(call);
         let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
         let heads = base.config.num_attention_heads;
