@@ -13,7 +13,7 @@ use std::sync::Arc;
 use thinksteer::cuda::hybrid::{CudaHybrid, GpuHybrid};
 use thinksteer::cuda::model::CudaEngine;
 use thinksteer::cuda::Gpu;
-use thinksteer::hybrid::{run, Mode, Pair, Prompts, Settings};
+use thinksteer::hybrid::{run, Mode, Output, Pair, Prompts, Settings, StepRecord};
 use thinksteer::model::Model;
 use thinksteer::sae::Sae;
 use thinksteer::steering::SteeringSet;
@@ -38,6 +38,42 @@ fn problems() -> Vec<Prompts> {
             thinking: vec![42],
         },
     ]
+}
+
+/// The GPU's outputs against the CPU loop's over each problem's first 6 tokens: the same ids,
+/// and at each step the same category and gate. The winning coefficient and window are printed
+/// where they differ (two candidates can yield the same emitted token; which of them wins then
+/// hinges on a candidate's own greedy token, which bf16 rounding may flip at a near tie without
+/// changing the output). Returns the CPU's compared steered steps that `count` accepts.
+fn same_start(
+    got: &[Output],
+    want: &[Output],
+    what: &str,
+    count: impl Fn(&StepRecord) -> bool,
+) -> usize {
+    let mut n = 0;
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let k = 6.min(w.ids.len());
+        assert_eq!(g.ids[..k], w.ids[..k], "{what}: problem {i} ids");
+        for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
+            assert_eq!(
+                (gs.category, gs.steered),
+                (ws.category, ws.steered),
+                "{what}: problem {i} step {j}"
+            );
+            if (gs.coef, gs.window) != (ws.coef, ws.window) {
+                println!(
+                    "{what}: problem {i} step {j}: winner {:?} {:?} on the GPU, {:?} {:?} on the CPU (same token)",
+                    gs.coef, gs.window, ws.coef, ws.window
+                );
+            }
+        }
+        n += w.steps[..k]
+            .iter()
+            .filter(|s| s.steered && count(s))
+            .count();
+    }
+    n
 }
 
 fn compare(mode: Mode, no_gating: bool) {
@@ -96,32 +132,8 @@ fn compare(mode: Mode, no_gating: bool) {
             hy.base.rope_in_attention = rope;
             hy.think.rope_in_attention = rope;
             let got = hy.run(&ps, |_, _, _| {}).unwrap();
-            let mut steered = 0;
-            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                let k = 6.min(w.ids.len());
-                assert_eq!(
-                g.ids[..k],
-                w.ids[..k],
-                "{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs} rope in attention {rope}: problem {i} ids"
-            );
-                for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
-                    assert_eq!(
-                    (gs.category, gs.steered),
-                    (ws.category, ws.steered),
-                    "{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs} rope in attention {rope}: problem {i} step {j}"
-                );
-                    // Two coefficients can yield the same emitted token; which of them "wins" then
-                    // hinges on a candidate's own greedy token, which bf16 rounding may flip at a
-                    // near tie without changing the output. Reported, not asserted.
-                    if gs.coef != ws.coef {
-                        println!(
-                        "{mode:?}: problem {i} step {j}: winning coefficient {:?} on the GPU, {:?} on the CPU (same token)",
-                        gs.coef, ws.coef
-                    );
-                    }
-                }
-                steered += w.steps[..k].iter().filter(|s| s.steered).count();
-            }
+            let what = format!("{mode:?} two streams {two_streams} gate first {gate_first} graphs {use_graphs} rope in attention {rope}");
+            let steered = same_start(&got, &want, &what, |_| true);
             assert!(
                 steered > 0,
                 "no steered step compared: the test would not check the candidates"
@@ -204,32 +216,8 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
             think: Box::new(te),
         };
         let got = hy.run(pair.artifacts(), &ps, &s, |_, _, _| {}).unwrap();
-        let mut longer = 0;
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            let k = 6.min(w.ids.len());
-            assert_eq!(
-                g.ids[..k],
-                w.ids[..k],
-                "windows {windows:?}: problem {i} ids"
-            );
-            for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
-                assert_eq!(
-                    (gs.category, gs.steered),
-                    (ws.category, ws.steered),
-                    "windows {windows:?}: problem {i} step {j}"
-                );
-                if (gs.coef, gs.window) != (ws.coef, ws.window) {
-                    println!(
-                        "windows {windows:?}: problem {i} step {j}: winner {:?} {:?} on the GPU, {:?} {:?} on the CPU (same token)",
-                        gs.coef, gs.window, ws.coef, ws.window
-                    );
-                }
-            }
-            longer += w.steps[..k]
-                .iter()
-                .filter(|s| s.steered && s.window != Some(-1))
-                .count();
-        }
+        let what = format!("windows {windows:?}");
+        let longer = same_start(&got, &want, &what, |s| s.window != Some(-1));
         if windows != [-1] {
             assert!(
                 longer > 0,
