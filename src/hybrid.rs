@@ -67,6 +67,35 @@ impl Default for Settings {
     }
 }
 
+impl Settings {
+    /// Coefficients, windows and mode that the loops take, and prompts to start from.
+    pub fn validate(&self, problems: &[Prompts]) -> Result<()> {
+        if self.coefficients.is_empty() || self.windows.is_empty() {
+            bail!(
+                "expected at least one coefficient and one window, found {} and {}",
+                self.coefficients.len(),
+                self.windows.len()
+            );
+        }
+        if let Some(w) = self.windows.iter().find(|&&w| w > 0) {
+            bail!("expected windows 0 (every position) or -N (the last N positions), found {w}");
+        }
+        if self.mode == Mode::Persistent && self.windows != [-1] {
+            bail!(
+                "--mode persistent commits the newest position's steered K/V, so windows must be [-1]; found {:?} (use --mode cached or exact for other windows)",
+                self.windows
+            );
+        }
+        if let Some(i) = problems
+            .iter()
+            .position(|p| p.base.is_empty() || p.thinking.is_empty())
+        {
+            bail!("problem {i}: empty prompt");
+        }
+        Ok(())
+    }
+}
+
 /// What happened at one generated token.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct StepRecord {
@@ -183,22 +212,7 @@ pub fn run(
     mut on_step: impl FnMut(usize, u32, &StepRecord),
 ) -> Result<Vec<Output>> {
     pair.validate()?;
-    if s.coefficients.is_empty() || s.windows.is_empty() {
-        bail!(
-            "expected at least one coefficient and one window, found {} and {}",
-            s.coefficients.len(),
-            s.windows.len()
-        );
-    }
-    if let Some(w) = s.windows.iter().find(|&&w| w > 0) {
-        bail!("expected windows 0 (every position) or -N (the last N positions), found {w}");
-    }
-    if s.mode == Mode::Persistent && s.windows != [-1] {
-        bail!(
-            "--mode persistent commits the newest position's steered K/V, so windows must be [-1]; found {:?} (use --mode cached or exact for other windows)",
-            s.windows
-        );
-    }
+    s.validate(problems)?;
     for (i, p) in problems.iter().enumerate() {
         pair.base
             .check_ids(&p.base)
@@ -206,9 +220,6 @@ pub fn run(
         pair.thinking
             .check_ids(&p.thinking)
             .map_err(|e| crate::Error::Input(format!("problem {i}, thinking prompt: {e}")))?;
-        if p.base.is_empty() || p.thinking.is_empty() {
-            bail!("problem {i}: empty prompt");
-        }
     }
     match s.mode {
         Mode::Exact => problems
@@ -485,6 +496,10 @@ pub fn run_cached(
     mut on_step: impl FnMut(usize, u32, &StepRecord),
 ) -> Result<Vec<Output>> {
     art.validate_for(base.config(), think.config())?;
+    s.validate(problems)?;
+    if s.mode == Mode::Exact {
+        bail!("run_cached runs the cached and persistent modes, found --mode exact");
+    }
     let (ctx_b, ctx_t) = (base.max_len(), think.max_len());
     let eos = base.config().eos_token_ids.clone();
     let nslots = s

@@ -9,7 +9,7 @@ use common::fixture;
 use std::sync::Arc;
 use thinksteer::cpu_ops::argmax;
 use thinksteer::engine::{CpuEngine, Decoder};
-use thinksteer::hybrid::{run, Mode, Output, Pair, Prompts, Settings, StepRecord};
+use thinksteer::hybrid::{run, run_cached, Mode, Output, Pair, Prompts, Settings, StepRecord};
 use thinksteer::model::{Hooks, Model, Step};
 use thinksteer::sae::Sae;
 use thinksteer::steering::SteeringSet;
@@ -493,4 +493,25 @@ fn persistent_mode_and_positive_windows_are_refused() {
     assert!(e.contains("windows must be [-1]"), "{e}");
     let e = err(Mode::Cached, &[-1, 3]);
     assert!(e.contains("found 3"), "{e}");
+    // The loop on engines (the GPU's host-driven loop) checks the same, and empty inputs.
+    let on_engines = |s: &Settings, ps: &[Prompts]| {
+        let mut b = CpuEngine::new(f.base.clone(), 2, 32);
+        let mut t = CpuEngine::new(f.thinking.clone(), 2, 32);
+        run_cached(pair.artifacts(), &mut b, &mut t, ps, s, |_, _, _| {})
+            .unwrap_err()
+            .to_string()
+    };
+    let e = on_engines(
+        &settings(Mode::Persistent, &[1.0], &[0, -1], 4),
+        &problems(),
+    );
+    assert!(e.contains("windows must be [-1]"), "{e}");
+    let e = on_engines(&settings(Mode::Cached, &[], &[-1], 4), &problems());
+    assert!(e.contains("at least one coefficient"), "{e}");
+    let empty = [Prompts {
+        base: vec![],
+        thinking: vec![5],
+    }];
+    let e = on_engines(&settings(Mode::Cached, &[1.0], &[-1], 4), &empty);
+    assert!(e.contains("empty prompt"), "{e}");
 }

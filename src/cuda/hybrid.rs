@@ -119,9 +119,7 @@ impl CudaHybrid {
             bail!("--random-firing draws categories on the host: GpuHybrid runs it on the host-driven loop, not the one-graph step");
         }
         let (tc, bc) = (&think.config, &base.config);
-        sae.validate_for(tc.hidden_size, tc.num_hidden_layers)?;
-        steering.validate_for(bc.hidden_size, bc.num_hidden_layers)?;
-        steering.check_matches_sae(sae)?;
+        Artifacts { sae, steering }.validate_for(bc, tc)?;
         if sae.latents > k::SAE_MAX_K {
             bail!(
                 "the GPU SAE encode supports at most {} latents, found {}",
@@ -761,7 +759,7 @@ impl CudaHybrid {
                     n_write: n,
                     run_start: &[],
                 };
-                Decoder::forward(e, &ids[..n], &step, &[n - 1], &mut Hooks::default())?;
+                Decoder::forward(e, &ids[..n], &step, &[], &mut Hooks::default())?;
             }
         }
         Ok(())
@@ -798,6 +796,7 @@ impl GpuHybrid {
         if s.mode == Mode::Exact {
             bail!("--mode exact recomputes whole sequences and runs on the CPU; use --device cpu");
         }
+        s.validate(&[])?;
         let gpu = Arc::new(Gpu::new(0)?);
         // Rows per call: the prefill chunk at least; the one-graph step's candidate rows, or the
         // host-driven loop's longest run (window 0: the whole sequence; -N: the last N).
