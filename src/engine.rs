@@ -29,11 +29,20 @@ pub trait Decoder {
     /// The greedy id of every token of a call whose tokens all write the cache (a decode step).
     /// The CUDA engine keeps the logits on the device and replays the step from a graph.
     fn greedy(&mut self, ids: &[u32], step: &Step) -> Result<Vec<u32>> {
-        let rows: Vec<usize> = (0..ids.len()).collect();
-        let v = self.config().vocab_size;
-        let logits = self.forward(ids, step, &rows, &mut Hooks::default())?;
-        Ok(logits.chunks(v).map(|l| argmax(l) as u32).collect())
+        greedy_from_logits(self, ids, step)
     }
+}
+
+/// `Decoder::greedy` through `forward`: every token's logits, then their argmax on the host.
+pub fn greedy_from_logits<D: Decoder + ?Sized>(
+    e: &mut D,
+    ids: &[u32],
+    step: &Step,
+) -> Result<Vec<u32>> {
+    let rows: Vec<usize> = (0..ids.len()).collect();
+    let v = e.config().vocab_size;
+    let logits = e.forward(ids, step, &rows, &mut Hooks::default())?;
+    Ok(logits.chunks(v).map(|l| argmax(l) as u32).collect())
 }
 
 pub struct CpuEngine {

@@ -406,11 +406,10 @@ fn exact_one(
     Ok(out)
 }
 
-/// Per-engine state of the cached loop, per cache slot: tokens in the cache, tokens to feed
-/// next, and (base model) the whole sequence, whose window tokens a candidate run re-embeds.
+/// Per-engine state of the cached loop, per cache slot: the whole sequence (prompt, then the
+/// emitted tokens) and how many of its tokens the cache holds; the rest are fed next.
 struct Side {
     len: Vec<usize>,
-    pending: Vec<Vec<u32>>,
     seq: Vec<Vec<u32>>,
 }
 
@@ -418,41 +417,39 @@ impl Side {
     fn new(slots: usize) -> Side {
         Side {
             len: vec![0; slots],
-            pending: vec![vec![]; slots],
             seq: vec![vec![]; slots],
         }
     }
 
     fn load(&mut self, slot: usize, prompt: &[u32]) {
         self.len[slot] = 0;
-        self.pending[slot] = prompt.to_vec();
         self.seq[slot] = prompt.to_vec();
     }
 
-    /// Flattens the pending tokens of `rows` into one step; returns (ids, slots, positions, last index per row).
+    /// Flattens the tokens still to feed of `rows` into one step; returns (ids, slots,
+    /// positions, last index per row).
     fn gather(&self, rows: &[usize]) -> (Vec<u32>, Vec<usize>, Vec<usize>, Vec<usize>) {
         let (mut ids, mut slots, mut pos, mut last) = (vec![], vec![], vec![], vec![]);
         for &r in rows {
-            for (j, &id) in self.pending[r].iter().enumerate() {
-                ids.push(id);
-                slots.push(r);
-                pos.push(self.len[r] + j);
-            }
+            let (from, to) = (self.len[r], self.seq[r].len());
+            ids.extend_from_slice(&self.seq[r][from..to]);
+            slots.extend(std::iter::repeat_n(r, to - from));
+            pos.extend(from..to);
             last.push(ids.len() - 1);
         }
         (ids, slots, pos, last)
     }
 
-    /// Feeds all but the last pending token of each of `rows` in one call without hooks or
-    /// logits (a long prompt: the engine may split it into calls), so that the step's hooked
+    /// Feeds all but the last token still to feed of each of `rows` in one call without hooks
+    /// or logits (a long prompt: the engine may split it into calls), so that the step's hooked
     /// call holds one token per row.
     fn prefill(&mut self, e: &mut dyn Decoder, rows: &[usize]) -> Result<()> {
         let (mut ids, mut slots, mut pos) = (vec![], vec![], vec![]);
         for &r in rows {
-            let n = self.pending[r].len().saturating_sub(1);
-            ids.extend_from_slice(&self.pending[r][..n]);
-            slots.extend(std::iter::repeat_n(r, n));
-            pos.extend(self.len[r]..self.len[r] + n);
+            let (from, to) = (self.len[r], self.seq[r].len() - 1);
+            ids.extend_from_slice(&self.seq[r][from..to]);
+            slots.extend(std::iter::repeat_n(r, to - from));
+            pos.extend(from..to);
         }
         if ids.is_empty() {
             return Ok(());
@@ -465,17 +462,14 @@ impl Side {
         };
         e.forward(&ids, &step, &[], &mut Hooks::default())?;
         for &r in rows {
-            let n = self.pending[r].len().saturating_sub(1);
-            self.len[r] += n;
-            self.pending[r].drain(..n);
+            self.len[r] = self.seq[r].len() - 1;
         }
         Ok(())
     }
 
-    /// The slot's cache takes its pending tokens, and `tok` is fed next.
+    /// The slot's cache takes its remaining tokens, and `tok` is fed next.
     fn advance(&mut self, slot: usize, tok: u32) {
-        self.len[slot] += self.pending[slot].len();
-        self.pending[slot] = vec![tok];
+        self.len[slot] = self.seq[slot].len();
         self.seq[slot].push(tok);
     }
 }
@@ -554,7 +548,7 @@ pub fn run_cached(
             n_write: ids.len(),
             run_start: &[],
         };
-        let think_logits = think.forward(&ids, &step, &last_t, &mut hooks)?.to_vec(); // [R, Vt]
+        let think_logits = think.forward(&ids, &step, &last_t, &mut hooks)?; // [R, Vt]
         let captured = &hooks.capture[0].1;
         let categories: Vec<usize> = last_t
             .iter()
@@ -588,9 +582,7 @@ pub fn run_cached(
                 .add_scaled(categories[k], 1.0, s.only_bias, row);
         }
         let slot_of = |j: usize| active[steer_rows[j]];
-        let (runs, which) = candidate_runs(&steer_rows, s, |j| {
-            sb.len[slot_of(j)] + sb.pending[slot_of(j)].len()
-        });
+        let (runs, which) = candidate_runs(steer_rows.len(), s, |j| sb.seq[slot_of(j)].len());
         let mut cand = Vec::with_capacity(runs.len());
         for group in run_groups(&runs, base.max_rows().min(CANDIDATE_ROWS)) {
             let (mut cids, mut cslots, mut cpos, mut starts, mut lasts, mut add) =
@@ -648,7 +640,7 @@ pub fn run_cached(
                 // The newest position again, with the winner's steering, writing its K/V
                 // (windows are [-1] in this mode).
                 let slot = slot_of(j);
-                let n = sb.len[slot] + sb.pending[slot].len();
+                let n = sb.seq[slot].len();
                 let add: Vec<f32> = vecs[j * d..(j + 1) * d].iter().map(|x| c * x).collect();
                 let one = Step {
                     slots: &[slot],
@@ -702,17 +694,17 @@ struct Run {
 /// buffer); a longer run gets a call of its own.
 const CANDIDATE_ROWS: usize = 2048;
 
-/// The runs of the steered rows (`len(j)`: row j's sequence length), and for each row its
+/// The runs of `rows` steered rows (`len(j)`: row j's sequence length), and for each row its
 /// candidates in (c, w) order as (run, c, w). Windows that cover the same positions share a run
 /// (e.g. -100 and 0 while the sequence is shorter than 100).
 #[allow(clippy::type_complexity)]
 fn candidate_runs(
-    steer_rows: &[usize],
+    rows: usize,
     s: &Settings,
     len: impl Fn(usize) -> usize,
 ) -> (Vec<Run>, Vec<Vec<(usize, f32, i64)>>) {
     let (mut runs, mut which) = (vec![], vec![]);
-    for j in 0..steer_rows.len() {
+    for j in 0..rows {
         let n = len(j);
         let mut mine = vec![];
         for &c in &s.coefficients {
@@ -772,7 +764,7 @@ mod tests {
             ..Settings::default()
         };
         // Row 0: 40 tokens (-100 covers the same positions as 0); row 1: 3,000 tokens.
-        let (runs, which) = candidate_runs(&[3, 7], &s, |j| [40, 3000][j]);
+        let (runs, which) = candidate_runs(2, &s, |j| [40, 3000][j]);
         let spans: Vec<_> = runs.iter().map(|r| (r.j, r.c, r.first, r.n)).collect();
         assert_eq!(
             spans,

@@ -125,9 +125,17 @@ pub struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// The row where read-only token `t`'s run starts (t itself without runs).
+    /// The row where token `t`'s run starts (t itself for a token that writes, or without runs).
     pub fn run_of(&self, t: usize) -> usize {
-        self.run_start.get(t - self.n_write).copied().unwrap_or(t)
+        match t.checked_sub(self.n_write) {
+            Some(i) => self.run_start.get(i).copied().unwrap_or(t),
+            None => t,
+        }
+    }
+
+    /// Whether some read-only run holds more than one token.
+    pub fn has_runs(&self) -> bool {
+        (self.n_write..self.positions.len()).any(|t| self.run_of(t) != t)
     }
 
     /// Whether no token of the call attends a position that another token of the call writes:
@@ -137,7 +145,7 @@ impl Step<'_> {
     /// attention runs (the CUDA fused RoPE path). `scratch` is reused between calls.
     pub fn rows_independent(&self, scratch: &mut Vec<(usize, usize, bool)>) -> bool {
         // A run's later tokens read the K/V its earlier ones computed (not through the cache).
-        if (self.n_write..self.positions.len()).any(|t| self.run_of(t) != t) {
+        if self.has_runs() {
             return false;
         }
         scratch.clear();
@@ -371,11 +379,7 @@ impl Model {
             .for_each(|(i, out)| {
                 let (tok, head) = (i / nh, i % nh);
                 let g = head / (nh / nkv);
-                let first = if tok < step.n_write {
-                    tok
-                } else {
-                    step.run_of(tok)
-                };
+                let first = step.run_of(tok);
                 let (slot, pos) = (step.slots[tok], step.positions[first]);
                 let q = &q_all[i * dh..(i + 1) * dh];
                 // Keys/values of this kv head: the cache for positions 0..pos, then the call's

@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use thinksteer::cuda::hybrid::{CudaHybrid, GpuHybrid};
 use thinksteer::cuda::model::CudaEngine;
@@ -76,16 +77,45 @@ fn same_start(
     n
 }
 
+/// Two random bf16 checkpoints (base: 3 layers, thinking: 4), a random SAE and steering set.
+struct Fixture {
+    base_dir: PathBuf,
+    think_dir: PathBuf,
+    base: Arc<Model>,
+    think: Arc<Model>,
+    sae: Sae,
+    steering: SteeringSet,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Fixture {
+        let base_dir = common::random_checkpoint(&format!("hy-base-{tag}"), 7, 3);
+        let think_dir = common::random_checkpoint(&format!("hy-think-{tag}"), 8, 4);
+        Fixture {
+            base: Arc::new(Model::load(&base_dir).unwrap()),
+            think: Arc::new(Model::load(&think_dir).unwrap()),
+            base_dir,
+            think_dir,
+            sae: Sae::random(256, 6, 2, 3, 3, "think"),
+            steering: SteeringSet::random(256, 6, 1, 40.0, 4, "base"),
+        }
+    }
+
+    fn pair(&self) -> Pair<'_> {
+        Pair {
+            base: &self.base,
+            thinking: &self.think,
+            sae: &self.sae,
+            steering: &self.steering,
+        }
+    }
+}
+
 fn compare(mode: Mode, no_gating: bool) {
     let Some(g) = gpu() else { return };
-    let base_dir = common::random_checkpoint(&format!("hy-base-{mode:?}-{no_gating}"), 7, 3);
-    let think_dir = common::random_checkpoint(&format!("hy-think-{mode:?}-{no_gating}"), 8, 4);
-    let (base, think) = (
-        Arc::new(Model::load(&base_dir).unwrap()),
-        Arc::new(Model::load(&think_dir).unwrap()),
-    );
-    let sae = Sae::random(256, 6, 2, 3, 3, "think");
-    let steering = SteeringSet::random(256, 6, 1, 40.0, 4, "base");
+    let f = Fixture::new(&format!("{mode:?}-{no_gating}"));
+    let (base_dir, think_dir) = (f.base_dir.as_path(), f.think_dir.as_path());
+    let (sae, steering) = (&f.sae, &f.steering);
     let n = 12;
     let s = Settings {
         mode,
@@ -95,12 +125,7 @@ fn compare(mode: Mode, no_gating: bool) {
         no_gating,
         ..Settings::default()
     };
-    let pair = Pair {
-        base: &base,
-        thinking: &think,
-        sae: &sae,
-        steering: &steering,
-    };
+    let pair = f.pair();
     let ps = problems();
     let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
     let b = ps.len();
@@ -112,9 +137,9 @@ fn compare(mode: Mode, no_gating: bool) {
         } else {
             g.clone()
         };
-        let te = CudaEngine::load(tg, &think_dir, b, 64, 64).unwrap();
-        let be = CudaEngine::load(g.clone(), &base_dir, b, 64, 64.max(b * (1 + c))).unwrap();
-        let mut hy = CudaHybrid::new(te, be, &sae, &steering, &s, b).unwrap();
+        let te = CudaEngine::load(tg, think_dir, b, 64, 64).unwrap();
+        let be = CudaEngine::load(g.clone(), base_dir, b, 64, 64.max(b * (1 + c))).unwrap();
+        let mut hy = CudaHybrid::new(te, be, sae, steering, &s, b).unwrap();
         // Both ways of running a step (single pass, gate first), eagerly and from CUDA graphs;
         // then from graphs with RoPE inside decode attention (both models).
         for (gate_first, use_graphs, rope) in [
@@ -141,9 +166,9 @@ fn compare(mode: Mode, no_gating: bool) {
         }
     }
     // Two slots for three problems: the third takes the first slot that frees up.
-    let te = CudaEngine::load(Arc::new(g.sibling().unwrap()), &think_dir, 2, 64, 64).unwrap();
-    let be = CudaEngine::load(g, &base_dir, 2, 64, 64.max(2 * (1 + c))).unwrap();
-    let mut hy2 = CudaHybrid::new(te, be, &sae, &steering, &s, 2).unwrap();
+    let te = CudaEngine::load(Arc::new(g.sibling().unwrap()), think_dir, 2, 64, 64).unwrap();
+    let be = CudaEngine::load(g, base_dir, 2, 64, 64.max(2 * (1 + c))).unwrap();
+    let mut hy2 = CudaHybrid::new(te, be, sae, steering, &s, 2).unwrap();
     for gate_first in [false, true] {
         hy2.gate_first = Some(gate_first);
         let got = hy2.run(&ps, |_, _, _| {}).unwrap();
@@ -180,20 +205,9 @@ fn ungated_gpu_step_matches_the_cpu_loop() {
 #[test]
 fn windowed_gpu_loop_matches_the_cpu_loop() {
     let Some(g) = gpu() else { return };
-    let base_dir = common::random_checkpoint("hy-base-windows", 7, 3);
-    let think_dir = common::random_checkpoint("hy-think-windows", 8, 4);
-    let (base, think) = (
-        Arc::new(Model::load(&base_dir).unwrap()),
-        Arc::new(Model::load(&think_dir).unwrap()),
-    );
-    let sae = Sae::random(256, 6, 2, 3, 3, "think");
-    let steering = SteeringSet::random(256, 6, 1, 40.0, 4, "base");
-    let pair = Pair {
-        base: &base,
-        thinking: &think,
-        sae: &sae,
-        steering: &steering,
-    };
+    let f = Fixture::new("windows");
+    let (base_dir, think_dir) = (f.base_dir.as_path(), f.think_dir.as_path());
+    let pair = f.pair();
     let ps = problems();
     for (windows, random_firing) in [(vec![0, -1, -3], None), (vec![-1], Some(5))] {
         let s = Settings {
@@ -209,8 +223,8 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
         // Two slots for three problems. Calls of 2 rows in the thinking engine (each prompt is
         // fed in several calls before the hooked one-token-per-row call) and 20 in the base
         // engine, which takes a whole sequence (window 0) in one call.
-        let te = CudaEngine::load(g.clone(), &think_dir, 2, 64, 2).unwrap();
-        let be = CudaEngine::load(g.clone(), &base_dir, 2, 64, 20).unwrap();
+        let te = CudaEngine::load(g.clone(), think_dir, 2, 64, 2).unwrap();
+        let be = CudaEngine::load(g.clone(), base_dir, 2, 64, 20).unwrap();
         let mut hy = GpuHybrid::Engines {
             base: Box::new(be),
             think: Box::new(te),

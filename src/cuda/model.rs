@@ -470,10 +470,10 @@ impl CudaEngine {
         // Only asked for where it is used (a sort of the call's rows).
         self.rows_independent =
             self.rope_in_attention && step.rows_independent(&mut self.rows_scratch);
-        self.runs = (step.n_write..t).any(|x| step.run_of(x) != x);
+        self.runs = step.has_runs();
         if self.runs {
             h.clear();
-            h.extend((0..t).map(|x| if x < step.n_write { x } else { step.run_of(x) } as i32));
+            h.extend((0..t).map(|x| step.run_of(x) as i32));
             s.memcpy_htod(&h[..t], &mut self.a.run.slice_mut(..t))
                 .map_err(cu("uploading runs"))?;
         }
@@ -932,13 +932,7 @@ impl Decoder for CudaEngine {
         if ids.len() <= self.max_t && step.n_write == ids.len() {
             return self.decode_greedy(ids, step);
         }
-        let rows: Vec<usize> = (0..ids.len()).collect();
-        let v = self.config.vocab_size;
-        let logits = Decoder::forward(self, ids, step, &rows, &mut Hooks::default())?;
-        Ok(logits
-            .chunks(v)
-            .map(|l| crate::cpu_ops::argmax(l) as u32)
-            .collect())
+        crate::engine::greedy_from_logits(self, ids, step)
     }
     fn forward(
         &mut self,
@@ -949,7 +943,7 @@ impl Decoder for CudaEngine {
     ) -> Result<&[f32]> {
         check_step(&self.config, ids, step, self.slots, self.max_len)?;
         let (t, v, r) = (ids.len(), self.config.vocab_size, logit_rows.len());
-        if t > self.max_t && (step.n_write..t).any(|x| step.run_of(x) != x) {
+        if t > self.max_t && step.has_runs() {
             crate::bail!(
                 "a call of {t} tokens with read-only runs (a steering window's candidates) exceeds the engine's {} tokens per call",
                 self.max_t
