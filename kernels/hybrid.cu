@@ -28,6 +28,13 @@
 // hybrid_select_compact_i32: compact problem i < n (thread i), b = sel[i]: emit[b] = the candidate
 //   tok[i·C + c] with the largest think_logits[b, ·] (first on ties; ids outside [0, V) score
 //   −inf), steered[b] = 1, win[b] = c. Launch: grid (ceil(B / 128)), block 128.
+//
+// The host-driven windowed loop (src/hybrid.rs run_cached) keeps every cached position's residual
+// at the steering point, kept [slots, L, D] f32, so that a window's candidate run starts there.
+// hybrid_keep_f32: store = 1: kept[slot[t], pos[t], :] = r[t, :] for rows t < T (rows that wrote
+//   the cache); store = 0: r[t, :] = kept[slot[t], pos[t], :] (rows of read-only runs). A row whose
+//   slot or position lies outside [0, slots) × [0, L) is left alone (the host refuses such steps
+//   first). f32 copies, no rounding. Launch: grid (T), block 256.
 #include "common.cuh"
 
 // The candidate of tok[0..C) with the largest lt[id] (first on ties; ids outside [0, V): −inf).
@@ -159,4 +166,17 @@ extern "C" __global__ void hybrid_select_compact_i32(int* __restrict__ emit, int
     emit[b] = tok[i * C + best];
     steered[b] = 1;
     win[b] = best;
+}
+
+extern "C" __global__ void hybrid_keep_f32(float* __restrict__ r, float* __restrict__ kept, const int* __restrict__ slot,
+                                           const int* __restrict__ pos, int slots, int L, int D, int store) {
+    pdl_enter();
+    const int t = blockIdx.x, s = slot[t], p = pos[t];
+    if (s < 0 || s >= slots || p < 0 || p >= L) return;
+    float* row = r + (size_t)t * D;
+    float* k = kept + ((size_t)s * L + p) * D;
+    if (store)
+        for (int i = threadIdx.x; i < D; i += blockDim.x) k[i] = row[i];
+    else
+        for (int i = threadIdx.x; i < D; i += blockDim.x) row[i] = k[i];
 }

@@ -31,6 +31,16 @@ pub trait Decoder {
     fn greedy(&mut self, ids: &[u32], step: &Step) -> Result<Vec<u32>> {
         greedy_from_logits(self, ids, step)
     }
+    /// From now on, keeps the residual at point `p` of every token that a call without steering
+    /// writes to the cache ([slots, max_len, D] f32), so that `forward_kept` can start read-only
+    /// runs there. Steering at or after p never reaches the blocks before it, so a position's
+    /// kept residual stays valid whatever was steered since.
+    fn keep_residuals(&mut self, p: usize) -> Result<()>;
+    /// Read-only runs (`step.n_write` = 0) started at the kept point: row i's residual there is
+    /// the one kept for (slots[i], positions[i]) plus row i of `add` [T, D]; the blocks from the
+    /// point on follow, and the logits [R, V] of the token indices in `logit_rows` come back.
+    /// Every position must have been written since `keep_residuals`.
+    fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]>;
 }
 
 /// `Decoder::greedy` through `forward`: every token's logits, then their argmax on the host.
@@ -50,6 +60,8 @@ pub struct CpuEngine {
     pub cache: KvCache,
     pub ws: Workspace,
     h: Vec<f32>, // [T, D] residual stream
+    /// (point, [slots, max_len, D]) once `keep_residuals` was called.
+    kept: Option<(usize, Vec<f32>)>,
 }
 
 impl CpuEngine {
@@ -60,6 +72,7 @@ impl CpuEngine {
             cache,
             ws: Workspace::default(),
             h: Vec::new(),
+            kept: None,
         }
     }
 }
@@ -89,6 +102,14 @@ impl Decoder for CpuEngine {
             self.cache.max_len,
         )?;
         let n = self.model.config.num_hidden_layers;
+        // Kept residuals come from a capture at the point, added last and taken back after.
+        let keep = match &self.kept {
+            Some((p, _)) if hooks.steer.is_none() && step.n_write > 0 => Some(*p),
+            _ => None,
+        };
+        if let Some(p) = keep {
+            hooks.capture.push((p, Vec::new()));
+        }
         self.model.embed(ids, &mut self.h);
         self.model.layers(
             &mut self.ws,
@@ -97,6 +118,55 @@ impl Decoder for CpuEngine {
             0..n,
             step,
             hooks,
+        );
+        if let (Some((_, kept)), Some((_, rows))) =
+            (&mut self.kept, keep.and_then(|_| hooks.capture.pop()))
+        {
+            let d = self.model.config.hidden_size;
+            for (i, row) in rows.chunks(d).take(step.n_write).enumerate() {
+                let at = (step.slots[i] * self.cache.max_len + step.positions[i]) * d;
+                kept[at..at + d].copy_from_slice(row);
+            }
+        }
+        Ok(self.model.head(&mut self.ws, &self.h, logit_rows))
+    }
+    fn keep_residuals(&mut self, p: usize) -> Result<()> {
+        let c = &self.model.config;
+        check_point(c, p)?;
+        // NaN until written, so that a run over a position never written shows in its logits.
+        let n = self.cache.slots * self.cache.max_len * c.hidden_size;
+        self.kept = Some((p, vec![f32::NAN; n]));
+        Ok(())
+    }
+    fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]> {
+        let (slots, len) = (self.cache.slots, self.cache.max_len);
+        let p = check_kept(
+            self.config(),
+            self.kept.as_ref().map(|k| k.0),
+            step,
+            add,
+            logit_rows,
+            slots,
+            len,
+        )?;
+        let c = &self.model.config;
+        let (d, n) = (c.hidden_size, c.num_hidden_layers);
+        let kept = &self.kept.as_ref().expect("checked by check_kept").1;
+        self.h.clear();
+        for (&s, &pos) in step.slots.iter().zip(step.positions) {
+            let at = (s * len + pos) * d;
+            self.h.extend_from_slice(&kept[at..at + d]);
+        }
+        for (h, a) in self.h.iter_mut().zip(add) {
+            *h += a;
+        }
+        self.model.layers(
+            &mut self.ws,
+            &mut self.cache,
+            &mut self.h,
+            p..n,
+            step,
+            &mut Hooks::default(),
         );
         Ok(self.model.head(&mut self.ws, &self.h, logit_rows))
     }
@@ -134,7 +204,64 @@ pub fn check_step(
     slots: usize,
     max_len: usize,
 ) -> Result<()> {
-    let t = ids.len();
+    check_rows(ids.len(), step, slots, max_len)?;
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+        crate::bail!(
+            "token id {bad} is outside the vocabulary: expected ids below vocab_size {}",
+            c.vocab_size
+        );
+    }
+    Ok(())
+}
+
+/// A residual point of the model: 0 (the embeddings) to N (after the last block).
+pub fn check_point(c: &Config, p: usize) -> Result<()> {
+    if p > c.num_hidden_layers {
+        crate::bail!(
+            "residual point {p}: expected 0..={} (the model has {} blocks)",
+            c.num_hidden_layers,
+            c.num_hidden_layers
+        );
+    }
+    Ok(())
+}
+
+/// Validates a `forward_kept` call (`kept`: the engine's kept point); returns the point.
+pub fn check_kept(
+    c: &Config,
+    kept: Option<usize>,
+    step: &Step,
+    add: &[f32],
+    logit_rows: &[usize],
+    slots: usize,
+    max_len: usize,
+) -> Result<usize> {
+    let Some(p) = kept else {
+        crate::bail!("forward_kept: this engine keeps no residuals (keep_residuals first)");
+    };
+    let (t, d) = (step.positions.len(), c.hidden_size);
+    check_rows(t, step, slots, max_len)?;
+    if step.n_write != 0 {
+        crate::bail!(
+            "forward_kept: expected read-only rows only, found n_write {}",
+            step.n_write
+        );
+    }
+    if add.len() != t * d {
+        crate::bail!(
+            "steering rows: expected [T={t}, D={d}] = {} values, found {}",
+            t * d,
+            add.len()
+        );
+    }
+    if let Some(&bad) = logit_rows.iter().find(|&&x| x >= t) {
+        crate::bail!("logit row {bad} is outside the {t} tokens of the call");
+    }
+    Ok(p)
+}
+
+/// The shape of a step of `t` tokens, its runs, and its slots and positions against the cache.
+fn check_rows(t: usize, step: &Step, slots: usize, max_len: usize) -> Result<()> {
     if step.slots.len() != t || step.positions.len() != t || step.n_write > t {
         crate::bail!(
             "step: expected {t} slots and positions and n_write ≤ {t}, found {} slots, {} positions, n_write {}",
@@ -144,12 +271,6 @@ pub fn check_step(
         );
     }
     check_runs(step)?;
-    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-        crate::bail!(
-            "token id {bad} is outside the vocabulary: expected ids below vocab_size {}",
-            c.vocab_size
-        );
-    }
     for (&s, &p) in step.slots.iter().zip(step.positions) {
         if s >= slots || p >= max_len {
             crate::bail!("position {p} in slot {s} is outside the cache: expected slot < {slots} and position < {max_len} (the context)");

@@ -475,12 +475,13 @@ impl Side {
 }
 
 /// The cached and persistent modes on any two engines (CPU or CUDA, through `Decoder`): both
-/// KV caches hold unsteered K/V. A steered step's candidate of window w reruns the window's
-/// tokens through the base model (as a read-only run in the problem's slot: it attends to the
-/// cache before the window, then to its own rows) with c·(b + V[category]) added at the steering
-/// point; the base model's blocks before the point give the cached values again. Persistent
-/// mode then rewrites the newest position with the winner's steering. `batch` problems decode
-/// together, and a finished problem's slot takes the next one.
+/// KV caches hold unsteered K/V, and the base model keeps every position's residual at the
+/// steering point (`Decoder::keep_residuals`). A steered step's candidate of window w takes the
+/// kept residuals of the window's positions, adds c·(b + V[category]) and runs the blocks after
+/// the point (as a read-only run in the problem's slot: it attends to the cache before the
+/// window, then to its own rows); the blocks before the point would only give the kept values
+/// again. Persistent mode then rewrites the newest position with the winner's steering.
+/// `batch` problems decode together, and a finished problem's slot takes the next one.
 pub fn run_cached(
     art: Artifacts,
     base: &mut dyn Decoder,
@@ -518,6 +519,7 @@ pub fn run_cached(
     let (d, v) = (base.config().hidden_size, base.config().vocab_size);
     let (dt, vt) = (think.config().hidden_size, think.config().vocab_size);
     let point = art.steer_point(s);
+    base.keep_residuals(point)?;
     let mut z = vec![0f32; art.sae.latents];
     // --random-firing: each problem draws from its own generator, seeded as in exact mode.
     let mut rngs: Vec<Option<Rng>> = problems
@@ -585,14 +587,13 @@ pub fn run_cached(
         let (runs, which) = candidate_runs(steer_rows.len(), s, |j| sb.seq[slot_of(j)].len());
         let mut cand = Vec::with_capacity(runs.len());
         for group in run_groups(&runs, base.max_rows().min(CANDIDATE_ROWS)) {
-            let (mut cids, mut cslots, mut cpos, mut starts, mut lasts, mut add) =
-                (vec![], vec![], vec![], vec![], vec![], vec![]);
+            let (mut cslots, mut cpos, mut starts, mut lasts, mut add) =
+                (vec![], vec![], vec![], vec![], vec![]);
             for r in group {
                 let slot = slot_of(r.j);
                 let sv = &vecs[r.j * d..(r.j + 1) * d];
                 let first_row = cpos.len();
                 for p in r.first..r.n {
-                    cids.push(sb.seq[slot][p]);
                     cslots.push(slot);
                     cpos.push(p);
                     starts.push(first_row);
@@ -606,11 +607,7 @@ pub fn run_cached(
                 n_write: 0,
                 run_start: &starts,
             };
-            let mut hooks = Hooks {
-                capture: vec![],
-                steer: Some((point, &add)),
-            };
-            let logits = base.forward(&cids, &cstep, &lasts, &mut hooks)?;
+            let logits = base.forward_kept(&cstep, &add, &lasts)?;
             cand.extend(logits.chunks(v).map(|l| argmax(l) as u32));
         }
         let mut chosen: Vec<(u32, StepRecord)> = (0..active.len())

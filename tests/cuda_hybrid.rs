@@ -14,8 +14,9 @@ use std::sync::Arc;
 use thinksteer::cuda::hybrid::{CudaHybrid, GpuHybrid};
 use thinksteer::cuda::model::CudaEngine;
 use thinksteer::cuda::Gpu;
+use thinksteer::engine::{CpuEngine, Decoder};
 use thinksteer::hybrid::{run, Mode, Output, Pair, Prompts, Settings, StepRecord};
-use thinksteer::model::Model;
+use thinksteer::model::{Model, Step};
 use thinksteer::sae::Sae;
 use thinksteer::steering::SteeringSet;
 
@@ -238,5 +239,42 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
                 "no step won by a longer window: the runs decided nothing"
             );
         }
+    }
+}
+
+/// The kept residuals of a CUDA engine (stored by the decode graph, loaded by a read-only run)
+/// against a rerun of the window on the same engine and against the CPU engine's kept
+/// residuals, before the first block, in the middle and after the last (base: 3 blocks). Logits
+/// within 2^-5 of their scale: the tolerance of tests/cuda_model.rs (bf16 rounding of the
+/// products' inputs and the cache).
+#[test]
+fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
+    let Some(g) = gpu() else { return };
+    const TOL: f32 = 1.0 / 32.0;
+    let f = Fixture::new("kept");
+    let d = f.base.config.hidden_size;
+    let add: Vec<f32> = (0..5 * d)
+        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3)
+        .collect();
+    for point in [0, 1, 3] {
+        let mut cpu = CpuEngine::new(f.base.clone(), 2, 32);
+        let (want, _) = common::kept_and_rerun(&mut cpu, point, &add);
+        let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 32, 16).unwrap();
+        // A decode graph captured before keep_residuals must not be replayed after it.
+        let warm = Step {
+            slots: &[0, 1],
+            positions: &[0, 0],
+            n_write: 2,
+            run_start: &[],
+        };
+        e.greedy(&[1, 2], &warm).unwrap();
+        let (kept, rerun) = common::kept_and_rerun(&mut e, point, &add);
+        let e1 = common::rel_err(&kept, &rerun);
+        assert!(
+            e1 <= TOL,
+            "point {point}: kept vs rerun on the GPU, rel. error {e1}"
+        );
+        let e2 = common::rel_err(&kept, &want);
+        assert!(e2 <= TOL, "point {point}: GPU vs CPU, rel. error {e2}");
     }
 }

@@ -515,3 +515,41 @@ fn persistent_mode_and_positive_windows_are_refused() {
     let e = on_engines(&settings(Mode::Cached, &[1.0], &[-1], 4), &empty);
     assert!(e.contains("empty prompt"), "{e}");
 }
+
+#[test]
+fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
+    let f = fx(12.0);
+    let (d, n_layers) = (64, f.base.config.num_hidden_layers);
+    let add: Vec<f32> = (0..4 * d)
+        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3)
+        .collect();
+    for point in [0, 1, n_layers] {
+        let mut e = CpuEngine::new(f.base.clone(), 2, 32);
+        let (kept, rerun) = common::kept_and_rerun(&mut e, point, &add);
+        // The blocks before the point see the same rows either way (one f32 computation per
+        // row, whatever the call's other rows), so the logits are the same bits.
+        assert_eq!(kept, rerun, "point {point}");
+    }
+    // Refusals: nothing kept, a row that writes, a point past the last block.
+    let mut e = CpuEngine::new(f.base.clone(), 2, 32);
+    let run = Step {
+        slots: &[0],
+        positions: &[0],
+        n_write: 0,
+        run_start: &[],
+    };
+    let err = e
+        .forward_kept(&run, &add[..d], &[0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("keeps no residuals"), "{err}");
+    e.keep_residuals(1).unwrap();
+    let write = Step { n_write: 1, ..run };
+    let err = e
+        .forward_kept(&write, &add[..d], &[0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("read-only rows only"), "{err}");
+    let err = e.keep_residuals(n_layers + 1).unwrap_err().to_string();
+    assert!(err.contains(&format!("expected 0..={n_layers}")), "{err}");
+}

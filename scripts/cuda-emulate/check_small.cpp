@@ -12,6 +12,8 @@
 //                   keep their old values. logits_at_f32: exact gather, −inf out of range.
 //   hybrid.cu       hybrid_expand_f32, hybrid_select_i32 (gating on and off, candidate ids out of
 //                   range, ties: the first candidate), hybrid_gather_f32. Exact.
+//                   hybrid_keep_f32: stores rows at (slot, pos) and loads them back, rows with a
+//                   slot or position out of range left alone both ways. Exact.
 //   random.cu       fill_random_bf16: the same output for the same seed, another for another seed,
 //                   every value in offset ± scale (up to bf16 rounding), mean and variance of a
 //                   uniform within 6 standard errors.
@@ -213,6 +215,49 @@ static void hybrid(int B, int C, int D, int V) {
     }
 }
 
+// hybrid_keep_f32 over T rows of D into kept [slots, L, D]: store, then load into a NaN r.
+static void keep(int T, int slots, int L, int D) {
+    const auto r = randv((size_t)T * D);
+    std::vector<int> slot(T), pos(T);
+    for (int t = 0; t < T; ++t) {
+        slot[t] = t % slots;
+        pos[t] = L - 1 - t / slots;  // distinct (slot, pos) while T ≤ slots·L
+    }
+    slot[T - 1] = slots;  // out of range: left alone
+    pos[T - 2] = L;
+    pos[T - 3] = -1;
+    std::vector<float> kept((size_t)slots * L * D, NAN);
+    launch(dim3{(unsigned)T, 1, 1}, 256,
+           [&] { hybrid_keep_f32((float*)r.data(), kept.data(), slot.data(), pos.data(), slots, L, D, 1); });
+    std::vector<char> in(T), written(kept.size(), 0);
+    for (int t = 0; t < T; ++t) in[t] = slot[t] >= 0 && slot[t] < slots && pos[t] >= 0 && pos[t] < L;
+    std::vector<double> want;
+    std::vector<float> got;
+    for (int t = 0; t < T; ++t)
+        for (int d = 0; in[t] && d < D; ++d) {
+            const size_t at = ((size_t)slot[t] * L + pos[t]) * D + d;
+            written[at] = 1;
+            want.push_back(r[(size_t)t * D + d]);
+            got.push_back(kept[at]);
+        }
+    char tag[80];
+    snprintf(tag, sizeof tag, "hybrid_keep_f32 store T %d slots %d L %d D %d (exact)", T, slots, L, D);
+    within(tag, got, want, std::vector<double>(want.size(), 0.0));
+    std::vector<char> rest(written.size());
+    for (size_t i = 0; i < rest.size(); ++i) rest[i] = !written[i];
+    kept_nan("  other kept rows", kept, rest);
+    std::vector<float> back((size_t)T * D, NAN);
+    launch(dim3{(unsigned)T, 1, 1}, 256,
+           [&] { hybrid_keep_f32(back.data(), kept.data(), slot.data(), pos.data(), slots, L, D, 0); });
+    std::vector<char> row_in(back.size()), row_out(back.size());
+    for (size_t i = 0; i < back.size(); ++i) row_in[i] = in[i / D], row_out[i] = !in[i / D];
+    std::vector<double> r_in;
+    for (float x : pick(r, row_in)) r_in.push_back(x);
+    snprintf(tag, sizeof tag, "hybrid_keep_f32 load T %d slots %d L %d D %d (exact)", T, slots, L, D);
+    within(tag, pick(back, row_in), r_in, std::vector<double>(r_in.size(), 0.0));
+    kept_nan("  rows out of range", back, row_out);
+}
+
 static void fill_random(unsigned long long n) {
     const float offset = 0.25f, scale = 0.5f;
     const unsigned blocks = (unsigned)std::min<unsigned long long>((n + 255) / 256, 1 << 16);
@@ -277,5 +322,9 @@ void run_small() {
     }
     logits_at(3, 100, 50);
     hybrid(130, 4, 300, 60);
+    {
+        OwnRng own(106);
+        keep(11, 3, 5, 300);
+    }
     fill_random(20000);
 }

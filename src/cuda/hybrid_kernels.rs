@@ -344,3 +344,49 @@ pub fn hybrid_select_compact(
         l.launch(cfg((b.div_ceil(128) as u32, 1, 1), 128, 0))
     })
 }
+
+/// Which way `hybrid_keep` copies: rows of the call into the kept table, or back.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Keep {
+    Store,
+    Load,
+}
+
+/// Kept residuals of the host-driven windowed loop (kernels/hybrid.cu hybrid_keep_f32): `Store`
+/// copies the rows of r f32 [T, D] to kept f32 [slots, L, D] at (slot, pos) i32 [T]; `Load`
+/// copies them back into r.
+#[allow(clippy::too_many_arguments)]
+pub fn hybrid_keep(
+    gpu: &Gpu,
+    r: &mut CudaViewMut<'_, f32>,
+    kept: &mut CudaViewMut<'_, f32>,
+    slot: &CudaView<'_, i32>,
+    pos: &CudaView<'_, i32>,
+    t: usize,
+    (slots, l, d): (usize, usize, usize),
+    way: Keep,
+) -> Result<()> {
+    const K: &str = "hybrid_keep_f32";
+    check(K, "r", r.len(), t * d, "[T, D]")?;
+    check(K, "kept", kept.len(), slots * l * d, "[slots, L, D]")?;
+    check(K, "slot", slot.len(), t, "[T]")?;
+    check(K, "pos", pos.len(), t, "[T]")?;
+    if t == 0 {
+        return Ok(());
+    }
+    let (si, li, di) = (int(K, "slots", slots)?, int(K, "L", l)?, int(K, "D", d)?);
+    let store = i32::from(way == Keep::Store);
+    let f = gpu.func(K)?;
+    let mut b = Launch::new(gpu, f);
+    b.arg(r)
+        .arg(kept)
+        .arg(slot)
+        .arg(pos)
+        .arg(&si)
+        .arg(&li)
+        .arg(&di)
+        .arg(&store);
+    // SAFETY: argument order and types match hybrid_keep_f32; lengths checked above; the kernel
+    // skips rows whose (slot, pos) lies outside kept.
+    gpu.launched(K, unsafe { b.launch(cfg((t as u32, 1, 1), 256, 0)) })
+}

@@ -248,6 +248,8 @@ pub struct CudaEngine {
     /// Whether the uploaded call has read-only runs of more than one token (a.run is then
     /// uploaded and decode attention reads it).
     runs: bool,
+    /// (point, [slots, S, D] f32) once `keep_residuals` was called (`Decoder::forward_kept`).
+    kept: Option<(usize, CudaSlice<f32>)>,
 }
 
 /// Tokens per forward call of the engines the commands open (the prefill chunk: a longer prompt
@@ -436,6 +438,7 @@ impl CudaEngine {
             rows_independent: false,
             rows_scratch: vec![],
             runs: false,
+            kept: None,
             gpu,
         })
     }
@@ -451,9 +454,10 @@ impl CudaEngine {
         }
     }
 
-    /// Uploads ids, positions and slots of one call (≤ max_t tokens).
+    /// Uploads ids (none for a call from the kept residuals), positions and slots of one call
+    /// (≤ max_t tokens).
     pub(crate) fn upload_step(&mut self, ids: &[u32], step: &Step) -> Result<()> {
-        let t = ids.len();
+        let (n, t) = (ids.len(), step.positions.len());
         // One reused host buffer [ids | positions | slots], so a step allocates nothing here.
         let h = &mut self.host_i32;
         h.clear();
@@ -461,11 +465,13 @@ impl CudaEngine {
         h.extend(step.positions.iter().map(|&p| p as i32));
         h.extend(step.slots.iter().map(|&p| p as i32));
         let s = &self.gpu.stream;
-        s.memcpy_htod(&h[..t], &mut self.a.ids.slice_mut(..t))
-            .map_err(cu("uploading ids"))?;
-        s.memcpy_htod(&h[t..2 * t], &mut self.a.pos.slice_mut(..t))
+        if n > 0 {
+            s.memcpy_htod(&h[..n], &mut self.a.ids.slice_mut(..n))
+                .map_err(cu("uploading ids"))?;
+        }
+        s.memcpy_htod(&h[n..n + t], &mut self.a.pos.slice_mut(..t))
             .map_err(cu("uploading positions"))?;
-        s.memcpy_htod(&h[2 * t..], &mut self.a.slot.slice_mut(..t))
+        s.memcpy_htod(&h[n + t..], &mut self.a.slot.slice_mut(..t))
             .map_err(cu("uploading slots"))?;
         // Only asked for where it is used (a sort of the call's rows).
         self.rows_independent =
@@ -754,6 +760,9 @@ impl CudaEngine {
                 .map_err(cu("uploading steering"))?;
         }
         self.embed(t)?;
+        // Unsteered rows that write the cache keep their residual at the kept point.
+        let keep_at = self.kept.as_ref().map(|k| k.0);
+        let keep_at = keep_at.filter(|_| steer_at.is_none() && n_write > 0);
         for l in 0..=n {
             let steer = if steer_at == Some(l) {
                 SteerSel::Dense
@@ -766,11 +775,33 @@ impl CudaEngine {
                 .find(|(p, _)| *p == l)
                 .map(|(_, b)| b);
             self.close_point(0..t, l, l > 0, steer, false, cap)?;
+            if keep_at == Some(l) {
+                self.keep(n_write, k::Keep::Store)?;
+            }
             if l < n {
                 self.block(t, l, n_write)?;
             }
         }
         Ok(())
+    }
+
+    /// Copies rows 0..t of the residual to the kept residuals at their (slot, position), or back.
+    fn keep(&mut self, t: usize, way: k::Keep) -> Result<()> {
+        let (d, shape) = (self.config.hidden_size, (self.slots, self.max_len));
+        let Some((_, kept)) = self.kept.as_mut() else {
+            crate::bail!("this engine keeps no residuals (keep_residuals first)");
+        };
+        let a = &mut self.a;
+        k::hybrid_keep(
+            &self.gpu,
+            &mut a.r.slice_mut(..t * d),
+            &mut kept.as_view_mut(),
+            &a.slot.slice(..t),
+            &a.pos.slice(..t),
+            t,
+            (shape.0, shape.1, d),
+            way,
+        )
     }
 
     /// LM head over the rows `rows` of y → logits [R, V] on the device (with `use_live`, rows of
@@ -985,12 +1016,7 @@ impl Decoder for CudaEngine {
                 let local: Vec<usize> = here.iter().map(|&(_, x)| x).collect();
                 self.head(&local)?;
                 let buf = &mut self.chunk_host;
-                buf.resize(local.len() * v, 0.0);
-                self.gpu
-                    .stream
-                    .memcpy_dtoh(&self.a.logits.slice(..local.len() * v), buf.as_mut_slice())
-                    .map_err(cu("reading logits"))?;
-                self.gpu.sync()?;
+                read_logits(&self.gpu, &self.a.logits, local.len() * v, buf)?;
                 for (j, &(i, _)) in here.iter().enumerate() {
                     self.logits_host[i * v..(i + 1) * v].copy_from_slice(&buf[j * v..(j + 1) * v]);
                 }
@@ -999,4 +1025,91 @@ impl Decoder for CudaEngine {
         }
         Ok(&self.logits_host)
     }
+    fn keep_residuals(&mut self, p: usize) -> Result<()> {
+        crate::engine::check_point(&self.config, p)?;
+        if self.kept.as_ref().is_some_and(|k| k.0 == p) {
+            return Ok(());
+        }
+        self.kept = None;
+        let n = self.slots * self.max_len * self.config.hidden_size;
+        let (free, _) =
+            cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
+        if n * 4 > free {
+            crate::bail!(
+                "keeping the residuals of {} sequences × {} positions (steering windows) needs {:.2} GiB on the GPU, {:.2} GiB are free: lower the batch or the context",
+                self.slots,
+                self.max_len,
+                (n * 4) as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64
+            );
+        }
+        let buf = self
+            .gpu
+            .stream
+            .alloc_zeros::<f32>(n)
+            .map_err(cu("allocating the kept residuals"))?;
+        self.kept = Some((p, buf));
+        // The decode graphs captured so far do not store them.
+        self.graphs.clear();
+        Ok(())
+    }
+    fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]> {
+        let p = crate::engine::check_kept(
+            &self.config,
+            self.kept.as_ref().map(|k| k.0),
+            step,
+            add,
+            logit_rows,
+            self.slots,
+            self.max_len,
+        )?;
+        let c = &self.config;
+        let (t, d, n, v) = (
+            step.positions.len(),
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.vocab_size,
+        );
+        if t > self.max_t {
+            crate::bail!(
+                "a call of {t} tokens from the kept residuals exceeds the engine's {} tokens per call",
+                self.max_t
+            );
+        }
+        self.upload_step(&[], step)?;
+        self.gpu
+            .stream
+            .memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d))
+            .map_err(cu("uploading steering"))?;
+        // r = kept residual + steering at point p, then the blocks p.. as in `layers`.
+        self.keep(t, k::Keep::Load)?;
+        for l in p..=n {
+            let steer = if l == p {
+                SteerSel::Dense
+            } else {
+                SteerSel::None
+            };
+            self.close_point(0..t, l, l > p, steer, false, None)?;
+            if l < n {
+                self.block(t, l, 0)?;
+            }
+        }
+        self.head(logit_rows)?;
+        read_logits(
+            &self.gpu,
+            &self.a.logits,
+            logit_rows.len() * v,
+            &mut self.logits_host,
+        )?;
+        Ok(&self.logits_host)
+    }
+}
+
+/// Copies the first `n` logits from the device to `buf` (resized to n) and waits for them.
+fn read_logits(gpu: &Gpu, logits: &CudaSlice<f32>, n: usize, buf: &mut Vec<f32>) -> Result<()> {
+    buf.resize(n, 0.0);
+    gpu.stream
+        .memcpy_dtoh(&logits.slice(..n), buf.as_mut_slice())
+        .map_err(cu("reading logits"))?;
+    gpu.sync()
 }

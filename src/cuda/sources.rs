@@ -81,6 +81,7 @@ pub const MODULES: &[(&str, &[&str])] = &[
             "hybrid_gate_i32",
             "hybrid_expand_compact_f32",
             "hybrid_select_compact_i32",
+            "hybrid_keep_f32",
         ],
     ),
     (

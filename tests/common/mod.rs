@@ -241,3 +241,82 @@ pub fn check_bench_rows(rows: &[thinksteer::bench::Row]) {
         }
     }
 }
+
+/// Kept residuals against a rerun, on any engine (`Decoder::keep_residuals`, `forward_kept`).
+/// Slots 0 and 1 take a prompt each (all but its last token in one call), then three greedy
+/// steps of both; slot 0's newest cached position is then rewritten with steering at `point`
+/// (as persistent mode does: its kept residual must stay unsteered). Returns the logits [V] of
+/// the last row of a read-only run over slot 0's last `add.len() / D` cached positions, with
+/// `add` added at `point`: (started from the kept residuals, rerun from the ids with the
+/// steering hooked at the point).
+pub fn kept_and_rerun(
+    e: &mut dyn thinksteer::engine::Decoder,
+    point: usize,
+    add: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    use thinksteer::model::{Hooks, Step};
+    let d = e.config().hidden_size;
+    let n = add.len() / d;
+    e.keep_residuals(point).unwrap();
+    let mut seqs = [vec![5u32, 77, 301, 12, 9, 44, 3], vec![8, 150, 2, 61]];
+    let (mut ids, mut slots, mut pos) = (vec![], vec![], vec![]);
+    for (s, q) in seqs.iter().enumerate() {
+        ids.extend_from_slice(&q[..q.len() - 1]);
+        slots.extend(std::iter::repeat_n(s, q.len() - 1));
+        pos.extend(0..q.len() - 1);
+    }
+    let prompt = Step {
+        slots: &slots,
+        positions: &pos,
+        n_write: ids.len(),
+        run_start: &[],
+    };
+    e.forward(&ids, &prompt, &[], &mut Hooks::default())
+        .unwrap();
+    for _ in 0..3 {
+        let last: Vec<u32> = seqs.iter().map(|q| q[q.len() - 1]).collect();
+        let p: Vec<usize> = seqs.iter().map(|q| q.len() - 1).collect();
+        let one = Step {
+            slots: &[0, 1],
+            positions: &p,
+            n_write: 2,
+            run_start: &[],
+        };
+        let next = e.greedy(&last, &one).unwrap();
+        for (q, t) in seqs.iter_mut().zip(next) {
+            q.push(t);
+        }
+    }
+    // Slot 0 caches positions 0..m; rewrite m − 1 with steering (a different vector).
+    let m = seqs[0].len() - 1;
+    let other: Vec<f32> = (0..d).map(|i| ((i % 7) as f32 - 3.0) * 0.5).collect();
+    let mut hooks = Hooks {
+        capture: vec![],
+        steer: Some((point, &other)),
+    };
+    let rewrite = Step {
+        slots: &[0],
+        positions: &[m - 1],
+        n_write: 1,
+        run_start: &[],
+    };
+    e.forward(&seqs[0][m - 1..m], &rewrite, &[], &mut hooks)
+        .unwrap();
+    let (rs, rp, starts) = (vec![0; n], (m - n..m).collect::<Vec<_>>(), vec![0; n]);
+    let run = Step {
+        slots: &rs,
+        positions: &rp,
+        n_write: 0,
+        run_start: &starts,
+    };
+    let kept = e.forward_kept(&run, add, &[n - 1]).unwrap().to_vec();
+    let mut hooks = Hooks {
+        capture: vec![],
+        steer: Some((point, add)),
+    };
+    let rerun = e
+        .forward(&seqs[0][m - n..m], &run, &[n - 1], &mut hooks)
+        .unwrap()
+        .to_vec();
+    (kept, rerun)
+}
