@@ -15,7 +15,7 @@ use thinksteer::cuda::hybrid::{CudaHybrid, GpuHybrid};
 use thinksteer::cuda::model::CudaEngine;
 use thinksteer::cuda::Gpu;
 use thinksteer::engine::{CpuEngine, Decoder};
-use thinksteer::hybrid::{run, Mode, Output, Pair, Prompts, Settings, StepRecord};
+use thinksteer::hybrid::{run, run_cached, Mode, Output, Pair, Prompts, Settings, StepRecord};
 use thinksteer::model::{Model, Step};
 use thinksteer::sae::Sae;
 use thinksteer::steering::SteeringSet;
@@ -276,5 +276,55 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
         );
         let e2 = common::rel_err(&kept, &want);
         assert!(e2 <= TOL, "point {point}: GPU vs CPU, rel. error {e2}");
+    }
+}
+
+/// A prompt that fills the base model's context gets an empty output and the other problems
+/// go on, in the one-graph step and in the host-driven loop alike, as on the CPU; a prompt one
+/// short of the context gets one token.
+#[test]
+fn a_prompt_that_fills_the_context_gets_an_empty_output_on_the_gpu() {
+    let Some(g) = gpu() else { return };
+    let f = Fixture::new("full");
+    let (base_dir, think_dir) = (f.base_dir.as_path(), f.think_dir.as_path());
+    let pair = f.pair();
+    let mut ps = problems();
+    ps.push(Prompts {
+        base: (1..=12).collect(),
+        thinking: vec![3, 4],
+    });
+    let ctx = 12; // problem 2 (11 tokens) has room for one token, problem 3 for none
+    for windows in [vec![-1], vec![0, -1]] {
+        let s = Settings {
+            mode: Mode::Cached,
+            coefficients: vec![0.5, 2.0],
+            windows: windows.clone(),
+            max_new_tokens: 6,
+            batch: 2,
+            ..Settings::default()
+        };
+        let mut cb = CpuEngine::new(f.base.clone(), 2, ctx);
+        let mut ct = CpuEngine::new(f.think.clone(), 2, 64);
+        let want = run_cached(pair.artifacts(), &mut cb, &mut ct, &ps, &s, |_, _, _| {}).unwrap();
+        assert_eq!(want[2].ids.len(), 1, "the CPU loop: one token of room");
+        assert!(want[3].ids.is_empty(), "the CPU loop: no room");
+        let te = CudaEngine::load(g.clone(), think_dir, 2, 64, 64).unwrap();
+        let be = CudaEngine::load(g.clone(), base_dir, 2, ctx, 16).unwrap();
+        let mut hy = if windows == [-1] {
+            GpuHybrid::Step(Box::new(
+                CudaHybrid::new(te, be, &f.sae, &f.steering, &s, 2).unwrap(),
+            ))
+        } else {
+            GpuHybrid::Engines {
+                base: Box::new(be),
+                think: Box::new(te),
+            }
+        };
+        let got = hy.run(pair.artifacts(), &ps, &s, |_, _, _| {}).unwrap();
+        let what = format!("windows {windows:?}, context {ctx}");
+        same_start(&got, &want, &what, |_| true);
+        let lens: Vec<usize> = got.iter().map(|o| o.ids.len()).collect();
+        let want_lens: Vec<usize> = want.iter().map(|o| o.ids.len()).collect();
+        assert_eq!(lens, want_lens, "{what}: output lengths");
     }
 }

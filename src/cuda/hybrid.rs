@@ -652,13 +652,6 @@ impl CudaHybrid {
             if p.base.is_empty() || p.thinking.is_empty() {
                 bail!("problem {i}: empty prompt");
             }
-            if p.base.len() >= ctx_b || p.thinking.len() >= ctx_t {
-                bail!(
-                    "problem {i}: prompts of {} / {} tokens do not fit contexts of {ctx_b} / {ctx_t}",
-                    p.base.len(),
-                    p.thinking.len()
-                );
-            }
         }
         let eos = self.base.config.eos_token_ids.clone();
         let mut outs: Vec<Output> = problems
@@ -673,8 +666,11 @@ impl CudaHybrid {
         let mut who: Vec<Option<usize>> = vec![None; nslots];
         let (mut next, mut think_next) = (vec![0u32; nslots], vec![0u32; nslots]);
         let (mut pos_b, mut pos_t) = (vec![0usize; nslots], vec![0usize; nslots]);
+        // As in the other loops, a problem whose prompt leaves no room to generate gets an
+        // empty output.
         let any = self.s.max_new_tokens > 0;
-        let mut queue = (0..problems.len()).filter(|_| any);
+        let fits = |p: &Prompts| p.base.len() < ctx_b && p.thinking.len() < ctx_t;
+        let mut queue = (0..problems.len()).filter(|&p| any && fits(&problems[p]));
         for slot in 0..nslots {
             if let Some(p) = queue.next() {
                 self.prefill(slot, &problems[p])?;

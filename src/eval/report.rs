@@ -299,7 +299,7 @@ pub fn render_markdown(r: &Report) -> String {
         }
         if let Some(w) = m.coef_wins.as_ref().filter(|w| !w.is_empty()) {
             s += "\n| winning coefficient | steps |\n|---|---|\n";
-            for (c, x) in w {
+            for (c, x) in numeric_order(w) {
                 s += &format!("| {c} | {x} |\n");
             }
         }
@@ -307,7 +307,7 @@ pub fn render_markdown(r: &Report) -> String {
         let windowed = |w: &&BTreeMap<String, usize>| w.keys().any(|k| !k.ends_with(",-1"));
         if let Some(w) = m.cw_wins.as_ref().filter(windowed) {
             s += "\n| winning (coefficient, window) | steps |\n|---|---|\n";
-            for (cw, x) in w {
+            for (cw, x) in numeric_order(w) {
                 s += &format!("| ({cw}) | {x} |\n");
             }
         }
@@ -331,6 +331,26 @@ pub fn render_markdown(r: &Report) -> String {
         }
     }
     s
+}
+
+/// The entries of a table keyed by numbers ("c" or "c,w") in numeric order of their parts
+/// (−100 before −15 before −1, 0.5 before 10); a part that is not a number sorts last.
+fn numeric_order(t: &BTreeMap<String, usize>) -> Vec<(&String, &usize)> {
+    let parts = |k: &str| -> Vec<f64> {
+        k.split(',')
+            .map(|x| x.trim().parse().unwrap_or(f64::INFINITY))
+            .collect()
+    };
+    let mut v: Vec<_> = t.iter().collect();
+    v.sort_by(|a, b| {
+        let (pa, pb) = (parts(a.0), parts(b.0));
+        let by_part = pa.iter().zip(&pb).map(|(x, y)| x.total_cmp(y));
+        by_part
+            .chain([pa.len().cmp(&pb.len()), a.0.cmp(b.0)])
+            .find(|o| o.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    v
 }
 
 /// Writes OUT/report.md and OUT/report.json; returns the Markdown.
@@ -378,6 +398,20 @@ mod tests {
         let (lo, hi) = wilson(0, 5);
         assert_eq!(lo, 0.0);
         assert!((hi - 0.4345).abs() < 1e-3, "{hi}");
+    }
+
+    #[test]
+    fn wins_tables_are_in_numeric_order() {
+        let t: BTreeMap<String, usize> = ["10,-1", "0.5,-1", "0.5,-15", "0.5,0", "0.5,-100", "2,x"]
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.to_string(), i))
+            .collect();
+        let keys: Vec<&str> = numeric_order(&t).iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["0.5,-100", "0.5,-15", "0.5,-1", "0.5,0", "2,x", "10,-1"]
+        );
     }
 
     #[test]
