@@ -39,7 +39,8 @@ pub trait Decoder {
     /// Read-only runs (`step.n_write` = 0) started at the kept point: row i's residual there is
     /// the one kept for (slots[i], positions[i]) plus row i of `add` [T, D]; the blocks from the
     /// point on follow, and the logits [R, V] of the token indices in `logit_rows` come back.
-    /// Every position must have been written since `keep_residuals`.
+    /// Every position must have been written since the first `keep_residuals` at this point
+    /// (before that the CPU engine holds NaN there, the CUDA engine zeros).
     fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]>;
 }
 
@@ -133,6 +134,9 @@ impl Decoder for CpuEngine {
     fn keep_residuals(&mut self, p: usize) -> Result<()> {
         let c = &self.model.config;
         check_point(c, p)?;
+        if self.kept.as_ref().is_some_and(|k| k.0 == p) {
+            return Ok(());
+        }
         // NaN until written, so that a run over a position never written shows in its logits.
         let n = self.cache.slots * self.cache.max_len * c.hidden_size;
         self.kept = Some((p, vec![f32::NAN; n]));

@@ -176,7 +176,7 @@ impl Artifacts<'_> {
     }
 
     /// The residual point where steering is added: after block L_b (or before it, with the flag).
-    fn steer_point(&self, s: &Settings) -> usize {
+    pub fn steer_point(&self, s: &Settings) -> usize {
         if s.steer_at_block_input {
             self.steering.layer
         } else {

@@ -242,24 +242,28 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
     }
 }
 
-/// The kept residuals of a CUDA engine (stored by the decode graph, loaded by a read-only run)
-/// against a rerun of the window on the same engine and against the CPU engine's kept
-/// residuals, before the first block, in the middle and after the last (base: 3 blocks). Logits
-/// within 2^-5 of their scale: the tolerance of tests/cuda_model.rs (bf16 rounding of the
-/// products' inputs and the cache).
+/// The kept residuals of a CUDA engine (stored by prefill chunks and the decode graph, loaded by
+/// a read-only run) against a rerun of the window on the same engine and against the CPU
+/// engine's kept residuals, before the first block, in the middle and after the last (base: 3
+/// blocks); a 40-row window, and a 1-row one with RoPE inside decode attention. Logits within
+/// 2^-5 of their scale: the tolerance of tests/cuda_model.rs (bf16 rounding of the products'
+/// inputs and the cache).
 #[test]
 fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
     let Some(g) = gpu() else { return };
     const TOL: f32 = 1.0 / 32.0;
     let f = Fixture::new("kept");
     let d = f.base.config.hidden_size;
-    let add: Vec<f32> = (0..5 * d)
+    let add: Vec<f32> = (0..40 * d)
         .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3)
         .collect();
-    for point in [0, 1, 3] {
-        let mut cpu = CpuEngine::new(f.base.clone(), 2, 32);
-        let (want, _) = common::kept_and_rerun(&mut cpu, point, &add);
-        let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 32, 16).unwrap();
+    for (point, rows, rope) in [(0, 40, false), (1, 40, false), (3, 40, false), (1, 1, true)] {
+        let add = &add[..rows * d];
+        let what = format!("point {point}, {rows} rows, RoPE in attention {rope}");
+        let mut cpu = CpuEngine::new(f.base.clone(), 2, 80);
+        let (want, _) = common::kept_and_rerun(&mut cpu, point, add);
+        let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 80, 40).unwrap();
+        e.rope_in_attention = rope;
         // A decode graph captured before keep_residuals must not be replayed after it.
         let warm = Step {
             slots: &[0, 1],
@@ -268,14 +272,23 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
             run_start: &[],
         };
         e.greedy(&[1, 2], &warm).unwrap();
-        let (kept, rerun) = common::kept_and_rerun(&mut e, point, &add);
-        let e1 = common::rel_err(&kept, &rerun);
-        assert!(
-            e1 <= TOL,
-            "point {point}: kept vs rerun on the GPU, rel. error {e1}"
-        );
-        let e2 = common::rel_err(&kept, &want);
-        assert!(e2 <= TOL, "point {point}: GPU vs CPU, rel. error {e2}");
+        let (kept, rerun) = common::kept_and_rerun(&mut e, point, add);
+        // Row by row: each row's logits follow its own kept residual most closely.
+        let v = f.base.config.vocab_size;
+        for (i, ((k, r), w)) in kept
+            .chunks(v)
+            .zip(rerun.chunks(v))
+            .zip(want.chunks(v))
+            .enumerate()
+        {
+            let e1 = common::rel_err(k, r);
+            assert!(
+                e1 <= TOL,
+                "{what}: row {i}, kept vs rerun on the GPU, rel. error {e1}"
+            );
+            let e2 = common::rel_err(k, w);
+            assert!(e2 <= TOL, "{what}: row {i}, GPU vs CPU, rel. error {e2}");
+        }
     }
 }
 

@@ -520,11 +520,11 @@ fn persistent_mode_and_positive_windows_are_refused() {
 fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
     let f = fx(12.0);
     let (d, n_layers) = (64, f.base.config.num_hidden_layers);
-    let add: Vec<f32> = (0..4 * d)
+    let add: Vec<f32> = (0..40 * d)
         .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3)
         .collect();
     for point in [0, 1, n_layers] {
-        let mut e = CpuEngine::new(f.base.clone(), 2, 32);
+        let mut e = CpuEngine::new(f.base.clone(), 2, 80);
         let (kept, rerun) = common::kept_and_rerun(&mut e, point, &add);
         // The blocks before the point see the same rows either way (one f32 computation per
         // row, whatever the call's other rows), so the logits are the same bits.

@@ -817,7 +817,11 @@ impl GpuHybrid {
             .unwrap_or(1);
         let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, think_max_t)?;
         let rows = (max_b * s.coefficients.len()).max(longest).max(call);
-        let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
+        let mut base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
+        // The residuals the candidate runs start from (slots · context · D f32), allocated now
+        // so that a card too small says so before any problem runs.
+        let art = Artifacts { sae, steering };
+        base.keep_residuals(art.steer_point(s))?;
         let heads = base.config.num_attention_heads;
         if rows * heads > super::SCRATCH_COUNTERS {
             bail!(

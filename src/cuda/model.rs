@@ -1030,7 +1030,9 @@ impl Decoder for CudaEngine {
         if self.kept.as_ref().is_some_and(|k| k.0 == p) {
             return Ok(());
         }
+        // The decode graphs captured so far store into the old buffer, or not at all.
         self.kept = None;
+        self.graphs.clear();
         let n = self.slots * self.max_len * self.config.hidden_size;
         let (free, _) =
             cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
@@ -1049,8 +1051,6 @@ impl Decoder for CudaEngine {
             .alloc_zeros::<f32>(n)
             .map_err(cu("allocating the kept residuals"))?;
         self.kept = Some((p, buf));
-        // The decode graphs captured so far do not store them.
-        self.graphs.clear();
         Ok(())
     }
     fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]> {

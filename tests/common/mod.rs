@@ -243,12 +243,13 @@ pub fn check_bench_rows(rows: &[thinksteer::bench::Row]) {
 }
 
 /// Kept residuals against a rerun, on any engine (`Decoder::keep_residuals`, `forward_kept`).
-/// Slots 0 and 1 take a prompt each (all but its last token in one call), then three greedy
-/// steps of both; slot 0's newest cached position is then rewritten with steering at `point`
-/// (as persistent mode does: its kept residual must stay unsteered). Returns the logits [V] of
-/// the last row of a read-only run over slot 0's last `add.len() / D` cached positions, with
-/// `add` added at `point`: (started from the kept residuals, rerun from the ids with the
-/// steering hooked at the point).
+/// Slot 0 takes a 70-token prompt and slot 1 a short one (all but the last token, each in a call
+/// of its own: an engine with calls of 40 rows runs slot 0's in two chunks, the first a
+/// prefill), then three greedy steps of both; slot 0's newest cached position is then
+/// rewritten with steering at `point` (as persistent mode does: its kept residual must stay
+/// unsteered). Returns the logits [n, V] of every row of a read-only run over slot 0's last
+/// n = `add.len() / D` (≤ 72) cached positions, with `add` added at `point`: (started from the
+/// kept residuals, rerun from the ids with the steering hooked at the point).
 pub fn kept_and_rerun(
     e: &mut dyn thinksteer::engine::Decoder,
     point: usize,
@@ -258,21 +259,20 @@ pub fn kept_and_rerun(
     let d = e.config().hidden_size;
     let n = add.len() / d;
     e.keep_residuals(point).unwrap();
-    let mut seqs = [vec![5u32, 77, 301, 12, 9, 44, 3], vec![8, 150, 2, 61]];
-    let (mut ids, mut slots, mut pos) = (vec![], vec![], vec![]);
+    let long: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % 300).collect();
+    let mut seqs = [long, vec![8, 150, 2, 61]];
     for (s, q) in seqs.iter().enumerate() {
-        ids.extend_from_slice(&q[..q.len() - 1]);
-        slots.extend(std::iter::repeat_n(s, q.len() - 1));
-        pos.extend(0..q.len() - 1);
+        let k = q.len() - 1;
+        let (slots, pos): (Vec<usize>, Vec<usize>) = (vec![s; k], (0..k).collect());
+        let prompt = Step {
+            slots: &slots,
+            positions: &pos,
+            n_write: k,
+            run_start: &[],
+        };
+        e.forward(&q[..k], &prompt, &[], &mut Hooks::default())
+            .unwrap();
     }
-    let prompt = Step {
-        slots: &slots,
-        positions: &pos,
-        n_write: ids.len(),
-        run_start: &[],
-    };
-    e.forward(&ids, &prompt, &[], &mut Hooks::default())
-        .unwrap();
     for _ in 0..3 {
         let last: Vec<u32> = seqs.iter().map(|q| q[q.len() - 1]).collect();
         let p: Vec<usize> = seqs.iter().map(|q| q.len() - 1).collect();
@@ -309,13 +309,14 @@ pub fn kept_and_rerun(
         n_write: 0,
         run_start: &starts,
     };
-    let kept = e.forward_kept(&run, add, &[n - 1]).unwrap().to_vec();
+    let rows: Vec<usize> = (0..n).collect();
+    let kept = e.forward_kept(&run, add, &rows).unwrap().to_vec();
     let mut hooks = Hooks {
         capture: vec![],
         steer: Some((point, add)),
     };
     let rerun = e
-        .forward(&seqs[0][m - n..m], &run, &[n - 1], &mut hooks)
+        .forward(&seqs[0][m - n..m], &run, &rows, &mut hooks)
         .unwrap()
         .to_vec();
     (kept, rerun)
