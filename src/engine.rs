@@ -31,6 +31,19 @@ pub trait Decoder {
     fn greedy(&mut self, ids: &[u32], step: &Step) -> Result<Vec<u32>> {
         greedy_from_logits(self, ids, step)
     }
+    /// A decode step (every token writes the cache) that also returns each token's residual at
+    /// point `p` ([T, D]): (greedy ids, residuals). The engine keeps the step's logits for
+    /// `logits_at` until its next call.
+    fn greedy_capture(
+        &mut self,
+        ids: &[u32],
+        step: &Step,
+        p: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)>;
+    /// Logits of the last call, if it was a `greedy_capture` of T tokens: with n = ids.len() / T
+    /// ids per token, out[r·n + i] = logits[r, ids[r·n + i]], −inf for an id outside the
+    /// vocabulary (u32::MAX: no candidate there).
+    fn logits_at(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
     /// From now on, keeps the residual at point `p` of every token that a call without steering
     /// writes to the cache ([slots, max_len, D] f32), so that `forward_kept` can start read-only
     /// runs there. Steering at or after p never reaches the blocks before it, so a position's
@@ -63,6 +76,8 @@ pub struct CpuEngine {
     h: Vec<f32>, // [T, D] residual stream
     /// (point, [slots, max_len, D]) once `keep_residuals` was called.
     kept: Option<(usize, Vec<f32>)>,
+    /// [T, V] logits of the last call when it was a `greedy_capture` (else empty).
+    captured: Vec<f32>,
 }
 
 impl CpuEngine {
@@ -74,6 +89,7 @@ impl CpuEngine {
             ws: Workspace::default(),
             h: Vec::new(),
             kept: None,
+            captured: Vec::new(),
         }
     }
 }
@@ -103,6 +119,7 @@ impl Decoder for CpuEngine {
             self.cache.max_len,
         )?;
         let n = self.model.config.num_hidden_layers;
+        self.captured.clear();
         // Kept residuals come from a capture at the point, added last and taken back after.
         let keep = match &self.kept {
             Some((p, _)) if hooks.steer.is_none() && step.n_write > 0 => Some(*p),
@@ -131,6 +148,47 @@ impl Decoder for CpuEngine {
         }
         Ok(self.model.head(&mut self.ws, &self.h, logit_rows))
     }
+    fn greedy_capture(
+        &mut self,
+        ids: &[u32],
+        step: &Step,
+        p: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        check_point(self.config(), p)?;
+        if step.n_write != ids.len() {
+            crate::bail!(
+                "greedy_capture: expected a decode step ({} tokens that all write the cache), found n_write {}",
+                ids.len(),
+                step.n_write
+            );
+        }
+        let rows: Vec<usize> = (0..ids.len()).collect();
+        let mut hooks = Hooks {
+            capture: vec![(p, vec![])],
+            steer: None,
+        };
+        let logits = self.forward(ids, step, &rows, &mut hooks)?.to_vec();
+        let v = self.config().vocab_size;
+        let toks = logits.chunks(v).map(|l| argmax(l) as u32).collect();
+        self.captured = logits;
+        let (_, h) = hooks.capture.pop().expect("one capture asked for");
+        Ok((toks, h))
+    }
+    fn logits_at(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let v = self.config().vocab_size;
+        let n = check_logits_at(self.captured.len() / v, ids)?;
+        Ok(ids
+            .iter()
+            .enumerate()
+            .map(|(e, &id)| {
+                if (id as usize) < v {
+                    self.captured[(e / n) * v + id as usize]
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect())
+    }
     fn keep_residuals(&mut self, p: usize) -> Result<()> {
         let c = &self.model.config;
         check_point(c, p)?;
@@ -155,6 +213,7 @@ impl Decoder for CpuEngine {
         )?;
         let c = &self.model.config;
         let (d, n) = (c.hidden_size, c.num_hidden_layers);
+        self.captured.clear();
         let kept = &self.kept.as_ref().expect("checked by check_kept").1;
         self.h.clear();
         for (&s, &pos) in step.slots.iter().zip(step.positions) {
@@ -216,6 +275,21 @@ pub fn check_step(
         );
     }
     Ok(())
+}
+
+/// Validates a `logits_at` call after a `greedy_capture` of `t` tokens (0: none was the last
+/// call); returns the ids per token.
+pub fn check_logits_at(t: usize, ids: &[u32]) -> Result<usize> {
+    if t == 0 {
+        crate::bail!("logits_at: the engine's last call was not a greedy_capture");
+    }
+    if !ids.len().is_multiple_of(t) {
+        crate::bail!(
+            "logits_at: expected the same number of ids for each of the {t} tokens, found {} ids",
+            ids.len()
+        );
+    }
+    Ok(ids.len() / t)
 }
 
 /// A residual point of the model: 0 (the embeddings) to N (after the last block).

@@ -254,11 +254,12 @@ pub fn run(
     }
 }
 
-/// Ties go to the earliest candidate: strict `>` keeps the first maximum.
-fn pick(think_logits: &[f32], cands: &[u32]) -> usize {
+/// The candidate with the highest thinking-model logit (`scores`, in candidate order); ties go
+/// to the earliest: strict `>` keeps the first maximum.
+fn pick(scores: &[f32]) -> usize {
     let mut best = 0;
-    for (i, &c) in cands.iter().enumerate() {
-        if think_logits[c as usize] > think_logits[cands[best] as usize] {
+    for (i, &x) in scores.iter().enumerate() {
+        if x > scores[best] {
             best = i;
         }
     }
@@ -385,7 +386,8 @@ fn exact_one(
                     which.push((c, w));
                 }
             }
-            let k = pick(&think_logits, &cands);
+            let scores: Vec<f32> = cands.iter().map(|&c| think_logits[c as usize]).collect();
+            let k = pick(&scores);
             rec = StepRecord {
                 category,
                 steered: true,
@@ -517,7 +519,9 @@ pub fn run_cached(
         }
     }
     let (d, v) = (base.config().hidden_size, base.config().vocab_size);
-    let (dt, vt) = (think.config().hidden_size, think.config().vocab_size);
+    let dt = think.config().hidden_size;
+    // Candidates per steered row, in (c, w) order.
+    let per = s.coefficients.len() * s.windows.len();
     let point = art.steer_point(s);
     base.keep_residuals(point)?;
     let mut z = vec![0f32; art.sae.latents];
@@ -538,20 +542,17 @@ pub fn run_cached(
         // New prompts: all but their last token, in calls of their own.
         st.prefill(think, &active)?;
         sb.prefill(base, &active)?;
-        // 1. Thinking model: feed the newest tokens, capture block L_t's output, logits.
-        let (ids, slots, pos, last_t) = st.gather(&active);
-        let mut hooks = Hooks {
-            capture: vec![(art.sae.layer + 1, vec![])],
-            steer: None,
-        };
+        // 1. Thinking model: feed the newest tokens (a decode step), capture block L_t's
+        // output; its logits stay with the engine (only the candidates' are read, in 4).
+        let (tids, slots, pos, last_t) = st.gather(&active);
         let step = Step {
             slots: &slots,
             positions: &pos,
-            n_write: ids.len(),
+            n_write: tids.len(),
             run_start: &[],
         };
-        let think_logits = think.forward(&ids, &step, &last_t, &mut hooks)?; // [R, Vt]
-        let captured = &hooks.capture[0].1;
+        let (think_all, captured) = think.greedy_capture(&tids, &step, art.sae.layer + 1)?;
+        let think_toks: Vec<u32> = last_t.iter().map(|&i| think_all[i]).collect();
         let categories: Vec<usize> = last_t
             .iter()
             .zip(&active)
@@ -570,11 +571,10 @@ pub fn run_cached(
             run_start: &[],
         };
         let base_toks = base.greedy(&ids, &step)?;
-        let think_row = |k: usize| &think_logits[k * vt..(k + 1) * vt];
 
         // 3–4. Candidates for every row that needs steering, as read-only runs.
         let steer_rows: Vec<usize> = (0..active.len())
-            .filter(|&k| s.no_gating || argmax(think_row(k)) as u32 != base_toks[k])
+            .filter(|&k| s.no_gating || think_toks[k] != base_toks[k])
             .collect();
         // Each steered row's vector b + V[category], [steer rows, D].
         let mut vecs = vec![0f32; steer_rows.len() * d];
@@ -621,10 +621,23 @@ pub fn run_cached(
                 (base_toks[k], rec)
             })
             .collect();
+        // The thinking model's logits at each steered row's candidates ([tokens, per], u32::MAX
+        // where there is none) pick the winners.
+        let mut at = vec![u32::MAX; tids.len() * per];
         for (j, &k) in steer_rows.iter().enumerate() {
-            // Candidates in (c, w) order; the thinking model's logits pick the winner.
+            for (i, &(ri, _, _)) in which[j].iter().enumerate() {
+                at[last_t[k] * per + i] = cand[ri];
+            }
+        }
+        let scores = if steer_rows.is_empty() {
+            vec![]
+        } else {
+            think.logits_at(&at)?
+        };
+        for (j, &k) in steer_rows.iter().enumerate() {
             let toks: Vec<u32> = which[j].iter().map(|&(ri, _, _)| cand[ri]).collect();
-            let win = pick(think_row(k), &toks);
+            let from = last_t[k] * per;
+            let win = pick(&scores[from..from + toks.len()]);
             let (_, c, w) = which[j][win];
             let rec = StepRecord {
                 category: categories[k],

@@ -341,3 +341,34 @@ fn a_prompt_that_fills_the_context_gets_an_empty_output_on_the_gpu() {
         assert_eq!(lens, want_lens, "{what}: output lengths");
     }
 }
+
+/// `greedy_capture` (from a decode graph, replayed on the second call) and `logits_at` on the
+/// GPU against the CPU engine: the same ids, residuals and logits within 2^-5 of their scale
+/// (the tolerance of tests/cuda_model.rs).
+#[test]
+fn greedy_capture_and_logits_at_match_the_cpu() {
+    let Some(g) = gpu() else { return };
+    const TOL: f32 = 1.0 / 32.0;
+    let f = Fixture::new("capture");
+    for p in [1, 3] {
+        let mut cpu = CpuEngine::new(f.base.clone(), 2, 16);
+        let (want_t, want_h, want_at) = common::greedy_capture_of(&mut cpu, p);
+        let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 16, 8).unwrap();
+        for call in 0..2 {
+            let (toks, h, at) = common::greedy_capture_of(&mut e, p);
+            let what = format!("point {p}, call {call}");
+            assert_eq!(toks, want_t, "{what}: ids");
+            let eh = common::rel_err(&h, &want_h);
+            assert!(eh <= TOL, "{what}: residuals, rel. error {eh}");
+            assert_eq!(at[2], f32::NEG_INFINITY, "{what}: no candidate");
+            let (a, w): (Vec<f32>, Vec<f32>) = at
+                .iter()
+                .zip(&want_at)
+                .filter(|(x, _)| x.is_finite())
+                .map(|(x, y)| (*x, *y))
+                .unzip();
+            let ea = common::rel_err(&a, &w);
+            assert!(ea <= TOL, "{what}: logits_at, rel. error {ea}");
+        }
+    }
+}

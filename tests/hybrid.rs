@@ -553,3 +553,61 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
     let err = e.keep_residuals(n_layers + 1).unwrap_err().to_string();
     assert!(err.contains(&format!("expected 0..={n_layers}")), "{err}");
 }
+
+#[test]
+fn greedy_capture_gives_the_forward_s_ids_residuals_and_logits() {
+    let f = fx(12.0);
+    let (d, v) = (64, f.base.config.vocab_size);
+    let mut e = CpuEngine::new(f.base.clone(), 2, 16);
+    let (toks, h, at) = common::greedy_capture_of(&mut e, 2);
+    // The same calls through `forward`, with the capture hooked.
+    let mut r = CpuEngine::new(f.base.clone(), 2, 16);
+    let prompt = Step {
+        slots: &[0, 0, 0, 1],
+        positions: &[0, 1, 2, 0],
+        n_write: 4,
+        run_start: &[],
+    };
+    r.forward(&[5, 77, 30, 8], &prompt, &[], &mut Hooks::default())
+        .unwrap();
+    let mut hooks = Hooks {
+        capture: vec![(2, vec![])],
+        steer: None,
+    };
+    let one = Step {
+        slots: &[0, 1],
+        positions: &[3, 1],
+        n_write: 2,
+        run_start: &[],
+    };
+    let logits = r
+        .forward(&[12, 150], &one, &[0, 1], &mut hooks)
+        .unwrap()
+        .to_vec();
+    let want: Vec<u32> = logits.chunks(v).map(|l| argmax(l) as u32).collect();
+    assert_eq!(toks, want);
+    assert_eq!(h, hooks.capture[0].1);
+    assert_eq!(h.len(), 2 * d);
+    let at_want = [
+        logits[7],
+        logits[0],
+        f32::NEG_INFINITY,
+        logits[v + 1],
+        logits[v + 2],
+        logits[v + 3],
+    ];
+    assert_eq!(at, at_want);
+    // Another call drops the logits; ids that do not split evenly over the tokens are refused.
+    let err = e.logits_at(&[1, 2, 3]).unwrap_err().to_string();
+    assert!(err.contains("same number of ids"), "{err}");
+    e.greedy(
+        &[4, 4],
+        &Step {
+            positions: &[4, 2],
+            ..one
+        },
+    )
+    .unwrap();
+    let err = e.logits_at(&[1, 2]).unwrap_err().to_string();
+    assert!(err.contains("not a greedy_capture"), "{err}");
+}

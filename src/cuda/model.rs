@@ -178,6 +178,7 @@ pub(crate) struct Acts {
     pub(crate) hy_coef: CudaSlice<f32>,    // [max_t] steering coefficient per row (hybrid)
     pub(crate) r_saved: CudaSlice<f32>, // [max_t, D] residuals at the steering point (persistent mode)
     pub(crate) live: CudaSlice<i32>,    // [1] rows in use of a call with `use_live` (hybrid)
+    pub(crate) stash: CudaSlice<f32>,   // [max_t, D] residuals at one point (greedy_capture)
 }
 
 /// Which steering the residual kernel applies: none, the dense per-row rows of `Hooks`, or the
@@ -222,9 +223,14 @@ pub struct CudaEngine {
     logits_host: Vec<f32>,
     chunk_host: Vec<f32>, // logits of one chunk's rows, reused between calls
     host_i32: Vec<i32>,   // step inputs staged for upload, reused between calls
-    /// Replayable decode steps, keyed by token count (all tokens write the cache) and whether
-    /// RoPE ran inside attention (`fuses_rope`).
-    graphs: HashMap<(usize, bool), CudaGraph>,
+    /// Replayable decode steps, keyed by token count (all tokens write the cache), whether
+    /// RoPE ran inside attention (`fuses_rope`) and the point stashed (`greedy_capture`).
+    graphs: HashMap<(usize, bool, Option<usize>), CudaGraph>,
+    /// Rows of the logits the last `greedy_capture` left on the device (for `logits_at`).
+    captured_rows: usize,
+    /// `logits_at`'s ids and values on the device, grown to the largest call.
+    at_ids: Option<CudaSlice<i32>>,
+    at_out: Option<CudaSlice<f32>>,
     pub use_graphs: bool,
     /// (slot, first position) while a call is one contiguous chunk of one sequence (prefill).
     prefill: Option<(usize, usize)>,
@@ -289,6 +295,7 @@ pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_
         + f * 2
         + d * 2
         + v * 4
+        + d * 4
         + d * 4
         + 5 * 4;
     cache + per_t * max_t
@@ -409,6 +416,7 @@ impl CudaEngine {
             hy_coef: z32(max_t)?,
             r_saved: z32(max_t * d)?,
             live: zi(1)?,
+            stash: z32(max_t * d)?,
         };
         let inv_freq = s
             .clone_htod(&c.rope_inv_freq())
@@ -428,6 +436,9 @@ impl CudaEngine {
             chunk_host: vec![],
             host_i32: vec![],
             graphs: HashMap::new(),
+            captured_rows: 0,
+            at_ids: None,
+            at_out: None,
             use_graphs: !gpu.syncs_each_launch(), // THINKSTEER_CUDA_SYNC=1: every kernel eagerly
             prefill: None,
             sae: None,
@@ -458,7 +469,8 @@ impl CudaEngine {
     /// (≤ max_t tokens).
     pub(crate) fn upload_step(&mut self, ids: &[u32], step: &Step) -> Result<()> {
         let (n, t) = (ids.len(), step.positions.len());
-        // One reused host buffer [ids | positions | slots], so a step allocates nothing here.
+        self.captured_rows = 0; // the logits of a `greedy_capture` are about to be overwritten
+                                // One reused host buffer [ids | positions | slots], so a step allocates nothing here.
         let h = &mut self.host_i32;
         h.clear();
         h.extend(ids.iter().map(|&i| i as i32));
@@ -742,8 +754,15 @@ impl CudaEngine {
     }
 
     /// Every launch of one forward call over the uploaded step (t tokens, the first n_write
-    /// appending to the cache), ending with the final norm in y. `hooks` may steer and capture.
-    fn layers(&mut self, t: usize, n_write: usize, hooks: &mut Hooks) -> Result<()> {
+    /// appending to the cache), ending with the final norm in y. `hooks` may steer and capture;
+    /// `stash` copies the residual at that point to a.stash on the device (graph-capturable).
+    fn layers(
+        &mut self,
+        t: usize,
+        n_write: usize,
+        hooks: &mut Hooks,
+        stash: Option<usize>,
+    ) -> Result<()> {
         let (d, n) = (self.config.hidden_size, self.config.num_hidden_layers);
         let steer_at = hooks.steer.map(|(p, _)| p);
         if let Some((_, add)) = hooks.steer {
@@ -777,6 +796,13 @@ impl CudaEngine {
             self.close_point(0..t, l, l > 0, steer, false, cap)?;
             if keep_at == Some(l) {
                 self.keep(n_write, k::Keep::Store)?;
+            }
+            if stash == Some(l) {
+                let a = &mut self.a;
+                self.gpu
+                    .stream
+                    .memcpy_dtod(&a.r.slice(..t * d), &mut a.stash.slice_mut(..t * d))
+                    .map_err(cu("stashing the residual"))?;
             }
             if l < n {
                 self.block(t, l, n_write)?;
@@ -841,28 +867,33 @@ impl CudaEngine {
     /// One greedy decode step for `ids.len()` rows (each writes its K/V), replayed from a CUDA
     /// graph after the first call with that row count. Returns the greedy ids.
     pub fn decode_greedy(&mut self, ids: &[u32], step: &Step) -> Result<Vec<u32>> {
+        self.greedy_step(ids, step, None)
+    }
+
+    /// `decode_greedy` that also stashes every row's residual at point `p` on the device
+    /// (read back by `greedy_capture`) and leaves the step's logits there (`logits_at`).
+    fn greedy_step(&mut self, ids: &[u32], step: &Step, stash: Option<usize>) -> Result<Vec<u32>> {
         let t = ids.len();
         check_step(&self.config, ids, step, self.slots, self.max_len)?;
         if t > self.max_t || step.n_write != t {
             crate::bail!("decode_greedy: expected 1..={} rows that all write the cache, found {t} rows, n_write {}", self.max_t, step.n_write);
         }
         self.upload_step(ids, step)?;
-        let v = self.config.vocab_size;
         if self.use_graphs {
-            let key = (t, self.fuses_rope());
+            let key = (t, self.fuses_rope(), stash);
             if !self.graphs.contains_key(&key) {
                 // Warm-up run outside capture (first-use work such as module loading), then capture.
-                self.greedy_launches(t)?;
+                self.greedy_launches(t, stash)?;
                 self.gpu.sync()?;
                 let gpu = self.gpu.clone();
-                let graph = gpu.capture(|| self.greedy_launches(t))?;
+                let graph = gpu.capture(|| self.greedy_launches(t, stash))?;
                 self.graphs.insert(key, graph);
             }
             self.graphs[&key]
                 .launch()
                 .map_err(cu("replaying the decode graph"))?;
         } else {
-            self.greedy_launches(t)?;
+            self.greedy_launches(t, stash)?;
         }
         let mut out = vec![0i32; t];
         self.gpu
@@ -870,12 +901,11 @@ impl CudaEngine {
             .memcpy_dtoh(&self.a.next.slice(..t), out.as_mut_slice())
             .map_err(cu("reading ids"))?;
         self.gpu.sync()?;
-        let _ = v;
         Ok(out.into_iter().map(|x| x as u32).collect())
     }
 
-    fn greedy_launches(&mut self, t: usize) -> Result<()> {
-        self.layers(t, t, &mut Hooks::default())?;
+    fn greedy_launches(&mut self, t: usize, stash: Option<usize>) -> Result<()> {
+        self.layers(t, t, &mut Hooks::default(), stash)?;
         let rows: Vec<usize> = (0..t).collect();
         self.head(&rows)?;
         let v = self.config.vocab_size;
@@ -898,7 +928,7 @@ impl CudaEngine {
         if t > k::GEMV_MAX_ROWS && step.n_write == t && contiguous {
             self.prefill = Some((step.slots[0], step.positions[0]));
         }
-        let res = self.layers(t, step.n_write, hooks);
+        let res = self.layers(t, step.n_write, hooks, None);
         self.prefill = None;
         res
     }
@@ -1024,6 +1054,67 @@ impl Decoder for CudaEngine {
             start = end;
         }
         Ok(&self.logits_host)
+    }
+    fn greedy_capture(
+        &mut self,
+        ids: &[u32],
+        step: &Step,
+        p: usize,
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        crate::engine::check_point(&self.config, p)?;
+        let toks = self.greedy_step(ids, step, Some(p))?;
+        let mut h = vec![0f32; ids.len() * self.config.hidden_size];
+        self.gpu
+            .stream
+            .memcpy_dtoh(&self.a.stash.slice(..h.len()), h.as_mut_slice())
+            .map_err(cu("reading the captured residual"))?;
+        self.gpu.sync()?;
+        self.captured_rows = ids.len();
+        Ok((toks, h))
+    }
+    fn logits_at(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (t, v) = (self.captured_rows, self.config.vocab_size);
+        let n = crate::engine::check_logits_at(t, ids)?;
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        // Ids past the vocabulary (u32::MAX included) become −1: −inf in the kernel.
+        let dev: Vec<i32> = ids
+            .iter()
+            .map(|&i| i32::try_from(i).unwrap_or(-1))
+            .collect();
+        let s = &self.gpu.stream;
+        let grow = |have: &Option<usize>| have.is_none_or(|l| l < ids.len());
+        if grow(&self.at_ids.as_ref().map(|b| b.len())) {
+            self.at_ids = Some(
+                s.alloc_zeros::<i32>(ids.len())
+                    .map_err(cu("allocating ids"))?,
+            );
+            self.at_out = Some(
+                s.alloc_zeros::<f32>(ids.len())
+                    .map_err(cu("allocating logits"))?,
+            );
+        }
+        let (di, dout) = (
+            self.at_ids.as_mut().expect("allocated above"),
+            self.at_out.as_mut().expect("allocated above"),
+        );
+        s.memcpy_htod(&dev, &mut di.slice_mut(..ids.len()))
+            .map_err(cu("uploading ids"))?;
+        k::logits_at(
+            &self.gpu,
+            &mut dout.slice_mut(..ids.len()),
+            &self.a.logits.slice(..t * v),
+            &di.slice(..ids.len()),
+            t,
+            n,
+            v,
+        )?;
+        let mut out = vec![0f32; ids.len()];
+        s.memcpy_dtoh(&dout.slice(..ids.len()), out.as_mut_slice())
+            .map_err(cu("reading logits"))?;
+        self.gpu.sync()?;
+        Ok(out)
     }
     fn keep_residuals(&mut self, p: usize) -> Result<()> {
         crate::engine::check_point(&self.config, p)?;

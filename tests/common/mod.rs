@@ -321,3 +321,30 @@ pub fn kept_and_rerun(
         .to_vec();
     (kept, rerun)
 }
+
+/// `greedy_capture` then `logits_at` on any engine: slots 0 and 1 take short prompts (all but
+/// the last token), then one decode step of both captures point `p`. Returns (greedy ids [2],
+/// residuals [2, D], logits_at of ids [2, 3]: row 0 at 7, 0 and u32::MAX, row 1 at 1, 2, 3).
+pub fn greedy_capture_of(
+    e: &mut dyn thinksteer::engine::Decoder,
+    p: usize,
+) -> (Vec<u32>, Vec<f32>, Vec<f32>) {
+    use thinksteer::model::{Hooks, Step};
+    let prompt = Step {
+        slots: &[0, 0, 0, 1],
+        positions: &[0, 1, 2, 0],
+        n_write: 4,
+        run_start: &[],
+    };
+    e.forward(&[5, 77, 30, 8], &prompt, &[], &mut Hooks::default())
+        .unwrap();
+    let one = Step {
+        slots: &[0, 1],
+        positions: &[3, 1],
+        n_write: 2,
+        run_start: &[],
+    };
+    let (toks, h) = e.greedy_capture(&[12, 150], &one, p).unwrap();
+    let at = e.logits_at(&[7, 0, u32::MAX, 1, 2, 3]).unwrap();
+    (toks, h, at)
+}
