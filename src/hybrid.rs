@@ -443,8 +443,8 @@ impl Side {
     }
 
     /// Feeds all but the last token still to feed of each of `rows` in one call without hooks
-    /// or logits (a long prompt: the engine may split it into calls), so that the step's hooked
-    /// call holds one token per row.
+    /// or logits (a long prompt: the engine may split it into calls), so that the step's decode
+    /// call (`greedy_capture`, `greedy`) holds one token per row.
     fn prefill(&mut self, e: &mut dyn Decoder, rows: &[usize]) -> Result<()> {
         let (mut ids, mut slots, mut pos) = (vec![], vec![], vec![]);
         for &r in rows {

@@ -764,9 +764,11 @@ impl CudaHybrid {
 
 /// The hybrid loop on the GPU, cached or persistent mode: the one-graph step where the settings
 /// allow it (`CudaHybrid::supports`), else the host-driven loop (`hybrid::run_cached`) on two
-/// CUDA engines, for windows other than -1 and --random-firing. That loop reads both models'
-/// logits back every step and launches each steered step's candidate runs as one more call;
-/// its base engine takes a window's whole run in one call.
+/// CUDA engines, for windows other than -1 and --random-firing. That loop runs both models'
+/// steps as decode graphs, reads back the greedy ids, the thinking model's residual at the SAE
+/// layer and, on steered steps, its logits at the candidates, and launches each steered step's
+/// candidate runs as one more call from the base engine's kept residuals; that engine takes a
+/// window's whole run in one call.
 pub enum GpuHybrid {
     Step(Box<CudaHybrid>),
     Engines {

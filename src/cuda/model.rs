@@ -1,8 +1,9 @@
 //! The decoder (Qwen2 / Llama) on the GPU: bf16 weights uploaded once (q|k|v and gate|up fused
 //! into one matrix each), every activation and the KV cache preallocated for `max_t` tokens per
 //! call, and the forward pass as a flat list of kernel launches. Decode steps without hooks are
-//! captured once per row count as a CUDA graph and replayed; only ids, positions and slots
-//! travel to the device, and only logits (or greedy ids) come back.
+//! captured once per row count (and stashed residual point, `greedy_capture`) as a CUDA graph
+//! and replayed; only ids, positions and slots travel to the device, and only logits, or greedy
+//! ids (with the stashed residual rows), come back.
 //!
 //! Residual points as in `model.rs`: point p is the residual after p blocks. The fused
 //! `residual_norm` kernel at the start of block p (or the final norm, p = N) adds the previous
@@ -295,9 +296,10 @@ pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_
         + f * 2
         + d * 2
         + v * 4
-        + d * 4
-        + d * 4
-        + 5 * 4;
+        + d * 4 // steer_tab
+        + d * 4 // r_saved
+        + d * 4 // stash
+        + 9 * 4; // ids, pos, slot, next, run, steer_iota, steer_ones, hy_idx, hy_coef
     cache + per_t * max_t
 }
 
@@ -469,8 +471,9 @@ impl CudaEngine {
     /// (≤ max_t tokens).
     pub(crate) fn upload_step(&mut self, ids: &[u32], step: &Step) -> Result<()> {
         let (n, t) = (ids.len(), step.positions.len());
-        self.captured_rows = 0; // the logits of a `greedy_capture` are about to be overwritten
-                                // One reused host buffer [ids | positions | slots], so a step allocates nothing here.
+        // The logits a `greedy_capture` left are about to be overwritten.
+        self.captured_rows = 0;
+        // One reused host buffer [ids | positions | slots], so a step allocates nothing here.
         let h = &mut self.host_i32;
         h.clear();
         h.extend(ids.iter().map(|&i| i as i32));
@@ -876,7 +879,7 @@ impl CudaEngine {
         let t = ids.len();
         check_step(&self.config, ids, step, self.slots, self.max_len)?;
         if t > self.max_t || step.n_write != t {
-            crate::bail!("decode_greedy: expected 1..={} rows that all write the cache, found {t} rows, n_write {}", self.max_t, step.n_write);
+            crate::bail!("a greedy decode step: expected 1..={} rows that all write the cache, found {t} rows, n_write {}", self.max_t, step.n_write);
         }
         self.upload_step(ids, step)?;
         if self.use_graphs {
