@@ -626,4 +626,29 @@ fn windowed_hybrid_counts_the_winning_coefficient_and_window() {
         longer,
         "{md}"
     );
+    assert!(
+        longer,
+        "no step won by a window other than -1: the table went unchecked"
+    );
+    assert!(!md.contains("predate these counts"), "{md}");
+    // A result line written before the counts existed (another problem, no cw_wins) is named
+    // under the table, which it does not enter.
+    let mut old = lines
+        .iter()
+        .find(|l| l["mode"] == "hybrid")
+        .unwrap()
+        .clone();
+    old["index"] = 999.into();
+    old.as_object_mut().unwrap().remove("cw_wins");
+    let results = out.join("results.jsonl");
+    let mut text = std::fs::read_to_string(&results).unwrap();
+    text += &format!("{old}\n");
+    std::fs::write(&results, text).unwrap();
+    ok(bin().arg("report").arg("--out").arg(&out).output().unwrap());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let n = lines.iter().filter(|l| l["mode"] == "hybrid").count() + 1;
+    assert!(
+        md.contains(&format!("1 of the {n} hybrid results predate these counts")),
+        "{md}"
+    );
 }

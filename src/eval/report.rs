@@ -57,6 +57,13 @@ pub struct ModeStats {
     pub coef_wins: Option<BTreeMap<String, usize>>,
     /// Steered steps per winning (coefficient, window), "c,w".
     pub cw_wins: Option<BTreeMap<String, usize>>,
+    /// Hybrid results without those counts (written before they were recorded).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub cw_missing: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Base, thinking and hybrid accuracy on the problems all three answered.
@@ -211,6 +218,7 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
         wins = Some(w);
         cw_wins = Some(cw);
     }
+    let cw_missing = hybrid.iter().filter(|r| r.cw_wins.is_none()).count();
     ModeStats {
         mode,
         problems: n,
@@ -227,6 +235,7 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
         category_counts: counts,
         coef_wins: wins,
         cw_wins,
+        cw_missing,
     }
 }
 
@@ -309,6 +318,12 @@ pub fn render_markdown(r: &Report) -> String {
             s += "\n| winning (coefficient, window) | steps |\n|---|---|\n";
             for (cw, x) in numeric_order(w) {
                 s += &format!("| ({cw}) | {x} |\n");
+            }
+            if m.cw_missing > 0 {
+                s += &format!(
+                    "\n{} of the {} hybrid results predate these counts and are not in this table.\n",
+                    m.cw_missing, m.problems
+                );
             }
         }
     }
