@@ -55,6 +55,13 @@ pub trait Decoder {
     /// Every position must have been written since the first `keep_residuals` at this point
     /// (before that the CPU engine holds NaN there, the CUDA engine zeros).
     fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]>;
+    /// The greedy id of each of `forward_kept`'s logit rows (the CUDA engine takes the argmax on
+    /// the device and reads back only the ids).
+    fn greedy_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<Vec<u32>> {
+        let v = self.config().vocab_size;
+        let logits = self.forward_kept(step, add, logit_rows)?;
+        Ok(logits.chunks(v).map(|l| argmax(l) as u32).collect())
+    }
 }
 
 /// `Decoder::greedy` through `forward`: every token's logits, then their argmax on the host.

@@ -518,7 +518,7 @@ pub fn run_cached(
             *holds = Some(p);
         }
     }
-    let (d, v) = (base.config().hidden_size, base.config().vocab_size);
+    let d = base.config().hidden_size;
     let dt = think.config().hidden_size;
     // Candidates per steered row, in (c, w) order.
     let per = s.coefficients.len() * s.windows.len();
@@ -607,8 +607,7 @@ pub fn run_cached(
                 n_write: 0,
                 run_start: &starts,
             };
-            let logits = base.forward_kept(&cstep, &add, &lasts)?;
-            cand.extend(logits.chunks(v).map(|l| argmax(l) as u32));
+            cand.extend(base.greedy_kept(&cstep, &add, &lasts)?);
         }
         let mut chosen: Vec<(u32, StepRecord)> = (0..active.len())
             .map(|k| {

@@ -11,6 +11,7 @@ mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use thinksteer::cpu_ops::argmax;
 use thinksteer::cuda::hybrid::{CudaHybrid, GpuHybrid};
 use thinksteer::cuda::model::CudaEngine;
 use thinksteer::cuda::Gpu;
@@ -261,7 +262,7 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
         let add = &add[..rows * d];
         let what = format!("point {point}, {rows} rows, RoPE in attention {rope}");
         let mut cpu = CpuEngine::new(f.base.clone(), 2, 80);
-        let (want, _) = common::kept_and_rerun(&mut cpu, point, add);
+        let (want, _, _) = common::kept_and_rerun(&mut cpu, point, add);
         let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 80, 40).unwrap();
         e.rope_in_attention = rope;
         // A decode graph captured before keep_residuals must not be replayed after it.
@@ -272,7 +273,11 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
             run_start: &[],
         };
         e.greedy(&[1, 2], &warm).unwrap();
-        let (kept, rerun) = common::kept_and_rerun(&mut e, point, add);
+        let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, add);
+        // The device's argmax of the same launches: the host's argmax of the logits.
+        let v = f.base.config.vocab_size;
+        let want_ids: Vec<u32> = kept.chunks(v).map(|l| argmax(l) as u32).collect();
+        assert_eq!(ids, want_ids, "{what}: greedy_kept");
         // Row by row: each row's logits follow its own kept residual most closely.
         let v = f.base.config.vocab_size;
         for (i, ((k, r), w)) in kept

@@ -525,10 +525,13 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
         .collect();
     for point in [0, 1, n_layers] {
         let mut e = CpuEngine::new(f.base.clone(), 2, 80);
-        let (kept, rerun) = common::kept_and_rerun(&mut e, point, &add);
+        let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, &add);
         // The blocks before the point see the same rows either way (one f32 computation per
         // row, whatever the call's other rows), so the logits are the same bits.
         assert_eq!(kept, rerun, "point {point}");
+        let v = f.base.config.vocab_size;
+        let want: Vec<u32> = kept.chunks(v).map(|l| argmax(l) as u32).collect();
+        assert_eq!(ids, want, "point {point}: greedy_kept");
     }
     // Refusals: nothing kept, a row that writes, a point past the last block.
     let mut e = CpuEngine::new(f.base.clone(), 2, 32);

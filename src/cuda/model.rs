@@ -814,6 +814,46 @@ impl CudaEngine {
         Ok(())
     }
 
+    /// The launches of `forward_kept`, up to the logits of `logit_rows` in a.logits.
+    fn kept_launches(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<()> {
+        let p = crate::engine::check_kept(
+            &self.config,
+            self.kept.as_ref().map(|k| k.0),
+            step,
+            add,
+            logit_rows,
+            self.slots,
+            self.max_len,
+        )?;
+        let c = &self.config;
+        let (t, d, n) = (step.positions.len(), c.hidden_size, c.num_hidden_layers);
+        if t > self.max_t {
+            crate::bail!(
+                "a call of {t} tokens from the kept residuals exceeds the engine's {} tokens per call",
+                self.max_t
+            );
+        }
+        self.upload_step(&[], step)?;
+        self.gpu
+            .stream
+            .memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d))
+            .map_err(cu("uploading steering"))?;
+        // r = kept residual + steering at point p, then the blocks p.. as in `layers`.
+        self.keep(t, k::Keep::Load)?;
+        for l in p..=n {
+            let steer = if l == p {
+                SteerSel::Dense
+            } else {
+                SteerSel::None
+            };
+            self.close_point(0..t, l, l > p, steer, false, None)?;
+            if l < n {
+                self.block(t, l, 0)?;
+            }
+        }
+        self.head(logit_rows)
+    }
+
     /// Copies rows 0..t of the residual to the kept residuals at their (slot, position), or back.
     fn keep(&mut self, t: usize, way: k::Keep) -> Result<()> {
         let (d, shape) = (self.config.hidden_size, (self.slots, self.max_len));
@@ -1148,54 +1188,30 @@ impl Decoder for CudaEngine {
         Ok(())
     }
     fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]> {
-        let p = crate::engine::check_kept(
-            &self.config,
-            self.kept.as_ref().map(|k| k.0),
-            step,
-            add,
-            logit_rows,
-            self.slots,
-            self.max_len,
+        self.kept_launches(step, add, logit_rows)?;
+        let v = self.config.vocab_size;
+        let n = logit_rows.len() * v;
+        read_logits(&self.gpu, &self.a.logits, n, &mut self.logits_host)?;
+        Ok(&self.logits_host)
+    }
+    fn greedy_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<Vec<u32>> {
+        self.kept_launches(step, add, logit_rows)?;
+        let (r, v) = (logit_rows.len(), self.config.vocab_size);
+        k::argmax(
+            &self.gpu,
+            &mut self.a.next.slice_mut(..r),
+            &self.a.logits.slice(..r * v),
+            r,
+            v,
+            None,
         )?;
-        let c = &self.config;
-        let (t, d, n, v) = (
-            step.positions.len(),
-            c.hidden_size,
-            c.num_hidden_layers,
-            c.vocab_size,
-        );
-        if t > self.max_t {
-            crate::bail!(
-                "a call of {t} tokens from the kept residuals exceeds the engine's {} tokens per call",
-                self.max_t
-            );
-        }
-        self.upload_step(&[], step)?;
+        let mut out = vec![0i32; r];
         self.gpu
             .stream
-            .memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d))
-            .map_err(cu("uploading steering"))?;
-        // r = kept residual + steering at point p, then the blocks p.. as in `layers`.
-        self.keep(t, k::Keep::Load)?;
-        for l in p..=n {
-            let steer = if l == p {
-                SteerSel::Dense
-            } else {
-                SteerSel::None
-            };
-            self.close_point(0..t, l, l > p, steer, false, None)?;
-            if l < n {
-                self.block(t, l, 0)?;
-            }
-        }
-        self.head(logit_rows)?;
-        read_logits(
-            &self.gpu,
-            &self.a.logits,
-            logit_rows.len() * v,
-            &mut self.logits_host,
-        )?;
-        Ok(&self.logits_host)
+            .memcpy_dtoh(&self.a.next.slice(..r), out.as_mut_slice())
+            .map_err(cu("reading ids"))?;
+        self.gpu.sync()?;
+        Ok(out.into_iter().map(|x| x as u32).collect())
     }
 }
 

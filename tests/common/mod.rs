@@ -249,12 +249,13 @@ pub fn check_bench_rows(rows: &[thinksteer::bench::Row]) {
 /// rewritten with steering at `point` (as persistent mode does: its kept residual must stay
 /// unsteered). Returns the logits [n, V] of every row of a read-only run over slot 0's last
 /// n = `add.len() / D` (≤ 72) cached positions, with `add` added at `point`: (started from the
-/// kept residuals, rerun from the ids with the steering hooked at the point).
+/// kept residuals, rerun from the ids with the steering hooked at the point), and the greedy ids
+/// of the first (`greedy_kept`, a second identical call).
 pub fn kept_and_rerun(
     e: &mut dyn thinksteer::engine::Decoder,
     point: usize,
     add: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
     use thinksteer::model::{Hooks, Step};
     let d = e.config().hidden_size;
     let n = add.len() / d;
@@ -311,6 +312,7 @@ pub fn kept_and_rerun(
     };
     let rows: Vec<usize> = (0..n).collect();
     let kept = e.forward_kept(&run, add, &rows).unwrap().to_vec();
+    let ids = e.greedy_kept(&run, add, &rows).unwrap();
     let mut hooks = Hooks {
         capture: vec![],
         steer: Some((point, add)),
@@ -319,7 +321,7 @@ pub fn kept_and_rerun(
         .forward(&seqs[0][m - n..m], &run, &rows, &mut hooks)
         .unwrap()
         .to_vec();
-    (kept, rerun)
+    (kept, rerun, ids)
 }
 
 /// `greedy_capture` then `logits_at` on any engine: slots 0 and 1 take short prompts (all but
