@@ -50,17 +50,49 @@ pub trait Decoder {
     /// kept residual stays valid whatever was steered since.
     fn keep_residuals(&mut self, p: usize) -> Result<()>;
     /// Read-only runs (`step.n_write` = 0) started at the kept point: row i's residual there is
-    /// the one kept for (slots[i], positions[i]) plus row i of `add` [T, D]; the blocks from the
-    /// point on follow, and the logits [R, V] of the token indices in `logit_rows` come back.
+    /// the one kept for (slots[i], positions[i]) plus the steering row `steer.row(i)`; the
+    /// blocks from the point on follow, and the logits [R, V] of the token indices in
+    /// `logit_rows` come back.
     /// Every position must have been written since the first `keep_residuals` at this point
     /// (before that the CPU engine holds NaN there, the CUDA engine zeros).
-    fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]>;
+    fn forward_kept(
+        &mut self,
+        step: &Step,
+        steer: &SteerRows,
+        logit_rows: &[usize],
+    ) -> Result<&[f32]>;
     /// The greedy id of each of `forward_kept`'s logit rows (the CUDA engine takes the argmax on
     /// the device and reads back only the ids).
-    fn greedy_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<Vec<u32>> {
+    fn greedy_kept(
+        &mut self,
+        step: &Step,
+        steer: &SteerRows,
+        logit_rows: &[usize],
+    ) -> Result<Vec<u32>> {
         let v = self.config().vocab_size;
-        let logits = self.forward_kept(step, add, logit_rows)?;
+        let logits = self.forward_kept(step, steer, logit_rows)?;
         Ok(logits.chunks(v).map(|l| argmax(l) as u32).collect())
+    }
+}
+
+/// The steering rows of a `forward_kept` call: row i gets coef[i] · vecs[idx[i]], from J
+/// vectors vecs [J, D] (one b + V[category] per steered problem, one coefficient per run), so
+/// that a call of many rows carries J·D values instead of one row each.
+pub struct SteerRows<'a> {
+    pub vecs: &'a [f32],
+    pub idx: &'a [u32],
+    pub coef: &'a [f32],
+}
+
+impl SteerRows<'_> {
+    /// Row i's steering added to `h` [D] as the exact mode adds it: the product rounded, then
+    /// the sum.
+    pub fn add_to(&self, i: usize, h: &mut [f32]) {
+        let d = h.len();
+        let (j, c) = (self.idx[i] as usize, self.coef[i]);
+        for (x, v) in h.iter_mut().zip(&self.vecs[j * d..(j + 1) * d]) {
+            *x += c * v;
+        }
     }
 }
 
@@ -207,13 +239,18 @@ impl Decoder for CpuEngine {
         self.kept = Some((p, vec![f32::NAN; n]));
         Ok(())
     }
-    fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]> {
+    fn forward_kept(
+        &mut self,
+        step: &Step,
+        steer: &SteerRows,
+        logit_rows: &[usize],
+    ) -> Result<&[f32]> {
         let (slots, len) = (self.cache.slots, self.cache.max_len);
         let p = check_kept(
             self.config(),
             self.kept.as_ref().map(|k| k.0),
             step,
-            add,
+            steer,
             logit_rows,
             slots,
             len,
@@ -227,8 +264,8 @@ impl Decoder for CpuEngine {
             let at = (s * len + pos) * d;
             self.h.extend_from_slice(&kept[at..at + d]);
         }
-        for (h, a) in self.h.iter_mut().zip(add) {
-            *h += a;
+        for (i, row) in self.h.chunks_mut(d).enumerate() {
+            steer.add_to(i, row);
         }
         self.model.layers(
             &mut self.ws,
@@ -316,7 +353,7 @@ pub fn check_kept(
     c: &Config,
     kept: Option<usize>,
     step: &Step,
-    add: &[f32],
+    steer: &SteerRows,
     logit_rows: &[usize],
     slots: usize,
     max_len: usize,
@@ -332,12 +369,17 @@ pub fn check_kept(
             step.n_write
         );
     }
-    if add.len() != t * d {
+    let nv = steer.vecs.len() / d;
+    if steer.vecs.len() != nv * d || steer.idx.len() != t || steer.coef.len() != t {
         crate::bail!(
-            "steering rows: expected [T={t}, D={d}] = {} values, found {}",
-            t * d,
-            add.len()
+            "steering rows: expected vectors [J, D={d}], indices [T={t}] and coefficients [T={t}], found {} values, {} indices, {} coefficients",
+            steer.vecs.len(),
+            steer.idx.len(),
+            steer.coef.len()
         );
+    }
+    if let Some(&bad) = steer.idx.iter().find(|&&j| j as usize >= nv) {
+        crate::bail!("steering rows: vector index {bad} is outside the {nv} vectors given");
     }
     if let Some(&bad) = logit_rows.iter().find(|&&x| x >= t) {
         crate::bail!("logit row {bad} is outside the {t} tokens of the call");

@@ -12,7 +12,7 @@
 
 use crate::config::Config;
 use crate::cpu_ops::argmax;
-use crate::engine::{CpuEngine, Decoder};
+use crate::engine::{CpuEngine, Decoder, SteerRows};
 use crate::model::{Hooks, KvCache, Model, Step, Workspace};
 use crate::rng::Rng;
 use crate::sae::Sae;
@@ -587,27 +587,33 @@ pub fn run_cached(
         let (runs, which) = candidate_runs(steer_rows.len(), s, |j| sb.seq[slot_of(j)].len());
         let mut cand = Vec::with_capacity(runs.len());
         for group in run_groups(&runs, base.max_rows().min(CANDIDATE_ROWS)) {
-            let (mut cslots, mut cpos, mut starts, mut lasts, mut add) =
-                (vec![], vec![], vec![], vec![], vec![]);
+            let (mut cslots, mut cpos, mut starts, mut lasts, mut idx, mut coef) =
+                (vec![], vec![], vec![], vec![], vec![], vec![]);
             for r in group {
                 let slot = slot_of(r.j);
-                let sv = &vecs[r.j * d..(r.j + 1) * d];
                 let first_row = cpos.len();
                 for p in r.first..r.n {
                     cslots.push(slot);
                     cpos.push(p);
                     starts.push(first_row);
-                    add.extend(sv.iter().map(|x| r.c * x));
+                    idx.push(r.j as u32);
+                    coef.push(r.c);
                 }
                 lasts.push(cpos.len() - 1);
             }
+            // Row i gets c · vecs[j] of its run (the steered row's b + V[category]).
+            let steer = SteerRows {
+                vecs: &vecs,
+                idx: &idx,
+                coef: &coef,
+            };
             let cstep = Step {
                 slots: &cslots,
                 positions: &cpos,
                 n_write: 0,
                 run_start: &starts,
             };
-            cand.extend(base.greedy_kept(&cstep, &add, &lasts)?);
+            cand.extend(base.greedy_kept(&cstep, &steer, &lasts)?);
         }
         let mut chosen: Vec<(u32, StepRecord)> = (0..active.len())
             .map(|k| {

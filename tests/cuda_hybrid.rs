@@ -15,7 +15,7 @@ use thinksteer::cpu_ops::argmax;
 use thinksteer::cuda::hybrid::{CudaHybrid, GpuHybrid};
 use thinksteer::cuda::model::CudaEngine;
 use thinksteer::cuda::Gpu;
-use thinksteer::engine::{CpuEngine, Decoder};
+use thinksteer::engine::{CpuEngine, Decoder, SteerRows};
 use thinksteer::hybrid::{run, run_cached, Mode, Output, Pair, Prompts, Settings, StepRecord};
 use thinksteer::model::{Model, Step};
 use thinksteer::sae::Sae;
@@ -255,14 +255,23 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
     const TOL: f32 = 1.0 / 32.0;
     let f = Fixture::new("kept");
     let d = f.base.config.hidden_size;
-    let add: Vec<f32> = (0..40 * d)
-        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3)
-        .collect();
-    for (point, rows, rope) in [(0, 40, false), (1, 40, false), (3, 40, false), (1, 1, true)] {
-        let add = &add[..rows * d];
-        let what = format!("point {point}, {rows} rows, RoPE in attention {rope}");
+    let cases = [
+        (0, 40, true, false),
+        (1, 40, true, false),
+        (3, 40, true, false),
+        (1, 40, false, false),
+        (1, 1, true, true),
+    ];
+    for (point, rows, dense, rope) in cases {
+        let (vecs, idx, coef) = common::steer_rows(rows, d, dense);
+        let steer = SteerRows {
+            vecs: &vecs,
+            idx: &idx,
+            coef: &coef,
+        };
+        let what = format!("point {point}, {rows} rows, dense {dense}, RoPE in attention {rope}");
         let mut cpu = CpuEngine::new(f.base.clone(), 2, 80);
-        let (want, _, _) = common::kept_and_rerun(&mut cpu, point, add);
+        let (want, _, _) = common::kept_and_rerun(&mut cpu, point, &steer);
         let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 80, 40).unwrap();
         e.rope_in_attention = rope;
         // A decode graph captured before keep_residuals must not be replayed after it.
@@ -273,7 +282,7 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
             run_start: &[],
         };
         e.greedy(&[1, 2], &warm).unwrap();
-        let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, add);
+        let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, &steer);
         // The device's argmax of the same launches: the host's argmax of the logits.
         let v = f.base.config.vocab_size;
         let want_ids: Vec<u32> = kept.chunks(v).map(|l| argmax(l) as u32).collect();

@@ -8,7 +8,7 @@ mod common;
 use common::fixture;
 use std::sync::Arc;
 use thinksteer::cpu_ops::argmax;
-use thinksteer::engine::{CpuEngine, Decoder};
+use thinksteer::engine::{CpuEngine, Decoder, SteerRows};
 use thinksteer::hybrid::{run, run_cached, Mode, Output, Pair, Prompts, Settings, StepRecord};
 use thinksteer::model::{Hooks, Model, Step};
 use thinksteer::sae::Sae;
@@ -520,19 +520,28 @@ fn persistent_mode_and_positive_windows_are_refused() {
 fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
     let f = fx(12.0);
     let (d, n_layers) = (64, f.base.config.num_hidden_layers);
-    let add: Vec<f32> = (0..40 * d)
-        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3)
-        .collect();
-    for point in [0, 1, n_layers] {
+    for (point, dense) in [(0, true), (1, true), (n_layers, true), (1, false)] {
+        let (vecs, idx, coef) = common::steer_rows(40, d, dense);
+        let steer = SteerRows {
+            vecs: &vecs,
+            idx: &idx,
+            coef: &coef,
+        };
         let mut e = CpuEngine::new(f.base.clone(), 2, 80);
-        let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, &add);
+        let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, &steer);
         // The blocks before the point see the same rows either way (one f32 computation per
         // row, whatever the call's other rows), so the logits are the same bits.
-        assert_eq!(kept, rerun, "point {point}");
+        assert_eq!(kept, rerun, "point {point}, dense {dense}");
         let v = f.base.config.vocab_size;
         let want: Vec<u32> = kept.chunks(v).map(|l| argmax(l) as u32).collect();
         assert_eq!(ids, want, "point {point}: greedy_kept");
     }
+    let add = vec![0.5f32; d];
+    let one = SteerRows {
+        vecs: &add,
+        idx: &[0],
+        coef: &[1.0],
+    };
     // Refusals: nothing kept, a row that writes, a point past the last block.
     let mut e = CpuEngine::new(f.base.clone(), 2, 32);
     let run = Step {
@@ -541,18 +550,18 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
         n_write: 0,
         run_start: &[],
     };
-    let err = e
-        .forward_kept(&run, &add[..d], &[0])
-        .unwrap_err()
-        .to_string();
+    let err = e.forward_kept(&run, &one, &[0]).unwrap_err().to_string();
     assert!(err.contains("keeps no residuals"), "{err}");
     e.keep_residuals(1).unwrap();
     let write = Step { n_write: 1, ..run };
-    let err = e
-        .forward_kept(&write, &add[..d], &[0])
-        .unwrap_err()
-        .to_string();
+    let err = e.forward_kept(&write, &one, &[0]).unwrap_err().to_string();
     assert!(err.contains("read-only rows only"), "{err}");
+    let past = SteerRows { idx: &[1], ..one };
+    let err = e.forward_kept(&run, &past, &[0]).unwrap_err().to_string();
+    assert!(
+        err.contains("vector index 1 is outside the 1 vectors"),
+        "{err}"
+    );
     let err = e.keep_residuals(n_layers + 1).unwrap_err().to_string();
     assert!(err.contains(&format!("expected 0..={n_layers}")), "{err}");
 }

@@ -12,7 +12,7 @@
 use super::kernels::{self as k, AttnShape, SaeEncode, Steer};
 use super::{cuda_err as cu, Gpu};
 use crate::config::{Arch, Config};
-use crate::engine::{check_step, Decoder};
+use crate::engine::{check_step, Decoder, SteerRows};
 use crate::model::{Hooks, Step};
 use crate::weights::WeightFiles;
 use crate::Result;
@@ -182,13 +182,15 @@ pub(crate) struct Acts {
     pub(crate) stash: CudaSlice<f32>,   // [max_t, D] residuals at one point (greedy_capture)
 }
 
-/// Which steering the residual kernel applies: none, the dense per-row rows of `Hooks`, or the
-/// loaded steering table indexed per row from device memory (the hybrid step).
+/// Which steering the residual kernel applies: none, the dense per-row rows of `Hooks`, the
+/// loaded steering table indexed per row from device memory (the hybrid step), or the J
+/// vectors of a `forward_kept` call in steer_tab, indexed per row (`SteerRows`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SteerSel {
     None,
     Dense,
     Table,
+    Rows(usize),
 }
 
 /// The SAE of a thinking model on the device (encode fused into the residual kernel).
@@ -529,6 +531,10 @@ impl CudaEngine {
             a.steer_ones.slice(..t),
         );
         let hy = (a.hy_idx.slice(r0..r1), a.hy_coef.slice(r0..r1));
+        let rows_tab = match steer {
+            SteerSel::Rows(nv) => a.steer_tab.slice(..nv * d),
+            _ => a.steer_tab.slice(..0),
+        };
         let table = self.hy.as_ref().map(|h| (h.table.as_view(), h.nv));
         let st = match (steer, table.as_ref()) {
             (SteerSel::None, _) => None,
@@ -545,6 +551,12 @@ impl CudaEngine {
                 nv: *nv,
             }),
             (SteerSel::Table, None) => crate::bail!("this engine holds no steering set"),
+            (SteerSel::Rows(nv), _) => Some(Steer {
+                table: &rows_tab,
+                coef: &hy.1,
+                idx: &hy.0,
+                nv,
+            }),
         };
         let x = a.o.slice(r0 * d..r1 * d);
         // SAE encode of the closed residual (the thinking model at its SAE layer).
@@ -815,38 +827,49 @@ impl CudaEngine {
     }
 
     /// The launches of `forward_kept`, up to the logits of `logit_rows` in a.logits.
-    fn kept_launches(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<()> {
+    fn kept_launches(
+        &mut self,
+        step: &Step,
+        steer: &SteerRows,
+        logit_rows: &[usize],
+    ) -> Result<()> {
         let p = crate::engine::check_kept(
             &self.config,
             self.kept.as_ref().map(|k| k.0),
             step,
-            add,
+            steer,
             logit_rows,
             self.slots,
             self.max_len,
         )?;
         let c = &self.config;
         let (t, d, n) = (step.positions.len(), c.hidden_size, c.num_hidden_layers);
-        if t > self.max_t {
+        let nv = steer.vecs.len() / d;
+        if t > self.max_t || nv > self.max_t {
             crate::bail!(
-                "a call of {t} tokens from the kept residuals exceeds the engine's {} tokens per call",
+                "a call of {t} tokens and {nv} steering vectors from the kept residuals exceeds the engine's {} tokens per call",
                 self.max_t
             );
         }
         self.upload_step(&[], step)?;
-        self.gpu
-            .stream
-            .memcpy_htod(add, &mut self.a.steer_tab.slice_mut(..t * d))
+        // The J vectors, and each row's vector and coefficient.
+        let s = &self.gpu.stream;
+        s.memcpy_htod(steer.vecs, &mut self.a.steer_tab.slice_mut(..nv * d))
+            .map_err(cu("uploading steering"))?;
+        let idx: Vec<i32> = steer.idx.iter().map(|&j| j as i32).collect();
+        s.memcpy_htod(&idx, &mut self.a.hy_idx.slice_mut(..t))
+            .map_err(cu("uploading steering"))?;
+        s.memcpy_htod(steer.coef, &mut self.a.hy_coef.slice_mut(..t))
             .map_err(cu("uploading steering"))?;
         // r = kept residual + steering at point p, then the blocks p.. as in `layers`.
         self.keep(t, k::Keep::Load)?;
         for l in p..=n {
-            let steer = if l == p {
-                SteerSel::Dense
+            let sel = if l == p {
+                SteerSel::Rows(nv)
             } else {
                 SteerSel::None
             };
-            self.close_point(0..t, l, l > p, steer, false, None)?;
+            self.close_point(0..t, l, l > p, sel, false, None)?;
             if l < n {
                 self.block(t, l, 0)?;
             }
@@ -1187,15 +1210,25 @@ impl Decoder for CudaEngine {
         self.kept = Some((p, buf));
         Ok(())
     }
-    fn forward_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<&[f32]> {
-        self.kept_launches(step, add, logit_rows)?;
+    fn forward_kept(
+        &mut self,
+        step: &Step,
+        steer: &SteerRows,
+        logit_rows: &[usize],
+    ) -> Result<&[f32]> {
+        self.kept_launches(step, steer, logit_rows)?;
         let v = self.config.vocab_size;
         let n = logit_rows.len() * v;
         read_logits(&self.gpu, &self.a.logits, n, &mut self.logits_host)?;
         Ok(&self.logits_host)
     }
-    fn greedy_kept(&mut self, step: &Step, add: &[f32], logit_rows: &[usize]) -> Result<Vec<u32>> {
-        self.kept_launches(step, add, logit_rows)?;
+    fn greedy_kept(
+        &mut self,
+        step: &Step,
+        steer: &SteerRows,
+        logit_rows: &[usize],
+    ) -> Result<Vec<u32>> {
+        self.kept_launches(step, steer, logit_rows)?;
         let (r, v) = (logit_rows.len(), self.config.vocab_size);
         k::argmax(
             &self.gpu,

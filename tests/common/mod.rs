@@ -248,17 +248,21 @@ pub fn check_bench_rows(rows: &[thinksteer::bench::Row]) {
 /// prefill), then three greedy steps of both; slot 0's newest cached position is then
 /// rewritten with steering at `point` (as persistent mode does: its kept residual must stay
 /// unsteered). Returns the logits [n, V] of every row of a read-only run over slot 0's last
-/// n = `add.len() / D` (≤ 72) cached positions, with `add` added at `point`: (started from the
-/// kept residuals, rerun from the ids with the steering hooked at the point), and the greedy ids
-/// of the first (`greedy_kept`, a second identical call).
+/// n = `steer.idx.len()` (≤ 72) cached positions, with `steer` added at `point`: (started from
+/// the kept residuals, rerun from the ids with the same rows added by a hook at the point), and
+/// the greedy ids of the first (`greedy_kept`, a second identical call).
 pub fn kept_and_rerun(
     e: &mut dyn thinksteer::engine::Decoder,
     point: usize,
-    add: &[f32],
+    steer: &thinksteer::engine::SteerRows,
 ) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
     use thinksteer::model::{Hooks, Step};
     let d = e.config().hidden_size;
-    let n = add.len() / d;
+    let n = steer.idx.len();
+    let mut add = vec![0f32; n * d];
+    for (i, row) in add.chunks_mut(d).enumerate() {
+        steer.add_to(i, row);
+    }
     e.keep_residuals(point).unwrap();
     let long: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % 300).collect();
     let mut seqs = [long, vec![8, 150, 2, 61]];
@@ -311,17 +315,37 @@ pub fn kept_and_rerun(
         run_start: &starts,
     };
     let rows: Vec<usize> = (0..n).collect();
-    let kept = e.forward_kept(&run, add, &rows).unwrap().to_vec();
-    let ids = e.greedy_kept(&run, add, &rows).unwrap();
+    let kept = e.forward_kept(&run, steer, &rows).unwrap().to_vec();
+    let ids = e.greedy_kept(&run, steer, &rows).unwrap();
     let mut hooks = Hooks {
         capture: vec![],
-        steer: Some((point, add)),
+        steer: Some((point, &add)),
     };
     let rerun = e
         .forward(&seqs[0][m - n..m], &run, &rows, &mut hooks)
         .unwrap()
         .to_vec();
     (kept, rerun, ids)
+}
+
+/// Steering rows for `kept_and_rerun` over n rows of width d: with `dense`, n vectors, one per
+/// row at coefficient 1; else 2 vectors taken in turn at coefficients −1, 0, 0.5, 1, 2, ….
+pub fn steer_rows(n: usize, d: usize, dense: bool) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
+    let j = if dense { n } else { 2 };
+    let vecs: Vec<f32> = (0..j * d)
+        .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3)
+        .collect();
+    let idx: Vec<u32> = (0..n).map(|i| (i % j) as u32).collect();
+    let coef: Vec<f32> = (0..n)
+        .map(|i| {
+            if dense {
+                1.0
+            } else {
+                [-1.0, 0.0, 0.5, 1.0, 2.0][i % 5]
+            }
+        })
+        .collect();
+    (vecs, idx, coef)
 }
 
 /// `greedy_capture` then `logits_at` on any engine: slots 0 and 1 take short prompts (all but
