@@ -50,7 +50,7 @@ pub trait Decoder {
     /// kept residual stays valid whatever was steered since.
     fn keep_residuals(&mut self, p: usize) -> Result<()>;
     /// Read-only runs (`step.n_write` = 0) started at the kept point: row i's residual there is
-    /// the one kept for (slots[i], positions[i]) plus the steering row `steer.row(i)`; the
+    /// the one kept for (slots[i], positions[i]) plus coef[i] · vecs[idx[i]] of `steer`; the
     /// blocks from the point on follow, and the logits [R, V] of the token indices in
     /// `logit_rows` come back.
     /// Every position must have been written since the first `keep_residuals` at this point
@@ -117,6 +117,9 @@ pub struct CpuEngine {
     kept: Option<(usize, Vec<f32>)>,
     /// [T, V] logits of the last call when it was a `greedy_capture` (else empty).
     captured: Vec<f32>,
+    /// Tokens a call with read-only runs may hold (`Decoder::max_rows`; unbounded by default,
+    /// set lower to split a step's candidate runs into several calls as a GPU engine does).
+    pub max_rows: usize,
 }
 
 impl CpuEngine {
@@ -129,6 +132,7 @@ impl CpuEngine {
             h: Vec::new(),
             kept: None,
             captured: Vec::new(),
+            max_rows: usize::MAX,
         }
     }
 }
@@ -142,6 +146,9 @@ impl Decoder for CpuEngine {
     }
     fn slots(&self) -> usize {
         self.cache.slots
+    }
+    fn max_rows(&self) -> usize {
+        self.max_rows
     }
     fn forward(
         &mut self,
@@ -255,6 +262,13 @@ impl Decoder for CpuEngine {
             slots,
             len,
         )?;
+        if step.positions.len() > self.max_rows {
+            crate::bail!(
+                "a call of {} tokens from the kept residuals exceeds the engine's {} tokens per call",
+                step.positions.len(),
+                self.max_rows
+            );
+        }
         let c = &self.model.config;
         let (d, n) = (c.hidden_size, c.num_hidden_layers);
         self.captured.clear();

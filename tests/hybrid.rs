@@ -428,6 +428,62 @@ fn cached_equals_exact_for_every_window() {
     );
 }
 
+/// A steered step's candidate runs split over several calls of the base engine (7 rows each,
+/// as a GPU engine's rows per call would split them) give what one call gives: exact mode's
+/// tokens.
+#[test]
+fn candidate_runs_split_over_calls_equal_exact() {
+    let f = fx(12.0);
+    let pair = Pair {
+        base: &f.base,
+        thinking: &f.thinking,
+        sae: &f.sae,
+        steering: &f.steering,
+    };
+    let (coefs, windows) = ([0.5, 1.0, 2.0], [-1, -3, -5]);
+    let mut s = settings(Mode::Exact, &coefs, &windows, 10);
+    s.batch = 2;
+    let exact = hybrid(&f, &problems(), &s);
+    s.mode = Mode::Cached;
+    let mut b = CpuEngine::new(f.base.clone(), 2, 64);
+    let mut t = CpuEngine::new(f.thinking.clone(), 2, 64);
+    b.max_rows = 7;
+    let mut steered = 0;
+    let cached = run_cached(
+        pair.artifacts(),
+        &mut b,
+        &mut t,
+        &problems(),
+        &s,
+        |_, _, r| {
+            steered += usize::from(r.steered);
+        },
+    )
+    .unwrap();
+    for (e, c) in exact.iter().zip(&cached) {
+        assert_eq!(c.ids, e.ids);
+        assert_eq!(c.steps, e.steps);
+    }
+    // Each steered row has 3·(1 + 3 + 5) = 27 candidate rows: at least 4 calls of ≤ 7 rows.
+    assert!(steered > 0, "no steered step: the split went unchecked");
+    // A run longer than the engine's calls is refused, not truncated.
+    b.max_rows = 4;
+    let err = run_cached(
+        pair.artifacts(),
+        &mut b,
+        &mut t,
+        &problems(),
+        &s,
+        |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("exceeds the engine's 4 tokens per call"),
+        "{err}"
+    );
+}
+
 #[test]
 fn cached_equals_exact_with_ablations_refills_and_a_full_context() {
     // Both models' context cut to 14 positions (problems stop when their sequence fills it,

@@ -172,11 +172,11 @@ pub(crate) struct Acts {
     pub(crate) logits: CudaSlice<f32>,     // [max_t, V]
     pub(crate) next: CudaSlice<i32>,       // [max_t] greedy ids
     pub(crate) run: CudaSlice<i32>,        // [max_t] first row of each row's run (Step::run_start)
-    pub(crate) steer_tab: CudaSlice<f32>,  // [max_t, D] dense steering rows (hooks)
+    pub(crate) steer_tab: CudaSlice<f32>, // [max_t, D] dense steering rows (hooks), or SteerRows' vectors
     pub(crate) steer_iota: CudaSlice<i32>, // [max_t] = 0, 1, 2, …
     pub(crate) steer_ones: CudaSlice<f32>, // [max_t] = 1
-    pub(crate) hy_idx: CudaSlice<i32>,     // [max_t] steering vector per row (hybrid)
-    pub(crate) hy_coef: CudaSlice<f32>,    // [max_t] steering coefficient per row (hybrid)
+    pub(crate) hy_idx: CudaSlice<i32>,    // [max_t] steering vector per row (hybrid, SteerRows)
+    pub(crate) hy_coef: CudaSlice<f32>, // [max_t] steering coefficient per row (hybrid, SteerRows)
     pub(crate) r_saved: CudaSlice<f32>, // [max_t, D] residuals at the steering point (persistent mode)
     pub(crate) live: CudaSlice<i32>,    // [1] rows in use of a call with `use_live` (hybrid)
     pub(crate) stash: CudaSlice<f32>,   // [max_t, D] residuals at one point (greedy_capture)
@@ -845,9 +845,10 @@ impl CudaEngine {
         let c = &self.config;
         let (t, d, n) = (step.positions.len(), c.hidden_size, c.num_hidden_layers);
         let nv = steer.vecs.len() / d;
-        if t > self.max_t || nv > self.max_t {
+        if t > self.max_t || nv > self.max_t || logit_rows.len() > self.max_t {
             crate::bail!(
-                "a call of {t} tokens and {nv} steering vectors from the kept residuals exceeds the engine's {} tokens per call",
+                "a call of {t} tokens, {nv} steering vectors and {} logit rows from the kept residuals exceeds the engine's {} tokens per call",
+                logit_rows.len(),
                 self.max_t
             );
         }

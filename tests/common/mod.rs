@@ -259,9 +259,13 @@ pub fn kept_and_rerun(
     use thinksteer::model::{Hooks, Step};
     let d = e.config().hidden_size;
     let n = steer.idx.len();
+    // The rerun's rows written out here (not by `SteerRows::add_to`, which the CPU engine uses).
     let mut add = vec![0f32; n * d];
     for (i, row) in add.chunks_mut(d).enumerate() {
-        steer.add_to(i, row);
+        let j = steer.idx[i] as usize;
+        for (a, v) in row.iter_mut().zip(&steer.vecs[j * d..(j + 1) * d]) {
+            *a = steer.coef[i] * v;
+        }
     }
     e.keep_residuals(point).unwrap();
     let long: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % 300).collect();
