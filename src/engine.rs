@@ -54,7 +54,7 @@ pub trait Decoder {
     /// blocks from the point on follow, and the logits [R, V] of the token indices in
     /// `logit_rows` come back.
     /// Every position must have been written since the first `keep_residuals` at this point
-    /// (before that the CPU engine holds NaN there, the CUDA engine zeros).
+    /// (before that the engine holds NaN there).
     fn forward_kept(
         &mut self,
         step: &Step,

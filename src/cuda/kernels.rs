@@ -1507,6 +1507,22 @@ pub fn logits_at(
     })
 }
 
+/// Fills `x` with NaN (every byte 0xFF, a quiet NaN as f32), in stream order: device memory that
+/// must be written before it is read, so that a read of an unwritten element shows.
+pub fn fill_nan(gpu: &Gpu, x: &mut cudarc::driver::CudaSlice<f32>) -> Result<()> {
+    use cudarc::driver::DevicePtrMut;
+    let n = x.len() * 4;
+    if n == 0 {
+        return Ok(());
+    }
+    let stream = &gpu.stream;
+    let (ptr, _sync) = x.device_ptr_mut(stream);
+    // SAFETY: ptr addresses the n bytes of a live allocation on this stream's context (kept
+    // alive by the borrow of x); all-ones bytes are a valid f32 (a NaN).
+    unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, n, stream.cu_stream()) }
+        .map_err(super::cuda_err("filling with NaN"))
+}
+
 /// out bf16 [n] = offset + scale·u, u uniform in [−1, 1) from a hash of (seed, index).
 pub fn fill_random(
     gpu: &Gpu,

@@ -1203,11 +1203,13 @@ impl Decoder for CudaEngine {
                 free as f64 / (1u64 << 30) as f64
             );
         }
-        let buf = self
+        let mut buf = self
             .gpu
             .stream
             .alloc_zeros::<f32>(n)
             .map_err(cu("allocating the kept residuals"))?;
+        // NaN until written, as on the CPU: a run over a position never written shows.
+        k::fill_nan(&self.gpu, &mut buf)?;
         self.kept = Some((p, buf));
         Ok(())
     }
