@@ -20,20 +20,33 @@
 // Launch: grid (ceil(n / 64), H), block 128, dynamic shared memory 2 stages × (K + V) tiles:
 //   4·64·(Dh + 8)·2 bytes (69,632 at Dh = 128, above the 48 KB default: the host raises the
 //   kernel's limit).
+//
+// attention_runs_bf16 — the same tiles over the rows of a decode call with read-only runs
+//   (src/model.rs Step): a run is rows of one slot at consecutive positions p0 .. p0+len−1; its
+//   query i attends the cache positions 0 .. p0−1, then the run's own K/V rows 0 .. i, taken from
+//   k_self / v_self bf16 [T, Hkv, Dh] (the call's rotated K/V; a row that writes the cache is a
+//   run of one, its own key read from k_self, equal to what it wrote). tiles int32 [n_tiles, 5]:
+//   (first row of the run, len, first query of the tile within the run, p0, slot); a tile covers
+//   queries q0 .. min(q0 + 64, len) − 1. q / out bf16 [T, H, Dh]. Each K/V row loaded serves up to
+//   64 queries of a run, where the decode kernels load it once per query.
+//   Launch: grid (n_tiles, H), block 128, the same shared memory.
 #include "common.cuh"
 
 #define FA_Q 64  // queries per block
 #define FA_K 64  // keys per tile
 #define FA_PAD 8
 
+// Queries q0 .. q0+63 (< n) of q / out [n, H, Dh] at positions p0 + row; keys below p0 from the
+// cache of `slot`, keys from p0 on from k_self / v_self [n, Hkv, Dh] when given (else the cache).
 template <int DH>
 __device__ __forceinline__ void prefill_fa(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
-                                           const bf16_t* __restrict__ v_cache, bf16_t* __restrict__ out, int n,
-                                           int p0, int slot, int H, int Hkv, int S, bf16_t* smem) {
+                                           const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
+                                           const bf16_t* __restrict__ v_self, bf16_t* __restrict__ out, int n,
+                                           int q0, int p0, int slot, int H, int Hkv, int S, bf16_t* smem) {
     typedef bf16_t Tile[FA_K][DH + FA_PAD];  // [key][d]
     Tile* Ks = reinterpret_cast<Tile*>(smem);  // [stage]
     Tile* Vs = Ks + 2;
-    const int h = blockIdx.y, q0 = blockIdx.x * FA_Q, kvh = h / (H / Hkv);
+    const int h = blockIdx.y, kvh = h / (H / Hkv);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, c = lane & 3;
     const float scale = rsqrtf((float)DH);
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;  // this lane's two query rows
@@ -65,14 +78,17 @@ __device__ __forceinline__ void prefill_fa(const bf16_t* __restrict__ q, const b
     const size_t kv_row = (size_t)Hkv * DH;
     const bf16_t* kb = k_cache + ((size_t)slot * S * Hkv + kvh) * DH;
     const bf16_t* vb = v_cache + ((size_t)slot * S * Hkv + kvh) * DH;
+    const bf16_t* ksb = k_self ? k_self + (size_t)kvh * DH : nullptr;
+    const bf16_t* vsb = v_self ? v_self + (size_t)kvh * DH : nullptr;
     // Key tile k0 into stage st, as one commit group (keys ≥ n_keys zero-filled).
     auto load_tile = [&](int k0, int st) {
         if (k0 < n_keys) {
             for (int e = tid; e < FA_K * (DH / 8); e += 128) {
                 const int j = e / (DH / 8), dc = (e % (DH / 8)) * 8, kp = k0 + j;
-                const bool ok = kp < n_keys;
-                cp_async16(&Ks[st][j][dc], ok ? kb + kp * kv_row + dc : kb, ok ? 16 : 0);
-                cp_async16(&Vs[st][j][dc], ok ? vb + kp * kv_row + dc : vb, ok ? 16 : 0);
+                const bool ok = kp < n_keys, own = ksb && kp >= p0;
+                const size_t at = own ? (size_t)(kp - p0) * kv_row : (size_t)kp * kv_row;
+                cp_async16(&Ks[st][j][dc], ok ? (own ? ksb : kb) + at + dc : kb, ok ? 16 : 0);
+                cp_async16(&Vs[st][j][dc], ok ? (own ? vsb : vb) + at + dc : vb, ok ? 16 : 0);
             }
         }
         cp_async_commit();
@@ -194,8 +210,28 @@ extern "C" __global__ void FA_BOUNDS
     pdl_enter();
     extern __shared__ uint4 fa_smem[];  // laid out inside prefill_fa
     bf16_t* smem = reinterpret_cast<bf16_t*>(fa_smem);
+    const int q0 = blockIdx.x * FA_Q;
     if (Dh == 128)
-        prefill_fa<128>(q, k_cache, v_cache, out, n, p0, slot, H, Hkv, S, smem);
+        prefill_fa<128>(q, k_cache, v_cache, nullptr, nullptr, out, n, q0, p0, slot, H, Hkv, S, smem);
     else if (Dh == 64)
-        prefill_fa<64>(q, k_cache, v_cache, out, n, p0, slot, H, Hkv, S, smem);
+        prefill_fa<64>(q, k_cache, v_cache, nullptr, nullptr, out, n, q0, p0, slot, H, Hkv, S, smem);
+}
+
+extern "C" __global__ void FA_BOUNDS
+    attention_runs_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k_cache,
+                        const bf16_t* __restrict__ v_cache, const bf16_t* __restrict__ k_self,
+                        const bf16_t* __restrict__ v_self, bf16_t* __restrict__ out, const int* __restrict__ tiles,
+                        int H, int Hkv, int Dh, int S) {
+    pdl_enter();
+    extern __shared__ uint4 fa_smem[];  // laid out inside prefill_fa
+    bf16_t* smem = reinterpret_cast<bf16_t*>(fa_smem);
+    const int* tl = tiles + (size_t)blockIdx.x * 5;
+    const int first = tl[0], len = tl[1], q0 = tl[2], p0 = tl[3], slot = tl[4];
+    const size_t qr = (size_t)first * H * Dh, kr = (size_t)first * Hkv * Dh;
+    if (Dh == 128)
+        prefill_fa<128>(q + qr, k_cache, v_cache, k_self + kr, v_self + kr, out + qr, len, q0, p0, slot, H, Hkv, S,
+                        smem);
+    else if (Dh == 64)
+        prefill_fa<64>(q + qr, k_cache, v_cache, k_self + kr, v_self + kr, out + qr, len, q0, p0, slot, H, Hkv, S,
+                       smem);
 }

@@ -33,6 +33,7 @@ DEFAULTS = {
     "THINKSTEER_GEMM": "64",
     "THINKSTEER_ATTN": "head",
     "THINKSTEER_PREFILL_ROWS": "512",
+    "THINKSTEER_RUN_ATTN": "tiles",
 }
 # The hybrid step goes gate first when B·C > 64 (src/cuda/hybrid.rs GATE_FIRST_ROWS; the bench's
 # C = 10 coefficients).
@@ -144,7 +145,7 @@ def record(out, vars_text, shape, args):
 GROUPS = [("THINKSTEER_ROPE",), ("THINKSTEER_GEMV_WARPS",), ("THINKSTEER_GEMV_ROWS",),
           ("THINKSTEER_GATE_FIRST",), ("THINKSTEER_HYBRID_STREAMS",),
           ("THINKSTEER_GEMM_FROM", "THINKSTEER_GEMM"), ("THINKSTEER_ATTN",),
-          ("THINKSTEER_PREFILL_ROWS",)]
+          ("THINKSTEER_PREFILL_ROWS",), ("THINKSTEER_RUN_ATTN",)]
 
 
 def extra_vars(rec):

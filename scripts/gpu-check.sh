@@ -169,6 +169,10 @@ ab "THINKSTEER_ATTN=head" --batch 1 --prompt-len 2000 --new-tokens 32
 ab "THINKSTEER_ATTN=group" --batch 1 --prompt-len 2000 --new-tokens 32
 ab "THINKSTEER_ATTN=head" --hybrid --steered-share 0.125 --batch 64 --prompt-len 1000 --new-tokens 64
 ab "THINKSTEER_ATTN=group" --hybrid --steered-share 0.125 --batch 64 --prompt-len 1000 --new-tokens 64
+#    The paper's windows: candidate runs' attention on the prefill tiles vs the decode kernels.
+W="--hybrid --windows 0,-1,-15,-50,-100 --batch 1 --prompt-len 200 --new-tokens 16"
+ab "THINKSTEER_RUN_ATTN=tiles" $W
+ab "THINKSTEER_RUN_ATTN=decode" $W
 # 4. Each switch chosen from the lines above (the non-default value only where it is faster on
 #    the geometric mean of its pairs and slower on none), then the summary benches again with
 #    the chosen switches, in the same call as the lines they are compared with.

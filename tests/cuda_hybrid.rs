@@ -246,7 +246,8 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
 /// The kept residuals of a CUDA engine (stored by prefill chunks and the decode graph, loaded by
 /// a read-only run) against a rerun of the window on the same engine and against the CPU
 /// engine's kept residuals, before the first block, in the middle and after the last (base: 3
-/// blocks); a 40-row window, and a 1-row one with RoPE inside decode attention. Logits within
+/// blocks); a 40-row window (its attention on the prefill tiles, and on the decode kernels), and a
+/// 1-row one with RoPE inside decode attention. Logits within
 /// 2^-5 of their scale: the tolerance of tests/cuda_model.rs (bf16 rounding of the products'
 /// inputs and the cache).
 #[test]
@@ -255,25 +256,30 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
     const TOL: f32 = 1.0 / 32.0;
     let f = Fixture::new("kept");
     let d = f.base.config.hidden_size;
+    // (point, rows, dense, RoPE in attention, runs on the decode kernels instead of the tiles)
     let cases = [
-        (0, 40, true, false),
-        (1, 40, true, false),
-        (3, 40, true, false),
-        (1, 40, false, false),
-        (1, 1, true, true),
+        (0, 40, true, false, false),
+        (1, 40, true, false, false),
+        (3, 40, true, false, false),
+        (1, 40, false, false, false),
+        (1, 40, true, false, true),
+        (1, 1, true, true, false),
     ];
-    for (point, rows, dense, rope) in cases {
+    for (point, rows, dense, rope, decode) in cases {
         let (vecs, idx, coef) = common::steer_rows(rows, d, dense);
         let steer = SteerRows {
             vecs: &vecs,
             idx: &idx,
             coef: &coef,
         };
-        let what = format!("point {point}, {rows} rows, dense {dense}, RoPE in attention {rope}");
+        let what = format!(
+            "point {point}, {rows} rows, dense {dense}, RoPE in attention {rope}, decode kernels {decode}"
+        );
         let mut cpu = CpuEngine::new(f.base.clone(), 2, 80);
         let (want, _, _) = common::kept_and_rerun(&mut cpu, point, &steer);
         let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 80, 40).unwrap();
         e.rope_in_attention = rope;
+        e.run_attn = !decode;
         // A decode graph captured before keep_residuals must not be replayed after it.
         let warm = Step {
             slots: &[0, 1],

@@ -48,6 +48,70 @@ static void prefill(int n, int p0, int H, int Hkv, int Dh) {
     compare(tag, got, want, std::vector<char>(want.size(), 1), 1.0 / 128);
 }
 
+// attention_runs_bf16 over a call of runs {len, p0, slot} (rows in order): run query i attends the
+// cache of its slot at 0 .. p0−1, then the run's own k_self / v_self rows 0 .. i.
+struct RunSpec {
+    int len, p0, slot;
+};
+static void runs(const std::vector<RunSpec>& rs, int H, int Hkv, int Dh) {
+    const int slots = 3, group = H / Hkv;
+    int T = 0, S = 1;
+    for (const auto& r : rs) {
+        T += r.len;
+        S = std::max(S, r.p0 + r.len + 3);
+    }
+    auto bf = [](const std::vector<float>& v) {
+        std::vector<bf16_t> b(v.size());
+        for (size_t i = 0; i < v.size(); ++i) b[i] = f2bf(v[i]);
+        return b;
+    };
+    const auto q = bf(randv((size_t)T * H * Dh, 2.0f));
+    const auto kc = bf(randv((size_t)slots * S * Hkv * Dh, 2.0f)), vc = bf(randv((size_t)slots * S * Hkv * Dh, 2.0f));
+    const auto ks = bf(randv((size_t)T * Hkv * Dh, 2.0f)), vs = bf(randv((size_t)T * Hkv * Dh, 2.0f));
+    std::vector<double> want((size_t)T * H * Dh);
+    std::vector<int> tiles;
+    const double scale = 1.0 / std::sqrt((double)Dh);
+    int first = 0;
+    for (const auto& r : rs) {
+        for (int q0 = 0; q0 < r.len; q0 += 64) tiles.insert(tiles.end(), {first, r.len, q0, r.p0, r.slot});
+        for (int i = 0; i < r.len; ++i)
+            for (int h = 0; h < H; ++h) {
+                const int g = h / group, L = r.p0 + i + 1;
+                // Key j's row: the cache below p0, the run's own rows from p0.
+                auto key = [&](const std::vector<bf16_t>& c, const std::vector<bf16_t>& own, int j, int d) {
+                    return (double)bf2f(j < r.p0 ? c[(((size_t)r.slot * S + j) * Hkv + g) * Dh + d]
+                                                 : own[(((size_t)first + j - r.p0) * Hkv + g) * Dh + d]);
+                };
+                std::vector<double> p(L);
+                double mx = -1e300, sum = 0;
+                for (int j = 0; j < L; ++j) {
+                    double sc = 0;
+                    for (int d = 0; d < Dh; ++d)
+                        sc += (double)bf2f(q[(((size_t)first + i) * H + h) * Dh + d]) * key(kc, ks, j, d);
+                    mx = std::max(mx, p[j] = sc * scale);
+                }
+                for (int j = 0; j < L; ++j) sum += (p[j] = std::exp(p[j] - mx));
+                for (int d = 0; d < Dh; ++d) {
+                    double o = 0;
+                    for (int j = 0; j < L; ++j) o += p[j] * key(vc, vs, j, d);
+                    want[(((size_t)first + i) * H + h) * Dh + d] = o / sum;
+                }
+            }
+        first += r.len;
+    }
+    const int n_tiles = (int)tiles.size() / 5;
+    std::vector<bf16_t> out((size_t)T * H * Dh, 0x7fc0);  // NaN: every entry must be written
+    launch(dim3{(unsigned)n_tiles, (unsigned)H, 1}, 128, [&] {
+        attention_runs_bf16(q.data(), kc.data(), vc.data(), ks.data(), vs.data(), out.data(), tiles.data(), H, Hkv,
+                            Dh, S);
+    }, (size_t)4 * 64 * (Dh + 8) * 2);
+    std::vector<float> got(out.size());
+    for (size_t i = 0; i < out.size(); ++i) got[i] = bf2f(out[i]);
+    char tag[96];
+    snprintf(tag, sizeof tag, "runs %zu (T %d, %d tiles) H %d Hkv %d Dh %d", rs.size(), T, n_tiles, H, Hkv, Dh);
+    compare(tag, got, want, std::vector<char>(want.size(), 1), 1.0 / 128);
+}
+
 // A product kernel and its glu twin, with their launch shape: bn rows of x and bm rows of W per
 // block (glu: bm / 2 outputs), k tiles of bk.
 struct Tile {
@@ -255,4 +319,11 @@ void run_prefill_gemm() {
     prefill(70, 0, 6, 2, 128);
     prefill(130, 100, 4, 4, 128);
     prefill(1, 0, 2, 1, 64);
+    {
+        OwnRng own(107);
+        // A run over two tiles at the start of the cache and one past a key tile boundary, runs
+        // of one (a written row, a window of one), a run of exactly 64, in several slots.
+        runs({{70, 0, 1}, {1, 40, 0}, {3, 61, 2}, {64, 5, 0}, {1, 0, 2}, {130, 70, 1}}, 4, 2, 64);
+        runs({{17, 90, 0}, {1, 3, 1}, {66, 10, 2}}, 4, 2, 128);
+    }
 }

@@ -709,6 +709,111 @@ pub fn attention_prefill(
     })
 }
 
+/// Read-only runs of a decode call on the prefill tiles (kernels/prefill_attention.cu
+/// attention_runs_bf16): q bf16 [T, H, Dh], k_self / v_self bf16 [T, Hkv, Dh] (the call's rotated
+/// K/V), out bf16 [T, H, Dh], tiles i32 [n_tiles, 5] built by `run_tiles`.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_runs(
+    gpu: &Gpu,
+    q: &CudaView<'_, bf16>,
+    k_cache: &CudaView<'_, bf16>,
+    v_cache: &CudaView<'_, bf16>,
+    k_self: &CudaView<'_, bf16>,
+    v_self: &CudaView<'_, bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
+    tiles: &CudaView<'_, i32>,
+    t: usize,
+    sh: AttnShape,
+) -> Result<()> {
+    const K: &str = "attention_runs_bf16";
+    sh.check(K)?;
+    check(K, "q", q.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
+    check(
+        K,
+        "k_cache",
+        k_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_cache",
+        v_cache.len(),
+        sh.cache_len(),
+        "[slots, S, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "k_self",
+        k_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(
+        K,
+        "v_self",
+        v_self.len(),
+        t * sh.hkv * sh.dh,
+        "[T, Hkv, Dh]",
+    )?;
+    check(K, "out", out.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
+    let n_tiles = tiles.len() / 5;
+    check(K, "tiles", tiles.len(), n_tiles * 5, "[n_tiles, 5]")?;
+    if n_tiles == 0 {
+        return Ok(());
+    }
+    let (h, hkv, dh, s) = (
+        int(K, "H", sh.h)?,
+        int(K, "Hkv", sh.hkv)?,
+        int(K, "Dh", sh.dh)?,
+        int(K, "S", sh.s)?,
+    );
+    let f = gpu.func(K)?;
+    let mut b = Launch::new(gpu, f);
+    b.arg(q)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(k_self)
+        .arg(v_self)
+        .arg(out)
+        .arg(tiles)
+        .arg(&h)
+        .arg(&hkv)
+        .arg(&dh)
+        .arg(&s);
+    // SAFETY: argument order and types match attention_runs_bf16; lengths checked above; the
+    // tiles come from `run_tiles` over a step `check_step` accepted (rows < T, slots and
+    // positions inside the cache); its shared memory limit was raised when the module was loaded.
+    gpu.launched(K, unsafe {
+        b.launch(cfg(
+            (n_tiles as u32, sh.h as u32, 1),
+            128,
+            prefill_attention_smem(sh.dh),
+        ))
+    })
+}
+
+/// The tiles of `attention_runs` for a step: each run (a row that writes, or a read-only run,
+/// `Step::run_of`) in pieces of ≤ 64 queries, as (first row of the run, run length, first
+/// query of the piece, the run's first position, slot).
+pub fn run_tiles(step: &crate::model::Step, out: &mut Vec<i32>) {
+    out.clear();
+    let t = step.positions.len();
+    let mut a = 0;
+    while a < t {
+        // The run starting at row a: the rows after it whose run starts at a.
+        let mut b = a + 1;
+        while b < t && step.run_of(b) == a {
+            b += 1;
+        }
+        let (len, p0, slot) = (b - a, step.positions[a], step.slots[a]);
+        for q0 in (0..len).step_by(64) {
+            out.extend([a, len, q0, p0, slot].map(|x| x as i32));
+        }
+        a = b;
+    }
+}
+
 /// attention_prefill_bf16's dynamic shared memory: 2 stages of a K and a V tile of 64 keys ×
 /// (Dh + 8) bf16.
 pub(crate) const fn prefill_attention_smem(dh: usize) -> u32 {

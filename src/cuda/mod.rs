@@ -292,10 +292,9 @@ impl Gpu {
                 )
                 .map_err(cuda_err(&format!("raising the shared memory limit of {name}")))
         };
-        raise(
-            "attention_prefill_bf16",
-            kernels::prefill_attention_smem(128),
-        )?;
+        for name in ["attention_prefill_bf16", "attention_runs_bf16"] {
+            raise(name, kernels::prefill_attention_smem(128))?;
+        }
         if wgmma {
             for tile in [kernels::GemmTile::Wg, kernels::GemmTile::Wg256] {
                 for glu in [false, true] {

@@ -180,6 +180,7 @@ pub(crate) struct Acts {
     pub(crate) r_saved: CudaSlice<f32>, // [max_t, D] residuals at the steering point (persistent mode)
     pub(crate) live: CudaSlice<i32>,    // [1] rows in use of a call with `use_live` (hybrid)
     pub(crate) stash: CudaSlice<f32>,   // [max_t, D] residuals at one point (greedy_capture)
+    pub(crate) tiles: CudaSlice<i32>,   // [max_t, 5] attention_runs tiles of the uploaded call
 }
 
 /// Which steering the residual kernel applies: none, the dense per-row rows of `Hooks`, the
@@ -255,8 +256,15 @@ pub struct CudaEngine {
     rows_independent: bool,
     rows_scratch: Vec<(usize, usize, bool)>,
     /// Whether the uploaded call has read-only runs of more than one token (a.run is then
-    /// uploaded and decode attention reads it).
+    /// uploaded and decode attention reads it, or a.tiles and `attention_runs`).
     runs: bool,
+    /// Calls with runs attend on the prefill tiles (`attention_runs`: each K/V row loaded once
+    /// per 64 queries of a run) instead of the decode kernels (THINKSTEER_RUN_ATTN=decode, read
+    /// at creation, until timed).
+    pub run_attn: bool,
+    /// The uploaded call's tiles (a.tiles) and their host staging.
+    n_tiles: usize,
+    tiles_host: Vec<i32>,
     /// (point, [slots, S, D] f32) once `keep_residuals` was called (`Decoder::forward_kept`).
     kept: Option<(usize, CudaSlice<f32>)>,
 }
@@ -301,7 +309,7 @@ pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_
         + d * 4 // steer_tab
         + d * 4 // r_saved
         + d * 4 // stash
-        + 9 * 4; // ids, pos, slot, next, run, steer_iota, steer_ones, hy_idx, hy_coef
+        + 14 * 4; // ids, pos, slot, next, run, steer_iota, steer_ones, hy_idx, hy_coef, tiles (5)
     cache + per_t * max_t
 }
 
@@ -421,6 +429,7 @@ impl CudaEngine {
             r_saved: z32(max_t * d)?,
             live: zi(1)?,
             stash: z32(max_t * d)?,
+            tiles: zi(max_t * 5)?,
         };
         let inv_freq = s
             .clone_htod(&c.rope_inv_freq())
@@ -453,6 +462,9 @@ impl CudaEngine {
             rows_independent: false,
             rows_scratch: vec![],
             runs: false,
+            run_attn: std::env::var("THINKSTEER_RUN_ATTN").map_or(true, |v| v != "decode"),
+            n_tiles: 0,
+            tiles_host: vec![],
             kept: None,
             gpu,
         })
@@ -499,6 +511,14 @@ impl CudaEngine {
             h.extend((0..t).map(|x| step.run_of(x) as i32));
             s.memcpy_htod(&h[..t], &mut self.a.run.slice_mut(..t))
                 .map_err(cu("uploading runs"))?;
+        }
+        self.n_tiles = 0;
+        if self.runs && self.run_attn {
+            k::run_tiles(step, &mut self.tiles_host);
+            let n = self.tiles_host.len();
+            s.memcpy_htod(&self.tiles_host, &mut self.a.tiles.slice_mut(..n))
+                .map_err(cu("uploading attention tiles"))?;
+            self.n_tiles = n / 5;
         }
         Ok(())
     }
@@ -663,6 +683,20 @@ impl CudaEngine {
                 t,
                 p0,
                 slot,
+                sh,
+            )?,
+            // Read-only runs: the same tiles, each run's queries over its cache prefix and its
+            // own K/V (RoPE is never fused with runs).
+            None if self.n_tiles > 0 && !fused => k::attention_runs(
+                g,
+                &a.q.slice(..t * h * dh),
+                &self.k_cache[l].as_view(),
+                &self.v_cache[l].as_view(),
+                &a.k_self.slice(..t * hkv * dh),
+                &a.v_self.slice(..t * hkv * dh),
+                &mut a.attn.slice_mut(..t * h * dh),
+                &a.tiles.slice(..self.n_tiles * 5),
+                t,
                 sh,
             )?,
             None => {

@@ -30,7 +30,10 @@ pub const MODULES: &[(&str, &[&str])] = &[
             "attention_decode_g8_bf16",
         ],
     ),
-    ("prefill_attention", &["attention_prefill_bf16"]),
+    (
+        "prefill_attention",
+        &["attention_prefill_bf16", "attention_runs_bf16"],
+    ),
     (
         "gemm_wgmma",
         &[
