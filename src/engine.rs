@@ -421,7 +421,9 @@ fn check_rows(t: usize, step: &Step, slots: usize, max_len: usize) -> Result<()>
 }
 
 /// Read-only runs (`Step::run_start`): each starts at a read-only row at or before its token,
-/// and covers consecutive positions of one slot in consecutive rows.
+/// and covers consecutive positions of one slot in consecutive rows; a row either starts a run
+/// or continues the run of the row before it (runs do not nest or interleave, as the CUDA run
+/// attention's tiles assume).
 fn check_runs(step: &Step) -> Result<()> {
     let (t, w) = (step.slots.len(), step.n_write);
     if step.run_start.is_empty() {
@@ -436,11 +438,12 @@ fn check_runs(step: &Step) -> Result<()> {
     }
     for r in w..t {
         let a = step.run_start[r - w];
-        let ok = (w..=r).contains(&a)
+        let continues = r > w && step.run_start[r - 1 - w] == a;
+        let ok = (a == r || continues)
             && step.slots[a..=r].iter().all(|&s| s == step.slots[r])
             && (a..=r).all(|i| step.positions[i] == step.positions[a] + (i - a));
         if !ok {
-            crate::bail!("step: row {r}'s run starts at row {a}: expected a read-only row at or before it with the same slot and consecutive positions");
+            crate::bail!("step: row {r}'s run starts at row {a}: expected row {r} itself or the start of row {}'s run, with the same slot and consecutive positions", r.saturating_sub(1));
         }
     }
     Ok(())
@@ -472,5 +475,6 @@ mod tests {
         assert!(!runs_ok(&slots, &pos, 1, &[1, 1, 1, 1, 5, 5])); // positions 3, 4, 5, 5
         assert!(!runs_ok(&slots, &pos, 1, &[1, 1, 1, 4, 4, 5])); // crosses into slot 1
         assert!(!runs_ok(&slots, &pos, 1, &[1, 3, 1, 4, 5, 5])); // starts after its row
+        assert!(!runs_ok(&slots, &pos, 1, &[1, 1, 2, 4, 5, 5])); // row 3's run starts inside row 2's
     }
 }

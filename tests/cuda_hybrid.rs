@@ -256,16 +256,19 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
     const TOL: f32 = 1.0 / 32.0;
     let f = Fixture::new("kept");
     let d = f.base.config.hidden_size;
-    // (point, rows, dense, RoPE in attention, runs on the decode kernels instead of the tiles)
+    // (point, rows, dense, RoPE in attention, runs on the decode kernels instead of the tiles,
+    // rows per call: 40 stores the prompt in two chunks, 80 in one and runs 70 rows in two
+    // query tiles)
     let cases = [
-        (0, 40, true, false, false),
-        (1, 40, true, false, false),
-        (3, 40, true, false, false),
-        (1, 40, false, false, false),
-        (1, 40, true, false, true),
-        (1, 1, true, true, false),
+        (0, 40, true, false, false, 40),
+        (1, 40, true, false, false, 40),
+        (3, 40, true, false, false, 40),
+        (1, 40, false, false, false, 40),
+        (1, 40, true, false, true, 40),
+        (1, 1, true, true, false, 40),
+        (1, 70, false, false, false, 80),
     ];
-    for (point, rows, dense, rope, decode) in cases {
+    for (point, rows, dense, rope, decode, max_t) in cases {
         let (vecs, idx, coef) = common::steer_rows(rows, d, dense);
         let steer = SteerRows {
             vecs: &vecs,
@@ -277,7 +280,7 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
         );
         let mut cpu = CpuEngine::new(f.base.clone(), 2, 80);
         let (want, _, _) = common::kept_and_rerun(&mut cpu, point, &steer);
-        let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 80, 40).unwrap();
+        let mut e = CudaEngine::load(g.clone(), &f.base_dir, 2, 80, max_t).unwrap();
         e.rope_in_attention = rope;
         e.run_attn = !decode;
         // A decode graph captured before keep_residuals must not be replayed after it.
