@@ -292,20 +292,11 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
         };
         e.greedy(&[1, 2], &warm).unwrap();
         let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, &steer);
-        // A position never written reads NaN (as on the CPU), not a plausible zero.
-        let never = Step {
-            slots: &[1],
-            positions: &[60],
-            n_write: 0,
-            run_start: &[],
-        };
-        let one = SteerRows {
-            vecs: &vecs[..d],
-            idx: &[0],
-            coef: &[1.0],
-        };
-        let nan = e.forward_kept(&never, &one, &[0]).unwrap();
-        assert!(nan.iter().all(|x| x.is_nan()), "{what}: unwritten kept row");
+        // A position never written reads NaN, not a plausible zero.
+        assert!(
+            common::unwritten_kept_is_nan(&mut e, &vecs[..d]),
+            "{what}: unwritten kept row"
+        );
         // The device's argmax of the same launches: the host's argmax of the logits.
         let v = f.base.config.vocab_size;
         let want_ids: Vec<u32> = kept.chunks(v).map(|l| argmax(l) as u32).collect();

@@ -586,19 +586,10 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
         let mut e = CpuEngine::new(f.base.clone(), 2, 80);
         let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, &steer);
         // A position never written reads NaN, not a plausible zero.
-        let never = Step {
-            slots: &[1],
-            positions: &[60],
-            n_write: 0,
-            run_start: &[],
-        };
-        let one = SteerRows {
-            vecs: &vecs[..d],
-            idx: &[0],
-            coef: &[1.0],
-        };
-        let nan = e.forward_kept(&never, &one, &[0]).unwrap();
-        assert!(nan.iter().all(|x| x.is_nan()), "unwritten kept row");
+        assert!(
+            common::unwritten_kept_is_nan(&mut e, &vecs[..d]),
+            "unwritten kept row"
+        );
         // The blocks before the point see the same rows either way (one f32 computation per
         // row, whatever the call's other rows), so the logits are the same bits.
         assert_eq!(kept, rerun, "point {point}, dense {dense}");

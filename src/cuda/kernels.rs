@@ -284,6 +284,32 @@ impl AttnShape {
     fn cache_len(&self) -> usize {
         self.slots * self.s * self.hkv * self.dh
     }
+    /// A kernel's K and V caches: [slots, S, Hkv, Dh] each.
+    fn check_caches(&self, kernel: &str, k: usize, v: usize) -> Result<()> {
+        check(
+            kernel,
+            "k_cache",
+            k,
+            self.cache_len(),
+            "[slots, S, Hkv, Dh]",
+        )?;
+        check(
+            kernel,
+            "v_cache",
+            v,
+            self.cache_len(),
+            "[slots, S, Hkv, Dh]",
+        )
+    }
+    /// (H, Hkv, Dh, S) as kernel arguments.
+    fn ints(&self, kernel: &str) -> Result<(i32, i32, i32, i32)> {
+        Ok((
+            int(kernel, "H", self.h)?,
+            int(kernel, "Hkv", self.hkv)?,
+            int(kernel, "Dh", self.dh)?,
+            int(kernel, "S", self.s)?,
+        ))
+    }
 }
 
 /// Bias + RoPE + KV-cache append over the fused q|k|v product.
@@ -332,20 +358,7 @@ pub fn qkv_rope(
         t * sh.hkv * sh.dh,
         "[T, Hkv, Dh]",
     )?;
-    check(
-        K,
-        "k_cache",
-        k_cache.len(),
-        sh.cache_len(),
-        "[slots, S, Hkv, Dh]",
-    )?;
-    check(
-        K,
-        "v_cache",
-        v_cache.len(),
-        sh.cache_len(),
-        "[slots, S, Hkv, Dh]",
-    )?;
+    sh.check_caches(K, k_cache.len(), v_cache.len())?;
     if n_write > t {
         return Err(Error::Input(format!(
             "{K}: n_write ({n_write}) exceeds the token count ({t})"
@@ -501,20 +514,7 @@ pub fn attention_decode(
             }
         }
     }
-    check(
-        K,
-        "k_cache",
-        k_cache.len(),
-        sh.cache_len(),
-        "[slots, S, Hkv, Dh]",
-    )?;
-    check(
-        K,
-        "v_cache",
-        v_cache.len(),
-        sh.cache_len(),
-        "[slots, S, Hkv, Dh]",
-    )?;
+    sh.check_caches(K, k_cache.len(), v_cache.len())?;
     check(K, "pos", pos.len(), t, "[T]")?;
     check(K, "slot", slot.len(), t, "[T]")?;
     check(
@@ -651,20 +651,7 @@ pub fn attention_prefill(
     const K: &str = "attention_prefill_bf16";
     sh.check(K)?;
     check(K, "q", q.len(), n * sh.h * sh.dh, "[n, H, Dh]")?;
-    check(
-        K,
-        "k_cache",
-        k_cache.len(),
-        sh.cache_len(),
-        "[slots, S, Hkv, Dh]",
-    )?;
-    check(
-        K,
-        "v_cache",
-        v_cache.len(),
-        sh.cache_len(),
-        "[slots, S, Hkv, Dh]",
-    )?;
+    sh.check_caches(K, k_cache.len(), v_cache.len())?;
     check(K, "out", out.len(), n * sh.h * sh.dh, "[n, H, Dh]")?;
     if slot >= sh.slots || p0 + n > sh.s {
         return Err(Error::Input(format!(
@@ -678,12 +665,7 @@ pub fn attention_prefill(
         return Ok(());
     }
     let (ni, p0i, sl) = (int(K, "n", n)?, int(K, "p0", p0)?, int(K, "slot", slot)?);
-    let (h, hkv, dh, s) = (
-        int(K, "H", sh.h)?,
-        int(K, "Hkv", sh.hkv)?,
-        int(K, "Dh", sh.dh)?,
-        int(K, "S", sh.s)?,
-    );
+    let (h, hkv, dh, s) = sh.ints(K)?;
     let f = gpu.func(K)?;
     let mut b = Launch::new(gpu, f);
     b.arg(q)
@@ -728,20 +710,7 @@ pub fn attention_runs(
     const K: &str = "attention_runs_bf16";
     sh.check(K)?;
     check(K, "q", q.len(), t * sh.h * sh.dh, "[T, H, Dh]")?;
-    check(
-        K,
-        "k_cache",
-        k_cache.len(),
-        sh.cache_len(),
-        "[slots, S, Hkv, Dh]",
-    )?;
-    check(
-        K,
-        "v_cache",
-        v_cache.len(),
-        sh.cache_len(),
-        "[slots, S, Hkv, Dh]",
-    )?;
+    sh.check_caches(K, k_cache.len(), v_cache.len())?;
     check(
         K,
         "k_self",
@@ -762,12 +731,7 @@ pub fn attention_runs(
     if n_tiles == 0 {
         return Ok(());
     }
-    let (h, hkv, dh, s) = (
-        int(K, "H", sh.h)?,
-        int(K, "Hkv", sh.hkv)?,
-        int(K, "Dh", sh.dh)?,
-        int(K, "S", sh.s)?,
-    );
+    let (h, hkv, dh, s) = sh.ints(K)?;
     let f = gpu.func(K)?;
     let mut b = Launch::new(gpu, f);
     b.arg(q)

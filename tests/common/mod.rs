@@ -332,6 +332,24 @@ pub fn kept_and_rerun(
     (kept, rerun, ids)
 }
 
+/// Whether a read-only run over a position never written (slot 1, position 60) steered by
+/// `vec` [D] gives NaN logits only, on an engine that keeps residuals.
+pub fn unwritten_kept_is_nan(e: &mut dyn thinksteer::engine::Decoder, vec: &[f32]) -> bool {
+    let never = thinksteer::model::Step {
+        slots: &[1],
+        positions: &[60],
+        n_write: 0,
+        run_start: &[],
+    };
+    let one = thinksteer::engine::SteerRows {
+        vecs: vec,
+        idx: &[0],
+        coef: &[1.0],
+    };
+    let logits = e.forward_kept(&never, &one, &[0]).unwrap();
+    logits.iter().all(|x| x.is_nan())
+}
+
 /// Steering rows for `kept_and_rerun` over n rows of width d: with `dense`, n vectors, one per
 /// row at coefficient 1; else 2 vectors taken in turn at coefficients −1, 0, 0.5, 1, 2, ….
 pub fn steer_rows(n: usize, d: usize, dense: bool) -> (Vec<f32>, Vec<u32>, Vec<f32>) {
