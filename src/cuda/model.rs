@@ -996,28 +996,38 @@ impl CudaEngine {
         } else {
             self.greedy_launches(t, stash)?;
         }
-        let mut out = vec![0i32; t];
-        self.gpu
-            .stream
-            .memcpy_dtoh(&self.a.next.slice(..t), out.as_mut_slice())
-            .map_err(cu("reading ids"))?;
-        self.gpu.sync()?;
-        Ok(out.into_iter().map(|x| x as u32).collect())
+        self.read_ids(t)
     }
 
     fn greedy_launches(&mut self, t: usize, stash: Option<usize>) -> Result<()> {
         self.layers(t, t, &mut Hooks::default(), stash)?;
         let rows: Vec<usize> = (0..t).collect();
         self.head(&rows)?;
+        self.argmax_ids(t)
+    }
+
+    /// a.next[..r] = the greedy id of each of the first r rows of a.logits.
+    fn argmax_ids(&mut self, r: usize) -> Result<()> {
         let v = self.config.vocab_size;
         k::argmax(
             &self.gpu,
-            &mut self.a.next.slice_mut(..t),
-            &self.a.logits.slice(..t * v),
-            t,
+            &mut self.a.next.slice_mut(..r),
+            &self.a.logits.slice(..r * v),
+            r,
             v,
             None,
         )
+    }
+
+    /// The first r greedy ids of a.next, read back (waits for the stream).
+    fn read_ids(&self, r: usize) -> Result<Vec<u32>> {
+        let mut out = vec![0i32; r];
+        self.gpu
+            .stream
+            .memcpy_dtoh(&self.a.next.slice(..r), out.as_mut_slice())
+            .map_err(cu("reading ids"))?;
+        self.gpu.sync()?;
+        Ok(out.into_iter().map(|x| x as u32).collect())
     }
 
     /// Forward of up to max_t tokens without returning logits (prefill chunks).
@@ -1266,22 +1276,8 @@ impl Decoder for CudaEngine {
         logit_rows: &[usize],
     ) -> Result<Vec<u32>> {
         self.kept_launches(step, steer, logit_rows)?;
-        let (r, v) = (logit_rows.len(), self.config.vocab_size);
-        k::argmax(
-            &self.gpu,
-            &mut self.a.next.slice_mut(..r),
-            &self.a.logits.slice(..r * v),
-            r,
-            v,
-            None,
-        )?;
-        let mut out = vec![0i32; r];
-        self.gpu
-            .stream
-            .memcpy_dtoh(&self.a.next.slice(..r), out.as_mut_slice())
-            .map_err(cu("reading ids"))?;
-        self.gpu.sync()?;
-        Ok(out.into_iter().map(|x| x as u32).collect())
+        self.argmax_ids(logit_rows.len())?;
+        self.read_ids(logit_rows.len())
     }
 }
 
