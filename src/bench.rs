@@ -608,6 +608,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         ..HySettings::default()
     };
     let nc = hy.coefficients.len();
+    const LATENTS: usize = 15; // the paper's K for the 1.5B and 8B pairs
     let max_b = s.batches.iter().copied().max().unwrap_or(1);
     // Prompts of prompt_len tokens (prefilled per problem), then new_tokens steps.
     let plen = s.prompt_len.max(1);
@@ -617,7 +618,27 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let rows = (max_b * (1 + nc))
         .max(64)
         .max(if windowed { max_len } else { 0 });
-    CudaEngine::check_fits(&gpu, &c, max_b, max_len, rows, 2 * c.param_count() * 2)?;
+    // The host loop's window-0 prefix caches: extra base-engine slots, as many as fit.
+    let caches = match windowed {
+        true => crate::cuda::hybrid::prefix_caches(
+            &c,
+            &hy,
+            max_b,
+            LATENTS,
+            max_len,
+            rows,
+            2 * c.param_count() * 2,
+        )?,
+        false => 0,
+    };
+    CudaEngine::check_fits(
+        &gpu,
+        &c,
+        max_b + caches,
+        max_len,
+        rows,
+        2 * c.param_count() * 2,
+    )?;
     let bw = Arc::new(CudaWeights::random(&gpu, &c, s.seed + 2)?);
     let tw = match s.steered_share {
         Some(_) => bw.clone(),
@@ -625,13 +646,14 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     };
     let tgpu = crate::cuda::hybrid::think_gpu(&gpu)?;
     let think = CudaEngine::new(tgpu.clone(), c.clone(), tw, max_b, max_len, max_b.max(64))?;
-    let base = CudaEngine::new(gpu.clone(), c.clone(), bw, max_b, max_len, rows)?;
+    let base = CudaEngine::new(gpu.clone(), c.clone(), bw, max_b + caches, max_len, rows)?;
     let (lt, lb) = (
         4.min(c.num_hidden_layers - 1),
         10.min(c.num_hidden_layers - 1),
     );
-    let sae = crate::sae::Sae::random(c.hidden_size, 15, lt, 3, s.seed, shape);
-    let steering = crate::steering::SteeringSet::random(c.hidden_size, 15, lb, 8.0, s.seed, shape);
+    let sae = crate::sae::Sae::random(c.hidden_size, LATENTS, lt, 3, s.seed, shape);
+    let steering =
+        crate::steering::SteeringSet::random(c.hidden_size, LATENTS, lb, 8.0, s.seed, shape);
     let art = crate::hybrid::Artifacts {
         sae: &sae,
         steering: &steering,

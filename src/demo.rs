@@ -607,6 +607,7 @@ fn step_eval(cx: &Ctx, upstream_ran: bool) -> Result<StepOut> {
         out: cx.p.eval.clone(),
         max_new_tokens: o.max_new_tokens,
         batch: o.problems,
+        prefix_caches: None,
         shard: None,
         limit: Some(o.problems),
         offset: 0,

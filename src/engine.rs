@@ -49,12 +49,14 @@ pub trait Decoder {
     /// runs there. Steering at or after p never reaches the blocks before it, so a position's
     /// kept residual stays valid whatever was steered since.
     fn keep_residuals(&mut self, p: usize) -> Result<()>;
-    /// Read-only runs (`step.n_write` = 0) started at the kept point: row i's residual there is
-    /// the one kept for (slots[i], positions[i]) plus coef[i] · vecs[idx[i]] of `steer`; the
-    /// blocks from the point on follow, and the logits [R, V] of the token indices in
-    /// `logit_rows` come back.
-    /// Every position must have been written since the first `keep_residuals` at this point
-    /// (before that the engine holds NaN there).
+    /// Rows started at the kept point: row i's residual there is the one kept for
+    /// (steer.from[i] or, when `from` is empty, slots[i], positions[i]) plus
+    /// coef[i] · vecs[idx[i]] of `steer`; the blocks from the point on follow, and the logits
+    /// [R, V] of the token indices in `logit_rows` come back. Rows 0..n_write append their
+    /// (steered) K/V to the cache of their slot in those blocks, as a forward call's would (a
+    /// window-0 candidate's prefix kept in a slot of its own); the rest are read-only runs.
+    /// Every kept position read must have been written since the first `keep_residuals` at this
+    /// point (before that the engine holds NaN there).
     fn forward_kept(
         &mut self,
         step: &Step,
@@ -75,13 +77,33 @@ pub trait Decoder {
     }
 }
 
-/// The steering rows of a `forward_kept` call: row i gets coef[i] · vecs[idx[i]], from J
-/// vectors vecs [J, D] (one b + V[category] per steered problem, one coefficient per run), so
-/// that a call of many rows carries J·D values instead of one row each.
+/// The starting rows of a `forward_kept` call: row i is the kept residual of slot from[i] at its
+/// position, plus coef[i] · vecs[idx[i]], from J vectors vecs [J, D] (one b + V[category] per
+/// steered problem, one coefficient per run), so that a call of many rows carries J·D values
+/// instead of one row each.
 pub struct SteerRows<'a> {
     pub vecs: &'a [f32],
     pub idx: &'a [u32],
     pub coef: &'a [f32],
+    /// [T], or empty: each row's own slot.
+    pub from: &'a [usize],
+}
+
+impl<'a> SteerRows<'a> {
+    /// Rows that start from the kept residuals of their own slots.
+    pub fn own(vecs: &'a [f32], idx: &'a [u32], coef: &'a [f32]) -> SteerRows<'a> {
+        SteerRows {
+            vecs,
+            idx,
+            coef,
+            from: &[],
+        }
+    }
+
+    /// The slot whose kept residual row i of `step` starts from.
+    pub fn from_slot(&self, i: usize, step: &Step) -> usize {
+        self.from.get(i).copied().unwrap_or(step.slots[i])
+    }
 }
 
 impl SteerRows<'_> {
@@ -274,8 +296,8 @@ impl Decoder for CpuEngine {
         self.captured.clear();
         let kept = &self.kept.as_ref().expect("checked by check_kept").1;
         self.h.clear();
-        for (&s, &pos) in step.slots.iter().zip(step.positions) {
-            let at = (s * len + pos) * d;
+        for (i, &pos) in step.positions.iter().enumerate() {
+            let at = (steer.from_slot(i, step) * len + pos) * d;
             self.h.extend_from_slice(&kept[at..at + d]);
         }
         for (i, row) in self.h.chunks_mut(d).enumerate() {
@@ -377,11 +399,14 @@ pub fn check_kept(
     };
     let (t, d) = (step.positions.len(), c.hidden_size);
     check_rows(t, step, slots, max_len)?;
-    if step.n_write != 0 {
+    if !steer.from.is_empty() && steer.from.len() != t {
         crate::bail!(
-            "forward_kept: expected read-only rows only, found n_write {}",
-            step.n_write
+            "steering rows: expected a kept slot for each of the {t} tokens (or none), found {}",
+            steer.from.len()
         );
+    }
+    if let Some(&bad) = steer.from.iter().find(|&&s| s >= slots) {
+        crate::bail!("steering rows: kept slot {bad} is outside the cache's {slots} slots");
     }
     let nv = steer.vecs.len() / d;
     if steer.vecs.len() != nv * d || steer.idx.len() != t || steer.coef.len() != t {

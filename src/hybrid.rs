@@ -21,6 +21,8 @@ use crate::{bail, Result};
 use serde::Serialize;
 use std::sync::Arc;
 
+pub mod prefix;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
@@ -48,6 +50,10 @@ pub struct Settings {
     pub sae_raw_activations: bool,
     /// Problems decoded together in the cached modes; a finished problem's slot takes the next.
     pub batch: usize,
+    /// Cached mode with window 0: base-engine slots that keep window-0 candidates' steered K/V
+    /// (`prefix`); None: one per (problem slot, category, coefficient), as many as fit a
+    /// quarter of the free memory.
+    pub prefix_caches: Option<usize>,
 }
 
 impl Default for Settings {
@@ -63,6 +69,7 @@ impl Default for Settings {
             steer_at_block_input: false,
             sae_raw_activations: false,
             batch: 8,
+            prefix_caches: None,
         }
     }
 }
@@ -235,8 +242,11 @@ pub fn run(
                     .min(longest + s.max_new_tokens)
             };
             let slots = s.batch.max(1).min(problems.len().max(1));
-            let mut base =
-                CpuEngine::new(pair.base.clone(), slots, ctx(pair.base, |p| p.base.len()));
+            let ctx_b = ctx(pair.base, |p| p.base.len());
+            let slot_bytes = prefix::slot_bytes(&pair.base.config, ctx_b, 4);
+            let caches =
+                prefix::count(s, slots, pair.sae.latents, slot_bytes, prefix::cpu_budget());
+            let mut base = CpuEngine::new(pair.base.clone(), slots + caches, ctx_b);
             let mut think = CpuEngine::new(
                 pair.thinking.clone(),
                 slots,
@@ -483,6 +493,9 @@ impl Side {
 /// the point (as a read-only run in the problem's slot: it attends to the cache before the
 /// window, then to its own rows); the blocks before the point would only give the kept values
 /// again. Persistent mode then rewrites the newest position with the winner's steering.
+/// With window 0, the base engine's slots beyond the batch's (up to `s.prefix_caches`) keep
+/// window-0 candidates' steered K/V (`prefix`): such a candidate then runs only the positions
+/// its slot lacks, writing them there.
 /// `batch` problems decode together, and a finished problem's slot takes the next one.
 pub fn run_cached(
     art: Artifacts,
@@ -524,6 +537,12 @@ pub fn run_cached(
     let per = s.coefficients.len() * s.windows.len();
     let point = art.steer_point(s);
     base.keep_residuals(point)?;
+    let caches = match s.windows.contains(&0) && s.mode == Mode::Cached {
+        true => (base.slots() - nslots).min(s.prefix_caches.unwrap_or(usize::MAX)),
+        false => 0,
+    };
+    let mut prefixes = prefix::Prefixes::new(nslots, caches);
+    let mut step_no = 0;
     let mut z = vec![0f32; art.sae.latents];
     // --random-firing: each problem draws from its own generator, seeded as in exact mode.
     let mut rngs: Vec<Option<Rng>> = problems
@@ -539,6 +558,7 @@ pub fn run_cached(
         .collect();
     let mut active: Vec<usize> = (0..nslots).filter(|&r| who[r].is_some()).collect();
     while !active.is_empty() {
+        step_no += 1;
         // New prompts: all but their last token, in calls of their own.
         st.prefill(think, &active)?;
         sb.prefill(base, &active)?;
@@ -584,36 +604,64 @@ pub fn run_cached(
                 .add_scaled(categories[k], 1.0, s.only_bias, row);
         }
         let slot_of = |j: usize| active[steer_rows[j]];
-        let (runs, which) = candidate_runs(steer_rows.len(), s, |j| sb.seq[slot_of(j)].len());
-        let mut cand = Vec::with_capacity(runs.len());
-        for group in run_groups(&runs, base.max_rows().min(CANDIDATE_ROWS)) {
-            let (mut cslots, mut cpos, mut starts, mut lasts, mut idx, mut coef) =
-                (vec![], vec![], vec![], vec![], vec![], vec![]);
-            for r in group {
-                let slot = slot_of(r.j);
+        let (mut runs, which) = candidate_runs(steer_rows.len(), s, |j| sb.seq[slot_of(j)].len());
+        // Window-0 runs continue their prefix caches where there is one.
+        for r in runs.iter_mut().filter(|r| r.first == 0 && caches > 0) {
+            let k = steer_rows[r.j];
+            let category = if s.only_bias {
+                usize::MAX
+            } else {
+                categories[k]
+            };
+            let p = who[active[k]].expect("active slots hold a problem");
+            r.write = prefixes.take((p, category, r.c.to_bits()), step_no, r.n);
+        }
+        // Runs that write their cache first: a call's written rows come before its read-only ones.
+        let order: Vec<usize> = (0..runs.len())
+            .filter(|&i| runs[i].write.is_some())
+            .chain((0..runs.len()).filter(|&i| runs[i].write.is_none()))
+            .collect();
+        let mut cand = vec![0; runs.len()];
+        for group in run_groups(&runs, &order, base.max_rows().min(CANDIDATE_ROWS)) {
+            let (mut cslots, mut cpos, mut starts, mut lasts, mut idx, mut coef, mut from) =
+                (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+            let mut n_write = 0;
+            for &ri in group {
+                let r = &runs[ri];
+                let own = slot_of(r.j);
+                let (slot, first) = r.write.unwrap_or((own, r.first));
                 let first_row = cpos.len();
-                for p in r.first..r.n {
+                for p in first..r.n {
                     cslots.push(slot);
                     cpos.push(p);
-                    starts.push(first_row);
+                    from.push(own);
                     idx.push(r.j as u32);
                     coef.push(r.c);
+                    match r.write {
+                        Some(_) => n_write += 1,
+                        None => starts.push(first_row),
+                    }
                 }
                 lasts.push(cpos.len() - 1);
             }
-            // Row i gets c · vecs[j] of its run (the steered row's b + V[category]).
+            // Row i: the kept residual of its problem's slot plus c · vecs[j] of its run (the
+            // steered row's b + V[category]).
             let steer = SteerRows {
                 vecs: &vecs,
                 idx: &idx,
                 coef: &coef,
+                from: &from,
             };
             let cstep = Step {
                 slots: &cslots,
                 positions: &cpos,
-                n_write: 0,
+                n_write,
                 run_start: &starts,
             };
-            cand.extend(base.greedy_kept(&cstep, &steer, &lasts)?);
+            let ids = base.greedy_kept(&cstep, &steer, &lasts)?;
+            for (&ri, id) in group.iter().zip(ids) {
+                cand[ri] = id;
+            }
         }
         let mut chosen: Vec<(u32, StepRecord)> = (0..active.len())
             .map(|k| {
@@ -684,6 +732,7 @@ pub fn run_cached(
             let done = eos.contains(&tok) || outs[p].ids.len() >= s.max_new_tokens || !fits;
             if done {
                 who[r] = None;
+                prefixes.drop_problem(p);
                 if let Some(q) = queue.next() {
                     sb.load(r, &problems[q].base);
                     st.load(r, &problems[q].thinking);
@@ -703,6 +752,16 @@ struct Run {
     c: f32,
     first: usize,
     n: usize, // the sequence length: the run covers positions first..n
+    /// (slot, from) of a window-0 run that continues its prefix cache: only positions from..n
+    /// run, writing their K/V to that slot.
+    write: Option<(usize, usize)>,
+}
+
+impl Run {
+    /// Rows the run takes in a call.
+    fn rows(&self) -> usize {
+        self.n - self.write.map_or(self.first, |w| w.1)
+    }
 }
 
 /// Candidate rows computed in one call at most (bounds the CPU workspace, [rows, F] per
@@ -729,7 +788,13 @@ fn candidate_runs(
                 let ri = match runs.iter().rposition(same) {
                     Some(ri) => ri,
                     None => {
-                        runs.push(Run { j, c, first, n });
+                        runs.push(Run {
+                            j,
+                            c,
+                            first,
+                            n,
+                            write: None,
+                        });
                         runs.len() - 1
                     }
                 };
@@ -741,18 +806,20 @@ fn candidate_runs(
     (runs, which)
 }
 
-/// Consecutive runs whose rows fit in one call of `budget` rows (a longer run alone).
-fn run_groups(runs: &[Run], budget: usize) -> Vec<&[Run]> {
+/// The runs `order` (indices into `runs`) in consecutive groups whose rows fit in one call of
+/// `budget` rows (a longer run alone).
+fn run_groups<'a>(runs: &[Run], order: &'a [usize], budget: usize) -> Vec<&'a [usize]> {
     let (mut groups, mut from, mut rows) = (vec![], 0, 0);
-    for (i, r) in runs.iter().enumerate() {
-        if i > from && rows + r.n - r.first > budget {
-            groups.push(&runs[from..i]);
+    for (i, &ri) in order.iter().enumerate() {
+        let r = runs[ri].rows();
+        if i > from && rows + r > budget {
+            groups.push(&order[from..i]);
             (from, rows) = (i, 0);
         }
-        rows += r.n - r.first;
+        rows += r;
     }
-    if from < runs.len() {
-        groups.push(&runs[from..]);
+    if from < order.len() {
+        groups.push(&order[from..]);
     }
     groups
 }
@@ -800,9 +867,10 @@ mod tests {
         assert_eq!(ri, [0, 1, 0, 0, 2, 3, 2, 2]);
         assert_eq!(which[1][3], (4, 0.5, -3000));
         // Groups of at most CANDIDATE_ROWS rows, a longer run alone, order kept.
-        let sizes: Vec<Vec<usize>> = run_groups(&runs, CANDIDATE_ROWS)
+        let order: Vec<usize> = (0..runs.len()).collect();
+        let sizes: Vec<Vec<usize>> = run_groups(&runs, &order, CANDIDATE_ROWS)
             .iter()
-            .map(|g| g.iter().map(|r| r.n - r.first).collect())
+            .map(|g| g.iter().map(|&ri| runs[ri].rows()).collect())
             .collect();
         assert_eq!(
             sizes,

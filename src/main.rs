@@ -234,6 +234,12 @@ struct HybridArgs {
     /// The reference code's quirk: feed the SAE raw activations (no centring, no unit norm).
     #[arg(long)]
     sae_raw_activations: bool,
+    /// With window 0 (cached mode): base-model cache slots that keep window-0 candidates'
+    /// steered K/V, one per (question, category, coefficient), so that a candidate steered
+    /// again runs only the new positions (default: one per question slot, category and
+    /// coefficient, as many as fit a quarter of the free memory; 0: none).
+    #[arg(long)]
+    prefix_caches: Option<usize>,
     /// Seed of the random ablations.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -671,6 +677,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         steer_at_block_input: a.steer_at_block_input,
         sae_raw_activations: a.sae_raw_activations,
         batch: a.batch.max(1),
+        prefix_caches: a.prefix_caches,
     };
     let pair = Pair {
         base: &base,

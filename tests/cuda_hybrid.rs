@@ -270,11 +270,7 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
     ];
     for (point, rows, dense, rope, decode, max_t) in cases {
         let (vecs, idx, coef) = common::steer_rows(rows, d, dense);
-        let steer = SteerRows {
-            vecs: &vecs,
-            idx: &idx,
-            coef: &coef,
-        };
+        let steer = SteerRows::own(&vecs, &idx, &coef);
         let what = format!(
             "point {point}, {rows} rows, dense {dense}, RoPE in attention {rope}, decode kernels {decode}"
         );

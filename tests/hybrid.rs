@@ -578,11 +578,7 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
     let (d, n_layers) = (64, f.base.config.num_hidden_layers);
     for (point, dense) in [(0, true), (1, true), (n_layers, true), (1, false)] {
         let (vecs, idx, coef) = common::steer_rows(40, d, dense);
-        let steer = SteerRows {
-            vecs: &vecs,
-            idx: &idx,
-            coef: &coef,
-        };
+        let steer = SteerRows::own(&vecs, &idx, &coef);
         let mut e = CpuEngine::new(f.base.clone(), 2, 80);
         let (kept, rerun, ids) = common::kept_and_rerun(&mut e, point, &steer);
         // A position never written reads NaN, not a plausible zero.
@@ -598,12 +594,9 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
         assert_eq!(ids, want, "point {point}: greedy_kept");
     }
     let add = vec![0.5f32; d];
-    let one = SteerRows {
-        vecs: &add,
-        idx: &[0],
-        coef: &[1.0],
-    };
-    // Refusals: nothing kept, a row that writes, a point past the last block.
+    let one = SteerRows::own(&add, &[0], &[1.0]);
+    // Refusals: nothing kept, kept slots of the wrong count or outside the cache, a vector
+    // index outside the vectors, a point past the last block.
     let mut e = CpuEngine::new(f.base.clone(), 2, 32);
     let run = Step {
         slots: &[0],
@@ -614,9 +607,24 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
     let err = e.forward_kept(&run, &one, &[0]).unwrap_err().to_string();
     assert!(err.contains("keeps no residuals"), "{err}");
     e.keep_residuals(1).unwrap();
-    let write = Step { n_write: 1, ..run };
-    let err = e.forward_kept(&write, &one, &[0]).unwrap_err().to_string();
-    assert!(err.contains("read-only rows only"), "{err}");
+    let two = SteerRows {
+        from: &[0, 1],
+        ..one
+    };
+    let err = e.forward_kept(&run, &two, &[0]).unwrap_err().to_string();
+    assert!(
+        err.contains("a kept slot for each of the 1 tokens"),
+        "{err}"
+    );
+    let outside = SteerRows { from: &[2], ..one };
+    let err = e
+        .forward_kept(&run, &outside, &[0])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("kept slot 2 is outside the cache's 2 slots"),
+        "{err}"
+    );
     let past = SteerRows { idx: &[1], ..one };
     let err = e.forward_kept(&run, &past, &[0]).unwrap_err().to_string();
     assert!(
@@ -683,4 +691,140 @@ fn greedy_capture_gives_the_forward_s_ids_residuals_and_logits() {
     .unwrap();
     let err = e.logits_at(&[1, 2]).unwrap_err().to_string();
     assert!(err.contains("not a greedy_capture"), "{err}");
+}
+
+/// A window-0 prefix written to a slot of its own (from another slot's kept residuals, in two
+/// calls, the second beside a read-only run) gives the read-only run's logits bit for bit: the
+/// same f32 rows, the written ones read back from the cache.
+#[test]
+fn a_window_0_prefix_in_its_own_slot_gives_what_a_read_only_run_gives() {
+    let f = fx(12.0);
+    let n_layers = f.base.config.num_hidden_layers;
+    let vec: Vec<f32> = (0..64).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3).collect();
+    for (point, a) in [(0, 37), (1, 37), (1, 1), (n_layers, 69)] {
+        let mut e = CpuEngine::new(f.base.clone(), 3, 80);
+        let ([first, written, run], [want_a, want_n]) =
+            common::prefix_in_own_slot(&mut e, point, a, &vec);
+        assert_eq!(first, want_a, "point {point}, a {a}: first call");
+        assert_eq!(written, want_n, "point {point}, a {a}: written rows");
+        assert_eq!(
+            run, want_n,
+            "point {point}, a {a}: read-only run beside them"
+        );
+        assert!(want_n.iter().all(|x| x.is_finite()), "point {point}: NaN");
+    }
+}
+
+/// `Decoder` over a CPU engine that counts the rows of `forward_kept` calls: (written, read-only).
+struct Counting {
+    e: CpuEngine,
+    rows: (usize, usize),
+}
+
+impl Decoder for Counting {
+    fn config(&self) -> &thinksteer::config::Config {
+        self.e.config()
+    }
+    fn max_len(&self) -> usize {
+        self.e.max_len()
+    }
+    fn slots(&self) -> usize {
+        self.e.slots()
+    }
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        step: &Step,
+        logit_rows: &[usize],
+        hooks: &mut Hooks,
+    ) -> thinksteer::Result<&[f32]> {
+        self.e.forward(ids, step, logit_rows, hooks)
+    }
+    fn greedy_capture(
+        &mut self,
+        ids: &[u32],
+        step: &Step,
+        p: usize,
+    ) -> thinksteer::Result<(Vec<u32>, Vec<f32>)> {
+        self.e.greedy_capture(ids, step, p)
+    }
+    fn logits_at(&mut self, ids: &[u32]) -> thinksteer::Result<Vec<f32>> {
+        self.e.logits_at(ids)
+    }
+    fn keep_residuals(&mut self, p: usize) -> thinksteer::Result<()> {
+        self.e.keep_residuals(p)
+    }
+    fn forward_kept(
+        &mut self,
+        step: &Step,
+        steer: &SteerRows,
+        logit_rows: &[usize],
+    ) -> thinksteer::Result<&[f32]> {
+        self.rows.0 += step.n_write;
+        self.rows.1 += step.positions.len() - step.n_write;
+        self.e.forward_kept(step, steer, logit_rows)
+    }
+}
+
+/// The window-0 prefix caches change no token and no record (against exact mode), with room
+/// for every (problem, category, coefficient), for 4 (evictions) and for 1 (most window-0 runs
+/// read-only), with a refill; and they cut the window-0 rows: with room for all, every position
+/// of a (problem, category, coefficient) runs once.
+#[test]
+fn prefix_caches_change_nothing_but_the_rows_run() {
+    let f = fx(12.0);
+    let pair = Pair {
+        base: &f.base,
+        thinking: &f.thinking,
+        sae: &f.sae,
+        steering: &f.steering,
+    };
+    let mut ps = problems();
+    ps.push(Prompts {
+        base: vec![50, 43, 50, 61],
+        thinking: vec![307, 50, 43, 50, 308, 10, 307],
+    });
+    let mut s = settings(Mode::Exact, &[0.5, 1.0, 2.0], &[0, -1, -3], 12);
+    s.no_gating = true; // every step steered: window-0 candidates at every step
+    let exact = hybrid(&f, &ps, &s);
+    s.mode = Mode::Cached;
+    s.batch = 2;
+    let mut rows = vec![];
+    for caches in [0, 1, 4, 2 * 4 * 3] {
+        s.prefix_caches = Some(caches);
+        let mut b = Counting {
+            e: CpuEngine::new(f.base.clone(), 2 + caches, 40),
+            rows: (0, 0),
+        };
+        let mut t = CpuEngine::new(f.thinking.clone(), 2, 40);
+        let got = run_cached(pair.artifacts(), &mut b, &mut t, &ps, &s, |_, _, _| {}).unwrap();
+        for (i, (e, g)) in exact.iter().zip(&got).enumerate() {
+            assert_eq!(g.ids, e.ids, "{caches} caches: problem {i}");
+            assert_eq!(g.steps, e.steps, "{caches} caches: problem {i}");
+        }
+        rows.push(b.rows);
+    }
+    // No cache, no written rows; each cache takes some runs off the read-only rows.
+    assert_eq!(rows[0].0, 0);
+    let total = |r: (usize, usize)| r.0 + r.1;
+    assert!(
+        total(rows[1]) < total(rows[0])
+            && total(rows[2]) < total(rows[1])
+            && total(rows[3]) < total(rows[2]),
+        "rows (written, read-only) with 0, 1, 4 and 24 caches: {rows:?}"
+    );
+    // With room for all: the written rows are each (problem, category, coefficient)'s
+    // positions, once.
+    let mut longest = std::collections::HashMap::new();
+    for (p, out) in exact.iter().enumerate() {
+        for (i, st) in out.steps.iter().enumerate() {
+            for c in [0.5f32, 1.0, 2.0] {
+                // The sequence at step i: the prompt and i tokens.
+                let n = ps[p].base.len() + i;
+                let e = longest.entry((p, st.category, c.to_bits())).or_insert(0);
+                *e = n.max(*e);
+            }
+        }
+    }
+    assert_eq!(rows[3].0, longest.values().sum::<usize>(), "{rows:?}");
 }

@@ -27,8 +27,9 @@
 use super::kernels::{self as k, Gate};
 use super::model::{call_rows, CudaEngine, SaeDev, SteerDev, SteerSel};
 use super::{cuda_err as cu, Gpu};
+use crate::config::Config;
 use crate::engine::Decoder;
-use crate::hybrid::{run_cached, Artifacts, Mode, Output, Prompts, Settings, StepRecord};
+use crate::hybrid::{prefix, run_cached, Artifacts, Mode, Output, Prompts, Settings, StepRecord};
 use crate::model::{Hooks, Step};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
@@ -777,6 +778,33 @@ pub enum GpuHybrid {
     },
 }
 
+/// The prefix caches (`hybrid::prefix`) to give a base engine of `max_b` problem slots, `ctx`
+/// positions and `rows` per call whose weights take `weights` bytes: as `prefix::count` says,
+/// with a quarter of the GPU memory left free by the engine and its kept residuals.
+pub fn prefix_caches(
+    c: &Config,
+    s: &Settings,
+    max_b: usize,
+    latents: usize,
+    ctx: usize,
+    rows: usize,
+    weights: usize,
+) -> Result<usize> {
+    let (free, _) =
+        cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
+    let engine = super::model::cache_and_activation_bytes(c, max_b, ctx, rows)
+        + weights
+        + max_b * ctx * c.hidden_size * 4;
+    let per = prefix::slot_bytes(c, ctx, 2);
+    Ok(prefix::count(
+        s,
+        max_b,
+        latents,
+        per,
+        free.saturating_sub(engine) / 4,
+    ))
+}
+
 impl GpuHybrid {
     /// Loads both checkpoints onto the first GPU, sized for `max_b` problems whose prompts and
     /// answers fit `ctx_base` / `ctx_think` positions.
@@ -819,7 +847,10 @@ impl GpuHybrid {
             .unwrap_or(1);
         let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, think_max_t)?;
         let rows = (max_b * s.coefficients.len()).max(longest).max(call);
-        let mut base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
+        let cb = Config::from_file(&base_dir.join("config.json"))?;
+        let weights = cb.param_count() * 2;
+        let caches = prefix_caches(&cb, s, max_b, sae.latents, ctx_base, rows, weights)?;
+        let mut base = CudaEngine::load(gpu, base_dir, max_b + caches, ctx_base, rows)?;
         // The residuals the candidate runs start from (slots · context · D f32), allocated now
         // so that a card too small says so before any problem runs.
         let art = Artifacts { sae, steering };

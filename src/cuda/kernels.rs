@@ -757,25 +757,38 @@ pub fn attention_runs(
     })
 }
 
-/// The tiles of `attention_runs` for a step: each run (a row that writes, or a read-only run,
-/// `Step::run_of`) in pieces of ≤ 64 queries, as (first row of the run, run length, first
-/// query of the piece, the run's first position, slot).
-pub fn run_tiles(step: &crate::model::Step, out: &mut Vec<i32>) {
+/// The tiles of `attention_runs` for a step: each run in pieces of ≤ 64 queries, as (first row
+/// of the run, run length, first query of the piece, the run's first position, slot). A run is
+/// a read-only run (`Step::run_of`) or a chunk of rows that write consecutive positions of one
+/// slot: a written row's keys at and after the chunk's start are its chunk's own K/V, which
+/// the cache then holds too. Returns whether some run holds more than one row.
+pub fn run_tiles(step: &crate::model::Step, out: &mut Vec<i32>) -> bool {
     out.clear();
-    let t = step.positions.len();
+    let (t, w) = (step.positions.len(), step.n_write);
+    let mut long = false;
     let mut a = 0;
     while a < t {
-        // The run starting at row a: the rows after it whose run starts at a.
+        // The run starting at row a: the rows after it whose run starts at a, or for a written
+        // row the written rows after it that continue its chunk.
         let mut b = a + 1;
-        while b < t && step.run_of(b) == a {
+        let continues = |b: usize| {
+            if b < w {
+                step.slots[b] == step.slots[b - 1] && step.positions[b] == step.positions[b - 1] + 1
+            } else {
+                a >= w && step.run_of(b) == a
+            }
+        };
+        while b < t && continues(b) {
             b += 1;
         }
+        long |= b - a > 1;
         let (len, p0, slot) = (b - a, step.positions[a], step.slots[a]);
         for q0 in (0..len).step_by(64) {
             out.extend([a, len, q0, p0, slot].map(|x| x as i32));
         }
         a = b;
     }
+    long
 }
 
 /// attention_prefill_bf16's dynamic shared memory: 2 stages of a K and a V tile of 64 keys ×

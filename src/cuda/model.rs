@@ -181,6 +181,7 @@ pub(crate) struct Acts {
     pub(crate) live: CudaSlice<i32>,    // [1] rows in use of a call with `use_live` (hybrid)
     pub(crate) stash: CudaSlice<f32>,   // [max_t, D] residuals at one point (greedy_capture)
     pub(crate) tiles: CudaSlice<i32>,   // [max_t, 5] attention_runs tiles of the uploaded call
+    pub(crate) from: CudaSlice<i32>,    // [max_t] slot of each row's kept residual (forward_kept)
 }
 
 /// Which steering the residual kernel applies: none, the dense per-row rows of `Hooks`, the
@@ -309,7 +310,7 @@ pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_
         + d * 4 // steer_tab
         + d * 4 // r_saved
         + d * 4 // stash
-        + 14 * 4; // ids, pos, slot, next, run, steer_iota, steer_ones, hy_idx, hy_coef, tiles (5)
+        + 15 * 4; // ids, pos, slot, next, run, steer_iota, steer_ones, hy_idx, hy_coef, tiles (5), from
     cache + per_t * max_t
 }
 
@@ -430,6 +431,7 @@ impl CudaEngine {
             live: zi(1)?,
             stash: z32(max_t * d)?,
             tiles: zi(max_t * 5)?,
+            from: zi(max_t)?,
         };
         let inv_freq = s
             .clone_htod(&c.rope_inv_freq())
@@ -512,9 +514,13 @@ impl CudaEngine {
             s.memcpy_htod(&h[..t], &mut self.a.run.slice_mut(..t))
                 .map_err(cu("uploading runs"))?;
         }
+        // The tiles, for read-only runs or chunks of written rows (several sequences' prompts,
+        // window-0 prefixes; one chunk alone takes the prefill kernel instead).
         self.n_tiles = 0;
-        if self.runs && self.run_attn {
-            k::run_tiles(step, &mut self.tiles_host);
+        if self.run_attn
+            && (self.runs || step.n_write > 1)
+            && k::run_tiles(step, &mut self.tiles_host)
+        {
             let n = self.tiles_host.len();
             s.memcpy_htod(&self.tiles_host, &mut self.a.tiles.slice_mut(..n))
                 .map_err(cu("uploading attention tiles"))?;
@@ -887,8 +893,11 @@ impl CudaEngine {
             );
         }
         self.upload_step(&[], step)?;
-        // The J vectors, and each row's vector and coefficient.
+        // The J vectors, each row's vector and coefficient, and the slot of its kept residual.
         let s = &self.gpu.stream;
+        let from: Vec<i32> = (0..t).map(|i| steer.from_slot(i, step) as i32).collect();
+        s.memcpy_htod(&from, &mut self.a.from.slice_mut(..t))
+            .map_err(cu("uploading kept slots"))?;
         s.memcpy_htod(steer.vecs, &mut self.a.steer_tab.slice_mut(..nv * d))
             .map_err(cu("uploading steering"))?;
         let idx: Vec<i32> = steer.idx.iter().map(|&j| j as i32).collect();
@@ -896,9 +905,11 @@ impl CudaEngine {
             .map_err(cu("uploading steering"))?;
         s.memcpy_htod(steer.coef, &mut self.a.hy_coef.slice_mut(..t))
             .map_err(cu("uploading steering"))?;
-        // r = kept residual + steering at point p, then the blocks p.. as in `layers`.
+        // r = kept residual + steering at point p, then the blocks p.. as in `layers`; rows
+        // 0..n_write append their K/V (a chunk of one sequence: the prefill attention).
         self.keep(t, k::Keep::Load)?;
-        for l in p..=n {
+        self.prefill = prefill_chunk(step);
+        let res = (p..=n).try_for_each(|l| {
             let sel = if l == p {
                 SteerSel::Rows(nv)
             } else {
@@ -906,24 +917,32 @@ impl CudaEngine {
             };
             self.close_point(0..t, l, l > p, sel, false, None)?;
             if l < n {
-                self.block(t, l, 0)?;
+                self.block(t, l, step.n_write)?;
             }
-        }
+            Ok(())
+        });
+        self.prefill = None;
+        res?;
         self.head(logit_rows)
     }
 
-    /// Copies rows 0..t of the residual to the kept residuals at their (slot, position), or back.
+    /// Copies rows 0..t of the residual to the kept residuals at their (slot, position), or back
+    /// from (a.from, position).
     fn keep(&mut self, t: usize, way: k::Keep) -> Result<()> {
         let (d, shape) = (self.config.hidden_size, (self.slots, self.max_len));
         let Some((_, kept)) = self.kept.as_mut() else {
             crate::bail!("this engine keeps no residuals (keep_residuals first)");
         };
         let a = &mut self.a;
+        let slots = match way {
+            k::Keep::Store => a.slot.slice(..t),
+            k::Keep::Load => a.from.slice(..t),
+        };
         k::hybrid_keep(
             &self.gpu,
             &mut a.r.slice_mut(..t * d),
             &mut kept.as_view_mut(),
-            &a.slot.slice(..t),
+            &slots,
             &a.pos.slice(..t),
             t,
             (shape.0, shape.1, d),
@@ -1034,11 +1053,7 @@ impl CudaEngine {
     fn forward_chunk(&mut self, ids: &[u32], step: &Step, hooks: &mut Hooks) -> Result<()> {
         self.upload_step(ids, step)?;
         let t = ids.len();
-        let contiguous = step.slots.iter().all(|&x| x == step.slots[0])
-            && step.positions.windows(2).all(|w| w[1] == w[0] + 1);
-        if t > k::GEMV_MAX_ROWS && step.n_write == t && contiguous {
-            self.prefill = Some((step.slots[0], step.positions[0]));
-        }
+        self.prefill = prefill_chunk(step);
         let res = self.layers(t, step.n_write, hooks, None);
         self.prefill = None;
         res
@@ -1279,6 +1294,16 @@ impl Decoder for CudaEngine {
         self.argmax_ids(logit_rows.len())?;
         self.read_ids(logit_rows.len())
     }
+}
+
+/// (slot, first position) of a call that is one chunk of one sequence, every token writing the
+/// cache, and longer than the skinny products take: its attention runs on the prefill tiles.
+fn prefill_chunk(step: &Step) -> Option<(usize, usize)> {
+    let t = step.positions.len();
+    let contiguous = step.slots.iter().all(|&x| x == step.slots[0])
+        && step.positions.windows(2).all(|w| w[1] == w[0] + 1);
+    (t > k::GEMV_MAX_ROWS && step.n_write == t && contiguous)
+        .then(|| (step.slots[0], step.positions[0]))
 }
 
 /// Copies the first `n` logits from the device to `buf` (resized to n) and waits for them.

@@ -97,6 +97,10 @@ pub struct EvalArgs {
     /// Problems decoded together.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Hybrid with window 0: base-model cache slots for window-0 candidates' steered K/V (see
+    /// `hybrid --help`; default: as many as useful and fit a quarter of the free memory).
+    #[arg(long)]
+    pub prefix_caches: Option<usize>,
     /// i/n: only problems with index % n == i (results go to results.shard-i-of-n.jsonl).
     #[arg(long)]
     pub shard: Option<String>,
@@ -330,6 +334,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         windows: windows.clone(),
         max_new_tokens: a.max_new_tokens,
         batch: a.batch.max(1),
+        prefix_caches: a.prefix_caches,
         ..Settings::default()
     };
     let mode_name = serde_json::to_value(a.hybrid_mode)?

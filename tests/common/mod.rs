@@ -341,13 +341,82 @@ pub fn unwritten_kept_is_nan(e: &mut dyn thinksteer::engine::Decoder, vec: &[f32
         n_write: 0,
         run_start: &[],
     };
-    let one = thinksteer::engine::SteerRows {
-        vecs: vec,
-        idx: &[0],
-        coef: &[1.0],
-    };
+    let one = thinksteer::engine::SteerRows::own(vec, &[0], &[1.0]);
     let logits = e.forward_kept(&never, &one, &[0]).unwrap();
     logits.iter().all(|x| x.is_nan())
+}
+
+/// A window-0 prefix written to a slot of its own, on an engine of ≥ 3 slots, ≥ 70 positions
+/// and ≥ 70 + 70 − a rows per call: slot 0 takes a 70-token prompt (kept at `point`); rows that
+/// start from slot 0's kept residuals plus 0.8 · `vec` [D] run in slot 2 and write their K/V
+/// there, positions 0..a in one call, then a..70 in a call that also holds a read-only run of
+/// all 70 positions in slot 0. Returns the logits [V] of (position a − 1 from the first call,
+/// 69 from the second's written rows, 69 from its read-only run) and of one read-only run of
+/// the 70 positions alone at (a − 1, 69).
+pub fn prefix_in_own_slot(
+    e: &mut dyn thinksteer::engine::Decoder,
+    point: usize,
+    a: usize,
+    vec: &[f32],
+) -> ([Vec<f32>; 3], [Vec<f32>; 2]) {
+    use thinksteer::engine::SteerRows;
+    use thinksteer::model::{Hooks, Step};
+    const N: usize = 70;
+    e.keep_residuals(point).unwrap();
+    let prompt: Vec<u32> = (0..N as u32).map(|i| (i * 53 + 11) % 300).collect();
+    let pos: Vec<usize> = (0..N).collect();
+    let write = Step {
+        slots: &[0; N],
+        positions: &pos,
+        n_write: N,
+        run_start: &[],
+    };
+    e.forward(&prompt, &write, &[], &mut Hooks::default())
+        .unwrap();
+    // Every row: 0.8 · vec, from slot 0's kept residual.
+    let (idx, coef, from) = (vec![0u32; 2 * N], vec![0.8f32; 2 * N], vec![0usize; 2 * N]);
+    let rows = |t: usize| SteerRows {
+        vecs: vec,
+        idx: &idx[..t],
+        coef: &coef[..t],
+        from: &from[..t],
+    };
+    let first = Step {
+        slots: &[2; N][..a],
+        positions: &pos[..a],
+        n_write: a,
+        run_start: &[],
+    };
+    let l1 = e.forward_kept(&first, &rows(a), &[a - 1]).unwrap().to_vec();
+    // Rows a..N written to slot 2, then positions 0..N of slot 0 as one read-only run.
+    let (slots, positions): (Vec<usize>, Vec<usize>) =
+        (a..N).map(|p| (2, p)).chain((0..N).map(|p| (0, p))).unzip();
+    let w = N - a;
+    let mixed = Step {
+        slots: &slots,
+        positions: &positions,
+        n_write: w,
+        run_start: &[w; N],
+    };
+    let l2 = e
+        .forward_kept(&mixed, &rows(w + N), &[w - 1, w + N - 1])
+        .unwrap()
+        .to_vec();
+    let alone = Step {
+        slots: &[0; N],
+        positions: &pos,
+        n_write: 0,
+        run_start: &[0; N],
+    };
+    let l3 = e
+        .forward_kept(&alone, &rows(N), &[a - 1, N - 1])
+        .unwrap()
+        .to_vec();
+    let v = l1.len();
+    (
+        [l1, l2[..v].to_vec(), l2[v..].to_vec()],
+        [l3[..v].to_vec(), l3[v..].to_vec()],
+    )
 }
 
 /// Steering rows for `kept_and_rerun` over n rows of width d: with `dense`, n vectors, one per
