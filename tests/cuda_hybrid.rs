@@ -201,9 +201,10 @@ fn ungated_gpu_step_matches_the_cpu_loop() {
 }
 
 /// The host-driven loop on two CUDA engines (`GpuHybrid::Engines`: windows other than -1, and
-/// --random-firing) against the CPU loop: the candidates of windows 0 and -3 are read-only runs
-/// in decode attention. Each case also checks that some step was won by a window other than -1
-/// on the CPU, so the runs decided something.
+/// --random-firing) against the CPU loop: the candidates of windows 0 and -3 are read-only runs,
+/// or window 0's continue prefix caches (calls of written chunks in several slots, beside
+/// read-only runs or alone). Each case also checks that some step was won by a window other
+/// than -1 on the CPU, so the runs decided something.
 #[test]
 fn windowed_gpu_loop_matches_the_cpu_loop() {
     let Some(g) = gpu() else { return };
@@ -211,7 +212,16 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
     let (base_dir, think_dir) = (f.base_dir.as_path(), f.think_dir.as_path());
     let pair = f.pair();
     let ps = problems();
-    for (windows, random_firing) in [(vec![0, -1, -3], None), (vec![-1], Some(5))] {
+    // (windows, --random-firing, window-0 prefix caches: none, 4 (evictions), one per
+    // (slot, category, coefficient))
+    let all = 2 * pair.sae.latents * 3;
+    let cases = [
+        (vec![0, -1, -3], None, 0),
+        (vec![0, -1, -3], None, 4),
+        (vec![0], None, all),
+        (vec![-1], Some(5), 0),
+    ];
+    for (windows, random_firing, caches) in cases {
         let s = Settings {
             mode: Mode::Cached,
             coefficients: vec![0.25, 1.0, 2.0],
@@ -224,15 +234,16 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
         let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
         // Two slots for three problems. Calls of 2 rows in the thinking engine (each prompt is
         // fed in several calls before the one-token-per-row greedy_capture) and 20 in the base
-        // engine, which takes a whole sequence (window 0) in one call.
+        // engine, which takes a whole sequence (window 0) in one call; its slots past the
+        // first two hold the prefix caches.
         let te = CudaEngine::load(g.clone(), think_dir, 2, 64, 2).unwrap();
-        let be = CudaEngine::load(g.clone(), base_dir, 2, 64, 20).unwrap();
+        let be = CudaEngine::load(g.clone(), base_dir, 2 + caches, 64, 20).unwrap();
         let mut hy = GpuHybrid::Engines {
             base: Box::new(be),
             think: Box::new(te),
         };
         let got = hy.run(pair.artifacts(), &ps, &s, |_, _, _| {}).unwrap();
-        let what = format!("windows {windows:?}");
+        let what = format!("windows {windows:?}, {caches} prefix caches");
         let longer = same_start(&got, &want, &what, |s| s.window != Some(-1));
         if windows != [-1] {
             assert!(
@@ -312,6 +323,42 @@ fn kept_residuals_on_the_gpu_match_a_rerun_and_the_cpu() {
             );
             let e2 = common::rel_err(k, w);
             assert!(e2 <= TOL, "{what}: row {i}, GPU vs CPU, rel. error {e2}");
+        }
+    }
+}
+
+/// A window-0 prefix written to a slot of its own on the GPU (`common::prefix_in_own_slot`:
+/// from slot 0's kept residuals; a 37-row first call on the prefill kernel, or a 1-row one;
+/// then the rest beside a 70-row read-only run, on the run tiles or the decode kernels) against
+/// the read-only run alone and against the CPU, within the tolerance of the kept test above.
+#[test]
+fn a_window_0_prefix_in_its_own_slot_on_the_gpu_matches_the_cpu() {
+    let Some(g) = gpu() else { return };
+    const TOL: f32 = 1.0 / 32.0;
+    let f = Fixture::new("prefix");
+    let d = f.base.config.hidden_size;
+    let vec: Vec<f32> = (0..d).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.3).collect();
+    for (point, a, decode) in [(1, 37, false), (0, 37, true), (3, 1, false)] {
+        let what = format!("point {point}, first call {a} rows, decode kernels {decode}");
+        let mut cpu = CpuEngine::new(f.base.clone(), 3, 80);
+        let (want, _) = common::prefix_in_own_slot(&mut cpu, point, a, &vec);
+        let mut e = CudaEngine::load(g.clone(), &f.base_dir, 3, 80, 160).unwrap();
+        e.run_attn = !decode;
+        let (got, alone) = common::prefix_in_own_slot(&mut e, point, a, &vec);
+        let names = ["first call", "written rows", "read-only run beside them"];
+        for (i, (x, w)) in got.iter().zip(&want).enumerate() {
+            let e1 = common::rel_err(x, w);
+            assert!(
+                e1 <= TOL,
+                "{what}: {}, GPU vs CPU, rel. error {e1}",
+                names[i]
+            );
+            let e2 = common::rel_err(x, &alone[(i + 1) / 2]);
+            assert!(
+                e2 <= TOL,
+                "{what}: {}, vs the run alone, rel. error {e2}",
+                names[i]
+            );
         }
     }
 }
