@@ -173,6 +173,8 @@ ab "THINKSTEER_ATTN=group" --hybrid --steered-share 0.125 --batch 64 --prompt-le
 W="--hybrid --windows 0,-1,-15,-50,-100 --batch 1 --prompt-len 200 --new-tokens 16"
 ab "THINKSTEER_RUN_ATTN=tiles" $W
 ab "THINKSTEER_RUN_ATTN=decode" $W
+#    ... and without the window-0 prefix caches (each window-0 candidate reruns the sequence).
+ab "THINKSTEER_RUN_ATTN=tiles" $W --prefix-caches 0
 # 4. Each switch chosen from the lines above (the non-default value only where it is faster on
 #    the geometric mean of its pairs and slower on none), then the summary benches again with
 #    the chosen switches, in the same call as the lines they are compared with.

@@ -202,6 +202,9 @@ pub struct Settings {
     pub steered_share: Option<f64>,
     /// Hybrid only: steering windows; other than [-1], the host-driven loop is timed.
     pub windows: Vec<i64>,
+    /// Hybrid with window 0: the base engine's window-0 prefix caches (`hybrid::prefix`; None:
+    /// as many as useful and fit).
+    pub prefix_caches: Option<usize>,
     /// Rows per forward call (the prefill chunk; at least the largest batch): 512 in generate,
     /// eval and the other commands.
     pub chunk: usize,
@@ -605,6 +608,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         mode: Mode::Cached,
         max_new_tokens: s.new_tokens,
         windows: s.windows.clone(),
+        prefix_caches: s.prefix_caches,
         ..HySettings::default()
     };
     let nc = hy.coefficients.len();

@@ -93,6 +93,15 @@ impl Settings {
                 self.windows
             );
         }
+        if self.prefix_caches.is_some_and(|n| n > 0)
+            && (self.mode != Mode::Cached || !self.windows.contains(&0))
+        {
+            bail!(
+                "--prefix-caches keeps window-0 candidates: expected --mode cached with window 0, found --mode {} and windows {:?}",
+                format!("{:?}", self.mode).to_lowercase(),
+                self.windows
+            );
+        }
         if let Some(i) = problems
             .iter()
             .position(|p| p.base.is_empty() || p.thinking.is_empty())

@@ -378,6 +378,10 @@ struct BenchArgs {
         allow_hyphen_values = true
     )]
     windows: Vec<i64>,
+    /// With --hybrid and window 0: the base engine's window-0 prefix caches (as in `hybrid`;
+    /// 0: none, for timing without them).
+    #[arg(long)]
+    prefix_caches: Option<usize>,
     /// Rows per forward call on the GPU (the prefill chunk; when not given, what the other commands
     /// use: 512, or THINKSTEER_PREFILL_ROWS). Plain decode only.
     #[arg(long)]
@@ -852,6 +856,7 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         seed: 0,
         steered_share: a.steered_share,
         windows: a.windows.clone(),
+        prefix_caches: a.prefix_caches,
         chunk: a.chunk.unwrap_or_else(call_rows).max(1),
         marginal: a.marginal,
     };
@@ -862,6 +867,13 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
                 if a.hybrid { "" } else { " without --hybrid" }
             ));
         }
+    }
+    if a.prefix_caches.is_some_and(|n| n > 0) && !(a.hybrid && a.windows.contains(&0)) {
+        return Err(anyhow!(
+            "--prefix-caches goes with --hybrid and window 0, found windows {:?}{}",
+            a.windows,
+            if a.hybrid { "" } else { " without --hybrid" }
+        ));
     }
     if a.windows != [-1] && !a.hybrid {
         return Err(anyhow!(

@@ -564,6 +564,17 @@ fn persistent_mode_and_positive_windows_are_refused() {
     assert!(e.contains("windows must be [-1]"), "{e}");
     let e = on_engines(&settings(Mode::Cached, &[], &[-1], 4), &problems());
     assert!(e.contains("at least one coefficient"), "{e}");
+    let caches = Settings {
+        prefix_caches: Some(3),
+        ..settings(Mode::Cached, &[1.0], &[-1, -5], 4)
+    };
+    let e = on_engines(&caches, &problems());
+    assert!(
+        e.contains(
+            "expected --mode cached with window 0, found --mode cached and windows [-1, -5]"
+        ),
+        "{e}"
+    );
     let empty = [Prompts {
         base: vec![],
         thinking: vec![5],

@@ -212,6 +212,7 @@ pub fn bench_settings(batches: Vec<usize>) -> thinksteer::bench::Settings {
         windows: vec![-1],
         chunk: 512,
         marginal: false,
+        prefix_caches: None,
     }
 }
 
