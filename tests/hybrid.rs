@@ -21,6 +21,17 @@ struct Fx {
     steering: SteeringSet,
 }
 
+impl Fx {
+    fn pair(&self) -> Pair<'_> {
+        Pair {
+            base: &self.base,
+            thinking: &self.thinking,
+            sae: &self.sae,
+            steering: &self.steering,
+        }
+    }
+}
+
 /// Steering of norm 12 at block 1: the residual there has RMS ≈ 2–4 over D = 64 (norm ≈ 16–32),
 /// so candidates differ from the unsteered token at some coefficients but not all.
 fn fx(norm: f32) -> Fx {
@@ -185,6 +196,16 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize, persist:
     out
 }
 
+/// `problems()` and a third, so that batch 2 has a slot take the next problem (refill).
+fn three_problems() -> Vec<Prompts> {
+    let mut ps = problems();
+    ps.push(Prompts {
+        base: vec![50, 43, 50, 61],
+        thinking: vec![307, 50, 43, 50, 308, 10, 307],
+    });
+    ps
+}
+
 fn settings(mode: Mode, coefs: &[f32], windows: &[i64], n: usize) -> Settings {
     Settings {
         mode,
@@ -196,12 +217,7 @@ fn settings(mode: Mode, coefs: &[f32], windows: &[i64], n: usize) -> Settings {
 }
 
 fn hybrid(f: &Fx, ps: &[Prompts], s: &Settings) -> Vec<Output> {
-    let pair = Pair {
-        base: &f.base,
-        thinking: &f.thinking,
-        sae: &f.sae,
-        steering: &f.steering,
-    };
+    let pair = f.pair();
     run(&pair, ps, s, |_, _, _| {}).unwrap()
 }
 
@@ -260,11 +276,7 @@ fn batched_equals_one_at_a_time() {
     let f = fx(12.0);
     // A third problem, so batch 2 exercises a slot taking the next problem (refill), with
     // different lengths (max 16 tokens for some, eos possibly earlier for others).
-    let mut ps = problems();
-    ps.push(Prompts {
-        base: vec![50, 43, 50, 61],
-        thinking: vec![307, 50, 43, 50, 308, 10, 307],
-    });
+    let ps = three_problems();
     for mode in [Mode::Cached, Mode::Persistent] {
         let alone: Vec<_> = ps
             .iter()
@@ -434,12 +446,7 @@ fn cached_equals_exact_for_every_window() {
 #[test]
 fn candidate_runs_split_over_calls_equal_exact() {
     let f = fx(12.0);
-    let pair = Pair {
-        base: &f.base,
-        thinking: &f.thinking,
-        sae: &f.sae,
-        steering: &f.steering,
-    };
+    let pair = f.pair();
     let (coefs, windows) = ([0.5, 1.0, 2.0], [-1, -3, -5]);
     let mut s = settings(Mode::Exact, &coefs, &windows, 10);
     s.batch = 2;
@@ -495,11 +502,7 @@ fn cached_equals_exact_with_ablations_refills_and_a_full_context() {
         Arc::new(m)
     };
     (f.base, f.thinking) = (short("qwen2-f32"), short("thinking-qwen2-f32"));
-    let mut ps = problems();
-    ps.push(Prompts {
-        base: vec![50, 43, 50, 61],
-        thinking: vec![307, 50, 43, 50, 308, 10, 307],
-    });
+    let ps = three_problems();
     let windows = [0, -1, -3];
     type Variant = (&'static str, fn(&mut Settings));
     let variants: [Variant; 4] = [
@@ -529,12 +532,7 @@ fn cached_equals_exact_with_ablations_refills_and_a_full_context() {
 #[test]
 fn persistent_mode_and_positive_windows_are_refused() {
     let f = fx(12.0);
-    let pair = Pair {
-        base: &f.base,
-        thinking: &f.thinking,
-        sae: &f.sae,
-        steering: &f.steering,
-    };
+    let pair = f.pair();
     let err = |mode, windows: &[i64]| {
         run(
             &pair,
@@ -784,17 +782,8 @@ impl Decoder for Counting {
 #[test]
 fn prefix_caches_change_nothing_but_the_rows_run() {
     let f = fx(12.0);
-    let pair = Pair {
-        base: &f.base,
-        thinking: &f.thinking,
-        sae: &f.sae,
-        steering: &f.steering,
-    };
-    let mut ps = problems();
-    ps.push(Prompts {
-        base: vec![50, 43, 50, 61],
-        thinking: vec![307, 50, 43, 50, 308, 10, 307],
-    });
+    let pair = f.pair();
+    let ps = three_problems();
     let mut s = settings(Mode::Exact, &[0.5, 1.0, 2.0], &[0, -1, -3], 12);
     s.no_gating = true; // every step steered: window-0 candidates at every step
     let exact = hybrid(&f, &ps, &s);

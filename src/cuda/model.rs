@@ -999,6 +999,8 @@ impl CudaEngine {
             crate::bail!("a greedy decode step: expected 1..={} rows that all write the cache, found {t} rows, n_write {}", self.max_t, step.n_write);
         }
         self.upload_step(ids, step)?;
+        // Decode attention for every row: a graph captured with tiles would replay their count.
+        self.n_tiles = 0;
         if self.use_graphs {
             let key = (t, self.fuses_rope(), stash);
             if !self.graphs.contains_key(&key) {
