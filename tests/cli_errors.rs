@@ -313,6 +313,19 @@ fn bench_switches_out_of_range() {
         &["--chunk", "--hybrid"],
     );
     expect_error(
+        &[
+            "bench",
+            "--shape",
+            "qwen2.5-1.5b",
+            "--hybrid",
+            "--windows",
+            "-1,-15",
+            "--prefix-caches",
+            "4",
+        ],
+        &["--prefix-caches", "window 0", "[-1, -15]"],
+    );
+    expect_error(
         &["kernels", "--arch", "75", "--cache", "/nonexistent/kc"],
         &["--arch", "from 80", "75"],
     );
