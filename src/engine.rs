@@ -39,7 +39,17 @@ pub trait Decoder {
         ids: &[u32],
         step: &Step,
         p: usize,
-    ) -> Result<(Vec<u32>, Vec<f32>)>;
+    ) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.start_capture(ids, step, p)?;
+        self.finish_capture()
+    }
+    /// The first half of `greedy_capture`: starts the step and returns before its results are
+    /// needed, so that another engine's step can run meanwhile (the CUDA engine queues it on its
+    /// stream; the CPU engine runs it now).
+    fn start_capture(&mut self, ids: &[u32], step: &Step, p: usize) -> Result<()>;
+    /// The second half of `greedy_capture`: (greedy ids, residuals) of the step
+    /// `start_capture` started, which must be the engine's last call.
+    fn finish_capture(&mut self) -> Result<(Vec<u32>, Vec<f32>)>;
     /// Logits of the last call, if it was a `greedy_capture` of T tokens: with n = ids.len() / T
     /// ids per token, out[r·n + i] = logits[r, ids[r·n + i]], −inf for an id outside the
     /// vocabulary (u32::MAX: no candidate there).
@@ -139,6 +149,8 @@ pub struct CpuEngine {
     kept: Option<(usize, Vec<f32>)>,
     /// [T, V] logits of the last call when it was a `greedy_capture` (else empty).
     captured: Vec<f32>,
+    /// (greedy ids, residuals) of the last call when it was a `start_capture`.
+    pending: Option<(Vec<u32>, Vec<f32>)>,
     /// Tokens a call with read-only runs may hold (`Decoder::max_rows`; unbounded by default,
     /// set lower to split a step's candidate runs into several calls as a GPU engine does).
     pub max_rows: usize,
@@ -154,6 +166,7 @@ impl CpuEngine {
             h: Vec::new(),
             kept: None,
             captured: Vec::new(),
+            pending: None,
             max_rows: usize::MAX,
         }
     }
@@ -188,6 +201,7 @@ impl Decoder for CpuEngine {
         )?;
         let n = self.model.config.num_hidden_layers;
         self.captured.clear();
+        self.pending = None;
         // Kept residuals come from a capture at the point, added last and taken back after.
         let keep = match &self.kept {
             Some((p, _)) if hooks.steer.is_none() && step.n_write > 0 => Some(*p),
@@ -216,16 +230,11 @@ impl Decoder for CpuEngine {
         }
         Ok(self.model.head(&mut self.ws, &self.h, logit_rows))
     }
-    fn greedy_capture(
-        &mut self,
-        ids: &[u32],
-        step: &Step,
-        p: usize,
-    ) -> Result<(Vec<u32>, Vec<f32>)> {
+    fn start_capture(&mut self, ids: &[u32], step: &Step, p: usize) -> Result<()> {
         check_point(self.config(), p)?;
         if step.n_write != ids.len() {
             crate::bail!(
-                "greedy_capture: expected a decode step ({} tokens that all write the cache), found n_write {}",
+                "start_capture: expected a decode step ({} tokens that all write the cache), found n_write {}",
                 ids.len(),
                 step.n_write
             );
@@ -240,7 +249,11 @@ impl Decoder for CpuEngine {
         let toks = logits.chunks(v).map(|l| argmax(l) as u32).collect();
         self.captured = logits;
         let (_, h) = hooks.capture.pop().expect("one capture asked for");
-        Ok((toks, h))
+        self.pending = Some((toks, h));
+        Ok(())
+    }
+    fn finish_capture(&mut self) -> Result<(Vec<u32>, Vec<f32>)> {
+        self.pending.take().ok_or_else(no_capture)
     }
     fn logits_at(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let v = self.config().vocab_size;
@@ -294,6 +307,7 @@ impl Decoder for CpuEngine {
         let c = &self.model.config;
         let (d, n) = (c.hidden_size, c.num_hidden_layers);
         self.captured.clear();
+        self.pending = None;
         let kept = &self.kept.as_ref().expect("checked by check_kept").1;
         self.h.clear();
         for (i, &pos) in step.positions.iter().enumerate() {
@@ -355,6 +369,13 @@ pub fn check_step(
         );
     }
     Ok(())
+}
+
+/// The error of a `finish_capture` whose engine's last call was not a `start_capture`.
+pub fn no_capture() -> crate::Error {
+    crate::Error::Input(
+        "finish_capture: expected the engine's last call to be a start_capture, found another call (or none)".into(),
+    )
 }
 
 /// Validates a `logits_at` call after a `greedy_capture` of `t` tokens (0: none was the last

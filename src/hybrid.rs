@@ -572,7 +572,8 @@ pub fn run_cached(
         st.prefill(think, &active)?;
         sb.prefill(base, &active)?;
         // 1. Thinking model: feed the newest tokens (a decode step), capture block L_t's
-        // output; its logits stay with the engine (only the candidates' are read, in 4).
+        // output; its logits stay with the engine (only the candidates' are read, in 4). It
+        // runs while the base model's step (2) does, where the engines allow (CUDA streams).
         let (tids, slots, pos, last_t) = st.gather(&active);
         let step = Step {
             slots: &slots,
@@ -580,16 +581,7 @@ pub fn run_cached(
             n_write: tids.len(),
             run_start: &[],
         };
-        let (think_all, captured) = think.greedy_capture(&tids, &step, art.sae.layer + 1)?;
-        let think_toks: Vec<u32> = last_t.iter().map(|&i| think_all[i]).collect();
-        let categories: Vec<usize> = last_t
-            .iter()
-            .zip(&active)
-            .map(|(&i, &r)| {
-                let rng = &mut rngs[who[r].expect("active slots hold a problem")];
-                art.category(&captured[i * dt..(i + 1) * dt], &mut z, s, rng)
-            })
-            .collect();
+        think.start_capture(&tids, &step, art.sae.layer + 1)?;
 
         // 2. Base model unsteered (one token per row: a decode step).
         let (ids, slots, pos, _) = sb.gather(&active);
@@ -600,6 +592,17 @@ pub fn run_cached(
             run_start: &[],
         };
         let base_toks = base.greedy(&ids, &step)?;
+
+        let (think_all, captured) = think.finish_capture()?;
+        let think_toks: Vec<u32> = last_t.iter().map(|&i| think_all[i]).collect();
+        let categories: Vec<usize> = last_t
+            .iter()
+            .zip(&active)
+            .map(|(&i, &r)| {
+                let rng = &mut rngs[who[r].expect("active slots hold a problem")];
+                art.category(&captured[i * dt..(i + 1) * dt], &mut z, s, rng)
+            })
+            .collect();
 
         // 3–4. Candidates for every row that needs steering, as read-only runs.
         let steer_rows: Vec<usize> = (0..active.len())

@@ -221,7 +221,10 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
         (vec![0], None, all),
         (vec![-1], Some(5), 0),
     ];
-    for (windows, random_firing, caches) in cases {
+    for (i, (windows, random_firing, caches)) in cases.into_iter().enumerate() {
+        // The thinking engine on the base engine's stream, or on a sibling stream (as
+        // `GpuHybrid::load` puts it): its step then runs while the base model's does.
+        let two_streams = i % 2 == 1;
         let s = Settings {
             mode: Mode::Cached,
             coefficients: vec![0.25, 1.0, 2.0],
@@ -236,14 +239,19 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
         // fed in several calls before the one-token-per-row greedy_capture) and 20 in the base
         // engine, which takes a whole sequence (window 0) in one call; its slots past the
         // first two hold the prefix caches.
-        let te = CudaEngine::load(g.clone(), think_dir, 2, 64, 2).unwrap();
+        let tg = match two_streams {
+            true => Arc::new(g.sibling().unwrap()),
+            false => g.clone(),
+        };
+        let te = CudaEngine::load(tg, think_dir, 2, 64, 2).unwrap();
         let be = CudaEngine::load(g.clone(), base_dir, 2 + caches, 64, 20).unwrap();
         let mut hy = GpuHybrid::Engines {
             base: Box::new(be),
             think: Box::new(te),
         };
         let got = hy.run(pair.artifacts(), &ps, &s, |_, _, _| {}).unwrap();
-        let what = format!("windows {windows:?}, {caches} prefix caches");
+        let what =
+            format!("windows {windows:?}, {caches} prefix caches, two streams {two_streams}");
         let longer = same_start(&got, &want, &what, |s| s.window != Some(-1));
         if windows != [-1] {
             assert!(
@@ -454,5 +462,6 @@ fn greedy_capture_and_logits_at_match_the_cpu() {
         e.decode_greedy(&[4, 4], &step).unwrap();
         let err = e.logits_at(&[1, 2]).unwrap_err().to_string();
         assert!(err.contains("not a greedy_capture"), "{err}");
+        common::finish_capture_needs_its_start(&mut e, p);
     }
 }

@@ -700,6 +700,7 @@ fn greedy_capture_gives_the_forward_s_ids_residuals_and_logits() {
     .unwrap();
     let err = e.logits_at(&[1, 2]).unwrap_err().to_string();
     assert!(err.contains("not a greedy_capture"), "{err}");
+    common::finish_capture_needs_its_start(&mut e, 2);
 }
 
 /// A window-0 prefix written to a slot of its own (from another slot's kept residuals, in two
@@ -749,13 +750,11 @@ impl Decoder for Counting {
     ) -> thinksteer::Result<&[f32]> {
         self.e.forward(ids, step, logit_rows, hooks)
     }
-    fn greedy_capture(
-        &mut self,
-        ids: &[u32],
-        step: &Step,
-        p: usize,
-    ) -> thinksteer::Result<(Vec<u32>, Vec<f32>)> {
-        self.e.greedy_capture(ids, step, p)
+    fn start_capture(&mut self, ids: &[u32], step: &Step, p: usize) -> thinksteer::Result<()> {
+        self.e.start_capture(ids, step, p)
+    }
+    fn finish_capture(&mut self) -> thinksteer::Result<(Vec<u32>, Vec<f32>)> {
+        self.e.finish_capture()
     }
     fn logits_at(&mut self, ids: &[u32]) -> thinksteer::Result<Vec<f32>> {
         self.e.logits_at(ids)

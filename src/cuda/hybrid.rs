@@ -766,7 +766,8 @@ impl CudaHybrid {
 /// The hybrid loop on the GPU, cached or persistent mode: the one-graph step where the settings
 /// allow it (`CudaHybrid::supports`), else the host-driven loop (`hybrid::run_cached`) on two
 /// CUDA engines, for windows other than -1 and --random-firing. That loop runs both models'
-/// steps as decode graphs, reads back the greedy ids, the thinking model's residual at the SAE
+/// steps as decode graphs, the thinking model's on a sibling stream (`think_gpu`) while the base
+/// model's runs, reads back the greedy ids, the thinking model's residual at the SAE
 /// layer and, on steered steps, its logits at the candidates, and launches each steered step's
 /// candidate runs as one more call from the base engine's kept residuals; that engine takes a
 /// window's whole run in one call.
@@ -845,7 +846,7 @@ impl GpuHybrid {
             })
             .max()
             .unwrap_or(1);
-        let think = CudaEngine::load(gpu.clone(), think_dir, max_b, ctx_think, think_max_t)?;
+        let think = CudaEngine::load(think_gpu(&gpu)?, think_dir, max_b, ctx_think, think_max_t)?;
         let rows = (max_b * s.coefficients.len()).max(longest).max(call);
         let cb = Config::from_file(&base_dir.join("config.json"))?;
         let weights = cb.param_count() * 2;

@@ -233,6 +233,8 @@ pub struct CudaEngine {
     graphs: HashMap<(usize, bool, Option<usize>), CudaGraph>,
     /// Rows of the logits the last `greedy_capture` left on the device (for `logits_at`).
     captured_rows: usize,
+    /// Rows of the step the last call started, when it was a `start_capture`.
+    pending: Option<usize>,
     /// `logits_at`'s ids and values on the device, grown to the largest call.
     at_ids: Option<CudaSlice<i32>>,
     at_out: Option<CudaSlice<f32>>,
@@ -452,6 +454,7 @@ impl CudaEngine {
             host_i32: vec![],
             graphs: HashMap::new(),
             captured_rows: 0,
+            pending: None,
             at_ids: None,
             at_out: None,
             use_graphs: !gpu.syncs_each_launch(), // THINKSTEER_CUDA_SYNC=1: every kernel eagerly
@@ -487,8 +490,9 @@ impl CudaEngine {
     /// (≤ max_t tokens).
     pub(crate) fn upload_step(&mut self, ids: &[u32], step: &Step) -> Result<()> {
         let (n, t) = (ids.len(), step.positions.len());
-        // The logits a `greedy_capture` left are about to be overwritten.
+        // The logits and ids a `greedy_capture` left are about to be overwritten.
         self.captured_rows = 0;
+        self.pending = None;
         // One reused host buffer [ids | positions | slots], so a step allocates nothing here.
         let h = &mut self.host_i32;
         h.clear();
@@ -987,12 +991,14 @@ impl CudaEngine {
     /// One greedy decode step for `ids.len()` rows (each writes its K/V), replayed from a CUDA
     /// graph after the first call with that row count. Returns the greedy ids.
     pub fn decode_greedy(&mut self, ids: &[u32], step: &Step) -> Result<Vec<u32>> {
-        self.greedy_step(ids, step, None)
+        self.greedy_step(ids, step, None)?;
+        self.read_ids(ids.len())
     }
 
-    /// `decode_greedy` that also stashes every row's residual at point `p` on the device
-    /// (read back by `greedy_capture`) and leaves the step's logits there (`logits_at`).
-    fn greedy_step(&mut self, ids: &[u32], step: &Step, stash: Option<usize>) -> Result<Vec<u32>> {
+    /// Queues `decode_greedy`'s launches (its ids in a.next), with `stash`, every row's residual
+    /// at that point stashed on the device (read back by `finish_capture`); the step's logits
+    /// stay there (`logits_at`).
+    fn greedy_step(&mut self, ids: &[u32], step: &Step, stash: Option<usize>) -> Result<()> {
         let t = ids.len();
         check_step(&self.config, ids, step, self.slots, self.max_len)?;
         if t > self.max_t || step.n_write != t {
@@ -1017,7 +1023,7 @@ impl CudaEngine {
         } else {
             self.greedy_launches(t, stash)?;
         }
-        self.read_ids(t)
+        Ok(())
     }
 
     fn greedy_launches(&mut self, t: usize, stash: Option<usize>) -> Result<()> {
@@ -1183,22 +1189,21 @@ impl Decoder for CudaEngine {
         }
         Ok(&self.logits_host)
     }
-    fn greedy_capture(
-        &mut self,
-        ids: &[u32],
-        step: &Step,
-        p: usize,
-    ) -> Result<(Vec<u32>, Vec<f32>)> {
+    fn start_capture(&mut self, ids: &[u32], step: &Step, p: usize) -> Result<()> {
         crate::engine::check_point(&self.config, p)?;
-        let toks = self.greedy_step(ids, step, Some(p))?;
-        let mut h = vec![0f32; ids.len() * self.config.hidden_size];
+        self.greedy_step(ids, step, Some(p))?;
+        self.captured_rows = ids.len();
+        self.pending = Some(ids.len());
+        Ok(())
+    }
+    fn finish_capture(&mut self) -> Result<(Vec<u32>, Vec<f32>)> {
+        let t = self.pending.take().ok_or_else(crate::engine::no_capture)?;
+        let mut h = vec![0f32; t * self.config.hidden_size];
         self.gpu
             .stream
             .memcpy_dtoh(&self.a.stash.slice(..h.len()), h.as_mut_slice())
             .map_err(cu("reading the captured residual"))?;
-        self.gpu.sync()?;
-        self.captured_rows = ids.len();
-        Ok((toks, h))
+        Ok((self.read_ids(t)?, h))
     }
     fn logits_at(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let (t, v) = (self.captured_rows, self.config.vocab_size);

@@ -466,3 +466,38 @@ pub fn greedy_capture_of(
     let at = e.logits_at(&[7, 0, u32::MAX, 1, 2, 3]).unwrap();
     (toks, h, at)
 }
+
+/// After `greedy_capture_of(e, p)`: a second `finish_capture` is refused, and so is one after
+/// another call; a `start_capture` whose `finish_capture` comes after the engine's other work
+/// (another step) is refused too, and the next pair gives what `greedy_capture` gives.
+pub fn finish_capture_needs_its_start(e: &mut dyn thinksteer::engine::Decoder, p: usize) {
+    use thinksteer::model::Step;
+    let refused = |e: &mut dyn thinksteer::engine::Decoder| {
+        let err = e.finish_capture().unwrap_err().to_string();
+        assert!(
+            err.contains("expected the engine's last call to be a start_capture"),
+            "{err}"
+        );
+    };
+    refused(e);
+    let s42 = Step {
+        slots: &[0, 1],
+        positions: &[4, 2],
+        n_write: 2,
+        run_start: &[],
+    };
+    let s53 = Step {
+        positions: &[5, 3],
+        ..s42
+    };
+    e.start_capture(&[3, 9], &s42, p).unwrap();
+    e.greedy(&[5, 6], &s53).unwrap();
+    refused(e);
+    // Positions 4 and 2 again (their K/V rewritten alike).
+    e.start_capture(&[3, 9], &s42, p).unwrap();
+    let got = e.finish_capture().unwrap();
+    refused(e);
+    let want = e.greedy_capture(&[3, 9], &s42, p).unwrap();
+    assert_eq!(got.0, want.0, "start + finish vs greedy_capture: ids");
+    assert_eq!(got.1, want.1, "start + finish vs greedy_capture: residuals");
+}
