@@ -61,9 +61,12 @@ def args_key(args, drop=("--batch",)):
 def rows_of(r):
     """Rows of the product calls: the prompt for prefill (a 2,000-token prompt runs in 512-row
     calls, past every threshold), the batch for decode; the hybrid step runs the batch and the
-    batch's candidate rows (C + 1 per problem)."""
+    batch's candidate rows (C + 1 per problem); the host-driven loop (hybrid-w) the batch and,
+    on steered steps, runs of C · (1 + 15 + 50 + 100) rows per problem (the paper's windows)."""
     if r["phase"] == "prefill":
         return [r["tokens"]]
+    if r["phase"] == "hybrid-w":
+        return [r["batch"], r["batch"] * BENCH_C * 166]
     return [r["batch"], r["batch"] * (BENCH_C + 1)] if r["phase"] == "hybrid" else [r["batch"]]
 
 
@@ -78,8 +81,10 @@ def relevant(var, r, s):
         return r["phase"] == "prefill" and r["tokens"] > 512
     if r["phase"] == "prefill":
         return False
-    if var in ("THINKSTEER_GATE_FIRST", "THINKSTEER_HYBRID_STREAMS"):
+    if var == "THINKSTEER_GATE_FIRST":
         return r["phase"] == "hybrid"
+    if var == "THINKSTEER_HYBRID_STREAMS":
+        return r["phase"] in ("hybrid", "hybrid-w")
     return True
 
 

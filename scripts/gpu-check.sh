@@ -13,8 +13,13 @@
 # with the chosen switches. Each
 # phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both. Section
 # headers say the seconds since the start, so the next call can be sized.
+# Dry run (scripts/cuda-emulate/gpu-check-dry.sh): B names the bundle folder, QWEN and LLAMA
+# the shapes benched in place of qwen2.5-1.5b and llama-3.1-8b, BEST the switches of phase 2's
+# summary benches in place of the chooser's.
 set -u
-B=.gpu
+B=${B:-.gpu}
+QWEN=${QWEN:-qwen2.5-1.5b}
+LLAMA=${LLAMA:-llama-3.1-8b}
 OUT=${OUT:-$B/out}
 mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -25,7 +30,11 @@ export THINKSTEER_EXPECT_GPU=1
 # here must still compile (none, unless the driver refuses those cubins) is cached for the next.
 export THINKSTEER_KERNEL_CACHE=${THINKSTEER_KERNEL_CACHE:-$PWD/$B/kernel-cache}
 NEW=${NEW:-256}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+else
+    echo "no nvidia-smi (the emulated driver?)" | tee "$OUT/gpu.txt"
+fi
 echo "kernel cache: $(ls "$THINKSTEER_KERNEL_CACHE" 2>/dev/null | wc -l) cubins in $THINKSTEER_KERNEL_CACHE"
 
 PHASE=${PHASE:-all}
@@ -50,18 +59,18 @@ done
 
 if [ "${BENCH:-all}" = "all" ] && one; then
 section "bench"
-timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
-timeout 150 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
-timeout 120 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
-timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || {
+timeout 150 "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
+timeout 150 "$B/thinksteer" bench --shape $LLAMA --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
+timeout 120 "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
+timeout 150 "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || {
     status=1; cat "$OUT/bench-hybrid.err"
     # Still time the step as run 13 did (one stream, single pass) so the call is not wasted.
     echo "== retry: THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0"
-    THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0 timeout 150 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2>> "$OUT/bench-hybrid.err" || tail -5 "$OUT/bench-hybrid.err"
+    THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0 timeout 150 "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2>> "$OUT/bench-hybrid.err" || tail -5 "$OUT/bench-hybrid.err"
 }
 # The paper's windows on the host-driven loop (rows "hybrid-w"): batch 1 steers nearly every
 # step, batch 8 about one problem in eight.
-timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16 --json > "$OUT/bench-hybrid-windows.jsonl" 2> "$OUT/bench-hybrid-windows.err" || { status=1; tail -5 "$OUT/bench-hybrid-windows.err"; }
+timeout 120 "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16 --json > "$OUT/bench-hybrid-windows.jsonl" 2> "$OUT/bench-hybrid-windows.err" || { status=1; tail -5 "$OUT/bench-hybrid-windows.err"; }
 fi
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ] && one; then
     section "per-kernel profiles (one eager prefill / decode step / hybrid step each)"
@@ -70,9 +79,9 @@ fi
 # The steering-vector gradient (train-vectors --method optimise's work) at 500-token contexts.
 if one; then
 section "bench --vector-grad"
-THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda 2>&1 | tail -6
+THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda 2>&1 | tail -6
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
-    timeout 120 "$B/thinksteer" bench --vector-grad --shape qwen2.5-1.5b --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
+    timeout 120 "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
     python3 - "$OUT/vg-profile.jsonl" <<'PY'
 import json, sys
 for l in open(sys.argv[1]):
@@ -94,7 +103,7 @@ if [ -x "$B/kernel-bench" ]; then
 fi
 # A/B lines, most important first (a call cut short by its limit still has those): each runs
 # `thinksteer bench` with the switches given before the arguments (see README, GPU switches).
-SHAPE=qwen2.5-1.5b
+SHAPE=$QWEN
 ab_start=$SECONDS
 ab() {
     local vars="$1"; shift
@@ -141,8 +150,8 @@ ab "THINKSTEER_GEMV_WARPS=8" --batch 16,64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_ROWS=64" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_ROWS=64 THINKSTEER_GEMV_WARPS=8" --batch 64 --prompt-len 64 --new-tokens "$NEW"
 ab "THINKSTEER_GEMV_ROWS=64" $H --batch 8,64
-SHAPE=llama-3.1-8b ab "THINKSTEER_ROPE=separate" --batch 1 --prompt-len 64 --new-tokens "$NEW"
-SHAPE=llama-3.1-8b ab "THINKSTEER_ROPE=attn" --batch 1 --prompt-len 64 --new-tokens "$NEW"
+SHAPE=$LLAMA ab "THINKSTEER_ROPE=separate" --batch 1 --prompt-len 64 --new-tokens "$NEW"
+SHAPE=$LLAMA ab "THINKSTEER_ROPE=attn" --batch 1 --prompt-len 64 --new-tokens "$NEW"
 # 2. The hybrid step at about the paper's share of steered steps: single pass vs gate first, two
 #    streams vs one, and 33–128-row products through gemm (split K) or cuBLASLt.
 ab "THINKSTEER_GATE_FIRST=0" $H --batch 8,64
@@ -175,12 +184,14 @@ ab "THINKSTEER_RUN_ATTN=tiles" $W
 ab "THINKSTEER_RUN_ATTN=decode" $W
 #    ... and without the window-0 prefix caches (each window-0 candidate reruns the sequence).
 ab "THINKSTEER_RUN_ATTN=tiles" $W --prefix-caches 0
+#    ... and with both models' decode steps on one stream (one after the other).
+ab "THINKSTEER_HYBRID_STREAMS=1" $W
 # 4. Each switch chosen from the lines above (the non-default value only where it is faster on
 #    the geometric mean of its pairs and slower on none), then the summary benches again with
 #    the chosen switches, in the same call as the lines they are compared with.
 section "choice of switches (scripts/gpu-ab.py)"
 python3 scripts/gpu-ab.py choose "$OUT" | tee "$OUT/choose.log"
-best=$(cat "$OUT/best.env" 2>/dev/null)
+best=${BEST:-$(cat "$OUT/best.env" 2>/dev/null)}
 if [ -n "$best" ]; then
     section "summary benches with: $best"
     # Recorded like the A/B lines (into $OUT/best), so compare can pair them with the default rows.
@@ -191,11 +202,12 @@ if [ -n "$best" ]; then
             python3 scripts/gpu-ab.py record "$OUT/best" "$best" "$shape" "$@" > /dev/null
         [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -5 "$OUT/best/err"; }
     }
-    bb qwen2.5-1.5b --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW"
-    bb llama-3.1-8b --batch 1,8 --prompt-len 64 --new-tokens "$NEW"
-    bb qwen2.5-1.5b --batch 1 --prompt-len 2000 --new-tokens 32
-    bb qwen2.5-1.5b --hybrid --batch 1,8,64 --new-tokens "$NEW"
-    bb qwen2.5-1.5b --hybrid --steered-share 0.125 --batch 64 --new-tokens "$NEW"
+    bb $QWEN --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW"
+    bb $LLAMA --batch 1,8 --prompt-len 64 --new-tokens "$NEW"
+    bb $QWEN --batch 1 --prompt-len 2000 --new-tokens 32
+    bb $QWEN --hybrid --batch 1,8,64 --new-tokens "$NEW"
+    bb $QWEN --hybrid --steered-share 0.125 --batch 64 --new-tokens "$NEW"
+    bb $QWEN --hybrid --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16
     python3 scripts/gpu-ab.py summary "$OUT/best" " with $best ($(head -1 "$OUT/gpu.txt"))" ab.jsonl
     python3 scripts/gpu-ab.py compare "$OUT"
 fi
@@ -217,9 +229,9 @@ fi
 # What each kind of launch of a decode step costs inside the replayed graph (left out in turn).
 if [ "${BENCH:-all}" = "all" ] && one; then
     section "bench --marginal (each kind of launch left out in turn; times only)"
-    THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape qwen2.5-1.5b --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
-    THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape llama-3.1-8b --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
-    THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape qwen2.5-1.5b --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape $LLAMA --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
 fi
 
 # Cubins written during this call: the driver refused a shipped one (or none was shipped) and

@@ -786,6 +786,11 @@ fn time_hybrid(
     problems: &[crate::hybrid::Prompts],
     v: u64,
 ) -> Result<(f64, usize, usize, usize)> {
+    // Every problem in one batch (the host-driven loop decodes `batch` problems at a time).
+    let hy = &crate::hybrid::Settings {
+        batch: problems.len(),
+        ..hy.clone()
+    };
     let warm = crate::hybrid::Settings {
         max_new_tokens: 3,
         ..hy.clone()

@@ -55,10 +55,12 @@ pub trait Decoder {
     /// vocabulary (u32::MAX: no candidate there).
     fn logits_at(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
     /// From now on, keeps the residual at point `p` of every token that a call without steering
-    /// writes to the cache ([slots, max_len, D] f32), so that `forward_kept` can start read-only
-    /// runs there. Steering at or after p never reaches the blocks before it, so a position's
-    /// kept residual stays valid whatever was steered since.
-    fn keep_residuals(&mut self, p: usize) -> Result<()>;
+    /// writes to the cache in slots 0..slots ([slots, max_len, D] f32; the slots past them, e.g.
+    /// prefix caches, keep none), so that `forward_kept` can start read-only runs there.
+    /// Steering at or after p never reaches the blocks before it, so a position's kept residual
+    /// stays valid whatever was steered since. Nothing changes when the engine already keeps
+    /// point p for at least that many slots.
+    fn keep_residuals(&mut self, p: usize, slots: usize) -> Result<()>;
     /// Rows started at the kept point: row i's residual there is the one kept for
     /// (steer.from[i] or, when `from` is empty, slots[i], positions[i]) plus
     /// coef[i] · vecs[idx[i]] of `steer`; the blocks from the point on follow, and the logits
@@ -145,8 +147,8 @@ pub struct CpuEngine {
     pub cache: KvCache,
     pub ws: Workspace,
     h: Vec<f32>, // [T, D] residual stream
-    /// (point, [slots, max_len, D]) once `keep_residuals` was called.
-    kept: Option<(usize, Vec<f32>)>,
+    /// (point, slots kept, [slots kept, max_len, D]) once `keep_residuals` was called.
+    kept: Option<(usize, usize, Vec<f32>)>,
     /// [T, V] logits of the last call when it was a `greedy_capture` (else empty).
     captured: Vec<f32>,
     /// (greedy ids, residuals) of the last call when it was a `start_capture`.
@@ -204,7 +206,7 @@ impl Decoder for CpuEngine {
         self.pending = None;
         // Kept residuals come from a capture at the point, added last and taken back after.
         let keep = match &self.kept {
-            Some((p, _)) if hooks.steer.is_none() && step.n_write > 0 => Some(*p),
+            Some((p, _, _)) if hooks.steer.is_none() && step.n_write > 0 => Some(*p),
             _ => None,
         };
         if let Some(p) = keep {
@@ -219,11 +221,14 @@ impl Decoder for CpuEngine {
             step,
             hooks,
         );
-        if let (Some((_, kept)), Some((_, rows))) =
+        if let (Some((_, kept_slots, kept)), Some((_, rows))) =
             (&mut self.kept, keep.and_then(|_| hooks.capture.pop()))
         {
             let d = self.model.config.hidden_size;
             for (i, row) in rows.chunks(d).take(step.n_write).enumerate() {
+                if step.slots[i] >= *kept_slots {
+                    continue;
+                }
                 let at = (step.slots[i] * self.cache.max_len + step.positions[i]) * d;
                 kept[at..at + d].copy_from_slice(row);
             }
@@ -270,15 +275,16 @@ impl Decoder for CpuEngine {
             })
             .collect())
     }
-    fn keep_residuals(&mut self, p: usize) -> Result<()> {
+    fn keep_residuals(&mut self, p: usize, slots: usize) -> Result<()> {
         let c = &self.model.config;
         check_point(c, p)?;
-        if self.kept.as_ref().is_some_and(|k| k.0 == p) {
+        check_kept_slots(slots, self.cache.slots)?;
+        if self.kept.as_ref().is_some_and(|k| k.0 == p && k.1 >= slots) {
             return Ok(());
         }
         // NaN until written, so that a run over a position never written shows in its logits.
-        let n = self.cache.slots * self.cache.max_len * c.hidden_size;
-        self.kept = Some((p, vec![f32::NAN; n]));
+        let n = slots * self.cache.max_len * c.hidden_size;
+        self.kept = Some((p, slots, vec![f32::NAN; n]));
         Ok(())
     }
     fn forward_kept(
@@ -290,7 +296,7 @@ impl Decoder for CpuEngine {
         let (slots, len) = (self.cache.slots, self.cache.max_len);
         let p = check_kept(
             self.config(),
-            self.kept.as_ref().map(|k| k.0),
+            self.kept.as_ref().map(|k| (k.0, k.1)),
             step,
             steer,
             logit_rows,
@@ -308,7 +314,7 @@ impl Decoder for CpuEngine {
         let (d, n) = (c.hidden_size, c.num_hidden_layers);
         self.captured.clear();
         self.pending = None;
-        let kept = &self.kept.as_ref().expect("checked by check_kept").1;
+        let kept = &self.kept.as_ref().expect("checked by check_kept").2;
         self.h.clear();
         for (i, &pos) in step.positions.iter().enumerate() {
             let at = (steer.from_slot(i, step) * len + pos) * d;
@@ -405,17 +411,26 @@ pub fn check_point(c: &Config, p: usize) -> Result<()> {
     Ok(())
 }
 
-/// Validates a `forward_kept` call (`kept`: the engine's kept point); returns the point.
+/// Validates `keep_residuals`'s slot count against the engine's.
+pub fn check_kept_slots(slots: usize, engine: usize) -> Result<()> {
+    if slots == 0 || slots > engine {
+        crate::bail!("keep_residuals: expected 1..={engine} slots (the engine's), found {slots}");
+    }
+    Ok(())
+}
+
+/// Validates a `forward_kept` call (`kept`: the engine's kept point and slot count); returns the
+/// point.
 pub fn check_kept(
     c: &Config,
-    kept: Option<usize>,
+    kept: Option<(usize, usize)>,
     step: &Step,
     steer: &SteerRows,
     logit_rows: &[usize],
     slots: usize,
     max_len: usize,
 ) -> Result<usize> {
-    let Some(p) = kept else {
+    let Some((p, kept_slots)) = kept else {
         crate::bail!("forward_kept: this engine keeps no residuals (keep_residuals first)");
     };
     let (t, d) = (step.positions.len(), c.hidden_size);
@@ -426,8 +441,13 @@ pub fn check_kept(
             steer.from.len()
         );
     }
-    if let Some(&bad) = steer.from.iter().find(|&&s| s >= slots) {
-        crate::bail!("steering rows: kept slot {bad} is outside the cache's {slots} slots");
+    if let Some(bad) = (0..t)
+        .map(|i| steer.from_slot(i, step))
+        .find(|&s| s >= kept_slots)
+    {
+        crate::bail!(
+            "steering rows: kept slot {bad} is outside the {kept_slots} slots whose residuals are kept"
+        );
     }
     let nv = steer.vecs.len() / d;
     if steer.vecs.len() != nv * d || steer.idx.len() != t || steer.coef.len() != t {

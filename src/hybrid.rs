@@ -253,8 +253,13 @@ pub fn run(
             let slots = s.batch.max(1).min(problems.len().max(1));
             let ctx_b = ctx(pair.base, |p| p.base.len());
             let slot_bytes = prefix::slot_bytes(&pair.base.config, ctx_b, 4);
-            let caches =
-                prefix::count(s, slots, pair.sae.latents, slot_bytes, prefix::cpu_budget());
+            let caches = prefix::count(
+                s,
+                slots,
+                pair.sae.latents,
+                slot_bytes,
+                prefix::cpu_available(),
+            )?;
             let mut base = CpuEngine::new(pair.base.clone(), slots + caches, ctx_b);
             let mut think = CpuEngine::new(
                 pair.thinking.clone(),
@@ -545,7 +550,7 @@ pub fn run_cached(
     // Candidates per steered row, in (c, w) order.
     let per = s.coefficients.len() * s.windows.len();
     let point = art.steer_point(s);
-    base.keep_residuals(point)?;
+    base.keep_residuals(point, nslots)?;
     let caches = match s.windows.contains(&0) && s.mode == Mode::Cached {
         true => (base.slots() - nslots).min(s.prefix_caches.unwrap_or(usize::MAX)),
         false => 0,
@@ -618,15 +623,25 @@ pub fn run_cached(
         let slot_of = |j: usize| active[steer_rows[j]];
         let (mut runs, which) = candidate_runs(steer_rows.len(), s, |j| sb.seq[slot_of(j)].len());
         // Window-0 runs continue their prefix caches where there is one.
-        for r in runs.iter_mut().filter(|r| r.first == 0 && caches > 0) {
-            let k = steer_rows[r.j];
-            let category = if s.only_bias {
-                usize::MAX
-            } else {
-                categories[k]
-            };
-            let p = who[active[k]].expect("active slots hold a problem");
-            r.write = prefixes.take((p, category, r.c.to_bits()), step_no, r.n);
+        let zero: Vec<usize> = match caches > 0 {
+            true => (0..runs.len()).filter(|&i| runs[i].first == 0).collect(),
+            false => vec![],
+        };
+        let wants: Vec<(prefix::Key, usize)> = zero
+            .iter()
+            .map(|&i| {
+                let (r, k) = (&runs[i], steer_rows[runs[i].j]);
+                let category = if s.only_bias {
+                    usize::MAX
+                } else {
+                    categories[k]
+                };
+                let p = who[active[k]].expect("active slots hold a problem");
+                ((p, category, r.c.to_bits()), r.n)
+            })
+            .collect();
+        for (&i, w) in zero.iter().zip(prefixes.take_step(&wants, step_no)) {
+            runs[i].write = w;
         }
         // Runs that write their cache first: a call's written rows come before its read-only ones.
         let order: Vec<usize> = (0..runs.len())

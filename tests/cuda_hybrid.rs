@@ -203,8 +203,9 @@ fn ungated_gpu_step_matches_the_cpu_loop() {
 /// The host-driven loop on two CUDA engines (`GpuHybrid::Engines`: windows other than -1, and
 /// --random-firing) against the CPU loop: the candidates of windows 0 and -3 are read-only runs,
 /// or window 0's continue prefix caches (calls of written chunks in several slots, beside
-/// read-only runs or alone). Each case also checks that some step was won by a window other
-/// than -1 on the CPU, so the runs decided something.
+/// read-only runs or alone; every step steered, and some chunk must continue a cache past
+/// position 0). Each case also checks that some step was won by a window other than -1 on the
+/// CPU, so the runs decided something.
 #[test]
 fn windowed_gpu_loop_matches_the_cpu_loop() {
     let Some(g) = gpu() else { return };
@@ -212,8 +213,8 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
     let (base_dir, think_dir) = (f.base_dir.as_path(), f.think_dir.as_path());
     let pair = f.pair();
     let ps = problems();
-    // (windows, --random-firing, window-0 prefix caches: none, 4 (evictions), one per
-    // (slot, category, coefficient))
+    // (windows, --random-firing, window-0 prefix caches: none, 4 (fewer than the 6 window-0
+    // candidates of a step), one per (slot, category, coefficient))
     let all = 2 * pair.sae.latents * 3;
     let cases = [
         (vec![0, -1, -3], None, 0),
@@ -232,6 +233,7 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
             max_new_tokens: 8,
             random_firing,
             batch: 2,
+            no_gating: caches > 0,
             ..Settings::default()
         };
         let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
@@ -245,11 +247,9 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
         };
         let te = CudaEngine::load(tg, think_dir, 2, 64, 2).unwrap();
         let be = CudaEngine::load(g.clone(), base_dir, 2 + caches, 64, 20).unwrap();
-        let mut hy = GpuHybrid::Engines {
-            base: Box::new(be),
-            think: Box::new(te),
-        };
-        let got = hy.run(pair.artifacts(), &ps, &s, |_, _, _| {}).unwrap();
+        // The loop GpuHybrid::Engines runs, with the base engine's candidate rows counted.
+        let (mut be, mut te) = (common::Counting::new(be), te);
+        let got = run_cached(pair.artifacts(), &mut be, &mut te, &ps, &s, |_, _, _| {}).unwrap();
         let what =
             format!("windows {windows:?}, {caches} prefix caches, two streams {two_streams}");
         let longer = same_start(&got, &want, &what, |s| s.window != Some(-1));
@@ -258,6 +258,9 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
                 longer > 0,
                 "no step won by a longer window: the runs decided nothing"
             );
+        }
+        if caches > 0 {
+            assert!(be.resumed > 0, "{what}: no prefix cache continued");
         }
     }
 }

@@ -530,6 +530,27 @@ fn bad_input_is_refused() {
         "{e}"
     );
 
+    // --prefix-caches without the hybrid mode, or with it but without window 0: refused before
+    // any mode runs (no results file).
+    let e = fails(run(
+        &mut bin(),
+        &artifacts().data,
+        &dir.join("o8"),
+        "2",
+        &["--prefix-caches", "4"],
+    ));
+    assert!(
+        e.contains("--prefix-caches goes with --modes hybrid, found --modes base"),
+        "{e}"
+    );
+    let out = dir.join("o9");
+    let e = fails(eval(&out, &["--windows", "-1,-15", "--prefix-caches", "4"]));
+    assert!(
+        e.contains("--prefix-caches") && e.contains("window 0"),
+        "{e}"
+    );
+    assert!(!out.join("results.jsonl").exists());
+
     // --out holding results of another configuration: refused, and nothing appended.
     let out = dir.join("o7");
     ok(run(

@@ -615,7 +615,7 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
     };
     let err = e.forward_kept(&run, &one, &[0]).unwrap_err().to_string();
     assert!(err.contains("keeps no residuals"), "{err}");
-    e.keep_residuals(1).unwrap();
+    e.keep_residuals(1, 1).unwrap();
     let two = SteerRows {
         from: &[0, 1],
         ..one
@@ -625,23 +625,35 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
         err.contains("a kept slot for each of the 1 tokens"),
         "{err}"
     );
-    let outside = SteerRows { from: &[2], ..one };
+    // Slot 1 is the engine's but keeps no residuals: refused whether named in `from` or as the
+    // row's own slot.
+    let outside = SteerRows { from: &[1], ..one };
     let err = e
         .forward_kept(&run, &outside, &[0])
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("kept slot 2 is outside the cache's 2 slots"),
+        err.contains("kept slot 1 is outside the 1 slots whose residuals are kept"),
         "{err}"
     );
+    let own_1 = Step { slots: &[1], ..run };
+    let err = e.forward_kept(&own_1, &one, &[0]).unwrap_err().to_string();
+    assert!(err.contains("kept slot 1 is outside the 1 slots"), "{err}");
     let past = SteerRows { idx: &[1], ..one };
     let err = e.forward_kept(&run, &past, &[0]).unwrap_err().to_string();
     assert!(
         err.contains("vector index 1 is outside the 1 vectors"),
         "{err}"
     );
-    let err = e.keep_residuals(n_layers + 1).unwrap_err().to_string();
+    let err = e.keep_residuals(n_layers + 1, 1).unwrap_err().to_string();
     assert!(err.contains(&format!("expected 0..={n_layers}")), "{err}");
+    for bad in [0, 3] {
+        let err = e.keep_residuals(1, bad).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("expected 1..=2 slots (the engine's), found {bad}")),
+            "{err}"
+        );
+    }
 }
 
 #[test]
@@ -725,55 +737,6 @@ fn a_window_0_prefix_in_its_own_slot_gives_what_a_read_only_run_gives() {
     }
 }
 
-/// `Decoder` over a CPU engine that counts the rows of `forward_kept` calls: (written, read-only).
-struct Counting {
-    e: CpuEngine,
-    rows: (usize, usize),
-}
-
-impl Decoder for Counting {
-    fn config(&self) -> &thinksteer::config::Config {
-        self.e.config()
-    }
-    fn max_len(&self) -> usize {
-        self.e.max_len()
-    }
-    fn slots(&self) -> usize {
-        self.e.slots()
-    }
-    fn forward(
-        &mut self,
-        ids: &[u32],
-        step: &Step,
-        logit_rows: &[usize],
-        hooks: &mut Hooks,
-    ) -> thinksteer::Result<&[f32]> {
-        self.e.forward(ids, step, logit_rows, hooks)
-    }
-    fn start_capture(&mut self, ids: &[u32], step: &Step, p: usize) -> thinksteer::Result<()> {
-        self.e.start_capture(ids, step, p)
-    }
-    fn finish_capture(&mut self) -> thinksteer::Result<(Vec<u32>, Vec<f32>)> {
-        self.e.finish_capture()
-    }
-    fn logits_at(&mut self, ids: &[u32]) -> thinksteer::Result<Vec<f32>> {
-        self.e.logits_at(ids)
-    }
-    fn keep_residuals(&mut self, p: usize) -> thinksteer::Result<()> {
-        self.e.keep_residuals(p)
-    }
-    fn forward_kept(
-        &mut self,
-        step: &Step,
-        steer: &SteerRows,
-        logit_rows: &[usize],
-    ) -> thinksteer::Result<&[f32]> {
-        self.rows.0 += step.n_write;
-        self.rows.1 += step.positions.len() - step.n_write;
-        self.e.forward_kept(step, steer, logit_rows)
-    }
-}
-
 /// The window-0 prefix caches change no token and no record (against exact mode), with room
 /// for every (problem, category, coefficient), for 4 (evictions) and for 1 (most window-0 runs
 /// read-only), with a refill; and they cut the window-0 rows: with room for all, every position
@@ -788,13 +751,10 @@ fn prefix_caches_change_nothing_but_the_rows_run() {
     let exact = hybrid(&f, &ps, &s);
     s.mode = Mode::Cached;
     s.batch = 2;
-    let mut rows = vec![];
+    let (mut rows, mut resumed) = (vec![], vec![]);
     for caches in [0, 1, 4, 2 * 4 * 3] {
         s.prefix_caches = Some(caches);
-        let mut b = Counting {
-            e: CpuEngine::new(f.base.clone(), 2 + caches, 40),
-            rows: (0, 0),
-        };
+        let mut b = common::Counting::new(CpuEngine::new(f.base.clone(), 2 + caches, 40));
         let mut t = CpuEngine::new(f.thinking.clone(), 2, 40);
         let got = run_cached(pair.artifacts(), &mut b, &mut t, &ps, &s, |_, _, _| {}).unwrap();
         for (i, (e, g)) in exact.iter().zip(&got).enumerate() {
@@ -802,9 +762,11 @@ fn prefix_caches_change_nothing_but_the_rows_run() {
             assert_eq!(g.steps, e.steps, "{caches} caches: problem {i}");
         }
         rows.push(b.rows);
+        resumed.push(b.resumed);
     }
     // No cache, no written rows; each cache takes some runs off the read-only rows.
     assert_eq!(rows[0].0, 0);
+    assert!(resumed[1..].iter().all(|&r| r > 0), "{resumed:?}");
     let total = |r: (usize, usize)| r.0 + r.1;
     assert!(
         total(rows[1]) < total(rows[0])

@@ -781,7 +781,7 @@ pub enum GpuHybrid {
 
 /// The prefix caches (`hybrid::prefix`) to give a base engine of `max_b` problem slots, `ctx`
 /// positions and `rows` per call whose weights take `weights` bytes: as `prefix::count` says,
-/// with a quarter of the GPU memory left free by the engine and its kept residuals.
+/// with the GPU memory left free by the engine and its kept residuals.
 pub fn prefix_caches(
     c: &Config,
     s: &Settings,
@@ -797,13 +797,7 @@ pub fn prefix_caches(
         + weights
         + max_b * ctx * c.hidden_size * 4;
     let per = prefix::slot_bytes(c, ctx, 2);
-    Ok(prefix::count(
-        s,
-        max_b,
-        latents,
-        per,
-        free.saturating_sub(engine) / 4,
-    ))
+    prefix::count(s, max_b, latents, per, free.saturating_sub(engine))
 }
 
 impl GpuHybrid {
@@ -855,7 +849,7 @@ impl GpuHybrid {
         // The residuals the candidate runs start from (slots · context · D f32), allocated now
         // so that a card too small says so before any problem runs.
         let art = Artifacts { sae, steering };
-        base.keep_residuals(art.steer_point(s))?;
+        base.keep_residuals(art.steer_point(s), max_b)?;
         let heads = base.config.num_attention_heads;
         if rows * heads > super::SCRATCH_COUNTERS {
             bail!(

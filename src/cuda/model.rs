@@ -268,8 +268,9 @@ pub struct CudaEngine {
     /// The uploaded call's tiles (a.tiles) and their host staging.
     n_tiles: usize,
     tiles_host: Vec<i32>,
-    /// (point, [slots, S, D] f32) once `keep_residuals` was called (`Decoder::forward_kept`).
-    kept: Option<(usize, CudaSlice<f32>)>,
+    /// (point, slots kept, [slots kept, S, D] f32) once `keep_residuals` was called
+    /// (`Decoder::forward_kept`).
+    kept: Option<(usize, usize, CudaSlice<f32>)>,
 }
 
 /// Tokens per forward call of the engines the commands open (the prefill chunk: a longer prompt
@@ -879,7 +880,7 @@ impl CudaEngine {
     ) -> Result<()> {
         let p = crate::engine::check_kept(
             &self.config,
-            self.kept.as_ref().map(|k| k.0),
+            self.kept.as_ref().map(|k| (k.0, k.1)),
             step,
             steer,
             logit_rows,
@@ -931,12 +932,12 @@ impl CudaEngine {
     }
 
     /// Copies rows 0..t of the residual to the kept residuals at their (slot, position), or back
-    /// from (a.from, position).
+    /// from (a.from, position); rows of slots past the kept ones are skipped by the kernel.
     fn keep(&mut self, t: usize, way: k::Keep) -> Result<()> {
-        let (d, shape) = (self.config.hidden_size, (self.slots, self.max_len));
-        let Some((_, kept)) = self.kept.as_mut() else {
+        let Some((_, kept_slots, kept)) = self.kept.as_mut() else {
             crate::bail!("this engine keeps no residuals (keep_residuals first)");
         };
+        let (d, shape) = (self.config.hidden_size, (*kept_slots, self.max_len));
         let a = &mut self.a;
         let slots = match way {
             k::Keep::Store => a.slot.slice(..t),
@@ -1249,21 +1250,22 @@ impl Decoder for CudaEngine {
         self.gpu.sync()?;
         Ok(out)
     }
-    fn keep_residuals(&mut self, p: usize) -> Result<()> {
+    fn keep_residuals(&mut self, p: usize, slots: usize) -> Result<()> {
         crate::engine::check_point(&self.config, p)?;
-        if self.kept.as_ref().is_some_and(|k| k.0 == p) {
+        crate::engine::check_kept_slots(slots, self.slots)?;
+        if self.kept.as_ref().is_some_and(|k| k.0 == p && k.1 >= slots) {
             return Ok(());
         }
         // The decode graphs captured so far store into the old buffer, or not at all.
         self.kept = None;
         self.graphs.clear();
-        let n = self.slots * self.max_len * self.config.hidden_size;
+        let n = slots * self.max_len * self.config.hidden_size;
         let (free, _) =
             cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
         if n * 4 > free {
             crate::bail!(
                 "keeping the residuals of {} sequences × {} positions (steering windows) needs {:.2} GiB on the GPU, {:.2} GiB are free: lower the batch or the context",
-                self.slots,
+                slots,
                 self.max_len,
                 (n * 4) as f64 / (1u64 << 30) as f64,
                 free as f64 / (1u64 << 30) as f64
@@ -1276,7 +1278,7 @@ impl Decoder for CudaEngine {
             .map_err(cu("allocating the kept residuals"))?;
         // NaN until written, as on the CPU: a run over a position never written shows.
         k::fill_nan(&self.gpu, &mut buf)?;
-        self.kept = Some((p, buf));
+        self.kept = Some((p, slots, buf));
         Ok(())
     }
     fn forward_kept(

@@ -337,6 +337,19 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         prefix_caches: a.prefix_caches,
         ..Settings::default()
     };
+    // Refused now rather than when the hybrid mode starts, after the other modes' runs.
+    if hybrid {
+        settings.validate(&[])?;
+    } else if a.prefix_caches.is_some() {
+        return Err(anyhow!(
+            "--prefix-caches goes with --modes hybrid, found --modes {}",
+            a.modes
+                .iter()
+                .map(|m| m.name())
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
     let mode_name = serde_json::to_value(a.hybrid_mode)?
         .as_str()
         .unwrap_or("cached")

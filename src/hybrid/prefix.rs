@@ -9,7 +9,9 @@
 //! (categories fired) × C × length. Least recently used first out when the slots run short.
 
 use super::{Mode, Settings};
+use crate::bail;
 use crate::config::Config;
+use crate::Result;
 
 /// (problem, category — `usize::MAX` with --only-bias, where it does not matter —, the
 /// coefficient's bits).
@@ -65,6 +67,25 @@ impl Prefixes {
         Some((e.slot, from))
     }
 
+    /// `take` for each window-0 candidate (key, n) of loop step `step`, in order, after marking
+    /// every key already held as used at this step: a new key then never evicts the cache of a
+    /// candidate later in the same step.
+    pub fn take_step(
+        &mut self,
+        wants: &[(Key, usize)],
+        step: usize,
+    ) -> Vec<Option<(usize, usize)>> {
+        for e in &mut self.entries {
+            if e.key.is_some_and(|k| wants.iter().any(|w| w.0 == k)) {
+                e.used = step;
+            }
+        }
+        wants
+            .iter()
+            .map(|&(key, n)| self.take(key, step, n))
+            .collect()
+    }
+
     /// Frees the caches of a finished problem.
     pub fn drop_problem(&mut self, problem: usize) {
         for e in &mut self.entries {
@@ -75,43 +96,54 @@ impl Prefixes {
     }
 }
 
-/// How many prefix caches to give a base engine of `slots` problem slots: none unless cached mode
-/// runs window 0; else one per (slot, category, coefficient) — `s.prefix_caches` when set —, at
-/// most as many as `budget` bytes hold at `slot_bytes` each (when not set).
+/// How many prefix caches to give a base engine of `slots` problem slots, at `slot_bytes` each
+/// with `avail` bytes of memory left: none unless cached mode runs window 0; else one per (slot,
+/// category, coefficient), at most as many as a quarter of `avail` holds — or `s.prefix_caches`
+/// when set, refused when those do not fit `avail` at all.
 pub fn count(
     s: &Settings,
     slots: usize,
     latents: usize,
     slot_bytes: usize,
-    budget: usize,
-) -> usize {
+    avail: usize,
+) -> Result<usize> {
     if s.mode != Mode::Cached || !s.windows.contains(&0) {
-        return 0;
+        return Ok(0);
     }
     let categories = if s.only_bias { 1 } else { latents };
     let wanted = slots * categories * s.coefficients.len();
-    match s.prefix_caches {
-        Some(n) => n.min(wanted),
-        None => wanted.min(budget / slot_bytes.max(1)),
+    let Some(n) = s.prefix_caches else {
+        return Ok(wanted.min(avail / 4 / slot_bytes.max(1)));
+    };
+    let n = n.min(wanted);
+    if n.saturating_mul(slot_bytes) > avail {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        bail!(
+            "--prefix-caches {n}: {n} caches of {:.1} MiB each need {:.2} GiB, {:.2} GiB are available; lower it, or leave it out to take as many as fit a quarter of that",
+            slot_bytes as f64 / (1u64 << 20) as f64,
+            gib(n.saturating_mul(slot_bytes)),
+            gib(avail)
+        );
     }
+    Ok(n)
 }
 
-/// Bytes one more slot of an engine costs at `max_len` positions: its K/V of `kv_bytes` per
-/// value (4 on the CPU, 2 on the GPU) and its f32 kept residuals.
+/// Bytes one prefix cache costs at `max_len` positions: a slot's K/V of `kv_bytes` per value (4
+/// on the CPU, 2 on the GPU; the engine keeps no residuals for it).
 pub fn slot_bytes(c: &Config, max_len: usize, kv_bytes: usize) -> usize {
     let kv = c.num_key_value_heads * c.head_dim;
-    (2 * c.num_hidden_layers * kv * kv_bytes + c.hidden_size * 4) * max_len
+    2 * c.num_hidden_layers * kv * kv_bytes * max_len
 }
 
-/// A quarter of the memory the system reports available (`MemAvailable`), else 1 GiB: what the
-/// CPU loop's prefix caches may take when their count is not set.
-pub fn cpu_budget() -> usize {
+/// The memory the system reports available (`MemAvailable`), else 4 GiB: what the CPU loop's
+/// prefix caches are sized against.
+pub fn cpu_available() -> usize {
     let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
         let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
         let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb * 1024)
     });
-    avail.map_or(1 << 30, |b| b / 4)
+    avail.unwrap_or(4 << 30)
 }
 
 #[cfg(test)]
@@ -138,22 +170,48 @@ mod tests {
     }
 
     #[test]
+    fn a_step_keeps_the_caches_it_continues() {
+        let mut p = Prefixes::new(0, 2);
+        assert_eq!(
+            p.take_step(&[((0, 1, 7), 5), ((1, 1, 7), 8)], 1),
+            [Some((0, 0)), Some((1, 0))]
+        );
+        assert_eq!(p.take_step(&[((0, 1, 7), 6)], 2), [Some((0, 5))]);
+        // Step 3: problem 0's new category comes first, but problem 1's cache (the least recently
+        // used) is continued later in the step, so the new key takes problem 0's old one.
+        assert_eq!(
+            p.take_step(&[((0, 2, 7), 7), ((1, 1, 7), 10)], 3),
+            [Some((0, 0)), Some((1, 8))]
+        );
+        // One at a time, the new key would have evicted it, and problem 1 would start again at 0.
+        let mut q = Prefixes::new(0, 2);
+        q.take_step(&[((0, 1, 7), 5), ((1, 1, 7), 8)], 1);
+        q.take_step(&[((0, 1, 7), 6)], 2);
+        assert_eq!(q.take((0, 2, 7), 3, 7), Some((1, 0)));
+        assert_eq!(q.take((1, 1, 7), 3, 10), Some((0, 0)));
+    }
+
+    #[test]
     fn caches_only_for_window_0_in_cached_mode() {
         let mut s = Settings {
             windows: vec![0, -1],
             coefficients: vec![0.5, 1.0],
             ..Settings::default()
         };
-        assert_eq!(count(&s, 3, 15, 100, 1 << 20), 90);
-        assert_eq!(count(&s, 3, 15, 100, 4000), 40);
+        let n = |s: &Settings, avail| count(s, 3, 15, 100, avail).unwrap();
+        assert_eq!(n(&s, 1 << 20), 90);
+        assert_eq!(n(&s, 16000), 40);
         s.only_bias = true;
-        assert_eq!(count(&s, 3, 15, 100, 1 << 20), 6);
+        assert_eq!(n(&s, 1 << 20), 6);
+        // A count given is taken as long as it fits all the memory left (not a quarter).
         s.prefix_caches = Some(2);
-        assert_eq!(count(&s, 3, 15, 100, 0), 2);
+        assert_eq!(n(&s, 200), 2);
+        let err = count(&s, 3, 15, 100, 199).unwrap_err().to_string();
+        assert!(err.contains("--prefix-caches 2: 2 caches"), "{err}");
         s.windows = vec![-1, -100];
-        assert_eq!(count(&s, 3, 15, 100, 1 << 20), 0);
+        assert_eq!(n(&s, 1 << 20), 0);
         s.windows = vec![0];
         s.mode = Mode::Persistent;
-        assert_eq!(count(&s, 3, 15, 100, 1 << 20), 0);
+        assert_eq!(n(&s, 1 << 20), 0);
     }
 }

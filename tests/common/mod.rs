@@ -268,7 +268,7 @@ pub fn kept_and_rerun(
             *a = steer.coef[i] * v;
         }
     }
-    e.keep_residuals(point).unwrap();
+    e.keep_residuals(point, e.slots()).unwrap();
     let long: Vec<u32> = (0..70u32).map(|i| (i * 37 + 5) % 300).collect();
     let mut seqs = [long, vec![8, 150, 2, 61]];
     for (s, q) in seqs.iter().enumerate() {
@@ -363,7 +363,8 @@ pub fn prefix_in_own_slot(
     use thinksteer::engine::SteerRows;
     use thinksteer::model::{Hooks, Step};
     const N: usize = 70;
-    e.keep_residuals(point).unwrap();
+    // Slots 0 and 1 keep residuals; slot 2, the prefix's, keeps none.
+    e.keep_residuals(point, 2).unwrap();
     let prompt: Vec<u32> = (0..N as u32).map(|i| (i * 53 + 11) % 300).collect();
     let pos: Vec<usize> = (0..N).collect();
     let write = Step {
@@ -500,4 +501,103 @@ pub fn finish_capture_needs_its_start(e: &mut dyn thinksteer::engine::Decoder, p
     let want = e.greedy_capture(&[3, 9], &s42, p).unwrap();
     assert_eq!(got.0, want.0, "start + finish vs greedy_capture: ids");
     assert_eq!(got.1, want.1, "start + finish vs greedy_capture: residuals");
+}
+
+/// A `Decoder` over another that counts the rows of its `forward_kept` calls, (written,
+/// read-only), and the written chunks (consecutive positions of one slot) that continue a prefix
+/// cache: those starting past position 0.
+pub struct Counting<E> {
+    pub e: E,
+    pub rows: (usize, usize),
+    pub resumed: usize,
+}
+
+impl<E> Counting<E> {
+    pub fn new(e: E) -> Counting<E> {
+        Counting {
+            e,
+            rows: (0, 0),
+            resumed: 0,
+        }
+    }
+
+    fn count(&mut self, step: &thinksteer::model::Step) {
+        let w = step.n_write;
+        self.rows.0 += w;
+        self.rows.1 += step.positions.len() - w;
+        self.resumed += (0..w)
+            .filter(|&i| {
+                let starts = i == 0
+                    || step.slots[i] != step.slots[i - 1]
+                    || step.positions[i] != step.positions[i - 1] + 1;
+                starts && step.positions[i] > 0
+            })
+            .count();
+    }
+}
+
+impl<E: thinksteer::engine::Decoder> thinksteer::engine::Decoder for Counting<E> {
+    fn config(&self) -> &thinksteer::config::Config {
+        self.e.config()
+    }
+    fn max_len(&self) -> usize {
+        self.e.max_len()
+    }
+    fn slots(&self) -> usize {
+        self.e.slots()
+    }
+    fn max_rows(&self) -> usize {
+        self.e.max_rows()
+    }
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        step: &thinksteer::model::Step,
+        logit_rows: &[usize],
+        hooks: &mut thinksteer::model::Hooks,
+    ) -> thinksteer::Result<&[f32]> {
+        self.e.forward(ids, step, logit_rows, hooks)
+    }
+    fn greedy(
+        &mut self,
+        ids: &[u32],
+        step: &thinksteer::model::Step,
+    ) -> thinksteer::Result<Vec<u32>> {
+        self.e.greedy(ids, step)
+    }
+    fn start_capture(
+        &mut self,
+        ids: &[u32],
+        step: &thinksteer::model::Step,
+        p: usize,
+    ) -> thinksteer::Result<()> {
+        self.e.start_capture(ids, step, p)
+    }
+    fn finish_capture(&mut self) -> thinksteer::Result<(Vec<u32>, Vec<f32>)> {
+        self.e.finish_capture()
+    }
+    fn logits_at(&mut self, ids: &[u32]) -> thinksteer::Result<Vec<f32>> {
+        self.e.logits_at(ids)
+    }
+    fn keep_residuals(&mut self, p: usize, slots: usize) -> thinksteer::Result<()> {
+        self.e.keep_residuals(p, slots)
+    }
+    fn forward_kept(
+        &mut self,
+        step: &thinksteer::model::Step,
+        steer: &thinksteer::engine::SteerRows,
+        logit_rows: &[usize],
+    ) -> thinksteer::Result<&[f32]> {
+        self.count(step);
+        self.e.forward_kept(step, steer, logit_rows)
+    }
+    fn greedy_kept(
+        &mut self,
+        step: &thinksteer::model::Step,
+        steer: &thinksteer::engine::SteerRows,
+        logit_rows: &[usize],
+    ) -> thinksteer::Result<Vec<u32>> {
+        self.count(step);
+        self.e.greedy_kept(step, steer, logit_rows)
+    }
 }
