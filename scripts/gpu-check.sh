@@ -15,8 +15,9 @@
 # headers say the seconds since the start, so the next call can be sized.
 # Dry run (scripts/cuda-emulate/gpu-check-dry.sh): B names the bundle folder, QWEN and LLAMA
 # the shapes benched in place of qwen2.5-1.5b and llama-3.1-8b, BEST the switches of phase 2's
-# summary benches in place of the chooser's.
+# summary benches in place of the chooser's, TIMEOUT_SCALE a factor on every command's limit.
 set -u
+TS=${TIMEOUT_SCALE:-1}
 B=${B:-.gpu}
 QWEN=${QWEN:-qwen2.5-1.5b}
 LLAMA=${LLAMA:-llama-3.1-8b}
@@ -49,7 +50,7 @@ for t in "$B"/tests/*; do
     name=$(basename "$t")
     case " ${TESTS:-$name} " in *" $name "*) ;; *) continue ;; esac
     section "test $name"
-    if timeout 180 "$t" --test-threads=1 > "$OUT/test-$name.log" 2>&1; then
+    if timeout $((180 * TS)) "$t" --test-threads=1 > "$OUT/test-$name.log" 2>&1; then
         grep -E "^test result" "$OUT/test-$name.log"
     else
         status=1
@@ -59,18 +60,18 @@ done
 
 if [ "${BENCH:-all}" = "all" ] && one; then
 section "bench"
-timeout 150 "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
-timeout 150 "$B/thinksteer" bench --shape $LLAMA --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
-timeout 120 "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
-timeout 150 "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || {
+timeout $((150 * TS)) "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
+timeout $((150 * TS)) "$B/thinksteer" bench --shape $LLAMA --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
+timeout $((120 * TS)) "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
+timeout $((150 * TS)) "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || {
     status=1; cat "$OUT/bench-hybrid.err"
     # Still time the step as run 13 did (one stream, single pass) so the call is not wasted.
     echo "== retry: THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0"
-    THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0 timeout 150 "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2>> "$OUT/bench-hybrid.err" || tail -5 "$OUT/bench-hybrid.err"
+    THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0 timeout $((150 * TS)) "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2>> "$OUT/bench-hybrid.err" || tail -5 "$OUT/bench-hybrid.err"
 }
 # The paper's windows on the host-driven loop (rows "hybrid-w"): batch 1 steers nearly every
 # step, batch 8 about one problem in eight.
-timeout 120 "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16 --json > "$OUT/bench-hybrid-windows.jsonl" 2> "$OUT/bench-hybrid-windows.err" || { status=1; tail -5 "$OUT/bench-hybrid-windows.err"; }
+timeout $((120 * TS)) "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16 --json > "$OUT/bench-hybrid-windows.jsonl" 2> "$OUT/bench-hybrid-windows.err" || { status=1; tail -5 "$OUT/bench-hybrid-windows.err"; }
 fi
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ] && one; then
     section "per-kernel profiles (one eager prefill / decode step / hybrid step each)"
@@ -79,9 +80,9 @@ fi
 # The steering-vector gradient (train-vectors --method optimise's work) at 500-token contexts.
 if one; then
 section "bench --vector-grad"
-THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda 2>&1 | tail -6
+THINKSTEER_CUDA_PROFILE=0 timeout $((120 * TS)) "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda 2>&1 | tail -6
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
-    timeout 120 "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
+    timeout $((120 * TS)) "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
     python3 - "$OUT/vg-profile.jsonl" <<'PY'
 import json, sys
 for l in open(sys.argv[1]):
@@ -99,7 +100,7 @@ if [ "${BENCH:-all}" = "all" ] && two; then
 # 128 / 256 columns, cuBLASLt), first: the one direct measurement of the wgmma kernels (~1 min).
 if [ -x "$B/kernel-bench" ]; then
     section "kernel bench: gemm"
-    timeout 120 "$B/kernel-bench" --bench gemm 2>&1 | grep -E "^gemm.*(TFLOP|skipped)"
+    timeout $((120 * TS)) "$B/kernel-bench" --bench gemm 2>&1 | grep -E "^gemm.*(TFLOP|skipped)"
 fi
 # A/B lines, most important first (a call cut short by its limit still has those): each runs
 # `thinksteer bench` with the switches given before the arguments (see README, GPU switches).
@@ -112,7 +113,7 @@ ab() {
         return
     fi
     section "$vars bench --shape $SHAPE $*" | tee -a "$OUT/ab.log"
-    env THINKSTEER_CUDA_PROFILE=0 $vars timeout 150 "$B/thinksteer" bench --shape "$SHAPE" --device cuda --json "$@" 2> "$OUT/ab.err" |
+    env THINKSTEER_CUDA_PROFILE=0 $vars timeout $((150 * TS)) "$B/thinksteer" bench --shape "$SHAPE" --device cuda --json "$@" 2> "$OUT/ab.err" |
         python3 scripts/gpu-ab.py record "$OUT" "$vars" "$SHAPE" "$@" | tee -a "$OUT/ab.log"
     local rc=${PIPESTATUS[0]}
     grep -E "rror|panicked|no wgmma" "$OUT/ab.err" | head -5 | tee -a "$OUT/ab.log"
@@ -198,7 +199,7 @@ if [ -n "$best" ]; then
     mkdir -p "$OUT/best"
     bb() {
         local shape="$1"; shift
-        env THINKSTEER_CUDA_PROFILE=0 $best timeout 150 "$B/thinksteer" bench --shape "$shape" --device cuda --json "$@" 2> "$OUT/best/err" |
+        env THINKSTEER_CUDA_PROFILE=0 $best timeout $((150 * TS)) "$B/thinksteer" bench --shape "$shape" --device cuda --json "$@" 2> "$OUT/best/err" |
             python3 scripts/gpu-ab.py record "$OUT/best" "$best" "$shape" "$@" > /dev/null
         [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -5 "$OUT/best/err"; }
     }
@@ -207,7 +208,7 @@ if [ -n "$best" ]; then
     bb $QWEN --batch 1 --prompt-len 2000 --new-tokens 32
     bb $QWEN --hybrid --batch 1,8,64 --new-tokens "$NEW"
     bb $QWEN --hybrid --steered-share 0.125 --batch 64 --new-tokens "$NEW"
-    bb $QWEN --hybrid --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16
+    bb $QWEN $W
     python3 scripts/gpu-ab.py summary "$OUT/best" " with $best ($(head -1 "$OUT/gpu.txt"))" ab.jsonl
     python3 scripts/gpu-ab.py compare "$OUT"
 fi
@@ -222,16 +223,16 @@ one && summary ""
 # The HF anchor runs in the same call as the benches it is compared with (phase 1).
 if [ "${SKIP_HF:-0}" != "1" ] && [ -f "$B/hf_anchor.py" ] && one; then
     section "HF anchor (NEW=$NEW)"
-    NEW=$NEW PYTHONUNBUFFERED=1 timeout 240 python3 "$B/hf_anchor.py" > "$OUT/hf.log" 2>&1 || echo "hf_anchor failed: $(tail -3 "$OUT/hf.log")"
+    NEW=$NEW PYTHONUNBUFFERED=1 timeout $((240 * TS)) python3 "$B/hf_anchor.py" > "$OUT/hf.log" 2>&1 || echo "hf_anchor failed: $(tail -3 "$OUT/hf.log")"
     summary ", with the HF anchor"
 fi
 
 # What each kind of launch of a decode step costs inside the replayed graph (left out in turn).
 if [ "${BENCH:-all}" = "all" ] && one; then
     section "bench --marginal (each kind of launch left out in turn; times only)"
-    THINKSTEER_CUDA_PROFILE=0 timeout 150 "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
-    THINKSTEER_CUDA_PROFILE=0 timeout 100 "$B/thinksteer" bench --shape $LLAMA --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
-    THINKSTEER_CUDA_PROFILE=0 timeout 120 "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout $((150 * TS)) "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1,64 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout $((100 * TS)) "$B/thinksteer" bench --shape $LLAMA --device cuda --batch 1 --prompt-len 64 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
+    THINKSTEER_CUDA_PROFILE=0 timeout $((120 * TS)) "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1 --new-tokens 64 --marginal 2>&1 | grep -E "^(marginal|  )|rror|panicked" | tee -a "$OUT/marginal.log"; exited "${PIPESTATUS[0]}" "$OUT/marginal.log"
 fi
 
 # Cubins written during this call: the driver refused a shipped one (or none was shipped) and

@@ -7,8 +7,9 @@
 # still pair. The times mean nothing; the GPU tests are left to gpu-tests.sh, the kernel bench and
 # the HF anchor to the lent card. Fails when the script fails, when a Python traceback or a
 # panic shows, or when a table it should print is missing.
+# Every command's time limit is 4 times the script's (the emulator is slow). .ci/run runs it.
 # Usage: bash scripts/cuda-emulate/gpu-check-dry.sh [DIR holding the thinksteer binary; default
-# target/release]. About 10 minutes on 2 cores.
+# target/release]. About 16 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 emu="$PWD/target/cuda-emulate"
@@ -46,7 +47,7 @@ out="$B/out"
 log="$B/gpu-check.log"
 set +e
 LD_LIBRARY_PATH="$emu${NV:+:$NV/lib}:${LD_LIBRARY_PATH:-}" B="$B" OUT="$out" QWEN=tiny LLAMA=tiny TESTS=none \
-    SKIP_HF=1 AB_FOR=100000 THINKSTEER_CUDA_PROFILE=1 NEW=3 BEST="THINKSTEER_ROPE=attn THINKSTEER_GEMV_WARPS=8" \
+    SKIP_HF=1 AB_FOR=100000 TIMEOUT_SCALE=4 THINKSTEER_CUDA_PROFILE=1 NEW=3 BEST="THINKSTEER_ROPE=attn THINKSTEER_GEMV_WARPS=8" \
     bash scripts/gpu-check.sh 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
