@@ -18,6 +18,7 @@
 # summary benches in place of the chooser's, TIMEOUT_SCALE a factor on every command's limit.
 set -u
 TS=${TIMEOUT_SCALE:-1}
+[[ $TS =~ ^[1-9][0-9]*$ ]] || { echo "TIMEOUT_SCALE: expected a whole number ≥ 1, found '$TS'" >&2; exit 2; }
 B=${B:-.gpu}
 QWEN=${QWEN:-qwen2.5-1.5b}
 LLAMA=${LLAMA:-llama-3.1-8b}
@@ -29,7 +30,8 @@ export THINKSTEER_CUDA_INCLUDE=/usr/local/cuda/include
 export THINKSTEER_EXPECT_GPU=1
 # The binaries embed the kernels as sm_90 cubins (scripts/build-gpu-bundle.sh); what a process
 # here must still compile (none, unless the driver refuses those cubins) is cached for the next.
-export THINKSTEER_KERNEL_CACHE=${THINKSTEER_KERNEL_CACHE:-$PWD/$B/kernel-cache}
+case $B in /*) kc=$B/kernel-cache ;; *) kc=$PWD/$B/kernel-cache ;; esac
+export THINKSTEER_KERNEL_CACHE=${THINKSTEER_KERNEL_CACHE:-$kc}
 NEW=${NEW:-256}
 if command -v nvidia-smi > /dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -81,8 +83,10 @@ fi
 if one; then
 section "bench --vector-grad"
 THINKSTEER_CUDA_PROFILE=0 timeout $((120 * TS)) "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda 2>&1 | tail -6
+rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=1; exited "$rc" "$OUT/vg.log"
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
     timeout $((120 * TS)) "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
+    rc=$?; [ "$rc" = 0 ] || status=1; exited "$rc" "$OUT/vg.log"
     python3 - "$OUT/vg-profile.jsonl" <<'PY'
 import json, sys
 for l in open(sys.argv[1]):

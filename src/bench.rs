@@ -631,7 +631,10 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
             LATENTS,
             max_len,
             rows,
-            2 * c.param_count() * 2,
+            // Both models' weights, and the thinking engine's cache and activations (loaded
+            // after this).
+            2 * c.param_count() * 2
+                + crate::cuda::model::cache_and_activation_bytes(&c, max_b, max_len, max_b.max(64)),
         )?,
         false => 0,
     };

@@ -251,21 +251,21 @@ pub fn run(
                     .min(longest + s.max_new_tokens)
             };
             let slots = s.batch.max(1).min(problems.len().max(1));
-            let ctx_b = ctx(pair.base, |p| p.base.len());
-            let slot_bytes = prefix::slot_bytes(&pair.base.config, ctx_b, 4);
-            let caches = prefix::count(
-                s,
-                slots,
-                pair.sae.latents,
-                slot_bytes,
-                prefix::cpu_available(),
-            )?;
-            let mut base = CpuEngine::new(pair.base.clone(), slots + caches, ctx_b);
-            let mut think = CpuEngine::new(
-                pair.thinking.clone(),
-                slots,
+            let (ctx_b, ctx_t) = (
+                ctx(pair.base, |p| p.base.len()),
                 ctx(pair.thinking, |p| p.thinking.len()),
             );
+            let slot_bytes = prefix::slot_bytes(&pair.base.config, ctx_b, 4);
+            // What the engines take besides the caches: both models' K/V for the problems'
+            // slots and the base model's kept residuals.
+            let engines = slots
+                * (slot_bytes
+                    + prefix::slot_bytes(&pair.thinking.config, ctx_t, 4)
+                    + ctx_b * pair.base.config.hidden_size * 4);
+            let avail = prefix::cpu_available().saturating_sub(engines);
+            let caches = prefix::count(s, slots, pair.sae.latents, slot_bytes, avail)?;
+            let mut base = CpuEngine::new(pair.base.clone(), slots + caches, ctx_b);
+            let mut think = CpuEngine::new(pair.thinking.clone(), slots, ctx_t);
             run_cached(
                 pair.artifacts(),
                 &mut base,

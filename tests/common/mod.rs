@@ -348,7 +348,8 @@ pub fn unwritten_kept_is_nan(e: &mut dyn thinksteer::engine::Decoder, vec: &[f32
 }
 
 /// A window-0 prefix written to a slot of its own, on an engine of ≥ 3 slots, ≥ 70 positions
-/// and ≥ 70 + 70 − a rows per call: slot 0 takes a 70-token prompt (kept at `point`); rows that
+/// and ≥ 70 + 70 − a rows per call: slot 0 takes a 70-token prompt (kept at `point`; slots 0
+/// and 1 keep residuals), slot 2 another, unkept; rows that
 /// start from slot 0's kept residuals plus 0.8 · `vec` [D] run in slot 2 and write their K/V
 /// there, positions 0..a in one call, then a..70 in a call that also holds a read-only run of
 /// all 70 positions in slot 0. Returns the logits [V] of (position a − 1 from the first call,
@@ -374,6 +375,16 @@ pub fn prefix_in_own_slot(
         run_start: &[],
     };
     e.forward(&prompt, &write, &[], &mut Hooks::default())
+        .unwrap();
+    // An unsteered call writing slot 2, which keeps no residuals: its rows are not kept (a
+    // store there would fall outside the kept rows, or onto slot 0's). The calls below rewrite
+    // every position of slot 2 it wrote.
+    let other = Step {
+        slots: &[2; N],
+        ..write
+    };
+    let junk: Vec<u32> = prompt.iter().map(|&t| (t * 7 + 3) % 300).collect();
+    e.forward(&junk, &other, &[], &mut Hooks::default())
         .unwrap();
     // Every row: 0.8 · vec, from slot 0's kept residual.
     let (idx, coef, from) = (vec![0u32; 2 * N], vec![0.8f32; 2 * N], vec![0usize; 2 * N]);
