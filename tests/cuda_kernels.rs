@@ -1264,3 +1264,53 @@ fn live_rows_are_computed_and_rows_past_them_left_alone() {
         }
     }
 }
+
+/// The registers the driver reports for every kernel are those ptxas reported compiling it
+/// (`--ptxas-options=-v`: same source, architecture and options as the runtime's cubins, and
+/// a kernel's registers do not depend on the log). On the emulated driver this checks its
+/// reading of the cubin, from which it refuses the launches the hardware cannot run (too many
+/// registers for the block, more threads than `__launch_bounds__`); on a GPU, that the cubin
+/// loaded is the one NVRTC makes. A module built from nvcc's PTX (compiled again by the driver)
+/// is left out.
+#[test]
+fn kernel_registers_are_those_ptxas_reported() {
+    use thinksteer::cuda::sources;
+    let Some(g) = gpu() else { return };
+    if let Err(why) = sources::nvrtc_available() {
+        println!("skipped: {why}");
+        return;
+    }
+    let (major, minor) = g.compute_capability;
+    let cc = (major * 10 + minor) as u32;
+    let arch = sources::nvrtc_arch(cc);
+    let mut checked = 0;
+    for (stem, names) in sources::MODULES {
+        if sources::embedded_ptx(stem, cc).is_some() {
+            println!("{stem}: loaded from nvcc's PTX, left out");
+            continue;
+        }
+        let src = sources::source(stem).unwrap();
+        let c = sources::compile(&format!("{stem}.cu"), &src, &arch, &["--ptxas-options=-v"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        for name in names.iter() {
+            // ptxas: "Compiling entry function 'NAME' for 'sm_90a'" ... "Used N registers, ...".
+            let from = c
+                .log
+                .find(&format!("entry function '{name}'"))
+                .unwrap_or_else(|| panic!("{stem}.cu: no ptxas entry for {name}"));
+            let used = c.log[from..]
+                .split("Used ")
+                .nth(1)
+                .and_then(|t| t.split(' ').next())
+                .and_then(|n| n.parse::<i32>().ok())
+                .unwrap_or_else(|| panic!("{stem}.cu: no register count for {name}"));
+            assert_eq!(
+                g.kernel_registers(name).unwrap(),
+                used,
+                "{name}: registers the driver reports vs ptxas's"
+            );
+            checked += 1;
+        }
+    }
+    println!("{checked} kernels' register counts match ptxas's");
+}

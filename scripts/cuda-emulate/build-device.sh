@@ -26,7 +26,10 @@ for f in "$here"/../../kernels/*; do
     sed -E 's/extern __shared__ ([A-Za-z_][A-Za-z_0-9]*) ([A-Za-z_][A-Za-z_0-9]*)\[\];/\1* const \2 = emu_dynamic_shared<\1>();/' \
         "$f" >"$tmp/kernels/$(basename "$f")"
 done
+# -fsanitize=alignment: a misaligned vector load or store (float4, uint4, ...; emulate.h aligns
+# them as CUDA does) stops the program, as it faults on the hardware.
 flags=(-std=c++20 -O2 -fPIC -pthread -w -fno-strict-aliasing -march=native -fvisibility=hidden -DTHINKSTEER_EMULATOR
+    -fsanitize=alignment -fno-sanitize-recover=alignment
     -include "$here/emulate.h" -I "$tmp/kernels" -I "$here")
 pids=()
 for f in "$tmp"/kernels/*.cu; do

@@ -28,7 +28,10 @@
 // What CUDA refuses, this refuses too: allocating, freeing, synchronous copies and synchronising during a capture (the
 // capture is then invalid), a capturing stream waiting on an event from outside its capture, a
 // capture ended with a joined stream not joined back, more dynamic shared memory than the
-// kernel's attribute allows (48 KB unless raised), a zero-byte allocation.
+// kernel's attribute allows (48 KB unless raised), a zero-byte allocation; and launches the
+// hardware cannot run, judged from the cubin ptxas made for the kernel (read_cubin): more
+// registers per block than compute capability 9.0 has, more threads than its
+// __launch_bounds__, too much shared memory, a grid's y or z above 65,535.
 #include <cuda.h>
 #include <dirent.h>
 #include <dlfcn.h>
@@ -59,6 +62,10 @@ struct Func {
     RunFn run;
     SizesFn sizes;
     int max_dynamic_smem = 48 << 10;  // raised by cuFuncSetAttribute, as on the hardware
+    // From the cubin loaded for it (read_cubin; 0 where none was: then unchecked).
+    int regs = 0;         // registers per thread, as ptxas allocated them
+    int static_smem = 0;  // bytes of __shared__ variables (without the 1 KB sm_90 reserves)
+    int max_threads = 0;  // the block size its __launch_bounds__ allows (0: none given)
 };
 enum Kind { KERNEL, COPY, SET8, SET32, FREE };
 struct Node {
@@ -131,6 +138,87 @@ unsigned long long next_stream_serial = 1;
 Stream* recorded_on(const Event* ev) {
     Stream* st = ev->stream;
     return st && streams.count(st) && st->serial == ev->serial ? st : nullptr;
+}
+
+// Hardware limits of compute capability 9.0 that a launch must respect (CUDA C++ Programming
+// Guide, "Technical Specifications per Compute Capability"): 64 K registers per block, given out
+// per warp in units of 256; 227 KB of shared memory per block (static + dynamic), of which at
+// most 48 KB static; grid y and z at most 65,535.
+const int REGS_PER_BLOCK = 65536, REG_UNIT = 256, SMEM_PER_BLOCK = 232448, STATIC_SMEM = 48 << 10;
+const unsigned GRID_YZ = 65535;
+
+// What ptxas decided for each kernel of the cubins given to cuModuleLoadData, by kernel name (the
+// names are unique across kernels/*.cu). Read from the ELF file: the registers from the
+// EIATTR_REGCOUNT (0x2f) entries of `.nv.info` (symbol index, count), the __launch_bounds__
+// block size from EIATTR_MAX_THREADS (0x05) in `.nv.info.<kernel>`, the static shared memory
+// from the size of `.nv.shared.<kernel>` (which on sm_90 includes the 1 KB the hardware
+// reserves per block when a `.nv.shared.reserved.0` section is present). A PTX image is skipped.
+struct Resources {
+    int regs = 0, static_smem = 0, max_threads = 0;
+};
+std::map<std::string, Resources> resources;
+
+template <class T>
+T read_at(const unsigned char* p) {
+    T v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+void read_cubin(const void* image) {
+    const auto* e = static_cast<const unsigned char*>(image);
+    if (std::memcmp(e, "\x7f" "ELF", 4) != 0 || e[4] != 2) return;  // PTX text, or not a 64-bit ELF
+    const auto shoff = read_at<uint64_t>(e + 0x28);
+    const unsigned shentsize = read_at<uint16_t>(e + 0x3a), shnum = read_at<uint16_t>(e + 0x3c),
+                   shstrndx = read_at<uint16_t>(e + 0x3e);
+    struct Section {
+        uint32_t name_at;
+        std::string name;
+        uint32_t link;
+        const unsigned char* data;
+        uint64_t size;
+    };
+    std::vector<Section> sec(shnum);
+    for (unsigned i = 0; i < shnum; ++i) {
+        const unsigned char* h = e + shoff + (uint64_t)i * shentsize;
+        sec[i] = {read_at<uint32_t>(h), "", read_at<uint32_t>(h + 40), e + read_at<uint64_t>(h + 24),
+                  read_at<uint64_t>(h + 32)};
+    }
+    for (Section& s : sec) s.name = reinterpret_cast<const char*>(sec[shstrndx].data + s.name_at);
+    bool reserved = false;
+    for (const Section& s : sec) reserved |= s.name == ".nv.shared.reserved.0";
+    // Each entry: format byte, attribute byte, then a 16-bit value, or (format 4) a 16-bit size
+    // and that many bytes.
+    auto entries = [](const Section& s, auto&& take) {
+        for (uint64_t i = 0; i + 4 <= s.size;) {
+            const unsigned fmt = s.data[i], attr = s.data[i + 1], v = read_at<uint16_t>(s.data + i + 2);
+            if (fmt == 4) {
+                take(attr, s.data + i + 4, v);
+                i += 4 + v;
+            } else {
+                i += 4;
+            }
+        }
+    };
+    const std::string info = ".nv.info.", shared = ".nv.shared.";
+    for (const Section& s : sec) {
+        if (s.name == ".nv.info") {
+            const Section& symtab = sec[s.link];
+            const unsigned char* names = sec[symtab.link].data;
+            entries(s, [&](unsigned attr, const unsigned char* p, unsigned n) {
+                if (attr != 0x2f || n != 8) return;
+                const uint32_t sym = read_at<uint32_t>(p);
+                const char* name = reinterpret_cast<const char*>(names + read_at<uint32_t>(symtab.data + 24ull * sym));
+                resources[name].regs = (int)read_at<uint32_t>(p + 4);
+            });
+        } else if (s.name.rfind(info, 0) == 0) {
+            entries(s, [&](unsigned attr, const unsigned char* p, unsigned n) {
+                if (attr == 0x05 && n == 12) resources[s.name.substr(info.size())].max_threads = (int)read_at<uint32_t>(p);
+            });
+        } else if (s.name.rfind(shared, 0) == 0 && s.name != ".nv.shared.reserved.0") {
+            resources[s.name.substr(shared.size())].static_smem = (int)s.size - (reserved ? 1024 : 0);
+        }
+    }
 }
 
 void load_modules() {
@@ -335,6 +423,29 @@ CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx
     if (by * bz != 1 || bx == 0 || bx > 1024 || gx * gy * gz == 0) {
         std::fprintf(stderr, "cuda-emulate: %s launched with block (%u, %u, %u), grid (%u, %u, %u)\n",
                      fn->name.c_str(), bx, by, bz, gx, gy, gz);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (gy > GRID_YZ || gz > GRID_YZ) {
+        std::fprintf(stderr, "cuda-emulate: %s launched with grid (%u, %u, %u): y and z may be at most %u\n",
+                     fn->name.c_str(), gx, gy, gz, GRID_YZ);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (fn->max_threads && (int)bx > fn->max_threads) {
+        std::fprintf(stderr, "cuda-emulate: %s launched with %u threads per block, above its __launch_bounds__ (%d)\n",
+                     fn->name.c_str(), bx, fn->max_threads);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    const int warps = (int)(bx + 31) / 32, per_warp = (fn->regs * 32 + REG_UNIT - 1) / REG_UNIT * REG_UNIT;
+    if (warps * per_warp > REGS_PER_BLOCK) {
+        std::fprintf(stderr, "cuda-emulate: %s needs %d registers per block (%d per thread, %u threads), above the %d "
+                     "of compute capability 9.0: the launch fails with too many resources requested\n",
+                     fn->name.c_str(), warps * per_warp, fn->regs, bx, REGS_PER_BLOCK);
+        return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+    }
+    if (fn->static_smem > STATIC_SMEM || fn->static_smem + (int)smem > SMEM_PER_BLOCK) {
+        std::fprintf(stderr, "cuda-emulate: %s uses %d bytes of static and %u of dynamic shared memory: at most %d "
+                     "static and %d in all per block\n", fn->name.c_str(), fn->static_smem, smem, STATIC_SMEM,
+                     SMEM_PER_BLOCK);
         return CUDA_ERROR_INVALID_VALUE;
     }
     if ((int)smem > fn->max_dynamic_smem) {
@@ -654,9 +765,10 @@ API CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
 }
 
 // Modules and launches.
-API CUresult cuModuleLoadData(CUmodule* m, const void*) {
+API CUresult cuModuleLoadData(CUmodule* m, const void* image) {
     LOCK;
     load_modules();
+    read_cubin(image);
     *m = reinterpret_cast<CUmodule>(&modules);
     return CUDA_SUCCESS;
 }
@@ -671,6 +783,11 @@ API CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
             auto z = reinterpret_cast<SizesFn>(dlsym(h, sizes.c_str()));
             if (r && z) {
                 it = funcs.emplace(name, std::make_unique<Func>(Func{name, r, z})).first;
+                if (auto k = resources.find(name); k != resources.end()) {
+                    it->second->regs = k->second.regs;
+                    it->second->static_smem = k->second.static_smem;
+                    it->second->max_threads = k->second.max_threads;
+                }
                 break;
             }
         }
@@ -682,14 +799,18 @@ API CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
     *f = reinterpret_cast<CUfunction>(it->second.get());
     return CUDA_SUCCESS;
 }
-API CUresult cuFuncGetAttribute(int* v, CUfunction_attribute a, CUfunction) {
-    *v = a == CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK ? 1024 : a == CU_FUNC_ATTRIBUTE_NUM_REGS ? 32 : 0;
+API CUresult cuFuncGetAttribute(int* v, CUfunction_attribute a, CUfunction f) {
+    const Func* fn = reinterpret_cast<Func*>(f);
+    *v = a == CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK ? (fn->max_threads ? fn->max_threads : 1024)
+         : a == CU_FUNC_ATTRIBUTE_NUM_REGS            ? fn->regs
+         : a == CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES   ? fn->static_smem
+                                                      : 0;
     return CUDA_SUCCESS;
 }
 API CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribute a, int v) {
     LOCK;
     if (a == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) {
-        if (v > 232448) return CUDA_ERROR_INVALID_VALUE;
+        if (v + reinterpret_cast<Func*>(f)->static_smem > SMEM_PER_BLOCK) return CUDA_ERROR_INVALID_VALUE;
         reinterpret_cast<Func*>(f)->max_dynamic_smem = v;
     }
     return CUDA_SUCCESS;

@@ -286,16 +286,19 @@ inline unsigned int atomicInc(unsigned int* p, unsigned int limit) {
     return old;
 }
 
-struct float4 {
+// Aligned as CUDA's vector types are (a load or store of one at an address that is not a
+// multiple of its size faults on the hardware): build-device.sh compiles the kernels with
+// -fsanitize=alignment, so such an access stops the emulator with the address and type.
+struct alignas(16) float4 {
     float x, y, z, w;
 };
-struct uint4 {
+struct alignas(16) uint4 {
     unsigned int x, y, z, w;
 };
-struct uint2 {
+struct alignas(8) uint2 {
     unsigned int x, y;
 };
-struct float2 {
+struct alignas(8) float2 {
     float x, y;
 };
 inline float2 make_float2(float a, float b) { return {a, b}; }
@@ -406,8 +409,14 @@ inline unsigned short f2bf(float f) {
 // memory for) every closed group but the newest N. Until then the destination holds NaN bytes,
 // from the issue on: a tile read before its wait, or a buffer refilled while another warp still
 // reads it (which the warp-ahead order above exposes), reads NaN and the check against the
-// reference fails. Copies still pending when the block ends are dropped.
+// reference fails. Copies still pending when the block ends are dropped. Both addresses must be
+// 16-byte aligned, as the hardware requires.
 inline void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    if ((reinterpret_cast<std::uintptr_t>(smem) | reinterpret_cast<std::uintptr_t>(gmem)) % 16) {
+        std::fprintf(stderr, "emulate.h: cp.async of 16 bytes from %p to %p (thread %u): both must be 16-byte aligned\n",
+                     gmem, smem, threadIdx.x);
+        std::abort();
+    }
     std::memset(smem, 0xff, 16);  // NaN until the wait: what the hardware holds there is unknown
     g_copies[threadIdx.x].open.push_back({smem, gmem, src_bytes});
 }

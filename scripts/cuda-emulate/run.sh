@@ -28,6 +28,8 @@ if grep -n "extern __shared__" "$tmp"/kernels/*; then
 fi
 # -fno-strict-aliasing: the kernels read bf16 / f32 buffers through uint4 / float4 pointers.
 # -march=native: built and run on the same machine; fmaf becomes one instruction (same result).
-g++ -std=c++20 -O2 -pthread -w -fno-strict-aliasing -march=native -DTHINKSTEER_EMULATOR -include "$here/emulate.h" \
+# -fsanitize=alignment: a misaligned vector load or store stops the check, as it faults on the GPU.
+g++ -std=c++20 -O2 -pthread -w -fno-strict-aliasing -march=native -DTHINKSTEER_EMULATOR \
+    -fsanitize=alignment -fno-sanitize-recover=alignment -include "$here/emulate.h" \
     -I "$tmp/kernels" -I "$here" -o "$tmp/check" "$here/check.cpp"
 "$tmp/check"

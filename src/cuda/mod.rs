@@ -474,6 +474,14 @@ impl Gpu {
             .ok_or_else(|| Error::Cuda(format!("kernel {name} is not loaded")))
     }
 
+    /// Registers per thread of a loaded kernel, as the driver reports them: a block of T threads
+    /// takes ⌈T/32⌉ warps × (32·regs rounded up to 256) of the 65,536 a block may have.
+    pub fn kernel_registers(&self, name: &str) -> Result<i32> {
+        self.func(name)?
+            .num_regs()
+            .map_err(cuda_err("reading a kernel's register count"))
+    }
+
     /// Maps a launch result to ours, naming the kernel; with THINKSTEER_CUDA_SYNC=1 also waits
     /// for the kernel so an asynchronous fault is reported against it.
     pub(crate) fn launched<T>(
