@@ -622,38 +622,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let rows = (max_b * (1 + nc))
         .max(64)
         .max(if windowed { max_len } else { 0 });
-    // The host loop's window-0 prefix caches: extra base-engine slots, as many as fit.
-    let caches = match windowed {
-        true => crate::cuda::hybrid::prefix_caches(
-            &c,
-            &hy,
-            max_b,
-            LATENTS,
-            max_len,
-            rows,
-            // Both models' weights, and the thinking engine's cache and activations (loaded
-            // after this).
-            2 * c.param_count() * 2
-                + crate::cuda::model::cache_and_activation_bytes(&c, max_b, max_len, max_b.max(64)),
-        )?,
-        false => 0,
-    };
-    CudaEngine::check_fits(
-        &gpu,
-        &c,
-        max_b + caches,
-        max_len,
-        rows,
-        2 * c.param_count() * 2,
-    )?;
-    let bw = Arc::new(CudaWeights::random(&gpu, &c, s.seed + 2)?);
-    let tw = match s.steered_share {
-        Some(_) => bw.clone(),
-        None => Arc::new(CudaWeights::random(&gpu, &c, s.seed + 1)?),
-    };
-    let tgpu = crate::cuda::hybrid::think_gpu(&gpu)?;
-    let think = CudaEngine::new(tgpu.clone(), c.clone(), tw, max_b, max_len, max_b.max(64))?;
-    let base = CudaEngine::new(gpu.clone(), c.clone(), bw, max_b + caches, max_len, rows)?;
+    // The SAE and steering blocks.
     let (lt, lb) = (
         4.min(c.num_hidden_layers - 1),
         10.min(c.num_hidden_layers - 1),
@@ -665,6 +634,33 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         sae: &sae,
         steering: &steering,
     };
+    // The host loop's window-0 prefix caches: extra base-engine slots in the blocks after the
+    // steering point, as many as fit.
+    let slots = match windowed {
+        true => crate::cuda::hybrid::base_slots(
+            &c,
+            &hy,
+            max_b,
+            LATENTS,
+            art.steer_point(&hy),
+            max_len,
+            rows,
+            // Both models' weights, and the thinking engine's cache and activations (loaded
+            // after this).
+            2 * c.param_count() * 2
+                + crate::cuda::model::cache_and_activation_bytes(&c, max_b, max_len, max_b.max(64)),
+        )?,
+        false => max_b.into(),
+    };
+    CudaEngine::check_fits(&gpu, &c, slots, max_len, rows, 2 * c.param_count() * 2)?;
+    let bw = Arc::new(CudaWeights::random(&gpu, &c, s.seed + 2)?);
+    let tw = match s.steered_share {
+        Some(_) => bw.clone(),
+        None => Arc::new(CudaWeights::random(&gpu, &c, s.seed + 1)?),
+    };
+    let tgpu = crate::cuda::hybrid::think_gpu(&gpu)?;
+    let think = CudaEngine::new(tgpu.clone(), c.clone(), tw, max_b, max_len, max_b.max(64))?;
+    let base = CudaEngine::new(gpu.clone(), c.clone(), bw, slots, max_len, rows)?;
     let mut h = if windowed {
         GpuHybrid::Engines {
             base: Box::new(base),

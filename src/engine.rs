@@ -4,7 +4,7 @@
 
 use crate::config::Config;
 use crate::cpu_ops::argmax;
-use crate::model::{Hooks, KvCache, Model, Step, Workspace};
+use crate::model::{Hooks, KvCache, Model, Slots, Step, Workspace};
 use crate::Result;
 use std::sync::Arc;
 
@@ -12,6 +12,8 @@ pub trait Decoder {
     fn config(&self) -> &Config;
     /// Positions per slot (the context the cache was sized for).
     fn max_len(&self) -> usize;
+    /// Cache slots, all of them (`Slots::total`): past the ones in every block may come prefix
+    /// caches held only from the steering point on, which a call through every block refuses.
     fn slots(&self) -> usize;
     /// Tokens one hooked call (or one with read-only runs) may hold.
     fn max_rows(&self) -> usize {
@@ -159,7 +161,9 @@ pub struct CpuEngine {
 }
 
 impl CpuEngine {
-    pub fn new(model: Arc<Model>, slots: usize, max_len: usize) -> CpuEngine {
+    /// An engine of `slots` cache slots (a count: in every block; or a `Slots` with prefix-cache
+    /// slots in the later blocks only) of `max_len` positions each.
+    pub fn new(model: Arc<Model>, slots: impl Into<Slots>, max_len: usize) -> CpuEngine {
         let cache = KvCache::new(&model.config, slots, max_len);
         CpuEngine {
             model,
@@ -182,7 +186,7 @@ impl Decoder for CpuEngine {
         self.cache.max_len
     }
     fn slots(&self) -> usize {
-        self.cache.slots
+        self.cache.slots.total()
     }
     fn max_rows(&self) -> usize {
         self.max_rows
@@ -278,7 +282,7 @@ impl Decoder for CpuEngine {
     fn keep_residuals(&mut self, p: usize, slots: usize) -> Result<()> {
         let c = &self.model.config;
         check_point(c, p)?;
-        check_kept_slots(slots, self.cache.slots)?;
+        check_kept_slots(slots, self.cache.slots.all)?;
         if self.kept.as_ref().is_some_and(|k| k.0 == p && k.1 >= slots) {
             return Ok(());
         }
@@ -364,10 +368,10 @@ pub fn check_step(
     c: &Config,
     ids: &[u32],
     step: &Step,
-    slots: usize,
+    slots: Slots,
     max_len: usize,
 ) -> Result<()> {
-    check_rows(ids.len(), step, slots, max_len)?;
+    check_rows(ids.len(), step, slots, 0, max_len)?;
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
         crate::bail!(
             "token id {bad} is outside the vocabulary: expected ids below vocab_size {}",
@@ -411,10 +415,12 @@ pub fn check_point(c: &Config, p: usize) -> Result<()> {
     Ok(())
 }
 
-/// Validates `keep_residuals`'s slot count against the engine's.
+/// Validates `keep_residuals`'s slot count against the engine's slots in every block.
 pub fn check_kept_slots(slots: usize, engine: usize) -> Result<()> {
     if slots == 0 || slots > engine {
-        crate::bail!("keep_residuals: expected 1..={engine} slots (the engine's), found {slots}");
+        crate::bail!(
+            "keep_residuals: expected 1..={engine} slots (the engine's slots in every block), found {slots}"
+        );
     }
     Ok(())
 }
@@ -427,14 +433,14 @@ pub fn check_kept(
     step: &Step,
     steer: &SteerRows,
     logit_rows: &[usize],
-    slots: usize,
+    slots: Slots,
     max_len: usize,
 ) -> Result<usize> {
     let Some((p, kept_slots)) = kept else {
         crate::bail!("forward_kept: this engine keeps no residuals (keep_residuals first)");
     };
     let (t, d) = (step.positions.len(), c.hidden_size);
-    check_rows(t, step, slots, max_len)?;
+    check_rows(t, step, slots, p, max_len)?;
     if !steer.from.is_empty() && steer.from.len() != t {
         crate::bail!(
             "steering rows: expected a kept slot for each of the {t} tokens (or none), found {}",
@@ -467,8 +473,9 @@ pub fn check_kept(
     Ok(p)
 }
 
-/// The shape of a step of `t` tokens, its runs, and its slots and positions against the cache.
-fn check_rows(t: usize, step: &Step, slots: usize, max_len: usize) -> Result<()> {
+/// The shape of a step of `t` tokens, its runs, and its slots and positions against the cache of
+/// the blocks the call runs (`block`..).
+fn check_rows(t: usize, step: &Step, slots: Slots, block: usize, max_len: usize) -> Result<()> {
     if step.slots.len() != t || step.positions.len() != t || step.n_write > t {
         crate::bail!(
             "step: expected {t} slots and positions and n_write ≤ {t}, found {} slots, {} positions, n_write {}",
@@ -478,9 +485,17 @@ fn check_rows(t: usize, step: &Step, slots: usize, max_len: usize) -> Result<()>
         );
     }
     check_runs(step)?;
+    let n = slots.in_block(block);
     for (&s, &p) in step.slots.iter().zip(step.positions) {
-        if s >= slots || p >= max_len {
-            crate::bail!("position {p} in slot {s} is outside the cache: expected slot < {slots} and position < {max_len} (the context)");
+        if (slots.all..slots.total()).contains(&s) && s >= n {
+            crate::bail!(
+                "slot {s} holds K/V only in blocks {} on (a prefix cache), and this call starts at block {block}: expected a slot below {}",
+                slots.from,
+                slots.all
+            );
+        }
+        if s >= n || p >= max_len {
+            crate::bail!("position {p} in slot {s} is outside the cache: expected slot < {n} and position < {max_len} (the context)");
         }
     }
     Ok(())

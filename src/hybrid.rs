@@ -13,7 +13,7 @@
 use crate::config::Config;
 use crate::cpu_ops::argmax;
 use crate::engine::{CpuEngine, Decoder, SteerRows};
-use crate::model::{Hooks, KvCache, Model, Step, Workspace};
+use crate::model::{Hooks, KvCache, Model, Slots, Step, Workspace};
 use crate::rng::Rng;
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
@@ -255,16 +255,22 @@ pub fn run(
                 ctx(pair.base, |p| p.base.len()),
                 ctx(pair.thinking, |p| p.thinking.len()),
             );
-            let slot_bytes = prefix::slot_bytes(&pair.base.config, ctx_b, 4);
+            let point = pair.artifacts().steer_point(s);
             // What the engines take besides the caches: both models' K/V for the problems'
             // slots and the base model's kept residuals.
             let engines = slots
-                * (slot_bytes
-                    + prefix::slot_bytes(&pair.thinking.config, ctx_t, 4)
+                * (prefix::slot_bytes(&pair.base.config, 0, ctx_b, 4)
+                    + prefix::slot_bytes(&pair.thinking.config, 0, ctx_t, 4)
                     + ctx_b * pair.base.config.hidden_size * 4);
             let avail = prefix::cpu_available().saturating_sub(engines);
-            let caches = prefix::count(s, slots, pair.sae.latents, slot_bytes, avail)?;
-            let mut base = CpuEngine::new(pair.base.clone(), slots + caches, ctx_b);
+            let per = prefix::slot_bytes(&pair.base.config, point, ctx_b, 4);
+            let late = prefix::count(s, slots, pair.sae.latents, per, avail)?;
+            let base_slots = Slots {
+                all: slots,
+                late,
+                from: point,
+            };
+            let mut base = CpuEngine::new(pair.base.clone(), base_slots, ctx_b);
             let mut think = CpuEngine::new(pair.thinking.clone(), slots, ctx_t);
             run_cached(
                 pair.artifacts(),

@@ -234,8 +234,9 @@ struct HybridArgs {
     /// The reference code's quirk: feed the SAE raw activations (no centring, no unit norm).
     #[arg(long)]
     sae_raw_activations: bool,
-    /// With window 0 (cached mode): base-model cache slots that keep window-0 candidates'
-    /// steered K/V, one per (question, category, coefficient), so that a candidate steered
+    /// With window 0 (cached mode): base-model cache slots (in the blocks from the steering point
+    /// on) that keep window-0 candidates' steered K/V, one per (question, category,
+    /// coefficient), so that a candidate steered
     /// again runs only the new positions (default: one per question slot, category and
     /// coefficient, as many as fit a quarter of the free memory; 0: none).
     #[arg(long)]

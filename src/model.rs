@@ -90,22 +90,63 @@ impl Weights {
     }
 }
 
+/// The cache slots of an engine: `all` in every block, and `late` more (slots all..all + late)
+/// only in the blocks from `from` on. The late slots are the window-0 prefix caches of the
+/// hybrid loop (`hybrid::prefix`): their calls start at the steering point, so the blocks before
+/// it would hold K/V that nothing reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slots {
+    pub all: usize,
+    pub late: usize,
+    pub from: usize,
+}
+
+impl Slots {
+    pub fn total(&self) -> usize {
+        self.all + self.late
+    }
+    /// The slots block `l` holds.
+    pub fn in_block(&self, l: usize) -> usize {
+        if l >= self.from {
+            self.total()
+        } else {
+            self.all
+        }
+    }
+    /// Slot-blocks of the whole cache (slots summed over the `layers` blocks).
+    pub fn slot_blocks(&self, layers: usize) -> usize {
+        self.all * layers + self.late * layers.saturating_sub(self.from)
+    }
+}
+
+/// `n` slots in every block.
+impl From<usize> for Slots {
+    fn from(all: usize) -> Slots {
+        Slots {
+            all,
+            late: 0,
+            from: 0,
+        }
+    }
+}
+
 /// K/V of every layer for a fixed number of slots (one per concurrent sequence).
 pub struct KvCache {
-    pub slots: usize,
+    pub slots: Slots,
     pub max_len: usize,   // S
-    pub k: Vec<Vec<f32>>, // per layer [slots, S, Hkv, Dh]
-    pub v: Vec<Vec<f32>>, // per layer [slots, S, Hkv, Dh]
+    pub k: Vec<Vec<f32>>, // per layer [slots.in_block(l), S, Hkv, Dh]
+    pub v: Vec<Vec<f32>>, // per layer [slots.in_block(l), S, Hkv, Dh]
 }
 
 impl KvCache {
-    pub fn new(c: &Config, slots: usize, max_len: usize) -> KvCache {
-        let n = slots * max_len * c.num_key_value_heads * c.head_dim;
+    pub fn new(c: &Config, slots: impl Into<Slots>, max_len: usize) -> KvCache {
+        let slots = slots.into();
+        let n = |l: usize| slots.in_block(l) * max_len * c.num_key_value_heads * c.head_dim;
         KvCache {
             slots,
             max_len,
-            k: (0..c.num_hidden_layers).map(|_| vec![0.0; n]).collect(),
-            v: (0..c.num_hidden_layers).map(|_| vec![0.0; n]).collect(),
+            k: (0..c.num_hidden_layers).map(|l| vec![0.0; n(l)]).collect(),
+            v: (0..c.num_hidden_layers).map(|l| vec![0.0; n(l)]).collect(),
         }
     }
 }

@@ -17,7 +17,7 @@ use thinksteer::cuda::model::CudaEngine;
 use thinksteer::cuda::Gpu;
 use thinksteer::engine::{CpuEngine, Decoder, SteerRows};
 use thinksteer::hybrid::{run, run_cached, Mode, Output, Pair, Prompts, Settings, StepRecord};
-use thinksteer::model::{Model, Step};
+use thinksteer::model::{Model, Slots, Step};
 use thinksteer::sae::Sae;
 use thinksteer::steering::SteeringSet;
 
@@ -240,13 +240,19 @@ fn windowed_gpu_loop_matches_the_cpu_loop() {
         // Two slots for three problems. Calls of 2 rows in the thinking engine (each prompt is
         // fed in several calls before the one-token-per-row greedy_capture) and 20 in the base
         // engine, which takes a whole sequence (window 0) in one call; its slots past the
-        // first two hold the prefix caches.
+        // first two hold the prefix caches, in the blocks from the steering point on only (as
+        // `GpuHybrid::load` makes them).
         let tg = match two_streams {
             true => Arc::new(g.sibling().unwrap()),
             false => g.clone(),
         };
         let te = CudaEngine::load(tg, think_dir, 2, 64, 2).unwrap();
-        let be = CudaEngine::load(g.clone(), base_dir, 2 + caches, 64, 20).unwrap();
+        let slots = Slots {
+            all: 2,
+            late: caches,
+            from: pair.artifacts().steer_point(&s),
+        };
+        let be = CudaEngine::load(g.clone(), base_dir, slots, 64, 20).unwrap();
         // The loop GpuHybrid::Engines runs, with the base engine's candidate rows counted.
         let (mut be, mut te) = (common::Counting::new(be), te);
         let got = run_cached(pair.artifacts(), &mut be, &mut te, &ps, &s, |_, _, _| {}).unwrap();
@@ -467,4 +473,46 @@ fn greedy_capture_and_logits_at_match_the_cpu() {
         assert!(err.contains("not a greedy_capture"), "{err}");
         common::finish_capture_needs_its_start(&mut e, p);
     }
+}
+
+/// Prefix-cache slots on the GPU exist only in the blocks from the steering point on (base: 3
+/// blocks, the late slot from block 2): a decode step through every block may not use it, its
+/// K/V can be read in blocks 2.. only, and a write from the kept residuals at the point reaches
+/// it there.
+#[test]
+fn prefix_cache_slots_on_the_gpu_exist_only_from_the_steering_point() {
+    let Some(g) = gpu() else { return };
+    let f = Fixture::new("late");
+    let slots = Slots {
+        all: 2,
+        late: 1,
+        from: 2,
+    };
+    let mut e = CudaEngine::load(g, &f.base_dir, slots, 16, 8).unwrap();
+    assert_eq!(e.slots(), 3);
+    let write = |slot: &'static [usize]| Step {
+        slots: slot,
+        positions: &[0],
+        n_write: 1,
+        run_start: &[],
+    };
+    let err = e.greedy(&[3], &write(&[2])).unwrap_err().to_string();
+    assert!(
+        err.contains("slot 2 holds K/V only in blocks 2 on (a prefix cache)"),
+        "{err}"
+    );
+    e.keep_residuals(2, 2).unwrap();
+    e.greedy(&[3], &write(&[1])).unwrap();
+    let add = vec![0.5f32; f.base.config.hidden_size];
+    let from_1 = SteerRows {
+        from: &[1],
+        ..SteerRows::own(&add, &[0], &[1.0])
+    };
+    e.forward_kept(&write(&[2]), &from_1, &[0]).unwrap();
+    for l in 0..2 {
+        let err = e.kv_rows(l, 2, 0..1).unwrap_err().to_string();
+        assert!(err.contains("slot < 2 (in that block)"), "block {l}: {err}");
+    }
+    let (k, v) = e.kv_rows(2, 2, 0..1).unwrap();
+    assert!(k.iter().chain(&v).all(|x| x.is_finite()) && k.iter().any(|&x| x != 0.0));
 }

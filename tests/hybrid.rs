@@ -10,7 +10,7 @@ use std::sync::Arc;
 use thinksteer::cpu_ops::argmax;
 use thinksteer::engine::{CpuEngine, Decoder, SteerRows};
 use thinksteer::hybrid::{run, run_cached, Mode, Output, Pair, Prompts, Settings, StepRecord};
-use thinksteer::model::{Hooks, Model, Step};
+use thinksteer::model::{Hooks, Model, Slots, Step};
 use thinksteer::sae::Sae;
 use thinksteer::steering::SteeringSet;
 
@@ -737,6 +737,70 @@ fn a_window_0_prefix_in_its_own_slot_gives_what_a_read_only_run_gives() {
     }
 }
 
+/// Prefix-cache slots (`Slots::late`) exist only in the blocks from the steering point on: the
+/// cache holds them there alone, a call through every block may not use them, a call from the
+/// kept residuals at the point may write and read them, and one from an earlier point may not.
+#[test]
+fn prefix_cache_slots_exist_only_from_the_steering_point() {
+    let f = fx(12.0);
+    let c = &f.base.config;
+    let (n, kv) = (c.num_hidden_layers, c.num_key_value_heads * c.head_dim);
+    assert!(
+        n >= 3,
+        "the fixture needs blocks before and after the point"
+    );
+    let slots = Slots {
+        all: 2,
+        late: 3,
+        from: 2,
+    };
+    let cache = thinksteer::model::KvCache::new(c, slots, 16);
+    for l in 0..n {
+        let want = if l < 2 { 2 } else { 5 };
+        assert_eq!(cache.k[l].len(), want * 16 * kv, "K of block {l}");
+        assert_eq!(cache.v[l].len(), want * 16 * kv, "V of block {l}");
+    }
+    let mut e = CpuEngine::new(f.base.clone(), slots, 16);
+    assert_eq!(e.slots(), 5);
+    let write = |slot: &'static [usize]| Step {
+        slots: slot,
+        positions: &[0],
+        n_write: 1,
+        run_start: &[],
+    };
+    e.greedy(&[3], &write(&[1])).unwrap();
+    let err = e.greedy(&[3], &write(&[2])).unwrap_err().to_string();
+    assert!(
+        err.contains("slot 2 holds K/V only in blocks 2 on (a prefix cache)")
+            && err.contains("starts at block 0: expected a slot below 2"),
+        "{err}"
+    );
+    let err = e.greedy(&[3], &write(&[5])).unwrap_err().to_string();
+    assert!(err.contains("expected slot < 2"), "{err}");
+    // From the point: slot 4 (the last late one) written from slot 1's kept residual.
+    e.keep_residuals(2, 2).unwrap();
+    e.greedy(&[3], &write(&[1])).unwrap();
+    let add = vec![0.5f32; 64];
+    let from_1 = SteerRows {
+        from: &[1],
+        ..SteerRows::own(&add, &[0], &[1.0])
+    };
+    let kept = e
+        .forward_kept(&write(&[4]), &from_1, &[0])
+        .unwrap()
+        .to_vec();
+    assert!(kept.iter().all(|x| x.is_finite()));
+    // From block 1, before the point, the late slots are not there.
+    let mut e = CpuEngine::new(f.base.clone(), slots, 16);
+    e.keep_residuals(1, 2).unwrap();
+    e.greedy(&[3], &write(&[1])).unwrap();
+    let err = e
+        .forward_kept(&write(&[4]), &from_1, &[0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("starts at block 1"), "{err}");
+}
+
 /// The window-0 prefix caches change no token and no record (against exact mode), with room
 /// for every (problem, category, coefficient), for 4 (evictions) and for 1 (most window-0 runs
 /// read-only), with a refill; and they cut the window-0 rows: with room for all, every position
@@ -754,7 +818,13 @@ fn prefix_caches_change_nothing_but_the_rows_run() {
     let (mut rows, mut resumed) = (vec![], vec![]);
     for caches in [0, 1, 4, 2 * 4 * 3] {
         s.prefix_caches = Some(caches);
-        let mut b = common::Counting::new(CpuEngine::new(f.base.clone(), 2 + caches, 40));
+        // The caches in the blocks from the steering point on only, as `hybrid::run` makes them.
+        let slots = Slots {
+            all: 2,
+            late: caches,
+            from: pair.artifacts().steer_point(&s),
+        };
+        let mut b = common::Counting::new(CpuEngine::new(f.base.clone(), slots, 40));
         let mut t = CpuEngine::new(f.thinking.clone(), 2, 40);
         let got = run_cached(pair.artifacts(), &mut b, &mut t, &ps, &s, |_, _, _| {}).unwrap();
         for (i, (e, g)) in exact.iter().zip(&got).enumerate() {

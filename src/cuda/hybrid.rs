@@ -30,7 +30,7 @@ use super::{cuda_err as cu, Gpu};
 use crate::config::Config;
 use crate::engine::Decoder;
 use crate::hybrid::{prefix, run_cached, Artifacts, Mode, Output, Prompts, Settings, StepRecord};
-use crate::model::{Hooks, Step};
+use crate::model::{Hooks, Slots, Step};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
 use crate::{bail, Result};
@@ -779,25 +779,33 @@ pub enum GpuHybrid {
     },
 }
 
-/// The prefix caches (`hybrid::prefix`) to give a base engine of `max_b` problem slots, `ctx`
-/// positions and `rows` per call whose weights take `weights` bytes: as `prefix::count` says,
-/// with the GPU memory left free by the engine and its kept residuals.
-pub fn prefix_caches(
+/// The slots of a base engine of `max_b` problem slots, `ctx` positions and `rows` per call
+/// whose weights take `weights` bytes, steered at block input `point`: the problems' slots and
+/// the prefix caches (`hybrid::prefix`) in the blocks from the point on, as many as
+/// `prefix::count` says with the GPU memory left free by the engine and its kept residuals.
+#[allow(clippy::too_many_arguments)]
+pub fn base_slots(
     c: &Config,
     s: &Settings,
     max_b: usize,
     latents: usize,
+    point: usize,
     ctx: usize,
     rows: usize,
     weights: usize,
-) -> Result<usize> {
+) -> Result<Slots> {
     let (free, _) =
         cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
     let engine = super::model::cache_and_activation_bytes(c, max_b, ctx, rows)
         + weights
         + max_b * ctx * c.hidden_size * 4;
-    let per = prefix::slot_bytes(c, ctx, 2);
-    prefix::count(s, max_b, latents, per, free.saturating_sub(engine))
+    let per = prefix::slot_bytes(c, point, ctx, 2);
+    let late = prefix::count(s, max_b, latents, per, free.saturating_sub(engine))?;
+    Ok(Slots {
+        all: max_b,
+        late,
+        from: point,
+    })
 }
 
 impl GpuHybrid {
@@ -844,12 +852,13 @@ impl GpuHybrid {
         let rows = (max_b * s.coefficients.len()).max(longest).max(call);
         let cb = Config::from_file(&base_dir.join("config.json"))?;
         let weights = cb.param_count() * 2;
-        let caches = prefix_caches(&cb, s, max_b, sae.latents, ctx_base, rows, weights)?;
-        let mut base = CudaEngine::load(gpu, base_dir, max_b + caches, ctx_base, rows)?;
+        let art = Artifacts { sae, steering };
+        let point = art.steer_point(s);
+        let slots = base_slots(&cb, s, max_b, sae.latents, point, ctx_base, rows, weights)?;
+        let mut base = CudaEngine::load(gpu, base_dir, slots, ctx_base, rows)?;
         // The residuals the candidate runs start from (slots · context · D f32), allocated now
         // so that a card too small says so before any problem runs.
-        let art = Artifacts { sae, steering };
-        base.keep_residuals(art.steer_point(s), max_b)?;
+        base.keep_residuals(point, max_b)?;
         let heads = base.config.num_attention_heads;
         if rows * heads > super::SCRATCH_COUNTERS {
             bail!(

@@ -13,7 +13,7 @@ use super::kernels::{self as k, AttnShape, SaeEncode, Steer};
 use super::{cuda_err as cu, Gpu};
 use crate::config::{Arch, Config};
 use crate::engine::{check_step, Decoder, SteerRows};
-use crate::model::{Hooks, Step};
+use crate::model::{Hooks, Slots, Step};
 use crate::weights::WeightFiles;
 use crate::Result;
 use cudarc::driver::{CudaGraph, CudaSlice};
@@ -218,9 +218,9 @@ pub struct CudaEngine {
     /// Shared so that a `CudaVectorGrad` can hold the same weights beside the engine.
     pub w: Arc<CudaWeights>,
     inv_freq: CudaSlice<f32>,      // [Dh/2]
-    k_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
-    v_cache: Vec<CudaSlice<bf16>>, // per layer [slots, S, Hkv, Dh]
-    slots: usize,
+    k_cache: Vec<CudaSlice<bf16>>, // per layer [slots.in_block(l), S, Hkv, Dh]
+    v_cache: Vec<CudaSlice<bf16>>, // per layer [slots.in_block(l), S, Hkv, Dh]
+    slots: Slots,
     max_len: usize, // S
     pub(crate) max_t: usize,
     splits: usize,
@@ -294,11 +294,16 @@ pub fn supports(c: &Config) -> bool {
 }
 
 /// Bytes the engine will allocate on the device beyond the weights.
-pub fn cache_and_activation_bytes(c: &Config, slots: usize, max_len: usize, max_t: usize) -> usize {
+pub fn cache_and_activation_bytes(
+    c: &Config,
+    slots: impl Into<Slots>,
+    max_len: usize,
+    max_t: usize,
+) -> usize {
     let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
     let splits = k::decode_splits(max_len);
-    let cache = 2 * c.num_hidden_layers * slots * max_len * hkv * dh * 2;
+    let cache = 2 * slots.into().slot_blocks(c.num_hidden_layers) * max_len * hkv * dh * 2;
     let per_t = d * 4
         + d * 2
         + (h + 2 * hkv) * dh * 4
@@ -322,10 +327,11 @@ impl CudaEngine {
     pub fn load(
         gpu: Arc<Gpu>,
         dir: &Path,
-        slots: usize,
+        slots: impl Into<Slots>,
         max_len: usize,
         max_t: usize,
     ) -> Result<CudaEngine> {
+        let slots = slots.into();
         let config = Config::from_file(&dir.join("config.json"))?;
         let files = WeightFiles::open(dir)?;
         Self::check_fits(
@@ -344,18 +350,20 @@ impl CudaEngine {
     pub fn check_fits(
         gpu: &Gpu,
         c: &Config,
-        slots: usize,
+        slots: impl Into<Slots>,
         max_len: usize,
         max_t: usize,
         weight_bytes: usize,
     ) -> Result<()> {
+        let slots = slots.into();
         let need = cache_and_activation_bytes(c, slots, max_len, max_t) + weight_bytes;
         let (free, total) =
             cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
         let _ = &gpu.ctx;
         if need > free {
             crate::bail!(
-                "{slots} sequences × {max_len} positions need {:.2} GiB on the GPU (weights, KV cache, activations); the card has {:.2} GiB free of {:.2} GiB: lower the batch or the context",
+                "{} sequences × {max_len} positions need {:.2} GiB on the GPU (weights, KV cache, activations); the card has {:.2} GiB free of {:.2} GiB: lower the batch or the context",
+                slots.total(),
                 need as f64 / (1u64 << 30) as f64,
                 free as f64 / (1u64 << 30) as f64,
                 total as f64 / (1u64 << 30) as f64
@@ -368,10 +376,11 @@ impl CudaEngine {
         gpu: Arc<Gpu>,
         config: Config,
         w: impl Into<Arc<CudaWeights>>,
-        slots: usize,
+        slots: impl Into<Slots>,
         max_len: usize,
         max_t: usize,
     ) -> Result<CudaEngine> {
+        let slots = slots.into();
         let c = &config;
         if !supports(c) {
             crate::bail!(
@@ -395,10 +404,10 @@ impl CudaEngine {
             s.alloc_zeros::<i32>(n)
                 .map_err(cu("allocating activations"))
         };
-        let n_cache = slots * max_len * hkv * dh;
         let mut k_cache = Vec::new();
         let mut v_cache = Vec::new();
-        for _ in 0..c.num_hidden_layers {
+        for l in 0..c.num_hidden_layers {
+            let n_cache = slots.in_block(l) * max_len * hkv * dh;
             k_cache.push(z16(n_cache)?);
             v_cache.push(z16(n_cache)?);
         }
@@ -476,13 +485,14 @@ impl CudaEngine {
         })
     }
 
-    fn shape(&self) -> AttnShape {
+    /// The attention shape of block `l` (its cache's slots).
+    fn shape(&self, l: usize) -> AttnShape {
         let c = &self.config;
         AttnShape {
             h: c.num_attention_heads,
             hkv: c.num_key_value_heads,
             dh: c.head_dim,
-            slots: self.slots,
+            slots: self.slots.in_block(l),
             s: self.max_len,
         }
     }
@@ -648,7 +658,7 @@ impl CudaEngine {
         let c = &self.config;
         let (d, f) = (c.hidden_size, c.intermediate_size);
         let (h, hkv, dh) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let (wq, sh, splits) = ((h + 2 * hkv) * dh, self.shape(), self.splits);
+        let (wq, sh, splits) = ((h + 2 * hkv) * dh, self.shape(l), self.splits);
         let fused = self.fuses_rope();
         let g = &self.gpu;
         let (a, w) = (&mut self.a, &self.w.layers[l]);
@@ -1078,11 +1088,14 @@ impl CudaEngine {
         rows: Range<usize>,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let c = &self.config;
-        if layer >= c.num_hidden_layers || slot >= self.slots || rows.end > self.max_len {
+        if layer >= c.num_hidden_layers
+            || slot >= self.slots.in_block(layer)
+            || rows.end > self.max_len
+        {
             crate::bail!(
-                "KV rows: expected block < {}, slot < {} and positions ≤ {}, found block {layer}, slot {slot}, positions {rows:?}",
+                "KV rows: expected block < {}, slot < {} (in that block) and positions ≤ {}, found block {layer}, slot {slot}, positions {rows:?}",
                 c.num_hidden_layers,
-                self.slots,
+                self.slots.in_block(layer.min(c.num_hidden_layers.saturating_sub(1))),
                 self.max_len
             );
         }
@@ -1119,7 +1132,7 @@ impl Decoder for CudaEngine {
         self.max_len
     }
     fn slots(&self) -> usize {
-        self.slots
+        self.slots.total()
     }
     fn max_rows(&self) -> usize {
         self.max_t
@@ -1252,7 +1265,7 @@ impl Decoder for CudaEngine {
     }
     fn keep_residuals(&mut self, p: usize, slots: usize) -> Result<()> {
         crate::engine::check_point(&self.config, p)?;
-        crate::engine::check_kept_slots(slots, self.slots)?;
+        crate::engine::check_kept_slots(slots, self.slots.all)?;
         if self.kept.as_ref().is_some_and(|k| k.0 == p && k.1 >= slots) {
             return Ok(());
         }

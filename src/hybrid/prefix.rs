@@ -7,6 +7,8 @@
 //! blocks after the steering point. The cache is exact (the same rows, computed once); over a
 //! problem the window-0 rows fall from (steered steps) × C × length to at most
 //! (categories fired) × C × length. Least recently used first out when the slots run short.
+//! The slots exist only in the blocks from the steering point on (`model::Slots::late`): the
+//! blocks before it see no steering, and every call that writes a cache starts at the point.
 
 use super::{Mode, Settings};
 use crate::bail;
@@ -128,11 +130,13 @@ pub fn count(
     Ok(n)
 }
 
-/// Bytes one prefix cache costs at `max_len` positions: a slot's K/V of `kv_bytes` per value (4
-/// on the CPU, 2 on the GPU; the engine keeps no residuals for it).
-pub fn slot_bytes(c: &Config, max_len: usize, kv_bytes: usize) -> usize {
+/// Bytes one slot costs at `max_len` positions in the blocks `from..` (0: a problem's slot; the
+/// steering point: a prefix cache, whose runs start there — `model::Slots`): its K/V of
+/// `kv_bytes` per value (4 on the CPU, 2 on the GPU; the engine keeps no residuals for a
+/// prefix cache).
+pub fn slot_bytes(c: &Config, from: usize, max_len: usize, kv_bytes: usize) -> usize {
     let kv = c.num_key_value_heads * c.head_dim;
-    2 * c.num_hidden_layers * kv * kv_bytes * max_len
+    2 * c.num_hidden_layers.saturating_sub(from) * kv * kv_bytes * max_len
 }
 
 /// The memory the system reports available (`MemAvailable`), else 4 GiB: what the CPU loop's
@@ -149,6 +153,26 @@ pub fn cpu_available() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a cache is counted at is what the engines allocate: the CPU cache (f32) and the
+    /// CUDA engine's estimate (bf16; no rows of activations), problems' and prefix slots.
+    #[test]
+    fn slot_bytes_are_what_the_engines_allocate() {
+        let c = crate::bench::named_shape("tiny").unwrap();
+        let (n, s) = (c.num_hidden_layers, 20);
+        let slots = crate::model::Slots {
+            all: 2,
+            late: 3,
+            from: 5,
+        };
+        assert!(n > 5);
+        let cache = crate::model::KvCache::new(&c, slots, s);
+        let cpu: usize = cache.k.iter().chain(&cache.v).map(|b| b.len() * 4).sum();
+        let want = |bytes| 2 * slot_bytes(&c, 0, s, bytes) + 3 * slot_bytes(&c, 5, s, bytes);
+        assert_eq!(cpu, want(4));
+        let gpu = crate::cuda::model::cache_and_activation_bytes(&c, slots, s, 0);
+        assert_eq!(gpu, want(2));
+    }
 
     #[test]
     fn a_key_keeps_its_slot_and_the_least_recently_used_goes_first() {
