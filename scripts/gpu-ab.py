@@ -5,7 +5,9 @@
                                               printed line per row
   gpu-ab.py choose OUT                        per switch: every pair of A/B rows that differ in
                                               it alone, the ratio of their times, the choice;
-                                              writes the chosen switches to OUT/best.env
+                                              writes the chosen switches to OUT/best.env (never
+                                              a value in OUT/untrusted.env: its GPU tests
+                                              failed in this call)
   gpu-ab.py summary OUT LABEL FILE...         the table of bench rows or recorded rows (+ the HF
                                               anchor's rows from OUT/hf.log when present)
   gpu-ab.py compare OUT                       the rows recorded with the chosen switches
@@ -184,8 +186,20 @@ def pairs_of(recs, group):
     return out
 
 
+def untrusted(out):
+    """The (switch, value) pairs whose GPU tests failed in this call (OUT/untrusted.env, written
+    by gpu-check.sh's switch tests: one VAR=value per line)."""
+    path = os.path.join(out, "untrusted.env")
+    lines = open(path).read().split() if os.path.exists(path) else []
+    return {tuple(l.split("=", 1)) for l in lines if "=" in l}
+
+
 def choose(out):
     recs = load(os.path.join(out, "ab.jsonl"))
+    bad = untrusted(out)
+    if bad:
+        print("not chosen whatever their times (their GPU tests failed in this call): "
+              + " ".join(f"{k}={v}" for k, v in sorted(bad)))
     chosen = {}
     for group in GROUPS:
         pairs = pairs_of(recs, group)
@@ -203,6 +217,10 @@ def choose(out):
                   f"pairs, worst x{worst:.3f} -> {'faster' if win else 'slower' if lose else 'no clear gain'}")
             for r, what in rs:
                 print(f"    x{r:.3f}  {what}")
+            failed = [f"{k}={v}" for k, v in zip(group, value) if (k, v) in bad]
+            if failed:
+                print(f"    not chosen: the GPU tests failed with {' '.join(failed)}")
+                win = False
             if win:
                 wins[value] = gm
             if lose and group == ("THINKSTEER_GATE_FIRST",):

@@ -6,11 +6,12 @@
 # Full logs go to $OUT (or .gpu/out). Budget: well under 8 minutes on an H100 or H200.
 # Short runs: TESTS="cuda_vector_grad ..." runs only those test binaries; BENCH=vg runs only the
 # vector-gradient bench (with THINKSTEER_CUDA_PROFILE=1: a per-kernel breakdown); SKIP_HF=1.
-# PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the kernel
+# PHASE=1: the tests, the benches and profiles, the HF anchor, the summary; PHASE=2: the engine's
+# GPU tests with the switches' other values (a value whose tests fail is never chosen), the kernel
 # bench of the large products, then the A/B lines (gemm choices and prefill chunk, RoPE in
-# attention, gemv warps, gate first, one stream, grouped attention) for AB_FOR seconds (default
-# 330), then scripts/gpu-ab.py chooses each switch from them and the summary benches run again
-# with the chosen switches. Each
+# attention, gemv warps, gate first, one stream, grouped attention) until AB_FOR seconds
+# (default 390) from the phase's start, then scripts/gpu-ab.py chooses each switch from them
+# and the summary benches run again with the chosen switches. Each
 # phase fits one 10-minute device call (phase 1 with SKIP_HF=1); the default runs both. Section
 # headers say the seconds since the start, so the next call can be sized.
 # Dry run (scripts/cuda-emulate/gpu-check-dry.sh): B names the bundle folder, QWEN and LLAMA
@@ -44,6 +45,10 @@ PHASE=${PHASE:-all}
 one() { [ "$PHASE" = all ] || [ "$PHASE" = 1 ]; }
 two() { [ "$PHASE" = all ] || [ "$PHASE" = 2 ]; }
 status=0
+: > "$OUT/failures.txt"
+# A failure: the call's exit status becomes 1, and the line goes to $OUT/failures.txt (listed at
+# the end).
+failed() { status=1; echo "$*" >> "$OUT/failures.txt"; }
 section() { echo "== $* [${SECONDS}s]"; }
 # A filtered command's exit status, said when it is not 0 (a timeout or a panic prints no table).
 exited() { [ "$1" = 0 ] || echo "  (exit $1$([ "$1" = 124 ] && echo ": timed out"))" | tee -a "$2"; }
@@ -55,25 +60,25 @@ for t in "$B"/tests/*; do
     if timeout $((180 * TS)) "$t" --test-threads=1 > "$OUT/test-$name.log" 2>&1; then
         grep -E "^test result" "$OUT/test-$name.log"
     else
-        status=1
+        failed "test $name"
         echo "FAILED: $name"; tail -40 "$OUT/test-$name.log"
     fi
 done
 
 if [ "${BENCH:-all}" = "all" ] && one; then
 section "bench"
-timeout $((150 * TS)) "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { status=1; cat "$OUT/bench-qwen.err"; }
-timeout $((150 * TS)) "$B/thinksteer" bench --shape $LLAMA --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { status=1; cat "$OUT/bench-llama.err"; }
-timeout $((120 * TS)) "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { status=1; cat "$OUT/bench-qwen-2k.err"; }
+timeout $((150 * TS)) "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-qwen.jsonl" 2> "$OUT/bench-qwen.err" || { failed "bench $QWEN"; cat "$OUT/bench-qwen.err"; }
+timeout $((150 * TS)) "$B/thinksteer" bench --shape $LLAMA --device cuda --batch 1,8 --prompt-len 64 --new-tokens "$NEW" --json > "$OUT/bench-llama.jsonl" 2> "$OUT/bench-llama.err" || { failed "bench $LLAMA"; cat "$OUT/bench-llama.err"; }
+timeout $((120 * TS)) "$B/thinksteer" bench --shape $QWEN --device cuda --batch 1 --prompt-len 2000 --new-tokens 32 --json > "$OUT/bench-qwen-2k.jsonl" 2> "$OUT/bench-qwen-2k.err" || { failed "bench $QWEN 2k prefill"; cat "$OUT/bench-qwen-2k.err"; }
 timeout $((150 * TS)) "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2> "$OUT/bench-hybrid.err" || {
-    status=1; cat "$OUT/bench-hybrid.err"
+    failed "bench --hybrid"; cat "$OUT/bench-hybrid.err"
     # Still time the step as run 13 did (one stream, single pass) so the call is not wasted.
     echo "== retry: THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0"
     THINKSTEER_HYBRID_STREAMS=1 THINKSTEER_GATE_FIRST=0 timeout $((150 * TS)) "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8,64 --new-tokens "$NEW" --json > "$OUT/bench-hybrid.jsonl" 2>> "$OUT/bench-hybrid.err" || tail -5 "$OUT/bench-hybrid.err"
 }
 # The paper's windows on the host-driven loop (rows "hybrid-w"): batch 1 steers nearly every
 # step, batch 8 about one problem in eight.
-timeout $((120 * TS)) "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16 --json > "$OUT/bench-hybrid-windows.jsonl" 2> "$OUT/bench-hybrid-windows.err" || { status=1; tail -5 "$OUT/bench-hybrid-windows.err"; }
+timeout $((120 * TS)) "$B/thinksteer" bench --hybrid --shape $QWEN --device cuda --batch 1,8 --steered-share 0.125 --windows 0,-1,-15,-50,-100 --prompt-len 200 --new-tokens 16 --json > "$OUT/bench-hybrid-windows.jsonl" 2> "$OUT/bench-hybrid-windows.err" || { failed "bench --hybrid --windows"; tail -5 "$OUT/bench-hybrid-windows.err"; }
 fi
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ] && one; then
     section "per-kernel profiles (one eager prefill / decode step / hybrid step each)"
@@ -83,10 +88,10 @@ fi
 if one; then
 section "bench --vector-grad"
 THINKSTEER_CUDA_PROFILE=0 timeout $((120 * TS)) "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda 2>&1 | tail -6
-rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=1; exited "$rc" "$OUT/vg.log"
+rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || failed "bench --vector-grad"; exited "$rc" "$OUT/vg.log"
 if [ "${THINKSTEER_CUDA_PROFILE:-0}" = "1" ]; then
     timeout $((120 * TS)) "$B/thinksteer" bench --vector-grad --shape $QWEN --prompt-len 500 --device cuda --json > "$OUT/vg-profile.jsonl" 2>&1
-    rc=$?; [ "$rc" = 0 ] || status=1; exited "$rc" "$OUT/vg.log"
+    rc=$?; [ "$rc" = 0 ] || failed "bench --vector-grad (profile)"; exited "$rc" "$OUT/vg.log"
     python3 - "$OUT/vg-profile.jsonl" <<'PY'
 import json, sys
 for l in open(sys.argv[1]):
@@ -100,6 +105,39 @@ PY
 fi
 fi
 if [ "${BENCH:-all}" = "all" ] && two; then
+# The engine's GPU tests with the switches' other values, so that no value is chosen below on
+# its speed whose results were not checked in the same call (phase 1 tests the defaults): the
+# values in groups (one per gemm tile), and when a group fails each of its values alone; a value
+# that fails alone goes to $OUT/untrusted.env, which gpu-ab.py choose never picks from.
+ab_start=$SECONDS
+section "GPU tests with the switches' other values"
+: > "$OUT/untrusted.env"
+switch_tests() {
+    local t
+    for t in cuda_model cuda_hybrid; do
+        [ -x "$B/tests/$t" ] || continue
+        env $1 timeout $((120 * TS)) "$B/tests/$t" --test-threads=1 > "$OUT/switch-$t.log" 2>&1 || {
+            grep -E "panicked|FAILED|rror" "$OUT/switch-$t.log" | head -4; return 1; }
+    done
+}
+G="THINKSTEER_GEMM_FROM=33"
+for group in "$G THINKSTEER_GEMM=wg THINKSTEER_GEMV_WARPS=8 THINKSTEER_GEMV_ROWS=64 THINKSTEER_ROPE=attn THINKSTEER_ATTN=group THINKSTEER_PREFILL_ROWS=2048 THINKSTEER_RUN_ATTN=decode THINKSTEER_GATE_FIRST=1 THINKSTEER_HYBRID_STREAMS=1" \
+    "$G THINKSTEER_GEMM=wg256 THINKSTEER_GATE_FIRST=0" "$G THINKSTEER_GEMM=lt" "$G THINKSTEER_GEMM=128"; do
+    if switch_tests "$group"; then
+        echo "  passed: $group"
+        continue
+    fi
+    echo "  FAILED: $group; each value alone:"
+    failed "GPU tests with $group"
+    alone_failed=0
+    for v in $group; do
+        case $v in THINKSTEER_GEMM=*) alone="$G $v" ;; *) alone=$v ;; esac
+        if switch_tests "$alone"; then echo "    passed: $alone"; else
+            echo "    FAILED: $alone"; echo "$v" >> "$OUT/untrusted.env"; alone_failed=1; fi
+    done
+    # Each passed alone: the values fail together, and none can be told apart.
+    [ "$alone_failed" = 1 ] || printf '%s\n' $group >> "$OUT/untrusted.env"
+done
 # The large products alone with each gemm kernel (ours at 64 / 128 rows, the warpgroup kernels at
 # 128 / 256 columns, cuBLASLt), first: the one direct measurement of the wgmma kernels (~1 min).
 if [ -x "$B/kernel-bench" ]; then
@@ -109,11 +147,10 @@ fi
 # A/B lines, most important first (a call cut short by its limit still has those): each runs
 # `thinksteer bench` with the switches given before the arguments (see README, GPU switches).
 SHAPE=$QWEN
-ab_start=$SECONDS
 ab() {
     local vars="$1"; shift
-    if [ $((SECONDS - ab_start)) -gt "${AB_FOR:-330}" ]; then
-        echo "== skipped (A/B time of ${AB_FOR:-330}s spent): $vars $SHAPE $*" | tee -a "$OUT/ab.log"
+    if [ $((SECONDS - ab_start)) -gt "${AB_FOR:-390}" ]; then
+        echo "== skipped (A/B time of ${AB_FOR:-390}s spent): $vars $SHAPE $*" | tee -a "$OUT/ab.log"
         return
     fi
     section "$vars bench --shape $SHAPE $*" | tee -a "$OUT/ab.log"
@@ -205,7 +242,7 @@ if [ -n "$best" ]; then
         local shape="$1"; shift
         env THINKSTEER_CUDA_PROFILE=0 $best timeout $((150 * TS)) "$B/thinksteer" bench --shape "$shape" --device cuda --json "$@" 2> "$OUT/best/err" |
             python3 scripts/gpu-ab.py record "$OUT/best" "$best" "$shape" "$@" > /dev/null
-        [ "${PIPESTATUS[0]}" = 0 ] || { status=1; tail -5 "$OUT/best/err"; }
+        [ "${PIPESTATUS[0]}" = 0 ] || { failed "summary bench with $best: $shape $*"; tail -5 "$OUT/best/err"; }
     }
     bb $QWEN --batch 1,8,64 --prompt-len 64 --new-tokens "$NEW"
     bb $LLAMA --batch 1,8 --prompt-len 64 --new-tokens "$NEW"
@@ -242,4 +279,8 @@ fi
 # Cubins written during this call: the driver refused a shipped one (or none was shipped) and
 # the kernels were compiled here.
 echo "kernel cache: $(find "$THINKSTEER_KERNEL_CACHE" -name '*.cubin' -newer "$OUT/gpu.txt" 2>/dev/null | wc -l) cubins compiled during this call"
+if [ -s "$OUT/failures.txt" ]; then
+    section "failures"
+    cat "$OUT/failures.txt"
+fi
 exit $status

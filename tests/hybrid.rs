@@ -650,7 +650,9 @@ fn kept_residuals_give_what_a_rerun_of_the_window_gives() {
     for bad in [0, 3] {
         let err = e.keep_residuals(1, bad).unwrap_err().to_string();
         assert!(
-            err.contains(&format!("expected 1..=2 slots (the engine's), found {bad}")),
+            err.contains(&format!(
+                "expected 1..=2 slots (the engine's slots in every block), found {bad}"
+            )),
             "{err}"
         );
     }

@@ -41,6 +41,20 @@ while i < len(args):
 os.execv("$real", ["$real"] + args)
 EOF
 chmod +x "$B/thinksteer"
+# Stand-ins for the engine's test binaries in phase 2's switch tests (the real ones run in
+# gpu-tests.sh): they pass, except cuda_model with cuBLASLt, which the emulated driver lacks; so
+# the dry run sees a failing value marked untrusted, and the rest of the logic run.
+mkdir -p "$B/tests"
+for t in cuda_model cuda_hybrid; do
+    cat > "$B/tests/$t" <<'EOF2'
+#!/usr/bin/env bash
+if [ "$(basename "$0")" = cuda_model ] && [ "${THINKSTEER_GEMM:-}" = lt ]; then
+    echo "test gemm ... FAILED (stand-in: no cuBLASLt beside the emulated driver)"; exit 101
+fi
+echo "test result: ok (stand-in)"
+EOF2
+    chmod +x "$B/tests/$t"
+done
 # NVRTC on the library path, as .ci/run puts it (the binary looks for it before it opens a device).
 NV=$(python3 -c 'import nvidia, os; print([os.path.join(p, "cu13") for p in nvidia.__path__ if os.path.isdir(os.path.join(p, "cu13"))][0])' 2>/dev/null || true)
 out="$B/out"
@@ -52,7 +66,12 @@ LD_LIBRARY_PATH="$emu${NV:+:$NV/lib}:${LD_LIBRARY_PATH:-}" B="$B" OUT="$out" QWE
 rc=${PIPESTATUS[0]}
 set -e
 fail() { echo "gpu-check-dry: $*" >&2; exit 1; }
-[ "$rc" = 0 ] || fail "gpu-check.sh exited $rc"
+# The one failure expected: the stand-in's, with cuBLASLt.
+lt="THINKSTEER_GEMM_FROM=33 THINKSTEER_GEMM=lt"
+[ "$rc" = 1 ] || fail "gpu-check.sh exited $rc, expected 1 (the stand-in test's failure with cuBLASLt)"
+[ "$(cat "$out/failures.txt")" = "GPU tests with $lt" ] || fail "failures other than expected: $(cat "$out/failures.txt")"
+[ "$(cat "$out/untrusted.env")" = "THINKSTEER_GEMM=lt" ] || fail "untrusted.env: $(cat "$out/untrusted.env")"
+grep -q "not chosen whatever their times" "$log" || fail "gpu-ab.py choose did not take untrusted.env"
 # A failed line, except the cuBLASLt ones (no cuBLASLt beside the emulated driver).
 bad=$(awk '/Traceback|panicked/ || (/\(exit [0-9]+/ && prev !~ /libcublasLt could not be loaded/) { print NR": "$0 } { prev = $0 }' "$log")
 [ -z "$bad" ] || fail "errors in $log: $bad"
