@@ -1314,3 +1314,53 @@ fn kernel_registers_are_those_ptxas_reported() {
     }
     println!("{checked} kernels' register counts match ptxas's");
 }
+
+/// Decode attention refuses a head dimension its kernels lack (they would end without their
+/// PDL wait, unordering the launches after them), before launching.
+#[test]
+fn attention_decode_refuses_a_head_dim_its_kernels_lack() {
+    let Some(g) = gpu() else { return };
+    let s = &g.stream;
+    let sh = AttnShape {
+        h: 2,
+        hkv: 1,
+        dh: 32,
+        slots: 1,
+        s: 8,
+    };
+    let splits = k::decode_splits(sh.s + 1);
+    let z16 = |n: usize| s.alloc_zeros::<bf16>(n).unwrap();
+    let (q, ks, vs) = (z16(sh.h * sh.dh), z16(sh.hkv * sh.dh), z16(sh.hkv * sh.dh));
+    let (mut kc, mut vc) = (z16(sh.s * sh.hkv * sh.dh), z16(sh.s * sh.hkv * sh.dh));
+    let ints = s.clone_htod(&[0i32]).unwrap();
+    let mut po = s.alloc_zeros::<f32>(sh.h * splits * sh.dh).unwrap();
+    let mut pml = s.alloc_zeros::<f32>(sh.h * splits * 2).unwrap();
+    let mut out = z16(sh.h * sh.dh);
+    let err = k::attention_decode(
+        &g,
+        k::DecodeIn::Rotated {
+            q: &q.as_view(),
+            k_self: &ks.as_view(),
+            v_self: &vs.as_view(),
+        },
+        &mut kc.as_view_mut(),
+        &mut vc.as_view_mut(),
+        &ints.as_view(),
+        &ints.as_view(),
+        &mut po.as_view_mut(),
+        &mut pml.as_view_mut(),
+        &mut out.as_view_mut(),
+        1,
+        sh,
+        splits,
+        None,
+        None,
+        DecodeAttn::PerHead,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("head dim must be 64 or 128, found 32"),
+        "{err}"
+    );
+}

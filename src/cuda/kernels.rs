@@ -267,6 +267,8 @@ pub struct AttnShape {
 
 impl AttnShape {
     fn check(&self, kernel: &str) -> Result<()> {
+        // The kernels' head dimensions (decode attention with another would also end without
+        // its PDL wait, unordering the launches after it).
         if !(self.dh == 64 || self.dh == 128) {
             return Err(Error::Input(format!(
                 "{kernel}: head dim must be 64 or 128, found {}",

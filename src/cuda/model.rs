@@ -138,7 +138,7 @@ impl CudaWeights {
                 down_proj: rand(d * f, 0.0, fan(f))?,
             });
         }
-        Ok(CudaWeights {
+        let w = CudaWeights {
             embed_tokens: rand(v * d, 0.0, 1.0)?,
             layers,
             norm: rand(d, 1.0, 0.1)?,
@@ -147,7 +147,11 @@ impl CudaWeights {
             } else {
                 Some(rand(v * d, 0.0, fan(d))?)
             },
-        })
+        };
+        // Kernels read weights before their PDL wait (gemv's first loads), so weights written
+        // by a kernel must be complete before any later launch: wait here, once.
+        gpu.sync()?;
+        Ok(w)
     }
 }
 
