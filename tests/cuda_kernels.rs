@@ -530,12 +530,25 @@ fn check_attention_decode(
 fn run_decode(
     g: &Gpu,
     input: k::DecodeIn,
+    caches: (&mut CudaSlice<bf16>, &mut CudaSlice<bf16>),
+    rows: (&CudaSlice<i32>, &CudaSlice<i32>, Option<&CudaSlice<i32>>),
+    t: usize,
+    sh: AttnShape,
+    kind: DecodeAttn,
+) -> Vec<bf16> {
+    try_decode(g, input, caches, rows, t, sh, kind).unwrap()
+}
+
+/// `run_decode`, returning the wrapper's error.
+fn try_decode(
+    g: &Gpu,
+    input: k::DecodeIn,
     (kc, vc): (&mut CudaSlice<bf16>, &mut CudaSlice<bf16>),
     (pos, slot, run): (&CudaSlice<i32>, &CudaSlice<i32>, Option<&CudaSlice<i32>>),
     t: usize,
     sh: AttnShape,
     kind: DecodeAttn,
-) -> Vec<bf16> {
+) -> thinksteer::Result<Vec<bf16>> {
     let s = &g.stream;
     let splits = k::decode_splits(sh.s + 1);
     let mut po = s.alloc_zeros::<f32>(t * sh.h * splits * sh.dh).unwrap();
@@ -557,9 +570,8 @@ fn run_decode(
         None,
         run.map(|r| r.as_view()).as_ref(),
         kind,
-    )
-    .unwrap();
-    s.clone_dtoh(&out).unwrap()
+    )?;
+    Ok(s.clone_dtoh(&out).unwrap())
 }
 
 #[test]
@@ -1328,33 +1340,23 @@ fn attention_decode_refuses_a_head_dim_its_kernels_lack() {
         slots: 1,
         s: 8,
     };
-    let splits = k::decode_splits(sh.s + 1);
     let z16 = |n: usize| s.alloc_zeros::<bf16>(n).unwrap();
     let (q, ks, vs) = (z16(sh.h * sh.dh), z16(sh.hkv * sh.dh), z16(sh.hkv * sh.dh));
     let (mut kc, mut vc) = (z16(sh.s * sh.hkv * sh.dh), z16(sh.s * sh.hkv * sh.dh));
     let ints = s.clone_htod(&[0i32]).unwrap();
-    let mut po = s.alloc_zeros::<f32>(sh.h * splits * sh.dh).unwrap();
-    let mut pml = s.alloc_zeros::<f32>(sh.h * splits * 2).unwrap();
-    let mut out = z16(sh.h * sh.dh);
-    let err = k::attention_decode(
+    let input = k::DecodeIn::Rotated {
+        q: &q.as_view(),
+        k_self: &ks.as_view(),
+        v_self: &vs.as_view(),
+    };
+    let caches = (&mut kc, &mut vc);
+    let err = try_decode(
         &g,
-        k::DecodeIn::Rotated {
-            q: &q.as_view(),
-            k_self: &ks.as_view(),
-            v_self: &vs.as_view(),
-        },
-        &mut kc.as_view_mut(),
-        &mut vc.as_view_mut(),
-        &ints.as_view(),
-        &ints.as_view(),
-        &mut po.as_view_mut(),
-        &mut pml.as_view_mut(),
-        &mut out.as_view_mut(),
+        input,
+        caches,
+        (&ints, &ints, None),
         1,
         sh,
-        splits,
-        None,
-        None,
         DecodeAttn::PerHead,
     )
     .unwrap_err()
