@@ -55,6 +55,12 @@ namespace {
 std::recursive_mutex mu;
 
 using RunFn = void (*)(void**, unsigned, unsigned, unsigned, unsigned, size_t);
+// What ptxas decided for a kernel (read_cubin; zeros where no cubin was read: then unchecked):
+// registers per thread, bytes of __shared__ variables (without the 1 KB sm_90 reserves), the
+// block size its __launch_bounds__ allows (0: none given).
+struct Resources {
+    int regs = 0, static_smem = 0, max_threads = 0;
+};
 using SizesFn = int (*)(size_t*);  // writes at most EMU_MAX_PARAMS sizes (trampoline.h)
 const int EMU_MAX_PARAMS = 64;
 struct Func {
@@ -62,10 +68,7 @@ struct Func {
     RunFn run;
     SizesFn sizes;
     int max_dynamic_smem = 48 << 10;  // raised by cuFuncSetAttribute, as on the hardware
-    // From the cubin loaded for it (read_cubin; 0 where none was: then unchecked).
-    int regs = 0;         // registers per thread, as ptxas allocated them
-    int static_smem = 0;  // bytes of __shared__ variables (without the 1 KB sm_90 reserves)
-    int max_threads = 0;  // the block size its __launch_bounds__ allows (0: none given)
+    Resources res;
 };
 enum Kind { KERNEL, COPY, SET8, SET32, FREE };
 struct Node {
@@ -153,9 +156,6 @@ const unsigned GRID_YZ = 65535;
 // block size from EIATTR_MAX_THREADS (0x05) in `.nv.info.<kernel>`, the static shared memory
 // from the size of `.nv.shared.<kernel>` (which on sm_90 includes the 1 KB the hardware
 // reserves per block when a `.nv.shared.reserved.0` section is present). A PTX image is skipped.
-struct Resources {
-    int regs = 0, static_smem = 0, max_threads = 0;
-};
 std::map<std::string, Resources> resources;
 
 template <class T>
@@ -430,21 +430,21 @@ CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx
                      fn->name.c_str(), gx, gy, gz, GRID_YZ);
         return CUDA_ERROR_INVALID_VALUE;
     }
-    if (fn->max_threads && (int)bx > fn->max_threads) {
+    if (fn->res.max_threads && (int)bx > fn->res.max_threads) {
         std::fprintf(stderr, "cuda-emulate: %s launched with %u threads per block, above its __launch_bounds__ (%d)\n",
-                     fn->name.c_str(), bx, fn->max_threads);
+                     fn->name.c_str(), bx, fn->res.max_threads);
         return CUDA_ERROR_INVALID_VALUE;
     }
-    const int warps = (int)(bx + 31) / 32, per_warp = (fn->regs * 32 + REG_UNIT - 1) / REG_UNIT * REG_UNIT;
+    const int warps = (int)(bx + 31) / 32, per_warp = (fn->res.regs * 32 + REG_UNIT - 1) / REG_UNIT * REG_UNIT;
     if (warps * per_warp > REGS_PER_BLOCK) {
         std::fprintf(stderr, "cuda-emulate: %s needs %d registers per block (%d per thread, %u threads), above the %d "
                      "of compute capability 9.0: the launch fails with too many resources requested\n",
-                     fn->name.c_str(), warps * per_warp, fn->regs, bx, REGS_PER_BLOCK);
+                     fn->name.c_str(), warps * per_warp, fn->res.regs, bx, REGS_PER_BLOCK);
         return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
     }
-    if (fn->static_smem > STATIC_SMEM || fn->static_smem + (int)smem > SMEM_PER_BLOCK) {
+    if (fn->res.static_smem > STATIC_SMEM || fn->res.static_smem + (int)smem > SMEM_PER_BLOCK) {
         std::fprintf(stderr, "cuda-emulate: %s uses %d bytes of static and %u of dynamic shared memory: at most %d "
-                     "static and %d in all per block\n", fn->name.c_str(), fn->static_smem, smem, STATIC_SMEM,
+                     "static and %d in all per block\n", fn->name.c_str(), fn->res.static_smem, smem, STATIC_SMEM,
                      SMEM_PER_BLOCK);
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -783,11 +783,7 @@ API CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
             auto z = reinterpret_cast<SizesFn>(dlsym(h, sizes.c_str()));
             if (r && z) {
                 it = funcs.emplace(name, std::make_unique<Func>(Func{name, r, z})).first;
-                if (auto k = resources.find(name); k != resources.end()) {
-                    it->second->regs = k->second.regs;
-                    it->second->static_smem = k->second.static_smem;
-                    it->second->max_threads = k->second.max_threads;
-                }
+                if (auto k = resources.find(name); k != resources.end()) it->second->res = k->second;
                 break;
             }
         }
@@ -801,16 +797,16 @@ API CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
 }
 API CUresult cuFuncGetAttribute(int* v, CUfunction_attribute a, CUfunction f) {
     const Func* fn = reinterpret_cast<Func*>(f);
-    *v = a == CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK ? (fn->max_threads ? fn->max_threads : 1024)
-         : a == CU_FUNC_ATTRIBUTE_NUM_REGS            ? fn->regs
-         : a == CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES   ? fn->static_smem
+    *v = a == CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK ? (fn->res.max_threads ? fn->res.max_threads : 1024)
+         : a == CU_FUNC_ATTRIBUTE_NUM_REGS            ? fn->res.regs
+         : a == CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES   ? fn->res.static_smem
                                                       : 0;
     return CUDA_SUCCESS;
 }
 API CUresult cuFuncSetAttribute(CUfunction f, CUfunction_attribute a, int v) {
     LOCK;
     if (a == CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES) {
-        if (v + reinterpret_cast<Func*>(f)->static_smem > SMEM_PER_BLOCK) return CUDA_ERROR_INVALID_VALUE;
+        if (v + reinterpret_cast<Func*>(f)->res.static_smem > SMEM_PER_BLOCK) return CUDA_ERROR_INVALID_VALUE;
         reinterpret_cast<Func*>(f)->max_dynamic_smem = v;
     }
     return CUDA_SUCCESS;

@@ -749,7 +749,8 @@ pub fn attention_runs(
         .arg(&s);
     // SAFETY: argument order and types match attention_runs_bf16; lengths checked above; the
     // tiles come from `run_tiles` over a step `check_step` or `check_kept` accepted (rows < T,
-    // slots and positions inside the cache of every block the call runs); its shared memory limit was raised when the module was loaded.
+    // slots and positions inside the cache of every block the call runs); its shared memory
+    // limit was raised when the module was loaded.
     gpu.launched(K, unsafe {
         b.launch(cfg(
             (n_tiles as u32, sh.h as u32, 1),

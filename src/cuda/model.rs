@@ -1099,7 +1099,7 @@ impl CudaEngine {
             crate::bail!(
                 "KV rows: expected block < {}, slot < {} (in that block) and positions ≤ {}, found block {layer}, slot {slot}, positions {rows:?}",
                 c.num_hidden_layers,
-                self.slots.in_block(layer.min(c.num_hidden_layers.saturating_sub(1))),
+                self.slots.in_block(layer),
                 self.max_len
             );
         }
