@@ -615,6 +615,7 @@ fn windowed_hybrid_counts_the_winning_coefficient_and_window() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(config["hybrid"]["windows"], serde_json::json!([0, -1, -3]));
     let mut total: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut cat_total, mut argmax_total) = (vec![BTreeMap::new(); 4], vec![0u64; 4]);
     for l in lines.iter().filter(|l| l["mode"] == "hybrid") {
         let cw: BTreeMap<String, u64> = serde_json::from_value(l["cw_wins"].clone()).unwrap();
         let coef: BTreeMap<String, u64> = serde_json::from_value(l["coef_wins"].clone()).unwrap();
@@ -629,6 +630,29 @@ fn windowed_hybrid_counts_the_winning_coefficient_and_window() {
             *total.entry(k.clone()).or_insert(0) += x;
         }
         assert_eq!(by_coef, coef, "{l}");
+        // Per category: every step at its argmax, and the steered ones by winner, which add up
+        // to the line's per-category and per-(c, w) counts.
+        let argmax: Vec<u64> = serde_json::from_value(l["category_steps"].clone()).unwrap();
+        assert_eq!(
+            argmax.iter().sum::<u64>(),
+            l["tokens"].as_u64().unwrap(),
+            "{l}"
+        );
+        let per_cat: Vec<BTreeMap<String, u64>> =
+            serde_json::from_value(l["category_cw_wins"].clone()).unwrap();
+        let counts: Vec<u64> = serde_json::from_value(l["category_counts"].clone()).unwrap();
+        assert_eq!(per_cat.len(), counts.len());
+        let mut merged: BTreeMap<String, u64> = BTreeMap::new();
+        for (i, t) in per_cat.iter().enumerate() {
+            assert_eq!(t.values().sum::<u64>(), counts[i], "{l}");
+            assert!(counts[i] <= argmax[i], "{l}");
+            for (k, x) in t {
+                *merged.entry(k.clone()).or_insert(0) += x;
+                *cat_total[i].entry(k.clone()).or_insert(0) += x;
+            }
+            argmax_total[i] += argmax[i];
+        }
+        assert_eq!(merged, cw, "{l}");
     }
     let r = check_report(&out, &lines);
     let hybrid = r["modes"]
@@ -640,7 +664,29 @@ fn windowed_hybrid_counts_the_winning_coefficient_and_window() {
     let reported: BTreeMap<String, u64> =
         serde_json::from_value(hybrid["cw_wins"].clone()).unwrap();
     assert_eq!(reported, total);
+    let reported: Vec<BTreeMap<String, u64>> =
+        serde_json::from_value(hybrid["category_cw_wins"].clone()).unwrap();
+    assert_eq!(reported, cat_total);
+    assert_eq!(hybrid["category_steps"], serde_json::json!(argmax_total));
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    // One row per category: steered steps, steps at the argmax, the steered share, and the most
+    // frequent winner first.
+    for (i, t) in cat_total.iter().enumerate() {
+        let steered: u64 = t.values().sum();
+        let mut row = format!("| {i} | {steered} | {} |", argmax_total[i]);
+        if steered > 0 {
+            let share = 100.0 * steered as f64 / argmax_total[i] as f64;
+            let top = t.values().max().unwrap();
+            let first = t.iter().find(|(_, x)| *x == top).unwrap().0;
+            let first = first.replace(',', ", ");
+            row += &format!(" {share:.1}% | ({first}) {top}");
+        }
+        assert!(md.contains(&row), "report.md lacks {row:?}:\n{md}");
+    }
+    assert!(
+        cat_total.iter().filter(|t| !t.is_empty()).count() >= 2,
+        "fewer than two categories steered: the per-category rows went unchecked"
+    );
     let longer = total.keys().any(|k| !k.ends_with(",-1"));
     assert_eq!(
         md.contains("| winning (coefficient, window) |"),
@@ -660,7 +706,9 @@ fn windowed_hybrid_counts_the_winning_coefficient_and_window() {
         .unwrap()
         .clone();
     old["index"] = 999.into();
-    old.as_object_mut().unwrap().remove("cw_wins");
+    for f in ["cw_wins", "category_steps", "category_cw_wins"] {
+        old.as_object_mut().unwrap().remove(f);
+    }
     let results = out.join("results.jsonl");
     let mut text = std::fs::read_to_string(&results).unwrap();
     text += &format!("{old}\n");
@@ -670,6 +718,32 @@ fn windowed_hybrid_counts_the_winning_coefficient_and_window() {
     let n = lines.iter().filter(|l| l["mode"] == "hybrid").count() + 1;
     assert!(
         md.contains(&format!("1 of the {n} hybrid results predate these counts")),
+        "{md}"
+    );
+    assert!(
+        md.contains(&format!(
+            "1 of the {n} hybrid results predate the per-category counts"
+        )),
+        "{md}"
+    );
+    // Categories take their names from the titles of the SAE that config.json names.
+    let mut sae = thinksteer::sae::Sae::load(&artifacts().sae).unwrap();
+    sae.titles = Some(
+        ["alpha", "beta", "gamma", "delta"]
+            .map(String::from)
+            .to_vec(),
+    );
+    let titled = out.join("titled-sae.safetensors");
+    sae.save(&titled).unwrap();
+    let config_path = out.join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["hybrid"]["sae"] = titled.to_str().unwrap().into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    ok(bin().arg("report").arg("--out").arg(&out).output().unwrap());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("| 0: alpha | ") && md.contains("| 3: delta | "),
         "{md}"
     );
 }

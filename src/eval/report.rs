@@ -60,6 +60,14 @@ pub struct ModeStats {
     /// Hybrid results without those counts (written before they were recorded).
     #[serde(skip_serializing_if = "is_zero")]
     pub cw_missing: usize,
+    /// Steps per category (the SAE's argmax), steered or not, [K].
+    pub category_steps: Option<Vec<usize>>,
+    /// Per category, steered steps per winning (coefficient, window), [K] of "c,w" → count.
+    pub category_cw_wins: Option<Vec<BTreeMap<String, usize>>>,
+    /// Hybrid results without the two per-category counts above (written before they were
+    /// recorded); those count only in `category_counts`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub category_missing: usize,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -94,6 +102,9 @@ pub struct Report {
     pub modes: Vec<ModeStats>,
     pub gap: Option<Gap>,
     pub breakdowns: Vec<Breakdown>,
+    /// The categories' names: the `titles` of the SAE in the folder's config.json, when that
+    /// file can still be read and has them.
+    pub titles: Option<Vec<String>>,
 }
 
 /// Reads every results file in `out` and summarises it.
@@ -111,7 +122,17 @@ pub fn load_report(out: &Path) -> Result<Report> {
             out.display()
         )));
     }
-    Ok(summarize(&lines))
+    let mut r = summarize(&lines);
+    r.titles = sae_titles(out);
+    Ok(r)
+}
+
+/// The `titles` metadata of the SAE that OUT/config.json names, if any (a report still renders,
+/// with numbered categories, when the file has moved).
+fn sae_titles(out: &Path) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(out.join("config.json")).ok()?;
+    let config: super::run::RunConfig = serde_json::from_str(&text).ok()?;
+    crate::sae::Sae::load(config.hybrid?.sae).ok()?.titles
 }
 
 /// The report of a set of result lines (repeats of an (index, mode) pair count once).
@@ -169,6 +190,7 @@ pub fn summarize(all: &[ResultLine]) -> Report {
         modes,
         gap,
         breakdowns,
+        titles: None,
     }
 }
 
@@ -219,6 +241,27 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
         cw_wins = Some(cw);
     }
     let cw_missing = hybrid.iter().filter(|r| r.cw_wins.is_none()).count();
+    let (mut fired, mut cat_cw) = (None, None);
+    let full: Vec<&&&ResultLine> = hybrid
+        .iter()
+        .filter(|r| r.category_steps.is_some() && r.category_cw_wins.is_some())
+        .collect();
+    if !full.is_empty() {
+        let k = counts.as_ref().map_or(0, Vec::len);
+        let (mut f, mut per_cat) = (vec![0; k], vec![BTreeMap::new(); k]);
+        for r in &full {
+            for (i, x) in r.category_steps.iter().flatten().enumerate() {
+                f[i] += x;
+            }
+            for (i, t) in r.category_cw_wins.iter().flatten().enumerate() {
+                for (key, x) in t {
+                    *per_cat[i].entry(key.clone()).or_insert(0) += x;
+                }
+            }
+        }
+        fired = Some(f);
+        cat_cw = Some(per_cat);
+    }
     ModeStats {
         mode,
         problems: n,
@@ -236,6 +279,9 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
         coef_wins: wins,
         cw_wins,
         cw_missing,
+        category_steps: fired,
+        category_cw_wins: cat_cw,
+        category_missing: hybrid.len() - full.len(),
     }
 }
 
@@ -301,10 +347,7 @@ pub fn render_markdown(r: &Report) -> String {
             pct(m.steered_mean.unwrap_or(0.0)),
         );
         if let Some(c) = &m.category_counts {
-            s += "\n| category | steered steps |\n|---|---|\n";
-            for (i, x) in c.iter().enumerate() {
-                s += &format!("| {i} | {x} |\n");
-            }
+            s += &category_table(m, c, r.titles.as_deref());
         }
         if let Some(w) = m.coef_wins.as_ref().filter(|w| !w.is_empty()) {
             s += "\n| winning coefficient | steps |\n|---|---|\n";
@@ -317,7 +360,7 @@ pub fn render_markdown(r: &Report) -> String {
         if let Some(w) = m.cw_wins.as_ref().filter(windowed) {
             s += "\n| winning (coefficient, window) | steps |\n|---|---|\n";
             for (cw, x) in numeric_order(w) {
-                s += &format!("| ({cw}) | {x} |\n");
+                s += &format!("| ({}) | {x} |\n", cw.replace(',', ", "));
             }
             if m.cw_missing > 0 {
                 s += &format!(
@@ -346,6 +389,59 @@ pub fn render_markdown(r: &Report) -> String {
         }
     }
     s
+}
+
+/// Per category: its steered steps and, from the results that record them, the steps it was the
+/// SAE's argmax (steered or not), the share of those steered, and its most frequent winning
+/// (coefficient, window).
+fn category_table(m: &ModeStats, steered: &[usize], titles: Option<&[String]>) -> String {
+    let mut s = String::from(
+        "\n| category | steered steps | steps as the SAE's argmax | steered share | winning (coefficient, window), most frequent first |\n|---|---|---|---|---|\n",
+    );
+    for (i, x) in steered.iter().enumerate() {
+        let name = match titles.and_then(|t| t.get(i)) {
+            Some(t) => format!("{i}: {t}"),
+            None => format!("{i}"),
+        };
+        let argmax = m.category_steps.as_ref().and_then(|f| f.get(i));
+        let wins = m.category_cw_wins.as_ref().and_then(|w| w.get(i));
+        // Every steered step has a winner, so the wins count the steered steps of these results.
+        let (a, share) = match argmax {
+            Some(&a) if a > 0 => {
+                let won: usize = wins.map_or(0, |w| w.values().sum());
+                (a.to_string(), pct(won as f64 / a as f64))
+            }
+            Some(_) => ("0".to_string(), "–".to_string()),
+            None => ("–".to_string(), "–".to_string()),
+        };
+        s += &format!("| {name} | {x} | {a} | {share} | {} |\n", winners(wins));
+    }
+    if m.category_missing > 0 {
+        s += &format!(
+            "\n{} of the {} hybrid results predate the per-category counts: the last three columns leave them out.\n",
+            m.category_missing, m.problems
+        );
+    }
+    s
+}
+
+/// A category's winning (c, w) pairs as "(c, w) n", most frequent first (ties in numeric order),
+/// the first three and how many more.
+fn winners(wins: Option<&BTreeMap<String, usize>>) -> String {
+    let Some(w) = wins.filter(|w| !w.is_empty()) else {
+        return "–".to_string();
+    };
+    let mut v = numeric_order(w);
+    v.sort_by(|a, b| b.1.cmp(a.1)); // stable: equal counts stay in numeric order
+    let mut out: Vec<String> = v
+        .iter()
+        .take(3)
+        .map(|(k, n)| format!("({}) {n}", k.replace(',', ", ")))
+        .collect();
+    if v.len() > 3 {
+        out.push(format!("{} more", v.len() - 3));
+    }
+    out.join("; ")
 }
 
 /// The entries of a table keyed by numbers ("c" or "c,w") in numeric order of their parts

@@ -193,6 +193,12 @@ pub struct ResultLine {
     /// Steered steps per winning (coefficient, window) ("0.5,-15" → count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cw_wins: Option<BTreeMap<String, usize>>,
+    /// Steps per category (the SAE's argmax at the step), steered or not, [K].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category_steps: Option<Vec<usize>>,
+    /// Per category, its steered steps per winning (coefficient, window), [K] of "c,w" → count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category_cw_wins: Option<Vec<BTreeMap<String, usize>>>,
     /// Seconds from the start of its batch until this problem finished.
     pub seconds: f64,
     /// Which decode batch it was part of (the batch's wall time is its largest `seconds`).
@@ -526,23 +532,32 @@ impl Sink<'_> {
             None => g.correct,
         };
         let (mut sf, mut st, mut cc, mut wins, mut cw) = (None, None, None, None, None);
+        let (mut argmax, mut cat_cw) = (None, None);
         if let Some((steps, k)) = steps {
             let steered = steps.iter().filter(|s| s.steered).count();
             sf = Some(steered as f64 / steps.len().max(1) as f64);
             st = Some(steered);
-            let mut counts = vec![0; k];
+            let (mut counts, mut all) = (vec![0; k], vec![0; k]);
+            let mut per_cat = vec![BTreeMap::new(); k];
             let (mut w, mut both) = (BTreeMap::new(), BTreeMap::new());
-            for s in steps.iter().filter(|s| s.steered) {
+            for s in steps {
+                all[s.category] += 1;
+                if !s.steered {
+                    continue;
+                }
                 counts[s.category] += 1;
                 if let Some(c) = s.coef {
                     *w.entry(format!("{c}")).or_insert(0) += 1;
-                    let win = s.window.unwrap_or(-1);
-                    *both.entry(format!("{c},{win}")).or_insert(0) += 1;
+                    let key = format!("{c},{}", s.window.unwrap_or(-1));
+                    *both.entry(key.clone()).or_insert(0) += 1;
+                    *per_cat[s.category].entry(key).or_insert(0) += 1;
                 }
             }
             cc = Some(counts);
             wins = Some(w);
             cw = Some(both);
+            argmax = Some(all);
+            cat_cw = Some(per_cat);
         }
         let line = ResultLine {
             index: p.index,
@@ -558,6 +573,8 @@ impl Sink<'_> {
             category_counts: cc,
             coef_wins: wins,
             cw_wins: cw,
+            category_steps: argmax,
+            category_cw_wins: cat_cw,
             seconds,
             batch,
             meta: short_meta(&p.meta),
