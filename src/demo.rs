@@ -620,6 +620,7 @@ fn step_eval(cx: &Ctx, upstream_ran: bool) -> Result<StepOut> {
         windows: None,
         base_prompt: None,
         thinking_plain: false,
+        ablations: Default::default(),
         quiet: false,
     };
     let spec = crate::eval::cli::spec(&args)?;

@@ -21,6 +21,7 @@ use crate::{bail, Result};
 use serde::Serialize;
 use std::sync::Arc;
 
+pub mod ablations;
 pub mod prefix;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -216,24 +216,8 @@ struct HybridArgs {
     /// Give the thinking model the plain prompt too instead of its chat template.
     #[arg(long)]
     thinking_plain: bool,
-    /// Ablation: add only the bias vector.
-    #[arg(long)]
-    only_bias: bool,
-    /// Ablation: pick the category at random (seeded by --seed) instead of by the SAE.
-    #[arg(long)]
-    random_firing: bool,
-    /// Ablation: random directions scaled to the norms of the loaded vectors (seeded by --seed).
-    #[arg(long)]
-    random_vectors: bool,
-    /// Ablation: steer every step, whether or not the models agree.
-    #[arg(long)]
-    no_gating: bool,
-    /// The reference code's off-by-one: add at the input of block L_b instead of its output.
-    #[arg(long)]
-    steer_at_block_input: bool,
-    /// The reference code's quirk: feed the SAE raw activations (no centring, no unit norm).
-    #[arg(long)]
-    sae_raw_activations: bool,
+    #[command(flatten)]
+    ablations: thinksteer::hybrid::ablations::Ablations,
     /// With window 0 (cached mode): base-model cache slots (in the blocks from the steering point
     /// on) that keep window-0 candidates' steered K/V, one per (question, category,
     /// coefficient), so that a candidate steered
@@ -241,9 +225,6 @@ struct HybridArgs {
     /// coefficient, as many as fit a quarter of the free memory; 0: none).
     #[arg(long)]
     prefix_caches: Option<usize>,
-    /// Seed of the random ablations.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     /// Where to run.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
@@ -648,10 +629,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     let on_gpu =
         on_gpu && (a.device == Device::Cuda || (fits(&base.config) && fits(&thinking.config)));
     let sae = Sae::load(&a.sae)?;
-    let mut steering = SteeringSet::load(&a.vectors)?;
-    if a.random_vectors {
-        steering = steering.randomized_like(a.seed);
-    }
+    let steering = a.ablations.steering(SteeringSet::load(&a.vectors)?);
     let prompts = thinksteer::eval::run::PromptBuilder::load(
         &a.base,
         &a.thinking,
@@ -671,19 +649,16 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         .iter()
         .map(|q| prompts.hybrid(q))
         .collect::<thinksteer::Result<Vec<Prompts>>>()?;
-    let settings = Settings {
+    let mut settings = Settings {
         mode: a.mode,
         coefficients: a.coefficients.clone(),
         windows: a.windows.clone(),
         max_new_tokens: a.max_new_tokens,
-        only_bias: a.only_bias,
-        random_firing: a.random_firing.then_some(a.seed),
-        no_gating: a.no_gating,
-        steer_at_block_input: a.steer_at_block_input,
-        sae_raw_activations: a.sae_raw_activations,
         batch: a.batch.max(1),
         prefix_caches: a.prefix_caches,
+        ..Settings::default()
     };
+    a.ablations.apply(&mut settings);
     let pair = Pair {
         base: &base,
         thinking: &thinking,

@@ -543,6 +543,19 @@ fn bad_input_is_refused() {
         e.contains("--prefix-caches goes with --modes hybrid, found --modes base"),
         "{e}"
     );
+    let e = fails(run(
+        &mut bin(),
+        &artifacts().data,
+        &dir.join("o8"),
+        "2",
+        &["--random-firing"],
+    ));
+    assert!(
+        e.contains(
+            "the ablation random firing (seed 0) goes with --modes hybrid, found --modes base"
+        ),
+        "{e}"
+    );
     let out = dir.join("o9");
     let e = fails(eval(&out, &["--windows", "-1,-15", "--prefix-caches", "4"]));
     assert!(
@@ -746,4 +759,45 @@ fn windowed_hybrid_counts_the_winning_coefficient_and_window() {
         md.contains("| 0: alpha | ") && md.contains("| 3: delta | "),
         "{md}"
     );
+}
+
+/// Ablations reach the hybrid loop, are recorded in config.json (absent when none is set, as in
+/// folders written before they were recorded), name themselves in the report, and a rerun with
+/// other ablations is refused.
+#[test]
+fn ablations_are_recorded_and_must_match_to_resume() {
+    let (plain, _) = reference_run();
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(plain.join("config.json")).unwrap()).unwrap();
+    assert!(config["hybrid"].get("ablations").is_none(), "{config}");
+
+    let out = tmp("ablations");
+    ok(eval(&out, &["--only-bias", "--no-gating", "--seed", "4"]));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let a = &config["hybrid"]["ablations"];
+    assert_eq!(a["only_bias"], true, "{config}");
+    assert_eq!(a["no_gating"], true, "{config}");
+    assert_eq!(a["random_firing"], false, "{config}");
+    assert_eq!(a["seed"], 4, "{config}");
+    let lines = lines_of(&out.join("results.jsonl"));
+    assert_eq!(lines.len(), 12);
+    for l in lines.iter().filter(|l| l["mode"] == "hybrid") {
+        // --no-gating: every step is steered.
+        assert_eq!(l["steered_fraction"], 1.0, "{l}");
+    }
+    ok(bin().arg("report").arg("--out").arg(&out).output().unwrap());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("Hybrid: cached mode, coefficients 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1, windows -1; ablations: only bias, no gating."),
+        "{md}"
+    );
+    let e = fails(eval(&out, &["--only-bias"]));
+    assert!(
+        e.contains("holds results of a different configuration") && e.contains("ablations"),
+        "{e}"
+    );
+    // The same flags resume: nothing is appended.
+    ok(eval(&out, &["--only-bias", "--no-gating", "--seed", "4"]));
+    assert_eq!(lines_of(&out.join("results.jsonl")).len(), 12);
 }

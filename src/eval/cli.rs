@@ -12,6 +12,7 @@ use super::dataset::{load_dataset, DatasetKind};
 use super::run::{
     run_eval, DatasetConfig, EvalMode, EvalSpec, HybridConfig, PromptBuilder, RunConfig, SideConfig,
 };
+use crate::hybrid::ablations::Ablations;
 use crate::hybrid::{Mode, Settings};
 
 impl EvalDevice {
@@ -140,6 +141,9 @@ pub struct EvalArgs {
     /// Give the thinking model the plain prompt instead of its chat template.
     #[arg(long)]
     pub thinking_plain: bool,
+    /// The hybrid mode's ablations (recorded in config.json, named in the report).
+    #[command(flatten)]
+    pub ablations: Ablations,
     /// No progress line on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -328,7 +332,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         (None, Some(p)) if a.hybrid_mode != Mode::Persistent => p.windows.clone(),
         _ => vec![-1],
     };
-    let settings = Settings {
+    let mut settings = Settings {
         mode: a.hybrid_mode,
         coefficients: coefficients.clone(),
         windows: windows.clone(),
@@ -337,12 +341,18 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         prefix_caches: a.prefix_caches,
         ..Settings::default()
     };
+    a.ablations.apply(&mut settings);
     // Refused now rather than when the hybrid mode starts, after the other modes' runs.
+    let hybrid_only = match (a.prefix_caches, a.ablations.names().first()) {
+        (Some(_), _) => Some("--prefix-caches".to_string()),
+        (None, Some(name)) => Some(format!("the ablation {name}")),
+        (None, None) => None,
+    };
     if hybrid {
         settings.validate(&[])?;
-    } else if a.prefix_caches.is_some() {
+    } else if let Some(what) = hybrid_only {
         return Err(anyhow!(
-            "--prefix-caches goes with --modes hybrid, found --modes {}",
+            "{what} goes with --modes hybrid, found --modes {}",
             a.modes
                 .iter()
                 .map(|m| m.name())
@@ -379,6 +389,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             mode: mode_name,
             coefficients,
             windows,
+            ablations: a.ablations.clone(),
         }),
     };
     let use_cuda = a.device.use_cuda_for(&[&a.base, &a.thinking])?;
@@ -400,6 +411,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         modes,
         grade_kind: kind.default_grade_kind(),
         settings,
+        ablations: a.ablations.clone(),
         expect: preset.map(|p| (p.name, p.sae_layer, p.latents, p.steer_layer)),
         batch: a.batch,
         shard,

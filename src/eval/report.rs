@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::run::{read_results, EvalMode, ResultLine};
+use super::run::{read_results, EvalMode, HybridConfig, ResultLine};
 use crate::bail;
 use crate::error::{Error, Result};
 
@@ -105,6 +105,8 @@ pub struct Report {
     /// The categories' names: the `titles` of the SAE in the folder's config.json, when that
     /// file can still be read and has them.
     pub titles: Option<Vec<String>>,
+    /// The hybrid mode's settings from the folder's config.json, in words.
+    pub hybrid_settings: Option<String>,
 }
 
 /// Reads every results file in `out` and summarises it.
@@ -123,16 +125,40 @@ pub fn load_report(out: &Path) -> Result<Report> {
         )));
     }
     let mut r = summarize(&lines);
-    r.titles = sae_titles(out);
+    if let Some(h) = hybrid_config(out) {
+        r.hybrid_settings = Some(settings_in_words(&h));
+        // A report still renders, with numbered categories, when the SAE file has moved.
+        r.titles = crate::sae::Sae::load(&h.sae).ok().and_then(|s| s.titles);
+    }
     Ok(r)
 }
 
-/// The `titles` metadata of the SAE that OUT/config.json names, if any (a report still renders,
-/// with numbered categories, when the file has moved).
-fn sae_titles(out: &Path) -> Option<Vec<String>> {
+/// The hybrid section of OUT/config.json, if the folder has one.
+fn hybrid_config(out: &Path) -> Option<HybridConfig> {
     let text = std::fs::read_to_string(out.join("config.json")).ok()?;
-    let config: super::run::RunConfig = serde_json::from_str(&text).ok()?;
-    crate::sae::Sae::load(config.hybrid?.sae).ok()?.titles
+    serde_json::from_str::<super::run::RunConfig>(&text)
+        .ok()?
+        .hybrid
+}
+
+/// "cached mode, coefficients 0.5, 1, windows -1 (preset P); ablations: only bias".
+fn settings_in_words(h: &HybridConfig) -> String {
+    let list = |v: Vec<String>| v.join(", ");
+    let mut s = format!(
+        "{} mode, coefficients {}, windows {}",
+        h.mode,
+        list(h.coefficients.iter().map(|c| c.to_string()).collect()),
+        list(h.windows.iter().map(|w| w.to_string()).collect()),
+    );
+    if let Some(p) = &h.preset {
+        s += &format!(" (preset {p})");
+    }
+    let ablations = h.ablations.names();
+    s += &match ablations.is_empty() {
+        true => "; no ablation".to_string(),
+        false => format!("; ablations: {}", list(ablations)),
+    };
+    s
 }
 
 /// The report of a set of result lines (repeats of an (index, mode) pair count once).
@@ -191,6 +217,7 @@ pub fn summarize(all: &[ResultLine]) -> Report {
         gap,
         breakdowns,
         titles: None,
+        hybrid_settings: None,
     }
 }
 
@@ -313,6 +340,9 @@ pub fn render_markdown(r: &Report) -> String {
     s += &format!("{} result lines", r.lines);
     if r.duplicates > 0 {
         s += &format!(" ({} repeated lines ignored)", r.duplicates);
+    }
+    if let Some(h) = &r.hybrid_settings {
+        s += &format!(". Hybrid: {h}");
     }
     s += ".\n\n## Accuracy\n\n| mode | problems | correct | accuracy | 95% CI | tokens | mean tokens | tok/s |\n|---|---|---|---|---|---|---|---|\n";
     for m in &r.modes {

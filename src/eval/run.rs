@@ -18,6 +18,7 @@ use crate::bail;
 use crate::chat::{plain_base_prompt, ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::generate::{generate_each, GenParams};
+use crate::hybrid::ablations::Ablations;
 use crate::hybrid::{self, Pair, Prompts, Settings, StepRecord};
 use crate::model::Model;
 use crate::sae::Sae;
@@ -97,6 +98,9 @@ pub struct HybridConfig {
     pub mode: String,
     pub coefficients: Vec<f32>,
     pub windows: Vec<i64>,
+    /// Absent when none is set (as in configurations written before they were recorded).
+    #[serde(default, skip_serializing_if = "Ablations::is_none")]
+    pub ablations: Ablations,
 }
 
 impl RunConfig {
@@ -363,6 +367,8 @@ pub struct EvalSpec {
     pub modes: Vec<EvalMode>,
     pub grade_kind: GradeKind,
     pub settings: Settings,
+    /// The hybrid mode's ablations (`settings` holds the loop's side of them).
+    pub ablations: Ablations,
     /// (L_t, K, L_b) the preset expects of the SAE and steering set, with the preset's name.
     pub expect: Option<(String, usize, usize, usize)>,
     pub batch: usize,
@@ -493,7 +499,7 @@ fn load_steering(spec: &EvalSpec, prompts: &PromptBuilder) -> Result<(Sae, Steer
     };
     prompts.base_tok.check_same_ids(&prompts.think_tok)?;
     let sae = Sae::load(sae_path)?;
-    let steering = SteeringSet::load(vec_path)?;
+    let steering = spec.ablations.steering(SteeringSet::load(vec_path)?);
     if let Some((name, lt, k, lb)) = &spec.expect {
         let found = (sae.layer, sae.latents, steering.layer);
         if found != (*lt, *k, *lb) {
