@@ -800,4 +800,56 @@ fn ablations_are_recorded_and_must_match_to_resume() {
     // The same flags resume: nothing is appended.
     ok(eval(&out, &["--only-bias", "--no-gating", "--seed", "4"]));
     assert_eq!(lines_of(&out.join("results.jsonl")).len(), 12);
+
+    // Both folders in one table: a row each, with its settings and numbers.
+    let copy = tmp("ablations-plain");
+    for f in ["results.jsonl", "config.json"] {
+        std::fs::copy(plain.join(f), copy.join(f)).unwrap();
+    }
+    let printed = String::from_utf8(
+        ok(bin()
+            .arg("report")
+            .arg("--out")
+            .arg(&copy)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap())
+        .stdout,
+    )
+    .unwrap();
+    let rows: Vec<&str> = printed.lines().filter(|l| l.starts_with("| /")).collect();
+    assert_eq!(rows.len(), 2, "{printed}");
+    assert!(rows[0].contains("windows -1; no ablation |"), "{printed}");
+    assert!(
+        rows[1].contains("ablations: only bias, no gating |"),
+        "{printed}"
+    );
+    // Each row's hybrid cell and steered share are its own report's.
+    for (row, dir) in rows.iter().zip([&copy, &out]) {
+        let r: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap())
+                .unwrap();
+        let h = r["modes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mode"] == "hybrid")
+            .unwrap();
+        let cell = format!(
+            "| {:.1}% ({}/{}) | [{:.1}%, {:.1}%] |",
+            100.0 * h["accuracy"].as_f64().unwrap(),
+            h["correct"],
+            h["problems"],
+            100.0 * h["ci_low"].as_f64().unwrap(),
+            100.0 * h["ci_high"].as_f64().unwrap()
+        );
+        assert!(row.contains(&cell), "{row} lacks {cell}");
+        let steered = format!("| {:.1}% |", 100.0 * h["steered_mean"].as_f64().unwrap());
+        assert!(row.ends_with(&steered), "{row} lacks {steered}");
+    }
+    assert!(
+        rows[1].ends_with("| 100.0% |"),
+        "--no-gating steers every step: {printed}"
+    );
 }

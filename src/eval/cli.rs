@@ -151,9 +151,10 @@ pub struct EvalArgs {
 
 #[derive(Args, Debug)]
 pub struct ReportArgs {
-    /// The evaluation folder (every results*.jsonl in it is merged).
-    #[arg(long)]
-    pub out: PathBuf,
+    /// The evaluation folder (every results*.jsonl in it is merged). Repeated: each folder's
+    /// report is written, and one table comparing them (e.g. one folder per ablation) printed.
+    #[arg(long, required = true)]
+    pub out: Vec<PathBuf>,
 }
 
 /// One model pair's paper settings.
@@ -440,8 +441,16 @@ pub fn eval(mut a: EvalArgs) -> Result<()> {
 
 /// `thinksteer report`.
 pub fn report(a: ReportArgs) -> Result<()> {
-    let md = super::report::write_report(&a.out)?;
-    print!("{md}");
+    if let [out] = &a.out[..] {
+        print!("{}", super::report::write_report(out)?);
+        return Ok(());
+    }
+    let mut reports = Vec::new();
+    for out in &a.out {
+        super::report::write_report(out)?;
+        reports.push((out.display().to_string(), super::report::load_report(out)?));
+    }
+    print!("{}", super::report::render_comparison(&reports));
     Ok(())
 }
 

@@ -421,6 +421,47 @@ pub fn render_markdown(r: &Report) -> String {
     s
 }
 
+/// One table over several evaluation folders (e.g. one per ablation): per folder its hybrid
+/// settings, each mode's accuracy, the gap recovered and the steered share.
+pub fn render_comparison(reports: &[(String, Report)]) -> String {
+    let mut s = String::from(
+        "| folder | hybrid settings | base | thinking | hybrid | hybrid 95% CI | gap recovered | steered (mean per problem) |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for (name, r) in reports {
+        let mode = |m: EvalMode| r.modes.iter().find(|s| s.mode == m);
+        let acc = |m: EvalMode| {
+            mode(m).map_or("–".to_string(), |s| {
+                format!("{} ({}/{})", pct(s.accuracy), s.correct, s.problems)
+            })
+        };
+        let hybrid = mode(EvalMode::Hybrid);
+        s += &format!(
+            "| {name} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.hybrid_settings.as_deref().unwrap_or("–"),
+            acc(EvalMode::Base),
+            acc(EvalMode::Thinking),
+            acc(EvalMode::Hybrid),
+            hybrid.map_or("–".to_string(), |h| format!(
+                "[{}, {}]",
+                pct(h.ci_low),
+                pct(h.ci_high)
+            )),
+            match &r.gap {
+                Some(g) => g.recovered.map_or("n/a".to_string(), |x| format!(
+                    "{} (on {} problems)",
+                    pct(x),
+                    g.problems
+                )),
+                None => "–".to_string(),
+            },
+            hybrid
+                .and_then(|h| h.steered_mean)
+                .map_or("–".to_string(), pct),
+        );
+    }
+    s
+}
+
 /// Per category: its steered steps and, from the results that record them, the steps it was the
 /// SAE's argmax (steered or not), the share of those steered, and its most frequent winning
 /// (coefficient, window).
