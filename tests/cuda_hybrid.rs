@@ -200,6 +200,60 @@ fn ungated_gpu_step_matches_the_cpu_loop() {
     compare(Mode::Cached, true);
 }
 
+/// The one-graph step with each ablation that changes it (only the bias vector, the steering at
+/// the input of the block, the SAE on raw activations) against the CPU loop with the same flag.
+/// Each flag must change the CPU's tokens or categories, so a GPU step that ignored it fails.
+#[test]
+fn ablations_on_the_gpu_step_match_the_cpu_loop() {
+    let Some(g) = gpu() else { return };
+    let mut f = Fixture::new("ablations");
+    // An activation mean (without one the SAE's input is the raw activation anyway, and the
+    // random SAE's zero biases make its argmax blind to the unit-norm scaling).
+    let d = f.sae.d;
+    f.sae.activation_mean = Some(
+        (0..d)
+            .map(|i| ((i * 7919 % 13) as f32 - 6.0) * 0.3)
+            .collect(),
+    );
+    let pair = f.pair();
+    let ps = problems();
+    let plain = Settings {
+        coefficients: vec![0.5, 2.0],
+        max_new_tokens: 8,
+        ..Settings::default()
+    };
+    let unablated = run(&pair, &ps, &plain, |_, _, _| {}).unwrap();
+    let cases: [(&str, fn(&mut Settings)); 3] = [
+        ("only bias", |s| s.only_bias = true),
+        ("steering at the block input", |s| {
+            s.steer_at_block_input = true
+        }),
+        ("raw SAE activations", |s| s.sae_raw_activations = true),
+    ];
+    for (what, set) in cases {
+        let mut s = plain.clone();
+        set(&mut s);
+        let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
+        let changed = want.iter().zip(&unablated).any(|(w, u)| {
+            let k = 6.min(w.ids.len()).min(u.ids.len());
+            let cats = |o: &Output| o.steps[..k].iter().map(|s| s.category).collect::<Vec<_>>();
+            w.ids[..k] != u.ids[..k] || cats(w) != cats(u)
+        });
+        assert!(
+            changed,
+            "{what}: the flag changes nothing on the CPU, so the test would not check it"
+        );
+        let b = ps.len();
+        let te = CudaEngine::load(Arc::new(g.sibling().unwrap()), &f.think_dir, b, 64, 64).unwrap();
+        let be = CudaEngine::load(g.clone(), &f.base_dir, b, 64, 64.max(b * 3)).unwrap();
+        let mut hy = CudaHybrid::new(te, be, &f.sae, &f.steering, &s, b).unwrap();
+        hy.use_graphs = true;
+        let got = hy.run(&ps, |_, _, _| {}).unwrap();
+        let steered = same_start(&got, &want, what, |_| true);
+        assert!(steered > 0, "{what}: no steered step compared");
+    }
+}
+
 /// The host-driven loop on two CUDA engines (`GpuHybrid::Engines`: windows other than -1, and
 /// --random-firing) against the CPU loop: the candidates of windows 0 and -3 are read-only runs,
 /// or window 0's continue prefix caches (calls of written chunks in several slots, beside
