@@ -88,6 +88,16 @@ impl Settings {
         if let Some(w) = self.windows.iter().find(|&&w| w > 0) {
             bail!("expected windows 0 (every position) or -N (the last N positions), found {w}");
         }
+        if let Some(c) = self.coefficients.iter().find(|c| !c.is_finite()) {
+            bail!("--coefficients: expected finite numbers, found {c}");
+        }
+        if self.max_new_tokens == 0 || self.batch == 0 {
+            bail!(
+                "expected --max-new-tokens and --batch of at least 1, found {} and {}",
+                self.max_new_tokens,
+                self.batch
+            );
+        }
         if self.mode == Mode::Persistent && self.windows != [-1] {
             bail!(
                 "--mode persistent commits the newest position's steered K/V, so windows must be [-1]; found {:?} (use --mode cached or exact for other windows)",

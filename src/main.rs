@@ -127,7 +127,7 @@ struct GenerateArgs {
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Nucleus sampling mass; 1 disables it.
+    /// Nucleus sampling mass in (0, 1]; 1 disables it.
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
     /// Keep only the K most likely tokens; 0 disables it.
@@ -499,6 +499,14 @@ fn engine(
 }
 
 fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    at_least_one("--max-new-tokens", a.max_new_tokens)?;
     a.prompt.model = thinksteer::gguf::checkpoint_dir(&a.prompt.model)?;
     let l = load(&a.prompt)?;
     let ctx = l
@@ -509,12 +517,7 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
     let mut engine = engine(&a.prompt, &l.model, 1, ctx)?;
     let params = GenParams {
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        },
+        sampling,
         stop_strings: a.stop.clone(),
         eos_ids: l.model.config.eos_token_ids.clone(),
     };
@@ -545,15 +548,28 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a count of 0 where the command needs at least one.
+fn at_least_one(flag: &str, n: usize) -> Result<()> {
+    if n == 0 {
+        return Err(anyhow!("{flag}: expected at least 1, found 0"));
+    }
+    Ok(())
+}
+
 fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
     a.prompt.model = thinksteer::gguf::checkpoint_dir(&a.prompt.model)?;
     let l = load(&a.prompt)?;
     let c = &l.model.config;
-    for &layer in &a.capture_layer {
+    for (i, &layer) in a.capture_layer.iter().enumerate() {
         if layer >= c.num_hidden_layers {
             return Err(anyhow!(
                 "--capture-layer {layer}: expected a block index below num_hidden_layers {}",
                 c.num_hidden_layers
+            ));
+        }
+        if a.capture_layer[..i].contains(&layer) {
+            return Err(anyhow!(
+                "--capture-layer {layer}: expected each block once, found it twice"
             ));
         }
     }
@@ -654,7 +670,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         coefficients: a.coefficients.clone(),
         windows: a.windows.clone(),
         max_new_tokens: a.max_new_tokens,
-        batch: a.batch.max(1),
+        batch: a.batch,
         prefix_caches: a.prefix_caches,
         ..Settings::default()
     };
@@ -666,6 +682,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         steering: &steering,
     };
     pair.validate()?;
+    settings.validate(&problems)?;
     let eos = &base.config.eos_token_ids;
     let batch = if a.mode == thinksteer::hybrid::Mode::Exact {
         1
@@ -749,6 +766,13 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
 }
 
 fn cmd_random_sae(mut a: RandomSaeArgs) -> Result<()> {
+    if a.latents == 0 || a.k == 0 || a.k > a.latents {
+        return Err(anyhow!(
+            "expected --latents >= 1 and 1 <= --k <= --latents, found --latents {} --k {}",
+            a.latents,
+            a.k
+        ));
+    }
     a.model = thinksteer::gguf::checkpoint_dir(&a.model)?;
     let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
     let sae = thinksteer::sae::Sae::random(
@@ -765,6 +789,13 @@ fn cmd_random_sae(mut a: RandomSaeArgs) -> Result<()> {
 }
 
 fn cmd_random_vectors(mut a: RandomVectorsArgs) -> Result<()> {
+    at_least_one("--count", a.count)?;
+    if !(a.norm.is_finite() && a.norm > 0.0) {
+        return Err(anyhow!(
+            "--norm: expected a finite number > 0, found {}",
+            a.norm
+        ));
+    }
     a.model = thinksteer::gguf::checkpoint_dir(&a.model)?;
     let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
     let set = thinksteer::steering::SteeringSet::random(

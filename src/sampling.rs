@@ -32,6 +32,22 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Refuses values the flags cannot mean: a temperature that is negative or not finite, a
+    /// nucleus mass outside (0, 1].
+    pub fn validate(&self) -> crate::error::Result<()> {
+        let t = self.temperature;
+        if !(t.is_finite() && t >= 0.0) {
+            crate::bail!("--temperature: expected a finite number >= 0 (0 is greedy), found {t}");
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            crate::bail!(
+                "--top-p: expected a probability mass in (0, 1] (1 disables it), found {p}"
+            );
+        }
+        Ok(())
+    }
+
     /// True when `sample` reduces to argmax.
     pub fn is_greedy(&self) -> bool {
         self.temperature.is_nan() || self.temperature <= 0.0 || self.top_k == 1

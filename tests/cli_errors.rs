@@ -330,3 +330,164 @@ fn bench_switches_out_of_range() {
         &["--arch", "from 80", "75"],
     );
 }
+
+/// Numbers a flag cannot mean (NaN, negative, zero counts, a layer twice) are refused before any
+/// work, with one line naming the flag.
+#[test]
+fn numbers_the_flags_cannot_mean() {
+    let m = fixture("qwen2-f32");
+    let m = m.to_str().unwrap();
+    let gen = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--device",
+            "cpu",
+            "--model",
+            m,
+            "--prompt-ids",
+            "1,2",
+        ];
+        args.extend_from_slice(extra);
+        expect_error(&args, needles);
+    };
+    gen(&["--temperature", "NaN"], &["--temperature", "found NaN"]);
+    gen(
+        &["--temperature=-1"],
+        &["--temperature", ">= 0", "found -1"],
+    );
+    gen(&["--top-p", "0"], &["--top-p", "(0, 1]", "found 0"]);
+    gen(&["--top-p", "1.5"], &["--top-p", "found 1.5"]);
+    gen(
+        &["--max-new-tokens", "0"],
+        &["--max-new-tokens", "at least 1"],
+    );
+
+    let dir = std::env::temp_dir().join(format!("thinksteer-cli-{}-numbers", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cap = dir.join("cap.safetensors");
+    expect_error(
+        &[
+            "logits",
+            "--device",
+            "cpu",
+            "--model",
+            m,
+            "--prompt-ids",
+            "1,2",
+            "--out",
+        ]
+        .into_iter()
+        .chain([cap.to_str().unwrap()])
+        .chain(["--capture-layer", "1", "--capture-layer", "1"])
+        .collect::<Vec<_>>(),
+        &["--capture-layer 1", "found it twice"],
+    );
+    assert!(!cap.exists(), "nothing written");
+
+    let think = fixture("thinking-qwen2-f32");
+    let think = think.to_str().unwrap();
+    let (sae, vec) = (dir.join("sae.safetensors"), dir.join("vec.safetensors"));
+    let (sae, vec) = (sae.to_str().unwrap(), vec.to_str().unwrap());
+    let random_sae = |latents: &str, k: &str| -> Vec<String> {
+        let a = [
+            "random-sae",
+            "--model",
+            think,
+            "--layer",
+            "1",
+            "--seed",
+            "1",
+            "--latents",
+        ];
+        owned(&a, &[latents, "--k", k, "--out", sae])
+    };
+    expect_error(&strs(&random_sae("0", "1")), &["--latents 0 --k 1"]);
+    expect_error(
+        &strs(&random_sae("3", "5")),
+        &["1 <= --k <= --latents", "--latents 3 --k 5"],
+    );
+    let random_vectors = |count: &str, norm: &str| -> Vec<String> {
+        let a = [
+            "random-vectors",
+            "--model",
+            m,
+            "--layer",
+            "1",
+            "--seed",
+            "1",
+            "--count",
+        ];
+        owned(&a, &[count, &format!("--norm={norm}"), "--out", vec])
+    };
+    expect_error(&strs(&random_vectors("0", "5")), &["--count", "at least 1"]);
+    expect_error(&strs(&random_vectors("3", "NaN")), &["--norm", "found NaN"]);
+    expect_error(
+        &strs(&random_vectors("3", "-5")),
+        &["--norm", "> 0", "found -5"],
+    );
+
+    // Valid files, then the hybrid loop's own numbers.
+    let made = bin().args(random_sae("3", "2")).output().unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let made = bin().args(random_vectors("3", "5")).output().unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let hybrid = |extra: &[&str], needles: &[&str]| {
+        let mut args = vec![
+            "hybrid",
+            "--device",
+            "cpu",
+            "--base",
+            m,
+            "--thinking",
+            think,
+            "--sae",
+            sae,
+            "--vectors",
+            vec,
+            "--question",
+            "What is 1+1?",
+        ];
+        args.extend_from_slice(extra);
+        expect_error(&args, needles);
+    };
+    hybrid(
+        &["--coefficients", "0.5,NaN"],
+        &["--coefficients", "finite", "found NaN"],
+    );
+    hybrid(&["--batch", "0"], &["--batch", "at least 1"]);
+    hybrid(
+        &["--max-new-tokens", "0"],
+        &["--max-new-tokens", "at least 1"],
+    );
+
+    expect_error(
+        &[
+            "train-sae",
+            "--acts",
+            "none.safetensors",
+            "--latents",
+            "3",
+            "--out",
+            "x",
+            "--max-epochs",
+            "0",
+        ],
+        &["--max-epochs", "at least 1"],
+    );
+}
+
+fn owned(a: &[&str], b: &[&str]) -> Vec<String> {
+    a.iter().chain(b).map(|s| s.to_string()).collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}

@@ -225,6 +225,9 @@ fn all_modes_write_the_schema() {
             .ends_with("<think>\n"),
         "chat template recorded"
     );
+    // eval ends by writing the folder's report.
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| hybrid | 4 |"), "{md}");
     // A rerun finds everything done: nothing is appended.
     ok(eval(out, &[]));
     assert_eq!(lines_of(&out.join("results.jsonl")).len(), 12);

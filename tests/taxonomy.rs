@@ -451,6 +451,46 @@ fn traces_resume_without_duplicates() {
     let idx: Vec<usize> = read_traces(&tr).unwrap().iter().map(|t| t.index).collect();
     assert_eq!(idx, vec![0, 1, 2]);
     assert_eq!(all.lines().count(), 3);
+
+    // Other settings, or another questions file, into the same --out: refused, nothing appended.
+    let (model, tr_s) = (s(&fixture(THINKING)), s(&tr));
+    let q = s(&questions(&dir));
+    let args = |q: &str, n: &str| -> Vec<String> {
+        [
+            "traces",
+            "--model",
+            &model,
+            "--questions",
+            q,
+            "--out",
+            &tr_s,
+            "--max-new-tokens",
+            n,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let longer = args(&q, "61");
+    fails(
+        &longer.iter().map(String::as_str).collect::<Vec<_>>(),
+        &["--max-new-tokens 60, now", "with 61", "use another --out"],
+    );
+    let other = dir.join("other.jsonl");
+    std::fs::write(&other, "{\"question\": \"What is 9+9?\"}\n").unwrap();
+    let moved = args(&s(&other), "60");
+    fails(
+        &moved.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[
+            "trace 0 answers another question than row 0",
+            "use another --out",
+        ],
+    );
+    assert_eq!(std::fs::read_to_string(&tr).unwrap(), all);
+
+    // A new --out in a folder that does not exist yet is made.
+    let deep = dir.join("new/sub/traces.jsonl");
+    let out = traces(&dir, &deep, &["--limit", "1"]);
+    assert!(out.contains("wrote 1 traces"), "{out}");
 }
 
 fn hand_trace(index: usize, prompt: &str, text: &str, thinking: Option<Span>) -> String {

@@ -279,6 +279,9 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
     if a.batch == 0 {
         return Err(anyhow!("--batch 0: expected at least 1"));
     }
+    if a.max_new_tokens == 0 {
+        return Err(anyhow!("--max-new-tokens 0: expected at least 1"));
+    }
     if a.modes.is_empty() {
         return Err(anyhow!(
             "--modes: expected at least one of base, thinking, hybrid"
@@ -436,6 +439,9 @@ pub fn eval(mut a: EvalArgs) -> Result<()> {
             .join(super::run::results_name(spec.shard))
             .display()
     );
+    // The report of every result in the folder so far (other shards' included).
+    super::report::write_report(&spec.out)?;
+    eprintln!("report: {}", spec.out.join("report.md").display());
     Ok(())
 }
 

@@ -256,6 +256,13 @@ fn list(ix: &[usize]) -> String {
 }
 
 pub fn train_sae(a: TrainSaeArgs) -> Result<()> {
+    if a.max_epochs == 0 || a.batch == 0 {
+        return Err(anyhow!(
+            "expected --max-epochs and --batch of at least 1, found {} and {}",
+            a.max_epochs,
+            a.batch
+        ));
+    }
     let base = TrainConfig {
         k: a.k,
         seed: a.seed,

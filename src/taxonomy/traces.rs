@@ -89,8 +89,60 @@ pub struct TraceSettings {
     pub cuda: bool,
 }
 
+/// What decides a trace besides its question, kept beside the traces file (`traces.jsonl` →
+/// `traces.settings.json`), so that a rerun with another model or length is refused instead of
+/// mixing two runs' traces in one file.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct TraceRun {
+    model: String,
+    max_new_tokens: usize,
+}
+
+/// The settings file of a traces file.
+pub fn settings_path(out: &Path) -> std::path::PathBuf {
+    out.with_extension("settings.json")
+}
+
+/// Refuses to append to `out` when its traces came from other questions (a trace whose row of
+/// `questions` holds another question) or, per its settings file, another model or length.
+fn check_resume(out: &Path, old: &[Trace], questions: &[String], run: &TraceRun) -> Result<()> {
+    let other = old
+        .iter()
+        .find(|t| questions.get(t.index).is_some_and(|q| *q != t.question));
+    if let Some(t) = other {
+        bail!(
+            "{}: trace {} answers another question than row {} of these questions: expected the same questions to resume, use another --out",
+            out.display(),
+            t.index,
+            t.index
+        );
+    }
+    let path = settings_path(out);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(()); // written before settings files were kept
+    };
+    let was: TraceRun = serde_json::from_str(&text).map_err(|e| {
+        Error::Input(format!(
+            "{}: expected the settings of a traces file, found unreadable JSON ({e})",
+            path.display()
+        ))
+    })?;
+    if was != *run {
+        bail!(
+            "{} holds traces of {} with --max-new-tokens {}, now {} with {}: expected the same settings to resume, use another --out",
+            out.display(),
+            was.model,
+            was.max_new_tokens,
+            run.model,
+            run.max_new_tokens
+        );
+    }
+    Ok(())
+}
+
 /// Generates traces for `questions` (greedy, chat template) into `out`, skipping indices
-/// already there. Returns (written now, skipped as present).
+/// already there (refused when those came from other questions or settings). Returns (written
+/// now, skipped as present).
 pub fn write_traces(
     model_dir: &Path,
     questions: &[String],
@@ -111,12 +163,27 @@ pub fn write_traces(
             model_dir.display()
         ))
     })?;
+    let run = TraceRun {
+        model: std::fs::canonicalize(model_dir)
+            .unwrap_or_else(|_| model_dir.to_path_buf())
+            .display()
+            .to_string(),
+        max_new_tokens: s.max_new_tokens,
+    };
     let done: BTreeSet<usize> = if out.exists() {
         repair_tail(out)?;
-        read_traces(out)?.into_iter().map(|t| t.index).collect()
+        let old = read_traces(out)?;
+        check_resume(out, &old, questions, &run)?;
+        old.into_iter().map(|t| t.index).collect()
     } else {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
         BTreeSet::new()
     };
+    let path = settings_path(out);
+    let text = serde_json::to_string_pretty(&run).expect("settings serialise") + "\n";
+    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
     let todo: Vec<usize> = (0..questions.len()).filter(|i| !done.contains(i)).collect();
     let skipped = questions.len() - todo.len();
     let mut file = std::fs::OpenOptions::new()
