@@ -223,16 +223,30 @@ fn ablations_on_the_gpu_step_match_the_cpu_loop() {
         ..Settings::default()
     };
     let unablated = run(&pair, &ps, &plain, |_, _, _| {}).unwrap();
-    let cases: [(&str, fn(&mut Settings)); 3] = [
-        ("only bias", |s| s.only_bias = true),
-        ("steering at the block input", |s| {
-            s.steer_at_block_input = true
-        }),
-        ("raw SAE activations", |s| s.sae_raw_activations = true),
+    let cases = [
+        (
+            "only bias",
+            Settings {
+                only_bias: true,
+                ..plain.clone()
+            },
+        ),
+        (
+            "steering at the block input",
+            Settings {
+                steer_at_block_input: true,
+                ..plain.clone()
+            },
+        ),
+        (
+            "raw SAE activations",
+            Settings {
+                sae_raw_activations: true,
+                ..plain.clone()
+            },
+        ),
     ];
-    for (what, set) in cases {
-        let mut s = plain.clone();
-        set(&mut s);
+    for (what, s) in cases {
         let want = run(&pair, &ps, &s, |_, _, _| {}).unwrap();
         let changed = want.iter().zip(&unablated).any(|(w, u)| {
             let k = 6.min(w.ids.len()).min(u.ids.len());
