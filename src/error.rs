@@ -10,7 +10,7 @@ pub enum Error {
     #[error("{0}")]
     Input(String),
     /// An I/O failure on a named file.
-    #[error("{path}: {err}")]
+    #[error("{path}: {}", io_text(.err))]
     Io { path: String, err: std::io::Error },
     /// The CUDA driver, NVRTC or a kernel launch failed.
     #[error("cuda: {0}")]
@@ -18,6 +18,17 @@ pub enum Error {
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// An I/O error as what was expected and what was found, where its kind says so.
+fn io_text(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            format!("expected a file or folder there, found none ({e})")
+        }
+        std::io::ErrorKind::PermissionDenied => format!("expected access, found it denied ({e})"),
+        _ => e.to_string(),
+    }
+}
 
 impl Error {
     pub fn io(path: &Path, source: std::io::Error) -> Self {

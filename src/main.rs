@@ -67,7 +67,8 @@ enum Cmd {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// The GGUF file (F32, F16, BF16, Q8_0, Q4_0 or Q4_1 tensors; byte-level BPE tokenizer).
+    /// The GGUF file (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K tensors;
+    /// byte-level BPE tokenizer).
     #[arg(long)]
     gguf: PathBuf,
     /// Folder to write config.json, model.safetensors (f32), tokenizer.json and
@@ -95,16 +96,13 @@ enum Device {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids"])))]
 struct PromptArgs {
     /// Checkpoint folder (config.json, model.safetensors or sharded index, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
     /// Prompt text (needs tokenizer.json in the model folder).
-    #[arg(
-        long,
-        conflicts_with = "prompt_ids",
-        required_unless_present = "prompt_ids"
-    )]
+    #[arg(long)]
     prompt: Option<String>,
     /// Prompt as comma-separated token ids.
     #[arg(long, value_delimiter = ',')]
@@ -244,11 +242,13 @@ struct RandomSaeArgs {
     /// Number of latents K.
     #[arg(long, default_value_t = 15)]
     latents: usize,
-    /// Top-k of the SAE.
+    /// Top-k of the SAE (1..=K).
     #[arg(long, default_value_t = 3)]
     k: usize,
+    /// Seed of the random decoder directions.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The SAE file to write (safetensors).
     #[arg(long)]
     out: PathBuf,
 }
@@ -264,11 +264,13 @@ struct RandomVectorsArgs {
     /// Number of category vectors K.
     #[arg(long, default_value_t = 15)]
     count: usize,
-    /// L2 norm of each vector.
+    /// L2 norm of each vector (> 0).
     #[arg(long, default_value_t = 8.0)]
     norm: f32,
+    /// Seed of the random directions.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The steering-set file to write (safetensors).
     #[arg(long)]
     out: PathBuf,
 }
@@ -313,9 +315,11 @@ struct GradeArgs {
     /// gsm8k (final number) or math (last \boxed{}).
     #[arg(long)]
     kind: String,
-    #[arg(long)]
+    /// The reference answer.
+    #[arg(long, allow_hyphen_values = true)]
     reference: String,
-    #[arg(long)]
+    /// The model's response text.
+    #[arg(long, allow_hyphen_values = true)]
     response: String,
     /// Print {"extracted", "correct"}.
     #[arg(long)]
@@ -536,6 +540,13 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
         },
     )?;
     let g = &out[0];
+    if g.finish == thinksteer::generate::Finish::Context {
+        eprintln!(
+            "note: stopped at the model's context of {ctx} positions, after {} of --max-new-tokens {}",
+            g.ids.len(),
+            a.max_new_tokens
+        );
+    }
     if a.json {
         let j = serde_json::json!({ "prompt_ids": g.prompt_ids, "ids": g.ids, "text": g.text });
         println!("{j}");
@@ -842,11 +853,11 @@ fn cmd_grade(a: GradeArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&g)?);
     } else {
-        println!(
-            "{} (extracted {:?})",
-            if g.correct { "correct" } else { "incorrect" },
-            g.extracted
-        );
+        let verdict = if g.correct { "correct" } else { "incorrect" };
+        match &g.extracted {
+            Some(x) => println!("{verdict} (extracted {x})"),
+            None => println!("{verdict} (no answer found)"),
+        }
     }
     Ok(())
 }

@@ -468,6 +468,10 @@ fn numbers_the_flags_cannot_mean() {
         &["--max-new-tokens", "at least 1"],
     );
 
+    // A file that is not there: what was expected, what was found.
+    let gone = dir.join("gone.safetensors");
+    hybrid_with_sae(m, think, gone.to_str().unwrap(), vec);
+
     expect_error(
         &[
             "train-sae",
@@ -490,4 +494,25 @@ fn owned(a: &[&str], b: &[&str]) -> Vec<String> {
 
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+fn hybrid_with_sae(base: &str, think: &str, sae: &str, vectors: &str) {
+    expect_error(
+        &[
+            "hybrid",
+            "--device",
+            "cpu",
+            "--base",
+            base,
+            "--thinking",
+            think,
+            "--sae",
+            sae,
+            "--vectors",
+            vectors,
+            "--question",
+            "q",
+        ],
+        &[sae, "expected a file or folder there, found none"],
+    );
 }

@@ -307,6 +307,31 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
         opt.bias.iter().any(|x| *x != 0.0),
         "the bias was not trained"
     );
+    // --resume with no checkpoint of an earlier run: one line saying so.
+    let missing = dir.join("never.ckpt.json");
+    fails(
+        &[
+            "train-vectors",
+            "--base",
+            &s(&fixture(BASE)),
+            "--traces",
+            &s(&tr),
+            "--annotations",
+            &s(&ann.join("annotations.jsonl")),
+            "--layer",
+            "1",
+            "--method",
+            "optimise",
+            "--epochs",
+            "2",
+            "--out",
+            &s(&dir.join("resumed.safetensors")),
+            "--checkpoint",
+            &s(&missing),
+            "--resume",
+        ],
+        &["--resume: expected the checkpoint", "run without --resume"],
+    );
 }
 
 /// Small helper trait so the test reads as the spec: the category of an already centred,

@@ -48,8 +48,8 @@ impl EvalDevice {
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum EvalDevice {
     Cpu,
-    /// The CUDA engine (for `eval`: every mode, except that the hybrid's exact mode and
-    /// --random-firing run on the CPU). The kernels take head_dim 64 or 128.
+    /// The CUDA engine (the hybrid's exact mode, the oracle, runs on the CPU). The kernels take
+    /// head_dim 64 or 128.
     Cuda,
     /// CUDA when a GPU is usable, else the CPU.
     Auto,

@@ -506,6 +506,12 @@ pub fn optimise(
     let kk = cats.len();
     let fp = fingerprint(s, base_dir, bias_ex.len(), &cats);
     let mut state = if resume {
+        if !checkpoint.exists() {
+            bail!(
+                "--resume: expected the checkpoint {} of an earlier run, found none (run without --resume to start)",
+                checkpoint.display()
+            );
+        }
         let st = read_checkpoint(checkpoint)?;
         if st.fingerprint != fp {
             bail!(
