@@ -666,6 +666,11 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     let base_tok = &prompts.base_tok;
     base_tok.check_same_ids(&prompts.think_tok)?;
     let questions = match (&a.question, &a.questions) {
+        (Some(q), _) if q.trim().is_empty() => {
+            return Err(anyhow!(
+                "--question: expected a question, found an empty string"
+            ))
+        }
         (Some(q), _) => vec![q.clone()],
         (None, Some(p)) => {
             thinksteer::eval::dataset::load_questions(p, a.question_field.as_deref())?

@@ -463,11 +463,41 @@ fn numbers_the_flags_cannot_mean() {
         &["--coefficients", "finite", "found NaN"],
     );
     hybrid(&["--batch", "0"], &["--batch", "at least 1"]);
+    expect_error(
+        &[
+            "hybrid",
+            "--device",
+            "cpu",
+            "--base",
+            m,
+            "--thinking",
+            think,
+            "--sae",
+            sae,
+            "--vectors",
+            vec,
+            "--question",
+            " ",
+        ],
+        &["--question", "empty string"],
+    );
     hybrid(
         &["--max-new-tokens", "0"],
         &["--max-new-tokens", "at least 1"],
     );
 
+    expect_error(
+        &[
+            "train-sae",
+            "--acts",
+            "none.safetensors",
+            "--latents",
+            "3,5,3",
+            "--out",
+            "x",
+        ],
+        &["--latents", "found 3 twice"],
+    );
     // A file that is not there: what was expected, what was found.
     let gone = dir.join("gone.safetensors");
     hybrid_with_sae(m, think, gone.to_str().unwrap(), vec);

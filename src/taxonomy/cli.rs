@@ -256,6 +256,12 @@ fn list(ix: &[usize]) -> String {
 }
 
 pub fn train_sae(a: TrainSaeArgs) -> Result<()> {
+    if let Some(k) = (1..a.latents.len()).find(|&i| a.latents[..i].contains(&a.latents[i])) {
+        return Err(anyhow!(
+            "--latents: expected each size once, found {} twice",
+            a.latents[k]
+        ));
+    }
     if a.max_epochs == 0 || a.batch == 0 {
         return Err(anyhow!(
             "expected --max-epochs and --batch of at least 1, found {} and {}",
