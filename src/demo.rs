@@ -25,7 +25,7 @@ use crate::hybrid::Mode;
 use crate::taxonomy::activations::{compute_activations, index_path, Acts};
 use crate::taxonomy::annotate::{annotate, read_annotations};
 use crate::taxonomy::sizes::train_sizes;
-use crate::taxonomy::traces::{read_traces, thinking_of, write_traces, Span, TraceSettings};
+use crate::taxonomy::traces::{whole_answer_as_thinking, write_traces, TraceSettings};
 use crate::taxonomy::vectors::{mean_diff, BasePrefix};
 use crate::train_sae::TrainConfig;
 
@@ -412,41 +412,6 @@ fn step_traces(cx: &Ctx) -> Result<StepOut> {
     Ok((vec![cx.p.traces.clone()], facts))
 }
 
-/// Gives every trace without a thinking span the whole answer as its span (a model that does
-/// not think in `<think>` tags still reasons in its answer) and rewrites the file when any
-/// changed. Returns (traces whose span the model wrote, traces given the whole answer).
-pub fn whole_answer_as_thinking(path: &Path) -> Result<(usize, usize)> {
-    let mut ts = read_traces(path)?;
-    let mut changed = false;
-    let (mut own, mut filled) = (0, 0);
-    for t in &mut ts {
-        // Judged from the text, not the stored span, so a resumed run counts the same.
-        if thinking_of(&t.prompt, &t.text).is_some() {
-            own += 1;
-            continue;
-        }
-        filled += 1;
-        if t.thinking.is_none() {
-            t.thinking = Some(Span {
-                start: 0,
-                end: t.text.len(),
-            });
-            changed = true;
-        }
-    }
-    if changed {
-        let mut text = String::new();
-        for t in &ts {
-            text += &serde_json::to_string(t)?;
-            text.push('\n');
-        }
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok((own, filled))
-}
-
 fn step_activations(cx: &Ctx) -> Result<StepOut> {
     let cuda = cx.o.device.use_cuda_for(&[cx.model])?;
     let rep = compute_activations(cx.model, &cx.p.traces, cx.layer, &cx.p.acts, cuda)?;
@@ -689,44 +654,6 @@ fn step_report(cx: &Ctx) -> Result<StepOut> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::taxonomy::traces::Trace;
-
-    fn trace(index: usize, prompt: &str, text: &str) -> Trace {
-        Trace {
-            index,
-            question: "q".into(),
-            prompt: prompt.into(),
-            text: text.into(),
-            thinking: thinking_of(prompt, text),
-            unknown_ids: 0,
-        }
-    }
-
-    #[test]
-    fn answers_without_a_span_become_the_span() {
-        let dir = std::env::temp_dir().join(format!("thinksteer-demo-unit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("traces.jsonl");
-        let ts = [
-            trace(0, "<|im_start|>assistant\n", "First add. Then multiply."),
-            trace(1, "x", "<think>a b c.</think> done"),
-        ];
-        let text: String = ts
-            .iter()
-            .map(|t| serde_json::to_string(t).unwrap() + "\n")
-            .collect();
-        std::fs::write(&path, text).unwrap();
-        assert_eq!(whole_answer_as_thinking(&path).unwrap(), (1, 1));
-        let back = read_traces(&path).unwrap();
-        assert_eq!(back[0].thinking, Some(Span { start: 0, end: 25 }));
-        assert_eq!(back[1].thinking, ts[1].thinking);
-        // A second pass changes nothing and counts the same.
-        let before = std::fs::read(&path).unwrap();
-        assert_eq!(whole_answer_as_thinking(&path).unwrap(), (1, 1));
-        assert_eq!(std::fs::read(&path).unwrap(), before);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
     #[test]
     fn clip_keeps_short_text_and_marks_cuts() {
         assert_eq!(clip("a  b\nc", 10), "a b c");

@@ -512,6 +512,39 @@ fn traces_resume_without_duplicates() {
     );
     assert_eq!(std::fs::read_to_string(&tr).unwrap(), all);
 
+    // --whole-answer: a model without <think> spans (the base fixture's template opens none)
+    // gets its whole answer as each trace's span, so the taxonomy chain can read it.
+    let plain = dir.join("plain/traces.jsonl");
+    let (base, plain_s) = (s(&fixture(BASE)), s(&plain));
+    let out = ok(&[
+        "traces",
+        "--model",
+        &base,
+        "--questions",
+        &q,
+        "--out",
+        &plain_s,
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--whole-answer",
+    ]);
+    assert!(
+        out.contains("0 traces with a <think> span from the model, 2 given their whole answer"),
+        "{out}"
+    );
+    for t in read_traces(&plain).unwrap() {
+        assert_eq!(
+            t.thinking,
+            Some(Span {
+                start: 0,
+                end: t.text.len()
+            }),
+            "{t:?}"
+        );
+    }
+
     // A new --out in a folder that does not exist yet is made.
     let deep = dir.join("new/sub/traces.jsonl");
     let out = traces(&dir, &deep, &["--limit", "1"]);

@@ -33,6 +33,10 @@ pub struct TracesArgs {
     /// Only the first N questions.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Give every trace without a `<think>` span its whole answer as the span, for a model that
+    /// reasons without the tags (as `demo` does with its small model).
+    #[arg(long)]
+    pub whole_answer: bool,
     /// Where to run the generation.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: crate::eval::cli::EvalDevice,
@@ -219,6 +223,12 @@ pub fn traces(mut a: TracesArgs) -> Result<()> {
         "{}: wrote {written} traces, skipped {skipped} already present",
         a.out.display()
     );
+    if a.whole_answer {
+        let (own, filled) = super::traces::whole_answer_as_thinking(&a.out)?;
+        println!(
+            "{own} traces with a <think> span from the model, {filled} given their whole answer"
+        );
+    }
     Ok(())
 }
 

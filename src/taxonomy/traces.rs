@@ -270,9 +270,81 @@ fn repair_tail(path: &Path) -> Result<()> {
     std::fs::write(path, &bytes[..keep]).map_err(|e| Error::io(path, e))
 }
 
+/// Gives every trace without a thinking span the whole answer as its span (a model that does
+/// not think in `<think>` tags still reasons in its answer) and rewrites the file when any
+/// changed. Returns (traces whose span the model wrote, traces given the whole answer).
+pub fn whole_answer_as_thinking(path: &Path) -> Result<(usize, usize)> {
+    let mut ts = read_traces(path)?;
+    let mut changed = false;
+    let (mut own, mut filled) = (0, 0);
+    for t in &mut ts {
+        // Judged from the text, not the stored span, so a resumed run counts the same.
+        if thinking_of(&t.prompt, &t.text).is_some() {
+            own += 1;
+            continue;
+        }
+        filled += 1;
+        if t.thinking.is_none() {
+            t.thinking = Some(Span {
+                start: 0,
+                end: t.text.len(),
+            });
+            changed = true;
+        }
+    }
+    if changed {
+        let mut text = String::new();
+        for t in &ts {
+            text += &serde_json::to_string(t).expect("a trace serialises");
+            text.push('\n');
+        }
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    }
+    Ok((own, filled))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn trace(index: usize, prompt: &str, text: &str) -> Trace {
+        Trace {
+            index,
+            question: "q".into(),
+            prompt: prompt.into(),
+            text: text.into(),
+            thinking: thinking_of(prompt, text),
+            unknown_ids: 0,
+        }
+    }
+
+    #[test]
+    fn answers_without_a_span_become_the_span() {
+        let dir =
+            std::env::temp_dir().join(format!("thinksteer-traces-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("traces.jsonl");
+        let ts = [
+            trace(0, "<|im_start|>assistant\n", "First add. Then multiply."),
+            trace(1, "x", "<think>a b c.</think> done"),
+        ];
+        let text: String = ts
+            .iter()
+            .map(|t| serde_json::to_string(t).unwrap() + "\n")
+            .collect();
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(whole_answer_as_thinking(&path).unwrap(), (1, 1));
+        let back = read_traces(&path).unwrap();
+        assert_eq!(back[0].thinking, Some(Span { start: 0, end: 25 }));
+        assert_eq!(back[1].thinking, ts[1].thinking);
+        // A second pass changes nothing and counts the same.
+        let before = std::fs::read(&path).unwrap();
+        assert_eq!(whole_answer_as_thinking(&path).unwrap(), (1, 1));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn prompt_opening() {
