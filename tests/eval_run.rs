@@ -477,6 +477,19 @@ fn bad_input_is_refused() {
         e.contains("bad.jsonl:2") && e.contains("malformed JSON"),
         "{e}"
     );
+    // A file of GSM8K-style answers read as custom (graded as MATH) runs, with a note saying so.
+    let gsm = dir.join("mine.jsonl");
+    std::fs::write(
+        &gsm,
+        "{\"question\":\"1+1?\",\"answer\":\"one and one #### 2\"}\n",
+    )
+    .unwrap();
+    let out = ok(run(&mut bin(), &gsm, &dir.join("o10"), "2", &[]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("graded as MATH (--kind custom); --kind gsm8k"),
+        "{err}"
+    );
 
     let empty = dir.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();

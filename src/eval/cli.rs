@@ -306,6 +306,12 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         a.offset,
         a.limit,
     )?;
+    if kind == DatasetKind::Custom && problems.iter().all(|p| p.answer.contains("#### ")) {
+        eprintln!(
+            "note: every answer of {} holds GSM8K's `#### N`, yet it is graded as MATH (--kind custom); --kind gsm8k takes the number after ####",
+            path.display()
+        );
+    }
     if let Some((i, n)) = shard {
         problems.retain(|p| p.index % n == i);
         if problems.is_empty() {
