@@ -399,7 +399,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             mode: mode_name,
             coefficients,
             windows,
-            ablations: a.ablations.clone(),
+            ablations: a.ablations.recorded(),
         }),
     };
     let use_cuda = a.device.use_cuda_for(&[&a.base, &a.thinking])?;

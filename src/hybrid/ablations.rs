@@ -38,6 +38,16 @@ impl Ablations {
         self.names().is_empty()
     }
 
+    /// As an evaluation records them: the seed only where a random ablation uses it (so a rerun
+    /// with another --seed and no random ablation still matches).
+    pub fn recorded(&self) -> Ablations {
+        let mut a = self.clone();
+        if !(a.random_firing || a.random_vectors) {
+            a.seed = 0;
+        }
+        a
+    }
+
     /// The loop's side of them.
     pub fn apply(&self, s: &mut Settings) {
         s.only_bias = self.only_bias;
@@ -108,5 +118,12 @@ mod tests {
         assert_eq!(s.random_firing, Some(3));
         assert_eq!(a.names().len(), 5);
         assert_eq!(a.names()[1], "random firing (seed 3)");
+        assert_eq!(a.recorded().seed, 3, "a random ablation keeps its seed");
+        let bias = Ablations {
+            only_bias: true,
+            seed: 3,
+            ..Ablations::default()
+        };
+        assert_eq!(bias.recorded().seed, 0, "no random ablation: no seed");
     }
 }
