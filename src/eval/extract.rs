@@ -76,10 +76,17 @@ fn clean_phrase_answer(line: &str) -> String {
         })
         .map_or(line.len(), |(i, _)| i);
     let text = line[..end].trim().trim_end_matches('.').trim();
-    // `2 because x=2` → `2`: a leading constant followed by words is the answer.
-    if let Some((first, _)) = text.split_once(char::is_whitespace) {
+    // `2 because x=2` → `2`: a leading constant followed by words is the answer; followed by an
+    // operator (`20 - 5 = 15`, `9 x 2 = 18`) it is the start of the working.
+    if let Some((first, rest)) = text.split_once(char::is_whitespace) {
         let first = first.trim_end_matches([',', '.', ';', ':']);
-        if evaluate(first).is_some() && !has_variables(first) {
+        let rest = rest.trim_start();
+        let words = (rest.starts_with(char::is_alphabetic)
+            && !["x ", "times ", "plus ", "minus "]
+                .iter()
+                .any(|op| rest.starts_with(op)))
+            || rest.starts_with("\\text");
+        if words && evaluate(first).is_some() && !has_variables(first) {
             return first.to_string();
         }
     }

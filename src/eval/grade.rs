@@ -75,9 +75,11 @@ pub fn grade(kind: GradeKind, reference: &str, response: &str) -> Graded {
 /// The GSM8K answer of a response: the number after the last of `####`, `\boxed{}` or an answer
 /// phrase ("The answer is"), else the last number in the text; canonical (`$1,234.50` → `1234.5`).
 pub fn extract_gsm8k(response: &str) -> Option<String> {
+    let response = &gsm8k_spelling(response);
     let mut marked: Vec<(usize, Option<String>)> = Vec::new();
     if let Some(at) = response.rfind("####") {
-        let first = numbers(&response[at..]).into_iter().next();
+        let line = response[at + 4..].lines().next().unwrap_or("");
+        let first = numbers(result_of(line)).into_iter().next();
         marked.push((at, first.map(|n| n.text)));
     }
     if let Some(content) = last_boxed(response) {
@@ -85,7 +87,7 @@ pub fn extract_gsm8k(response: &str) -> Option<String> {
         marked.push((at.unwrap_or(0), boxed_number(&content)));
     }
     if let Some((at, text)) = answer_phrase(response) {
-        let first = numbers(&text).into_iter().next();
+        let first = numbers(result_of(&text)).into_iter().next();
         marked.push((at, first.map(|n| n.text)));
     }
     // The marker written last is the model's final word; one without a number is skipped.
@@ -94,6 +96,24 @@ pub fn extract_gsm8k(response: &str) -> Option<String> {
         return Some(found);
     }
     numbers(response).pop().map(|n| n.text)
+}
+
+/// LaTeX and Unicode spellings of GSM8K numbers as `numbers` reads them: `70{,}000`, `70,\!000`
+/// and `70\,000` group thousands as `70,000` does; `−3` (U+2212) is `-3`.
+fn gsm8k_spelling(response: &str) -> String {
+    response
+        .replace("{,}", ",")
+        .replace(",\\!", ",")
+        .replace("\\,", ",")
+        .replace('\u{2212}', "-")
+}
+
+/// What a marked answer comes to when the model wrote the working after the marker
+/// (`#### 9 * 2 = 18`, `The answer is 20 - 5 = 15`): the part after the last `=` before any
+/// parenthesis or `;` (a remark such as `20 (5 = 5 + 0)` is not the result).
+fn result_of(marked: &str) -> &str {
+    let head = &marked[..marked.find(['(', ';']).unwrap_or(marked.len())];
+    head.rfind('=').map_or(head, |i| &head[i + 1..])
 }
 
 /// The number inside a box: the only number, else the value of a LaTeX expression (`\frac{9}{2}`),

@@ -149,6 +149,10 @@ fn strip_outer_braces(mut s: &str) -> &str {
 pub fn normalize(raw: &str) -> String {
     // Matrix row breaks `\\` are set aside so the spacing rule for `\ ` cannot eat half of one.
     let mut s = raw.trim().replace("\\\\", ROW_BREAK);
+    // `2{,}220` groups thousands as `2,220` does; `√51` is `\sqrt{51}` (not `\sqrt5·1`).
+    s = s.replace("{,}", ",");
+    s = unicode_roots(&s);
+    s = lists_in_words(&s);
     // Unicode that models emit in place of LaTeX.
     for (from, to) in [
         ("\u{2212}", "-"),
@@ -229,9 +233,76 @@ pub fn normalize(raw: &str) -> String {
     t.replace(ROW_BREAK, "\\\\")
 }
 
+/// `√51` → `\sqrt{51}`: the Unicode root of a run of digits takes them all.
+fn unicode_roots(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{221a}' || !chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push(c);
+            continue;
+        }
+        out.push_str("\\sqrt{");
+        while let Some(d) = chars.next_if(char::is_ascii_digit) {
+            out.push(d);
+        }
+        out.push('}');
+    }
+    out
+}
+
+/// `3, 5, \text{ and } 7` / `1 and -2` → `3, 5, 7` / `1, -2`: a list of numbers written with
+/// "and" or "or" is the list (only where the answer has a digit, so words stay words).
+fn lists_in_words(s: &str) -> String {
+    if !s.contains(|c: char| c.is_ascii_digit()) {
+        return s.to_string();
+    }
+    let mut s = s.to_string();
+    for w in ["and", "or"] {
+        for pat in [
+            format!("\\text{{ {w} }}"),
+            format!("\\text{{{w} }}"),
+            format!("\\text{{ {w}}}"),
+            format!("\\text{{{w}}}"),
+        ] {
+            s = s.replace(&pat, &format!(" {w} "));
+        }
+        s = s.replace(&format!(", {w} "), ", ").replace(&format!(" {w} "), ", ");
+    }
+    s
+}
+
+/// Whether `s` names what its value is given for: `q(x)`, `(a,b)`, `(r,\theta)` — identifiers
+/// (a letter or a `\command`), an optional name before one parenthesised list of them.
+fn is_name(s: &str) -> bool {
+    fn ident(t: &str) -> bool {
+        match t.strip_prefix('\\') {
+            Some(cmd) => !cmd.is_empty() && cmd.chars().all(|c| c.is_ascii_alphabetic()),
+            None => t.len() == 1 && t.chars().all(|c| c.is_ascii_alphabetic()),
+        }
+    }
+    let (head, args) = match s.find('(') {
+        Some(i) if s.ends_with(')') => (&s[..i], Some(&s[i + 1..s.len() - 1])),
+        Some(_) => return false,
+        None => (s, None),
+    };
+    (head.is_empty() || ident(head))
+        && args.is_none_or(|a| a.split(',').all(ident))
+        && !(head.is_empty() && args.is_none())
+}
+
 /// Strips `x=` / `\theta=` / `x\in` in front of a value (the value is the answer), but not the
-/// left side of an equation whose right side also has an `=`.
+/// left side of an equation whose right side also has an `=`. Also a name with arguments or a
+/// tuple of names (`q(x)=`, `(a,b)=`), and worked arithmetic (`20-5=15`: the result).
 fn strip_prefix(s: &str) -> String {
+    if let Some((left, right)) = s.split_once('=') {
+        let worked = !left.is_empty()
+            && crate::eval::math_eval::evaluate(left).is_some()
+            && !crate::eval::math_eval::has_variables(left);
+        if !right.is_empty() && !right.contains('=') && (is_name(left) || worked) {
+            return right.to_string();
+        }
+    }
     let ident_len = if let Some(name) = s.strip_prefix('\\') {
         1 + name
             .find(|c: char| !c.is_ascii_alphabetic())
