@@ -257,7 +257,8 @@ fn lists_in_words(s: &str) -> String {
     if !s.contains(|c: char| c.is_ascii_digit()) {
         return s.to_string();
     }
-    let mut s = s.to_string();
+    let before = s.to_string();
+    let mut s = before.clone();
     for w in ["and", "or"] {
         for pat in [
             format!("\\text{{ {w} }}"),
@@ -267,9 +268,14 @@ fn lists_in_words(s: &str) -> String {
         ] {
             s = s.replace(&pat, &format!(" {w} "));
         }
-        s = s.replace(&format!(", {w} "), ", ").replace(&format!(" {w} "), ", ");
+        s = s.replace(&format!(" {w} "), ",");
     }
-    s
+    if s == before {
+        return s;
+    }
+    // `3, 5, and 7` left an empty item between two commas.
+    let items: Vec<&str> = s.split(',').filter(|i| !i.trim().is_empty()).collect();
+    items.join(",")
 }
 
 /// Whether `s` names what its value is given for: `q(x)`, `(a,b)`, `(r,\theta)` — identifiers
