@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::eval::cli::{resolve_dataset, EvalArgs, EvalDevice};
+use crate::eval::cli::{abs, resolve_dataset, EvalArgs, EvalDevice};
 use crate::eval::dataset::{load_dataset, DatasetKind};
 use crate::eval::report::{load_report, write_report, Report};
 use crate::eval::run::{run_eval, EvalMode};
@@ -320,13 +320,6 @@ fn complete(s: &StepSummary) -> bool {
     s.artifacts.iter().all(|p| p.exists())
 }
 
-fn abs(p: &Path) -> String {
-    std::fs::canonicalize(p)
-        .unwrap_or_else(|_| p.to_path_buf())
-        .display()
-        .to_string()
-}
-
 /// The finished steps recorded in `path` (none when it does not exist). A folder holding a
 /// demo of other settings is an error: its artifacts would not match these settings.
 fn load_state(path: &Path, settings: &serde_json::Value) -> Result<Vec<StepSummary>> {
@@ -385,6 +378,7 @@ fn step_traces(cx: &Ctx) -> Result<StepOut> {
         max_new_tokens: o.max_new_tokens,
         batch: qs.len(),
         cuda: o.device.use_cuda_for(&[cx.model])?,
+        whole_answer: true,
     };
     let total = qs.len();
     let mut finished = 0;
@@ -611,8 +605,7 @@ fn step_eval(cx: &Ctx, upstream_ran: bool) -> Result<StepOut> {
 }
 
 fn step_report(cx: &Ctx) -> Result<StepOut> {
-    write_report(&cx.p.eval)?;
-    let r = load_report(&cx.p.eval)?;
+    let (_, r) = write_report(&cx.p.eval)?;
     let mut facts = Vec::new();
     for m in &r.modes {
         let mut line = format!(

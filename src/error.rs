@@ -23,7 +23,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 fn io_text(e: &std::io::Error) -> String {
     match e.kind() {
         std::io::ErrorKind::NotFound => {
-            format!("expected a file or folder there, found none ({e})")
+            format!("expected the file, or the folder it is written to, found none ({e})")
         }
         std::io::ErrorKind::PermissionDenied => format!("expected access, found it denied ({e})"),
         _ => e.to_string(),

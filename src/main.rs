@@ -649,6 +649,23 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         }
         d => use_cuda(d)? && gpu_ok,
     };
+    let mut settings = Settings {
+        mode: a.mode,
+        coefficients: a.coefficients.clone(),
+        windows: a.windows.clone(),
+        max_new_tokens: a.max_new_tokens,
+        batch: a.batch,
+        prefix_caches: a.prefix_caches,
+        ..Settings::default()
+    };
+    a.ablations.apply(&mut settings);
+    // The flags alone, before any model is loaded.
+    settings.validate(&[])?;
+    if a.question.as_deref().is_some_and(|q| q.trim().is_empty()) {
+        return Err(anyhow!(
+            "--question: expected a question, found an empty string"
+        ));
+    }
     let base = Arc::new(Model::load(&a.base)?);
     let thinking = Arc::new(Model::load(&a.thinking)?);
     // `auto` stays on the CPU for shapes the kernels do not take (the tiny test checkpoints).
@@ -666,11 +683,6 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     let base_tok = &prompts.base_tok;
     base_tok.check_same_ids(&prompts.think_tok)?;
     let questions = match (&a.question, &a.questions) {
-        (Some(q), _) if q.trim().is_empty() => {
-            return Err(anyhow!(
-                "--question: expected a question, found an empty string"
-            ))
-        }
         (Some(q), _) => vec![q.clone()],
         (None, Some(p)) => {
             thinksteer::eval::dataset::load_questions(p, a.question_field.as_deref())?
@@ -681,16 +693,6 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         .iter()
         .map(|q| prompts.hybrid(q))
         .collect::<thinksteer::Result<Vec<Prompts>>>()?;
-    let mut settings = Settings {
-        mode: a.mode,
-        coefficients: a.coefficients.clone(),
-        windows: a.windows.clone(),
-        max_new_tokens: a.max_new_tokens,
-        batch: a.batch,
-        prefix_caches: a.prefix_caches,
-        ..Settings::default()
-    };
-    a.ablations.apply(&mut settings);
     let pair = Pair {
         base: &base,
         thinking: &thinking,

@@ -463,6 +463,27 @@ fn numbers_the_flags_cannot_mean() {
         &["--coefficients", "finite", "found NaN"],
     );
     hybrid(&["--batch", "0"], &["--batch", "at least 1"]);
+    // Refused from the flags alone, before any model is read (these folders do not exist).
+    expect_error(
+        &[
+            "hybrid",
+            "--device",
+            "cpu",
+            "--base",
+            "no-base",
+            "--thinking",
+            "no-thinking",
+            "--sae",
+            sae,
+            "--vectors",
+            vec,
+            "--question",
+            "q",
+            "--coefficients",
+            "NaN",
+        ],
+        &["--coefficients", "finite"],
+    );
     expect_error(
         &[
             "hybrid",
@@ -543,6 +564,9 @@ fn hybrid_with_sae(base: &str, think: &str, sae: &str, vectors: &str) {
             "--question",
             "q",
         ],
-        &[sae, "expected a file or folder there, found none"],
+        &[
+            sae,
+            "expected the file, or the folder it is written to, found none",
+        ],
     );
 }

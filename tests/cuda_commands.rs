@@ -64,6 +64,7 @@ fn traces_and_eval_run_on_the_gpu() {
         max_new_tokens: 12,
         batch: 2,
         cuda: on_gpu,
+        whole_answer: false,
     };
     let (written, _) = write_traces(&think, &questions, &out, &s, |_| {}).unwrap();
     assert_eq!(written, 3);

@@ -871,4 +871,33 @@ fn ablations_are_recorded_and_must_match_to_resume() {
         rows[1].ends_with("| 100.0% |"),
         "--no-gating steers every step: {printed}"
     );
+
+    // Each ablation reaches the loop: alone, it changes some hybrid answer of the plain run.
+    let plain_lines = lines_of(&plain.join("results.jsonl"));
+    let hybrid_text = |ls: &[Value]| -> BTreeMap<u64, String> {
+        ls.iter()
+            .filter(|l| l["mode"] == "hybrid")
+            .map(|l| (l["index"].as_u64().unwrap(), l["response"].to_string()))
+            .collect()
+    };
+    for (flag, case) in [
+        ("--only-bias", "ablation-bias"),
+        ("--random-vectors", "ablation-vectors"),
+        ("--random-firing", "ablation-firing"),
+    ] {
+        let o = tmp(case);
+        ok(eval(&o, &[flag, "--seed", "1"]));
+        let got = hybrid_text(&lines_of(&o.join("results.jsonl")));
+        assert_ne!(
+            got,
+            hybrid_text(&plain_lines),
+            "{flag} changed no hybrid answer"
+        );
+        let md = std::fs::read_to_string(o.join("report.md")).unwrap();
+        assert_eq!(
+            md.contains("| steps it was drawn (--random-firing) |"),
+            flag == "--random-firing",
+            "{md}"
+        );
+    }
 }

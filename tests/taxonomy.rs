@@ -545,6 +545,18 @@ fn traces_resume_without_duplicates() {
         );
     }
 
+    // A run that failed before its first trace left an empty file and its settings: a retry
+    // with other settings is not refused.
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    std::fs::write(
+        thinksteer::taxonomy::traces::settings_path(&empty),
+        "{\"model\": \"elsewhere\", \"max_new_tokens\": 999}",
+    )
+    .unwrap();
+    let out = traces(&dir, &empty, &["--limit", "1"]);
+    assert!(out.contains("wrote 1 traces, skipped 0"), "{out}");
+
     // A new --out in a folder that does not exist yet is made.
     let deep = dir.join("new/sub/traces.jsonl");
     let out = traces(&dir, &deep, &["--limit", "1"]);

@@ -260,7 +260,7 @@ fn parse_shard(s: &str) -> Result<(usize, usize)> {
 }
 
 /// An absolute form of a path for the recorded configuration (as given when it cannot be resolved).
-fn abs(p: &Path) -> String {
+pub(crate) fn abs(p: &Path) -> String {
     std::fs::canonicalize(p)
         .unwrap_or_else(|_| p.to_path_buf())
         .display()
@@ -454,13 +454,13 @@ pub fn eval(mut a: EvalArgs) -> Result<()> {
 /// `thinksteer report`.
 pub fn report(a: ReportArgs) -> Result<()> {
     if let [out] = &a.out[..] {
-        print!("{}", super::report::write_report(out)?);
+        print!("{}", super::report::write_report(out)?.0);
         return Ok(());
     }
     let mut reports = Vec::new();
     for out in &a.out {
-        super::report::write_report(out)?;
-        reports.push((out.display().to_string(), super::report::load_report(out)?));
+        let (_, r) = super::report::write_report(out)?;
+        reports.push((out.display().to_string(), r));
     }
     print!("{}", super::report::render_comparison(&reports));
     Ok(())

@@ -107,6 +107,8 @@ pub struct Report {
     pub titles: Option<Vec<String>>,
     /// The hybrid mode's settings from the folder's config.json, in words.
     pub hybrid_settings: Option<String>,
+    /// Whether its categories were drawn at random (--random-firing), not by the SAE.
+    pub random_firing: bool,
 }
 
 /// Reads every results file in `out` and summarises it.
@@ -127,6 +129,7 @@ pub fn load_report(out: &Path) -> Result<Report> {
     let mut r = summarize(&lines);
     if let Some(h) = hybrid_config(out) {
         r.hybrid_settings = Some(settings_in_words(&h));
+        r.random_firing = h.ablations.random_firing;
         // A report still renders, with numbered categories, when the SAE file has moved.
         r.titles = crate::sae::Sae::load(&h.sae).ok().and_then(|s| s.titles);
     }
@@ -218,6 +221,7 @@ pub fn summarize(all: &[ResultLine]) -> Report {
         breakdowns,
         titles: None,
         hybrid_settings: None,
+        random_firing: false,
     }
 }
 
@@ -377,7 +381,7 @@ pub fn render_markdown(r: &Report) -> String {
             pct(m.steered_mean.unwrap_or(0.0)),
         );
         if let Some(c) = &m.category_counts {
-            s += &category_table(m, c, r.titles.as_deref());
+            s += &category_table(m, c, r.titles.as_deref(), r.random_firing);
         }
         if let Some(w) = m.coef_wins.as_ref().filter(|w| !w.is_empty()) {
             s += "\n| winning coefficient | steps |\n|---|---|\n";
@@ -465,9 +469,18 @@ pub fn render_comparison(reports: &[(String, Report)]) -> String {
 /// Per category: its steered steps and, from the results that record them, the steps it was the
 /// SAE's argmax (steered or not), the share of those steered, and its most frequent winning
 /// (coefficient, window).
-fn category_table(m: &ModeStats, steered: &[usize], titles: Option<&[String]>) -> String {
-    let mut s = String::from(
-        "\n| category | steered steps | steps as the SAE's argmax | steered share | winning (coefficient, window), most frequent first |\n|---|---|---|---|---|\n",
+fn category_table(
+    m: &ModeStats,
+    steered: &[usize],
+    titles: Option<&[String]>,
+    random_firing: bool,
+) -> String {
+    let chosen = match random_firing {
+        true => "steps it was drawn (--random-firing)",
+        false => "steps as the SAE's argmax",
+    };
+    let mut s = format!(
+        "\n| category | steered steps | {chosen} | steered share | winning (coefficient, window), most frequent first |\n|---|---|---|---|---|\n",
     );
     for (i, x) in steered.iter().enumerate() {
         let name = match titles.and_then(|t| t.get(i)) {
@@ -535,8 +548,8 @@ fn numeric_order(t: &BTreeMap<String, usize>) -> Vec<(&String, &usize)> {
     v
 }
 
-/// Writes OUT/report.md and OUT/report.json; returns the Markdown.
-pub fn write_report(out: &Path) -> Result<String> {
+/// Writes OUT/report.md and OUT/report.json; returns the Markdown and the report.
+pub fn write_report(out: &Path) -> Result<(String, Report)> {
     let r = load_report(out)?;
     let bars: Vec<crate::chart::Bar> = r
         .modes
@@ -562,7 +575,7 @@ pub fn write_report(out: &Path) -> Result<String> {
     let json_path = out.join("report.json");
     let json = serde_json::to_string_pretty(&r).expect("report serialises");
     std::fs::write(&json_path, json + "\n").map_err(|e| Error::io(&json_path, e))?;
-    Ok(md)
+    Ok((md, r))
 }
 
 #[cfg(test)]

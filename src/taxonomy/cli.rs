@@ -212,6 +212,7 @@ pub fn traces(mut a: TracesArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         batch: a.batch,
         cuda: a.device.use_cuda_for(&[&a.model])?,
+        whole_answer: a.whole_answer,
     };
     let (written, skipped) = super::traces::write_traces(&a.model, &qs, &a.out, &s, |t| {
         let span = t.thinking.map_or("no thinking span".to_string(), |s| {

@@ -87,6 +87,9 @@ pub struct TraceSettings {
     pub batch: usize,
     /// Run on the GPU (the CUDA engine) instead of the CPU.
     pub cuda: bool,
+    /// Give traces without a `<think>` span their whole answer (`whole_answer_as_thinking`),
+    /// after the run; recorded, so that a resume must ask the same.
+    pub whole_answer: bool,
 }
 
 /// What decides a trace besides its question, kept beside the traces file (`traces.jsonl` →
@@ -96,6 +99,9 @@ pub struct TraceSettings {
 struct TraceRun {
     model: String,
     max_new_tokens: usize,
+    /// Traces without a `<think>` span get the whole answer (`--whole-answer`).
+    #[serde(default)]
+    whole_answer: bool,
 }
 
 /// The settings file of a traces file.
@@ -106,6 +112,9 @@ pub fn settings_path(out: &Path) -> std::path::PathBuf {
 /// Refuses to append to `out` when its traces came from other questions (a trace whose row of
 /// `questions` holds another question) or, per its settings file, another model or length.
 fn check_resume(out: &Path, old: &[Trace], questions: &[String], run: &TraceRun) -> Result<()> {
+    if old.is_empty() {
+        return Ok(()); // a run that failed before its first trace decided nothing
+    }
     let other = old
         .iter()
         .find(|t| questions.get(t.index).is_some_and(|q| *q != t.question));
@@ -128,13 +137,22 @@ fn check_resume(out: &Path, old: &[Trace], questions: &[String], run: &TraceRun)
         ))
     })?;
     if was != *run {
+        let flag = |r: &TraceRun| {
+            if r.whole_answer {
+                " and --whole-answer"
+            } else {
+                ""
+            }
+        };
         bail!(
-            "{} holds traces of {} with --max-new-tokens {}, now {} with {}: expected the same settings to resume, use another --out",
+            "{} holds traces of {} with --max-new-tokens {}{}, now {} with {}{}: expected the same settings to resume, use another --out",
             out.display(),
             was.model,
             was.max_new_tokens,
+            flag(&was),
             run.model,
-            run.max_new_tokens
+            run.max_new_tokens,
+            flag(run)
         );
     }
     Ok(())
@@ -164,11 +182,9 @@ pub fn write_traces(
         ))
     })?;
     let run = TraceRun {
-        model: std::fs::canonicalize(model_dir)
-            .unwrap_or_else(|_| model_dir.to_path_buf())
-            .display()
-            .to_string(),
+        model: crate::eval::cli::abs(model_dir),
         max_new_tokens: s.max_new_tokens,
+        whole_answer: s.whole_answer,
     };
     let done: BTreeSet<usize> = if out.exists() {
         repair_tail(out)?;
@@ -209,6 +225,9 @@ pub fn write_traces(
         );
     }
     if todo.is_empty() {
+        if s.whole_answer {
+            whole_answer_as_thinking(out)?;
+        }
         return Ok((0, skipped));
     }
     let ctx = ctx_max.min(longest + s.max_new_tokens);
@@ -257,6 +276,9 @@ pub fn write_traces(
             Ok(())
         },
     )?;
+    if s.whole_answer {
+        whole_answer_as_thinking(out)?;
+    }
     Ok((written, skipped))
 }
 
