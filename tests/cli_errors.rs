@@ -440,21 +440,7 @@ fn numbers_the_flags_cannot_mean() {
         String::from_utf8_lossy(&made.stderr)
     );
     let hybrid = |extra: &[&str], needles: &[&str]| {
-        let mut args = vec![
-            "hybrid",
-            "--device",
-            "cpu",
-            "--base",
-            m,
-            "--thinking",
-            think,
-            "--sae",
-            sae,
-            "--vectors",
-            vec,
-            "--question",
-            "What is 1+1?",
-        ];
+        let mut args = hybrid_args(m, think, sae, vec, "What is 1+1?");
         args.extend_from_slice(extra);
         expect_error(&args, needles);
     };
@@ -464,42 +450,11 @@ fn numbers_the_flags_cannot_mean() {
     );
     hybrid(&["--batch", "0"], &["--batch", "at least 1"]);
     // Refused from the flags alone, before any model is read (these folders do not exist).
+    let mut args = hybrid_args("no-base", "no-thinking", sae, vec, "q");
+    args.extend(["--coefficients", "NaN"]);
+    expect_error(&args, &["--coefficients", "finite"]);
     expect_error(
-        &[
-            "hybrid",
-            "--device",
-            "cpu",
-            "--base",
-            "no-base",
-            "--thinking",
-            "no-thinking",
-            "--sae",
-            sae,
-            "--vectors",
-            vec,
-            "--question",
-            "q",
-            "--coefficients",
-            "NaN",
-        ],
-        &["--coefficients", "finite"],
-    );
-    expect_error(
-        &[
-            "hybrid",
-            "--device",
-            "cpu",
-            "--base",
-            m,
-            "--thinking",
-            think,
-            "--sae",
-            sae,
-            "--vectors",
-            vec,
-            "--question",
-            " ",
-        ],
+        &hybrid_args(m, think, sae, vec, " "),
         &["--question", "empty string"],
     );
     hybrid(
@@ -521,7 +476,14 @@ fn numbers_the_flags_cannot_mean() {
     );
     // A file that is not there: what was expected, what was found.
     let gone = dir.join("gone.safetensors");
-    hybrid_with_sae(m, think, gone.to_str().unwrap(), vec);
+    let gone = gone.to_str().unwrap();
+    expect_error(
+        &hybrid_args(m, think, gone, vec, "q"),
+        &[
+            gone,
+            "expected the file, or the folder it is written to, found none",
+        ],
+    );
 
     expect_error(
         &[
@@ -547,26 +509,26 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn hybrid_with_sae(base: &str, think: &str, sae: &str, vectors: &str) {
-    expect_error(
-        &[
-            "hybrid",
-            "--device",
-            "cpu",
-            "--base",
-            base,
-            "--thinking",
-            think,
-            "--sae",
-            sae,
-            "--vectors",
-            vectors,
-            "--question",
-            "q",
-        ],
-        &[
-            sae,
-            "expected the file, or the folder it is written to, found none",
-        ],
-    );
+fn hybrid_args<'a>(
+    base: &'a str,
+    think: &'a str,
+    sae: &'a str,
+    vectors: &'a str,
+    question: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "hybrid",
+        "--device",
+        "cpu",
+        "--base",
+        base,
+        "--thinking",
+        think,
+        "--sae",
+        sae,
+        "--vectors",
+        vectors,
+        "--question",
+        question,
+    ]
 }

@@ -283,41 +283,17 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
     );
 
     // Gradient-trained vectors on the same traces and annotations (two epochs).
-    let opt_path = dir.join("optimised.safetensors");
-    ok(&[
-        "train-vectors",
-        "--base",
-        &s(&fixture(BASE)),
-        "--traces",
-        &s(&tr),
-        "--annotations",
-        &s(&ann.join("annotations.jsonl")),
-        "--layer",
-        "1",
-        "--method",
-        "optimise",
-        "--epochs",
-        "2",
-        "--out",
-        &s(&opt_path),
-    ]);
-    let opt = thinksteer::steering::SteeringSet::load(&opt_path).unwrap();
-    assert_eq!(opt.layer, 1);
-    assert!(
-        opt.bias.iter().any(|x| *x != 0.0),
-        "the bias was not trained"
-    );
-    // --resume with no checkpoint of an earlier run: one line saying so.
-    let missing = dir.join("never.ckpt.json");
-    fails(
-        &[
+    let (base, trs, anns) = (s(&fixture(BASE)), s(&tr), s(&ann.join("annotations.jsonl")));
+    let optimise = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let out = s(out);
+        let mut args = vec![
             "train-vectors",
             "--base",
-            &s(&fixture(BASE)),
+            &base,
             "--traces",
-            &s(&tr),
+            &trs,
             "--annotations",
-            &s(&ann.join("annotations.jsonl")),
+            &anns,
             "--layer",
             "1",
             "--method",
@@ -325,11 +301,28 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
             "--epochs",
             "2",
             "--out",
-            &s(&dir.join("resumed.safetensors")),
-            "--checkpoint",
-            &s(&missing),
-            "--resume",
-        ],
+            &out,
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(String::from).collect()
+    };
+    let opt_path = dir.join("optimised.safetensors");
+    let args = optimise(&opt_path, &[]);
+    ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let opt = thinksteer::steering::SteeringSet::load(&opt_path).unwrap();
+    assert_eq!(opt.layer, 1);
+    assert!(
+        opt.bias.iter().any(|x| *x != 0.0),
+        "the bias was not trained"
+    );
+    // --resume with no checkpoint of an earlier run: one line saying so.
+    let missing = s(&dir.join("never.ckpt.json"));
+    let args = optimise(
+        &dir.join("resumed.safetensors"),
+        &["--checkpoint", &missing, "--resume"],
+    );
+    fails(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &["--resume: expected the checkpoint", "run without --resume"],
     );
 }
