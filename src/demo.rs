@@ -25,7 +25,7 @@ use crate::hybrid::Mode;
 use crate::taxonomy::activations::{compute_activations, index_path, Acts};
 use crate::taxonomy::annotate::{annotate, read_annotations};
 use crate::taxonomy::sizes::train_sizes;
-use crate::taxonomy::traces::{whole_answer_as_thinking, write_traces, TraceSettings};
+use crate::taxonomy::traces::{write_traces, TraceSettings, Written};
 use crate::taxonomy::vectors::{mean_diff, BasePrefix};
 use crate::train_sae::TrainConfig;
 
@@ -382,7 +382,11 @@ fn step_traces(cx: &Ctx) -> Result<StepOut> {
     };
     let total = qs.len();
     let mut finished = 0;
-    let (written, skipped) = write_traces(cx.model, &qs, &cx.p.traces, &s, |t| {
+    let Written {
+        written,
+        skipped,
+        spans,
+    } = write_traces(cx.model, &qs, &cx.p.traces, &s, |t| {
         finished += 1;
         eprintln!(
             "  trace {finished} finished (GSM8K row {}): {} bytes",
@@ -390,7 +394,7 @@ fn step_traces(cx: &Ctx) -> Result<StepOut> {
             t.text.len()
         );
     })?;
-    let (own, filled) = whole_answer_as_thinking(&cx.p.traces)?;
+    let (own, filled) = spans.expect("asked with whole_answer");
     let mut facts = vec![format!(
         "{total} traces of GSM8K rows {from}..{} (the last rows, apart from the evaluated first ones), chat template, greedy, up to {} new tokens ({written} generated now, {skipped} present)",
         all.len(),

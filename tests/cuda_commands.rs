@@ -66,7 +66,9 @@ fn traces_and_eval_run_on_the_gpu() {
         cuda: on_gpu,
         whole_answer: false,
     };
-    let (written, _) = write_traces(&think, &questions, &out, &s, |_| {}).unwrap();
+    let written = write_traces(&think, &questions, &out, &s, |_| {})
+        .unwrap()
+        .written;
     assert_eq!(written, 3);
     let traces = read_traces(&out).unwrap();
     let mut idx: Vec<usize> = traces.iter().map(|t| t.index).collect();

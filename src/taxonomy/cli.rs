@@ -214,18 +214,19 @@ pub fn traces(mut a: TracesArgs) -> Result<()> {
         cuda: a.device.use_cuda_for(&[&a.model])?,
         whole_answer: a.whole_answer,
     };
-    let (written, skipped) = super::traces::write_traces(&a.model, &qs, &a.out, &s, |t| {
+    let w = super::traces::write_traces(&a.model, &qs, &a.out, &s, |t| {
         let span = t.thinking.map_or("no thinking span".to_string(), |s| {
             format!("thinking {} bytes", s.end - s.start)
         });
         eprintln!("trace {}: {} bytes, {span}", t.index, t.text.len());
     })?;
     println!(
-        "{}: wrote {written} traces, skipped {skipped} already present",
-        a.out.display()
+        "{}: wrote {} traces, skipped {} already present",
+        a.out.display(),
+        w.written,
+        w.skipped
     );
-    if a.whole_answer {
-        let (own, filled) = super::traces::whole_answer_as_thinking(&a.out)?;
+    if let Some((own, filled)) = w.spans {
         println!(
             "{own} traces with a <think> span from the model, {filled} given their whole answer"
         );

@@ -159,15 +159,15 @@ fn check_resume(out: &Path, old: &[Trace], questions: &[String], run: &TraceRun)
 }
 
 /// Generates traces for `questions` (greedy, chat template) into `out`, skipping indices
-/// already there (refused when those came from other questions or settings). Returns (written
-/// now, skipped as present).
+/// already there (refused when those came from other questions or settings); with
+/// `whole_answer`, then gives traces without a span their whole answer.
 pub fn write_traces(
     model_dir: &Path,
     questions: &[String],
     out: &Path,
     s: &TraceSettings,
     mut progress: impl FnMut(&Trace),
-) -> Result<(usize, usize)> {
+) -> Result<Written> {
     let model = Arc::new(Model::load(model_dir)?);
     let tok = Tokenizer::from_dir(model_dir)?.ok_or_else(|| {
         Error::Input(format!(
@@ -225,10 +225,7 @@ pub fn write_traces(
         );
     }
     if todo.is_empty() {
-        if s.whole_answer {
-            whole_answer_as_thinking(out)?;
-        }
-        return Ok((0, skipped));
+        return finish(out, s, 0, skipped);
     }
     let ctx = ctx_max.min(longest + s.max_new_tokens);
     let slots = s.batch.max(1).min(todo.len());
@@ -276,10 +273,30 @@ pub fn write_traces(
             Ok(())
         },
     )?;
-    if s.whole_answer {
-        whole_answer_as_thinking(out)?;
-    }
-    Ok((written, skipped))
+    finish(out, s, written, skipped)
+}
+
+/// What `write_traces` did.
+#[derive(Debug)]
+pub struct Written {
+    /// Traces generated now.
+    pub written: usize,
+    /// Traces already in the file.
+    pub skipped: usize,
+    /// With `whole_answer`: (traces whose span the model wrote, traces given the whole answer).
+    pub spans: Option<(usize, usize)>,
+}
+
+fn finish(out: &Path, s: &TraceSettings, written: usize, skipped: usize) -> Result<Written> {
+    let spans = match s.whole_answer {
+        true => Some(whole_answer_as_thinking(out)?),
+        false => None,
+    };
+    Ok(Written {
+        written,
+        skipped,
+        spans,
+    })
 }
 
 /// Cuts a partial last line (a run killed mid-write) so that appended lines start clean.
