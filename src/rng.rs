@@ -1,6 +1,7 @@
 //! A tiny seeded PRNG (splitmix64) for everything in the crate that must be reproducible from a
 //! seed alone: random SAEs and steering sets, SAE training (init, shuffles), ablations.
 //! Hand-written so that a seed means the same numbers on every machine and crate version.
+//! Also FNV-1a, the stable hash of names and contents kept in files.
 
 /// splitmix64: 64-bit state, one add and a mixing function per draw. Not cryptographic; its
 /// outputs pass BigCrush, which is all that initialisation and shuffling need.
@@ -69,9 +70,24 @@ impl Rng {
     }
 }
 
+/// FNV-1a, 64-bit: a stable hash for names and fingerprints written to disk (std's hasher may
+/// change between releases).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fnv1a_is_the_published_function() {
+        // Test vectors of FNV-1a 64.
+        assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a(b"a"), 0xaf63dc4c8601ec8c);
+    }
 
     #[test]
     fn same_seed_same_stream_and_different_seed_differs() {

@@ -1,6 +1,6 @@
 //! Taxonomy discovery end to end on the tiny fixtures through the CLI: traces → activations →
 //! train-sae → annotate → train-vectors → `hybrid` accepting the outputs; sentence means
-//! recomputed from `logits --capture-layer`; resume of traces; bad input.
+//! recomputed from `logits --capture-layer`; resume of traces and activations; bad input.
 
 mod common;
 
@@ -607,6 +607,151 @@ fn traces_without_thinking_are_counted() {
             "So it is five."
         ]
     );
+}
+
+/// Six hand traces: sentences, none (no span), sentences, sentences, none (too short),
+/// sentences. `changed` rewrites trace 2's text.
+fn resume_traces(path: &Path, changed: bool) {
+    let think = "<|im_start|>assistant\n<think>\n";
+    let span = |t: &str| {
+        Some(Span {
+            start: 0,
+            end: t.len(),
+        })
+    };
+    let two = if changed {
+        "We multiply the two prices first. Then we round the total down."
+    } else {
+        "Two cats have four legs each. So eight legs in all."
+    };
+    let texts = [
+        "First we add the two numbers. Then we check the sum once more.",
+        "",
+        two,
+        "The sky is blue at noon. It turns red and orange at dusk.",
+        "ok",
+        "Let me try another way here. Subtracting gives the same answer again.",
+    ];
+    let lines: Vec<String> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match i {
+            1 => hand_trace(i, "<|im_start|>assistant\n", "The answer is five.", None),
+            _ => hand_trace(i, think, t, span(t)),
+        })
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// `write_activations` on the fixture's CPU forward, counting the forwards and failing the
+/// `kill_at`-th (1-based) as a killed process would stop there.
+fn acts_run(traces: &Path, out: &Path, kill_at: Option<usize>) -> (Result<(), String>, usize) {
+    use thinksteer::taxonomy::activations::{write_activations, ActsRun};
+    let model = fixture(THINKING);
+    let tok = Tokenizer::from_dir(&model).unwrap().unwrap();
+    let settings = ActsRun {
+        model: std::fs::canonicalize(&model).unwrap().display().to_string(),
+        layer: LAYER,
+        d: thinksteer::config::Config::from_file(&model.join("config.json"))
+            .unwrap()
+            .hidden_size,
+    };
+    let mut forward = thinksteer::taxonomy::spans::block_runner(&model, LAYER, false).unwrap();
+    let mut calls = 0;
+    let mut run = |ids: &[u32]| {
+        calls += 1;
+        if Some(calls) == kill_at {
+            return Err(thinksteer::error::Error::Input("killed".into()));
+        }
+        forward(ids)
+    };
+    let r = write_activations(&tok, traces, &settings, out, &mut run);
+    (r.map(|_| ()).map_err(|e| e.to_string()), calls)
+}
+
+#[test]
+fn activations_resume_after_a_kill() {
+    let dir = tmp("acts-resume");
+    let (tr, changed) = (dir.join("traces.jsonl"), dir.join("changed.jsonl"));
+    resume_traces(&tr, false);
+    resume_traces(&changed, true);
+    let (full, full_changed) = (dir.join("full.safetensors"), dir.join("full2.safetensors"));
+    activations(&tr, &full);
+    activations(&changed, &full_changed);
+    let same = |a: &Path, b: &Path| {
+        assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+        let (ia, ib) = (
+            a.with_extension("index.jsonl"),
+            b.with_extension("index.jsonl"),
+        );
+        assert_eq!(std::fs::read(ia).unwrap(), std::fs::read(ib).unwrap());
+    };
+
+    // Killed at the third forward (trace 3): traces 0, 1 and 2 are kept, no output yet.
+    let out = dir.join("acts.safetensors");
+    let (partial, progress) = (
+        dir.join("acts.partial.f32"),
+        dir.join("acts.progress.jsonl"),
+    );
+    let (r, _) = acts_run(&tr, &out, Some(3));
+    assert!(r.unwrap_err().contains("killed"));
+    assert!(!out.exists() && partial.exists() && progress.exists());
+    // Another layer may not mix its rows in.
+    let (model, trs, outs) = (s(&fixture(THINKING)), s(&tr), s(&out));
+    let args = [
+        "activations",
+        "--model",
+        &model,
+        "--traces",
+        &trs,
+        "--layer",
+        "1",
+    ];
+    fails(
+        &[&args[..], &["--out", &outs]].concat(),
+        &[
+            "at layer 2",
+            "at layer 1",
+            "expected the same settings to resume",
+        ],
+    );
+    // A kill in the middle of a write: rows of an unfinished trace, half a line.
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&partial)
+        .unwrap();
+    std::io::Write::write_all(&mut f, &[7u8; 37]).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&progress)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"{\"fingerprint\": \"00").unwrap();
+    // Resumed: only traces 3 and 5 run, and the files equal the uninterrupted run's.
+    let (r, calls) = acts_run(&tr, &out, None);
+    r.unwrap();
+    assert_eq!(calls, 2, "forwards after the resume");
+    same(&out, &full);
+    assert!(
+        !partial.exists() && !progress.exists(),
+        "partial files left"
+    );
+
+    // A trace changed after the kill is run again; the others are kept.
+    let (r, _) = acts_run(&tr, &out, Some(3));
+    assert!(r.is_err());
+    let (r, calls) = acts_run(&changed, &out, None);
+    r.unwrap();
+    assert_eq!(calls, 3, "forwards: the changed trace 2, then 3 and 5");
+    same(&out, &full_changed);
+    // The CLI says what it kept.
+    let (r, _) = acts_run(&tr, &out, Some(2));
+    assert!(r.is_err());
+    let said = activations(&tr, &out);
+    assert!(
+        said.contains("2 traces' means were kept from a killed run"),
+        "{said}"
+    );
+    same(&out, &full);
 }
 
 #[test]

@@ -380,7 +380,7 @@ pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
             let canon = path.canonicalize().map_err(|e| Error::io(path, e))?;
             let dir = base.join(format!(
                 "{name}-{:016x}",
-                fnv1a(canon.to_string_lossy().as_bytes())
+                crate::rng::fnv1a(canon.to_string_lossy().as_bytes())
             ));
             if stamp_matches(&dir, &stamp) {
                 return Ok(dir);
@@ -426,13 +426,6 @@ fn cache_base() -> Option<PathBuf> {
         .map(|b| b.join("thinksteer"))
 }
 
-/// FNV-1a, 64-bit: a stable name for a cache folder (std's hasher may change between releases).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 /// Converts into a fresh temp folder beside `dir`, stamps it, then renames it into place, so a
 /// killed conversion never leaves a half-written `dir`.
 fn convert_into(gguf: &Path, dir: &Path, stamp: &str) -> Result<()> {
@@ -471,13 +464,6 @@ fn convert_into(gguf: &Path, dir: &Path, stamp: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn fnv1a_is_the_published_function() {
-        // Test vectors of FNV-1a 64.
-        assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
-        assert_eq!(fnv1a(b"a"), 0xaf63dc4c8601ec8c);
-    }
 
     #[test]
     fn folders_and_missing_paths_pass_through() {

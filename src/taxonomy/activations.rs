@@ -17,7 +17,7 @@ use crate::sae::{
 use crate::tokenizer::Tokenizer;
 
 use super::spans::{block_runner, span_mean, tokenise_trace};
-use super::traces::read_traces;
+use super::traces::{read_traces, Trace};
 use crate::config::Config;
 
 /// A sentence-activation file in memory.
@@ -142,16 +142,231 @@ pub struct ActsReport {
     pub no_thinking: Vec<usize>,
     pub no_sentences: Vec<usize>,
     pub uncovered: usize,
+    /// Traces whose means a killed run had already written (resumed, not run again).
+    pub resumed: usize,
 }
 
-/// Sentence means of every trace: (raw means [N, D], index rows, report). `run` gives the block
-/// output [T, D] for a token sequence (on the CPU or the GPU).
-pub fn sentence_means(
+/// What decides a sentence mean besides its trace: recorded in the progress file, so that a
+/// resume with another model or layer is refused instead of mixing two runs' rows.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ActsRun {
+    pub model: String,
+    pub layer: usize,
+    pub d: usize,
+}
+
+/// What one trace gave: its index rows (one per sentence, in order) or why it gave none.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct TraceDone {
+    /// `fnv1a` of the trace's JSON, in hex: a trace changed since (another text, span or
+    /// prompt) is run again.
+    fingerprint: String,
+    trace: usize,
+    no_thinking: bool,
+    uncovered: usize,
+    rows: Vec<IndexRow>,
+}
+
+fn fingerprint(t: &Trace) -> String {
+    let json = serde_json::to_string(t).expect("plain rows always serialise");
+    format!("{:016x}", crate::rng::fnv1a(json.as_bytes()))
+}
+
+/// The raw means of the traces done so far, kept beside the output while a run goes on, so that
+/// a killed run resumes where it stopped: `acts.partial.f32` holds the rows [rows, D] (f32,
+/// little-endian) in the order they were run; `acts.progress.jsonl` the run's settings, then one
+/// line per trace done, appended after the trace's rows. Both go when the output is written.
+struct Partial {
+    raw_path: PathBuf,
+    log_path: PathBuf,
+    raw: std::fs::File,
+    log: std::fs::File,
+    /// Fingerprint → (the trace's entry, its first row in the raw file).
+    done: BTreeMap<String, (TraceDone, usize)>,
+    rows: usize,
+    d: usize,
+}
+
+impl Partial {
+    fn paths(out: &Path) -> (PathBuf, PathBuf) {
+        (
+            out.with_extension("partial.f32"),
+            out.with_extension("progress.jsonl"),
+        )
+    }
+
+    /// Opens the partial files of `out`: new ones, or those of a killed run with the same
+    /// settings (a torn last line is dropped, rows past the last recorded trace are cut).
+    fn open(out: &Path, run: &ActsRun) -> Result<Partial> {
+        let (raw_path, log_path) = Self::paths(out);
+        let (mut done, mut rows) = (BTreeMap::new(), 0);
+        let log_bytes = match std::fs::read(&log_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::io(&log_path, e)),
+        };
+        // Only whole lines count: a kill in the middle of a line leaves a tail without '\n'.
+        let whole = log_bytes
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |p| p + 1);
+        let text = String::from_utf8_lossy(&log_bytes[..whole]);
+        let mut lines = text.lines();
+        if let Some(header) = lines.next() {
+            let was: ActsRun = serde_json::from_str(header).map_err(|e| {
+                Error::Input(format!(
+                    "{}:1: expected the settings of an activations run, found a line that does not parse ({e}): delete it to start over",
+                    log_path.display()
+                ))
+            })?;
+            if was != *run {
+                bail!(
+                    "{} holds a killed run of {} at layer {} (D = {}), now {} at layer {} (D = {}): expected the same settings to resume, use another --out or delete it to start over",
+                    log_path.display(),
+                    was.model,
+                    was.layer,
+                    was.d,
+                    run.model,
+                    run.layer,
+                    run.d
+                );
+            }
+            for (i, line) in lines.enumerate() {
+                let t: TraceDone = serde_json::from_str(line).map_err(|e| {
+                    Error::Input(format!(
+                        "{}:{}: expected a finished trace, found a line that does not parse ({e}): delete it to start over",
+                        log_path.display(),
+                        i + 2
+                    ))
+                })?;
+                let n = t.rows.len();
+                done.insert(t.fingerprint.clone(), (t, rows));
+                rows += n;
+            }
+        }
+        let need = (rows * run.d * 4) as u64;
+        let have = std::fs::metadata(&raw_path).map_or(0, |m| m.len());
+        if have < need {
+            bail!(
+                "{}: expected {rows} rows of {} f32 ({need} bytes) for the traces {} records, found {have} bytes: delete both to start over",
+                raw_path.display(),
+                run.d,
+                log_path.display()
+            );
+        }
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| Error::io(p, e))
+        };
+        let raw = open(&raw_path)?;
+        // Rows written after the last recorded trace belong to a trace that was not finished.
+        raw.set_len(need).map_err(|e| Error::io(&raw_path, e))?;
+        let mut log = open(&log_path)?;
+        log.set_len(whole as u64)
+            .map_err(|e| Error::io(&log_path, e))?;
+        if whole == 0 {
+            let line = serde_json::to_string(run).expect("plain rows always serialise");
+            writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
+        }
+        Ok(Partial {
+            raw_path,
+            log_path,
+            raw,
+            log,
+            done,
+            rows,
+            d: run.d,
+        })
+    }
+
+    /// Appends a trace's rows [n, D], then its line (so a line is never ahead of its rows).
+    fn record(&mut self, t: TraceDone, means: &[f32]) -> Result<()> {
+        let bytes: Vec<u8> = means.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.raw
+            .write_all(&bytes)
+            .map_err(|e| Error::io(&self.raw_path, e))?;
+        let line = serde_json::to_string(&t).expect("plain rows always serialise");
+        writeln!(self.log, "{line}").map_err(|e| Error::io(&self.log_path, e))?;
+        let n = t.rows.len();
+        self.done.insert(t.fingerprint.clone(), (t, self.rows));
+        self.rows += n;
+        Ok(())
+    }
+
+    /// All rows written so far [rows, D].
+    fn read_rows(&self) -> Result<Vec<f32>> {
+        let bytes = std::fs::read(&self.raw_path).map_err(|e| Error::io(&self.raw_path, e))?;
+        Ok(bytes[..self.rows * self.d * 4]
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
+    }
+
+    fn remove(self) -> Result<()> {
+        for p in [&self.raw_path, &self.log_path] {
+            std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
+        }
+        Ok(())
+    }
+}
+
+/// The sentence means of one trace [n, D] and its entry. `run` gives the block output [T, D]
+/// for a token sequence (on the CPU or the GPU).
+fn trace_means(
     d: usize,
     tok: &Tokenizer,
-    traces_path: &Path,
+    t: &Trace,
     run: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
-) -> Result<(Vec<f32>, Vec<IndexRow>, ActsReport)> {
+) -> Result<(TraceDone, Vec<f32>)> {
+    let mut done = TraceDone {
+        fingerprint: fingerprint(t),
+        trace: t.index,
+        no_thinking: t.thinking.is_none(),
+        uncovered: 0,
+        rows: Vec::new(),
+    };
+    let mut means = Vec::new();
+    if t.thinking.is_none() {
+        return Ok((done, means));
+    }
+    let tk = tokenise_trace(tok, &t.prompt, &t.text, t.thinking)?;
+    done.uncovered = tk.uncovered;
+    if tk.sentences.is_empty() {
+        return Ok((done, means));
+    }
+    let h = run(&tk.ids)?; // [T, D]
+    let mut m = vec![0f32; d];
+    for s in &tk.sentences {
+        span_mean(&h, d, s.tokens, &mut m);
+        means.extend_from_slice(&m);
+        done.rows.push(IndexRow {
+            trace: t.index,
+            sentence: t.text[s.start..s.end].to_string(),
+            start: s.start,
+            end: s.end,
+            tokens: s.tokens,
+        });
+    }
+    Ok((done, means))
+}
+
+/// Sentence means of every trace of `traces_path`, written to `out` (centred, unit norm) and
+/// its index. Each trace's raw means are kept on disk as they are made, so a killed run given
+/// the same settings runs only the traces not done yet (or changed since) and writes the same
+/// files as an uninterrupted one. Errors when no sentence is found.
+pub fn write_activations(
+    tok: &Tokenizer,
+    traces_path: &Path,
+    settings: &ActsRun,
+    out: &Path,
+    run: &mut dyn FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<ActsReport> {
     let traces = read_traces(traces_path)?;
     if traces.is_empty() {
         bail!(
@@ -159,38 +374,58 @@ pub fn sentence_means(
             traces_path.display()
         );
     }
+    let d = settings.d;
+    let mut partial = Partial::open(out, settings)?;
     let mut rep = ActsReport {
         traces: traces.len(),
         ..Default::default()
     };
+    let keys: Vec<String> = traces.iter().map(fingerprint).collect();
+    for (t, key) in traces.iter().zip(&keys) {
+        if partial.done.contains_key(key) {
+            rep.resumed += 1;
+            continue;
+        }
+        let (done, means) = trace_means(d, tok, t, run)?;
+        partial.record(done, &means)?;
+    }
+    // The rows in the traces' order, whatever order they were run in.
+    let all = partial.read_rows()?;
     let (mut raw, mut index) = (Vec::new(), Vec::new());
-    for t in &traces {
-        if t.thinking.is_none() {
-            rep.no_thinking.push(t.index);
-            continue;
+    for key in &keys {
+        let (t, first) = &partial.done[key];
+        if t.no_thinking {
+            rep.no_thinking.push(t.trace);
+        } else if t.rows.is_empty() {
+            rep.no_sentences.push(t.trace);
         }
-        let tk = tokenise_trace(tok, &t.prompt, &t.text, t.thinking)?;
-        rep.uncovered += tk.uncovered;
-        if tk.sentences.is_empty() {
-            rep.no_sentences.push(t.index);
-            continue;
-        }
-        let h = run(&tk.ids)?; // [T, D]
-        let mut m = vec![0f32; d];
-        for s in &tk.sentences {
-            span_mean(&h, d, s.tokens, &mut m);
-            raw.extend_from_slice(&m);
-            index.push(IndexRow {
-                trace: t.index,
-                sentence: t.text[s.start..s.end].to_string(),
-                start: s.start,
-                end: s.end,
-                tokens: s.tokens,
-            });
-        }
+        rep.uncovered += t.uncovered;
+        raw.extend_from_slice(&all[first * d..(first + t.rows.len()) * d]);
+        index.extend(t.rows.iter().cloned());
     }
     rep.sentences = index.len();
-    Ok((raw, index, rep))
+    if index.is_empty() {
+        bail!(
+            "{}: expected at least one thinking sentence of 3+ words, found none in {} traces ({} without a thinking span, {} with no such sentence)",
+            traces_path.display(),
+            rep.traces,
+            rep.no_thinking.len(),
+            rep.no_sentences.len()
+        );
+    }
+    let mean = centre_and_normalise(&mut raw, d);
+    let acts = Acts {
+        activations: raw,
+        mean,
+        n: index.len(),
+        d,
+        layer: settings.layer,
+        model: settings.model.clone(),
+    };
+    acts.save(out)?;
+    write_jsonl(&index_path(out), &index)?;
+    partial.remove()?;
+    Ok(rep)
 }
 
 /// Centres rows [N, D] by their mean (returned) and scales each to unit L2 norm (a row equal
@@ -231,30 +466,13 @@ pub fn compute_activations(
         ))
     })?;
     let config = Config::from_file(&model_dir.join("config.json"))?;
-    let d = config.hidden_size;
-    let mut run = block_runner(model_dir, layer, cuda)?;
-    let (mut raw, index, rep) = sentence_means(d, &tok, traces_path, &mut run)?;
-    if index.is_empty() {
-        bail!(
-            "{}: expected at least one thinking sentence of 3+ words, found none in {} traces ({} without a thinking span, {} with no such sentence)",
-            traces_path.display(),
-            rep.traces,
-            rep.no_thinking.len(),
-            rep.no_sentences.len()
-        );
-    }
-    let mean = centre_and_normalise(&mut raw, d);
-    let acts = Acts {
-        activations: raw,
-        mean,
-        n: index.len(),
-        d,
+    let settings = ActsRun {
+        model: crate::eval::cli::abs(model_dir),
         layer,
-        model: model_dir.display().to_string(),
+        d: config.hidden_size,
     };
-    acts.save(out)?;
-    write_jsonl(&index_path(out), &index)?;
-    Ok(rep)
+    let mut run = block_runner(model_dir, layer, cuda)?;
+    write_activations(&tok, traces_path, &settings, out, &mut run)
 }
 
 #[cfg(test)]

@@ -54,7 +54,9 @@ pub struct ActivationsArgs {
     #[arg(long)]
     pub layer: usize,
     /// Output safetensors (`activations` [N, D], `activation_mean` [D]); the index goes to
-    /// the same name with extension `.index.jsonl`.
+    /// the same name with extension `.index.jsonl`. While the run goes on, each trace's means
+    /// are kept in `.partial.f32` and `.progress.jsonl` beside it: a killed run, started again
+    /// with the same flags, runs only the traces not done yet.
     #[arg(long)]
     pub out: PathBuf,
     /// Where the forward passes run (the GPU path: traces up to 16,384 tokens).
@@ -250,6 +252,12 @@ pub fn activations(mut a: ActivationsArgs) -> Result<()> {
     );
     if rep.uncovered > 0 {
         println!("{} sentences had no token and were left out", rep.uncovered);
+    }
+    if rep.resumed > 0 {
+        println!(
+            "{} traces' means were kept from a killed run (not run again)",
+            rep.resumed
+        );
     }
     println!(
         "index: {}",
