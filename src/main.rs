@@ -382,7 +382,23 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: clap's own text on stdout.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // `thinksteer` alone: the help, on stderr.
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     let res = match cli.cmd {
         Cmd::Generate(a) => cmd_generate(a),
         Cmd::Logits(a) => cmd_logits(a),
@@ -410,6 +426,20 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// A usage error on one line, as every other error: clap's lines joined (after a line ending
+/// in ':' with a space, else with "; "), without the closing pointer to --help.
+fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    let lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    for l in lines.filter(|l| !l.starts_with("For more information")) {
+        if !out.is_empty() {
+            out.push_str(if out.ends_with(':') { " " } else { "; " });
+        }
+        out.push_str(l);
+    }
+    out
 }
 
 /// The model, its tokenizer (if any) and the prompt ids.

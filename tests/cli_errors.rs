@@ -264,6 +264,34 @@ fn prompt_ids_work_without_a_tokenizer() {
 }
 
 #[test]
+fn usage_errors_are_one_line_with_the_usage() {
+    expect_error(
+        &["generate", "--prompt", "hi"],
+        &[
+            "required arguments were not provided: --model <MODEL>",
+            "Usage: thinksteer generate --model",
+        ],
+    );
+    expect_error(
+        &[
+            "generate",
+            "--model",
+            "m",
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "abc",
+        ],
+        &["invalid value 'abc' for '--max-new-tokens"],
+    );
+    expect_error(&["nosuch"], &["unrecognized subcommand 'nosuch'"]);
+    // Help is not an error: clap's text on stdout, exit 0.
+    let out = bin().args(["grade", "--help"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: thinksteer grade"));
+}
+
+#[test]
 fn bench_switches_out_of_range() {
     expect_error(
         &[
