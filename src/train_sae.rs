@@ -15,6 +15,7 @@
 //!   each chunk writes its own gradient buffer, and the buffers are summed in chunk order.
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::error::Result;
@@ -24,7 +25,7 @@ use crate::sae::{transpose, Sae};
 /// Rows per gradient chunk: the unit of parallel work and of the fixed reduction order.
 const CHUNK: usize = 64;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub latents: usize,
     pub k: usize,
@@ -62,7 +63,7 @@ impl TrainConfig {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainReport {
     pub train_fvu: Vec<f32>, // per epoch
     pub val_fvu: Vec<f32>,   // per epoch

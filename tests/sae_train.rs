@@ -1,13 +1,15 @@
-//! SAE training on planted clusters (recovery, FVU bound, determinism) and SAE / steering-set
-//! file errors.
+//! SAE training on planted clusters (recovery, FVU bound, determinism, sizes kept across runs)
+//! and SAE / steering-set file errors.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use thinksteer::error::Error;
 use thinksteer::rng::Rng;
 use thinksteer::sae::Sae;
 use thinksteer::steering::SteeringSet;
+use thinksteer::taxonomy::activations::Acts;
+use thinksteer::taxonomy::sizes::train_sizes;
 use thinksteer::train_sae::{train, TrainConfig};
 
 /// 24,000 rows rather than 6,000: at batch 512, patience 10 epochs is then ~420 Adam steps,
@@ -175,6 +177,61 @@ fn same_seed_gives_byte_identical_files_whatever_the_thread_count() {
     let c = save(run(10, 2), "c.safetensors");
     assert!(a == b, "same seed, 1 vs 3 threads: files differ");
     assert!(a != c, "different seeds gave identical files");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn sizes_trained_before_are_kept_and_equal_a_fresh_run() {
+    let dir = tmp("sizes");
+    let (rows, _) = planted(3);
+    let acts = Acts {
+        activations: rows,
+        mean: vec![0.0; D],
+        n: N,
+        d: D,
+        layer: 4,
+        model: "test".into(),
+    };
+    let path = dir.join("acts.safetensors");
+    acts.save(&path).unwrap();
+    let base = cfg(1, 3);
+    let sizes = |out: &Path, ks: &[usize], base: &TrainConfig| -> Vec<(usize, bool)> {
+        let rs = train_sizes(&path, ks, base, out, |_, _, _, _| {}).unwrap();
+        rs.iter().map(|r| (r.latents, r.kept)).collect()
+    };
+    let (fresh, resumed) = (dir.join("fresh"), dir.join("resumed"));
+    let _ = std::fs::remove_dir_all(&fresh);
+    let _ = std::fs::remove_dir_all(&resumed);
+    let all = [4, 6, 8];
+    assert_eq!(
+        sizes(&fresh, &all, &base),
+        [(4, false), (6, false), (8, false)]
+    );
+    // A run killed after writing size 6's SAE but before its run file.
+    assert_eq!(sizes(&resumed, &[4, 6], &base), [(4, false), (6, false)]);
+    std::fs::remove_file(resumed.join("sae-6.run.json")).unwrap();
+    assert_eq!(
+        sizes(&resumed, &all, &base),
+        [(4, true), (6, false), (8, false)]
+    );
+    for f in [
+        "sae-4.safetensors",
+        "sae-6.safetensors",
+        "sae-8.safetensors",
+        "fvu.md",
+    ] {
+        let (a, b) = (fresh.join(f), resumed.join(f));
+        assert!(
+            std::fs::read(a).unwrap() == std::fs::read(b).unwrap(),
+            "{f} differs"
+        );
+    }
+    // Other settings, or other activations, train again.
+    assert_eq!(sizes(&resumed, &[4], &cfg(2, 3)), [(4, false)]);
+    let mut other = acts.clone();
+    other.activations[0] += 0.5;
+    other.save(&path).unwrap();
+    assert_eq!(sizes(&resumed, &[6], &base), [(6, false)]);
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -299,12 +299,17 @@ pub fn train_sae(a: TrainSaeArgs) -> Result<()> {
     let rs = super::sizes::train_sizes(&a.acts, &a.latents, &base, &a.out, |_, _, _, _| {})?;
     for r in &rs {
         println!(
-            "K = {:>3}: validation FVU {:.4} (best epoch {} of {}) → {}",
+            "K = {:>3}: validation FVU {:.4} (best epoch {} of {}) → {}{}",
             r.latents,
             r.report.final_val_fvu,
             r.report.best_epoch + 1,
             r.report.val_fvu.len(),
-            r.path.display()
+            r.path.display(),
+            if r.kept {
+                " (kept: trained before on the same activations and settings)"
+            } else {
+                ""
+            }
         );
     }
     if let Some((k, what)) = super::sizes::pick_size(&rs) {

@@ -1,9 +1,14 @@
 //! SAE training over several dictionary sizes (hybrid.md §2.1: K = 5..50, k = 3): one SAE file
 //! per size, carrying the activation mean so that `Sae::encode` centres and normalises raw
 //! activations the way the training data was, and `fvu.md`, the table that picks one size.
+//! Each size's settings and report are kept beside its SAE (`sae-K.run.json`), so a rerun after
+//! a kill, or with more sizes, keeps the sizes already trained on the same data and settings
+//! (training is deterministic: a kept SAE is the file a new run would write).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::bail;
 use crate::error::{Error, Result};
@@ -20,6 +25,35 @@ pub struct SizeResult {
     pub latents: usize,
     pub path: PathBuf,
     pub report: TrainReport,
+    /// Kept from an earlier run with the same activations and settings (not trained again).
+    pub kept: bool,
+}
+
+/// What a size's SAE was trained from, and how training went: `sae-K.run.json`, written after
+/// the SAE file, so that it exists only beside a whole SAE.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct SizeRun {
+    /// `fnv1a` of the activation rows, their mean, layer and model, in hex.
+    acts: String,
+    config: TrainConfig,
+    report: TrainReport,
+}
+
+fn acts_fingerprint(acts: &Acts) -> String {
+    let mut bytes: Vec<u8> = Vec::with_capacity((acts.activations.len() + acts.d) * 4 + 64);
+    for x in acts.activations.iter().chain(&acts.mean) {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    bytes.extend_from_slice(format!("{} {}", acts.layer, acts.model).as_bytes());
+    format!("{:016x}", crate::rng::fnv1a(&bytes))
+}
+
+/// The report of `sae` when `run` records the same activations and settings; None when either
+/// file is missing or unreadable (a kill before the run file was whole) or anything differs.
+fn kept_report(sae: &Path, run: &Path, acts: &str, cfg: &TrainConfig) -> Option<TrainReport> {
+    let text = std::fs::read_to_string(run).ok()?;
+    let was: SizeRun = serde_json::from_str(&text).ok()?;
+    (sae.exists() && was.acts == acts && was.config == *cfg).then_some(was.report)
 }
 
 /// The FVU a size is judged by: validation FVU, or the best epoch's train FVU when some size's
@@ -73,6 +107,7 @@ pub fn train_sizes(
         bail!("expected at least one dictionary size in --latents, found none");
     }
     let acts = Acts::load(acts_path)?;
+    let fingerprint = acts_fingerprint(&acts);
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut results = Vec::new();
     for &kk in sizes {
@@ -80,18 +115,43 @@ pub fn train_sizes(
             latents: kk,
             ..base.clone()
         };
+        let path = out_dir.join(format!("sae-{kk}.safetensors"));
+        let run_path = out_dir.join(format!("sae-{kk}.run.json"));
+        if let Some(report) = kept_report(&path, &run_path, &fingerprint, &cfg) {
+            results.push(SizeResult {
+                latents: kk,
+                path,
+                report,
+                kept: true,
+            });
+            continue;
+        }
+        // An old run file must not vouch for the SAE while it is rewritten.
+        match std::fs::remove_file(&run_path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(&run_path, e))
+            }
+            _ => {}
+        }
         let (mut sae, report) = train(&acts.activations, acts.n, acts.d, &cfg, |e, tr, va| {
             progress(kk, e, tr, va)
         })?;
         sae.activation_mean = Some(acts.mean.clone());
         sae.layer = acts.layer;
         sae.model = acts.model.clone();
-        let path = out_dir.join(format!("sae-{kk}.safetensors"));
         sae.save(&path)?;
+        let run = SizeRun {
+            acts: fingerprint.clone(),
+            config: cfg,
+            report,
+        };
+        let text = serde_json::to_string_pretty(&run).expect("plain rows always serialise") + "\n";
+        std::fs::write(&run_path, text).map_err(|e| Error::io(&run_path, e))?;
         results.push(SizeResult {
             latents: kk,
             path,
-            report,
+            report: run.report,
+            kept: false,
         });
     }
     let md = fvu_table(acts_path, &acts, base, &results);
@@ -167,6 +227,7 @@ mod tests {
                 n_train: 0,
                 n_val: 0,
             },
+            kept: false,
         }
     }
 
