@@ -79,7 +79,8 @@ pub struct TrainSaeArgs {
     /// Top-k of the SAE.
     #[arg(long, default_value_t = 3)]
     pub k: usize,
-    /// Output folder: `sae-K.safetensors` per size and `fvu.md`.
+    /// Output folder: `sae-K.safetensors` and `sae-K.run.json` (settings, FVU per epoch) per
+    /// size, and `fvu.md`. A size already there from the same activations and settings is kept.
     #[arg(long)]
     pub out: PathBuf,
     /// Seed of the split, the initialisation and the batch order.
