@@ -9,4 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash models/fetch-demo-model.sh
 cargo build --release --bin thinksteer
-target/release/thinksteer demo --device cpu "$@"
+# On the CPU unless the arguments name a device (`--device cuda` or `auto` on a GPU machine).
+device=(--device cpu)
+for a in "$@"; do
+    case "$a" in --device | --device=*) device=() ;; esac
+done
+target/release/thinksteer demo "${device[@]}" "$@"

@@ -945,6 +945,44 @@ fn a_cpu_checkpoint_does_not_resume_on_the_gpu() {
 }
 
 #[test]
+fn a_checkpoint_resumes_only_on_the_same_examples() {
+    use thinksteer::taxonomy::optimise::{optimise, OptimiseSettings};
+    use thinksteer::taxonomy::vectors::BasePrefix;
+    let dir = tmp("opt-examples");
+    let (tp, ap) = optimise_data(&dir);
+    let ckpt = dir.join("ckpt.json");
+    let s = OptimiseSettings {
+        layer: 1,
+        epochs: 3,
+        batch: 2,
+        lr: 0.05,
+        stop_after: Some(1),
+        ..Default::default()
+    };
+    let base = fixture(BASE);
+    let go = |base: &Path, traces: &Path, prefix: BasePrefix| {
+        optimise(base, traces, &ap, prefix, &s, &ckpt, true)
+    };
+    optimise(&base, &tp, &ap, BasePrefix::SameAsTrace, &s, &ckpt, false).unwrap();
+    // Another --prefix, or another prompt in the traces (same counts), is another run.
+    let e = go(&base, &tp, BasePrefix::Plain)
+        .err()
+        .expect("--prefix plain resumed");
+    assert!(e.to_string().contains("different run"), "{e}");
+    let edited = dir.join("edited.jsonl");
+    let text = std::fs::read_to_string(&tp).unwrap();
+    std::fs::write(&edited, text.replace("Question 0?", "Question zero?")).unwrap();
+    let e = go(&base, &edited, BasePrefix::SameAsTrace)
+        .err()
+        .expect("edited traces resumed");
+    assert!(e.to_string().contains("different run"), "{e}");
+    // The same folder written another way is the same run.
+    let slash = PathBuf::from(format!("{}/", base.display()));
+    let (rep, _) = go(&slash, &tp, BasePrefix::SameAsTrace).unwrap();
+    assert_eq!(rep.epochs_run, 1);
+}
+
+#[test]
 fn optimise_with_device_cuda_reaches_the_gpu_path() {
     // `--device cuda` no longer refuses --method optimise: without a GPU it says why CUDA
     // cannot be used; with one, the tiny fixture (head_dim 16) is refused by the CUDA engine.

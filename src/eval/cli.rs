@@ -212,8 +212,9 @@ pub fn load_preset(name: &str) -> Result<Preset> {
     serde_json::from_str(&text).map_err(|e| anyhow!("--preset {name}: malformed preset JSON ({e})"))
 }
 
-/// gsm8k / math500 → the shared data file (../shared/data first, then /work/shared/data);
-/// anything else is a path.
+/// gsm8k / math500 → the shared data file: `../shared/data` from the working folder, then
+/// beside the checkout thinksteer was built from, then `/work/shared/data`; anything else is a
+/// path.
 pub fn resolve_dataset(name: &str) -> Result<(PathBuf, DatasetKind)> {
     let file = match name.to_ascii_lowercase().as_str() {
         "gsm8k" => Some(("gsm8k_test.jsonl", DatasetKind::Gsm8k)),
@@ -231,6 +232,9 @@ pub fn resolve_dataset(name: &str) -> Result<(PathBuf, DatasetKind)> {
     };
     let candidates = [
         PathBuf::from("../shared/data").join(file),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/data")
+            .join(file),
         PathBuf::from("/work/shared/data").join(file),
     ];
     candidates
@@ -238,10 +242,10 @@ pub fn resolve_dataset(name: &str) -> Result<(PathBuf, DatasetKind)> {
         .find(|p| p.is_file())
         .map(|p| (p.clone(), kind))
         .ok_or_else(|| {
+            let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
             anyhow!(
-                "--dataset {name}: expected {} or {}, found neither; pass the JSONL file's path",
-                candidates[0].display(),
-                candidates[1].display()
+                "--dataset {name}: expected one of {}, found none; pass the JSONL file's path",
+                tried.join(", ")
             )
         })
 }

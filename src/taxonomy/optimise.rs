@@ -449,12 +449,11 @@ fn train_vector(
 
 /// The settings a checkpoint belongs to. A GPU run adds " device=cuda" (a CPU run's string is
 /// what it was before there was a GPU path, so older CPU checkpoints still resume).
-fn fingerprint(s: &OptimiseSettings, base: &Path, n_bias: usize, cats: &[Vec<Example>]) -> String {
+fn settings(s: &OptimiseSettings, base: &str, n_bias: usize, cats: &[Vec<Example>]) -> String {
     let counts: Vec<usize> = cats.iter().map(Vec::len).collect();
     let device = if s.cuda { " device=cuda" } else { "" };
     format!(
-        "base={} layer={} epochs={} lr={:e} max_examples={} batch={} coldness={} patience={} seed={} bias_examples={n_bias} category_examples={counts:?}{device}",
-        base.display(),
+        "base={base} layer={} epochs={} lr={:e} max_examples={} batch={} coldness={} patience={} seed={} bias_examples={n_bias} category_examples={counts:?}{device}",
         s.layer,
         s.epochs,
         s.lr,
@@ -463,6 +462,36 @@ fn fingerprint(s: &OptimiseSettings, base: &Path, n_bias: usize, cats: &[Vec<Exa
         s.coldness,
         s.patience,
         s.seed
+    )
+}
+
+/// The settings (base folder as an absolute path) and `fnv1a` of every example's ids and target
+/// positions, so that other traces, annotations, tokenizer or `--prefix` are another run.
+fn fingerprint(
+    s: &OptimiseSettings,
+    base: &Path,
+    bias: &[Example],
+    cats: &[Vec<Example>],
+) -> String {
+    let mut bytes = Vec::new();
+    for stage in std::iter::once(bias).chain(cats.iter().map(Vec::as_slice)) {
+        for e in stage {
+            e.ids
+                .iter()
+                .for_each(|i| bytes.extend_from_slice(&i.to_le_bytes()));
+            bytes.push(b'|');
+            for p in &e.positions {
+                bytes.extend_from_slice(&(*p as u64).to_le_bytes());
+            }
+            bytes.push(b';');
+        }
+        bytes.push(b'#');
+    }
+    let base = crate::eval::cli::abs(base);
+    format!(
+        "{} examples={:016x}",
+        settings(s, &base, bias.len(), cats),
+        crate::rng::fnv1a(&bytes)
     )
 }
 
@@ -504,7 +533,7 @@ pub fn optimise(
     let (bias_ex, cats) = build_examples(&tok, traces_path, annotations_path, prefix)?;
     let d = c.hidden_size;
     let kk = cats.len();
-    let fp = fingerprint(s, base_dir, bias_ex.len(), &cats);
+    let fp = fingerprint(s, base_dir, &bias_ex, &cats);
     let mut state = if resume {
         if !checkpoint.exists() {
             bail!(
@@ -513,7 +542,9 @@ pub fn optimise(
             );
         }
         let st = read_checkpoint(checkpoint)?;
-        if st.fingerprint != fp {
+        // Written before the examples were hashed: the settings alone, the base as typed.
+        let older = settings(s, &base_dir.display().to_string(), bias_ex.len(), &cats);
+        if st.fingerprint != fp && st.fingerprint != older {
             bail!(
                 "{}: checkpoint is for a different run: expected settings {fp:?}, found {:?}",
                 checkpoint.display(),
