@@ -109,6 +109,8 @@ pub struct Report {
     pub hybrid_settings: Option<String>,
     /// Whether its categories were drawn at random (--random-firing), not by the SAE.
     pub random_firing: bool,
+    /// Result lines per device ("cpu", "cuda"; lines written before it was kept are left out).
+    pub devices: BTreeMap<String, usize>,
 }
 
 /// Reads every results file in `out` and summarises it.
@@ -213,6 +215,10 @@ pub fn summarize(all: &[ResultLine]) -> Report {
         .iter()
         .filter_map(|field| breakdown(field, &lines))
         .collect();
+    let mut devices = BTreeMap::new();
+    for d in lines.iter().filter_map(|r| r.device.as_ref()) {
+        *devices.entry(d.clone()).or_insert(0) += 1;
+    }
     Report {
         lines: lines.len(),
         duplicates: all.len() - lines.len(),
@@ -222,6 +228,7 @@ pub fn summarize(all: &[ResultLine]) -> Report {
         titles: None,
         hybrid_settings: None,
         random_firing: false,
+        devices,
     }
 }
 
@@ -348,7 +355,15 @@ pub fn render_markdown(r: &Report) -> String {
     if let Some(h) = &r.hybrid_settings {
         s += &format!(". Hybrid: {h}");
     }
-    s += ".\n\n## Accuracy\n\n| mode | problems | correct | accuracy | 95% CI | tokens | mean tokens | tok/s |\n|---|---|---|---|---|---|---|---|\n";
+    s += ".\n";
+    if r.devices.len() > 1 {
+        let each: Vec<String> = r.devices.iter().map(|(d, n)| format!("{d} {n}")).collect();
+        s += &format!(
+            "\n**Mixed devices** (result lines: {}): the CPU runs in f32, the GPU in bf16, so greedy answers can differ between them; these lines are not one run.\n",
+            each.join(", ")
+        );
+    }
+    s += "\n## Accuracy\n\n| mode | problems | correct | accuracy | 95% CI | tokens | mean tokens | tok/s |\n|---|---|---|---|---|---|---|---|\n";
     for m in &r.modes {
         s += &format!(
             "| {} | {} | {} | {} | [{}, {}] | {} | {:.1} | {} |\n",
@@ -607,6 +622,32 @@ mod tests {
             keys,
             ["0.5,-100", "0.5,-15", "0.5,-1", "0.5,0", "2,x", "10,-1"]
         );
+    }
+
+    #[test]
+    fn mixed_devices_are_named() {
+        let line = |i: usize, device: Option<&str>| -> ResultLine {
+            let mut v = serde_json::json!({
+                "index": i, "mode": "base", "question": "q", "reference": "1", "response": "1",
+                "extracted": "1", "correct": true, "tokens": 3, "seconds": 0.1, "batch": "0",
+            });
+            if let Some(d) = device {
+                v["device"] = d.into();
+            }
+            serde_json::from_value(v).unwrap()
+        };
+        let md = |lines: &[ResultLine]| render_markdown(&summarize(lines));
+        let mixed = md(&[line(0, Some("cpu")), line(1, Some("cuda")), line(2, None)]);
+        assert!(
+            mixed.contains("**Mixed devices** (result lines: cpu 1, cuda 1)"),
+            "{mixed}"
+        );
+        for one in [
+            md(&[line(0, Some("cuda")), line(1, Some("cuda"))]),
+            md(&[line(0, Some("cpu")), line(1, None)]),
+        ] {
+            assert!(!one.contains("Mixed"), "{one}");
+        }
     }
 
     #[test]

@@ -210,6 +210,10 @@ pub struct ResultLine {
     /// The dataset row's short fields (MATH: subject, level, unique_id).
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub meta: serde_json::Map<String, serde_json::Value>,
+    /// "cpu" (f32) or "cuda" (bf16 weights and activations): a resumed or sharded run may mix
+    /// them, and greedy answers can differ between the two (None: written before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 /// The results file of this process: `results.jsonl`, or `results.shard-i-of-n.jsonl`.
@@ -386,6 +390,15 @@ pub struct Summary {
 }
 
 /// Decodes every (problem, mode) pair not yet in `out` and appends its result line.
+/// The device a result line records.
+fn device_name(spec: &EvalSpec) -> &'static str {
+    if spec.use_cuda {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
 pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
     let prompts = PromptBuilder::load(
         &spec.base,
@@ -400,10 +413,19 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
     };
     spec.config.reconcile(&spec.out)?;
     let mut writer = ResultsWriter::open(&spec.out, spec.shard)?;
-    let done: HashSet<(usize, EvalMode)> = read_results(&spec.out)?
-        .into_iter()
-        .map(|r| (r.index, r.mode))
-        .collect();
+    let old = read_results(&spec.out)?;
+    let device = device_name(spec);
+    if let Some(other) = old
+        .iter()
+        .filter_map(|r| r.device.as_deref())
+        .find(|d| *d != device)
+    {
+        eprintln!(
+            "note: {} holds results run on {other}, this run is on {device}: greedy answers can differ between the CPU (f32) and the GPU (bf16), and the report will say the devices are mixed",
+            spec.out.display()
+        );
+    }
+    let done: HashSet<(usize, EvalMode)> = old.into_iter().map(|r| (r.index, r.mode)).collect();
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
@@ -584,6 +606,7 @@ impl Sink<'_> {
             seconds,
             batch,
             meta: short_meta(&p.meta),
+            device: Some(device_name(self.spec).to_string()),
         };
         self.writer.append(&line)?;
         self.written += 1;
