@@ -941,6 +941,11 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
             "--chunk sets the rows per call of plain prefill and decode: it does not go with --hybrid or --vector-grad"
         ));
     }
+    if a.hybrid && a.vector_grad {
+        return Err(anyhow!(
+            "--hybrid and --vector-grad are two benchmarks: expected one of them, found both"
+        ));
+    }
     if a.marginal && a.vector_grad {
         return Err(anyhow!(
             "--marginal times the launches of decode or hybrid steps: it does not go with --vector-grad"

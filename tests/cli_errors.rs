@@ -319,6 +319,10 @@ fn bench_switches_out_of_range() {
         &["--marginal", "--vector-grad"],
     );
     expect_error(
+        &["bench", "--shape", "tiny", "--hybrid", "--vector-grad"],
+        &["--hybrid and --vector-grad", "found both"],
+    );
+    expect_error(
         &[
             "bench",
             "--shape",
