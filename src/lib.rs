@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod chart;
 pub mod chat;
+pub mod cli_args;
 pub mod config;
 pub mod cpu_ops;
 pub mod cuda;

@@ -120,7 +120,7 @@ struct GenerateArgs {
     #[command(flatten)]
     prompt: PromptArgs,
     /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = 256)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -203,10 +203,10 @@ struct HybridArgs {
     )]
     windows: Vec<i64>,
     /// Maximum new tokens per question.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = 2000)]
     max_new_tokens: usize,
     /// Questions decoded together (cached and persistent modes).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = 8)]
     batch: usize,
     /// The base model's prompt; {question} is replaced (default: the paper's plain prompt).
     #[arg(long)]
@@ -240,10 +240,10 @@ struct RandomSaeArgs {
     #[arg(long)]
     layer: usize,
     /// Number of latents K.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = 15)]
     latents: usize,
     /// Top-k of the SAE (1..=K).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = 3)]
     k: usize,
     /// Seed of the random decoder directions.
     #[arg(long, default_value_t = 0)]
@@ -262,7 +262,7 @@ struct RandomVectorsArgs {
     #[arg(long)]
     layer: usize,
     /// Number of category vectors K.
-    #[arg(long, default_value_t = 15)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = 15)]
     count: usize,
     /// L2 norm of each vector (> 0).
     #[arg(long, default_value_t = 8.0)]
@@ -288,19 +288,19 @@ struct DemoArgs {
     #[arg(long)]
     dataset: Option<PathBuf>,
     /// GSM8K questions to generate traces for (the last rows of the test set).
-    #[arg(long, default_value_t = thinksteer::demo::DEFAULT_QUESTIONS)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = thinksteer::demo::DEFAULT_QUESTIONS)]
     questions: usize,
     /// GSM8K problems to evaluate in each mode (the first rows of the test set).
-    #[arg(long, default_value_t = thinksteer::demo::DEFAULT_PROBLEMS)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = thinksteer::demo::DEFAULT_PROBLEMS)]
     problems: usize,
     /// New tokens per trace and per answer.
-    #[arg(long, default_value_t = thinksteer::demo::DEFAULT_MAX_NEW_TOKENS)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = thinksteer::demo::DEFAULT_MAX_NEW_TOKENS)]
     max_new_tokens: usize,
     /// Block of the SAE and of the steering vectors (default: the middle block).
     #[arg(long)]
     layer: Option<usize>,
     /// SAE dictionary size K (one category per latent).
-    #[arg(long, default_value_t = thinksteer::demo::DEFAULT_LATENTS)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = thinksteer::demo::DEFAULT_LATENTS)]
     latents: usize,
     /// Seed of the SAE training.
     #[arg(long, default_value_t = 0)]
@@ -336,13 +336,13 @@ struct BenchArgs {
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
     /// Decode batch sizes.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_parser = thinksteer::cli_args::count, value_delimiter = ',', default_value = "1")]
     batch: Vec<usize>,
     /// Prompt length (prefill benchmark and decode context).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = 64)]
     prompt_len: usize,
     /// Decode steps timed per batch size.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = thinksteer::cli_args::count, default_value_t = 256)]
     new_tokens: usize,
     /// Print JSON rows instead of a table.
     #[arg(long)]
@@ -370,7 +370,7 @@ struct BenchArgs {
     prefix_caches: Option<usize>,
     /// Rows per forward call on the GPU (the prefill chunk; when not given, what the other commands
     /// use: 512, or THINKSTEER_PREFILL_ROWS). Plain decode only.
-    #[arg(long)]
+    #[arg(long, value_parser = thinksteer::cli_args::count)]
     chunk: Option<usize>,
     /// Time the steering-vector loss and gradient of one example of --prompt-len tokens (GPU).
     #[arg(long)]
@@ -540,7 +540,6 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
         seed: a.seed,
     };
     sampling.validate()?;
-    at_least_one("--max-new-tokens", a.max_new_tokens)?;
     a.prompt.model = thinksteer::gguf::checkpoint_dir(&a.prompt.model)?;
     let l = load(&a.prompt)?;
     let ctx = l
@@ -585,14 +584,6 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
     } else {
         let ids: Vec<String> = g.ids.iter().map(|i| i.to_string()).collect();
         println!("{}", ids.join(","));
-    }
-    Ok(())
-}
-
-/// Refuses a count of 0 where the command needs at least one.
-fn at_least_one(flag: &str, n: usize) -> Result<()> {
-    if n == 0 {
-        return Err(anyhow!("{flag}: expected at least 1, found 0"));
     }
     Ok(())
 }
@@ -837,7 +828,6 @@ fn cmd_random_sae(mut a: RandomSaeArgs) -> Result<()> {
 }
 
 fn cmd_random_vectors(mut a: RandomVectorsArgs) -> Result<()> {
-    at_least_one("--count", a.count)?;
     if !(a.norm.is_finite() && a.norm > 0.0) {
         return Err(anyhow!(
             "--norm: expected a finite number > 0, found {}",
@@ -950,9 +940,6 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
         return Err(anyhow!(
             "--marginal times the launches of decode or hybrid steps: it does not go with --vector-grad"
         ));
-    }
-    if a.prompt_len == 0 || a.batch.contains(&0) {
-        return Err(anyhow!("--prompt-len and every --batch must be at least 1"));
     }
     if a.vector_grad {
         if !use_cuda(a.device)? {

@@ -433,7 +433,10 @@ fn numbers_the_flags_cannot_mean() {
         ];
         owned(&a, &[latents, "--k", k, "--out", sae])
     };
-    expect_error(&strs(&random_sae("0", "1")), &["--latents 0 --k 1"]);
+    expect_error(
+        &strs(&random_sae("0", "1")),
+        &["'0' for '--latents", "at least 1"],
+    );
     expect_error(
         &strs(&random_sae("3", "5")),
         &["1 <= --k <= --latents", "--latents 3 --k 5"],

@@ -93,10 +93,10 @@ pub struct EvalArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Maximum new tokens per answer.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 2000)]
     pub max_new_tokens: usize,
     /// Problems decoded together.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 8)]
     pub batch: usize,
     /// Hybrid with window 0: base-model cache slots for window-0 candidates' steered K/V (see
     /// `hybrid --help`; default: as many as useful and fit a quarter of the free memory).
@@ -280,12 +280,6 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         None => named_kind,
     };
     let shard = a.shard.as_deref().map(parse_shard).transpose()?;
-    if a.batch == 0 {
-        return Err(anyhow!("--batch 0: expected at least 1"));
-    }
-    if a.max_new_tokens == 0 {
-        return Err(anyhow!("--max-new-tokens 0: expected at least 1"));
-    }
     if a.modes.is_empty() {
         return Err(anyhow!(
             "--modes: expected at least one of base, thinking, hybrid"

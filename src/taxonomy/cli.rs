@@ -25,10 +25,10 @@ pub struct TracesArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Maximum new tokens per trace.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 2000)]
     pub max_new_tokens: usize,
     /// Questions generated together.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 8)]
     pub batch: usize,
     /// Only the first N questions.
     #[arg(long)]
@@ -72,12 +72,13 @@ pub struct TrainSaeArgs {
     /// Dictionary sizes K to train, comma-separated.
     #[arg(
         long,
+        value_parser = crate::cli_args::count,
         value_delimiter = ',',
         default_value = "5,10,15,20,25,30,35,40,45,50"
     )]
     pub latents: Vec<usize>,
     /// Top-k of the SAE.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 3)]
     pub k: usize,
     /// Output folder: `sae-K.safetensors` and `sae-K.run.json` (settings, FVU per epoch) per
     /// size, and `fvu.md`. A size already there from the same activations and settings is kept.
@@ -87,10 +88,10 @@ pub struct TrainSaeArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Maximum epochs (early stopping with patience 10 may end sooner).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 300)]
     pub max_epochs: usize,
     /// Rows per batch.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 512)]
     pub batch: usize,
 }
 
@@ -158,16 +159,16 @@ pub struct TrainVectorsArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub device: crate::eval::cli::EvalDevice,
     /// optimise: maximum epochs per vector.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 50)]
     pub epochs: usize,
     /// optimise: Adam learning rate at the start of the cosine decay.
     #[arg(long, default_value_t = 1e-2)]
     pub lr: f64,
     /// optimise: training examples per vector at most (sampled with --seed).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 2048)]
     pub max_examples: usize,
     /// optimise: examples per Adam step (the loss is the mean over their target tokens).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, value_parser = crate::cli_args::count, default_value_t = 6)]
     pub batch: usize,
     /// optimise: logits are multiplied by this before the softmax.
     #[arg(long, default_value_t = 0.7)]
@@ -203,13 +204,6 @@ pub fn traces(mut a: TracesArgs) -> Result<()> {
     let mut qs = crate::eval::dataset::load_questions(&a.questions, a.question_field.as_deref())?;
     if let Some(n) = a.limit {
         qs.truncate(n);
-    }
-    if a.batch == 0 || a.max_new_tokens == 0 {
-        return Err(anyhow!(
-            "--batch and --max-new-tokens must be at least 1, found {} and {}",
-            a.batch,
-            a.max_new_tokens
-        ));
     }
     let s = super::traces::TraceSettings {
         max_new_tokens: a.max_new_tokens,
@@ -281,13 +275,6 @@ pub fn train_sae(a: TrainSaeArgs) -> Result<()> {
         return Err(anyhow!(
             "--latents: expected each size once, found {} twice",
             a.latents[k]
-        ));
-    }
-    if a.max_epochs == 0 || a.batch == 0 {
-        return Err(anyhow!(
-            "expected --max-epochs and --batch of at least 1, found {} and {}",
-            a.max_epochs,
-            a.batch
         ));
     }
     let base = TrainConfig {
