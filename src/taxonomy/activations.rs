@@ -308,8 +308,10 @@ impl Partial {
             .collect())
     }
 
+    /// The progress file first: rows without it are cut to none when a run starts, while a
+    /// progress file without its rows would be refused.
     fn remove(self) -> Result<()> {
-        for p in [&self.raw_path, &self.log_path] {
+        for p in [&self.log_path, &self.raw_path] {
             std::fs::remove_file(p).map_err(|e| Error::io(p, e))?;
         }
         Ok(())
