@@ -360,11 +360,8 @@ fn save_state(path: &Path, settings: &serde_json::Value, steps: &[StepSummary]) 
         settings: settings.clone(),
         steps: steps.to_vec(),
     };
-    let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_string_pretty(&state)? + "\n";
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(crate::files::write_atomic(path, text.as_bytes())?)
 }
 
 type StepOut = (Vec<PathBuf>, Vec<String>);

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod generate;
 pub mod gguf;
 pub mod hybrid;

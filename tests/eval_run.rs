@@ -901,3 +901,57 @@ fn ablations_are_recorded_and_must_match_to_resume() {
         );
     }
 }
+
+#[test]
+fn a_steering_file_changed_in_place_is_another_run() {
+    let a = artifacts();
+    let dir = tmp("retrained");
+    let (sae, out) = (dir.join("sae.safetensors"), dir.join("out"));
+    std::fs::copy(&a.sae, &sae).unwrap();
+    let run = || {
+        bin()
+            .arg("eval")
+            .arg("--dataset")
+            .arg(&a.data)
+            .args(["--modes", "hybrid", "--limit", "1", "--base"])
+            .arg(fixture("qwen2-f32"))
+            .arg("--thinking")
+            .arg(fixture("thinking-qwen2-f32"))
+            .arg("--sae")
+            .arg(&sae)
+            .arg("--vectors")
+            .arg(&a.vectors)
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-new-tokens", "3", "--device", "cpu", "--quiet"])
+            .output()
+            .unwrap()
+    };
+    ok(run());
+    ok(run()); // the same files: resumed
+    let config = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap()
+    };
+    assert!(config()["hybrid"]["file_hashes"].is_string());
+    // Retrained in place (another seed, same path): refused.
+    ok(bin()
+        .args(["random-sae", "--model"])
+        .arg(fixture("thinking-qwen2-f32"))
+        .args(["--layer", "2", "--latents", "4", "--seed", "9", "--out"])
+        .arg(&sae)
+        .output()
+        .unwrap());
+    let e = fails(run());
+    assert!(
+        e.contains("different configuration") && e.contains("file_hashes"),
+        "{e}"
+    );
+    // A configuration written before the files were hashed resumes on their paths, and is
+    // then given the hashes.
+    let mut old = config();
+    old["hybrid"].as_object_mut().unwrap().remove("file_hashes");
+    std::fs::write(out.join("config.json"), old.to_string()).unwrap();
+    ok(run());
+    assert!(config()["hybrid"]["file_hashes"].is_string());
+    assert_eq!(lines_of(&out.join("results.jsonl")).len(), 1);
+}

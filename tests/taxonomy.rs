@@ -980,6 +980,30 @@ fn a_checkpoint_resumes_only_on_the_same_examples() {
     let slash = PathBuf::from(format!("{}/", base.display()));
     let (rep, _) = go(&slash, &tp, BasePrefix::SameAsTrace).unwrap();
     assert_eq!(rep.epochs_run, 1);
+    // Finished: started again without --resume it is refused (the checkpoint is not
+    // overwritten); with --resume it gives the finished vectors without training.
+    let all = OptimiseSettings {
+        stop_after: None,
+        ..s.clone()
+    };
+    let run = |resume| {
+        optimise(
+            &base,
+            &tp,
+            &ap,
+            BasePrefix::SameAsTrace,
+            &all,
+            &ckpt,
+            resume,
+        )
+    };
+    let (done, _) = run(true).unwrap();
+    assert!(done.set.is_some());
+    let e = run(false).err().expect("a checkpoint overwritten");
+    assert!(e.to_string().contains("expected --resume"), "{e}");
+    let (again, _) = run(true).unwrap();
+    assert_eq!(again.epochs_run, 0);
+    assert_eq!(again.set, done.set);
 }
 
 #[test]

@@ -271,6 +271,17 @@ pub(crate) fn abs(p: &Path) -> String {
         .to_string()
 }
 
+/// "sae <hex>, vectors <hex>": `fnv1a` of both files' bytes; None when either cannot be read
+/// (loading it then says why).
+fn file_hashes(sae: Option<&Path>, vectors: Option<&Path>) -> Option<String> {
+    let hash = |p: Option<&Path>| std::fs::read(p?).ok().map(|b| crate::rng::fnv1a(&b));
+    Some(format!(
+        "sae {:016x}, vectors {:016x}",
+        hash(sae)?,
+        hash(vectors)?
+    ))
+}
+
 /// Builds the run from flags (and a preset) without loading any model.
 pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
     let preset = a.preset.as_deref().map(load_preset).transpose()?;
@@ -398,6 +409,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             coefficients,
             windows,
             ablations: a.ablations.recorded(),
+            file_hashes: file_hashes(a.sae.as_deref(), a.vectors.as_deref()),
         }),
     };
     let use_cuda = a.device.use_cuda_for(&[&a.base, &a.thinking])?;

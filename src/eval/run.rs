@@ -101,6 +101,10 @@ pub struct HybridConfig {
     /// Absent when none is set (as in configurations written before they were recorded).
     #[serde(default, skip_serializing_if = "Ablations::is_none")]
     pub ablations: Ablations,
+    /// `fnv1a` of the SAE and steering files' bytes, so that a file retrained in place is
+    /// another configuration (absent in configurations written before they were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_hashes: Option<String>,
 }
 
 impl RunConfig {
@@ -131,6 +135,12 @@ impl RunConfig {
             if old.hybrid.is_none() {
                 theirs.hybrid = None;
             }
+            // Written before the files were hashed: their paths alone decide, as then.
+            if let (Some(t), Some(m)) = (&theirs.hybrid, &mut mine.hybrid) {
+                if t.file_hashes.is_none() {
+                    m.file_hashes = None;
+                }
+            }
             if let Some(field) = first_difference(&to_value(&theirs), &to_value(&mine), "") {
                 bail!(
                     "{} holds results of a different configuration ({field}); expected the same configuration to resume, use another --out",
@@ -141,8 +151,8 @@ impl RunConfig {
                 return Ok(());
             }
         }
-        let text = serde_json::to_string_pretty(&merged).expect("config serialises");
-        std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
+        let text = serde_json::to_string_pretty(&merged).expect("config serialises") + "\n";
+        crate::files::write_atomic(&path, text.as_bytes())
     }
 }
 
@@ -267,18 +277,12 @@ pub struct ResultsWriter {
 impl ResultsWriter {
     pub fn open(out: &Path, shard: Option<(usize, usize)>) -> Result<ResultsWriter> {
         let path = out.join(results_name(shard));
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
-            .read(true)
             .append(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        if text.last().is_some_and(|&b| b != b'\n') {
-            let keep = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            file.set_len(keep as u64).map_err(|e| Error::io(&path, e))?;
-        }
-        file.flush().map_err(|e| Error::io(&path, e))?;
+        crate::files::cut_torn_line(&path)?;
         Ok(ResultsWriter { file, path })
     }
 

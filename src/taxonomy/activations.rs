@@ -383,7 +383,10 @@ pub fn write_activations(
         ..Default::default()
     };
     let keys: Vec<String> = traces.iter().map(fingerprint).collect();
-    rep.resumed = keys.iter().filter(|k| partial.done.contains_key(*k)).count();
+    rep.resumed = keys
+        .iter()
+        .filter(|k| partial.done.contains_key(*k))
+        .count();
     for (t, key) in traces.iter().zip(&keys) {
         if partial.done.contains_key(key) {
             continue; // done before the kill, or the same trace earlier in this file

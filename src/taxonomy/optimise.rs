@@ -553,6 +553,12 @@ pub fn optimise(
         }
         st
     } else {
+        if checkpoint.exists() {
+            bail!(
+                "{}: a checkpoint of an earlier run is there: expected --resume to continue it (or to take its finished vectors), or delete it to start over",
+                checkpoint.display()
+            );
+        }
         TrainState {
             fingerprint: fp,
             stage: 0,

@@ -56,8 +56,9 @@ pub fn thinking_of(prompt: &str, text: &str) -> Option<Span> {
     thinking_span_with(text, prompt_opens_thinking(prompt)).map(|(start, end)| Span { start, end })
 }
 
-/// Reads a traces file. A final line without its newline (a run killed mid-write) is ignored
-/// when it does not parse; any other bad line is an error naming it.
+/// Reads a traces file, in question-index order. A final line without its newline (a run
+/// killed mid-write) is ignored when it does not parse; any other bad line is an error naming
+/// it.
 pub fn read_traces(path: &Path) -> Result<Vec<Trace>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let complete = text.ends_with('\n');
@@ -77,6 +78,9 @@ pub fn read_traces(path: &Path) -> Result<Vec<Trace>> {
             ),
         }
     }
+    // Lines are written as rows finish, so their order depends on where a resumed run started;
+    // every reader sees them by question index, so a resumed file gives the same outputs.
+    out.sort_by_key(|t| t.index);
     Ok(out)
 }
 
@@ -187,7 +191,7 @@ pub fn write_traces(
         whole_answer: s.whole_answer,
     };
     let done: BTreeSet<usize> = if out.exists() {
-        repair_tail(out)?;
+        crate::files::cut_torn_line(out)?;
         let old = read_traces(out)?;
         check_resume(out, &old, questions, &run)?;
         old.into_iter().map(|t| t.index).collect()
@@ -199,7 +203,7 @@ pub fn write_traces(
     };
     let path = settings_path(out);
     let text = serde_json::to_string_pretty(&run).expect("settings serialise") + "\n";
-    std::fs::write(&path, text).map_err(|e| Error::io(&path, e))?;
+    crate::files::write_atomic(&path, text.as_bytes())?;
     let todo: Vec<usize> = (0..questions.len()).filter(|i| !done.contains(i)).collect();
     let skipped = questions.len() - todo.len();
     let mut file = std::fs::OpenOptions::new()
@@ -299,16 +303,6 @@ fn finish(out: &Path, s: &TraceSettings, written: usize, skipped: usize) -> Resu
     })
 }
 
-/// Cuts a partial last line (a run killed mid-write) so that appended lines start clean.
-fn repair_tail(path: &Path) -> Result<()> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if bytes.is_empty() || bytes.ends_with(b"\n") {
-        return Ok(());
-    }
-    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-    std::fs::write(path, &bytes[..keep]).map_err(|e| Error::io(path, e))
-}
-
 /// Gives every trace without a thinking span the whole answer as its span (a model that does
 /// not think in `<think>` tags still reasons in its answer) and rewrites the file when any
 /// changed. Returns (traces whose span the model wrote, traces given the whole answer).
@@ -337,9 +331,7 @@ pub fn whole_answer_as_thinking(path: &Path) -> Result<(usize, usize)> {
             text += &serde_json::to_string(t).expect("a trace serialises");
             text.push('\n');
         }
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        crate::files::write_atomic(path, text.as_bytes())?;
     }
     Ok((own, filled))
 }
@@ -357,6 +349,24 @@ mod tests {
             thinking: thinking_of(prompt, text),
             unknown_ids: 0,
         }
+    }
+
+    #[test]
+    fn traces_are_read_in_question_order() {
+        // A resumed run appends its rows after the killed run's, as they finish.
+        let path = std::env::temp_dir().join(format!("ts-order-{}.jsonl", std::process::id()));
+        let lines: Vec<String> = [2, 0, 3, 1]
+            .iter()
+            .map(|&i| serde_json::to_string(&trace(i, "p", "<think>a</think>")).unwrap())
+            .collect();
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let order: Vec<usize> = read_traces(&path)
+            .unwrap()
+            .iter()
+            .map(|t| t.index)
+            .collect();
+        assert_eq!(order, [0, 1, 2, 3]);
+        std::fs::remove_file(&path).ok();
     }
 
     #[test]
