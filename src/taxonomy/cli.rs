@@ -183,7 +183,8 @@ pub struct TrainVectorsArgs {
     /// `ckpt.json`).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
-    /// optimise: continue from the checkpoint (the same settings are required).
+    /// optimise: continue from the checkpoint, or start when there is none yet (one command
+    /// starts and restarts a run); the same settings and examples are required.
     #[arg(long)]
     pub resume: bool,
     /// optimise: run at most this many epochs now, then stop with the checkpoint written.

@@ -534,13 +534,9 @@ pub fn optimise(
     let d = c.hidden_size;
     let kk = cats.len();
     let fp = fingerprint(s, base_dir, &bias_ex, &cats);
-    let mut state = if resume {
-        if !checkpoint.exists() {
-            bail!(
-                "--resume: expected the checkpoint {} of an earlier run, found none (run without --resume to start)",
-                checkpoint.display()
-            );
-        }
+    // `--resume` with no checkpoint yet starts, so one command both starts and restarts a run
+    // (a requeued job); without it, a checkpoint there is refused rather than overwritten.
+    let mut state = if resume && checkpoint.exists() {
         let st = read_checkpoint(checkpoint)?;
         // Written before the examples were hashed: the settings alone, the base as typed.
         let older = settings(s, &base_dir.display().to_string(), bias_ex.len(), &cats);
@@ -553,7 +549,12 @@ pub fn optimise(
         }
         st
     } else {
-        if checkpoint.exists() {
+        if resume {
+            eprintln!(
+                "--resume: no checkpoint {} yet, starting the run",
+                checkpoint.display()
+            );
+        } else if checkpoint.exists() {
             bail!(
                 "{}: a checkpoint of an earlier run is there: expected --resume to continue it (or to take its finished vectors), or delete it to start over",
                 checkpoint.display()
