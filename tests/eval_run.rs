@@ -955,3 +955,14 @@ fn a_steering_file_changed_in_place_is_another_run() {
     assert!(config()["hybrid"]["file_hashes"].is_string());
     assert_eq!(lines_of(&out.join("results.jsonl")).len(), 1);
 }
+
+#[test]
+fn a_refusal_shows_the_coefficients_as_written() {
+    let out = tmp("coefficients");
+    ok(eval(&out, &["--coefficients", "0.5,0.9", "--limit", "1"]));
+    let e = fails(eval(&out, &["--coefficients", "0.5", "--limit", "1"]));
+    assert!(
+        e.contains("hybrid.coefficients: [0.5,0.9] there, [0.5] now"),
+        "{e}"
+    );
+}

@@ -226,6 +226,13 @@ fn sizes_trained_before_are_kept_and_equal_a_fresh_run() {
             "{f} differs"
         );
     }
+    // An SAE file damaged since (its run file intact) trains again.
+    let four = resumed.join("sae-4.safetensors");
+    std::fs::write(&four, &std::fs::read(&four).unwrap()[..100]).unwrap();
+    assert_eq!(sizes(&resumed, &[4], &base), [(4, false)]);
+    assert!(
+        std::fs::read(&four).unwrap() == std::fs::read(fresh.join("sae-4.safetensors")).unwrap()
+    );
     // Other settings, or other activations, train again.
     assert_eq!(sizes(&resumed, &[4], &cfg(2, 3)), [(4, false)]);
     let mut other = acts.clone();

@@ -156,8 +156,10 @@ impl RunConfig {
     }
 }
 
+/// Through the JSON text, so that f32 fields read as written (0.9, not 0.8999999761581421).
 fn to_value(c: &RunConfig) -> serde_json::Value {
-    serde_json::to_value(c).expect("config serialises")
+    let text = serde_json::to_string(c).expect("config serialises");
+    serde_json::from_str(&text).expect("JSON just written parses")
 }
 
 /// The first path where two JSON values differ, as `a.b: X there, Y now`.

@@ -53,7 +53,10 @@ fn acts_fingerprint(acts: &Acts) -> String {
 fn kept_report(sae: &Path, run: &Path, acts: &str, cfg: &TrainConfig) -> Option<TrainReport> {
     let text = std::fs::read_to_string(run).ok()?;
     let was: SizeRun = serde_json::from_str(&text).ok()?;
-    (sae.exists() && was.acts == acts && was.config == *cfg).then_some(was.report)
+    let same = was.acts == acts && was.config == *cfg;
+    // The SAE file must still load (it is written before the run file, so only a file changed
+    // by hand since fails here).
+    (same && crate::sae::Sae::load(sae).is_ok()).then_some(was.report)
 }
 
 /// The FVU a size is judged by: validation FVU, or the best epoch's train FVU when some size's
