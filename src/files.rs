@@ -6,10 +6,11 @@ use std::path::Path;
 use crate::error::{Error, Result};
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it over `path` (a rename
-/// within one folder replaces the file whole).
+/// within one folder replaces the file whole). The temporary name holds the process id, so
+/// that eval shards starting together never write into each other's.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
+    name.push(format!(".tmp.{}", std::process::id()));
     let tmp = path.with_file_name(name);
     std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
@@ -49,7 +50,8 @@ mod tests {
         write_atomic(&c, b"one").unwrap();
         write_atomic(&c, b"two").unwrap();
         assert_eq!(std::fs::read_to_string(&c).unwrap(), "two");
-        assert!(!dir.join("config.json.tmp").exists());
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 2, "a temporary file left: {left:?}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
