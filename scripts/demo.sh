@@ -14,4 +14,5 @@ device=(--device cpu)
 for a in "$@"; do
     case "$a" in --device | --device=*) device=() ;; esac
 done
-target/release/thinksteer demo "${device[@]}" "$@"
+# (The `+` form expands an empty array under `set -u` on bash before 4.4 too.)
+target/release/thinksteer demo ${device[@]+"${device[@]}"} "$@"

@@ -906,8 +906,13 @@ fn ablations_are_recorded_and_must_match_to_resume() {
 fn a_steering_file_changed_in_place_is_another_run() {
     let a = artifacts();
     let dir = tmp("retrained");
-    let (sae, out) = (dir.join("sae.safetensors"), dir.join("out"));
+    let (sae, vectors, out) = (
+        dir.join("sae.safetensors"),
+        dir.join("vec.safetensors"),
+        dir.join("out"),
+    );
     std::fs::copy(&a.sae, &sae).unwrap();
+    std::fs::copy(&a.vectors, &vectors).unwrap();
     let run = || {
         bin()
             .arg("eval")
@@ -920,7 +925,7 @@ fn a_steering_file_changed_in_place_is_another_run() {
             .arg("--sae")
             .arg(&sae)
             .arg("--vectors")
-            .arg(&a.vectors)
+            .arg(&vectors)
             .arg("--out")
             .arg(&out)
             .args(["--max-new-tokens", "3", "--device", "cpu", "--quiet"])
@@ -933,19 +938,48 @@ fn a_steering_file_changed_in_place_is_another_run() {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap()
     };
     assert!(config()["hybrid"]["file_hashes"].is_string());
-    // Retrained in place (another seed, same path): refused.
-    ok(bin()
-        .args(["random-sae", "--model"])
-        .arg(fixture("thinking-qwen2-f32"))
-        .args(["--layer", "2", "--latents", "4", "--seed", "9", "--out"])
-        .arg(&sae)
-        .output()
-        .unwrap());
-    let e = fails(run());
-    assert!(
-        e.contains("different configuration") && e.contains("file_hashes"),
-        "{e}"
+    // Either file retrained in place (another seed, same path): refused.
+    let refused = || {
+        let e = fails(run());
+        assert!(
+            e.contains("different configuration") && e.contains("file_hashes"),
+            "{e}"
+        );
+    };
+    let model = |name: &str| fixture(name).display().to_string();
+    let retrain = |args: &[&str], path: &Path| {
+        ok(bin().args(args).arg("--out").arg(path).output().unwrap());
+    };
+    let think = model("thinking-qwen2-f32");
+    let sae_args = [
+        "random-sae",
+        "--model",
+        &think,
+        "--layer",
+        "2",
+        "--latents",
+        "4",
+    ];
+    retrain(&[&sae_args[..], &["--seed", "9"]].concat(), &sae);
+    refused();
+    std::fs::copy(&a.sae, &sae).unwrap();
+    ok(run()); // the SAE as it was: resumed
+    let base = model("qwen2-f32");
+    let vec_args = [
+        "random-vectors",
+        "--model",
+        &base,
+        "--layer",
+        "1",
+        "--count",
+        "4",
+    ];
+    retrain(
+        &[&vec_args[..], &["--norm", "12", "--seed", "9"]].concat(),
+        &vectors,
     );
+    refused();
+    std::fs::copy(&a.vectors, &vectors).unwrap();
     // A configuration written before the files were hashed resumes on their paths, and is
     // then given the hashes.
     let mut old = config();

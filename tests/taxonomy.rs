@@ -658,6 +658,7 @@ fn acts_run(traces: &Path, out: &Path, kill_at: Option<usize>) -> (Result<(), St
         d: thinksteer::config::Config::from_file(&model.join("config.json"))
             .unwrap()
             .hidden_size,
+        device: "cpu".into(),
     };
     let mut forward = thinksteer::taxonomy::spans::block_runner(&model, LAYER, false).unwrap();
     let mut calls = 0;
@@ -729,10 +730,13 @@ fn activations_resume_after_a_kill() {
         .open(&progress)
         .unwrap();
     std::io::Write::write_all(&mut f, b"{\"fingerprint\": \"00").unwrap();
-    // Resumed: only traces 3 and 5 run, and the files equal the uninterrupted run's.
+    // Resumed and killed again after trace 3: its line must not be glued to the torn one.
+    let (r, _) = acts_run(&tr, &out, Some(2));
+    assert!(r.unwrap_err().contains("killed"));
+    // Resumed: only trace 5 runs, and the files equal the uninterrupted run's.
     let (r, calls) = acts_run(&tr, &out, None);
     r.unwrap();
-    assert_eq!(calls, 2, "forwards after the resume");
+    assert_eq!(calls, 1, "forwards after the last resume");
     same(&out, &full);
     assert!(
         !partial.exists() && !progress.exists(),

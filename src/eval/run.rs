@@ -395,7 +395,6 @@ pub struct Summary {
     pub skipped: usize,
 }
 
-/// Decodes every (problem, mode) pair not yet in `out` and appends its result line.
 /// The device a result line records.
 fn device_name(spec: &EvalSpec) -> &'static str {
     if spec.use_cuda {
@@ -405,6 +404,7 @@ fn device_name(spec: &EvalSpec) -> &'static str {
     }
 }
 
+/// Decodes every (problem, mode) pair not yet in `out` and appends its result line.
 pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
     let prompts = PromptBuilder::load(
         &spec.base,

@@ -153,6 +153,9 @@ pub struct ActsRun {
     pub model: String,
     pub layer: usize,
     pub d: usize,
+    /// "cpu" (f32) or "cuda" (bf16): the two give different means, so a requeued job on another
+    /// kind of machine must not mix them.
+    pub device: String,
 }
 
 /// What one trace gave: its index rows (one per sentence, in order) or why it gave none.
@@ -221,14 +224,16 @@ impl Partial {
             })?;
             if was != *run {
                 bail!(
-                    "{} holds a killed run of {} at layer {} (D = {}), now {} at layer {} (D = {}): expected the same settings to resume, use another --out or delete it to start over",
+                    "{} holds a killed run of {} at layer {} (D = {}) on {}, now {} at layer {} (D = {}) on {}: expected the same settings to resume, use another --out or delete it to start over",
                     log_path.display(),
                     was.model,
                     was.layer,
                     was.d,
+                    was.device,
                     run.model,
                     run.layer,
-                    run.d
+                    run.d,
+                    run.device
                 );
             }
             for (i, line) in lines.enumerate() {
@@ -287,6 +292,7 @@ impl Partial {
 
     /// Appends a trace's rows [n, D], then its line (so a line is never ahead of its rows).
     fn record(&mut self, t: TraceDone, means: &[f32]) -> Result<()> {
+        self.check_len()?;
         let bytes: Vec<u8> = means.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.raw
             .write_all(&bytes)
@@ -299,10 +305,24 @@ impl Partial {
         Ok(())
     }
 
+    /// Refuses rows this run did not write: a second run on the same output appending too.
+    fn check_len(&self) -> Result<()> {
+        let want = (self.rows * self.d * 4) as u64;
+        let have = std::fs::metadata(&self.raw_path).map_or(0, |m| m.len());
+        if have != want {
+            bail!(
+                "{}: expected {want} bytes of rows written by this run, found {have}: is another `activations` run writing the same --out?",
+                self.raw_path.display()
+            );
+        }
+        Ok(())
+    }
+
     /// All rows written so far [rows, D].
     fn read_rows(&self) -> Result<Vec<f32>> {
+        self.check_len()?;
         let bytes = std::fs::read(&self.raw_path).map_err(|e| Error::io(&self.raw_path, e))?;
-        Ok(bytes[..self.rows * self.d * 4]
+        Ok(bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect())
@@ -475,6 +495,7 @@ pub fn compute_activations(
         model: crate::eval::cli::abs(model_dir),
         layer,
         d: config.hidden_size,
+        device: if cuda { "cuda" } else { "cpu" }.to_string(),
     };
     let mut run = block_runner(model_dir, layer, cuda)?;
     write_activations(&tok, traces_path, &settings, out, &mut run)

@@ -537,7 +537,7 @@ pub fn optimise(
     // `--resume` with no checkpoint yet starts, so one command both starts and restarts a run
     // (a requeued job); without it, a checkpoint there is refused rather than overwritten.
     let mut state = if resume && checkpoint.exists() {
-        let st = read_checkpoint(checkpoint)?;
+        let mut st = read_checkpoint(checkpoint)?;
         // Written before the examples were hashed: the settings alone, the base as typed.
         let older = settings(s, &base_dir.display().to_string(), bias_ex.len(), &cats);
         if st.fingerprint != fp && st.fingerprint != older {
@@ -547,6 +547,8 @@ pub fn optimise(
                 st.fingerprint
             );
         }
+        // From here on it names these examples, so a later resume checks them too.
+        st.fingerprint = fp;
         st
     } else {
         if resume {
@@ -809,10 +811,8 @@ pub fn write_checkpoint(path: &Path, st: &TrainState) -> Result<()> {
     };
     let text = serde_json::to_string(&f)
         .map_err(|e| Error::Input(format!("{}: cannot encode checkpoint: {e}", path.display())))?;
-    // Write then rename, so a run killed mid-write leaves the previous checkpoint intact.
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    // Whole or not at all: a run killed mid-write leaves the previous checkpoint intact.
+    crate::files::write_atomic(path, text.as_bytes())
 }
 
 pub fn read_checkpoint(path: &Path) -> Result<TrainState> {

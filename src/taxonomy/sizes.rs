@@ -149,7 +149,7 @@ pub fn train_sizes(
             report,
         };
         let text = serde_json::to_string_pretty(&run).expect("plain rows always serialise") + "\n";
-        std::fs::write(&run_path, text).map_err(|e| Error::io(&run_path, e))?;
+        crate::files::write_atomic(&run_path, text.as_bytes())?;
         results.push(SizeResult {
             latents: kk,
             path,
