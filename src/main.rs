@@ -82,7 +82,8 @@ struct KernelsArgs {
     /// Compute capabilities ×10 to compile for (80: A100, 90: H100 / H200).
     #[arg(long, value_delimiter = ',', default_value = "80,90")]
     arch: Vec<u32>,
-    /// The cache folder (default: THINKSTEER_KERNEL_CACHE, else ~/.cache/thinksteer/kernels).
+    /// The cache folder (default: THINKSTEER_KERNEL_CACHE, else $XDG_CACHE_HOME/thinksteer/kernels,
+    /// else ~/.cache/thinksteer/kernels).
     #[arg(long)]
     cache: Option<PathBuf>,
 }

@@ -73,7 +73,15 @@ impl Rng {
 /// FNV-1a, 64-bit: a stable hash for names and fingerprints written to disk (std's hasher may
 /// change between releases).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+    fnv1a_extend(FNV1A_START, bytes)
+}
+
+/// The FNV-1a state before any byte.
+pub const FNV1A_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a continued over more bytes: hashing data piece by piece, without one buffer of it all.
+pub fn fnv1a_extend(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
@@ -87,6 +95,7 @@ mod tests {
         // Test vectors of FNV-1a 64.
         assert_eq!(fnv1a(b""), 0xcbf29ce484222325);
         assert_eq!(fnv1a(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a_extend(fnv1a(b"ab"), b"cd"), fnv1a(b"abcd"));
     }
 
     #[test]

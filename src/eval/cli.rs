@@ -57,7 +57,8 @@ pub enum EvalDevice {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// gsm8k, math500 (../shared/data/… or /work/shared/data/…) or a JSONL file.
+    /// gsm8k, math500 (in ../shared/data from the working folder, then beside the checkout
+    /// thinksteer was built from, then /work/shared/data) or a JSONL file.
     #[arg(long)]
     pub dataset: String,
     /// How a JSONL file is read and graded: gsm8k (`#### N` answers), math500 or custom (graded

@@ -106,7 +106,7 @@ pub struct AnnotateArgs {
     /// The activations' index (default: the acts file with extension `.index.jsonl`).
     #[arg(long)]
     pub index: Option<PathBuf>,
-    /// Output folder: `annotations.jsonl` and `report.md`.
+    /// Output folder: `annotations.jsonl`, `report.md` and `categories.svg`.
     #[arg(long)]
     pub out: PathBuf,
     /// Category names, one per latent (JSON list or one per line).

@@ -40,12 +40,14 @@ struct SizeRun {
 }
 
 fn acts_fingerprint(acts: &Acts) -> String {
-    let mut bytes: Vec<u8> = Vec::with_capacity((acts.activations.len() + acts.d) * 4 + 64);
-    for x in acts.activations.iter().chain(&acts.mean) {
-        bytes.extend_from_slice(&x.to_le_bytes());
-    }
-    bytes.extend_from_slice(format!("{} {}", acts.layer, acts.model).as_bytes());
-    format!("{:016x}", crate::rng::fnv1a(&bytes))
+    use crate::rng::{fnv1a_extend, FNV1A_START};
+    let h = acts
+        .activations
+        .iter()
+        .chain(&acts.mean)
+        .fold(FNV1A_START, |h, x| fnv1a_extend(h, &x.to_le_bytes()));
+    let h = fnv1a_extend(h, format!("{} {}", acts.layer, acts.model).as_bytes());
+    format!("{h:016x}")
 }
 
 /// The report of `sae` when `run` records the same activations and settings; None when either

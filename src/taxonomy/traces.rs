@@ -81,6 +81,13 @@ pub fn read_traces(path: &Path) -> Result<Vec<Trace>> {
     // Lines are written as rows finish, so their order depends on where a resumed run started;
     // every reader sees them by question index, so a resumed file gives the same outputs.
     out.sort_by_key(|t| t.index);
+    if let Some(w) = out.windows(2).find(|w| w[0].index == w[1].index) {
+        bail!(
+            "{}: expected one trace per question index, found index {} twice (two runs into one file?)",
+            path.display(),
+            w[0].index
+        );
+    }
     Ok(out)
 }
 
