@@ -373,6 +373,10 @@ mod tests {
             .map(|t| t.index)
             .collect();
         assert_eq!(order, [0, 1, 2, 3]);
+        // Two runs appended into one file: refused, not read twice.
+        std::fs::write(&path, format!("{}\n{}\n", lines[3], lines[3])).unwrap();
+        let e = read_traces(&path).unwrap_err().to_string();
+        assert!(e.contains("found index 1 twice"), "{e}");
         std::fs::remove_file(&path).ok();
     }
 
