@@ -409,7 +409,7 @@ pub fn write_activations(
         .count();
     for (t, key) in traces.iter().zip(&keys) {
         if partial.done.contains_key(key) {
-            continue; // done before the kill, or the same trace earlier in this file
+            continue; // done before the kill
         }
         let (done, means) = trace_means(d, tok, t, run)?;
         partial.record(done, &means)?;
