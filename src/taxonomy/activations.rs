@@ -203,17 +203,15 @@ impl Partial {
     fn open(out: &Path, run: &ActsRun) -> Result<Partial> {
         let (raw_path, log_path) = Self::paths(out);
         let (mut done, mut rows) = (BTreeMap::new(), 0);
-        let log_bytes = match std::fs::read(&log_path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        // Only whole lines count: a kill in the middle of a line leaves a tail without '\n'.
+        if log_path.exists() {
+            crate::files::cut_torn_line(&log_path)?;
+        }
+        let text = match std::fs::read_to_string(&log_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(Error::io(&log_path, e)),
         };
-        // Only whole lines count: a kill in the middle of a line leaves a tail without '\n'.
-        let whole = log_bytes
-            .iter()
-            .rposition(|&b| b == b'\n')
-            .map_or(0, |p| p + 1);
-        let text = String::from_utf8_lossy(&log_bytes[..whole]);
         let mut lines = text.lines();
         if let Some(header) = lines.next() {
             let was: ActsRun = serde_json::from_str(header).map_err(|e| {
@@ -273,9 +271,7 @@ impl Partial {
         // Rows written after the last recorded trace belong to a trace that was not finished.
         raw.set_len(need).map_err(|e| Error::io(&raw_path, e))?;
         let mut log = open(&log_path)?;
-        log.set_len(whole as u64)
-            .map_err(|e| Error::io(&log_path, e))?;
-        if whole == 0 {
+        if text.is_empty() {
             let line = serde_json::to_string(run).expect("plain rows always serialise");
             writeln!(log, "{line}").map_err(|e| Error::io(&log_path, e))?;
         }
