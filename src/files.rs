@@ -1,5 +1,6 @@
-//! Writing small state files (configurations, settings, checkpoints) so that a kill never
-//! leaves half of one: a later run would otherwise refuse the folder for a file it cannot read.
+//! Files that outlive a run. Small state files (configurations, settings, checkpoints) are
+//! written whole, so that a kill never leaves half of one: a later run would otherwise refuse
+//! the folder for a file it cannot read. Large files (checkpoints) get a cheap fingerprint.
 
 use std::path::Path;
 
@@ -31,6 +32,33 @@ pub fn cut_torn_line(path: &Path) -> Result<()> {
     f.set_len(keep as u64).map_err(|e| Error::io(path, e))
 }
 
+/// `fnv1a` of a file's length and of samples of its bytes: the whole file up to 4 MiB, else
+/// 64 blocks of 64 KiB at evenly spaced offsets (the first at 0, the last ending at the end).
+/// It reads 4 MiB of a checkpoint of any size, and a retrained or requantised checkpoint
+/// differs in them; a change confined to bytes between the samples goes unnoticed.
+pub fn sampled_hash(path: &Path) -> Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    const BLOCK: u64 = 64 << 10;
+    const BLOCKS: u64 = 64;
+    let io = |e| Error::io(path, e);
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut h = crate::rng::fnv1a_extend(crate::rng::FNV1A_START, &len.to_le_bytes());
+    if len <= BLOCK * BLOCKS {
+        let mut bytes = Vec::with_capacity(len as usize);
+        f.read_to_end(&mut bytes).map_err(io)?;
+        return Ok(crate::rng::fnv1a_extend(h, &bytes));
+    }
+    let mut buf = vec![0u8; BLOCK as usize];
+    for i in 0..BLOCKS {
+        let at = (len - BLOCK) * i / (BLOCKS - 1);
+        f.seek(SeekFrom::Start(at)).map_err(io)?;
+        f.read_exact(&mut buf).map_err(io)?;
+        h = crate::rng::fnv1a_extend(h, &buf);
+    }
+    Ok(h)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,6 +80,35 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&c).unwrap(), "two");
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(left.len(), 2, "a temporary file left: {left:?}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn sampled_hash_sees_a_change_in_a_sample_and_the_length() {
+        let dir = std::env::temp_dir().join(format!("thinksteer-sampled-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("w.bin");
+        let hash = |bytes: &[u8]| {
+            std::fs::write(&p, bytes).unwrap();
+            sampled_hash(&p).unwrap()
+        };
+        // Small: every byte counts.
+        let mut small = vec![7u8; 1000];
+        let h0 = hash(&small);
+        small[999] = 8;
+        assert_ne!(hash(&small), h0);
+        // Large (5 MiB): the first and last bytes are sampled, and so is the length.
+        let mut big = vec![1u8; 5 << 20];
+        let h1 = hash(&big);
+        assert_eq!(hash(&big), h1);
+        big[0] = 2;
+        let h2 = hash(&big);
+        assert_ne!(h2, h1);
+        let last = big.len() - 1;
+        big[last] = 3;
+        assert_ne!(hash(&big), h2);
+        big.push(1);
+        assert_ne!(hash(&big), h2);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

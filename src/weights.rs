@@ -26,38 +26,9 @@ pub struct RawTensor<'a> {
 impl WeightFiles {
     /// Opens `dir/model.safetensors`, or every shard listed by `dir/model.safetensors.index.json`.
     pub fn open(dir: &Path) -> Result<WeightFiles> {
-        let single = dir.join("model.safetensors");
-        let index_path = dir.join("model.safetensors.index.json");
-        let shard_names: Vec<String> = if single.exists() {
-            vec!["model.safetensors".into()]
-        } else if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-                Error::Input(format!("{}: malformed JSON: {e}", index_path.display()))
-            })?;
-            let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
-                bail!(
-                    "{}: expected an object \"weight_map\", found none",
-                    index_path.display()
-                )
-            };
-            let mut names: Vec<String> = map
-                .values()
-                .filter_map(|s| s.as_str().map(String::from))
-                .collect();
-            names.sort();
-            names.dedup();
-            names
-        } else {
-            bail!(
-                "{}: expected model.safetensors or model.safetensors.index.json, found neither",
-                dir.display()
-            )
-        };
         let mut files = Vec::new();
         let mut index = HashMap::new();
-        for name in shard_names {
+        for name in shard_names(dir)? {
             let path = dir.join(&name);
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the file is opened read-only and the map lives as long as `WeightFiles`;
@@ -153,6 +124,69 @@ impl WeightFiles {
             fs => format!("{} (and {} more shards)", fs[0].0.display(), fs.len() - 1),
         }
     }
+}
+
+/// The safetensors files of a checkpoint folder: `model.safetensors`, or the shards named by
+/// `model.safetensors.index.json` (sorted, each once).
+fn shard_names(dir: &Path) -> Result<Vec<String>> {
+    let single = dir.join("model.safetensors");
+    let index_path = dir.join("model.safetensors.index.json");
+    Ok(if single.exists() {
+        vec!["model.safetensors".into()]
+    } else if index_path.exists() {
+        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Input(format!("{}: malformed JSON: {e}", index_path.display())))?;
+        let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {
+            bail!(
+                "{}: expected an object \"weight_map\", found none",
+                index_path.display()
+            )
+        };
+        let mut names: Vec<String> = map
+            .values()
+            .filter_map(|s| s.as_str().map(String::from))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    } else {
+        bail!(
+            "{}: expected model.safetensors or model.safetensors.index.json, found neither",
+            dir.display()
+        )
+    })
+}
+
+/// A fingerprint of the model a path names, in hex, so that a run resumed on a checkpoint
+/// replaced under the same path is told apart: for a folder, its JSON files that thinksteer
+/// reads (config, tokenizer, generation config) whole and its safetensors files sampled
+/// (`files::sampled_hash`); for a file (GGUF), the file sampled.
+pub fn checkpoint_fingerprint(path: &Path) -> Result<String> {
+    use crate::rng::fnv1a_extend;
+    if !path.is_dir() {
+        return Ok(format!("{:016x}", crate::files::sampled_hash(path)?));
+    }
+    let small = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ];
+    let mut h = crate::rng::FNV1A_START;
+    for name in small
+        .iter()
+        .map(|s| s.to_string())
+        .chain(shard_names(path)?)
+    {
+        let p = path.join(&name);
+        if !p.exists() {
+            continue;
+        }
+        h = fnv1a_extend(h, name.as_bytes());
+        h = fnv1a_extend(h, &crate::files::sampled_hash(&p)?.to_le_bytes());
+    }
+    Ok(format!("{h:016x}"))
 }
 
 fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {

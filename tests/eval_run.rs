@@ -1000,3 +1000,66 @@ fn a_refusal_shows_the_coefficients_as_written() {
         "{e}"
     );
 }
+
+#[test]
+fn a_checkpoint_replaced_in_place_is_another_run() {
+    let a = artifacts();
+    let dir = tmp("replaced");
+    let (model, out) = (dir.join("base"), dir.join("out"));
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(fixture("qwen2-f32")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let run = || {
+        bin()
+            .arg("eval")
+            .arg("--dataset")
+            .arg(&a.data)
+            .args(["--modes", "base", "--limit", "1", "--base"])
+            .arg(&model)
+            .arg("--thinking")
+            .arg(fixture("thinking-qwen2-f32"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-new-tokens", "3", "--device", "cpu", "--quiet"])
+            .output()
+            .unwrap()
+    };
+    ok(run());
+    let config = || -> Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap()
+    };
+    let recorded = config()["base"]["fingerprint"].clone();
+    assert!(recorded.is_string(), "{}", config());
+    assert!(config()["thinking"]["fingerprint"].is_string());
+    // The last weight's last byte changed under the same path (fine-tuned in place): refused.
+    let weights = model.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let mut changed = original.clone();
+    *changed.last_mut().unwrap() ^= 1;
+    std::fs::write(&weights, &changed).unwrap();
+    let e = fails(run());
+    assert!(
+        e.contains("different configuration") && e.contains("base.fingerprint"),
+        "{e}"
+    );
+    // So is another tokenizer.
+    std::fs::write(&weights, &original).unwrap();
+    let tokenizer = model.join("tokenizer.json");
+    let text = std::fs::read_to_string(&tokenizer).unwrap();
+    std::fs::write(&tokenizer, format!("{text}\n")).unwrap();
+    assert!(fails(run()).contains("base.fingerprint"));
+    std::fs::write(&tokenizer, text).unwrap();
+    ok(run()); // the checkpoint as it was: resumed
+    // A configuration written before models were fingerprinted resumes on their paths, and is
+    // then given the fingerprints.
+    let mut old = config();
+    for side in ["base", "thinking"] {
+        old[side].as_object_mut().unwrap().remove("fingerprint");
+    }
+    std::fs::write(out.join("config.json"), old.to_string()).unwrap();
+    ok(run());
+    assert_eq!(config()["base"]["fingerprint"], recorded);
+    assert_eq!(lines_of(&out.join("results.jsonl")).len(), 1);
+}

@@ -14,6 +14,7 @@ use super::run::{
 };
 use crate::hybrid::ablations::Ablations;
 use crate::hybrid::{Mode, Settings};
+use crate::weights::checkpoint_fingerprint;
 
 impl EvalDevice {
     /// Whether to run the models in `dirs` on the GPU: `cuda` insists (saying why it cannot),
@@ -397,10 +398,12 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         base: SideConfig {
             model: abs(&a.base),
             prompt: prompts.base_text("{question}"),
+            fingerprint: Some(checkpoint_fingerprint(&a.base)?),
         },
         thinking: SideConfig {
             model: abs(&a.thinking),
             prompt: prompts.thinking_text("{question}")?,
+            fingerprint: Some(checkpoint_fingerprint(&a.thinking)?),
         },
         hybrid: hybrid.then(|| HybridConfig {
             sae: a.sae.as_deref().map(abs).unwrap_or_default(),

@@ -87,6 +87,11 @@ pub struct DatasetConfig {
 pub struct SideConfig {
     pub model: String,
     pub prompt: String,
+    /// `weights::checkpoint_fingerprint` of the model, so that a checkpoint replaced under the
+    /// same path is another configuration (absent in configurations written before it was
+    /// recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +144,14 @@ impl RunConfig {
             if let (Some(t), Some(m)) = (&theirs.hybrid, &mut mine.hybrid) {
                 if t.file_hashes.is_none() {
                     m.file_hashes = None;
+                }
+            }
+            for (t, m) in [
+                (&theirs.base, &mut mine.base),
+                (&theirs.thinking, &mut mine.thinking),
+            ] {
+                if t.fingerprint.is_none() {
+                    m.fingerprint = None;
                 }
             }
             if let Some(field) = first_difference(&to_value(&theirs), &to_value(&mine), "") {
