@@ -468,12 +468,11 @@ fn load(a: &PromptArgs) -> Result<Loaded> {
                     a.model.display()
                 )
             })?;
-            let text = if a.chat {
-                render_chat(&a.model, text)?
+            if a.chat {
+                tok.encode(&render_chat(&a.model, text)?)?
             } else {
-                text.clone()
-            };
-            tok.encode(&text)?
+                tok.encode_plain(text)?
+            }
         }
         (None, None) => return Err(anyhow!("expected --prompt or --prompt-ids")),
     };

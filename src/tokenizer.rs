@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-/// A checkpoint's tokenizer. Encoding never adds special tokens on its own: the chat template
-/// already writes bos where the model wants it, and special-token strings inside the text
-/// (e.g. `<|im_end|>`) map to their ids.
+/// A checkpoint's tokenizer. Special-token strings inside the text (e.g. `<|im_end|>`) map to
+/// their ids. `encode` adds no special tokens of its own (a chat template already writes bos
+/// where the model wants it); `encode_plain` adds those of the tokenizer's post-processor, as
+/// transformers' `tokenizer(text)` does for a prompt given as plain text (Llama 3 prepends
+/// `<|begin_of_text|>`; Qwen2.5 adds nothing).
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
@@ -54,23 +56,28 @@ impl Tokenizer {
         &self.path
     }
 
-    /// Text -> ids, without automatic special tokens.
+    /// Text rendered by a chat template (or any continuation) -> ids, without automatic special
+    /// tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| {
-            Error::Input(format!(
-                "{}: could not encode text: {e}",
-                self.path.display()
-            ))
-        })?;
-        Ok(enc.get_ids().to_vec())
+        Ok(self.encode_with_offsets(text, false)?.0)
     }
 
-    /// Text -> (ids, byte range of `text` that each id covers), without automatic special
-    /// tokens. Ranges of byte-level tokens that cut a character in half cover the whole character.
+    /// A plain-text prompt -> ids, with the special tokens the tokenizer's post-processor adds.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.encode_with_offsets(text, true)?.0)
+    }
+
+    /// Text -> (ids, byte range of `text` that each id covers), with the post-processor's special
+    /// tokens (`plain`, empty ranges) or without. Ranges of byte-level tokens that cut a
+    /// character in half cover the whole character.
     // The (ids, offsets) pair is the tokenizers crate's own shape; a named type would hide it.
     #[allow(clippy::type_complexity)]
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self.inner.encode(text, false).map_err(|e| {
+    pub fn encode_with_offsets(
+        &self,
+        text: &str,
+        plain: bool,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, plain).map_err(|e| {
             Error::Input(format!(
                 "{}: could not encode text: {e}",
                 self.path.display()
@@ -300,6 +307,31 @@ pub(crate) mod tests {
             Err(Error::Input(m)) => assert!(m.contains("tokenizer.json"), "{m}"),
             other => panic!("expected Error::Input, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn plain_prompts_get_the_post_processors_special_tokens() {
+        // Qwen-style (ByteLevel post-processor): nothing added either way.
+        let t = tiny();
+        assert_eq!(t.encode_plain("hello").unwrap(), t.encode("hello").unwrap());
+        // Llama-3-style: a TemplateProcessing post-processor prepends bos (here <|im_start|>).
+        let mut v: serde_json::Value = serde_json::from_str(&tiny_tokenizer_json()).unwrap();
+        v["post_processor"] = serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [260],
+                                                "tokens": ["<|im_start|>"]}}
+        });
+        let d = temp_dir("tok-bos");
+        std::fs::write(d.join("tokenizer.json"), v.to_string()).unwrap();
+        let t = Tokenizer::from_dir(&d).unwrap().unwrap();
+        assert_eq!(t.encode("hello").unwrap(), vec![259]);
+        assert_eq!(t.encode_plain("hello").unwrap(), vec![260, 259]);
+        let (ids, offsets) = t.encode_with_offsets("hello", true).unwrap();
+        assert_eq!(ids, vec![260, 259]);
+        assert_eq!(offsets, vec![(0, 0), (0, 5)], "bos covers no text");
     }
 
     #[test]

@@ -1005,12 +1005,7 @@ fn a_refusal_shows_the_coefficients_as_written() {
 fn a_checkpoint_replaced_in_place_is_another_run() {
     let a = artifacts();
     let dir = tmp("replaced");
-    let (model, out) = (dir.join("base"), dir.join("out"));
-    std::fs::create_dir_all(&model).unwrap();
-    for f in std::fs::read_dir(fixture("qwen2-f32")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    let (model, out) = (copy_fixture("qwen2-f32", &dir.join("base")), dir.join("out"));
     let run = || {
         bin()
             .arg("eval")
@@ -1062,4 +1057,62 @@ fn a_checkpoint_replaced_in_place_is_another_run() {
     ok(run());
     assert_eq!(config()["base"]["fingerprint"], recorded);
     assert_eq!(lines_of(&out.join("results.jsonl")).len(), 1);
+}
+
+/// A copy of a fixture checkpoint at `to`, to change in place.
+fn copy_fixture(name: &str, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(fixture(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+    to.to_path_buf()
+}
+
+#[test]
+fn plain_prompts_get_the_base_tokenizers_bos() {
+    // A base model whose tokenizer prepends bos to plain text (as Llama 3's does), here
+    // <|endoftext|> (306).
+    let base = copy_fixture("qwen2-f32", &tmp("bos").join("base"));
+    let path = base.join("tokenizer.json");
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    tok["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                   {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+        "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [306],
+                                             "tokens": ["<|endoftext|>"]}}
+    });
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let builder = |dir: &Path, plain: bool| {
+        thinksteer::eval::run::PromptBuilder::load(&base, dir, plain, None).unwrap()
+    };
+    // The base model's plain prompt starts with bos, once; the thinking model's chat prompt is
+    // the template's text alone.
+    let p = builder(&fixture("thinking-qwen2-f32"), false).hybrid("1+1?").unwrap();
+    assert_eq!(p.base[0], 306);
+    assert_ne!(p.base[1], 306);
+    let b = builder(&fixture("thinking-qwen2-f32"), false);
+    let rendered = b.thinking_text("1+1?").unwrap();
+    assert_eq!(p.thinking, b.think_tok.encode(&rendered).unwrap());
+    // --thinking-plain: a plain prompt for the thinking model too, with its tokenizer's own
+    // special tokens (this one's adds none).
+    let p = builder(&base, true).hybrid("1+1?").unwrap();
+    assert_eq!((p.base[0], p.thinking[0]), (306, 306));
+    // `generate`: bos before a plain prompt, none added to a chat-rendered one.
+    let first_id = |chat: bool| {
+        let out = ok(bin()
+            .arg("generate")
+            .arg("--model")
+            .arg(&base)
+            .args(["--prompt", "hi", "--max-new-tokens", "1", "--json", "--device", "cpu"])
+            .args(if chat { &["--chat"][..] } else { &[][..] })
+            .output()
+            .unwrap());
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["prompt_ids"][0].as_u64().unwrap()
+    };
+    assert_eq!(first_id(false), 306);
+    assert_eq!(first_id(true), 307, "the chat template's <|im_start|>, no bos added");
 }

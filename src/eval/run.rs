@@ -367,11 +367,26 @@ impl PromptBuilder {
         }
     }
 
+    /// The base model's prompt as ids: plain text, so with the tokenizer's own special tokens.
+    pub fn base_ids(&self, question: &str) -> Result<Vec<u32>> {
+        self.base_tok.encode_plain(&self.base_text(question))
+    }
+
+    /// The thinking model's prompt as ids: the chat template writes its special tokens itself;
+    /// the plain prompt (`--thinking-plain`) gets the tokenizer's own.
+    pub fn thinking_ids(&self, question: &str) -> Result<Vec<u32>> {
+        let text = self.thinking_text(question)?;
+        match &self.template {
+            Some(_) => self.think_tok.encode(&text),
+            None => self.think_tok.encode_plain(&text),
+        }
+    }
+
     /// Both prompts of one question as ids (the hybrid loop's input).
     pub fn hybrid(&self, question: &str) -> Result<Prompts> {
         Ok(Prompts {
-            base: self.base_tok.encode(&self.base_text(question))?,
-            thinking: self.think_tok.encode(&self.thinking_text(question)?)?,
+            base: self.base_ids(question)?,
+            thinking: self.thinking_ids(question)?,
         })
     }
 }
@@ -476,17 +491,17 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         match mode {
             EvalMode::Base => {
                 let m = load(&mut base_model, &spec.base)?;
-                let texts: Vec<String> = todo
+                let ids = todo
                     .iter()
-                    .map(|p| prompts.base_text(&p.question))
-                    .collect();
+                    .map(|p| prompts.base_ids(&p.question))
+                    .collect::<Result<Vec<_>>>()?;
                 run_plain(
                     spec,
                     &m,
                     &spec.base,
                     &prompts.base_tok,
                     &todo,
-                    &texts,
+                    &ids,
                     mode,
                     run_id,
                     &mut sink,
@@ -494,9 +509,9 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
             }
             EvalMode::Thinking => {
                 let m = load(&mut think_model, &spec.thinking)?;
-                let texts = todo
+                let ids = todo
                     .iter()
-                    .map(|p| prompts.thinking_text(&p.question))
+                    .map(|p| prompts.thinking_ids(&p.question))
                     .collect::<Result<Vec<_>>>()?;
                 run_plain(
                     spec,
@@ -504,7 +519,7 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
                     &spec.thinking,
                     &prompts.think_tok,
                     &todo,
-                    &texts,
+                    &ids,
                     mode,
                     run_id,
                     &mut sink,
@@ -656,15 +671,11 @@ fn run_plain(
     dir: &Path,
     tok: &Tokenizer,
     todo: &[&Problem],
-    texts: &[String],
+    ids: &[Vec<u32>],
     mode: EvalMode,
     run_id: u128,
     sink: &mut Sink,
 ) -> Result<()> {
-    let ids = texts
-        .iter()
-        .map(|t| tok.encode(t))
-        .collect::<Result<Vec<_>>>()?;
     let max_prompt = ids.iter().map(Vec::len).max().unwrap_or(0);
     let ctx = model
         .config

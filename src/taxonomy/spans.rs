@@ -52,7 +52,7 @@ pub fn tokenise_trace(
     thinking: Option<Span>,
 ) -> Result<Tokenised> {
     let full = format!("{prefix}{text}");
-    let (ids, offsets) = tok.encode_with_offsets(&full)?;
+    let (ids, offsets) = tok.encode_with_offsets(&full, false)?;
     let p = prefix.len();
     let mut sentences = Vec::new();
     let mut uncovered = 0;
