@@ -698,7 +698,7 @@ fn run_plain(
     generate_each(
         engine.as_mut(),
         None,
-        &ids,
+        ids,
         &params,
         |_, _| {},
         |i, g| {
