@@ -107,7 +107,9 @@ pub struct EvalArgs {
     /// i/n: only problems with index % n == i (results go to results.shard-i-of-n.jsonl).
     #[arg(long)]
     pub shard: Option<String>,
-    /// At most N problems (after --offset).
+    /// At most N problems (after --offset). Default: 500 for `--dataset gsm8k`, the paper's
+    /// evaluation set (its first 500 test questions of 1,319; pass 1319 for all); every problem
+    /// otherwise.
     #[arg(long)]
     pub limit: Option<usize>,
     /// Skip the first N problems of the file.
@@ -214,6 +216,12 @@ pub fn load_preset(name: &str) -> Result<Preset> {
     serde_json::from_str(&text).map_err(|e| anyhow!("--preset {name}: malformed preset JSON ({e})"))
 }
 
+/// The paper's evaluation set of a named dataset, as a limit: the first 500 GSM8K test
+/// questions (MATH-500 is whole).
+fn paper_limit(dataset: &str) -> Option<usize> {
+    dataset.eq_ignore_ascii_case("gsm8k").then_some(500)
+}
+
 /// gsm8k / math500 → the shared data file: `../shared/data` from the working folder, then
 /// beside the checkout thinksteer was built from, then `/work/shared/data`; anything else is a
 /// path.
@@ -315,7 +323,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         a.question_field.as_deref(),
         a.answer_field.as_deref(),
         a.offset,
-        a.limit,
+        a.limit.or(paper_limit(&a.dataset)),
     )?;
     if kind == DatasetKind::Custom && problems.iter().all(|p| p.answer.contains("#### ")) {
         eprintln!(
@@ -503,6 +511,39 @@ mod tests {
         }
         let e = load_preset("r1-7b").unwrap_err().to_string();
         assert!(e.contains("qwq-32b") && e.contains("r1-7b"), "{e}");
+    }
+
+    #[test]
+    fn gsm8k_is_the_papers_first_500_unless_a_limit_says_otherwise() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: EvalArgs,
+        }
+        if resolve_dataset("gsm8k").is_err() {
+            println!("skipping: no gsm8k_test.jsonl in ../shared/data or /work/shared/data");
+            return;
+        }
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+        let count = |extra: &[&str]| {
+            let mut args = vec!["eval", "--modes", "base", "--out", "/nonexistent"];
+            let (base, thinking) = (
+                format!("{fixtures}/qwen2-f32"),
+                format!("{fixtures}/thinking-qwen2-f32"),
+            );
+            args.extend(["--base", &base, "--thinking", &thinking, "--device", "cpu"]);
+            args.extend(extra);
+            let spec = spec(&Cli::parse_from(args).a).unwrap();
+            (spec.problems.len(), spec.problems.last().unwrap().index)
+        };
+        assert_eq!(count(&["--dataset", "gsm8k"]), (500, 499));
+        assert_eq!(count(&["--dataset", "gsm8k", "--limit", "1319"]), (1319, 1318));
+        assert_eq!(count(&["--dataset", "math500"]), (500, 499));
+        let (path, _) = resolve_dataset("gsm8k").unwrap();
+        let file = path.display().to_string();
+        let n = count(&["--dataset", &file, "--kind", "gsm8k"]).0;
+        assert_eq!(n, 1319, "a file is read whole");
     }
 
     #[test]
