@@ -520,7 +520,7 @@ fn step_vectors(cx: &Ctx) -> Result<StepOut> {
         &cx.p.traces,
         &cx.p.annotations,
         cx.layer,
-        BasePrefix::SameAsTrace,
+        BasePrefix::Plain,
         cuda,
     )?;
     set.save(&cx.p.vectors)?;

@@ -126,7 +126,8 @@ pub enum VectorMethod {
 pub enum PrefixArg {
     /// The base model reads the trace's own chat prompt before the text (the same text).
     Same,
-    /// The base model reads the paper's plain base prompt before the text.
+    /// The base model reads the paper's plain base prompt before the text, as it does when
+    /// steered (hybrid.md §2.2: "given the base prompt + the preceding trace").
     Plain,
 }
 
@@ -148,7 +149,7 @@ pub struct TrainVectorsArgs {
     #[arg(long, value_enum, default_value = "mean-diff")]
     pub method: VectorMethod,
     /// What the base model reads before each trace's text.
-    #[arg(long, value_enum, default_value = "same")]
+    #[arg(long, value_enum, default_value = "plain")]
     pub prefix: PrefixArg,
     /// Output steering set (safetensors: bias [D], vectors [K, D]).
     #[arg(long)]
