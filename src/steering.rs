@@ -1,8 +1,9 @@
 //! The steering-set file (safetensors) and the steering add of hybrid.md §3 step 4.
 //!
 //! File format: `bias` [D], `vectors` [K, D] (f32, bf16 or f16; held as f32); metadata `layer`
-//! (0-based block of the base model at whose output the vectors are added) and `model` (free
-//! text, optional).
+//! (0-based block of the base model at whose output the vectors are added), `model` (free
+//! text, optional) and `trained_at` = `block_input` when they were trained at the input of that
+//! block instead (`train-vectors --at-block-input`, the reference code's quirk; optional).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,6 +24,9 @@ pub struct SteeringSet {
     pub model: String,
     pub d: usize,
     pub count: usize, // K
+    /// Trained at the input of block `layer`, though added at its output (the reference code's
+    /// quirk, hybrid.md §3).
+    pub trained_at_block_input: bool,
 }
 
 impl SteeringSet {
@@ -41,6 +45,13 @@ impl SteeringSet {
         expect_shape(&file, "bias", &bs, &[d], "[D] with D from `vectors`")?;
         let layer = meta_usize(&meta, &file, "layer")?;
         let model = meta.get("model").cloned().unwrap_or_default();
+        let trained_at_block_input = match meta.get("trained_at").map(String::as_str) {
+            None | Some("block_output") => false,
+            Some("block_input") => true,
+            Some(other) => bail!(
+                "{file}: metadata `trained_at` is {other:?}, expected \"block_input\" or \"block_output\""
+            ),
+        };
         Ok(SteeringSet {
             bias,
             vectors,
@@ -48,6 +59,7 @@ impl SteeringSet {
             model,
             d,
             count,
+            trained_at_block_input,
         })
     }
 
@@ -59,6 +71,9 @@ impl SteeringSet {
         let mut meta = BTreeMap::new();
         meta.insert("layer".to_string(), self.layer.to_string());
         meta.insert("model".to_string(), self.model.clone());
+        if self.trained_at_block_input {
+            meta.insert("trained_at".to_string(), "block_input".to_string());
+        }
         write_f32_safetensors(path.as_ref(), &tensors, &meta)
     }
 
@@ -116,6 +131,7 @@ impl SteeringSet {
             model: model.to_string(),
             d,
             count,
+            trained_at_block_input: false,
         }
     }
 
@@ -198,6 +214,7 @@ mod tests {
             model: "m".into(),
             d: 2,
             count: 2,
+            trained_at_block_input: false,
         };
         let p = tmp("rt");
         s.save(&p).unwrap();

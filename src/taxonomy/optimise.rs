@@ -665,6 +665,7 @@ pub fn optimise(
         model: base_dir.display().to_string(),
         d,
         count: kk,
+        trained_at_block_input: false,
     };
     set.validate_for(d, c.num_hidden_layers)?;
     Ok((

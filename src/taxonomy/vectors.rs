@@ -178,6 +178,7 @@ pub fn mean_diff(
         model: base_dir.display().to_string(),
         d,
         count: kk,
+        trained_at_block_input: false,
     };
     set.validate_for(d, c.num_hidden_layers)?;
     let report = VectorReport {
