@@ -45,7 +45,7 @@ pub struct Settings {
     pub random_firing: Option<u64>,
     /// Ablation: steer every step, agreement or not.
     pub no_gating: bool,
-    /// The reference code's off-by-one: add at the input of block L_b instead of its output.
+    /// Add at the input of block L_b instead of its output (where the reference code trained).
     pub steer_at_block_input: bool,
     /// The reference code's quirk: encode the raw activation (no centring / unit norm).
     pub sae_raw_activations: bool,

@@ -659,7 +659,6 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     a.thinking = thinksteer::gguf::checkpoint_dir(&a.thinking)?;
     use thinksteer::hybrid::{run, Pair, Prompts, Settings};
     use thinksteer::sae::Sae;
-    use thinksteer::steering::SteeringSet;
     // The GPU covers the cached and persistent modes (exact mode recomputes on the CPU).
     let gpu_ok = a.mode != thinksteer::hybrid::Mode::Exact;
     let on_gpu = match a.device {
@@ -694,7 +693,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     let on_gpu =
         on_gpu && (a.device == Device::Cuda || (fits(&base.config) && fits(&thinking.config)));
     let sae = Sae::load(&a.sae)?;
-    let steering = a.ablations.steering(SteeringSet::load(&a.vectors)?);
+    let steering = a.ablations.load_steering(&a.vectors)?;
     let prompts = thinksteer::eval::run::PromptBuilder::load(
         &a.base,
         &a.thinking,

@@ -96,6 +96,26 @@ impl SteeringSet {
         Ok(())
     }
 
+    /// A line for the reader when the vectors are added at another point than they were
+    /// trained at (`at_input`: `--steer-at-block-input`), None when the two agree.
+    pub fn placement_note(&self, file: &Path, at_input: bool) -> Option<String> {
+        let place = |input: bool| if input { "input" } else { "output" };
+        (self.trained_at_block_input != at_input).then(|| {
+            format!(
+                "note: {} was trained at the {} of block {} and is added at its {}{}",
+                file.display(),
+                place(self.trained_at_block_input),
+                self.layer,
+                place(at_input),
+                if at_input {
+                    " (--steer-at-block-input)"
+                } else {
+                    ": the reference code's quirk (hybrid.md §3)"
+                }
+            )
+        })
+    }
+
     /// One vector per SAE category is required: the SAE's argmax indexes `vectors`.
     pub fn check_matches_sae(&self, sae: &Sae) -> Result<()> {
         if self.count != sae.latents {

@@ -1005,7 +1005,10 @@ fn a_refusal_shows_the_coefficients_as_written() {
 fn a_checkpoint_replaced_in_place_is_another_run() {
     let a = artifacts();
     let dir = tmp("replaced");
-    let (model, out) = (copy_fixture("qwen2-f32", &dir.join("base")), dir.join("out"));
+    let (model, out) = (
+        copy_fixture("qwen2-f32", &dir.join("base")),
+        dir.join("out"),
+    );
     let run = || {
         bin()
             .arg("eval")
@@ -1047,8 +1050,8 @@ fn a_checkpoint_replaced_in_place_is_another_run() {
     assert!(fails(run()).contains("base.fingerprint"));
     std::fs::write(&tokenizer, text).unwrap();
     ok(run()); // the checkpoint as it was: resumed
-    // A configuration written before models were fingerprinted resumes on their paths, and is
-    // then given the fingerprints.
+               // A configuration written before models were fingerprinted resumes on their paths, and is
+               // then given the fingerprints.
     let mut old = config();
     for side in ["base", "thinking"] {
         old[side].as_object_mut().unwrap().remove("fingerprint");
@@ -1090,7 +1093,9 @@ fn plain_prompts_get_the_base_tokenizers_bos() {
     };
     // The base model's plain prompt starts with bos, once; the thinking model's chat prompt is
     // the template's text alone.
-    let p = builder(&fixture("thinking-qwen2-f32"), false).hybrid("1+1?").unwrap();
+    let p = builder(&fixture("thinking-qwen2-f32"), false)
+        .hybrid("1+1?")
+        .unwrap();
     assert_eq!(p.base[0], 306);
     assert_ne!(p.base[1], 306);
     let b = builder(&fixture("thinking-qwen2-f32"), false);
@@ -1106,7 +1111,15 @@ fn plain_prompts_get_the_base_tokenizers_bos() {
             .arg("generate")
             .arg("--model")
             .arg(&base)
-            .args(["--prompt", "hi", "--max-new-tokens", "1", "--json", "--device", "cpu"])
+            .args([
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "1",
+                "--json",
+                "--device",
+                "cpu",
+            ])
             .args(if chat { &["--chat"][..] } else { &[][..] })
             .output()
             .unwrap());
@@ -1114,5 +1127,9 @@ fn plain_prompts_get_the_base_tokenizers_bos() {
         v["prompt_ids"][0].as_u64().unwrap()
     };
     assert_eq!(first_id(false), 306);
-    assert_eq!(first_id(true), 307, "the chat template's <|im_start|>, no bos added");
+    assert_eq!(
+        first_id(true),
+        307,
+        "the chat template's <|im_start|>, no bos added"
+    );
 }

@@ -1116,3 +1116,107 @@ fn optimise_without_a_prefix_cache_gives_the_same_vectors() {
     };
     assert_eq!(bits(&curves_cached), bits(&curves_uncached));
 }
+
+#[test]
+fn vectors_trained_at_the_block_input_are_the_previous_blocks_and_are_named() {
+    // The reference code's quirk (hybrid.md §3): trained at the input of block L, added at its
+    // output. The input of block 2 is the output of block 1, so the vectors are those of
+    // --layer 1, labelled 2.
+    let dir = tmp("at-input");
+    let (tp, ap) = optimise_data(&dir);
+    let (base, trs, anns) = (s(&fixture(BASE)), s(&tp), s(&ap));
+    let train = |out: &Path, extra: &[&str]| {
+        let out = s(out);
+        let mut args = vec![
+            "train-vectors",
+            "--base",
+            &base,
+            "--traces",
+            &trs,
+            "--annotations",
+            &anns,
+            "--out",
+            &out,
+            "--device",
+            "cpu",
+        ];
+        args.extend(extra);
+        ok(&args)
+    };
+    let (at_input, below) = (dir.join("input.safetensors"), dir.join("below.safetensors"));
+    let said = train(&at_input, &["--layer", "2", "--at-block-input"]);
+    assert!(said.contains("at block 2 (trained at its input)"), "{said}");
+    train(&below, &["--layer", "1"]);
+    let (a, b) = (
+        thinksteer::steering::SteeringSet::load(&at_input).unwrap(),
+        thinksteer::steering::SteeringSet::load(&below).unwrap(),
+    );
+    assert_eq!((a.layer, a.trained_at_block_input), (2, true));
+    assert_eq!((b.layer, b.trained_at_block_input), (1, false));
+    assert_eq!((&a.bias, &a.vectors), (&b.bias, &b.vectors));
+    fails(
+        &[
+            "train-vectors",
+            "--base",
+            &base,
+            "--traces",
+            &trs,
+            "--annotations",
+            &anns,
+            "--out",
+            &s(&dir.join("x.safetensors")),
+            "--layer",
+            "0",
+            "--at-block-input",
+        ],
+        &["--at-block-input", "found 0"],
+    );
+    // `hybrid` names the mismatch, and --steer-at-block-input adds them where they were trained.
+    let sae = dir.join("sae.safetensors");
+    let think = s(&fixture(THINKING));
+    ok(&[
+        "random-sae",
+        "--model",
+        &think,
+        "--layer",
+        "1",
+        "--latents",
+        "2",
+        "--k",
+        "1",
+        "--out",
+        &s(&sae),
+    ]);
+    let hybrid = |vectors: &Path, extra: &[&str]| {
+        let mut args: Vec<String> = [
+            "hybrid",
+            "--base",
+            &base,
+            "--thinking",
+            &think,
+            "--sae",
+            &s(&sae),
+            "--vectors",
+            &s(vectors),
+            "--question",
+            "1+1?",
+            "--max-new-tokens",
+            "2",
+            "--device",
+            "cpu",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let (code, _, err) = run(&args);
+        assert_eq!(code, Some(0), "{err}");
+        err
+    };
+    let quirk = "was trained at the input of block 2 and is added at its output: the reference code's quirk";
+    assert!(hybrid(&at_input, &[]).contains(quirk));
+    assert!(!hybrid(&at_input, &["--steer-at-block-input"]).contains("note:"));
+    assert!(hybrid(&below, &["--steer-at-block-input"])
+        .contains("was trained at the output of block 1 and is added at its input"));
+    assert!(!hybrid(&below, &[]).contains("note:"));
+}

@@ -538,7 +538,10 @@ mod tests {
             (spec.problems.len(), spec.problems.last().unwrap().index)
         };
         assert_eq!(count(&["--dataset", "gsm8k"]), (500, 499));
-        assert_eq!(count(&["--dataset", "gsm8k", "--limit", "1319"]), (1319, 1318));
+        assert_eq!(
+            count(&["--dataset", "gsm8k", "--limit", "1319"]),
+            (1319, 1318)
+        );
         assert_eq!(count(&["--dataset", "math500"]), (500, 499));
         let (path, _) = resolve_dataset("gsm8k").unwrap();
         let file = path.display().to_string();

@@ -555,7 +555,7 @@ fn load_steering(spec: &EvalSpec, prompts: &PromptBuilder) -> Result<(Sae, Steer
     };
     prompts.base_tok.check_same_ids(&prompts.think_tok)?;
     let sae = Sae::load(sae_path)?;
-    let steering = spec.ablations.steering(SteeringSet::load(vec_path)?);
+    let steering = spec.ablations.load_steering(vec_path)?;
     if let Some((name, lt, k, lb)) = &spec.expect {
         let found = (sae.layer, sae.latents, steering.layer);
         if found != (*lt, *k, *lb) {

@@ -1,10 +1,13 @@
-//! The paper's ablations and the reference code's two quirks (hybrid.md §3), as the flags that
+//! The paper's ablations and the reference code's quirks (hybrid.md §3), as the flags that
 //! `hybrid` and `eval` share and as an evaluation records them in its config.json.
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
 use super::Settings;
+use crate::error::Result;
 use crate::steering::SteeringSet;
 
 #[derive(Args, Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -21,7 +24,9 @@ pub struct Ablations {
     /// Ablation: steer every step, whether or not the models agree.
     #[arg(long)]
     pub no_gating: bool,
-    /// The reference code's off-by-one: add at the input of block L_b instead of its output.
+    /// Add the vectors at the input of block L_b instead of its output: where the reference
+    /// code trained its vectors (it added them at the output; `train-vectors --at-block-input`
+    /// reproduces that quirk).
     #[arg(long)]
     pub steer_at_block_input: bool,
     /// The reference code's quirk: feed the SAE raw activations (no centring, no unit norm).
@@ -57,14 +62,19 @@ impl Ablations {
         s.sae_raw_activations = self.sae_raw_activations;
     }
 
-    /// The steering set the loop adds: the loaded one, or with --random-vectors random
-    /// directions of its vectors' norms.
-    pub fn steering(&self, set: SteeringSet) -> SteeringSet {
-        if self.random_vectors {
+    /// The steering set the loop adds: the file's, or with --random-vectors random directions
+    /// of its vectors' norms. Says on stderr when the vectors are added at another point of
+    /// block L_b than they were trained at.
+    pub fn load_steering(&self, path: &Path) -> Result<SteeringSet> {
+        let set = SteeringSet::load(path)?;
+        if let Some(note) = set.placement_note(path, self.steer_at_block_input) {
+            eprintln!("{note}");
+        }
+        Ok(if self.random_vectors {
             set.randomized_like(self.seed)
         } else {
             set
-        }
+        })
     }
 
     /// The flags set, as a reader would name them ("random firing (seed 3)").
@@ -77,7 +87,7 @@ impl Ablations {
             (self.no_gating, "no gating".to_string()),
             (
                 self.steer_at_block_input,
-                "steering at the block input (the reference code's off-by-one)".to_string(),
+                "steering at the block input".to_string(),
             ),
             (
                 self.sae_raw_activations,

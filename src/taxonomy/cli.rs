@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Result};
 use clap::{Args, ValueEnum};
 
+use crate::steering::SteeringSet;
 use crate::train_sae::TrainConfig;
 
 use super::vectors::BasePrefix;
@@ -145,6 +146,11 @@ pub struct TrainVectorsArgs {
     /// Base block at whose output the vectors are added (0-based).
     #[arg(long)]
     pub layer: usize,
+    /// The reference code's quirk (hybrid.md §3): train the vectors at the input of block
+    /// --layer (the output of the block before), though the hybrid loop adds them at its
+    /// output. Recorded in the file (`trained_at`); the loop names it.
+    #[arg(long)]
+    pub at_block_input: bool,
     /// How the vectors are found.
     #[arg(long, value_enum, default_value = "mean-diff")]
     pub method: VectorMethod,
@@ -331,23 +337,37 @@ pub fn annotate(a: AnnotateArgs) -> Result<()> {
 
 pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
     a.base = crate::gguf::checkpoint_dir(&a.base)?;
+    // Trained at the input of block L = at the output of block L − 1; labelled L afterwards.
+    let layer = a.layer;
+    if a.at_block_input {
+        a.layer = layer.checked_sub(1).ok_or_else(|| {
+            anyhow!("--at-block-input: expected --layer 1 or more (the input of block 0 is the embedding), found 0")
+        })?;
+    }
+    let label = |mut set: SteeringSet| {
+        set.layer = layer;
+        set.trained_at_block_input = a.at_block_input;
+        set
+    };
     let prefix = match a.prefix {
         PrefixArg::Same => BasePrefix::SameAsTrace,
         PrefixArg::Plain => BasePrefix::Plain,
     };
     let cuda = a.device.use_cuda_for(&[&a.base])?;
     if a.method == VectorMethod::Optimise {
-        return train_vectors_optimise(a, prefix, cuda);
+        return train_vectors_optimise(&a, prefix, cuda, label);
     }
     let (set, rep) =
         super::vectors::mean_diff(&a.base, &a.traces, &a.annotations, a.layer, prefix, cuda)?;
+    let set = label(set);
     set.save(&a.out)?;
     println!(
-        "{}: bias (norm {:.3}) and {} category vectors at block {} from {} sentences and {} non-thinking tokens; sentences per category {:?}",
+        "{}: bias (norm {:.3}) and {} category vectors at block {}{} from {} sentences and {} non-thinking tokens; sentences per category {:?}",
         a.out.display(),
         set.bias.iter().map(|x| x * x).sum::<f32>().sqrt(),
         set.count,
         set.layer,
+        trained_at(&set),
         rep.sentences,
         rep.non_thinking_tokens,
         rep.per_category
@@ -361,7 +381,21 @@ pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
     Ok(())
 }
 
-fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix, cuda: bool) -> Result<()> {
+/// " (trained at its input)" for `--at-block-input` vectors, for the lines that name the block.
+fn trained_at(set: &SteeringSet) -> &'static str {
+    if set.trained_at_block_input {
+        " (trained at its input)"
+    } else {
+        ""
+    }
+}
+
+fn train_vectors_optimise(
+    a: &TrainVectorsArgs,
+    prefix: BasePrefix,
+    cuda: bool,
+    label: impl Fn(SteeringSet) -> SteeringSet,
+) -> Result<()> {
     use super::optimise::{curves_csv, curves_svg, optimise, sibling, OptimiseSettings};
     if let Some(g) = a.prefix_cache_gb.filter(|g| !(g.is_finite() && *g >= 0.0)) {
         return Err(anyhow!(
@@ -421,13 +455,15 @@ fn train_vectors_optimise(a: TrainVectorsArgs, prefix: BasePrefix, cuda: bool) -
         );
         return Ok(());
     };
+    let set = label(set);
     set.save(&a.out)?;
     println!(
-        "{}: bias (norm {:.3}) and {} category vectors at block {}, optimised; curves {} and {}",
+        "{}: bias (norm {:.3}) and {} category vectors at block {}{}, optimised; curves {} and {}",
         a.out.display(),
         set.bias.iter().map(|x| x * x).sum::<f32>().sqrt(),
         set.count,
         set.layer,
+        trained_at(&set),
         csv.display(),
         svg.display()
     );

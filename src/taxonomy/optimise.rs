@@ -194,7 +194,8 @@ pub fn build_examples(
             BasePrefix::Plain => plain_base_prompt(&t.question),
         };
         let p = pre.len();
-        let (ids, offsets) = tok.encode_with_offsets(&format!("{pre}{}", t.text), prefix == BasePrefix::Plain)?;
+        let (ids, offsets) =
+            tok.encode_with_offsets(&format!("{pre}{}", t.text), prefix == BasePrefix::Plain)?;
         let span = |s: usize, e: usize| token_span(&offsets, p + s, p + e);
         if let Some((a, b)) = t.thinking.and_then(|s| span(s.start, s.end)) {
             bias.push(Example {

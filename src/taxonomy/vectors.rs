@@ -112,7 +112,8 @@ pub fn mean_diff(
             BasePrefix::Plain => plain_base_prompt(&t.question),
         };
         let p = pre.len();
-        let (ids, offsets) = tok.encode_with_offsets(&format!("{pre}{}", t.text), prefix == BasePrefix::Plain)?;
+        let (ids, offsets) =
+            tok.encode_with_offsets(&format!("{pre}{}", t.text), prefix == BasePrefix::Plain)?;
         if ids.is_empty() {
             continue;
         }
