@@ -26,6 +26,16 @@ fn io_text(e: &std::io::Error) -> String {
             format!("expected the file, or the folder it is written to, found none ({e})")
         }
         std::io::ErrorKind::PermissionDenied => format!("expected access, found it denied ({e})"),
+        std::io::ErrorKind::IsADirectory => format!("expected a file, found a folder ({e})"),
+        std::io::ErrorKind::NotADirectory => {
+            format!("expected a folder on the path, found a file ({e})")
+        }
+        std::io::ErrorKind::AlreadyExists => {
+            format!("expected a folder or nothing there, found a file ({e})")
+        }
+        std::io::ErrorKind::StorageFull => {
+            format!("expected room to write, found the disk full ({e})")
+        }
         _ => e.to_string(),
     }
 }

@@ -13,8 +13,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp.{}", std::process::id()));
     let tmp = path.with_file_name(name);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = std::fs::write(&tmp, bytes) {
+        // A full disk: the previous file stays whole, and no partial temporary is left.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Refuses an output path whose folder does not exist, before a long run that would only
+/// fail when writing it at the end.
+pub fn check_folder_of(path: &Path, flag: &str) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        crate::bail!(
+            "{flag} {}: expected an existing folder {} to write it in, found none",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Cuts a file after its last complete line (a kill in the middle of appending a line leaves

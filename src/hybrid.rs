@@ -168,6 +168,28 @@ impl Pair<'_> {
             .validate_for(&self.base.config, &self.thinking.config)
     }
 
+    /// Each problem's prompts against their models: ids in the vocabularies, and room in the
+    /// contexts for at least one new token.
+    pub fn check_prompts(&self, problems: &[Prompts]) -> Result<()> {
+        for (i, p) in problems.iter().enumerate() {
+            for (side, m, ids) in [
+                ("base", self.base, &p.base),
+                ("thinking", self.thinking, &p.thinking),
+            ] {
+                let ctx = m.config.max_position_embeddings;
+                if ids.len() >= ctx {
+                    bail!(
+                        "problem {i}: the {side} prompt has {} tokens, expected fewer than the {side} model's context of {ctx} (max_position_embeddings)",
+                        ids.len()
+                    );
+                }
+                m.check_ids(ids)
+                    .map_err(|e| crate::Error::Input(format!("problem {i}, {side} prompt: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn artifacts(&self) -> Artifacts<'_> {
         Artifacts {
             sae: self.sae,
@@ -240,14 +262,7 @@ pub fn run(
 ) -> Result<Vec<Output>> {
     pair.validate()?;
     s.validate(problems)?;
-    for (i, p) in problems.iter().enumerate() {
-        pair.base
-            .check_ids(&p.base)
-            .map_err(|e| crate::Error::Input(format!("problem {i}, base prompt: {e}")))?;
-        pair.thinking
-            .check_ids(&p.thinking)
-            .map_err(|e| crate::Error::Input(format!("problem {i}, thinking prompt: {e}")))?;
-    }
+    pair.check_prompts(problems)?;
     match s.mode {
         Mode::Exact => problems
             .iter()

@@ -1,6 +1,6 @@
 //! The `thinksteer` command line. Every failure prints one line and exits with code 2.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -649,9 +649,8 @@ fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
             ))
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, None, &a.out)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    Ok(())
+    let bytes = safetensors::serialize(views, None)?;
+    Ok(thinksteer::files::write_atomic(&a.out, &bytes)?)
 }
 
 fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
@@ -721,6 +720,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     };
     pair.validate()?;
     settings.validate(&problems)?;
+    pair.check_prompts(&problems)?;
     let eos = &base.config.eos_token_ids;
     let batch = if a.mode == thinksteer::hybrid::Mode::Exact {
         1
@@ -874,8 +874,21 @@ fn cmd_demo(a: DemoArgs) -> Result<()> {
 }
 
 fn cmd_grade(a: GradeArgs) -> Result<()> {
-    let kind: thinksteer::eval::grade::GradeKind = a.kind.parse()?;
-    let g = thinksteer::eval::grade::grade(kind, &a.reference, &a.response);
+    use thinksteer::eval::grade::{extract_gsm8k, grade, GradeKind};
+    let kind: GradeKind = a.kind.parse()?;
+    let no_number = kind == GradeKind::Gsm8k && extract_gsm8k(&a.reference).is_none();
+    if a.reference.trim().is_empty() || no_number {
+        return Err(anyhow!(
+            "--reference: expected {}, found {:?}",
+            if no_number {
+                "a number (or GSM8K's `#### N`)"
+            } else {
+                "an answer"
+            },
+            a.reference
+        ));
+    }
+    let g = grade(kind, &a.reference, &a.response);
     if a.json {
         println!("{}", serde_json::to_string(&g)?);
     } else {

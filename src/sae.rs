@@ -358,7 +358,7 @@ pub(crate) fn write_f32_safetensors(
             out.extend_from_slice(&v.to_le_bytes());
         }
     }
-    std::fs::write(path, out).map_err(|e| Error::io(path, e))
+    crate::files::write_atomic(path, &out)
 }
 
 #[cfg(test)]

@@ -567,3 +567,108 @@ fn hybrid_args<'a>(
         question,
     ]
 }
+
+#[test]
+fn inputs_that_would_waste_a_run_are_refused_first() {
+    let dir = std::env::temp_dir().join(format!("thinksteer-cli-{}-waste", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (m, think) = (fixture("qwen2-f32"), fixture("thinking-qwen2-f32"));
+    let (m, think) = (m.to_str().unwrap(), think.to_str().unwrap());
+    let (sae, vec) = (dir.join("sae.safetensors"), dir.join("vec.safetensors"));
+    let (sae, vec) = (sae.to_str().unwrap(), vec.to_str().unwrap());
+    for args in [
+        vec![
+            "random-sae",
+            "--model",
+            think,
+            "--layer",
+            "1",
+            "--latents",
+            "3",
+            "--k",
+            "2",
+        ],
+        vec![
+            "random-vectors",
+            "--model",
+            m,
+            "--layer",
+            "1",
+            "--count",
+            "3",
+        ],
+    ] {
+        let out = if args[0] == "random-sae" { sae } else { vec };
+        assert!(bin()
+            .args(&args)
+            .args(["--out", out])
+            .status()
+            .unwrap()
+            .success());
+    }
+    // A question longer than the fixture's 512-token context.
+    let long = "a ".repeat(700);
+    expect_error(
+        &hybrid_args(m, think, sae, vec, &long),
+        &[
+            "problem 0",
+            "expected fewer than the base model's context of 512",
+        ],
+    );
+    // A base prompt that never shows the question.
+    let mut args = hybrid_args(m, think, sae, vec, "1+1?");
+    args.extend(["--base-prompt", "Answer:"]);
+    expect_error(
+        &args,
+        &["expected a template holding {question}", "\"Answer:\""],
+    );
+    // A GSM8K reference that is not a number.
+    expect_error(
+        &[
+            "grade",
+            "--kind",
+            "gsm8k",
+            "--reference",
+            "",
+            "--response",
+            "18",
+        ],
+        &["--reference", "expected a number"],
+    );
+    // A size below --k, refused before the sizes before it are trained.
+    expect_error(
+        &[
+            "train-sae",
+            "--acts",
+            "none.safetensors",
+            "--latents",
+            "3,1",
+            "--k",
+            "2",
+            "--out",
+            "x",
+        ],
+        &["--latents 1", "at least --k 2"],
+    );
+    // An output in a folder that does not exist: said once, as expected and found.
+    let nowhere = dir.join("no-folder/x.safetensors");
+    let mut args = vec![
+        "logits",
+        "--device",
+        "cpu",
+        "--model",
+        m,
+        "--prompt-ids",
+        "1,2",
+        "--out",
+    ];
+    args.push(nowhere.to_str().unwrap());
+    let out = bin().args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+    assert!(
+        err.contains("expected the file, or the folder it is written to"),
+        "{err}"
+    );
+}

@@ -1133,3 +1133,65 @@ fn plain_prompts_get_the_base_tokenizers_bos() {
         "the chat template's <|im_start|>, no bos added"
     );
 }
+
+#[test]
+fn a_folder_that_cannot_be_trusted_is_refused_before_generating() {
+    // A judge that cannot run: refused on a sample, before any answer is generated.
+    let out = tmp("judge-fails");
+    let e = fails(eval(&out, &["--modes", "base", "--judge-cmd", "exit 3"]));
+    assert!(
+        e.contains("--judge-cmd, tried on a sample") && e.contains("exit"),
+        "{e}"
+    );
+    assert!(read_lines_or_none(&out).is_none(), "nothing generated");
+
+    // Results of another dataset file under the same index: refused.
+    let out = tmp("other-questions");
+    ok(eval(&out, &["--modes", "base", "--limit", "2"]));
+    let path = out.join("results.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let q = first["question"].as_str().unwrap();
+    std::fs::write(&path, text.replacen(q, "Another question?", 1)).unwrap();
+    let e = fails(eval(&out, &["--modes", "base", "--limit", "3"]));
+    assert!(
+        e.contains("holds another question than the dataset's"),
+        "{e}"
+    );
+
+    // Results without the configuration they were made with: refused; `report` still reads
+    // them, but not an unreadable configuration.
+    std::fs::write(&path, &text).unwrap();
+    std::fs::remove_file(out.join("config.json")).unwrap();
+    let e = fails(eval(&out, &["--modes", "base", "--limit", "3"]));
+    assert!(e.contains("holds results but no config.json"), "{e}");
+    let report = || bin().arg("report").arg("--out").arg(&out).output().unwrap();
+    ok(report());
+    std::fs::write(out.join("config.json"), "{bad").unwrap();
+    assert!(fails(report()).contains("unreadable JSON"));
+
+    // A preset whose thinking prompt is neither chat nor plain.
+    let preset = tmp("preset").join("p.json");
+    let mut p: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/presets/r1-distill-qwen-1.5b.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    p["thinking_prompt"] = "weird".into();
+    std::fs::write(&preset, p.to_string()).unwrap();
+    let e = fails(eval(&tmp("weird"), &["--preset", preset.to_str().unwrap()]));
+    assert!(
+        e.contains("thinking_prompt") && e.contains("\"weird\""),
+        "{e}"
+    );
+}
+
+/// The result lines of a folder, None when it has no results file.
+fn read_lines_or_none(out: &Path) -> Option<Vec<Value>> {
+    let path = out.join("results.jsonl");
+    let lines = path.exists().then(|| lines_of(&path))?;
+    (!lines.is_empty()).then_some(lines)
+}

@@ -1220,3 +1220,112 @@ fn vectors_trained_at_the_block_input_are_the_previous_blocks_and_are_named() {
         .contains("was trained at the output of block 1 and is added at its input"));
     assert!(!hybrid(&below, &[]).contains("note:"));
 }
+
+#[test]
+fn bad_traces_and_vector_settings_are_refused_before_work() {
+    let dir = tmp("bad-traces");
+    let text = "Let me add the two numbers. Then I check the sum again. So it is five.";
+    let acts = |traces: &str, needles: &[&str]| {
+        let p = dir.join("t.jsonl");
+        std::fs::write(&p, format!("{traces}\n")).unwrap();
+        fails(
+            &[
+                "activations",
+                "--model",
+                &s(&fixture(THINKING)),
+                "--traces",
+                &s(&p),
+                "--layer",
+                "1",
+                "--out",
+                &s(&dir.join("a.safetensors")),
+                "--device",
+                "cpu",
+            ],
+            needles,
+        );
+    };
+    // Thinking spans past the text, reversed, and inside a character.
+    let span = "expected a thinking span within the text";
+    acts(
+        &hand_trace(
+            0,
+            "p",
+            text,
+            Some(Span {
+                start: 0,
+                end: 1000,
+            }),
+        ),
+        &[span, "0..1000"],
+    );
+    acts(
+        &hand_trace(0, "p", text, Some(Span { start: 9, end: 3 })),
+        &[span, "9..3"],
+    );
+    acts(
+        &hand_trace(
+            0,
+            "p",
+            "é and more words here",
+            Some(Span { start: 1, end: 8 }),
+        ),
+        &[span],
+    );
+    // A trace longer than the model's 512-token context.
+    let long = text.repeat(80);
+    let t = hand_trace(
+        3,
+        "p",
+        &long,
+        Some(Span {
+            start: 0,
+            end: long.len(),
+        }),
+    );
+    acts(
+        &t,
+        &["trace 3", "expected at most the model's context of 512"],
+    );
+
+    let (tp, ap) = optimise_data(&dir);
+    let train = |extra: &[&str], needles: &[&str]| {
+        let (base, tp, ap) = (s(&fixture(BASE)), s(&tp), s(&ap));
+        let mut args = vec![
+            "train-vectors",
+            "--base",
+            &base,
+            "--traces",
+            &tp,
+            "--annotations",
+            &ap,
+            "--layer",
+            "1",
+            "--device",
+            "cpu",
+            "--method",
+            "optimise",
+        ];
+        args.extend(extra);
+        fails(&args, needles);
+    };
+    let out = s(&dir.join("v.safetensors"));
+    let nowhere = s(&dir.join("none/v.safetensors"));
+    train(
+        &["--out", &nowhere],
+        &["--out", "expected an existing folder"],
+    );
+    let curves = s(&dir.join("none/c.csv"));
+    train(
+        &["--out", &out, "--curves", &curves],
+        &["--curves", "expected an existing folder"],
+    );
+    train(
+        &["--out", &out, "--coldness", "0"],
+        &["--coldness", "finite number > 0", "found 0"],
+    );
+    assert!(
+        !dir.join("v.ckpt.json").exists(),
+        "refused before any epoch"
+    );
+}

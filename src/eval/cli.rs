@@ -213,7 +213,15 @@ pub fn load_preset(name: &str) -> Result<Preset> {
             ));
         }
     };
-    serde_json::from_str(&text).map_err(|e| anyhow!("--preset {name}: malformed preset JSON ({e})"))
+    let p: Preset = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("--preset {name}: malformed preset JSON ({e})"))?;
+    if p.thinking_prompt != "chat" && p.thinking_prompt != "plain" {
+        return Err(anyhow!(
+            "--preset {name}: thinking_prompt: expected \"chat\" or \"plain\", found {:?}",
+            p.thinking_prompt
+        ));
+    }
+    Ok(p)
 }
 
 /// The paper's evaluation set of a named dataset, as a limit: the first 500 GSM8K test

@@ -129,7 +129,7 @@ pub fn load_report(out: &Path) -> Result<Report> {
         )));
     }
     let mut r = summarize(&lines);
-    if let Some(h) = hybrid_config(out) {
+    if let Some(h) = hybrid_config(out)? {
         r.hybrid_settings = Some(settings_in_words(&h));
         r.random_firing = h.ablations.random_firing;
         // A report still renders, with numbered categories, when the SAE file has moved.
@@ -138,12 +138,21 @@ pub fn load_report(out: &Path) -> Result<Report> {
     Ok(r)
 }
 
-/// The hybrid section of OUT/config.json, if the folder has one.
-fn hybrid_config(out: &Path) -> Option<HybridConfig> {
-    let text = std::fs::read_to_string(out.join("config.json")).ok()?;
-    serde_json::from_str::<super::run::RunConfig>(&text)
-        .ok()?
-        .hybrid
+/// The hybrid section of OUT/config.json, if the folder has one (a folder of results copied
+/// without it still reports).
+fn hybrid_config(out: &Path) -> Result<Option<HybridConfig>> {
+    let path = out.join("config.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let config: super::run::RunConfig = serde_json::from_str(&text).map_err(|e| {
+        Error::Input(format!(
+            "{}: expected a thinksteer eval configuration, found unreadable JSON ({e})",
+            path.display()
+        ))
+    })?;
+    Ok(config.hybrid)
 }
 
 /// "cached mode, coefficients 0.5, 1, windows -1 (preset P); ablations: only bias".

@@ -3,7 +3,7 @@
 //! last line repaired on reopen), the prompts of each mode (`PromptBuilder`, shared with the
 //! `hybrid` command) and the loop that decodes the problems still missing, `--batch` at a time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -119,6 +119,12 @@ impl RunConfig {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
         let path = out.join("config.json");
         let mut merged = self.clone();
+        if !path.exists() && !read_results(out)?.is_empty() {
+            bail!(
+                "{}: holds results but no config.json: expected the configuration they were made with, found none; use another --out",
+                out.display()
+            );
+        }
         if path.exists() {
             let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
             let old: RunConfig = serde_json::from_str(&text).map_err(|e| {
@@ -335,6 +341,11 @@ impl PromptBuilder {
                 ))
             })
         };
+        if let Some(t) = base_prompt.as_ref().filter(|t| !t.contains("{question}")) {
+            bail!(
+                "the base prompt: expected a template holding {{question}} (where the question goes), found {t:?}"
+            );
+        }
         let template = if thinking_plain {
             None
         } else {
@@ -445,9 +456,34 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
     } else {
         None
     };
+    if let Some(cmd) = &spec.config.judge_cmd {
+        // Tried once before any generation, so that a judge that cannot run loses no answers.
+        run_judge(cmd, "What is 1 + 1?", "2", "1 + 1 = 2. The answer is 2.").map_err(|e| {
+            Error::Input(format!(
+                "--judge-cmd, tried on a sample before generating: {e}"
+            ))
+        })?;
+    }
     spec.config.reconcile(&spec.out)?;
     let mut writer = ResultsWriter::open(&spec.out, spec.shard)?;
     let old = read_results(&spec.out)?;
+    let questions: HashMap<usize, &str> = spec
+        .problems
+        .iter()
+        .map(|p| (p.index, p.question.as_str()))
+        .collect();
+    if let Some(r) = old
+        .iter()
+        .find(|r| questions.get(&r.index).is_some_and(|q| *q != r.question))
+    {
+        bail!(
+            "{}: the result for problem {} ({}) holds another question than the dataset's: expected results of {}, use another --out",
+            spec.out.display(),
+            r.index,
+            r.mode.name(),
+            spec.config.dataset.path
+        );
+    }
     let device = device_name(spec);
     if let Some(other) = old
         .iter()
@@ -755,6 +791,7 @@ fn run_hybrid(
         .iter()
         .map(|p| prompts.hybrid(&p.question))
         .collect::<Result<Vec<_>>>()?;
+    pair.check_prompts(&all)?;
     // The GPU step, when asked for and the settings allow it; sized once for every chunk.
     let mut gpu = if spec.use_cuda && spec.settings.mode != hybrid::Mode::Exact {
         let longest = |f: fn(&hybrid::Prompts) -> usize| all.iter().map(f).max().unwrap_or(1);

@@ -17,7 +17,7 @@ use crate::sae::{
 use crate::tokenizer::Tokenizer;
 
 use super::spans::{block_runner, span_mean, tokenise_trace};
-use super::traces::{read_traces, Trace};
+use super::traces::{in_trace, read_traces, Trace};
 use crate::config::Config;
 
 /// A sentence-activation file in memory.
@@ -407,7 +407,7 @@ pub fn write_activations(
         if partial.done.contains_key(key) {
             continue; // done before the kill
         }
-        let (done, means) = trace_means(d, tok, t, run)?;
+        let (done, means) = trace_means(d, tok, t, run).map_err(|e| in_trace(traces_path, t, e))?;
         partial.record(done, &means)?;
     }
     // The rows in the traces' order, whatever order they were run in.

@@ -336,6 +336,7 @@ pub fn annotate(a: AnnotateArgs) -> Result<()> {
 }
 
 pub fn train_vectors(mut a: TrainVectorsArgs) -> Result<()> {
+    crate::files::check_folder_of(&a.out, "--out")?;
     a.base = crate::gguf::checkpoint_dir(&a.base)?;
     // Trained at the input of block L = at the output of block L − 1; labelled L afterwards.
     let layer = a.layer;
@@ -402,6 +403,16 @@ fn train_vectors_optimise(
             "--prefix-cache-gb: expected a non-negative number of GiB, found {g}"
         ));
     }
+    let ckpt = a
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| sibling(&a.out, "ckpt.json"));
+    let csv = a
+        .curves
+        .clone()
+        .unwrap_or_else(|| sibling(&a.out, "curves.csv"));
+    crate::files::check_folder_of(&ckpt, "--checkpoint")?;
+    crate::files::check_folder_of(&csv, "--curves")?;
     let s = OptimiseSettings {
         layer: a.layer,
         epochs: a.epochs,
@@ -417,10 +428,6 @@ fn train_vectors_optimise(
             .prefix_cache_gb
             .map(|g| (g * (1u64 << 30) as f64) as usize),
     };
-    let ckpt = a
-        .checkpoint
-        .clone()
-        .unwrap_or_else(|| sibling(&a.out, "ckpt.json"));
     let (rep, curves) = optimise(
         &a.base,
         &a.traces,
@@ -430,13 +437,9 @@ fn train_vectors_optimise(
         &ckpt,
         a.resume,
     )?;
-    let csv = a
-        .curves
-        .clone()
-        .unwrap_or_else(|| sibling(&a.out, "curves.csv"));
-    std::fs::write(&csv, curves_csv(&curves)).map_err(|e| anyhow!("{}: {e}", csv.display()))?;
+    crate::files::write_atomic(&csv, curves_csv(&curves).as_bytes())?;
     let svg = csv.with_extension("svg");
-    std::fs::write(&svg, curves_svg(&curves)).map_err(|e| anyhow!("{}: {e}", svg.display()))?;
+    crate::files::write_atomic(&svg, curves_svg(&curves).as_bytes())?;
     for v in &rep.summaries {
         println!(
             "{}: {} training and {} held-out examples, {} epochs{}",

@@ -176,12 +176,14 @@ pub struct OptimiseReport {
     pub epochs_run: usize,
 }
 
-/// The bias examples and, per category, the sentence examples of a traces/annotations pair.
+/// The bias examples and, per category, the sentence examples of a traces/annotations pair;
+/// a trace longer than `context` tokens (with its prefix) is refused.
 pub fn build_examples(
     tok: &Tokenizer,
     traces_path: &Path,
     annotations_path: &Path,
     prefix: BasePrefix,
+    context: usize,
 ) -> Result<(Vec<Example>, Vec<Vec<Example>>)> {
     let traces = read_traces(traces_path)?;
     let annots = read_annotations(annotations_path)?;
@@ -196,8 +198,20 @@ pub fn build_examples(
         let p = pre.len();
         let (ids, offsets) =
             tok.encode_with_offsets(&format!("{pre}{}", t.text), prefix == BasePrefix::Plain)?;
+        // An example runs the ids up to its last target token.
+        let fits = |end: usize| {
+            if end > context {
+                bail!(
+                    "{}: trace {}: an example of {end} tokens (with its prefix), expected at most the base model's context of {context} (max_position_embeddings)",
+                    traces_path.display(),
+                    t.index
+                );
+            }
+            Ok(())
+        };
         let span = |s: usize, e: usize| token_span(&offsets, p + s, p + e);
         if let Some((a, b)) = t.thinking.and_then(|s| span(s.start, s.end)) {
+            fits(b)?;
             bias.push(Example {
                 ids: ids[..b].to_vec(),
                 positions: (a..b).collect(),
@@ -207,6 +221,7 @@ pub fn build_examples(
             let a = &annots[i];
             check_sentence(annotations_path, t, a)?;
             if let Some((s0, s1)) = span(a.start, a.end) {
+                fits(s1)?;
                 cats[a.category].push(Example {
                     ids: ids[..s1].to_vec(),
                     positions: (s0..s1).collect(),
@@ -531,7 +546,19 @@ pub fn optimise(
             s.lr
         );
     }
-    let (bias_ex, cats) = build_examples(&tok, traces_path, annotations_path, prefix)?;
+    if !(s.coldness.is_finite() && s.coldness > 0.0) {
+        bail!(
+            "--coldness: expected a finite number > 0 (the logits' factor), found {}",
+            s.coldness
+        );
+    }
+    let (bias_ex, cats) = build_examples(
+        &tok,
+        traces_path,
+        annotations_path,
+        prefix,
+        c.max_position_embeddings,
+    )?;
     let d = c.hidden_size;
     let kk = cats.len();
     let fp = fingerprint(s, base_dir, &bias_ex, &cats);

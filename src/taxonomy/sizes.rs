@@ -111,6 +111,13 @@ pub fn train_sizes(
     if sizes.is_empty() {
         bail!("expected at least one dictionary size in --latents, found none");
     }
+    // Every size before the first is trained, not after it.
+    if let Some(kk) = sizes.iter().find(|&&kk| base.k > kk) {
+        bail!(
+            "--latents {kk}: expected every size at least --k {}, found one below it",
+            base.k
+        );
+    }
     let acts = Acts::load(acts_path)?;
     let fingerprint = acts_fingerprint(&acts);
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;

@@ -88,6 +88,13 @@ pub fn block_output(model: &Model, ids: &[u32], layer: usize) -> Result<Vec<f32>
     if ids.is_empty() {
         crate::bail!("expected at least one token to run, found none");
     }
+    if ids.len() > c.max_position_embeddings {
+        crate::bail!(
+            "a sequence of {} tokens: expected at most the model's context of {} (max_position_embeddings)",
+            ids.len(),
+            c.max_position_embeddings
+        );
+    }
     model.check_ids(ids)?;
     let t = ids.len();
     let mut cache = KvCache::new(c, 1, t);

@@ -69,8 +69,27 @@ pub fn read_traces(path: &Path) -> Result<Vec<Trace>> {
             continue;
         }
         match serde_json::from_str::<Trace>(line) {
-            Ok(t) => out.push(t),
-            Err(_) if i + 1 == lines.len() && !complete => {}
+            Ok(t) => {
+                if let Some(s) = t.thinking {
+                    let fits = |b: usize| t.text.is_char_boundary(b);
+                    if !(s.start <= s.end && fits(s.start) && fits(s.end)) {
+                        bail!(
+                            "{}:{}: expected a thinking span within the text (0..{} bytes, on character boundaries), found {}..{}",
+                            path.display(),
+                            i + 1,
+                            t.text.len(),
+                            s.start,
+                            s.end
+                        );
+                    }
+                }
+                out.push(t)
+            }
+            Err(_) if i + 1 == lines.len() && !complete => eprintln!(
+                "note: {}:{}: an incomplete last line (a run killed while writing it?), skipped",
+                path.display(),
+                i + 1
+            ),
             Err(e) => bail!(
                 "{}:{}: expected a trace {{\"index\", \"question\", \"prompt\", \"text\", \"thinking\"}}, found a line that does not parse: {e}",
                 path.display(),
@@ -89,6 +108,14 @@ pub fn read_traces(path: &Path) -> Result<Vec<Trace>> {
         );
     }
     Ok(out)
+}
+
+/// An input error while using one trace, named by its file and question index.
+pub fn in_trace(path: &Path, t: &Trace, e: Error) -> Error {
+    match e {
+        Error::Input(m) => Error::Input(format!("{}: trace {}: {m}", path.display(), t.index)),
+        e => e,
+    }
 }
 
 #[derive(Clone, Debug)]

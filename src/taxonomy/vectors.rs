@@ -23,7 +23,7 @@ use crate::tokenizer::Tokenizer;
 
 use super::annotate::{read_annotations, Annotation};
 use super::spans::{block_runner, token_span};
-use super::traces::{read_traces, Trace};
+use super::traces::{in_trace, read_traces, Trace};
 
 /// Which text the base model reads before a trace's `text`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +117,7 @@ pub fn mean_diff(
         if ids.is_empty() {
             continue;
         }
-        let h = run(&ids)?; // [T, D]
+        let h = run(&ids).map_err(|e| in_trace(traces_path, t, e))?; // [T, D]
         let think = t
             .thinking
             .and_then(|s| token_span(&offsets, p + s.start, p + s.end));
