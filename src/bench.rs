@@ -561,7 +561,13 @@ pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     let model = Arc::new(Model::load(Path::new(shape))?);
     let max_b = s.batches.iter().copied().max().unwrap_or(1);
     let config = model.config.clone();
-    let mut e = CpuEngine::new(model, max_b, s.prompt_len + s.new_tokens + 1);
+    let len = s.prompt_len + s.new_tokens + 1;
+    let cache = crate::hybrid::prefix::slot_bytes(&config, 0, len, 4);
+    crate::memory::check_fits(
+        max_b.saturating_mul(cache),
+        &format!("--batch {max_b} (its f32 KV cache)"),
+    )?;
+    let mut e = CpuEngine::new(model, max_b, len);
     let prefill = prefill_time(&mut e, s)?;
     let mut decode = vec![];
     for &b in &s.batches {

@@ -19,6 +19,7 @@ pub mod files;
 pub mod generate;
 pub mod gguf;
 pub mod hybrid;
+pub mod memory;
 pub mod model;
 pub mod rng;
 pub mod sae;

@@ -813,6 +813,9 @@ fn cmd_random_sae(mut a: RandomSaeArgs) -> Result<()> {
     }
     a.model = thinksteer::gguf::checkpoint_dir(&a.model)?;
     let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
+    // W_enc and W_dec in f32, and the file's bytes as they are written.
+    let bytes = a.latents.saturating_mul(c.hidden_size).saturating_mul(16);
+    thinksteer::memory::check_fits(bytes, &format!("--latents {}", a.latents))?;
     let sae = thinksteer::sae::Sae::random(
         c.hidden_size,
         a.latents,
@@ -835,6 +838,9 @@ fn cmd_random_vectors(mut a: RandomVectorsArgs) -> Result<()> {
     }
     a.model = thinksteer::gguf::checkpoint_dir(&a.model)?;
     let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
+    // The vectors in f32, and the file's bytes as they are written.
+    let bytes = a.count.saturating_mul(c.hidden_size).saturating_mul(8);
+    thinksteer::memory::check_fits(bytes, &format!("--count {}", a.count))?;
     let set = thinksteer::steering::SteeringSet::random(
         c.hidden_size,
         a.count,

@@ -606,6 +606,43 @@ fn inputs_that_would_waste_a_run_are_refused_first() {
             .unwrap()
             .success());
     }
+    // Sizes no memory holds: refused with a line, not the allocator's abort.
+    let huge = "100000000000";
+    let fits = "expected to fit in the";
+    let out = dir.join("huge.safetensors");
+    let out = out.to_str().unwrap();
+    expect_error(
+        &[
+            "random-sae",
+            "--model",
+            think,
+            "--layer",
+            "1",
+            "--latents",
+            huge,
+            "--out",
+            out,
+        ],
+        &["--latents 100000000000", fits],
+    );
+    expect_error(
+        &[
+            "random-vectors",
+            "--model",
+            m,
+            "--layer",
+            "1",
+            "--count",
+            huge,
+            "--out",
+            out,
+        ],
+        &["--count 100000000000", fits],
+    );
+    expect_error(
+        &["bench", "--shape", m, "--device", "cpu", "--batch", huge],
+        &["--batch 100000000000", fits],
+    );
     // A question longer than the fixture's 512-token context.
     let long = "a ".repeat(700);
     expect_error(

@@ -142,12 +142,7 @@ pub fn slot_bytes(c: &Config, from: usize, max_len: usize, kv_bytes: usize) -> u
 /// The memory the system reports available (`MemAvailable`), else 4 GiB: what the CPU loop's
 /// prefix caches are sized against.
 pub fn cpu_available() -> usize {
-    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
-        let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
-    });
-    avail.unwrap_or(4 << 30)
+    crate::memory::available().unwrap_or(4 << 30)
 }
 
 #[cfg(test)]

@@ -318,10 +318,20 @@ impl Partial {
     fn read_rows(&self) -> Result<Vec<f32>> {
         self.check_len()?;
         let bytes = std::fs::read(&self.raw_path).map_err(|e| Error::io(&self.raw_path, e))?;
-        Ok(bytes
+        let rows: Vec<f32> = bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect())
+            .collect();
+        if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: row {} holds {}: expected finite activations (from the model, or a damaged file: delete it and {} to run those traces again)",
+                self.raw_path.display(),
+                i / self.d.max(1),
+                rows[i],
+                self.log_path.display()
+            );
+        }
+        Ok(rows)
     }
 
     /// The progress file first: rows without it are cut to none when a run starts, while a

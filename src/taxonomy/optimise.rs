@@ -62,13 +62,8 @@ const ADAM_EPS: f64 = 1e-8;
 /// recomputed each time; the result is the same either way): half the memory available now
 /// (/proc/meminfo), at least 1 GiB; 2 GiB where that cannot be read.
 pub fn default_prefix_cache_bytes() -> usize {
-    let avail_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| {
-        t.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
-    });
-    match avail_kib {
-        Some(k) => (k * 1024 / 2).max(1 << 30),
+    match crate::memory::available() {
+        Some(bytes) => (bytes / 2).max(1 << 30),
         None => 2 << 30,
     }
 }

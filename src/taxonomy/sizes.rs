@@ -119,6 +119,11 @@ pub fn train_sizes(
         );
     }
     let acts = Acts::load(acts_path)?;
+    // Parameters θ = 2·K·D + K + D in f32, with Adam's two moments, the gradient, the best θ and
+    // per-chunk gradients: at least eight copies of θ.
+    let kk = sizes.iter().copied().max().unwrap_or(1);
+    let theta = kk.saturating_mul(2 * acts.d + 1).saturating_add(acts.d);
+    crate::memory::check_fits(theta.saturating_mul(32), &format!("--latents {kk}"))?;
     let fingerprint = acts_fingerprint(&acts);
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut results = Vec::new();
