@@ -45,6 +45,7 @@ pub struct Model {
 
 impl Weights {
     pub fn load(files: &WeightFiles, c: &Config) -> Result<Weights> {
+        files.check_against(c)?;
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q, kv) = (
             c.num_attention_heads * c.head_dim,

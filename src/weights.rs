@@ -2,6 +2,7 @@
 //! memory-mapped, in bf16, f16 or f32, converted on request to f32 (CPU) or bf16 (GPU upload).
 //! Every error names the file and the tensor.
 
+use crate::config::Config;
 use crate::{bail, Error, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -89,26 +90,97 @@ impl WeightFiles {
         })
     }
 
-    /// The tensor as f32 (exact for bf16/f16 sources).
+    /// The tensor as f32 (exact for bf16/f16 sources), every value checked finite.
     pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let t = self.raw(name, shape)?;
-        Ok(to_f32(t.dtype, t.data))
+        let (v, finite) = to_f32(t.dtype, t.data);
+        if !finite {
+            self.non_finite(name, v.iter().position(|x| !x.is_finite()))?;
+        }
+        Ok(v)
     }
 
-    /// The tensor as bf16 (rounded to nearest even from f32/f16 sources).
+    /// The tensor as bf16 (rounded to nearest even from f32/f16 sources), every value checked
+    /// finite after rounding. The check rides on the conversion's pass, so it costs no extra
+    /// read of the weights.
     pub fn bf16(&self, name: &str, shape: &[usize]) -> Result<Vec<bf16>> {
         let t = self.raw(name, shape)?;
-        Ok(match t.dtype {
+        // Exponent bits all ones: infinity or NaN.
+        let bad = |x: bf16| x.to_bits() & 0x7f80 == 0x7f80;
+        let mut finite = true;
+        let v: Vec<bf16> = match t.dtype {
             Dtype::BF16 => t
                 .data
                 .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]))
+                .map(|b| {
+                    let x = bf16::from_le_bytes([b[0], b[1]]);
+                    finite &= !bad(x);
+                    x
+                })
                 .collect(),
             _ => to_f32(t.dtype, t.data)
+                .0
                 .into_iter()
-                .map(bf16::from_f32)
+                .map(|f| {
+                    let x = bf16::from_f32(f);
+                    finite &= !bad(x);
+                    x
+                })
                 .collect(),
-        })
+        };
+        if !finite {
+            self.non_finite(name, v.iter().position(|&x| bad(x)))?;
+        }
+        Ok(v)
+    }
+
+    fn non_finite(&self, name: &str, at: Option<usize>) -> Result<()> {
+        let path = match self.index.get(name) {
+            Some(&fi) => self.files[fi].0.display().to_string(),
+            None => self.describe(),
+        };
+        let at = at.unwrap_or(0);
+        bail!("{path}: tensor {name:?}: expected finite values, found a NaN or infinity at element {at}")
+    }
+
+    /// Checks, before any per-layer buffer is allocated, that the checkpoint's
+    /// `model.layers.N.*` tensors are those of exactly `c.num_hidden_layers` blocks (a config
+    /// with fewer would silently skip blocks, one with absurdly many allocate before the first
+    /// missing tensor), and that it holds no bias the decoder would ignore.
+    pub fn check_against(&self, c: &Config) -> Result<()> {
+        let n = c.num_hidden_layers;
+        let mut top: Option<usize> = None;
+        for name in self.index.keys() {
+            let Some((layer, rest)) = layer_of(name) else {
+                continue;
+            };
+            top = top.max(Some(layer));
+            let qkv_bias = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .any(|p| rest == format!("self_attn.{p}.bias"));
+            if rest.ends_with(".bias") && !qkv_bias {
+                bail!(
+                    "{}: tensor {name:?}: expected biases only on q/k/v_proj, found one the decoder does not implement",
+                    self.describe()
+                );
+            }
+        }
+        match top {
+            Some(m) if m >= n => bail!(
+                "{}: expected {n} layers' tensors (num_hidden_layers in config.json), found tensors of layer {m} (model.layers.{m}.*)",
+                self.describe()
+            ),
+            Some(m) if m + 1 < n => bail!(
+                "{}: expected {n} layers' tensors (num_hidden_layers in config.json), found tensors of layers 0..={m} only (no model.layers.{}.*)",
+                self.describe(),
+                m + 1
+            ),
+            None => bail!(
+                "{}: expected {n} layers' tensors (num_hidden_layers in config.json), found no model.layers.N.* tensor",
+                self.describe()
+            ),
+            Some(_) => Ok(()),
+        }
     }
 
     /// The stored dtype of one tensor, if present.
@@ -189,20 +261,33 @@ pub fn checkpoint_fingerprint(path: &Path) -> Result<String> {
     Ok(format!("{h:016x}"))
 }
 
-fn to_f32(dtype: Dtype, data: &[u8]) -> Vec<f32> {
-    match dtype {
+/// `model.layers.N.rest` → (N, rest).
+pub fn layer_of(name: &str) -> Option<(usize, &str)> {
+    let (n, rest) = name.strip_prefix("model.layers.")?.split_once('.')?;
+    Some((n.parse().ok()?, rest))
+}
+
+/// The values as f32, and whether all are finite (checked in the same pass).
+fn to_f32(dtype: Dtype, data: &[u8]) -> (Vec<f32>, bool) {
+    let mut finite = true;
+    let mut check = |x: f32| {
+        finite &= x.is_finite();
+        x
+    };
+    let v = match dtype {
         Dtype::F32 => data
             .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .map(|b| check(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
             .collect(),
         Dtype::BF16 => data
             .chunks_exact(2)
-            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .map(|b| check(bf16::from_le_bytes([b[0], b[1]]).to_f32()))
             .collect(),
         Dtype::F16 => data
             .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .map(|b| check(f16::from_le_bytes([b[0], b[1]]).to_f32()))
             .collect(),
         _ => unreachable!("dtype checked in raw()"),
-    }
+    };
+    (v, finite)
 }

@@ -869,6 +869,85 @@ fn conversion_errors_name_what_is_wrong() {
     );
 }
 
+/// block_count and the float hyperparameters the runtime would load wrongly (or abort on: a
+/// block_count of 2^31 allocated per-block arrays) are refused at conversion, before the
+/// folder is written.
+#[test]
+fn hyperparameters_that_would_not_load_are_conversion_errors() {
+    let with = |key: &str, v: Value| {
+        let mut m = tiny_metadata("llama", "gpt2");
+        let e = m.iter_mut().find(|e| e.0 == key).unwrap();
+        e.1 = v;
+        m
+    };
+    let tensors = tiny_gguf_tensors(&tiny_hf_weights());
+    for (case, key, v, needles) in [
+        (
+            "blocks-zero",
+            "llama.block_count",
+            Value::U32(0),
+            &["llama.block_count: expected at least 1, found 0"][..],
+        ),
+        (
+            "blocks-two",
+            "llama.block_count",
+            Value::U32(2),
+            &["llama.block_count: expected 2 blocks' tensors, found tensors of blocks 0..=0 only (no blk.1.*)"][..],
+        ),
+        (
+            "blocks-huge",
+            "llama.block_count",
+            Value::U32(1 << 31),
+            &["llama.block_count: expected 2147483648 blocks' tensors"][..],
+        ),
+        (
+            "eps-nan",
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(f32::NAN),
+            &["llama.attention.layer_norm_rms_epsilon: expected a finite number > 0, found NaN"][..],
+        ),
+        (
+            "eps-zero",
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(0.0),
+            &["layer_norm_rms_epsilon: expected a finite number > 0, found 0"][..],
+        ),
+        (
+            "theta-neg",
+            "llama.rope.freq_base",
+            Value::F32(-1.0),
+            &["llama.rope.freq_base: expected a finite number > 0, found -1"][..],
+        ),
+    ] {
+        let path = write(
+            &format!("{case}.gguf"),
+            &gguf_bytes(3, &with(key, v), &tensors, 32),
+        );
+        let m = convert_error(&path);
+        for n in needles {
+            assert!(m.contains(n), "{case}: expected {n:?} in: {m}");
+        }
+    }
+    // A tensor of a block past block_count.
+    let mut ts = tiny_gguf_tensors(&tiny_hf_weights());
+    ts.push(tensor(
+        "blk.1.attn_norm.weight",
+        &[D],
+        0,
+        f32_bytes(&[1.0; D]),
+    ));
+    let m = convert_error(&write(
+        "extra-block.gguf",
+        &gguf_bytes(3, &tiny_metadata("llama", "gpt2"), &ts, 32),
+    ));
+    assert!(
+        m.contains(
+            "llama.block_count: expected 1 blocks' tensors, found tensors of block 1 (blk.1.*)"
+        ),
+        "{m}"
+    );
+}
+
 #[test]
 fn checkpoint_dir_converts_once_and_again_when_the_file_changes() {
     let dir = tmp_dir().join("cache-case");

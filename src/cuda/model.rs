@@ -43,6 +43,7 @@ pub struct CudaWeights {
 impl CudaWeights {
     /// Uploads a checkpoint's tensors as bf16, fusing q|k|v and gate|up on the host.
     pub fn load(gpu: &Gpu, files: &WeightFiles, c: &Config) -> Result<CudaWeights> {
+        files.check_against(c)?;
         let up = |v: Vec<bf16>| gpu.stream.clone_htod(&v).map_err(cu("uploading weights"));
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q, kv) = (
@@ -338,6 +339,8 @@ impl CudaEngine {
         let slots = slots.into();
         let config = Config::from_file(&dir.join("config.json"))?;
         let files = WeightFiles::open(dir)?;
+        // Before check_fits: a wrong layer count would otherwise read as an out-of-memory.
+        files.check_against(&config)?;
         Self::check_fits(
             &gpu,
             &config,

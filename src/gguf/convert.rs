@@ -89,17 +89,51 @@ fn read_hyper(g: &GgufFile, arch: &str) -> Result<Hyper> {
     let Some(eps) = g.get_f32(&k("attention.layer_norm_rms_epsilon")) else {
         bail!("{file}: {arch}.attention.layer_norm_rms_epsilon: expected a float, found none")
     };
+    let rope_theta = g.get_f32(&k("rope.freq_base")).unwrap_or(10000.0);
+    // A NaN would reach config.json as null, an infinity as a number JSON cannot hold.
+    for (key, x) in [
+        ("attention.layer_norm_rms_epsilon", eps),
+        ("rope.freq_base", rope_theta),
+    ] {
+        if !(x.is_finite() && x > 0.0) {
+            bail!("{file}: {arch}.{key}: expected a finite number > 0, found {x}");
+        }
+    }
+    let layers = g.require_usize(&k("block_count"))?;
+    if layers == 0 {
+        bail!("{file}: {arch}.block_count: expected at least 1, found 0");
+    }
     Ok(Hyper {
         d,
         f: g.require_usize(&k("feed_forward_length"))?,
-        layers: g.require_usize(&k("block_count"))?,
+        layers,
         heads,
         kv_heads,
         head_dim,
         eps,
-        rope_theta: g.get_f32(&k("rope.freq_base")).unwrap_or(10000.0),
+        rope_theta,
         ctx: g.get_usize(&k("context_length")).unwrap_or(4096),
     })
+}
+
+/// Checks that the file's `blk.N.*` tensors are those of exactly `block_count` blocks.
+fn check_blocks(
+    plan: &[(String, &TensorInfo, Option<usize>)],
+    h: &Hyper,
+    arch: &str,
+    file: &str,
+) -> Result<()> {
+    let n = h.layers;
+    let top = plan
+        .iter()
+        .filter_map(|(name, ..)| crate::weights::layer_of(name).map(|(l, _)| l))
+        .max();
+    match top {
+        Some(m) if m >= n => bail!("{file}: {arch}.block_count: expected {n} blocks' tensors, found tensors of block {m} (blk.{m}.*)"),
+        Some(m) if m + 1 < n => bail!("{file}: {arch}.block_count: expected {n} blocks' tensors, found tensors of blocks 0..={m} only (no blk.{}.*)", m + 1),
+        None => bail!("{file}: {arch}.block_count: expected {n} blocks' tensors, found no blk.N.* tensor"),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Llama-3.1's per-frequency RoPE divisors, [Dh/2] f32.
@@ -210,10 +244,8 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
     }
     let vocab_size = embd.shape[0];
     let tied = g.tensor_info("output.weight").is_none();
+    check_blocks(&plan, &h, &arch, &file)?;
     plan.sort_by(|a, b| a.0.cmp(&b.0));
-
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let params = write_safetensors(&g, &plan, &out.join("model.safetensors"), &file)?;
 
     let eos_ids = vocab.as_ref().map(|v| v.eos_ids()).unwrap_or_default();
     let bos_id = vocab.as_ref().and_then(|v| v.bos);
@@ -250,9 +282,14 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
         "torch_dtype": "float32",
         "converted_from": gguf.file_name().map(|n| n.to_string_lossy().to_string()),
     });
+    // The folder must load: the checks `Config` makes, before the first byte is written.
+    Config::from_json(&config.to_string())
+        .map_err(|e| Error::Input(format!("{file}: the converted config.json: {e}")))?;
     if rope_scaling.is_some() {
         check_rope(&g, &config, &file)?;
     }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let params = write_safetensors(&g, &plan, &out.join("model.safetensors"), &file)?;
     write_json(&out.join("config.json"), &config)?;
 
     let chat_template = g.get_str("tokenizer.chat_template");
