@@ -326,6 +326,11 @@ impl<'a> Trainer<'a> {
                 acts[i]
             );
         }
+        if variance_sum(acts.chunks_exact(d), d) == 0.0 {
+            bail!(
+                "SAE training: all {n} activation rows are equal: expected rows that differ (the fraction of variance unexplained has no variance to divide by)"
+            );
+        }
         let n_val = ((n as f64) * cfg.val_fraction as f64).round() as usize;
         let n_val = if cfg.val_fraction > 0.0 {
             n_val.max(1)
@@ -682,5 +687,11 @@ mod tests {
         bad[7] = f32::NAN;
         let e = Trainer::new(&bad, 10, 4, &cfg).err().unwrap().to_string();
         assert!(e.contains("row 1 column 3"), "{e}");
+        // Equal rows: no variance for the FVU to divide by.
+        let e = Trainer::new(&acts, 10, 4, &cfg).err().unwrap().to_string();
+        assert!(e.contains("all 10 activation rows are equal"), "{e}");
+        let mut varied = acts.clone();
+        varied[0] = 1.0;
+        assert!(Trainer::new(&varied, 10, 4, &cfg).is_ok());
     }
 }

@@ -150,20 +150,30 @@ fn read_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, serde_js
 pub fn load_questions(path: &Path, field: Option<&str>) -> Result<Vec<String>> {
     let name = path.display();
     let mut out = Vec::new();
+    // Without --question-field, the first row decides: "question", else "problem".
+    let mut field = field.map(str::to_string);
     for (lineno, mut row) in read_rows(path)? {
-        let f = match field {
-            Some(f) => f,
-            None if row.contains_key("question") => "question",
-            None => "problem",
-        };
-        if !row.contains_key(f) {
+        let f = field
+            .get_or_insert_with(|| {
+                if row.contains_key("question") {
+                    "question".into()
+                } else {
+                    "problem".into()
+                }
+            })
+            .clone();
+        if !row.contains_key(&f) {
             let present: Vec<String> = row.keys().cloned().collect();
             bail!(
                 "{name}:{lineno}: expected field {f:?}, found only fields [{}]",
                 present.join(", ")
             );
         }
-        out.push(take_text(&mut row, f, &name, lineno)?);
+        let q = take_text(&mut row, &f, &name, lineno)?;
+        if q.trim().is_empty() {
+            bail!("{name}:{lineno}: expected a question in field {f:?}, found an empty one");
+        }
+        out.push(q);
     }
     if out.is_empty() {
         bail!("{name}: expected at least one JSONL row, found an empty file");
@@ -231,6 +241,18 @@ mod tests {
         assert_eq!((some[0].index, some[0].answer.as_str()), (1, "-3"));
         let e = load_dataset(&p, DatasetKind::Gsm8k, None, None, 3, None).unwrap_err();
         assert!(e.to_string().contains("select no problems"), "{e}");
+    }
+
+    #[test]
+    fn questions_keep_the_first_rows_field_and_refuse_empty_ones() {
+        let p = write("q.jsonl", "{\"question\":\"a\"}\n{\"problem\":\"b\"}\n");
+        let e = load_questions(&p, None).unwrap_err().to_string();
+        assert!(e.contains(":2: expected field \"question\""), "{e}");
+        let p = write("e.jsonl", "{\"question\":\"a\"}\n{\"question\":\" \"}\n");
+        let e = load_questions(&p, None).unwrap_err().to_string();
+        assert!(e.contains(":2: expected a question"), "{e}");
+        let p = write("p.jsonl", "{\"problem\":\"a\"}\n{\"problem\":5}\n");
+        assert_eq!(load_questions(&p, None).unwrap(), ["a", "5"]);
     }
 
     #[test]
