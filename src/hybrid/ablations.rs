@@ -15,7 +15,9 @@ pub struct Ablations {
     /// Ablation: add only the bias vector.
     #[arg(long)]
     pub only_bias: bool,
-    /// Ablation: pick the category at random (seeded by --seed) instead of by the SAE.
+    /// Ablation: pick the category at random (seeded by --seed) instead of by the SAE. Every
+    /// problem draws from the same seeded sequence, step by step, so a batched, resumed or
+    /// sharded run draws as one problem alone does.
     #[arg(long)]
     pub random_firing: bool,
     /// Ablation: random directions scaled to the norms of the loaded vectors (seeded by --seed).
