@@ -311,7 +311,7 @@ pub fn run(model_dir: &Path, o: &DemoOptions) -> Result<DemoSummary> {
         seconds: start.elapsed().as_secs_f64(),
     };
     let md = o.out.join("summary.md");
-    std::fs::write(&md, summary.render()).with_context(|| format!("writing {}", md.display()))?;
+    crate::files::write_atomic(&md, summary.render().as_bytes())?;
     Ok(summary)
 }
 

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// Writes `bytes` to a temporary file beside `path`, then renames it over `path` (a rename
 /// within one folder replaces the file whole). The temporary name holds the process id, so
 /// that eval shards starting together never write into each other's.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp.{}", std::process::id()));
     let tmp = path.with_file_name(name);

@@ -592,13 +592,13 @@ pub fn write_report(out: &Path) -> Result<(String, Report)> {
         true,
     );
     let svg_path = out.join("report.svg");
-    std::fs::write(&svg_path, svg).map_err(|e| Error::io(&svg_path, e))?;
+    crate::files::write_atomic(&svg_path, svg)?;
     let md = render_markdown(&r) + "\n![accuracy per mode](report.svg)\n";
     let md_path = out.join("report.md");
-    std::fs::write(&md_path, &md).map_err(|e| Error::io(&md_path, e))?;
+    crate::files::write_atomic(&md_path, &md)?;
     let json_path = out.join("report.json");
     let json = serde_json::to_string_pretty(&r).expect("report serialises");
-    std::fs::write(&json_path, json + "\n").map_err(|e| Error::io(&json_path, e))?;
+    crate::files::write_atomic(&json_path, json + "\n")?;
     Ok((md, r))
 }
 

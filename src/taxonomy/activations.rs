@@ -124,13 +124,12 @@ pub(crate) fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) 
 }
 
 pub(crate) fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = std::io::BufWriter::new(f);
+    let mut text = String::new();
     for r in rows {
-        let line = serde_json::to_string(r).expect("plain rows always serialise");
-        writeln!(w, "{line}").map_err(|e| Error::io(path, e))?;
+        text += &serde_json::to_string(r).expect("plain rows always serialise");
+        text.push('\n');
     }
-    w.flush().map_err(|e| Error::io(path, e))
+    crate::files::write_atomic(path, text.as_bytes())
 }
 
 /// What happened to the traces: how many had no thinking span (by index) or no sentence of

@@ -151,11 +151,11 @@ pub fn annotate(
     let svg =
         crate::chart::bar_chart_svg("Share of sentences per category", "share", &bars, 1.0, true);
     let svg_path = out_dir.join("categories.svg");
-    std::fs::write(&svg_path, svg).map_err(|e| Error::io(&svg_path, e))?;
+    crate::files::write_atomic(&svg_path, svg)?;
     let md = report(sae_path, &rows, &zs, kk, titles.as_deref())
         + "\n![share per category](categories.svg)\n";
     let p = out_dir.join("report.md");
-    std::fs::write(&p, md).map_err(|e| Error::io(&p, e))?;
+    crate::files::write_atomic(&p, md)?;
     Ok(counts)
 }
 

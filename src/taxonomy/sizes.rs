@@ -173,7 +173,7 @@ pub fn train_sizes(
     }
     let md = fvu_table(acts_path, &acts, base, &results);
     let p = out_dir.join("fvu.md");
-    std::fs::write(&p, md).map_err(|e| Error::io(&p, e))?;
+    crate::files::write_atomic(&p, md)?;
     Ok(results)
 }
 
