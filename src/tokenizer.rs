@@ -62,9 +62,18 @@ impl Tokenizer {
         Ok(self.encode_with_offsets(text, false)?.0)
     }
 
-    /// A plain-text prompt -> ids, with the special tokens the tokenizer's post-processor adds.
+    /// A plain-text prompt -> ids, with the special tokens the tokenizer's post-processor adds;
+    /// a text that already starts with the tokens it prepends (a template written with bos)
+    /// keeps one copy.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.encode_with_offsets(text, true)?.0)
+        let with = self.encode_with_offsets(text, true)?.0;
+        let without = self.encode(text)?;
+        let added = with.len().saturating_sub(without.len());
+        let only_prepended = added > 0 && with.ends_with(&without);
+        if only_prepended && without.starts_with(&with[..added]) {
+            return Ok(without);
+        }
+        Ok(with)
     }
 
     /// Text -> (ids, byte range of `text` that each id covers), with the post-processor's special
@@ -329,6 +338,8 @@ pub(crate) mod tests {
         let t = Tokenizer::from_dir(&d).unwrap().unwrap();
         assert_eq!(t.encode("hello").unwrap(), vec![259]);
         assert_eq!(t.encode_plain("hello").unwrap(), vec![260, 259]);
+        // A text that starts with bos already keeps one.
+        assert_eq!(t.encode_plain("<|im_start|>hello").unwrap(), vec![260, 259]);
         let (ids, offsets) = t.encode_with_offsets("hello", true).unwrap();
         assert_eq!(ids, vec![260, 259]);
         assert_eq!(offsets, vec![(0, 0), (0, 5)], "bos covers no text");
