@@ -1055,6 +1055,8 @@ fn a_checkpoint_replaced_in_place_is_another_run() {
     let mut old = config();
     for side in ["base", "thinking"] {
         old[side].as_object_mut().unwrap().remove("fingerprint");
+        // Written before plain prompts got special tokens: this tokenizer adds none.
+        old[side].as_object_mut().unwrap().remove("added_ids");
     }
     std::fs::write(out.join("config.json"), old.to_string()).unwrap();
     ok(run());
@@ -1131,6 +1133,38 @@ fn plain_prompts_get_the_base_tokenizers_bos() {
         first_id(true),
         307,
         "the chat template's <|im_start|>, no bos added"
+    );
+    // `eval` records what each side's encoding adds, and refuses to continue a folder whose
+    // base prompts were encoded before they got the bos.
+    let out = tmp("bos-eval").join("out");
+    let eval = || {
+        bin()
+            .arg("eval")
+            .arg("--dataset")
+            .arg(&artifacts().data)
+            .args(["--modes", "base", "--limit", "1", "--base"])
+            .arg(&base)
+            .arg("--thinking")
+            .arg(fixture("thinking-qwen2-f32"))
+            .arg("--out")
+            .arg(&out)
+            .args(["--max-new-tokens", "2", "--device", "cpu", "--quiet"])
+            .output()
+            .unwrap()
+    };
+    ok(eval());
+    let path = out.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(config["base"]["added_ids"], serde_json::json!([306]));
+    assert_eq!(config["thinking"]["added_ids"], serde_json::json!([]));
+    for key in ["added_ids", "fingerprint"] {
+        config["base"].as_object_mut().unwrap().remove(key);
+    }
+    std::fs::write(&path, config.to_string()).unwrap();
+    let e = fails(eval());
+    assert!(
+        e.contains("base prompts were encoded without special tokens") && e.contains("[306]"),
+        "{e}"
     );
 }
 

@@ -401,6 +401,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         .as_str()
         .unwrap_or("cached")
         .to_string();
+    let added = prompts.added_ids()?;
     let config = RunConfig {
         dataset: DatasetConfig {
             path: abs(&path),
@@ -415,11 +416,13 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             model: abs(&a.base),
             prompt: prompts.base_text("{question}"),
             fingerprint: Some(checkpoint_fingerprint(&a.base)?),
+            added_ids: Some(added.0),
         },
         thinking: SideConfig {
             model: abs(&a.thinking),
             prompt: prompts.thinking_text("{question}")?,
             fingerprint: Some(checkpoint_fingerprint(&a.thinking)?),
+            added_ids: Some(added.1),
         },
         hybrid: hybrid.then(|| HybridConfig {
             sae: a.sae.as_deref().map(abs).unwrap_or_default(),

@@ -92,6 +92,11 @@ pub struct SideConfig {
     /// recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// The special-token ids the prompt's encoding adds before its text (Llama 3's bos before
+    /// a plain prompt; none for a chat template). Absent in configurations written before plain
+    /// prompts got them, whose results hold prompts without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub added_ids: Option<Vec<u32>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,12 +157,20 @@ impl RunConfig {
                     m.file_hashes = None;
                 }
             }
-            for (t, m) in [
-                (&theirs.base, &mut mine.base),
-                (&theirs.thinking, &mut mine.thinking),
+            for (side, t, m) in [
+                ("base", &theirs.base, &mut mine.base),
+                ("thinking", &theirs.thinking, &mut mine.thinking),
             ] {
                 if t.fingerprint.is_none() {
                     m.fingerprint = None;
+                }
+                if t.added_ids.is_none() {
+                    if let Some(ids) = m.added_ids.take().filter(|ids| !ids.is_empty()) {
+                        bail!(
+                            "{} holds results whose {side} prompts were encoded without special tokens (written before plain prompts got them); this tokenizer now adds {ids:?} before each: expected one encoding per folder, use another --out",
+                            path.display()
+                        );
+                    }
                 }
             }
             if let Some(field) = first_difference(&to_value(&theirs), &to_value(&mine), "") {
@@ -391,6 +404,20 @@ impl PromptBuilder {
             Some(_) => self.think_tok.encode(&text),
             None => self.think_tok.encode_plain(&text),
         }
+    }
+
+    /// The special-token ids each side's encoding adds before the prompt's text: (base,
+    /// thinking).
+    pub fn added_ids(&self) -> Result<(Vec<u32>, Vec<u32>)> {
+        let q = "{question}";
+        let added = |with: Vec<u32>, without: Vec<u32>| {
+            let n = with.len().saturating_sub(without.len());
+            with[..n].to_vec()
+        };
+        let base = added(self.base_ids(q)?, self.base_tok.encode(&self.base_text(q))?);
+        let text = self.thinking_text(q)?;
+        let thinking = added(self.thinking_ids(q)?, self.think_tok.encode(&text)?);
+        Ok((base, thinking))
     }
 
     /// Both prompts of one question as ids (the hybrid loop's input).
