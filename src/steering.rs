@@ -156,14 +156,15 @@ impl SteeringSet {
     }
 
     /// The `--random-vectors` ablation: the same set with every vector (bias included) replaced
-    /// by a random direction of the same L2 norm.
-    pub fn randomized_like(&self, seed: u64) -> SteeringSet {
+    /// by a random direction of the same L2 norm, or of norm 1 (`unit_norm`, the reference
+    /// code's quirk).
+    pub fn randomized_like(&self, seed: u64, unit_norm: bool) -> SteeringSet {
         let mut rng = Rng::new(seed);
         let mut out = self.clone();
-        let n = l2(&self.bias);
-        rng.direction(&mut out.bias, n);
+        let norm = |v: &[f32]| if unit_norm { 1.0 } else { l2(v) };
+        rng.direction(&mut out.bias, norm(&self.bias));
         for row in out.vectors.chunks_exact_mut(self.d) {
-            let n = l2(row);
+            let n = norm(row);
             rng.direction(row, n);
         }
         out
@@ -273,12 +274,20 @@ mod tests {
         let mut t = s.clone();
         t.vectors[0..32].iter_mut().for_each(|v| *v *= 2.0);
         t.bias[0] = 3.0;
-        let r = t.randomized_like(1);
+        let r = t.randomized_like(1, false);
         let (tn, rn) = (t.norms(), r.norms());
         for (a, b) in tn.iter().zip(&rn) {
             assert!((a - b).abs() < 1e-4 * a, "{a} vs {b}");
         }
         assert!((l2(&r.bias) - 3.0).abs() < 1e-4 * 3.0);
         assert_ne!(r.vectors, t.vectors);
+        // The reference code's quirk: the same directions, of norm 1.
+        let u = t.randomized_like(1, true);
+        for n in u.norms().iter().chain([&l2(&u.bias)]) {
+            assert!((n - 1.0).abs() < 1e-5, "{n}");
+        }
+        for (x, y) in u.vectors.iter().zip(&r.vectors).take(32) {
+            assert!((x * tn[0] - y).abs() < 1e-4 * tn[0], "{x} vs {y}");
+        }
     }
 }

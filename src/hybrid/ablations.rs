@@ -23,6 +23,11 @@ pub struct Ablations {
     /// Ablation: random directions scaled to the norms of the loaded vectors (seeded by --seed).
     #[arg(long)]
     pub random_vectors: bool,
+    /// With --random-vectors: directions of norm 1 instead, as the reference code drew them
+    /// (its quirk, hybrid.md §3; learned vectors have norms of 50–220).
+    #[arg(long, requires = "random_vectors")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub random_unit_norm: bool,
     /// Ablation: steer every step, whether or not the models agree.
     #[arg(long)]
     pub no_gating: bool,
@@ -73,7 +78,7 @@ impl Ablations {
             eprintln!("{note}");
         }
         Ok(if self.random_vectors {
-            set.randomized_like(self.seed)
+            set.randomized_like(self.seed, self.random_unit_norm)
         } else {
             set
         })
@@ -85,7 +90,13 @@ impl Ablations {
         [
             (self.only_bias, "only bias".to_string()),
             (self.random_firing, seeded("random firing")),
-            (self.random_vectors, seeded("random vectors")),
+            (
+                self.random_vectors,
+                match self.random_unit_norm {
+                    true => seeded("random unit-norm vectors (the reference code's quirk)"),
+                    false => seeded("random vectors"),
+                },
+            ),
             (self.no_gating, "no gating".to_string()),
             (
                 self.steer_at_block_input,
@@ -137,5 +148,23 @@ mod tests {
             ..Ablations::default()
         };
         assert_eq!(bias.recorded().seed, 0, "no random ablation: no seed");
+        // Recorded only when set, so configurations written before it still match.
+        let rv = Ablations {
+            random_vectors: true,
+            seed: 2,
+            ..Ablations::default()
+        };
+        let json = serde_json::to_string(&rv).unwrap();
+        assert!(!json.contains("unit_norm"), "{json}");
+        let unit = Ablations {
+            random_unit_norm: true,
+            ..rv.clone()
+        };
+        assert_eq!(
+            unit.names(),
+            ["random unit-norm vectors (the reference code's quirk) (seed 2)"]
+        );
+        let back: Ablations = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, rv);
     }
 }
