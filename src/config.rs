@@ -341,6 +341,9 @@ fn check_unsupported(raw: &RawConfig, arch: Arch) -> Result<()> {
         }
     }
     let layers = raw.num_hidden_layers;
+    // A window as long as the context is full attention (transformers' Qwen2 default: 4096).
+    let context = raw.max_position_embeddings.unwrap_or(4096);
+    let window = raw.sliding_window.unwrap_or(4096);
     if let Some(types) = &raw.layer_types {
         if types.len() != layers {
             bail!(
@@ -348,22 +351,23 @@ fn check_unsupported(raw: &RawConfig, arch: Arch) -> Result<()> {
                 types.len()
             );
         }
-        if let Some((i, t)) = types
+        let other = types
             .iter()
             .enumerate()
-            .find(|(_, t)| *t != "full_attention")
-        {
-            bail!("layer_types[{i}]: expected \"full_attention\" (sliding-window attention is not implemented), found {t:?}");
+            .find(|(_, t)| *t != "full_attention" && *t != "sliding_attention")
+            .or_else(|| {
+                let sliding = types.iter().position(|t| t == "sliding_attention");
+                sliding.filter(|_| window < context).map(|i| (i, &types[i]))
+            });
+        if let Some((i, t)) = other {
+            bail!("layer_types[{i}]: expected \"full_attention\", or \"sliding_attention\" with a sliding_window of at least max_position_embeddings ({context}), found {t:?} with sliding_window {window}: sliding-window attention is not implemented");
         }
     } else if arch == Arch::Qwen2 && raw.use_sliding_window == Some(true) {
         // transformers' Qwen2: blocks from max_window_layers (default 28) on attend within the
-        // window; a window as long as the context is full attention. Llama has no such keys.
-        let context = raw.max_position_embeddings.unwrap_or(4096);
+        // window. Llama has no such keys.
         let from = raw.max_window_layers.unwrap_or(28);
-        if let Some(w) = raw.sliding_window {
-            if w < context && from < layers {
-                bail!("use_sliding_window: expected false, or a sliding_window of at least max_position_embeddings ({context}), found true with sliding_window {w} from block {from}: sliding-window attention is not implemented");
-            }
+        if window < context && from < layers {
+            bail!("use_sliding_window: expected false, or a sliding_window of at least max_position_embeddings ({context}), found true with sliding_window {window} from block {from}: sliding-window attention is not implemented");
         }
     }
     Ok(())
@@ -606,6 +610,29 @@ mod tests {
                 c.insert("layer_types".into(), json!(["full_attention"]));
             }),
             &["layer_types: expected 3 entries", "found 1"],
+        );
+        // A sliding layer whose window covers the context is full attention (transformers
+        // writes such entries from use_sliding_window, whatever the window).
+        load(&with(qwen25(), |c| {
+            c["layer_types"][2] = json!("sliding_attention");
+            c.insert("sliding_window".into(), json!(32768));
+        }))
+        .unwrap();
+        refused(
+            with(qwen25(), |c| {
+                c["layer_types"][1] = json!("chunked_attention");
+                c.insert("sliding_window".into(), json!(32768));
+            }),
+            &["layer_types[1]", "found \"chunked_attention\""],
+        );
+        // No sliding_window key: transformers' default of 4096.
+        refused(
+            with(qwen25(), |c| {
+                c.remove("layer_types");
+                c.remove("sliding_window");
+                c.insert("use_sliding_window".into(), json!(true));
+            }),
+            &["found true with sliding_window 4096"],
         );
         refused(
             with(qwen25(), |c| {

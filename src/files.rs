@@ -10,13 +10,22 @@ use crate::error::{Error, Result};
 /// within one folder replaces the file whole). The temporary name holds the process id, so
 /// that eval shards starting together never write into each other's.
 pub fn write_atomic(path: &Path, bytes: impl AsRef<[u8]>) -> Result<()> {
+    write_atomic_with(path, |tmp| std::fs::write(tmp, bytes))
+}
+
+/// `write_atomic` for a writer that streams into the file it is given (no copy of the whole
+/// output in memory).
+pub fn write_atomic_with<E: Into<std::io::Error>>(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), E>,
+) -> Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".tmp.{}", std::process::id()));
     let tmp = path.with_file_name(name);
-    if let Err(e) = std::fs::write(&tmp, bytes) {
+    if let Err(e) = write(&tmp) {
         // A full disk: the previous file stays whole, and no partial temporary is left.
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
+        return Err(Error::io(path, e.into()));
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }

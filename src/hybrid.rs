@@ -169,9 +169,14 @@ impl Pair<'_> {
     }
 
     /// Each problem's prompts against their models: ids in the vocabularies, and room in the
-    /// contexts for at least one new token.
-    pub fn check_prompts(&self, problems: &[Prompts]) -> Result<()> {
-        for (i, p) in problems.iter().enumerate() {
+    /// contexts for at least one new token. Errors name problem `index(i)` (its row in the
+    /// caller's numbering).
+    pub fn check_prompts(
+        &self,
+        problems: &[Prompts],
+        index: impl Fn(usize) -> usize,
+    ) -> Result<()> {
+        for (p, i) in problems.iter().zip((0..).map(index)) {
             for (side, m, ids) in [
                 ("base", self.base, &p.base),
                 ("thinking", self.thinking, &p.thinking),
@@ -262,7 +267,7 @@ pub fn run(
 ) -> Result<Vec<Output>> {
     pair.validate()?;
     s.validate(problems)?;
-    pair.check_prompts(problems)?;
+    pair.check_prompts(problems, |i| i)?;
     match s.mode {
         Mode::Exact => problems
             .iter()

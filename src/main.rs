@@ -649,8 +649,13 @@ fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
             ))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None)?;
-    Ok(thinksteer::files::write_atomic(&a.out, &bytes)?)
+    // Streamed into the file: [T, V] logits of a long prompt are gigabytes.
+    Ok(thinksteer::files::write_atomic_with(&a.out, |tmp| {
+        safetensors::serialize_to_file(views, None, tmp).map_err(|e| match e {
+            safetensors::SafeTensorError::IoError(e) => e,
+            e => std::io::Error::other(e),
+        })
+    })?)
 }
 
 fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
@@ -720,7 +725,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     };
     pair.validate()?;
     settings.validate(&problems)?;
-    pair.check_prompts(&problems)?;
+    pair.check_prompts(&problems, |i| i)?;
     let eos = &base.config.eos_token_ids;
     let batch = if a.mode == thinksteer::hybrid::Mode::Exact {
         1

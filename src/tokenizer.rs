@@ -62,23 +62,15 @@ impl Tokenizer {
         Ok(self.encode_with_offsets(text, false)?.0)
     }
 
-    /// A plain-text prompt -> ids, with the special tokens the tokenizer's post-processor adds;
-    /// a text that already starts with the tokens it prepends (a template written with bos)
-    /// keeps one copy.
+    /// A plain-text prompt -> ids, with the special tokens the tokenizer's post-processor adds.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let with = self.encode_with_offsets(text, true)?.0;
-        let without = self.encode(text)?;
-        let added = with.len().saturating_sub(without.len());
-        let only_prepended = added > 0 && with.ends_with(&without);
-        if only_prepended && without.starts_with(&with[..added]) {
-            return Ok(without);
-        }
-        Ok(with)
+        Ok(self.encode_with_offsets(text, true)?.0)
     }
 
     /// Text -> (ids, byte range of `text` that each id covers), with the post-processor's special
-    /// tokens (`plain`, empty ranges) or without. Ranges of byte-level tokens that cut a
-    /// character in half cover the whole character.
+    /// tokens (`plain`, empty ranges) or without; a plain text that already starts with the
+    /// tokens it prepends (a template written with bos) keeps one copy. Ranges of byte-level
+    /// tokens that cut a character in half cover the whole character.
     // The (ids, offsets) pair is the tokenizers crate's own shape; a named type would hide it.
     #[allow(clippy::type_complexity)]
     pub fn encode_with_offsets(
@@ -86,13 +78,26 @@ impl Tokenizer {
         text: &str,
         plain: bool,
     ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-        let enc = self.inner.encode(text, plain).map_err(|e| {
-            Error::Input(format!(
-                "{}: could not encode text: {e}",
-                self.path.display()
-            ))
-        })?;
-        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+        let encode = |special: bool| -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+            let enc = self.inner.encode(text, special).map_err(|e| {
+                Error::Input(format!(
+                    "{}: could not encode text: {e}",
+                    self.path.display()
+                ))
+            })?;
+            Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+        };
+        let without = encode(false)?;
+        if !plain {
+            return Ok(without);
+        }
+        let with = encode(true)?;
+        let added = with.0.len().saturating_sub(without.0.len());
+        let only_prepended = added > 0 && with.0.ends_with(&without.0);
+        if only_prepended && without.0.starts_with(&with.0[..added]) {
+            return Ok(without);
+        }
+        Ok(with)
     }
 
     /// Ids -> text, special tokens included.

@@ -165,22 +165,12 @@ impl WeightFiles {
                 );
             }
         }
-        match top {
-            Some(m) if m >= n => bail!(
-                "{}: expected {n} layers' tensors (num_hidden_layers in config.json), found tensors of layer {m} (model.layers.{m}.*)",
+        block_count_found(n, top, "layer", "model.layers.").map_err(|found| {
+            Error::Input(format!(
+                "{}: expected {n} layers' tensors (num_hidden_layers in config.json), {found}",
                 self.describe()
-            ),
-            Some(m) if m + 1 < n => bail!(
-                "{}: expected {n} layers' tensors (num_hidden_layers in config.json), found tensors of layers 0..={m} only (no model.layers.{}.*)",
-                self.describe(),
-                m + 1
-            ),
-            None => bail!(
-                "{}: expected {n} layers' tensors (num_hidden_layers in config.json), found no model.layers.N.* tensor",
-                self.describe()
-            ),
-            Some(_) => Ok(()),
-        }
+            ))
+        })
     }
 
     /// The stored dtype of one tensor, if present.
@@ -231,9 +221,9 @@ fn shard_names(dir: &Path) -> Result<Vec<String>> {
 }
 
 /// A fingerprint of the model a path names, in hex, so that a run resumed on a checkpoint
-/// replaced under the same path is told apart: for a folder, its JSON files that thinksteer
-/// reads (config, tokenizer, generation config) whole and its safetensors files sampled
-/// (`files::sampled_hash`); for a file (GGUF), the file sampled.
+/// replaced under the same path is told apart: for a folder, the JSON files that thinksteer
+/// reads (config, tokenizer, generation config) and its safetensors files, each through
+/// `files::sampled_hash` (whole up to 4 MiB, sampled beyond); for a file (GGUF), the file.
 pub fn checkpoint_fingerprint(path: &Path) -> Result<String> {
     use crate::rng::fnv1a_extend;
     if !path.is_dir() {
@@ -259,6 +249,25 @@ pub fn checkpoint_fingerprint(path: &Path) -> Result<String> {
         h = fnv1a_extend(h, &crate::files::sampled_hash(&p)?.to_le_bytes());
     }
     Ok(format!("{h:016x}"))
+}
+
+/// Whether the highest block index among a checkpoint's tensors (`top`) makes exactly `n`
+/// blocks; else what was found, for the caller's line ("found tensors of layer 7 (...)").
+pub fn block_count_found(
+    n: usize,
+    top: Option<usize>,
+    block: &str,
+    prefix: &str,
+) -> std::result::Result<(), String> {
+    match top {
+        Some(m) if m >= n => Err(format!("found tensors of {block} {m} ({prefix}{m}.*)")),
+        Some(m) if m + 1 < n => Err(format!(
+            "found tensors of {block}s 0..={m} only (no {prefix}{}.*)",
+            m + 1
+        )),
+        None => Err(format!("found no {prefix}N.* tensor")),
+        Some(_) => Ok(()),
+    }
 }
 
 /// `model.layers.N.rest` → (N, rest).

@@ -172,6 +172,7 @@ fn sliding_window_attention() {
         "sliding-types",
         |c| {
             c["layer_types"][0] = json!("sliding_attention");
+            c.insert("sliding_window".into(), json!(16));
         },
         &[
             "layer_types[0]: expected \"full_attention\"",

@@ -1229,3 +1229,39 @@ fn read_lines_or_none(out: &Path) -> Option<Vec<Value>> {
     let lines = path.exists().then(|| lines_of(&path))?;
     (!lines.is_empty()).then_some(lines)
 }
+
+#[test]
+fn a_prompt_past_the_context_names_its_dataset_row() {
+    // Row 2 of three is longer than the fixtures' 512-token context; --offset 1 makes it the
+    // second problem of the run, but the error names row 2.
+    let dir = tmp("long-row");
+    let data = dir.join("three.jsonl");
+    let rows: String = ["1+1?", "2+2?", &"a ".repeat(700)]
+        .iter()
+        .map(|q| serde_json::json!({"question": q, "answer": "2"}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    for mode in ["base", "hybrid"] {
+        let a = artifacts();
+        let out = bin()
+            .arg("eval")
+            .arg("--dataset")
+            .arg(&data)
+            .args(["--modes", mode, "--offset", "1", "--base"])
+            .arg(fixture("qwen2-f32"))
+            .arg("--thinking")
+            .arg(fixture("thinking-qwen2-f32"))
+            .arg("--sae")
+            .arg(&a.sae)
+            .arg("--vectors")
+            .arg(&a.vectors)
+            .arg("--out")
+            .arg(dir.join(mode))
+            .args(["--max-new-tokens", "2", "--device", "cpu", "--quiet"])
+            .output()
+            .unwrap();
+        let e = fails(out);
+        assert!(e.contains("problem 2: the base prompt has"), "{mode}: {e}");
+        assert!(e.contains("expected fewer than the"), "{mode}: {e}");
+    }
+}

@@ -107,9 +107,9 @@ pub struct EvalArgs {
     /// i/n: only problems with index % n == i (results go to results.shard-i-of-n.jsonl).
     #[arg(long)]
     pub shard: Option<String>,
-    /// At most N problems (after --offset). Default: 500 for `--dataset gsm8k`, the paper's
-    /// evaluation set (its first 500 test questions of 1,319; pass 1319 for all); every problem
-    /// otherwise.
+    /// At most N problems (after --offset). Default: for `--dataset gsm8k`, up to question 500,
+    /// the paper's evaluation set (its first 500 test questions of 1,319; `--limit 1319` for
+    /// all); every problem otherwise.
     #[arg(long)]
     pub limit: Option<usize>,
     /// Skip the first N problems of the file.
@@ -331,7 +331,17 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         a.question_field.as_deref(),
         a.answer_field.as_deref(),
         a.offset,
-        a.limit.or(paper_limit(&a.dataset)),
+        match (a.limit, paper_limit(&a.dataset)) {
+            (Some(n), _) => Some(n),
+            (None, Some(first)) if a.offset >= first => {
+                return Err(anyhow!(
+                    "--offset {}: --dataset {} evaluates the paper's first {first} questions; expected a smaller offset, or --limit N for questions past them",
+                    a.offset,
+                    a.dataset
+                ))
+            }
+            (None, first) => first.map(|n| n - a.offset),
+        },
     )?;
     if kind == DatasetKind::Custom && problems.iter().all(|p| p.answer.contains("#### ")) {
         eprintln!(
@@ -553,6 +563,26 @@ mod tests {
             count(&["--dataset", "gsm8k", "--limit", "1319"]),
             (1319, 1318)
         );
+        // An offset stays inside the paper's 500.
+        assert_eq!(
+            count(&["--dataset", "gsm8k", "--offset", "400"]),
+            (100, 499)
+        );
+        let mut args = vec![
+            "eval",
+            "--modes",
+            "base",
+            "--out",
+            "/nonexistent",
+            "--dataset",
+        ];
+        let (b, t) = (
+            format!("{fixtures}/qwen2-f32"),
+            format!("{fixtures}/thinking-qwen2-f32"),
+        );
+        args.extend(["gsm8k", "--offset", "500", "--base", &b, "--thinking", &t]);
+        let e = spec(&Cli::parse_from(args).a).err().unwrap().to_string();
+        assert!(e.contains("--offset 500") && e.contains("--limit N"), "{e}");
         assert_eq!(count(&["--dataset", "math500"]), (500, 499));
         let (path, _) = resolve_dataset("gsm8k").unwrap();
         let file = path.display().to_string();

@@ -739,6 +739,19 @@ fn run_plain(
     run_id: u128,
     sink: &mut Sink,
 ) -> Result<()> {
+    let context = model.config.max_position_embeddings;
+    if let Some((p, n)) = todo
+        .iter()
+        .zip(ids)
+        .map(|(p, ids)| (p, ids.len()))
+        .find(|&(_, n)| n >= context)
+    {
+        bail!(
+            "problem {}: the {} prompt has {n} tokens, expected fewer than the model's context of {context} (max_position_embeddings)",
+            p.index,
+            mode.name()
+        );
+    }
     let max_prompt = ids.iter().map(Vec::len).max().unwrap_or(0);
     let ctx = model
         .config
@@ -818,7 +831,7 @@ fn run_hybrid(
         .iter()
         .map(|p| prompts.hybrid(&p.question))
         .collect::<Result<Vec<_>>>()?;
-    pair.check_prompts(&all)?;
+    pair.check_prompts(&all, |i| todo[i].index)?;
     // The GPU step, when asked for and the settings allow it; sized once for every chunk.
     let mut gpu = if spec.use_cuda && spec.settings.mode != hybrid::Mode::Exact {
         let longest = |f: fn(&hybrid::Prompts) -> usize| all.iter().map(f).max().unwrap_or(1);

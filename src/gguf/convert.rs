@@ -128,12 +128,11 @@ fn check_blocks(
         .iter()
         .filter_map(|(name, ..)| crate::weights::layer_of(name).map(|(l, _)| l))
         .max();
-    match top {
-        Some(m) if m >= n => bail!("{file}: {arch}.block_count: expected {n} blocks' tensors, found tensors of block {m} (blk.{m}.*)"),
-        Some(m) if m + 1 < n => bail!("{file}: {arch}.block_count: expected {n} blocks' tensors, found tensors of blocks 0..={m} only (no blk.{}.*)", m + 1),
-        None => bail!("{file}: {arch}.block_count: expected {n} blocks' tensors, found no blk.N.* tensor"),
-        Some(_) => Ok(()),
-    }
+    crate::weights::block_count_found(n, top, "block", "blk.").map_err(|found| {
+        Error::Input(format!(
+            "{file}: {arch}.block_count: expected {n} blocks' tensors, {found}"
+        ))
+    })
 }
 
 /// Llama-3.1's per-frequency RoPE divisors, [Dh/2] f32.

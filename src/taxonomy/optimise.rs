@@ -563,9 +563,21 @@ pub fn optimise(
         let mut st = read_checkpoint(checkpoint)?;
         // Written before the examples were hashed: the settings alone, the base as typed.
         let older = settings(s, &base_dir.display().to_string(), bias_ex.len(), &cats);
-        if st.fingerprint != fp && st.fingerprint != older {
+        if st.fingerprint == older && prefix == BasePrefix::Plain {
+            // Those were written when `same` was the default, and do not record the prefix.
             bail!(
-                "{}: checkpoint is for a different run: expected settings {fp:?}, found {:?}",
+                "{}: a checkpoint of an older format, which does not record --prefix: expected --prefix same to resume it (the default when it was written), or another --checkpoint to start a --prefix plain run",
+                checkpoint.display()
+            );
+        }
+        if st.fingerprint != fp && st.fingerprint != older {
+            let examples = |f: &str| f.rsplit_once(" examples=").map(|(s, _)| s.to_string());
+            let why = match examples(&fp) == examples(&st.fingerprint) {
+                true => "other examples: the traces, annotations, tokenizer or --prefix (plain by default since 2026-11-29) differ",
+                false => "other settings",
+            };
+            bail!(
+                "{}: checkpoint is for a different run ({why}): expected {fp:?}, found {:?}",
                 checkpoint.display(),
                 st.fingerprint
             );

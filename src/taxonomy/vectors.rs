@@ -9,7 +9,9 @@
 //!   after `</think>`, every trace included). Our choice: the bias is meant to move ordinary
 //!   text towards "reasoning-model thinking" in general, so it is the step from the
 //!   non-thinking positions to the average thinking sentence; sentences and tokens are each
-//!   weighted equally within their own mean.
+//!   weighted equally within their own mean. Position 0 is left out: it is the attention sink
+//!   (bos for Llama 3), whose residual is orders of magnitude larger in a few dimensions, so
+//!   one such row per trace would set the bias there.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -121,7 +123,7 @@ pub fn mean_diff(
         let think = t
             .thinking
             .and_then(|s| token_span(&offsets, p + s.start, p + s.end));
-        for (i, row) in h.chunks_exact(d).enumerate() {
+        for (i, row) in h.chunks_exact(d).enumerate().skip(1) {
             if !think.is_some_and(|(a, b)| (a..b).contains(&i)) {
                 non_thinking.add(row);
             }
