@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::fixture;
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use common::{fixture, rewrite_weights};
+use safetensors::Dtype;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -16,51 +15,13 @@ fn bin() -> Command {
 /// A copy of a fixture checkpoint in a fresh temporary folder.
 fn copy_of(name: &str, case: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("thinksteer-cli-{}-{case}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in std::fs::read_dir(fixture(name)).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
-    }
-    dir
-}
-
-/// Rewrites model.safetensors with `edit` applied to its (name, dtype, shape, bytes) list.
-fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut ts: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    edit(&mut ts);
-    let views: Vec<(String, TensorView)> = ts
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
+    common::copy_fixture(name, &dir)
 }
 
 /// Runs the CLI and checks exit code 2, a single stderr line containing every `needle`, no panic.
 fn expect_error(args: &[&str], needles: &[&str]) {
     let out = bin().args(args).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "args {args:?}: expected exit 2, stderr: {err}"
-    );
-    assert!(!err.contains("panicked"), "args {args:?}: panicked: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "args {args:?}: expected one line, found: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "args {args:?}: expected {n:?} in: {err}");
-    }
+    common::one_line_error(&out, &format!("args {args:?}"), needles);
 }
 
 fn gen(dir: &Path, ids: &str) -> Vec<String> {

@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, rewrite_weights};
 use half::bf16;
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,13 +14,7 @@ use std::process::Command;
 /// A copy of a fixture checkpoint in a fresh temporary folder.
 fn copy_of(name: &str, case: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("thinksteer-config-{}-{case}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in std::fs::read_dir(fixture(name)).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
-    }
-    dir
+    common::copy_fixture(name, &dir)
 }
 
 /// Rewrites config.json with `edit` applied to its top-level object.
@@ -30,26 +23,6 @@ fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(v.as_object_mut().unwrap());
     std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
-}
-
-type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
-
-/// Rewrites model.safetensors with `edit` applied to its (name, dtype, shape, bytes) list.
-fn rewrite_weights(dir: &Path, edit: impl FnOnce(&mut Tensors)) {
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut ts: Tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    edit(&mut ts);
-    let views: Vec<(String, TensorView)> = ts
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
 }
 
 /// `thinksteer generate` on the CPU: checks exit 2, one stderr line holding every needle, and
@@ -61,22 +34,7 @@ fn refused(dir: &Path, needles: &[&str]) {
         .args(["--prompt-ids", "1,2", "--max-new-tokens", "2"])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    let case = dir.display();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{case}: expected exit 2, stderr: {err}"
-    );
-    assert!(!err.contains("panicked"), "{case}: panicked: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "{case}: expected one line, found: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "{case}: expected {n:?} in: {err}");
-    }
+    common::one_line_error(&out, &dir.display().to_string(), needles);
 }
 
 fn config_refused(

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{copy_fixture, fixture};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -37,11 +37,7 @@ fn ok(out: Output) -> Output {
 
 /// A bad-input failure: exit code 2 and one line on stderr; returns that line.
 fn fails(out: Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
+    common::one_line_error(&out, "eval", &[])
 }
 
 /// The SAE, the steering set and a 4-problem dataset, made once per test binary.
@@ -1003,27 +999,12 @@ fn a_refusal_shows_the_coefficients_as_written() {
 
 #[test]
 fn a_checkpoint_replaced_in_place_is_another_run() {
-    let a = artifacts();
     let dir = tmp("replaced");
     let (model, out) = (
         copy_fixture("qwen2-f32", &dir.join("base")),
         dir.join("out"),
     );
-    let run = || {
-        bin()
-            .arg("eval")
-            .arg("--dataset")
-            .arg(&a.data)
-            .args(["--modes", "base", "--limit", "1", "--base"])
-            .arg(&model)
-            .arg("--thinking")
-            .arg(fixture("thinking-qwen2-f32"))
-            .arg("--out")
-            .arg(&out)
-            .args(["--max-new-tokens", "3", "--device", "cpu", "--quiet"])
-            .output()
-            .unwrap()
-    };
+    let run = || eval_base(&model, &out);
     ok(run());
     let config = || -> Value {
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap()
@@ -1064,14 +1045,21 @@ fn a_checkpoint_replaced_in_place_is_another_run() {
     assert_eq!(lines_of(&out.join("results.jsonl")).len(), 1);
 }
 
-/// A copy of a fixture checkpoint at `to`, to change in place.
-fn copy_fixture(name: &str, to: &Path) -> PathBuf {
-    std::fs::create_dir_all(to).unwrap();
-    for f in std::fs::read_dir(fixture(name)).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
-    }
-    to.to_path_buf()
+/// `eval --modes base` of the first problem with `base` as the base model, two new tokens.
+fn eval_base(base: &Path, out: &Path) -> Output {
+    bin()
+        .arg("eval")
+        .arg("--dataset")
+        .arg(&artifacts().data)
+        .args(["--modes", "base", "--limit", "1", "--base"])
+        .arg(base)
+        .arg("--thinking")
+        .arg(fixture("thinking-qwen2-f32"))
+        .arg("--out")
+        .arg(out)
+        .args(["--max-new-tokens", "2", "--device", "cpu", "--quiet"])
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -1137,21 +1125,7 @@ fn plain_prompts_get_the_base_tokenizers_bos() {
     // `eval` records what each side's encoding adds, and refuses to continue a folder whose
     // base prompts were encoded before they got the bos.
     let out = tmp("bos-eval").join("out");
-    let eval = || {
-        bin()
-            .arg("eval")
-            .arg("--dataset")
-            .arg(&artifacts().data)
-            .args(["--modes", "base", "--limit", "1", "--base"])
-            .arg(&base)
-            .arg("--thinking")
-            .arg(fixture("thinking-qwen2-f32"))
-            .arg("--out")
-            .arg(&out)
-            .args(["--max-new-tokens", "2", "--device", "cpu", "--quiet"])
-            .output()
-            .unwrap()
-    };
+    let eval = || eval_base(&base, &out);
     ok(eval());
     let path = out.join("config.json");
     let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -21,6 +21,62 @@ pub fn cuda_or_skip() -> bool {
     }
 }
 
+/// A bad-input failure of the CLI, as the project promises one: exit code 2, no panic, one line
+/// on stderr holding every needle. Returns that line; `case` names the run in a failure.
+pub fn one_line_error(out: &std::process::Output, case: &str, needles: &[&str]) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{case}: expected exit 2, stderr: {err}"
+    );
+    assert!(!err.contains("panicked"), "{case}: panicked: {err}");
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "{case}: expected one line, found: {err}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{case}: expected {n:?} in: {err}");
+    }
+    err
+}
+
+/// A copy of fixture checkpoint `name` in a fresh folder `to` (replaced if there), to change.
+pub fn copy_fixture(name: &str, to: &std::path::Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(fixture(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+    to.to_path_buf()
+}
+
+/// A checkpoint's tensors as (name, dtype, shape, bytes).
+pub type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Rewrites `dir/model.safetensors` with `edit` applied to its tensors.
+pub fn rewrite_weights(dir: &std::path::Path, edit: impl FnOnce(&mut Tensors)) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let mut ts: Tensors = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut ts);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = ts
+        .iter()
+        .map(|(n, d, s, b)| {
+            let view = safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap();
+            (n.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
