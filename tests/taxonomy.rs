@@ -683,8 +683,8 @@ fn activations_resume_after_a_kill() {
     // Killed at the third forward (trace 3): traces 0, 1 and 2 are kept, no output yet.
     let out = dir.join("acts.safetensors");
     let (partial, progress) = (
-        dir.join("acts.partial.f32"),
-        dir.join("acts.progress.jsonl"),
+        dir.join("acts.safetensors.partial.f32"),
+        dir.join("acts.safetensors.progress.jsonl"),
     );
     let (r, _) = acts_run(&tr, &out, Some(3));
     assert!(r.unwrap_err().contains("killed"));
@@ -722,13 +722,20 @@ fn activations_resume_after_a_kill() {
     // Resumed and killed again after trace 3: its line must not be glued to the torn one.
     let (r, _) = acts_run(&tr, &out, Some(2));
     assert!(r.unwrap_err().contains("killed"));
+    // Files named as before they took the output's whole name are taken over.
+    let older = (
+        dir.join("acts.partial.f32"),
+        dir.join("acts.progress.jsonl"),
+    );
+    std::fs::rename(&partial, &older.0).unwrap();
+    std::fs::rename(&progress, &older.1).unwrap();
     // Resumed: only trace 5 runs, and the files equal the uninterrupted run's.
     let (r, calls) = acts_run(&tr, &out, None);
     r.unwrap();
     assert_eq!(calls, 1, "forwards after the last resume");
     same(&out, &full);
     assert!(
-        !partial.exists() && !progress.exists(),
+        !partial.exists() && !progress.exists() && !older.0.exists() && !older.1.exists(),
         "partial files left"
     );
 

@@ -175,8 +175,8 @@ fn fingerprint(t: &Trace) -> String {
 }
 
 /// The raw means of the traces done so far, kept beside the output while a run goes on, so that
-/// a killed run resumes where it stopped: `acts.partial.f32` holds the rows [rows, D] (f32,
-/// little-endian) in the order they were run; `acts.progress.jsonl` the run's settings, then one
+/// a killed run resumes where it stopped: `acts.safetensors.partial.f32` holds the rows [rows, D]
+/// (f32, little-endian) in the order they were run; `.progress.jsonl` the run's settings, then one
 /// line per trace done, appended after the trace's rows. Both go when the output is written.
 struct Partial {
     raw_path: PathBuf,
@@ -190,17 +190,33 @@ struct Partial {
 }
 
 impl Partial {
+    /// `acts.safetensors` → `acts.safetensors.partial.f32` and `.progress.jsonl`: the whole name,
+    /// so that outputs differing only in their extension keep apart.
     fn paths(out: &Path) -> (PathBuf, PathBuf) {
-        (
-            out.with_extension("partial.f32"),
-            out.with_extension("progress.jsonl"),
-        )
+        let beside = |ext: &str| {
+            let mut name = out.file_name().unwrap_or_default().to_os_string();
+            name.push(ext);
+            out.with_file_name(name)
+        };
+        (beside(".partial.f32"), beside(".progress.jsonl"))
     }
 
     /// Opens the partial files of `out`: new ones, or those of a killed run with the same
     /// settings (a torn last line is dropped, rows past the last recorded trace are cut).
+    /// Files of a run killed before they took the whole name (`acts.partial.f32`) are taken
+    /// over.
     fn open(out: &Path, run: &ActsRun) -> Result<Partial> {
         let (raw_path, log_path) = Self::paths(out);
+        let older = (
+            out.with_extension("partial.f32"),
+            out.with_extension("progress.jsonl"),
+        );
+        if !log_path.exists() && older.1.exists() {
+            if older.0.exists() {
+                std::fs::rename(&older.0, &raw_path).map_err(|e| Error::io(&older.0, e))?;
+            }
+            std::fs::rename(&older.1, &log_path).map_err(|e| Error::io(&older.1, e))?;
+        }
         let (mut done, mut rows) = (BTreeMap::new(), 0);
         // Only whole lines count: a kill in the middle of a line leaves a tail without '\n'.
         if log_path.exists() {
@@ -316,11 +332,13 @@ impl Partial {
     /// All rows written so far [rows, D].
     fn read_rows(&self) -> Result<Vec<f32>> {
         self.check_len()?;
-        let bytes = std::fs::read(&self.raw_path).map_err(|e| Error::io(&self.raw_path, e))?;
-        let rows: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        // Read straight into the f32 rows (no second copy of the file in memory).
+        let io = |e| Error::io(&self.raw_path, e);
+        let mut rows = vec![0f32; self.rows * self.d];
+        let mut f = std::fs::File::open(&self.raw_path).map_err(io)?;
+        std::io::Read::read_exact(&mut f, bytemuck::cast_slice_mut(&mut rows)).map_err(io)?;
+        rows.iter_mut()
+            .for_each(|x| *x = f32::from_le_bytes(x.to_ne_bytes()));
         if let Some(i) = rows.iter().position(|x| !x.is_finite()) {
             bail!(
                 "{}: row {} holds {}: expected finite activations (from the model, or a damaged file: delete it and {} to run those traces again)",

@@ -56,7 +56,7 @@ pub struct ActivationsArgs {
     pub layer: usize,
     /// Output safetensors (`activations` [N, D], `activation_mean` [D]); the index goes to
     /// the same name with extension `.index.jsonl`. While the run goes on, each trace's means
-    /// are kept in `.partial.f32` and `.progress.jsonl` beside it: a killed run, started again
+    /// are kept beside it, in its name with `.partial.f32` and `.progress.jsonl` appended: a killed run, started again
     /// with the same flags, runs only the traces not done yet.
     #[arg(long)]
     pub out: PathBuf,
