@@ -644,6 +644,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     // steering point, as many as fit.
     let slots = match windowed {
         true => crate::cuda::hybrid::base_slots(
+            &gpu,
             &c,
             &hy,
             max_b,

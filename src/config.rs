@@ -94,6 +94,17 @@ fn positive(field: &str, v: Option<&serde_json::Value>, default: f64) -> Result<
 }
 
 impl Config {
+    /// Checks token ids against the vocabulary.
+    pub fn check_ids(&self, ids: &[u32]) -> crate::Result<()> {
+        let v = self.vocab_size;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
+            crate::bail!(
+                "token id {bad} is outside the vocabulary: expected ids below vocab_size {v}"
+            );
+        }
+        Ok(())
+    }
+
     pub fn from_file(path: &Path) -> Result<Config> {
         if !path.exists() {
             bail!(

@@ -568,6 +568,7 @@ fn step_eval(cx: &Ctx, upstream_ran: bool) -> Result<StepOut> {
         max_new_tokens: o.max_new_tokens,
         batch: o.problems,
         prefix_caches: None,
+        thinking_gpu: None,
         shard: None,
         limit: Some(o.problems),
         offset: 0,

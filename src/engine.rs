@@ -6,6 +6,7 @@ use crate::config::Config;
 use crate::cpu_ops::argmax;
 use crate::model::{Hooks, KvCache, Model, Slots, Step, Workspace};
 use crate::Result;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub trait Decoder {
@@ -339,27 +340,50 @@ impl Decoder for CpuEngine {
     }
 }
 
-/// The model of checkpoint `dir` with `slots` sequences of `ctx` positions: on the GPU (weights
-/// uploaded from `dir`, up to `call_rows()` tokens per call) or on the CPU (the already loaded
-/// `model`).
-pub fn open_decoder(
-    model: &Arc<Model>,
-    dir: &std::path::Path,
-    slots: usize,
-    ctx: usize,
-    cuda: bool,
-) -> Result<Box<dyn Decoder>> {
-    if cuda {
-        let gpu = Arc::new(crate::cuda::Gpu::new(0)?);
-        Ok(Box::new(crate::cuda::model::CudaEngine::load(
-            gpu,
-            dir,
-            slots,
-            ctx,
-            ctx.clamp(16, crate::cuda::model::call_rows()),
-        )?))
-    } else {
-        Ok(Box::new(CpuEngine::new(model.clone(), slots, ctx)))
+/// A checkpoint folder as a run uses it: its config (and the weights' names and shapes, checked)
+/// at once, its f32 CPU weights only when a CPU run asks for them. A GPU engine uploads bf16
+/// straight from the folder, so a GPU run never holds the f32 copy (4 bytes per parameter: 32 GB
+/// for an 8B model, more than many GPU hosts spare beside the card's own copy).
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub config: Config,
+    cpu: Option<Arc<Model>>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        crate::weights::WeightFiles::open(dir)?.check_against(&config)?;
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            config,
+            cpu: None,
+        })
+    }
+
+    /// The f32 model for the CPU backend, loaded on the first call.
+    pub fn cpu_model(&mut self) -> Result<Arc<Model>> {
+        if self.cpu.is_none() {
+            self.cpu = Some(Arc::new(Model::load(&self.dir)?));
+        }
+        Ok(self.cpu.clone().expect("just loaded"))
+    }
+
+    /// The model with `slots` sequences of `ctx` positions: on the GPU (weights uploaded from
+    /// the folder, up to `call_rows()` tokens per call) or on the CPU.
+    pub fn decoder(&mut self, slots: usize, ctx: usize, cuda: bool) -> Result<Box<dyn Decoder>> {
+        if cuda {
+            let gpu = Arc::new(crate::cuda::Gpu::new(0)?);
+            Ok(Box::new(crate::cuda::model::CudaEngine::load(
+                gpu,
+                &self.dir,
+                slots,
+                ctx,
+                ctx.clamp(16, crate::cuda::model::call_rows()),
+            )?))
+        } else {
+            Ok(Box::new(CpuEngine::new(self.cpu_model()?, slots, ctx)))
+        }
     }
 }
 

@@ -55,6 +55,10 @@ pub struct Settings {
     /// (`prefix`); None: one per (problem slot, category, coefficient), as many as fit a
     /// quarter of the free memory.
     pub prefix_caches: Option<usize>,
+    /// GPU runs: the CUDA device (ordinal) of the thinking model; the base model is on device 0.
+    /// Some(_) runs the host-driven loop (`cuda::hybrid::GpuHybrid`), also for Some(0); None:
+    /// both on device 0, in the one-graph step where the other settings allow it.
+    pub thinking_gpu: Option<usize>,
 }
 
 impl Default for Settings {
@@ -71,6 +75,7 @@ impl Default for Settings {
             sae_raw_activations: false,
             batch: 8,
             prefix_caches: None,
+            thinking_gpu: None,
         }
     }
 }
@@ -168,31 +173,13 @@ impl Pair<'_> {
             .validate_for(&self.base.config, &self.thinking.config)
     }
 
-    /// Each problem's prompts against their models: ids in the vocabularies, and room in the
-    /// contexts for at least one new token. Errors name problem `index(i)` (its row in the
-    /// caller's numbering).
+    /// See `check_prompts`.
     pub fn check_prompts(
         &self,
         problems: &[Prompts],
         index: impl Fn(usize) -> usize,
     ) -> Result<()> {
-        for (p, i) in problems.iter().zip((0..).map(index)) {
-            for (side, m, ids) in [
-                ("base", self.base, &p.base),
-                ("thinking", self.thinking, &p.thinking),
-            ] {
-                let ctx = m.config.max_position_embeddings;
-                if ids.len() >= ctx {
-                    bail!(
-                        "problem {i}: the {side} prompt has {} tokens, expected fewer than the {side} model's context of {ctx} (max_position_embeddings)",
-                        ids.len()
-                    );
-                }
-                m.check_ids(ids)
-                    .map_err(|e| crate::Error::Input(format!("problem {i}, {side} prompt: {e}")))?;
-            }
-        }
-        Ok(())
+        check_prompts(&self.base.config, &self.thinking.config, problems, index)
     }
 
     pub fn artifacts(&self) -> Artifacts<'_> {
@@ -201,6 +188,44 @@ impl Pair<'_> {
             steering: self.steering,
         }
     }
+}
+
+/// `--thinking-gpu n` for a run that is (`on_gpu`) or is not on the GPU: a device this process
+/// sees, and only on the GPU.
+pub fn check_thinking_gpu(n: usize, on_gpu: bool) -> Result<()> {
+    if !on_gpu {
+        bail!("--thinking-gpu {n}: expected a run on the GPU (cached or persistent mode, --device cuda, or auto with a usable GPU and shapes the kernels take), found one on the CPU");
+    }
+    let count = crate::cuda::device_count()?;
+    if n >= count {
+        bail!("--thinking-gpu {n}: expected a CUDA device ordinal below {count}, the number of devices this process sees (CUDA_VISIBLE_DEVICES)");
+    }
+    Ok(())
+}
+
+/// Each problem's prompts against their models: ids in the vocabularies, and room in the
+/// contexts for at least one new token. Errors name problem `index(i)` (its row in the caller's
+/// numbering).
+pub fn check_prompts(
+    base: &Config,
+    thinking: &Config,
+    problems: &[Prompts],
+    index: impl Fn(usize) -> usize,
+) -> Result<()> {
+    for (p, i) in problems.iter().zip((0..).map(index)) {
+        for (side, c, ids) in [("base", base, &p.base), ("thinking", thinking, &p.thinking)] {
+            let ctx = c.max_position_embeddings;
+            if ids.len() >= ctx {
+                bail!(
+                    "problem {i}: the {side} prompt has {} tokens, expected fewer than the {side} model's context of {ctx} (max_position_embeddings)",
+                    ids.len()
+                );
+            }
+            c.check_ids(ids)
+                .map_err(|e| crate::Error::Input(format!("problem {i}, {side} prompt: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// The SAE on the thinking model and the steering set on the base model.

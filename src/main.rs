@@ -5,12 +5,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use thinksteer::chat::{ChatTemplate, Message};
 use thinksteer::cuda::model::call_rows;
-use thinksteer::engine::Decoder;
+use thinksteer::engine::Checkpoint;
 use thinksteer::generate::{generate, GenParams};
-use thinksteer::model::{Hooks, Model, Step};
+use thinksteer::model::{Hooks, Step};
 use thinksteer::sampling::SamplingParams;
 use thinksteer::tokenizer::Tokenizer;
 
@@ -224,6 +223,12 @@ struct HybridArgs {
     /// coefficient, as many as fit a quarter of the free memory; 0: none).
     #[arg(long)]
     prefix_caches: Option<usize>,
+    /// On the GPU: the thinking model on CUDA device N (an ordinal after CUDA_VISIBLE_DEVICES),
+    /// the base model on device 0, for a pair that does not fit one card (e.g. two 32B models
+    /// on two 80 GB cards). The two exchange ids and the SAE layer's residual through the host
+    /// every step (the loop the paper's windows take), not the one-graph step.
+    #[arg(long)]
+    thinking_gpu: Option<usize>,
     /// Where to run.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
@@ -445,14 +450,18 @@ fn one_line(text: &str) -> String {
 
 /// The model, its tokenizer (if any) and the prompt ids.
 struct Loaded {
-    model: Arc<Model>,
+    ckpt: Checkpoint,
+    /// Run on the GPU (decided here, from the config: `auto` keeps shapes the kernels do not
+    /// take, such as the tiny test checkpoints, on the CPU).
+    cuda: bool,
     tok: Option<Tokenizer>,
     prompt_ids: Vec<u32>,
 }
 
 fn load(a: &PromptArgs) -> Result<Loaded> {
-    use_cuda(a.device)?;
-    let model = Arc::new(Model::load(&a.model)?);
+    let ckpt = Checkpoint::open(&a.model)?;
+    let auto_cpu = a.device == Device::Auto && !thinksteer::cuda::model::supports(&ckpt.config);
+    let cuda = use_cuda(a.device)? && !auto_cpu;
     let tok = Tokenizer::from_dir(&a.model)?;
     let prompt_ids = match (&a.prompt, &a.prompt_ids) {
         (_, Some(ids)) if a.chat => {
@@ -479,13 +488,13 @@ fn load(a: &PromptArgs) -> Result<Loaded> {
     if prompt_ids.is_empty() {
         return Err(anyhow!("the prompt is empty: expected at least one token"));
     }
-    let v = model.config.vocab_size;
+    let v = ckpt.config.vocab_size;
     if let Some(bad) = prompt_ids.iter().find(|&&i| i as usize >= v) {
         return Err(anyhow!(
             "prompt token id {bad} is outside the vocabulary: expected ids below vocab_size {v}"
         ));
     }
-    let ctx = model.config.max_position_embeddings;
+    let ctx = ckpt.config.max_position_embeddings;
     if prompt_ids.len() >= ctx {
         return Err(anyhow!(
             "the prompt has {} tokens: expected fewer than the model's context of {ctx} (max_position_embeddings)",
@@ -493,7 +502,8 @@ fn load(a: &PromptArgs) -> Result<Loaded> {
         ));
     }
     Ok(Loaded {
-        model,
+        ckpt,
+        cuda,
         tok,
         prompt_ids,
     })
@@ -517,21 +527,6 @@ fn use_cuda(d: Device) -> Result<bool> {
     }
 }
 
-/// The model on the chosen device, with `slots` sequences of `ctx` positions.
-fn engine(
-    a: &PromptArgs,
-    model: &Arc<Model>,
-    slots: usize,
-    ctx: usize,
-) -> Result<Box<dyn Decoder>> {
-    // `auto` also falls back to the CPU for shapes the kernels do not take (tiny test models).
-    let auto_cpu = a.device == Device::Auto && !thinksteer::cuda::model::supports(&model.config);
-    let cuda = use_cuda(a.device)? && !auto_cpu;
-    Ok(thinksteer::engine::open_decoder(
-        model, &a.model, slots, ctx, cuda,
-    )?)
-}
-
 fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
     let sampling = SamplingParams {
         temperature: a.temperature,
@@ -541,18 +536,18 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
     };
     sampling.validate()?;
     a.prompt.model = thinksteer::gguf::checkpoint_dir(&a.prompt.model)?;
-    let l = load(&a.prompt)?;
+    let mut l = load(&a.prompt)?;
     let ctx = l
-        .model
+        .ckpt
         .config
         .max_position_embeddings
         .min(l.prompt_ids.len() + a.max_new_tokens);
-    let mut engine = engine(&a.prompt, &l.model, 1, ctx)?;
+    let mut engine = l.ckpt.decoder(1, ctx, l.cuda)?;
     let params = GenParams {
         max_new_tokens: a.max_new_tokens,
         sampling,
         stop_strings: a.stop.clone(),
-        eos_ids: l.model.config.eos_token_ids.clone(),
+        eos_ids: l.ckpt.config.eos_token_ids.clone(),
     };
     let stream = !a.json && l.tok.is_some();
     let mut stdout = std::io::stdout();
@@ -590,8 +585,8 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
 
 fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
     a.prompt.model = thinksteer::gguf::checkpoint_dir(&a.prompt.model)?;
-    let l = load(&a.prompt)?;
-    let c = &l.model.config;
+    let mut l = load(&a.prompt)?;
+    let c = l.ckpt.config.clone();
     for (i, &layer) in a.capture_layer.iter().enumerate() {
         if layer >= c.num_hidden_layers {
             return Err(anyhow!(
@@ -606,7 +601,7 @@ fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
         }
     }
     let t = l.prompt_ids.len();
-    let mut engine = engine(&a.prompt, &l.model, 1, t)?;
+    let mut engine = l.ckpt.decoder(1, t, l.cuda)?;
     let slots = vec![0; t];
     let positions: Vec<usize> = (0..t).collect();
     let rows: Vec<usize> = (0..t).collect();
@@ -661,7 +656,7 @@ fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
 fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     a.base = thinksteer::gguf::checkpoint_dir(&a.base)?;
     a.thinking = thinksteer::gguf::checkpoint_dir(&a.thinking)?;
-    use thinksteer::hybrid::{run, Pair, Prompts, Settings};
+    use thinksteer::hybrid::{check_prompts, run, Artifacts, Pair, Prompts, Settings};
     use thinksteer::sae::Sae;
     // The GPU covers the cached and persistent modes (exact mode recomputes on the CPU).
     let gpu_ok = a.mode != thinksteer::hybrid::Mode::Exact;
@@ -680,6 +675,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         batch: a.batch,
         prefix_caches: a.prefix_caches,
+        thinking_gpu: a.thinking_gpu,
         ..Settings::default()
     };
     a.ablations.apply(&mut settings);
@@ -690,12 +686,16 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
             "--question: expected a question, found an empty string"
         ));
     }
-    let base = Arc::new(Model::load(&a.base)?);
-    let thinking = Arc::new(Model::load(&a.thinking)?);
+    // Configs now; the f32 CPU weights only for a CPU run.
+    let mut base = Checkpoint::open(&a.base)?;
+    let mut thinking = Checkpoint::open(&a.thinking)?;
     // `auto` stays on the CPU for shapes the kernels do not take (the tiny test checkpoints).
     let fits = |c| thinksteer::cuda::model::supports(c);
     let on_gpu =
         on_gpu && (a.device == Device::Cuda || (fits(&base.config) && fits(&thinking.config)));
+    if let Some(n) = a.thinking_gpu {
+        thinksteer::hybrid::check_thinking_gpu(n, on_gpu)?;
+    }
     let sae = Sae::load(&a.sae)?;
     let steering = a.ablations.load_steering(&a.vectors)?;
     let prompts = thinksteer::eval::run::PromptBuilder::load(
@@ -717,16 +717,14 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
         .iter()
         .map(|q| prompts.hybrid(q))
         .collect::<thinksteer::Result<Vec<Prompts>>>()?;
-    let pair = Pair {
-        base: &base,
-        thinking: &thinking,
+    let art = Artifacts {
         sae: &sae,
         steering: &steering,
     };
-    pair.validate()?;
+    art.validate_for(&base.config, &thinking.config)?;
     settings.validate(&problems)?;
-    pair.check_prompts(&problems, |i| i)?;
-    let eos = &base.config.eos_token_ids;
+    check_prompts(&base.config, &thinking.config, &problems, |i| i)?;
+    let eos = &base.config.eos_token_ids.clone();
     let batch = if a.mode == thinksteer::hybrid::Mode::Exact {
         1
     } else {
@@ -758,8 +756,17 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     {
         // All questions at once: `batch` decode together, a finished one's slot takes the next.
         let outs = match gpu_hybrid.as_mut() {
-            Some(h) => h.run(pair.artifacts(), &problems, &settings, |_, _, _| {})?,
-            None => run(&pair, &problems, &settings, |_, _, _| {})?,
+            Some(h) => h.run(art, &problems, &settings, |_, _, _| {})?,
+            None => {
+                let (b, t) = (base.cpu_model()?, thinking.cpu_model()?);
+                let pair = Pair {
+                    base: &b,
+                    thinking: &t,
+                    sae: &sae,
+                    steering: &steering,
+                };
+                run(&pair, &problems, &settings, |_, _, _| {})?
+            }
         };
         for (j, out) in outs.iter().enumerate() {
             let body: Vec<u32> = out

@@ -476,13 +476,7 @@ impl Model {
 
     /// Checks token ids against the vocabulary.
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
-        let v = self.config.vocab_size;
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= v) {
-            crate::bail!(
-                "token id {bad} is outside the vocabulary: expected ids below vocab_size {v}"
-            );
-        }
-        Ok(())
+        self.config.check_ids(ids)
     }
 
     /// Greedy token of each row of logits [R, V].

@@ -584,3 +584,57 @@ fn prefix_cache_slots_on_the_gpu_exist_only_from_the_steering_point() {
     let (k, v) = e.kv_rows(2, 2, 0..1).unwrap();
     assert!(k.iter().chain(&v).all(|x| x.is_finite()) && k.iter().any(|&x| x != 0.0));
 }
+
+/// The thinking model on a second GPU (`--thinking-gpu 1`): the host-driven loop with its two
+/// engines on two devices gives the ids and steps of the same loop on one device
+/// (`thinking_gpu: Some(0)`) bit for bit — the same kernels on the same inputs — and the CPU
+/// loop's first tokens; with the paper's windows too. Skipped with fewer than two devices (the
+/// emulated driver has two, and refuses a kernel launched in the other device's context or
+/// given the other device's memory).
+#[test]
+fn the_thinking_model_on_a_second_gpu_changes_nothing() {
+    let Some(_) = gpu() else { return };
+    let count = thinksteer::cuda::device_count().unwrap();
+    if count < 2 {
+        println!("skipped: {count} CUDA device, the test needs two");
+        return;
+    }
+    let f = Fixture::new("two-gpus");
+    let pair = f.pair();
+    let ps = problems();
+    for windows in [vec![-1], vec![0, -1, -3]] {
+        let one = Settings {
+            mode: Mode::Cached,
+            coefficients: vec![0.25, 1.0, 2.0],
+            windows: windows.clone(),
+            max_new_tokens: 8,
+            batch: 2,
+            thinking_gpu: Some(0),
+            ..Settings::default()
+        };
+        let two = Settings {
+            thinking_gpu: Some(1),
+            ..one.clone()
+        };
+        let want = run(&pair, &ps, &one, |_, _, _| {}).unwrap();
+        let mut outs = vec![];
+        for (s, device) in [(&one, 0), (&two, 1)] {
+            let mut h =
+                GpuHybrid::load(&f.base_dir, &f.think_dir, &f.sae, &f.steering, s, 2, 64, 64)
+                    .unwrap();
+            assert!(matches!(h, GpuHybrid::Engines { .. }), "the host-driven loop");
+            let (think, base) = h.engines_mut();
+            assert_eq!(
+                (think.gpu.ctx.ordinal(), base.gpu.ctx.ordinal()),
+                (device, 0)
+            );
+            outs.push(h.run(pair.artifacts(), &ps, s, |_, _, _| {}).unwrap());
+        }
+        let what = format!("windows {windows:?}");
+        for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+            assert_eq!(a.ids, b.ids, "{what}: problem {i} ids, one device vs two");
+            assert_eq!(a.steps, b.steps, "{what}: problem {i} steps, one device vs two");
+        }
+        same_start(&outs[1], &want, &format!("{what}, two devices"), |_| true);
+    }
+}

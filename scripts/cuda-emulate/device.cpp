@@ -5,7 +5,8 @@
 // in place of NVIDIA's driver. It covers the driver calls this crate makes, no more; a call it
 // lacks makes cudarc panic naming the symbol.
 //
-// The device: compute capability 9.0, 132 multiprocessors, 80 GiB. Memory is host memory (a
+// The devices: two, each of compute capability 9.0, 132 multiprocessors, 80 GiB, with a primary
+// context each; the current context is per thread, as in CUDA. Memory is host memory (a
 // device pointer is an address), filled with 0xff bytes when allocated (NaN in f32 and bf16), so
 // a read of memory never written shows. The cubin or PTX given to cuModuleLoadData is not run:
 // cuModuleGetFunction finds the kernel of that name in the emulated modules (modules/*.so beside
@@ -25,7 +26,9 @@
 // waits into the graph instead (a stream that waits on an event recorded during a capture joins
 // that capture, as in CUDA), and launching the graph runs them the same way.
 //
-// What CUDA refuses, this refuses too: allocating, freeing, synchronous copies and synchronising during a capture (the
+// What CUDA refuses, this refuses too: a kernel launched, or work issued to a stream, while
+// another device's context is current; a kernel given a pointer into another device's memory
+// (on the hardware, without peer access, an illegal address); allocating, freeing, synchronous copies and synchronising during a capture (the
 // capture is then invalid), a capturing stream waiting on an event from outside its capture, a
 // capture ended with a joined stream not joined back, more dynamic shared memory than the
 // kernel's attribute allows (48 KB unless raised), a zero-byte allocation; and launches the
@@ -63,7 +66,18 @@ struct Resources {
 };
 using SizesFn = int (*)(size_t*);  // writes at most EMU_MAX_PARAMS sizes (trampoline.h)
 const int EMU_MAX_PARAMS = 64;
+// A device's primary context.
+struct Ctx {
+    int device;
+};
+const int DEVICES = 2;
+Ctx contexts[DEVICES] = {{0}, {1}};
+// The calling thread's current context (cudarc binds one before its calls; a thread that never
+// bound one is taken to be on device 0).
+thread_local Ctx* current = nullptr;
+Ctx* cur() { return current ? current : &contexts[0]; }
 struct Func {
+    Ctx* ctx;
     std::string name;
     RunFn run;
     SizesFn sizes;
@@ -106,6 +120,7 @@ struct Lane {
     unsigned long long done = 0;
 };
 struct Stream {
+    Ctx* ctx = nullptr;  // the context it was created in (null: the null stream, any context)
     Graph* capture = nullptr;
     unsigned long long ops = 0;  // operations issued into the capture
     std::map<Stream*, unsigned long long> awaited;  // per stream: its ops this one has waited for
@@ -126,11 +141,23 @@ unsigned long long next_capture_id = 1;
 Stream null_stream;
 std::set<Stream*> streams{&null_stream};
 std::vector<void*> modules;
-std::map<std::string, std::unique_ptr<Func>> funcs;
-std::map<void*, size_t> allocations;
-size_t allocated = 0;
+std::map<std::pair<Ctx*, std::string>, std::unique_ptr<Func>> funcs;  // per context, as in CUDA
+struct Allocation {
+    size_t n;
+    int device;
+};
+std::map<void*, Allocation> allocations;
+size_t allocated[DEVICES] = {};
 const size_t TOTAL = 80ull << 30;
-int current_ctx = 1;
+
+// The device of the allocation holding address p, or -1.
+int device_of(const void* p) {
+    auto it = allocations.upper_bound(const_cast<void*>(p));
+    if (it == allocations.begin()) return -1;
+    --it;
+    const char *a = static_cast<const char*>(it->first), *q = static_cast<const char*>(p);
+    return q < a + it->second.n ? it->second.device : -1;
+}
 
 double now() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -250,7 +277,7 @@ void load_modules() {
 void free_now(void* m) {
     auto it = allocations.find(m);
     if (it == allocations.end()) return;
-    allocated -= it->second;
+    allocated[it->second.device] -= it->second.n;
     allocations.erase(it);
     std::free(m);
 }
@@ -420,6 +447,13 @@ CUresult set_memory(Kind kind, CUdeviceptr d, unsigned v, size_t n, CUstream s) 
 CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                 unsigned smem, CUstream s, void** params) {
     Func* fn = reinterpret_cast<Func*>(f);
+    // A launch runs in the current context: its kernel and stream must belong to it.
+    if (fn->ctx != cur() || (S(s)->ctx && S(s)->ctx != cur())) {
+        std::fprintf(stderr, "cuda-emulate: %s (a kernel of device %d) launched on a stream of device %d while "
+                     "device %d's context is current\n", fn->name.c_str(), fn->ctx->device,
+                     S(s)->ctx ? S(s)->ctx->device : cur()->device, cur()->device);
+        return CUDA_ERROR_INVALID_CONTEXT;
+    }
     if (by * bz != 1 || bx == 0 || bx > 1024 || gx * gy * gz == 0) {
         std::fprintf(stderr, "cuda-emulate: %s launched with block (%u, %u, %u), grid (%u, %u, %u)\n",
                      fn->name.c_str(), bx, by, bz, gx, gy, gz);
@@ -464,6 +498,18 @@ CUresult launch(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx
     for (int i = 0; i < count; ++i) {
         const char* p = static_cast<const char*>(params[i]);
         n.args.emplace_back(p, p + sizes[i]);
+        // A pointer argument into another device's memory (8-byte arguments that fall inside an
+        // allocation; a scalar that does so by chance is not expected at these addresses).
+        if (sizes[i] == 8) {
+            void* q;
+            std::memcpy(&q, p, 8);
+            const int dev = device_of(q);
+            if (dev >= 0 && dev != fn->ctx->device) {
+                std::fprintf(stderr, "cuda-emulate: %s on device %d given argument %d pointing into device %d's "
+                             "memory\n", fn->name.c_str(), fn->ctx->device, i, dev);
+                return CUDA_ERROR_ILLEGAL_ADDRESS;
+            }
+        }
     }
     return issue(s, std::move(n));
 }
@@ -494,12 +540,12 @@ API CUresult cuDriverGetVersion(int* v) {
     return CUDA_SUCCESS;
 }
 API CUresult cuDeviceGetCount(int* n) {
-    *n = 1;
+    *n = DEVICES;
     return CUDA_SUCCESS;
 }
 API CUresult cuDeviceGet(CUdevice* d, int ordinal) {
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *d = 0;
+    if (ordinal < 0 || ordinal >= DEVICES) return CUDA_ERROR_INVALID_DEVICE;
+    *d = ordinal;
     return CUDA_SUCCESS;
 }
 API CUresult cuDeviceGetName(char* name, int len, CUdevice) {
@@ -533,24 +579,35 @@ API CUresult cuDeviceGetAttribute(int* v, CUdevice_attribute a, CUdevice) {
     }
     return CUDA_SUCCESS;
 }
-API CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice) {
-    *c = reinterpret_cast<CUcontext>(&current_ctx);
+API CUresult cuDevicePrimaryCtxRetain(CUcontext* c, CUdevice d) {
+    if (d < 0 || d >= DEVICES) return CUDA_ERROR_INVALID_DEVICE;
+    *c = reinterpret_cast<CUcontext>(&contexts[d]);
     return CUDA_SUCCESS;
 }
 API CUresult cuDevicePrimaryCtxRelease(CUdevice) { return CUDA_SUCCESS; }
 API CUresult cuDevicePrimaryCtxReset(CUdevice) { return CUDA_SUCCESS; }
-API CUresult cuCtxSetCurrent(CUcontext) { return CUDA_SUCCESS; }
-API CUresult cuCtxGetCurrent(CUcontext* c) {
-    *c = reinterpret_cast<CUcontext>(&current_ctx);
+thread_local std::vector<Ctx*> pushed;  // cuCtxPushCurrent's stack below the current context
+API CUresult cuCtxSetCurrent(CUcontext c) {
+    current = reinterpret_cast<Ctx*>(c);
     return CUDA_SUCCESS;
 }
-API CUresult cuCtxPushCurrent(CUcontext) { return CUDA_SUCCESS; }
+API CUresult cuCtxGetCurrent(CUcontext* c) {
+    *c = reinterpret_cast<CUcontext>(current);
+    return CUDA_SUCCESS;
+}
+API CUresult cuCtxPushCurrent(CUcontext c) {
+    pushed.push_back(current);
+    current = reinterpret_cast<Ctx*>(c);
+    return CUDA_SUCCESS;
+}
 API CUresult cuCtxPopCurrent(CUcontext* c) {
-    if (c) *c = reinterpret_cast<CUcontext>(&current_ctx);
+    if (c) *c = reinterpret_cast<CUcontext>(current);
+    current = pushed.empty() ? nullptr : pushed.back();
+    if (!pushed.empty()) pushed.pop_back();
     return CUDA_SUCCESS;
 }
 API CUresult cuCtxGetDevice(CUdevice* d) {
-    *d = 0;
+    *d = cur()->device;
     return CUDA_SUCCESS;
 }
 API CUresult cuCtxSynchronize() {
@@ -563,25 +620,30 @@ API CUresult cuCtxSynchronize() {
 // Memory.
 API CUresult cuMemGetInfo(size_t* free_bytes, size_t* total) {
     LOCK;
-    *free_bytes = TOTAL - allocated;
+    *free_bytes = TOTAL - allocated[cur()->device];
     *total = TOTAL;
     return CUDA_SUCCESS;
 }
-API CUresult cuMemAlloc(CUdeviceptr* p, size_t n) {
+// On `device`: the current context's for cuMemAlloc, the stream's for cuMemAllocAsync (CUDA takes
+// stream-ordered memory from the pool of the stream's device).
+CUresult alloc_on(int device, CUdeviceptr* p, size_t n) {
     LOCK;
     if (n == 0) return CUDA_ERROR_INVALID_VALUE;
     if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
-    if (allocated + n > TOTAL) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (allocated[device] + n > TOTAL) return CUDA_ERROR_OUT_OF_MEMORY;
     const size_t rounded = (n + 255) / 256 * 256;  // 256-byte aligned, as cudaMalloc's
     void* m = std::aligned_alloc(256, rounded);
     if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
     std::memset(m, 0xff, rounded);
-    allocations[m] = n;
-    allocated += n;
+    allocations[m] = {n, device};
+    allocated[device] += n;
     *p = reinterpret_cast<CUdeviceptr>(m);
     return CUDA_SUCCESS;
 }
-API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream) { return cuMemAlloc(p, n); }
+API CUresult cuMemAlloc(CUdeviceptr* p, size_t n) { return alloc_on(cur()->device, p, n); }
+API CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, CUstream s) {
+    return alloc_on(S(s)->ctx ? S(s)->ctx->device : cur()->device, p, n);
+}
 API CUresult cuMemFree(CUdeviceptr p) {
     LOCK;
     if (forbidden_during_capture()) return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
@@ -653,6 +715,7 @@ API CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, CUstream s) {
 API CUresult cuStreamCreate(CUstream* s, unsigned) {
     LOCK;
     Stream* st = new Stream;
+    st->ctx = cur();
     st->serial = next_stream_serial++;
     streams.insert(st);
     *s = reinterpret_cast<CUstream>(st);
@@ -769,20 +832,22 @@ API CUresult cuModuleLoadData(CUmodule* m, const void* image) {
     LOCK;
     load_modules();
     read_cubin(image);
-    *m = reinterpret_cast<CUmodule>(&modules);
+    *m = reinterpret_cast<CUmodule>(cur());  // a module belongs to the current context
     return CUDA_SUCCESS;
 }
 API CUresult cuModuleUnload(CUmodule) { return CUDA_SUCCESS; }
-API CUresult cuModuleGetFunction(CUfunction* f, CUmodule, const char* name) {
+API CUresult cuModuleGetFunction(CUfunction* f, CUmodule m, const char* name) {
     LOCK;
-    auto it = funcs.find(name);
+    Ctx* ctx = reinterpret_cast<Ctx*>(m);
+    auto it = funcs.find({ctx, name});
     if (it == funcs.end()) {
         const std::string run = std::string("emu_") + name, sizes = std::string("emu_sizes_") + name;
         for (void* h : modules) {
             auto r = reinterpret_cast<RunFn>(dlsym(h, run.c_str()));
             auto z = reinterpret_cast<SizesFn>(dlsym(h, sizes.c_str()));
             if (r && z) {
-                it = funcs.emplace(name, std::make_unique<Func>(Func{name, r, z})).first;
+                it = funcs.emplace(std::make_pair(ctx, std::string(name)), std::make_unique<Func>(Func{ctx, name, r, z}))
+                         .first;
                 if (auto k = resources.find(name); k != resources.end()) it->second->res = k->second;
                 break;
             }

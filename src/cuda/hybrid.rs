@@ -785,6 +785,7 @@ pub enum GpuHybrid {
 /// `prefix::count` says with the GPU memory left free by the engine and its kept residuals.
 #[allow(clippy::too_many_arguments)]
 pub fn base_slots(
+    gpu: &Gpu,
     c: &Config,
     s: &Settings,
     max_b: usize,
@@ -794,8 +795,7 @@ pub fn base_slots(
     rows: usize,
     weights: usize,
 ) -> Result<Slots> {
-    let (free, _) =
-        cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
+    let (free, _) = gpu.mem_info()?;
     let engine = super::model::cache_and_activation_bytes(c, max_b, ctx, rows)
         + weights
         + max_b * ctx * c.hidden_size * 4;
@@ -809,8 +809,10 @@ pub fn base_slots(
 }
 
 impl GpuHybrid {
-    /// Loads both checkpoints onto the first GPU, sized for `max_b` problems whose prompts and
-    /// answers fit `ctx_base` / `ctx_think` positions.
+    /// Loads both checkpoints, sized for `max_b` problems whose prompts and answers fit
+    /// `ctx_base` / `ctx_think` positions: the base model on device 0, the thinking model there
+    /// too or on device `s.thinking_gpu`. Two devices take the host-driven loop: the one-graph
+    /// step keeps both models' work on one device.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         base_dir: &std::path::Path,
@@ -827,13 +829,16 @@ impl GpuHybrid {
         }
         s.validate(&[])?;
         let gpu = Arc::new(Gpu::new(0)?);
+        let tg = match s.thinking_gpu {
+            Some(n) if n != 0 => Arc::new(Gpu::new(n)?),
+            _ => think_gpu(&gpu)?,
+        };
         // Rows per call: the prefill chunk at least; the one-graph step's candidate rows, or the
         // host-driven loop's longest run (window 0: the whole sequence; -N: the last N).
         let call = call_rows();
         let think_max_t = max_b.max(call);
-        if CudaHybrid::supports(s) {
-            let think =
-                CudaEngine::load(think_gpu(&gpu)?, think_dir, max_b, ctx_think, think_max_t)?;
+        if s.thinking_gpu.is_none() && CudaHybrid::supports(s) {
+            let think = CudaEngine::load(tg, think_dir, max_b, ctx_think, think_max_t)?;
             let rows = (max_b * (1 + s.coefficients.len())).max(call);
             let base = CudaEngine::load(gpu, base_dir, max_b, ctx_base, rows)?;
             let h = CudaHybrid::new(think, base, sae, steering, s, max_b)?;
@@ -848,13 +853,13 @@ impl GpuHybrid {
             })
             .max()
             .unwrap_or(1);
-        let think = CudaEngine::load(think_gpu(&gpu)?, think_dir, max_b, ctx_think, think_max_t)?;
+        let think = CudaEngine::load(tg, think_dir, max_b, ctx_think, think_max_t)?;
         let rows = (max_b * s.coefficients.len()).max(longest).max(call);
         let cb = Config::from_file(&base_dir.join("config.json"))?;
         let weights = cb.param_count() * 2;
         let art = Artifacts { sae, steering };
         let point = art.steer_point(s);
-        let slots = base_slots(&cb, s, max_b, sae.latents, point, ctx_base, rows, weights)?;
+        let slots = base_slots(&gpu, &cb, s, max_b, sae.latents, point, ctx_base, rows, weights)?;
         let mut base = CudaEngine::load(gpu, base_dir, slots, ctx_base, rows)?;
         // The residuals the candidate runs start from (slots · context · D f32), allocated now
         // so that a card too small says so before any problem runs.

@@ -48,6 +48,14 @@ pub fn available() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The CUDA devices this process sees (after CUDA_VISIBLE_DEVICES).
+pub fn device_count() -> Result<usize> {
+    available().map_err(Error::Cuda)?;
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .map_err(cuda_err("counting the CUDA devices"))
+}
+
 /// Device 0's compute capability ×10 (e.g. 90), read without creating a context.
 fn device0_cc() -> Option<u32> {
     use cudarc::driver::{result::device, sys::CUdevice_attribute as A};
@@ -209,7 +217,12 @@ impl Gpu {
     /// Opens device `ordinal` and loads every kernel (compiling them with NVRTC when build.rs
     /// embedded no PTX: ~1–3 s once).
     pub fn new(ordinal: usize) -> Result<Gpu> {
-        available().map_err(Error::Cuda)?;
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::Input(format!(
+                "CUDA device {ordinal}: expected an ordinal below {count}, the number of devices this process sees (CUDA_VISIBLE_DEVICES)"
+            )));
+        }
         let ctx = CudaContext::new(ordinal).map_err(cuda_err("opening the CUDA device"))?;
         // One stream for everything: cudarc's per-buffer event tracking only serves multi-stream
         // use, and its event waits get in the way of CUDA-graph capture.
@@ -544,5 +557,15 @@ impl Gpu {
         self.stream
             .synchronize()
             .map_err(cuda_err("synchronising the stream"))
+    }
+
+    /// (free, total) bytes of this device's memory. The driver answers for the current
+    /// context, so this one is bound first (another device's may be current: the hybrid loop
+    /// can hold the thinking model on a second card).
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(cuda_err("binding the CUDA context"))?;
+        cudarc::driver::result::mem_get_info().map_err(cuda_err("reading free GPU memory"))
     }
 }

@@ -364,9 +364,7 @@ impl CudaEngine {
     ) -> Result<()> {
         let slots = slots.into();
         let need = cache_and_activation_bytes(c, slots, max_len, max_t) + weight_bytes;
-        let (free, total) =
-            cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
-        let _ = &gpu.ctx;
+        let (free, total) = gpu.mem_info()?;
         if need > free {
             crate::bail!(
                 "{} sequences × {max_len} positions need {:.2} GiB on the GPU (weights, KV cache, activations); the card has {:.2} GiB free of {:.2} GiB: lower the batch or the context",
@@ -1280,8 +1278,7 @@ impl Decoder for CudaEngine {
         self.kept = None;
         self.graphs.clear();
         let n = slots * self.max_len * self.config.hidden_size;
-        let (free, _) =
-            cudarc::driver::result::mem_get_info().map_err(cu("reading free GPU memory"))?;
+        let (free, _) = self.gpu.mem_info()?;
         if n * 4 > free {
             crate::bail!(
                 "keeping the residuals of {} sequences × {} positions (steering windows) needs {:.2} GiB on the GPU, {:.2} GiB are free: lower the batch or the context",

@@ -171,8 +171,7 @@ impl CudaVectorGrad {
                 + dm.steer)
         };
         self.gpu.sync()?; // the old buffers' frees are done
-        let (free, _) =
-            cudarc::driver::result::mem_get_info().map_err(cuda_err("reading free GPU memory"))?;
+        let (free, _) = self.gpu.mem_info()?;
         // Grow by at least a quarter so a run of slowly growing examples reallocates rarely, where
         // that fits; refuse, before allocating, what does not fit at all.
         let grow = |o: usize, n: usize| if n > o { n.max(o + o / 4) } else { o };

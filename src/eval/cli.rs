@@ -104,6 +104,10 @@ pub struct EvalArgs {
     /// `hybrid --help`; default: as many as useful and fit a quarter of the free memory).
     #[arg(long)]
     pub prefix_caches: Option<usize>,
+    /// Hybrid on the GPU: the thinking model on CUDA device N, the base model on device 0 (see
+    /// `hybrid --help`).
+    #[arg(long)]
+    pub thinking_gpu: Option<usize>,
     /// i/n: only problems with index % n == i (results go to results.shard-i-of-n.jsonl).
     #[arg(long)]
     pub shard: Option<String>,
@@ -386,14 +390,16 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         max_new_tokens: a.max_new_tokens,
         batch: a.batch.max(1),
         prefix_caches: a.prefix_caches,
+        thinking_gpu: a.thinking_gpu,
         ..Settings::default()
     };
     a.ablations.apply(&mut settings);
     // Refused now rather than when the hybrid mode starts, after the other modes' runs.
-    let hybrid_only = match (a.prefix_caches, a.ablations.names().first()) {
-        (Some(_), _) => Some("--prefix-caches".to_string()),
-        (None, Some(name)) => Some(format!("the ablation {name}")),
-        (None, None) => None,
+    let hybrid_only = match (a.prefix_caches, a.thinking_gpu, a.ablations.names().first()) {
+        (Some(_), _, _) => Some("--prefix-caches".to_string()),
+        (None, Some(_), _) => Some("--thinking-gpu".to_string()),
+        (None, None, Some(name)) => Some(format!("the ablation {name}")),
+        (None, None, None) => None,
     };
     if hybrid {
         settings.validate(&[])?;
@@ -446,6 +452,9 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         }),
     };
     let use_cuda = a.device.use_cuda_for(&[&a.base, &a.thinking])?;
+    if let Some(n) = a.thinking_gpu {
+        crate::hybrid::check_thinking_gpu(n, use_cuda && a.hybrid_mode != Mode::Exact)?;
+    }
     let mut modes: Vec<EvalMode> = vec![];
     for m in &a.modes {
         if !modes.contains(m) {

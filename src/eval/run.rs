@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -19,8 +18,8 @@ use crate::chat::{plain_base_prompt, ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::generate::{generate_each, GenParams};
 use crate::hybrid::ablations::Ablations;
-use crate::hybrid::{self, Pair, Prompts, Settings, StepRecord};
-use crate::model::Model;
+use crate::engine::Checkpoint;
+use crate::hybrid::{self, Artifacts, Pair, Prompts, Settings, StepRecord};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
 use crate::tokenizer::Tokenizer;
@@ -527,7 +526,8 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     let mut summary = Summary::default();
-    let (mut base_model, mut think_model) = (None, None);
+    // Opened once for every mode; the f32 CPU weights only if a CPU run asks for them.
+    let (mut base_ckpt, mut think_ckpt) = (None, None);
     for &mode in &spec.modes {
         let todo: Vec<&Problem> = spec
             .problems
@@ -545,23 +545,22 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
             progress: &mut progress,
             written: 0,
         };
-        let load = |slot: &mut Option<Arc<Model>>, dir: &Path| -> Result<Arc<Model>> {
+        fn open<'a>(slot: &'a mut Option<Checkpoint>, dir: &Path) -> Result<&'a mut Checkpoint> {
             if slot.is_none() {
-                *slot = Some(Arc::new(Model::load(dir)?));
+                *slot = Some(Checkpoint::open(dir)?);
             }
-            Ok(slot.clone().expect("just loaded"))
-        };
+            Ok(slot.as_mut().expect("just opened"))
+        }
         match mode {
             EvalMode::Base => {
-                let m = load(&mut base_model, &spec.base)?;
+                let m = open(&mut base_ckpt, &spec.base)?;
                 let ids = todo
                     .iter()
                     .map(|p| prompts.base_ids(&p.question))
                     .collect::<Result<Vec<_>>>()?;
                 run_plain(
                     spec,
-                    &m,
-                    &spec.base,
+                    m,
                     &prompts.base_tok,
                     &todo,
                     &ids,
@@ -571,15 +570,14 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
                 )?;
             }
             EvalMode::Thinking => {
-                let m = load(&mut think_model, &spec.thinking)?;
+                let m = open(&mut think_ckpt, &spec.thinking)?;
                 let ids = todo
                     .iter()
                     .map(|p| prompts.thinking_ids(&p.question))
                     .collect::<Result<Vec<_>>>()?;
                 run_plain(
                     spec,
-                    &m,
-                    &spec.thinking,
+                    m,
                     &prompts.think_tok,
                     &todo,
                     &ids,
@@ -589,13 +587,13 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
                 )?;
             }
             EvalMode::Hybrid => {
-                let b = load(&mut base_model, &spec.base)?;
-                let t = load(&mut think_model, &spec.thinking)?;
+                let b = open(&mut base_ckpt, &spec.base)?;
+                let t = open(&mut think_ckpt, &spec.thinking)?;
                 let (sae, steering) = steer.as_ref().expect("loaded when hybrid is a mode");
                 run_hybrid(
                     spec,
-                    &b,
-                    &t,
+                    b,
+                    t,
                     &prompts,
                     (sae, steering),
                     &todo,
@@ -730,8 +728,7 @@ fn short_meta(
 #[allow(clippy::too_many_arguments)]
 fn run_plain(
     spec: &EvalSpec,
-    model: &Arc<Model>,
-    dir: &Path,
+    ckpt: &mut Checkpoint,
     tok: &Tokenizer,
     todo: &[&Problem],
     ids: &[Vec<u32>],
@@ -739,7 +736,7 @@ fn run_plain(
     run_id: u128,
     sink: &mut Sink,
 ) -> Result<()> {
-    let context = model.config.max_position_embeddings;
+    let context = ckpt.config.max_position_embeddings;
     if let Some((p, n)) = todo
         .iter()
         .zip(ids)
@@ -753,15 +750,15 @@ fn run_plain(
         );
     }
     let max_prompt = ids.iter().map(Vec::len).max().unwrap_or(0);
-    let ctx = model
+    let ctx = ckpt
         .config
         .max_position_embeddings
         .min(max_prompt + spec.config.max_new_tokens);
     let slots = spec.batch.min(todo.len());
-    let mut engine = crate::engine::open_decoder(model, dir, slots, ctx, spec.use_cuda)?;
+    let mut engine = ckpt.decoder(slots, ctx, spec.use_cuda)?;
     let params = GenParams::greedy(
         spec.config.max_new_tokens,
-        model.config.eos_token_ids.clone(),
+        ckpt.config.eos_token_ids.clone(),
     );
     // Every problem in one call: `slots` decode together, a finished problem's slot takes the
     // next one, and its line is written the moment it stops.
@@ -810,8 +807,8 @@ fn decode_text(tok: &Tokenizer, ids: &[u32], eos: &[u32]) -> Result<String> {
 #[allow(clippy::too_many_arguments)]
 fn run_hybrid(
     spec: &EvalSpec,
-    base: &Arc<Model>,
-    thinking: &Arc<Model>,
+    base: &mut Checkpoint,
+    thinking: &mut Checkpoint,
     prompts: &PromptBuilder,
     steer: (&Sae, &SteeringSet),
     todo: &[&Problem],
@@ -819,19 +816,14 @@ fn run_hybrid(
     sink: &mut Sink,
 ) -> Result<()> {
     let (sae, steering) = steer;
-    let pair = Pair {
-        base,
-        thinking,
-        sae,
-        steering,
-    };
-    let eos = &base.config.eos_token_ids;
+    let art = Artifacts { sae, steering };
+    let eos = &base.config.eos_token_ids.clone();
     let max = spec.settings.max_new_tokens;
     let all = todo
         .iter()
         .map(|p| prompts.hybrid(&p.question))
         .collect::<Result<Vec<_>>>()?;
-    pair.check_prompts(&all, |i| todo[i].index)?;
+    hybrid::check_prompts(&base.config, &thinking.config, &all, |i| todo[i].index)?;
     // The GPU step, when asked for and the settings allow it; sized once for every chunk.
     let mut gpu = if spec.use_cuda && spec.settings.mode != hybrid::Mode::Exact {
         let longest = |f: fn(&hybrid::Prompts) -> usize| all.iter().map(f).max().unwrap_or(1);
@@ -890,8 +882,17 @@ fn run_hybrid(
         }
     };
     let outs = match gpu.as_mut() {
-        Some(h) => h.run(pair.artifacts(), &all, &spec.settings, on_step)?,
-        None => hybrid::run(&pair, &all, &spec.settings, on_step)?,
+        Some(h) => h.run(art, &all, &spec.settings, on_step)?,
+        None => {
+            let (base, thinking) = (&base.cpu_model()?, &thinking.cpu_model()?);
+            let pair = Pair {
+                base,
+                thinking,
+                sae,
+                steering,
+            };
+            hybrid::run(&pair, &all, &spec.settings, on_step)?
+        }
     };
     if let Some(e) = failed {
         return Err(e);

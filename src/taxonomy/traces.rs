@@ -5,7 +5,6 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,7 +12,6 @@ use crate::bail;
 use crate::chat::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::generate::{generate_each, GenParams};
-use crate::model::Model;
 use crate::sentences::thinking_span_with;
 use crate::tokenizer::Tokenizer;
 
@@ -206,7 +204,7 @@ pub fn write_traces(
     s: &TraceSettings,
     mut progress: impl FnMut(&Trace),
 ) -> Result<Written> {
-    let model = Arc::new(Model::load(model_dir)?);
+    let mut ckpt = crate::engine::Checkpoint::open(model_dir)?;
     let tok = Tokenizer::from_dir(model_dir)?.ok_or_else(|| {
         Error::Input(format!(
             "{}: traces need tokenizer.json in the model folder, found none",
@@ -245,8 +243,8 @@ pub fn write_traces(
         .append(true)
         .open(out)
         .map_err(|e| Error::io(out, e))?;
-    let ctx_max = model.config.max_position_embeddings;
-    let params = GenParams::greedy(s.max_new_tokens, model.config.eos_token_ids.clone());
+    let ctx_max = ckpt.config.max_position_embeddings;
+    let params = GenParams::greedy(s.max_new_tokens, ckpt.config.eos_token_ids.clone());
     let prompts: Vec<String> = todo
         .iter()
         .map(|&i| tpl.render(&[Message::user(&questions[i])], true))
@@ -267,7 +265,7 @@ pub fn write_traces(
     }
     let ctx = ctx_max.min(longest + s.max_new_tokens);
     let slots = s.batch.max(1).min(todo.len());
-    let mut engine = crate::engine::open_decoder(&model, model_dir, slots, ctx, s.cuda)?;
+    let mut engine = ckpt.decoder(slots, ctx, s.cuda)?;
     let mut written = 0;
     // Every question in one call; each trace is written the moment its row finishes.
     generate_each(
