@@ -622,7 +622,10 @@ fn the_thinking_model_on_a_second_gpu_changes_nothing() {
             let mut h =
                 GpuHybrid::load(&f.base_dir, &f.think_dir, &f.sae, &f.steering, s, 2, 64, 64)
                     .unwrap();
-            assert!(matches!(h, GpuHybrid::Engines { .. }), "the host-driven loop");
+            assert!(
+                matches!(h, GpuHybrid::Engines { .. }),
+                "the host-driven loop"
+            );
             let (think, base) = h.engines_mut();
             assert_eq!(
                 (think.gpu.ctx.ordinal(), base.gpu.ctx.ordinal()),
@@ -633,7 +636,10 @@ fn the_thinking_model_on_a_second_gpu_changes_nothing() {
         let what = format!("windows {windows:?}");
         for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
             assert_eq!(a.ids, b.ids, "{what}: problem {i} ids, one device vs two");
-            assert_eq!(a.steps, b.steps, "{what}: problem {i} steps, one device vs two");
+            assert_eq!(
+                a.steps, b.steps,
+                "{what}: problem {i} steps, one device vs two"
+            );
         }
         same_start(&outs[1], &want, &format!("{what}, two devices"), |_| true);
     }

@@ -1366,3 +1366,33 @@ fn attention_decode_refuses_a_head_dim_its_kernels_lack() {
         "{err}"
     );
 }
+
+/// On the emulated driver only (on a card, an illegal address is a sticky error that ends the
+/// process's context): a kernel given another device's memory is refused, and so is one
+/// launched while another device's context is current, so the two-device hybrid test
+/// (`cuda_hybrid`) would catch a buffer handed from one engine to the other.
+#[test]
+fn the_emulated_driver_refuses_another_devices_memory() {
+    let Some(g0) = gpu() else { return };
+    if !g0.ctx.name().unwrap().starts_with("emulated") {
+        println!("skipped: the emulated driver's own check (a real card would fault)");
+        return;
+    }
+    let g1 = Gpu::new(1).unwrap();
+    let (t, f) = (3, 5);
+    let up1 = g1.stream.clone_htod(&vec![0.5f32; t * 2 * f]).unwrap();
+    let mut out0: CudaSlice<bf16> = g0.stream.alloc_zeros(t * f).unwrap();
+    let mut out1: CudaSlice<bf16> = g1.stream.alloc_zeros(t * f).unwrap();
+    // Device 1's kernel, device 1's input, an output on device 0.
+    let e = k::silu_mul(&g1, &mut out0.slice_mut(..), &up1.slice(..), t, f, None).unwrap_err();
+    assert!(e.to_string().contains("ILLEGAL_ADDRESS"), "{e}");
+    // All on device 1: runs.
+    k::silu_mul(&g1, &mut out1.slice_mut(..), &up1.slice(..), t, f, None).unwrap();
+    g1.sync().unwrap();
+    assert_eq!(
+        g1.stream.clone_dtoh(&out1).unwrap()[0],
+        bf16::from_f32(0.5 / (1.0 + (-0.5f32).exp()) * 0.5)
+    );
+    let e = Gpu::new(2).err().expect("a third device");
+    assert!(e.to_string().contains("expected an ordinal below 2"), "{e}");
+}

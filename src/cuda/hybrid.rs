@@ -859,7 +859,17 @@ impl GpuHybrid {
         let weights = cb.param_count() * 2;
         let art = Artifacts { sae, steering };
         let point = art.steer_point(s);
-        let slots = base_slots(&gpu, &cb, s, max_b, sae.latents, point, ctx_base, rows, weights)?;
+        let slots = base_slots(
+            &gpu,
+            &cb,
+            s,
+            max_b,
+            sae.latents,
+            point,
+            ctx_base,
+            rows,
+            weights,
+        )?;
         let mut base = CudaEngine::load(gpu, base_dir, slots, ctx_base, rows)?;
         // The residuals the candidate runs start from (slots · context · D f32), allocated now
         // so that a card too small says so before any problem runs.
