@@ -232,7 +232,8 @@ struct HybridArgs {
     /// Where to run.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
-    /// One JSON line per question: ids, text, steps, stats.
+    /// One JSON line per question as it finishes (so in the order they finish): index (the
+    /// question's row), question, ids, text, steps, stats.
     #[arg(long)]
     json: bool,
 }
@@ -284,9 +285,10 @@ struct RandomVectorsArgs {
 #[derive(Args)]
 struct DemoArgs {
     /// The demo model: a GGUF file (fetched by `bash models/fetch-demo-model.sh`) or a
-    /// checkpoint folder. It plays both the base and the thinking model.
-    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    model: PathBuf,
+    /// checkpoint folder. It plays both the base and the thinking model. Default: the fetched
+    /// file, in models/ of the working folder or of the checkout this binary was built from.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Output folder of every artifact; rerunning with it resumes.
     #[arg(long, default_value = thinksteer::demo::DEFAULT_OUT)]
     out: PathBuf,
@@ -753,65 +755,106 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     } else {
         None
     };
-    {
-        // All questions at once: `batch` decode together, a finished one's slot takes the next.
-        let outs = match gpu_hybrid.as_mut() {
-            Some(h) => h.run(art, &problems, &settings, |_, _, _| {})?,
-            None => {
-                let (b, t) = (base.cpu_model()?, thinking.cpu_model()?);
-                let pair = Pair {
-                    base: &b,
-                    thinking: &t,
-                    sae: &sae,
-                    steering: &steering,
-                };
-                run(&pair, &problems, &settings, |_, _, _| {})?
-            }
-        };
-        for (j, out) in outs.iter().enumerate() {
-            let body: Vec<u32> = out
-                .ids
-                .iter()
-                .copied()
-                .filter(|i| !eos.contains(i))
-                .collect();
-            let text = base_tok.decode(&body)?;
-            if a.json {
-                // Serialised from typed values (not a `json!` tree) so f32 coefficients print
-                // in their shortest form (0.1, not 0.10000000149011612).
-                #[derive(serde::Serialize)]
-                struct Stats {
-                    steered_fraction: f64,
-                    category_counts: Vec<usize>,
-                }
-                #[derive(serde::Serialize)]
-                struct Line<'a> {
-                    ids: &'a [u32],
-                    text: &'a str,
-                    steps: &'a [thinksteer::hybrid::StepRecord],
-                    stats: Stats,
-                }
-                let line = Line {
-                    ids: &out.ids,
-                    text: &text,
-                    steps: &out.steps,
-                    stats: Stats {
-                        steered_fraction: out.steered_fraction(),
-                        category_counts: out.category_counts(sae.latents),
-                    },
-                };
-                println!("{}", serde_json::to_string(&line)?);
-            } else {
-                println!(
-                    "=== question {} (steered {:.1}% of {} tokens)",
-                    j,
-                    100.0 * out.steered_fraction(),
-                    out.ids.len()
-                );
-                println!("{text}");
+    // All questions at once: `batch` decode together, a finished one's slot takes the next.
+    // Each question is printed the moment it stops (so in the order they finish; `index` says
+    // which), and the ones the context stopped are printed at the end.
+    let max = a.max_new_tokens;
+    let mut ids: Vec<Vec<u32>> = vec![vec![]; problems.len()];
+    let mut steps: Vec<Vec<thinksteer::hybrid::StepRecord>> = vec![vec![]; problems.len()];
+    let mut printed = vec![false; problems.len()];
+    let mut failed: Option<anyhow::Error> = None;
+    let print = |j: usize, ids: &[u32], steps: &[thinksteer::hybrid::StepRecord]| {
+        print_hybrid(j, &questions[j], ids, steps, &sae, base_tok, eos, a.json)
+    };
+    let on_step = |j: usize, tok: u32, rec: &thinksteer::hybrid::StepRecord| {
+        ids[j].push(tok);
+        steps[j].push(*rec);
+        if (eos.contains(&tok) || ids[j].len() >= max) && failed.is_none() {
+            printed[j] = true;
+            if let Err(e) = print(j, &ids[j], &steps[j]) {
+                failed = Some(e);
             }
         }
+    };
+    let outs = match gpu_hybrid.as_mut() {
+        Some(h) => h.run(art, &problems, &settings, on_step)?,
+        None => {
+            let (b, t) = (base.cpu_model()?, thinking.cpu_model()?);
+            let pair = Pair {
+                base: &b,
+                thinking: &t,
+                sae: &sae,
+                steering: &steering,
+            };
+            run(&pair, &problems, &settings, on_step)?
+        }
+    };
+    if let Some(e) = failed {
+        return Err(e);
     }
+    for (j, out) in outs.iter().enumerate().filter(|(j, _)| !printed[*j]) {
+        print(j, &out.ids, &out.steps)?;
+    }
+    Ok(())
+}
+
+/// One finished question of `hybrid`: a JSON line, or a header and the text.
+#[allow(clippy::too_many_arguments)]
+fn print_hybrid(
+    index: usize,
+    question: &str,
+    ids: &[u32],
+    steps: &[thinksteer::hybrid::StepRecord],
+    sae: &thinksteer::sae::Sae,
+    tok: &Tokenizer,
+    eos: &[u32],
+    json: bool,
+) -> Result<()> {
+    let out = thinksteer::hybrid::Output {
+        ids: ids.to_vec(),
+        steps: steps.to_vec(),
+    };
+    let body: Vec<u32> = ids.iter().copied().filter(|i| !eos.contains(i)).collect();
+    let text = tok.decode(&body)?;
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        // Serialised from typed values (not a `json!` tree) so f32 coefficients print in their
+        // shortest form (0.1, not 0.10000000149011612).
+        #[derive(serde::Serialize)]
+        struct Stats {
+            steered_fraction: f64,
+            category_counts: Vec<usize>,
+        }
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            index: usize,
+            question: &'a str,
+            ids: &'a [u32],
+            text: &'a str,
+            steps: &'a [thinksteer::hybrid::StepRecord],
+            stats: Stats,
+        }
+        let line = Line {
+            index,
+            question,
+            ids,
+            text: &text,
+            steps,
+            stats: Stats {
+                steered_fraction: out.steered_fraction(),
+                category_counts: out.category_counts(sae.latents),
+            },
+        };
+        writeln!(stdout, "{}", serde_json::to_string(&line)?)?;
+    } else {
+        writeln!(
+            stdout,
+            "=== question {index} (steered {:.1}% of {} tokens)\n{text}",
+            100.0 * out.steered_fraction(),
+            ids.len()
+        )?;
+    }
+    stdout.flush()?;
     Ok(())
 }
 
@@ -867,13 +910,25 @@ fn cmd_random_vectors(mut a: RandomVectorsArgs) -> Result<()> {
 }
 
 fn cmd_demo(a: DemoArgs) -> Result<()> {
-    if !a.model.exists() {
+    let fetched = Path::new("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let model = match a.model {
+        Some(m) => m,
+        // The working folder's, else the checkout's (a binary run from elsewhere).
+        None => [
+            fetched.to_path_buf(),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(fetched),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or(fetched.to_path_buf()),
+    };
+    if !model.exists() {
         return Err(anyhow!(
             "{}: expected the demo model, found no such file; fetch it with `bash models/fetch-demo-model.sh` (98 MB) or pass --model",
-            a.model.display()
+            model.display()
         ));
     }
-    let dir = thinksteer::gguf::checkpoint_dir(&a.model)?;
+    let dir = thinksteer::gguf::checkpoint_dir(&model)?;
     let o = thinksteer::demo::DemoOptions {
         out: a.out,
         dataset: a.dataset,

@@ -346,8 +346,15 @@ impl<'a> Trainer<'a> {
         let mut rng = Rng::new(cfg.seed);
         let mut idx: Vec<usize> = (0..n).collect();
         rng.shuffle(&mut idx);
-        let val_idx = idx.split_off(n - n_val);
-        let train_idx = idx;
+        let mut val_idx = idx.split_off(n - n_val);
+        let mut train_idx = idx;
+        // A held-out split without variance around its own mean (one row, or equal rows) has no
+        // FVU: early stopping would keep the first epoch's weights. Its rows train instead, and
+        // training stops on the train FVU, as with no split.
+        let val_denom = variance_sum(val_idx.iter().map(|&r| &acts[r * d..(r + 1) * d]), d);
+        if val_denom == 0.0 {
+            train_idx.append(&mut val_idx);
+        }
 
         let lay = Layout { d, kk: cfg.latents };
         let mut theta = vec![0.0f32; lay.len()];
@@ -366,7 +373,6 @@ impl<'a> Trainer<'a> {
             *t = (m / train_idx.len() as f64) as f32;
         }
 
-        let val_denom = variance_sum(val_idx.iter().map(|&r| &acts[r * d..(r + 1) * d]), d);
         let n_chunks = cfg.batch.div_ceil(CHUNK);
         let lr = cfg.learning_rate();
         Ok(Trainer {
@@ -693,5 +699,30 @@ mod tests {
         let mut varied = acts.clone();
         varied[0] = 1.0;
         assert!(Trainer::new(&varied, 10, 4, &cfg).is_ok());
+    }
+
+    /// Eight rows hold out one (10%), whose FVU has no variance to divide by: the row trains
+    /// instead and training stops on the train FVU, so the weights kept are not the first
+    /// epoch's.
+    #[test]
+    fn a_held_out_split_without_variance_trains_instead() {
+        let (n, d) = (8, 6);
+        let mut rng = Rng::new(3);
+        let mut acts = vec![0f32; n * d];
+        for row in acts.chunks_exact_mut(d) {
+            rng.direction(row, 1.0);
+        }
+        let cfg = TrainConfig {
+            latents: 4,
+            k: 2,
+            lr: Some(1e-2),
+            max_epochs: 40,
+            ..Default::default()
+        };
+        let (_, rep) = train(&acts, n, d, &cfg, |_, _, _| {}).unwrap();
+        assert_eq!((rep.n_train, rep.n_val), (8, 0));
+        assert!(rep.final_val_fvu.is_finite(), "{rep:?}");
+        assert!(rep.best_epoch > 0, "{rep:?}");
+        assert!(rep.final_val_fvu < rep.val_fvu[0], "{rep:?}");
     }
 }

@@ -473,19 +473,28 @@ fn bad_input_is_refused() {
         e.contains("bad.jsonl:2") && e.contains("malformed JSON"),
         "{e}"
     );
-    // A file of GSM8K-style answers read as custom (graded as MATH) runs, with a note saying so.
+    // A file of GSM8K-style answers given by its path is graded as GSM8K, with a note saying
+    // so; with --kind custom as MATH, with a note too.
     let gsm = dir.join("mine.jsonl");
     std::fs::write(
         &gsm,
         "{\"question\":\"1+1?\",\"answer\":\"one and one #### 2\"}\n",
     )
     .unwrap();
+    let grading = |out: &Path| -> String {
+        let c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap())
+                .unwrap();
+        c["dataset"]["grading"].as_str().unwrap().to_string()
+    };
     let out = ok(run(&mut bin(), &gsm, &dir.join("o10"), "2", &[]));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("graded as MATH (--kind custom); --kind gsm8k"),
-        "{err}"
-    );
+    assert!(err.contains("graded as GSM8K (the number after ####)"), "{err}");
+    assert_eq!(grading(&dir.join("o10")), "gsm8k");
+    let out = ok(run(&mut bin(), &gsm, &dir.join("o11"), "2", &["--kind", "custom"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("yet --kind custom grades it as MATH"), "{err}");
+    assert_eq!(grading(&dir.join("o11")), "math");
 
     let empty = dir.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();

@@ -209,6 +209,13 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
         report.contains("## Transitions") && report.contains("1: checking"),
         "{report}"
     );
+    // The SAE named by the titles: the same weights, the titles in its metadata.
+    let named = thinksteer::sae::Sae::load(&ann.join("sae.safetensors")).unwrap();
+    let titled = thinksteer::sae::Sae {
+        titles: Some(vec!["adding up".into(), "checking".into(), "wondering".into()]),
+        ..sae.clone()
+    };
+    assert_eq!(named, titled);
 
     let vec_path = dir.join("vectors.safetensors");
     ok(&[

@@ -49,8 +49,8 @@ impl EvalDevice {
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum EvalDevice {
     Cpu,
-    /// The CUDA engine (the hybrid's exact mode, the oracle, runs on the CPU). The kernels take
-    /// head_dim 64 or 128.
+    /// The CUDA engine (its kernels take head_dim 64 or 128; the hybrid's exact mode, the
+    /// oracle, runs on the CPU).
     Cuda,
     /// CUDA when a GPU is usable, else the CPU.
     Auto,
@@ -63,7 +63,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub dataset: String,
     /// How a JSONL file is read and graded: gsm8k (`#### N` answers), math500 or custom (graded
-    /// as MATH). Default: from --dataset's name, custom for a file.
+    /// as MATH). Default: from --dataset's name; for a file, gsm8k when every answer holds
+    /// `#### N`, else custom.
     #[arg(long)]
     pub kind: Option<String>,
     /// Which answers to collect, comma-separated.
@@ -308,7 +309,7 @@ fn file_hashes(sae: Option<&Path>, vectors: Option<&Path>) -> Option<String> {
 pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
     let preset = a.preset.as_deref().map(load_preset).transpose()?;
     let (path, named_kind) = resolve_dataset(&a.dataset)?;
-    let kind = match &a.kind {
+    let mut kind = match &a.kind {
         Some(k) => k.parse::<DatasetKind>()?,
         None => named_kind,
     };
@@ -347,11 +348,23 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             (None, first) => first.map(|n| n - a.offset),
         },
     )?;
-    if kind == DatasetKind::Custom && problems.iter().all(|p| p.answer.contains("#### ")) {
-        eprintln!(
-            "note: every answer of {} holds GSM8K's `#### N`, yet it is graded as MATH (--kind custom); --kind gsm8k takes the number after ####",
-            path.display()
-        );
+    // A GSM8K-format file given by its path is graded as GSM8K (the number after `####`; as
+    // MATH, the reference would be the whole worked solution and no answer would match).
+    let gsm8k_answers =
+        !problems.is_empty() && problems.iter().all(|p| p.answer.contains("#### "));
+    if kind == DatasetKind::Custom && gsm8k_answers {
+        if a.kind.is_none() {
+            kind = DatasetKind::Gsm8k;
+            eprintln!(
+                "note: every answer of {} holds GSM8K's `#### N`: graded as GSM8K (the number after ####); --kind custom grades as MATH",
+                path.display()
+            );
+        } else {
+            eprintln!(
+                "note: every answer of {} holds GSM8K's `#### N`, yet --kind custom grades it as MATH; --kind gsm8k takes the number after ####",
+                path.display()
+            );
+        }
     }
     if let Some((i, n)) = shard {
         problems.retain(|p| p.index % n == i);
@@ -497,8 +510,11 @@ pub fn eval(mut a: EvalArgs) -> Result<()> {
             .join(super::run::results_name(spec.shard))
             .display()
     );
-    // The report of every result in the folder so far (other shards' included).
-    super::report::write_report(&spec.out)?;
+    // The report of every result in the folder so far (other shards' included), and its
+    // summary row on stdout.
+    let (_, r) = super::report::write_report(&spec.out)?;
+    let name = spec.out.display().to_string();
+    print!("{}", super::report::render_comparison(&[(name, r)]));
     eprintln!("report: {}", spec.out.join("report.md").display());
     Ok(())
 }

@@ -93,8 +93,10 @@ pub fn categorise(sae: &Sae, acts: &Acts) -> Result<(Vec<usize>, Vec<f32>)> {
     Ok((cats, zs))
 }
 
-/// The `annotate` command: writes `out_dir/annotations.jsonl` and `out_dir/report.md`.
-/// Returns the count per category.
+/// The `annotate` command: writes `out_dir/annotations.jsonl` and `out_dir/report.md`, and
+/// with `titles_path` the SAE named by them (`out_dir/sae.safetensors`: the same weights with
+/// `titles` metadata, so that `hybrid` and `eval` reports name the categories). Returns the count
+/// per category.
 pub fn annotate(
     sae_path: &Path,
     acts_path: &Path,
@@ -137,6 +139,13 @@ pub fn annotate(
         .collect();
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     write_jsonl(&out_dir.join("annotations.jsonl"), &rows)?;
+    if titles_path.is_some() {
+        let named = Sae {
+            titles: titles.clone(),
+            ..sae.clone()
+        };
+        named.save(&titled_sae_path(out_dir))?;
+    }
     let mut counts = vec![0; kk];
     rows.iter().for_each(|r| counts[r.category] += 1);
     let bars: Vec<crate::chart::Bar> = counts
@@ -157,6 +166,11 @@ pub fn annotate(
     let p = out_dir.join("report.md");
     crate::files::write_atomic(&p, md)?;
     Ok(counts)
+}
+
+/// Where `annotate --titles` writes the SAE named by its titles.
+pub fn titled_sae_path(out_dir: &Path) -> std::path::PathBuf {
+    out_dir.join("sae.safetensors")
 }
 
 /// transitions[a][b] = how often a sentence of category b directly follows one of category a

@@ -107,7 +107,9 @@ pub struct AnnotateArgs {
     /// The activations' index (default: the acts file with extension `.index.jsonl`).
     #[arg(long)]
     pub index: Option<PathBuf>,
-    /// Output folder: `annotations.jsonl`, `report.md` and `categories.svg`.
+    /// Output folder: `annotations.jsonl`, `report.md` and `categories.svg`; with --titles also
+    /// `sae.safetensors`, the SAE with the titles in its metadata (give it to `hybrid` / `eval`
+    /// as --sae, and their reports name the categories).
     #[arg(long)]
     pub out: PathBuf,
     /// Category names, one per latent (JSON list or one per line).
@@ -325,6 +327,12 @@ pub fn annotate(a: AnnotateArgs) -> Result<()> {
         .unwrap_or_else(|| super::activations::index_path(&a.acts));
     let counts = super::annotate::annotate(&a.sae, &a.acts, &index, a.titles.as_deref(), &a.out)?;
     let n: usize = counts.iter().sum();
+    if a.titles.is_some() {
+        println!(
+            "the SAE named by these titles: {} (its --sae for hybrid and eval names the categories in their reports)",
+            super::annotate::titled_sae_path(&a.out).display()
+        );
+    }
     println!(
         "{} sentences in {} categories (counts {:?}); report in {}",
         n,
