@@ -614,7 +614,7 @@ fn step_report(cx: &Ctx) -> Result<StepOut> {
             "{}: {}/{} correct = {:.0}% (95% CI {:.0}–{:.0}%), {:.0} tokens per answer",
             m.mode.name(),
             m.correct,
-            m.problems,
+            m.judged(),
             100.0 * m.accuracy,
             100.0 * m.ci_low,
             100.0 * m.ci_high,

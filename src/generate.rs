@@ -164,14 +164,22 @@ pub fn generate_each(
             run_start: &[],
         };
         let logits = dec.forward(&ids, &step, &last, &mut Hooks::default())?;
+        // A failing `on_done` stops the generation after this step: the other rows finished
+        // in it are still handed over (their answers are not lost), then its first error returns.
+        let mut failed = None;
         for (k, &(slot, r)) in active.iter().enumerate() {
             let id = rows[r].sampler.sample(&logits[k * v..(k + 1) * v]);
             push_token(&mut rows[r], r, id, p, &stops, ctx, &mut on_text)?;
             if rows[r].done {
                 finish_row(&mut rows[r], r, &stops, &mut on_text)?;
-                on_done(r, &rows[r].out)?;
+                if let Err(e) = on_done(r, &rows[r].out) {
+                    failed.get_or_insert(e);
+                }
                 who[slot] = queue.next();
             }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
     }
     Ok(rows.into_iter().map(|r| r.out).collect())

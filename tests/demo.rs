@@ -68,8 +68,9 @@ fn options(dir: &Path) -> DemoOptions {
     }
 }
 
-/// (index, mode, response, correct, steered steps per category) of one result line.
-type Answer = (usize, EvalMode, String, bool, Option<Vec<usize>>);
+/// (index, mode, response, correct (None: awaiting the judge), steered steps per category) of
+/// one result line.
+type Answer = (usize, EvalMode, String, Option<bool>, Option<Vec<usize>>);
 
 /// Every result line without its timing fields (wall time differs between runs).
 fn answers(eval: &Path) -> Vec<Answer> {

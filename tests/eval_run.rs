@@ -230,6 +230,9 @@ fn all_modes_write_the_schema() {
 }
 
 fn wilson(k: f64, n: f64) -> (f64, f64) {
+    if n == 0.0 {
+        return (0.0, 1.0);
+    }
     let z = 1.959963984540054f64;
     let p = k / n;
     let c = (p + z * z / (2.0 * n)) / (1.0 + z * z / n);
@@ -238,6 +241,7 @@ fn wilson(k: f64, n: f64) -> (f64, f64) {
 }
 
 /// Recomputes per-mode numbers from result lines and checks report.json and report.md agree.
+/// Lines awaiting the judge (`correct: null`) count as answered, not in the accuracy.
 fn check_report(out: &Path, lines: &[Value]) -> Value {
     let printed =
         String::from_utf8(ok(bin().arg("report").arg("--out").arg(out).output().unwrap()).stdout)
@@ -267,20 +271,25 @@ fn check_report(out: &Path, lines: &[Value]) -> Value {
     for s in stats {
         let mode = s["mode"].as_str().unwrap();
         let ls = &by_mode[mode];
-        let n = ls.len() as f64;
+        let awaiting = ls.iter().filter(|l| l["correct"].is_null()).count();
+        let n = (ls.len() - awaiting) as f64;
         let k = ls.iter().filter(|l| l["correct"] == true).count() as f64;
-        assert_eq!(s["problems"].as_u64().unwrap() as f64, n);
-        close(s["accuracy"].as_f64().unwrap(), k / n, "accuracy");
+        assert_eq!(s["problems"].as_u64().unwrap() as usize, ls.len());
+        assert_eq!(s["awaiting_judge"].as_u64().unwrap() as usize, awaiting);
+        close(s["accuracy"].as_f64().unwrap(), k / n.max(1.0), "accuracy");
         let (lo, hi) = wilson(k, n);
         close(s["ci_low"].as_f64().unwrap(), lo, "ci_low");
         close(s["ci_high"].as_f64().unwrap(), hi, "ci_high");
         let tokens: u64 = ls.iter().map(|l| l["tokens"].as_u64().unwrap()).sum();
         assert_eq!(s["tokens"].as_u64().unwrap(), tokens);
+        let problems = match awaiting {
+            0 => format!("{n}"),
+            a => format!("{n} judged, {a} awaiting the judge"),
+        };
         let row = format!(
-            "| {mode} | {} | {} | {:.1}% | [{:.1}%, {:.1}%] | {tokens} |",
-            n,
+            "| {mode} | {problems} | {} | {:.1}% | [{:.1}%, {:.1}%] | {tokens} |",
             k,
-            100.0 * k / n,
+            100.0 * k / n.max(1.0),
             100.0 * lo,
             100.0 * hi
         );
@@ -299,7 +308,7 @@ fn check_report(out: &Path, lines: &[Value]) -> Value {
                 .iter()
                 .map(|l| l["steered_fraction"].as_f64().unwrap())
                 .sum::<f64>()
-                / n;
+                / ls.len() as f64;
             close(
                 s["steered_mean"].as_f64().unwrap(),
                 mean,
@@ -489,9 +498,18 @@ fn bad_input_is_refused() {
     };
     let out = ok(run(&mut bin(), &gsm, &dir.join("o10"), "2", &[]));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("graded as GSM8K (the number after ####)"), "{err}");
+    assert!(
+        err.contains("graded as GSM8K (the number after ####)"),
+        "{err}"
+    );
     assert_eq!(grading(&dir.join("o10")), "gsm8k");
-    let out = ok(run(&mut bin(), &gsm, &dir.join("o11"), "2", &["--kind", "custom"]));
+    let out = ok(run(
+        &mut bin(),
+        &gsm,
+        &dir.join("o11"),
+        "2",
+        &["--kind", "custom"],
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("yet --kind custom grades it as MATH"), "{err}");
     assert_eq!(grading(&dir.join("o11")), "math");
@@ -632,6 +650,219 @@ fn judge_cmd_decides_correct() {
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert!(config["judge_cmd"].as_str().unwrap().contains("grep"));
+}
+
+/// A judge for the tests: it fails ("judge offline", exit 5) while `marker` exists and its input
+/// (the JSON of question, reference and response) matches the grep pattern `failing`, else says
+/// whether the question contains "What is".
+fn flaky_judge(marker: &Path, failing: &str) -> String {
+    format!(
+        "q=$(cat); if [ -e '{}' ] && printf %s \"$q\" | grep -q '{failing}'; then echo 'judge offline' >&2; exit 5; fi; printf %s \"$q\" | grep -q 'What is' && echo true || echo false",
+        marker.display()
+    )
+}
+
+/// A line without its verdict: what a rerun may change and nothing else.
+fn without_verdict(v: &Value) -> Value {
+    let mut v = v.clone();
+    let m = v.as_object_mut().unwrap();
+    m.remove("correct");
+    m.remove("judge_error");
+    v
+}
+
+/// `eval` stderr lines that report the judge failing on one problem.
+fn judge_failures(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("judge: problem "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A judge that fails on one question leaves that question's answers awaiting it (`correct:
+/// null`, `judge_error`), says so once per failure, and the run goes on; the report counts them
+/// apart. The same eval run again judges them without generating them again: while the judge
+/// still fails they stay as they were, once it works they are decided in place.
+#[test]
+fn a_failing_judge_leaves_answers_awaiting_and_a_rerun_judges_them() {
+    let out = tmp("judge-flaky");
+    let marker = out.join("judge-offline");
+    std::fs::write(&marker, "").unwrap();
+    let judge = flaky_judge(&marker, "x is 7");
+    let run = || eval(&out, &["--judge-cmd", &judge]);
+    let first = ok(run());
+    let path = out.join("results.jsonl");
+    let lines = lines_of(&path);
+    assert_eq!(lines.len(), 12, "every answer written");
+    for l in &lines {
+        let question = l["question"].as_str().unwrap();
+        if question.contains("x is 7") {
+            assert!(l["correct"].is_null(), "{l}");
+            let why = l["judge_error"].as_str().unwrap();
+            assert!(
+                why.contains("exit status: 5") && why.contains("judge offline"),
+                "{why}"
+            );
+            assert!(
+                l["response"].is_string() && l.get("extracted").is_some(),
+                "{l}"
+            );
+        } else {
+            assert_eq!(l["correct"], question.contains("What is"), "{l}");
+            assert!(l.get("judge_error").is_none(), "{l}");
+        }
+    }
+    let said = judge_failures(&first);
+    assert_eq!(said.len(), 3, "once per failure: {said:?}");
+    for mode in ["base", "thinking", "hybrid"] {
+        let at = format!("judge: problem 1 ({mode}): ");
+        assert!(
+            said.iter()
+                .any(|l| l.starts_with(&at) && l.contains("judge offline")),
+            "{said:?}"
+        );
+    }
+    let r = check_report(&out, &lines);
+    assert_eq!(r["awaiting_judge"], 3);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("**Awaiting the judge**: 3 result lines")
+            && md.contains("run the same `thinksteer eval` command again"),
+        "{md}"
+    );
+
+    // Still failing: judged again, left as they were; nothing generated.
+    let before = std::fs::read_to_string(&path).unwrap();
+    let second = ok(run());
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+    let said = judge_failures(&second);
+    assert!(
+        said.len() == 3 && said.iter().all(|l| l.ends_with("still awaiting the judge")),
+        "{said:?}"
+    );
+
+    // Working again: decided in place, every other field (response, seconds, batch) as it was.
+    std::fs::remove_file(&marker).unwrap();
+    let third = ok(run());
+    let err = String::from_utf8_lossy(&third.stderr);
+    assert!(
+        err.contains("0 result lines written, 12 already present (3 of them judged now"),
+        "{err}"
+    );
+    let judged = lines_of(&path);
+    assert_eq!(judged.len(), 12, "no line added");
+    for (old, new) in lines.iter().zip(&judged) {
+        assert_eq!(without_verdict(old), without_verdict(new));
+        let question = new["question"].as_str().unwrap();
+        assert_eq!(new["correct"], question.contains("What is"), "{new}");
+        assert!(new.get("judge_error").is_none(), "{new}");
+    }
+    let r = check_report(&out, &judged);
+    assert_eq!(r["awaiting_judge"], 0);
+    assert_eq!(r["modes"][0]["correct"], 2);
+    assert!(!std::fs::read_to_string(out.join("report.md"))
+        .unwrap()
+        .contains("Awaiting"));
+}
+
+/// A judge that fails 3 times in a row is down: the run stops with one error line, after
+/// writing every answer generated so far (those finished in the same step as the third
+/// failure, and in the hybrid loop, which cannot stop, every later one) awaiting the judge.
+/// The same eval, once the judge works, judges them and generates the rest.
+#[test]
+fn a_judge_that_goes_down_stops_the_run_losing_no_answer() {
+    // In the base mode, 4 problems decoded together: every one fails (the references are 5, 7,
+    // 1 and 8; the sample tried before generating has 2).
+    let out = tmp("judge-down-base");
+    let marker = out.join("judge-offline");
+    std::fs::write(&marker, "").unwrap();
+    let judge = flaky_judge(&marker, "\"reference\":\"[1578]\"");
+    let run = || eval(&out, &["--judge-cmd", &judge, "--batch", "4"]);
+    let down = run();
+    assert_eq!(down.status.code(), Some(2), "{down:?}");
+    let err = String::from_utf8_lossy(&down.stderr);
+    let last = err.lines().last().unwrap();
+    assert!(
+        last.contains("3 failures in a row") && last.contains("judge offline"),
+        "{err}"
+    );
+    assert_eq!(judge_failures(&down).len(), 3, "{err}");
+    let path = out.join("results.jsonl");
+    let lines = lines_of(&path);
+    // The fixtures stop at the token limit, so the 4 finish in one step.
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert!(lines
+        .iter()
+        .all(|l| l["mode"] == "base" && l["correct"].is_null()));
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["judge_error"].as_str().unwrap().starts_with("not judged"))
+            .count(),
+        1,
+        "the answer after the third failure is written unjudged"
+    );
+    let r = check_report(&out, &lines);
+    assert_eq!(r["awaiting_judge"], 4);
+    std::fs::remove_file(&marker).unwrap();
+    ok(run());
+    let all = lines_of(&path);
+    assert_eq!(all.len(), 12);
+    for (old, new) in lines.iter().zip(&all) {
+        assert_eq!(
+            without_verdict(old),
+            without_verdict(new),
+            "base answers kept"
+        );
+    }
+    assert!(all.iter().all(|l| l["correct"].is_boolean()));
+
+    // In the hybrid mode (the last), which cannot stop: its judge calls fail from the 10th on
+    // (a sample, then 4 base and 4 thinking answers). The 3 problems decoded together fail, the
+    // fourth is decoded all the same and written unjudged.
+    let out = tmp("judge-down-hybrid");
+    let (marker, calls) = (out.join("judge-offline"), out.join("calls"));
+    std::fs::write(&marker, "").unwrap();
+    let judge = format!(
+        "n=$(cat '{c}' 2>/dev/null || echo 0); echo $((n + 1)) > '{c}'; if [ -e '{m}' ] && [ $n -ge 9 ]; then echo 'judge offline' >&2; exit 5; fi; echo true",
+        c = calls.display(),
+        m = marker.display()
+    );
+    let run = || eval(&out, &["--judge-cmd", &judge]);
+    let down = run();
+    assert_eq!(down.status.code(), Some(2), "{down:?}");
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        err.lines().last().unwrap().contains("3 failures in a row"),
+        "{err}"
+    );
+    let lines = lines_of(&out.join("results.jsonl"));
+    assert_eq!(lines.len(), 12, "every answer written");
+    let hybrid: Vec<&Value> = lines.iter().filter(|l| l["mode"] == "hybrid").collect();
+    assert!(hybrid.iter().all(|l| l["correct"].is_null()), "{hybrid:?}");
+    let unjudged = |l: &Value| l["judge_error"].as_str().unwrap().starts_with("not judged");
+    assert_eq!(
+        hybrid.iter().filter(|l| unjudged(l)).count(),
+        1,
+        "{hybrid:?}"
+    );
+    assert!(lines
+        .iter()
+        .filter(|l| l["mode"] != "hybrid")
+        .all(|l| l["correct"] == true));
+    std::fs::remove_file(&marker).unwrap();
+    let judged = ok(run());
+    assert!(
+        String::from_utf8_lossy(&judged.stderr)
+            .contains("0 result lines written, 12 already present (4 of them judged now"),
+        "{judged:?}"
+    );
+    let all = lines_of(&out.join("results.jsonl"));
+    for (old, new) in lines.iter().zip(&all) {
+        assert_eq!(without_verdict(old), without_verdict(new));
+        assert_eq!(new["correct"], true);
+    }
 }
 
 /// With windows, each hybrid line counts its steered steps per winning (coefficient, window),

@@ -210,9 +210,13 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
         "{report}"
     );
     // The SAE named by the titles: the same weights, the titles in its metadata.
-    let named = thinksteer::sae::Sae::load(&ann.join("sae.safetensors")).unwrap();
+    let named = thinksteer::sae::Sae::load(ann.join("sae.safetensors")).unwrap();
     let titled = thinksteer::sae::Sae {
-        titles: Some(vec!["adding up".into(), "checking".into(), "wondering".into()]),
+        titles: Some(vec![
+            "adding up".into(),
+            "checking".into(),
+            "wondering".into(),
+        ]),
         ..sae.clone()
     };
     assert_eq!(named, titled);

@@ -127,7 +127,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub answer_field: Option<String>,
     /// An external judge (sh -c): reads {"question","reference","response"} on stdin, prints
-    /// true/false; it decides `correct`.
+    /// true/false; it decides `correct`. Where it fails the answer is written awaiting it
+    /// (`correct: null`), judged when the same eval runs again; 3 failures in a row stop the run.
     #[arg(long)]
     pub judge_cmd: Option<String>,
     /// Where to run.
@@ -350,8 +351,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
     )?;
     // A GSM8K-format file given by its path is graded as GSM8K (the number after `####`; as
     // MATH, the reference would be the whole worked solution and no answer would match).
-    let gsm8k_answers =
-        !problems.is_empty() && problems.iter().all(|p| p.answer.contains("#### "));
+    let gsm8k_answers = !problems.is_empty() && problems.iter().all(|p| p.answer.contains("#### "));
     if kind == DatasetKind::Custom && gsm8k_answers {
         if a.kind.is_none() {
             kind = DatasetKind::Gsm8k;
@@ -502,8 +502,12 @@ pub fn eval(mut a: EvalArgs) -> Result<()> {
     a.thinking = crate::gguf::checkpoint_dir(&a.thinking)?;
     let spec = spec(&a)?;
     let s = run_eval(&spec)?;
+    let rejudged = match s.rejudged {
+        0 => String::new(),
+        n => format!(" ({n} of them judged now: they awaited the judge)"),
+    };
     eprintln!(
-        "{} result lines written, {} already present; {}",
+        "{} result lines written, {} already present{rejudged}; {}",
         s.written,
         s.skipped,
         spec.out

@@ -1,7 +1,8 @@
 //! The optional external judge: a user command (run through `sh -c`) that reads
 //! `{"question","reference","response"}` as JSON on stdin and prints `true`/`false` or
 //! `{"correct": bool}` on stdout. Lets a user plug in any grader (an LLM judge, sympy) without
-//! this crate depending on one.
+//! this crate depending on one. `Judge` is a run's use of it: a failure leaves one answer
+//! awaiting the judge, and several in a row stop the run (the judge is down).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -60,6 +61,68 @@ pub fn run_judge(cmd: &str, question: &str, reference: &str, response: &str) -> 
     })
 }
 
+/// Failures in a row after which the judge counts as down: one failure may be that answer (a
+/// response the judge cannot parse), three in a row are the judge itself (an API that went away).
+pub const JUDGE_DOWN_AFTER: usize = 3;
+
+/// The judge of one run: its command, and how many of its calls in a row have failed. Once
+/// it is down it is not called again, so the answers still coming are written at once, to be
+/// judged when the run is started again.
+pub struct Judge {
+    cmd: String,
+    failed_in_a_row: usize,
+    last_error: String,
+}
+
+impl Judge {
+    pub fn new(cmd: &str) -> Judge {
+        Judge {
+            cmd: cmd.to_string(),
+            failed_in_a_row: 0,
+            last_error: String::new(),
+        }
+    }
+
+    /// The verdict on one response, or the one-line reason there is none.
+    pub fn verdict(
+        &mut self,
+        question: &str,
+        reference: &str,
+        response: &str,
+    ) -> std::result::Result<bool, String> {
+        if self.is_down() {
+            return Err(format!(
+                "not judged: the judge had failed {JUDGE_DOWN_AFTER} times in a row"
+            ));
+        }
+        match run_judge(&self.cmd, question, reference, response) {
+            Ok(v) => {
+                self.failed_in_a_row = 0;
+                Ok(v)
+            }
+            Err(e) => {
+                self.failed_in_a_row += 1;
+                self.last_error = e.to_string();
+                Err(self.last_error.clone())
+            }
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.failed_in_a_row >= JUDGE_DOWN_AFTER
+    }
+
+    /// The error that stops a run whose judge is down.
+    pub fn down_error(&self) -> Option<Error> {
+        self.is_down().then(|| {
+            Error::Input(format!(
+                "--judge-cmd: expected verdicts, found {JUDGE_DOWN_AFTER} failures in a row (the last: {}); the answers so far are written, awaiting the judge: start the same eval again once the judge works, to judge them and go on",
+                self.last_error
+            ))
+        })
+    }
+}
+
 fn parse_verdict(text: &str) -> Option<bool> {
     match text.to_ascii_lowercase().as_str() {
         "true" => return Some(true),
@@ -75,7 +138,7 @@ fn parse_verdict(text: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::run_judge;
+    use super::{run_judge, Judge, JUDGE_DOWN_AFTER};
 
     #[test]
     fn verdicts() {
@@ -96,5 +159,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("echo maybe") && e.contains("maybe"), "{e}");
+    }
+
+    #[test]
+    fn a_judge_is_down_after_failures_in_a_row_only() {
+        let dir = std::env::temp_dir().join(format!("thinksteer-judge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let marker = dir.join("down");
+        // Fails while the marker file exists.
+        let mut j = Judge::new(&format!(
+            "test -e {} && exit 4; echo true",
+            marker.display()
+        ));
+        std::fs::write(&marker, "").unwrap();
+        for _ in 1..JUDGE_DOWN_AFTER {
+            assert!(j
+                .verdict("q", "1", "1")
+                .unwrap_err()
+                .contains("exit status: 4"));
+        }
+        std::fs::remove_file(&marker).unwrap();
+        assert_eq!(
+            j.verdict("q", "1", "1"),
+            Ok(true),
+            "a success ends the streak"
+        );
+        std::fs::write(&marker, "").unwrap();
+        for _ in 0..JUDGE_DOWN_AFTER {
+            assert!(j.down_error().is_none());
+            assert!(j.verdict("q", "1", "1").is_err());
+        }
+        let e = j.down_error().expect("down").to_string();
+        assert!(
+            e.contains("3 failures in a row") && e.contains("exit status: 4"),
+            "{e}"
+        );
+        // Down: not called again, even once it would work.
+        std::fs::remove_file(&marker).unwrap();
+        assert!(j.verdict("q", "1", "1").unwrap_err().contains("not judged"));
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

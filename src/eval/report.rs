@@ -39,7 +39,11 @@ pub fn gap_recovered(base: f64, thinking: f64, hybrid: f64) -> Option<f64> {
 #[derive(Clone, Debug, Serialize)]
 pub struct ModeStats {
     pub mode: EvalMode,
+    /// Answered problems, judged or not.
     pub problems: usize,
+    /// Of those, the ones awaiting the judge (it failed on them): not in `correct`, `accuracy`
+    /// or its interval, which count the judged ones only.
+    pub awaiting_judge: usize,
     pub correct: usize,
     pub accuracy: f64,
     pub ci_low: f64,
@@ -74,7 +78,14 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
-/// Base, thinking and hybrid accuracy on the problems all three answered.
+impl ModeStats {
+    /// The problems with a verdict: what accuracy is out of.
+    pub fn judged(&self) -> usize {
+        self.problems - self.awaiting_judge
+    }
+}
+
+/// Base, thinking and hybrid accuracy on the problems all three answered with a verdict.
 #[derive(Clone, Debug, Serialize)]
 pub struct Gap {
     pub problems: usize,
@@ -84,7 +95,7 @@ pub struct Gap {
     pub recovered: Option<f64>,
 }
 
-/// (correct, answered) per mode.
+/// (correct, judged) per mode.
 pub type ModeCells = BTreeMap<EvalMode, (usize, usize)>;
 
 /// Accuracy per value of one dataset field (MATH `subject`, `level`), per mode: (correct, n).
@@ -111,6 +122,11 @@ pub struct Report {
     pub random_firing: bool,
     /// Result lines per device ("cpu", "cuda"; lines written before it was kept are left out).
     pub devices: BTreeMap<String, usize>,
+    /// Result lines awaiting the judge, all modes together.
+    pub awaiting_judge: usize,
+    /// Why the judge failed on the first of them (its `judge_error`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub judge_error: Option<String>,
 }
 
 /// Reads every results file in `out` and summarises it.
@@ -188,10 +204,11 @@ pub fn summarize(all: &[ResultLine]) -> Report {
     }
     let modes: Vec<ModeStats> = by_mode.iter().map(|(m, rs)| mode_stats(*m, rs)).collect();
 
-    // Gap recovered on the problems every mode answered, so the three rates are comparable.
+    // Gap recovered on the problems every mode answered and the judge decided, so the three
+    // rates are comparable.
     let correct: HashMap<(usize, EvalMode), bool> = lines
         .iter()
-        .map(|r| ((r.index, r.mode), r.correct))
+        .filter_map(|r| Some(((r.index, r.mode), r.correct?)))
         .collect();
     let three = [EvalMode::Base, EvalMode::Thinking, EvalMode::Hybrid];
     let common: Vec<usize> = by_mode
@@ -228,6 +245,7 @@ pub fn summarize(all: &[ResultLine]) -> Report {
     for d in lines.iter().filter_map(|r| r.device.as_ref()) {
         *devices.entry(d.clone()).or_insert(0) += 1;
     }
+    let awaiting: Vec<&&ResultLine> = lines.iter().filter(|r| r.correct.is_none()).collect();
     Report {
         lines: lines.len(),
         duplicates: all.len() - lines.len(),
@@ -238,13 +256,16 @@ pub fn summarize(all: &[ResultLine]) -> Report {
         hybrid_settings: None,
         random_firing: false,
         devices,
+        awaiting_judge: awaiting.len(),
+        judge_error: awaiting.iter().find_map(|r| r.judge_error.clone()),
     }
 }
 
 fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
     let n = rs.len();
-    let k = rs.iter().filter(|r| r.correct).count();
-    let (lo, hi) = wilson(k, n);
+    let awaiting = rs.iter().filter(|r| r.correct.is_none()).count();
+    let k = rs.iter().filter(|r| r.correct == Some(true)).count();
+    let (lo, hi) = wilson(k, n - awaiting);
     let tokens: usize = rs.iter().map(|r| r.tokens).sum();
     let mut batches: HashMap<&str, f64> = HashMap::new();
     for r in rs {
@@ -312,8 +333,9 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
     ModeStats {
         mode,
         problems: n,
+        awaiting_judge: awaiting,
         correct: k,
-        accuracy: k as f64 / n.max(1) as f64,
+        accuracy: k as f64 / (n - awaiting).max(1) as f64,
         ci_low: lo,
         ci_high: hi,
         tokens,
@@ -335,19 +357,29 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
 fn breakdown(field: &str, lines: &[&ResultLine]) -> Option<Breakdown> {
     let mut rows: BTreeMap<String, ModeCells> = BTreeMap::new();
     for r in lines {
-        let Some(v) = r.meta.get(field) else { continue };
+        let (Some(v), Some(correct)) = (r.meta.get(field), r.correct) else {
+            continue;
+        };
         let key = match v {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
         };
         let cell = rows.entry(key).or_default().entry(r.mode).or_insert((0, 0));
-        cell.0 += r.correct as usize;
+        cell.0 += correct as usize;
         cell.1 += 1;
     }
     (!rows.is_empty()).then(|| Breakdown {
         field: field.to_string(),
         rows: rows.into_iter().collect(),
     })
+}
+
+/// "12", or "10 judged, 2 awaiting the judge".
+fn problems_cell(m: &ModeStats) -> String {
+    match m.awaiting_judge {
+        0 => m.problems.to_string(),
+        a => format!("{} judged, {a} awaiting the judge", m.judged()),
+    }
 }
 
 fn pct(x: f64) -> String {
@@ -365,6 +397,13 @@ pub fn render_markdown(r: &Report) -> String {
         s += &format!(". Hybrid: {h}");
     }
     s += ".\n";
+    if r.awaiting_judge > 0 {
+        s += &format!(
+            "\n**Awaiting the judge**: {} result lines have no verdict: the judge failed on them ({}). Accuracy counts the judged lines only. To judge them, run the same `thinksteer eval` command again (same --out and flags): it judges them without generating them again, then goes on.\n",
+            r.awaiting_judge,
+            r.judge_error.as_deref().unwrap_or("no reason recorded")
+        );
+    }
     if r.devices.len() > 1 {
         let each: Vec<String> = r.devices.iter().map(|(d, n)| format!("{d} {n}")).collect();
         s += &format!(
@@ -377,7 +416,7 @@ pub fn render_markdown(r: &Report) -> String {
         s += &format!(
             "| {} | {} | {} | {} | [{}, {}] | {} | {:.1} | {} |\n",
             m.mode.name(),
-            m.problems,
+            problems_cell(m),
             m.correct,
             pct(m.accuracy),
             pct(m.ci_low),
@@ -389,7 +428,7 @@ pub fn render_markdown(r: &Report) -> String {
     }
     if let Some(g) = &r.gap {
         s += &format!(
-            "\n## Gap recovered\n\nOn the {} problems all three modes answered: base {}, thinking {}, hybrid {}; gap recovered = max(0, (hybrid − min(base, thinking)) / |thinking − base|) = {}.\n",
+            "\n## Gap recovered\n\nOn the {} problems all three modes answered (with a verdict): base {}, thinking {}, hybrid {}; gap recovered = max(0, (hybrid − min(base, thinking)) / |thinking − base|) = {}.\n",
             g.problems,
             pct(g.base),
             pct(g.thinking),
@@ -459,7 +498,16 @@ pub fn render_comparison(reports: &[(String, Report)]) -> String {
         let mode = |m: EvalMode| r.modes.iter().find(|s| s.mode == m);
         let acc = |m: EvalMode| {
             mode(m).map_or("–".to_string(), |s| {
-                format!("{} ({}/{})", pct(s.accuracy), s.correct, s.problems)
+                let awaiting = match s.awaiting_judge {
+                    0 => String::new(),
+                    a => format!(", {a} awaiting the judge"),
+                };
+                format!(
+                    "{} ({}/{}{awaiting})",
+                    pct(s.accuracy),
+                    s.correct,
+                    s.judged()
+                )
             })
         };
         let hybrid = mode(EvalMode::Hybrid);

@@ -1,7 +1,8 @@
 //! Running an evaluation: the recorded configuration (`RunConfig`, OUT/config.json), the
 //! append-only results file (one JSON line per (problem, mode), flushed as each finishes, a torn
-//! last line repaired on reopen), the prompts of each mode (`PromptBuilder`, shared with the
-//! `hybrid` command) and the loop that decodes the problems still missing, `--batch` at a time.
+//! last line repaired on reopen; lines awaiting the judge judged again in place), the prompts
+//! of each mode (`PromptBuilder`, shared with the `hybrid` command) and the loop that decodes
+//! the problems still missing, `--batch` at a time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::dataset::Problem;
 use super::grade::{answer_part, grade, run_judge, GradeKind};
+use super::judge::Judge;
 use crate::bail;
 use crate::chat::{plain_base_prompt, ChatTemplate, Message};
 use crate::engine::Checkpoint;
@@ -224,7 +226,12 @@ pub struct ResultLine {
     /// The decoded new tokens, without the end-of-sequence token.
     pub response: String,
     pub extracted: Option<String>,
-    pub correct: bool,
+    /// The verdict: the judge's with --judge-cmd, else the rules'. None (`null`) while the line
+    /// awaits the judge: its command failed, and a rerun of the same eval judges it again.
+    pub correct: Option<bool>,
+    /// Why the judge gave no verdict (one line), while `correct` is None.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_error: Option<String>,
     /// Generated tokens, the end-of-sequence token included when one was emitted.
     pub tokens: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -281,30 +288,114 @@ pub fn read_results(out: &Path) -> Result<Vec<ResultLine>> {
     files.sort();
     let mut lines = Vec::new();
     for path in files {
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        for (i, line) in complete.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
+        for (i, line) in complete_lines(&path)?.iter().enumerate() {
+            if !line.trim().is_empty() {
+                lines.push(parse_line(&path, i, line)?);
             }
-            let r: ResultLine = serde_json::from_str(line).map_err(|e| {
-                Error::Input(format!(
-                    "{}:{}: expected a result line, found malformed JSON ({e})",
-                    path.display(),
-                    i + 1
-                ))
-            })?;
-            lines.push(r);
         }
     }
     Ok(lines)
 }
 
+/// The lines of a results file that end in a newline (a torn last line is left out).
+fn complete_lines(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    Ok(complete.lines().map(str::to_string).collect())
+}
+
+/// Line `i` (from 0) of a results file.
+fn parse_line(path: &Path, i: usize, line: &str) -> Result<ResultLine> {
+    serde_json::from_str(line).map_err(|e| {
+        Error::Input(format!(
+            "{}:{}: expected a result line, found malformed JSON ({e})",
+            path.display(),
+            i + 1
+        ))
+    })
+}
+
+/// `line` (parsed as `r`) with another verdict. Only the text of the verdict is replaced, the
+/// rest kept byte for byte: parsing and writing a float again can move its last digit, and the
+/// answer's line must stay as generated. A line in another spelling (edited by hand) is written
+/// whole.
+fn with_verdict(
+    line: &str,
+    mut r: ResultLine,
+    correct: Option<bool>,
+    why: Option<String>,
+) -> String {
+    let text = |correct: Option<bool>, why: &Option<String>| {
+        let mut t = format!("\"correct\":{}", serde_json::json!(correct));
+        if let Some(w) = why {
+            t += &format!(",\"judge_error\":{}", serde_json::json!(w));
+        }
+        t
+    };
+    let old = text(r.correct, &r.judge_error);
+    let new = text(correct, &why);
+    // Unique: the quotes of `"correct":null` would be escaped inside a string.
+    if line.contains(&old) {
+        return line.replacen(&old, &new, 1);
+    }
+    (r.correct, r.judge_error) = (correct, why);
+    serde_json::to_string(&r).expect("result line serialises")
+}
+
+/// Judges again the lines of this process's results file that await the judge (it failed when
+/// they were written): the answers are kept, only the verdict is decided; a failure leaves the
+/// line waiting, with the new reason. Each is tried once, and failures in a row here do not
+/// stop the run: these are the answers the judge failed on before, and a few it can never
+/// judge would otherwise stop every rerun (a judge that is down fails the sample tried first).
+/// The file is rewritten whole once, at the end (a kill meanwhile loses verdicts, never
+/// answers), other lines keeping their bytes. Returns how many were decided.
+fn rejudge(path: &Path, cmd: &str) -> Result<usize> {
+    if !path.exists() {
+        return Ok(0);
+    }
+    let mut lines = complete_lines(path)?;
+    let (mut decided, mut changed) = (0, false);
+    for (i, text) in lines.iter_mut().enumerate() {
+        if text.trim().is_empty() {
+            continue;
+        }
+        let r = parse_line(path, i, text)?;
+        if r.correct.is_some() {
+            continue;
+        }
+        let (correct, why) =
+            match run_judge(cmd, &r.question, &r.reference, answer_part(&r.response)) {
+                Ok(v) => {
+                    decided += 1;
+                    (Some(v), None)
+                }
+                Err(e) => {
+                    eprintln!(
+                        "judge: problem {} ({}): {e}; still awaiting the judge",
+                        r.index,
+                        r.mode.name()
+                    );
+                    (None, Some(e.to_string()))
+                }
+            };
+        let new = with_verdict(text, r, correct, why);
+        changed |= new != *text;
+        *text = new;
+    }
+    if changed {
+        let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        crate::files::write_atomic(path, body)?;
+    }
+    Ok(decided)
+}
+
 /// The append-only results file: opening it cuts a torn last line; every line is written with
-/// one `write_all` and flushed to disk before the next problem is reported done.
+/// one `write_all` and flushed to disk before the next problem is reported done. After a failed
+/// write (a full disk) it writes no more: a line appended after a torn one would be unreadable.
 pub struct ResultsWriter {
     file: File,
     path: PathBuf,
+    failed: bool,
 }
 
 impl ResultsWriter {
@@ -316,16 +407,30 @@ impl ResultsWriter {
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         crate::files::cut_torn_line(&path)?;
-        Ok(ResultsWriter { file, path })
+        Ok(ResultsWriter {
+            file,
+            path,
+            failed: false,
+        })
     }
 
     pub fn append(&mut self, line: &ResultLine) -> Result<()> {
+        if self.failed {
+            bail!(
+                "{}: problem {} ({}) not written: expected a whole file to append to, found an earlier write failed",
+                self.path.display(),
+                line.index,
+                line.mode.name()
+            );
+        }
         let mut text = serde_json::to_string(line).expect("result line serialises");
         text.push('\n');
-        self.file
+        let r = self
+            .file
             .write_all(text.as_bytes())
-            .and_then(|_| self.file.sync_data())
-            .map_err(|e| Error::io(&self.path, e))
+            .and_then(|_| self.file.sync_data());
+        self.failed = r.is_err();
+        r.map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -458,6 +563,8 @@ pub struct EvalSpec {
 pub struct Summary {
     pub written: usize,
     pub skipped: usize,
+    /// Lines that awaited the judge and were decided now (judged again, not regenerated).
+    pub rejudged: usize,
 }
 
 /// The device a result line records.
@@ -491,7 +598,6 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         })?;
     }
     spec.config.reconcile(&spec.out)?;
-    let mut writer = ResultsWriter::open(&spec.out, spec.shard)?;
     let old = read_results(&spec.out)?;
     let questions: HashMap<usize, &str> = spec
         .problems
@@ -522,10 +628,17 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         );
     }
     let done: HashSet<(usize, EvalMode)> = old.into_iter().map(|r| (r.index, r.mode)).collect();
+    let mut summary = Summary::default();
+    if let Some(cmd) = &spec.config.judge_cmd {
+        // Before the writer opens the file: the rewrite replaces it. Other shards' files are
+        // their processes' to rewrite.
+        summary.rejudged = rejudge(&spec.out.join(results_name(spec.shard)), cmd)?;
+    }
+    let mut judge = spec.config.judge_cmd.as_deref().map(Judge::new);
+    let mut writer = ResultsWriter::open(&spec.out, spec.shard)?;
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    let mut summary = Summary::default();
     // Opened once for every mode; the f32 CPU weights only if a CPU run asks for them.
     let (mut base_ckpt, mut think_ckpt) = (None, None);
     for &mode in &spec.modes {
@@ -543,6 +656,7 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
             spec,
             writer: &mut writer,
             progress: &mut progress,
+            judge: judge.as_mut(),
             written: 0,
         };
         fn open<'a>(slot: &'a mut Option<Checkpoint>, dir: &Path) -> Result<&'a mut Checkpoint> {
@@ -634,6 +748,8 @@ struct Sink<'a> {
     spec: &'a EvalSpec,
     writer: &'a mut ResultsWriter,
     progress: &'a mut Progress,
+    /// The external judge, with --judge-cmd.
+    judge: Option<&'a mut Judge>,
     written: usize,
 }
 
@@ -650,10 +766,7 @@ impl Sink<'_> {
         batch: String,
     ) -> Result<()> {
         let g = grade(self.spec.grade_kind, &p.answer, &response);
-        let correct = match &self.spec.config.judge_cmd {
-            Some(cmd) => run_judge(cmd, &p.question, &p.answer, answer_part(&response))?,
-            None => g.correct,
-        };
+        let (correct, judge_error) = self.verdict(p, mode, &response, g.correct);
         let (mut sf, mut st, mut cc, mut wins, mut cw) = (None, None, None, None, None);
         let (mut argmax, mut cat_cw) = (None, None);
         if let Some((steps, k)) = steps {
@@ -690,6 +803,7 @@ impl Sink<'_> {
             response,
             extracted: g.extracted,
             correct,
+            judge_error,
             tokens,
             steered_fraction: sf,
             steered_tokens: st,
@@ -706,7 +820,40 @@ impl Sink<'_> {
         self.writer.append(&line)?;
         self.written += 1;
         self.progress.add(tokens);
-        Ok(())
+        // After the line is written: a judge that is down stops the run, losing no answer.
+        match self.judge.as_ref().and_then(|j| j.down_error()) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// (correct, why the judge gave none): the judge's verdict with --judge-cmd, else the
+    /// rules'. A failing judge leaves the line awaiting it, said once on stderr.
+    fn verdict(
+        &mut self,
+        p: &Problem,
+        mode: EvalMode,
+        response: &str,
+        by_rules: bool,
+    ) -> (Option<bool>, Option<String>) {
+        let Some(judge) = self.judge.as_deref_mut() else {
+            return (Some(by_rules), None);
+        };
+        // Once it is down the run stops (said by its error), so nothing more is said per line.
+        let was_down = judge.is_down();
+        match judge.verdict(&p.question, &p.answer, answer_part(response)) {
+            Ok(v) => (Some(v), None),
+            Err(e) => {
+                if !was_down {
+                    self.progress.say(&format!(
+                        "judge: problem {} ({}): {e}; its answer is kept, awaiting the judge",
+                        p.index,
+                        mode.name()
+                    ));
+                }
+                (None, Some(e))
+            }
+        }
     }
 }
 
@@ -870,14 +1017,17 @@ fn run_hybrid(
             batch.clone(),
         )
     };
+    // The loop cannot be stopped from here: after a failure (a judge that went down) every
+    // problem it still decodes is written all the same (a writer that failed refuses them),
+    // and the first error is returned at the end.
     let on_step = |i: usize, tok: u32, rec: &StepRecord| {
         ids[i].push(tok);
         steps[i].push(*rec);
         let stopped = eos.contains(&tok) || ids[i].len() >= max;
-        if stopped && failed.is_none() {
+        if stopped {
             written[i] = true;
             if let Err(e) = emit(i, &ids[i], &steps[i], sink) {
-                failed = Some(e);
+                failed.get_or_insert(e);
             }
         }
     };
@@ -894,14 +1044,13 @@ fn run_hybrid(
             hybrid::run(&pair, &all, &spec.settings, on_step)?
         }
     };
-    if let Some(e) = failed {
-        return Err(e);
-    }
     // Problems that stopped for another reason (the context was full) are written now.
     for (i, out) in outs.iter().enumerate().filter(|(i, _)| !written[*i]) {
-        emit(i, &out.ids, &out.steps, sink)?;
+        if let Err(e) = emit(i, &out.ids, &out.steps, sink) {
+            failed.get_or_insert(e);
+        }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// A one-line progress report on stderr: problems done, tokens, tok/s and ETA.
@@ -959,6 +1108,12 @@ impl Progress {
         if self.on && self.done > 0 && std::io::stderr().is_terminal() {
             eprintln!();
         }
+    }
+
+    /// A line on stderr, below the progress line a terminal redraws in place.
+    fn say(&self, line: &str) {
+        self.finish();
+        eprintln!("{line}");
     }
 }
 

@@ -144,7 +144,7 @@ pub fn annotate(
             titles: titles.clone(),
             ..sae.clone()
         };
-        named.save(&titled_sae_path(out_dir))?;
+        named.save(titled_sae_path(out_dir))?;
     }
     let mut counts = vec![0; kk];
     rows.iter().for_each(|r| counts[r.category] += 1);
