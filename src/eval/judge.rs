@@ -9,8 +9,31 @@ use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
 
+/// Seconds a judge may take on one answer before it is stopped and that answer awaits the judge
+/// (`THINKSTEER_JUDGE_TIMEOUT` sets another): a judge that hangs (a stalled API call) would
+/// otherwise stall the whole run.
+pub fn judge_timeout() -> std::time::Duration {
+    let secs = std::env::var("THINKSTEER_JUDGE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(300.0);
+    std::time::Duration::from_secs_f64(secs)
+}
+
 /// Runs the judge command on one graded item and returns its verdict.
 pub fn run_judge(cmd: &str, question: &str, reference: &str, response: &str) -> Result<bool> {
+    run_judge_within(cmd, question, reference, response, judge_timeout())
+}
+
+/// `run_judge`, stopping a judge that takes longer than `limit`.
+fn run_judge_within(
+    cmd: &str,
+    question: &str,
+    reference: &str,
+    response: &str,
+    limit: std::time::Duration,
+) -> Result<bool> {
     let input = serde_json::json!({
         "question": question,
         "reference": reference,
@@ -35,9 +58,42 @@ pub fn run_judge(cmd: &str, question: &str, reference: &str, response: &str) -> 
             other => other,
         }
     });
-    let out = child
-        .wait_with_output()
-        .map_err(|e| Error::Input(format!("judge command {cmd:?}: {e}")))?;
+    // Its output read from threads, so that the wait can give up: a reader left behind by a
+    // judge stopped for taking too long ends when the judge's last process closes the pipe.
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out_reader = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let err_reader = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let start = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if start.elapsed() < limit => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Input(format!(
+                    "judge command {cmd:?}: expected a verdict within {:.0} s (THINKSTEER_JUDGE_TIMEOUT), found none: stopped",
+                    limit.as_secs_f64()
+                )));
+            }
+            Err(e) => return Err(Error::Input(format!("judge command {cmd:?}: {e}"))),
+        }
+    };
+    let out = std::process::Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    };
     let wrote = writer.join();
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
@@ -138,7 +194,7 @@ fn parse_verdict(text: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::{run_judge, Judge, JUDGE_DOWN_AFTER};
+    use super::{run_judge, run_judge_within, Judge, JUDGE_DOWN_AFTER};
 
     #[test]
     fn verdicts() {
@@ -149,6 +205,17 @@ mod tests {
         let cmd = "grep -q '\"response\":\"7\"' && echo true || echo false";
         assert!(run_judge(cmd, "q", "7", "7").unwrap());
         assert!(!run_judge(cmd, "q", "7", "8").unwrap());
+    }
+
+    #[test]
+    fn a_judge_that_takes_too_long_is_stopped() {
+        let start = std::time::Instant::now();
+        let limit = std::time::Duration::from_secs(1);
+        let e = run_judge_within("sleep 20; echo true", "q", "1", "1", limit)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("within 1 s"), "{e}");
+        assert!(start.elapsed().as_secs_f64() < 10.0, "not stopped");
     }
 
     #[test]

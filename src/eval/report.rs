@@ -118,6 +118,10 @@ pub struct Report {
     pub titles: Option<Vec<String>>,
     /// The hybrid mode's settings from the folder's config.json, in words.
     pub hybrid_settings: Option<String>,
+    /// What was evaluated, from the folder's config.json: dataset, grading, models, length, and
+    /// the SAE and steering files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
     /// Whether its categories were drawn at random (--random-firing), not by the SAE.
     pub random_firing: bool,
     /// Result lines per device ("cpu", "cuda"; lines written before it was kept are left out).
@@ -145,7 +149,9 @@ pub fn load_report(out: &Path) -> Result<Report> {
         )));
     }
     let mut r = summarize(&lines);
-    if let Some(h) = hybrid_config(out)? {
+    let config = run_config(out)?;
+    r.run = config.as_ref().map(run_in_words);
+    if let Some(h) = config.and_then(|c| c.hybrid) {
         r.hybrid_settings = Some(settings_in_words(&h));
         r.random_firing = h.ablations.random_firing;
         // A report still renders, with numbered categories, when the SAE file has moved.
@@ -154,9 +160,9 @@ pub fn load_report(out: &Path) -> Result<Report> {
     Ok(r)
 }
 
-/// The hybrid section of OUT/config.json, if the folder has one (a folder of results copied
-/// without it still reports).
-fn hybrid_config(out: &Path) -> Result<Option<HybridConfig>> {
+/// OUT/config.json, if the folder has one (a folder of results copied without it still
+/// reports).
+fn run_config(out: &Path) -> Result<Option<super::run::RunConfig>> {
     let path = out.join("config.json");
     if !path.exists() {
         return Ok(None);
@@ -168,7 +174,35 @@ fn hybrid_config(out: &Path) -> Result<Option<HybridConfig>> {
             path.display()
         ))
     })?;
-    Ok(config.hybrid)
+    Ok(Some(config))
+}
+
+/// "`gsm8k_test.jsonl` (GSM8K grading), base `Qwen2.5-Math-1.5B`, thinking `…`, at most 2000 new
+/// tokens; SAE `sae-15.safetensors`, vectors `v.safetensors`": file and folder names only (the
+/// paths are in config.json).
+fn run_in_words(c: &super::run::RunConfig) -> String {
+    let name = |p: &str| {
+        Path::new(p)
+            .file_name()
+            .map_or(p.to_string(), |n| n.to_string_lossy().into_owned())
+    };
+    let mut s = format!(
+        "`{}` ({} grading{}), base `{}`, thinking `{}`, at most {} new tokens",
+        name(&c.dataset.path),
+        c.dataset.grading,
+        if c.judge_cmd.is_some() {
+            ", by the judge command"
+        } else {
+            ""
+        },
+        name(&c.base.model),
+        name(&c.thinking.model),
+        c.max_new_tokens
+    );
+    if let Some(h) = &c.hybrid {
+        s += &format!("; SAE `{}`, vectors `{}`", name(&h.sae), name(&h.vectors));
+    }
+    s
 }
 
 /// "cached mode, coefficients 0.5, 1, windows -1 (preset P); ablations: only bias".
@@ -254,6 +288,7 @@ pub fn summarize(all: &[ResultLine]) -> Report {
         breakdowns,
         titles: None,
         hybrid_settings: None,
+        run: None,
         random_firing: false,
         devices,
         awaiting_judge: awaiting.len(),
@@ -389,6 +424,9 @@ fn pct(x: f64) -> String {
 /// The report as Markdown.
 pub fn render_markdown(r: &Report) -> String {
     let mut s = String::from("# Evaluation report\n\n");
+    if let Some(run) = &r.run {
+        s += &format!("Evaluated: {run}.\n\n");
+    }
     s += &format!("{} result lines", r.lines);
     if r.duplicates > 0 {
         s += &format!(" ({} repeated lines ignored)", r.duplicates);
@@ -411,7 +449,7 @@ pub fn render_markdown(r: &Report) -> String {
             each.join(", ")
         );
     }
-    s += "\n## Accuracy\n\n| mode | problems | correct | accuracy | 95% CI | tokens | mean tokens | tok/s |\n|---|---|---|---|---|---|---|---|\n";
+    s += "\n## Accuracy\n\n| mode | problems | correct | accuracy | 95% CI (Wilson) | tokens | mean tokens | tok/s |\n|---|---|---|---|---|---|---|---|\n";
     for m in &r.modes {
         s += &format!(
             "| {} | {} | {} | {} | [{}, {}] | {} | {:.1} | {} |\n",
@@ -552,7 +590,7 @@ fn category_table(
         false => "steps as the SAE's argmax",
     };
     let mut s = format!(
-        "\n| category | steered steps | {chosen} | steered share | winning (coefficient, window), most frequent first |\n|---|---|---|---|---|\n",
+        "\n| category | steered steps | {chosen} | steered of those | winning (coefficient, window), most frequent first |\n|---|---|---|---|---|\n",
     );
     for (i, x) in steered.iter().enumerate() {
         let name = match titles.and_then(|t| t.get(i)) {

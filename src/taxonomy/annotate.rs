@@ -230,8 +230,9 @@ fn report(
         mine.sort_by(|&a, &b| zs[b * kk + c].total_cmp(&zs[a * kk + c]));
         let _ = writeln!(
             s,
-            "{} sentences ({:.1}%). The {} most activating:\n",
+            "{} sentence{} ({:.1}%). The {} most activating:\n",
             mine.len(),
+            if mine.len() == 1 { "" } else { "s" },
             100.0 * mine.len() as f64 / n.max(1) as f64,
             mine.len().min(TOP_SENTENCES)
         );

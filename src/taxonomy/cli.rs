@@ -222,7 +222,11 @@ pub fn traces(mut a: TracesArgs) -> Result<()> {
         whole_answer: a.whole_answer,
     };
     let w = super::traces::write_traces(&a.model, &qs, &a.out, &s, |t| {
-        let span = t.thinking.map_or("no thinking span".to_string(), |s| {
+        let none = match a.whole_answer {
+            true => "no thinking span (its whole answer will count)",
+            false => "no thinking span",
+        };
+        let span = t.thinking.map_or(none.to_string(), |s| {
             format!("thinking {} bytes", s.end - s.start)
         });
         eprintln!("trace {}: {} bytes, {span}", t.index, t.text.len());
