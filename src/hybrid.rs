@@ -136,6 +136,10 @@ pub struct StepRecord {
     /// The winning candidate's coefficient and window (steered steps only).
     pub coef: Option<f32>,
     pub window: Option<i64>,
+    /// Steered steps: the emitted token differs from the base model's own (unsteered greedy)
+    /// token. A step can be steered without changing it, when the winning candidate's token is
+    /// the base model's (the steering was too weak to move it). False on unsteered steps.
+    pub changed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -447,6 +451,7 @@ fn exact_one(
             steered: false,
             coef: None,
             window: None,
+            changed: false,
         };
         let tok = if think_tok == base_tok && !s.no_gating {
             base_tok
@@ -479,6 +484,7 @@ fn exact_one(
                 steered: true,
                 coef: Some(which[k].0),
                 window: Some(which[k].1),
+                changed: cands[k] != base_tok,
             };
             cands[k]
         };
@@ -759,6 +765,7 @@ pub fn run_cached(
                     steered: false,
                     coef: None,
                     window: None,
+                    changed: false,
                 };
                 (base_toks[k], rec)
             })
@@ -786,6 +793,7 @@ pub fn run_cached(
                 steered: true,
                 coef: Some(c),
                 window: Some(w),
+                changed: toks[win] != base_toks[k],
             };
             chosen[k] = (toks[win], rec);
             if s.mode == Mode::Persistent {

@@ -44,7 +44,7 @@ fn problems() -> Vec<Prompts> {
 }
 
 /// The GPU's outputs against the CPU loop's over each problem's first 6 tokens: the same ids,
-/// and at each step the same category and gate. The winning coefficient and window are printed
+/// and at each step the same category, gate and change of the base model's token. The winning coefficient and window are printed
 /// where they differ (two candidates can yield the same emitted token; which of them wins then
 /// hinges on a candidate's own greedy token, which bf16 rounding may flip at a near tie without
 /// changing the output). Returns the CPU's compared steered steps that `count` accepts.
@@ -60,8 +60,8 @@ fn same_start(
         assert_eq!(g.ids[..k], w.ids[..k], "{what}: problem {i} ids");
         for (j, (gs, ws)) in g.steps[..k].iter().zip(&w.steps[..k]).enumerate() {
             assert_eq!(
-                (gs.category, gs.steered),
-                (ws.category, ws.steered),
+                (gs.category, gs.steered, gs.changed),
+                (ws.category, ws.steered, ws.changed),
                 "{what}: problem {i} step {j}"
             );
             if (gs.coef, gs.window) != (ws.coef, ws.window) {

@@ -202,6 +202,7 @@ fn all_modes_write_the_schema() {
             let steered: u64 = counts.iter().sum();
             assert_eq!(steered, l["steered_tokens"].as_u64().unwrap());
             assert!((sf - steered as f64 / tokens as f64).abs() < 1e-12);
+            assert!(l["changed_tokens"].as_u64().unwrap() <= steered, "{l}");
         } else {
             assert!(
                 l.get("steered_fraction").is_none() && l.get("category_counts").is_none(),
@@ -304,6 +305,14 @@ fn check_report(out: &Path, lines: &[Value]) -> Value {
                 steered / tokens as f64,
                 "token-weighted",
             );
+            let changed: f64 = ls.iter().filter_map(|l| l["changed_tokens"].as_f64()).sum();
+            if ls.iter().all(|l| l["changed_tokens"].is_u64()) {
+                close(
+                    s["changed_of_steered"].as_f64().unwrap(),
+                    changed / steered.max(1.0),
+                    "changed of steered",
+                );
+            }
             let mean = ls
                 .iter()
                 .map(|l| l["steered_fraction"].as_f64().unwrap())

@@ -137,6 +137,7 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize, persist:
                 StepRecord {
                     category: cat,
                     steered: false,
+                    changed: false,
                     coef: None,
                     window: None,
                 },
@@ -181,6 +182,7 @@ fn naive(f: &Fx, p: &Prompts, coefs: &[f32], windows: &[i64], n: usize, persist:
                     steered: true,
                     coef: Some(c),
                     window: Some(w),
+                    changed: tok != base_tok,
                 },
             )
         };
@@ -228,7 +230,7 @@ fn exact_mode_equals_the_naive_recompute() {
     let mut f = fx(12.0);
     f.thinking = f.base.clone();
     let (coefs, windows) = ([0.5, 1.0, 2.0], [0, -1, -3]);
-    let mut steered = 0;
+    let (mut steered, mut changed) = (0, 0);
     for p in problems() {
         let want = naive(&f, &p, &coefs, &windows, 12, false);
         let got = &hybrid(
@@ -239,11 +241,17 @@ fn exact_mode_equals_the_naive_recompute() {
         assert_eq!(got.ids, want.ids);
         assert_eq!(got.steps, want.steps);
         steered += want.steps.iter().filter(|s| s.steered).count();
+        changed += want.steps.iter().filter(|s| s.changed).count();
     }
-    // The comparison only means something if some steps were steered and some were not.
+    // The comparison only means something if some steps were steered and some were not, and
+    // if some steered steps changed the base model's token and some did not.
     assert!(
         steered > 0 && steered < 24,
         "steered {steered} of 24 steps: fixture not discriminating"
+    );
+    assert!(
+        changed > 0 && changed < steered,
+        "{changed} of {steered} steered steps changed the token: fixture not discriminating"
     );
 }
 

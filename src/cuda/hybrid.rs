@@ -51,6 +51,7 @@ pub struct CudaHybrid {
     steered: CudaSlice<i32>,   // [max_b]
     win: CudaSlice<i32>,       // [max_b]
     think_tok: CudaSlice<i32>, // [max_b]
+    base_tok: CudaSlice<i32>,  // [max_b] the base model's unsteered greedy ids (read back)
     // Gate first: compact index → problem, problem → compact index (or −1), and the problems'
     // positions and slots, kept while the candidate pass reuses the base model's rows.
     sel: CudaSlice<i32>,    // [max_b]
@@ -206,6 +207,7 @@ impl CudaHybrid {
             steered: zi(max_b)?,
             win: zi(max_b)?,
             think_tok: zi(max_b)?,
+            base_tok: zi(max_b)?,
             sel: zi(max_b)?,
             cidx: zi(max_b)?,
             pos_p: zi(max_b)?,
@@ -383,6 +385,18 @@ impl CudaHybrid {
         )
     }
 
+    /// The problems' unsteered greedy ids (rows [0, b) of a.next), kept for the readback: the
+    /// candidate pass of a gate-first step overwrites them.
+    fn keep_base_tokens(&mut self, b: usize) -> Result<()> {
+        self.gpu
+            .stream
+            .memcpy_dtod(
+                &self.base.a.next.slice(..b),
+                &mut self.base_tok.slice_mut(..b),
+            )
+            .map_err(cu("keeping the base model's tokens"))
+    }
+
     /// Persistent mode: the problems' rows rerun from the steering point with the winner's
     /// residual (or the unsteered one), writing K/V; `cidx` maps problems to the candidate rows
     /// of a gate-first step.
@@ -442,6 +456,7 @@ impl CudaHybrid {
         }
         // Blocks after the point for every row; only the problem rows write the cache.
         self.base_from_point(r, b, false)?;
+        self.keep_base_tokens(b)?;
         // Gate and candidate choice by the thinking model's greedy ids and logits.
         self.join_thinking()?;
         k::hybrid_select(
@@ -480,6 +495,7 @@ impl CudaHybrid {
                 .map_err(cu("saving slots"))?;
         }
         self.base_from_point(b, b, false)?;
+        self.keep_base_tokens(b)?;
         self.join_thinking()?;
         k::hybrid_gate(
             &self.gpu,
@@ -561,7 +577,7 @@ impl CudaHybrid {
     }
 
     /// Uploads the step inputs, runs (or replays) the step and reads back, per problem:
-    /// (emitted id, steered, winning coefficient index, category).
+    /// (emitted id, steered, winning coefficient index, category, the base model's own id).
     fn step(
         &mut self,
         ids: &[u32],
@@ -569,7 +585,7 @@ impl CudaHybrid {
         slots: &[usize],
         pos_b: &[usize],
         pos_t: &[usize],
-    ) -> Result<Vec<(u32, bool, i32, usize)>> {
+    ) -> Result<Vec<(u32, bool, i32, usize, u32)>> {
         let b = ids.len();
         // Single pass: problem rows then candidates, which share their problem's slot and
         // position. Gate first: the problem rows (the candidates' are set on the device).
@@ -624,8 +640,13 @@ impl CudaHybrid {
             self.step_launches(b)?;
         }
         let st = &self.gpu.stream;
-        let (mut e, mut sd, mut w, mut cat) =
-            (vec![0i32; b], vec![0i32; b], vec![0i32; b], vec![0i32; b]);
+        let (mut e, mut sd, mut w, mut cat, mut bt) = (
+            vec![0i32; b],
+            vec![0i32; b],
+            vec![0i32; b],
+            vec![0i32; b],
+            vec![0i32; b],
+        );
         st.memcpy_dtoh(&self.emit.slice(..b), e.as_mut_slice())
             .map_err(cu("reading the step"))?;
         st.memcpy_dtoh(&self.steered.slice(..b), sd.as_mut_slice())
@@ -634,9 +655,11 @@ impl CudaHybrid {
             .map_err(cu("reading the step"))?;
         st.memcpy_dtoh(&categories(&self.think, b), cat.as_mut_slice())
             .map_err(cu("reading the step"))?;
+        st.memcpy_dtoh(&self.base_tok.slice(..b), bt.as_mut_slice())
+            .map_err(cu("reading the step"))?;
         self.gpu.sync()?;
         Ok((0..b)
-            .map(|i| (e[i] as u32, sd[i] != 0, w[i], cat[i] as usize))
+            .map(|i| (e[i] as u32, sd[i] != 0, w[i], cat[i] as usize, bt[i] as u32))
             .collect())
     }
 
@@ -694,13 +717,14 @@ impl CudaHybrid {
             let pt: Vec<usize> = active.iter().map(|&r| pos_t[r]).collect();
             let res = self.step(&ids, &tids, &active, &pb, &pt)?;
             for (j, &r) in active.iter().enumerate() {
-                let (tok, steered, win, category) = res[j];
+                let (tok, steered, win, category, base_tok) = res[j];
                 let rec = if steered {
                     StepRecord {
                         category,
                         steered: true,
                         coef: Some(self.s.coefficients[win.max(0) as usize]),
                         window: Some(-1),
+                        changed: tok != base_tok,
                     }
                 } else {
                     StepRecord {
@@ -708,6 +732,7 @@ impl CudaHybrid {
                         steered: false,
                         coef: None,
                         window: None,
+                        changed: false,
                     }
                 };
                 let p = who[r].expect("active slots hold a problem");

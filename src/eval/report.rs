@@ -57,6 +57,9 @@ pub struct ModeStats {
     pub steered_token_weighted: Option<f64>,
     /// Mean of per-problem steered fractions (the paper's figure).
     pub steered_mean: Option<f64>,
+    /// Of the steered tokens, the share whose token differs from the base model's own, over
+    /// the results that record it (None where none does).
+    pub changed_of_steered: Option<f64>,
     pub category_counts: Option<Vec<usize>>,
     pub coef_wins: Option<BTreeMap<String, usize>>,
     /// Steered steps per winning (coefficient, window), "c,w".
@@ -310,10 +313,20 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
     let wall: f64 = batches.values().sum();
     let hybrid: Vec<&&ResultLine> = rs.iter().filter(|r| r.steered_fraction.is_some()).collect();
     let (mut tw, mut mean, mut counts, mut wins, mut cw_wins) = (None, None, None, None, None);
+    let mut changed_of = None;
     if !hybrid.is_empty() {
         let steered: usize = hybrid.iter().map(|r| r.steered_tokens.unwrap_or(0)).sum();
         let toks: usize = hybrid.iter().map(|r| r.tokens).sum();
         tw = Some(steered as f64 / toks.max(1) as f64);
+        let known: Vec<_> = hybrid
+            .iter()
+            .filter(|r| r.changed_tokens.is_some())
+            .collect();
+        if !known.is_empty() {
+            let changed: usize = known.iter().map(|r| r.changed_tokens.unwrap_or(0)).sum();
+            let of: usize = known.iter().map(|r| r.steered_tokens.unwrap_or(0)).sum();
+            changed_of = Some(changed as f64 / of.max(1) as f64);
+        }
         mean = Some(
             hybrid
                 .iter()
@@ -379,6 +392,7 @@ fn mode_stats(mode: EvalMode, rs: &[&ResultLine]) -> ModeStats {
         tok_per_s: (wall > 0.0).then(|| tokens as f64 / wall),
         steered_token_weighted: tw,
         steered_mean: mean,
+        changed_of_steered: changed_of,
         category_counts: counts,
         coef_wins: wins,
         cw_wins,
@@ -481,6 +495,12 @@ pub fn render_markdown(r: &Report) -> String {
             pct(m.steered_token_weighted.unwrap_or(0.0)),
             pct(m.steered_mean.unwrap_or(0.0)),
         );
+        if let Some(x) = m.changed_of_steered {
+            s += &format!(
+                "Of the steered tokens, {} differ from the base model's own (the others: the winning candidate's token was the base model's, the steering too weak to move it).\n",
+                pct(x)
+            );
+        }
         if let Some(c) = &m.category_counts {
             s += &category_table(m, c, r.titles.as_deref(), r.random_firing);
         }

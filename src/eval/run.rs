@@ -238,6 +238,10 @@ pub struct ResultLine {
     pub steered_fraction: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steered_tokens: Option<usize>,
+    /// Of the steered steps, those whose token differs from the base model's own (absent in
+    /// results written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_tokens: Option<usize>,
     /// Steered steps per category, [K].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category_counts: Option<Vec<usize>>,
@@ -768,11 +772,12 @@ impl Sink<'_> {
         let g = grade(self.spec.grade_kind, &p.answer, &response);
         let (correct, judge_error) = self.verdict(p, mode, &response, g.correct);
         let (mut sf, mut st, mut cc, mut wins, mut cw) = (None, None, None, None, None);
-        let (mut argmax, mut cat_cw) = (None, None);
+        let (mut argmax, mut cat_cw, mut ch) = (None, None, None);
         if let Some((steps, k)) = steps {
             let steered = steps.iter().filter(|s| s.steered).count();
             sf = Some(steered as f64 / steps.len().max(1) as f64);
             st = Some(steered);
+            ch = Some(steps.iter().filter(|s| s.changed).count());
             let (mut counts, mut all) = (vec![0; k], vec![0; k]);
             let mut per_cat = vec![BTreeMap::new(); k];
             let (mut w, mut both) = (BTreeMap::new(), BTreeMap::new());
@@ -807,6 +812,7 @@ impl Sink<'_> {
             tokens,
             steered_fraction: sf,
             steered_tokens: st,
+            changed_tokens: ch,
             category_counts: cc,
             coef_wins: wins,
             cw_wins: cw,
