@@ -457,6 +457,15 @@ fn numbers_the_flags_cannot_mean() {
         &["--max-new-tokens", "0"],
         &["--max-new-tokens", "at least 1"],
     );
+    // A second GPU for the thinking model, on a CPU run.
+    hybrid(
+        &["--thinking-gpu", "1"],
+        &[
+            "--thinking-gpu 1",
+            "expected a run on the GPU",
+            "on the CPU",
+        ],
+    );
 
     expect_error(
         &[

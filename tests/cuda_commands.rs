@@ -139,6 +139,59 @@ fn traces_and_eval_run_on_the_gpu() {
         traces.len(),
         rows.len()
     );
+
+    // The hybrid mode with the thinking model on a second device (`--thinking-gpu 1`) answers
+    // as the same loop on one device (`--thinking-gpu 0`), where there are two devices.
+    if !on_gpu || thinksteer::cuda::device_count().unwrap() < 2 {
+        println!("--thinking-gpu: skipped (one device)");
+        return;
+    }
+    let hybrid_on = |device: &str| {
+        let out = tmp.join(format!("eval-thinking-gpu-{device}"));
+        let args = Eval::try_parse_from([
+            "eval",
+            "--dataset",
+            data.to_str().unwrap(),
+            "--modes",
+            "hybrid",
+            "--base",
+            base.to_str().unwrap(),
+            "--thinking",
+            think.to_str().unwrap(),
+            "--sae",
+            sae.to_str().unwrap(),
+            "--vectors",
+            vec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--batch",
+            "2",
+            "--device",
+            "cuda",
+            "--thinking-gpu",
+            device,
+            "--quiet",
+        ])
+        .unwrap();
+        thinksteer::eval::cli::eval(args.a).unwrap();
+        let text = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+        let mut rows: Vec<(u64, String, u64)> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .map(|r| {
+                let i = r["index"].as_u64().unwrap();
+                let steered = r["steered_tokens"].as_u64().unwrap();
+                (i, r["response"].as_str().unwrap().to_string(), steered)
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let one = hybrid_on("0");
+    assert_eq!(one.len(), 3);
+    assert_eq!(hybrid_on("1"), one, "thinking model on device 1 vs 0");
 }
 
 #[test]

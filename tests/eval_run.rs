@@ -604,7 +604,23 @@ fn bad_input_is_refused() {
         ),
         "{e}"
     );
+    let e = fails(run(
+        &mut bin(),
+        &artifacts().data,
+        &dir.join("o8"),
+        "2",
+        &["--thinking-gpu", "1"],
+    ));
+    assert!(
+        e.contains("--thinking-gpu goes with --modes hybrid, found --modes base"),
+        "{e}"
+    );
     let out = dir.join("o9");
+    let e = fails(eval(&out, &["--thinking-gpu", "1"]));
+    assert!(
+        e.contains("--thinking-gpu 1: expected a run on the GPU"),
+        "{e}"
+    );
     let e = fails(eval(&out, &["--windows", "-1,-15", "--prefix-caches", "4"]));
     assert!(
         e.contains("--prefix-caches") && e.contains("window 0"),
