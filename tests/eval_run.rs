@@ -1132,6 +1132,46 @@ fn ablations_are_recorded_and_must_match_to_resume() {
         rows[1].ends_with("| 100.0% |"),
         "--no-gating steers every step: {printed}"
     );
+    // An ablation folder of hybrid results only takes base and thinking from the folder of the
+    // same evaluation, in the table only: the same cells, and a gap recovered of its own.
+    let hybrid_only = tmp("ablations-hybrid-only");
+    std::fs::copy(out.join("config.json"), hybrid_only.join("config.json")).unwrap();
+    let kept: Vec<String> = lines_of(&out.join("results.jsonl"))
+        .iter()
+        .filter(|l| l["mode"] == "hybrid")
+        .map(|l| l.to_string())
+        .collect();
+    std::fs::write(hybrid_only.join("results.jsonl"), kept.join("\n") + "\n").unwrap();
+    let printed = String::from_utf8(
+        ok(bin()
+            .arg("report")
+            .arg("--out")
+            .arg(&copy)
+            .arg("--out")
+            .arg(&hybrid_only)
+            .output()
+            .unwrap())
+        .stdout,
+    )
+    .unwrap();
+    let rows: Vec<Vec<&str>> = printed
+        .lines()
+        .filter(|l| l.starts_with("| /"))
+        .map(|l| l.split(" | ").collect())
+        .collect();
+    assert!(
+        rows[1][0].ends_with(&format!("(base, thinking from {})", copy.display())),
+        "{printed}"
+    );
+    assert_eq!(
+        rows[1][2..4],
+        rows[0][2..4],
+        "base and thinking cells: {printed}"
+    );
+    assert_ne!(rows[1][6], "–", "a gap recovered: {printed}");
+    // Its own report knows only its own results.
+    let own = std::fs::read_to_string(hybrid_only.join("report.md")).unwrap();
+    assert!(!own.contains("| base |"), "{own}");
 
     // Each ablation reaches the loop: alone, it changes some hybrid answer of the plain run.
     let plain_lines = lines_of(&plain.join("results.jsonl"));

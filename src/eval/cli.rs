@@ -529,12 +529,7 @@ pub fn report(a: ReportArgs) -> Result<()> {
         print!("{}", super::report::write_report(out)?.0);
         return Ok(());
     }
-    let mut reports = Vec::new();
-    for out in &a.out {
-        let (_, r) = super::report::write_report(out)?;
-        reports.push((out.display().to_string(), r));
-    }
-    print!("{}", super::report::render_comparison(&reports));
+    print!("{}", super::report::comparison(&a.out)?);
     Ok(())
 }
 

@@ -151,8 +151,13 @@ pub fn load_report(out: &Path) -> Result<Report> {
             out.display()
         )));
     }
-    let mut r = summarize(&lines);
-    let config = run_config(out)?;
+    report_of(&lines, run_config(out)?)
+}
+
+/// The report of `lines`, with what the folder's configuration says (the run in words, the
+/// hybrid settings, the categories' names).
+fn report_of(lines: &[ResultLine], config: Option<super::run::RunConfig>) -> Result<Report> {
+    let mut r = summarize(lines);
     r.run = config.as_ref().map(run_in_words);
     if let Some(h) = config.and_then(|c| c.hybrid) {
         r.hybrid_settings = Some(settings_in_words(&h));
@@ -544,6 +549,79 @@ pub fn render_markdown(r: &Report) -> String {
         }
     }
     s
+}
+
+/// Writes each folder's report and returns `render_comparison` over them. A folder without base
+/// or thinking results (an ablation run with `--modes hybrid`) takes them, in this table only,
+/// from the first other folder of the same evaluation (dataset, models, prompts, length and
+/// judge in config.json) that has them, so that its gap recovered is computed per problem
+/// against them; its row names that folder.
+pub fn comparison(outs: &[std::path::PathBuf]) -> Result<String> {
+    let mut each = Vec::new();
+    for out in outs {
+        let (_, r) = write_report(out)?;
+        each.push((out, read_results(out)?, run_config(out)?, r));
+    }
+    let has = |ls: &[ResultLine], m: EvalMode| ls.iter().any(|l| l.mode == m);
+    let mut rows = Vec::new();
+    for (i, (out, lines, config, r)) in each.iter().enumerate() {
+        let missing: Vec<EvalMode> = [EvalMode::Base, EvalMode::Thinking]
+            .into_iter()
+            .filter(|&m| !has(lines, m))
+            .collect();
+        let donor = each.iter().enumerate().find(|(j, (_, ls, c, _))| {
+            *j != i
+                && !missing.is_empty()
+                && same_evaluation(config.as_ref(), c.as_ref())
+                && missing.iter().all(|&m| has(ls, m))
+        });
+        match donor {
+            Some((_, (from, donor_lines, _, _))) => {
+                let mut merged = lines.clone();
+                merged.extend(
+                    donor_lines
+                        .iter()
+                        .filter(|l| missing.contains(&l.mode))
+                        .cloned(),
+                );
+                let name = format!(
+                    "{} ({} from {})",
+                    out.display(),
+                    missing
+                        .iter()
+                        .map(|m| m.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    from.display()
+                );
+                rows.push((name, report_of(&merged, config.clone())?));
+            }
+            None => rows.push((out.display().to_string(), r.clone())),
+        }
+    }
+    Ok(render_comparison(&rows))
+}
+
+/// Whether two folders evaluate the same thing apart from the hybrid settings.
+fn same_evaluation(a: Option<&super::run::RunConfig>, b: Option<&super::run::RunConfig>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            (
+                &a.dataset,
+                &a.base,
+                &a.thinking,
+                a.max_new_tokens,
+                &a.judge_cmd,
+            ) == (
+                &b.dataset,
+                &b.base,
+                &b.thinking,
+                b.max_new_tokens,
+                &b.judge_cmd,
+            )
+        }
+        _ => false,
+    }
 }
 
 /// One table over several evaluation folders (e.g. one per ablation): per folder its hybrid

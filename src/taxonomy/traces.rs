@@ -226,6 +226,15 @@ pub fn write_traces(
         crate::files::cut_torn_line(out)?;
         let old = read_traces(out)?;
         check_resume(out, &old, questions, &run)?;
+        // Kept, and read by every later step (a shorter --limit than the run that wrote them).
+        let past = old.iter().filter(|t| t.index >= questions.len()).count();
+        if past > 0 {
+            eprintln!(
+                "note: {} also holds {past} traces of questions past these {}: kept, and read by the steps that take this file",
+                out.display(),
+                questions.len()
+            );
+        }
         old.into_iter().map(|t| t.index).collect()
     } else {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
