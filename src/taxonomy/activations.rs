@@ -437,9 +437,22 @@ pub fn write_activations(
         let (done, means) = trace_means(d, tok, t, run).map_err(|e| in_trace(traces_path, t, e))?;
         partial.record(done, &means)?;
     }
-    // The rows in the traces' order, whatever order they were run in.
+    // The rows in the traces' order, whatever order they were run in: as read when they are
+    // already in it (the usual case, resumed runs included), else copied into it.
     let all = partial.read_rows()?;
+    let mut at = 0;
+    let in_order = keys.iter().all(|k| {
+        let (t, first) = &partial.done[k];
+        let ok = *first == at;
+        at += t.rows.len();
+        ok
+    });
     let (mut raw, mut index) = (Vec::new(), Vec::new());
+    let mut all = Some(all);
+    if in_order {
+        raw = all.take().expect("read above");
+        raw.truncate(at * d);
+    }
     for key in &keys {
         let (t, first) = &partial.done[key];
         if t.no_thinking {
@@ -448,9 +461,12 @@ pub fn write_activations(
             rep.no_sentences.push(t.trace);
         }
         rep.uncovered += t.uncovered;
-        raw.extend_from_slice(&all[first * d..(first + t.rows.len()) * d]);
+        if let Some(all) = &all {
+            raw.extend_from_slice(&all[first * d..(first + t.rows.len()) * d]);
+        }
         index.extend(t.rows.iter().cloned());
     }
+    drop(all);
     rep.sentences = index.len();
     if index.is_empty() {
         bail!(
