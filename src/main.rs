@@ -181,6 +181,9 @@ struct HybridArgs {
     /// The JSONL field holding the question.
     #[arg(long)]
     question_field: Option<String>,
+    /// With --questions: at most the first N (runs to keep, resume and grade go through `eval`).
+    #[arg(long, value_parser = thinksteer::cli_args::count, requires = "questions")]
+    limit: Option<usize>,
     /// exact (recompute: the oracle), cached (default; KV caches, the same function as exact
     /// for any windows), persistent (our extension: the winner's steering stays; windows -1).
     #[arg(long, value_enum, default_value = "cached")]
@@ -711,7 +714,9 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     let questions = match (&a.question, &a.questions) {
         (Some(q), _) => vec![q.clone()],
         (None, Some(p)) => {
-            thinksteer::eval::dataset::load_questions(p, a.question_field.as_deref())?
+            let mut qs = thinksteer::eval::dataset::load_questions(p, a.question_field.as_deref())?;
+            qs.truncate(a.limit.unwrap_or(usize::MAX));
+            qs
         }
         (None, None) => return Err(anyhow!("expected --question or --questions")),
     };

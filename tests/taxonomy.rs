@@ -281,6 +281,47 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
         j["steps"].as_array().unwrap().len(),
         j["ids"].as_array().unwrap().len()
     );
+    // A questions file, the first two of three, decoded together: a line each as it finishes,
+    // with its row and question; the first is the single question's run.
+    let qs = dir.join("hybrid-questions.jsonl");
+    std::fs::write(
+        &qs,
+        "{\"question\":\"What is 1+1?\"}\n{\"question\":\"Name a prime.\"}\n{\"question\":\"unused\"}\n",
+    )
+    .unwrap();
+    let out = ok(&[
+        "hybrid",
+        "--base",
+        &s(&fixture(BASE)),
+        "--thinking",
+        &s(&fixture(THINKING)),
+        "--sae",
+        &s(&sae_path),
+        "--vectors",
+        &s(&vec_path),
+        "--questions",
+        &s(&qs),
+        "--limit",
+        "2",
+        "--batch",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    let mut lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    lines.sort_by_key(|l| l["index"].as_u64());
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[1]["question"], "Name a prime.");
+    assert_eq!(
+        (&lines[0]["question"], &lines[0]["ids"], &lines[0]["steps"]),
+        (&serde_json::json!("What is 1+1?"), &j["ids"], &j["steps"])
+    );
 
     // Gradient-trained vectors on the same traces and annotations (two epochs).
     let (base, trs, anns) = (s(&fixture(BASE)), s(&tr), s(&ann.join("annotations.jsonl")));
