@@ -4,7 +4,8 @@
 //! this crate depending on one. `Judge` is a run's use of it: a failure leaves one answer
 //! awaiting the judge, and several in a row stop the run (the judge is down).
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
@@ -17,7 +18,8 @@ pub fn judge_timeout() -> std::time::Duration {
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
         .filter(|s| s.is_finite() && *s > 0.0)
-        .unwrap_or(300.0);
+        .unwrap_or(300.0)
+        .min(1e9); // Duration::from_secs_f64 refuses what it cannot hold
     std::time::Duration::from_secs_f64(secs)
 }
 
@@ -40,9 +42,12 @@ fn run_judge_within(
         "response": response,
     })
     .to_string();
+    // Its own process group, so that a judge stopped for taking too long is stopped whole: `sh`
+    // runs the command as its child, which would otherwise live on holding the pipes.
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(cmd)
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -58,41 +63,75 @@ fn run_judge_within(
             other => other,
         }
     });
-    // Its output read from threads, so that the wait can give up: a reader left behind by a
-    // judge stopped for taking too long ends when the judge's last process closes the pipe.
-    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+    // Its output read from threads, which end when every process of the judge has closed the
+    // pipes; the wait for them gives up at the same deadline as the wait for `sh`.
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (which, pipe) in [
+        (
+            0,
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+        (
+            1,
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ),
+    ] {
+        let tx = tx.clone();
         std::thread::spawn(move || {
             let mut buf = Vec::new();
             if let Some(mut p) = pipe {
                 let _ = p.read_to_end(&mut buf);
             }
-            buf
-        })
+            let _ = tx.send((which, buf));
+        });
+    }
+    let deadline = std::time::Instant::now() + limit;
+    let stopped = |child: &mut std::process::Child, what: &str| {
+        // The whole group (`kill` takes a negative id as a process group), then `sh` itself.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", child.id())])
+            .stderr(Stdio::null())
+            .status();
+        let _ = child.kill();
+        let _ = child.wait();
+        Error::Input(format!(
+            "judge command {cmd:?}: expected a verdict within {:.0} s (THINKSTEER_JUDGE_TIMEOUT), found {what}: stopped",
+            limit.as_secs_f64()
+        ))
     };
-    let out_reader = read(child.stdout.take().map(|p| Box::new(p) as _));
-    let err_reader = read(child.stderr.take().map(|p| Box::new(p) as _));
-    let start = std::time::Instant::now();
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break status,
-            Ok(None) if start.elapsed() < limit => {
+            Ok(None) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10))
             }
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(Error::Input(format!(
-                    "judge command {cmd:?}: expected a verdict within {:.0} s (THINKSTEER_JUDGE_TIMEOUT), found none: stopped",
-                    limit.as_secs_f64()
-                )));
+            Ok(None) => return Err(stopped(&mut child, "none")),
+            Err(e) => {
+                let _ = stopped(&mut child, "an error");
+                return Err(Error::Input(format!("judge command {cmd:?}: {e}")));
             }
-            Err(e) => return Err(Error::Input(format!("judge command {cmd:?}: {e}"))),
         }
     };
+    let mut outputs = [Vec::new(), Vec::new()];
+    for _ in 0..2 {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((which, buf)) => outputs[which] = buf,
+            // Something it started still holds its output open.
+            Err(_) => return Err(stopped(&mut child, "its output still open")),
+        }
+    }
+    let [stdout, stderr] = outputs;
     let out = std::process::Output {
         status,
-        stdout: out_reader.join().unwrap_or_default(),
-        stderr: err_reader.join().unwrap_or_default(),
+        stdout,
+        stderr,
     };
     let wrote = writer.join();
     if !out.status.success() {
@@ -207,15 +246,30 @@ mod tests {
         assert!(!run_judge(cmd, "q", "7", "8").unwrap());
     }
 
+    /// A judge that takes too long is stopped whole: `sh` and the command it runs (here a
+    /// `sleep` that would otherwise live on holding the pipes), and one that leaves its output
+    /// open behind it (a background `sleep`) too.
     #[test]
     fn a_judge_that_takes_too_long_is_stopped() {
-        let start = std::time::Instant::now();
         let limit = std::time::Duration::from_secs(1);
-        let e = run_judge_within("sleep 20; echo true", "q", "1", "1", limit)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("within 1 s"), "{e}");
-        assert!(start.elapsed().as_secs_f64() < 10.0, "not stopped");
+        for (cmd, found) in [
+            ("sleep 20; echo true", "found none"),
+            ("sleep 20 & echo true", "found its output still open"),
+        ] {
+            let start = std::time::Instant::now();
+            let e = run_judge_within(cmd, "q", "1", "1", limit)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("within 1 s") && e.contains(found), "{cmd}: {e}");
+            assert!(start.elapsed().as_secs_f64() < 10.0, "{cmd}: not stopped");
+        }
+        // No `sleep 20` of these judges is left running.
+        let left = std::process::Command::new("pgrep")
+            .args(["-f", "^sleep 20$"])
+            .output();
+        if let Ok(o) = left {
+            assert!(o.stdout.is_empty(), "left running: {:?}", o.stdout);
+        }
     }
 
     #[test]
