@@ -331,6 +331,33 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             }
         ));
     }
+    // A GSM8K-format file given by its path (every answer of the whole file holds `#### N`) is
+    // read and graded as GSM8K: the reference is the number after `####` (as MATH, it would be
+    // the whole worked solution).
+    if kind == DatasetKind::Custom {
+        let all = load_dataset(
+            &path,
+            kind,
+            a.question_field.as_deref(),
+            a.answer_field.as_deref(),
+            0,
+            None,
+        )?;
+        if !all.is_empty() && all.iter().all(|p| p.answer.contains("#### ")) {
+            if a.kind.is_none() {
+                kind = DatasetKind::Gsm8k;
+                eprintln!(
+                    "note: every answer of {} holds GSM8K's `#### N`: read and graded as GSM8K (the number after ####); --kind custom grades as MATH (as folders written before this rule did)",
+                    path.display()
+                );
+            } else {
+                eprintln!(
+                    "note: every answer of {} holds GSM8K's `#### N`, yet --kind custom grades it as MATH; --kind gsm8k takes the number after ####",
+                    path.display()
+                );
+            }
+        }
+    }
     let mut problems = load_dataset(
         &path,
         kind,
@@ -349,23 +376,6 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
             (None, first) => first.map(|n| n - a.offset),
         },
     )?;
-    // A GSM8K-format file given by its path is graded as GSM8K (the number after `####`; as
-    // MATH, the reference would be the whole worked solution and no answer would match).
-    let gsm8k_answers = !problems.is_empty() && problems.iter().all(|p| p.answer.contains("#### "));
-    if kind == DatasetKind::Custom && gsm8k_answers {
-        if a.kind.is_none() {
-            kind = DatasetKind::Gsm8k;
-            eprintln!(
-                "note: every answer of {} holds GSM8K's `#### N`: graded as GSM8K (the number after ####); --kind custom grades as MATH",
-                path.display()
-            );
-        } else {
-            eprintln!(
-                "note: every answer of {} holds GSM8K's `#### N`, yet --kind custom grades it as MATH; --kind gsm8k takes the number after ####",
-                path.display()
-            );
-        }
-    }
     if let Some((i, n)) = shard {
         problems.retain(|p| p.index % n == i);
         if problems.is_empty() {
