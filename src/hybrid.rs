@@ -137,8 +137,10 @@ pub struct StepRecord {
     pub coef: Option<f32>,
     pub window: Option<i64>,
     /// Steered steps: the emitted token differs from the base model's own (unsteered greedy)
-    /// token. A step can be steered without changing it, when the winning candidate's token is
-    /// the base model's (the steering was too weak to move it). False on unsteered steps.
+    /// token. A step can be steered without changing it: the thinking model's logits may pick
+    /// a candidate whose token is the base model's (the steering too weak to move it, or the
+    /// thinking model preferring it; under --no-gating, the models agree at most steps). False
+    /// on unsteered steps.
     pub changed: bool,
 }
 

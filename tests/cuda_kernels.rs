@@ -1368,9 +1368,8 @@ fn attention_decode_refuses_a_head_dim_its_kernels_lack() {
 }
 
 /// On the emulated driver only (on a card, an illegal address is a sticky error that ends the
-/// process's context): a kernel given another device's memory is refused, and so is one
-/// launched while another device's context is current, so the two-device hybrid test
-/// (`cuda_hybrid`) would catch a buffer handed from one engine to the other.
+/// process's context): a kernel given another device's memory is refused, so the two-device
+/// hybrid test (`cuda_hybrid`) would catch a buffer handed from one engine to the other.
 #[test]
 fn the_emulated_driver_refuses_another_devices_memory() {
     let Some(g0) = gpu() else { return };

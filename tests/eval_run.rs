@@ -513,7 +513,10 @@ fn bad_input_is_refused() {
     );
     assert_eq!(grading(&dir.join("o10")), "gsm8k");
     // Read as GSM8K: the reference is the number, as with --dataset gsm8k.
-    assert_eq!(lines_of(&dir.join("o10/results.jsonl"))[0]["reference"], "2");
+    assert_eq!(
+        lines_of(&dir.join("o10/results.jsonl"))[0]["reference"],
+        "2"
+    );
     let out = ok(run(
         &mut bin(),
         &gsm,

@@ -26,9 +26,9 @@
 // waits into the graph instead (a stream that waits on an event recorded during a capture joins
 // that capture, as in CUDA), and launching the graph runs them the same way.
 //
-// What CUDA refuses, this refuses too: a kernel launched, or work issued to a stream, while
-// another device's context is current; a kernel given a pointer into another device's memory
-// (on the hardware, without peer access, an illegal address); allocating, freeing, synchronous copies and synchronising during a capture (the
+// What CUDA refuses, this refuses too: a kernel launched while another device's context is
+// current, or on another device's stream; a kernel given a pointer into another device's
+// memory (on the hardware, without peer access, an illegal address); allocating, freeing, synchronous copies and synchronising during a capture (the
 // capture is then invalid), a capturing stream waiting on an event from outside its capture, a
 // capture ended with a joined stream not joined back, more dynamic shared memory than the
 // kernel's attribute allows (48 KB unless raised), a zero-byte allocation; and launches the

@@ -502,7 +502,7 @@ pub fn render_markdown(r: &Report) -> String {
         );
         if let Some(x) = m.changed_of_steered {
             s += &format!(
-                "Of the steered tokens, {} differ from the base model's own (the others: the winning candidate's token was the base model's, the steering too weak to move it).\n",
+                "Of the steered tokens, {} differ from the base model's own (at the others, the winning candidate's token was the base model's).\n",
                 pct(x)
             );
         }
