@@ -87,6 +87,19 @@ fn categories(think: &CudaEngine, b: usize) -> cudarc::driver::CudaView<'_, i32>
         .slice(..b)
 }
 
+/// One problem's outcome of a hybrid step, as read back.
+#[derive(Clone, Copy)]
+struct StepOut {
+    /// The emitted id.
+    tok: u32,
+    steered: bool,
+    /// The winning coefficient's index (steered steps).
+    win: i32,
+    category: usize,
+    /// The base model's own (unsteered greedy) id.
+    base_tok: u32,
+}
+
 /// The handle for the thinking model of a hybrid step whose base model runs on `gpu`: a sibling
 /// stream, so the two models' launches overlap (each alone is bound by latency at small
 /// batches), or `gpu` itself with THINKSTEER_HYBRID_STREAMS=1.
@@ -576,8 +589,8 @@ impl CudaHybrid {
         Ok(())
     }
 
-    /// Uploads the step inputs, runs (or replays) the step and reads back, per problem:
-    /// (emitted id, steered, winning coefficient index, category, the base model's own id).
+    /// Uploads the step inputs, runs (or replays) the step and reads back each problem's
+    /// outcome.
     fn step(
         &mut self,
         ids: &[u32],
@@ -585,7 +598,7 @@ impl CudaHybrid {
         slots: &[usize],
         pos_b: &[usize],
         pos_t: &[usize],
-    ) -> Result<Vec<(u32, bool, i32, usize, u32)>> {
+    ) -> Result<Vec<StepOut>> {
         let b = ids.len();
         // Single pass: problem rows then candidates, which share their problem's slot and
         // position. Gate first: the problem rows (the candidates' are set on the device).
@@ -659,7 +672,13 @@ impl CudaHybrid {
             .map_err(cu("reading the step"))?;
         self.gpu.sync()?;
         Ok((0..b)
-            .map(|i| (e[i] as u32, sd[i] != 0, w[i], cat[i] as usize, bt[i] as u32))
+            .map(|i| StepOut {
+                tok: e[i] as u32,
+                steered: sd[i] != 0,
+                win: w[i],
+                category: cat[i] as usize,
+                base_tok: bt[i] as u32,
+            })
             .collect())
     }
 
@@ -717,7 +736,13 @@ impl CudaHybrid {
             let pt: Vec<usize> = active.iter().map(|&r| pos_t[r]).collect();
             let res = self.step(&ids, &tids, &active, &pb, &pt)?;
             for (j, &r) in active.iter().enumerate() {
-                let (tok, steered, win, category, base_tok) = res[j];
+                let StepOut {
+                    tok,
+                    steered,
+                    win,
+                    category,
+                    base_tok,
+                } = res[j];
                 let rec = if steered {
                     StepRecord {
                         category,
