@@ -7,7 +7,7 @@
 mod common;
 
 use clap::Parser;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use thinksteer::eval::cli::EvalArgs;
 use thinksteer::taxonomy::traces::{read_traces, write_traces, TraceSettings};
 
@@ -90,33 +90,36 @@ fn traces_and_eval_run_on_the_gpu() {
         .map(|q| serde_json::json!({"question": q, "answer": "5"}).to_string())
         .collect();
     std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    // `eval` of these questions into `out`, in `modes`, with `extra` flags.
+    let run_eval = |out: &Path, modes: &str, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--dataset",
+            data.to_str().unwrap(),
+            "--modes",
+            modes,
+            "--base",
+            base.to_str().unwrap(),
+            "--thinking",
+            think.to_str().unwrap(),
+            "--sae",
+            sae.to_str().unwrap(),
+            "--vectors",
+            vec.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "12",
+            "--batch",
+            "2",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        thinksteer::eval::cli::eval(Eval::try_parse_from(args).unwrap().a).unwrap();
+    };
     let res = tmp.join("eval");
-    let args = Eval::try_parse_from([
-        "eval",
-        "--dataset",
-        data.to_str().unwrap(),
-        "--modes",
-        "base,thinking,hybrid",
-        "--base",
-        base.to_str().unwrap(),
-        "--thinking",
-        think.to_str().unwrap(),
-        "--sae",
-        sae.to_str().unwrap(),
-        "--vectors",
-        vec.to_str().unwrap(),
-        "--out",
-        res.to_str().unwrap(),
-        "--max-new-tokens",
-        "12",
-        "--batch",
-        "2",
-        "--device",
-        if on_gpu { "cuda" } else { "cpu" },
-        "--quiet",
-    ])
-    .unwrap();
-    thinksteer::eval::cli::eval(args.a).unwrap();
+    let device = if on_gpu { "cuda" } else { "cpu" };
+    run_eval(&res, "base,thinking,hybrid", &["--device", device]);
     let text = std::fs::read_to_string(res.join("results.jsonl")).unwrap();
     let rows: Vec<serde_json::Value> = text
         .lines()
@@ -148,34 +151,11 @@ fn traces_and_eval_run_on_the_gpu() {
     }
     let hybrid_on = |device: &str| {
         let out = tmp.join(format!("eval-thinking-gpu-{device}"));
-        let args = Eval::try_parse_from([
-            "eval",
-            "--dataset",
-            data.to_str().unwrap(),
-            "--modes",
+        run_eval(
+            &out,
             "hybrid",
-            "--base",
-            base.to_str().unwrap(),
-            "--thinking",
-            think.to_str().unwrap(),
-            "--sae",
-            sae.to_str().unwrap(),
-            "--vectors",
-            vec.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--max-new-tokens",
-            "12",
-            "--batch",
-            "2",
-            "--device",
-            "cuda",
-            "--thinking-gpu",
-            device,
-            "--quiet",
-        ])
-        .unwrap();
-        thinksteer::eval::cli::eval(args.a).unwrap();
+            &["--device", "cuda", "--thinking-gpu", device],
+        );
         let text = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
         let mut rows: Vec<(u64, String, u64)> = text
             .lines()

@@ -258,24 +258,33 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
         );
     }
 
-    let out = ok(&[
-        "hybrid",
-        "--base",
-        &s(&fixture(BASE)),
-        "--thinking",
-        &s(&fixture(THINKING)),
-        "--sae",
-        &s(&sae_path),
-        "--vectors",
-        &s(&vec_path),
-        "--question",
-        "What is 1+1?",
-        "--max-new-tokens",
-        "4",
-        "--device",
-        "cpu",
-        "--json",
-    ]);
+    let (base, think, sae_s, vec_s) = (
+        s(&fixture(BASE)),
+        s(&fixture(THINKING)),
+        s(&sae_path),
+        s(&vec_path),
+    );
+    let hybrid = |input: &[&str]| {
+        let mut args = vec![
+            "hybrid",
+            "--base",
+            &base,
+            "--thinking",
+            &think,
+            "--sae",
+            &sae_s,
+            "--vectors",
+            &vec_s,
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--json",
+        ];
+        args.extend_from_slice(input);
+        ok(&args)
+    };
+    let out = hybrid(&["--question", "What is 1+1?"]);
     let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(
         j["steps"].as_array().unwrap().len(),
@@ -289,28 +298,7 @@ fn pipeline_outputs_drive_the_hybrid_loop() {
         "{\"question\":\"What is 1+1?\"}\n{\"question\":\"Name a prime.\"}\n{\"question\":\"unused\"}\n",
     )
     .unwrap();
-    let out = ok(&[
-        "hybrid",
-        "--base",
-        &s(&fixture(BASE)),
-        "--thinking",
-        &s(&fixture(THINKING)),
-        "--sae",
-        &s(&sae_path),
-        "--vectors",
-        &s(&vec_path),
-        "--questions",
-        &s(&qs),
-        "--limit",
-        "2",
-        "--batch",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--device",
-        "cpu",
-        "--json",
-    ]);
+    let out = hybrid(&["--questions", &s(&qs), "--limit", "2", "--batch", "2"]);
     let mut lines: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
