@@ -585,41 +585,28 @@ fn bad_input_is_refused() {
 
     // --prefix-caches without the hybrid mode, or with it but without window 0: refused before
     // any mode runs (no results file).
-    let e = fails(run(
-        &mut bin(),
-        &artifacts().data,
-        &dir.join("o8"),
-        "2",
-        &["--prefix-caches", "4"],
-    ));
-    assert!(
-        e.contains("--prefix-caches goes with --modes hybrid, found --modes base"),
-        "{e}"
-    );
-    let e = fails(run(
-        &mut bin(),
-        &artifacts().data,
-        &dir.join("o8"),
-        "2",
-        &["--random-firing"],
-    ));
-    assert!(
-        e.contains(
-            "the ablation random firing (seed 0) goes with --modes hybrid, found --modes base"
+    for (flags, said) in [
+        (&["--prefix-caches", "4"][..], "--prefix-caches"),
+        (
+            &["--random-firing"][..],
+            "the ablation random firing (seed 0)",
         ),
-        "{e}"
-    );
-    let e = fails(run(
-        &mut bin(),
-        &artifacts().data,
-        &dir.join("o8"),
-        "2",
-        &["--thinking-gpu", "1"],
-    ));
-    assert!(
-        e.contains("--thinking-gpu goes with --modes hybrid, found --modes base"),
-        "{e}"
-    );
+        (&["--thinking-gpu", "1"][..], "--thinking-gpu"),
+    ] {
+        let e = fails(run(
+            &mut bin(),
+            &artifacts().data,
+            &dir.join("o8"),
+            "2",
+            flags,
+        ));
+        assert!(
+            e.contains(&format!(
+                "{said} goes with --modes hybrid, found --modes base"
+            )),
+            "{e}"
+        );
+    }
     let out = dir.join("o9");
     let e = fails(eval(&out, &["--thinking-gpu", "1"]));
     assert!(
