@@ -189,10 +189,18 @@ fn run_config(out: &Path) -> Result<Option<super::run::RunConfig>> {
 /// tokens; SAE `sae-15.safetensors`, vectors `v.safetensors`": file and folder names only (the
 /// paths are in config.json).
 fn run_in_words(c: &super::run::RunConfig) -> String {
+    // A GGUF file's converted folder (`.<file>.thinksteer`) is named by the file.
     let name = |p: &str| {
-        Path::new(p)
+        let n = Path::new(p)
             .file_name()
-            .map_or(p.to_string(), |n| n.to_string_lossy().into_owned())
+            .map_or(p.to_string(), |n| n.to_string_lossy().into_owned());
+        match n
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".thinksteer"))
+        {
+            Some(file) => file.to_string(),
+            None => n,
+        }
     };
     let mut s = format!(
         "`{}` ({} grading{}), base `{}`, thinking `{}`, at most {} new tokens",
