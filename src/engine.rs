@@ -342,9 +342,9 @@ impl Decoder for CpuEngine {
 
 /// A checkpoint folder as a run uses it: its config (checked against the weight files' layer
 /// count and bias tensors) at once, its f32 CPU weights only when a CPU run asks for them (the
-/// weights' shapes, dtypes and values are checked as either backend loads them). A GPU engine uploads bf16
-/// straight from the folder, so a GPU run never holds the f32 copy (4 bytes per parameter: 32 GB
-/// for an 8B model, more than many GPU hosts spare beside the card's own copy).
+/// weights' shapes, dtypes and values are checked as either backend loads them). A GPU engine
+/// uploads bf16 straight from the folder, so a GPU run never holds the f32 copy (4 bytes per
+/// parameter: 32 GB for an 8B model).
 pub struct Checkpoint {
     pub dir: PathBuf,
     pub config: Config,

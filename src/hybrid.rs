@@ -165,6 +165,45 @@ impl Output {
     }
 }
 
+/// Runs `run` (one of the hybrid loops, given its `on_step`) over `n` problems and hands each
+/// problem's output to `hand` the moment it stops at an end-of-sequence id of `eos` or at `max`
+/// new tokens, and the others (stopped by a full context) after the loop, from the outputs it
+/// returns. A loop cannot be stopped from its callback, so after a failing `hand` the later
+/// problems are still handed over; the first error is returned at the end.
+pub fn hand_over_as_they_finish<E: From<crate::Error>>(
+    n: usize,
+    eos: &[u32],
+    max: usize,
+    run: impl FnOnce(&mut dyn FnMut(usize, u32, &StepRecord)) -> Result<Vec<Output>>,
+    mut hand: impl FnMut(usize, &Output) -> std::result::Result<(), E>,
+) -> std::result::Result<(), E> {
+    let mut outs: Vec<Output> = (0..n)
+        .map(|_| Output {
+            ids: vec![],
+            steps: vec![],
+        })
+        .collect();
+    let mut handed = vec![false; n];
+    let mut failed: Option<E> = None;
+    let ended = run(&mut |i, tok, rec| {
+        let o = &mut outs[i];
+        o.ids.push(tok);
+        o.steps.push(*rec);
+        if eos.contains(&tok) || o.ids.len() >= max {
+            handed[i] = true;
+            if let Err(e) = hand(i, o) {
+                failed.get_or_insert(e);
+            }
+        }
+    })?;
+    for (i, o) in ended.iter().enumerate().filter(|(i, _)| !handed[*i]) {
+        if let Err(e) = hand(i, o) {
+            failed.get_or_insert(e);
+        }
+    }
+    failed.map_or(Ok(()), Err)
+}
+
 /// The two models and the artifacts that connect them, validated against each other.
 pub struct Pair<'a> {
     pub base: &'a Arc<Model>,

@@ -493,12 +493,9 @@ fn load(a: &PromptArgs) -> Result<Loaded> {
     if prompt_ids.is_empty() {
         return Err(anyhow!("the prompt is empty: expected at least one token"));
     }
-    let v = ckpt.config.vocab_size;
-    if let Some(bad) = prompt_ids.iter().find(|&&i| i as usize >= v) {
-        return Err(anyhow!(
-            "prompt token id {bad} is outside the vocabulary: expected ids below vocab_size {v}"
-        ));
-    }
+    ckpt.config
+        .check_ids(&prompt_ids)
+        .map_err(|e| anyhow!("the prompt: {e}"))?;
     let ctx = ckpt.config.max_position_embeddings;
     if prompt_ids.len() >= ctx {
         return Err(anyhow!(
@@ -731,7 +728,7 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     art.validate_for(&base.config, &thinking.config)?;
     settings.validate(&problems)?;
     check_prompts(&base.config, &thinking.config, &problems, |i| i)?;
-    let eos = &base.config.eos_token_ids.clone();
+    let eos = base.config.eos_token_ids.clone();
     let batch = if a.mode == thinksteer::hybrid::Mode::Exact {
         1
     } else {
@@ -762,64 +759,44 @@ fn cmd_hybrid(mut a: HybridArgs) -> Result<()> {
     };
     // All questions at once: `batch` decode together, a finished one's slot takes the next.
     // Each question is printed the moment it stops (so in the order they finish; `index` says
-    // which), and the ones the context stopped are printed at the end.
-    let max = a.max_new_tokens;
-    let mut ids: Vec<Vec<u32>> = vec![vec![]; problems.len()];
-    let mut steps: Vec<Vec<thinksteer::hybrid::StepRecord>> = vec![vec![]; problems.len()];
-    let mut printed = vec![false; problems.len()];
-    let mut failed: Option<anyhow::Error> = None;
-    let print = |j: usize, ids: &[u32], steps: &[thinksteer::hybrid::StepRecord]| {
-        print_hybrid(j, &questions[j], ids, steps, &sae, base_tok, eos, a.json)
-    };
-    let on_step = |j: usize, tok: u32, rec: &thinksteer::hybrid::StepRecord| {
-        ids[j].push(tok);
-        steps[j].push(*rec);
-        if (eos.contains(&tok) || ids[j].len() >= max) && failed.is_none() {
-            printed[j] = true;
-            if let Err(e) = print(j, &ids[j], &steps[j]) {
-                failed = Some(e);
+    // which), the ones the context stopped at the end.
+    thinksteer::hybrid::hand_over_as_they_finish(
+        problems.len(),
+        &eos,
+        a.max_new_tokens,
+        |on_step| match gpu_hybrid.as_mut() {
+            Some(h) => h.run(art, &problems, &settings, on_step),
+            None => {
+                let (b, t) = (base.cpu_model()?, thinking.cpu_model()?);
+                let pair = Pair {
+                    base: &b,
+                    thinking: &t,
+                    sae: &sae,
+                    steering: &steering,
+                };
+                run(&pair, &problems, &settings, on_step)
             }
-        }
-    };
-    let outs = match gpu_hybrid.as_mut() {
-        Some(h) => h.run(art, &problems, &settings, on_step)?,
-        None => {
-            let (b, t) = (base.cpu_model()?, thinking.cpu_model()?);
-            let pair = Pair {
-                base: &b,
-                thinking: &t,
-                sae: &sae,
-                steering: &steering,
-            };
-            run(&pair, &problems, &settings, on_step)?
-        }
-    };
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    for (j, out) in outs.iter().enumerate().filter(|(j, _)| !printed[*j]) {
-        print(j, &out.ids, &out.steps)?;
-    }
-    Ok(())
+        },
+        |j, out| print_hybrid(j, &questions[j], out, &sae, base_tok, &eos, a.json),
+    )
 }
 
 /// One finished question of `hybrid`: a JSON line, or a header and the text.
-#[allow(clippy::too_many_arguments)]
 fn print_hybrid(
     index: usize,
     question: &str,
-    ids: &[u32],
-    steps: &[thinksteer::hybrid::StepRecord],
+    out: &thinksteer::hybrid::Output,
     sae: &thinksteer::sae::Sae,
     tok: &Tokenizer,
     eos: &[u32],
     json: bool,
 ) -> Result<()> {
-    let out = thinksteer::hybrid::Output {
-        ids: ids.to_vec(),
-        steps: steps.to_vec(),
-    };
-    let body: Vec<u32> = ids.iter().copied().filter(|i| !eos.contains(i)).collect();
+    let body: Vec<u32> = out
+        .ids
+        .iter()
+        .copied()
+        .filter(|i| !eos.contains(i))
+        .collect();
     let text = tok.decode(&body)?;
     let mut stdout = std::io::stdout().lock();
     if json {
@@ -842,9 +819,9 @@ fn print_hybrid(
         let line = Line {
             index,
             question,
-            ids,
+            ids: &out.ids,
             text: &text,
-            steps,
+            steps: &out.steps,
             stats: Stats {
                 steered_fraction: out.steered_fraction(),
                 category_counts: out.category_counts(sae.latents),
@@ -856,7 +833,7 @@ fn print_hybrid(
             stdout,
             "=== question {index} (steered {:.1}% of {} tokens)\n{text}",
             100.0 * out.steered_fraction(),
-            ids.len()
+            out.ids.len()
         )?;
     }
     stdout.flush()?;

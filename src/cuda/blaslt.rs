@@ -59,11 +59,7 @@ impl BlasLt {
                 "THINKSTEER_GEMM=lt: libcublasLt could not be loaded (it ships with the CUDA toolkit's cuBLAS; put its folder on LD_LIBRARY_PATH)".into(),
             ));
         }
-        // cuBLASLt works in the current context, which must be this device's (the thinking
-        // model may be on another card).
-        gpu.ctx
-            .bind_to_thread()
-            .map_err(cuda_err("binding the CUDA context"))?;
+        gpu.bind()?; // cuBLASLt works in the current context
         let handle = lt::create_handle().map_err(lt_err("creating a handle"))?;
         let workspace = gpu
             .stream
@@ -157,9 +153,7 @@ impl BlasLt {
         m: usize,
         k: usize,
     ) -> Result<()> {
-        gpu.ctx
-            .bind_to_thread()
-            .map_err(cuda_err("binding the CUDA context"))?;
+        gpu.bind()?;
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let p = match plans.entry((n, m, k)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),

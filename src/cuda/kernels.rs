@@ -1601,10 +1601,7 @@ pub fn fill_nan(gpu: &Gpu, x: &mut cudarc::driver::CudaSlice<f32>) -> Result<()>
         return Ok(());
     }
     let stream = &gpu.stream;
-    // The raw call below runs in the current context, which must be this device's.
-    gpu.ctx
-        .bind_to_thread()
-        .map_err(super::cuda_err("binding the CUDA context"))?;
+    gpu.bind()?; // the raw call below runs in the current context
     let (ptr, _sync) = x.device_ptr_mut(stream);
     // SAFETY: ptr addresses the n bytes of a live allocation on this stream's context (kept
     // alive by the borrow of x); all-ones bytes are a valid f32 (a NaN).

@@ -559,13 +559,18 @@ impl Gpu {
             .map_err(cuda_err("synchronising the stream"))
     }
 
-    /// (free, total) bytes of this device's memory. The driver answers for the current
-    /// context, so this one is bound first (another device's may be current: the hybrid loop
-    /// can hold the thinking model on a second card).
-    pub fn mem_info(&self) -> Result<(usize, usize)> {
+    /// Makes this device's context the current one, as raw driver and cuBLASLt calls need
+    /// (cudarc's own calls bind it themselves): another device's may be current, the hybrid
+    /// loop can hold the thinking model on a second card.
+    pub fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
-            .map_err(cuda_err("binding the CUDA context"))?;
+            .map_err(cuda_err("binding the CUDA context"))
+    }
+
+    /// (free, total) bytes of this device's memory.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
         cudarc::driver::result::mem_get_info().map_err(cuda_err("reading free GPU memory"))
     }
 }

@@ -138,6 +138,12 @@ pub struct Report {
 
 /// Reads every results file in `out` and summarises it.
 pub fn load_report(out: &Path) -> Result<Report> {
+    let (lines, config) = load_folder(out)?;
+    Ok(report_of(&lines, config))
+}
+
+/// The result lines of `out` (at least one) and its config.json, if it has one.
+fn load_folder(out: &Path) -> Result<(Vec<ResultLine>, Option<super::run::RunConfig>)> {
     if !out.is_dir() {
         bail!(
             "--out {}: expected an evaluation folder, found none",
@@ -151,12 +157,12 @@ pub fn load_report(out: &Path) -> Result<Report> {
             out.display()
         )));
     }
-    report_of(&lines, run_config(out)?)
+    Ok((lines, run_config(out)?))
 }
 
 /// The report of `lines`, with what the folder's configuration says (the run in words, the
 /// hybrid settings, the categories' names).
-fn report_of(lines: &[ResultLine], config: Option<super::run::RunConfig>) -> Result<Report> {
+fn report_of(lines: &[ResultLine], config: Option<super::run::RunConfig>) -> Report {
     let mut r = summarize(lines);
     r.run = config.as_ref().map(run_in_words);
     if let Some(h) = config.and_then(|c| c.hybrid) {
@@ -165,7 +171,7 @@ fn report_of(lines: &[ResultLine], config: Option<super::run::RunConfig>) -> Res
         // A report still renders, with numbered categories, when the SAE file has moved.
         r.titles = crate::sae::Sae::load(&h.sae).ok().and_then(|s| s.titles);
     }
-    Ok(r)
+    r
 }
 
 /// OUT/config.json, if the folder has one (a folder of results copied without it still
@@ -567,8 +573,10 @@ pub fn render_markdown(r: &Report) -> String {
 pub fn comparison(outs: &[std::path::PathBuf]) -> Result<String> {
     let mut each = Vec::new();
     for out in outs {
-        let (_, r) = write_report(out)?;
-        each.push((out, read_results(out)?, run_config(out)?, r));
+        let (lines, config) = load_folder(out)?;
+        let r = report_of(&lines, config.clone());
+        write_report_files(out, &r)?;
+        each.push((out, lines, config, r));
     }
     let has = |ls: &[ResultLine], m: EvalMode| ls.iter().any(|l| l.mode == m);
     let mut rows = Vec::new();
@@ -602,7 +610,7 @@ pub fn comparison(outs: &[std::path::PathBuf]) -> Result<String> {
                         .join(", "),
                     from.display()
                 );
-                rows.push((name, report_of(&merged, config.clone())?));
+                rows.push((name, report_of(&merged, config.clone())));
             }
             None => rows.push((out.display().to_string(), r.clone())),
         }
@@ -767,6 +775,12 @@ fn numeric_order(t: &BTreeMap<String, usize>) -> Vec<(&String, &usize)> {
 /// Writes OUT/report.md and OUT/report.json; returns the Markdown and the report.
 pub fn write_report(out: &Path) -> Result<(String, Report)> {
     let r = load_report(out)?;
+    let md = write_report_files(out, &r)?;
+    Ok((md, r))
+}
+
+/// Writes `r` into `out` (report.md, report.svg, report.json); returns the Markdown.
+fn write_report_files(out: &Path, r: &Report) -> Result<String> {
     let bars: Vec<crate::chart::Bar> = r
         .modes
         .iter()
@@ -785,13 +799,13 @@ pub fn write_report(out: &Path) -> Result<(String, Report)> {
     );
     let svg_path = out.join("report.svg");
     crate::files::write_atomic(&svg_path, svg)?;
-    let md = render_markdown(&r) + "\n![accuracy per mode](report.svg)\n";
+    let md = render_markdown(r) + "\n![accuracy per mode](report.svg)\n";
     let md_path = out.join("report.md");
     crate::files::write_atomic(&md_path, &md)?;
     let json_path = out.join("report.json");
-    let json = serde_json::to_string_pretty(&r).expect("report serialises");
+    let json = serde_json::to_string_pretty(r).expect("report serialises");
     crate::files::write_atomic(&json_path, json + "\n")?;
-    Ok((md, r))
+    Ok(md)
 }
 
 #[cfg(test)]

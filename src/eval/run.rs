@@ -1006,57 +1006,40 @@ fn run_hybrid(
     // the next one; a problem's line is written the moment it stops.
     let batch = format!("{run_id}-hybrid-{}", todo.first().map_or(0, |p| p.index));
     let start = Instant::now();
-    let mut ids: Vec<Vec<u32>> = vec![vec![]; todo.len()];
-    let mut steps: Vec<Vec<StepRecord>> = vec![vec![]; todo.len()];
-    let mut written = vec![false; todo.len()];
-    let mut failed: Option<Error> = None;
-    let emit = |i: usize, ids: &[u32], steps: &[StepRecord], sink: &mut Sink| -> Result<()> {
-        let text = decode_text(&prompts.base_tok, ids, eos)?;
+    let emit = |i: usize, out: &hybrid::Output| -> Result<()> {
+        let text = decode_text(&prompts.base_tok, &out.ids, eos)?;
         let secs = start.elapsed().as_secs_f64();
         sink.finish(
             todo[i],
             EvalMode::Hybrid,
             text,
-            ids.len(),
-            Some((steps, sae.latents)),
+            out.ids.len(),
+            Some((&out.steps, sae.latents)),
             secs,
             batch.clone(),
         )
     };
-    // The loop cannot be stopped from here: after a failure (a judge that went down) every
-    // problem it still decodes is written all the same (a writer that failed refuses them),
-    // and the first error is returned at the end.
-    let on_step = |i: usize, tok: u32, rec: &StepRecord| {
-        ids[i].push(tok);
-        steps[i].push(*rec);
-        let stopped = eos.contains(&tok) || ids[i].len() >= max;
-        if stopped {
-            written[i] = true;
-            if let Err(e) = emit(i, &ids[i], &steps[i], sink) {
-                failed.get_or_insert(e);
+    // After a failure (a judge that went down) the problems still decoded are written all the
+    // same (a writer that failed refuses them), and the first error is returned at the end.
+    hybrid::hand_over_as_they_finish(
+        todo.len(),
+        eos,
+        max,
+        |on_step| match gpu.as_mut() {
+            Some(h) => h.run(art, &all, &spec.settings, on_step),
+            None => {
+                let (base, thinking) = (&base.cpu_model()?, &thinking.cpu_model()?);
+                let pair = Pair {
+                    base,
+                    thinking,
+                    sae,
+                    steering,
+                };
+                hybrid::run(&pair, &all, &spec.settings, on_step)
             }
-        }
-    };
-    let outs = match gpu.as_mut() {
-        Some(h) => h.run(art, &all, &spec.settings, on_step)?,
-        None => {
-            let (base, thinking) = (&base.cpu_model()?, &thinking.cpu_model()?);
-            let pair = Pair {
-                base,
-                thinking,
-                sae,
-                steering,
-            };
-            hybrid::run(&pair, &all, &spec.settings, on_step)?
-        }
-    };
-    // Problems that stopped for another reason (the context was full) are written now.
-    for (i, out) in outs.iter().enumerate().filter(|(i, _)| !written[*i]) {
-        if let Err(e) = emit(i, &out.ids, &out.steps, sink) {
-            failed.get_or_insert(e);
-        }
-    }
-    failed.map_or(Ok(()), Err)
+        },
+        emit,
+    )
 }
 
 /// A one-line progress report on stderr: problems done, tokens, tok/s and ETA.

@@ -438,35 +438,40 @@ pub fn write_activations(
         partial.record(done, &means)?;
     }
     // The rows in the traces' order, whatever order they were run in: as read when they are
-    // already in it (the usual case, resumed runs included), else copied into it.
+    // already in it (the usual case, resumed runs included), else gathered into it.
     let all = partial.read_rows()?;
-    let mut at = 0;
-    let in_order = keys.iter().all(|k| {
-        let (t, first) = &partial.done[k];
-        let ok = *first == at;
-        at += t.rows.len();
-        ok
-    });
-    let (mut raw, mut index) = (Vec::new(), Vec::new());
-    let mut all = Some(all);
-    if in_order {
-        raw = all.take().expect("read above");
-        raw.truncate(at * d);
-    }
+    let spans: Vec<(usize, usize)> = keys
+        .iter()
+        .map(|k| (partial.done[k].1, partial.done[k].0.rows.len()))
+        .collect();
+    let total: usize = spans.iter().map(|s| s.1).sum();
+    let in_order = spans
+        .iter()
+        .scan(0, |at, &(first, n)| {
+            let ok = first == *at;
+            *at += n;
+            Some(ok)
+        })
+        .all(|ok| ok);
+    let mut raw = match in_order {
+        true => all,
+        false => spans
+            .iter()
+            .flat_map(|&(first, n)| all[first * d..(first + n) * d].iter().copied())
+            .collect(),
+    };
+    raw.truncate(total * d);
+    let mut index = Vec::new();
     for key in &keys {
-        let (t, first) = &partial.done[key];
+        let (t, _) = &partial.done[key];
         if t.no_thinking {
             rep.no_thinking.push(t.trace);
         } else if t.rows.is_empty() {
             rep.no_sentences.push(t.trace);
         }
         rep.uncovered += t.uncovered;
-        if let Some(all) = &all {
-            raw.extend_from_slice(&all[first * d..(first + t.rows.len()) * d]);
-        }
         index.extend(t.rows.iter().cloned());
     }
-    drop(all);
     rep.sentences = index.len();
     if index.is_empty() {
         bail!(

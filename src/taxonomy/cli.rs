@@ -56,8 +56,8 @@ pub struct ActivationsArgs {
     pub layer: usize,
     /// Output safetensors (`activations` [N, D], `activation_mean` [D]); the index goes to
     /// the same name with extension `.index.jsonl`. While the run goes on, each trace's means
-    /// are kept beside it, in its name with `.partial.f32` and `.progress.jsonl` appended: a killed run, started again
-    /// with the same flags, runs only the traces not done yet.
+    /// are kept beside it, in its name with `.partial.f32` and `.progress.jsonl` appended: a
+    /// killed run, started again with the same flags, runs only the traces not done yet.
     #[arg(long)]
     pub out: PathBuf,
     /// Where the forward passes run (the GPU path: traces up to 16,384 tokens).
