@@ -19,6 +19,7 @@ use crate::sae::Sae;
 use crate::steering::SteeringSet;
 use crate::{bail, Result};
 use serde::Serialize;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 pub mod ablations;
@@ -165,16 +166,34 @@ impl Output {
     }
 }
 
+/// What the `on_step` of a hybrid loop returns: `()` to go on, or a `ControlFlow<()>` whose
+/// `Break` ends the loop after that token (the outputs it returns are then partial).
+pub trait StepFlow {
+    fn stops(self) -> bool;
+}
+
+impl StepFlow for () {
+    fn stops(self) -> bool {
+        false
+    }
+}
+
+impl StepFlow for ControlFlow<()> {
+    fn stops(self) -> bool {
+        self.is_break()
+    }
+}
+
 /// Runs `run` (one of the hybrid loops, given its `on_step`) over `n` problems and hands each
 /// problem's output to `hand` the moment it stops at an end-of-sequence id of `eos` or at `max`
 /// new tokens, and the others (stopped by a full context) after the loop, from the outputs it
-/// returns. A loop cannot be stopped from its callback, so after a failing `hand` the later
-/// problems are still handed over; the first error is returned at the end.
+/// returns. A failing `hand` (a closed stdout, a full disk, a judge that went down) ends the
+/// loop at once: the problems still decoding are not handed over, and its error is returned.
 pub fn hand_over_as_they_finish<E: From<crate::Error>>(
     n: usize,
     eos: &[u32],
     max: usize,
-    run: impl FnOnce(&mut dyn FnMut(usize, u32, &StepRecord)) -> Result<Vec<Output>>,
+    run: impl FnOnce(&mut dyn FnMut(usize, u32, &StepRecord) -> ControlFlow<()>) -> Result<Vec<Output>>,
     mut hand: impl FnMut(usize, &Output) -> std::result::Result<(), E>,
 ) -> std::result::Result<(), E> {
     let mut outs: Vec<Output> = (0..n)
@@ -192,16 +211,19 @@ pub fn hand_over_as_they_finish<E: From<crate::Error>>(
         if eos.contains(&tok) || o.ids.len() >= max {
             handed[i] = true;
             if let Err(e) = hand(i, o) {
-                failed.get_or_insert(e);
+                failed = Some(e);
+                return ControlFlow::Break(());
             }
         }
+        ControlFlow::Continue(())
     })?;
-    for (i, o) in ended.iter().enumerate().filter(|(i, _)| !handed[*i]) {
-        if let Err(e) = hand(i, o) {
-            failed.get_or_insert(e);
-        }
+    if let Some(e) = failed {
+        return Err(e);
     }
-    failed.map_or(Ok(()), Err)
+    for (i, o) in ended.iter().enumerate().filter(|(i, _)| !handed[*i]) {
+        hand(i, o)?;
+    }
+    Ok(())
 }
 
 /// The two models and the artifacts that connect them, validated against each other.
@@ -329,21 +351,30 @@ pub struct Prompts {
 
 /// Runs the hybrid loop for every problem; `Exact` runs one problem at a time, the cached modes
 /// decode all problems in one batch. `on_step(problem, token, record)` sees each token as it is chosen.
-pub fn run(
+pub fn run<F: StepFlow>(
     pair: &Pair,
     problems: &[Prompts],
     s: &Settings,
-    mut on_step: impl FnMut(usize, u32, &StepRecord),
+    mut on_step: impl FnMut(usize, u32, &StepRecord) -> F,
 ) -> Result<Vec<Output>> {
     pair.validate()?;
     s.validate(problems)?;
     pair.check_prompts(problems, |i| i)?;
     match s.mode {
-        Mode::Exact => problems
-            .iter()
-            .enumerate()
-            .map(|(i, p)| exact_one(pair, p, s, |t, r| on_step(i, t, r)))
-            .collect(),
+        Mode::Exact => {
+            let mut outs = Vec::with_capacity(problems.len());
+            let mut stopped = false;
+            for (i, p) in problems.iter().enumerate() {
+                if stopped {
+                    break;
+                }
+                outs.push(exact_one(pair, p, s, |t, r| {
+                    stopped = on_step(i, t, r).stops();
+                    stopped
+                })?);
+            }
+            Ok(outs)
+        }
         Mode::Cached | Mode::Persistent => {
             let ctx = |m: &Model, prompt: fn(&Prompts) -> usize| {
                 let longest = problems.iter().map(prompt).max().unwrap_or(0);
@@ -452,11 +483,12 @@ impl Full {
     }
 }
 
+/// One problem in exact mode; `on_step` returns true to end it after that token.
 fn exact_one(
     pair: &Pair,
     p: &Prompts,
     s: &Settings,
-    mut on_step: impl FnMut(u32, &StepRecord),
+    mut on_step: impl FnMut(u32, &StepRecord) -> bool,
 ) -> Result<Output> {
     let (b, t) = (pair.base, pair.thinking);
     let art = pair.artifacts();
@@ -529,10 +561,10 @@ fn exact_one(
             };
             cands[k]
         };
-        on_step(tok, &rec);
+        let stop = on_step(tok, &rec);
         out.ids.push(tok);
         out.steps.push(rec);
-        if b.config.eos_token_ids.contains(&tok) {
+        if stop || b.config.eos_token_ids.contains(&tok) {
             break;
         }
         seq_b.push(tok);
@@ -620,13 +652,13 @@ impl Side {
 /// window-0 candidates' steered K/V (`prefix`): such a candidate then runs only the positions
 /// its slot lacks, writing them there.
 /// `batch` problems decode together, and a finished problem's slot takes the next one.
-pub fn run_cached(
+pub fn run_cached<F: StepFlow>(
     art: Artifacts,
     base: &mut dyn Decoder,
     think: &mut dyn Decoder,
     problems: &[Prompts],
     s: &Settings,
-    mut on_step: impl FnMut(usize, u32, &StepRecord),
+    mut on_step: impl FnMut(usize, u32, &StepRecord) -> F,
 ) -> Result<Vec<Output>> {
     art.validate_for(base.config(), think.config())?;
     s.validate(problems)?;
@@ -860,9 +892,12 @@ pub fn run_cached(
         for (k, &r) in active.iter().enumerate() {
             let (tok, rec) = chosen[k];
             let p = who[r].expect("active slots hold a problem");
-            on_step(p, tok, &rec);
+            let stop = on_step(p, tok, &rec).stops();
             outs[p].ids.push(tok);
             outs[p].steps.push(rec);
+            if stop {
+                return Ok(outs);
+            }
             sb.advance(r, tok);
             st.advance(r, tok);
             // As in exact mode: a sequence ends when it fills the context.

@@ -869,3 +869,59 @@ fn prefix_caches_change_nothing_but_the_rows_run() {
     }
     assert_eq!(rows[3].0, longest.values().sum::<usize>(), "{rows:?}");
 }
+
+#[test]
+fn a_failing_hand_over_ends_the_loop_at_once() {
+    // One problem at a time: the first problem's tokens are all the loop may decode once its
+    // hand-over fails (a closed stdout, a full disk, a judge that went down).
+    let f = fx(12.0);
+    let pair = f.pair();
+    let ps = three_problems();
+    let eos = f.base.config.eos_token_ids.clone();
+    for mode in [Mode::Exact, Mode::Cached] {
+        let s = Settings {
+            batch: 1,
+            ..settings(mode, &[0.5, 1.0], &[-1], 5)
+        };
+        let all = hybrid(&f, &ps, &s);
+        assert!(all.iter().all(|o| !o.ids.is_empty()), "{mode:?}");
+        // Succeeding: every problem handed over once, as the loop returns it.
+        let mut got = vec![None; ps.len()];
+        thinksteer::hybrid::hand_over_as_they_finish(
+            ps.len(),
+            &eos,
+            s.max_new_tokens,
+            |on_step| run(&pair, &ps, &s, on_step),
+            |i, o| {
+                assert!(
+                    got[i].replace(o.ids.clone()).is_none(),
+                    "{mode:?}: {i} twice"
+                );
+                Ok::<(), thinksteer::Error>(())
+            },
+        )
+        .unwrap();
+        let want: Vec<_> = all.iter().map(|o| Some(o.ids.clone())).collect();
+        assert_eq!(got, want, "{mode:?}");
+        // Failing on the first: no other problem handed over, no token decoded after it.
+        let (mut steps, mut handed) = (0, 0);
+        let r = thinksteer::hybrid::hand_over_as_they_finish(
+            ps.len(),
+            &eos,
+            s.max_new_tokens,
+            |on_step| {
+                run(&pair, &ps, &s, |i, t, rec| {
+                    steps += 1;
+                    on_step(i, t, rec)
+                })
+            },
+            |_, _| {
+                handed += 1;
+                Err(thinksteer::Error::Input("stdout closed".into()))
+            },
+        );
+        assert!(r.is_err(), "{mode:?}");
+        assert_eq!(handed, 1, "{mode:?}");
+        assert_eq!(steps, all[0].ids.len(), "{mode:?}");
+    }
+}

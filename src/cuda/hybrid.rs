@@ -29,12 +29,14 @@ use super::model::{call_rows, CudaEngine, SaeDev, SteerDev, SteerSel};
 use super::{cuda_err as cu, Gpu};
 use crate::config::Config;
 use crate::engine::Decoder;
-use crate::hybrid::{prefix, run_cached, Artifacts, Mode, Output, Prompts, Settings, StepRecord};
+use crate::hybrid::{
+    prefix, run_cached, Artifacts, Mode, Output, Prompts, Settings, StepFlow, StepRecord,
+};
 use crate::model::{Hooks, Slots, Step};
 use crate::sae::Sae;
 use crate::steering::SteeringSet;
 use crate::{bail, Result};
-use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice};
+use cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, CudaView};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -46,12 +48,12 @@ pub struct CudaHybrid {
     sae_point: usize,   // residual point of the SAE: after block L_t
     steer_point: usize, // residual point of the steering: after block L_b (or before it)
     c: usize,
-    coefs: CudaSlice<f32>,     // [C]
-    emit: CudaSlice<i32>,      // [max_b]
-    steered: CudaSlice<i32>,   // [max_b]
-    win: CudaSlice<i32>,       // [max_b]
+    coefs: CudaSlice<f32>, // [C]
+    /// What a step reads back, in one copy: [OUT_ROWS, max_b] rows EMIT, STEERED, WIN
+    /// (the winning coefficient's index), CATEGORY (copied from the thinking model's SAE) and
+    /// BASE_TOK (the base model's unsteered greedy ids).
+    out: CudaSlice<i32>,
     think_tok: CudaSlice<i32>, // [max_b]
-    base_tok: CudaSlice<i32>,  // [max_b] the base model's unsteered greedy ids (read back)
     // Gate first: compact index → problem, problem → compact index (or −1), and the problems'
     // positions and slots, kept while the candidate pass reuses the base model's rows.
     sel: CudaSlice<i32>,    // [max_b]
@@ -77,8 +79,21 @@ pub struct CudaHybrid {
 /// along the weight reads of at most two 32-row product launches per matrix.
 pub const GATE_FIRST_ROWS: usize = 64;
 
+/// The rows of `CudaHybrid::out` (the selection kernels take the first three split in order).
+const EMIT: usize = 0;
+const STEERED: usize = 1;
+const WIN: usize = 2;
+const CATEGORY: usize = 3;
+const BASE_TOK: usize = 4;
+const OUT_ROWS: usize = 5;
+
+/// Row `row` of `out` ([OUT_ROWS, m]) for problems [0, b).
+fn out_row(out: &CudaSlice<i32>, m: usize, row: usize, b: usize) -> CudaView<'_, i32> {
+    out.slice(row * m..row * m + b)
+}
+
 /// The SAE category of the thinking model's rows [0, b) (the fused encode writes them).
-fn categories(think: &CudaEngine, b: usize) -> cudarc::driver::CudaView<'_, i32> {
+fn categories(think: &CudaEngine, b: usize) -> CudaView<'_, i32> {
     think
         .sae
         .as_ref()
@@ -216,11 +231,8 @@ impl CudaHybrid {
             categories_ready,
             join,
             coefs: up(&s.coefficients)?,
-            emit: zi(max_b)?,
-            steered: zi(max_b)?,
-            win: zi(max_b)?,
+            out: zi(OUT_ROWS * max_b)?,
             think_tok: zi(max_b)?,
-            base_tok: zi(max_b)?,
             sel: zi(max_b)?,
             cidx: zi(max_b)?,
             pos_p: zi(max_b)?,
@@ -401,13 +413,27 @@ impl CudaHybrid {
     /// The problems' unsteered greedy ids (rows [0, b) of a.next), kept for the readback: the
     /// candidate pass of a gate-first step overwrites them.
     fn keep_base_tokens(&mut self, b: usize) -> Result<()> {
+        let m = self.max_b;
         self.gpu
             .stream
             .memcpy_dtod(
                 &self.base.a.next.slice(..b),
-                &mut self.base_tok.slice_mut(..b),
+                &mut self.out.slice_mut(BASE_TOK * m..BASE_TOK * m + b),
             )
             .map_err(cu("keeping the base model's tokens"))
+    }
+
+    /// The thinking model's SAE categories beside the other outputs, for the one readback
+    /// (after the join: the thinking model's stream wrote them).
+    fn keep_categories(&mut self, b: usize) -> Result<()> {
+        let m = self.max_b;
+        self.gpu
+            .stream
+            .memcpy_dtod(
+                &categories(&self.think, b),
+                &mut self.out.slice_mut(CATEGORY * m..CATEGORY * m + b),
+            )
+            .map_err(cu("keeping the categories"))
     }
 
     /// Persistent mode: the problems' rows rerun from the steering point with the winner's
@@ -422,8 +448,8 @@ impl CudaHybrid {
             &self.gpu,
             &mut bm.a.r.slice_mut(..b * d),
             &bm.a.r_saved.slice(..(b + b * c) * d),
-            &self.steered.slice(..b),
-            &self.win.slice(..b),
+            &out_row(&self.out, self.max_b, STEERED, b),
+            &out_row(&self.out, self.max_b, WIN, b),
             gate_first.then_some(&cidx),
             b,
             c,
@@ -472,11 +498,15 @@ impl CudaHybrid {
         self.keep_base_tokens(b)?;
         // Gate and candidate choice by the thinking model's greedy ids and logits.
         self.join_thinking()?;
+        self.keep_categories(b)?;
+        // Rows EMIT, STEERED and WIN of `out`.
+        let (mut emit, mut rest) = self.out.split_at_mut(self.max_b);
+        let (mut steered, mut rest) = rest.split_at_mut(self.max_b);
         k::hybrid_select(
             &self.gpu,
-            &mut self.emit.slice_mut(..b),
-            &mut self.steered.slice_mut(..b),
-            &mut self.win.slice_mut(..b),
+            &mut emit.slice_mut(..b),
+            &mut steered.slice_mut(..b),
+            &mut rest.slice_mut(..b),
             &self.base.a.next.slice(..r),
             &self.think_tok.slice(..b),
             &self.think.a.logits.slice(..b * v),
@@ -510,15 +540,19 @@ impl CudaHybrid {
         self.base_from_point(b, b, false)?;
         self.keep_base_tokens(b)?;
         self.join_thinking()?;
+        self.keep_categories(b)?;
+        // Rows EMIT, STEERED and WIN of `out`.
+        let (mut emit, mut rest) = self.out.split_at_mut(self.max_b);
+        let (mut steered, mut rest) = rest.split_at_mut(self.max_b);
         k::hybrid_gate(
             &self.gpu,
             &mut Gate {
                 sel: &mut self.sel.slice_mut(..b),
                 cidx: &mut self.cidx.slice_mut(..b),
                 live: &mut self.base.a.live.slice_mut(..1),
-                emit: &mut self.emit.slice_mut(..b),
-                steered: &mut self.steered.slice_mut(..b),
-                win: &mut self.win.slice_mut(..b),
+                emit: &mut emit.slice_mut(..b),
+                steered: &mut steered.slice_mut(..b),
+                win: &mut rest.slice_mut(..b),
             },
             &self.base.a.next.slice(..b),
             &self.think_tok.slice(..b),
@@ -561,12 +595,15 @@ impl CudaHybrid {
         }
         self.base_from_point(n, 0, true)?;
         let a = &self.base.a;
+        // Rows EMIT, STEERED and WIN of `out`.
+        let (mut emit, mut rest) = self.out.split_at_mut(self.max_b);
+        let (mut steered, mut rest) = rest.split_at_mut(self.max_b);
         k::hybrid_select_compact(
             &self.gpu,
             (
-                &mut self.emit.slice_mut(..b),
-                &mut self.steered.slice_mut(..b),
-                &mut self.win.slice_mut(..b),
+                &mut emit.slice_mut(..b),
+                &mut steered.slice_mut(..b),
+                &mut rest.slice_mut(..b),
             ),
             &a.next.slice(..n),
             &self.sel.slice(..b),
@@ -652,32 +689,22 @@ impl CudaHybrid {
         } else {
             self.step_launches(b)?;
         }
-        let st = &self.gpu.stream;
-        let (mut e, mut sd, mut w, mut cat, mut bt) = (
-            vec![0i32; b],
-            vec![0i32; b],
-            vec![0i32; b],
-            vec![0i32; b],
-            vec![0i32; b],
-        );
-        st.memcpy_dtoh(&self.emit.slice(..b), e.as_mut_slice())
-            .map_err(cu("reading the step"))?;
-        st.memcpy_dtoh(&self.steered.slice(..b), sd.as_mut_slice())
-            .map_err(cu("reading the step"))?;
-        st.memcpy_dtoh(&self.win.slice(..b), w.as_mut_slice())
-            .map_err(cu("reading the step"))?;
-        st.memcpy_dtoh(&categories(&self.think, b), cat.as_mut_slice())
-            .map_err(cu("reading the step"))?;
-        st.memcpy_dtoh(&self.base_tok.slice(..b), bt.as_mut_slice())
+        // One copy for everything the host needs of the step.
+        let m = self.max_b;
+        let mut out = vec![0i32; OUT_ROWS * m];
+        self.gpu
+            .stream
+            .memcpy_dtoh(&self.out, out.as_mut_slice())
             .map_err(cu("reading the step"))?;
         self.gpu.sync()?;
+        let at = |row: usize, i: usize| out[row * m + i];
         Ok((0..b)
             .map(|i| StepOut {
-                tok: e[i] as u32,
-                steered: sd[i] != 0,
-                win: w[i],
-                category: cat[i] as usize,
-                base_tok: bt[i] as u32,
+                tok: at(EMIT, i) as u32,
+                steered: at(STEERED, i) != 0,
+                win: at(WIN, i),
+                category: at(CATEGORY, i) as usize,
+                base_tok: at(BASE_TOK, i) as u32,
             })
             .collect())
     }
@@ -685,10 +712,10 @@ impl CudaHybrid {
     /// The hybrid loop over any number of problems, max_b decoded together (cached or
     /// persistent mode): a finished problem's slot takes the next problem, so the step keeps
     /// its batch size (and its CUDA graph) until the queue runs dry.
-    pub fn run(
+    pub fn run<F: StepFlow>(
         &mut self,
         problems: &[Prompts],
-        mut on_step: impl FnMut(usize, u32, &StepRecord),
+        mut on_step: impl FnMut(usize, u32, &StepRecord) -> F,
     ) -> Result<Vec<Output>> {
         let (ctx_b, ctx_t) = (self.base.max_len(), self.think.max_len());
         for (i, p) in problems.iter().enumerate() {
@@ -761,9 +788,12 @@ impl CudaHybrid {
                     }
                 };
                 let p = who[r].expect("active slots hold a problem");
-                on_step(p, tok, &rec);
+                let stop = on_step(p, tok, &rec).stops();
                 outs[p].ids.push(tok);
                 outs[p].steps.push(rec);
+                if stop {
+                    return Ok(outs);
+                }
                 (next[r], think_next[r]) = (tok, tok);
                 pos_b[r] += 1;
                 pos_t[r] += 1;
@@ -939,12 +969,12 @@ impl GpuHybrid {
     }
 
     /// Runs every problem (`art`: the artifacts `load` was given).
-    pub fn run(
+    pub fn run<F: StepFlow>(
         &mut self,
         art: Artifacts,
         problems: &[Prompts],
         s: &Settings,
-        on_step: impl FnMut(usize, u32, &StepRecord),
+        on_step: impl FnMut(usize, u32, &StepRecord) -> F,
     ) -> Result<Vec<Output>> {
         match self {
             GpuHybrid::Step(h) => {

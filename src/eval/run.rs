@@ -1019,8 +1019,8 @@ fn run_hybrid(
             batch.clone(),
         )
     };
-    // After a failure (a judge that went down) the problems still decoded are written all the
-    // same (a writer that failed refuses them), and the first error is returned at the end.
+    // A failure (a judge that went down, a full disk) ends the loop at once: the lines written
+    // stay, the problems still decoding are decoded again by the next run.
     hybrid::hand_over_as_they_finish(
         todo.len(),
         eos,
