@@ -30,9 +30,15 @@ pub fn write_atomic_with<E: Into<std::io::Error>>(
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Refuses an output path whose folder does not exist, before a long run that would only
-/// fail when writing it at the end.
+/// Refuses an output path that is a folder, or whose folder does not exist, before a long run
+/// that would only fail when writing it at the end.
 pub fn check_folder_of(path: &Path, flag: &str) -> Result<()> {
+    if path.is_dir() {
+        crate::bail!(
+            "{flag} {}: expected a file to write, found a folder",
+            path.display()
+        );
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),

@@ -373,7 +373,8 @@ impl<'a> Trainer<'a> {
             *t = (m / train_idx.len() as f64) as f32;
         }
 
-        let n_chunks = cfg.batch.div_ceil(CHUNK);
+        // A batch holds at most every training row, whatever --batch says.
+        let n_chunks = cfg.batch.min(train_idx.len()).div_ceil(CHUNK);
         let lr = cfg.learning_rate();
         Ok(Trainer {
             acts,
@@ -724,5 +725,28 @@ mod tests {
         assert!(rep.final_val_fvu.is_finite(), "{rep:?}");
         assert!(rep.best_epoch > 0, "{rep:?}");
         assert!(rep.final_val_fvu < rep.val_fvu[0], "{rep:?}");
+    }
+
+    /// A --batch far above the rows (the audit's 10^11 aborted allocating per-chunk gradients
+    /// for it) trains as one batch of every row.
+    #[test]
+    fn a_batch_above_the_rows_is_one_batch_of_them() {
+        let (n, d) = (20, 6);
+        let mut rng = Rng::new(5);
+        let mut acts = vec![0f32; n * d];
+        for row in acts.chunks_exact_mut(d) {
+            rng.direction(row, 1.0);
+        }
+        let cfg = |batch| TrainConfig {
+            latents: 4,
+            k: 2,
+            lr: Some(1e-2),
+            max_epochs: 3,
+            batch,
+            ..Default::default()
+        };
+        let (whole, _) = train(&acts, n, d, &cfg(n), |_, _, _| {}).unwrap();
+        let (huge, _) = train(&acts, n, d, &cfg(100_000_000_000), |_, _, _| {}).unwrap();
+        assert_eq!(whole, huge);
     }
 }

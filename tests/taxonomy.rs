@@ -1365,3 +1365,39 @@ fn bad_traces_and_vector_settings_are_refused_before_work() {
         "refused before any epoch"
     );
 }
+
+/// Bad input to `activations` is refused before any partial file is written, and a run that
+/// fails on its first trace leaves none behind: the corrected command then runs.
+#[test]
+fn a_failed_activations_run_leaves_nothing_that_blocks_the_corrected_one() {
+    let dir = tmp("acts-bad");
+    let tr = dir.join("traces.jsonl");
+    resume_traces(&tr, false);
+    let out = dir.join("acts.safetensors");
+    let (partial, progress) = (
+        dir.join("acts.safetensors.partial.f32"),
+        dir.join("acts.safetensors.progress.jsonl"),
+    );
+    let (model, trs, outs) = (s(&fixture(THINKING)), s(&tr), s(&out));
+    let args = ["activations", "--model", &model, "--traces", &trs];
+    fails(
+        &[&args[..], &["--layer", "99", "--out", &outs]].concat(),
+        &["--layer 99", "expected a block index below"],
+    );
+    assert!(!partial.exists() && !progress.exists());
+    let layer = LAYER.to_string();
+    fails(
+        &[&args[..], &["--layer", &layer, "--out", &s(&dir)]].concat(),
+        &["--out", "expected a file to write, found a folder"],
+    );
+    // The first forward fails (as a trace too long for the model's context does).
+    let (r, calls) = acts_run(&tr, &out, Some(1));
+    assert!(r.unwrap_err().contains("killed"));
+    assert_eq!(calls, 1);
+    assert!(
+        !partial.exists() && !progress.exists(),
+        "partial files left"
+    );
+    activations(&tr, &out);
+    assert!(out.exists());
+}

@@ -316,6 +316,12 @@ impl Partial {
         Ok(())
     }
 
+    /// Removes the partial files (a run that recorded nothing).
+    fn discard(&self) {
+        let _ = std::fs::remove_file(&self.raw_path);
+        let _ = std::fs::remove_file(&self.log_path);
+    }
+
     /// Refuses rows this run did not write: a second run on the same output appending too.
     fn check_len(&self) -> Result<()> {
         let want = (self.rows * self.d * 4) as u64;
@@ -421,6 +427,9 @@ pub fn write_activations(
     }
     let d = settings.d;
     let mut partial = Partial::open(out, settings)?;
+    // A run that fails before recording anything (a trace too long for the model's context,
+    // on the first trace) leaves no partial files to block a corrected rerun.
+    let fresh = partial.done.is_empty();
     let mut rep = ActsReport {
         traces: traces.len(),
         ..Default::default()
@@ -434,7 +443,15 @@ pub fn write_activations(
         if partial.done.contains_key(key) {
             continue; // done before the kill
         }
-        let (done, means) = trace_means(d, tok, t, run).map_err(|e| in_trace(traces_path, t, e))?;
+        let (done, means) = match trace_means(d, tok, t, run) {
+            Ok(r) => r,
+            Err(e) => {
+                if fresh && partial.done.is_empty() {
+                    partial.discard();
+                }
+                return Err(in_trace(traces_path, t, e));
+            }
+        };
         partial.record(done, &means)?;
     }
     // The rows in the traces' order, whatever order they were run in: as read when they are
@@ -535,6 +552,13 @@ pub fn compute_activations(
         ))
     })?;
     let config = Config::from_file(&model_dir.join("config.json"))?;
+    if layer >= config.num_hidden_layers {
+        bail!(
+            "--layer {layer}: expected a block index below {} ({}), found {layer}",
+            config.num_hidden_layers,
+            model_dir.display()
+        );
+    }
     let settings = ActsRun {
         model: crate::eval::cli::abs(model_dir),
         layer,

@@ -247,6 +247,7 @@ pub fn traces(mut a: TracesArgs) -> Result<()> {
 
 pub fn activations(mut a: ActivationsArgs) -> Result<()> {
     a.model = crate::gguf::checkpoint_dir(&a.model)?;
+    crate::files::check_folder_of(&a.out, "--out")?;
     let cuda = a.device.use_cuda_for(&[&a.model])?;
     let rep = super::activations::compute_activations(&a.model, &a.traces, a.layer, &a.out, cuda)?;
     println!(
