@@ -678,6 +678,16 @@ fn resume_traces(path: &Path, changed: bool) {
 /// `write_activations` on the fixture's CPU forward, counting the forwards and failing the
 /// `kill_at`-th (1-based) as a killed process would stop there.
 fn acts_run(traces: &Path, out: &Path, kill_at: Option<usize>) -> (Result<(), String>, usize) {
+    acts_run_of(traces, out, kill_at, None)
+}
+
+/// `acts_run` with the checkpoint `fingerprint` recorded.
+fn acts_run_of(
+    traces: &Path,
+    out: &Path,
+    kill_at: Option<usize>,
+    fingerprint: Option<&str>,
+) -> (Result<(), String>, usize) {
     use thinksteer::taxonomy::activations::{write_activations, ActsRun};
     let model = fixture(THINKING);
     let tok = Tokenizer::from_dir(&model).unwrap().unwrap();
@@ -688,6 +698,7 @@ fn acts_run(traces: &Path, out: &Path, kill_at: Option<usize>) -> (Result<(), St
             .unwrap()
             .hidden_size,
         device: "cpu".into(),
+        fingerprint: fingerprint.map(String::from),
     };
     let mut forward = thinksteer::taxonomy::spans::block_runner(&model, LAYER, false).unwrap();
     let mut calls = 0;
@@ -1400,4 +1411,68 @@ fn a_failed_activations_run_leaves_nothing_that_blocks_the_corrected_one() {
     );
     activations(&tr, &out);
     assert!(out.exists());
+}
+
+/// A checkpoint replaced under the same path is another model: `traces` and `activations`
+/// refuse to resume on it, and traces without their settings file are not resumed blind.
+#[test]
+fn traces_and_activations_refuse_a_checkpoint_changed_under_its_path() {
+    let dir = tmp("changed-ckpt");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(fixture(THINKING)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let tr = dir.join("traces.jsonl");
+    let (m, q, tr_s) = (s(&model), s(&questions(&dir)), s(&tr));
+    let args = [
+        "traces",
+        "--model",
+        &m,
+        "--questions",
+        &q,
+        "--out",
+        &tr_s,
+        "--max-new-tokens",
+        "20",
+    ];
+    ok(&[&args[..], &["--limit", "2"]].concat());
+    let settings = thinksteer::taxonomy::traces::settings_path(&tr);
+    let kept = std::fs::read(&settings).unwrap();
+    // Another tokenizer config under the same path (a new download, say).
+    let cfg = model.join("tokenizer_config.json");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push('\n');
+    std::fs::write(&cfg, &text).unwrap();
+    fails(
+        &args,
+        &[
+            "as it was then (checkpoint fingerprint",
+            "use another --out",
+        ],
+    );
+    // No settings file beside traces: refused, not resumed with whatever is asked now.
+    std::fs::remove_file(&settings).unwrap();
+    fails(
+        &args,
+        &["holds 2 traces but no settings file", "use another --out"],
+    );
+    std::fs::write(&settings, kept).unwrap();
+    assert_eq!(read_traces(&tr).unwrap().len(), 2, "nothing appended");
+
+    // activations: a killed run of one checkpoint is not resumed on another.
+    let tr = dir.join("acts-traces.jsonl");
+    resume_traces(&tr, false);
+    let out = dir.join("acts.safetensors");
+    let (r, _) = acts_run_of(&tr, &out, Some(2), Some("0123"));
+    assert!(r.unwrap_err().contains("killed"));
+    let (r, _) = acts_run_of(&tr, &out, None, Some("4567"));
+    let e = r.unwrap_err();
+    assert!(
+        e.contains("fingerprint 0123), now 4567") && e.contains("expected the same checkpoint"),
+        "{e}"
+    );
+    let (r, _) = acts_run_of(&tr, &out, None, Some("0123"));
+    r.unwrap();
 }

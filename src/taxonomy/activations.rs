@@ -155,6 +155,10 @@ pub struct ActsRun {
     /// "cpu" (f32) or "cuda" (bf16): the two give different means, so a requeued job on another
     /// kind of machine must not mix them.
     pub device: String,
+    /// `weights::checkpoint_fingerprint` of the model: a checkpoint replaced under the same
+    /// path is another model (None: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 /// What one trace gave: its index rows (one per sentence, in order) or why it gave none.
@@ -235,7 +239,25 @@ impl Partial {
                     log_path.display()
                 ))
             })?;
-            if was != *run {
+            // A fingerprint recorded on one side only (a run before they were kept) is not
+            // compared.
+            let unprinted = |r: &ActsRun| ActsRun {
+                fingerprint: None,
+                ..r.clone()
+            };
+            let same_checkpoint = was.fingerprint.is_none()
+                || run.fingerprint.is_none()
+                || was.fingerprint == run.fingerprint;
+            if unprinted(&was) == unprinted(run) && !same_checkpoint {
+                bail!(
+                    "{} holds a killed run of {} as it was then (checkpoint fingerprint {}), now {}: expected the same checkpoint to resume, use another --out or delete it to start over",
+                    log_path.display(),
+                    was.model,
+                    was.fingerprint.as_deref().unwrap_or("?"),
+                    run.fingerprint.as_deref().unwrap_or("?")
+                );
+            }
+            if unprinted(&was) != unprinted(run) {
                 bail!(
                     "{} holds a killed run of {} at layer {} (D = {}) on {}, now {} at layer {} (D = {}) on {}: expected the same settings to resume, use another --out or delete it to start over",
                     log_path.display(),
@@ -564,6 +586,7 @@ pub fn compute_activations(
         layer,
         d: config.hidden_size,
         device: if cuda { "cuda" } else { "cpu" }.to_string(),
+        fingerprint: Some(crate::weights::checkpoint_fingerprint(model_dir)?),
     };
     let mut run = block_runner(model_dir, layer, cuda)?;
     write_activations(&tok, traces_path, &settings, out, &mut run)

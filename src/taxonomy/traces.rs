@@ -138,6 +138,17 @@ struct TraceRun {
     /// Traces without a `<think>` span get the whole answer (`--whole-answer`).
     #[serde(default)]
     whole_answer: bool,
+    /// `weights::checkpoint_fingerprint` of the model: a checkpoint replaced under the same
+    /// path is another model (absent in settings written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fingerprint: Option<String>,
+}
+
+impl TraceRun {
+    /// The settings but the fingerprint.
+    fn flags(&self) -> (&str, usize, bool) {
+        (&self.model, self.max_new_tokens, self.whole_answer)
+    }
 }
 
 /// The settings file of a traces file.
@@ -163,16 +174,33 @@ fn check_resume(out: &Path, old: &[Trace], questions: &[String], run: &TraceRun)
         );
     }
     let path = settings_path(out);
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(()); // written before settings files were kept
-    };
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        Error::Input(format!(
+            "{}: holds {} traces but no settings file {}: expected the settings of the run that wrote them (model, --max-new-tokens) to resume, use another --out",
+            out.display(),
+            old.len(),
+            path.display()
+        ))
+    })?;
     let was: TraceRun = serde_json::from_str(&text).map_err(|e| {
         Error::Input(format!(
             "{}: expected the settings of a traces file, found unreadable JSON ({e})",
             path.display()
         ))
     })?;
-    if was != *run {
+    // A fingerprint recorded on one side only (settings written before they were kept) is not
+    // compared.
+    let same_checkpoint = was.fingerprint.is_none() || was.fingerprint == run.fingerprint;
+    if was.flags() == run.flags() && !same_checkpoint {
+        bail!(
+            "{} holds traces of {} as it was then (checkpoint fingerprint {}), now {}: expected the same checkpoint to resume, use another --out",
+            out.display(),
+            was.model,
+            was.fingerprint.as_deref().unwrap_or("?"),
+            run.fingerprint.as_deref().unwrap_or("?")
+        );
+    }
+    if was.flags() != run.flags() {
         let flag = |r: &TraceRun| {
             if r.whole_answer {
                 " and --whole-answer"
@@ -221,6 +249,7 @@ pub fn write_traces(
         model: crate::eval::cli::abs(model_dir),
         max_new_tokens: s.max_new_tokens,
         whole_answer: s.whole_answer,
+        fingerprint: Some(crate::weights::checkpoint_fingerprint(model_dir)?),
     };
     let done: BTreeSet<usize> = if out.exists() {
         crate::files::cut_torn_line(out)?;
