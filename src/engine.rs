@@ -354,7 +354,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Checkpoint> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        crate::weights::WeightFiles::open(dir)?.check_against(&config)?;
+        crate::model::Weights::check(&crate::weights::WeightFiles::open(dir)?, &config)?;
         Ok(Checkpoint {
             dir: dir.to_path_buf(),
             config,

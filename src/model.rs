@@ -45,6 +45,24 @@ pub struct Model {
 
 impl Weights {
     pub fn load(files: &WeightFiles, c: &Config) -> Result<Weights> {
+        Self::load_with(files, c, |name, shape| files.f32(name, shape))
+    }
+
+    /// Every tensor's presence, shape and dtype checked against the config, no value read (a
+    /// checkpoint opened for a run that loads it later, on either backend).
+    pub fn check(files: &WeightFiles, c: &Config) -> Result<()> {
+        Self::load_with(files, c, |name, shape| {
+            files.raw(name, shape).map(|_| vec![])
+        })?;
+        Ok(())
+    }
+
+    /// The weights, each tensor taken by `get(name, shape)`.
+    fn load_with(
+        files: &WeightFiles,
+        c: &Config,
+        get: impl Fn(&str, &[usize]) -> Result<Vec<f32>>,
+    ) -> Result<Weights> {
         files.check_against(c)?;
         let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
         let (q, kv) = (
@@ -53,8 +71,8 @@ impl Weights {
         );
         let bias = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
             match c.arch {
-                Arch::Qwen2 => files.f32(name, &[n]).map(Some),
-                Arch::Llama if files.has(name) => files.f32(name, &[n]).map(Some),
+                Arch::Qwen2 => get(name, &[n]).map(Some),
+                Arch::Llama if files.has(name) => get(name, &[n]).map(Some),
                 Arch::Llama => Ok(None),
             }
         };
@@ -62,30 +80,32 @@ impl Weights {
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             layers.push(Layer {
-                input_layernorm: files.f32(&format!("{p}.input_layernorm.weight"), &[d])?,
-                q_proj: files.f32(&format!("{p}.self_attn.q_proj.weight"), &[q, d])?,
+                input_layernorm: get(&format!("{p}.input_layernorm.weight"), &[d])?,
+                q_proj: get(&format!("{p}.self_attn.q_proj.weight"), &[q, d])?,
                 q_bias: bias(&format!("{p}.self_attn.q_proj.bias"), q)?,
-                k_proj: files.f32(&format!("{p}.self_attn.k_proj.weight"), &[kv, d])?,
+                k_proj: get(&format!("{p}.self_attn.k_proj.weight"), &[kv, d])?,
                 k_bias: bias(&format!("{p}.self_attn.k_proj.bias"), kv)?,
-                v_proj: files.f32(&format!("{p}.self_attn.v_proj.weight"), &[kv, d])?,
+                v_proj: get(&format!("{p}.self_attn.v_proj.weight"), &[kv, d])?,
                 v_bias: bias(&format!("{p}.self_attn.v_proj.bias"), kv)?,
-                o_proj: files.f32(&format!("{p}.self_attn.o_proj.weight"), &[d, q])?,
-                post_attention_layernorm: files
-                    .f32(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-                gate_proj: files.f32(&format!("{p}.mlp.gate_proj.weight"), &[f, d])?,
-                up_proj: files.f32(&format!("{p}.mlp.up_proj.weight"), &[f, d])?,
-                down_proj: files.f32(&format!("{p}.mlp.down_proj.weight"), &[d, f])?,
+                o_proj: get(&format!("{p}.self_attn.o_proj.weight"), &[d, q])?,
+                post_attention_layernorm: get(
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    &[d],
+                )?,
+                gate_proj: get(&format!("{p}.mlp.gate_proj.weight"), &[f, d])?,
+                up_proj: get(&format!("{p}.mlp.up_proj.weight"), &[f, d])?,
+                down_proj: get(&format!("{p}.mlp.down_proj.weight"), &[d, f])?,
             });
         }
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(files.f32("lm_head.weight", &[v, d])?)
+            Some(get("lm_head.weight", &[v, d])?)
         };
         Ok(Weights {
-            embed_tokens: files.f32("model.embed_tokens.weight", &[v, d])?,
+            embed_tokens: get("model.embed_tokens.weight", &[v, d])?,
             layers,
-            norm: files.f32("model.norm.weight", &[d])?,
+            norm: get("model.norm.weight", &[d])?,
             lm_head,
         })
     }

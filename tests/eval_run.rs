@@ -835,9 +835,9 @@ fn a_judge_that_goes_down_stops_the_run_losing_no_answer() {
     }
     assert!(all.iter().all(|l| l["correct"].is_boolean()));
 
-    // In the hybrid mode (the last), which cannot stop: its judge calls fail from the 10th on
-    // (a sample, then 4 base and 4 thinking answers). The 3 problems decoded together fail, the
-    // fourth is decoded all the same and written unjudged.
+    // In the hybrid mode (the last): its judge calls fail from the 10th on (a sample, then 4
+    // base and 4 thinking answers). The 3 problems decoded together fail, and the loop ends
+    // there: the fourth is decoded by the rerun.
     let out = tmp("judge-down-hybrid");
     let (marker, calls) = (out.join("judge-offline"), out.join("calls"));
     std::fs::write(&marker, "").unwrap();
@@ -855,13 +855,14 @@ fn a_judge_that_goes_down_stops_the_run_losing_no_answer() {
         "{err}"
     );
     let lines = lines_of(&out.join("results.jsonl"));
-    assert_eq!(lines.len(), 12, "every answer written");
+    assert_eq!(lines.len(), 11, "every answer finished written");
     let hybrid: Vec<&Value> = lines.iter().filter(|l| l["mode"] == "hybrid").collect();
+    assert_eq!(hybrid.len(), 3, "{hybrid:?}");
     assert!(hybrid.iter().all(|l| l["correct"].is_null()), "{hybrid:?}");
-    let unjudged = |l: &Value| l["judge_error"].as_str().unwrap().starts_with("not judged");
-    assert_eq!(
-        hybrid.iter().filter(|l| unjudged(l)).count(),
-        1,
+    assert!(
+        hybrid
+            .iter()
+            .all(|l| l["judge_error"].as_str().unwrap().contains("judge offline")),
         "{hybrid:?}"
     );
     assert!(lines
@@ -872,7 +873,7 @@ fn a_judge_that_goes_down_stops_the_run_losing_no_answer() {
     let judged = ok(run());
     assert!(
         String::from_utf8_lossy(&judged.stderr)
-            .contains("0 result lines written, 12 already present (4 of them judged now"),
+            .contains("1 result lines written, 11 already present (3 of them judged now"),
         "{judged:?}"
     );
     let all = lines_of(&out.join("results.jsonl"));
@@ -1535,4 +1536,81 @@ fn a_prompt_past_the_context_names_its_dataset_row() {
         assert!(e.contains("problem 2: the base prompt has"), "{mode}: {e}");
         assert!(e.contains("expected fewer than the"), "{mode}: {e}");
     }
+}
+
+/// Bad input found in any mode's checkpoint, artifacts or prompts is refused before the folder
+/// is written (no config.json to block the corrected command), and before the first mode runs;
+/// a second eval on a folder and shard that one is writing is refused.
+#[test]
+fn bad_input_is_refused_before_the_folder_is_written() {
+    let dir = tmp("before-writing");
+    let a = artifacts();
+    // `eval` with these thinking model and vectors.
+    let run = |out: &Path, thinking: &Path, vectors: &Path, extra: &[&str]| {
+        bin()
+            .arg("eval")
+            .arg("--dataset")
+            .arg(&a.data)
+            .arg("--base")
+            .arg(fixture("qwen2-f32"))
+            .arg("--thinking")
+            .arg(thinking)
+            .arg("--sae")
+            .arg(&a.sae)
+            .arg("--vectors")
+            .arg(vectors)
+            .arg("--out")
+            .arg(out)
+            .args(["--max-new-tokens", "4", "--device", "cpu", "--quiet"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let thinking = fixture("thinking-qwen2-f32");
+    // Steering vectors for 5 categories, the SAE has 4.
+    let five = dir.join("five.safetensors");
+    ok(bin()
+        .args(["random-vectors", "--model"])
+        .arg(fixture("qwen2-f32"))
+        .args(["--layer", "1", "--count", "5", "--norm", "12", "--out"])
+        .arg(&five)
+        .output()
+        .unwrap());
+    let out = dir.join("k");
+    let hybrid = ["--modes", "hybrid", "--limit", "1"];
+    let e = fails(run(&out, &thinking, &five, &hybrid));
+    assert!(e.contains("5 category vectors"), "{e}");
+    assert!(!out.join("config.json").exists(), "config.json written");
+    ok(run(&out, &thinking, &a.vectors, &hybrid));
+
+    // A thinking model whose config disagrees with its weights: found before base mode runs.
+    let broken = copy_fixture("thinking-qwen2-f32", &dir.join("broken"));
+    let cfg = broken.join("config.json");
+    let mut c: Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    c["intermediate_size"] = (c["intermediate_size"].as_u64().unwrap() + 8).into();
+    std::fs::write(&cfg, c.to_string()).unwrap();
+    let out = dir.join("broken-out");
+    let e = fails(run(
+        &out,
+        &broken,
+        &a.vectors,
+        &["--modes", "base,thinking"],
+    ));
+    assert!(e.contains("gate_proj.weight\" has shape"), "{e}");
+    assert!(read_lines_or_none(&out).is_none(), "base answers generated");
+    assert!(!out.join("config.json").exists(), "config.json written");
+
+    // Another eval holding the folder's results file; another shard is not held.
+    let out = dir.join("busy");
+    std::fs::create_dir_all(&out).unwrap();
+    let _held = thinksteer::files::lock_output(&out.join("results.jsonl"), "--out").unwrap();
+    let base = ["--modes", "base", "--limit", "1"];
+    let e = fails(run(&out, &thinking, &a.vectors, &base));
+    assert!(e.contains("expected no other run writing it"), "{e}");
+    ok(run(
+        &out,
+        &thinking,
+        &a.vectors,
+        &[&base[..], &["--shard", "0/2"]].concat(),
+    ));
 }

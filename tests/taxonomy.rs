@@ -1460,6 +1460,13 @@ fn traces_and_activations_refuse_a_checkpoint_changed_under_its_path() {
     );
     std::fs::write(&settings, kept).unwrap();
     assert_eq!(read_traces(&tr).unwrap().len(), 2, "nothing appended");
+    // Another run writing the same file.
+    let held = thinksteer::files::lock_output(&tr, "--out").unwrap();
+    fails(
+        &args,
+        &["expected no other run writing it", "use another --out"],
+    );
+    drop(held);
 
     // activations: a killed run of one checkpoint is not resumed on another.
     let tr = dir.join("acts-traces.jsonl");

@@ -601,7 +601,19 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
             ))
         })?;
     }
+    // The checkpoints the modes need (configs against weight files) and every prompt against
+    // them, before config.json or a results file is written: bad input leaves the folder as it
+    // was, and a broken second model is found before the first mode runs.
+    let needs = |m: &[EvalMode]| m.iter().any(|x| spec.modes.contains(x));
+    let open = |yes: bool, dir: &Path| yes.then(|| Checkpoint::open(dir)).transpose();
+    let mut base_ckpt = open(needs(&[EvalMode::Base, EvalMode::Hybrid]), &spec.base)?;
+    let mut think_ckpt = open(
+        needs(&[EvalMode::Thinking, EvalMode::Hybrid]),
+        &spec.thinking,
+    )?;
+    check_prompts(spec, &prompts, steer.as_ref(), &base_ckpt, &think_ckpt)?;
     spec.config.reconcile(&spec.out)?;
+    let _lock = lock_shard(spec)?;
     let old = read_results(&spec.out)?;
     let questions: HashMap<usize, &str> = spec
         .problems
@@ -643,8 +655,6 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
     let run_id = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    // Opened once for every mode; the f32 CPU weights only if a CPU run asks for them.
-    let (mut base_ckpt, mut think_ckpt) = (None, None);
     for &mode in &spec.modes {
         let todo: Vec<&Problem> = spec
             .problems
@@ -663,15 +673,11 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
             judge: judge.as_mut(),
             written: 0,
         };
-        fn open<'a>(slot: &'a mut Option<Checkpoint>, dir: &Path) -> Result<&'a mut Checkpoint> {
-            if slot.is_none() {
-                *slot = Some(Checkpoint::open(dir)?);
-            }
-            Ok(slot.as_mut().expect("just opened"))
-        }
+        // Opened above for every mode; the f32 CPU weights only if a CPU run asks for them.
+        let opened = "opened for the modes that need it";
         match mode {
             EvalMode::Base => {
-                let m = open(&mut base_ckpt, &spec.base)?;
+                let m = base_ckpt.as_mut().expect(opened);
                 let ids = todo
                     .iter()
                     .map(|p| prompts.base_ids(&p.question))
@@ -688,7 +694,7 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
                 )?;
             }
             EvalMode::Thinking => {
-                let m = open(&mut think_ckpt, &spec.thinking)?;
+                let m = think_ckpt.as_mut().expect(opened);
                 let ids = todo
                     .iter()
                     .map(|p| prompts.thinking_ids(&p.question))
@@ -705,8 +711,8 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
                 )?;
             }
             EvalMode::Hybrid => {
-                let b = open(&mut base_ckpt, &spec.base)?;
-                let t = open(&mut think_ckpt, &spec.thinking)?;
+                let (b, t) = (base_ckpt.as_mut(), think_ckpt.as_mut());
+                let (b, t) = (b.expect(opened), t.expect(opened));
                 let (sae, steering) = steer.as_ref().expect("loaded when hybrid is a mode");
                 run_hybrid(
                     spec,
@@ -724,6 +730,55 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         progress.finish();
     }
     Ok(summary)
+}
+
+/// Every prompt of the selection against the models of its modes (context, vocabulary) and,
+/// in hybrid mode, the SAE and steering set against both models.
+fn check_prompts(
+    spec: &EvalSpec,
+    prompts: &PromptBuilder,
+    steer: Option<&(Sae, SteeringSet)>,
+    base: &Option<Checkpoint>,
+    thinking: &Option<Checkpoint>,
+) -> Result<()> {
+    let problems = &spec.problems;
+    let plain = |mode: EvalMode, ckpt: &Checkpoint, ids: &dyn Fn(&str) -> Result<Vec<u32>>| {
+        let context = ckpt.config.max_position_embeddings;
+        for p in problems {
+            let n = ids(&p.question)?.len();
+            if n >= context {
+                bail!(
+                    "problem {}: the {} prompt has {n} tokens, expected fewer than the model's context of {context} (max_position_embeddings)",
+                    p.index,
+                    mode.name()
+                );
+            }
+        }
+        Ok(())
+    };
+    for &mode in &spec.modes {
+        match (mode, base, thinking) {
+            (EvalMode::Base, Some(b), _) => plain(mode, b, &|q| prompts.base_ids(q))?,
+            (EvalMode::Thinking, _, Some(t)) => plain(mode, t, &|q| prompts.thinking_ids(q))?,
+            (EvalMode::Hybrid, Some(b), Some(t)) => {
+                let (sae, steering) = steer.expect("loaded when hybrid is a mode");
+                Artifacts { sae, steering }.validate_for(&b.config, &t.config)?;
+                let all = problems
+                    .iter()
+                    .map(|p| prompts.hybrid(&p.question))
+                    .collect::<Result<Vec<_>>>()?;
+                hybrid::check_prompts(&b.config, &t.config, &all, |i| problems[i].index)?;
+            }
+            _ => unreachable!("the checkpoints of every mode are opened"),
+        }
+    }
+    Ok(())
+}
+
+/// The lock of this process's results file: a second eval on the same folder and shard is
+/// refused while one runs (shards run side by side).
+fn lock_shard(spec: &EvalSpec) -> Result<std::fs::File> {
+    crate::files::lock_output(&spec.out.join(results_name(spec.shard)), "--out")
 }
 
 /// The SAE and steering set of the hybrid mode, checked against each other, the tokenizers
@@ -889,19 +944,7 @@ fn run_plain(
     run_id: u128,
     sink: &mut Sink,
 ) -> Result<()> {
-    let context = ckpt.config.max_position_embeddings;
-    if let Some((p, n)) = todo
-        .iter()
-        .zip(ids)
-        .map(|(p, ids)| (p, ids.len()))
-        .find(|&(_, n)| n >= context)
-    {
-        bail!(
-            "problem {}: the {} prompt has {n} tokens, expected fewer than the model's context of {context} (max_position_embeddings)",
-            p.index,
-            mode.name()
-        );
-    }
+    // Every prompt fits the context (`check_prompts`).
     let max_prompt = ids.iter().map(Vec::len).max().unwrap_or(0);
     let ctx = ckpt
         .config
@@ -976,7 +1019,6 @@ fn run_hybrid(
         .iter()
         .map(|p| prompts.hybrid(&p.question))
         .collect::<Result<Vec<_>>>()?;
-    hybrid::check_prompts(&base.config, &thinking.config, &all, |i| todo[i].index)?;
     // The GPU step, when asked for and the settings allow it; sized once for every chunk.
     let mut gpu = if spec.use_cuda && spec.settings.mode != hybrid::Mode::Exact {
         let longest = |f: fn(&hybrid::Prompts) -> usize| all.iter().map(f).max().unwrap_or(1);

@@ -251,6 +251,10 @@ pub fn write_traces(
         whole_answer: s.whole_answer,
         fingerprint: Some(crate::weights::checkpoint_fingerprint(model_dir)?),
     };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let _lock = crate::files::lock_output(out, "--out")?;
     let done: BTreeSet<usize> = if out.exists() {
         crate::files::cut_torn_line(out)?;
         let old = read_traces(out)?;
@@ -266,9 +270,6 @@ pub fn write_traces(
         }
         old.into_iter().map(|t| t.index).collect()
     } else {
-        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
         BTreeSet::new()
     };
     let path = settings_path(out);
