@@ -95,6 +95,33 @@ pub fn sampled_hash(path: &Path) -> Result<u64> {
     Ok(h)
 }
 
+/// The lock file of output `out` (`traces.jsonl` → `.traces.jsonl.lock` beside it), held by
+/// the run that writes it: an exclusive lock taken on it while the returned file is open, or
+/// one line refusing the run when another process holds it (two runs appending to one output
+/// would each do all the work, or leave an unreadable file). The lock file stays (removing it
+/// would race a run taking it).
+pub fn lock_output(out: &Path, flag: &str) -> Result<std::fs::File> {
+    let mut name = std::ffi::OsString::from(".");
+    name.push(out.file_name().unwrap_or_default());
+    name.push(".lock");
+    let path = out.with_file_name(name);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => crate::bail!(
+            "{flag} {}: expected no other run writing it, found one (it holds {}): wait for it, or use another {flag}",
+            out.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,32 +173,5 @@ mod tests {
         big.push(1);
         assert_ne!(hash(&big), h2);
         std::fs::remove_dir_all(&dir).ok();
-    }
-}
-
-/// The lock file of output `out` (`traces.jsonl` → `.traces.jsonl.lock` beside it), held by
-/// the run that writes it: an exclusive lock taken on it while the returned file is open, or
-/// one line refusing the run when another process holds it (two runs appending to one output
-/// would each do all the work, or leave an unreadable file). The lock file stays (removing it
-/// would race a run taking it).
-pub fn lock_output(out: &Path, flag: &str) -> Result<std::fs::File> {
-    let mut name = std::ffi::OsString::from(".");
-    name.push(out.file_name().unwrap_or_default());
-    name.push(".lock");
-    let path = out.with_file_name(name);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => crate::bail!(
-            "{flag} {}: expected no other run writing it, found one (it holds {}): wait for it, or use another {flag}",
-            out.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
     }
 }
