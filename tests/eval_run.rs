@@ -97,9 +97,14 @@ fn artifacts() -> &'static Artifacts {
 /// `thinksteer eval` on the fixtures with 6 new tokens, batches of 3 (so 4 problems make one
 /// full and one partial batch), plus `extra` flags.
 fn eval(out: &Path, extra: &[&str]) -> Output {
+    eval_cmd(out, extra).output().unwrap()
+}
+
+/// The command `eval` runs.
+fn eval_cmd(out: &Path, extra: &[&str]) -> Command {
     let a = artifacts();
-    bin()
-        .arg("eval")
+    let mut c = bin();
+    c.arg("eval")
         .arg("--dataset")
         .arg(&a.data)
         .args(["--modes", "base,thinking,hybrid", "--base"])
@@ -118,9 +123,8 @@ fn eval(out: &Path, extra: &[&str]) -> Output {
         } else {
             &["--batch", "3"][..]
         })
-        .args(extra)
-        .output()
-        .unwrap()
+        .args(extra);
+    c
 }
 
 fn lines_of(path: &Path) -> Vec<Value> {
@@ -527,6 +531,26 @@ fn bad_input_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("yet --kind custom grades it as MATH"), "{err}");
     assert_eq!(grading(&dir.join("o11")), "math");
+    // Bad input with such a file: the error is the only line (the note comes after the checks).
+    let e = fails(run(
+        &mut bin(),
+        &gsm,
+        &dir.join("o12"),
+        "2",
+        &["--thinking-gpu", "1"],
+    ));
+    assert!(e.contains("--thinking-gpu"), "{e}");
+    let e = fails(run(
+        &mut bin(),
+        &gsm,
+        &dir.join("o13"),
+        "2",
+        &["--offset", "5"],
+    ));
+    assert!(e.contains("offset 5"), "{e}");
+    // A folder given as the dataset.
+    let e = fails(run(&mut bin(), &dir, &dir.join("o14"), "2", &[]));
+    assert!(e.contains("found a folder"), "{e}");
 
     let empty = dir.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
@@ -1450,6 +1474,17 @@ fn a_folder_that_cannot_be_trusted_is_refused_before_generating() {
         "{e}"
     );
     assert!(read_lines_or_none(&out).is_none(), "nothing generated");
+    // A judge time limit that is not a number of seconds: refused, not replaced by the default.
+    let e = fails(
+        eval_cmd(&out, &["--modes", "base", "--judge-cmd", "echo true"])
+            .env("THINKSTEER_JUDGE_TIMEOUT", "abc")
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        e.contains("THINKSTEER_JUDGE_TIMEOUT=\"abc\": expected seconds"),
+        "{e}"
+    );
 
     // Results of another dataset file under the same index: refused.
     let out = tmp("other-questions");

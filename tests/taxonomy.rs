@@ -1371,10 +1371,33 @@ fn bad_traces_and_vector_settings_are_refused_before_work() {
         &["--out", &out, "--coldness", "0"],
         &["--coldness", "finite number > 0", "found 0"],
     );
+    train(&["--out", &out, "--stop-after", "0"], &["--stop-after"]);
+    // The curves file given as a folder: refused before training, not after it.
+    train(
+        &["--out", &out, "--curves", &s(&dir)],
+        &["--curves", "expected a file to write, found a folder"],
+    );
     assert!(
         !dir.join("v.ckpt.json").exists(),
         "refused before any epoch"
     );
+    let q = s(&questions(&dir));
+    let (model, tr) = (s(&fixture(THINKING)), s(&dir.join("tr.jsonl")));
+    fails(
+        &[
+            "traces",
+            "--model",
+            &model,
+            "--questions",
+            &q,
+            "--out",
+            &tr,
+            "--limit",
+            "0",
+        ],
+        &["--limit"],
+    );
+    assert!(!dir.join("tr.jsonl").exists());
 }
 
 /// Bad input to `activations` is refused before any partial file is written, and a run that

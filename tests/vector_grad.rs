@@ -407,6 +407,11 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         &["--patience", "2", "--stop-after", "4", "--resume"],
     ));
     assert_eq!(code, Some(0), "{err}");
+    // Two epochs of the bias were run: the resume says where it goes on.
+    assert!(
+        err.contains("--resume: continuing") && err.contains("at vector bias after epoch 2"),
+        "{err}"
+    );
     let (code, _, err) = run(&train_args(&dir, &part, &["--patience", "2", "--resume"]));
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(std::fs::read(&full).unwrap(), std::fs::read(&part).unwrap());

@@ -248,8 +248,12 @@ pub fn resolve_dataset(name: &str) -> Result<(PathBuf, DatasetKind)> {
     let Some((file, kind)) = file else {
         let p = PathBuf::from(name);
         if !p.is_file() {
+            let found = match p.is_dir() {
+                true => "a folder",
+                false => "no such file",
+            };
             return Err(anyhow!(
-                "--dataset {name:?}: expected gsm8k, math500 or a JSONL file, found no such file"
+                "--dataset {name:?}: expected gsm8k, math500 or a JSONL file, found {found}"
             ));
         }
         return Ok((p, DatasetKind::Custom));
@@ -334,6 +338,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
     // A GSM8K-format file given by its path (every answer of the whole file holds `#### N`) is
     // read and graded as GSM8K: the reference is the number after `####` (as MATH, it would be
     // the whole worked solution).
+    let mut notes = vec![];
     if kind == DatasetKind::Custom {
         let all = load_dataset(
             &path,
@@ -346,15 +351,15 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         if !all.is_empty() && all.iter().all(|p| p.answer.contains("#### ")) {
             if a.kind.is_none() {
                 kind = DatasetKind::Gsm8k;
-                eprintln!(
+                notes.push(format!(
                     "note: every answer of {} holds GSM8K's `#### N`: read and graded as GSM8K (the number after ####); --kind custom grades as MATH (as folders written before this rule did)",
                     path.display()
-                );
+                ));
             } else {
-                eprintln!(
+                notes.push(format!(
                     "note: every answer of {} holds GSM8K's `#### N`, yet --kind custom grades it as MATH; --kind gsm8k takes the number after ####",
                     path.display()
-                );
+                ));
             }
         }
     }
@@ -503,6 +508,7 @@ pub fn spec(a: &EvalArgs) -> Result<EvalSpec> {
         out: a.out.clone(),
         use_cuda,
         progress: !a.quiet,
+        notes,
     })
 }
 

@@ -13,19 +13,27 @@ use crate::error::{Error, Result};
 /// Seconds a judge may take on one answer before it is stopped and that answer awaits the judge
 /// (`THINKSTEER_JUDGE_TIMEOUT` sets another): a judge that hangs (a stalled API call) would
 /// otherwise stall the whole run.
-pub fn judge_timeout() -> std::time::Duration {
-    let secs = std::env::var("THINKSTEER_JUDGE_TIMEOUT")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .unwrap_or(300.0)
-        .min(1e9); // Duration::from_secs_f64 refuses what it cannot hold
-    std::time::Duration::from_secs_f64(secs)
+pub fn judge_timeout() -> Result<std::time::Duration> {
+    let secs = match std::env::var("THINKSTEER_JUDGE_TIMEOUT") {
+        Err(_) => 300.0,
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "THINKSTEER_JUDGE_TIMEOUT={v:?}: expected seconds above 0, found none"
+                ))
+            })?,
+    };
+    // Duration::from_secs_f64 refuses what it cannot hold.
+    Ok(std::time::Duration::from_secs_f64(secs.min(1e9)))
 }
 
 /// Runs the judge command on one graded item and returns its verdict.
 pub fn run_judge(cmd: &str, question: &str, reference: &str, response: &str) -> Result<bool> {
-    run_judge_within(cmd, question, reference, response, judge_timeout())
+    run_judge_within(cmd, question, reference, response, judge_timeout()?)
 }
 
 /// `run_judge`, stopping a judge that takes longer than `limit`.

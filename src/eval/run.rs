@@ -560,6 +560,8 @@ pub struct EvalSpec {
     pub out: PathBuf,
     pub use_cuda: bool,
     pub progress: bool,
+    /// Said on stderr once every check has passed (an error stays the only line).
+    pub notes: Vec<String>,
 }
 
 /// What a run did.
@@ -614,6 +616,7 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
     check_prompts(spec, &prompts, steer.as_ref(), &base_ckpt, &think_ckpt)?;
     spec.config.reconcile(&spec.out)?;
     let _lock = lock_shard(spec)?;
+    spec.notes.iter().for_each(|n| eprintln!("{n}"));
     let old = read_results(&spec.out)?;
     let questions: HashMap<usize, &str> = spec
         .problems

@@ -32,7 +32,7 @@ pub struct TracesArgs {
     #[arg(long, value_parser = crate::cli_args::count, default_value_t = 8)]
     pub batch: usize,
     /// Only the first N questions.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_args::count)]
     pub limit: Option<usize>,
     /// Give every trace without a `<think>` span its whole answer as the span, for a model that
     /// reasons without the tags (as `demo` does with its small model).
@@ -197,7 +197,7 @@ pub struct TrainVectorsArgs {
     #[arg(long)]
     pub resume: bool,
     /// optimise: run at most this many epochs now, then stop with the checkpoint written.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli_args::count)]
     pub stop_after: Option<usize>,
     /// optimise: GiB of frozen prefixes (each example's unsteered part) kept in memory between
     /// epochs instead of recomputed (default: half the memory available at the start).

@@ -584,6 +584,12 @@ pub fn optimise(
         }
         // From here on it names these examples, so a later resume checks them too.
         st.fingerprint = fp;
+        let at = match (&st.current, st.stage > kk) {
+            (_, true) => "every vector trained".to_string(),
+            (Some(v), _) => format!("vector {} after epoch {}", vector_name(st.stage), v.epoch),
+            (None, _) => format!("vector {} from its start", vector_name(st.stage)),
+        };
+        eprintln!("--resume: continuing {} at {at}", checkpoint.display());
         st
     } else {
         if resume {
