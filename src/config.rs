@@ -182,8 +182,10 @@ impl Config {
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
-            eos_token_ids: id_list(raw.eos_token_id.as_ref()),
-            bos_token_id: id_list(raw.bos_token_id.as_ref()).first().copied(),
+            eos_token_ids: id_list(raw.eos_token_id.as_ref(), "eos_token_id", raw.vocab_size)?,
+            bos_token_id: id_list(raw.bos_token_id.as_ref(), "bos_token_id", raw.vocab_size)?
+                .first()
+                .copied(),
         };
         // Every size the loaders and caches compute from these must be representable.
         if c.checked_param_count().is_none() {
@@ -384,18 +386,18 @@ fn check_unsupported(raw: &RawConfig, arch: Arch) -> Result<()> {
     Ok(())
 }
 
-fn id_list(v: Option<&serde_json::Value>) -> Vec<u32> {
-    match v {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
-        }
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
+/// The token ids of config field `field` (one id or a list; absent or null: none), each checked
+/// against the vocabulary.
+fn id_list(v: Option<&serde_json::Value>, field: &str, vocab: usize) -> Result<Vec<u32>> {
+    let ids: Vec<u64> = match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).collect(),
         _ => vec![],
+    };
+    if let Some(bad) = ids.iter().find(|&&i| i >= vocab as u64) {
+        bail!("{field}: expected token ids below vocab_size {vocab}, found {bad}");
     }
+    Ok(ids.into_iter().map(|i| i as u32).collect())
 }
 
 #[cfg(test)]
@@ -699,5 +701,28 @@ mod tests {
             c.insert("num_hidden_layers".into(), json!(1_000_000_000_000u64));
         }))
         .unwrap();
+    }
+
+    #[test]
+    fn special_token_ids_past_the_vocabulary_are_refused() {
+        let e = load(&with(qwen25(), |m| {
+            m.insert("eos_token_id".into(), json!([1, 999999]));
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("eos_token_id: expected token ids below vocab_size 320, found 999999"),
+            "{e}"
+        );
+        let e = load(&with(llama31(), |m| {
+            m.insert("bos_token_id".into(), json!(320));
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("bos_token_id") && e.contains("found 320"), "{e}");
+        assert!(load(&with(qwen25(), |m| {
+            m.insert("eos_token_id".into(), json!(319));
+        }))
+        .is_ok());
     }
 }
