@@ -351,14 +351,28 @@ fn load_state(path: &Path, settings: &serde_json::Value) -> Result<Vec<StepSumma
             }
         }
     }
-    Ok(state.steps)
+    // Artifacts are recorded relative to the folder, so that a copied or moved folder checks
+    // its own files (a state written with paths as typed names files that no longer match,
+    // and those steps run again).
+    let out = path.parent().unwrap_or(Path::new("."));
+    let mut steps = state.steps;
+    for s in &mut steps {
+        s.artifacts = s.artifacts.iter().map(|a| out.join(a)).collect();
+    }
+    Ok(steps)
 }
 
 /// Writes the state through a temporary file and a rename, so a kill never leaves half of it.
 fn save_state(path: &Path, settings: &serde_json::Value, steps: &[StepSummary]) -> Result<()> {
+    let out = path.parent().unwrap_or(Path::new("."));
+    let mut steps = steps.to_vec();
+    for s in &mut steps {
+        let inside = |a: &PathBuf| a.strip_prefix(out).unwrap_or(a).to_path_buf();
+        s.artifacts = s.artifacts.iter().map(inside).collect();
+    }
     let state = State {
         settings: settings.clone(),
-        steps: steps.to_vec(),
+        steps,
     };
     let text = serde_json::to_string_pretty(&state)? + "\n";
     Ok(crate::files::write_atomic(path, text.as_bytes())?)

@@ -206,7 +206,34 @@ fn demo_runs_every_step_and_resumes() {
     assert_eq!(bytes(&out.join("vectors.safetensors")), before[4]);
     assert_eq!(answers(&out.join("eval")), answers_before);
     assert_eq!(facts(&third, 7), facts(&first, 7));
+
+    // A copy of the folder checks its own files: the copy's SAE removed reruns from step 3
+    // (the original's is still there).
+    let copy = dir.join("copy");
+    copy_dir(&out, &copy);
+    std::fs::remove_file(copy.join("sae/sae-3.safetensors")).unwrap();
+    let moved = DemoOptions {
+        out: copy.clone(),
+        ..o.clone()
+    };
+    let fourth = run(&fixture(MODEL), &moved).unwrap();
+    let resumed: Vec<bool> = fourth.steps.iter().map(|s| s.resumed).collect();
+    assert_eq!(resumed, [true, true, false, false, false, false, false]);
+    assert!(copy.join("sae/sae-3.safetensors").exists());
+    assert_eq!(answers(&copy.join("eval")), answers_before);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        match p.is_dir() {
+            true => copy_dir(&p, &dest),
+            false => drop(std::fs::copy(&p, &dest).unwrap()),
+        }
+    }
 }
 
 #[test]
