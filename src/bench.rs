@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::cuda::model::{CudaEngine, CudaWeights};
 use crate::cuda::Gpu;
 use crate::engine::{CpuEngine, Decoder};
-use crate::model::{Hooks, Model, Step};
+use crate::model::{Hooks, Step};
 use crate::rng::Rng;
 use crate::{bail, Result};
 use serde::Serialize;
@@ -345,25 +345,25 @@ fn rows_for(
 
 /// Runs the benchmark on the GPU.
 pub fn run_cuda(shape: &str, s: &Settings) -> Result<Vec<Row>> {
+    // The config before the GPU: a run past its context is refused before any device work.
+    let named = named_shape(shape);
+    let dir = Path::new(shape);
+    let config = match &named {
+        Some(c) => c.clone(),
+        None => Config::from_file(&dir.join("config.json"))?,
+    };
+    check_context(&config, s.prompt_len, s.new_tokens)?;
     let gpu = Arc::new(Gpu::new(0)?);
     let card = Card::cuda(&gpu)?;
     eprintln!("{}", card.describe());
     let max_b = s.batches.iter().copied().max().unwrap_or(1);
     let max_len = s.prompt_len + s.new_tokens + 1;
     let max_t = max_b.max(s.chunk);
-    let (config, weights) = match named_shape(shape) {
-        Some(c) => {
-            CudaEngine::check_fits(&gpu, &c, max_b, max_len, max_t, c.param_count() * 2)?;
-            let w = CudaWeights::random(&gpu, &c, s.seed)?;
-            (c, w)
-        }
-        None => {
-            let dir = Path::new(shape);
-            let c = Config::from_file(&dir.join("config.json"))?;
-            CudaEngine::check_fits(&gpu, &c, max_b, max_len, max_t, c.param_count() * 2)?;
-            let w = CudaWeights::load(&gpu, &crate::weights::WeightFiles::open(dir)?, &c)?;
-            (c, w)
-        }
+    let c = &config;
+    CudaEngine::check_fits(&gpu, c, max_b, max_len, max_t, c.param_count() * 2)?;
+    let weights = match named {
+        Some(_) => CudaWeights::random(&gpu, c, s.seed)?,
+        None => CudaWeights::load(&gpu, &crate::weights::WeightFiles::open(dir)?, c)?,
     };
     let mut e = CudaEngine::new(gpu, config.clone(), weights, max_b, max_len, max_t)?;
     let prefill = prefill_time(&mut e, s)?;
@@ -553,20 +553,47 @@ fn print_profile(shape: &str, phase: &str, batch: usize, r: &[(String, usize, f6
     }
 }
 
+/// Refuses a benchmark whose positions (the `--prompt-len` prompt, then `new_tokens` decode
+/// steps; 0 for the vector-grad bench, which decodes none) run past the shape's context, before
+/// any weights are read or made: past it, RoPE and the cache would be timed at positions the
+/// model never saw.
+pub fn check_context(c: &Config, prompt_len: usize, new_tokens: usize) -> Result<()> {
+    let (ctx, used) = (
+        c.max_position_embeddings,
+        prompt_len.saturating_add(new_tokens),
+    );
+    if used > ctx {
+        let flags = if new_tokens == 0 {
+            format!("--prompt-len {prompt_len}")
+        } else {
+            format!("--prompt-len {prompt_len} + --new-tokens {new_tokens} = {used} positions")
+        };
+        bail!("{flags}: expected at most the model's context of {ctx} (max_position_embeddings)");
+    }
+    Ok(())
+}
+
 /// Runs the benchmark on the CPU (a checkpoint folder; named shapes are far too large for it).
 pub fn run_cpu(shape: &str, s: &Settings) -> Result<Vec<Row>> {
     if named_shape(shape).is_some() {
         bail!("--shape {shape} on the CPU: the named shapes need gigabytes of f32 weights; pass a checkpoint folder");
     }
-    let model = Arc::new(Model::load(Path::new(shape))?);
+    // The config (checked against the weight files) first: the context and the cache are
+    // refused before the f32 weights are read.
+    let mut ckpt = crate::engine::Checkpoint::open(Path::new(shape))?;
+    let config = ckpt.config.clone();
+    check_context(&config, s.prompt_len, s.new_tokens)?;
     let max_b = s.batches.iter().copied().max().unwrap_or(1);
-    let config = model.config.clone();
     let len = s.prompt_len + s.new_tokens + 1;
     let cache = crate::hybrid::prefix::slot_bytes(&config, 0, len, 4);
     crate::memory::check_fits(
         max_b.saturating_mul(cache),
-        &format!("--batch {max_b} (its f32 KV cache)"),
+        &format!(
+            "--batch {max_b} with --prompt-len {} + --new-tokens {} (their f32 KV cache)",
+            s.prompt_len, s.new_tokens
+        ),
     )?;
+    let model = ckpt.cpu_model()?;
     let mut e = CpuEngine::new(model, max_b, len);
     let prefill = prefill_time(&mut e, s)?;
     let mut decode = vec![];
@@ -607,6 +634,7 @@ pub fn run_cuda_hybrid(shape: &str, s: &Settings) -> Result<Vec<Row>> {
         bail!("--hybrid needs a named shape (qwen2.5-1.5b, llama-3.1-8b or tiny), found {shape:?}");
     };
     c.eos_token_ids.clear(); // random weights: never stop early
+    check_context(&c, s.prompt_len, s.new_tokens)?;
     let gpu = Arc::new(Gpu::new(0)?);
     let card = Card::cuda(&gpu)?;
     eprintln!("{}", card.describe());
@@ -977,6 +1005,7 @@ pub fn run_cuda_vector_grad(
     if prompt_len < 3 {
         bail!("--vector-grad needs --prompt-len of at least 3, found {prompt_len}");
     }
+    check_context(&c, prompt_len, 0)?;
     let gpu = Arc::new(Gpu::new(0)?);
     let w = Arc::new(CudaWeights::random(&gpu, &c, seed)?);
     let mut vg = crate::cuda::vector_grad::CudaVectorGrad::new(gpu.clone(), &c, w)?;

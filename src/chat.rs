@@ -108,8 +108,7 @@ impl ChatTemplate {
     pub fn from_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
         let config_path = dir.join("tokenizer_config.json");
         let config: Option<serde_json::Value> = if config_path.is_file() {
-            let text =
-                std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+            let text = crate::files::read_text(&config_path)?;
             Some(serde_json::from_str(&text).map_err(|e| {
                 Error::Input(format!(
                     "{}: expected a JSON object, found invalid JSON: {e}",
@@ -136,8 +135,7 @@ impl ChatTemplate {
 
         let jinja_path = dir.join("chat_template.jinja");
         let (source, origin) = if jinja_path.is_file() {
-            let text =
-                std::fs::read_to_string(&jinja_path).map_err(|e| Error::io(&jinja_path, e))?;
+            let text = crate::files::read_text(&jinja_path)?;
             (text, jinja_path.display().to_string())
         } else {
             let origin = format!("{} (chat_template)", config_path.display());

@@ -242,6 +242,24 @@ pub fn run(model_dir: &Path, o: &DemoOptions) -> Result<DemoSummary> {
         Some(p) => p.clone(),
         None => resolve_dataset("gsm8k")?.0,
     };
+    // The device, the dataset and the output folder before the first step: each would
+    // otherwise be refused only after the steps before it ran.
+    o.device.use_cuda_for(&[model_dir])?;
+    let rows = load_dataset(&dataset, DatasetKind::Gsm8k, None, None, 0, None)?.len();
+    for (flag, n) in [("--questions", o.questions), ("--problems", o.problems)] {
+        if n > rows {
+            return Err(anyhow!(
+                "{flag} {n}: expected at most the {rows} rows of {}",
+                dataset.display()
+            ));
+        }
+    }
+    if o.out.exists() && !o.out.is_dir() {
+        return Err(anyhow!(
+            "--out {}: expected a folder, found a file",
+            o.out.display()
+        ));
+    }
     std::fs::create_dir_all(&o.out).with_context(|| format!("creating {}", o.out.display()))?;
     let cx = Ctx {
         model: model_dir,
@@ -327,8 +345,7 @@ fn load_state(path: &Path, settings: &serde_json::Value) -> Result<Vec<StepSumma
         save_state(path, settings, &[])?;
         return Ok(vec![]);
     }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = crate::files::read_text(path)?;
     let state: State = serde_json::from_str(&text).map_err(|e| {
         anyhow!(
             "{}: expected the demo's state {{\"settings\", \"steps\"}}, found unreadable JSON ({e}); remove it to start over",

@@ -53,6 +53,43 @@ pub fn check_folder_of(path: &Path, flag: &str) -> Result<()> {
     Ok(())
 }
 
+/// A text file as the JSON and JSONL readers take it. A leading UTF-8 byte-order mark (some
+/// editors and Windows tools write one) is dropped: JSON parsers refuse it as a stray
+/// character. Bytes that are not UTF-8 are refused with the line they are on.
+pub fn read_text(path: &Path) -> Result<String> {
+    let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.drain(..3);
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let (bytes, at) = (e.as_bytes(), e.utf8_error().valid_up_to());
+        let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+        let col = 1 + at
+            - bytes[..at]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |p| p + 1);
+        Error::Input(format!(
+            "{}:{line}: expected UTF-8 text, found the byte 0x{:02x} at byte {col} of the line",
+            path.display(),
+            bytes[at]
+        ))
+    })
+}
+
+/// Maps `path` read-only, `what` naming the file it should be ("a GGUF file"). A folder is
+/// refused by name first: mapping one fails with ENODEV, "No such device", which says neither
+/// what was expected nor what was found.
+pub fn map_file(path: &Path, what: &str) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    if file.metadata().is_ok_and(|m| m.is_dir()) {
+        crate::bail!("{}: expected {what}, found a folder", path.display());
+    }
+    // SAFETY: the file is opened read-only and the caller keeps the map with what it read from
+    // it; a file modified while mapped is outside what we support.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
 /// Cuts a file after its last complete line (a kill in the middle of appending a line leaves
 /// a tail without '\n'); the lines before it are not rewritten.
 pub fn cut_torn_line(path: &Path) -> Result<()> {
@@ -144,6 +181,32 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
         assert_eq!(left.len(), 2, "a temporary file left: {left:?}");
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn text_drops_a_byte_order_mark_and_names_the_line_of_a_bad_byte() {
+        let dir = std::env::temp_dir().join(format!("thinksteer-text-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("a.jsonl");
+        std::fs::write(&p, b"\xEF\xBB\xBF{\"a\":1}\n").unwrap();
+        assert_eq!(read_text(&p).unwrap(), "{\"a\":1}\n");
+        std::fs::write(&p, b"{\"a\":1}\n{\"b\":\"x\xFFy\"}\n").unwrap();
+        let e = read_text(&p).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "a.jsonl:2: expected UTF-8 text, found the byte 0xff at byte 8 of the line"
+            ),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_folder_is_not_mapped() {
+        let e = map_file(&std::env::temp_dir(), "a GGUF file")
+            .unwrap_err()
+            .to_string();
+        assert!(e.ends_with(": expected a GGUF file, found a folder"), "{e}");
     }
 
     #[test]

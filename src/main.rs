@@ -1,7 +1,7 @@
 //! The `thinksteer` command line. Every failure prints one line and exits with code 2.
 
 use anyhow::{anyhow, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -178,11 +178,18 @@ struct HybridArgs {
     /// A JSONL file of questions (field `question`, or `problem`, or --question-field).
     #[arg(long)]
     questions: Option<PathBuf>,
-    /// The JSONL field holding the question.
-    #[arg(long)]
+    /// The JSONL field holding the question (with --questions).
+    // `requires` alone does not refuse it beside --question: clap waives a requirement that
+    // conflicts with an argument present, and --questions conflicts with --question.
+    #[arg(long, requires = "questions", conflicts_with = "question")]
     question_field: Option<String>,
     /// With --questions: at most the first N (runs to keep, resume and grade go through `eval`).
-    #[arg(long, value_parser = thinksteer::cli_args::count, requires = "questions")]
+    #[arg(
+        long,
+        value_parser = thinksteer::cli_args::count,
+        requires = "questions",
+        conflicts_with = "question"
+    )]
     limit: Option<usize>,
     /// exact (recompute: the oracle), cached (default; KV caches, the same function as exact
     /// for any windows), persistent (our extension: the winner's steering stays; windows -1).
@@ -323,7 +330,7 @@ struct DemoArgs {
 
 #[derive(Args)]
 struct GradeArgs {
-    /// gsm8k (final number) or math (last \boxed{}).
+    /// gsm8k (final number), or math or math500 (last \boxed{}).
     #[arg(long)]
     kind: String,
     /// The reference answer.
@@ -392,8 +399,17 @@ struct BenchArgs {
     marginal: bool,
 }
 
+/// The flags, with a negative number taken as a flag's value (`--seed -1`), so that its parser
+/// names the flag ("invalid value '-1' for '--seed <SEED>'") instead of clap taking "-1" for an
+/// unknown flag ("unexpected argument '-1' found").
+fn parse() -> std::result::Result<Cli, clap::Error> {
+    let mut cmd = Cli::command().mut_subcommands(|c| c.allow_negative_numbers(true));
+    let mut m = cmd.try_get_matches_from_mut(std::env::args_os())?;
+    Cli::from_arg_matches_mut(&mut m).map_err(|e| e.format(&mut cmd))
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version: clap's own text on stdout.
@@ -586,6 +602,13 @@ fn cmd_generate(mut a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_logits(mut a: LogitsArgs) -> Result<()> {
+    // Before the forward pass, whose [T, V] logits would only then find nowhere to go.
+    if a.out.is_dir() {
+        return Err(anyhow!(
+            "--out {}: expected a safetensors file, found a folder",
+            a.out.display()
+        ));
+    }
     a.prompt.model = thinksteer::gguf::checkpoint_dir(&a.prompt.model)?;
     let mut l = load(&a.prompt)?;
     let c = l.ckpt.config.clone();
@@ -849,7 +872,8 @@ fn cmd_random_sae(mut a: RandomSaeArgs) -> Result<()> {
         ));
     }
     a.model = thinksteer::gguf::checkpoint_dir(&a.model)?;
-    let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
+    // The config as every command reads it: checked against the weight files (not loaded).
+    let c = Checkpoint::open(&a.model)?.config;
     // W_enc and W_dec in f32, and the file's bytes as they are written.
     let bytes = a.latents.saturating_mul(c.hidden_size).saturating_mul(16);
     thinksteer::memory::check_fits(bytes, &format!("--latents {}", a.latents))?;
@@ -874,7 +898,8 @@ fn cmd_random_vectors(mut a: RandomVectorsArgs) -> Result<()> {
         ));
     }
     a.model = thinksteer::gguf::checkpoint_dir(&a.model)?;
-    let c = thinksteer::config::Config::from_file(&a.model.join("config.json"))?;
+    // The config as every command reads it: checked against the weight files (not loaded).
+    let c = Checkpoint::open(&a.model)?.config;
     // The vectors in f32, and the file's bytes as they are written.
     let bytes = a.count.saturating_mul(c.hidden_size).saturating_mul(8);
     thinksteer::memory::check_fits(bytes, &format!("--count {}", a.count))?;
@@ -1008,6 +1033,12 @@ fn cmd_bench(mut a: BenchArgs) -> Result<()> {
             "--marginal times the launches of decode or hybrid steps: it does not go with --vector-grad"
         ));
     }
+    // A named shape's context from the flags alone, before the device is chosen (a folder's
+    // is checked as its config is read).
+    if let Some(c) = thinksteer::bench::named_shape(&a.shape) {
+        let decoded = if a.vector_grad { 0 } else { a.new_tokens };
+        thinksteer::bench::check_context(&c, a.prompt_len, decoded)?;
+    }
     if a.vector_grad {
         if !use_cuda(a.device)? {
             return Err(anyhow!(
@@ -1098,7 +1129,19 @@ fn cmd_kernels(a: KernelsArgs) -> Result<()> {
     })?;
     if let Some(&bad) = a.arch.iter().find(|&&c| !(80..=200).contains(&c)) {
         return Err(anyhow!(
-            "--arch: expected compute capabilities ×10 from 80 (e.g. 80,90), found {bad}"
+            "--arch: expected compute capabilities ×10 from 80 to 200 (e.g. 80,90), found {bad}"
+        ));
+    }
+    // A file where the folder goes would fail only at the first write, after the compile.
+    if let Some(file) = dir.ancestors().find(|p| p.exists() && !p.is_dir()) {
+        let at = if file == dir {
+            String::new()
+        } else {
+            format!(" at {}", file.display())
+        };
+        return Err(anyhow!(
+            "kernel cache {}: expected a folder, found a file{at}",
+            dir.display()
         ));
     }
     sources::nvrtc_available().map_err(|e| anyhow!(e))?;

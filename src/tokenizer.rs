@@ -38,8 +38,8 @@ impl Tokenizer {
 
     /// Load a `tokenizer.json` file.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+        let text = crate::files::read_text(path)?;
+        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes()).map_err(|e| {
             Error::Input(format!(
                 "{}: expected a tokenizer.json in the HF tokenizers format, found one that does not parse: {e}",
                 path.display()

@@ -8,7 +8,6 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 pub struct WeightFiles {
@@ -31,10 +30,8 @@ impl WeightFiles {
         let mut index = HashMap::new();
         for name in shard_names(dir)? {
             let path = dir.join(&name);
-            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-            // SAFETY: the file is opened read-only and the map lives as long as `WeightFiles`;
-            // a checkpoint modified while loaded is outside what we support.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            // The map lives as long as `WeightFiles`.
+            let mmap = crate::files::map_file(&path, "a safetensors file")?;
             let st = SafeTensors::deserialize(&mmap).map_err(|e| {
                 Error::Input(format!(
                     "{}: not a valid safetensors file: {e}",
@@ -196,7 +193,7 @@ fn shard_names(dir: &Path) -> Result<Vec<String>> {
     Ok(if single.exists() {
         vec!["model.safetensors".into()]
     } else if index_path.exists() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+        let text = crate::files::read_text(&index_path)?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Input(format!("{}: malformed JSON: {e}", index_path.display())))?;
         let Some(map) = v.get("weight_map").and_then(|m| m.as_object()) else {

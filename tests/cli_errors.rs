@@ -679,3 +679,279 @@ fn inputs_that_would_waste_a_run_are_refused_first() {
         "{err}"
     );
 }
+
+/// A copy of `name` with one `"key": value` of its config.json replaced.
+fn with_config(name: &str, case: &str, key: &str, from: &str, to: &str) -> PathBuf {
+    let d = copy_of(name, case);
+    let (old, new) = (format!("\"{key}\": {from}"), format!("\"{key}\": {to}"));
+    let text = std::fs::read_to_string(d.join("config.json")).unwrap();
+    assert!(text.contains(&old), "fixture config changed format");
+    std::fs::write(d.join("config.json"), text.replace(&old, &new)).unwrap();
+    d
+}
+
+/// A bench longer than the model's context is refused before anything runs, for a folder and
+/// for a named shape on any device; the memory line names the flags that size the cache.
+#[test]
+fn bench_within_the_context() {
+    let d = with_config(
+        "qwen2-f32",
+        "bench-ctx",
+        "max_position_embeddings",
+        "512",
+        "8",
+    );
+    let d = d.to_str().unwrap();
+    let args = [
+        "bench",
+        "--shape",
+        d,
+        "--device",
+        "cpu",
+        "--prompt-len",
+        "16",
+    ];
+    expect_error(
+        &[&args[..], &["--new-tokens", "2"]].concat(),
+        &[
+            "--prompt-len 16 + --new-tokens 2 = 18 positions",
+            "context of 8",
+        ],
+    );
+    expect_error(
+        &[
+            "bench",
+            "--shape",
+            "qwen2.5-1.5b",
+            "--device",
+            "cpu",
+            "--prompt-len",
+            "32768",
+        ],
+        &["--prompt-len 32768 + --new-tokens 256", "context of 32768"],
+    );
+    let d = with_config(
+        "qwen2-f32",
+        "bench-mem",
+        "max_position_embeddings",
+        "512",
+        "1000000000000",
+    );
+    expect_error(
+        &[
+            "bench",
+            "--shape",
+            d.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--prompt-len",
+            "100000000000",
+        ],
+        &[
+            "--batch 1 with --prompt-len 100000000000 + --new-tokens 256",
+            "expected to fit in the",
+        ],
+    );
+}
+
+/// --limit and --question-field read --questions: beside --question they are refused, not
+/// ignored.
+#[test]
+fn hybrid_flags_of_a_questions_file_without_one() {
+    for extra in [["--limit", "2"], ["--question-field", "q"]] {
+        let mut args = hybrid_args("b", "t", "s", "v", "1+1?");
+        args.extend(extra);
+        expect_error(
+            &args,
+            &["'--question <QUESTION>' cannot be used with", extra[0]],
+        );
+    }
+}
+
+/// random-sae and random-vectors check the config against the weight files, as every command
+/// that opens a model does.
+#[test]
+fn random_artifacts_of_a_config_that_disagrees_with_its_weights() {
+    let d = with_config("llama-f32", "layers", "num_hidden_layers", "3", "4");
+    let d = d.to_str().unwrap();
+    let out = std::env::temp_dir().join(format!("thinksteer-cli-{}-r.st", std::process::id()));
+    let out = out.to_str().unwrap();
+    for cmd in ["random-sae", "random-vectors"] {
+        expect_error(
+            &[cmd, "--model", d, "--layer", "1", "--out", out],
+            &["expected 4 layers' tensors", "num_hidden_layers"],
+        );
+    }
+}
+
+/// A file, a folder and a GGUF file mistaken for one another: one line naming what was
+/// expected and what was found, before any note or step header.
+#[test]
+fn files_and_folders_mistaken_for_one_another() {
+    let dir = std::env::temp_dir().join(format!("thinksteer-cli-{}-mixups", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("folder.gguf")).unwrap();
+    let (file, bad) = (dir.join("fake.bin"), dir.join("bad.gguf"));
+    std::fs::write(&file, "not a model").unwrap();
+    std::fs::write(&bad, "XXXX and no header").unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let (folder, file, bad, out) = (
+        p(&dir.join("folder.gguf")),
+        p(&file),
+        p(&bad),
+        p(&dir.join("out")),
+    );
+    // No "converting ..." note before the reader's error.
+    expect_error(
+        &["generate", "--model", &bad, "--prompt-ids", "1"],
+        &["bad.gguf", "expected magic \"GGUF\""],
+    );
+    assert!(!dir.join(".bad.gguf.thinksteer").exists());
+    expect_error(
+        &["convert", "--gguf", &folder, "--out", &out],
+        &["folder.gguf: expected a GGUF file, found a folder"],
+    );
+    expect_error(
+        &["generate", "--model", &file, "--prompt-ids", "1"],
+        &["fake.bin: expected a checkpoint folder or a GGUF file, found a file"],
+    );
+    expect_error(
+        &["report", "--out", &file],
+        &["--out", "expected an evaluation folder, found a file"],
+    );
+    let m = fixture("qwen2-f32");
+    expect_error(
+        &[
+            "logits",
+            "--device",
+            "cpu",
+            "--model",
+            m.to_str().unwrap(),
+            "--prompt-ids",
+            "1,2",
+            "--out",
+            &folder,
+        ],
+        &["expected a safetensors file, found a folder"],
+    );
+    expect_error(
+        &["kernels", "--arch", "80", "--cache", &file],
+        &["kernel cache", "expected a folder, found a file"],
+    );
+    expect_error(
+        &["kernels", "--arch", "999", "--cache", &out],
+        &["--arch", "from 80 to 200", "999"],
+    );
+}
+
+/// The demo's dataset and output folder are checked before the first step header.
+#[test]
+fn demo_inputs_refused_before_the_first_step() {
+    let dir = std::env::temp_dir().join(format!("thinksteer-cli-{}-demo", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let rows: String = (0..3)
+        .map(|i| {
+            format!(
+                "{{\"question\": \"What is {i}+1?\", \"answer\": \"#### {}\"}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    let data = dir.join("g3.jsonl");
+    // With a byte-order mark, which is not part of the first row.
+    std::fs::write(&data, format!("\u{feff}{rows}")).unwrap();
+    let notutf8 = dir.join("utf16.jsonl");
+    std::fs::write(
+        &notutf8,
+        b"{\"question\": \"x\", \"answer\": \"#### 1\"}\n\xff\xfe{\n",
+    )
+    .unwrap();
+    let file = dir.join("file");
+    std::fs::write(&file, "").unwrap();
+    let m = fixture("thinking-qwen2-f32");
+    let demo = |data: &Path, out: &Path, questions: &str| -> Vec<String> {
+        [
+            "demo",
+            "--model",
+            m.to_str().unwrap(),
+            "--dataset",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--questions",
+            questions,
+            "--problems",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    expect_error(
+        &strs(&demo(&data, &dir.join("out"), "10")),
+        &["--questions 10", "expected at most the 3 rows"],
+    );
+    expect_error(
+        &strs(&demo(&notutf8, &dir.join("out"), "1")),
+        &["utf16.jsonl:2: expected UTF-8 text, found the byte 0xff"],
+    );
+    expect_error(
+        &strs(&demo(&data, &file, "1")),
+        &["--out", "expected a folder, found a file"],
+    );
+}
+
+/// A negative number for a flag is the flag's bad value, named as such; hyphen-valued lists,
+/// help and version are as before.
+#[test]
+fn negative_numbers_name_their_flag() {
+    let m = fixture("qwen2-f32");
+    let m = m.to_str().unwrap();
+    let gen = [
+        "generate",
+        "--device",
+        "cpu",
+        "--model",
+        m,
+        "--prompt-ids",
+        "1",
+    ];
+    for flag in ["--seed", "--max-new-tokens", "--top-k"] {
+        expect_error(
+            &[&gen[..], &[flag, "-1"]].concat(),
+            &[&format!("invalid value '-1' for '{flag} <")],
+        );
+    }
+    expect_error(
+        &[&gen[..], &["--temperature", "-1"]].concat(),
+        &["--temperature", ">= 0", "found -1"],
+    );
+    expect_error(
+        &["random-sae", "--model", m, "--layer", "-1", "--out", "x"],
+        &["invalid value '-1' for '--layer <LAYER>'"],
+    );
+    expect_error(
+        &["kernels", "--arch", "-80"],
+        &["invalid value '-80' for '--arch <ARCH>'"],
+    );
+    expect_error(
+        &[
+            "grade",
+            "--kind",
+            "foo",
+            "--reference",
+            "1",
+            "--response",
+            "1",
+        ],
+        &["expected gsm8k, math or math500", "\"foo\""],
+    );
+    let version = bin().arg("--version").output().unwrap();
+    assert_eq!(version.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("thinksteer "));
+    let bare = bin().output().unwrap();
+    assert_eq!(bare.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bare.stderr).contains("Usage: thinksteer <COMMAND>"));
+}

@@ -122,7 +122,7 @@ pub fn load_dataset(
 
 /// Reads every non-blank line of a JSONL file as a JSON object, with its 1-based line number.
 fn read_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, serde_json::Value>)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     let name = path.display();
     let mut rows = Vec::new();
     for (lineno, line) in text.lines().enumerate().map(|(i, l)| (i + 1, l)) {
@@ -253,6 +253,20 @@ mod tests {
         assert!(e.contains(":2: expected a question"), "{e}");
         let p = write("p.jsonl", "{\"problem\":\"a\"}\n{\"problem\":5}\n");
         assert_eq!(load_questions(&p, None).unwrap(), ["a", "5"]);
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_row() {
+        let p = write(
+            "bom.jsonl",
+            "\u{feff}{\"question\":\"q\",\"answer\":\"#### 1\"}\r\n",
+        );
+        let rows = load_dataset(&p, DatasetKind::Gsm8k, None, None, 0, None).unwrap();
+        assert_eq!(
+            (rows[0].question.as_str(), rows[0].answer.as_str()),
+            ("q", "1")
+        );
+        assert_eq!(load_questions(&p, None).unwrap(), ["q"]);
     }
 
     #[test]

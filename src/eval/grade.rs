@@ -27,7 +27,7 @@ impl FromStr for GradeKind {
             "gsm8k" => Ok(GradeKind::Gsm8k),
             "math" | "math500" => Ok(GradeKind::Math),
             other => Err(Error::Input(format!(
-                "grade kind: expected gsm8k or math, found {other:?}"
+                "grade kind: expected gsm8k, math or math500, found {other:?}"
             ))),
         }
     }

@@ -146,8 +146,9 @@ pub fn load_report(out: &Path) -> Result<Report> {
 fn load_folder(out: &Path) -> Result<(Vec<ResultLine>, Option<super::run::RunConfig>)> {
     if !out.is_dir() {
         bail!(
-            "--out {}: expected an evaluation folder, found none",
-            out.display()
+            "--out {}: expected an evaluation folder, found {}",
+            out.display(),
+            if out.exists() { "a file" } else { "none" }
         );
     }
     let lines = read_results(out)?;
@@ -181,7 +182,7 @@ fn run_config(out: &Path) -> Result<Option<super::run::RunConfig>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = crate::files::read_text(&path)?;
     let config: super::run::RunConfig = serde_json::from_str(&text).map_err(|e| {
         Error::Input(format!(
             "{}: expected a thinksteer eval configuration, found unreadable JSON ({e})",

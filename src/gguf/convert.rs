@@ -194,11 +194,16 @@ fn read_arch(g: &GgufFile) -> Result<String> {
 /// Converts the GGUF file `gguf` into a checkpoint folder `out` (created if needed; files of
 /// the same names are replaced). Everything is checked before the first byte is written.
 pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
-    let g = GgufFile::open(gguf)?;
+    convert_opened(&GgufFile::open(gguf)?, out)
+}
+
+/// `convert` of a file already opened (its header parsed and its tensors placed).
+fn convert_opened(g: &GgufFile, out: &Path) -> Result<ConvertReport> {
+    let gguf = g.path();
     let file = gguf.display().to_string();
-    let arch = read_arch(&g)?;
-    let h = read_hyper(&g, &arch)?;
-    let vocab = GgufVocab::read(&g)?;
+    let arch = read_arch(g)?;
+    let h = read_hyper(g, &arch)?;
+    let vocab = GgufVocab::read(g)?;
 
     // Plan every tensor: its HF name and whether its rows need unpermuting.
     let mut plan: Vec<(String, &TensorInfo, Option<usize>)> = Vec::new();
@@ -230,7 +235,7 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
         *types.entry(t.ggml_type.name().to_string()).or_insert(0) += 1;
         plan.push((name, t, heads));
     }
-    let rope_scaling = read_rope_scaling(&g, &arch, &h)?;
+    let rope_scaling = read_rope_scaling(g, &arch, &h)?;
     let Some(embd) = g.tensor_info("token_embd.weight") else {
         bail!("{file}: missing tensor \"token_embd.weight\"")
     };
@@ -285,10 +290,10 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<ConvertReport> {
     Config::from_json(&config.to_string())
         .map_err(|e| Error::Input(format!("{file}: the converted config.json: {e}")))?;
     if rope_scaling.is_some() {
-        check_rope(&g, &config, &file)?;
+        check_rope(g, &config, &file)?;
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let params = write_safetensors(&g, &plan, &out.join("model.safetensors"), &file)?;
+    let params = write_safetensors(g, &plan, &out.join("model.safetensors"), &file)?;
     write_json(&out.join("config.json"), &config)?;
 
     let chat_template = g.get_str("tokenizer.chat_template");
@@ -376,11 +381,18 @@ fn write_safetensors(
 /// (a `.gguf` name or the "GGUF" magic) is converted once into `<parent>/.<file name>.thinksteer/`
 /// (or, when its folder is not writable, under `$XDG_CACHE_HOME/thinksteer/` or
 /// `$HOME/.cache/thinksteer/`) and that folder returned; it is reconverted when the file's size
-/// or mtime or the converter version changes. Anything else is returned unchanged, so loading
-/// it reports the usual "expected a checkpoint folder" error.
+/// or mtime or the converter version changes. Any other file is refused (a model is a folder
+/// or a GGUF file); a path that is not there is returned unchanged, so loading it reports the
+/// usual "expected a checkpoint folder" error.
 pub fn checkpoint_dir(path: &Path) -> Result<PathBuf> {
-    if path.is_dir() || !path.is_file() || !looks_like_gguf(path) {
+    if path.is_dir() || !path.is_file() {
         return Ok(path.to_path_buf());
+    }
+    if !looks_like_gguf(path) {
+        bail!(
+            "{}: expected a checkpoint folder or a GGUF file, found a file",
+            path.display()
+        );
     }
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let mtime = meta
@@ -468,6 +480,10 @@ fn convert_into(gguf: &Path, dir: &Path, stamp: &str) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     let base = dir.file_name().unwrap_or_default().to_string_lossy();
     let tmp = parent.join(format!("{base}.tmp-{}", std::process::id()));
+    // The header first: a file that is no GGUF model (a wrong magic, a truncated header, an
+    // unsupported architecture) is refused before the note says it is being converted.
+    let g = GgufFile::open(gguf)?;
+    read_hyper(&g, &read_arch(&g)?)?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
     eprintln!(
@@ -475,7 +491,7 @@ fn convert_into(gguf: &Path, dir: &Path, stamp: &str) -> Result<()> {
         gguf.display(),
         dir.display()
     );
-    let done = convert(gguf, &tmp).and_then(|_| {
+    let done = convert_opened(&g, &tmp).and_then(|_| {
         let s = tmp.join(STAMP);
         std::fs::write(&s, stamp).map_err(|e| Error::io(&s, e))
     });

@@ -31,7 +31,6 @@ pub use value::Value;
 use crate::{bail, Error, Result};
 use memmap2::Mmap;
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 /// One tensor's description from the file's tensor-info table.
@@ -71,10 +70,8 @@ pub struct GgufFile {
 impl GgufFile {
     /// Maps and parses `path`, checking that every tensor of a known type lies inside the file.
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the file is opened read-only and the map lives as long as `GgufFile`;
-        // a file modified while loaded is outside what we support.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        // The map lives as long as `GgufFile`.
+        let mmap = crate::files::map_file(path, "a GGUF file")?;
         let name = path.display().to_string();
         let p = reader::parse(&mmap, &name)?;
 
