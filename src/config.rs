@@ -112,7 +112,7 @@ impl Config {
                 path.display()
             );
         }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_text(path)?;
         Config::from_json(&text).map_err(|e| Error::Input(format!("{}: {e}", path.display())))
     }
 

@@ -551,6 +551,32 @@ fn bad_input_is_refused() {
     // A folder given as the dataset.
     let e = fails(run(&mut bin(), &dir, &dir.join("o14"), "2", &[]));
     assert!(e.contains("found a folder"), "{e}");
+    let e = fails(run(
+        &mut bin(),
+        &gsm,
+        &dir.join("o15"),
+        "2",
+        &["--shard", "-1/2"],
+    ));
+    assert!(e.contains("--shard"), "{e}");
+    // Files saved with a UTF-8 byte-order mark (Windows editors) are read: the dataset, and
+    // the results `report` reads.
+    let bom = dir.join("bom.jsonl");
+    std::fs::write(
+        &bom,
+        format!("\u{feff}{}", std::fs::read_to_string(&gsm).unwrap()),
+    )
+    .unwrap();
+    ok(run(&mut bin(), &bom, &dir.join("o16"), "2", &[]));
+    let results = dir.join("o16/results.jsonl");
+    let text = std::fs::read_to_string(&results).unwrap();
+    std::fs::write(&results, format!("\u{feff}{text}")).unwrap();
+    ok(bin()
+        .arg("report")
+        .arg("--out")
+        .arg(dir.join("o16"))
+        .output()
+        .unwrap());
 
     let empty = dir.join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();

@@ -110,7 +110,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub thinking_gpu: Option<usize>,
     /// i/n: only problems with index % n == i (results go to results.shard-i-of-n.jsonl).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub shard: Option<String>,
     /// At most N problems (after --offset). Default: for `--dataset gsm8k`, up to question 500,
     /// the paper's evaluation set (its first 500 test questions of 1,319; `--limit 1319` for
@@ -210,7 +210,7 @@ pub const PRESETS: [(&str, &str); 5] = [
 pub fn load_preset(name: &str) -> Result<Preset> {
     let text = match PRESETS.iter().find(|(n, _)| *n == name) {
         Some((_, t)) => t.to_string(),
-        None if Path::new(name).is_file() => std::fs::read_to_string(name)?,
+        None if Path::new(name).is_file() => crate::files::read_text(Path::new(name))?,
         None => {
             let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
             return Err(anyhow!(

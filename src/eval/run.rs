@@ -132,7 +132,7 @@ impl RunConfig {
             );
         }
         if path.exists() {
-            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            let text = crate::files::read_text(&path)?;
             let old: RunConfig = serde_json::from_str(&text).map_err(|e| {
                 Error::Input(format!(
                     "{}: expected a thinksteer eval configuration, found unreadable JSON ({e})",
@@ -303,7 +303,7 @@ pub fn read_results(out: &Path) -> Result<Vec<ResultLine>> {
 
 /// The lines of a results file that end in a newline (a torn last line is left out).
 fn complete_lines(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
     Ok(complete.lines().map(str::to_string).collect())
 }

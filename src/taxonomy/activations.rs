@@ -106,7 +106,7 @@ pub fn read_index(path: &Path) -> Result<Vec<IndexRow>> {
 
 /// Reads a JSONL file of `T` rows; `what` names the expected row in errors.
 pub(crate) fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path, what: &str) -> Result<Vec<T>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -43,7 +43,7 @@ pub fn read_annotations(path: &Path) -> Result<Vec<Annotation>> {
 
 /// Titles from a JSON list of strings or from one name per non-empty line; exactly K of them.
 pub fn read_titles(path: &Path, latents: usize) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     let titles: Vec<String> = match serde_json::from_str::<Vec<String>>(&text) {
         Ok(t) => t,
         Err(_) => text

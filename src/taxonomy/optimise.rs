@@ -858,7 +858,7 @@ pub fn write_checkpoint(path: &Path, st: &TrainState) -> Result<()> {
 }
 
 pub fn read_checkpoint(path: &Path) -> Result<TrainState> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     let f: TrainStateFile = serde_json::from_str(&text).map_err(|e| {
         Error::Input(format!(
             "{}: expected a train-vectors checkpoint, found JSON that does not parse as one: {e}",

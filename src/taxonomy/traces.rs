@@ -58,7 +58,7 @@ pub fn thinking_of(prompt: &str, text: &str) -> Option<Span> {
 /// killed mid-write) is ignored when it does not parse; any other bad line is an error naming
 /// it.
 pub fn read_traces(path: &Path) -> Result<Vec<Trace>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_text(path)?;
     let complete = text.ends_with('\n');
     let lines: Vec<&str> = text.lines().collect();
     let mut out = Vec::new();
