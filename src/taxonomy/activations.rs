@@ -239,22 +239,19 @@ impl Partial {
                     log_path.display()
                 ))
             })?;
-            // A fingerprint recorded on one side only (a run before they were kept) is not
-            // compared.
             let unprinted = |r: &ActsRun| ActsRun {
                 fingerprint: None,
                 ..r.clone()
             };
-            let same_checkpoint = was.fingerprint.is_none()
-                || run.fingerprint.is_none()
-                || was.fingerprint == run.fingerprint;
-            if unprinted(&was) == unprinted(run) && !same_checkpoint {
+            let changed = crate::weights::checkpoint_changed(
+                &was.model,
+                was.fingerprint.as_deref(),
+                run.fingerprint.as_deref(),
+            );
+            if let Some(what) = changed.filter(|_| unprinted(&was) == unprinted(run)) {
                 bail!(
-                    "{} holds a killed run of {} as it was then (checkpoint fingerprint {}), now {}: expected the same checkpoint to resume, use another --out or delete it to start over",
-                    log_path.display(),
-                    was.model,
-                    was.fingerprint.as_deref().unwrap_or("?"),
-                    run.fingerprint.as_deref().unwrap_or("?")
+                    "{} holds a killed run of {what}: expected the same checkpoint to resume, use another --out or delete it to start over",
+                    log_path.display()
                 );
             }
             if unprinted(&was) != unprinted(run) {

@@ -188,16 +188,15 @@ fn check_resume(out: &Path, old: &[Trace], questions: &[String], run: &TraceRun)
             path.display()
         ))
     })?;
-    // A fingerprint recorded on one side only (settings written before they were kept) is not
-    // compared.
-    let same_checkpoint = was.fingerprint.is_none() || was.fingerprint == run.fingerprint;
-    if was.flags() == run.flags() && !same_checkpoint {
+    let changed = crate::weights::checkpoint_changed(
+        &was.model,
+        was.fingerprint.as_deref(),
+        run.fingerprint.as_deref(),
+    );
+    if let Some(what) = changed.filter(|_| was.flags() == run.flags()) {
         bail!(
-            "{} holds traces of {} as it was then (checkpoint fingerprint {}), now {}: expected the same checkpoint to resume, use another --out",
-            out.display(),
-            was.model,
-            was.fingerprint.as_deref().unwrap_or("?"),
-            run.fingerprint.as_deref().unwrap_or("?")
+            "{} holds traces of {what}: expected the same checkpoint to resume, use another --out",
+            out.display()
         );
     }
     if was.flags() != run.flags() {
