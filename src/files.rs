@@ -57,7 +57,19 @@ pub fn check_folder_of(path: &Path, flag: &str) -> Result<()> {
 /// editors and Windows tools write one) is dropped: JSON parsers refuse it as a stray
 /// character. Bytes that are not UTF-8 are refused with the line they are on.
 pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_text(path, bytes)
+}
+
+/// `read_text` up to the file's last newline: a torn last line (a writer killed in the middle
+/// of it, perhaps inside a character, or one still writing) is left out before decoding.
+pub fn read_complete_lines(path: &Path) -> Result<String> {
     let mut bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    bytes.truncate(bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1));
+    decode_text(path, bytes)
+}
+
+fn decode_text(path: &Path, mut bytes: Vec<u8>) -> Result<String> {
     if bytes.starts_with(b"\xEF\xBB\xBF") {
         bytes.drain(..3);
     }
@@ -155,6 +167,14 @@ pub fn lock_output(out: &Path, flag: &str) -> Result<std::fs::File> {
             out.display(),
             path.display()
         ),
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported => {
+            eprintln!(
+                "note: {}: not locked (the filesystem takes no locks): nothing stops a second run writing {}",
+                path.display(),
+                out.display()
+            );
+            Ok(file)
+        }
         Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
     }
 }

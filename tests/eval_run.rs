@@ -435,10 +435,12 @@ fn torn_last_line_resumes_without_duplicates() {
     let (ref_out, reference) = reference_run();
     let out = tmp("torn");
     let text = std::fs::read_to_string(ref_out.join("results.jsonl")).unwrap();
-    // Keep 7 whole lines and half of the 8th, as if killed inside a write.
+    // Keep 7 whole lines and half of the 8th, as if killed inside a write, there inside a
+    // two-byte character (the first byte of "×").
     let ends: Vec<usize> = text.match_indices('\n').map(|(i, _)| i + 1).collect();
     let cut = ends[6] + (ends[7] - ends[6]) / 2;
-    std::fs::write(out.join("results.jsonl"), &text[..cut]).unwrap();
+    let torn = [text[..cut].as_bytes(), &[0xC3]].concat();
+    std::fs::write(out.join("results.jsonl"), torn).unwrap();
     std::fs::copy(ref_out.join("config.json"), out.join("config.json")).unwrap();
     ok(eval(&out, &[]));
     let lines = lines_of(&out.join("results.jsonl"));
@@ -1508,7 +1510,7 @@ fn a_folder_that_cannot_be_trusted_is_refused_before_generating() {
             .unwrap(),
     );
     assert!(
-        e.contains("THINKSTEER_JUDGE_TIMEOUT=\"abc\": expected seconds"),
+        e.starts_with("error: THINKSTEER_JUDGE_TIMEOUT: expected seconds above 0, found \"abc\""),
         "{e}"
     );
 

@@ -1398,6 +1398,20 @@ fn bad_traces_and_vector_settings_are_refused_before_work() {
         &["--limit"],
     );
     assert!(!dir.join("tr.jsonl").exists());
+    let folder = s(&dir);
+    let args = [
+        "traces",
+        "--model",
+        &model,
+        "--questions",
+        &q,
+        "--out",
+        &folder,
+    ];
+    fails(
+        &args,
+        &["--out", "expected a traces file to write, found a folder"],
+    );
 }
 
 /// Bad input to `activations` is refused before any partial file is written, and a run that
@@ -1432,6 +1446,19 @@ fn a_failed_activations_run_leaves_nothing_that_blocks_the_corrected_one() {
         !partial.exists() && !progress.exists(),
         "partial files left"
     );
+    // A second run on the same --out while one holds it is refused, and touches nothing of
+    // the first's (whose first trace is recorded here).
+    let (r, _) = acts_run(&tr, &out, Some(2));
+    assert!(r.unwrap_err().contains("killed"));
+    let held = thinksteer::files::lock_output(&out, "--out").unwrap();
+    let (r, calls) = acts_run(&tr, &out, Some(1));
+    assert!(r.unwrap_err().contains("expected no other run writing it"));
+    assert_eq!(calls, 0);
+    assert!(
+        partial.exists() && progress.exists(),
+        "the first run's files removed"
+    );
+    drop(held);
     activations(&tr, &out);
     assert!(out.exists());
 }

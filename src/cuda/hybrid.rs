@@ -1,6 +1,6 @@
 //! The hybrid step on the GPU (hybrid.md §4): both models, the SAE encode, the gate and the
 //! candidate choice stay on the device, so one step is one CUDA graph per batch size and the
-//! host reads back only four small integers per problem.
+//! host reads back five small integers per problem, in one copy.
 //!
 //! The thinking model runs on a sibling stream of the base model's (`think_gpu`): the two
 //! models' launches up to the gate are independent, and at batch 1 each alone reached ~65% of the

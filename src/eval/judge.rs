@@ -23,7 +23,7 @@ pub fn judge_timeout() -> Result<std::time::Duration> {
             .filter(|s| s.is_finite() && *s > 0.0)
             .ok_or_else(|| {
                 Error::Input(format!(
-                    "THINKSTEER_JUDGE_TIMEOUT={v:?}: expected seconds above 0, found none"
+                    "THINKSTEER_JUDGE_TIMEOUT: expected seconds above 0, found {v:?}"
                 ))
             })?,
     };

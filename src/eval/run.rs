@@ -303,9 +303,8 @@ pub fn read_results(out: &Path) -> Result<Vec<ResultLine>> {
 
 /// The lines of a results file that end in a newline (a torn last line is left out).
 fn complete_lines(path: &Path) -> Result<Vec<String>> {
-    let text = crate::files::read_text(path)?;
-    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-    Ok(complete.lines().map(str::to_string).collect())
+    let text = crate::files::read_complete_lines(path)?;
+    Ok(text.lines().map(str::to_string).collect())
 }
 
 /// Line `i` (from 0) of a results file.
@@ -596,6 +595,7 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         None
     };
     if let Some(cmd) = &spec.config.judge_cmd {
+        crate::eval::judge::judge_timeout()?;
         // Tried once before any generation, so that a judge that cannot run loses no answers.
         run_judge(cmd, "What is 1 + 1?", "2", "1 + 1 = 2. The answer is 2.").map_err(|e| {
             Error::Input(format!(
@@ -614,9 +614,10 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         &spec.thinking,
     )?;
     check_prompts(spec, &prompts, steer.as_ref(), &base_ckpt, &think_ckpt)?;
-    spec.config.reconcile(&spec.out)?;
+    // The lock before config.json is touched: a run refused by it changes nothing.
+    std::fs::create_dir_all(&spec.out).map_err(|e| Error::io(&spec.out, e))?;
     let _lock = lock_shard(spec)?;
-    spec.notes.iter().for_each(|n| eprintln!("{n}"));
+    spec.config.reconcile(&spec.out)?;
     let old = read_results(&spec.out)?;
     let questions: HashMap<usize, &str> = spec
         .problems
@@ -646,6 +647,7 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
             spec.out.display()
         );
     }
+    spec.notes.iter().for_each(|n| eprintln!("{n}"));
     let done: HashSet<(usize, EvalMode)> = old.into_iter().map(|r| (r.index, r.mode)).collect();
     let mut summary = Summary::default();
     if let Some(cmd) = &spec.config.judge_cmd {

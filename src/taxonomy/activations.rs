@@ -445,6 +445,10 @@ pub fn write_activations(
         );
     }
     let d = settings.d;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let _lock = crate::files::lock_output(out, "--out")?;
     let mut partial = Partial::open(out, settings)?;
     // A run that fails before recording anything (a trace too long for the model's context,
     // on the first trace) leaves no partial files to block a corrected rerun.

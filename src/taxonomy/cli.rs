@@ -211,6 +211,12 @@ pub struct TrainVectorsArgs {
 
 pub fn traces(mut a: TracesArgs) -> Result<()> {
     a.model = crate::gguf::checkpoint_dir(&a.model)?;
+    if a.out.is_dir() {
+        return Err(anyhow!(
+            "--out {}: expected a traces file to write, found a folder",
+            a.out.display()
+        ));
+    }
     let mut qs = crate::eval::dataset::load_questions(&a.questions, a.question_field.as_deref())?;
     if let Some(n) = a.limit {
         qs.truncate(n);

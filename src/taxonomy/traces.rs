@@ -174,14 +174,15 @@ fn check_resume(out: &Path, old: &[Trace], questions: &[String], run: &TraceRun)
         );
     }
     let path = settings_path(out);
-    let text = std::fs::read_to_string(&path).map_err(|_| {
-        Error::Input(format!(
+    if !path.exists() {
+        bail!(
             "{}: holds {} traces but no settings file {}: expected the settings of the run that wrote them (model, --max-new-tokens) to resume, use another --out",
             out.display(),
             old.len(),
             path.display()
-        ))
-    })?;
+        );
+    }
+    let text = crate::files::read_text(&path)?;
     let was: TraceRun = serde_json::from_str(&text).map_err(|e| {
         Error::Input(format!(
             "{}: expected the settings of a traces file, found unreadable JSON ({e})",
