@@ -439,7 +439,7 @@ fn torn_last_line_resumes_without_duplicates() {
     // two-byte character (the first byte of "×").
     let ends: Vec<usize> = text.match_indices('\n').map(|(i, _)| i + 1).collect();
     let cut = ends[6] + (ends[7] - ends[6]) / 2;
-    let torn = [text[..cut].as_bytes(), &[0xC3]].concat();
+    let torn = [&text.as_bytes()[..cut], &[0xC3]].concat();
     std::fs::write(out.join("results.jsonl"), torn).unwrap();
     std::fs::copy(ref_out.join("config.json"), out.join("config.json")).unwrap();
     ok(eval(&out, &[]));
