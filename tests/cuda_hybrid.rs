@@ -183,6 +183,22 @@ fn compare(mode: Mode, no_gating: bool) {
             );
         }
     }
+    // A callback that asks to stop (a hand-over that failed) ends the loop at that token,
+    // in the middle of a step of two problems.
+    if mode == Mode::Cached && !no_gating {
+        let mut seen = 0;
+        let got = hy2
+            .run(&ps, |_, _, _| {
+                seen += 1;
+                match seen {
+                    5 => std::ops::ControlFlow::Break(()),
+                    _ => std::ops::ControlFlow::Continue(()),
+                }
+            })
+            .unwrap();
+        assert_eq!(seen, 5);
+        assert_eq!(got.iter().map(|o| o.ids.len()).sum::<usize>(), 5);
+    }
 }
 
 #[test]
