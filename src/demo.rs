@@ -52,8 +52,9 @@ pub struct DemoOptions {
     /// GSM8K-format JSONL (`question`, `answer` ending in `#### N`); None: the shared GSM8K
     /// test set (`resolve_dataset("gsm8k")`).
     pub dataset: Option<PathBuf>,
-    /// Traces are generated for the last `questions` rows of the dataset, so that they never
-    /// overlap the evaluated problems (the first rows).
+    /// Traces are generated for the last `questions` rows of the dataset, so that they do not
+    /// overlap the evaluated problems (the first rows) while the two fit its rows (a note says
+    /// when they do not).
     pub questions: usize,
     /// The first `problems` rows are evaluated in each mode.
     pub problems: usize,
@@ -253,6 +254,15 @@ pub fn run(model_dir: &Path, o: &DemoOptions) -> Result<DemoSummary> {
                 dataset.display()
             ));
         }
+    }
+    if o.questions + o.problems > rows {
+        eprintln!(
+            "note: --questions {} and --problems {} overlap in the {rows} rows of {}: the SAE and vectors are made from traces of {} of the evaluated problems",
+            o.questions,
+            o.problems,
+            dataset.display(),
+            o.questions + o.problems - rows
+        );
     }
     if o.out.exists() && !o.out.is_dir() {
         return Err(anyhow!(
