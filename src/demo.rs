@@ -591,8 +591,15 @@ fn step_vectors(cx: &Ctx) -> Result<StepOut> {
 
 fn step_eval(cx: &Ctx, upstream_ran: bool) -> Result<StepOut> {
     let o = cx.o;
-    if upstream_ran && cx.p.eval.exists() {
-        // Answers in it were decoded with the previous SAE and vectors.
+    // Answers in it were decoded with the previous SAE and vectors, or (a demo folder moved or
+    // copied while this step ran) name this folder's files by another path, which `eval`
+    // would refuse.
+    let recorded = std::fs::read_to_string(cx.p.eval.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c["hybrid"]["sae"].as_str().map(String::from));
+    let elsewhere = recorded.is_some_and(|p| p != abs(&cx.p.sae));
+    if (upstream_ran || elsewhere) && cx.p.eval.exists() {
         std::fs::remove_dir_all(&cx.p.eval)
             .with_context(|| format!("removing stale {}", cx.p.eval.display()))?;
     }

@@ -221,6 +221,19 @@ fn demo_runs_every_step_and_resumes() {
     assert_eq!(resumed, [true, true, false, false, false, false, false]);
     assert!(copy.join("sae/sae-3.safetensors").exists());
     assert_eq!(answers(&copy.join("eval")), answers_before);
+    // A copy made while the evaluation ran (its results incomplete): the evaluation, whose
+    // configuration names the original folder's SAE, runs again in the copy.
+    let copy = dir.join("copy2");
+    copy_dir(&out, &copy);
+    std::fs::remove_file(copy.join("eval/results.jsonl")).unwrap();
+    let moved = DemoOptions {
+        out: copy.clone(),
+        ..o.clone()
+    };
+    let fifth = run(&fixture(MODEL), &moved).unwrap();
+    let resumed: Vec<bool> = fifth.steps.iter().map(|s| s.resumed).collect();
+    assert_eq!(resumed, [true, true, true, true, true, false, false]);
+    assert_eq!(answers(&copy.join("eval")), answers_before);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
