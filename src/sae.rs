@@ -133,14 +133,14 @@ impl Sae {
     pub fn validate_for(&self, d_model: usize, n_layers: usize) -> Result<()> {
         if self.d != d_model {
             bail!(
-                "SAE (model '{}') has width D = {}, expected the thinking model's hidden size {d_model}",
+                "SAE (made for model '{}') has width D = {}, expected the thinking model's hidden size {d_model}",
                 self.model,
                 self.d
             );
         }
         if self.layer >= n_layers {
             bail!(
-                "SAE (model '{}') reads block {}, expected a block in 0..{n_layers} (the thinking model has {n_layers} layers)",
+                "SAE (made for model '{}') reads block {}, expected a block in 0..{n_layers} (the thinking model has {n_layers} layers)",
                 self.model,
                 self.layer
             );

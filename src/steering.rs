@@ -81,14 +81,14 @@ impl SteeringSet {
     pub fn validate_for(&self, d_model: usize, n_layers: usize) -> Result<()> {
         if self.d != d_model {
             bail!(
-                "steering set (model '{}') has width D = {}, expected the base model's hidden size {d_model}",
+                "steering set (made for model '{}') has width D = {}, expected the base model's hidden size {d_model}",
                 self.model,
                 self.d
             );
         }
         if self.layer >= n_layers {
             bail!(
-                "steering set (model '{}') targets block {}, expected a block in 0..{n_layers} (the base model has {n_layers} layers)",
+                "steering set (made for model '{}') targets block {}, expected a block in 0..{n_layers} (the base model has {n_layers} layers)",
                 self.model,
                 self.layer
             );
