@@ -594,11 +594,10 @@ fn step_eval(cx: &Ctx, upstream_ran: bool) -> Result<StepOut> {
     // Answers in it were decoded with the previous SAE and vectors, or (a demo folder moved or
     // copied while this step ran) name this folder's files by another path, which `eval`
     // would refuse.
-    let recorded = std::fs::read_to_string(cx.p.eval.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|c| c["hybrid"]["sae"].as_str().map(String::from));
-    let elsewhere = recorded.is_some_and(|p| p != abs(&cx.p.sae));
+    let recorded = crate::eval::report::run_config(&cx.p.eval).ok().flatten();
+    let elsewhere = recorded
+        .and_then(|c| c.hybrid)
+        .is_some_and(|h| h.sae != abs(&cx.p.sae));
     if (upstream_ran || elsewhere) && cx.p.eval.exists() {
         std::fs::remove_dir_all(&cx.p.eval)
             .with_context(|| format!("removing stale {}", cx.p.eval.display()))?;

@@ -144,16 +144,19 @@ pub fn sampled_hash(path: &Path) -> Result<u64> {
     Ok(h)
 }
 
-/// The lock file of output `out` (`traces.jsonl` → `.traces.jsonl.lock` beside it), held by
-/// the run that writes it: an exclusive lock taken on it while the returned file is open, or
-/// one line refusing the run when another process holds it (two runs appending to one output
-/// would each do all the work, or leave an unreadable file). The lock file stays (removing it
-/// would race a run taking it).
+/// The lock file of output `out` (`traces.jsonl` → `.traces.jsonl.lock` beside it, its folder
+/// made if missing), held by the run that writes it: an exclusive lock taken on it while the
+/// returned file is open, or one line refusing the run when another process holds it (two runs
+/// appending to one output would each do all the work, or leave an unreadable file). The lock
+/// file stays (removing it would race a run taking it).
 pub fn lock_output(out: &Path, flag: &str) -> Result<std::fs::File> {
     let mut name = std::ffi::OsString::from(".");
     name.push(out.file_name().unwrap_or_default());
     name.push(".lock");
     let path = out.with_file_name(name);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)

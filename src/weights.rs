@@ -217,10 +217,6 @@ fn shard_names(dir: &Path) -> Result<Vec<String>> {
     })
 }
 
-/// A fingerprint of the model a path names, in hex, so that a run resumed on a checkpoint
-/// replaced under the same path is told apart: for a folder, the JSON files that thinksteer
-/// reads (config, tokenizer, generation config) and its safetensors files, each through
-/// `files::sampled_hash` (whole up to 4 MiB, sampled beyond); for a file (GGUF), the file.
 /// What changed when a run recorded with `checkpoint_fingerprint` `was` is resumed on `now`:
 /// "MODEL as it was then (checkpoint fingerprint A), now B", or None when they agree or either
 /// side has none (settings written before fingerprints were kept).
@@ -233,6 +229,10 @@ pub fn checkpoint_changed(model: &str, was: Option<&str>, now: Option<&str>) -> 
     }
 }
 
+/// A fingerprint of the model a path names, in hex, so that a run resumed on a checkpoint
+/// replaced under the same path is told apart: for a folder, the JSON files that thinksteer
+/// reads (config, tokenizer, generation config) and its safetensors files, each through
+/// `files::sampled_hash` (whole up to 4 MiB, sampled beyond); for a file (GGUF), the file.
 pub fn checkpoint_fingerprint(path: &Path) -> Result<String> {
     use crate::rng::fnv1a_extend;
     if !path.is_dir() {

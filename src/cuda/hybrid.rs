@@ -53,6 +53,7 @@ pub struct CudaHybrid {
     /// (the winning coefficient's index), CATEGORY (copied from the thinking model's SAE) and
     /// BASE_TOK (the base model's unsteered greedy ids).
     out: CudaSlice<i32>,
+    out_host: Vec<i32>, // [OUT_ROWS, max_b] its host copy, reused every step
     think_tok: CudaSlice<i32>, // [max_b]
     // Gate first: compact index → problem, problem → compact index (or −1), and the problems'
     // positions and slots, kept while the candidate pass reuses the base model's rows.
@@ -232,6 +233,7 @@ impl CudaHybrid {
             join,
             coefs: up(&s.coefficients)?,
             out: zi(OUT_ROWS * max_b)?,
+            out_host: vec![0; OUT_ROWS * max_b],
             think_tok: zi(max_b)?,
             sel: zi(max_b)?,
             cidx: zi(max_b)?,
@@ -691,13 +693,12 @@ impl CudaHybrid {
         }
         // One copy for everything the host needs of the step.
         let m = self.max_b;
-        let mut out = vec![0i32; OUT_ROWS * m];
         self.gpu
             .stream
-            .memcpy_dtoh(&self.out, out.as_mut_slice())
+            .memcpy_dtoh(&self.out, self.out_host.as_mut_slice())
             .map_err(cu("reading the step"))?;
         self.gpu.sync()?;
-        let at = |row: usize, i: usize| out[row * m + i];
+        let at = |row: usize, i: usize| self.out_host[row * m + i];
         Ok((0..b)
             .map(|i| StepOut {
                 tok: at(EMIT, i) as u32,

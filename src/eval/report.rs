@@ -177,7 +177,7 @@ fn report_of(lines: &[ResultLine], config: Option<super::run::RunConfig>) -> Rep
 
 /// OUT/config.json, if the folder has one (a folder of results copied without it still
 /// reports).
-fn run_config(out: &Path) -> Result<Option<super::run::RunConfig>> {
+pub(crate) fn run_config(out: &Path) -> Result<Option<super::run::RunConfig>> {
     let path = out.join("config.json");
     if !path.exists() {
         return Ok(None);

@@ -614,8 +614,8 @@ pub fn run_eval(spec: &EvalSpec) -> Result<Summary> {
         &spec.thinking,
     )?;
     check_prompts(spec, &prompts, steer.as_ref(), &base_ckpt, &think_ckpt)?;
-    // The lock before config.json is touched: a run refused by it changes nothing.
-    std::fs::create_dir_all(&spec.out).map_err(|e| Error::io(&spec.out, e))?;
+    // The lock (which makes the folder) before config.json is touched: a run refused by it
+    // changes nothing.
     let _lock = lock_shard(spec)?;
     spec.config.reconcile(&spec.out)?;
     let old = read_results(&spec.out)?;

@@ -445,14 +445,8 @@ pub fn write_activations(
         );
     }
     let d = settings.d;
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
     let _lock = crate::files::lock_output(out, "--out")?;
     let mut partial = Partial::open(out, settings)?;
-    // A run that fails before recording anything (a trace too long for the model's context,
-    // on the first trace) leaves no partial files to block a corrected rerun.
-    let fresh = partial.done.is_empty();
     let mut rep = ActsReport {
         traces: traces.len(),
         ..Default::default()
@@ -469,7 +463,10 @@ pub fn write_activations(
         let (done, means) = match trace_means(d, tok, t, run) {
             Ok(r) => r,
             Err(e) => {
-                if fresh && partial.done.is_empty() {
+                // A run that fails before any trace is recorded, by it or a killed run before
+                // it (a trace too long for the model's context, on the first trace), leaves no
+                // partial files to block a corrected rerun.
+                if partial.done.is_empty() {
                     partial.discard();
                 }
                 return Err(in_trace(traces_path, t, e));

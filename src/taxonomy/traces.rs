@@ -251,9 +251,6 @@ pub fn write_traces(
         whole_answer: s.whole_answer,
         fingerprint: Some(crate::weights::checkpoint_fingerprint(model_dir)?),
     };
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
     let _lock = crate::files::lock_output(out, "--out")?;
     let done: BTreeSet<usize> = if out.exists() {
         crate::files::cut_torn_line(out)?;
